@@ -1,0 +1,783 @@
+// Fused CPU kernels for the Ghost module (SPEC section 1, folded form).
+//
+// Forward, per (image, band of output rows, group of intrinsic channels): the primary
+// conv for the band plus its dw//2 halo rows goes into a cache-sized thread-local buffer
+// (bias and activation applied there), the band's rows are copied to out[:, :init], and
+// the depthwise op reads the buffer and writes out[:, init:oup]. No full-size
+// intermediate, no concat, and ghost channels that the slice drops are never computed.
+//
+// Backward, per (image, band): the forward output holds x1 = act(z1) and act(z2), so the
+// activation masks need no recomputation; the depthwise transpose, both masks and the
+// depthwise weight grads run in one pass, then two small GEMMs give grad_x and grad_W1.
+//
+// A primary kernel larger than 1x1 uses at::conv2d (and at::convolution_backward) for the
+// primary conv; the cheap op, the concat and the masks stay fused.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(_M_X64))
+// One build serves every x86-64 CPU: the loader picks the AVX-512, AVX2 or baseline clone.
+#define GK_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define GK_MULTIVERSION
+#endif
+
+namespace ghostkernels {
+namespace {
+
+enum class Activation { None, ReLU };
+
+Activation parse_activation(c10::string_view name) {
+  if (name == "relu") return Activation::ReLU;
+  if (name == "none") return Activation::None;
+  TORCH_CHECK(false, "ghost_module: activation must be 'relu' or 'none', got '", std::string(name), "'");
+}
+
+// 64-byte vectors through GCC/Clang vector extensions: lowered to zmm, ymm or xmm
+// registers by whichever clone is running.
+template <typename T>
+struct Simd {
+  typedef T vec __attribute__((vector_size(64)));
+  static constexpr int lanes = 64 / sizeof(T);
+  static vec load(const T* p) { vec v; std::memcpy(&v, p, sizeof(vec)); return v; }
+  static void store(T* p, vec v) { std::memcpy(p, &v, sizeof(vec)); }
+  static vec splat(T a) { return vec{} + a; }
+};
+
+// C[i, j] (+)= sum_k A[i * a_si + k * a_sk] * B[k * ldb + j] for i < M, j < N.
+// B's columns are vector loads; a column tail is packed into `panel` (K * 2 * lanes) so
+// that no load reads past the matrix.
+template <typename T>
+inline void gemm_nn(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_si, int64_t a_sk,
+                    const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate, T* panel) {
+  using S = Simd<T>;
+  using V = typename S::vec;
+  constexpr int L = S::lanes;
+  constexpr int NR = 2 * L;
+  constexpr int MR = 8;
+  for (int64_t j0 = 0; j0 < N; j0 += NR) {
+    const int64_t nr = std::min<int64_t>(NR, N - j0);
+    const T* b = B + j0;
+    int64_t ldb_panel = ldb;
+    if (nr < NR) {
+      for (int64_t k = 0; k < K; ++k) {
+        std::fill(panel + k * NR, panel + (k + 1) * NR, T(0));
+        std::memcpy(panel + k * NR, B + k * ldb + j0, nr * sizeof(T));
+      }
+      b = panel;
+      ldb_panel = NR;
+    }
+    for (int64_t i0 = 0; i0 < M; i0 += MR) {
+      const int64_t mr = std::min<int64_t>(MR, M - i0);
+      const T* a_row[MR];
+      for (int r = 0; r < MR; ++r) a_row[r] = A + std::min<int64_t>(i0 + r, M - 1) * a_si;
+      V acc[MR][2];
+      for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = V{};
+      for (int64_t k = 0; k < K; ++k) {
+        const V b0 = S::load(b + k * ldb_panel);
+        const V b1 = S::load(b + k * ldb_panel + L);
+        const int64_t ak = k * a_sk;
+#pragma GCC unroll 8
+        for (int r = 0; r < MR; ++r) {
+          const T a = a_row[r][ak];
+          acc[r][0] += a * b0;
+          acc[r][1] += a * b1;
+        }
+      }
+      for (int64_t r = 0; r < mr; ++r) {
+        T* c = C + (i0 + r) * ldc + j0;
+        if (nr == NR) {
+          if (accumulate) {
+            acc[r][0] += S::load(c);
+            acc[r][1] += S::load(c + L);
+          }
+          S::store(c, acc[r][0]);
+          S::store(c + L, acc[r][1]);
+        } else {
+          T tmp[NR];
+          S::store(tmp, acc[r][0]);
+          S::store(tmp + L, acc[r][1]);
+          for (int64_t j = 0; j < nr; ++j) c[j] = accumulate ? c[j] + tmp[j] : tmp[j];
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+inline T activate(T v, Activation act) {
+  return act == Activation::ReLU ? std::max(v, T(0)) : v;
+}
+
+// dst[q] = act(dst[q] + bias) for q < n.
+template <typename T>
+inline void bias_act(T* dst, int64_t n, T bias, Activation act) {
+  for (int64_t q = 0; q < n; ++q) dst[q] = activate(dst[q] + bias, act);
+}
+
+// One depthwise tap on a flattened plane: src offset, weight, and the column-validity mask
+// (nullptr when every column is valid, i.e. the tap's column shift is zero).
+template <typename T>
+struct Tap {
+  int64_t offset;
+  T weight;
+  const T* mask;
+};
+
+// acc[q] += sum_t w_t * (mask_t[q] ? src[q + off_t] : 0) for q < n. Rows above and below
+// the plane come from the halo rows of the buffer that src points into.
+template <typename T>
+inline void accumulate_taps(T* acc, const T* src, int64_t n, const Tap<T>* taps, int ntaps) {
+  using S = Simd<T>;
+  using V = typename S::vec;
+  constexpr int L = S::lanes;
+  int64_t q = 0;
+  for (; q + L <= n; q += L) {
+    V a = S::load(acc + q);
+    for (int t = 0; t < ntaps; ++t) {
+      V v = S::load(src + q + taps[t].offset);
+      if (taps[t].mask) v = S::load(taps[t].mask + q) != 0 ? v : V{};
+      a += taps[t].weight * v;
+    }
+    S::store(acc + q, a);
+  }
+  for (; q < n; ++q) {
+    T a = acc[q];
+    for (int t = 0; t < ntaps; ++t)
+      if (!taps[t].mask || taps[t].mask[q] != 0) a += taps[t].weight * src[q + taps[t].offset];
+    acc[q] = a;
+  }
+}
+
+// sum_q x[q] * (mask[q] ? y[q + off] : 0) for q < n (mask may be nullptr).
+template <typename T>
+inline T masked_dot(const T* x, const T* y, int64_t n, const T* mask) {
+  using S = Simd<T>;
+  using V = typename S::vec;
+  constexpr int L = S::lanes;
+  V acc{};
+  int64_t q = 0;
+  for (; q + L <= n; q += L) {
+    V v = S::load(y + q);
+    if (mask) v = S::load(mask + q) != 0 ? v : V{};
+    acc += S::load(x + q) * v;
+  }
+  T s = 0;
+  for (int i = 0; i < L; ++i) s += acc[i];
+  for (; q < n; ++q)
+    if (!mask || mask[q] != 0) s += x[q] * y[q];
+  return s;
+}
+
+template <typename T>
+inline T sum(const T* x, int64_t n) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t q = 0; q < n; ++q) s += x[q];
+  return s;
+}
+
+// Everything about one call that does not depend on the band or the image.
+struct Geometry {
+  int64_t batch, inp, height, width;   // x
+  int64_t init, ghosts, keep, copies;  // copies = ratio - 1: ghost j reads intrinsic j / copies
+  int64_t out_channels, out_height, out_width;
+  int64_t kernel, stride, dw, pad;     // primary kernel, stride, cheap kernel, dw // 2
+  bool channels_last;
+  Activation act;
+
+  int64_t plane() const { return out_height * out_width; }
+  int64_t ghost_begin(int64_t c) const { return std::min(c * copies, keep); }
+  int64_t ghost_end(int64_t c) const { return std::min((c + 1) * copies, keep); }
+};
+
+// Column-validity masks of a flattened (rows x width) plane, one per column shift dx - pad:
+// masks[dx][q] = 1 if 0 <= q % width + dx - pad < width. Shared by every band.
+template <typename T>
+std::vector<T> column_masks(const Geometry& g, int64_t rows) {
+  const int64_t n = rows * g.out_width;
+  std::vector<T> masks(g.dw * n);
+  for (int64_t dx = 0; dx < g.dw; ++dx)
+    for (int64_t q = 0; q < n; ++q) {
+      const int64_t w = q % g.out_width + dx - g.pad;
+      masks[dx * n + q] = (w >= 0 && w < g.out_width) ? T(1) : T(0);
+    }
+  return masks;
+}
+
+// The taps of ghost channel j on a flattened plane. transposed = the adjoint (backward).
+template <typename T>
+int make_taps(const Geometry& g, const T* w2, const T* masks, int64_t mask_stride, bool transposed,
+              Tap<T>* taps) {
+  int n = 0;
+  for (int64_t dy = 0; dy < g.dw; ++dy)
+    for (int64_t dx = 0; dx < g.dw; ++dx) {
+      const int64_t sy = dy - g.pad, sx = dx - g.pad;
+      const int64_t mask_dx = transposed ? g.dw - 1 - dx : dx;
+      taps[n++] = Tap<T>{transposed ? -(sy * g.out_width + sx) : sy * g.out_width + sx,
+                         w2[dy * g.dw + dx], sx == 0 ? nullptr : masks + mask_dx * mask_stride};
+    }
+  return n;
+}
+
+// How the work is cut: bands of `rows` output rows, groups of `group` intrinsic channels.
+struct Tiling {
+  int64_t rows, bands, group, groups;
+};
+
+Tiling choose_tiling(const Geometry& g, size_t elem_size, bool split_channels) {
+  // Buffers of about 256 KiB per thread stay in L2 on current x86 and Arm server cores.
+  constexpr int64_t budget = 256 * 1024;
+  const int64_t threads = at::get_num_threads();
+  Tiling t{g.out_height, 1, g.init, 1};
+  auto bytes = [&](const Tiling& c) {
+    return int64_t(elem_size) * c.group * (c.rows + 2 * g.pad) * g.out_width * 3;
+  };
+  auto items = [&](const Tiling& c) { return g.batch * c.bands * c.groups; };
+  auto regroup = [&](int64_t group) {
+    t.group = std::max<int64_t>(1, group);
+    t.groups = (g.init + t.group - 1) / t.group;
+  };
+  auto reband = [&](int64_t rows) {
+    t.rows = std::max<int64_t>(1, rows);
+    t.bands = (g.out_height + t.rows - 1) / t.rows;
+  };
+  // Channel groups cost no recompute, so they come first; halo rows are recomputed.
+  while (split_channels && bytes(t) > budget && t.group > 32) regroup((t.group + 1) / 2);
+  while (bytes(t) > budget && t.rows > std::max<int64_t>(4, 2 * g.pad)) reband((t.rows + 1) / 2);
+  while (items(t) < 2 * threads && split_channels && t.group > 16) regroup((t.group + 1) / 2);
+  while (items(t) < 2 * threads && t.rows > std::max<int64_t>(8, 4 * g.pad)) reband((t.rows + 1) / 2);
+  return t;
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward
+
+template <typename T>
+struct ForwardArgs {
+  const Geometry* g;
+  const Tiling* t;
+  const T* x;       // input, or the primary conv's activated output when kernel > 1
+  const T* w1;      // [init, inp] (1x1 primary only)
+  const T* w1t;     // [inp, init] (1x1 primary only)
+  const T* b1;      // [init] (nullptr: no bias; already applied when kernel > 1)
+  const T* w2;      // [ghosts, dw * dw]
+  const T* w2t;     // [dw * dw, ghosts]
+  const T* b2;      // [ghosts] or nullptr
+  const T* masks;   // column_masks(g, t->rows + 2 * pad)
+  int64_t mask_stride;
+  T* out;
+};
+
+// x1 rows [h0, h1) of one image, channels [c0, c1), NCHW; `dst` row stride ld (per channel).
+template <typename T>
+void primary_rows_nchw(const ForwardArgs<T>& a, int64_t n, int64_t h0, int64_t h1, int64_t c0,
+                       int64_t c1, T* dst, int64_t ld, T* pack, T* panel) {
+  const Geometry& g = *a.g;
+  const int64_t p = (h1 - h0) * g.out_width;
+  if (g.kernel != 1) {  // copy the library conv's output
+    for (int64_t c = c0; c < c1; ++c)
+      std::memcpy(dst + (c - c0) * ld, a.x + ((n * g.init + c) * g.out_height + h0) * g.out_width,
+                  p * sizeof(T));
+    return;
+  }
+  const T* src = a.x + n * g.inp * g.height * g.width + h0 * g.width;
+  int64_t ld_src = g.height * g.width;
+  if (g.stride != 1) {
+    for (int64_t k = 0; k < g.inp; ++k)
+      for (int64_t h = h0; h < h1; ++h)
+        for (int64_t w = 0; w < g.out_width; ++w)
+          pack[k * p + (h - h0) * g.out_width + w] =
+              a.x[((n * g.inp + k) * g.height + h * g.stride) * g.width + w * g.stride];
+    src = pack;
+    ld_src = p;
+  }
+  gemm_nn<T>(c1 - c0, p, g.inp, a.w1 + c0 * g.inp, g.inp, 1, src, ld_src, dst, ld, false, panel);
+  for (int64_t c = c0; c < c1; ++c) bias_act(dst + (c - c0) * ld, p, a.b1 ? a.b1[c] : T(0), g.act);
+}
+
+template <typename T>
+GK_MULTIVERSION void forward_nchw(const ForwardArgs<T>& a, int64_t begin, int64_t end) {
+  const Geometry& g = *a.g;
+  const Tiling& t = *a.t;
+  const int64_t W = g.out_width, pad = g.pad;
+  // Per channel: pad slack | halo rows | band rows | halo rows | pad slack.
+  const int64_t ld = (t.rows + 2 * pad) * W + 2 * pad;
+  std::vector<T> buf(t.group * ld);
+  std::vector<T> pack(g.stride != 1 ? g.inp * (t.rows + 2 * pad) * W : 0);
+  std::vector<T> panel(std::max<int64_t>(g.inp, 1) * 2 * Simd<T>::lanes);
+  std::vector<Tap<T>> taps(g.dw * g.dw);
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t n = item / (t.bands * t.groups);
+    const int64_t band = item / t.groups % t.bands;
+    const int64_t c0 = item % t.groups * t.group, c1 = std::min(g.init, c0 + t.group);
+    const int64_t r0 = band * t.rows, r1 = std::min(g.out_height, r0 + t.rows);
+    const int64_t h0 = std::max<int64_t>(0, r0 - pad), h1 = std::min(g.out_height, r1 + pad);
+    // Buffer element of x1 row h, column w: pad + (h - (r0 - pad)) * W + w.
+    T* first = buf.data() + pad + (h0 - (r0 - pad)) * W;
+    primary_rows_nchw(a, n, h0, h1, c0, c1, first, ld, pack.data(), panel.data());
+    const int64_t p = (r1 - r0) * W;
+    for (int64_t c = c0; c < c1; ++c) {
+      T* chan = buf.data() + (c - c0) * ld;
+      // Zero rows outside the image and the slack, so that taps read zeros there.
+      std::fill(chan, chan + pad + (h0 - (r0 - pad)) * W, T(0));
+      std::fill(chan + pad + (h1 - (r0 - pad)) * W, chan + ld, T(0));
+      const T* center = chan + pad + pad * W;
+      std::memcpy(a.out + ((n * g.out_channels + c) * g.out_height + r0) * W, center, p * sizeof(T));
+      for (int64_t j = g.ghost_begin(c); j < g.ghost_end(c); ++j) {
+        T* dst = a.out + ((n * g.out_channels + g.init + j) * g.out_height + r0) * W;
+        std::fill(dst, dst + p, a.b2 ? a.b2[j] : T(0));
+        const int ntaps = make_taps(g, a.w2 + j * g.dw * g.dw, a.masks, a.mask_stride, false, taps.data());
+        accumulate_taps(dst, center, p, taps.data(), ntaps);
+        if (g.act == Activation::ReLU) bias_act(dst, p, T(0), g.act);
+      }
+    }
+  }
+}
+
+template <typename T>
+GK_MULTIVERSION void forward_nhwc(const ForwardArgs<T>& a, int64_t begin, int64_t end) {
+  const Geometry& g = *a.g;
+  const Tiling& t = *a.t;
+  const int64_t W = g.out_width, pad = g.pad, dw = g.dw;
+  std::vector<T> buf((t.rows + 2 * pad) * W * t.group);  // [row][col][channel]
+  std::vector<T> pack(g.stride != 1 ? (t.rows + 2 * pad) * W * g.inp : 0);
+  std::vector<T> panel(std::max<int64_t>(g.inp, 1) * 2 * Simd<T>::lanes);
+  std::vector<T> acc(g.ghosts);
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t n = item / (t.bands * t.groups);
+    const int64_t band = item / t.groups % t.bands;
+    const int64_t c0 = item % t.groups * t.group, c1 = std::min(g.init, c0 + t.group), cg = c1 - c0;
+    const int64_t r0 = band * t.rows, r1 = std::min(g.out_height, r0 + t.rows);
+    const int64_t h0 = std::max<int64_t>(0, r0 - pad), h1 = std::min(g.out_height, r1 + pad);
+    const int64_t p = (h1 - h0) * W;
+    T* first = buf.data() + (h0 - (r0 - pad)) * W * cg;  // buffer row i holds x1 row r0 - pad + i
+    if (g.kernel != 1) {
+      for (int64_t q = 0; q < p; ++q)
+        std::memcpy(first + q * cg, a.x + ((n * g.out_height + h0) * W + q) * g.init + c0, cg * sizeof(T));
+    } else {
+      const T* src = a.x + (n * g.height + h0) * g.width * g.inp;
+      if (g.stride != 1) {
+        for (int64_t h = h0; h < h1; ++h)
+          for (int64_t w = 0; w < W; ++w)
+            std::memcpy(pack.data() + ((h - h0) * W + w) * g.inp,
+                        a.x + ((n * g.height + h * g.stride) * g.width + w * g.stride) * g.inp,
+                        g.inp * sizeof(T));
+        src = pack.data();
+      }
+      gemm_nn<T>(p, cg, g.inp, src, g.inp, 1, a.w1t + c0, g.init, first, cg, false, panel.data());
+      for (int64_t q = 0; q < p; ++q)
+        for (int64_t c = 0; c < cg; ++c) first[q * cg + c] = activate(first[q * cg + c] + (a.b1 ? a.b1[c0 + c] : T(0)), g.act);
+    }
+    const int64_t j0 = g.ghost_begin(c0), j1 = g.ghost_end(c1 - 1);
+    for (int64_t h = r0; h < r1; ++h)
+      for (int64_t w = 0; w < W; ++w) {
+        T* o = a.out + ((n * g.out_height + h) * W + w) * g.out_channels;
+        std::memcpy(o + c0, buf.data() + ((h - r0 + pad) * W + w) * cg, cg * sizeof(T));
+        for (int64_t j = j0; j < j1; ++j) acc[j] = a.b2 ? a.b2[j] : T(0);
+        for (int64_t dy = 0; dy < dw; ++dy) {
+          const int64_t hs = h + dy - pad;
+          if (hs < 0 || hs >= g.out_height) continue;
+          for (int64_t dx = 0; dx < dw; ++dx) {
+            const int64_t ws = w + dx - pad;
+            if (ws < 0 || ws >= W) continue;
+            const T* s = buf.data() + ((hs - r0 + pad) * W + ws) * cg - c0;  // indexed by channel
+            const T* wt = a.w2t + (dy * dw + dx) * g.ghosts;
+            if (g.copies == 1) {
+#pragma omp simd
+              for (int64_t j = j0; j < j1; ++j) acc[j] += wt[j] * s[j];
+            } else {
+              for (int64_t j = j0; j < j1; ++j) acc[j] += wt[j] * s[j / g.copies];
+            }
+          }
+        }
+        for (int64_t j = j0; j < j1; ++j) o[g.init + j] = activate(acc[j], g.act);
+      }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward
+
+template <typename T>
+struct BackwardArgs {
+  const Geometry* g;
+  const Tiling* t;
+  const T* grad;   // grad of out, same layout as out
+  const T* out;    // forward output: x1 and act(z2)
+  const T* x;
+  const T* w1;     // [init, inp]
+  const T* w2;     // [ghosts, dw * dw]
+  const T* w2t;    // [dw * dw, ghosts]
+  const T* masks;
+  int64_t mask_stride;
+  T* grad_x;       // 1x1 primary: zero-initialised grad of x
+  T* grad_z1;      // kernel > 1: grad of the primary conv's pre-activation output
+  T* partials;     // per thread: gw1 [init * inp] (NCHW: transposed), gb1 [init], gw2, gb2
+};
+
+template <typename T>
+int64_t partial_size(const Geometry& g) {
+  return g.init * g.inp + g.init + g.ghosts * g.dw * g.dw + g.ghosts;
+}
+
+template <typename T>
+inline T activation_grad(T grad, T activated, Activation act) {
+  return (act == Activation::ReLU && !(activated > T(0))) ? T(0) : grad;
+}
+
+// grad_x[n, :, rows] += W1^T gz1 and gw1 += gz1 x^T for the band [r0, r1) of one image.
+// gz1 is [init][p] (NCHW) or [p][init] (NHWC).
+template <typename T>
+void primary_grads(const BackwardArgs<T>& a, int64_t n, int64_t r0, int64_t r1, const T* gz1,
+                   T* gz1_t, T* gw1, T* pack, T* gx_band, T* panel) {
+  const Geometry& g = *a.g;
+  const int64_t W = g.out_width, p = (r1 - r0) * W, s = g.stride;
+  const bool strided = s != 1;
+  if (!g.channels_last) {
+    const T* xb = a.x + n * g.inp * g.height * g.width + r0 * g.width;
+    int64_t ld_x = g.height * g.width;
+    if (strided) {
+      for (int64_t k = 0; k < g.inp; ++k)
+        for (int64_t q = 0; q < p; ++q)
+          pack[k * p + q] = a.x[((n * g.inp + k) * g.height + (r0 + q / W) * s) * g.width + q % W * s];
+      xb = pack;
+      ld_x = p;
+    }
+    // gx[k][q] = sum_c W1[c][k] gz1[c][q]
+    T* gx = strided ? gx_band : a.grad_x + n * g.inp * g.height * g.width + r0 * g.width;
+    const int64_t ld_gx = strided ? p : g.height * g.width;
+    gemm_nn<T>(g.inp, p, g.init, a.w1, 1, g.inp, gz1, p, gx, ld_gx, false, panel);
+    if (strided)
+      for (int64_t k = 0; k < g.inp; ++k)
+        for (int64_t q = 0; q < p; ++q)
+          a.grad_x[((n * g.inp + k) * g.height + (r0 + q / W) * s) * g.width + q % W * s] = gx[k * p + q];
+    // gw1^T[k][c] += sum_q x[k][q] gz1^T[q][c]
+    for (int64_t c = 0; c < g.init; ++c)
+      for (int64_t q = 0; q < p; ++q) gz1_t[q * g.init + c] = gz1[c * p + q];
+    gemm_nn<T>(g.inp, g.init, p, xb, ld_x, 1, gz1_t, g.init, gw1, g.init, true, panel);
+  } else {
+    const T* xb = a.x + (n * g.height + r0) * g.width * g.inp;
+    if (strided) {
+      for (int64_t q = 0; q < p; ++q)
+        std::memcpy(pack + q * g.inp,
+                    a.x + ((n * g.height + (r0 + q / W) * s) * g.width + q % W * s) * g.inp,
+                    g.inp * sizeof(T));
+      xb = pack;
+    }
+    // gx[q][k] = sum_c gz1[q][c] W1[c][k]
+    T* gx = strided ? gx_band : a.grad_x + (n * g.height + r0) * g.width * g.inp;
+    gemm_nn<T>(p, g.inp, g.init, gz1, g.init, 1, a.w1, g.inp, gx, g.inp, false, panel);
+    if (strided)
+      for (int64_t q = 0; q < p; ++q)
+        std::memcpy(a.grad_x + ((n * g.height + (r0 + q / W) * s) * g.width + q % W * s) * g.inp,
+                    gx + q * g.inp, g.inp * sizeof(T));
+    // gw1[c][k] += sum_q gz1[q][c] x[q][k]
+    gemm_nn<T>(g.init, g.inp, p, gz1, 1, g.init, xb, g.inp, gw1, g.inp, true, panel);
+  }
+}
+
+template <typename T>
+GK_MULTIVERSION void backward_nchw(const BackwardArgs<T>& a, int64_t begin, int64_t end) {
+  const Geometry& g = *a.g;
+  const Tiling& t = *a.t;
+  const int64_t W = g.out_width, pad = g.pad, taps_n = g.dw * g.dw;
+  const int64_t ld = (t.rows + 2 * pad) * W + 2 * pad;
+  std::vector<T> y1(g.init * ld), gz2(std::max<int64_t>(g.keep, 1) * ld);
+  std::vector<T> gz1(g.init * t.rows * W), gz1_t(g.kernel == 1 ? g.init * t.rows * W : 0);
+  std::vector<T> pack(g.stride != 1 ? g.inp * t.rows * W : 0), gx_band(pack.size());
+  std::vector<T> panel(std::max({g.inp, g.init, t.rows * W}) * 2 * Simd<T>::lanes);
+  std::vector<Tap<T>> taps(taps_n);
+  T* part = a.partials + at::get_thread_num() * partial_size<T>(g);
+  T *gw1 = part, *gb1 = gw1 + g.init * g.inp, *gw2 = gb1 + g.init, *gb2 = gw2 + g.ghosts * taps_n;
+  const int64_t plane = g.plane();
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t n = item / t.bands, band = item % t.bands;
+    const int64_t r0 = band * t.rows, r1 = std::min(g.out_height, r0 + t.rows);
+    const int64_t h0 = std::max<int64_t>(0, r0 - pad), h1 = std::min(g.out_height, r1 + pad);
+    const int64_t p = (r1 - r0) * W, lead = pad + (h0 - (r0 - pad)) * W, rows_p = (h1 - h0) * W;
+    auto load_halo = [&](T* dst, int64_t channel, bool masked) {
+      const int64_t off = (n * g.out_channels + channel) * plane + h0 * W;
+      std::fill(dst, dst + lead, T(0));
+      for (int64_t q = 0; q < rows_p; ++q)
+        dst[lead + q] = masked ? activation_grad(a.grad[off + q], a.out[off + q], g.act) : a.out[off + q];
+      std::fill(dst + lead + rows_p, dst + ld, T(0));
+    };
+    for (int64_t c = 0; c < g.init; ++c) load_halo(y1.data() + c * ld, c, false);
+    for (int64_t j = 0; j < g.keep; ++j) load_halo(gz2.data() + j * ld, g.init + j, true);
+    for (int64_t c = 0; c < g.init; ++c) {
+      const T* y1c = y1.data() + c * ld + pad + pad * W;
+      T* gzc = gz1.data() + c * p;
+      std::memcpy(gzc, a.grad + (n * g.out_channels + c) * plane + r0 * W, p * sizeof(T));
+      for (int64_t j = g.ghost_begin(c); j < g.ghost_end(c); ++j) {
+        const T* gz2j = gz2.data() + j * ld + pad + pad * W;
+        int ntaps = make_taps(g, a.w2 + j * taps_n, a.masks, a.mask_stride, true, taps.data());
+        accumulate_taps(gzc, gz2j, p, taps.data(), ntaps);
+        make_taps(g, a.w2 + j * taps_n, a.masks, a.mask_stride, false, taps.data());
+        for (int tp = 0; tp < ntaps; ++tp)
+          gw2[j * taps_n + tp] += masked_dot(gz2j, y1c + taps[tp].offset, p, taps[tp].mask);
+        gb2[j] += sum(gz2j, p);
+      }
+      for (int64_t q = 0; q < p; ++q) gzc[q] = activation_grad(gzc[q], y1c[q], g.act);
+      gb1[c] += sum(gzc, p);
+    }
+    if (g.kernel == 1) {
+      primary_grads(a, n, r0, r1, gz1.data(), gz1_t.data(), gw1, pack.data(), gx_band.data(), panel.data());
+    } else {
+      for (int64_t c = 0; c < g.init; ++c)
+        std::memcpy(a.grad_z1 + ((n * g.init + c) * g.out_height + r0) * W, gz1.data() + c * p, p * sizeof(T));
+    }
+  }
+}
+
+template <typename T>
+GK_MULTIVERSION void backward_nhwc(const BackwardArgs<T>& a, int64_t begin, int64_t end) {
+  const Geometry& g = *a.g;
+  const Tiling& t = *a.t;
+  const int64_t W = g.out_width, pad = g.pad, dw = g.dw, taps_n = dw * dw, C = g.out_channels;
+  std::vector<T> gz2((t.rows + 2 * pad) * W * std::max<int64_t>(g.keep, 1));  // [row][col][ghost]
+  std::vector<T> gz1(t.rows * W * g.init);                                   // [q][channel]
+  std::vector<T> pack(g.stride != 1 ? t.rows * W * g.inp : 0), gx_band(pack.size());
+  std::vector<T> panel(std::max({g.inp, g.init, t.rows * W}) * 2 * Simd<T>::lanes);
+  T* part = a.partials + at::get_thread_num() * partial_size<T>(g);
+  T *gw1 = part, *gb1 = gw1 + g.init * g.inp, *gw2 = gb1 + g.init, *gb2 = gw2 + g.ghosts * taps_n;
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t n = item / t.bands, band = item % t.bands;
+    const int64_t r0 = band * t.rows, r1 = std::min(g.out_height, r0 + t.rows);
+    const int64_t h0 = std::max<int64_t>(0, r0 - pad), h1 = std::min(g.out_height, r1 + pad);
+    // gz2 row i holds output row r0 - pad + i; rows outside the image are never read.
+    for (int64_t h = h0; h < h1; ++h)
+      for (int64_t w = 0; w < W; ++w) {
+        const int64_t off = ((n * g.out_height + h) * W + w) * C + g.init;
+        T* dst = gz2.data() + ((h - r0 + pad) * W + w) * g.keep;
+        for (int64_t j = 0; j < g.keep; ++j) dst[j] = activation_grad(a.grad[off + j], a.out[off + j], g.act);
+      }
+    for (int64_t h = r0; h < r1; ++h)
+      for (int64_t w = 0; w < W; ++w) {
+        const int64_t off = ((n * g.out_height + h) * W + w) * C;
+        T* gzq = gz1.data() + ((h - r0) * W + w) * g.init;
+        std::memcpy(gzq, a.grad + off, g.init * sizeof(T));
+        const T* gz2q = gz2.data() + ((h - r0 + pad) * W + w) * g.keep;
+        for (int64_t j = 0; j < g.keep; ++j) gb2[j] += gz2q[j];
+        for (int64_t dy = 0; dy < dw; ++dy)
+          for (int64_t dx = 0; dx < dw; ++dx) {
+            const int64_t sy = dy - pad, sx = dx - pad;
+            const int64_t tp = dy * dw + dx;
+            const T* wt = a.w2t + tp * g.ghosts;
+            // Adjoint: grad of x1 at (h, w) gathers gz2 at (h - sy, w - sx).
+            const int64_t ha = h - sy, wa = w - sx;
+            if (ha >= 0 && ha < g.out_height && wa >= 0 && wa < W) {
+              const T* s = gz2.data() + ((ha - r0 + pad) * W + wa) * g.keep;
+              for (int64_t j = 0; j < g.keep; ++j) gzq[j / g.copies] += wt[j] * s[j];
+            }
+            // Weight grad: gz2 at (h, w) times x1 at (h + sy, w + sx).
+            const int64_t hb = h + sy, wb = w + sx;
+            if (hb >= 0 && hb < g.out_height && wb >= 0 && wb < W) {
+              const T* y = a.out + ((n * g.out_height + hb) * W + wb) * C;
+              for (int64_t j = 0; j < g.keep; ++j) gw2[j * taps_n + tp] += gz2q[j] * y[j / g.copies];
+            }
+          }
+        const T* y1 = a.out + off;
+        for (int64_t c = 0; c < g.init; ++c) {
+          gzq[c] = activation_grad(gzq[c], y1[c], g.act);
+          gb1[c] += gzq[c];
+        }
+      }
+    if (g.kernel == 1) {
+      primary_grads<T>(a, n, r0, r1, gz1.data(), nullptr, gw1, pack.data(), gx_band.data(), panel.data());
+    } else {
+      std::memcpy(a.grad_z1 + (n * g.out_height + r0) * W * g.init, gz1.data(), (r1 - r0) * W * g.init * sizeof(T));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Argument checks and the op entry points
+
+bool is_channels_last(const at::Tensor& x) {
+  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+Geometry check_and_describe(const at::Tensor& x, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
+                            const at::Tensor& w2, const c10::optional<at::Tensor>& b2,
+                            int64_t out_channels, int64_t stride, c10::string_view activation) {
+  TORCH_CHECK(x.dim() == 4, "ghost_module: x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
+  TORCH_CHECK(w1.dim() == 4 && w1.size(2) == w1.size(3) && w1.size(2) % 2 == 1,
+              "ghost_module: primary_weight must be (init, inp, k, k) with odd k, got ", w1.sizes());
+  TORCH_CHECK(w2.dim() == 4 && w2.size(1) == 1 && w2.size(2) == w2.size(3) && w2.size(2) % 2 == 1,
+              "ghost_module: cheap_weight must be (new, 1, d, d) with odd d, got ", w2.sizes());
+  TORCH_CHECK(w1.size(1) == x.size(1), "ghost_module: primary_weight expects ", w1.size(1),
+              " input channels, x has ", x.size(1));
+  const int64_t init = w1.size(0), ghosts = w2.size(0);
+  TORCH_CHECK(init > 0 && ghosts % init == 0 && ghosts >= init,
+              "ghost_module: cheap_weight must have a positive multiple of init=", init,
+              " channels (init * (ratio - 1)), got ", ghosts);
+  TORCH_CHECK(out_channels >= init && out_channels <= init + ghosts,
+              "ghost_module: out_channels must be in [", init, ", ", init + ghosts, "], got ", out_channels);
+  TORCH_CHECK(stride >= 1, "ghost_module: stride must be >= 1, got ", stride);
+  for (const auto* t : {&w1, &w2})
+    TORCH_CHECK(t->scalar_type() == x.scalar_type() && t->device() == x.device(),
+                "ghost_module: weights must match x's dtype and device (", x.scalar_type(), ", ", x.device(), ")");
+  for (const auto* b : {&b1, &b2})
+    if (b->has_value())
+      TORCH_CHECK((*b)->scalar_type() == x.scalar_type() && (*b)->device() == x.device(),
+                  "ghost_module: biases must match x's dtype and device (", x.scalar_type(), ", ", x.device(), ")");
+  TORCH_CHECK(!b1.has_value() || (b1->dim() == 1 && b1->size(0) == init),
+              "ghost_module: primary_bias must have shape (", init, ",)");
+  TORCH_CHECK(!b2.has_value() || (b2->dim() == 1 && b2->size(0) == ghosts),
+              "ghost_module: cheap_bias must have shape (", ghosts, ",)");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "ghost_module: the CPU kernel supports float32 and float64, got ", x.scalar_type());
+  Geometry g;
+  g.batch = x.size(0);
+  g.inp = x.size(1);
+  g.height = x.size(2);
+  g.width = x.size(3);
+  g.init = init;
+  g.ghosts = ghosts;
+  g.keep = out_channels - init;
+  g.copies = ghosts / init;
+  g.out_channels = out_channels;
+  g.kernel = w1.size(2);
+  g.stride = stride;
+  g.dw = w2.size(2);
+  g.pad = g.dw / 2;
+  g.out_height = (g.height + 2 * (g.kernel / 2) - g.kernel) / stride + 1;
+  g.out_width = (g.width + 2 * (g.kernel / 2) - g.kernel) / stride + 1;
+  TORCH_CHECK(g.out_height > 0 && g.out_width > 0, "ghost_module: x of size ", x.sizes(),
+              " is too small for a ", g.kernel, "x", g.kernel, " primary kernel");
+  g.channels_last = is_channels_last(x);
+  g.act = parse_activation(activation);
+  return g;
+}
+
+at::MemoryFormat memory_format(const Geometry& g) {
+  return g.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+// The primary conv's activated output when its kernel is larger than 1x1 (library conv).
+at::Tensor library_primary(const at::Tensor& x, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
+                           const Geometry& g) {
+  at::Tensor z = at::conv2d(x, w1, b1, {g.stride, g.stride}, {g.kernel / 2, g.kernel / 2});
+  if (g.act == Activation::ReLU) z.relu_();
+  return z.contiguous(memory_format(g));
+}
+
+template <typename T>
+std::vector<T> transposed(const T* src, int64_t rows, int64_t cols) {
+  std::vector<T> dst(rows * cols);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = src[r * cols + c];
+  return dst;
+}
+
+at::Tensor ghost_module_cpu(const at::Tensor& x_in, const at::Tensor& w1_in, const c10::optional<at::Tensor>& b1,
+                            const at::Tensor& w2_in, const c10::optional<at::Tensor>& b2,
+                            int64_t out_channels, int64_t stride, c10::string_view activation) {
+  const Geometry g = check_and_describe(x_in, w1_in, b1, w2_in, b2, out_channels, stride, activation);
+  const at::Tensor x = x_in.contiguous(memory_format(g));
+  const at::Tensor w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
+  at::Tensor out = at::empty({g.batch, out_channels, g.out_height, g.out_width},
+                             x.options().memory_format(memory_format(g)));
+  if (out.numel() == 0) return out;
+  const at::Tensor source = g.kernel == 1 ? x : library_primary(x, w1, b1, g);
+  const at::Tensor b1c = b1.has_value() ? b1->contiguous() : at::Tensor();
+  const at::Tensor b2c = b2.has_value() ? b2->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ghost_module_cpu", [&] {
+    const Tiling t = choose_tiling(g, sizeof(scalar_t), true);
+    const int64_t mask_rows = t.rows + 2 * g.pad;
+    const std::vector<scalar_t> masks = column_masks<scalar_t>(g, mask_rows);
+    const scalar_t* w1p = w1.data_ptr<scalar_t>();
+    const std::vector<scalar_t> w1t = transposed(w1p, g.init, w1.numel() / g.init);
+    const std::vector<scalar_t> w2t = transposed(w2.data_ptr<scalar_t>(), g.ghosts, g.dw * g.dw);
+    ForwardArgs<scalar_t> a{&g, &t, source.data_ptr<scalar_t>(), w1p, w1t.data(),
+                            g.kernel == 1 && b1c.defined() ? b1c.data_ptr<scalar_t>() : nullptr,
+                            w2.data_ptr<scalar_t>(), w2t.data(), b2c.defined() ? b2c.data_ptr<scalar_t>() : nullptr,
+                            masks.data(), mask_rows * g.out_width, out.data_ptr<scalar_t>()};
+    at::parallel_for(0, g.batch * t.bands * t.groups, 1, [&](int64_t begin, int64_t end) {
+      if (g.channels_last) forward_nhwc(a, begin, end);
+      else forward_nchw(a, begin, end);
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_module_backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& out_in, const at::Tensor& x_in, const at::Tensor& w1_in,
+    const c10::optional<at::Tensor>& b1, const at::Tensor& w2_in, const c10::optional<at::Tensor>& b2,
+    int64_t out_channels, int64_t stride, c10::string_view activation) {
+  const Geometry g = check_and_describe(x_in, w1_in, b1, w2_in, b2, out_channels, stride, activation);
+  const std::vector<int64_t> out_shape{g.batch, out_channels, g.out_height, g.out_width};
+  TORCH_CHECK(grad_in.sizes() == out_shape && out_in.sizes() == out_shape,
+              "ghost_module_backward: grad and out must have shape ", out_shape);
+  const at::MemoryFormat fmt = memory_format(g);
+  const at::Tensor x = x_in.contiguous(fmt), grad = grad_in.contiguous(fmt), out = out_in.contiguous(fmt);
+  const at::Tensor w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
+  // Bands write every element of grad_x except where a strided primary skips pixels.
+  at::Tensor grad_x = g.kernel == 1 && g.stride == 1 ? at::empty_like(x, fmt) : at::zeros_like(x, fmt);
+  at::Tensor grad_z1 = g.kernel == 1 ? at::Tensor()
+                                     : at::empty({g.batch, g.init, g.out_height, g.out_width},
+                                                 x.options().memory_format(fmt));
+  const int64_t threads = at::get_num_threads();
+  at::Tensor gw1 = at::zeros_like(w1), gb1 = at::zeros({g.init}, x.options());
+  at::Tensor gw2 = at::zeros_like(w2), gb2 = at::zeros({g.ghosts}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ghost_module_backward_cpu", [&] {
+    using T = scalar_t;
+    const int64_t psize = partial_size<T>(g);
+    std::vector<T> partials(threads * psize, T(0));
+    if (grad.numel() > 0) {
+      Tiling t = choose_tiling(g, sizeof(T), false);
+      const int64_t mask_rows = t.rows + 2 * g.pad;
+      const std::vector<T> masks = column_masks<T>(g, mask_rows);
+      const std::vector<T> w2t = transposed(w2.data_ptr<T>(), g.ghosts, g.dw * g.dw);
+      BackwardArgs<T> a{&g, &t, grad.data_ptr<T>(), out.data_ptr<T>(), x.data_ptr<T>(), w1.data_ptr<T>(),
+                        w2.data_ptr<T>(), w2t.data(), masks.data(), mask_rows * g.out_width,
+                        grad_x.data_ptr<T>(), grad_z1.defined() ? grad_z1.data_ptr<T>() : nullptr,
+                        partials.data()};
+      at::parallel_for(0, g.batch * t.bands, 1, [&](int64_t begin, int64_t end) {
+        if (g.channels_last) backward_nhwc(a, begin, end);
+        else backward_nchw(a, begin, end);
+      });
+    }
+    // Sum the per-thread partials in thread order: deterministic for a fixed thread count.
+    const int64_t taps_n = g.dw * g.dw;
+    T* gw1p = gw1.data_ptr<T>();
+    for (int64_t th = 0; th < threads; ++th) {
+      const T* part = partials.data() + th * psize;
+      const T* pg1 = part + g.init * g.inp;
+      const T* pw2 = pg1 + g.init;
+      const T* pg2 = pw2 + g.ghosts * taps_n;
+      if (g.kernel == 1) {
+        for (int64_t c = 0; c < g.init; ++c)
+          for (int64_t k = 0; k < g.inp; ++k)  // NCHW partials hold gw1 transposed
+            gw1p[c * g.inp + k] += g.channels_last ? part[c * g.inp + k] : part[k * g.init + c];
+      }
+      for (int64_t c = 0; c < g.init; ++c) gb1.data_ptr<T>()[c] += pg1[c];
+      for (int64_t i = 0; i < g.ghosts * taps_n; ++i) gw2.data_ptr<T>()[i] += pw2[i];
+      for (int64_t j = 0; j < g.ghosts; ++j) gb2.data_ptr<T>()[j] += pg2[j];
+    }
+  });
+  if (g.kernel != 1) {
+    auto grads = at::convolution_backward(grad_z1, x, w1, at::IntArrayRef{g.init}, {g.stride, g.stride},
+                                          {g.kernel / 2, g.kernel / 2}, {1, 1}, false, {0, 0}, 1,
+                                          {true, true, false});
+    grad_x = std::get<0>(grads);
+    gw1 = std::get<1>(grads);
+  }
+  return {grad_x, gw1, gb1, gw2, gb2};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ghostkernels, CPU, m) {
+  m.impl("ghost_module", &ghost_module_cpu);
+  m.impl("ghost_module_backward", &ghost_module_backward_cpu);
+}
+
+}  // namespace ghostkernels

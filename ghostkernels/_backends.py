@@ -1,0 +1,37 @@
+"""Which kernel serves each device, and why: the compiled CPU library is loaded tolerantly."""
+
+import importlib.util
+import warnings
+
+import torch
+
+_cpu_status = None
+
+
+def load_cpu_extension():
+    """Load ghostkernels._C (the C++ CPU kernels) once; on failure record why and warn once."""
+    global _cpu_status
+    if _cpu_status is not None:
+        return _cpu_status
+    spec = importlib.util.find_spec("ghostkernels._C")
+    if spec is None or spec.origin is None:
+        _cpu_status = ("reference", "the C++ extension ghostkernels._C is not built; "
+                       "run `pip install --no-build-isolation -e .`")
+    else:
+        try:
+            torch.ops.load_library(spec.origin)
+            _cpu_status = ("cpp", f"fused C++ kernel from {spec.origin}")
+        except (OSError, RuntimeError) as error:
+            _cpu_status = ("reference", f"the C++ extension failed to load: {error}")
+    if _cpu_status[0] == "reference":
+        warnings.warn(f"ghostkernels: {_cpu_status[1]}; CPU calls run the PyTorch reference", stacklevel=2)
+    return _cpu_status
+
+
+def backends():
+    """{device type: {"backend": name, "reason": why}} for every device type ghostkernels knows."""
+    cpu_backend, cpu_reason = load_cpu_extension()
+    return {
+        "cpu": {"backend": cpu_backend, "reason": cpu_reason},
+        "cuda": {"backend": "reference", "reason": "no fused CUDA kernel is registered yet"},
+    }

@@ -1,0 +1,92 @@
+"""GhostModule: the original module's structure and state-dict keys, the fused op in eval."""
+
+import torch
+from torch import nn
+
+from . import ops
+
+
+def fold_conv_bn(conv_weight, bn):
+    """(W * t, beta - mean * t) with t = gamma / sqrt(var + eps): BN folded into the conv before it."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    bias = -bn.running_mean * scale
+    if bn.bias is not None:
+        bias = bias + bn.bias
+    return conv_weight * scale.reshape(-1, 1, 1, 1), bias
+
+
+class GhostModule(nn.Module):
+    """GhostNet's Ghost module (SPEC section 1) with the original attribute and state-dict names.
+
+    Training mode runs the original ops (batch-statistics BN, running-stat updates). Eval mode
+    folds both BNs into the convs and runs the fused op; the folded weights are cached and
+    refreshed whenever a parameter or buffer changes.
+    """
+
+    def __init__(self, inp, oup, kernel_size=1, ratio=2, dw_size=3, stride=1, relu=True):
+        super().__init__()
+        if int(ratio) != ratio or ratio < 2:
+            raise ValueError(f"GhostModule: ratio must be an integer >= 2, got {ratio}")
+        for name, size in (("kernel_size", kernel_size), ("dw_size", dw_size)):
+            if size < 1 or size % 2 == 0:
+                raise ValueError(f"GhostModule: {name} must be a positive odd integer, got {size}")
+        if inp < 1 or oup < 1 or stride < 1:
+            raise ValueError(f"GhostModule: inp, oup and stride must be >= 1, got {inp}, {oup}, {stride}")
+        self.oup = oup
+        init_channels = ops.intrinsic_channels(oup, ratio)
+        new_channels = init_channels * (ratio - 1)
+        self.init_channels, self.new_channels = init_channels, new_channels
+        self.stride = stride
+        self.activation = "relu" if relu else "none"
+
+        def act():
+            return nn.ReLU(inplace=True) if relu else nn.Identity()
+
+        self.primary_conv = nn.Sequential(
+            nn.Conv2d(inp, init_channels, kernel_size, stride, kernel_size // 2, bias=False),
+            nn.BatchNorm2d(init_channels),
+            act(),
+        )
+        self.cheap_operation = nn.Sequential(
+            nn.Conv2d(init_channels, new_channels, dw_size, 1, dw_size // 2, groups=init_channels, bias=False),
+            nn.BatchNorm2d(new_channels),
+            act(),
+        )
+        self._folded = None
+        self._folded_key = None
+
+    def _fold(self):
+        primary_weight, primary_bias = fold_conv_bn(self.primary_conv[0].weight, self.primary_conv[1])
+        cheap_weight, cheap_bias = fold_conv_bn(self.cheap_operation[0].weight, self.cheap_operation[1])
+        return primary_weight, primary_bias, cheap_weight, cheap_bias
+
+    def folded_weights(self):
+        """(W1, b1, W2, b2) with both BNs folded in (eval mode). Cached unless autograd needs them."""
+        if torch.compiler.is_compiling() or (
+            torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        ):
+            return self._fold()
+        tensors = list(self.parameters()) + list(self.buffers())
+        key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
+        if key != self._folded_key:
+            with torch.no_grad():
+                self._folded = tuple(t.contiguous() for t in self._fold())
+            self._folded_key = key
+        return self._folded
+
+    def _can_fold(self):
+        return all(bn.running_mean is not None for bn in (self.primary_conv[1], self.cheap_operation[1]))
+
+    def forward(self, x):
+        if self.training or not self._can_fold():
+            x1 = self.primary_conv(x)
+            x2 = self.cheap_operation(x1)
+            return torch.cat([x1, x2], dim=1)[:, : self.oup]
+        if x.dim() != 4:
+            raise ValueError(f"GhostModule: x must be a 4-D tensor (N, C, H, W), got {tuple(x.shape)}")
+        return ops.apply(x, *self.folded_weights(), self.oup, self.stride, self.activation)
+
+    def extra_repr(self):
+        return f"oup={self.oup}, init={self.init_channels}, new={self.new_channels}, activation={self.activation}"

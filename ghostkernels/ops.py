@@ -1,0 +1,220 @@
+"""The fused Ghost op: its `torch.library` schema, fake and fallback kernels, and autograd.
+
+Kernels per device come from elsewhere: the compiled extension registers the CPU kernel
+(csrc/ghost_cpu.cpp). Where none is registered, the CompositeExplicitAutograd kernel below
+runs the reference, with one warning per device type.
+"""
+
+import math
+import warnings
+
+import torch
+
+from .reference import ACTIVATIONS, ghost_module_reference, output_memory_format
+
+_lib = torch.library.Library("ghostkernels", "DEF")
+_lib.define(
+    "ghost_module(Tensor x, Tensor primary_weight, Tensor? primary_bias, Tensor cheap_weight, "
+    "Tensor? cheap_bias, int out_channels, int stride, str activation) -> Tensor"
+)
+_lib.define(
+    "ghost_module_backward(Tensor grad, Tensor out, Tensor x, Tensor primary_weight, Tensor? primary_bias, "
+    "Tensor cheap_weight, Tensor? cheap_bias, int out_channels, int stride, str activation) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+
+# Dtypes the compiled CPU kernel takes; others run the reference on the CPU.
+CPU_KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
+def check_args(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation):
+    """Raise a ValueError/TypeError naming the argument when the call is malformed."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"ghost_module: x must be a 4-D tensor (N, C, H, W), got {shape}")
+    if primary_weight.dim() != 4 or primary_weight.shape[2] != primary_weight.shape[3] or primary_weight.shape[2] % 2 == 0:
+        raise ValueError(
+            f"ghost_module: primary_weight must be (init, inp, k, k) with odd k, got {tuple(primary_weight.shape)}"
+        )
+    init, inp = primary_weight.shape[:2]
+    if inp != x.shape[1]:
+        raise ValueError(f"ghost_module: x has {x.shape[1]} channels, primary_weight expects {inp}")
+    if (
+        cheap_weight.dim() != 4
+        or cheap_weight.shape[1] != 1
+        or cheap_weight.shape[2] != cheap_weight.shape[3]
+        or cheap_weight.shape[2] % 2 == 0
+    ):
+        raise ValueError(
+            f"ghost_module: cheap_weight must be (new, 1, d, d) with odd d, got {tuple(cheap_weight.shape)}"
+        )
+    ghosts = cheap_weight.shape[0]
+    if init == 0 or ghosts == 0 or ghosts % init != 0:
+        raise ValueError(
+            f"ghost_module: cheap_weight must have a positive multiple of init={init} channels "
+            f"(init * (ratio - 1)), got {ghosts}"
+        )
+    if not init <= out_channels <= init + ghosts:
+        raise ValueError(f"ghost_module: out_channels must be in [{init}, {init + ghosts}], got {out_channels}")
+    if stride < 1:
+        raise ValueError(f"ghost_module: stride must be >= 1, got {stride}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"ghost_module: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    named = {"primary_weight": primary_weight, "cheap_weight": cheap_weight,
+             "primary_bias": primary_bias, "cheap_bias": cheap_bias}
+    for name, t in named.items():
+        if t is None:
+            continue
+        if t.dtype != x.dtype or t.device != x.device:
+            raise TypeError(
+                f"ghost_module: {name} is {t.dtype} on {t.device}, x is {x.dtype} on {x.device}; they must match"
+            )
+    for name, bias, n in (("primary_bias", primary_bias, init), ("cheap_bias", cheap_bias, ghosts)):
+        if bias is not None and tuple(bias.shape) != (n,):
+            raise ValueError(f"ghost_module: {name} must have shape ({n},), got {tuple(bias.shape)}")
+    kernel = primary_weight.shape[2]
+    if min(x.shape[2], x.shape[3]) + 2 * (kernel // 2) < kernel:
+        raise ValueError(f"ghost_module: x of spatial size {tuple(x.shape[2:])} is smaller than the {kernel}x{kernel} primary kernel")
+
+
+def output_shape(x, primary_weight, out_channels, stride):
+    kernel = primary_weight.shape[2]
+    height, width = ((s + 2 * (kernel // 2) - kernel) // stride + 1 for s in x.shape[2:])
+    return (x.shape[0], out_channels, height, width)
+
+
+# -- fake kernels (shapes for torch.compile / torch.export) ---------------------------
+
+
+@torch.library.register_fake("ghostkernels::ghost_module")
+def _ghost_module_fake(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation):
+    check_args(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation)
+    shape = output_shape(x, primary_weight, out_channels, stride)
+    return x.new_empty(shape).contiguous(memory_format=output_memory_format(x))
+
+
+@torch.library.register_fake("ghostkernels::ghost_module_backward")
+def _ghost_module_backward_fake(grad, out, x, primary_weight, primary_bias, cheap_weight, cheap_bias,
+                                out_channels, stride, activation):
+    fmt = output_memory_format(x)
+    return (
+        torch.empty_like(x, memory_format=fmt),
+        torch.empty_like(primary_weight, memory_format=torch.contiguous_format),
+        x.new_empty(primary_weight.shape[0]),
+        torch.empty_like(cheap_weight, memory_format=torch.contiguous_format),
+        x.new_empty(cheap_weight.shape[0]),
+    )
+
+
+# -- fallback kernels (any device without a compiled or Triton kernel) -----------------
+
+_warned_devices = set()
+
+
+def _warn_fallback(device_type):
+    if device_type not in _warned_devices:
+        _warned_devices.add(device_type)
+        from . import backends
+
+        reason = backends().get(device_type, {}).get("reason", "no fused kernel is registered")
+        warnings.warn(
+            f"ghostkernels: no fused kernel for {device_type} ({reason}); running the PyTorch reference",
+            stacklevel=3,
+        )
+
+
+@torch.library.impl(_lib, "ghost_module", "CompositeExplicitAutograd")
+def _ghost_module_fallback(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation):
+    _warn_fallback(x.device.type)
+    out = ghost_module_reference(
+        x, primary_weight, primary_bias, cheap_weight, cheap_bias,
+        out_channels=out_channels, stride=stride, activation=activation,
+    )
+    return out.contiguous(memory_format=output_memory_format(x))
+
+
+@torch.library.impl(_lib, "ghost_module_backward", "CompositeExplicitAutograd")
+def _ghost_module_backward_fallback(grad, out, x, primary_weight, primary_bias, cheap_weight, cheap_bias,
+                                    out_channels, stride, activation):
+    _warn_fallback(x.device.type)
+    return reference_gradients(grad, x, primary_weight, primary_bias, cheap_weight, cheap_bias,
+                               out_channels, stride, activation)
+
+
+def reference_gradients(grad, x, primary_weight, primary_bias, cheap_weight, cheap_bias,
+                        out_channels, stride, activation):
+    """Grads of (x, W1, b1, W2, b2) by autograd through the reference; zeros for absent biases."""
+    init, ghosts = primary_weight.shape[0], cheap_weight.shape[0]
+    b1 = primary_bias if primary_bias is not None else x.new_zeros(init)
+    b2 = cheap_bias if cheap_bias is not None else x.new_zeros(ghosts)
+    leaves = [t.detach().requires_grad_() for t in (x, primary_weight, b1, cheap_weight, b2)]
+    with torch.enable_grad():
+        out = ghost_module_reference(*leaves, out_channels=out_channels, stride=stride, activation=activation)
+    grads = torch.autograd.grad(out, leaves, grad)
+    fmt = output_memory_format(x)
+    return (grads[0].contiguous(memory_format=fmt),) + tuple(g.contiguous() for g in grads[1:])
+
+
+# -- autograd ---------------------------------------------------------------------------
+
+
+def _setup_context(ctx, inputs, output):
+    x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation = inputs
+    # The output holds x1 = act(z1) and act(z2): the backward needs nothing else saved.
+    ctx.save_for_backward(x, primary_weight, primary_bias, cheap_weight, cheap_bias, output)
+    ctx.config = (out_channels, stride, activation)
+
+
+def _backward(ctx, grad):
+    x, primary_weight, primary_bias, cheap_weight, cheap_bias, out = ctx.saved_tensors
+    gx, gw1, gb1, gw2, gb2 = torch.ops.ghostkernels.ghost_module_backward(
+        grad, out, x, primary_weight, primary_bias, cheap_weight, cheap_bias, *ctx.config
+    )
+    return (
+        gx,
+        gw1,
+        gb1 if primary_bias is not None else None,
+        gw2,
+        gb2 if cheap_bias is not None else None,
+        None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd("ghostkernels::ghost_module", _backward, setup_context=_setup_context)
+
+
+# -- public entry -----------------------------------------------------------------------
+
+
+def ghost_module(
+    x, primary_weight, primary_bias, cheap_weight, cheap_bias, *, out_channels, stride=1, activation="relu"
+):
+    """The fused Ghost module on folded weights (SPEC section 1).
+
+    x: (N, inp, H, W), NCHW or channels_last; primary_weight: (init, inp, k, k) with odd k;
+    cheap_weight: (init * (ratio - 1), 1, d, d) with odd d; biases of init and
+    init * (ratio - 1) entries or None. Returns (N, out_channels, H', W') in x's memory format.
+    Differentiable in x, the weights and the biases.
+    """
+    check_args(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation)
+    return apply(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation)
+
+
+def apply(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation):
+    """ghost_module without the argument checks, for callers that built the arguments themselves."""
+    if x.device.type == "cpu" and x.dtype not in CPU_KERNEL_DTYPES:
+        out = ghost_module_reference(
+            x, primary_weight, primary_bias, cheap_weight, cheap_bias,
+            out_channels=out_channels, stride=stride, activation=activation,
+        )
+        return out.contiguous(memory_format=output_memory_format(x))
+    return torch.ops.ghostkernels.ghost_module(
+        x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation
+    )
+
+
+def intrinsic_channels(out_channels, ratio):
+    """init = ceil(oup / ratio): the channels the primary conv makes."""
+    return math.ceil(out_channels / ratio)

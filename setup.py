@@ -1,0 +1,20 @@
+"""Builds ghostkernels._C, the fused C++ CPU kernels, against the installed torch.
+
+Install without build isolation so that the build sees the torch you run with:
+    pip install --no-build-isolation -e .
+"""
+
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+setup(
+    packages=find_packages(include=["ghostkernels", "ghostkernels.*"]),
+    ext_modules=[
+        CppExtension(
+            "ghostkernels._C",
+            ["csrc/ghost_cpu.cpp"],
+            extra_compile_args=["-O3", "-fopenmp-simd"],
+        )
+    ],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
