@@ -13,7 +13,10 @@ setup(
         CppExtension(
             "ghostkernels._C",
             ["csrc/ghost_cpu.cpp"],
-            extra_compile_args=["-O3", "-fopenmp-simd"],
+            # at::parallel_for is an OpenMP pragma in a header: without -fopenmp it runs serially.
+            # The loader reuses the libgomp.so.1 that torch ships.
+            extra_compile_args=["-O3", "-fopenmp"],
+            extra_link_args=["-fopenmp"],
         )
     ],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -27,6 +27,9 @@
 #else
 #define GK_MULTIVERSION
 #endif
+// Every helper of a multiversioned kernel is inlined into it, so it is compiled for the
+// clone's instruction set; an out-of-line copy would get the baseline one.
+#define GK_INLINE inline __attribute__((always_inline))
 
 namespace ghostkernels {
 namespace {
@@ -45,65 +48,72 @@ template <typename T>
 struct Simd {
   typedef T vec __attribute__((vector_size(64)));
   static constexpr int lanes = 64 / sizeof(T);
-  static vec load(const T* p) { vec v; std::memcpy(&v, p, sizeof(vec)); return v; }
-  static void store(T* p, vec v) { std::memcpy(p, &v, sizeof(vec)); }
-  static vec splat(T a) { return vec{} + a; }
+  GK_INLINE static vec load(const T* p) { vec v; std::memcpy(&v, p, sizeof(vec)); return v; }
+  GK_INLINE static void store(T* p, vec v) { std::memcpy(p, &v, sizeof(vec)); }
 };
 
+// Rows of B per pass: a packed panel of kBlock x (2 * lanes) stays in L1 across the i loop.
+constexpr int64_t kBlock = 256;
+
 // C[i, j] (+)= sum_k A[i * a_si + k * a_sk] * B[k * ldb + j] for i < M, j < N.
-// B's columns are vector loads; a column tail is packed into `panel` (K * 2 * lanes) so
-// that no load reads past the matrix.
+// B's columns are vector loads. A panel of B is packed into `panel` (kBlock * 2 * lanes)
+// when it is reused across several row blocks or is a column tail, so that no load reads
+// past the matrix and the reused panel is contiguous.
 template <typename T>
-inline void gemm_nn(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_si, int64_t a_sk,
-                    const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate, T* panel) {
+GK_INLINE void gemm_nn(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_si, int64_t a_sk,
+                       const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate, T* panel) {
   using S = Simd<T>;
   using V = typename S::vec;
   constexpr int L = S::lanes;
   constexpr int NR = 2 * L;
   constexpr int MR = 8;
-  for (int64_t j0 = 0; j0 < N; j0 += NR) {
-    const int64_t nr = std::min<int64_t>(NR, N - j0);
-    const T* b = B + j0;
-    int64_t ldb_panel = ldb;
-    if (nr < NR) {
-      for (int64_t k = 0; k < K; ++k) {
-        std::fill(panel + k * NR, panel + (k + 1) * NR, T(0));
-        std::memcpy(panel + k * NR, B + k * ldb + j0, nr * sizeof(T));
-      }
-      b = panel;
-      ldb_panel = NR;
-    }
-    for (int64_t i0 = 0; i0 < M; i0 += MR) {
-      const int64_t mr = std::min<int64_t>(MR, M - i0);
-      const T* a_row[MR];
-      for (int r = 0; r < MR; ++r) a_row[r] = A + std::min<int64_t>(i0 + r, M - 1) * a_si;
-      V acc[MR][2];
-      for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = V{};
-      for (int64_t k = 0; k < K; ++k) {
-        const V b0 = S::load(b + k * ldb_panel);
-        const V b1 = S::load(b + k * ldb_panel + L);
-        const int64_t ak = k * a_sk;
-#pragma GCC unroll 8
-        for (int r = 0; r < MR; ++r) {
-          const T a = a_row[r][ak];
-          acc[r][0] += a * b0;
-          acc[r][1] += a * b1;
+  for (int64_t k0 = 0; k0 < K; k0 += kBlock) {
+    const int64_t kb = std::min(kBlock, K - k0);
+    const bool add = accumulate || k0 > 0;
+    for (int64_t j0 = 0; j0 < N; j0 += NR) {
+      const int64_t nr = std::min<int64_t>(NR, N - j0);
+      const T* b = B + k0 * ldb + j0;
+      int64_t ldp = ldb;
+      if (nr < NR || M > MR) {
+        for (int64_t k = 0; k < kb; ++k) {
+          std::memcpy(panel + k * NR, b + k * ldb, nr * sizeof(T));
+          std::fill(panel + k * NR + nr, panel + (k + 1) * NR, T(0));
         }
+        b = panel;
+        ldp = NR;
       }
-      for (int64_t r = 0; r < mr; ++r) {
-        T* c = C + (i0 + r) * ldc + j0;
-        if (nr == NR) {
-          if (accumulate) {
-            acc[r][0] += S::load(c);
-            acc[r][1] += S::load(c + L);
+      for (int64_t i0 = 0; i0 < M; i0 += MR) {
+        const int64_t mr = std::min<int64_t>(MR, M - i0);
+        const T* a_row[MR];
+        for (int r = 0; r < MR; ++r) a_row[r] = A + std::min<int64_t>(i0 + r, M - 1) * a_si + k0 * a_sk;
+        V acc[MR][2];
+        for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = V{};
+        for (int64_t k = 0; k < kb; ++k) {
+          const V b0 = S::load(b + k * ldp);
+          const V b1 = S::load(b + k * ldp + L);
+          const int64_t ak = k * a_sk;
+#pragma GCC unroll 8
+          for (int r = 0; r < MR; ++r) {
+            const T a = a_row[r][ak];
+            acc[r][0] += a * b0;
+            acc[r][1] += a * b1;
           }
-          S::store(c, acc[r][0]);
-          S::store(c + L, acc[r][1]);
-        } else {
-          T tmp[NR];
-          S::store(tmp, acc[r][0]);
-          S::store(tmp + L, acc[r][1]);
-          for (int64_t j = 0; j < nr; ++j) c[j] = accumulate ? c[j] + tmp[j] : tmp[j];
+        }
+        for (int64_t r = 0; r < mr; ++r) {
+          T* c = C + (i0 + r) * ldc + j0;
+          if (nr == NR) {
+            if (add) {
+              acc[r][0] += S::load(c);
+              acc[r][1] += S::load(c + L);
+            }
+            S::store(c, acc[r][0]);
+            S::store(c + L, acc[r][1]);
+          } else {
+            T tmp[NR];
+            S::store(tmp, acc[r][0]);
+            S::store(tmp + L, acc[r][1]);
+            for (int64_t j = 0; j < nr; ++j) c[j] = add ? c[j] + tmp[j] : tmp[j];
+          }
         }
       }
     }
@@ -111,13 +121,13 @@ inline void gemm_nn(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_si, i
 }
 
 template <typename T>
-inline T activate(T v, Activation act) {
+GK_INLINE T activate(T v, Activation act) {
   return act == Activation::ReLU ? std::max(v, T(0)) : v;
 }
 
 // dst[q] = act(dst[q] + bias) for q < n.
 template <typename T>
-inline void bias_act(T* dst, int64_t n, T bias, Activation act) {
+GK_INLINE void bias_act(T* dst, int64_t n, T bias, Activation act) {
   for (int64_t q = 0; q < n; ++q) dst[q] = activate(dst[q] + bias, act);
 }
 
@@ -133,7 +143,7 @@ struct Tap {
 // acc[q] += sum_t w_t * (mask_t[q] ? src[q + off_t] : 0) for q < n. Rows above and below
 // the plane come from the halo rows of the buffer that src points into.
 template <typename T>
-inline void accumulate_taps(T* acc, const T* src, int64_t n, const Tap<T>* taps, int ntaps) {
+GK_INLINE void accumulate_taps(T* acc, const T* src, int64_t n, const Tap<T>* taps, int ntaps) {
   using S = Simd<T>;
   using V = typename S::vec;
   constexpr int L = S::lanes;
@@ -157,7 +167,7 @@ inline void accumulate_taps(T* acc, const T* src, int64_t n, const Tap<T>* taps,
 
 // sum_q x[q] * (mask[q] ? y[q + off] : 0) for q < n (mask may be nullptr).
 template <typename T>
-inline T masked_dot(const T* x, const T* y, int64_t n, const T* mask) {
+GK_INLINE T masked_dot(const T* x, const T* y, int64_t n, const T* mask) {
   using S = Simd<T>;
   using V = typename S::vec;
   constexpr int L = S::lanes;
@@ -176,7 +186,7 @@ inline T masked_dot(const T* x, const T* y, int64_t n, const T* mask) {
 }
 
 template <typename T>
-inline T sum(const T* x, int64_t n) {
+GK_INLINE T sum(const T* x, int64_t n) {
   T s = 0;
 #pragma omp simd reduction(+ : s)
   for (int64_t q = 0; q < n; ++q) s += x[q];
@@ -213,7 +223,7 @@ std::vector<T> column_masks(const Geometry& g, int64_t rows) {
 
 // The taps of ghost channel j on a flattened plane. transposed = the adjoint (backward).
 template <typename T>
-int make_taps(const Geometry& g, const T* w2, const T* masks, int64_t mask_stride, bool transposed,
+GK_INLINE int make_taps(const Geometry& g, const T* w2, const T* masks, int64_t mask_stride, bool transposed,
               Tap<T>* taps) {
   int n = 0;
   for (int64_t dy = 0; dy < g.dw; ++dy)
@@ -277,7 +287,7 @@ struct ForwardArgs {
 
 // x1 rows [h0, h1) of one image, channels [c0, c1), NCHW; `dst` row stride ld (per channel).
 template <typename T>
-void primary_rows_nchw(const ForwardArgs<T>& a, int64_t n, int64_t h0, int64_t h1, int64_t c0,
+GK_INLINE void primary_rows_nchw(const ForwardArgs<T>& a, int64_t n, int64_t h0, int64_t h1, int64_t c0,
                        int64_t c1, T* dst, int64_t ld, T* pack, T* panel) {
   const Geometry& g = *a.g;
   const int64_t p = (h1 - h0) * g.out_width;
@@ -311,7 +321,7 @@ GK_MULTIVERSION void forward_nchw(const ForwardArgs<T>& a, int64_t begin, int64_
   const int64_t ld = (t.rows + 2 * pad) * W + 2 * pad;
   std::vector<T> buf(t.group * ld);
   std::vector<T> pack(g.stride != 1 ? g.inp * (t.rows + 2 * pad) * W : 0);
-  std::vector<T> panel(std::max<int64_t>(g.inp, 1) * 2 * Simd<T>::lanes);
+  std::vector<T> panel(kBlock * 2 * Simd<T>::lanes);
   std::vector<Tap<T>> taps(g.dw * g.dw);
   for (int64_t item = begin; item < end; ++item) {
     const int64_t n = item / (t.bands * t.groups);
@@ -348,7 +358,7 @@ GK_MULTIVERSION void forward_nhwc(const ForwardArgs<T>& a, int64_t begin, int64_
   const int64_t W = g.out_width, pad = g.pad, dw = g.dw;
   std::vector<T> buf((t.rows + 2 * pad) * W * t.group);  // [row][col][channel]
   std::vector<T> pack(g.stride != 1 ? (t.rows + 2 * pad) * W * g.inp : 0);
-  std::vector<T> panel(std::max<int64_t>(g.inp, 1) * 2 * Simd<T>::lanes);
+  std::vector<T> panel(kBlock * 2 * Simd<T>::lanes);
   std::vector<T> acc(g.ghosts);
   for (int64_t item = begin; item < end; ++item) {
     const int64_t n = item / (t.bands * t.groups);
@@ -428,14 +438,14 @@ int64_t partial_size(const Geometry& g) {
 }
 
 template <typename T>
-inline T activation_grad(T grad, T activated, Activation act) {
+GK_INLINE T activation_grad(T grad, T activated, Activation act) {
   return (act == Activation::ReLU && !(activated > T(0))) ? T(0) : grad;
 }
 
 // grad_x[n, :, rows] += W1^T gz1 and gw1 += gz1 x^T for the band [r0, r1) of one image.
 // gz1 is [init][p] (NCHW) or [p][init] (NHWC).
 template <typename T>
-void primary_grads(const BackwardArgs<T>& a, int64_t n, int64_t r0, int64_t r1, const T* gz1,
+GK_INLINE void primary_grads(const BackwardArgs<T>& a, int64_t n, int64_t r0, int64_t r1, const T* gz1,
                    T* gz1_t, T* gw1, T* pack, T* gx_band, T* panel) {
   const Geometry& g = *a.g;
   const int64_t W = g.out_width, p = (r1 - r0) * W, s = g.stride;
@@ -492,7 +502,7 @@ GK_MULTIVERSION void backward_nchw(const BackwardArgs<T>& a, int64_t begin, int6
   std::vector<T> y1(g.init * ld), gz2(std::max<int64_t>(g.keep, 1) * ld);
   std::vector<T> gz1(g.init * t.rows * W), gz1_t(g.kernel == 1 ? g.init * t.rows * W : 0);
   std::vector<T> pack(g.stride != 1 ? g.inp * t.rows * W : 0), gx_band(pack.size());
-  std::vector<T> panel(std::max({g.inp, g.init, t.rows * W}) * 2 * Simd<T>::lanes);
+  std::vector<T> panel(kBlock * 2 * Simd<T>::lanes);
   std::vector<Tap<T>> taps(taps_n);
   T* part = a.partials + at::get_thread_num() * partial_size<T>(g);
   T *gw1 = part, *gb1 = gw1 + g.init * g.inp, *gw2 = gb1 + g.init, *gb2 = gw2 + g.ghosts * taps_n;
@@ -544,7 +554,7 @@ GK_MULTIVERSION void backward_nhwc(const BackwardArgs<T>& a, int64_t begin, int6
   std::vector<T> gz2((t.rows + 2 * pad) * W * std::max<int64_t>(g.keep, 1));  // [row][col][ghost]
   std::vector<T> gz1(t.rows * W * g.init);                                   // [q][channel]
   std::vector<T> pack(g.stride != 1 ? t.rows * W * g.inp : 0), gx_band(pack.size());
-  std::vector<T> panel(std::max({g.inp, g.init, t.rows * W}) * 2 * Simd<T>::lanes);
+  std::vector<T> panel(kBlock * 2 * Simd<T>::lanes);
   T* part = a.partials + at::get_thread_num() * partial_size<T>(g);
   T *gw1 = part, *gb1 = gw1 + g.init * g.inp, *gw2 = gb1 + g.init, *gb2 = gw2 + g.ghosts * taps_n;
   for (int64_t item = begin; item < end; ++item) {
@@ -694,7 +704,9 @@ at::Tensor ghost_module_cpu(const at::Tensor& x_in, const at::Tensor& w1_in, con
     const int64_t mask_rows = t.rows + 2 * g.pad;
     const std::vector<scalar_t> masks = column_masks<scalar_t>(g, mask_rows);
     const scalar_t* w1p = w1.data_ptr<scalar_t>();
-    const std::vector<scalar_t> w1t = transposed(w1p, g.init, w1.numel() / g.init);
+    // NHWC broadcasts x and loads rows of W1^T; NCHW broadcasts W1 and loads rows of x.
+    const std::vector<scalar_t> w1t =
+        g.channels_last && g.kernel == 1 ? transposed(w1p, g.init, g.inp) : std::vector<scalar_t>();
     const std::vector<scalar_t> w2t = transposed(w2.data_ptr<scalar_t>(), g.ghosts, g.dw * g.dw);
     ForwardArgs<scalar_t> a{&g, &t, source.data_ptr<scalar_t>(), w1p, w1t.data(),
                             g.kernel == 1 && b1c.defined() ? b1c.data_ptr<scalar_t>() : nullptr,

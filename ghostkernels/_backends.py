@@ -1,7 +1,7 @@
 """Which kernel serves each device, and why: the compiled CPU library is loaded tolerantly."""
 
 import importlib.util
-import warnings
+import os
 
 import torch
 
@@ -9,12 +9,17 @@ _cpu_status = None
 
 
 def load_cpu_extension():
-    """Load ghostkernels._C (the C++ CPU kernels) once; on failure record why and warn once."""
+    """Load ghostkernels._C (the C++ CPU kernels) once and record why it is or is not in use.
+
+    The warning comes at the first call that falls back (ops._warn_fallback), not at import.
+    """
     global _cpu_status
     if _cpu_status is not None:
         return _cpu_status
     spec = importlib.util.find_spec("ghostkernels._C")
-    if spec is None or spec.origin is None:
+    if os.environ.get("GHOSTKERNELS_DISABLE_CPP") == "1":
+        _cpu_status = ("reference", "the C++ extension is disabled by GHOSTKERNELS_DISABLE_CPP=1")
+    elif spec is None or spec.origin is None:
         _cpu_status = ("reference", "the C++ extension ghostkernels._C is not built; "
                        "run `pip install --no-build-isolation -e .`")
     else:
@@ -23,8 +28,6 @@ def load_cpu_extension():
             _cpu_status = ("cpp", f"fused C++ kernel from {spec.origin}")
         except (OSError, RuntimeError) as error:
             _cpu_status = ("reference", f"the C++ extension failed to load: {error}")
-    if _cpu_status[0] == "reference":
-        warnings.warn(f"ghostkernels: {_cpu_status[1]}; CPU calls run the PyTorch reference", stacklevel=2)
     return _cpu_status
 
 

@@ -64,12 +64,19 @@ class GhostModule(nn.Module):
 
     def folded_weights(self):
         """(W1, b1, W2, b2) with both BNs folded in (eval mode). Cached unless autograd needs them."""
-        if torch.compiler.is_compiling() or (
-            torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
-        ):
+        if torch.compiler.is_compiling():
             return self._fold()
-        tensors = list(self.parameters()) + list(self.buffers())
-        key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
+        primary, cheap = self.primary_conv._modules, self.cheap_operation._modules
+        tensors = [
+            t
+            for conv, bn in ((primary["0"], primary["1"]), (cheap["0"], cheap["1"]))
+            for t in (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+            if t is not None
+        ]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return self._fold()
+        # data_ptr changes when the module moves or is cast; _version on every in-place update.
+        key = tuple((t.data_ptr(), t._version) for t in tensors)
         if key != self._folded_key:
             with torch.no_grad():
                 self._folded = tuple(t.contiguous() for t in self._fold())

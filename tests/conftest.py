@@ -1,0 +1,32 @@
+import zlib
+
+import pytest
+import torch
+
+import ghostkernels
+
+
+@pytest.fixture(autouse=True)
+def fresh_seed(request):
+    """Fresh random inputs per test, reproducible from the test's name."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+def make_weights(inp, oup, ratio, dw, kernel=1, dtype=torch.float64, requires_grad=False, bias=True):
+    """Random folded weights (W1, b1, W2, b2) of a Ghost module."""
+    init = ghostkernels.ops.intrinsic_channels(oup, ratio)
+    new = init * (ratio - 1)
+    tensors = [
+        torch.randn(init, inp, kernel, kernel, dtype=dtype) / (inp * kernel * kernel) ** 0.5,
+        torch.randn(init, dtype=dtype) if bias else None,
+        torch.randn(new, 1, dw, dw, dtype=dtype) / dw,
+        torch.randn(new, dtype=dtype) if bias else None,
+    ]
+    return [t.requires_grad_(requires_grad) if t is not None else None for t in tensors]
+
+
+def make_input(n, c, h, w, channels_last=False, dtype=torch.float64, requires_grad=False):
+    x = torch.randn(n, c, h, w, dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    return x.requires_grad_(requires_grad)

@@ -1,0 +1,206 @@
+"""GhostModule against a module built the original way (Huawei GhostNet code structure)."""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import ghostkernels
+from ghostkernels import GhostModule
+
+from conftest import make_input
+
+
+class OriginalGhostModule(nn.Module):
+    """The structure and keys of the original GhostNet code (relu=False leaves slot 2 empty)."""
+
+    def __init__(self, inp, oup, kernel_size=1, ratio=2, dw_size=3, stride=1, relu=True):
+        super().__init__()
+        self.oup = oup
+        init_channels = math.ceil(oup / ratio)
+        new_channels = init_channels * (ratio - 1)
+        self.primary_conv = nn.Sequential(
+            nn.Conv2d(inp, init_channels, kernel_size, stride, kernel_size // 2, bias=False),
+            nn.BatchNorm2d(init_channels),
+            nn.ReLU(inplace=True) if relu else nn.Sequential(),
+        )
+        self.cheap_operation = nn.Sequential(
+            nn.Conv2d(init_channels, new_channels, dw_size, 1, dw_size // 2, groups=init_channels, bias=False),
+            nn.BatchNorm2d(new_channels),
+            nn.ReLU(inplace=True) if relu else nn.Sequential(),
+        )
+
+    def forward(self, x):
+        x1 = self.primary_conv(x)
+        x2 = self.cheap_operation(x1)
+        out = torch.cat([x1, x2], dim=1)
+        return out[:, : self.oup, :, :]
+
+
+def randomise_bn(module):
+    """Non-trivial BN statistics and affine parameters, so that folding is really exercised."""
+    with torch.no_grad():
+        for bn in module.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.running_mean.uniform_(-1, 1)
+                bn.running_var.uniform_(0.5, 2)
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.uniform_(-0.5, 0.5)
+
+
+def pair(dtype=torch.float64, **config):
+    original = OriginalGhostModule(**config).to(dtype)
+    randomise_bn(original)
+    ours = GhostModule(**config).to(dtype)
+    ours.load_state_dict(original.state_dict(), strict=True)
+    return original, ours
+
+
+CONFIGS = [
+    dict(inp=16, oup=16),
+    dict(inp=8, oup=13, ratio=3, dw_size=5, relu=False),
+    dict(inp=6, oup=10, ratio=4, dw_size=7, stride=2),
+    dict(inp=6, oup=12, kernel_size=3, stride=2),
+]
+
+
+def test_state_dict_keys_match_the_original():
+    original, ours = pair(inp=8, oup=16)
+    assert list(ours.state_dict()) == list(original.state_dict())
+    original.load_state_dict(ours.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_eval_matches_original(config, channels_last):
+    original, ours = pair(**config)
+    original.eval(), ours.eval()
+    x = make_input(2, config["inp"], 12, 10, channels_last=channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), original(x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_train_matches_original(config):
+    """Same outputs, gradients and running-stat updates in training mode."""
+    original, ours = pair(**config)
+    original.train(), ours.train()
+    x = make_input(4, config["inp"], 9, 9)
+    grad = None
+    results = []
+    for module in (original, ours):
+        xi = x.clone().requires_grad_()
+        out = module(xi)
+        grad = torch.randn_like(out) if grad is None else grad
+        out.backward(grad)
+        results.append((out, xi.grad, [p.grad for p in module.parameters()], list(module.buffers())))
+    (o1, gx1, gp1, b1), (o2, gx2, gp2, b2) = results
+    torch.testing.assert_close(o2, o1)
+    torch.testing.assert_close(gx2, gx1)
+    for a, b in zip(gp2 + b2, gp1 + b1):
+        torch.testing.assert_close(a, b)
+
+
+def test_eval_gradients_flow_through_the_fold():
+    """Fine-tuning with frozen BN statistics: grads of conv and BN affine params as the original."""
+    original, ours = pair(inp=6, oup=12)
+    original.eval(), ours.eval()
+    x = make_input(2, 6, 8, 8)
+    grads = []
+    for module in (original, ours):
+        out = module(x)
+        grads.append(torch.autograd.grad(out.square().sum(), list(module.parameters())))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a)
+
+
+def test_fold_cache_refreshes_when_weights_change():
+    original, ours = pair(inp=8, oup=16)
+    original.eval(), ours.eval()
+    x = make_input(1, 8, 7, 7)
+    with torch.no_grad():
+        ours(x)
+        for module in (original, ours):
+            module.primary_conv[1].running_mean.add_(0.5)
+            module.cheap_operation[0].weight.mul_(2)
+        torch.testing.assert_close(ours(x), original(x))
+        ours.load_state_dict(OriginalGhostModule(8, 16).double().state_dict())
+        assert not torch.allclose(ours(x), original(x))
+
+
+def test_float32_module():
+    original, ours = pair(dtype=torch.float32, inp=24, oup=72)
+    original.eval(), ours.eval()
+    x = torch.randn(2, 24, 28, 28)
+    with torch.no_grad():
+        expected = original.double()(x.double())
+        torch.testing.assert_close(ours(x).double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+def test_compile_fullgraph_eval():
+    _, ours = pair(dtype=torch.float32, inp=8, oup=12)
+    ours.eval()
+    x = torch.randn(2, 8, 10, 10)
+    with torch.no_grad():
+        expected = ours(x)
+        compiled = torch.compile(ours, fullgraph=True)
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_export_sees_the_op():
+    _, ours = pair(dtype=torch.float32, inp=8, oup=12)
+    ours.eval()
+    x = torch.randn(1, 8, 10, 10)
+    exported = torch.export.export(ours, (x,))
+    assert "ghostkernels.ghost_module" in str(exported.graph)
+    torch.testing.assert_close(exported.module()(x), ours(x))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(inp=4, oup=8, ratio=1), "ratio must be an integer >= 2"),
+        (dict(inp=4, oup=8, dw_size=4), "dw_size must be a positive odd integer"),
+        (dict(inp=4, oup=8, kernel_size=2), "kernel_size must be a positive odd integer"),
+    ],
+)
+def test_bad_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GhostModule(**kwargs)
+
+
+def test_eval_rejects_3d_input():
+    module = GhostModule(4, 8).eval()
+    with pytest.raises(ValueError, match="4-D"):
+        module(torch.randn(4, 6, 6))
+
+
+def test_fallback_without_the_extension():
+    """With the C++ kernel disabled: the reference runs, one warning, backends() says why."""
+    script = """
+import warnings, torch, ghostkernels
+from ghostkernels import ghost_module, ghost_module_reference
+report = ghostkernels.backends()
+assert report["cpu"]["backend"] == "reference", report
+assert "GHOSTKERNELS_DISABLE_CPP" in report["cpu"]["reason"], report
+x = torch.randn(2, 4, 6, 6, dtype=torch.float64, requires_grad=True)
+w = [torch.randn(4, 4, 1, 1, dtype=torch.float64), torch.randn(4, dtype=torch.float64),
+     torch.randn(4, 1, 3, 3, dtype=torch.float64), torch.randn(4, dtype=torch.float64)]
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    out = ghost_module(x, *w, out_channels=7)
+    out2 = ghost_module(x, *w, out_channels=7)
+    out.sum().backward()
+messages = [str(c.message) for c in caught if "ghostkernels" in str(c.message)]
+assert len(messages) == 1 and "reference" in messages[0], messages
+torch.testing.assert_close(out, ghost_module_reference(x, *w, out_channels=7))
+print("fallback ok")
+"""
+    env = dict(os.environ, GHOSTKERNELS_DISABLE_CPP="1")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "fallback ok" in result.stdout

@@ -1,0 +1,208 @@
+"""The fused op against the reference: forward, backward, gradcheck, opcheck, errors."""
+
+import itertools
+import os
+
+import pytest
+import torch
+
+import ghostkernels
+from ghostkernels import ghost_module, ghost_module_reference
+
+from conftest import make_input, make_weights
+
+# (ratio, dw, stride, activation, channels_last, primary kernel): every combination users hit.
+CONFIGS = list(itertools.product([2, 3, 4], [1, 3, 5, 7], [1, 2], ["relu", "none"], [False, True], [1, 3]))
+
+
+def config_id(config):
+    ratio, dw, stride, act, cl, kernel = config
+    return f"r{ratio}-d{dw}-s{stride}-{act}-{'cl' if cl else 'nchw'}-k{kernel}"
+
+
+def run_both(config, dtype, batch, oup=None, size=(9, 11), inp=5):
+    """Outputs and grads of (x, W1, b1, W2, b2) from the op and from the reference (float64)."""
+    ratio, dw, stride, act, cl, kernel = config
+    oup = oup or 4 * ratio - 1  # odd, and not a multiple of ratio: the slice drops channels
+    x = make_input(batch, inp, *size, channels_last=cl, dtype=dtype, requires_grad=True)
+    weights = make_weights(inp, oup, ratio, dw, kernel, dtype=dtype, requires_grad=True)
+    kwargs = dict(out_channels=oup, stride=stride, activation=act)
+    out = ghost_module(x, *weights, **kwargs)
+    grad = torch.randn_like(out)
+    leaves = [x] + weights
+    grads = torch.autograd.grad(out, leaves, grad)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref_out = ghost_module_reference(*ref_leaves, **kwargs)
+    ref_grads = torch.autograd.grad(ref_out, ref_leaves, grad.double())
+    return out, grads, ref_out, ref_grads
+
+
+def assert_matches(actual, expected, rtol):
+    """Relative to the tensor's scale: rtol of max |expected| as the absolute floor too."""
+    assert actual.shape == expected.shape
+    scale = expected.abs().max().item() if expected.numel() else 1.0
+    torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=rtol * max(scale, 1.0))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
+def test_forward_backward_float64(config):
+    out, grads, ref_out, ref_grads = run_both(config, torch.float64, batch=2)
+    assert_matches(out, ref_out, 1e-10)
+    for g, r in zip(grads, ref_grads):
+        assert_matches(g, r, 1e-10)
+
+
+@pytest.mark.parametrize("config", CONFIGS[::5], ids=config_id)
+def test_forward_backward_float32(config):
+    out, grads, ref_out, ref_grads = run_both(config, torch.float32, batch=1)
+    assert out.dtype == torch.float32
+    assert_matches(out, ref_out, 1e-5)
+    for g, r in zip(grads, ref_grads):
+        assert_matches(g, r, 1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_output_keeps_memory_format(channels_last):
+    x = make_input(2, 8, 6, 6, channels_last=channels_last)
+    out = ghost_module(x, *make_weights(8, 12, 2, 3), out_channels=12)
+    expected = torch.channels_last if channels_last else torch.contiguous_format
+    assert out.is_contiguous(memory_format=expected)
+
+
+@pytest.mark.parametrize("batch", [0, 1])
+def test_small_batches(batch):
+    config = (3, 3, 1, "relu", False, 1)
+    out, grads, ref_out, ref_grads = run_both(config, torch.float64, batch=batch)
+    assert out.shape[0] == batch
+    for g, r in zip((out,) + tuple(grads), (ref_out,) + tuple(ref_grads)):
+        assert_matches(g, r, 1e-10)
+
+
+@pytest.mark.parametrize("oup", [7, 8, 9, 16])
+def test_every_slice(oup):
+    """oup from init (every ghost channel dropped) to init * ratio."""
+    config = (2, 3, 1, "relu", False, 1)
+    out, grads, ref_out, ref_grads = run_both(config, torch.float64, batch=2, oup=oup, inp=6)
+    for g, r in zip((out,) + tuple(grads), (ref_out,) + tuple(ref_grads)):
+        assert_matches(g, r, 1e-10)
+
+
+def test_large_planes_cross_band_and_channel_tiles():
+    """Shapes big enough that the kernel cuts rows into bands and channels into groups."""
+    for config, inp, oup, size in [
+        ((2, 3, 1, "relu", False, 1), 64, 200, (60, 50)),
+        ((3, 5, 1, "relu", True, 1), 64, 201, (60, 50)),
+        ((4, 7, 2, "none", False, 1), 8, 31, (70, 33)),
+    ]:
+        out, grads, ref_out, ref_grads = run_both(config, torch.float64, batch=1, oup=oup, size=size, inp=inp)
+        for g, r in zip((out,) + tuple(grads), (ref_out,) + tuple(ref_grads)):
+            assert_matches(g, r, 1e-10)
+
+
+def test_without_biases():
+    x = make_input(2, 6, 7, 7, requires_grad=True)
+    w1, _, w2, _ = make_weights(6, 10, 2, 3, requires_grad=True)
+    out = ghost_module(x, w1, None, w2, None, out_channels=10)
+    ref = ghost_module_reference(x, w1, None, w2, None, out_channels=10)
+    assert_matches(out, ref.detach(), 1e-10)
+    grads = torch.autograd.grad(out.sum(), (x, w1, w2))
+    ref_grads = torch.autograd.grad(ref.sum(), (x, w1, w2))
+    for g, r in zip(grads, ref_grads):
+        assert_matches(g, r, 1e-10)
+
+
+@pytest.mark.parametrize(
+    "config", [(2, 3, 1, "relu", False, 1), (3, 5, 2, "none", True, 1), (4, 3, 2, "relu", False, 3)], ids=config_id
+)
+def test_gradcheck(config):
+    ratio, dw, stride, act, cl, kernel = config
+    oup = 2 * ratio + 1
+    x = make_input(1, 3, 6, 5, channels_last=cl, requires_grad=True)
+    weights = make_weights(3, oup, ratio, dw, kernel, requires_grad=True)
+
+    def fn(x, w1, b1, w2, b2):
+        return ghost_module(x, w1, b1, w2, b2, out_channels=oup, stride=stride, activation=act)
+
+    assert torch.autograd.gradcheck(fn, (x, *weights))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_opcheck(channels_last):
+    x = make_input(2, 4, 6, 5, channels_last=channels_last, requires_grad=True)
+    weights = make_weights(4, 7, 3, 3, requires_grad=True)
+    args = (x, *weights, 7, 1, "relu")
+    torch.library.opcheck(torch.ops.ghostkernels.ghost_module.default, args)
+    out = torch.ops.ghostkernels.ghost_module(*args)
+    backward_args = (torch.randn_like(out), out.detach(), x.detach(), *[w.detach() for w in weights], 7, 1, "relu")
+    torch.library.opcheck(torch.ops.ghostkernels.ghost_module_backward.default, backward_args)
+
+
+def test_cpu_kernel_is_in_use():
+    """CI builds the extension: a missing C++ kernel must fail here, not skip."""
+    if os.environ.get("GHOSTKERNELS_DISABLE_CPP") == "1":
+        pytest.fail("GHOSTKERNELS_DISABLE_CPP=1 is set: the suite must run with the C++ kernel")
+    report = ghostkernels.backends()
+    assert report["cpu"]["backend"] == "cpp", report["cpu"]["reason"]
+
+
+def test_half_precision_on_cpu_runs_the_reference():
+    x = make_input(1, 4, 5, 5, dtype=torch.bfloat16)
+    weights = make_weights(4, 8, 2, 3, dtype=torch.bfloat16)
+    out = ghost_module(x, *weights, out_channels=8)
+    ref = ghost_module_reference(x, *weights, out_channels=8)
+    torch.testing.assert_close(out, ref)
+
+
+# -- bad input ---------------------------------------------------------------------------
+
+
+def good_args():
+    return [make_input(1, 4, 6, 6), *make_weights(4, 8, 2, 3)], dict(out_channels=8)
+
+
+def with_change(index, value):
+    args, kwargs = good_args()
+    args[index] = value
+    return args, kwargs
+
+
+@pytest.mark.parametrize(
+    "case, error, match",
+    [
+        (lambda: with_change(0, torch.randn(4, 6, 6, dtype=torch.float64)), ValueError, "x must be a 4-D"),
+        (lambda: with_change(0, torch.randn(1, 5, 6, 6, dtype=torch.float64)), ValueError, "x has 5 channels"),
+        (lambda: with_change(1, torch.randn(4, 4, 2, 2, dtype=torch.float64)), ValueError, "primary_weight .* odd k"),
+        (lambda: with_change(3, torch.randn(4, 1, 4, 4, dtype=torch.float64)), ValueError, "cheap_weight .* odd d"),
+        (lambda: with_change(3, torch.randn(6, 1, 3, 3, dtype=torch.float64)), ValueError, "multiple of init=4"),
+        (lambda: with_change(1, torch.randn(4, 4, 1, 1)), TypeError, "primary_weight is torch.float32"),
+        (lambda: with_change(2, torch.randn(4, dtype=torch.float64, device="meta")), TypeError, "primary_bias .* meta"),
+        (lambda: with_change(4, torch.randn(3, dtype=torch.float64)), ValueError, r"cheap_bias must have shape \(4,\)"),
+    ],
+)
+def test_bad_input(case, error, match):
+    args, kwargs = case()
+    with pytest.raises(error, match=match):
+        ghost_module(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(out_channels=9), r"out_channels must be in \[4, 8\]"),
+        (dict(out_channels=3), r"out_channels must be in \[4, 8\]"),
+        (dict(out_channels=8, activation="gelu"), "activation must be one of"),
+        (dict(out_channels=8, stride=0), "stride must be >= 1"),
+    ],
+)
+def test_bad_options(kwargs, match):
+    args, _ = good_args()
+    with pytest.raises(ValueError, match=match):
+        ghost_module(*args, **kwargs)
+
+
+def test_cpu_kernel_checks_direct_op_calls():
+    """Calls that bypass the Python checks still get a clear error from the C++ kernel."""
+    args, _ = good_args()
+    args[0] = torch.randn(1, 5, 6, 6, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="x has 5"):
+        torch.ops.ghostkernels.ghost_module(*args, 8, 1, "relu")
