@@ -1,0 +1,88 @@
+"""The CPU benchmark cases: GhostNet 1.0x Ghost-module shapes (SPEC section 2), their inputs
+and the three contenders (eager unfused module, the reference op, the fused op)."""
+
+import torch
+
+from ghostkernels import GhostModule, ghost_module_reference
+
+# (inp, oup, H=W) of every Ghost module in GhostNet 1.0x.
+GHOSTNET_SHAPES = [
+    (16, 16, 112), (16, 48, 112), (48, 24, 56), (24, 72, 56), (72, 24, 56), (72, 40, 28),
+    (40, 120, 28), (120, 40, 28), (40, 240, 28), (240, 80, 14), (80, 200, 14), (200, 80, 14),
+    (80, 184, 14), (184, 80, 14), (80, 480, 14), (480, 112, 14), (112, 672, 14), (672, 112, 14),
+    (672, 160, 7), (160, 960, 7), (960, 160, 7),
+]
+
+# This machine kind (SPEC section 4): copy bandwidth and float32 matrix-product rate, 2 threads.
+COPY_BYTES_PER_S = 36e9
+MATMUL_FLOPS_PER_S = 184e9
+
+
+def shape_name(inp, oup, size):
+    return f"{inp}->{oup}@{size}"
+
+
+def floor_ms(inp, oup, size, batch, ratio=2, dw=3, elem_bytes=4):
+    """max(bytes in + out / copy bandwidth, FLOPs / matrix-product rate), as in SPEC section 4."""
+    init = -(-oup // ratio)
+    pixels = batch * size * size
+    bytes_moved = (inp + oup) * pixels * elem_bytes
+    flops = 2 * pixels * (inp * init + (oup - init) * dw * dw)
+    return max(bytes_moved / COPY_BYTES_PER_S, flops / MATMUL_FLOPS_PER_S) * 1e3
+
+
+def make_case(inp, oup, size, batch, channels_last=False, seed=0):
+    """An eval GhostModule with random BN statistics, its input, and the three contenders."""
+    generator = torch.Generator().manual_seed(seed)
+    module = GhostModule(inp, oup).eval()
+    with torch.no_grad():
+        for bn in (module.primary_conv[1], module.cheap_operation[1]):
+            bn.running_mean.uniform_(-1, 1, generator=generator)
+            bn.running_var.uniform_(0.5, 2, generator=generator)
+            bn.weight.uniform_(0.5, 1.5, generator=generator)
+            bn.bias.uniform_(-0.5, 0.5, generator=generator)
+    x = torch.randn(batch, inp, size, size, generator=generator)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+        module = module.to(memory_format=torch.channels_last)
+    weights = module.folded_weights()
+
+    def eager():  # the unfused module as PyTorch runs it: conv, BN, ReLU, conv, BN, ReLU, cat, slice
+        x1 = module.primary_conv(x)
+        return torch.cat([x1, module.cheap_operation(x1)], dim=1)[:, :oup]
+
+    def reference():
+        return ghost_module_reference(x, *weights, out_channels=oup)
+
+    def fused():
+        return module(x)
+
+    return module, x, {"eager": eager, "reference": reference, "fused": fused}
+
+
+def make_training_case(inp, oup, size, batch, seed=0):
+    """Forward+backward of the fused op and of autograd over the reference, on folded weights."""
+    from ghostkernels import ghost_module
+
+    generator = torch.Generator().manual_seed(seed)
+    init = -(-oup // 2)
+    x = torch.randn(batch, inp, size, size, generator=generator, requires_grad=True)
+    weights = [
+        torch.randn(init, inp, 1, 1, generator=generator) / inp**0.5,
+        torch.randn(init, generator=generator),
+        torch.randn(init, 1, 3, 3, generator=generator) / 3,
+        torch.randn(init, generator=generator),
+    ]
+    for w in weights:
+        w.requires_grad_()
+    leaves = [x, *weights]
+    grad = torch.randn(batch, oup, size, size, generator=generator)
+
+    def step(fn):
+        def run():
+            out = fn(x, *weights, out_channels=oup)
+            return torch.autograd.grad(out, leaves, grad)
+
+        return run
+
+    return {"reference": step(ghost_module_reference), "fused": step(ghost_module)}
