@@ -131,35 +131,39 @@ GK_INLINE void bias_act(T* dst, int64_t n, T bias, Activation act) {
   for (int64_t q = 0; q < n; ++q) dst[q] = activate(dst[q] + bias, act);
 }
 
-// One depthwise tap on a flattened plane: src offset, weight, and the column-validity mask
-// (nullptr when every column is valid, i.e. the tap's column shift is zero).
+// One depthwise tap on a flattened plane: src offset, weight, its index in the d x d
+// weight, and the column-validity mask of its column shift (nullptr when the shift is 0).
 template <typename T>
 struct Tap {
   int64_t offset;
   T weight;
+  int64_t index;
   const T* mask;
 };
 
-// acc[q] += sum_t w_t * (mask_t[q] ? src[q + off_t] : 0) for q < n. Rows above and below
-// the plane come from the halo rows of the buffer that src points into.
+// acc[q] += sum_t w_t * (mask_t[q] ? src[q + off_t] : 0) for q < n, taps given column by
+// column (dw columns of dw taps that share a mask): one select per column, not per tap.
+// Rows above and below the plane come from the halo rows of the buffer src points into.
 template <typename T>
-GK_INLINE void accumulate_taps(T* acc, const T* src, int64_t n, const Tap<T>* taps, int ntaps) {
+GK_INLINE void accumulate_taps(T* acc, const T* src, int64_t n, const Tap<T>* taps, int64_t dw) {
   using S = Simd<T>;
   using V = typename S::vec;
   constexpr int L = S::lanes;
   int64_t q = 0;
   for (; q + L <= n; q += L) {
     V a = S::load(acc + q);
-    for (int t = 0; t < ntaps; ++t) {
-      V v = S::load(src + q + taps[t].offset);
-      if (taps[t].mask) v = S::load(taps[t].mask + q) != 0 ? v : V{};
-      a += taps[t].weight * v;
+    for (int64_t col = 0; col < dw; ++col) {
+      const Tap<T>* column = taps + col * dw;
+      V part{};
+      for (int64_t r = 0; r < dw; ++r) part += column[r].weight * S::load(src + q + column[r].offset);
+      if (column[0].mask) part = S::load(column[0].mask + q) != 0 ? part : V{};
+      a += part;
     }
     S::store(acc + q, a);
   }
   for (; q < n; ++q) {
     T a = acc[q];
-    for (int t = 0; t < ntaps; ++t)
+    for (int64_t t = 0; t < dw * dw; ++t)
       if (!taps[t].mask || taps[t].mask[q] != 0) a += taps[t].weight * src[q + taps[t].offset];
     acc[q] = a;
   }
@@ -214,26 +218,26 @@ std::vector<T> column_masks(const Geometry& g, int64_t rows) {
   const int64_t n = rows * g.out_width;
   std::vector<T> masks(g.dw * n);
   for (int64_t dx = 0; dx < g.dw; ++dx)
-    for (int64_t q = 0; q < n; ++q) {
-      const int64_t w = q % g.out_width + dx - g.pad;
-      masks[dx * n + q] = (w >= 0 && w < g.out_width) ? T(1) : T(0);
-    }
+    for (int64_t row = 0; row < rows; ++row)
+      for (int64_t w = 0; w < g.out_width; ++w) {
+        const int64_t source = w + dx - g.pad;
+        masks[dx * n + row * g.out_width + w] = (source >= 0 && source < g.out_width) ? T(1) : T(0);
+      }
   return masks;
 }
 
 // The taps of ghost channel j on a flattened plane. transposed = the adjoint (backward).
 template <typename T>
-GK_INLINE int make_taps(const Geometry& g, const T* w2, const T* masks, int64_t mask_stride, bool transposed,
-              Tap<T>* taps) {
+GK_INLINE void make_taps(const Geometry& g, const T* w2, const T* masks, int64_t mask_stride, bool transposed,
+                         Tap<T>* taps) {
   int n = 0;
-  for (int64_t dy = 0; dy < g.dw; ++dy)
-    for (int64_t dx = 0; dx < g.dw; ++dx) {
+  for (int64_t dx = 0; dx < g.dw; ++dx)  // column by column, as accumulate_taps groups them
+    for (int64_t dy = 0; dy < g.dw; ++dy) {
       const int64_t sy = dy - g.pad, sx = dx - g.pad;
       const int64_t mask_dx = transposed ? g.dw - 1 - dx : dx;
-      taps[n++] = Tap<T>{transposed ? -(sy * g.out_width + sx) : sy * g.out_width + sx,
-                         w2[dy * g.dw + dx], sx == 0 ? nullptr : masks + mask_dx * mask_stride};
+      taps[n++] = Tap<T>{transposed ? -(sy * g.out_width + sx) : sy * g.out_width + sx, w2[dy * g.dw + dx],
+                         dy * g.dw + dx, sx == 0 ? nullptr : masks + mask_dx * mask_stride};
     }
-  return n;
 }
 
 // How the work is cut: bands of `rows` output rows, groups of `group` intrinsic channels.
@@ -343,8 +347,8 @@ GK_MULTIVERSION void forward_nchw(const ForwardArgs<T>& a, int64_t begin, int64_
       for (int64_t j = g.ghost_begin(c); j < g.ghost_end(c); ++j) {
         T* dst = a.out + ((n * g.out_channels + g.init + j) * g.out_height + r0) * W;
         std::fill(dst, dst + p, a.b2 ? a.b2[j] : T(0));
-        const int ntaps = make_taps(g, a.w2 + j * g.dw * g.dw, a.masks, a.mask_stride, false, taps.data());
-        accumulate_taps(dst, center, p, taps.data(), ntaps);
+        make_taps(g, a.w2 + j * g.dw * g.dw, a.masks, a.mask_stride, false, taps.data());
+        accumulate_taps(dst, center, p, taps.data(), g.dw);
         if (g.act == Activation::ReLU) bias_act(dst, p, T(0), g.act);
       }
     }
@@ -527,11 +531,11 @@ GK_MULTIVERSION void backward_nchw(const BackwardArgs<T>& a, int64_t begin, int6
       std::memcpy(gzc, a.grad + (n * g.out_channels + c) * plane + r0 * W, p * sizeof(T));
       for (int64_t j = g.ghost_begin(c); j < g.ghost_end(c); ++j) {
         const T* gz2j = gz2.data() + j * ld + pad + pad * W;
-        int ntaps = make_taps(g, a.w2 + j * taps_n, a.masks, a.mask_stride, true, taps.data());
-        accumulate_taps(gzc, gz2j, p, taps.data(), ntaps);
+        make_taps(g, a.w2 + j * taps_n, a.masks, a.mask_stride, true, taps.data());
+        accumulate_taps(gzc, gz2j, p, taps.data(), g.dw);
         make_taps(g, a.w2 + j * taps_n, a.masks, a.mask_stride, false, taps.data());
-        for (int tp = 0; tp < ntaps; ++tp)
-          gw2[j * taps_n + tp] += masked_dot(gz2j, y1c + taps[tp].offset, p, taps[tp].mask);
+        for (const Tap<T>& tap : taps)
+          gw2[j * taps_n + tap.index] += masked_dot(gz2j, y1c + tap.offset, p, tap.mask);
         gb2[j] += sum(gz2j, p);
       }
       for (int64_t q = 0; q < p; ++q) gzc[q] = activation_grad(gzc[q], y1c[q], g.act);

@@ -63,16 +63,14 @@ class GhostModule(nn.Module):
         return primary_weight, primary_bias, cheap_weight, cheap_bias
 
     def folded_weights(self):
-        """(W1, b1, W2, b2) with both BNs folded in (eval mode). Cached unless autograd needs them."""
+        """(W1, b1, W2, b2) with both BNs folded in (eval mode), or None when a BN keeps no
+        running statistics (it then normalises with batch statistics even in eval mode).
+        Cached unless autograd needs them."""
+        tensors = self._fold_sources()
+        if tensors is None:
+            return None
         if torch.compiler.is_compiling():
             return self._fold()
-        primary, cheap = self.primary_conv._modules, self.cheap_operation._modules
-        tensors = [
-            t
-            for conv, bn in ((primary["0"], primary["1"]), (cheap["0"], cheap["1"]))
-            for t in (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-            if t is not None
-        ]
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             return self._fold()
         # data_ptr changes when the module moves or is cast; _version on every in-place update.
@@ -83,17 +81,29 @@ class GhostModule(nn.Module):
             self._folded_key = key
         return self._folded
 
-    def _can_fold(self):
-        return all(bn.running_mean is not None for bn in (self.primary_conv[1], self.cheap_operation[1]))
+    def _fold_sources(self):
+        """The tensors the folded weights depend on, or None if a BN has no running statistics.
+        Direct dict reads: this runs on every eval call."""
+        tensors = []
+        for sequential in (self.primary_conv, self.cheap_operation):
+            conv, bn = sequential._modules["0"], sequential._modules["1"]
+            params, buffers = bn._parameters, bn._buffers
+            if buffers.get("running_mean") is None:
+                return None
+            candidates = (conv._parameters["weight"], params["weight"], params["bias"],
+                          buffers["running_mean"], buffers["running_var"])
+            tensors.extend(t for t in candidates if t is not None)
+        return tensors
 
     def forward(self, x):
-        if self.training or not self._can_fold():
+        folded = None if self.training else self.folded_weights()
+        if folded is None:
             x1 = self.primary_conv(x)
             x2 = self.cheap_operation(x1)
             return torch.cat([x1, x2], dim=1)[:, : self.oup]
         if x.dim() != 4:
             raise ValueError(f"GhostModule: x must be a 4-D tensor (N, C, H, W), got {tuple(x.shape)}")
-        return ops.apply(x, *self.folded_weights(), self.oup, self.stride, self.activation)
+        return ops.apply(x, *folded, self.oup, self.stride, self.activation)
 
     def extra_repr(self):
         return f"oup={self.oup}, init={self.init_channels}, new={self.new_channels}, activation={self.activation}"
