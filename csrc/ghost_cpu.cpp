@@ -274,7 +274,6 @@ struct Tiling {
 // budget: bytes of buffers per work item. Measured on a 2 MiB-L2 core: 512 KiB for the
 // forward, 1 MiB for the backward (fewer bands there, so less halo work).
 Tiling choose_tiling(const Geometry& g, size_t elem_size, bool split_channels, int64_t budget) {
-  // Buffers of about 256 KiB per thread stay in L2 on current x86 and Arm server cores.
   const int64_t threads = at::get_num_threads();
   Tiling t{g.out_height, 1, g.init, 1};
   auto bytes = [&](const Tiling& c) {
