@@ -160,35 +160,32 @@ struct Tap {
 // acc[q] += sum_t w_t * (mask_t[q] ? src[q + off_t] : 0) for q < n, taps given column by
 // column (dw columns of dw taps that share a mask): one select per column, not per tap.
 // Rows above and below the plane come from the halo rows of the buffer src points into.
+// sum + the taps at q (one vector of outputs).
+template <typename T>
+GK_INLINE typename Simd<T>::vec add_taps(typename Simd<T>::vec sum, const T* src, int64_t q, const Tap<T>* taps,
+                                         int64_t dw) {
+  using S = Simd<T>;
+  using V = typename S::vec;
+  for (int64_t col = 0; col < dw; ++col) {
+    const Tap<T>* column = taps + col * dw;
+    V part{};
+    for (int64_t r = 0; r < dw; ++r) part += column[r].weight * S::load(src + q + column[r].offset);
+    if (column[0].mask) part = S::load(column[0].mask + q) != 0 ? part : V{};
+    sum += part;
+  }
+  return sum;
+}
+
 template <typename T>
 GK_INLINE void accumulate_taps(T* acc, const T* src, int64_t n, const Tap<T>* taps, int64_t dw) {
   using S = Simd<T>;
-  using V = typename S::vec;
   constexpr int L = S::lanes;
   int64_t q = 0;
-  for (; q + L <= n; q += L) {
-    V a = S::load(acc + q);
-    for (int64_t col = 0; col < dw; ++col) {
-      const Tap<T>* column = taps + col * dw;
-      V part{};
-      for (int64_t r = 0; r < dw; ++r) part += column[r].weight * S::load(src + q + column[r].offset);
-      if (column[0].mask) part = S::load(column[0].mask + q) != 0 ? part : V{};
-      a += part;
-    }
-    S::store(acc + q, a);
-  }
+  for (; q + L <= n; q += L) S::store(acc + q, add_taps(S::load(acc + q), src, q, taps, dw));
   if (q < n) {  // tail: src and the masks have kSlack readable elements past n; store n - q
     T tail[L] = {};
     std::memcpy(tail, acc + q, (n - q) * sizeof(T));
-    V a = S::load(tail);
-    for (int64_t col = 0; col < dw; ++col) {
-      const Tap<T>* column = taps + col * dw;
-      V part{};
-      for (int64_t r = 0; r < dw; ++r) part += column[r].weight * S::load(src + q + column[r].offset);
-      if (column[0].mask) part = S::load(column[0].mask + q) != 0 ? part : V{};
-      a += part;
-    }
-    S::store(tail, a);
+    S::store(tail, add_taps(S::load(tail), src, q, taps, dw));
     std::memcpy(acc + q, tail, (n - q) * sizeof(T));
   }
 }
