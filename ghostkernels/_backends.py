@@ -31,10 +31,36 @@ def load_cpu_extension():
     return _cpu_status
 
 
+_triton = None  # (module or None, reason), set at the first CUDA call
+
+
+def triton_kernels():
+    """The Triton kernels module, imported on first use; None (and the reason kept) if it fails."""
+    global _triton
+    if _triton is None:
+        try:
+            from . import triton_ghost
+
+            _triton = (triton_ghost, f"Triton {triton_ghost.triton.__version__} kernels")
+        except ImportError as error:
+            _triton = (None, f"Triton cannot be imported ({error}); install triton>=3.6")
+    return _triton[0]
+
+
+def _cuda_status():
+    if _triton is not None:
+        module, reason = _triton
+        backend = "triton" if module is not None else "reference"
+    elif importlib.util.find_spec("triton") is None:
+        backend, reason = "reference", "Triton is not installed; install triton>=3.6"
+    else:
+        backend, reason = "triton", "Triton kernels (imported at the first CUDA call)"
+    if not torch.cuda.is_available():
+        reason += "; no CUDA device is visible"
+    return {"backend": backend, "reason": reason}
+
+
 def backends():
     """{device type: {"backend": name, "reason": why}} for every device type ghostkernels knows."""
     cpu_backend, cpu_reason = load_cpu_extension()
-    return {
-        "cpu": {"backend": cpu_backend, "reason": cpu_reason},
-        "cuda": {"backend": "reference", "reason": "no fused CUDA kernel is registered yet"},
-    }
+    return {"cpu": {"backend": cpu_backend, "reason": cpu_reason}, "cuda": _cuda_status()}

@@ -1,8 +1,8 @@
 """The fused Ghost op: its `torch.library` schema, fake and fallback kernels, and autograd.
 
-Kernels per device come from elsewhere: the compiled extension registers the CPU kernel
-(csrc/ghost_cpu.cpp). Where none is registered, the CompositeExplicitAutograd kernel below
-runs the reference, with one warning per device type.
+The compiled extension registers the CPU kernel (csrc/ghost_cpu.cpp); the CUDA kernel below
+launches the Triton kernels (triton_ghost.py), imported at the first CUDA call. Where no
+kernel applies, the reference runs, with one warning per device type.
 """
 
 import math
@@ -10,6 +10,7 @@ import warnings
 
 import torch
 
+from . import _backends
 from .reference import ACTIVATIONS, ghost_module_reference, output_memory_format
 
 _lib = torch.library.Library("ghostkernels", "DEF")
@@ -114,9 +115,7 @@ _warned_devices = set()
 def _warn_fallback(device_type):
     if device_type not in _warned_devices:
         _warned_devices.add(device_type)
-        from . import backends
-
-        reason = backends().get(device_type, {}).get("reason", "no fused kernel is registered")
+        reason = _backends.backends().get(device_type, {}).get("reason", "no fused kernel is registered")
         warnings.warn(
             f"ghostkernels: no fused kernel for {device_type} ({reason}); running the PyTorch reference",
             stacklevel=3,
@@ -153,6 +152,26 @@ def reference_gradients(grad, x, primary_weight, primary_bias, cheap_weight, che
     grads = torch.autograd.grad(out, leaves, grad)
     fmt = output_memory_format(x)
     return (grads[0].contiguous(memory_format=fmt),) + tuple(g.contiguous() for g in grads[1:])
+
+
+@torch.library.impl(_lib, "ghost_module", "CUDA")
+def _ghost_module_cuda(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation):
+    kernels = _backends.triton_kernels()
+    if kernels is None:
+        return _ghost_module_fallback(
+            x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation)
+    return kernels.forward(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation)
+
+
+@torch.library.impl(_lib, "ghost_module_backward", "CUDA")
+def _ghost_module_backward_cuda(grad, out, x, primary_weight, primary_bias, cheap_weight, cheap_bias,
+                                out_channels, stride, activation):
+    kernels = _backends.triton_kernels()
+    if kernels is None:
+        return _ghost_module_backward_fallback(grad, out, x, primary_weight, primary_bias, cheap_weight,
+                                               cheap_bias, out_channels, stride, activation)
+    return kernels.backward(grad, out, x, primary_weight, primary_bias, cheap_weight, cheap_bias,
+                            out_channels, stride, activation)
 
 
 # -- autograd ---------------------------------------------------------------------------

@@ -1,9 +1,15 @@
+import os
 import zlib
 
 import pytest
 import torch
 
-import ghostkernels
+# Without a GPU the Triton kernels run in Triton's interpreter, on CPU tensors. Triton reads
+# this when a kernel is decorated, so it must be set before ghostkernels.triton_ghost loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import ghostkernels  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,94 @@
+"""The Triton kernels against the reference: on a GPU when there is one, else on the CPU in
+Triton's interpreter (TRITON_INTERPRET=1, set in conftest). Never skipped: CI runs them."""
+
+import pytest
+import torch
+
+import ghostkernels
+from ghostkernels import ghost_module_reference, triton_ghost
+
+from conftest import make_input, make_weights
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# float32 on a GPU runs its dots as TF32; the interpreter computes in true float32.
+DTYPES = {"cpu": [torch.float64, torch.float32], "cuda": [torch.float32, torch.float16, torch.bfloat16]}[DEVICE]
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5 if DEVICE == "cpu" else 1e-2,
+             torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+# (ratio, dw, stride, activation, channels_last, primary kernel, batch, oup): together they
+# cover ratio 2-4, dw 1/3/5/7, stride 1/2, relu/none, both layouts, k 1/3, batch 0/1/2, odd oup.
+CASES = [
+    (2, 3, 1, "relu", False, 1, 2, 7),
+    (2, 3, 1, "relu", True, 1, 1, 8),
+    (3, 5, 2, "none", True, 1, 2, 11),
+    (4, 7, 1, "relu", False, 1, 1, 13),
+    (4, 1, 2, "relu", True, 1, 2, 15),
+    (2, 5, 1, "none", False, 3, 1, 9),
+    (3, 3, 2, "relu", True, 3, 2, 10),
+    (2, 3, 1, "relu", False, 1, 0, 8),
+]
+
+
+def case_id(case):
+    ratio, dw, stride, act, cl, kernel, batch, oup = case
+    return f"r{ratio}-d{dw}-s{stride}-{act}-{'cl' if cl else 'nchw'}-k{kernel}-n{batch}-o{oup}"
+
+
+def check(case, dtype, inp=5, size=(9, 11), **tiles):
+    """Forward and backward of the launchers against autograd over the float64 reference."""
+    ratio, dw, stride, act, cl, kernel, batch, oup = case
+    x = make_input(batch, inp, *size, channels_last=cl, dtype=dtype).to(DEVICE)
+    weights = [w.to(DEVICE) for w in make_weights(inp, oup, ratio, dw, kernel, dtype=dtype)]
+    out = triton_ghost.forward(x, *weights, oup, stride, act, band_pixels=tiles.get("band_pixels", 512))
+
+    leaves = [t.detach().double().requires_grad_() for t in (x, *weights)]
+    expected = ghost_module_reference(*leaves, out_channels=oup, stride=stride, activation=act)
+    grad = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad(expected, leaves, grad)
+    grads = triton_ghost.backward(grad.to(dtype), out, x, *weights, oup, stride, act,
+                                  tile_pixels=tiles.get("tile_pixels", 256))
+
+    assert out.dtype == dtype and out.shape == expected.shape
+    expected_format = torch.channels_last if cl and batch > 0 else torch.contiguous_format
+    assert out.is_contiguous(memory_format=expected_format)
+    tol = TOLERANCE[dtype]
+    for actual, reference in zip((out, *grads), (expected, *expected_grads)):
+        scale = max(reference.abs().max().item() if reference.numel() else 0.0, 1.0)
+        torch.testing.assert_close(actual.double(), reference.to(actual.device), rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_forward_backward(case, dtype):
+    check(case, dtype)
+
+
+def test_many_bands_channel_blocks_and_tiles():
+    """Several bands per persistent program, several channel blocks, several backward tiles."""
+    check((2, 3, 1, "relu", True, 1, 3, 70), DTYPES[0], inp=20, size=(12, 10), band_pixels=30, tile_pixels=16)
+    check((3, 5, 1, "none", False, 1, 1, 50), DTYPES[0], inp=7, size=(11, 13), band_pixels=20, tile_pixels=32)
+
+
+def test_without_biases():
+    x = make_input(2, 6, 7, 7, dtype=DTYPES[0]).to(DEVICE)
+    w1, _, w2, _ = [w.to(DEVICE) if w is not None else None for w in make_weights(6, 10, 2, 3, dtype=DTYPES[0])]
+    out = triton_ghost.forward(x, w1, None, w2, None, 10, 1, "relu")
+    expected = ghost_module_reference(x, w1, None, w2, None, out_channels=10)
+    tol = TOLERANCE[DTYPES[0]]
+    torch.testing.assert_close(out, expected, rtol=tol, atol=tol * max(expected.abs().max().item(), 1.0))
+
+
+def test_backends_report_triton_for_cuda():
+    assert ghostkernels.backends()["cuda"]["backend"] == "triton", ghostkernels.backends()["cuda"]
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the CUDA registration needs a GPU; the kernels run above either way")
+def test_cuda_op_autograd_and_compile():
+    x = make_input(2, 16, 14, 14, channels_last=True, dtype=torch.float16).cuda().requires_grad_()
+    weights = [w.cuda().requires_grad_() for w in make_weights(16, 32, 2, 3, dtype=torch.float16)]
+    out = ghostkernels.ghost_module(x, *weights, out_channels=32)
+    out.float().square().sum().backward()
+    torch.library.opcheck(torch.ops.ghostkernels.ghost_module.default, (x, *weights, 32, 1, "relu"))
+    module = ghostkernels.GhostModule(16, 32).cuda().half().eval()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(module, fullgraph=True)(x), module(x), rtol=1e-2, atol=1e-2)
