@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ghostkernels  # noqa: E402
-from cpu_cases import GHOSTNET_SHAPES, floor_ms, make_case, make_training_case, shape_name  # noqa: E402
+from cases import GHOSTNET_SHAPES, floor_ms, make_case, make_training_case, shape_name  # noqa: E402
 
 QUICK_SHAPES = [(16, 16, 112), (24, 72, 56), (80, 200, 14), (160, 960, 7)]
 

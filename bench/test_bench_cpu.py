@@ -9,7 +9,7 @@ Compare the `fused` rows with `eager` and `reference` in each group (medians, 2 
 import pytest
 import torch
 
-from cpu_cases import GHOSTNET_SHAPES, make_case, make_training_case
+from cases import GHOSTNET_SHAPES, make_case, make_training_case
 
 # ids like 16_48_112 (inp_oup_size) so that `-k` can select them
 SHAPES = {'_'.join(map(str, s)): s for s in GHOSTNET_SHAPES}

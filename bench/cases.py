@@ -1,5 +1,5 @@
-"""The CPU benchmark cases: GhostNet 1.0x Ghost-module shapes (SPEC section 2), their inputs
-and the three contenders (eager unfused module, the reference op, the fused op)."""
+"""Benchmark cases: GhostNet 1.0x Ghost-module shapes (SPEC section 2), their inputs and the
+contenders (eager unfused module, the reference op, the fused op), on any device and dtype."""
 
 import torch
 
@@ -31,7 +31,7 @@ def floor_ms(inp, oup, size, batch, ratio=2, dw=3, elem_bytes=4):
     return max(bytes_moved / COPY_BYTES_PER_S, flops / MATMUL_FLOPS_PER_S) * 1e3
 
 
-def make_case(inp, oup, size, batch, channels_last=False, seed=0):
+def make_case(inp, oup, size, batch, channels_last=False, seed=0, device="cpu", dtype=torch.float32):
     """An eval GhostModule with random BN statistics, its input, and the three contenders."""
     generator = torch.Generator().manual_seed(seed)
     module = GhostModule(inp, oup).eval()
@@ -42,6 +42,7 @@ def make_case(inp, oup, size, batch, channels_last=False, seed=0):
             bn.weight.uniform_(0.5, 1.5, generator=generator)
             bn.bias.uniform_(-0.5, 0.5, generator=generator)
     x = torch.randn(batch, inp, size, size, generator=generator)
+    module, x = module.to(device, dtype), x.to(device, dtype)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
         module = module.to(memory_format=torch.channels_last)
@@ -60,23 +61,23 @@ def make_case(inp, oup, size, batch, channels_last=False, seed=0):
     return module, x, {"eager": eager, "reference": reference, "fused": fused}
 
 
-def make_training_case(inp, oup, size, batch, seed=0):
+def make_training_case(inp, oup, size, batch, seed=0, device="cpu", dtype=torch.float32, channels_last=False):
     """Forward+backward of the fused op and of autograd over the reference, on folded weights."""
     from ghostkernels import ghost_module
 
     generator = torch.Generator().manual_seed(seed)
     init = -(-oup // 2)
-    x = torch.randn(batch, inp, size, size, generator=generator, requires_grad=True)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(batch, inp, size, size, generator=generator).to(device, dtype, memory_format=fmt)
     weights = [
         torch.randn(init, inp, 1, 1, generator=generator) / inp**0.5,
         torch.randn(init, generator=generator),
         torch.randn(init, 1, 3, 3, generator=generator) / 3,
         torch.randn(init, generator=generator),
     ]
-    for w in weights:
-        w.requires_grad_()
-    leaves = [x, *weights]
-    grad = torch.randn(batch, oup, size, size, generator=generator)
+    leaves = [t.to(device, dtype).requires_grad_() for t in (x, *weights)]
+    x, weights = leaves[0], leaves[1:]
+    grad = torch.randn(batch, oup, size, size, generator=generator).to(device, dtype, memory_format=fmt)
 
     def step(fn):
         def run():
