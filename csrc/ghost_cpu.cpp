@@ -71,18 +71,18 @@ const T* lane_index() {
   return table.data();
 }
 
-// C[i, j] (+)= sum_k A[i * a_si + k * a_sk] * B[k * ldb + j] for i < M, j < N.
-// B's columns are vector loads. A panel of B is packed into `panel` (kBlock * 2 * lanes)
-// when it is reused across several row blocks or is a column tail, so that no load reads
-// past the matrix and the reused panel is contiguous.
-template <typename T>
-GK_INLINE void gemm_nn(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_si, int64_t a_sk,
-                       const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate, T* panel) {
+// C[i, j] (+)= sum_k A[i * a_si + k * a_sk] * B[k * ldb + j] for i < M, j < N, with NV
+// vectors of B's columns per register tile (16 accumulators either way). A panel of B is
+// packed into `panel` (kBlock * 2 * lanes) when it is reused across several row blocks or
+// is a column tail, so that no load reads past the matrix and the reused panel is contiguous.
+template <typename T, int NV>
+GK_INLINE void gemm_tiles(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_si, int64_t a_sk,
+                          const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate, T* panel) {
   using S = Simd<T>;
   using V = typename S::vec;
   constexpr int L = S::lanes;
-  constexpr int NR = 2 * L;
-  constexpr int MR = 8;
+  constexpr int NR = NV * L;
+  constexpr int MR = 16 / NV;
   for (int64_t k0 = 0; k0 < K; k0 += kBlock) {
     const int64_t kb = std::min(kBlock, K - k0);
     const bool add = accumulate || k0 > 0;
@@ -102,38 +102,40 @@ GK_INLINE void gemm_nn(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_si
         const int64_t mr = std::min<int64_t>(MR, M - i0);
         const T* a_row[MR];
         for (int r = 0; r < MR; ++r) a_row[r] = A + std::min<int64_t>(i0 + r, M - 1) * a_si + k0 * a_sk;
-        V acc[MR][2];
-        for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = V{};
+        V acc[MR][NV];
+        for (int r = 0; r < MR; ++r)
+          for (int v = 0; v < NV; ++v) acc[r][v] = V{};
         for (int64_t k = 0; k < kb; ++k) {
-          const V b0 = S::load(b + k * ldp);
-          const V b1 = S::load(b + k * ldp + L);
+          V bv[NV];
+          for (int v = 0; v < NV; ++v) bv[v] = S::load(b + k * ldp + v * L);
           const int64_t ak = k * a_sk;
-#pragma GCC unroll 8
+#pragma GCC unroll 16
           for (int r = 0; r < MR; ++r) {
             const T a = a_row[r][ak];
-            acc[r][0] += a * b0;
-            acc[r][1] += a * b1;
+            for (int v = 0; v < NV; ++v) acc[r][v] += a * bv[v];
           }
         }
         for (int64_t r = 0; r < mr; ++r) {
           T* c = C + (i0 + r) * ldc + j0;
           if (nr == NR) {
-            if (add) {
-              acc[r][0] += S::load(c);
-              acc[r][1] += S::load(c + L);
-            }
-            S::store(c, acc[r][0]);
-            S::store(c + L, acc[r][1]);
+            for (int v = 0; v < NV; ++v) S::store(c + v * L, add ? acc[r][v] + S::load(c + v * L) : acc[r][v]);
           } else {
             T tmp[NR];
-            S::store(tmp, acc[r][0]);
-            S::store(tmp + L, acc[r][1]);
+            for (int v = 0; v < NV; ++v) S::store(tmp + v * L, acc[r][v]);
             for (int64_t j = 0; j < nr; ++j) c[j] = add ? c[j] + tmp[j] : tmp[j];
           }
         }
       }
     }
   }
+}
+
+// gemm_tiles with one vector of columns when N fits in one, two otherwise.
+template <typename T>
+GK_INLINE void gemm_nn(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_si, int64_t a_sk,
+                       const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate, T* panel) {
+  if (N <= Simd<T>::lanes) gemm_tiles<T, 1>(M, N, K, A, a_si, a_sk, B, ldb, C, ldc, accumulate, panel);
+  else gemm_tiles<T, 2>(M, N, K, A, a_si, a_sk, B, ldb, C, ldc, accumulate, panel);
 }
 
 template <typename T>
@@ -306,6 +308,7 @@ struct ForwardArgs {
   const T* b1;      // [init] (nullptr: no bias; already applied when kernel > 1)
   const T* w2;      // [ghosts, dw * dw]
   const T* w2t;     // [dw * dw, ghosts]
+  const T* w2_rows; // NHWC, ratio 2: per channel group [dw * dw][out_width][group], w2t repeated per column
   const T* b2;      // [ghosts] or nullptr
   const T* masks;   // column_masks(g, t->rows + 2 * pad)
   int64_t mask_stride;
@@ -386,7 +389,7 @@ GK_MULTIVERSION void forward_nhwc(const ForwardArgs<T>& a, int64_t begin, int64_
   std::vector<T> buf((t.rows + 2 * pad) * W * t.group);  // [row][col][channel]
   std::vector<T> pack(g.stride != 1 ? (t.rows + 2 * pad) * W * g.inp : 0);
   std::vector<T> panel(kBlock * 2 * Simd<T>::lanes);
-  std::vector<T> acc(g.ghosts);
+  std::vector<T> row(W * g.copies * t.group);
   for (int64_t item = begin; item < end; ++item) {
     const int64_t n = item / (t.bands * t.groups);
     const int64_t band = item / t.groups % t.bands;
@@ -412,30 +415,49 @@ GK_MULTIVERSION void forward_nhwc(const ForwardArgs<T>& a, int64_t begin, int64_
       for (int64_t q = 0; q < p; ++q)
         for (int64_t c = 0; c < cg; ++c) first[q * cg + c] = activate(first[q * cg + c] + (a.b1 ? a.b1[c0 + c] : T(0)), g.act);
     }
-    const int64_t j0 = g.ghost_begin(c0), j1 = g.ghost_end(c1 - 1);
-    for (int64_t h = r0; h < r1; ++h)
-      for (int64_t w = 0; w < W; ++w) {
-        T* o = a.out + ((n * g.out_height + h) * W + w) * g.out_channels;
-        std::memcpy(o + c0, buf.data() + ((h - r0 + pad) * W + w) * cg, cg * sizeof(T));
-        for (int64_t j = j0; j < j1; ++j) acc[j] = a.b2 ? a.b2[j] : T(0);
-        for (int64_t dy = 0; dy < dw; ++dy) {
-          const int64_t hs = h + dy - pad;
-          if (hs < 0 || hs >= g.out_height) continue;
-          for (int64_t dx = 0; dx < dw; ++dx) {
-            const int64_t ws = w + dx - pad;
-            if (ws < 0 || ws >= W) continue;
-            const T* s = buf.data() + ((hs - r0 + pad) * W + ws) * cg - c0;  // indexed by channel
-            const T* wt = a.w2t + (dy * dw + dx) * g.ghosts;
-            if (g.copies == 1) {
+    // Depthwise op row by row into `row` ([col][ghost]); per tap the valid columns are one
+    // range. With ratio 2 (ghost j reads intrinsic j, and the whole channel range is one
+    // group's ghosts are its intrinsic channels) a tap is one flat multiply-add over
+    // (col, channel) with the weights replicated along the row (w2_rows); otherwise a loop
+    // over each pixel's ghost channels.
+    const int64_t j0 = g.ghost_begin(c0), jn = g.ghost_end(c1 - 1) - j0;
+    const bool flat = a.w2_rows != nullptr;
+    const int64_t row_ld = flat ? cg : jn;  // row's stride per column
+    for (int64_t h = r0; h < r1; ++h) {
+      T* o = a.out + (n * g.out_height + h) * W * g.out_channels;
+      const T* center = buf.data() + (h - r0 + pad) * W * cg;
+      for (int64_t w = 0; w < W; ++w)
+        for (int64_t jj = 0; jj < row_ld; ++jj) row[w * row_ld + jj] = a.b2 ? a.b2[j0 + jj] : T(0);
+      for (int64_t dy = 0; dy < dw; ++dy) {
+        const int64_t hs = h + dy - pad;
+        if (hs < 0 || hs >= g.out_height) continue;
+        const T* src_row = buf.data() + (hs - r0 + pad) * W * cg;
+        for (int64_t dx = 0; dx < dw; ++dx) {
+          const int64_t sx = dx - pad, tap = dy * dw + dx;
+          const int64_t w_lo = std::max<int64_t>(0, -sx), w_hi = std::min(W, W - sx);
+          if (flat) {
+            const T* wr = a.w2_rows + (c0 * dw * dw + tap * cg) * W;  // group block, then tap
+            T* r = row.data();
+            const T* sr = src_row + sx * cg;
 #pragma omp simd
-              for (int64_t j = j0; j < j1; ++j) acc[j] += wt[j] * s[j];
-            } else {
-              for (int64_t j = j0; j < j1; ++j) acc[j] += wt[j] * s[j / g.copies];
-            }
+            for (int64_t f = w_lo * cg; f < w_hi * cg; ++f) r[f] += wr[f] * sr[f];
+            continue;
+          }
+          const T* wt = a.w2t + tap * g.ghosts + j0;
+          for (int64_t w = w_lo; w < w_hi; ++w) {
+            const T* sp = src_row + (w + sx) * cg;
+            T* r = row.data() + w * jn;
+            for (int64_t jj = 0; jj < jn; ++jj) r[jj] += wt[jj] * sp[(j0 + jj) / g.copies - c0];
           }
         }
-        for (int64_t j = j0; j < j1; ++j) o[g.init + j] = activate(acc[j], g.act);
       }
+      // Pixel by pixel, the group's intrinsic and ghost channels (short runs: no memcpy calls).
+      for (int64_t w = 0; w < W; ++w) {
+        T* ow = o + w * g.out_channels;
+        for (int64_t c = 0; c < cg; ++c) ow[c0 + c] = center[w * cg + c];
+        for (int64_t jj = 0; jj < jn; ++jj) ow[g.init + j0 + jj] = activate(row[w * row_ld + jj], g.act);
+      }
+    }
   }
 }
 
@@ -754,7 +776,9 @@ at::Tensor ghost_module_cpu(const at::Tensor& x_in, const at::Tensor& w1_in, con
   const at::Tensor b1c = b1.has_value() ? b1->contiguous() : at::Tensor();
   const at::Tensor b2c = b2.has_value() ? b2->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ghost_module_cpu", [&] {
-    const Tiling t = choose_tiling(g, sizeof(scalar_t), true, 512 * 1024);
+    // NHWC keeps all channels in one group (measured faster): its depthwise loop runs along
+    // whole rows of them, and x's pixels are read once.
+    const Tiling t = choose_tiling(g, sizeof(scalar_t), !g.channels_last, 512 * 1024);
     const int64_t mask_rows = t.rows + 2 * g.pad;
     const std::vector<scalar_t> masks = column_masks<scalar_t>(g, mask_rows);
     const scalar_t* w1p = w1.data_ptr<scalar_t>();
@@ -762,9 +786,22 @@ at::Tensor ghost_module_cpu(const at::Tensor& x_in, const at::Tensor& w1_in, con
     const std::vector<scalar_t> w1t =
         g.channels_last && g.kernel == 1 ? transposed(w1p, g.init, g.inp) : std::vector<scalar_t>();
     const std::vector<scalar_t> w2t = transposed(w2.data_ptr<scalar_t>(), g.ghosts, g.dw * g.dw);
+    std::vector<scalar_t> w2_rows;
+    if (g.channels_last && g.copies == 1) {
+      const int64_t taps = g.dw * g.dw;
+      w2_rows.resize(taps * g.out_width * g.ghosts);
+      for (int64_t c0 = 0; c0 < g.init; c0 += t.group) {
+        const int64_t cg = std::min(t.group, g.init - c0);
+        for (int64_t tap = 0; tap < taps; ++tap)
+          for (int64_t w = 0; w < g.out_width; ++w)
+            std::copy_n(w2t.data() + tap * g.ghosts + c0, cg,
+                        w2_rows.data() + (c0 * taps + tap * cg) * g.out_width + w * cg);
+      }
+    }
     ForwardArgs<scalar_t> a{&g, &t, source.data_ptr<scalar_t>(), w1p, w1t.data(),
                             g.kernel == 1 && b1c.defined() ? b1c.data_ptr<scalar_t>() : nullptr,
-                            w2.data_ptr<scalar_t>(), w2t.data(), b2c.defined() ? b2c.data_ptr<scalar_t>() : nullptr,
+                            w2.data_ptr<scalar_t>(), w2t.data(), w2_rows.empty() ? nullptr : w2_rows.data(),
+                            b2c.defined() ? b2c.data_ptr<scalar_t>() : nullptr,
                             masks.data(), mask_stride(g, mask_rows), out.data_ptr<scalar_t>()};
     at::parallel_for(0, g.batch * t.bands * t.groups, 1, [&](int64_t begin, int64_t end) {
       if (g.channels_last) forward_nhwc(a, begin, end);
