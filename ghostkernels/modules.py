@@ -6,15 +6,19 @@ from torch import nn
 from . import ops
 
 
-def fold_conv_bn(conv_weight, bn):
-    """(W * t, beta - mean * t) with t = gamma / sqrt(var + eps): BN folded into the conv before it."""
+def fold_conv_bn(conv, bn):
+    """(W * t, (b - mean) * t + beta) with t = gamma / sqrt(var + eps): the BN after a conv
+    folded into it (b: the conv's bias or 0). bn=None returns the conv's own weight and bias."""
+    if bn is None:
+        return conv.weight, conv.bias
     scale = torch.rsqrt(bn.running_var + bn.eps)
     if bn.weight is not None:
         scale = scale * bn.weight
-    bias = -bn.running_mean * scale
+    bias = -bn.running_mean if conv.bias is None else conv.bias - bn.running_mean
+    bias = bias * scale
     if bn.bias is not None:
         bias = bias + bn.bias
-    return conv_weight * scale.reshape(-1, 1, 1, 1), bias
+    return conv.weight * scale.reshape(-1, 1, 1, 1), bias
 
 
 class GhostModule(nn.Module):
@@ -57,9 +61,28 @@ class GhostModule(nn.Module):
         self._folded = None
         self._folded_key = None
 
+    @classmethod
+    def from_parts(cls, primary_conv, cheap_operation, oup, activation):
+        """A GhostModule around existing `primary_conv` and `cheap_operation` Sequentials
+        (Conv2d, optional BatchNorm2d, optional activation), sharing their parameters: how
+        ghostkernels.accelerate adopts Ghost modules of other code bases."""
+        conv, cheap = primary_conv[0], cheap_operation[0]
+        module = cls(conv.in_channels, oup, conv.kernel_size[0], cheap.out_channels // conv.out_channels + 1,
+                     cheap.kernel_size[0], conv.stride[0], activation == "relu")
+        module.primary_conv, module.cheap_operation = primary_conv, cheap_operation
+        module.init_channels, module.new_channels = conv.out_channels, cheap.out_channels
+        return module
+
+    @staticmethod
+    def _conv_bn(sequential):
+        """(conv, BN or None) of a branch."""
+        modules = sequential._modules
+        bn = modules.get("1")
+        return modules["0"], bn if isinstance(bn, nn.BatchNorm2d) else None
+
     def _fold(self):
-        primary_weight, primary_bias = fold_conv_bn(self.primary_conv[0].weight, self.primary_conv[1])
-        cheap_weight, cheap_bias = fold_conv_bn(self.cheap_operation[0].weight, self.cheap_operation[1])
+        primary_weight, primary_bias = fold_conv_bn(*self._conv_bn(self.primary_conv))
+        cheap_weight, cheap_bias = fold_conv_bn(*self._conv_bn(self.cheap_operation))
         return primary_weight, primary_bias, cheap_weight, cheap_bias
 
     def folded_weights(self):
@@ -86,13 +109,14 @@ class GhostModule(nn.Module):
         Direct dict reads: this runs on every eval call."""
         tensors = []
         for sequential in (self.primary_conv, self.cheap_operation):
-            conv, bn = sequential._modules["0"], sequential._modules["1"]
-            params, buffers = bn._parameters, bn._buffers
-            if buffers.get("running_mean") is None:
-                return None
-            candidates = (conv._parameters["weight"], params["weight"], params["bias"],
-                          buffers["running_mean"], buffers["running_var"])
-            tensors.extend(t for t in candidates if t is not None)
+            conv, bn = self._conv_bn(sequential)
+            tensors.extend(t for t in conv._parameters.values() if t is not None)
+            if bn is not None:
+                if bn._buffers.get("running_mean") is None:
+                    return None
+                candidates = (bn._parameters["weight"], bn._parameters["bias"],
+                              bn._buffers["running_mean"], bn._buffers["running_var"])
+                tensors.extend(t for t in candidates if t is not None)
         return tensors
 
     def forward(self, x):

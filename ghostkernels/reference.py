@@ -4,8 +4,11 @@ Folded form of SPEC section 1: the primary conv and the cheap depthwise op carry
 (folded BatchNorm) biases, each followed by the activation.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 ACTIVATIONS = {"relu": F.relu, "none": lambda t: t}
 
@@ -25,3 +28,29 @@ def ghost_module_reference(
     x1 = act(F.conv2d(x, primary_weight, primary_bias, stride, kernel // 2))
     x2 = act(F.conv2d(x1, cheap_weight, cheap_bias, 1, dw // 2, groups=primary_weight.shape[0]))
     return torch.cat([x1, x2], dim=1)[:, :out_channels]
+
+
+class ReferenceGhostModule(nn.Module):
+    """The Ghost module as the original code writes it (same keys as ghostkernels.GhostModule),
+    run by PyTorch op by op: the eager baseline of the benchmarks and of accelerate()."""
+
+    def __init__(self, inp, oup, kernel_size=1, ratio=2, dw_size=3, stride=1, relu=True):
+        super().__init__()
+        self.oup = oup
+        init_channels = math.ceil(oup / ratio)
+        new_channels = init_channels * (ratio - 1)
+        self.primary_conv = nn.Sequential(
+            nn.Conv2d(inp, init_channels, kernel_size, stride, kernel_size // 2, bias=False),
+            nn.BatchNorm2d(init_channels),
+            nn.ReLU(inplace=True) if relu else nn.Sequential(),
+        )
+        self.cheap_operation = nn.Sequential(
+            nn.Conv2d(init_channels, new_channels, dw_size, 1, dw_size // 2, groups=init_channels, bias=False),
+            nn.BatchNorm2d(new_channels),
+            nn.ReLU(inplace=True) if relu else nn.Sequential(),
+        )
+
+    def forward(self, x):
+        x1 = self.primary_conv(x)
+        x2 = self.cheap_operation(x1)
+        return torch.cat([x1, x2], dim=1)[:, : self.oup]

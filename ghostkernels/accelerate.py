@@ -1,0 +1,187 @@
+"""ghostkernels.accelerate(model): swap the Ghost modules of any model for fused ones.
+
+Ghost modules are recognised by structure, not by class: a `primary_conv` and a depthwise
+`cheap_operation`, each a Sequential of Conv2d, an optional BatchNorm2d and an optional
+ReLU (or Identity / empty Sequential), and an `oup` or `out_chs` attribute. That covers the
+original Huawei GhostModule, timm's (with `relu` or `act_layer`), the Ghost part of
+GhostModuleV2 in both modes (its DFC gate is kept as is) and re-parameterised GhostNetV3
+modules (conv with bias, no BN). The swap shares the parameters, keeps the state-dict keys and
+leaves training behaviour as it was. In eval mode the remaining Conv+BN pairs that run one
+after the other (stem, `conv_dw`/`bn_dw`, shortcuts, ConvBnAct) are folded too.
+"""
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .modules import GhostModule, fold_conv_bn
+
+
+@dataclass
+class AccelerationSummary:
+    """What accelerate() did: fused Ghost modules, folded Conv+BN pairs, what it left alone."""
+
+    fused: list = field(default_factory=list)
+    folded: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)  # (module name, reason)
+
+    def __str__(self):
+        lines = [f"ghostkernels.accelerate: {len(self.fused)} Ghost modules fused, "
+                 f"{len(self.folded)} Conv+BN pairs folded, {len(self.skipped)} left as they were"]
+        lines += [f"  fused   {name}" for name in self.fused]
+        lines += [f"  folded  {name}" for name in self.folded]
+        lines += [f"  skipped {name}: {reason}" for name, reason in self.skipped]
+        return "\n".join(lines)
+
+
+def _activation(module):
+    """'relu', 'none', or None for an activation the fused op does not have."""
+    if isinstance(module, nn.ReLU):
+        return "relu"
+    if isinstance(module, nn.Identity) or (isinstance(module, nn.Sequential) and len(module) == 0):
+        return "none"
+    return None
+
+
+def _branch(sequential):
+    """The activation of a Conv2d [BatchNorm2d] [activation] Sequential, or why it is not one."""
+    if not isinstance(sequential, nn.Sequential) or not len(sequential) or not isinstance(sequential[0], nn.Conv2d):
+        return None, "not a Sequential starting with a Conv2d"
+    rest = list(sequential)[1:]
+    if rest and isinstance(rest[0], nn.BatchNorm2d):
+        if rest[0].running_mean is None:
+            return None, "BatchNorm without running statistics"
+        rest = rest[1:]
+    if len(rest) > 1:
+        return None, "more than Conv2d, BatchNorm2d and an activation"
+    activation = _activation(rest[0]) if rest else "none"
+    if activation is None:
+        return None, f"activation {type(rest[0]).__name__} is not fused (relu or none)"
+    return activation, None
+
+
+def ghost_module_activation(module):
+    """The shared activation if `module` is a Ghost module the fused op can run, else (None, why)."""
+    primary, cheap = getattr(module, "primary_conv", None), getattr(module, "cheap_operation", None)
+    if primary is None or cheap is None:
+        return None, "no primary_conv / cheap_operation"
+    if getattr(module, "oup", None) is None and getattr(module, "out_chs", None) is None:
+        return None, "no oup / out_chs"
+    act1, why = _branch(primary)
+    if act1 is None:
+        return None, f"primary_conv: {why}"
+    act2, why = _branch(cheap)
+    if act2 is None:
+        return None, f"cheap_operation: {why}"
+    if act1 != act2:
+        return None, "the two branches have different activations"
+    conv, dw = primary[0], cheap[0]
+    square_odd = all(c.kernel_size[0] == c.kernel_size[1] and c.kernel_size[0] % 2 == 1 for c in (conv, dw))
+    same_pad = all(c.padding == (c.kernel_size[0] // 2,) * 2 and c.dilation == (1, 1) for c in (conv, dw))
+    if not (square_odd and same_pad and conv.groups == 1 and conv.stride[0] == conv.stride[1]
+            and conv.padding_mode == "zeros" and dw.padding_mode == "zeros"):
+        return None, "convs are not square, odd, 'same'-padded and undilated"
+    if dw.groups != conv.out_channels or dw.in_channels != conv.out_channels or dw.stride != (1, 1) \
+            or dw.out_channels % conv.out_channels:
+        return None, "cheap_operation is not a depthwise conv of the primary output"
+    return act1, None
+
+
+class GhostModuleWithGate(GhostModule):
+    """GhostModuleV2 in 'attn' mode: the fused Ghost module times its DFC attention gate,
+    sigmoid(short_conv(avg_pool2d(x, 2))) nearest-upsampled to the output's size."""
+
+    def forward(self, x):
+        gate = torch.sigmoid(self.short_conv(F.avg_pool2d(x, kernel_size=2, stride=2)))
+        out = super().forward(x)
+        return out * F.interpolate(gate, size=out.shape[-2:], mode="nearest")
+
+
+def _swap_ghost(module, activation):
+    oup = getattr(module, "oup", None) or getattr(module, "out_chs")
+    attention = getattr(module, "mode", None) == "attn" and hasattr(module, "short_conv")
+    cls = GhostModuleWithGate if attention else GhostModule
+    fused = cls.from_parts(module.primary_conv, module.cheap_operation, oup, activation)
+    if attention:
+        fused.short_conv = module.short_conv
+    fused.train(module.training)
+    return fused
+
+
+# Attribute pairs (conv, bn) that run one after the other in GhostNet-family code.
+_CONV_BN_ATTRIBUTES = [("conv_stem", "bn1"), ("conv_dw", "bn_dw"), ("conv", "bn1"), ("conv", "bn")]
+
+
+def _fold_pair(owner, conv_name, bn_name, conv, bn):
+    """Replace conv by a conv with bias that includes bn, and bn by Identity."""
+    folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                       conv.dilation, conv.groups, True, conv.padding_mode,
+                       device=conv.weight.device, dtype=conv.weight.dtype)
+    with torch.no_grad():
+        weight, bias = fold_conv_bn(conv, bn)
+        folded.weight.copy_(weight)
+        folded.bias.copy_(bias)
+    setattr(owner, conv_name, folded)
+    setattr(owner, bn_name, nn.Identity())
+
+
+def _foldable(conv, bn):
+    return (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.running_mean is not None
+            and bn.num_features == conv.out_channels)
+
+
+def _fold_conv_bn_pairs(model, summary):
+    ghosts = [f"{name}." for name, m in model.named_modules() if isinstance(m, GhostModule)]
+    for name, owner in list(model.named_modules()):
+        prefix = f"{name}." if name else ""
+        if isinstance(owner, GhostModule) or any(prefix.startswith(g) for g in ghosts):
+            continue  # a Ghost module folds its own BNs
+        if isinstance(owner, nn.Sequential):
+            children = list(owner._modules.items())
+            for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):
+                if _foldable(conv, bn):
+                    _fold_pair(owner, conv_name, bn_name, conv, bn)
+                    summary.folded.append(f"{prefix}{conv_name}+{bn_name}")
+            continue
+        for conv_name, bn_name in _CONV_BN_ATTRIBUTES:
+            conv, bn = getattr(owner, conv_name, None), getattr(owner, bn_name, None)
+            if _foldable(conv, bn):
+                _fold_pair(owner, conv_name, bn_name, conv, bn)
+                summary.folded.append(f"{prefix}{conv_name}+{bn_name}")
+
+
+def accelerate(model, inplace=False):
+    """Swap every Ghost module of `model` for a fused one; in eval mode also fold Conv+BN pairs.
+
+    Returns the model (a deep copy unless inplace=True) with the summary of what was done in
+    its `acceleration_summary` attribute. Outputs match the original model (float32
+    tolerance); training-mode models stay trainable with the original gradients (BN folding
+    happens only in eval mode, where it changes the state-dict keys of the folded BNs).
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    summary = AccelerationSummary()
+    for name, module in list(model.named_modules()):
+        if isinstance(module, GhostModule):  # ours already: fused in eval
+            summary.fused.append(name or "(the model itself)")
+            continue
+        if not hasattr(module, "primary_conv"):
+            continue
+        activation, why = ghost_module_activation(module)
+        if activation is None:
+            summary.skipped.append((name, why))
+            continue
+        fused = _swap_ghost(module, activation)
+        if name:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, fused)
+        else:
+            model = fused
+        summary.fused.append(name or "(the model itself)")
+    if not model.training:
+        _fold_conv_bn_pairs(model, summary)
+    model.acceleration_summary = summary
+    return model

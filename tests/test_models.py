@@ -1,0 +1,199 @@
+"""The GhostNet zoo and accelerate(): keys, shapes, parity with the unfused model, summaries."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ghostkernels
+from ghostkernels import GhostModule, accelerate
+from ghostkernels.models import ghostnet, ghostnet_050, ghostnet_100, ghostnet_130
+
+
+def randomise_bn(model):
+    with torch.no_grad():
+        for bn in model.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.running_mean.uniform_(-0.2, 0.2)
+                bn.running_var.uniform_(0.5, 1.5)
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.uniform_(-0.2, 0.2)
+    return model
+
+
+def assert_close32(actual, expected):
+    scale = max(expected.abs().max().item(), 1.0)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_parameter_count_and_keys():
+    model = ghostnet_100()
+    assert 5.15e6 < sum(p.numel() for p in model.parameters()) < 5.22e6  # SPEC: about 5.2M
+    keys = list(model.state_dict())
+    assert keys[:2] == ["conv_stem.weight", "bn1.weight"]
+    assert "blocks.9.0.conv.weight" in keys and "blocks.9.0.bn1.running_var" in keys
+    assert "blocks.3.0.se.conv_reduce.weight" in keys and "blocks.1.0.shortcut.3.running_mean" in keys
+    assert "blocks.1.0.conv_dw.weight" in keys and "blocks.1.0.bn_dw.weight" in keys
+    assert keys[-4:] == ["conv_head.weight", "conv_head.bias", "classifier.weight", "classifier.bias"]
+    reference = ghostnet_100(fused=False)
+    assert list(reference.state_dict()) == keys
+    reference.load_state_dict(model.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("builder, channels", [(ghostnet_050, 480), (ghostnet_130, 1248)])
+def test_widths(builder, channels):
+    model = builder(num_classes=10).eval()
+    assert model.num_features == channels
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 10)
+
+
+def test_features_only_strides():
+    model = ghostnet(1.0, features_only=True).eval()
+    with torch.no_grad():
+        features = model(torch.randn(2, 3, 64, 64))
+    assert [f.shape[-1] for f in features] == [16, 8, 4, 2]  # strides 4, 8, 16, 32
+    assert [f.shape[1] for f in features] == model.feature_channels == [24, 40, 112, 160]
+
+
+def test_fused_zoo_matches_the_reference_model():
+    fused = randomise_bn(ghostnet_050(num_classes=10)).eval()
+    reference = ghostnet_050(num_classes=10, fused=False).eval()
+    reference.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert_close32(fused(x), reference(x))
+
+
+def test_accelerate_eval_parity_and_summary():
+    model = randomise_bn(ghostnet_050(num_classes=10, fused=False)).eval()
+    original = copy.deepcopy(model)
+    fast = accelerate(model)
+    summary = fast.acceleration_summary
+    assert len(summary.fused) == 32 and not summary.skipped
+    # stem, 4 stride-2 conv_dw, 5 shortcuts x 2 pairs, blocks.9's ConvBnAct
+    assert len(summary.folded) == 1 + 4 + 10 + 1
+    assert "conv_stem+bn1" in summary.folded and "blocks.1.0.conv_dw+bn_dw" in summary.folded
+    assert "32 Ghost modules fused" in str(summary)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert_close32(fast(x), original(x))
+        assert_close32(model(x), original(x))  # inplace=False left the model alone
+    assert all(not isinstance(m, GhostModule) for m in model.modules())
+
+
+def test_accelerate_training_gradients_and_keys():
+    model = randomise_bn(ghostnet_050(num_classes=10, fused=False)).train()
+    fast = accelerate(model)
+    assert not fast.acceleration_summary.folded  # no BN folding in training mode
+    assert list(fast.state_dict()) == list(model.state_dict())
+    x = torch.randn(4, 3, 32, 32)
+    torch.manual_seed(1)
+    out = model(x)
+    torch.manual_seed(1)  # same dropout mask
+    fast_out = fast(x)
+    assert_close32(fast_out, out)
+    grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
+    fast_grads = torch.autograd.grad(fast_out.square().sum(), list(fast.parameters()))
+    for a, b in zip(fast_grads, grads):
+        assert_close32(a, b)
+
+
+# -- Ghost modules from other code bases, written the way they write them -------------------
+
+
+class TimmGhostModule(nn.Module):
+    """timm's newer GhostModule: `act_layer`, `out_chs`."""
+
+    def __init__(self, in_chs, out_chs, kernel_size=1, ratio=2, dw_size=3, stride=1, act_layer=nn.ReLU):
+        super().__init__()
+        self.out_chs = out_chs
+        init_chs = math.ceil(out_chs / ratio)
+        new_chs = init_chs * (ratio - 1)
+        self.primary_conv = nn.Sequential(
+            nn.Conv2d(in_chs, init_chs, kernel_size, stride, kernel_size // 2, bias=False),
+            nn.BatchNorm2d(init_chs), act_layer(inplace=True) if act_layer is nn.ReLU else act_layer())
+        self.cheap_operation = nn.Sequential(
+            nn.Conv2d(init_chs, new_chs, dw_size, 1, dw_size // 2, groups=init_chs, bias=False),
+            nn.BatchNorm2d(new_chs), act_layer(inplace=True) if act_layer is nn.ReLU else act_layer())
+
+    def forward(self, x):
+        x1 = self.primary_conv(x)
+        x2 = self.cheap_operation(x1)
+        return torch.cat([x1, x2], dim=1)[:, : self.out_chs]
+
+
+class GhostModuleV2(TimmGhostModule):
+    """GhostNetV2's module: in 'attn' mode the output is gated by the DFC attention branch."""
+
+    def __init__(self, in_chs, out_chs, mode="attn", **kwargs):
+        super().__init__(in_chs, out_chs, **kwargs)
+        self.mode = mode
+        if mode == "attn":
+            self.short_conv = nn.Sequential(
+                nn.Conv2d(in_chs, out_chs, 1, 1, 0, bias=False), nn.BatchNorm2d(out_chs),
+                nn.Conv2d(out_chs, out_chs, (1, 5), 1, (0, 2), groups=out_chs, bias=False), nn.BatchNorm2d(out_chs),
+                nn.Conv2d(out_chs, out_chs, (5, 1), 1, (2, 0), groups=out_chs, bias=False), nn.BatchNorm2d(out_chs))
+
+    def forward(self, x):
+        out = super().forward(x)
+        if self.mode != "attn":
+            return out
+        res = self.short_conv(F.avg_pool2d(x, kernel_size=2, stride=2))
+        return out * F.interpolate(torch.sigmoid(res), size=out.shape[-2:], mode="nearest")
+
+
+class ReparameterisedGhostV3(nn.Module):
+    """A GhostNetV3 module after reparameterize(): convs with bias, no BN."""
+
+    def __init__(self, in_chs, out_chs):
+        super().__init__()
+        self.oup = out_chs
+        init = math.ceil(out_chs / 2)
+        self.primary_conv = nn.Sequential(nn.Conv2d(in_chs, init, 1, bias=True), nn.ReLU(inplace=True))
+        self.cheap_operation = nn.Sequential(nn.Conv2d(init, init, 3, 1, 1, groups=init, bias=True),
+                                             nn.ReLU(inplace=True))
+
+    def forward(self, x):
+        x1 = self.primary_conv(x)
+        return torch.cat([x1, self.cheap_operation(x1)], dim=1)[:, : self.oup]
+
+
+@pytest.mark.parametrize("module", [
+    lambda: TimmGhostModule(8, 13, ratio=3),
+    lambda: TimmGhostModule(8, 12, act_layer=nn.Identity),
+    lambda: GhostModuleV2(8, 12, mode="attn"),
+    lambda: GhostModuleV2(8, 11, mode="original"),
+    lambda: ReparameterisedGhostV3(8, 12),
+], ids=["timm", "timm-identity", "v2-attn", "v2-original", "v3-reparameterised"])
+@pytest.mark.parametrize("train", [False, True])
+def test_accelerate_other_ghost_modules(module, train):
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), module()).train(train)
+    randomise_bn(net)
+    fast = accelerate(net)
+    assert fast.acceleration_summary.fused == ["1"]
+    assert list(fast.state_dict()) == list(net.state_dict())
+    x = torch.randn(2, 3, 9, 7, requires_grad=True)
+    out, fast_out = net(x), fast(x)
+    assert_close32(fast_out, out)
+    if train:
+        for a, b in zip(torch.autograd.grad(fast_out.sum(), [x, *fast.parameters()]),
+                        torch.autograd.grad(out.sum(), [x, *net.parameters()])):
+            assert_close32(a, b)
+
+
+def test_accelerate_leaves_unsupported_modules_alone():
+    net = nn.Sequential(TimmGhostModule(8, 12, act_layer=nn.Hardswish)).eval()
+    fast = accelerate(net)
+    summary = fast.acceleration_summary
+    assert not summary.fused and summary.skipped[0][0] == "0" and "Hardswish" in summary.skipped[0][1]
+    x = torch.randn(1, 8, 6, 6)
+    with torch.no_grad():
+        assert_close32(fast(x), net(x))
+
+
+def test_ghostkernels_exports():
+    assert ghostkernels.accelerate is accelerate and ghostkernels.models.ghostnet is ghostnet
