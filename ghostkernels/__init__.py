@@ -3,6 +3,7 @@
 from . import models, ops
 from ._backends import backends, load_cpu_extension
 from .accelerate import AccelerationSummary, accelerate
+from .ghostify import count_params_flops, ghostify
 from .modules import GhostModule, fold_conv_bn
 from .ops import ghost_module
 from .reference import ghost_module_reference
@@ -10,7 +11,7 @@ from .reference import ghost_module_reference
 load_cpu_extension()  # after ops: the library registers kernels for the ops defined there
 
 __all__ = [
-    "AccelerationSummary", "GhostModule", "accelerate", "backends", "fold_conv_bn", "ghost_module",
-    "ghost_module_reference", "models",
+    "AccelerationSummary", "GhostModule", "accelerate", "backends", "count_params_flops", "fold_conv_bn",
+    "ghost_module", "ghost_module_reference", "ghostify", "models",
 ]
 __version__ = "0.1.0"

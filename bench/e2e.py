@@ -1,0 +1,144 @@
+"""End-to-end GhostNet: eager PyTorch vs ghostkernels.accelerate vs torch.compile, and ONNX
+Runtime / OpenVINO when they are installed.
+
+    OPENBLAS_NUM_THREADS=1 python bench/e2e.py                   # CPU: 0.5x/1.0x/1.3x, batch 1 and 8
+    OPENBLAS_NUM_THREADS=1 python bench/e2e.py --widths 1.0 --no-compile
+    python bench/e2e.py --device cuda                            # GPU: float16, batch 1/64/256
+
+Eager is the model as the original code runs it (ghostnet(fused=False), eval). Medians in ms
+after warm-up; every contender's output is checked against eager first.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import warnings
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+import ghostkernels  # noqa: E402
+from ghostkernels.models import ghostnet  # noqa: E402
+
+
+def median_ms(fn, device, min_time=1.0, min_runs=10):
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(3):
+        fn()
+    sync()
+    times, start = [], time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def onnx_runtime(model, x):
+    """A callable running `model` in ONNX Runtime (CPU), or None with the reason."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return None, "onnxruntime not installed (pip install onnxruntime onnx)"
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"ghostnet-{os.getpid()}.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), path, input_names=["x"], dynamo=False)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    feed = {"x": x.numpy()}
+    return (lambda: torch.from_numpy(session.run(None, feed)[0])), None
+
+
+def openvino(model, x):
+    try:
+        import openvino as ov
+    except ImportError:
+        return None, "openvino not installed (pip install openvino)"
+    compiled = ov.compile_model(ov.convert_model(model, example_input=x), "CPU",
+                                {"INFERENCE_NUM_THREADS": torch.get_num_threads()})
+    return (lambda: torch.from_numpy(compiled(x.numpy())[0])), None
+
+
+class Progress:
+    """A one-line text progress bar on stderr."""
+
+    def __init__(self, total):
+        self.total, self.done = total, 0
+
+    def step(self, label):
+        self.done += 1
+        filled = 30 * self.done // self.total
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} {label:<40}")
+        sys.stderr.flush()
+        if self.done == self.total:
+            sys.stderr.write("\n")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--widths", type=float, nargs="+", default=[0.5, 1.0, 1.3])
+    parser.add_argument("--batch", type=int, nargs="+", help="default: 1 8 (CPU), 1 64 256 (CUDA)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (slow to build)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = args.device
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    batches = args.batch or ([1, 64, 256] if device == "cuda" else [1, 8])
+    contenders = ["eager", "accelerated"]
+    if not args.no_compile:
+        contenders += ["compile(eager)", "compile(accelerated)"]
+    if device == "cpu":
+        contenders += ["onnxruntime", "openvino"]
+    progress = Progress(len(args.widths) * len(batches) * len(contenders))
+    rows, notes = [], set()
+    for width in args.widths:
+        eager = ghostnet(width, fused=False).eval().to(device, dtype)
+        accelerated = ghostkernels.accelerate(eager)
+        for batch in batches:
+            x = torch.randn(batch, 3, 224, 224, device=device, dtype=dtype)
+            row = {"model": f"ghostnet {width}x", "batch": batch}
+            with torch.no_grad():
+                expected = eager(x)
+                for name in contenders:
+                    progress.step(f"{width}x batch {batch} {name}")
+                    if name == "eager":
+                        fn = lambda: eager(x)  # noqa: E731
+                    elif name == "accelerated":
+                        fn = lambda: accelerated(x)  # noqa: E731
+                    elif name.startswith("compile"):
+                        compiled = torch.compile(eager if name == "compile(eager)" else accelerated)
+                        fn = lambda: compiled(x)  # noqa: E731
+                    else:
+                        fn, why = (onnx_runtime if name == "onnxruntime" else openvino)(eager, x)
+                        if fn is None:
+                            notes.add(f"{name}: {why}")
+                            continue
+                    tol = 1e-2 if dtype == torch.float16 else 1e-4
+                    torch.testing.assert_close(fn().float(), expected.float(), rtol=tol, atol=tol)
+                    row[name] = median_ms(fn, device)
+            rows.append(row)
+    print(f"\nghostkernels {ghostkernels.__version__}, torch {torch.__version__}, {device} "
+          f"({torch.cuda.get_device_name() if device == 'cuda' else f'{args.threads} threads'}), {dtype}, "
+          "224x224, median ms; speedup = eager / accelerated\n")
+    shown = [c for c in contenders if any(c in r for r in rows)]
+    print(f"{'model':>14} {'batch':>5}" + "".join(f"{c:>22}" for c in shown) + f"{'speedup':>9}")
+    for r in rows:
+        cells = "".join(f"{r[c]:22.2f}" if c in r else f"{'-':>22}" for c in shown)
+        print(f"{r['model']:>14} {r['batch']:5d}{cells}{r['eager'] / r['accelerated']:8.2f}x")
+    for note in sorted(notes):
+        print(f"skipped {note}")
+
+
+if __name__ == "__main__":
+    main()
