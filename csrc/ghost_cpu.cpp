@@ -22,15 +22,7 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(_M_X64))
-// One build serves every x86-64 CPU: the loader picks the AVX-512, AVX2 or baseline clone.
-#define GK_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define GK_MULTIVERSION
-#endif
-// Every helper of a multiversioned kernel is inlined into it, so it is compiled for the
-// clone's instruction set; an out-of-line copy would get the baseline one.
-#define GK_INLINE inline __attribute__((always_inline))
+#include "multiversion.h"
 
 namespace ghostkernels {
 namespace {

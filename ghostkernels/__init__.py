@@ -1,14 +1,14 @@
 """ghostkernels: GhostNet's Ghost module in one fused pass (C++ on the CPU), with a PyTorch reference."""
 
-from . import models, ops
+from . import depthwise, models, ops
 from ._backends import backends, load_cpu_extension
-from .accelerate import AccelerationSummary, accelerate
+from .acceleration import AccelerationSummary, accelerate
 from .ghostify import count_params_flops, ghostify
 from .modules import GhostModule, fold_conv_bn
 from .ops import ghost_module
 from .reference import ghost_module_reference
 
-load_cpu_extension()  # after ops: the library registers kernels for the ops defined there
+load_cpu_extension()  # after ops and depthwise: the library registers kernels for the ops they define
 
 __all__ = [
     "AccelerationSummary", "GhostModule", "accelerate", "backends", "count_params_flops", "fold_conv_bn",

@@ -7,7 +7,8 @@ original Huawei GhostModule, timm's (with `relu` or `act_layer`), the Ghost part
 GhostModuleV2 in both modes (its DFC gate is kept as is) and re-parameterised GhostNetV3
 modules (conv with bias, no BN). The swap shares the parameters, keeps the state-dict keys and
 leaves training behaviour as it was. In eval mode the remaining Conv+BN pairs that run one
-after the other (stem, `conv_dw`/`bn_dw`, shortcuts, ConvBnAct) are folded too.
+after the other (stem, `conv_dw`/`bn_dw`, shortcuts, ConvBnAct) are folded too, and the
+depthwise convs among them run on ghostkernels' depthwise kernel.
 """
 
 import copy
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .depthwise import DepthwiseConv2d
 from .modules import GhostModule, fold_conv_bn
 
 
@@ -116,14 +118,17 @@ _CONV_BN_ATTRIBUTES = [("conv_stem", "bn1"), ("conv_dw", "bn_dw"), ("conv", "bn1
 
 
 def _fold_pair(owner, conv_name, bn_name, conv, bn):
-    """Replace conv by a conv with bias that includes bn, and bn by Identity."""
-    folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                       conv.dilation, conv.groups, True, conv.padding_mode,
-                       device=conv.weight.device, dtype=conv.weight.dtype)
+    """Replace conv by a conv with bias that includes bn (a DepthwiseConv2d if it is one),
+    and bn by Identity."""
     with torch.no_grad():
-        weight, bias = fold_conv_bn(conv, bn)
-        folded.weight.copy_(weight)
-        folded.bias.copy_(bias)
+        weight, bias = (t.detach().clone() for t in fold_conv_bn(conv, bn))
+    if DepthwiseConv2d.eligible(conv):
+        folded = DepthwiseConv2d(weight, bias, conv.stride[0])
+    else:
+        folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                           conv.dilation, conv.groups, True, conv.padding_mode,
+                           device=conv.weight.device, dtype=conv.weight.dtype)
+        folded.weight, folded.bias = nn.Parameter(weight), nn.Parameter(bias)
     setattr(owner, conv_name, folded)
     setattr(owner, bn_name, nn.Identity())
 
