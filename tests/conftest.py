@@ -36,3 +36,16 @@ def make_input(n, c, h, w, channels_last=False, dtype=torch.float64, requires_gr
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     return x.requires_grad_(requires_grad)
+
+
+def randomise_bn(model, spread=1.0):
+    """Non-trivial BN statistics and affine parameters, so that folding is really exercised.
+    Deep networks want a small spread, or activations grow layer after layer."""
+    with torch.no_grad():
+        for bn in model.modules():
+            if isinstance(bn, torch.nn.BatchNorm2d):
+                bn.running_mean.uniform_(-spread, spread)
+                bn.running_var.uniform_(0.5, 1.5)
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.uniform_(-spread / 2, spread / 2)
+    return model

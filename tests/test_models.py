@@ -12,16 +12,7 @@ import ghostkernels
 from ghostkernels import GhostModule, accelerate, count_params_flops, ghostify
 from ghostkernels.models import ghostnet, ghostnet_050, ghostnet_100, ghostnet_130
 
-
-def randomise_bn(model):
-    with torch.no_grad():
-        for bn in model.modules():
-            if isinstance(bn, nn.BatchNorm2d):
-                bn.running_mean.uniform_(-0.2, 0.2)
-                bn.running_var.uniform_(0.5, 1.5)
-                bn.weight.uniform_(0.5, 1.5)
-                bn.bias.uniform_(-0.2, 0.2)
-    return model
+from conftest import randomise_bn
 
 
 def assert_close32(actual, expected):
@@ -60,7 +51,7 @@ def test_features_only_strides():
 
 
 def test_fused_zoo_matches_the_reference_model():
-    fused = randomise_bn(ghostnet_050(num_classes=10)).eval()
+    fused = randomise_bn(ghostnet_050(num_classes=10), spread=0.2).eval()
     reference = ghostnet_050(num_classes=10, fused=False).eval()
     reference.load_state_dict(fused.state_dict())
     x = torch.randn(2, 3, 64, 64)
@@ -69,7 +60,7 @@ def test_fused_zoo_matches_the_reference_model():
 
 
 def test_accelerate_eval_parity_and_summary():
-    model = randomise_bn(ghostnet_050(num_classes=10, fused=False)).eval()
+    model = randomise_bn(ghostnet_050(num_classes=10, fused=False), spread=0.2).eval()
     original = copy.deepcopy(model)
     fast = accelerate(model)
     summary = fast.acceleration_summary
@@ -86,7 +77,7 @@ def test_accelerate_eval_parity_and_summary():
 
 
 def test_accelerate_training_gradients_and_keys():
-    model = randomise_bn(ghostnet_050(num_classes=10, fused=False)).train()
+    model = randomise_bn(ghostnet_050(num_classes=10, fused=False), spread=0.2).train()
     fast = accelerate(model)
     assert not fast.acceleration_summary.folded  # no BN folding in training mode
     assert list(fast.state_dict()) == list(model.state_dict())
@@ -172,7 +163,7 @@ class ReparameterisedGhostV3(nn.Module):
 @pytest.mark.parametrize("train", [False, True])
 def test_accelerate_other_ghost_modules(module, train):
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), module()).train(train)
-    randomise_bn(net)
+    randomise_bn(net, spread=0.2)
     fast = accelerate(net)
     assert fast.acceleration_summary.fused == ["1"]
     assert list(fast.state_dict()) == list(net.state_dict())

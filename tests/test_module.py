@@ -1,59 +1,20 @@
 """GhostModule against a module built the original way (Huawei GhostNet code structure)."""
 
-import math
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from torch import nn
 
-import ghostkernels
 from ghostkernels import GhostModule
+from ghostkernels.reference import ReferenceGhostModule  # the original code's structure and keys
 
-from conftest import make_input
-
-
-class OriginalGhostModule(nn.Module):
-    """The structure and keys of the original GhostNet code (relu=False leaves slot 2 empty)."""
-
-    def __init__(self, inp, oup, kernel_size=1, ratio=2, dw_size=3, stride=1, relu=True):
-        super().__init__()
-        self.oup = oup
-        init_channels = math.ceil(oup / ratio)
-        new_channels = init_channels * (ratio - 1)
-        self.primary_conv = nn.Sequential(
-            nn.Conv2d(inp, init_channels, kernel_size, stride, kernel_size // 2, bias=False),
-            nn.BatchNorm2d(init_channels),
-            nn.ReLU(inplace=True) if relu else nn.Sequential(),
-        )
-        self.cheap_operation = nn.Sequential(
-            nn.Conv2d(init_channels, new_channels, dw_size, 1, dw_size // 2, groups=init_channels, bias=False),
-            nn.BatchNorm2d(new_channels),
-            nn.ReLU(inplace=True) if relu else nn.Sequential(),
-        )
-
-    def forward(self, x):
-        x1 = self.primary_conv(x)
-        x2 = self.cheap_operation(x1)
-        out = torch.cat([x1, x2], dim=1)
-        return out[:, : self.oup, :, :]
-
-
-def randomise_bn(module):
-    """Non-trivial BN statistics and affine parameters, so that folding is really exercised."""
-    with torch.no_grad():
-        for bn in module.modules():
-            if isinstance(bn, nn.BatchNorm2d):
-                bn.running_mean.uniform_(-1, 1)
-                bn.running_var.uniform_(0.5, 2)
-                bn.weight.uniform_(0.5, 1.5)
-                bn.bias.uniform_(-0.5, 0.5)
+from conftest import make_input, randomise_bn
 
 
 def pair(dtype=torch.float64, **config):
-    original = OriginalGhostModule(**config).to(dtype)
+    original = ReferenceGhostModule(**config).to(dtype)
     randomise_bn(original)
     ours = GhostModule(**config).to(dtype)
     ours.load_state_dict(original.state_dict(), strict=True)
@@ -128,7 +89,7 @@ def test_fold_cache_refreshes_when_weights_change():
             module.primary_conv[1].running_mean.add_(0.5)
             module.cheap_operation[0].weight.mul_(2)
         torch.testing.assert_close(ours(x), original(x))
-        ours.load_state_dict(OriginalGhostModule(8, 16).double().state_dict())
+        ours.load_state_dict(ReferenceGhostModule(8, 16).double().state_dict())
         assert not torch.allclose(ours(x), original(x))
 
 
