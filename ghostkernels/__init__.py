@@ -1,4 +1,4 @@
-"""ghostkernels: GhostNet's Ghost module in one fused pass (C++ on the CPU), with a PyTorch reference."""
+"""ghostkernels: GhostNet's Ghost module in one fused pass (C++ on the CPU, Triton on the GPU), with a PyTorch reference."""
 
 from . import depthwise, models, ops
 from ._backends import backends, load_cpu_extension
