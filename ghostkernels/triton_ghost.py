@@ -45,7 +45,7 @@ def _ghost_forward_kernel(
     COPIES: tl.constexpr, DW: tl.constexpr, ROWS: tl.constexpr,
     HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, RELU: tl.constexpr, PRIMARY_1X1: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    ACC: tl.constexpr,
+    ACC: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     PAD: tl.constexpr = DW // 2
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -73,6 +73,8 @@ def _ghost_forward_kernel(
                     xk = tl.load(x_rows + k[None, :] * sxc, mask=in_image[:, None] & (k < INP)[None, :], other=0.0)
                     wk = tl.load(w1_ptr + c[None, :] * INP + k[:, None], mask=c_ok[None, :] & (k < INP)[:, None],
                                  other=0.0)
+                    if UPCAST_DOT:  # the interpreter's bfloat16 dot is wrong (Triton 3.9); float32 is exact
+                        xk, wk = xk.to(ACC), wk.to(ACC)
                     acc = tl.dot(xk, wk, acc, input_precision=INPUT_PRECISION)
                 if HAS_B1:
                     acc += b1[None, :]
@@ -254,6 +256,7 @@ def forward(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_chann
         HAS_B1=primary_bias is not None and kernel == 1, HAS_B2=cheap_bias is not None, RELU=relu,
         PRIMARY_1X1=kernel == 1, BLOCK_K=block_k, BLOCK_C=block_c, **_INTERPRETER_CONFIG,
         INPUT_PRECISION=_input_precision(x.dtype), ACC=_accumulator(x.dtype),
+        UPCAST_DOT=INTERPRET and x.dtype == torch.bfloat16,
     )
     return out
 
