@@ -468,7 +468,7 @@ struct BackwardArgs {
   const T* w2t;    // [dw * dw, ghosts]
   const T* masks;
   int64_t mask_stride;
-  T* grad_x;       // 1x1 primary: zero-initialised grad of x
+  T* grad_x;       // 1x1 primary: grad of x (zeroed when a stride > 1 skips pixels); else nullptr
   T* grad_z1;      // kernel > 1: grad of the primary conv's pre-activation output
   T* partials;     // per thread: gw1 [init * inp] (NCHW: transposed), gb1 [init], gw2, gb2
 };
@@ -814,8 +814,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_mod
   const at::MemoryFormat fmt = memory_format(g);
   const at::Tensor x = x_in.contiguous(fmt), grad = grad_in.contiguous(fmt), out = out_in.contiguous(fmt);
   const at::Tensor w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
-  // Bands write every element of grad_x except where a strided primary skips pixels.
-  at::Tensor grad_x = g.kernel == 1 && g.stride == 1 ? at::empty_like(x, fmt) : at::zeros_like(x, fmt);
+  // 1x1 primary: bands write every element of grad_x except where a strided primary skips
+  // pixels. A larger primary gets grad_x from convolution_backward below.
+  at::Tensor grad_x = g.kernel != 1  ? at::Tensor()
+                      : g.stride == 1 ? at::empty_like(x, fmt)
+                                      : at::zeros_like(x, fmt);
   at::Tensor grad_z1 = g.kernel == 1 ? at::Tensor()
                                      : at::empty({g.batch, g.init, g.out_height, g.out_width},
                                                  x.options().memory_format(fmt));
@@ -832,7 +835,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_mod
       const std::vector<T> w2t = transposed(w2.data_ptr<T>(), g.ghosts, g.dw * g.dw);
       BackwardArgs<T> a{&g, &t, grad.data_ptr<T>(), out.data_ptr<T>(), x.data_ptr<T>(), w1.data_ptr<T>(),
                         w2.data_ptr<T>(), w2t.data(), masks.data(), mask_stride(g, mask_rows),
-                        grad_x.data_ptr<T>(), grad_z1.defined() ? grad_z1.data_ptr<T>() : nullptr,
+                        grad_x.defined() ? grad_x.data_ptr<T>() : nullptr,
+                        grad_z1.defined() ? grad_z1.data_ptr<T>() : nullptr,
                         partials.data()};
       at::parallel_for(0, g.batch * t.bands, 1, [&](int64_t begin, int64_t end) {
         if (g.channels_last) backward_nhwc(a, begin, end);

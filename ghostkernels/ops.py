@@ -125,6 +125,12 @@ def _warn_fallback(device_type):
 @torch.library.impl(_lib, "ghost_module", "CompositeExplicitAutograd")
 def _ghost_module_fallback(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation):
     _warn_fallback(x.device.type)
+    return _reference_output(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride,
+                             activation)
+
+
+def _reference_output(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation):
+    """The reference's result in the op's output layout (x's memory format, not a slice view)."""
     out = ghost_module_reference(
         x, primary_weight, primary_bias, cheap_weight, cheap_bias,
         out_channels=out_channels, stride=stride, activation=activation,
@@ -223,13 +229,9 @@ def ghost_module(
 
 def apply(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation):
     """ghost_module without the argument checks, for callers that built the arguments themselves."""
-    if x.device.type == "cpu" and x.dtype not in CPU_KERNEL_DTYPES:
-        out = ghost_module_reference(
-            x, primary_weight, primary_bias, cheap_weight, cheap_bias,
-            out_channels=out_channels, stride=stride, activation=activation,
-        )
-        return out.contiguous(memory_format=output_memory_format(x))
     args = (x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation)
+    if x.device.type == "cpu" and x.dtype not in CPU_KERNEL_DTYPES:
+        return _reference_output(*args)
     if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
         # Skip the Python autograd kernel (several microseconds a call) when no graph is recorded.
         with torch._C._AutoDispatchBelowAutograd():
