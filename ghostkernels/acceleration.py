@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .depthwise import DepthwiseConv2d
-from .modules import GhostModule, fold_conv_bn
+from .modules import GhostModule, fold_conv_bn, is_same_square_conv
 
 
 @dataclass
@@ -81,10 +81,7 @@ def ghost_module_activation(module):
     if act1 != act2:
         return None, "the two branches have different activations"
     conv, dw = primary[0], cheap[0]
-    square_odd = all(c.kernel_size[0] == c.kernel_size[1] and c.kernel_size[0] % 2 == 1 for c in (conv, dw))
-    same_pad = all(c.padding == (c.kernel_size[0] // 2,) * 2 and c.dilation == (1, 1) for c in (conv, dw))
-    if not (square_odd and same_pad and conv.groups == 1 and conv.stride[0] == conv.stride[1]
-            and conv.padding_mode == "zeros" and dw.padding_mode == "zeros"):
+    if not (is_same_square_conv(conv) and is_same_square_conv(dw) and conv.groups == 1):
         return None, "convs are not square, odd, 'same'-padded and undilated"
     if dw.groups != conv.out_channels or dw.in_channels != conv.out_channels or dw.stride != (1, 1) \
             or dw.out_channels % conv.out_channels:

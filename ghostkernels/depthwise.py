@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .modules import is_same_square_conv
+
 _lib = torch.library.Library("ghostkernels", "FRAGMENT")
 _lib.define("depthwise_conv2d(Tensor x, Tensor weight, Tensor? bias, int stride) -> Tensor")
 
@@ -57,10 +59,8 @@ class DepthwiseConv2d(nn.Module):
 
     @staticmethod
     def eligible(conv):
-        k = conv.kernel_size
-        return (type(conv) is nn.Conv2d and conv.groups == conv.in_channels == conv.out_channels
-                and k[0] == k[1] and k[0] % 2 == 1 and conv.padding == (k[0] // 2,) * 2
-                and conv.dilation == (1, 1) and conv.stride in ((1, 1), (2, 2)) and conv.padding_mode == "zeros")
+        return (type(conv) is nn.Conv2d and is_same_square_conv(conv) and conv.groups == conv.in_channels == conv.out_channels
+                and conv.stride in ((1, 1), (2, 2)))
 
     @classmethod
     def from_conv(cls, conv):

@@ -6,17 +6,12 @@ import copy
 import torch
 from torch import nn
 
-from .modules import GhostModule
+from .modules import GhostModule, is_same_square_conv
 
 
 def _eligible(conv):
     """A dense, undilated, 'same'-padded square odd conv with more than one input channel."""
-    if type(conv) is not nn.Conv2d:
-        return False
-    k = conv.kernel_size
-    return (conv.groups == 1 and conv.in_channels > 1 and k[0] == k[1]
-            and k[0] % 2 == 1 and conv.padding == (k[0] // 2,) * 2 and conv.dilation == (1, 1)
-            and conv.stride[0] == conv.stride[1] and conv.padding_mode == "zeros")
+    return type(conv) is nn.Conv2d and is_same_square_conv(conv) and conv.groups == 1 and conv.in_channels > 1
 
 
 def ghostify(model, ratio=2, dw_size=3, relu=False, inplace=False):

@@ -6,6 +6,14 @@ from torch import nn
 from . import ops
 
 
+def is_same_square_conv(conv):
+    """A Conv2d with a square odd kernel, 'same' zero padding, no dilation and equal strides:
+    the geometry every fused op here assumes."""
+    k = conv.kernel_size
+    return (k[0] == k[1] and k[0] % 2 == 1 and conv.padding == (k[0] // 2,) * 2 and conv.dilation == (1, 1)
+            and conv.stride[0] == conv.stride[1] and conv.padding_mode == "zeros")
+
+
 def fold_conv_bn(conv, bn):
     """(W * t, (b - mean) * t + beta) with t = gamma / sqrt(var + eps): the BN after a conv
     folded into it (b: the conv's bias or 0). bn=None returns the conv's own weight and bias."""
