@@ -1,9 +1,31 @@
 """Benchmark cases: GhostNet 1.0x Ghost-module shapes (SPEC section 2), their inputs and the
 contenders (eager unfused module, the reference op, the fused op), on any device and dtype."""
 
+import statistics
+import time
+
 import torch
 
 from ghostkernels import GhostModule, ghost_module_reference
+
+def median_ms(fn, min_time=0.3, min_runs=10, device="cpu"):
+    """Median of single-call times after 3 warm-up calls; at least min_runs calls and min_time
+    seconds. On CUDA each call is synchronised."""
+    def call():
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(3):
+        call()
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
 
 # (inp, oup, H=W) of every Ghost module in GhostNet 1.0x.
 GHOSTNET_SHAPES = [

@@ -11,34 +11,17 @@ after warm-up; every contender's output is checked against eager first.
 
 import argparse
 import os
-import statistics
 import sys
-import time
 import warnings
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ghostkernels  # noqa: E402
+from cases import median_ms  # noqa: E402
 from ghostkernels.models import ghostnet  # noqa: E402
-
-
-def median_ms(fn, device, min_time=1.0, min_runs=10):
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    for _ in range(3):
-        fn()
-    sync()
-    times, start = [], time.perf_counter()
-    while len(times) < min_runs or time.perf_counter() - start < min_time:
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def onnx_runtime(model, x):
@@ -126,7 +109,7 @@ def main():
                             continue
                     tol = 1e-2 if dtype == torch.float16 else 1e-4
                     torch.testing.assert_close(fn().float(), expected.float(), rtol=tol, atol=tol)
-                    row[name] = median_ms(fn, device)
+                    row[name] = median_ms(fn, min_time=1.0, device=device)
             rows.append(row)
     print(f"\nghostkernels {ghostkernels.__version__}, torch {torch.__version__}, {device} "
           f"({torch.cuda.get_device_name() if device == 'cuda' else f'{args.threads} threads'}), {dtype}, "

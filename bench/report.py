@@ -14,7 +14,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's idle BLAS threads would steal a core
 
@@ -22,22 +21,9 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ghostkernels  # noqa: E402
-from cases import GHOSTNET_SHAPES, floor_ms, make_case, make_training_case, shape_name  # noqa: E402
+from cases import GHOSTNET_SHAPES, floor_ms, make_case, make_training_case, median_ms, shape_name  # noqa: E402
 
 QUICK_SHAPES = [(16, 16, 112), (24, 72, 56), (80, 200, 14), (160, 960, 7)]
-
-
-def median_ms(fn, min_time=0.3, min_runs=10):
-    """Median of single-call times after warm-up; at least min_runs calls and min_time seconds."""
-    for _ in range(3):
-        fn()
-    times = []
-    start = time.perf_counter()
-    while len(times) < min_runs or time.perf_counter() - start < min_time:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def check_parity(outputs, expected, rtol=1e-5):
