@@ -19,9 +19,11 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
+#include "gemm.h"
 #include "multiversion.h"
 
 namespace ghostkernels {
@@ -39,19 +41,6 @@ Activation parse_activation(c10::string_view name) {
 // vector load at a tail stays in bounds.
 constexpr int64_t kSlack = 64;
 
-// 64-byte vectors through GCC/Clang vector extensions: lowered to zmm, ymm or xmm
-// registers by whichever clone is running.
-template <typename T>
-struct Simd {
-  typedef T vec __attribute__((vector_size(64)));
-  static constexpr int lanes = 64 / sizeof(T);
-  GK_INLINE static vec load(const T* p) { vec v; std::memcpy(&v, p, sizeof(vec)); return v; }
-  GK_INLINE static void store(T* p, vec v) { std::memcpy(p, &v, sizeof(vec)); }
-};
-
-// Rows of B per pass: a packed panel of kBlock x (2 * lanes) stays in L1 across the i loop.
-constexpr int64_t kBlock = 256;
-
 // {0, 1, 2, ...}: compared with a count, it masks the lanes of a partial vector.
 template <typename T>
 const T* lane_index() {
@@ -61,73 +50,6 @@ const T* lane_index() {
     return t;
   }();
   return table.data();
-}
-
-// C[i, j] (+)= sum_k A[i * a_si + k * a_sk] * B[k * ldb + j] for i < M, j < N, with NV
-// vectors of B's columns per register tile (16 accumulators either way). A panel of B is
-// packed into `panel` (kBlock * 2 * lanes) when it is reused across several row blocks or
-// is a column tail, so that no load reads past the matrix and the reused panel is contiguous.
-template <typename T, int NV>
-GK_INLINE void gemm_tiles(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_si, int64_t a_sk,
-                          const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate, T* panel) {
-  using S = Simd<T>;
-  using V = typename S::vec;
-  constexpr int L = S::lanes;
-  constexpr int NR = NV * L;
-  constexpr int MR = 16 / NV;
-  for (int64_t k0 = 0; k0 < K; k0 += kBlock) {
-    const int64_t kb = std::min(kBlock, K - k0);
-    const bool add = accumulate || k0 > 0;
-    for (int64_t j0 = 0; j0 < N; j0 += NR) {
-      const int64_t nr = std::min<int64_t>(NR, N - j0);
-      const T* b = B + k0 * ldb + j0;
-      int64_t ldp = ldb;
-      if (nr < NR || M > MR) {
-        for (int64_t k = 0; k < kb; ++k) {
-          std::memcpy(panel + k * NR, b + k * ldb, nr * sizeof(T));
-          std::fill(panel + k * NR + nr, panel + (k + 1) * NR, T(0));
-        }
-        b = panel;
-        ldp = NR;
-      }
-      for (int64_t i0 = 0; i0 < M; i0 += MR) {
-        const int64_t mr = std::min<int64_t>(MR, M - i0);
-        const T* a_row[MR];
-        for (int r = 0; r < MR; ++r) a_row[r] = A + std::min<int64_t>(i0 + r, M - 1) * a_si + k0 * a_sk;
-        V acc[MR][NV];
-        for (int r = 0; r < MR; ++r)
-          for (int v = 0; v < NV; ++v) acc[r][v] = V{};
-        for (int64_t k = 0; k < kb; ++k) {
-          V bv[NV];
-          for (int v = 0; v < NV; ++v) bv[v] = S::load(b + k * ldp + v * L);
-          const int64_t ak = k * a_sk;
-#pragma GCC unroll 16
-          for (int r = 0; r < MR; ++r) {
-            const T a = a_row[r][ak];
-            for (int v = 0; v < NV; ++v) acc[r][v] += a * bv[v];
-          }
-        }
-        for (int64_t r = 0; r < mr; ++r) {
-          T* c = C + (i0 + r) * ldc + j0;
-          if (nr == NR) {
-            for (int v = 0; v < NV; ++v) S::store(c + v * L, add ? acc[r][v] + S::load(c + v * L) : acc[r][v]);
-          } else {
-            T tmp[NR];
-            for (int v = 0; v < NV; ++v) S::store(tmp + v * L, acc[r][v]);
-            for (int64_t j = 0; j < nr; ++j) c[j] = add ? c[j] + tmp[j] : tmp[j];
-          }
-        }
-      }
-    }
-  }
-}
-
-// gemm_tiles with one vector of columns when N fits in one, two otherwise.
-template <typename T>
-GK_INLINE void gemm_nn(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_si, int64_t a_sk,
-                       const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate, T* panel) {
-  if (N <= Simd<T>::lanes) gemm_tiles<T, 1>(M, N, K, A, a_si, a_sk, B, ldb, C, ldc, accumulate, panel);
-  else gemm_tiles<T, 2>(M, N, K, A, a_si, a_sk, B, ldb, C, ldc, accumulate, panel);
 }
 
 template <typename T>
@@ -290,6 +212,30 @@ Tiling choose_tiling(const Geometry& g, size_t elem_size, bool split_channels, i
 // ---------------------------------------------------------------------------------------
 // Forward
 
+// GhostNetV2's attention: sigmoid(gate logits), nearest-upsampled to the output, multiplies
+// every output element as it is written. `values` = sigmoid of the logits in the output's
+// layout, (N, oup, gate_height, gate_width); rows/cols map an output row/column to its source.
+template <typename T>
+struct Gate {
+  const T* values;
+  int64_t height, width;
+  std::vector<int64_t> rows, cols;
+
+  // NCHW: dst[q] = src[q] * gate of (n, channel) at output row h0 + q / W, column q % W.
+  GK_INLINE void apply_rows(T* dst, const T* src, int64_t n, int64_t channel, int64_t out_channels, int64_t h0,
+                            int64_t h1, int64_t W) const {
+    const T* plane = values + (n * out_channels + channel) * height * width;
+    for (int64_t h = h0; h < h1; ++h) {
+      const T* row = plane + rows[h] * width;
+      for (int64_t w = 0; w < W; ++w) dst[(h - h0) * W + w] = src[(h - h0) * W + w] * row[cols[w]];
+    }
+  }
+  // NHWC: the gates of all channels at output pixel (h, w).
+  GK_INLINE const T* pixel(int64_t n, int64_t h, int64_t w, int64_t out_channels) const {
+    return values + ((n * height + rows[h]) * width + cols[w]) * out_channels;
+  }
+};
+
 template <typename T>
 struct ForwardArgs {
   const Geometry* g;
@@ -305,6 +251,7 @@ struct ForwardArgs {
   const T* masks;   // column_masks(g, t->rows + 2 * pad)
   int64_t mask_stride;
   T* out;
+  const Gate<T>* gate;  // nullptr: ungated
 };
 
 // x1 rows [h0, h1) of one image, channels [c0, c1), NCHW; `dst` row stride ld (per channel).
@@ -361,13 +308,16 @@ GK_MULTIVERSION void forward_nchw(const ForwardArgs<T>& a, int64_t begin, int64_
       std::fill(chan, chan + pad + (h0 - (r0 - pad)) * W, T(0));
       std::fill(chan + pad + (h1 - (r0 - pad)) * W, chan + ld, T(0));
       const T* center = chan + pad + pad * W;
-      std::memcpy(a.out + ((n * g.out_channels + c) * g.out_height + r0) * W, center, p * sizeof(T));
+      T* intrinsic = a.out + ((n * g.out_channels + c) * g.out_height + r0) * W;
+      if (a.gate) a.gate->apply_rows(intrinsic, center, n, c, g.out_channels, r0, r1, W);
+      else std::memcpy(intrinsic, center, p * sizeof(T));
       for (int64_t j = g.ghost_begin(c); j < g.ghost_end(c); ++j) {
         T* dst = a.out + ((n * g.out_channels + g.init + j) * g.out_height + r0) * W;
         std::fill(dst, dst + p, a.b2 ? a.b2[j] : T(0));
         make_taps(g, a.w2 + j * g.dw * g.dw, a.masks, a.mask_stride, false, taps.data());
         accumulate_taps(dst, center, p, taps.data(), g.dw);
         if (g.act == Activation::ReLU) bias_act(dst, p, T(0), g.act);
+        if (a.gate) a.gate->apply_rows(dst, dst, n, g.init + j, g.out_channels, r0, r1, W);
       }
     }
   }
@@ -448,6 +398,11 @@ GK_MULTIVERSION void forward_nhwc(const ForwardArgs<T>& a, int64_t begin, int64_
         T* ow = o + w * g.out_channels;
         for (int64_t c = 0; c < cg; ++c) ow[c0 + c] = center[w * cg + c];
         for (int64_t jj = 0; jj < jn; ++jj) ow[g.init + j0 + jj] = activate(row[w * row_ld + jj], g.act);
+        if (a.gate) {
+          const T* gp = a.gate->pixel(n, h, w, g.out_channels);
+          for (int64_t c = c0; c < c1; ++c) ow[c] *= gp[c];
+          for (int64_t j = g.init + j0; j < g.init + j0 + jn; ++j) ow[j] *= gp[j];
+        }
       }
     }
   }
@@ -755,10 +710,33 @@ std::vector<T> transposed(const T* src, int64_t rows, int64_t cols) {
   return dst;
 }
 
-at::Tensor ghost_module_cpu(const at::Tensor& x_in, const at::Tensor& w1_in, const c10::optional<at::Tensor>& b1,
-                            const at::Tensor& w2_in, const c10::optional<at::Tensor>& b2,
-                            int64_t out_channels, int64_t stride, c10::string_view activation) {
+// Source index of output index i under nearest upsampling from `in` to `out`, as
+// F.interpolate(mode='nearest') computes it (float scale, floor, clamp).
+std::vector<int64_t> nearest_sources(int64_t in, int64_t out) {
+  const float scale = float(in) / float(out);
+  std::vector<int64_t> sources(out);
+  for (int64_t i = 0; i < out; ++i)
+    sources[i] = std::min<int64_t>(static_cast<int64_t>(std::floor(float(i) * scale)), in - 1);
+  return sources;
+}
+
+at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& w1_in, const c10::optional<at::Tensor>& b1,
+                       const at::Tensor& w2_in, const c10::optional<at::Tensor>& b2,
+                       const c10::optional<at::Tensor>& gate_logits, int64_t out_channels, int64_t stride,
+                       c10::string_view activation) {
   const Geometry g = check_and_describe(x_in, w1_in, b1, w2_in, b2, out_channels, stride, activation);
+  at::Tensor gate_values;
+  if (gate_logits.has_value()) {
+    const at::Tensor& logits = *gate_logits;
+    TORCH_CHECK(logits.dim() == 4 && logits.size(0) == g.batch && logits.size(1) == out_channels &&
+                    logits.size(2) > 0 && logits.size(3) > 0,
+                "ghost_module_gated: gate must be (", g.batch, ", ", out_channels, ", h, w) with h, w >= 1, got ",
+                logits.sizes());
+    TORCH_CHECK(logits.scalar_type() == x_in.scalar_type() && logits.device() == x_in.device(),
+                "ghost_module_gated: gate must match x's dtype and device (", x_in.scalar_type(), ", ",
+                x_in.device(), ")");
+    gate_values = at::sigmoid(logits).contiguous(memory_format(g));
+  }
   const at::Tensor x = x_in.contiguous(memory_format(g));
   const at::Tensor w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
   at::Tensor out = at::empty({g.batch, out_channels, g.out_height, g.out_width},
@@ -790,17 +768,36 @@ at::Tensor ghost_module_cpu(const at::Tensor& x_in, const at::Tensor& w1_in, con
                         w2_rows.data() + (c0 * taps + tap * cg) * g.out_width + w * cg);
       }
     }
+    Gate<scalar_t> gate;
+    if (gate_values.defined()) {
+      gate = Gate<scalar_t>{gate_values.data_ptr<scalar_t>(), gate_values.size(2), gate_values.size(3),
+                            nearest_sources(gate_values.size(2), g.out_height),
+                            nearest_sources(gate_values.size(3), g.out_width)};
+    }
     ForwardArgs<scalar_t> a{&g, &t, source.data_ptr<scalar_t>(), w1p, w1t.data(),
                             g.kernel == 1 && b1c.defined() ? b1c.data_ptr<scalar_t>() : nullptr,
                             w2.data_ptr<scalar_t>(), w2t.data(), w2_rows.empty() ? nullptr : w2_rows.data(),
                             b2c.defined() ? b2c.data_ptr<scalar_t>() : nullptr,
-                            masks.data(), mask_stride(g, mask_rows), out.data_ptr<scalar_t>()};
+                            masks.data(), mask_stride(g, mask_rows), out.data_ptr<scalar_t>(),
+                            gate_values.defined() ? &gate : nullptr};
     at::parallel_for(0, g.batch * t.bands * t.groups, 1, [&](int64_t begin, int64_t end) {
       if (g.channels_last) forward_nhwc(a, begin, end);
       else forward_nchw(a, begin, end);
     });
   });
   return out;
+}
+
+at::Tensor ghost_module_cpu(const at::Tensor& x, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
+                            const at::Tensor& w2, const c10::optional<at::Tensor>& b2, int64_t out_channels,
+                            int64_t stride, c10::string_view activation) {
+  return forward_cpu(x, w1, b1, w2, b2, c10::nullopt, out_channels, stride, activation);
+}
+
+at::Tensor ghost_module_gated_cpu(const at::Tensor& x, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
+                                  const at::Tensor& w2, const c10::optional<at::Tensor>& b2, const at::Tensor& gate,
+                                  int64_t out_channels, int64_t stride, c10::string_view activation) {
+  return forward_cpu(x, w1, b1, w2, b2, gate, out_channels, stride, activation);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_module_backward_cpu(
@@ -872,6 +869,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_mod
 
 TORCH_LIBRARY_IMPL(ghostkernels, CPU, m) {
   m.impl("ghost_module", &ghost_module_cpu);
+  m.impl("ghost_module_gated", &ghost_module_gated_cpu);
   m.impl("ghost_module_backward", &ghost_module_backward_cpu);
 }
 

@@ -11,12 +11,17 @@ import warnings
 import torch
 
 from . import _backends
-from .reference import ACTIVATIONS, ghost_module_reference, output_memory_format
+from .reference import ACTIVATIONS, ghost_module_gated_reference, ghost_module_reference, output_memory_format
 
 _lib = torch.library.Library("ghostkernels", "DEF")
 _lib.define(
     "ghost_module(Tensor x, Tensor primary_weight, Tensor? primary_bias, Tensor cheap_weight, "
     "Tensor? cheap_bias, int out_channels, int stride, str activation) -> Tensor"
+)
+# GhostNetV2's attention fused into the writes: out * nearest-upsample(sigmoid(gate)).
+_lib.define(
+    "ghost_module_gated(Tensor x, Tensor primary_weight, Tensor? primary_bias, Tensor cheap_weight, "
+    "Tensor? cheap_bias, Tensor gate, int out_channels, int stride, str activation) -> Tensor"
 )
 _lib.define(
     "ghost_module_backward(Tensor grad, Tensor out, Tensor x, Tensor primary_weight, Tensor? primary_bias, "
@@ -78,6 +83,19 @@ def check_args(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_ch
         raise ValueError(f"ghost_module: x of spatial size {tuple(x.shape[2:])} is smaller than the {kernel}x{kernel} primary kernel")
 
 
+def check_gate(x, gate, out_channels):
+    """The gate logits of ghost_module_gated: (N, out_channels, h, w), x's dtype and device."""
+    if not isinstance(gate, torch.Tensor) or gate.dim() != 4:
+        shape = tuple(gate.shape) if isinstance(gate, torch.Tensor) else type(gate).__name__
+        raise ValueError(f"ghost_module: gate must be a 4-D tensor (N, out_channels, h, w), got {shape}")
+    if gate.shape[0] != x.shape[0] or gate.shape[1] != out_channels or min(gate.shape[2:]) < 1:
+        raise ValueError(
+            f"ghost_module: gate must be ({x.shape[0]}, {out_channels}, h, w) with h, w >= 1, got {tuple(gate.shape)}")
+    if gate.dtype != x.dtype or gate.device != x.device:
+        raise TypeError(f"ghost_module: gate is {gate.dtype} on {gate.device}, x is {x.dtype} on {x.device}; "
+                        "they must match")
+
+
 def output_shape(x, primary_weight, out_channels, stride):
     kernel = primary_weight.shape[2]
     height, width = ((s + 2 * (kernel // 2) - kernel) // stride + 1 for s in x.shape[2:])
@@ -92,6 +110,14 @@ def _ghost_module_fake(x, primary_weight, primary_bias, cheap_weight, cheap_bias
     check_args(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation)
     shape = output_shape(x, primary_weight, out_channels, stride)
     return x.new_empty(shape).contiguous(memory_format=output_memory_format(x))
+
+
+@torch.library.register_fake("ghostkernels::ghost_module_gated")
+def _ghost_module_gated_fake(x, primary_weight, primary_bias, cheap_weight, cheap_bias, gate, out_channels, stride,
+                             activation):
+    check_gate(x, gate, out_channels)
+    return _ghost_module_fake(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride,
+                              activation)
 
 
 @torch.library.register_fake("ghostkernels::ghost_module_backward")
@@ -129,12 +155,22 @@ def _ghost_module_fallback(x, primary_weight, primary_bias, cheap_weight, cheap_
                              activation)
 
 
-def _reference_output(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation):
+@torch.library.impl(_lib, "ghost_module_gated", "CompositeExplicitAutograd")
+def _ghost_module_gated_fallback(x, primary_weight, primary_bias, cheap_weight, cheap_bias, gate, out_channels,
+                                 stride, activation):
+    _warn_fallback(x.device.type)
+    return _reference_output(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride,
+                             activation, gate)
+
+
+def _reference_output(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation,
+                      gate=None):
     """The reference's result in the op's output layout (x's memory format, not a slice view)."""
-    out = ghost_module_reference(
-        x, primary_weight, primary_bias, cheap_weight, cheap_bias,
-        out_channels=out_channels, stride=stride, activation=activation,
-    )
+    config = dict(out_channels=out_channels, stride=stride, activation=activation)
+    if gate is None:
+        out = ghost_module_reference(x, primary_weight, primary_bias, cheap_weight, cheap_bias, **config)
+    else:
+        out = ghost_module_gated_reference(x, primary_weight, primary_bias, cheap_weight, cheap_bias, gate, **config)
     return out.contiguous(memory_format=output_memory_format(x))
 
 
@@ -169,6 +205,17 @@ def _ghost_module_cuda(x, primary_weight, primary_bias, cheap_weight, cheap_bias
     return kernels.forward(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation)
 
 
+@torch.library.impl(_lib, "ghost_module_gated", "CUDA")
+def _ghost_module_gated_cuda(x, primary_weight, primary_bias, cheap_weight, cheap_bias, gate, out_channels, stride,
+                             activation):
+    kernels = _backends.triton_kernels()
+    if kernels is None:
+        return _ghost_module_gated_fallback(
+            x, primary_weight, primary_bias, cheap_weight, cheap_bias, gate, out_channels, stride, activation)
+    return kernels.forward(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation,
+                           gate=gate)
+
+
 @torch.library.impl(_lib, "ghost_module_backward", "CUDA")
 def _ghost_module_backward_cuda(grad, out, x, primary_weight, primary_bias, cheap_weight, cheap_bias,
                                 out_channels, stride, activation):
@@ -190,53 +237,84 @@ def _setup_context(ctx, inputs, output):
     ctx.config = (out_channels, stride, activation)
 
 
+def _weight_grads(grad, out, x, primary_weight, primary_bias, cheap_weight, cheap_bias, config):
+    """(grad_x, grad_W1, grad_b1, grad_W2, grad_b2) with None for absent biases."""
+    gx, gw1, gb1, gw2, gb2 = torch.ops.ghostkernels.ghost_module_backward(
+        grad, out, x, primary_weight, primary_bias, cheap_weight, cheap_bias, *config
+    )
+    return gx, gw1, gb1 if primary_bias is not None else None, gw2, gb2 if cheap_bias is not None else None
+
+
 def _backward(ctx, grad):
     x, primary_weight, primary_bias, cheap_weight, cheap_bias, out = ctx.saved_tensors
-    gx, gw1, gb1, gw2, gb2 = torch.ops.ghostkernels.ghost_module_backward(
-        grad, out, x, primary_weight, primary_bias, cheap_weight, cheap_bias, *ctx.config
-    )
-    return (
-        gx,
-        gw1,
-        gb1 if primary_bias is not None else None,
-        gw2,
-        gb2 if cheap_bias is not None else None,
-        None,
-        None,
-        None,
-    )
+    grads = _weight_grads(grad, out, x, primary_weight, primary_bias, cheap_weight, cheap_bias, ctx.config)
+    return grads + (None, None, None)
 
 
 torch.library.register_autograd("ghostkernels::ghost_module", _backward, setup_context=_setup_context)
+
+
+def _setup_gated_context(ctx, inputs, output):
+    x, primary_weight, primary_bias, cheap_weight, cheap_bias, gate, out_channels, stride, activation = inputs
+    # The output is gated, so the ungated one (and its activation masks) is recomputed in backward.
+    ctx.save_for_backward(x, primary_weight, primary_bias, cheap_weight, cheap_bias, gate)
+    ctx.config = (out_channels, stride, activation)
+
+
+def _gated_backward(ctx, grad):
+    x, primary_weight, primary_bias, cheap_weight, cheap_bias, gate = ctx.saved_tensors
+    ungated = torch.ops.ghostkernels.ghost_module(x, primary_weight, primary_bias, cheap_weight, cheap_bias,
+                                                  *ctx.config)
+    size = list(ungated.shape[-2:])
+    sigmoid = torch.sigmoid(gate)
+    grad_sigmoid = torch.ops.aten.upsample_nearest2d_backward(grad * ungated, size, list(gate.shape), None, None)
+    grad_gate = grad_sigmoid * sigmoid * (1 - sigmoid)
+    grad_ungated = grad * torch.nn.functional.interpolate(sigmoid, size=size, mode="nearest")
+    grads = _weight_grads(grad_ungated, ungated, x, primary_weight, primary_bias, cheap_weight, cheap_bias,
+                          ctx.config)
+    return grads + (grad_gate, None, None, None)
+
+
+torch.library.register_autograd("ghostkernels::ghost_module_gated", _gated_backward,
+                                setup_context=_setup_gated_context)
 
 
 # -- public entry -----------------------------------------------------------------------
 
 
 def ghost_module(
-    x, primary_weight, primary_bias, cheap_weight, cheap_bias, *, out_channels, stride=1, activation="relu"
+    x, primary_weight, primary_bias, cheap_weight, cheap_bias, *, out_channels, stride=1, activation="relu", gate=None
 ):
     """The fused Ghost module on folded weights (SPEC section 1).
 
     x: (N, inp, H, W), NCHW or channels_last; primary_weight: (init, inp, k, k) with odd k;
     cheap_weight: (init * (ratio - 1), 1, d, d) with odd d; biases of init and
-    init * (ratio - 1) entries or None. Returns (N, out_channels, H', W') in x's memory format.
-    Differentiable in x, the weights and the biases.
+    init * (ratio - 1) entries or None. gate: optional GhostNetV2 attention logits
+    (N, out_channels, h, w); the output is then multiplied by sigmoid(gate) nearest-upsampled
+    to its size, inside the same pass. Returns (N, out_channels, H', W') in x's memory format.
+    Differentiable in x, the weights, the biases and the gate.
     """
     check_args(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation)
-    return apply(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation)
+    if gate is not None:
+        check_gate(x, gate, out_channels)
+    return apply(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation, gate)
 
 
-def apply(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation):
+def apply(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation, gate=None):
     """ghost_module without the argument checks, for callers that built the arguments themselves."""
     args = (x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation)
     if x.device.type == "cpu" and x.dtype not in CPU_KERNEL_DTYPES:
-        return _reference_output(*args)
+        return _reference_output(*args, gate)
+    if gate is None:
+        op = torch.ops.ghostkernels.ghost_module
+    else:
+        op = torch.ops.ghostkernels.ghost_module_gated
+        args = args[:5] + (gate,) + args[5:]
     if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
         # Skip the Python autograd kernel (several microseconds a call) when no graph is recorded.
         with torch._C._AutoDispatchBelowAutograd():
-            return torch.ops.ghostkernels.ghost_module(*args)
-    return torch.ops.ghostkernels.ghost_module(*args)
+            return op(*args)
+    return op(*args)
 
 
 def intrinsic_channels(out_channels, ratio):

@@ -30,6 +30,38 @@ def ghost_module_reference(
     return torch.cat([x1, x2], dim=1)[:, :out_channels]
 
 
+def upsampled_gate(gate, size):
+    """GhostNetV2's attention: sigmoid of the gate logits, nearest-upsampled to `size`."""
+    return F.interpolate(torch.sigmoid(gate), size=size, mode="nearest")
+
+
+def ghost_module_gated_reference(
+    x, primary_weight, primary_bias, cheap_weight, cheap_bias, gate, *, out_channels, stride=1, activation="relu"
+):
+    """The Ghost module's output times upsampled_gate(gate) (GhostModuleV2, 'attn' mode)."""
+    out = ghost_module_reference(x, primary_weight, primary_bias, cheap_weight, cheap_bias,
+                                 out_channels=out_channels, stride=stride, activation=activation)
+    return out * upsampled_gate(gate, out.shape[-2:])
+
+
+def dfc_short_conv(inp, oup, kernel_size=1, stride=1):
+    """GhostNetV2's DFC attention branch (keys short_conv.0-5): a conv to oup, a depthwise 1x5
+    and a depthwise 5x1 conv, each followed by BN, no activation."""
+    return nn.Sequential(
+        nn.Conv2d(inp, oup, kernel_size, stride, kernel_size // 2, bias=False),
+        nn.BatchNorm2d(oup),
+        nn.Conv2d(oup, oup, (1, 5), 1, (0, 2), groups=oup, bias=False),
+        nn.BatchNorm2d(oup),
+        nn.Conv2d(oup, oup, (5, 1), 1, (2, 0), groups=oup, bias=False),
+        nn.BatchNorm2d(oup),
+    )
+
+
+def dfc_gate(short_conv, x, size):
+    """The DFC attention of x at the output's size: upsampled_gate(short_conv(avg_pool2d(x, 2)))."""
+    return upsampled_gate(short_conv(F.avg_pool2d(x, kernel_size=2, stride=2)), size)
+
+
 class ReferenceGhostModule(nn.Module):
     """The Ghost module as the original code writes it (same keys as ghostkernels.GhostModule),
     run by PyTorch op by op: the eager baseline of the benchmarks and of accelerate()."""
@@ -54,3 +86,16 @@ class ReferenceGhostModule(nn.Module):
         x1 = self.primary_conv(x)
         x2 = self.cheap_operation(x1)
         return torch.cat([x1, x2], dim=1)[:, : self.oup]
+
+
+class ReferenceGhostModuleV2(ReferenceGhostModule):
+    """GhostModuleV2 in 'attn' mode as the original code writes it: the Ghost output times its
+    DFC attention gate (same keys as ghostkernels.GhostModuleV2)."""
+
+    def __init__(self, inp, oup, kernel_size=1, ratio=2, dw_size=3, stride=1, relu=True):
+        super().__init__(inp, oup, kernel_size, ratio, dw_size, stride, relu)
+        self.short_conv = dfc_short_conv(inp, oup, kernel_size, stride)
+
+    def forward(self, x):
+        out = super().forward(x)
+        return out * dfc_gate(self.short_conv, x, out.shape[-2:])

@@ -37,13 +37,26 @@ def _activate(v, RELU: tl.constexpr):
 
 
 @triton.jit
+def _gate(gate_ptr, n, channel, h, w, mask, GH, GW, scale_h, scale_w, sgn, sgc, sgh, sgw, ACC: tl.constexpr):
+    """sigmoid(gate logits) at output pixels (h, w), nearest-upsampled as F.interpolate does it
+    (float scale, floor, clamp)."""
+    hs = tl.minimum((tl.maximum(h, 0).to(tl.float32) * scale_h).to(tl.int32), GH - 1)
+    ws = tl.minimum((tl.maximum(w, 0).to(tl.float32) * scale_w).to(tl.int32), GW - 1)
+    logits = tl.load(gate_ptr + n * sgn + channel[None, :] * sgc + hs[:, None] * sgh + ws[:, None] * sgw, mask=mask,
+                     other=0.0).to(ACC)
+    return 1.0 / (1.0 + tl.exp(-logits))
+
+
+@triton.jit
 def _ghost_forward_kernel(
-    x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr, scratch_ptr,
+    x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, gate_ptr, out_ptr, scratch_ptr,
     INP, HO, WO, INIT, KEEP, STRIDE,
     sxn, sxc, sxh, sxw, son, soc, soh, sow,
+    GH, GW, scale_h, scale_w, sgn, sgc, sgh, sgw,
     bands_per_image, total_bands,
     COPIES: tl.constexpr, DW: tl.constexpr, ROWS: tl.constexpr,
     HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, RELU: tl.constexpr, PRIMARY_1X1: tl.constexpr,
+    GATED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     ACC: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
@@ -84,8 +97,15 @@ def _ghost_forward_kernel(
                               mask=in_image[:, None] & c_ok[None, :], other=0.0).to(ACC)
             x1 = tl.where(in_image[:, None] & c_ok[None, :], acc, 0.0).to(out_ptr.dtype.element_ty)
             in_band = in_image & (h >= r0) & (h < r0 + ROWS)
-            tl.store(out_ptr + n * son + c[None, :] * soc + h[:, None] * soh + w[:, None] * sow, x1,
-                     mask=in_band[:, None] & c_ok[None, :])
+            band_mask = in_band[:, None] & c_ok[None, :]
+            if GATED:  # the scratch keeps the ungated x1: the depthwise op reads it
+                gated = x1.to(ACC) * _gate(gate_ptr, n, c, h, w, band_mask, GH, GW, scale_h, scale_w,
+                                           sgn, sgc, sgh, sgw, ACC)
+                tl.store(out_ptr + n * son + c[None, :] * soc + h[:, None] * soh + w[:, None] * sow,
+                         gated.to(out_ptr.dtype.element_ty), mask=band_mask)
+            else:
+                tl.store(out_ptr + n * son + c[None, :] * soc + h[:, None] * soh + w[:, None] * sow, x1,
+                         mask=band_mask)
             tl.store(scratch + m[:, None] * BLOCK_C, x1, mask=(m < halo_pixels)[:, None])
         tl.debug_barrier()
         # Phase 2: the depthwise op of the band's rows, read from the scratch.
@@ -111,8 +131,12 @@ def _ghost_forward_kernel(
                         wt = tl.load(w2_ptr + j * DW * DW + dy * DW + dx, mask=j_ok, other=0.0).to(ACC)
                         acc += v * wt[None, :]
                 acc = _activate(acc, RELU)
+                ghost_mask = p_ok[:, None] & j_ok[None, :]
+                if GATED:
+                    acc *= _gate(gate_ptr, n, INIT + j, h, w, ghost_mask, GH, GW, scale_h, scale_w,
+                                 sgn, sgc, sgh, sgw, ACC)
                 tl.store(out_ptr + n * son + (INIT + j)[None, :] * soc + h[:, None] * soh + w[:, None] * sow,
-                         acc.to(out_ptr.dtype.element_ty), mask=p_ok[:, None] & j_ok[None, :])
+                         acc.to(out_ptr.dtype.element_ty), mask=ghost_mask)
         tl.debug_barrier()  # the next band overwrites the scratch
 
 
@@ -122,7 +146,7 @@ _FORWARD_CONFIGS = [
     for block_m in (32, 64, 128) for warps in (4, 8) for stages in (1, 2)
 ]
 _forward_kernel = _ghost_forward_kernel if INTERPRET else triton.autotune(
-    _FORWARD_CONFIGS, key=["INP", "HO", "WO", "INIT", "KEEP", "COPIES", "DW", "PRIMARY_1X1"])(_ghost_forward_kernel)
+    _FORWARD_CONFIGS, key=["INP", "HO", "WO", "INIT", "KEEP", "COPIES", "DW", "PRIMARY_1X1", "GATED"])(_ghost_forward_kernel)
 _INTERPRETER_CONFIG = {"BLOCK_M": 64} if INTERPRET else {}
 
 
@@ -216,10 +240,16 @@ def _persistent_programs(device, work):
     return min(work, 4)  # interpreter: a few programs still exercise the persistent loop
 
 
+def _nearest_scale(source, size):
+    """float32(source) / size rounded once to float32, the scale F.interpolate's nearest mode uses."""
+    return (torch.tensor(source, dtype=torch.float32) / size).item()
+
+
 def forward(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation,
-            band_pixels=512):
-    """Launch the fused forward; arguments already checked (ops.check_args).
-    band_pixels: output pixels per band (rows of full width), the halo-recompute trade-off."""
+            band_pixels=512, gate=None):
+    """Launch the fused forward; arguments already checked (ops.check_args, ops.check_gate).
+    band_pixels: output pixels per band (rows of full width), the halo-recompute trade-off.
+    gate: optional attention logits (N, out_channels, h, w), applied as sigmoid, nearest-upsampled."""
     batch, inp = x.shape[:2]
     init, ghosts = primary_weight.shape[0], cheap_weight.shape[0]
     kernel, dw = primary_weight.shape[-1], cheap_weight.shape[-1]
@@ -246,15 +276,18 @@ def forward(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_chann
     channel_blocks = triton.cdiv(init, block_c)
     scratch = torch.empty(programs * channel_blocks * (rows + 2 * (dw // 2)) * width * block_c,
                           dtype=x.dtype, device=x.device)
+    gated = gate is not None
+    gate = gate if gated else out[:, :, :1, :1]  # unread placeholder
     _forward_kernel[(programs, channel_blocks)](
         source, primary_weight.contiguous(), primary_bias if primary_bias is not None else source,
-        cheap_weight.contiguous(), cheap_bias if cheap_bias is not None else source, out, scratch,
+        cheap_weight.contiguous(), cheap_bias if cheap_bias is not None else source, gate, out, scratch,
         inp, height, width, init, out_channels - init, stride,
         *source.stride(), *out.stride(),
+        *gate.shape[2:], _nearest_scale(gate.shape[2], height), _nearest_scale(gate.shape[3], width), *gate.stride(),
         bands, batch * bands,
         COPIES=ghosts // init, DW=dw, ROWS=rows,
         HAS_B1=primary_bias is not None and kernel == 1, HAS_B2=cheap_bias is not None, RELU=relu,
-        PRIMARY_1X1=kernel == 1, BLOCK_K=block_k, BLOCK_C=block_c, **_INTERPRETER_CONFIG,
+        PRIMARY_1X1=kernel == 1, GATED=gated, BLOCK_K=block_k, BLOCK_C=block_c, **_INTERPRETER_CONFIG,
         INPUT_PRECISION=_input_precision(x.dtype), ACC=_accumulator(x.dtype),
         UPCAST_DOT=INTERPRET and x.dtype == torch.bfloat16,
     )

@@ -8,6 +8,7 @@ import torch
 
 import ghostkernels
 from ghostkernels import ghost_module, ghost_module_reference
+from ghostkernels.reference import ghost_module_gated_reference
 
 from conftest import make_input, make_weights
 
@@ -20,19 +21,30 @@ def config_id(config):
     return f"r{ratio}-d{dw}-s{stride}-{act}-{'cl' if cl else 'nchw'}-k{kernel}"
 
 
-def run_both(config, dtype, batch, oup=None, size=(9, 11), inp=5):
-    """Outputs and grads of (x, W1, b1, W2, b2) from the op and from the reference (float64)."""
+def run_both(config, dtype, batch, oup=None, size=(9, 11), inp=5, gate_size=None):
+    """Outputs and grads of (x, W1, b1, W2, b2[, gate]) from the op and from the reference
+    (float64). gate_size: also pass GhostNetV2 gate logits of that spatial size."""
     ratio, dw, stride, act, cl, kernel = config
     oup = oup or 4 * ratio - 1  # odd, and not a multiple of ratio: the slice drops channels
     x = make_input(batch, inp, *size, channels_last=cl, dtype=dtype, requires_grad=True)
     weights = make_weights(inp, oup, ratio, dw, kernel, dtype=dtype, requires_grad=True)
-    kwargs = dict(out_channels=oup, stride=stride, activation=act)
-    out = ghost_module(x, *weights, **kwargs)
-    grad = torch.randn_like(out)
     leaves = [x] + weights
+    if gate_size is not None:
+        leaves.append(torch.randn(batch, oup, *gate_size, dtype=dtype, requires_grad=True))
+    kwargs = dict(out_channels=oup, stride=stride, activation=act)
+
+    def run(fused, tensors):
+        if gate_size is None:
+            return ghost_module(*tensors, **kwargs) if fused else ghost_module_reference(*tensors, **kwargs)
+        if fused:
+            return ghost_module(*tensors[:-1], gate=tensors[-1], **kwargs)
+        return ghost_module_gated_reference(*tensors, **kwargs)
+
+    out = run(True, leaves)
+    grad = torch.randn_like(out)
     grads = torch.autograd.grad(out, leaves, grad)
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
-    ref_out = ghost_module_reference(*ref_leaves, **kwargs)
+    ref_out = run(False, ref_leaves)
     ref_grads = torch.autograd.grad(ref_out, ref_leaves, grad.double())
     return out, grads, ref_out, ref_grads
 
@@ -206,3 +218,67 @@ def test_cpu_kernel_checks_direct_op_calls():
     args[0] = torch.randn(1, 5, 6, 6, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="x has 5"):
         torch.ops.ghostkernels.ghost_module(*args, 8, 1, "relu")
+
+
+# -- the GhostNetV2 gate fused into the writes -----------------------------------------------
+
+# Gate sizes against the 9x11 (stride 1) or 5x6 (stride 2) output: pooled-and-floored
+# (odd sizes: 9 -> 4 -> 9), equal to the output, and a single pixel.
+GATE_SIZES = [(4, 5), (2, 3), (1, 1)]
+
+
+@pytest.mark.parametrize("gate_size", GATE_SIZES, ids=str)
+@pytest.mark.parametrize("config", CONFIGS[::7], ids=config_id)
+def test_gated_forward_backward_float64(config, gate_size):
+    out, grads, ref_out, ref_grads = run_both(config, torch.float64, batch=2, gate_size=gate_size)
+    assert_matches(out, ref_out, 1e-10)
+    for g, r in zip(grads, ref_grads):
+        assert_matches(g, r, 1e-10)
+
+
+@pytest.mark.parametrize("config", CONFIGS[3::17], ids=config_id)
+def test_gated_forward_backward_float32(config):
+    out, grads, ref_out, ref_grads = run_both(config, torch.float32, batch=1, size=(7, 7), gate_size=(3, 3))
+    assert_matches(out, ref_out, 1e-5)
+    for g, r in zip(grads, ref_grads):
+        assert_matches(g, r, 1e-5)
+
+
+@pytest.mark.parametrize("batch", [0, 1])
+def test_gated_small_batches(batch):
+    out, grads, ref_out, ref_grads = run_both((2, 3, 1, "relu", True, 1), torch.float64, batch, gate_size=(4, 5))
+    assert_matches(out, ref_out, 1e-10)
+
+
+def test_gated_gradcheck_and_opcheck():
+    x = make_input(1, 3, 7, 5, requires_grad=True)
+    weights = make_weights(3, 7, 2, 3, requires_grad=True)
+    gate = torch.randn(1, 7, 3, 2, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, w1, b1, w2, b2, gate):
+        return ghost_module(x, w1, b1, w2, b2, out_channels=7, gate=gate)
+
+    assert torch.autograd.gradcheck(fn, (x, *weights, gate))
+    for cl in (False, True):
+        xi = make_input(2, 4, 6, 5, channels_last=cl, requires_grad=True)
+        args = (xi, *make_weights(4, 7, 3, 3, requires_grad=True), torch.randn(2, 7, 3, 2, dtype=torch.float64),
+                7, 1, "relu")
+        torch.library.opcheck(torch.ops.ghostkernels.ghost_module_gated.default, args)
+
+
+@pytest.mark.parametrize(
+    "gate, error, match",
+    [
+        (torch.randn(8, 3, 3, dtype=torch.float64), ValueError, "gate must be a 4-D"),
+        (torch.randn(1, 7, 3, 3, dtype=torch.float64), ValueError, r"gate must be \(1, 8, h, w\)"),
+        (torch.randn(1, 8, 0, 3, dtype=torch.float64), ValueError, r"h, w >= 1"),
+        (torch.randn(1, 8, 3, 3), TypeError, "gate is torch.float32"),
+    ],
+)
+def test_bad_gate(gate, error, match):
+    args, kwargs = good_args()
+    with pytest.raises(error, match=match):
+        ghost_module(*args, gate=gate, **kwargs)
+    if error is ValueError and gate.dim() == 4:  # the C++ kernel says the same to direct op calls
+        with pytest.raises(RuntimeError, match="gate must be"):
+            torch.ops.ghostkernels.ghost_module_gated(*args, gate, 8, 1, "relu")

@@ -6,6 +6,7 @@ import torch
 
 import ghostkernels
 from ghostkernels import ghost_module_reference, triton_ghost
+from ghostkernels.reference import ghost_module_gated_reference
 
 from conftest import make_input, make_weights
 
@@ -93,3 +94,29 @@ def test_cuda_op_autograd_and_compile():
     module = ghostkernels.GhostModule(16, 32).cuda().half().eval()
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(module, fullgraph=True)(x), module(x), rtol=1e-2, atol=1e-2)
+
+
+# (ratio, dw, stride, activation, channels_last, primary kernel, batch, oup), output size, gate size:
+# odd sizes that pooling floors and upsampling undoes (7 -> 3 -> 7), non-square, 1x1 gates.
+GATED_CASES = [
+    ((2, 3, 1, "relu", False, 1, 2, 7), (7, 7), (3, 3)),
+    ((3, 5, 2, "none", True, 1, 1, 10), (9, 11), (2, 3)),
+    ((2, 3, 1, "relu", True, 3, 2, 8), (6, 5), (1, 1)),
+    ((4, 1, 1, "relu", False, 1, 1, 9), (5, 8), (5, 8)),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case, size, gate_size", GATED_CASES, ids=lambda c: str(c))
+def test_gated_forward(case, size, gate_size, dtype):
+    ratio, dw, stride, act, cl, kernel, batch, oup = case
+    x = make_input(batch, 5, *size, channels_last=cl, dtype=dtype).to(DEVICE)
+    weights = [w.to(DEVICE) for w in make_weights(5, oup, ratio, dw, kernel, dtype=dtype)]
+    out_size = [(s - 1) // stride + 1 for s in size]
+    gate = torch.randn(batch, oup, *(min(g, o) for g, o in zip(gate_size, out_size)), dtype=dtype, device=DEVICE)
+    out = triton_ghost.forward(x, *weights, oup, stride, act, gate=gate)
+    expected = ghost_module_gated_reference(*(t.double() for t in (x, *weights, gate)),
+                                            out_channels=oup, stride=stride, activation=act)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.double(), expected.to(out.device), rtol=tol,
+                               atol=tol * max(expected.abs().max().item(), 1.0))

@@ -1,0 +1,93 @@
+// The register-tiled GEMM the fused CPU kernels share (ghost_cpu.cpp, cheap_mix_cpu.cpp).
+// Everything here is GK_INLINE: it is compiled into each multiversioned kernel's clone.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "multiversion.h"
+
+namespace ghostkernels {
+
+// 64-byte vectors through GCC/Clang vector extensions: lowered to zmm, ymm or xmm
+// registers by whichever clone is running.
+template <typename T>
+struct Simd {
+  typedef T vec __attribute__((vector_size(64)));
+  static constexpr int lanes = 64 / sizeof(T);
+  GK_INLINE static vec load(const T* p) { vec v; std::memcpy(&v, p, sizeof(vec)); return v; }
+  GK_INLINE static void store(T* p, vec v) { std::memcpy(p, &v, sizeof(vec)); }
+};
+
+// Rows of B per pass: a packed panel of kBlock x (2 * lanes) stays in L1 across the i loop.
+constexpr int64_t kBlock = 256;
+
+// C[i, j] (+)= sum_k A[i * a_si + k * a_sk] * B[k * ldb + j] for i < M, j < N, with NV
+// vectors of B's columns per register tile (16 accumulators either way). A panel of B is
+// packed into `panel` (kBlock * 2 * lanes) when it is reused across several row blocks or
+// is a column tail, so that no load reads past the matrix and the reused panel is contiguous.
+template <typename T, int NV>
+GK_INLINE void gemm_tiles(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_si, int64_t a_sk,
+                          const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate, T* panel) {
+  using S = Simd<T>;
+  using V = typename S::vec;
+  constexpr int L = S::lanes;
+  constexpr int NR = NV * L;
+  constexpr int MR = 16 / NV;
+  for (int64_t k0 = 0; k0 < K; k0 += kBlock) {
+    const int64_t kb = std::min(kBlock, K - k0);
+    const bool add = accumulate || k0 > 0;
+    for (int64_t j0 = 0; j0 < N; j0 += NR) {
+      const int64_t nr = std::min<int64_t>(NR, N - j0);
+      const T* b = B + k0 * ldb + j0;
+      int64_t ldp = ldb;
+      if (nr < NR || M > MR) {
+        for (int64_t k = 0; k < kb; ++k) {
+          std::memcpy(panel + k * NR, b + k * ldb, nr * sizeof(T));
+          std::fill(panel + k * NR + nr, panel + (k + 1) * NR, T(0));
+        }
+        b = panel;
+        ldp = NR;
+      }
+      for (int64_t i0 = 0; i0 < M; i0 += MR) {
+        const int64_t mr = std::min<int64_t>(MR, M - i0);
+        const T* a_row[MR];
+        for (int r = 0; r < MR; ++r) a_row[r] = A + std::min<int64_t>(i0 + r, M - 1) * a_si + k0 * a_sk;
+        V acc[MR][NV];
+        for (int r = 0; r < MR; ++r)
+          for (int v = 0; v < NV; ++v) acc[r][v] = V{};
+        for (int64_t k = 0; k < kb; ++k) {
+          V bv[NV];
+          for (int v = 0; v < NV; ++v) bv[v] = S::load(b + k * ldp + v * L);
+          const int64_t ak = k * a_sk;
+#pragma GCC unroll 16
+          for (int r = 0; r < MR; ++r) {
+            const T a = a_row[r][ak];
+            for (int v = 0; v < NV; ++v) acc[r][v] += a * bv[v];
+          }
+        }
+        for (int64_t r = 0; r < mr; ++r) {
+          T* c = C + (i0 + r) * ldc + j0;
+          if (nr == NR) {
+            for (int v = 0; v < NV; ++v) S::store(c + v * L, add ? acc[r][v] + S::load(c + v * L) : acc[r][v]);
+          } else {
+            T tmp[NR];
+            for (int v = 0; v < NV; ++v) S::store(tmp + v * L, acc[r][v]);
+            for (int64_t j = 0; j < nr; ++j) c[j] = add ? c[j] + tmp[j] : tmp[j];
+          }
+        }
+      }
+    }
+  }
+}
+
+// gemm_tiles with one vector of columns when N fits in one, two otherwise.
+template <typename T>
+GK_INLINE void gemm_nn(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_si, int64_t a_sk,
+                       const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate, T* panel) {
+  if (N <= Simd<T>::lanes) gemm_tiles<T, 1>(M, N, K, A, a_si, a_sk, B, ldb, C, ldc, accumulate, panel);
+  else gemm_tiles<T, 2>(M, N, K, A, a_si, a_sk, B, ldb, C, ldc, accumulate, panel);
+}
+
+}  // namespace ghostkernels
