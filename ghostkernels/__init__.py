@@ -1,17 +1,17 @@
 """ghostkernels: GhostNet's Ghost module in one fused pass (C++ on the CPU, Triton on the GPU), with a PyTorch reference."""
 
-from . import depthwise, models, ops
+from . import cheap_mix, depthwise, models, ops
 from ._backends import backends, load_cpu_extension
 from .acceleration import AccelerationSummary, accelerate
 from .ghostify import count_params_flops, ghostify
-from .modules import GhostModule, fold_conv_bn
+from .modules import GhostModule, GhostModuleV2, fold_conv_bn
 from .ops import ghost_module
 from .reference import ghost_module_reference
 
 load_cpu_extension()  # after ops and depthwise: the library registers kernels for the ops they define
 
 __all__ = [
-    "AccelerationSummary", "GhostModule", "accelerate", "backends", "count_params_flops", "fold_conv_bn",
+    "AccelerationSummary", "GhostModule", "GhostModuleV2", "accelerate", "backends", "count_params_flops", "fold_conv_bn",
     "ghost_module", "ghost_module_reference", "ghostify", "models",
 ]
 __version__ = "0.1.0"

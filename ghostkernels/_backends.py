@@ -1,5 +1,6 @@
 """Which kernel serves each device, and why: the compiled CPU library is loaded tolerantly."""
 
+import importlib
 import importlib.util
 import os
 
@@ -31,26 +32,28 @@ def load_cpu_extension():
     return _cpu_status
 
 
-_triton = None  # (module or None, reason), set at the first CUDA call
+_triton = None  # (reason, {module name: module}) or (reason, None) once an import failed
 
 
-def triton_kernels():
-    """The Triton kernels module, imported on first use; None (and the reason kept) if it fails."""
+def triton_kernels(name="triton_ghost"):
+    """A Triton kernels module of this package (triton_ghost, triton_cheap_mix), imported on
+    first use; None (and the reason kept) if Triton cannot be imported."""
     global _triton
-    if _triton is None:
+    if _triton is None or (_triton[1] is not None and name not in _triton[1]):
         try:
-            from . import triton_ghost
-
-            _triton = (triton_ghost, f"Triton {triton_ghost.triton.__version__} kernels")
+            module = importlib.import_module(f".{name}", __package__)
+            modules = dict(_triton[1]) if _triton is not None else {}
+            modules[name] = module
+            _triton = (f"Triton {module.triton.__version__} kernels", modules)
         except ImportError as error:
-            _triton = (None, f"Triton cannot be imported ({error}); install triton>=3.6")
-    return _triton[0]
+            _triton = (f"Triton cannot be imported ({error}); install triton>=3.6", None)
+    return _triton[1][name] if _triton[1] is not None else None
 
 
 def _cuda_status():
     if _triton is not None:
-        module, reason = _triton
-        backend = "triton" if module is not None else "reference"
+        reason, modules = _triton
+        backend = "triton" if modules is not None else "reference"
     elif importlib.util.find_spec("triton") is None:
         backend, reason = "reference", "Triton is not installed; install triton>=3.6"
     else:

@@ -3,23 +3,25 @@
 Ghost modules are recognised by structure, not by class: a `primary_conv` and a depthwise
 `cheap_operation`, each a Sequential of Conv2d, an optional BatchNorm2d and an optional
 ReLU (or Identity / empty Sequential), and an `oup` or `out_chs` attribute. That covers the
-original Huawei GhostModule, timm's (with `relu` or `act_layer`), the Ghost part of
-GhostModuleV2 in both modes (its DFC gate is kept as is) and re-parameterised GhostNetV3
-modules (conv with bias, no BN). The swap shares the parameters, keeps the state-dict keys and
-leaves training behaviour as it was. In eval mode the remaining Conv+BN pairs that run one
-after the other (stem, `conv_dw`/`bn_dw`, shortcuts, ConvBnAct) are folded too, and the
-depthwise convs among them run on ghostkernels' depthwise kernel.
+original Huawei GhostModule, timm's (with `relu` or `act_layer`), GhostModuleV2 in both modes
+(in 'attn' mode the DFC gate's sigmoid, upsampling and product are fused into the Ghost op's
+writes), GhostNetV3 modules after re-parameterisation (conv with bias, no BN) in both modes,
+and G-GhostNet stages (base, layers, merge, cheap, end). The swap shares the parameters,
+keeps the state-dict keys and leaves training behaviour as it was. In eval mode the remaining
+Conv+BN pairs that run one after the other (stem, `conv_dw`/`bn_dw`, shortcuts, ConvBnAct,
+the convs of post-activation Bottleneck/BasicBlock blocks) are folded too, and the depthwise
+convs among them run on ghostkernels' depthwise kernel.
 """
 
 import copy
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .depthwise import DepthwiseConv2d
-from .modules import GhostModule, fold_conv_bn, is_same_square_conv
+from .models.g_ghost_regnet import GGhostStage
+from .modules import GhostModule, GhostModuleV2, conv_bn_sequence, fold_conv_bn, is_same_square_conv
 
 
 @dataclass
@@ -89,29 +91,46 @@ def ghost_module_activation(module):
     return act1, None
 
 
-class GhostModuleWithGate(GhostModule):
-    """GhostModuleV2 in 'attn' mode: the fused Ghost module times its DFC attention gate,
-    sigmoid(short_conv(avg_pool2d(x, 2))) nearest-upsampled to the output's size."""
+def attention_gate(module):
+    """The DFC attention of GhostModuleV2 ('attn') / GhostModuleV3 ('shortcut'): (short_conv or
+    None, why not fusable). An absent or empty short_conv means no gate."""
+    short_conv = getattr(module, "short_conv", None)
+    if not isinstance(short_conv, nn.Sequential) or len(short_conv) == 0:
+        return None, None
+    if getattr(module, "mode", "attn") not in ("attn", "shortcut"):
+        return None, None
+    pairs = conv_bn_sequence(short_conv)
+    if pairs is None:
+        return None, "short_conv: not a sequence of Conv2d [BatchNorm2d]"
+    if any(bn is not None and bn.running_mean is None for _, bn in pairs):
+        return None, "short_conv: BatchNorm without running statistics"
+    return short_conv, None
 
-    def forward(self, x):
-        gate = torch.sigmoid(self.short_conv(F.avg_pool2d(x, kernel_size=2, stride=2)))
-        out = super().forward(x)
-        return out * F.interpolate(gate, size=out.shape[-2:], mode="nearest")
 
-
-def _swap_ghost(module, activation):
+def _swap_ghost(module, activation, short_conv):
     oup = getattr(module, "oup", None) or getattr(module, "out_chs")
-    attention = getattr(module, "mode", None) == "attn" and hasattr(module, "short_conv")
-    cls = GhostModuleWithGate if attention else GhostModule
+    cls = GhostModule if short_conv is None else GhostModuleV2
     fused = cls.from_parts(module.primary_conv, module.cheap_operation, oup, activation)
-    if attention:
-        fused.short_conv = module.short_conv
+    if short_conv is not None:
+        fused.short_conv = short_conv
     fused.train(module.training)
     return fused
 
 
 # Attribute pairs (conv, bn) that run one after the other in GhostNet-family code.
 _CONV_BN_ATTRIBUTES = [("conv_stem", "bn1"), ("conv_dw", "bn_dw"), ("conv", "bn1"), ("conv", "bn")]
+# ...and in post-activation residual blocks (RegNet / ResNet Bottleneck and BasicBlock). Only
+# there: a pre-activation block applies bn1 before conv1.
+_BLOCK_CONV_BN_ATTRIBUTES = [("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")]
+
+
+def _conv_bn_attributes(owner):
+    name = type(owner).__name__
+    if name.endswith(("Bottleneck", "BasicBlock")) and not name.startswith("PreAct"):
+        return _CONV_BN_ATTRIBUTES + _BLOCK_CONV_BN_ATTRIBUTES
+    if hasattr(owner, "layer1"):  # a ResNet / RegNet / G-Ghost RegNet: its stem is conv1 -> bn1
+        return _CONV_BN_ATTRIBUTES + _BLOCK_CONV_BN_ATTRIBUTES[:1]
+    return _CONV_BN_ATTRIBUTES
 
 
 def _fold_pair(owner, conv_name, bn_name, conv, bn):
@@ -148,11 +167,32 @@ def _fold_conv_bn_pairs(model, summary):
                     _fold_pair(owner, conv_name, bn_name, conv, bn)
                     summary.folded.append(f"{prefix}{conv_name}+{bn_name}")
             continue
-        for conv_name, bn_name in _CONV_BN_ATTRIBUTES:
+        for conv_name, bn_name in _conv_bn_attributes(owner):
             conv, bn = getattr(owner, conv_name, None), getattr(owner, bn_name, None)
             if _foldable(conv, bn):
                 _fold_pair(owner, conv_name, bn_name, conv, bn)
                 summary.folded.append(f"{prefix}{conv_name}+{bn_name}")
+            elif conv_name == "conv_dw" and DepthwiseConv2d.eligible(conv) and isinstance(bn, nn.Identity):
+                setattr(owner, conv_name, DepthwiseConv2d.from_conv(conv))  # GhostNetV3's re-parameterised conv_dw
+                summary.folded.append(f"{prefix}{conv_name} (depthwise kernel)")
+
+
+def _replace(model, name, module):
+    """model with its submodule `name` replaced by `module` ('' replaces the model itself)."""
+    if not name:
+        return module
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, module)
+    return model
+
+
+def _is_g_ghost_stage(module):
+    """G-GhostNet's stage by structure: base, end, merge, cheap, layers and the raw/cheap split."""
+    names = ("base", "end", "merge", "cheap", "cheap_relu", "layers")
+    return (all(isinstance(getattr(module, n, None), nn.Module) for n in names)
+            and isinstance(getattr(module, "raw_planes", None), int) and isinstance(module.cheap, nn.Sequential)
+            and isinstance(module.cheap[0], nn.Conv2d) and module.cheap[0].kernel_size == (1, 1)
+            and module.cheap[0].groups == 1 and len(module.layers) > 0)
 
 
 def accelerate(model, inplace=False):
@@ -167,21 +207,21 @@ def accelerate(model, inplace=False):
         model = copy.deepcopy(model)
     summary = AccelerationSummary()
     for name, module in list(model.named_modules()):
-        if isinstance(module, GhostModule):  # ours already: fused in eval
+        if isinstance(module, (GhostModule, GGhostStage)):  # ours already: fused in eval
+            summary.fused.append(name or "(the model itself)")
+            continue
+        if _is_g_ghost_stage(module):
+            model = _replace(model, name, GGhostStage.from_parts(module))
             summary.fused.append(name or "(the model itself)")
             continue
         if not hasattr(module, "primary_conv"):
             continue
         activation, why = ghost_module_activation(module)
-        if activation is None:
-            summary.skipped.append((name, why))
+        short_conv, gate_why = attention_gate(module)
+        if activation is None or gate_why:
+            summary.skipped.append((name, why or gate_why))
             continue
-        fused = _swap_ghost(module, activation)
-        if name:
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, fused)
-        else:
-            model = fused
+        model = _replace(model, name, _swap_ghost(module, activation, short_conv))
         summary.fused.append(name or "(the model itself)")
     if not model.training:
         _fold_conv_bn_pairs(model, summary)

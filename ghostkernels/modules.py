@@ -1,9 +1,11 @@
 """GhostModule: the original module's structure and state-dict keys, the fused op in eval."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .reference import dfc_gate, dfc_short_conv
 
 
 def is_same_square_conv(conv):
@@ -88,13 +90,15 @@ class GhostModule(nn.Module):
         bn = modules.get("1")
         return modules["0"], bn if isinstance(bn, nn.BatchNorm2d) else None
 
+    def _conv_bn_pairs(self):
+        """The (conv, BN or None) pairs whose folded weights the eval forward uses."""
+        return [self._conv_bn(self.primary_conv), self._conv_bn(self.cheap_operation)]
+
     def _fold(self):
-        primary_weight, primary_bias = fold_conv_bn(*self._conv_bn(self.primary_conv))
-        cheap_weight, cheap_bias = fold_conv_bn(*self._conv_bn(self.cheap_operation))
-        return primary_weight, primary_bias, cheap_weight, cheap_bias
+        return tuple(t for conv, bn in self._conv_bn_pairs() for t in fold_conv_bn(conv, bn))
 
     def folded_weights(self):
-        """(W1, b1, W2, b2) with both BNs folded in (eval mode), or None when a BN keeps no
+        """(W1, b1, W2, b2, ...) with the BNs folded in (eval mode), or None when a BN keeps no
         running statistics (it then normalises with batch statistics even in eval mode).
         Cached unless autograd needs them."""
         tensors = self._fold_sources()
@@ -108,7 +112,7 @@ class GhostModule(nn.Module):
         key = tuple((t.data_ptr(), t._version) for t in tensors)
         if key != self._folded_key:
             with torch.no_grad():
-                self._folded = tuple(t.contiguous() for t in self._fold())
+                self._folded = tuple(t.contiguous() if t is not None else None for t in self._fold())
             self._folded_key = key
         return self._folded
 
@@ -116,8 +120,7 @@ class GhostModule(nn.Module):
         """The tensors the folded weights depend on, or None if a BN has no running statistics.
         Direct dict reads: this runs on every eval call."""
         tensors = []
-        for sequential in (self.primary_conv, self.cheap_operation):
-            conv, bn = self._conv_bn(sequential)
+        for conv, bn in self._conv_bn_pairs():
             tensors.extend(t for t in conv._parameters.values() if t is not None)
             if bn is not None:
                 if bn._buffers.get("running_mean") is None:
@@ -135,7 +138,50 @@ class GhostModule(nn.Module):
             return torch.cat([x1, x2], dim=1)[:, : self.oup]
         if x.dim() != 4:
             raise ValueError(f"GhostModule: x must be a 4-D tensor (N, C, H, W), got {tuple(x.shape)}")
-        return ops.apply(x, *folded, self.oup, self.stride, self.activation)
+        return ops.apply(x, *folded[:4], self.oup, self.stride, self.activation)
 
     def extra_repr(self):
         return f"oup={self.oup}, init={self.init_channels}, new={self.new_channels}, activation={self.activation}"
+
+
+def conv_bn_sequence(sequential):
+    """[(conv, BN or None), ...] of a Sequential of Conv2d layers each optionally followed by a
+    BatchNorm2d, or None if it holds anything else."""
+    modules, pairs = list(sequential), []
+    while modules:
+        conv = modules.pop(0)
+        if not isinstance(conv, nn.Conv2d):
+            return None
+        bn = modules.pop(0) if modules and isinstance(modules[0], nn.BatchNorm2d) else None
+        pairs.append((conv, bn))
+    return pairs
+
+
+class GhostModuleV2(GhostModule):
+    """GhostNetV2's Ghost module in 'attn' mode (also GhostNetV3's 'shortcut' mode): the Ghost
+    output times the DFC attention gate sigmoid(short_conv(avg_pool2d(x, 2))), nearest-upsampled.
+
+    Keys: those of GhostModule plus `short_conv.0-5` (1x1 conv to oup, depthwise 1x5, depthwise
+    5x1, each followed by BN, no activation). In eval the gate's logits run on folded convs
+    at the pooled resolution and the fused op applies sigmoid, upsampling and the product as
+    it writes the output.
+    """
+
+    def __init__(self, inp, oup, kernel_size=1, ratio=2, dw_size=3, stride=1, relu=True):
+        super().__init__(inp, oup, kernel_size, ratio, dw_size, stride, relu)
+        self.short_conv = dfc_short_conv(inp, oup, kernel_size, stride)
+
+    def _conv_bn_pairs(self):
+        return super()._conv_bn_pairs() + conv_bn_sequence(self.short_conv)
+
+    def forward(self, x):
+        folded = None if self.training else self.folded_weights()
+        if folded is None:
+            out = super().forward(x)
+            return out * dfc_gate(self.short_conv, x, out.shape[-2:])
+        if x.dim() != 4:
+            raise ValueError(f"GhostModuleV2: x must be a 4-D tensor (N, C, H, W), got {tuple(x.shape)}")
+        logits = F.avg_pool2d(x, kernel_size=2, stride=2)
+        for (conv, _), weight, bias in zip(conv_bn_sequence(self.short_conv), folded[4::2], folded[5::2]):
+            logits = F.conv2d(logits, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return ops.apply(x, *folded[:4], self.oup, self.stride, self.activation, logits)

@@ -1,0 +1,215 @@
+"""G-Ghost RegNet ("GhostNets on Heterogeneous Devices via Cheap Operations"), with the
+state-dict keys of Huawei's g_ghost_regnet.py.
+
+In a G-Ghost stage the first block's output x0 is split: its first raw_planes channels go
+through the stage's inner RegNetX blocks, the other channels through a cheap 1x1 conv + BN,
+plus a "mix" vector (the global pool of x0 and every inner block's output -> 1x1 conv, BN,
+ReLU, 1x1 conv, BN) broadcast over H, W, and a ReLU; the two parts are concatenated before
+the stage's last block.
+
+GGhostStage runs the original ops in training. In eval without autograd it writes the last
+inner block's output and the cheap part (ghostkernels::cheap_mix) straight into the two
+channel slices of one buffer (no concat copy) and pools each feature map as it goes instead
+of concatenating them for the mix.
+
+    model = g_ghost_regnetx_032()   # 10.5M parameters
+"""
+
+import torch
+from torch import nn
+
+from ..cheap_mix import cheap_mix
+from ..modules import fold_conv_bn
+
+
+class Bottleneck(nn.Module):
+    """RegNetX block: 1x1, grouped 3x3 (stride), 1x1, each with BN, ReLU after the residual add."""
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, group_width=1):
+        super().__init__()
+        width = planes
+        self.conv1 = nn.Conv2d(inplanes, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, groups=width // min(width, group_width), bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, planes, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        return self.relu(_residual_branch(self, x) + _identity(self, x))
+
+
+def _residual_branch(block, x):
+    out = block.relu(block.bn1(block.conv1(x)))
+    out = block.relu(block.bn2(block.conv2(out)))
+    return block.bn3(block.conv3(out))
+
+
+def _identity(block, x):
+    return block.downsample(x) if block.downsample is not None else x
+
+
+def _block_into(block, x, out):
+    """A Bottleneck-structured block's output written into `out` (a channel slice of a buffer)."""
+    torch.add(_residual_branch(block, x), _identity(block, x), out=out)
+    return out.relu_()
+
+
+class FirstChannels(nn.Module):
+    """x[:, :channels]: the first inner block's 'downsample' (no parameters)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.channels = channels
+
+    def forward(self, x):
+        return x[:, : self.channels]
+
+
+class GGhostStage(nn.Module):
+    """A G-Ghost stage of `blocks` RegNetX blocks (blocks >= 3): base, blocks - 2 inner blocks on
+    the raw channels, the cheap part with its mix, and the end block on the concatenation."""
+
+    def __init__(self, inplanes, planes, group_width, blocks, stride=2, cheap_ratio=0.5):
+        super().__init__()
+        if blocks < 3:
+            raise ValueError(f"GGhostStage: blocks must be >= 3, got {blocks}")
+        downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+        self.base = Bottleneck(inplanes, planes, stride, downsample, group_width)
+        self.end = Bottleneck(planes, planes, group_width=group_width)
+        inner_width = int(group_width * 0.75)
+        self.raw_planes = int(planes * (1 - cheap_ratio) / inner_width) * inner_width
+        self.cheap_planes = planes - self.raw_planes
+        self.merge = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(planes + self.raw_planes * (blocks - 2), self.cheap_planes, 1, bias=False),
+            nn.BatchNorm2d(self.cheap_planes),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(self.cheap_planes, self.cheap_planes, 1, bias=False),
+            nn.BatchNorm2d(self.cheap_planes),
+        )
+        self.cheap = nn.Sequential(nn.Conv2d(self.cheap_planes, self.cheap_planes, 1, bias=False),
+                                   nn.BatchNorm2d(self.cheap_planes))
+        self.cheap_relu = nn.ReLU(inplace=True)
+        self.layers = nn.Sequential(
+            Bottleneck(self.raw_planes, self.raw_planes, 1, FirstChannels(self.raw_planes), inner_width),
+            *(Bottleneck(self.raw_planes, self.raw_planes, group_width=inner_width) for _ in range(blocks - 3)),
+        )
+
+    @classmethod
+    def from_parts(cls, stage):
+        """A GGhostStage sharing the submodules of a structurally equal stage (the original code's
+        Stage): how ghostkernels.accelerate adopts it."""
+        adopted = cls.__new__(cls)
+        nn.Module.__init__(adopted)
+        for name in ("base", "end", "merge", "cheap", "cheap_relu", "layers"):
+            setattr(adopted, name, getattr(stage, name))
+        adopted.raw_planes, adopted.cheap_planes = stage.raw_planes, stage.cheap_planes
+        adopted.train(stage.training)
+        return adopted
+
+    def forward(self, x):
+        if self.training or torch.is_grad_enabled():
+            return self._forward_original(x)
+        x0 = self.base(x)
+        pooled = [x0.mean((2, 3))]
+        raw = x0[:, : self.raw_planes]
+        for block in self.layers[:-1]:
+            raw = block(raw)
+            pooled.append(raw.mean((2, 3)))
+        joined = torch.empty_like(x0)  # x0's shape and memory format: [raw | cheap]
+        _block_into(self.layers[-1], raw, joined[:, : self.raw_planes])
+        pooled.append(joined[:, : self.raw_planes].mean((2, 3)))
+        # The pool of the concatenation is the concatenation of the pools.
+        mix = self.merge[1:](torch.cat(pooled, 1)[:, :, None, None]).flatten(1)
+        cheap_conv, cheap_bn = self.cheap[0], self.cheap[1]
+        weight, bias = fold_conv_bn(cheap_conv, cheap_bn if isinstance(cheap_bn, nn.BatchNorm2d) else None)
+        cheap_mix(x0, weight, bias, mix, channel_offset=self.raw_planes, out=joined[:, self.raw_planes:])
+        return self.end(joined)
+
+    def _forward_original(self, x):
+        x0 = self.base(x)
+        features = [x0]
+        raw = x0[:, : self.raw_planes]
+        for block in self.layers:
+            raw = block(raw)
+            features.append(raw)
+        mix = self.merge(torch.cat(features, 1))
+        cheap = self.cheap_relu(self.cheap(x0[:, self.raw_planes:]) + mix)
+        return self.end(torch.cat((raw, cheap), 1))
+
+
+class GGhostRegNet(nn.Module):
+    """G-Ghost RegNetX: stem (3x3 s2 conv to 32, BN, ReLU), four stride-2 stages (layer2 and
+    layer4 G-Ghost stages when deeper than 2 blocks, layer3 always), pool, dropout 0.2, fc."""
+
+    def __init__(self, depths, widths, group_width, num_classes=1000, cheap_ratio=0.5, dropout=0.2):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 32, 3, 2, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(32)
+        self.relu = nn.ReLU(inplace=True)
+        inplanes = 32
+        for index, (depth, width) in enumerate(zip(depths, widths)):
+            ghost = index == 2 or (index in (1, 3) and depth > 2)
+            if ghost:
+                layer = GGhostStage(inplanes, width, group_width, depth, 2, cheap_ratio)
+            else:
+                layer = self._plain_layer(inplanes, width, depth, group_width)
+            setattr(self, f"layer{index + 1}", layer)
+            inplanes = width
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(widths[-1], num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    @staticmethod
+    def _plain_layer(inplanes, planes, blocks, group_width):
+        downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, 2, bias=False), nn.BatchNorm2d(planes))
+        layers = [Bottleneck(inplanes, planes, 2, downsample, group_width)]
+        layers += [Bottleneck(planes, planes, group_width=group_width) for _ in range(blocks - 1)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(self.dropout(torch.flatten(self.avgpool(x), 1)))
+
+
+# name: (depths, widths, group width), as in the original code.
+G_GHOST_REGNET_CONFIGS = {
+    "002": ([1, 1, 4, 7], [24, 56, 152, 368], 8),
+    "004": ([1, 2, 7, 12], [32, 64, 160, 384], 16),
+    "006": ([1, 3, 5, 7], [48, 96, 240, 528], 24),
+    "008": ([1, 3, 7, 5], [64, 128, 288, 672], 16),
+    "016": ([2, 4, 10, 2], [72, 168, 408, 912], 24),
+    "032": ([2, 6, 15, 2], [96, 192, 432, 1008], 48),
+    "040": ([2, 5, 14, 2], [80, 240, 560, 1360], 40),
+    "064": ([2, 4, 10, 1], [168, 392, 784, 1624], 56),
+    "080": ([2, 5, 15, 1], [80, 240, 720, 1920], 120),
+    "120": ([2, 5, 11, 1], [224, 448, 896, 2240], 112),
+    "160": ([2, 6, 13, 1], [256, 512, 896, 2048], 128),
+    "320": ([2, 7, 13, 1], [336, 672, 1344, 2520], 168),
+}
+
+
+def g_ghost_regnetx(name, **kwargs):
+    """G-Ghost RegNetX by its RegNet name ('002' ... '320'), e.g. g_ghost_regnetx('032')."""
+    if name not in G_GHOST_REGNET_CONFIGS:
+        raise ValueError(f"g_ghost_regnetx: name must be one of {sorted(G_GHOST_REGNET_CONFIGS)}, got {name!r}")
+    return GGhostRegNet(*G_GHOST_REGNET_CONFIGS[name], **kwargs)
+
+
+def g_ghost_regnetx_016(**kwargs):
+    return g_ghost_regnetx("016", **kwargs)
+
+
+def g_ghost_regnetx_032(**kwargs):
+    return g_ghost_regnetx("032", **kwargs)
+
+
+def g_ghost_regnetx_040(**kwargs):
+    return g_ghost_regnetx("040", **kwargs)

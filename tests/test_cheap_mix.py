@@ -1,0 +1,88 @@
+"""ghostkernels::cheap_mix (G-GhostNet's cheap part) against its reference: C++ on the CPU, the
+Triton kernel on a GPU or in the interpreter; into channel slices; gradients; errors."""
+
+import pytest
+import torch
+
+from ghostkernels import triton_cheap_mix
+from ghostkernels.cheap_mix import cheap_mix, cheap_mix_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_args(batch, channels, cin, cout, size, dtype=torch.float64, channels_last=False, bias=True):
+    x = torch.randn(batch, channels, *size, dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    weight = torch.randn(cout, cin, 1, 1, dtype=dtype) / cin ** 0.5
+    return x, weight, torch.randn(cout, dtype=dtype) if bias else None, torch.randn(batch, cout, dtype=dtype)
+
+
+def buffer_slice(batch, channels, offset, cout, size, dtype, channels_last):
+    """A channel slice [offset, offset + cout) of a larger concatenation buffer."""
+    buffer = torch.full((batch, channels, *size), float("nan"), dtype=dtype)
+    if channels_last:
+        buffer = buffer.to(memory_format=torch.channels_last)
+    return buffer, buffer[:, offset:offset + cout]
+
+
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("batch, offset, bias", [(2, 7, True), (1, 0, False), (0, 3, True)])
+def test_cpu_matches_reference_and_writes_only_its_slice(dtype, channels_last, batch, offset, bias):
+    x, weight, b, mix = make_args(batch, 20, 13, 11, (9, 7), dtype, channels_last, bias)
+    expected = cheap_mix_reference(x, weight, b, mix, offset)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(cheap_mix(x, weight, b, mix, channel_offset=offset), expected, rtol=tol, atol=tol)
+    buffer, target = buffer_slice(batch, 30, 19, 11, (9, 7), dtype, channels_last)
+    cheap_mix(x, weight, b, mix, channel_offset=offset, out=target)
+    torch.testing.assert_close(target, expected, rtol=tol, atol=tol)
+    assert buffer[:, :19].isnan().all() and buffer[:, 30:].isnan().all()
+
+
+def test_cpu_gradcheck_and_opcheck():
+    x, weight, b, mix = (t.requires_grad_() for t in make_args(2, 9, 5, 6, (4, 3)))
+
+    def fn(x, weight, b, mix):
+        return cheap_mix(x, weight, b, mix, channel_offset=3)
+
+    assert torch.autograd.gradcheck(fn, (x, weight, b, mix))
+    torch.library.opcheck(torch.ops.ghostkernels.cheap_mix.default, (x, weight, b, mix, 3))
+    out = torch.empty(2, 6, 4, 3, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.ghostkernels.cheap_mix_into.default,
+                          (x.detach(), weight.detach(), b.detach(), mix.detach(), 3, out))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+                         if DEVICE == "cpu" else [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_triton_kernel_into_a_slice(dtype, channels_last):
+    """The Triton kernel (interpreter on the CPU) against the float64 reference."""
+    x, weight, b, mix = (t.to(DEVICE, dtype) for t in make_args(2, 40, 33, 70, (5, 13), channels_last=channels_last))
+    buffer = buffer_slice(2, 90, 20, 70, (5, 13), dtype, channels_last)[0].to(DEVICE)
+    target = buffer[:, 20:90]
+    triton_cheap_mix.cheap_mix_into(x, weight, b, mix, 7, target)
+    expected = cheap_mix_reference(*(t.double() for t in (x, weight, b, mix)), 7)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5 if DEVICE == "cpu" else 1e-2}.get(dtype, 2e-2)
+    torch.testing.assert_close(target.double(), expected, rtol=tol, atol=tol * expected.abs().max().item())
+    assert buffer[:, :20].isnan().all()
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (lambda a: a.update(x=a["x"][0]), ValueError, "x must be a 4-D"),
+    (lambda a: a.update(weight=torch.randn(6, 5, 3, 3, dtype=torch.float64)), ValueError, r"weight must be \(cout, cin, 1, 1\)"),
+    (lambda a: a.update(channel_offset=5), ValueError, "channel_offset 5 \\+ cin 5 exceeds x's 9 channels"),
+    (lambda a: a.update(mix=torch.randn(2, 5, dtype=torch.float64)), ValueError, r"mix must be \(2, 6\)"),
+    (lambda a: a.update(bias=torch.randn(5, dtype=torch.float64)), ValueError, r"bias must have shape \(6,\)"),
+    (lambda a: a.update(mix=torch.randn(2, 6)), TypeError, "mix is torch.float32"),
+    (lambda a: a.update(out=torch.empty(2, 6, 4, 4, dtype=torch.float64)), ValueError, "out must have shape"),
+])
+def test_bad_input(change, error, match):
+    x, weight, b, mix = make_args(2, 9, 5, 6, (4, 3))
+    args = dict(x=x, weight=weight, bias=b, mix=mix, channel_offset=0)
+    change(args)
+    with pytest.raises(error, match=match):
+        cheap_mix(args.pop("x"), args.pop("weight"), args.pop("bias"), args.pop("mix"), **args)
