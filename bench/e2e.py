@@ -1,12 +1,14 @@
-"""End-to-end GhostNet: eager PyTorch vs ghostkernels.accelerate vs torch.compile, and ONNX
-Runtime / OpenVINO when they are installed.
+"""End-to-end Ghost-family models: eager PyTorch vs ghostkernels.accelerate vs torch.compile,
+and ONNX Runtime / OpenVINO when they are installed.
 
-    OPENBLAS_NUM_THREADS=1 python bench/e2e.py                   # CPU: 0.5x/1.0x/1.3x, batch 1 and 8
-    OPENBLAS_NUM_THREADS=1 python bench/e2e.py --widths 1.0 --no-compile
+    OPENBLAS_NUM_THREADS=1 python bench/e2e.py                   # CPU: GhostNet 0.5x/1.0x/1.3x, batch 1 and 8
+    OPENBLAS_NUM_THREADS=1 python bench/e2e.py --models ghostnetv2-1.0 ghostnetv3-1.0 g-ghost-regnetx-032
+    OPENBLAS_NUM_THREADS=1 python bench/e2e.py --models ghostnet-1.0 --no-compile
     python bench/e2e.py --device cuda                            # GPU: float16, batch 1/64/256
 
-Eager is the model as the original code runs it (ghostnet(fused=False), eval). Medians in ms
-after warm-up; every contender's output is checked against eager first.
+Eager is the model as the original code runs it (plain PyTorch modules, eval; GhostNetV3
+re-parameterised). Medians in ms after warm-up; every contender's output is checked against
+eager first.
 """
 
 import argparse
@@ -21,7 +23,17 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ghostkernels  # noqa: E402
 from cases import median_ms  # noqa: E402
-from ghostkernels.models import ghostnet  # noqa: E402
+from ghostkernels import models  # noqa: E402
+
+# name: the eager model, built the way the original code runs it.
+MODELS = {
+    "ghostnet-0.5": lambda: models.ghostnet(0.5, fused=False),
+    "ghostnet-1.0": lambda: models.ghostnet(1.0, fused=False),
+    "ghostnet-1.3": lambda: models.ghostnet(1.3, fused=False),
+    "ghostnetv2-1.0": lambda: models.ghostnetv2(1.0, fused=False),
+    "ghostnetv3-1.0": lambda: models.ghostnetv3(1.0).eval().reparameterize(),
+    "g-ghost-regnetx-032": lambda: models.g_ghost_regnetx("032", fused=False),
+}
 
 
 def onnx_runtime(model, x):
@@ -69,7 +81,8 @@ class Progress:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--widths", type=float, nargs="+", default=[0.5, 1.0, 1.3])
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS),
+                        default=["ghostnet-0.5", "ghostnet-1.0", "ghostnet-1.3"])
     parser.add_argument("--batch", type=int, nargs="+", help="default: 1 8 (CPU), 1 64 256 (CUDA)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (slow to build)")
@@ -83,18 +96,18 @@ def main():
         contenders += ["compile(eager)", "compile(accelerated)"]
     if device == "cpu":
         contenders += ["onnxruntime", "openvino"]
-    progress = Progress(len(args.widths) * len(batches) * len(contenders))
+    progress = Progress(len(args.models) * len(batches) * len(contenders))
     rows, notes = [], set()
-    for width in args.widths:
-        eager = ghostnet(width, fused=False).eval().to(device, dtype)
+    for model_name in args.models:
+        eager = MODELS[model_name]().eval().to(device, dtype)
         accelerated = ghostkernels.accelerate(eager)
         for batch in batches:
             x = torch.randn(batch, 3, 224, 224, device=device, dtype=dtype)
-            row = {"model": f"ghostnet {width}x", "batch": batch}
+            row = {"model": model_name, "batch": batch}
             with torch.no_grad():
                 expected = eager(x)
                 for name in contenders:
-                    progress.step(f"{width}x batch {batch} {name}")
+                    progress.step(f"{model_name} batch {batch} {name}")
                     if name == "eager":
                         fn = lambda: eager(x)  # noqa: E731
                     elif name == "accelerated":
@@ -115,10 +128,10 @@ def main():
           f"({torch.cuda.get_device_name() if device == 'cuda' else f'{args.threads} threads'}), {dtype}, "
           "224x224, median ms; speedup = eager / accelerated\n")
     shown = [c for c in contenders if any(c in r for r in rows)]
-    print(f"{'model':>14} {'batch':>5}" + "".join(f"{c:>22}" for c in shown) + f"{'speedup':>9}")
+    print(f"{'model':>20} {'batch':>5}" + "".join(f"{c:>22}" for c in shown) + f"{'speedup':>9}")
     for r in rows:
         cells = "".join(f"{r[c]:22.2f}" if c in r else f"{'-':>22}" for c in shown)
-        print(f"{r['model']:>14} {r['batch']:5d}{cells}{r['eager'] / r['accelerated']:8.2f}x")
+        print(f"{r['model']:>20} {r['batch']:5d}{cells}{r['eager'] / r['accelerated']:8.2f}x")
     for note in sorted(notes):
         print(f"skipped {note}")
 

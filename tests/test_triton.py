@@ -91,6 +91,8 @@ def test_cuda_op_autograd_and_compile():
     out = ghostkernels.ghost_module(x, *weights, out_channels=32)
     out.float().square().sum().backward()
     torch.library.opcheck(torch.ops.ghostkernels.ghost_module.default, (x, *weights, 32, 1, "relu"))
+    gate = torch.randn(2, 32, 7, 7, dtype=torch.float16, device="cuda", requires_grad=True)
+    torch.library.opcheck(torch.ops.ghostkernels.ghost_module_gated.default, (x, *weights, gate, 32, 1, "relu"))
     module = ghostkernels.GhostModule(16, 32).cuda().half().eval()
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(module, fullgraph=True)(x), module(x), rtol=1e-2, atol=1e-2)

@@ -7,7 +7,7 @@ from .ghostnet import (
     ghostnetv3, ghostnetv3_050, ghostnetv3_100, ghostnetv3_130, ghostnetv3_160, make_divisible,
 )
 from .g_ghost_regnet import (
-    G_GHOST_REGNET_CONFIGS, GGhostRegNet, GGhostStage, g_ghost_regnetx, g_ghost_regnetx_016, g_ghost_regnetx_032,
+    G_GHOST_REGNET_CONFIGS, GGhostRegNet, GGhostStage, Stage, g_ghost_regnetx, g_ghost_regnetx_016, g_ghost_regnetx_032,
     g_ghost_regnetx_040,
 )
 from .plain import resnet50, resnet56_cifar, vgg16_cifar

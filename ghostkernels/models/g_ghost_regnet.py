@@ -7,8 +7,8 @@ plus a "mix" vector (the global pool of x0 and every inner block's output -> 1x1
 ReLU, 1x1 conv, BN) broadcast over H, W, and a ReLU; the two parts are concatenated before
 the stage's last block.
 
-GGhostStage runs the original ops in training. In eval without autograd it writes the last
-inner block's output and the cheap part (ghostkernels::cheap_mix) straight into the two
+GGhostStage runs the original ops in training (Stage always does). In eval without autograd
+it writes the last inner block's output and the cheap part (ghostkernels::cheap_mix) straight into the two
 channel slices of one buffer (no concat copy) and pools each feature map as it goes instead
 of concatenating them for the mix.
 
@@ -68,14 +68,15 @@ class FirstChannels(nn.Module):
         return x[:, : self.channels]
 
 
-class GGhostStage(nn.Module):
+class Stage(nn.Module):
     """A G-Ghost stage of `blocks` RegNetX blocks (blocks >= 3): base, blocks - 2 inner blocks on
-    the raw channels, the cheap part with its mix, and the end block on the concatenation."""
+    the raw channels, the cheap part with its mix, and the end block on the concatenation.
+    The original code's ops, one by one (GGhostStage is the fast one)."""
 
     def __init__(self, inplanes, planes, group_width, blocks, stride=2, cheap_ratio=0.5):
         super().__init__()
         if blocks < 3:
-            raise ValueError(f"GGhostStage: blocks must be >= 3, got {blocks}")
+            raise ValueError(f"Stage: blocks must be >= 3, got {blocks}")
         downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
         self.base = Bottleneck(inplanes, planes, stride, downsample, group_width)
         self.end = Bottleneck(planes, planes, group_width=group_width)
@@ -98,6 +99,23 @@ class GGhostStage(nn.Module):
             *(Bottleneck(self.raw_planes, self.raw_planes, group_width=inner_width) for _ in range(blocks - 3)),
         )
 
+    def forward(self, x):
+        x0 = self.base(x)
+        features = [x0]
+        raw = x0[:, : self.raw_planes]
+        for block in self.layers:
+            raw = block(raw)
+            features.append(raw)
+        mix = self.merge(torch.cat(features, 1))
+        cheap = self.cheap_relu(self.cheap(x0[:, self.raw_planes:]) + mix)
+        return self.end(torch.cat((raw, cheap), 1))
+
+
+class GGhostStage(Stage):
+    """Stage with the fast inference path (eval, no autograd): the last inner block and
+    ghostkernels::cheap_mix write the two channel slices of one buffer; the original ops
+    otherwise."""
+
     @classmethod
     def from_parts(cls, stage):
         """A GGhostStage sharing the submodules of a structurally equal stage (the original code's
@@ -112,7 +130,7 @@ class GGhostStage(nn.Module):
 
     def forward(self, x):
         if self.training or torch.is_grad_enabled():
-            return self._forward_original(x)
+            return super().forward(x)
         x0 = self.base(x)
         pooled = [x0.mean((2, 3))]
         raw = x0[:, : self.raw_planes]
@@ -129,24 +147,15 @@ class GGhostStage(nn.Module):
         cheap_mix(x0, weight, bias, mix, channel_offset=self.raw_planes, out=joined[:, self.raw_planes:])
         return self.end(joined)
 
-    def _forward_original(self, x):
-        x0 = self.base(x)
-        features = [x0]
-        raw = x0[:, : self.raw_planes]
-        for block in self.layers:
-            raw = block(raw)
-            features.append(raw)
-        mix = self.merge(torch.cat(features, 1))
-        cheap = self.cheap_relu(self.cheap(x0[:, self.raw_planes:]) + mix)
-        return self.end(torch.cat((raw, cheap), 1))
-
 
 class GGhostRegNet(nn.Module):
     """G-Ghost RegNetX: stem (3x3 s2 conv to 32, BN, ReLU), four stride-2 stages (layer2 and
-    layer4 G-Ghost stages when deeper than 2 blocks, layer3 always), pool, dropout 0.2, fc."""
+    layer4 G-Ghost stages when deeper than 2 blocks, layer3 always), pool, dropout 0.2, fc.
+    fused=False: the stages run the original ops (the eager baseline)."""
 
-    def __init__(self, depths, widths, group_width, num_classes=1000, cheap_ratio=0.5, dropout=0.2):
+    def __init__(self, depths, widths, group_width, num_classes=1000, cheap_ratio=0.5, dropout=0.2, fused=True):
         super().__init__()
+        stage_class = GGhostStage if fused else Stage
         self.conv1 = nn.Conv2d(3, 32, 3, 2, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(32)
         self.relu = nn.ReLU(inplace=True)
@@ -154,7 +163,7 @@ class GGhostRegNet(nn.Module):
         for index, (depth, width) in enumerate(zip(depths, widths)):
             ghost = index == 2 or (index in (1, 3) and depth > 2)
             if ghost:
-                layer = GGhostStage(inplanes, width, group_width, depth, 2, cheap_ratio)
+                layer = stage_class(inplanes, width, group_width, depth, 2, cheap_ratio)
             else:
                 layer = self._plain_layer(inplanes, width, depth, group_width)
             setattr(self, f"layer{index + 1}", layer)
