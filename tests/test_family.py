@@ -184,3 +184,14 @@ def test_ghost_cifar_networks_accelerate_and_train(builder):
         assert_close32(fast(x), expected)
     assert fast.acceleration_summary.fused and not fast.acceleration_summary.skipped
     ghost.train()(x).sum().backward()
+
+
+def test_ghost_module_v2_compiles_and_exports():
+    module = randomise_bn(GhostModuleV2(8, 12), spread=0.2).eval()
+    x = torch.randn(2, 8, 9, 7)
+    with torch.no_grad():
+        expected = module(x)
+        assert_close32(torch.compile(module, fullgraph=True)(x), expected)
+    exported = torch.export.export(module, (x,))
+    assert any("ghost_module_gated" in str(node.target) for node in exported.graph.nodes)
+    assert_close32(exported.module()(x), expected)
