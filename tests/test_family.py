@@ -195,3 +195,11 @@ def test_ghost_module_v2_compiles_and_exports():
     exported = torch.export.export(module, (x,))
     assert any("ghost_module_gated" in str(node.target) for node in exported.graph.nodes)
     assert_close32(exported.module()(x), expected)
+
+
+def test_accelerated_g_ghost_regnet_compiles():
+    model = randomise_bn(g_ghost_regnetx("002", num_classes=10, fused=False), spread=0.1).eval()
+    fast = accelerate(model)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert_close32(torch.compile(fast, fullgraph=True)(x), model(x))

@@ -137,14 +137,23 @@ class GGhostStage(Stage):
         for block in self.layers[:-1]:
             raw = block(raw)
             pooled.append(raw.mean((2, 3)))
-        joined = torch.empty_like(x0)  # x0's shape and memory format: [raw | cheap]
-        _block_into(self.layers[-1], raw, joined[:, : self.raw_planes])
-        pooled.append(joined[:, : self.raw_planes].mean((2, 3)))
+        # Under torch.compile the functional ops (out= into a slice does not trace); Inductor
+        # plans the concatenation's buffer itself.
+        compiling = torch.compiler.is_compiling()
+        if compiling:
+            last = self.layers[-1](raw)
+        else:
+            joined = torch.empty_like(x0)  # x0's shape and memory format: [raw | cheap]
+            last = _block_into(self.layers[-1], raw, joined[:, : self.raw_planes])
+        pooled.append(last.mean((2, 3)))
         # The pool of the concatenation is the concatenation of the pools.
         mix = self.merge[1:](torch.cat(pooled, 1)[:, :, None, None]).flatten(1)
         cheap_conv, cheap_bn = self.cheap[0], self.cheap[1]
         weight, bias = fold_conv_bn(cheap_conv, cheap_bn if isinstance(cheap_bn, nn.BatchNorm2d) else None)
-        cheap_mix(x0, weight, bias, mix, channel_offset=self.raw_planes, out=joined[:, self.raw_planes:])
+        if compiling:
+            joined = torch.cat((last, cheap_mix(x0, weight, bias, mix, channel_offset=self.raw_planes)), 1)
+        else:
+            cheap_mix(x0, weight, bias, mix, channel_offset=self.raw_planes, out=joined[:, self.raw_planes:])
         return self.end(joined)
 
 
