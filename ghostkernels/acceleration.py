@@ -95,10 +95,14 @@ def attention_gate(module):
     """The DFC attention of GhostModuleV2 ('attn') / GhostModuleV3 ('shortcut'): (short_conv or
     None, why not fusable). An absent or empty short_conv means no gate."""
     short_conv = getattr(module, "short_conv", None)
-    if not isinstance(short_conv, nn.Sequential) or len(short_conv) == 0:
+    if getattr(module, "mode", None) in ("original", "ori") or short_conv is None \
+            or (isinstance(short_conv, (nn.Sequential, nn.Identity)) and len(short_conv._modules) == 0):
         return None, None
-    if getattr(module, "mode", "attn") not in ("attn", "shortcut"):
-        return None, None
+    if not isinstance(short_conv, nn.Sequential):
+        return None, f"short_conv: a {type(short_conv).__name__}, not a Sequential"
+    # Huawei's GhostNetV3 module has knobs for other gates (sigmoid(res / scale), other modes).
+    if getattr(module, "scale", 1.0) != 1.0 or getattr(module, "inter_mode", "nearest") != "nearest":
+        return None, "short_conv: a gate other than sigmoid, nearest-upsampled"
     pairs = conv_bn_sequence(short_conv)
     if pairs is None:
         return None, "short_conv: not a sequence of Conv2d [BatchNorm2d]"

@@ -153,13 +153,27 @@ class ReparameterisedGhostV3(nn.Module):
         return torch.cat([x1, self.cheap_operation(x1)], dim=1)[:, : self.oup]
 
 
+class HuaweiGhostV3(GhostModuleV2):
+    """Huawei's GhostNetV3 module names its gated mode 'ori_shortcut_mul_conv15'."""
+
+    def __init__(self, in_chs, out_chs):
+        super().__init__(in_chs, out_chs, mode="attn")
+        self.mode = "ori_shortcut_mul_conv15"
+
+    def forward(self, x):
+        out = TimmGhostModule.forward(self, x)
+        res = self.short_conv(F.avg_pool2d(x, kernel_size=2, stride=2))
+        return out * F.interpolate(torch.sigmoid(res), size=out.shape[-2:], mode="nearest")
+
+
 @pytest.mark.parametrize("module", [
     lambda: TimmGhostModule(8, 13, ratio=3),
     lambda: TimmGhostModule(8, 12, act_layer=nn.Identity),
     lambda: GhostModuleV2(8, 12, mode="attn"),
     lambda: GhostModuleV2(8, 11, mode="original"),
     lambda: ReparameterisedGhostV3(8, 12),
-], ids=["timm", "timm-identity", "v2-attn", "v2-original", "v3-reparameterised"])
+    lambda: HuaweiGhostV3(8, 12),
+], ids=["timm", "timm-identity", "v2-attn", "v2-original", "v3-reparameterised", "v3-huawei-gated"])
 @pytest.mark.parametrize("train", [False, True])
 def test_accelerate_other_ghost_modules(module, train):
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), module()).train(train)
