@@ -13,6 +13,7 @@ reparameterize() collapses them into the folded form, which ghostkernels.acceler
 """
 
 import math
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -134,8 +135,7 @@ def _identity_folded(bn, kernel_size):
     weight = torch.zeros(bn.num_features, 1, kernel_size, kernel_size, dtype=bn.running_var.dtype,
                          device=bn.running_var.device)
     weight[:, 0, kernel_size // 2, kernel_size // 2] = 1
-    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-    return weight * scale.reshape(-1, 1, 1, 1), bn.bias - bn.running_mean * scale
+    return fold_conv_bn(SimpleNamespace(weight=weight, bias=None), bn)  # the identity conv, then the BN
 
 
 def _summed_conv(template, branches):
