@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "multiversion.h"
 
@@ -18,6 +19,14 @@ struct Simd {
   static constexpr int lanes = 64 / sizeof(T);
   GK_INLINE static vec load(const T* p) { vec v; std::memcpy(&v, p, sizeof(vec)); return v; }
   GK_INLINE static void store(T* p, vec v) { std::memcpy(p, &v, sizeof(vec)); }
+  // lane indices for __builtin_shuffle: 0, 2, 4, ... picks the even elements of two vectors
+  typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> lane_t;
+  typedef lane_t index __attribute__((vector_size(64)));
+  GK_INLINE static index even_lanes() {
+    index i;
+    for (int l = 0; l < lanes; ++l) i[l] = 2 * l;
+    return i;
+  }
 };
 
 // Rows of B per pass: a packed panel of kBlock x (2 * lanes) stays in L1 across the i loop.

@@ -11,14 +11,30 @@ from ghostkernels.depthwise import DepthwiseConv2d
 from conftest import make_input
 
 
+# (12, 14): even rows shorter than a vector pair; (37, 70): rows split one by one, several L1 bands
+SIZES = [(9, 11), (2, 1), (12, 14), (37, 70)]
+
+
 @pytest.mark.parametrize("k, stride, channels_last, bias, size",
-                         list(itertools.product([1, 3, 5, 7], [1, 2], [False, True], [True, False], [(9, 11), (2, 1)])))
+                         list(itertools.product([1, 3, 5, 7], [1, 2], [False, True], [True, False], SIZES)))
 def test_matches_conv2d(k, stride, channels_last, bias, size):
     x = make_input(2, 5, *size, channels_last=channels_last)
     weight = torch.randn(5, 1, k, k, dtype=torch.float64)
     b = torch.randn(5, dtype=torch.float64) if bias else None
     out = torch.ops.ghostkernels.depthwise_conv2d(x, weight, b, stride)
     torch.testing.assert_close(out, F.conv2d(x, weight, b, stride, k // 2, groups=5), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_float32(size):
+    x, weight = torch.randn(3, 6, *size), torch.randn(6, 1, 5, 5)
+    out = torch.ops.ghostkernels.depthwise_conv2d(x, weight, None, 2)
+    torch.testing.assert_close(out, F.conv2d(x, weight, None, 2, 2, groups=6), rtol=1e-5, atol=1e-5)
+
+
+def test_empty_batch():
+    out = torch.ops.ghostkernels.depthwise_conv2d(torch.randn(0, 4, 8, 8), torch.randn(4, 1, 3, 3), None, 2)
+    assert out.shape == (0, 4, 4, 4)
 
 
 def test_float32_and_module():
