@@ -232,8 +232,11 @@ def _ghost_module_backward_cuda(grad, out, x, primary_weight, primary_bias, chea
 
 def _setup_context(ctx, inputs, output):
     x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation = inputs
-    # The output holds x1 = act(z1) and act(z2): the backward needs nothing else saved.
-    ctx.save_for_backward(x, primary_weight, primary_bias, cheap_weight, cheap_bias, output)
+    # The output holds x1 = act(z1) and act(z2): the backward needs nothing else. Without an
+    # activation it is not saved but recomputed: GhostNet bottlenecks (the original code, timm)
+    # add the shortcut into ghost2's output in place, which a saved output would forbid.
+    saved_out = output if activation != "none" else None
+    ctx.save_for_backward(x, primary_weight, primary_bias, cheap_weight, cheap_bias, saved_out)
     ctx.config = (out_channels, stride, activation)
 
 
@@ -247,6 +250,9 @@ def _weight_grads(grad, out, x, primary_weight, primary_bias, cheap_weight, chea
 
 def _backward(ctx, grad):
     x, primary_weight, primary_bias, cheap_weight, cheap_bias, out = ctx.saved_tensors
+    if out is None:
+        out = torch.ops.ghostkernels.ghost_module(x, primary_weight, primary_bias, cheap_weight, cheap_bias,
+                                                  *ctx.config)
     grads = _weight_grads(grad, out, x, primary_weight, primary_bias, cheap_weight, cheap_bias, ctx.config)
     return grads + (None, None, None)
 

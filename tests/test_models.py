@@ -190,6 +190,37 @@ def test_accelerate_other_ghost_modules(module, train):
             assert_close32(a, b)
 
 
+class TimmGhostBottleneck(nn.Module):
+    """timm's and the original GhostBottleneck add the shortcut into ghost2's output in place."""
+
+    def __init__(self, chs, mid_chs):
+        super().__init__()
+        self.ghost1 = TimmGhostModule(chs, mid_chs)
+        self.ghost2 = TimmGhostModule(mid_chs, chs, act_layer=nn.Identity)
+        self.shortcut = nn.Sequential()
+
+    def forward(self, x):
+        shortcut = x
+        x = self.ghost2(self.ghost1(x))
+        x += self.shortcut(shortcut)
+        return x
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_accelerate_backward_with_in_place_residual(train):
+    """Eval-mode gradients too (frozen-BN fine-tuning, saliency maps) go through the fused op."""
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), TimmGhostBottleneck(8, 16)).train(train)
+    randomise_bn(net, spread=0.2)
+    fast = accelerate(net)
+    assert fast.acceleration_summary.fused == ["1.ghost1", "1.ghost2"]
+    x = torch.randn(2, 3, 9, 7, requires_grad=True)
+    out, fast_out = net(x), fast(x)
+    assert_close32(fast_out, out)
+    for a, b in zip(torch.autograd.grad(fast_out.square().sum(), [x, *fast.parameters()]),
+                    torch.autograd.grad(out.square().sum(), [x, *net.parameters()])):
+        assert_close32(a, b)
+
+
 def test_accelerate_leaves_unsupported_modules_alone():
     net = nn.Sequential(TimmGhostModule(8, 12, act_layer=nn.Hardswish)).eval()
     fast = accelerate(net)

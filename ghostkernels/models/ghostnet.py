@@ -93,7 +93,9 @@ class GhostBottleneck(nn.Module):
             out = self.bn_dw(self.conv_dw(out))
         if self.se is not None:
             out = self.se(out)
-        return self.ghost2(out) + self.shortcut(x)
+        out = self.ghost2(out)
+        out += self.shortcut(x)  # in place, as the original code and timm do
+        return out
 
 
 def _shortcut(in_chs, out_chs, kernel, stride):
@@ -241,7 +243,9 @@ class GhostBottleneckV3(nn.Module):
                 out = self.bn_dw(self.conv_dw(out))
         if self.se is not None:
             out = self.se(out)
-        return self.ghost2(out) + self.shortcut(x)
+        out = self.ghost2(out)
+        out += self.shortcut(x)  # in place, as the original code and timm do
+        return out
 
     def reparameterize(self):
         """Collapse ghost1, ghost2 and the stride-2 depthwise branches; idempotent."""
