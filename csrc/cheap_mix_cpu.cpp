@@ -12,6 +12,7 @@
 
 #include "gemm.h"
 #include "multiversion.h"
+#include "output_pool.h"
 
 namespace ghostkernels {
 namespace {
@@ -111,9 +112,8 @@ at::Tensor cheap_mix_cpu(const at::Tensor& x, const at::Tensor& weight, const c1
   TORCH_CHECK(x.dim() == 4 && weight.dim() == 4, "cheap_mix: x and weight must be 4-D, got ", x.dim(), "-D and ",
               weight.dim(), "-D");
   const bool channels_last = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-  at::Tensor out = at::empty({x.size(0), weight.size(0), x.size(2), x.size(3)},
-                             x.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
-                                                                     : at::MemoryFormat::Contiguous));
+  at::Tensor out = empty_output({x.size(0), weight.size(0), x.size(2), x.size(3)}, x.options(),
+                                channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   cheap_mix_into_cpu(x, weight, bias, mix, offset, out);
   return out;
 }

@@ -14,6 +14,7 @@
 
 #include "gemm.h"
 #include "multiversion.h"
+#include "output_pool.h"
 
 namespace ghostkernels {
 namespace {
@@ -128,7 +129,7 @@ at::Tensor depthwise_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, c
   if (!fast) return at::conv2d(x, weight, bias, {stride, stride}, {k / 2, k / 2}, {1, 1}, x.size(1));
   const int64_t batch = x.size(0), channels = x.size(1), height = x.size(2), width = x.size(3);
   const int64_t out_height = (height - 1) / stride + 1, out_width = (width - 1) / stride + 1;
-  at::Tensor out = at::empty({batch, channels, out_height, out_width}, x.options());
+  at::Tensor out = empty_output({batch, channels, out_height, out_width}, x.options());
   const at::Tensor w = weight.contiguous();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "depthwise_conv2d_cpu", [&] {

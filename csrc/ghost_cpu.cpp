@@ -25,6 +25,7 @@
 
 #include "gemm.h"
 #include "multiversion.h"
+#include "output_pool.h"
 
 namespace ghostkernels {
 namespace {
@@ -739,8 +740,7 @@ at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& w1_in, const c1
   }
   const at::Tensor x = x_in.contiguous(memory_format(g));
   const at::Tensor w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
-  at::Tensor out = at::empty({g.batch, out_channels, g.out_height, g.out_width},
-                             x.options().memory_format(memory_format(g)));
+  at::Tensor out = empty_output({g.batch, out_channels, g.out_height, g.out_width}, x.options(), memory_format(g));
   if (out.numel() == 0) return out;
   const at::Tensor source = g.kernel == 1 ? x : library_primary(x, w1, b1, g);
   const at::Tensor b1c = b1.has_value() ? b1->contiguous() : at::Tensor();
@@ -813,12 +813,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_mod
   const at::Tensor w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
   // 1x1 primary: bands write every element of grad_x except where a strided primary skips
   // pixels. A larger primary gets grad_x from convolution_backward below.
-  at::Tensor grad_x = g.kernel != 1  ? at::Tensor()
-                      : g.stride == 1 ? at::empty_like(x, fmt)
-                                      : at::zeros_like(x, fmt);
+  at::Tensor grad_x = g.kernel != 1 ? at::Tensor() : empty_output(x.sizes(), x.options(), fmt);
+  if (g.kernel == 1 && g.stride != 1) grad_x.zero_();
   at::Tensor grad_z1 = g.kernel == 1 ? at::Tensor()
-                                     : at::empty({g.batch, g.init, g.out_height, g.out_width},
-                                                 x.options().memory_format(fmt));
+                                     : empty_output({g.batch, g.init, g.out_height, g.out_width}, x.options(), fmt);
   const int64_t threads = at::get_num_threads();
   at::Tensor gw1 = at::zeros_like(w1), gb1 = at::zeros({g.init}, x.options());
   at::Tensor gw2 = at::zeros_like(w2), gb2 = at::zeros({g.ghosts}, x.options());

@@ -1,7 +1,7 @@
 """ghostkernels: GhostNet's Ghost module in one fused pass (C++ on the CPU, Triton on the GPU), with a PyTorch reference."""
 
 from . import cheap_mix, depthwise, models, ops
-from ._backends import backends, load_cpu_extension
+from ._backends import backends, empty_cache, load_cpu_extension
 from .acceleration import AccelerationSummary, accelerate
 from .ghostify import count_params_flops, ghostify
 from .modules import GhostModule, GhostModuleV2, fold_conv_bn
@@ -11,7 +11,8 @@ from .reference import ghost_module_reference
 load_cpu_extension()  # after ops and depthwise: the library registers kernels for the ops they define
 
 __all__ = [
-    "AccelerationSummary", "GhostModule", "GhostModuleV2", "accelerate", "backends", "count_params_flops", "fold_conv_bn",
+    "AccelerationSummary", "GhostModule", "GhostModuleV2", "accelerate", "backends", "count_params_flops", "empty_cache",
+    "fold_conv_bn",
     "ghost_module", "ghost_module_reference", "ghostify", "models",
 ]
 __version__ = "0.1.0"

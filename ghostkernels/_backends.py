@@ -63,7 +63,17 @@ def _cuda_status():
     return {"backend": backend, "reason": reason}
 
 
+def empty_cache():
+    """Free the memory the C++ kernels keep to reuse for their outputs (csrc/output_pool.h);
+    returns the bytes freed. GHOSTKERNELS_OUTPUT_CACHE_MB caps it (default 1024, 0: off)."""
+    if load_cpu_extension()[0] != "cpp":
+        return 0
+    return torch.ops.ghostkernels.empty_output_cache()
+
+
 def backends():
-    """{device type: {"backend": name, "reason": why}} for every device type ghostkernels knows."""
+    """{device type: {"backend": name, "reason": why}} for every device type ghostkernels knows;
+    the CPU entry also gives "cached_bytes", the memory held for reuse as outputs."""
     cpu_backend, cpu_reason = load_cpu_extension()
-    return {"cpu": {"backend": cpu_backend, "reason": cpu_reason}, "cuda": _cuda_status()}
+    cached = torch.ops.ghostkernels.output_cache_bytes() if cpu_backend == "cpp" else 0
+    return {"cpu": {"backend": cpu_backend, "reason": cpu_reason, "cached_bytes": cached}, "cuda": _cuda_status()}

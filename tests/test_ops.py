@@ -2,6 +2,8 @@
 
 import itertools
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -155,6 +157,32 @@ def test_cpu_kernel_is_in_use():
         pytest.fail("GHOSTKERNELS_DISABLE_CPP=1 is set: the suite must run with the C++ kernel")
     report = ghostkernels.backends()
     assert report["cpu"]["backend"] == "cpp", report["cpu"]["reason"]
+
+
+def test_large_outputs_reuse_freed_memory():
+    """csrc/output_pool.h: a freed output's block serves the next output of its size."""
+    ghostkernels.empty_cache()
+    x = torch.randn(1, 8, 64, 64)
+    weights = make_weights(8, 16, 2, 3, dtype=torch.float32)
+    out = ghost_module(x, *weights, out_channels=16)
+    address = out.data_ptr()
+    del out
+    assert ghostkernels.backends()["cpu"]["cached_bytes"] >= 16 * 64 * 64 * 4
+    out = ghost_module(x, *weights, out_channels=16)
+    assert out.data_ptr() == address
+    torch.testing.assert_close(out, ghost_module_reference(x, *weights, out_channels=16), rtol=1e-5, atol=1e-5)
+    out.resize_(2, 16, 64, 64).fill_(1.0)  # a pooled storage grows like any other
+    assert out.sum().item() == 2 * 16 * 64 * 64
+    del out
+    assert ghostkernels.empty_cache() > 0 and ghostkernels.backends()["cpu"]["cached_bytes"] == 0
+
+
+def test_output_cache_can_be_turned_off():
+    script = ("import torch, ghostkernels\n"
+              "torch.ops.ghostkernels.depthwise_conv2d(torch.randn(1, 64, 64, 64), torch.randn(64, 1, 3, 3), None, 1)\n"
+              "assert ghostkernels.backends()['cpu']['cached_bytes'] == 0\n")
+    env = dict(os.environ, GHOSTKERNELS_OUTPUT_CACHE_MB="0")
+    subprocess.run([sys.executable, "-c", script], env=env, check=True)
 
 
 def test_half_precision_on_cpu_runs_the_reference():

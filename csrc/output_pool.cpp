@@ -1,0 +1,121 @@
+#include "output_pool.h"
+
+#include <ATen/EmptyTensor.h>
+#include <c10/core/impl/alloc_cpu.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+namespace ghostkernels {
+namespace {
+
+// Smaller blocks come straight from c10's CPU allocation: glibc keeps them in its heap.
+constexpr size_t kMinPooled = 256 * 1024;
+constexpr size_t kGranule = 64 * 1024;
+// A pooled block's size sits in a header before its data; 64 bytes keep c10's alignment.
+constexpr size_t kHeader = 64;
+
+class OutputPool final : public c10::Allocator {
+ public:
+  OutputPool() {
+    const char* limit_mb = std::getenv("GHOSTKERNELS_OUTPUT_CACHE_MB");
+    limit_ = (limit_mb != nullptr ? std::strtoull(limit_mb, nullptr, 10) : 1024) << 20;
+  }
+
+  c10::DataPtr allocate(size_t nbytes) override {
+    const c10::Device cpu(c10::kCPU);
+    if (nbytes < kMinPooled || limit_ == 0) {
+      void* data = c10::alloc_cpu(nbytes);
+      return {data, data, &c10::free_cpu, cpu};
+    }
+    const size_t block = (nbytes + kGranule - 1) / kGranule * kGranule;
+    void* base = take(block);
+    if (base == nullptr) {
+      base = c10::alloc_cpu(block + kHeader);
+      std::memcpy(base, &block, sizeof(block));
+    }
+    return {static_cast<char*>(base) + kHeader, base, &release, cpu};
+  }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+  int64_t cached_bytes() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return static_cast<int64_t>(cached_);
+  }
+
+  // Frees every cached block; returns the bytes freed.
+  int64_t clear() {
+    std::unordered_map<size_t, std::vector<void*>> blocks;
+    size_t freed;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      blocks.swap(free_);
+      freed = cached_;
+      cached_ = 0;
+    }
+    for (auto& entry : blocks)
+      for (void* base : entry.second) c10::free_cpu(base);
+    return static_cast<int64_t>(freed);
+  }
+
+ private:
+  void* take(size_t block) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto found = free_.find(block);
+    if (found == free_.end() || found->second.empty()) return nullptr;
+    void* base = found->second.back();
+    found->second.pop_back();
+    cached_ -= block;
+    return base;
+  }
+
+  static void release(void* base);
+
+  void give_back(void* base) {
+    size_t block;
+    std::memcpy(&block, base, sizeof(block));
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (cached_ + block <= limit_) {
+        free_[block].push_back(base);
+        cached_ += block;
+        return;
+      }
+    }
+    c10::free_cpu(base);
+  }
+
+  std::mutex mutex_;
+  std::unordered_map<size_t, std::vector<void*>> free_;
+  size_t cached_ = 0;
+  size_t limit_;
+};
+
+// Never destroyed: tensors may still be freed during interpreter shutdown.
+OutputPool& pool() {
+  static OutputPool* instance = new OutputPool();
+  return *instance;
+}
+
+void OutputPool::release(void* base) { pool().give_back(base); }
+
+}  // namespace
+
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat memory_format) {
+  return at::detail::empty_generic(sizes, &pool(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   options.dtype().toScalarType(), memory_format);
+}
+
+TORCH_LIBRARY_FRAGMENT(ghostkernels, m) {
+  m.def("output_cache_bytes() -> int", [] { return pool().cached_bytes(); });
+  m.def("empty_output_cache() -> int", [] { return pool().clear(); });
+}
+
+}  // namespace ghostkernels
