@@ -9,8 +9,9 @@ writes), GhostNetV3 modules after re-parameterisation (conv with bias, no BN) in
 and G-GhostNet stages (base, layers, merge, cheap, end). The swap shares the parameters,
 keeps the state-dict keys and leaves training behaviour as it was. In eval mode the remaining
 Conv+BN pairs that run one after the other (stem, `conv_dw`/`bn_dw`, shortcuts, ConvBnAct,
-the convs of post-activation Bottleneck/BasicBlock blocks) are folded too, and the depthwise
-convs among them run on ghostkernels' depthwise kernel.
+the convs of post-activation Bottleneck/BasicBlock blocks) are folded too, the depthwise
+convs among them run on ghostkernels' depthwise kernel, and the 1x1 convs that see pooled
+1x1 maps (SE's conv_reduce/conv_expand, conv_head) run as matrix multiplies.
 """
 
 import copy
@@ -21,7 +22,7 @@ from torch import nn
 
 from .depthwise import DepthwiseConv2d
 from .models.g_ghost_regnet import GGhostStage
-from .modules import GhostModule, GhostModuleV2, conv_bn_sequence, fold_conv_bn, is_same_square_conv
+from .modules import GhostModule, GhostModuleV2, PointwiseConv2d, conv_bn_sequence, fold_conv_bn, is_same_square_conv
 
 
 @dataclass
@@ -30,13 +31,16 @@ class AccelerationSummary:
 
     fused: list = field(default_factory=list)
     folded: list = field(default_factory=list)
+    matmul: list = field(default_factory=list)  # 1x1 convs on pooled maps, run as matrix multiplies
     skipped: list = field(default_factory=list)  # (module name, reason)
 
     def __str__(self):
         lines = [f"ghostkernels.accelerate: {len(self.fused)} Ghost modules fused, "
-                 f"{len(self.folded)} Conv+BN pairs folded, {len(self.skipped)} left as they were"]
+                 f"{len(self.folded)} Conv+BN pairs folded, {len(self.matmul)} 1x1 convs as matmuls, "
+                 f"{len(self.skipped)} left as they were"]
         lines += [f"  fused   {name}" for name in self.fused]
         lines += [f"  folded  {name}" for name in self.folded]
+        lines += [f"  matmul  {name}" for name in self.matmul]
         lines += [f"  skipped {name}: {reason}" for name, reason in self.skipped]
         return "\n".join(lines)
 
@@ -181,6 +185,20 @@ def _fold_conv_bn_pairs(model, summary):
                 summary.folded.append(f"{prefix}{conv_name} (depthwise kernel)")
 
 
+# 1x1 convs that see globally pooled maps: SE (the original, timm) and GhostNet's head.
+_POOLED_CONV_ATTRIBUTES = ("conv_reduce", "conv_expand", "conv_head")
+
+
+def _pooled_convs_as_matmuls(model, summary):
+    for name, owner in list(model.named_modules()):
+        prefix = f"{name}." if name else ""
+        for attribute in _POOLED_CONV_ATTRIBUTES:
+            conv = getattr(owner, attribute, None)
+            if isinstance(conv, nn.Module) and PointwiseConv2d.eligible(conv):
+                setattr(owner, attribute, PointwiseConv2d.from_conv(conv))
+                summary.matmul.append(f"{prefix}{attribute}")
+
+
 def _replace(model, name, module):
     """model with its submodule `name` replaced by `module` ('' replaces the model itself)."""
     if not name:
@@ -200,7 +218,8 @@ def _is_g_ghost_stage(module):
 
 
 def accelerate(model, inplace=False):
-    """Swap every Ghost module of `model` for a fused one; in eval mode also fold Conv+BN pairs.
+    """Swap every Ghost module of `model` for a fused one; in eval mode also fold Conv+BN pairs
+    and run the 1x1 convs on pooled maps as matrix multiplies.
 
     Returns the model (a deep copy unless inplace=True) with the summary of what was done in
     its `acceleration_summary` attribute. Outputs match the original model (float32
@@ -229,5 +248,6 @@ def accelerate(model, inplace=False):
         summary.fused.append(name or "(the model itself)")
     if not model.training:
         _fold_conv_bn_pairs(model, summary)
+        _pooled_convs_as_matmuls(model, summary)
     model.acceleration_summary = summary
     return model

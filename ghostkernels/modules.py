@@ -16,6 +16,28 @@ def is_same_square_conv(conv):
             and conv.stride[0] == conv.stride[1] and conv.padding_mode == "zeros")
 
 
+class PointwiseConv2d(nn.Conv2d):
+    """A 1x1 conv that runs as one matrix multiply on 1x1 maps. SE's conv_reduce/conv_expand
+    and GhostNet's conv_head see pooled features, where the library conv costs several times
+    the GEMM (oneDNN reorders the weight on every call). Same parameters and keys."""
+
+    @staticmethod
+    def eligible(conv):
+        return (type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and is_same_square_conv(conv)
+                and conv.stride == (1, 1) and conv.groups == 1)
+
+    @classmethod
+    def from_conv(cls, conv):
+        pointwise = cls(conv.in_channels, conv.out_channels, 1, bias=conv.bias is not None, device="meta")
+        pointwise.weight, pointwise.bias = conv.weight, conv.bias
+        return pointwise.train(conv.training)
+
+    def forward(self, x):
+        if x.dim() == 4 and x.shape[-2:] == (1, 1):
+            return F.linear(x.flatten(1), self.weight.flatten(1), self.bias)[:, :, None, None]
+        return super().forward(x)
+
+
 def fold_conv_bn(conv, bn):
     """(W * t, (b - mean) * t + beta) with t = gamma / sqrt(var + eps): the BN after a conv
     folded into it (b: the conv's bias or 0). bn=None returns the conv's own weight and bias."""

@@ -11,6 +11,7 @@ from torch import nn
 import ghostkernels
 from ghostkernels import GhostModule, accelerate, count_params_flops, ghostify
 from ghostkernels.models import ghostnet, ghostnet_050, ghostnet_100, ghostnet_130
+from ghostkernels.modules import PointwiseConv2d
 
 from conftest import randomise_bn
 
@@ -69,11 +70,29 @@ def test_accelerate_eval_parity_and_summary():
     assert len(summary.folded) == 1 + 4 + 10 + 1
     assert "conv_stem+bn1" in summary.folded and "blocks.1.0.conv_dw+bn_dw" in summary.folded
     assert "32 Ghost modules fused" in str(summary)
+    # 7 SE blocks x (conv_reduce, conv_expand), conv_head: 1x1 maps, matrix multiplies
+    assert len(summary.matmul) == 2 * 7 + 1 and "blocks.3.0.se.conv_reduce" in summary.matmul
+    assert isinstance(fast.conv_head, PointwiseConv2d) and isinstance(fast.conv_head, nn.Conv2d)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert_close32(fast(x), original(x))
         assert_close32(model(x), original(x))  # inplace=False left the model alone
     assert all(not isinstance(m, GhostModule) for m in model.modules())
+
+
+@pytest.mark.parametrize("size", [1, 3])
+def test_pointwise_conv_matches_conv(size):
+    conv = nn.Conv2d(12, 7, 1)
+    pointwise = PointwiseConv2d.from_conv(conv)
+    assert pointwise.weight is conv.weight and PointwiseConv2d.eligible(conv)
+    assert not PointwiseConv2d.eligible(nn.Conv2d(12, 7, 1, stride=2)) and not PointwiseConv2d.eligible(pointwise)
+    x = torch.randn(5, 12, size, size, requires_grad=True)
+    out, expected = pointwise(x), conv(x)
+    assert out.shape == expected.shape
+    assert_close32(out, expected)
+    for a, b in zip(torch.autograd.grad(out.square().sum(), [x, conv.weight, conv.bias]),
+                    torch.autograd.grad(expected.square().sum(), [x, conv.weight, conv.bias])):
+        assert_close32(a, b)
 
 
 def test_accelerate_training_gradients_and_keys():
