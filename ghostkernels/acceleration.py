@@ -10,8 +10,8 @@ and G-GhostNet stages (base, layers, merge, cheap, end). The swap shares the par
 keeps the state-dict keys and leaves training behaviour as it was. In eval mode the remaining
 Conv+BN pairs that run one after the other (stem, `conv_dw`/`bn_dw`, shortcuts, ConvBnAct,
 the convs of post-activation Bottleneck/BasicBlock blocks) are folded too, the depthwise
-convs among them run on ghostkernels' depthwise kernel, and the 1x1 convs that see pooled
-1x1 maps (SE's conv_reduce/conv_expand, conv_head) run as matrix multiplies.
+convs among them run on ghostkernels' depthwise kernel, and the 1x1 convs (shortcuts, SE,
+heads) run as matrix multiplies on the CPU.
 """
 
 import copy
@@ -31,7 +31,7 @@ class AccelerationSummary:
 
     fused: list = field(default_factory=list)
     folded: list = field(default_factory=list)
-    matmul: list = field(default_factory=list)  # 1x1 convs on pooled maps, run as matrix multiplies
+    matmul: list = field(default_factory=list)  # 1x1 convs run as matrix multiplies
     skipped: list = field(default_factory=list)  # (module name, reason)
 
     def __str__(self):
@@ -185,18 +185,16 @@ def _fold_conv_bn_pairs(model, summary):
                 summary.folded.append(f"{prefix}{conv_name} (depthwise kernel)")
 
 
-# 1x1 convs that see globally pooled maps: SE (the original, timm) and GhostNet's head.
-_POOLED_CONV_ATTRIBUTES = ("conv_reduce", "conv_expand", "conv_head")
-
-
-def _pooled_convs_as_matmuls(model, summary):
+def _pointwise_convs_as_matmuls(model, summary):
+    ghosts = [f"{name}." for name, m in model.named_modules() if isinstance(m, GhostModule)]
     for name, owner in list(model.named_modules()):
         prefix = f"{name}." if name else ""
-        for attribute in _POOLED_CONV_ATTRIBUTES:
-            conv = getattr(owner, attribute, None)
-            if isinstance(conv, nn.Module) and PointwiseConv2d.eligible(conv):
-                setattr(owner, attribute, PointwiseConv2d.from_conv(conv))
-                summary.matmul.append(f"{prefix}{attribute}")
+        if any(prefix.startswith(g) for g in ghosts):
+            continue  # the fused op runs these
+        for child_name, conv in list(owner._modules.items()):
+            if PointwiseConv2d.eligible(conv):
+                setattr(owner, child_name, PointwiseConv2d.from_conv(conv))
+                summary.matmul.append(f"{prefix}{child_name}")
 
 
 def _replace(model, name, module):
@@ -219,7 +217,7 @@ def _is_g_ghost_stage(module):
 
 def accelerate(model, inplace=False):
     """Swap every Ghost module of `model` for a fused one; in eval mode also fold Conv+BN pairs
-    and run the 1x1 convs on pooled maps as matrix multiplies.
+    and run the 1x1 convs as matrix multiplies.
 
     Returns the model (a deep copy unless inplace=True) with the summary of what was done in
     its `acceleration_summary` attribute. Outputs match the original model (float32
@@ -248,6 +246,6 @@ def accelerate(model, inplace=False):
         summary.fused.append(name or "(the model itself)")
     if not model.training:
         _fold_conv_bn_pairs(model, summary)
-        _pooled_convs_as_matmuls(model, summary)
+        _pointwise_convs_as_matmuls(model, summary)
     model.acceleration_summary = summary
     return model

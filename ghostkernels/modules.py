@@ -17,9 +17,10 @@ def is_same_square_conv(conv):
 
 
 class PointwiseConv2d(nn.Conv2d):
-    """A 1x1 conv that runs as one matrix multiply on 1x1 maps. SE's conv_reduce/conv_expand
-    and GhostNet's conv_head see pooled features, where the library conv costs several times
-    the GEMM (oneDNN reorders the weight on every call). Same parameters and keys."""
+    """A 1x1 conv that runs as a matrix multiply on the CPU: one GEMM on pooled 1x1 maps (SE's
+    conv_reduce/conv_expand, conv_head), a batched GEMM on NCHW maps. oneDNN's conv reorders
+    NCHW inputs and weights on every call and costs up to several times that (measured in
+    GhostNet's shortcuts and heads). Same parameters and keys; other inputs take the conv."""
 
     @staticmethod
     def eligible(conv):
@@ -33,9 +34,15 @@ class PointwiseConv2d(nn.Conv2d):
         return pointwise.train(conv.training)
 
     def forward(self, x):
-        if x.dim() == 4 and x.shape[-2:] == (1, 1):
-            return F.linear(x.flatten(1), self.weight.flatten(1), self.bias)[:, :, None, None]
-        return super().forward(x)
+        if x.dim() != 4 or x.device.type != "cpu" or not x.is_contiguous():
+            return super().forward(x)
+        n, c, h, w = x.shape
+        weight = self.weight.flatten(1)
+        if h == w == 1:
+            return F.linear(x.flatten(1), weight, self.bias)[:, :, None, None]
+        flat, weight = x.reshape(n, c, h * w), weight.expand(n, -1, -1)
+        out = torch.bmm(weight, flat) if self.bias is None else torch.baddbmm(self.bias[:, None], weight, flat)
+        return out.view(n, -1, h, w)
 
 
 def fold_conv_bn(conv, bn):

@@ -70,8 +70,9 @@ def test_accelerate_eval_parity_and_summary():
     assert len(summary.folded) == 1 + 4 + 10 + 1
     assert "conv_stem+bn1" in summary.folded and "blocks.1.0.conv_dw+bn_dw" in summary.folded
     assert "32 Ghost modules fused" in str(summary)
-    # 7 SE blocks x (conv_reduce, conv_expand), conv_head: 1x1 maps, matrix multiplies
-    assert len(summary.matmul) == 2 * 7 + 1 and "blocks.3.0.se.conv_reduce" in summary.matmul
+    # 1x1 convs as matrix multiplies: 7 SE blocks x 2, 5 shortcuts, blocks.9, conv_head
+    assert len(summary.matmul) == 2 * 7 + 5 + 1 + 1 and "blocks.3.0.se.conv_reduce" in summary.matmul
+    assert "blocks.1.0.shortcut.2" in summary.matmul
     assert isinstance(fast.conv_head, PointwiseConv2d) and isinstance(fast.conv_head, nn.Conv2d)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -80,18 +81,22 @@ def test_accelerate_eval_parity_and_summary():
     assert all(not isinstance(m, GhostModule) for m in model.modules())
 
 
-@pytest.mark.parametrize("size", [1, 3])
-def test_pointwise_conv_matches_conv(size):
-    conv = nn.Conv2d(12, 7, 1)
+@pytest.mark.parametrize("size, bias, channels_last", [(1, True, False), (3, True, False), (5, False, False),
+                                                     (4, True, True)])
+def test_pointwise_conv_matches_conv(size, bias, channels_last):
+    conv = nn.Conv2d(12, 7, 1, bias=bias)
     pointwise = PointwiseConv2d.from_conv(conv)
     assert pointwise.weight is conv.weight and PointwiseConv2d.eligible(conv)
     assert not PointwiseConv2d.eligible(nn.Conv2d(12, 7, 1, stride=2)) and not PointwiseConv2d.eligible(pointwise)
-    x = torch.randn(5, 12, size, size, requires_grad=True)
+    x = torch.randn(5, 12, size, size)
+    x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    x.requires_grad_()
     out, expected = pointwise(x), conv(x)
     assert out.shape == expected.shape
     assert_close32(out, expected)
-    for a, b in zip(torch.autograd.grad(out.square().sum(), [x, conv.weight, conv.bias]),
-                    torch.autograd.grad(expected.square().sum(), [x, conv.weight, conv.bias])):
+    params = [p for p in conv.parameters()]
+    for a, b in zip(torch.autograd.grad(out.square().sum(), [x, *params]),
+                    torch.autograd.grad(expected.square().sum(), [x, *params])):
         assert_close32(a, b)
 
 
