@@ -8,23 +8,39 @@ import torch
 
 from ghostkernels import GhostModule, ghost_module_reference
 
-def median_ms(fn, min_time=0.3, min_runs=10, device="cpu"):
-    """Median of single-call times after 3 warm-up calls; at least min_runs calls and min_time
-    seconds. On CUDA each call is synchronised."""
+def _timed_calls(fn, min_time, min_runs, device):
+    """Seconds per call of at least min_runs calls and min_time seconds. On CUDA each call is
+    synchronised."""
     def call():
         fn()
         if device == "cuda":
             torch.cuda.synchronize()
 
-    for _ in range(3):
-        call()
     times = []
     start = time.perf_counter()
     while len(times) < min_runs or time.perf_counter() - start < min_time:
         t0 = time.perf_counter()
         call()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    return times
+
+
+def median_ms(fn, min_time=0.3, min_runs=10, device="cpu"):
+    """Median of single-call times after 3 warm-up calls."""
+    _timed_calls(fn, 0, 3, device)
+    return statistics.median(_timed_calls(fn, min_time, min_runs, device)) * 1e3
+
+
+def interleaved_median_ms(fns, rounds=5, min_time=1.0, device="cpu"):
+    """{name: median ms} of the callables in `fns`, timed in turn for `rounds` rounds (min_time
+    seconds each in all), so that a slow spell of a noisy machine hits every contender alike."""
+    for fn in fns.values():
+        _timed_calls(fn, 0, 3, device)
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name] += _timed_calls(fn, min_time / rounds, 2, device)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 # (inp, oup, H=W) of every Ghost module in GhostNet 1.0x.

@@ -7,8 +7,8 @@ and ONNX Runtime / OpenVINO when they are installed.
     python bench/e2e.py --device cuda                            # GPU: float16, batch 1/64/256
 
 Eager is the model as the original code runs it (plain PyTorch modules, eval; GhostNetV3
-re-parameterised). Medians in ms after warm-up; every contender's output is checked against
-eager first.
+re-parameterised). Every contender's output is checked against eager first; then they are
+timed in turn, five rounds, and each row gives the median ms of all its calls.
 """
 
 import argparse
@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ghostkernels  # noqa: E402
-from cases import median_ms  # noqa: E402
+from cases import interleaved_median_ms  # noqa: E402
 from ghostkernels import models  # noqa: E402
 
 # name: the eager model, built the way the original code runs it.
@@ -103,7 +103,7 @@ def main():
         accelerated = ghostkernels.accelerate(eager)
         for batch in batches:
             x = torch.randn(batch, 3, 224, 224, device=device, dtype=dtype)
-            row = {"model": model_name, "batch": batch}
+            fns = {}
             with torch.no_grad():
                 expected = eager(x)
                 for name in contenders:
@@ -114,7 +114,7 @@ def main():
                         fn = lambda: accelerated(x)  # noqa: E731
                     elif name.startswith("compile"):
                         compiled = torch.compile(eager if name == "compile(eager)" else accelerated)
-                        fn = lambda: compiled(x)  # noqa: E731
+                        fn = lambda compiled=compiled: compiled(x)  # noqa: E731
                     else:
                         fn, why = (onnx_runtime if name == "onnxruntime" else openvino)(eager, x)
                         if fn is None:
@@ -122,8 +122,9 @@ def main():
                             continue
                     tol = 1e-2 if dtype == torch.float16 else 1e-4
                     torch.testing.assert_close(fn().float(), expected.float(), rtol=tol, atol=tol)
-                    row[name] = median_ms(fn, min_time=1.0, device=device)
-            rows.append(row)
+                    fns[name] = fn
+                times = interleaved_median_ms(fns, min_time=2.0, device=device)
+            rows.append({"model": model_name, "batch": batch, **times})
     print(f"\nghostkernels {ghostkernels.__version__}, torch {torch.__version__}, {device} "
           f"({torch.cuda.get_device_name() if device == 'cuda' else f'{args.threads} threads'}), {dtype}, "
           "224x224, median ms; speedup = eager / accelerated\n")
