@@ -1,6 +1,6 @@
 """ghostkernels: GhostNet's Ghost module in one fused pass (C++ on the CPU, Triton on the GPU), with a PyTorch reference."""
 
-from . import cheap_mix, depthwise, models, ops
+from . import cheap_mix, direct_conv, models, ops
 from ._backends import backends, empty_cache, load_cpu_extension
 from .acceleration import AccelerationSummary, accelerate
 from .ghostify import count_params_flops, ghostify
@@ -8,7 +8,7 @@ from .modules import GhostModule, GhostModuleV2, fold_conv_bn
 from .ops import ghost_module
 from .reference import ghost_module_reference
 
-load_cpu_extension()  # after ops and depthwise: the library registers kernels for the ops they define
+load_cpu_extension()  # after ops and direct_conv: the library registers kernels for the ops they define
 
 __all__ = [
     "AccelerationSummary", "GhostModule", "GhostModuleV2", "accelerate", "backends", "count_params_flops", "empty_cache",

@@ -10,8 +10,8 @@ and G-GhostNet stages (base, layers, merge, cheap, end). The swap shares the par
 keeps the state-dict keys and leaves training behaviour as it was. In eval mode the remaining
 Conv+BN pairs that run one after the other (stem, `conv_dw`/`bn_dw`, shortcuts, ConvBnAct,
 the convs of post-activation Bottleneck/BasicBlock blocks) are folded too, the depthwise
-convs among them run on ghostkernels' depthwise kernel, and the 1x1 convs (shortcuts, SE,
-heads) run as matrix multiplies on the CPU.
+convs and the stem among them run on ghostkernels' direct conv kernel, and the 1x1 convs
+(shortcuts, SE, heads) run as matrix multiplies on the CPU.
 """
 
 import copy
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .depthwise import DepthwiseConv2d
+from .direct_conv import DirectConv2d
 from .models.g_ghost_regnet import GGhostStage
 from .modules import GhostModule, GhostModuleV2, PointwiseConv2d, conv_bn_sequence, fold_conv_bn, is_same_square_conv
 
@@ -142,12 +142,12 @@ def _conv_bn_attributes(owner):
 
 
 def _fold_pair(owner, conv_name, bn_name, conv, bn):
-    """Replace conv by a conv with bias that includes bn (a DepthwiseConv2d if it is one),
+    """Replace conv by a conv with bias that includes bn (a DirectConv2d where that kernel applies),
     and bn by Identity."""
     with torch.no_grad():
         weight, bias = (t.detach().clone() for t in fold_conv_bn(conv, bn))
-    if DepthwiseConv2d.eligible(conv):
-        folded = DepthwiseConv2d(weight, bias, conv.stride[0])
+    if DirectConv2d.eligible(conv):
+        folded = DirectConv2d(weight, bias, conv.stride[0])
     else:
         folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                            conv.dilation, conv.groups, True, conv.padding_mode,
@@ -180,9 +180,9 @@ def _fold_conv_bn_pairs(model, summary):
             if _foldable(conv, bn):
                 _fold_pair(owner, conv_name, bn_name, conv, bn)
                 summary.folded.append(f"{prefix}{conv_name}+{bn_name}")
-            elif conv_name == "conv_dw" and DepthwiseConv2d.eligible(conv) and isinstance(bn, nn.Identity):
-                setattr(owner, conv_name, DepthwiseConv2d.from_conv(conv))  # GhostNetV3's re-parameterised conv_dw
-                summary.folded.append(f"{prefix}{conv_name} (depthwise kernel)")
+            elif conv_name == "conv_dw" and DirectConv2d.eligible(conv) and isinstance(bn, nn.Identity):
+                setattr(owner, conv_name, DirectConv2d.from_conv(conv))  # GhostNetV3's re-parameterised conv_dw
+                summary.folded.append(f"{prefix}{conv_name} (direct conv kernel)")
 
 
 def _pointwise_convs_as_matmuls(model, summary):

@@ -88,7 +88,7 @@ def test_ghostnetv3_reparameterize_and_accelerate_match():
     assert_close32(accelerated, deployed)
     summary = fast.acceleration_summary
     assert len(summary.fused) == 32 and not summary.skipped
-    assert "blocks.1.0.conv_dw (depthwise kernel)" in summary.folded
+    assert "blocks.1.0.conv_dw (direct conv kernel)" in summary.folded
 
 
 def test_ghostnetv3_trains():

@@ -179,7 +179,7 @@ def test_large_outputs_reuse_freed_memory():
 
 def test_output_cache_can_be_turned_off():
     script = ("import torch, ghostkernels\n"
-              "torch.ops.ghostkernels.depthwise_conv2d(torch.randn(1, 64, 64, 64), torch.randn(64, 1, 3, 3), None, 1)\n"
+              "torch.ops.ghostkernels.direct_conv2d(torch.randn(1, 64, 64, 64), torch.randn(64, 1, 3, 3), None, 1)\n"
               "assert ghostkernels.backends()['cpu']['cached_bytes'] == 0\n")
     env = dict(os.environ, GHOSTKERNELS_OUTPUT_CACHE_MB="0")
     subprocess.run([sys.executable, "-c", script], env=env, check=True)

@@ -1,0 +1,84 @@
+"""Direct k x k conv (+bias), stride 1 or 2, 'same' padding: `ghostkernels::direct_conv2d`.
+
+What a stride-2 `conv_dw` + `bn_dw`, a shortcut's depthwise conv + BN, or the 3-channel stem
+conv + BN become once accelerate() folds the BN: convs whose groups read few channels
+(groups = C / weight.shape[1]). The C++ CPU kernel (csrc/direct_conv_cpu.cpp) serves NCHW
+float32/64 with at most 4 input channels per group and hands other convs and layouts to
+at::conv2d; elsewhere the fallback is the library conv itself.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .modules import is_same_square_conv
+
+_lib = torch.library.Library("ghostkernels", "FRAGMENT")
+_lib.define("direct_conv2d(Tensor x, Tensor weight, Tensor? bias, int stride) -> Tensor")
+
+# The most input channels per group the C++ kernel takes (csrc/direct_conv_cpu.cpp).
+MAX_GROUP_INPUTS = 4
+
+
+def _groups(x, weight):
+    return x.shape[1] // weight.shape[1]
+
+
+@torch.library.register_fake("ghostkernels::direct_conv2d")
+def _fake(x, weight, bias, stride):
+    height, width = ((s - 1) // stride + 1 for s in x.shape[2:])
+    return x.new_empty((x.shape[0], weight.shape[0], height, width))
+
+
+@torch.library.impl(_lib, "direct_conv2d", "CompositeExplicitAutograd")
+def _fallback(x, weight, bias, stride):
+    return F.conv2d(x, weight, bias, stride, weight.shape[-1] // 2, groups=_groups(x, weight)).contiguous()
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, stride = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.stride, ctx.has_bias = stride, bias is not None
+
+
+def _backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    k = weight.shape[-1]
+    grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+        grad, x, weight, [weight.shape[0]] if ctx.has_bias else None, [ctx.stride] * 2, [k // 2] * 2, [1, 1],
+        False, [0, 0], _groups(x, weight), [True, True, ctx.has_bias])
+    return grad_x, grad_weight, grad_bias, None
+
+
+torch.library.register_autograd("ghostkernels::direct_conv2d", _backward, setup_context=_setup_context)
+
+
+class DirectConv2d(nn.Module):
+    """A 'same' conv with bias, stride 1 or 2, depthwise or with few input channels per group
+    (the stem), run by ghostkernels::direct_conv2d."""
+
+    def __init__(self, weight, bias, stride):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+        self.bias = nn.Parameter(bias) if bias is not None else None
+        self.stride = stride
+
+    @staticmethod
+    def eligible(conv):
+        if type(conv) is not nn.Conv2d:
+            return False
+        depthwise = conv.groups == conv.in_channels == conv.out_channels
+        return (is_same_square_conv(conv) and conv.stride in ((1, 1), (2, 2))
+                and (depthwise or conv.in_channels // conv.groups <= MAX_GROUP_INPUTS))
+
+    @classmethod
+    def from_conv(cls, conv):
+        bias = conv.bias.detach().clone() if conv.bias is not None else None
+        return cls(conv.weight.detach().clone(), bias, conv.stride[0])
+
+    def forward(self, x):
+        return torch.ops.ghostkernels.direct_conv2d(x, self.weight, self.bias, self.stride)
+
+    def extra_repr(self):
+        return (f"out_channels={self.weight.shape[0]}, group_inputs={self.weight.shape[1]}, "
+                f"kernel_size={self.weight.shape[-1]}, stride={self.stride}")

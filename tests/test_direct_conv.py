@@ -1,0 +1,83 @@
+"""ghostkernels::direct_conv2d (folded conv_dw, shortcut and stem convs) against F.conv2d."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ghostkernels.direct_conv import DirectConv2d
+
+from conftest import make_input
+
+
+# (12, 14): even rows shorter than a vector pair; (37, 70): rows split one by one, several L1 bands
+SIZES = [(9, 11), (2, 1), (12, 14), (37, 70)]
+
+
+@pytest.mark.parametrize("k, stride, channels_last, bias, size",
+                         list(itertools.product([1, 3, 5, 7], [1, 2], [False, True], [True, False], SIZES)))
+def test_depthwise_matches_conv2d(k, stride, channels_last, bias, size):
+    x = make_input(2, 5, *size, channels_last=channels_last)
+    weight = torch.randn(5, 1, k, k, dtype=torch.float64)
+    b = torch.randn(5, dtype=torch.float64) if bias else None
+    out = torch.ops.ghostkernels.direct_conv2d(x, weight, b, stride)
+    torch.testing.assert_close(out, F.conv2d(x, weight, b, stride, k // 2, groups=5), rtol=1e-12, atol=1e-12)
+
+
+# (in, out, groups): the stem (3 -> 16), a grouped conv, one past the kernel's 4 inputs per group
+@pytest.mark.parametrize("channels", [(3, 16, 1), (4, 6, 2), (1, 3, 1), (8, 5, 1)])
+@pytest.mark.parametrize("k, stride, size", [(3, 2, (37, 70)), (3, 2, (9, 11)), (5, 1, (12, 14)), (1, 2, (6, 7))])
+@pytest.mark.parametrize("bias", [True, False])
+def test_few_input_channels_match_conv2d(channels, k, stride, size, bias):
+    inp, out_channels, groups = channels
+    x = make_input(2, inp, *size)
+    weight = torch.randn(out_channels, inp // groups, k, k, dtype=torch.float64)
+    b = torch.randn(out_channels, dtype=torch.float64) if bias else None
+    out = torch.ops.ghostkernels.direct_conv2d(x, weight, b, stride)
+    expected = F.conv2d(x, weight, b, stride, k // 2, groups=groups)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_float32(size):
+    x, weight = torch.randn(3, 6, *size), torch.randn(6, 1, 5, 5)
+    out = torch.ops.ghostkernels.direct_conv2d(x, weight, None, 2)
+    torch.testing.assert_close(out, F.conv2d(x, weight, None, 2, 2, groups=6), rtol=1e-5, atol=1e-5)
+
+
+def test_empty_batch():
+    out = torch.ops.ghostkernels.direct_conv2d(torch.randn(0, 4, 8, 8), torch.randn(4, 1, 3, 3), None, 2)
+    assert out.shape == (0, 4, 4, 4)
+
+
+@pytest.mark.parametrize("conv", [torch.nn.Conv2d(8, 8, 5, 2, 2, groups=8), torch.nn.Conv2d(3, 16, 3, 2, 1)],
+                         ids=["depthwise", "stem"])
+def test_float32_and_module(conv):
+    module = DirectConv2d.from_conv(conv)
+    x = torch.randn(3, conv.in_channels, 15, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), conv(x), rtol=1e-5, atol=1e-5)
+    assert DirectConv2d.eligible(conv)
+
+
+def test_eligible():
+    assert not DirectConv2d.eligible(torch.nn.Conv2d(8, 8, 3, padding=1))  # 8 inputs per group
+    assert not DirectConv2d.eligible(torch.nn.Conv2d(3, 16, 3, padding=0))  # not 'same'
+    assert not DirectConv2d.eligible(torch.nn.Conv2d(3, 16, 3, stride=3, padding=1))
+
+
+@pytest.mark.parametrize("weight_shape", [(3, 1, 3, 3), (4, 3, 3, 3)], ids=["depthwise", "dense"])
+def test_gradcheck_and_opcheck(weight_shape):
+    x = make_input(1, 3, 6, 5, requires_grad=True)
+    weight = torch.randn(*weight_shape, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(weight_shape[0], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: torch.ops.ghostkernels.direct_conv2d(*a, 2), (x, weight, bias))
+    torch.library.opcheck(torch.ops.ghostkernels.direct_conv2d.default, (x, weight, bias, 2))
+
+
+@pytest.mark.parametrize("weight_shape", [(4, 1, 2, 2), (5, 2, 3, 3), (4, 3, 3, 3)],
+                         ids=["even kernel", "outputs not divisible by groups", "inputs not divisible"])
+def test_bad_weight(weight_shape):
+    with pytest.raises(RuntimeError, match="weight must be"):
+        torch.ops.ghostkernels.direct_conv2d(torch.randn(1, 4, 5, 5), torch.randn(*weight_shape), None, 1)
