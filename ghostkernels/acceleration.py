@@ -162,12 +162,18 @@ def _foldable(conv, bn):
             and bn.num_features == conv.out_channels)
 
 
-def _fold_conv_bn_pairs(model, summary):
+def _owners_outside_ghost_modules(model):
+    """(name prefix, module) of every module of `model` that is neither a GhostModule nor inside
+    one: a Ghost module folds its own BNs and its fused op runs its convs."""
     ghosts = [f"{name}." for name, m in model.named_modules() if isinstance(m, GhostModule)]
     for name, owner in list(model.named_modules()):
         prefix = f"{name}." if name else ""
-        if isinstance(owner, GhostModule) or any(prefix.startswith(g) for g in ghosts):
-            continue  # a Ghost module folds its own BNs
+        if not isinstance(owner, GhostModule) and not any(prefix.startswith(g) for g in ghosts):
+            yield prefix, owner
+
+
+def _fold_conv_bn_pairs(model, summary):
+    for prefix, owner in _owners_outside_ghost_modules(model):
         if isinstance(owner, nn.Sequential):
             children = list(owner._modules.items())
             for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):
@@ -186,11 +192,7 @@ def _fold_conv_bn_pairs(model, summary):
 
 
 def _pointwise_convs_as_matmuls(model, summary):
-    ghosts = [f"{name}." for name, m in model.named_modules() if isinstance(m, GhostModule)]
-    for name, owner in list(model.named_modules()):
-        prefix = f"{name}." if name else ""
-        if any(prefix.startswith(g) for g in ghosts):
-            continue  # the fused op runs these
+    for prefix, owner in _owners_outside_ghost_modules(model):
         for child_name, conv in list(owner._modules.items()):
             if PointwiseConv2d.eligible(conv):
                 setattr(owner, child_name, PointwiseConv2d.from_conv(conv))
