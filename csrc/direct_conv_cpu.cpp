@@ -13,123 +13,31 @@
 #include <algorithm>
 #include <vector>
 
-#include "gemm.h"
+#include "direct_conv.h"
 #include "multiversion.h"
 #include "output_pool.h"
 
 namespace ghostkernels {
 namespace {
 
-// A phase is the padded plane's rows and columns congruent to (ry, rx) mod S:
-// out[oh][ow] = bias + sum w[dy][dx] phase[dy % S][dx % S][oh + dy / S][ow + dx / S].
-// Outputs are computed at the phase width (columns past out_width are discarded), which makes
-// each tap a shift of one flat index. A plane is done in bands of output rows whose phases
-// stay in L1; `slack` keeps the last vector block's reads inside the band's buffer.
+// Work items [begin, end) of (image, group, band of output rows).
 template <typename T>
-struct PlaneGeometry {
-  static constexpr int64_t kVectorBlock = 4 * Simd<T>::lanes;
-  static constexpr int64_t kL1Elements = 24 * 1024 / sizeof(T);
-  int64_t height, width, k, stride, out_height, out_width, group_inputs;
-  int64_t pad() const { return k / 2; }
-  int64_t phase_width() const { return (width + 2 * pad() + stride - 1) / stride; }
-  int64_t halo_rows() const { return (k - 1) / stride; }
-  int64_t band_rows() const {
-    const int64_t per_row = (stride * stride * group_inputs + 1) * phase_width();
-    return std::max<int64_t>(1, std::min<int64_t>(kL1Elements / per_row - halo_rows(), out_height));
-  }
-  int64_t flat_size() const { return (band_rows() * phase_width() + kVectorBlock - 1) / kVectorBlock * kVectorBlock; }
-  int64_t phase_size() const { return flat_size() + halo_rows() * (phase_width() + 1); }
-  // stride 2: the band's input rows split into even and odd columns in one pass
-  int64_t split_size() const { return stride == 1 ? 0 : (band_rows() + halo_rows()) * stride * width + 1; }
-  int64_t phases_size() const { return group_inputs * stride * stride * phase_size(); }
-  int64_t scratch_size() const { return phases_size() + flat_size() + split_size(); }
-};
-
-// Even- and odd-indexed elements of src[0, n) to evens[0, (n + 1) / 2) and odds[0, n / 2).
-template <typename T>
-GK_INLINE void deinterleave(const T* src, int64_t n, T* evens, T* odds) {
-  using V = typename Simd<T>::vec;
-  using I = typename Simd<T>::index;
-  constexpr int L = Simd<T>::lanes;
-  const I even_lanes = Simd<T>::even_lanes(), odd_lanes = even_lanes + 1;
-  int64_t j = 0;
-  for (; 2 * j + 2 * L <= n; j += L) {
-    const V a = Simd<T>::load(src + 2 * j), b = Simd<T>::load(src + 2 * j + L);
-    Simd<T>::store(evens + j, __builtin_shuffle(a, b, even_lanes));
-    Simd<T>::store(odds + j, __builtin_shuffle(a, b, odd_lanes));
-  }
-  for (int64_t i = 2 * j; i < n; ++i) (i % 2 ? odds : evens)[i / 2] = src[i];
-}
-
-// The zero-padded phases of one input plane's rows for the band of output rows from oh0.
-template <typename T, int S>
-GK_INLINE void fill_phases(const T* x, const PlaneGeometry<T>& g, int64_t oh0, int64_t rows, T* phases, T* split) {
-  constexpr int L = Simd<T>::lanes;
-  const int64_t pad = g.pad(), phase_width = g.phase_width(), phase_size = g.phase_size();
-  std::fill(phases, phases + S * S * phase_size, T(0));
-  // padded rows [oh0 * S, (oh0 + rows + halo) * S) hold this band's phase rows
-  const int64_t ih_begin = std::max<int64_t>(0, oh0 * S - pad);
-  const int64_t ih_end = std::min<int64_t>(g.height, (oh0 + rows + g.halo_rows()) * S - pad);
-  // stride 2, even width: column parity is flat-index parity, so a band of short rows splits in one
-  // vector pass (short rows would not fill a vector) and are then copied row by row
-  const int64_t half_width = g.width / 2;
-  const bool split_band = S == 2 && g.width % 2 == 0 && g.width < 4 * L;
-  if (split_band) deinterleave(x + ih_begin * g.width, (ih_end - ih_begin) * g.width, split, split + g.split_size() / 2);
-  for (int64_t ih = ih_begin; ih < ih_end; ++ih) {
-    const int64_t row = ih + pad;
-    T* dst = phases + (row % S) * S * phase_size + (row / S - oh0) * phase_width;
-    const T* src = x + ih * g.width;
-    if (S == 1) {
-      std::copy(src, src + g.width, dst + pad);
-      continue;
-    }
-    // column ix sits in phase (ix + pad) % 2 at (ix + pad) / 2
-    T* even_dst = dst + (pad % 2) * phase_size + pad / 2;
-    T* odd_dst = dst + (1 - pad % 2) * phase_size + (pad + 1) / 2;
-    if (split_band) {
-      const T* evens = split + (ih - ih_begin) * half_width;
-      std::copy(evens, evens + half_width, even_dst);
-      std::copy(evens + g.split_size() / 2, evens + g.split_size() / 2 + half_width, odd_dst);
-    } else {
-      deinterleave(src, g.width, even_dst, odd_dst);
-    }
-  }
-}
-
-// One group's band of output rows [oh0, oh0 + band_rows): x holds the group's group_inputs
-// input planes, w its (outputs, group_inputs, k, k) weights, out its `outputs` output planes.
-template <typename T, int S>
-GK_MULTIVERSION void conv_band(const T* x, const T* w, const T* bias, int64_t outputs, T* out,
-                               const PlaneGeometry<T>& g, int64_t oh0, T* scratch) {
-  using V = typename Simd<T>::vec;
-  constexpr int L = Simd<T>::lanes;
-  const int64_t phase_width = g.phase_width(), phase_size = g.phase_size(), k = g.k, inputs = g.group_inputs;
-  const int64_t rows = std::min(g.band_rows(), g.out_height - oh0);
-  T* flat = scratch + g.phases_size();
-  for (int64_t ci = 0; ci < inputs; ++ci)
-    fill_phases<T, S>(x + ci * g.height * g.width, g, oh0, rows, scratch + ci * S * S * phase_size, flat + g.flat_size());
-  const int64_t flat_end = rows * phase_width;
-  for (int64_t co = 0; co < outputs; ++co) {
-    const T b = bias ? bias[co] : T(0);
-    for (int64_t f0 = 0; f0 < flat_end; f0 += PlaneGeometry<T>::kVectorBlock) {
-      V acc[4];
-      for (int v = 0; v < 4; ++v) acc[v] = V{} + b;
-      for (int64_t ci = 0; ci < inputs; ++ci) {
-        const T* phases = scratch + ci * S * S * phase_size + f0;
-        const T* wc = w + (co * inputs + ci) * k * k;
-        for (int64_t dy = 0; dy < k; ++dy) {
-          for (int64_t dx = 0; dx < k; ++dx) {
-            const T* src = phases + ((dy % S) * S + dx % S) * phase_size + (dy / S) * phase_width + dx / S;
-            const T wt = wc[dy * k + dx];
-            for (int v = 0; v < 4; ++v) acc[v] += wt * Simd<T>::load(src + v * L);
-          }
-        }
-      }
-      for (int v = 0; v < 4; ++v) Simd<T>::store(flat + f0 + v * L, acc[v]);
-    }
-    T* plane = out + co * g.out_height * g.out_width;
-    for (int64_t r = 0; r < rows; ++r)
-      std::copy(flat + r * phase_width, flat + r * phase_width + g.out_width, plane + (oh0 + r) * g.out_width);
+GK_MULTIVERSION void conv_items(const T* x, const T* w, const T* bias, T* out, const PlaneGeometry<T>& g,
+                                int64_t channels, int64_t groups, int64_t out_channels, int64_t begin, int64_t end) {
+  const int64_t group_outputs = out_channels / groups, k = g.k;
+  const int64_t bands = (g.out_height + g.band_rows() - 1) / g.band_rows();
+  std::vector<T> scratch(g.scratch_size());
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t band = item % bands, group = item / bands % groups, n = item / bands / groups;
+    const T* xs = x + (n * channels + group * g.group_inputs) * g.height * g.width;
+    const T* ws = w + group * group_outputs * g.group_inputs * k * k;
+    const T* bs = bias ? bias + group * group_outputs : nullptr;
+    T* os = out + (n * out_channels + group * group_outputs) * g.out_height * g.out_width;
+    const int64_t oh0 = band * g.band_rows();
+    if (g.stride == 1)
+      conv_band<T, 1>(xs, 0, ws, bs, group_outputs, os, g, oh0, scratch.data());
+    else
+      conv_band<T, 2>(xs, 0, ws, bs, group_outputs, os, g, oh0, scratch.data());
   }
 }
 
@@ -151,7 +59,7 @@ at::Tensor direct_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
                     weight.scalar_type() == x.scalar_type() && (!bias.has_value() || bias->scalar_type() == x.scalar_type());
   if (!fast) return at::conv2d(x, weight, bias, {stride, stride}, {k / 2, k / 2}, {1, 1}, groups);
   const int64_t batch = x.size(0), channels = x.size(1), height = x.size(2), width = x.size(3);
-  const int64_t out_channels = weight.size(0), group_outputs = out_channels / groups;
+  const int64_t out_channels = weight.size(0);
   const int64_t out_height = (height - 1) / stride + 1, out_width = (width - 1) / stride + 1;
   at::Tensor out = empty_output({batch, out_channels, out_height, out_width}, x.options());
   const at::Tensor w = weight.contiguous();
@@ -159,25 +67,10 @@ at::Tensor direct_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "direct_conv2d_cpu", [&] {
     const PlaneGeometry<scalar_t> geometry{height, width, k, stride, out_height, out_width, group_inputs};
     const int64_t bands = (out_height + geometry.band_rows() - 1) / geometry.band_rows();
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* wp = w.data_ptr<scalar_t>();
-    const scalar_t* bp = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
-    scalar_t* op = out.data_ptr<scalar_t>();
     // work items: (image, group, band of output rows)
     at::parallel_for(0, batch * groups * bands, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> scratch(geometry.scratch_size());
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t band = item % bands, group = item / bands % groups, n = item / bands / groups;
-        const scalar_t* xs = xp + (n * channels + group * group_inputs) * height * width;
-        const scalar_t* ws = wp + group * group_outputs * group_inputs * k * k;
-        const scalar_t* bs = bp ? bp + group * group_outputs : nullptr;
-        scalar_t* os = op + (n * out_channels + group * group_outputs) * out_height * out_width;
-        const int64_t oh0 = band * geometry.band_rows();
-        if (stride == 1)
-          conv_band<scalar_t, 1>(xs, ws, bs, group_outputs, os, geometry, oh0, scratch.data());
-        else
-          conv_band<scalar_t, 2>(xs, ws, bs, group_outputs, os, geometry, oh0, scratch.data());
-      }
+      conv_items(x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), b.defined() ? b.data_ptr<scalar_t>() : nullptr,
+                 out.data_ptr<scalar_t>(), geometry, channels, groups, out_channels, begin, end);
     });
   });
   return out;

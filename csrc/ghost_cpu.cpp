@@ -23,6 +23,7 @@
 #include <cstring>
 #include <vector>
 
+#include "direct_conv.h"
 #include "gemm.h"
 #include "multiversion.h"
 #include "output_pool.h"
@@ -74,36 +75,57 @@ struct Tap {
   const T* mask;
 };
 
-// acc[q] += sum_t w_t * (mask_t[q] ? src[q + off_t] : 0) for q < n, taps given column by
-// column (dw columns of dw taps that share a mask): one select per column, not per tap.
-// Rows above and below the plane come from the halo rows of the buffer src points into.
-// sum + the taps at q (one vector of outputs).
-template <typename T>
+// sum + sum_t w_t * (mask_t[q] ? src[q + off_t] : 0) at q (one vector of outputs), taps given
+// column by column (dw columns of dw taps that share a mask): one select per column, not per
+// tap. Rows above and below the plane come from the halo rows of the buffer src points into.
+// DW: dw as a compile-time constant (the loops unroll and the weights stay in registers), or 0.
+template <typename T, int DW>
 GK_INLINE typename Simd<T>::vec add_taps(typename Simd<T>::vec sum, const T* src, int64_t q, const Tap<T>* taps,
                                          int64_t dw) {
   using S = Simd<T>;
   using V = typename S::vec;
-  for (int64_t col = 0; col < dw; ++col) {
-    const Tap<T>* column = taps + col * dw;
+  const int64_t d = DW ? DW : dw;
+#pragma GCC unroll 7
+  for (int64_t col = 0; col < d; ++col) {
+    const Tap<T>* column = taps + col * d;
     V part{};
-    for (int64_t r = 0; r < dw; ++r) part += column[r].weight * S::load(src + q + column[r].offset);
+#pragma GCC unroll 7
+    for (int64_t r = 0; r < d; ++r) part += column[r].weight * S::load(src + q + column[r].offset);
     if (column[0].mask) part = S::load(column[0].mask + q) != 0 ? part : V{};
     sum += part;
   }
   return sum;
 }
 
-template <typename T>
-GK_INLINE void accumulate_taps(T* acc, const T* src, int64_t n, const Tap<T>* taps, int64_t dw) {
+template <typename T, int DW>
+GK_INLINE void taps_pass(T* dst, const T* src, int64_t n, const Tap<T>* taps, int64_t dw, bool accumulate, T bias,
+                         Activation act) {
   using S = Simd<T>;
+  using V = typename S::vec;
   constexpr int L = S::lanes;
+  const V start = V{} + bias;
+  auto finish = [act](V v) __attribute__((always_inline)) { return act == Activation::ReLU ? (v > 0 ? v : V{}) : v; };
   int64_t q = 0;
-  for (; q + L <= n; q += L) S::store(acc + q, add_taps(S::load(acc + q), src, q, taps, dw));
+  for (; q + L <= n; q += L)
+    S::store(dst + q, finish(add_taps<T, DW>(accumulate ? S::load(dst + q) : start, src, q, taps, dw)));
   if (q < n) {  // tail: src and the masks have kSlack readable elements past n; store n - q
     T tail[L] = {};
-    std::memcpy(tail, acc + q, (n - q) * sizeof(T));
-    S::store(tail, add_taps(S::load(tail), src, q, taps, dw));
-    std::memcpy(acc + q, tail, (n - q) * sizeof(T));
+    if (accumulate) std::memcpy(tail, dst + q, (n - q) * sizeof(T));
+    S::store(tail, finish(add_taps<T, DW>(accumulate ? S::load(tail) : start, src, q, taps, dw)));
+    std::memcpy(dst + q, tail, (n - q) * sizeof(T));
+  }
+}
+
+// dst[q] = act((accumulate ? dst[q] : bias) + the taps at q) for q < n, in one pass.
+template <typename T>
+GK_INLINE void apply_taps(T* dst, const T* src, int64_t n, const Tap<T>* taps, int64_t dw, bool accumulate, T bias,
+                          Activation act) {
+  switch (dw) {  // GhostNet's cheap ops are 3x3; the paper's ablation tries 1, 5 and 7
+    case 1: return taps_pass<T, 1>(dst, src, n, taps, dw, accumulate, bias, act);
+    case 3: return taps_pass<T, 3>(dst, src, n, taps, dw, accumulate, bias, act);
+    case 5: return taps_pass<T, 5>(dst, src, n, taps, dw, accumulate, bias, act);
+    case 7: return taps_pass<T, 7>(dst, src, n, taps, dw, accumulate, bias, act);
+    default: return taps_pass<T, 0>(dst, src, n, taps, dw, accumulate, bias, act);
   }
 }
 
@@ -171,7 +193,7 @@ template <typename T>
 GK_INLINE void make_taps(const Geometry& g, const T* w2, const T* masks, int64_t mask_stride, bool transposed,
                          Tap<T>* taps) {
   int n = 0;
-  for (int64_t dx = 0; dx < g.dw; ++dx)  // column by column, as accumulate_taps groups them
+  for (int64_t dx = 0; dx < g.dw; ++dx)  // column by column, as add_taps groups them
     for (int64_t dy = 0; dy < g.dw; ++dy) {
       const int64_t sy = dy - g.pad, sx = dx - g.pad;
       const int64_t mask_dx = transposed ? g.dw - 1 - dx : dx;
@@ -282,6 +304,25 @@ GK_INLINE void primary_rows_nchw(const ForwardArgs<T>& a, int64_t n, int64_t h0,
   for (int64_t c = c0; c < c1; ++c) bias_act(dst + (c - c0) * ld, p, a.b1 ? a.b1[c] : T(0), g.act);
 }
 
+// x1 rows [r0, r1) of channels [c0, c1) of image n with the cheap op's halo rows, into `buf`:
+// per channel ld elements, pad slack | halo rows | rows | halo rows | pad slack, so channel c's
+// row r0 starts at buf + (c - c0) * ld + pad + pad * W. Rows outside the image and the slack
+// are zeros, which the taps read there.
+template <typename T>
+GK_INLINE void intrinsic_band(const ForwardArgs<T>& a, int64_t n, int64_t r0, int64_t r1, int64_t c0, int64_t c1,
+                              T* buf, int64_t ld, T* pack, T* panel) {
+  const Geometry& g = *a.g;
+  const int64_t W = g.out_width, pad = g.pad;
+  const int64_t h0 = std::max<int64_t>(0, r0 - pad), h1 = std::min(g.out_height, r1 + pad);
+  // buffer element of x1 row h, column w: pad + (h - (r0 - pad)) * W + w
+  primary_rows_nchw(a, n, h0, h1, c0, c1, buf + pad + (h0 - (r0 - pad)) * W, ld, pack, panel);
+  for (int64_t c = c0; c < c1; ++c) {
+    T* chan = buf + (c - c0) * ld;
+    std::fill(chan, chan + pad + (h0 - (r0 - pad)) * W, T(0));
+    std::fill(chan + pad + (h1 - (r0 - pad)) * W, chan + ld, T(0));
+  }
+}
+
 template <typename T>
 GK_MULTIVERSION void forward_nchw(const ForwardArgs<T>& a, int64_t begin, int64_t end) {
   const Geometry& g = *a.g;
@@ -298,26 +339,17 @@ GK_MULTIVERSION void forward_nchw(const ForwardArgs<T>& a, int64_t begin, int64_
     const int64_t band = item / t.groups % t.bands;
     const int64_t c0 = item % t.groups * t.group, c1 = std::min(g.init, c0 + t.group);
     const int64_t r0 = band * t.rows, r1 = std::min(g.out_height, r0 + t.rows);
-    const int64_t h0 = std::max<int64_t>(0, r0 - pad), h1 = std::min(g.out_height, r1 + pad);
-    // Buffer element of x1 row h, column w: pad + (h - (r0 - pad)) * W + w.
-    T* first = buf.data() + pad + (h0 - (r0 - pad)) * W;
-    primary_rows_nchw(a, n, h0, h1, c0, c1, first, ld, pack.data(), panel.data());
+    intrinsic_band(a, n, r0, r1, c0, c1, buf.data(), ld, pack.data(), panel.data());
     const int64_t p = (r1 - r0) * W;
     for (int64_t c = c0; c < c1; ++c) {
-      T* chan = buf.data() + (c - c0) * ld;
-      // Zero rows outside the image and the slack, so that taps read zeros there.
-      std::fill(chan, chan + pad + (h0 - (r0 - pad)) * W, T(0));
-      std::fill(chan + pad + (h1 - (r0 - pad)) * W, chan + ld, T(0));
-      const T* center = chan + pad + pad * W;
+      const T* center = buf.data() + (c - c0) * ld + pad + pad * W;
       T* intrinsic = a.out + ((n * g.out_channels + c) * g.out_height + r0) * W;
       if (a.gate) a.gate->apply_rows(intrinsic, center, n, c, g.out_channels, r0, r1, W);
       else std::memcpy(intrinsic, center, p * sizeof(T));
       for (int64_t j = g.ghost_begin(c); j < g.ghost_end(c); ++j) {
         T* dst = a.out + ((n * g.out_channels + g.init + j) * g.out_height + r0) * W;
-        std::fill(dst, dst + p, a.b2 ? a.b2[j] : T(0));
         make_taps(g, a.w2 + j * g.dw * g.dw, a.masks, a.mask_stride, false, taps.data());
-        accumulate_taps(dst, center, p, taps.data(), g.dw);
-        if (g.act == Activation::ReLU) bias_act(dst, p, T(0), g.act);
+        apply_taps(dst, center, p, taps.data(), g.dw, false, a.b2 ? a.b2[j] : T(0), g.act);
         if (a.gate) a.gate->apply_rows(dst, dst, n, g.init + j, g.out_channels, r0, r1, W);
       }
     }
@@ -404,6 +436,70 @@ GK_MULTIVERSION void forward_nhwc(const ForwardArgs<T>& a, int64_t begin, int64_
           for (int64_t c = c0; c < c1; ++c) ow[c] *= gp[c];
           for (int64_t j = g.init + j0; j < g.init + j0 + jn; ++j) ow[j] *= gp[j];
         }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward into a depthwise conv (ghost_module_depthwise)
+
+// The depthwise k x k conv (+bias) that reads the Ghost output: a GhostBottleneck's folded
+// conv_dw + bn_dw. Work items are (image, band of its output rows, group of intrinsic
+// channels); the band's bands are the direct conv's (direct_conv.h).
+template <typename T>
+struct DepthwiseArgs {
+  const PlaneGeometry<T>* plane;  // input: the Ghost output's planes; group_inputs 1
+  const T* weight;                // [out_channels, k * k]
+  const T* bias;                  // [out_channels] or nullptr
+  int64_t bands, group, groups;
+  T* out;                         // [N, out_channels, plane->out_height, plane->out_width]
+
+  // Ghost rows [first, last) that the band from output row oh0 reads.
+  int64_t first_row(int64_t oh0) const { return std::max<int64_t>(0, oh0 * plane->stride - plane->pad()); }
+  int64_t last_row(int64_t oh0, int64_t rows) const {
+    return std::min(plane->height, (oh0 + rows + plane->halo_rows()) * plane->stride - plane->pad());
+  }
+  int64_t max_rows() const { return (plane->band_rows() + plane->halo_rows()) * plane->stride; }
+
+  // Output rows [oh0, oh0 + band_rows) of `channel` of image n from its Ghost rows from row0 on.
+  GK_INLINE void band(const T* rows, int64_t row0, int64_t n, int64_t channel, int64_t channels, int64_t oh0,
+                      T* scratch) const {
+    T* dst = out + (n * channels + channel) * plane->out_height * plane->out_width;
+    const T* w = weight + channel * plane->k * plane->k;
+    const T* b = bias ? bias + channel : nullptr;
+    if (plane->stride == 1) conv_band<T, 1>(rows, row0, w, b, 1, dst, *plane, oh0, scratch);
+    else conv_band<T, 2>(rows, row0, w, b, 1, dst, *plane, oh0, scratch);
+  }
+};
+
+// Per item, the Ghost rows the band reads exist only in `buf` (intrinsic channels, with the cheap
+// op's halo) and `ghost` (one ghost channel at a time): no Ghost output in memory.
+template <typename T>
+GK_MULTIVERSION void forward_nchw_depthwise(const ForwardArgs<T>& a, const DepthwiseArgs<T>& d, int64_t begin,
+                                            int64_t end) {
+  const Geometry& g = *a.g;
+  const PlaneGeometry<T>& plane = *d.plane;
+  const int64_t W = g.out_width, pad = g.pad;
+  const int64_t ld = (d.max_rows() + 2 * pad) * W + 2 * pad + kSlack;
+  std::vector<T> buf(d.group * ld), ghost(d.max_rows() * W + kSlack);
+  std::vector<T> pack(g.stride != 1 ? g.inp * (d.max_rows() + 2 * pad) * W : 0);
+  std::vector<T> panel(kBlock * 2 * Simd<T>::lanes), scratch(plane.scratch_size());
+  std::vector<Tap<T>> taps(g.dw * g.dw);
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t n = item / (d.bands * d.groups);
+    const int64_t oh0 = item / d.groups % d.bands * plane.band_rows();
+    const int64_t c0 = item % d.groups * d.group, c1 = std::min(g.init, c0 + d.group);
+    const int64_t r0 = d.first_row(oh0), r1 = d.last_row(oh0, std::min(plane.band_rows(), plane.out_height - oh0));
+    intrinsic_band(a, n, r0, r1, c0, c1, buf.data(), ld, pack.data(), panel.data());
+    const int64_t p = (r1 - r0) * W;
+    for (int64_t c = c0; c < c1; ++c) {
+      const T* center = buf.data() + (c - c0) * ld + pad + pad * W;
+      d.band(center, r0, n, c, g.out_channels, oh0, scratch.data());
+      for (int64_t j = g.ghost_begin(c); j < g.ghost_end(c); ++j) {
+        make_taps(g, a.w2 + j * g.dw * g.dw, a.masks, a.mask_stride, false, taps.data());
+        apply_taps(ghost.data(), center, p, taps.data(), g.dw, false, a.b2 ? a.b2[j] : T(0), g.act);
+        d.band(ghost.data(), r0, n, g.init + j, g.out_channels, oh0, scratch.data());
       }
     }
   }
@@ -552,7 +648,7 @@ GK_MULTIVERSION void backward_nchw(const BackwardArgs<T>& a, int64_t begin, int6
       for (int64_t j = g.ghost_begin(c); j < g.ghost_end(c); ++j) {
         const T* gz2j = gz2.data() + j * ld + pad + pad * W;
         make_taps(g, a.w2 + j * taps_n, a.masks, a.mask_stride, true, taps.data());
-        accumulate_taps(gzc, gz2j, p, taps.data(), g.dw);
+        apply_taps(gzc, gz2j, p, taps.data(), g.dw, true, T(0), Activation::None);
         make_taps(g, a.w2 + j * taps_n, a.masks, a.mask_stride, false, taps.data());
         for (const Tap<T>& tap : taps)
           gw2[j * taps_n + tap.index] += masked_dot(gz2j, y1c + tap.offset, p, tap.mask);
@@ -788,6 +884,67 @@ at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& w1_in, const c1
   return out;
 }
 
+// ghost_module followed by a depthwise conv (+bias) of its output, stride 1 or 2: what
+// accelerate() makes of a GhostBottleneck's ghost1 -> conv_dw -> bn_dw in eval. NCHW runs
+// forward_nchw_depthwise; channels_last composes the Ghost kernel and the library conv.
+at::Tensor ghost_module_depthwise_cpu(const at::Tensor& x_in, const at::Tensor& w1_in,
+                                      const c10::optional<at::Tensor>& b1, const at::Tensor& w2_in,
+                                      const c10::optional<at::Tensor>& b2, int64_t out_channels, int64_t stride,
+                                      c10::string_view activation, const at::Tensor& w3_in,
+                                      const c10::optional<at::Tensor>& b3, int64_t dw_stride) {
+  const Geometry g = check_and_describe(x_in, w1_in, b1, w2_in, b2, out_channels, stride, activation);
+  TORCH_CHECK(w3_in.dim() == 4 && w3_in.size(0) == out_channels && w3_in.size(1) == 1 &&
+                  w3_in.size(2) == w3_in.size(3) && w3_in.size(2) % 2 == 1,
+              "ghost_module_depthwise: depthwise_weight must be (", out_channels, ", 1, k, k) with odd k, got ",
+              w3_in.sizes());
+  TORCH_CHECK(!b3.has_value() || (b3->dim() == 1 && b3->size(0) == out_channels),
+              "ghost_module_depthwise: depthwise_bias must have shape (", out_channels, ",)");
+  for (const at::Tensor* t : {&w3_in, b3.has_value() ? &*b3 : &w3_in})
+    TORCH_CHECK(t->scalar_type() == x_in.scalar_type() && t->device() == x_in.device(),
+                "ghost_module_depthwise: the depthwise weight and bias must match x's dtype and device (",
+                x_in.scalar_type(), ", ", x_in.device(), ")");
+  TORCH_CHECK(dw_stride == 1 || dw_stride == 2, "ghost_module_depthwise: depthwise_stride must be 1 or 2, got ",
+              dw_stride);
+  const int64_t k = w3_in.size(2);
+  if (g.channels_last) {
+    const at::Tensor ghost = forward_cpu(x_in, w1_in, b1, w2_in, b2, c10::nullopt, out_channels, stride, activation);
+    return at::conv2d(ghost, w3_in, b3, {dw_stride, dw_stride}, {k / 2, k / 2}, {1, 1}, out_channels);
+  }
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor w1 = w1_in.contiguous(), w2 = w2_in.contiguous(), w3 = w3_in.contiguous();
+  const int64_t out_height = (g.out_height - 1) / dw_stride + 1, out_width = (g.out_width - 1) / dw_stride + 1;
+  at::Tensor out = empty_output({g.batch, out_channels, out_height, out_width}, x.options());
+  if (out.numel() == 0) return out;
+  const at::Tensor source = g.kernel == 1 ? x : library_primary(x, w1, b1, g);
+  const at::Tensor b1c = b1.has_value() ? b1->contiguous() : at::Tensor();
+  const at::Tensor b2c = b2.has_value() ? b2->contiguous() : at::Tensor();
+  const at::Tensor b3c = b3.has_value() ? b3->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ghost_module_depthwise_cpu", [&] {
+    const PlaneGeometry<scalar_t> plane{g.out_height, g.out_width, k, dw_stride, out_height, out_width, 1};
+    DepthwiseArgs<scalar_t> d{&plane, w3.data_ptr<scalar_t>(), b3c.defined() ? b3c.data_ptr<scalar_t>() : nullptr,
+                              (out_height + plane.band_rows() - 1) / plane.band_rows(), g.init, 1,
+                              out.data_ptr<scalar_t>()};
+    // Intrinsic channels per item: their buffers within 256 KiB, and work for every thread.
+    const int64_t mask_rows = d.max_rows() + 2 * g.pad;
+    const int64_t channel_bytes = mask_rows * g.out_width * int64_t(sizeof(scalar_t));
+    auto regroup = [&](int64_t group) {
+      d.group = std::max<int64_t>(1, group);
+      d.groups = (g.init + d.group - 1) / d.group;
+    };
+    while (d.group > 8 && d.group * channel_bytes > 256 * 1024) regroup((d.group + 1) / 2);
+    while (d.group > 8 && g.batch * d.bands * d.groups < 2 * at::get_num_threads()) regroup((d.group + 1) / 2);
+    const std::vector<scalar_t> masks = column_masks<scalar_t>(g, mask_rows);
+    ForwardArgs<scalar_t> a{&g, nullptr, source.data_ptr<scalar_t>(), w1.data_ptr<scalar_t>(), nullptr,
+                            g.kernel == 1 && b1c.defined() ? b1c.data_ptr<scalar_t>() : nullptr,
+                            w2.data_ptr<scalar_t>(), nullptr, nullptr,
+                            b2c.defined() ? b2c.data_ptr<scalar_t>() : nullptr,
+                            masks.data(), mask_stride(g, mask_rows), nullptr, nullptr};
+    at::parallel_for(0, g.batch * d.bands * d.groups, 1,
+                     [&](int64_t begin, int64_t end) { forward_nchw_depthwise(a, d, begin, end); });
+  });
+  return out;
+}
+
 at::Tensor ghost_module_cpu(const at::Tensor& x, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
                             const at::Tensor& w2, const c10::optional<at::Tensor>& b2, int64_t out_channels,
                             int64_t stride, c10::string_view activation) {
@@ -869,6 +1026,7 @@ TORCH_LIBRARY_IMPL(ghostkernels, CPU, m) {
   m.impl("ghost_module", &ghost_module_cpu);
   m.impl("ghost_module_gated", &ghost_module_gated_cpu);
   m.impl("ghost_module_backward", &ghost_module_backward_cpu);
+  m.impl("ghost_module_depthwise", &ghost_module_depthwise_cpu);
 }
 
 }  // namespace ghostkernels

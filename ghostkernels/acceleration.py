@@ -10,8 +10,9 @@ and G-GhostNet stages (base, layers, merge, cheap, end). The swap shares the par
 keeps the state-dict keys and leaves training behaviour as it was. In eval mode the remaining
 Conv+BN pairs that run one after the other (stem, `conv_dw`/`bn_dw`, shortcuts, ConvBnAct,
 the convs of post-activation Bottleneck/BasicBlock blocks) are folded too, the depthwise
-convs and the stem among them run on ghostkernels' direct conv kernel, and the 1x1 convs
-(shortcuts, SE, heads) run as matrix multiplies on the CPU.
+convs and the stem among them run on ghostkernels' direct conv kernel, a bottleneck's ghost1
+and the stride-2 depthwise conv after it run as one op, and the 1x1 convs (shortcuts, SE,
+heads) run as matrix multiplies on the CPU.
 """
 
 import copy
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from .direct_conv import DirectConv2d
+from .ghost_depthwise import GhostDepthwise
 from .models.g_ghost_regnet import GGhostStage
 from .modules import GhostModule, GhostModuleV2, PointwiseConv2d, conv_bn_sequence, fold_conv_bn, is_same_square_conv
 
@@ -32,15 +34,18 @@ class AccelerationSummary:
     fused: list = field(default_factory=list)
     folded: list = field(default_factory=list)
     matmul: list = field(default_factory=list)  # 1x1 convs run as matrix multiplies
+    merged: list = field(default_factory=list)  # ghost1 + folded conv_dw run as one op
     skipped: list = field(default_factory=list)  # (module name, reason)
 
     def __str__(self):
         lines = [f"ghostkernels.accelerate: {len(self.fused)} Ghost modules fused, "
                  f"{len(self.folded)} Conv+BN pairs folded, {len(self.matmul)} 1x1 convs as matmuls, "
+                 f"{len(self.merged)} Ghost modules merged with their depthwise conv, "
                  f"{len(self.skipped)} left as they were"]
         lines += [f"  fused   {name}" for name in self.fused]
         lines += [f"  folded  {name}" for name in self.folded]
         lines += [f"  matmul  {name}" for name in self.matmul]
+        lines += [f"  merged  {name}" for name in self.merged]
         lines += [f"  skipped {name}: {reason}" for name, reason in self.skipped]
         return "\n".join(lines)
 
@@ -191,6 +196,17 @@ def _fold_conv_bn_pairs(model, summary):
                 summary.folded.append(f"{prefix}{conv_name} (direct conv kernel)")
 
 
+def _merge_ghost_depthwise(model, summary):
+    """A bottleneck's ghost1 and the folded conv_dw it feeds (GhostNet's stride-2 blocks, in the
+    original code, timm and the zoo: ghost1 -> conv_dw -> bn_dw) become one GhostDepthwise op
+    in ghost1's place; conv_dw becomes Identity."""
+    for prefix, owner in _owners_outside_ghost_modules(model):
+        ghost, conv_dw = getattr(owner, "ghost1", None), getattr(owner, "conv_dw", None)
+        if isinstance(getattr(owner, "bn_dw", None), nn.Identity) and GhostDepthwise.eligible(ghost, conv_dw):
+            owner.ghost1, owner.conv_dw = GhostDepthwise(ghost, conv_dw), nn.Identity()
+            summary.merged.append(f"{prefix}ghost1+conv_dw")
+
+
 def _pointwise_convs_as_matmuls(model, summary):
     for prefix, owner in _owners_outside_ghost_modules(model):
         for child_name, conv in list(owner._modules.items()):
@@ -219,7 +235,7 @@ def _is_g_ghost_stage(module):
 
 def accelerate(model, inplace=False):
     """Swap every Ghost module of `model` for a fused one; in eval mode also fold Conv+BN pairs
-    and run the 1x1 convs as matrix multiplies.
+    merge ghost1 with the depthwise conv it feeds and run the 1x1 convs as matrix multiplies.
 
     Returns the model (a deep copy unless inplace=True) with the summary of what was done in
     its `acceleration_summary` attribute. Outputs match the original model (float32
@@ -248,6 +264,7 @@ def accelerate(model, inplace=False):
         summary.fused.append(name or "(the model itself)")
     if not model.training:
         _fold_conv_bn_pairs(model, summary)
+        _merge_ghost_depthwise(model, summary)
         _pointwise_convs_as_matmuls(model, summary)
     model.acceleration_summary = summary
     return model

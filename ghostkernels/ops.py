@@ -316,8 +316,13 @@ def apply(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channel
     else:
         op = torch.ops.ghostkernels.ghost_module_gated
         args = args[:5] + (gate,) + args[5:]
+    return call(op, *args)
+
+
+def call(op, *args):
+    """op(*args), skipping the Python autograd kernel (several microseconds a call) when no
+    graph is recorded."""
     if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        # Skip the Python autograd kernel (several microseconds a call) when no graph is recorded.
         with torch._C._AutoDispatchBelowAutograd():
             return op(*args)
     return op(*args)

@@ -1,0 +1,92 @@
+"""A Ghost module followed by a depthwise conv: `ghostkernels::ghost_module_depthwise`.
+
+What accelerate() makes of a GhostBottleneck's ghost1 -> conv_dw -> bn_dw in eval (its
+stride-2 blocks, BN folded into the conv). The Ghost output, four times the size of the
+stride-2 conv's, is never written: the C++ kernel (csrc/ghost_cpu.cpp, NCHW float32/64)
+keeps the Ghost rows each band of the conv needs in cache-sized buffers. Elsewhere
+(channels_last, CUDA, other dtypes) the op is the Ghost op followed by direct_conv2d, and
+gradients recompute that composition.
+"""
+
+import torch
+from torch import nn
+
+from . import ops
+from .direct_conv import DirectConv2d
+from .modules import GhostModule
+from .reference import output_memory_format
+
+_lib = torch.library.Library("ghostkernels", "FRAGMENT")
+_lib.define(
+    "ghost_module_depthwise(Tensor x, Tensor primary_weight, Tensor? primary_bias, Tensor cheap_weight, "
+    "Tensor? cheap_bias, int out_channels, int stride, str activation, Tensor depthwise_weight, "
+    "Tensor? depthwise_bias, int depthwise_stride) -> Tensor"
+)
+
+
+def _composed(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation,
+              depthwise_weight, depthwise_bias, depthwise_stride):
+    ghost = ops.apply(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation)
+    return torch.ops.ghostkernels.direct_conv2d(ghost, depthwise_weight, depthwise_bias, depthwise_stride)
+
+
+@torch.library.register_fake("ghostkernels::ghost_module_depthwise")
+def _fake(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation,
+          depthwise_weight, depthwise_bias, depthwise_stride):
+    ops.check_args(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation)
+    n, c, height, width = ops.output_shape(x, primary_weight, out_channels, stride)
+    shape = (n, c, (height - 1) // depthwise_stride + 1, (width - 1) // depthwise_stride + 1)
+    return x.new_empty(shape).contiguous(memory_format=output_memory_format(x))
+
+
+torch.library.impl(_lib, "ghost_module_depthwise", "CompositeExplicitAutograd")(_composed)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.tensors = [i for i, arg in enumerate(inputs) if isinstance(arg, torch.Tensor)]
+    ctx.save_for_backward(*(inputs[i] for i in ctx.tensors))
+    ctx.inputs = [None if isinstance(arg, torch.Tensor) else arg for arg in inputs]
+
+
+def _backward(ctx, grad):
+    """Recomputes the Ghost output through the differentiable composition."""
+    args = list(ctx.inputs)
+    wanted = [i for i in ctx.tensors if ctx.needs_input_grad[i]]
+    with torch.enable_grad():
+        for i, saved in zip(ctx.tensors, ctx.saved_tensors):
+            args[i] = saved.detach().requires_grad_(i in wanted)
+        grads = torch.autograd.grad(_composed(*args), [args[i] for i in wanted], grad)
+    result = [None] * len(args)
+    for i, g in zip(wanted, grads):
+        result[i] = g
+    return tuple(result)
+
+
+torch.library.register_autograd("ghostkernels::ghost_module_depthwise", _backward, setup_context=_setup_context)
+
+
+class GhostDepthwise(nn.Module):
+    """`ghost` (a GhostModule) then `depthwise` (a depthwise DirectConv2d) in one op: a
+    GhostBottleneck's ghost1 and its folded conv_dw + bn_dw, which accelerate() then replaces
+    by Identity. Training mode, and a Ghost module without running statistics, run the two in
+    turn."""
+
+    def __init__(self, ghost, depthwise):
+        super().__init__()
+        self.ghost, self.depthwise = ghost, depthwise
+        self.train(ghost.training)
+
+    @staticmethod
+    def eligible(ghost, depthwise):
+        return (type(ghost) is GhostModule and isinstance(depthwise, DirectConv2d)
+                and depthwise.weight.shape[0] == ghost.oup and depthwise.weight.shape[1] == 1)
+
+    def forward(self, x):
+        folded = None if self.training else self.ghost.folded_weights()
+        if folded is None or (x.device.type == "cpu" and x.dtype not in ops.CPU_KERNEL_DTYPES):
+            return self.depthwise(self.ghost(x))
+        if x.dim() != 4:
+            raise ValueError(f"GhostDepthwise: x must be a 4-D tensor (N, C, H, W), got {tuple(x.shape)}")
+        args = (x, *folded[:4], self.ghost.oup, self.ghost.stride, self.ghost.activation, self.depthwise.weight,
+                self.depthwise.bias, self.depthwise.stride)
+        return ops.call(torch.ops.ghostkernels.ghost_module_depthwise, *args)
