@@ -177,7 +177,7 @@ int64_t mask_stride(const Geometry& g, int64_t rows) { return rows * g.out_width
 // masks[dx][q] = 1 if 0 <= q % width + dx - pad < width. Shared by every band.
 template <typename T>
 std::vector<T> column_masks(const Geometry& g, int64_t rows) {
-  const int64_t n = rows * g.out_width, stride = mask_stride(g, rows);
+  const int64_t stride = mask_stride(g, rows);
   std::vector<T> masks(g.dw * stride, T(0));
   for (int64_t dx = 0; dx < g.dw; ++dx)
     for (int64_t row = 0; row < rows; ++row)
@@ -266,6 +266,7 @@ struct ForwardArgs {
   const T* x;       // input, or the primary conv's activated output when kernel > 1
   const T* w1;      // [init, inp] (1x1 primary only)
   const T* w1t;     // [inp, init] (1x1 primary only)
+  const T* input_scale;  // [N, inp]: x's channels times this per image (a folded SE gate), or nullptr
   const T* b1;      // [init] (nullptr: no bias; already applied when kernel > 1)
   const T* w2;      // [ghosts, dw * dw]
   const T* w2t;     // [dw * dw, ghosts]
@@ -278,9 +279,10 @@ struct ForwardArgs {
 };
 
 // x1 rows [h0, h1) of one image, channels [c0, c1), NCHW; `dst` row stride ld (per channel).
+// `scaled` holds (c1 - c0) x inp elements for W1's rows times the input scale.
 template <typename T>
 GK_INLINE void primary_rows_nchw(const ForwardArgs<T>& a, int64_t n, int64_t h0, int64_t h1, int64_t c0,
-                       int64_t c1, T* dst, int64_t ld, T* pack, T* panel) {
+                                 int64_t c1, T* dst, int64_t ld, T* pack, T* panel, T* scaled) {
   const Geometry& g = *a.g;
   const int64_t p = (h1 - h0) * g.out_width;
   if (g.kernel != 1) {  // copy the library conv's output
@@ -300,7 +302,14 @@ GK_INLINE void primary_rows_nchw(const ForwardArgs<T>& a, int64_t n, int64_t h0,
     src = pack;
     ld_src = p;
   }
-  gemm_nn<T>(c1 - c0, p, g.inp, a.w1 + c0 * g.inp, g.inp, 1, src, ld_src, dst, ld, false, panel);
+  const T* w1 = a.w1 + c0 * g.inp;
+  if (a.input_scale) {  // W1 (x * s) = (W1 diag(s)) x
+    const T* s = a.input_scale + n * g.inp;
+    for (int64_t c = 0; c < c1 - c0; ++c)
+      for (int64_t k = 0; k < g.inp; ++k) scaled[c * g.inp + k] = w1[c * g.inp + k] * s[k];
+    w1 = scaled;
+  }
+  gemm_nn<T>(c1 - c0, p, g.inp, w1, g.inp, 1, src, ld_src, dst, ld, false, panel);
   for (int64_t c = c0; c < c1; ++c) bias_act(dst + (c - c0) * ld, p, a.b1 ? a.b1[c] : T(0), g.act);
 }
 
@@ -310,12 +319,12 @@ GK_INLINE void primary_rows_nchw(const ForwardArgs<T>& a, int64_t n, int64_t h0,
 // are zeros, which the taps read there.
 template <typename T>
 GK_INLINE void intrinsic_band(const ForwardArgs<T>& a, int64_t n, int64_t r0, int64_t r1, int64_t c0, int64_t c1,
-                              T* buf, int64_t ld, T* pack, T* panel) {
+                              T* buf, int64_t ld, T* pack, T* panel, T* scaled) {
   const Geometry& g = *a.g;
   const int64_t W = g.out_width, pad = g.pad;
   const int64_t h0 = std::max<int64_t>(0, r0 - pad), h1 = std::min(g.out_height, r1 + pad);
   // buffer element of x1 row h, column w: pad + (h - (r0 - pad)) * W + w
-  primary_rows_nchw(a, n, h0, h1, c0, c1, buf + pad + (h0 - (r0 - pad)) * W, ld, pack, panel);
+  primary_rows_nchw(a, n, h0, h1, c0, c1, buf + pad + (h0 - (r0 - pad)) * W, ld, pack, panel, scaled);
   for (int64_t c = c0; c < c1; ++c) {
     T* chan = buf + (c - c0) * ld;
     std::fill(chan, chan + pad + (h0 - (r0 - pad)) * W, T(0));
@@ -333,13 +342,14 @@ GK_MULTIVERSION void forward_nchw(const ForwardArgs<T>& a, int64_t begin, int64_
   std::vector<T> buf(t.group * ld);
   std::vector<T> pack(g.stride != 1 ? g.inp * (t.rows + 2 * pad) * W : 0);
   std::vector<T> panel(kBlock * 2 * Simd<T>::lanes);
+  std::vector<T> scaled(a.input_scale ? g.inp * t.group : 0);
   std::vector<Tap<T>> taps(g.dw * g.dw);
   for (int64_t item = begin; item < end; ++item) {
     const int64_t n = item / (t.bands * t.groups);
     const int64_t band = item / t.groups % t.bands;
     const int64_t c0 = item % t.groups * t.group, c1 = std::min(g.init, c0 + t.group);
     const int64_t r0 = band * t.rows, r1 = std::min(g.out_height, r0 + t.rows);
-    intrinsic_band(a, n, r0, r1, c0, c1, buf.data(), ld, pack.data(), panel.data());
+    intrinsic_band(a, n, r0, r1, c0, c1, buf.data(), ld, pack.data(), panel.data(), scaled.data());
     const int64_t p = (r1 - r0) * W;
     for (int64_t c = c0; c < c1; ++c) {
       const T* center = buf.data() + (c - c0) * ld + pad + pad * W;
@@ -365,6 +375,7 @@ GK_MULTIVERSION void forward_nhwc(const ForwardArgs<T>& a, int64_t begin, int64_
   std::vector<T> pack(g.stride != 1 ? (t.rows + 2 * pad) * W * g.inp : 0);
   std::vector<T> panel(kBlock * 2 * Simd<T>::lanes);
   std::vector<T> row(W * g.copies * t.group);
+  std::vector<T> scaled(a.input_scale ? g.inp * t.group : 0);
   for (int64_t item = begin; item < end; ++item) {
     const int64_t n = item / (t.bands * t.groups);
     const int64_t band = item / t.groups % t.bands;
@@ -386,7 +397,16 @@ GK_MULTIVERSION void forward_nhwc(const ForwardArgs<T>& a, int64_t begin, int64_
                         g.inp * sizeof(T));
         src = pack.data();
       }
-      gemm_nn<T>(p, cg, g.inp, src, g.inp, 1, a.w1t + c0, g.init, first, cg, false, panel.data());
+      const T* w1t = a.w1t + c0;
+      int64_t ld_w1t = g.init;
+      if (a.input_scale) {  // rows of W1^T times the input scale
+        const T* s = a.input_scale + n * g.inp;
+        for (int64_t k = 0; k < g.inp; ++k)
+          for (int64_t c = 0; c < cg; ++c) scaled[k * cg + c] = w1t[k * g.init + c] * s[k];
+        w1t = scaled.data();
+        ld_w1t = cg;
+      }
+      gemm_nn<T>(p, cg, g.inp, src, g.inp, 1, w1t, ld_w1t, first, cg, false, panel.data());
       for (int64_t q = 0; q < p; ++q)
         for (int64_t c = 0; c < cg; ++c) first[q * cg + c] = activate(first[q * cg + c] + (a.b1 ? a.b1[c0 + c] : T(0)), g.act);
     }
@@ -491,7 +511,7 @@ GK_MULTIVERSION void forward_nchw_depthwise(const ForwardArgs<T>& a, const Depth
     const int64_t oh0 = item / d.groups % d.bands * plane.band_rows();
     const int64_t c0 = item % d.groups * d.group, c1 = std::min(g.init, c0 + d.group);
     const int64_t r0 = d.first_row(oh0), r1 = d.last_row(oh0, std::min(plane.band_rows(), plane.out_height - oh0));
-    intrinsic_band(a, n, r0, r1, c0, c1, buf.data(), ld, pack.data(), panel.data());
+    intrinsic_band(a, n, r0, r1, c0, c1, buf.data(), ld, pack.data(), panel.data(), static_cast<T*>(nullptr));
     const int64_t p = (r1 - r0) * W;
     for (int64_t c = c0; c < c1; ++c) {
       const T* center = buf.data() + (c - c0) * ld + pad + pad * W;
@@ -817,10 +837,12 @@ std::vector<int64_t> nearest_sources(int64_t in, int64_t out) {
   return sources;
 }
 
+// input_scale: (N, inp, 1, 1) multiplying x's channels per image (GhostBottleneck's SE gate), folded
+// into per-image copies of W1.
 at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& w1_in, const c10::optional<at::Tensor>& b1,
                        const at::Tensor& w2_in, const c10::optional<at::Tensor>& b2,
-                       const c10::optional<at::Tensor>& gate_logits, int64_t out_channels, int64_t stride,
-                       c10::string_view activation) {
+                       const c10::optional<at::Tensor>& gate_logits, const c10::optional<at::Tensor>& input_scale,
+                       int64_t out_channels, int64_t stride, c10::string_view activation) {
   const Geometry g = check_and_describe(x_in, w1_in, b1, w2_in, b2, out_channels, stride, activation);
   at::Tensor gate_values;
   if (gate_logits.has_value()) {
@@ -834,8 +856,19 @@ at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& w1_in, const c1
                 x_in.device(), ")");
     gate_values = at::sigmoid(logits).contiguous(memory_format(g));
   }
-  const at::Tensor x = x_in.contiguous(memory_format(g));
+  at::Tensor x = x_in.contiguous(memory_format(g));
   const at::Tensor w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
+  at::Tensor scale;  // (N, inp)
+  if (input_scale.has_value()) {
+    TORCH_CHECK(input_scale->dim() == 4 && input_scale->size(0) == g.batch && input_scale->size(1) == g.inp &&
+                    input_scale->size(2) == 1 && input_scale->size(3) == 1,
+                "ghost_module_scaled: scale must be (", g.batch, ", ", g.inp, ", 1, 1), got ", input_scale->sizes());
+    TORCH_CHECK(input_scale->scalar_type() == x.scalar_type() && input_scale->device() == x.device(),
+                "ghost_module_scaled: scale must match x's dtype and device (", x.scalar_type(), ", ", x.device(),
+                ")");
+    if (g.kernel == 1) scale = input_scale->reshape({g.batch, g.inp}).contiguous();
+    else x = (x * *input_scale).contiguous(memory_format(g));  // the library conv reads the product
+  }
   at::Tensor out = empty_output({g.batch, out_channels, g.out_height, g.out_width}, x.options(), memory_format(g));
   if (out.numel() == 0) return out;
   const at::Tensor source = g.kernel == 1 ? x : library_primary(x, w1, b1, g);
@@ -871,6 +904,7 @@ at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& w1_in, const c1
                             nearest_sources(gate_values.size(3), g.out_width)};
     }
     ForwardArgs<scalar_t> a{&g, &t, source.data_ptr<scalar_t>(), w1p, w1t.data(),
+                            scale.defined() ? scale.data_ptr<scalar_t>() : nullptr,
                             g.kernel == 1 && b1c.defined() ? b1c.data_ptr<scalar_t>() : nullptr,
                             w2.data_ptr<scalar_t>(), w2t.data(), w2_rows.empty() ? nullptr : w2_rows.data(),
                             b2c.defined() ? b2c.data_ptr<scalar_t>() : nullptr,
@@ -907,7 +941,8 @@ at::Tensor ghost_module_depthwise_cpu(const at::Tensor& x_in, const at::Tensor& 
               dw_stride);
   const int64_t k = w3_in.size(2);
   if (g.channels_last) {
-    const at::Tensor ghost = forward_cpu(x_in, w1_in, b1, w2_in, b2, c10::nullopt, out_channels, stride, activation);
+    const at::Tensor ghost =
+        forward_cpu(x_in, w1_in, b1, w2_in, b2, c10::nullopt, c10::nullopt, out_channels, stride, activation);
     return at::conv2d(ghost, w3_in, b3, {dw_stride, dw_stride}, {k / 2, k / 2}, {1, 1}, out_channels);
   }
   const at::Tensor x = x_in.contiguous();
@@ -934,7 +969,7 @@ at::Tensor ghost_module_depthwise_cpu(const at::Tensor& x_in, const at::Tensor& 
     while (d.group > 8 && d.group * channel_bytes > 256 * 1024) regroup((d.group + 1) / 2);
     while (d.group > 8 && g.batch * d.bands * d.groups < 2 * at::get_num_threads()) regroup((d.group + 1) / 2);
     const std::vector<scalar_t> masks = column_masks<scalar_t>(g, mask_rows);
-    ForwardArgs<scalar_t> a{&g, nullptr, source.data_ptr<scalar_t>(), w1.data_ptr<scalar_t>(), nullptr,
+    ForwardArgs<scalar_t> a{&g, nullptr, source.data_ptr<scalar_t>(), w1.data_ptr<scalar_t>(), nullptr, nullptr,
                             g.kernel == 1 && b1c.defined() ? b1c.data_ptr<scalar_t>() : nullptr,
                             w2.data_ptr<scalar_t>(), nullptr, nullptr,
                             b2c.defined() ? b2c.data_ptr<scalar_t>() : nullptr,
@@ -948,13 +983,20 @@ at::Tensor ghost_module_depthwise_cpu(const at::Tensor& x_in, const at::Tensor& 
 at::Tensor ghost_module_cpu(const at::Tensor& x, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
                             const at::Tensor& w2, const c10::optional<at::Tensor>& b2, int64_t out_channels,
                             int64_t stride, c10::string_view activation) {
-  return forward_cpu(x, w1, b1, w2, b2, c10::nullopt, out_channels, stride, activation);
+  return forward_cpu(x, w1, b1, w2, b2, c10::nullopt, c10::nullopt, out_channels, stride, activation);
 }
 
 at::Tensor ghost_module_gated_cpu(const at::Tensor& x, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
                                   const at::Tensor& w2, const c10::optional<at::Tensor>& b2, const at::Tensor& gate,
                                   int64_t out_channels, int64_t stride, c10::string_view activation) {
-  return forward_cpu(x, w1, b1, w2, b2, gate, out_channels, stride, activation);
+  return forward_cpu(x, w1, b1, w2, b2, gate, c10::nullopt, out_channels, stride, activation);
+}
+
+at::Tensor ghost_module_scaled_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& w1,
+                                   const c10::optional<at::Tensor>& b1, const at::Tensor& w2,
+                                   const c10::optional<at::Tensor>& b2, int64_t out_channels, int64_t stride,
+                                   c10::string_view activation) {
+  return forward_cpu(x, w1, b1, w2, b2, c10::nullopt, scale, out_channels, stride, activation);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_module_backward_cpu(
@@ -1027,6 +1069,7 @@ TORCH_LIBRARY_IMPL(ghostkernels, CPU, m) {
   m.impl("ghost_module_gated", &ghost_module_gated_cpu);
   m.impl("ghost_module_backward", &ghost_module_backward_cpu);
   m.impl("ghost_module_depthwise", &ghost_module_depthwise_cpu);
+  m.impl("ghost_module_scaled", &ghost_module_scaled_cpu);
 }
 
 }  // namespace ghostkernels

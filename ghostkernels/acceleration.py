@@ -11,8 +11,8 @@ keeps the state-dict keys and leaves training behaviour as it was. In eval mode 
 Conv+BN pairs that run one after the other (stem, `conv_dw`/`bn_dw`, shortcuts, ConvBnAct,
 the convs of post-activation Bottleneck/BasicBlock blocks) are folded too, the depthwise
 convs and the stem among them run on ghostkernels' direct conv kernel, a bottleneck's ghost1
-and the stride-2 depthwise conv after it run as one op, and the 1x1 convs (shortcuts, SE,
-heads) run as matrix multiplies on the CPU.
+and the stride-2 depthwise conv after it run as one op, so do a bottleneck's SE and ghost2,
+and the 1x1 convs (shortcuts, SE, heads) run as matrix multiplies on the CPU.
 """
 
 import copy
@@ -25,6 +25,7 @@ from .direct_conv import DirectConv2d
 from .ghost_depthwise import GhostDepthwise
 from .models.g_ghost_regnet import GGhostStage
 from .modules import GhostModule, GhostModuleV2, PointwiseConv2d, conv_bn_sequence, fold_conv_bn, is_same_square_conv
+from .squeeze_excite import SqueezeExciteGhost
 
 
 @dataclass
@@ -34,13 +35,13 @@ class AccelerationSummary:
     fused: list = field(default_factory=list)
     folded: list = field(default_factory=list)
     matmul: list = field(default_factory=list)  # 1x1 convs run as matrix multiplies
-    merged: list = field(default_factory=list)  # ghost1 + folded conv_dw run as one op
+    merged: list = field(default_factory=list)  # ghost1 + folded conv_dw, se + ghost2: one op each
     skipped: list = field(default_factory=list)  # (module name, reason)
 
     def __str__(self):
         lines = [f"ghostkernels.accelerate: {len(self.fused)} Ghost modules fused, "
                  f"{len(self.folded)} Conv+BN pairs folded, {len(self.matmul)} 1x1 convs as matmuls, "
-                 f"{len(self.merged)} Ghost modules merged with their depthwise conv, "
+                 f"{len(self.merged)} depthwise convs / SE blocks merged into Ghost ops, "
                  f"{len(self.skipped)} left as they were"]
         lines += [f"  fused   {name}" for name in self.fused]
         lines += [f"  folded  {name}" for name in self.folded]
@@ -207,6 +208,16 @@ def _merge_ghost_depthwise(model, summary):
             summary.merged.append(f"{prefix}ghost1+conv_dw")
 
 
+def _merge_squeeze_excite(model, summary):
+    """A bottleneck's SE and the ghost2 it feeds become one SqueezeExciteGhost in ghost2's place
+    (the SE product folded into ghost2's weights); se becomes Identity."""
+    for prefix, owner in _owners_outside_ghost_modules(model):
+        se, ghost = getattr(owner, "se", None), getattr(owner, "ghost2", None)
+        if se is not None and SqueezeExciteGhost.eligible(se, ghost):
+            owner.ghost2, owner.se = SqueezeExciteGhost(se, ghost), nn.Identity()
+            summary.merged.append(f"{prefix}se+ghost2")
+
+
 def _pointwise_convs_as_matmuls(model, summary):
     for prefix, owner in _owners_outside_ghost_modules(model):
         for child_name, conv in list(owner._modules.items()):
@@ -235,7 +246,8 @@ def _is_g_ghost_stage(module):
 
 def accelerate(model, inplace=False):
     """Swap every Ghost module of `model` for a fused one; in eval mode also fold Conv+BN pairs
-    merge ghost1 with the depthwise conv it feeds and run the 1x1 convs as matrix multiplies.
+    merge ghost1 with the depthwise conv it feeds and SE with the ghost2 it feeds, and run the
+    1x1 convs as matrix multiplies.
 
     Returns the model (a deep copy unless inplace=True) with the summary of what was done in
     its `acceleration_summary` attribute. Outputs match the original model (float32
@@ -265,6 +277,7 @@ def accelerate(model, inplace=False):
     if not model.training:
         _fold_conv_bn_pairs(model, summary)
         _merge_ghost_depthwise(model, summary)
+        _merge_squeeze_excite(model, summary)
         _pointwise_convs_as_matmuls(model, summary)
     model.acceleration_summary = summary
     return model

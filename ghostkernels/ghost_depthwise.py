@@ -13,7 +13,7 @@ from torch import nn
 
 from . import ops
 from .direct_conv import DirectConv2d
-from .modules import GhostModule
+from .modules import GhostModule, merged_weights
 from .reference import output_memory_format
 
 _lib = torch.library.Library("ghostkernels", "FRAGMENT")
@@ -42,27 +42,7 @@ def _fake(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channel
 torch.library.impl(_lib, "ghost_module_depthwise", "CompositeExplicitAutograd")(_composed)
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.tensors = [i for i, arg in enumerate(inputs) if isinstance(arg, torch.Tensor)]
-    ctx.save_for_backward(*(inputs[i] for i in ctx.tensors))
-    ctx.inputs = [None if isinstance(arg, torch.Tensor) else arg for arg in inputs]
-
-
-def _backward(ctx, grad):
-    """Recomputes the Ghost output through the differentiable composition."""
-    args = list(ctx.inputs)
-    wanted = [i for i in ctx.tensors if ctx.needs_input_grad[i]]
-    with torch.enable_grad():
-        for i, saved in zip(ctx.tensors, ctx.saved_tensors):
-            args[i] = saved.detach().requires_grad_(i in wanted)
-        grads = torch.autograd.grad(_composed(*args), [args[i] for i in wanted], grad)
-    result = [None] * len(args)
-    for i, g in zip(wanted, grads):
-        result[i] = g
-    return tuple(result)
-
-
-torch.library.register_autograd("ghostkernels::ghost_module_depthwise", _backward, setup_context=_setup_context)
+ops.register_recompute_autograd("ghost_module_depthwise", _composed)
 
 
 class GhostDepthwise(nn.Module):
@@ -82,11 +62,9 @@ class GhostDepthwise(nn.Module):
                 and depthwise.weight.shape[0] == ghost.oup and depthwise.weight.shape[1] == 1)
 
     def forward(self, x):
-        folded = None if self.training else self.ghost.folded_weights()
-        if folded is None or (x.device.type == "cpu" and x.dtype not in ops.CPU_KERNEL_DTYPES):
+        folded = merged_weights(self, self.ghost, x)
+        if folded is None:
             return self.depthwise(self.ghost(x))
-        if x.dim() != 4:
-            raise ValueError(f"GhostDepthwise: x must be a 4-D tensor (N, C, H, W), got {tuple(x.shape)}")
         args = (x, *folded[:4], self.ghost.oup, self.ghost.stride, self.ghost.activation, self.depthwise.weight,
                 self.depthwise.bias, self.depthwise.stride)
         return ops.call(torch.ops.ghostkernels.ghost_module_depthwise, *args)

@@ -173,6 +173,18 @@ class GhostModule(nn.Module):
         return f"oup={self.oup}, init={self.init_channels}, new={self.new_channels}, activation={self.activation}"
 
 
+def merged_weights(merged, ghost, x):
+    """The folded weights of `ghost` when `merged` (ghost merged with a neighbouring module into
+    one op) can run that op on x, or None to run the two modules in turn (training mode, BN
+    without running statistics, a CPU dtype the kernels lack)."""
+    folded = None if merged.training else ghost.folded_weights()
+    if folded is None or (x.device.type == "cpu" and x.dtype not in ops.CPU_KERNEL_DTYPES):
+        return None
+    if x.dim() != 4:
+        raise ValueError(f"{type(merged).__name__}: x must be a 4-D tensor (N, C, H, W), got {tuple(x.shape)}")
+    return folded
+
+
 def conv_bn_sequence(sequential):
     """[(conv, BN or None), ...] of a Sequential of Conv2d layers each optionally followed by a
     BatchNorm2d, or None if it holds anything else."""

@@ -328,6 +328,30 @@ def call(op, *args):
     return op(*args)
 
 
+def register_recompute_autograd(name, composed):
+    """Gradients for op `name` (of this library) by recomputing `composed`, its composition of
+    differentiable ops with the same arguments: for the inference-first ops (ghost_module_depthwise,
+    ghost_module_scaled) whose fused kernels have no backward of their own."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.tensors = [i for i, arg in enumerate(inputs) if isinstance(arg, torch.Tensor)]
+        ctx.save_for_backward(*(inputs[i] for i in ctx.tensors))
+        ctx.arguments = [None if isinstance(arg, torch.Tensor) else arg for arg in inputs]
+
+    def backward(ctx, grad):
+        args, wanted = list(ctx.arguments), [i for i in ctx.tensors if ctx.needs_input_grad[i]]
+        with torch.enable_grad():
+            for i, saved in zip(ctx.tensors, ctx.saved_tensors):
+                args[i] = saved.detach().requires_grad_(i in wanted)
+            grads = torch.autograd.grad(composed(*args), [args[i] for i in wanted], grad)
+        result = [None] * len(args)
+        for i, g in zip(wanted, grads):
+            result[i] = g
+        return tuple(result)
+
+    torch.library.register_autograd(f"ghostkernels::{name}", backward, setup_context=setup_context)
+
+
 def intrinsic_channels(out_channels, ratio):
     """init = ceil(oup / ratio): the channels the primary conv makes."""
     return math.ceil(out_channels / ratio)

@@ -105,10 +105,10 @@ def test_accelerate_merges_stride_two_blocks():
     from ghostkernels.models import ghostnet_050
     model = ghostnet_050(num_classes=10, fused=False).eval()
     fast = accelerate(model)
-    merged = fast.acceleration_summary.merged
+    merged = [name for name in fast.acceleration_summary.merged if name.endswith("ghost1+conv_dw")]
     assert merged == [f"blocks.{i}.0.ghost1+conv_dw" for i in (1, 3, 5, 7)]
     assert isinstance(fast.blocks[1][0].ghost1, GhostDepthwise) and isinstance(fast.blocks[1][0].conv_dw, nn.Identity)
-    assert "4 Ghost modules merged with their depthwise conv" in str(fast.acceleration_summary)
+    assert "11 depthwise convs / SE blocks merged into Ghost ops" in str(fast.acceleration_summary)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)

@@ -71,7 +71,8 @@ def test_accelerate_eval_parity_and_summary():
     assert "conv_stem+bn1" in summary.folded and "blocks.1.0.conv_dw+bn_dw" in summary.folded
     assert "32 Ghost modules fused" in str(summary)
     # 1x1 convs as matrix multiplies: 7 SE blocks x 2, 5 shortcuts, blocks.9, conv_head
-    assert len(summary.matmul) == 2 * 7 + 5 + 1 + 1 and "blocks.3.0.se.conv_reduce" in summary.matmul
+    assert len(summary.matmul) == 2 * 7 + 5 + 1 + 1 and "blocks.3.0.ghost2.se.conv_reduce" in summary.matmul
+    assert len(summary.merged) == 4 + 7  # stride-2 ghost1+conv_dw, se+ghost2
     assert "blocks.1.0.shortcut.2" in summary.matmul
     assert isinstance(fast.conv_head, PointwiseConv2d) and isinstance(fast.conv_head, nn.Conv2d)
     x = torch.randn(2, 3, 64, 64)

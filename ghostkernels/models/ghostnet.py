@@ -53,10 +53,11 @@ class SqueezeExcite(nn.Module):
         self.conv_reduce = nn.Conv2d(channels, reduced, 1, bias=True)
         self.act1 = nn.ReLU(inplace=True)
         self.conv_expand = nn.Conv2d(reduced, channels, 1, bias=True)
+        self.gate_fn = hard_sigmoid
 
     def forward(self, x):
         gate = self.conv_expand(self.act1(self.conv_reduce(x.mean((2, 3), keepdim=True))))
-        return x * hard_sigmoid(gate)
+        return x * self.gate_fn(gate)
 
 
 class ConvBnAct(nn.Module):

@@ -1,0 +1,135 @@
+"""ghostkernels::ghost_module_scaled (an SE product folded into the Ghost op) and its merge into
+GhostBottleneck-style blocks of the original code, timm and the zoo."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ghostkernels import accelerate, ghost_module_reference
+from ghostkernels.squeeze_excite import SqueezeExciteGhost
+
+from conftest import make_input, make_weights, randomise_bn
+from test_models import TimmGhostModule
+
+op = torch.ops.ghostkernels.ghost_module_scaled
+
+
+# (inp, oup, ratio, dw, kernel, stride, size)
+CONFIGS = [(12, 9, 2, 3, 1, 1, (7, 7)), (5, 13, 3, 5, 1, 2, (9, 11)), (6, 8, 4, 1, 3, 1, (12, 14)),
+           (16, 24, 2, 3, 1, 1, (37, 70)), (3, 4, 2, 7, 1, 1, (2, 1))]
+
+
+@pytest.mark.parametrize("config, activation, channels_last, batch",
+                         list(itertools.product(CONFIGS, ["relu", "none"], [False, True], [2, 1])))
+def test_matches_reference(config, activation, channels_last, batch):
+    inp, oup, ratio, dw, kernel, stride, size = config
+    x = make_input(batch, inp, *size, channels_last=channels_last)
+    scale = torch.rand(batch, inp, 1, 1, dtype=torch.float64)
+    weights = make_weights(inp, oup, ratio, dw, kernel)
+    out = op(x, scale, *weights, oup, stride, activation)
+    expected = ghost_module_reference(x * scale, *weights, out_channels=oup, stride=stride, activation=activation)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def test_float32_and_empty_batch():
+    x, scale = torch.randn(3, 20, 14, 14), torch.rand(3, 20, 1, 1)
+    weights = make_weights(20, 30, 2, 3, dtype=torch.float32)
+    expected = ghost_module_reference(x * scale, *weights, out_channels=30)
+    torch.testing.assert_close(op(x, scale, *weights, 30, 1, "relu"), expected, rtol=1e-5, atol=1e-5)
+    assert op(x[:0], scale[:0], *weights, 30, 1, "relu").shape == (0, 30, 14, 14)
+
+
+def test_gradcheck_and_opcheck():
+    x = make_input(2, 4, 5, 6, requires_grad=True)
+    scale = torch.rand(2, 4, 1, 1, dtype=torch.float64, requires_grad=True)
+    args = (x, scale, *make_weights(4, 6, 2, 3, requires_grad=True), 6, 1, "relu")
+    assert torch.autograd.gradcheck(op, args)
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("scale, message", [(torch.rand(2, 4), "scale must be"), (torch.rand(1, 4, 1, 1), "scale must be"),
+                                            (torch.rand(2, 4, 1, 1, dtype=torch.float32), "dtype")])
+def test_bad_scale(scale, message):
+    x = make_input(2, 4, 5, 6)
+    with pytest.raises(RuntimeError, match=message):
+        op(x, scale, *make_weights(4, 6, 2, 3), 6, 1, "relu")
+
+
+class TimmSqueezeExcite(nn.Module):
+    """timm's SqueezeExcite as GhostNet builds it: a `gate` module."""
+
+    def __init__(self, chs, rd):
+        super().__init__()
+        self.conv_reduce, self.act1 = nn.Conv2d(chs, rd, 1), nn.ReLU(inplace=True)
+        self.conv_expand, self.gate = nn.Conv2d(rd, chs, 1), nn.Hardsigmoid()
+
+    def forward(self, x):
+        return x * self.gate(self.conv_expand(self.act1(self.conv_reduce(x.mean((2, 3), keepdim=True)))))
+
+
+class OriginalSqueezeExcite(nn.Module):
+    """The Huawei code's SqueezeExcite: avg_pool and a `gate_fn` function."""
+
+    def __init__(self, chs, rd):
+        super().__init__()
+        self.avg_pool = nn.AdaptiveAvgPool2d(1)
+        self.conv_reduce, self.act1 = nn.Conv2d(chs, rd, 1), nn.ReLU(inplace=True)
+        self.conv_expand = nn.Conv2d(rd, chs, 1)
+        self.gate_fn = lambda t: F.relu6(t + 3.0) / 6.0
+
+    def forward(self, x):
+        return x * self.gate_fn(self.conv_expand(self.act1(self.conv_reduce(self.avg_pool(x)))))
+
+
+class Bottleneck(nn.Module):
+    """ghost1 -> se -> ghost2, shortcut added in place (the original code and timm)."""
+
+    def __init__(self, se_class, chs=8, mid_chs=16):
+        super().__init__()
+        self.ghost1 = TimmGhostModule(chs, mid_chs)
+        self.se = se_class(mid_chs, 4)
+        self.ghost2 = TimmGhostModule(mid_chs, chs, act_layer=nn.Identity)
+
+    def forward(self, x):
+        shortcut = x
+        x = self.ghost2(self.se(self.ghost1(x)))
+        x += shortcut
+        return x
+
+
+@pytest.mark.parametrize("se_class", [TimmSqueezeExcite, OriginalSqueezeExcite])
+def test_accelerate_merges_se_into_ghost2(se_class):
+    net = randomise_bn(Bottleneck(se_class), spread=0.2).eval()
+    fast = accelerate(net)
+    assert fast.acceleration_summary.merged == ["se+ghost2"]
+    assert isinstance(fast.ghost2, SqueezeExciteGhost) and isinstance(fast.se, nn.Identity)
+    x = torch.randn(2, 8, 9, 7, requires_grad=True)
+    out, fast_out = net(x), fast(x)
+    torch.testing.assert_close(fast_out, out, rtol=1e-5, atol=1e-5)
+    # eval-mode gradients go through the recomputing backward, past the in-place residual
+    for a, b in zip(torch.autograd.grad(fast_out.square().sum(), x), torch.autograd.grad(out.square().sum(), x)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x.to(memory_format=torch.channels_last)), out, rtol=1e-5, atol=1e-5)
+
+
+def test_other_squeeze_excites_stay():
+    class SEModule(TimmSqueezeExcite):  # another name: its forward may differ (timm's SEModule has fc1/fc2)
+        pass
+
+    net = Bottleneck(SEModule).eval()
+    assert not accelerate(net).acceleration_summary.merged
+    assert not SqueezeExciteGhost.eligible(TimmSqueezeExcite(16, 4), nn.Conv2d(16, 8, 1))
+
+
+def test_zoo_merges_every_se_block():
+    from ghostkernels.models import ghostnet_050
+    fast = accelerate(ghostnet_050(num_classes=10, fused=False).eval())
+    se_merges = [name for name in fast.acceleration_summary.merged if name.endswith("se+ghost2")]
+    assert se_merges == ["blocks.3.0.se+ghost2", "blocks.4.0.se+ghost2", "blocks.6.3.se+ghost2",
+                         "blocks.6.4.se+ghost2", "blocks.7.0.se+ghost2", "blocks.8.1.se+ghost2",
+                         "blocks.8.3.se+ghost2"]
