@@ -1,16 +1,21 @@
-"""A Ghost module reading a squeeze-and-excitation output: `ghostkernels::ghost_module_scaled`.
+"""A Ghost module reading a squeeze-and-excitation output: `ghostkernels::ghost_module_scaled`
+and `ghostkernels::squeeze_excite_gate`.
 
 A GhostBottleneck runs `se` then `ghost2`: ghost2(x * gate), gate the SE's (N, C, 1, 1)
 output. The product is a full-size tensor written and read back; the 1x1 primary conv can
 take the gate into per-image copies of its weights instead (W1 * gate_n), which is what the
-C++ kernel does (csrc/ghost_cpu.cpp). Elsewhere the op is ghost_module(x * scale), and
-gradients recompute that composition. accelerate() makes se + ghost2 a SqueezeExciteGhost.
+C++ kernel does (csrc/ghost_cpu.cpp). The gate itself, about fifteen small ATen ops, is one
+op too when the SE's activation is ReLU and its gate GhostNet's hard sigmoid
+(csrc/squeeze_excite_cpu.cpp). Elsewhere both ops are their ATen compositions, and
+gradients recompute those. accelerate() makes se + ghost2 a SqueezeExciteGhost.
 """
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .models.ghostnet import hard_sigmoid
 from .modules import GhostModule, merged_weights
 from .reference import output_memory_format
 
@@ -39,6 +44,38 @@ def _fake(x, scale, primary_weight, primary_bias, cheap_weight, cheap_bias, out_
 torch.library.impl(_lib, "ghost_module_scaled", "CompositeExplicitAutograd")(_composed)
 ops.register_recompute_autograd("ghost_module_scaled", _composed)
 
+_lib.define(
+    "squeeze_excite_gate(Tensor x, Tensor reduce_weight, Tensor? reduce_bias, Tensor expand_weight, "
+    "Tensor? expand_bias) -> Tensor"
+)
+
+
+def _gate_composed(x, reduce_weight, reduce_bias, expand_weight, expand_bias):
+    hidden = F.relu(F.conv2d(x.mean((2, 3), keepdim=True), reduce_weight, reduce_bias))
+    return hard_sigmoid(F.conv2d(hidden, expand_weight, expand_bias))
+
+
+@torch.library.register_fake("ghostkernels::squeeze_excite_gate")
+def _gate_fake(x, reduce_weight, reduce_bias, expand_weight, expand_bias):
+    return x.new_empty((x.shape[0], x.shape[1], 1, 1))
+
+
+torch.library.impl(_lib, "squeeze_excite_gate", "CompositeExplicitAutograd")(_gate_composed)
+ops.register_recompute_autograd("squeeze_excite_gate", _gate_composed)
+
+
+def _is_hard_sigmoid(gate):
+    """Whether `gate` computes relu6(x + 3) / 6 (timm's hard_sigmoid gate, the original code's
+    gate_fn, nn.Hardsigmoid), probed on both sides of its kinks."""
+    probe = torch.linspace(-4.0, 4.0, 33, dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            out = gate(probe.clone())
+    except (RuntimeError, TypeError):
+        return False
+    return isinstance(out, torch.Tensor) and torch.allclose(out, hard_sigmoid(probe), rtol=0, atol=1e-12)
+
+
 _SE_CHILDREN = {"avg_pool", "conv_reduce", "act1", "conv_expand", "gate"}
 
 
@@ -58,6 +95,7 @@ class SqueezeExciteGhost(nn.Module):
         super().__init__()
         self.se, self.ghost = se, ghost
         self.train(ghost.training)
+        self.standard_gate = isinstance(se.act1, nn.ReLU) and _is_hard_sigmoid(_gate(se))
 
     @staticmethod
     def eligible(se, ghost):
@@ -66,7 +104,8 @@ class SqueezeExciteGhost(nn.Module):
         convs = [getattr(se, name, None) for name in ("conv_reduce", "conv_expand")]
         pool = getattr(se, "avg_pool", None)
         return (set(se._modules) <= _SE_CHILDREN and callable(_gate(se))
-                and all(isinstance(c, nn.Conv2d) and c.kernel_size == (1, 1) for c in convs)
+                and all(isinstance(c, nn.Conv2d) and c.kernel_size == (1, 1) and c.groups == 1
+                        and c.padding == (0, 0) for c in convs)
                 and (pool is None or (isinstance(pool, nn.AdaptiveAvgPool2d) and pool.output_size in (1, (1, 1))))
                 and convs[1].out_channels == ghost.primary_conv[0].in_channels)
 
@@ -75,6 +114,10 @@ class SqueezeExciteGhost(nn.Module):
         if folded is None:
             return self.ghost(self.se(x))
         se = self.se
-        scale = _gate(se)(se.conv_expand(se.act1(se.conv_reduce(x.mean((2, 3), keepdim=True)))))
+        if self.standard_gate:
+            scale = ops.call(torch.ops.ghostkernels.squeeze_excite_gate, x, se.conv_reduce.weight,
+                             se.conv_reduce.bias, se.conv_expand.weight, se.conv_expand.bias)
+        else:
+            scale = _gate(se)(se.conv_expand(se.act1(se.conv_reduce(x.mean((2, 3), keepdim=True)))))
         return ops.call(torch.ops.ghostkernels.ghost_module_scaled, x, scale, *folded[:4], self.ghost.oup,
                         self.ghost.stride, self.ghost.activation)

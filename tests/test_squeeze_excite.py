@@ -133,3 +133,64 @@ def test_zoo_merges_every_se_block():
     assert se_merges == ["blocks.3.0.se+ghost2", "blocks.4.0.se+ghost2", "blocks.6.3.se+ghost2",
                          "blocks.6.4.se+ghost2", "blocks.7.0.se+ghost2", "blocks.8.1.se+ghost2",
                          "blocks.8.3.se+ghost2"]
+
+
+gate_op = torch.ops.ghostkernels.squeeze_excite_gate
+
+
+def gate_weights(channels, reduced, dtype=torch.float64, bias=True):
+    return (torch.randn(reduced, channels, 1, 1, dtype=dtype), torch.randn(reduced, dtype=dtype) if bias else None,
+            torch.randn(channels, reduced, 1, 1, dtype=dtype), torch.randn(channels, dtype=dtype) if bias else None)
+
+
+def gate_expected(x, w1, b1, w2, b2):
+    hidden = F.relu(F.conv2d(x.mean((2, 3), keepdim=True), w1, b1))
+    return F.relu6(F.conv2d(hidden, w2, b2) + 3.0) / 6.0
+
+
+@pytest.mark.parametrize("batch, channels_last, bias, size",
+                         list(itertools.product([0, 1, 3], [False, True], [True, False], [(7, 7), (1, 1), (37, 70)])))
+def test_gate_matches_reference(batch, channels_last, bias, size):
+    x = make_input(batch, 24, *size, channels_last=channels_last)
+    weights = gate_weights(24, 6, bias=bias)
+    gate = gate_op(x, *weights)
+    assert gate.shape == (batch, 24, 1, 1)
+    torch.testing.assert_close(gate, gate_expected(x, *weights), rtol=1e-12, atol=1e-12)
+
+
+def test_gate_float32_gradcheck_and_opcheck():
+    x = torch.randn(2, 40, 14, 14)
+    weights = gate_weights(40, 12, dtype=torch.float32)
+    torch.testing.assert_close(gate_op(x, *weights), gate_expected(x, *weights), rtol=1e-5, atol=1e-5)
+    x = make_input(2, 6, 3, 4, requires_grad=True)
+    args = (x, *(t.requires_grad_() for t in gate_weights(6, 3)))
+    assert torch.autograd.gradcheck(gate_op, args)
+    torch.library.opcheck(gate_op, args)
+
+
+@pytest.mark.parametrize("index, bad, message", [(0, torch.randn(6, 24, 3, 3), "reduce_weight must be"),
+                                                 (2, torch.randn(24, 5, 1, 1), "expand_weight must be"),
+                                                 (1, torch.randn(5), "reduce_bias must have shape"),
+                                                 (3, torch.randn(24, dtype=torch.float32), "dtype")])
+def test_gate_bad_arguments(index, bad, message):
+    weights = list(gate_weights(24, 6))
+    weights[index] = bad if bad.dtype == torch.float32 else bad.double()
+    with pytest.raises(RuntimeError, match=message):
+        gate_op(make_input(1, 24, 5, 5), *weights)
+    with pytest.raises(RuntimeError, match="4-D"):
+        gate_op(torch.randn(24, 5, 5, dtype=torch.float64), *gate_weights(24, 6))
+
+
+def test_non_hard_sigmoid_gate_runs_as_written():
+    class SigmoidSqueezeExcite(TimmSqueezeExcite):
+        def __init__(self, chs, rd):
+            super().__init__(chs, rd)
+            self.gate = nn.Sigmoid()
+
+    net = randomise_bn(Bottleneck(SigmoidSqueezeExcite), spread=0.2).eval()
+    fast = accelerate(net)
+    assert fast.acceleration_summary.merged == ["se+ghost2"] and not fast.ghost2.standard_gate
+    assert accelerate(Bottleneck(TimmSqueezeExcite).eval()).ghost2.standard_gate
+    x = torch.randn(2, 8, 9, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), net(x), rtol=1e-5, atol=1e-5)
