@@ -104,6 +104,9 @@ def main():
         for batch in batches:
             x = torch.randn(batch, 3, 224, 224, device=device, dtype=dtype)
             fns = {}
+            # Fresh compile caches per row: the models share forward code objects, and past
+            # dynamo's recompile limit torch.compile silently runs eager (1.3x rows did).
+            torch._dynamo.reset()
             with torch.no_grad():
                 expected = eager(x)
                 for name in contenders:
