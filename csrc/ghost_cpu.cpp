@@ -279,7 +279,8 @@ struct ForwardArgs {
 };
 
 // x1 rows [h0, h1) of one image, channels [c0, c1), NCHW; `dst` row stride ld (per channel).
-// `scaled` holds (c1 - c0) x inp elements for W1's rows times the input scale.
+// `pack` holds inp x (h1 - h0) x out_width elements for strided or scaled x, `scaled`
+// (c1 - c0) x inp for W1's rows times the input scale.
 template <typename T>
 GK_INLINE void primary_rows_nchw(const ForwardArgs<T>& a, int64_t n, int64_t h0, int64_t h1, int64_t c0,
                                  int64_t c1, T* dst, int64_t ld, T* pack, T* panel, T* scaled) {
@@ -293,18 +294,26 @@ GK_INLINE void primary_rows_nchw(const ForwardArgs<T>& a, int64_t n, int64_t h0,
   }
   const T* src = a.x + n * g.inp * g.height * g.width + h0 * g.width;
   int64_t ld_src = g.height * g.width;
+  // W1 (x * s) = (W1 diag(s)) x: the input scale goes into whichever is smaller, the band's
+  // pixels of x (small planes) or W1's rows.
+  const T* s = a.input_scale ? a.input_scale + n * g.inp : nullptr;
+  const bool scale_x = s && p < c1 - c0;
   if (g.stride != 1) {
     for (int64_t k = 0; k < g.inp; ++k)
       for (int64_t h = h0; h < h1; ++h)
         for (int64_t w = 0; w < g.out_width; ++w)
           pack[k * p + (h - h0) * g.out_width + w] =
-              a.x[((n * g.inp + k) * g.height + h * g.stride) * g.width + w * g.stride];
+              a.x[((n * g.inp + k) * g.height + h * g.stride) * g.width + w * g.stride] * (scale_x ? s[k] : T(1));
+    src = pack;
+    ld_src = p;
+  } else if (scale_x) {
+    for (int64_t k = 0; k < g.inp; ++k)
+      for (int64_t q = 0; q < p; ++q) pack[k * p + q] = src[k * ld_src + q] * s[k];
     src = pack;
     ld_src = p;
   }
   const T* w1 = a.w1 + c0 * g.inp;
-  if (a.input_scale) {  // W1 (x * s) = (W1 diag(s)) x
-    const T* s = a.input_scale + n * g.inp;
+  if (s && !scale_x) {
     for (int64_t c = 0; c < c1 - c0; ++c)
       for (int64_t k = 0; k < g.inp; ++k) scaled[c * g.inp + k] = w1[c * g.inp + k] * s[k];
     w1 = scaled;
@@ -340,7 +349,7 @@ GK_MULTIVERSION void forward_nchw(const ForwardArgs<T>& a, int64_t begin, int64_
   // Per channel: pad slack | halo rows | band rows | halo rows | pad slack.
   const int64_t ld = (t.rows + 2 * pad) * W + 2 * pad + kSlack;
   std::vector<T> buf(t.group * ld);
-  std::vector<T> pack(g.stride != 1 ? g.inp * (t.rows + 2 * pad) * W : 0);
+  std::vector<T> pack(g.stride != 1 || a.input_scale ? g.inp * (t.rows + 2 * pad) * W : 0);
   std::vector<T> panel(kBlock * 2 * Simd<T>::lanes);
   std::vector<T> scaled(a.input_scale ? g.inp * t.group : 0);
   std::vector<Tap<T>> taps(g.dw * g.dw);

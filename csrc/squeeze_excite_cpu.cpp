@@ -1,7 +1,8 @@
 // ghostkernels::squeeze_excite_gate on the CPU: GhostNet's SE gate
 //   hard_sigmoid(W_expand relu(W_reduce mean_hw(x) + b_reduce) + b_expand), (N, C, 1, 1),
-// in one call. In ATen it is about fifteen small ops (mean, two 1x1 convs as GEMVs, relu,
-// relu6, add, div, views), which at batch 1 cost more than the Ghost op that reads the gate.
+// in one call. From Python it is about fifteen small ops (mean, two 1x1 convs as GEMVs, relu,
+// relu6, add, div, views), which at batch 1 cost more than the Ghost op that reads the gate;
+// here the pooling is one pass and the two GEMMs go to MKL.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -17,14 +18,6 @@ namespace {
 // Work per parallel chunk, in multiply-adds: smaller calls run on one thread.
 constexpr int64_t kGrainWork = 32 * 1024;
 
-template <typename T>
-GK_INLINE T dot(const T* a, const T* b, int64_t n) {
-  T s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
 // means[p] = mean of plane p (of `size` elements) for p in [begin, end).
 template <typename T>
 GK_MULTIVERSION void plane_means(const T* x, int64_t size, T* means, int64_t begin, int64_t end) {
@@ -37,16 +30,10 @@ GK_MULTIVERSION void plane_means(const T* x, int64_t size, T* means, int64_t beg
   }
 }
 
-// out[n][o] = f(w[o] . in[n] + b[o]) for rows n * outputs + o in [begin, end); f is relu
-// (hard_sigmoid = false) or hard_sigmoid, relu6(v + 3) / 6 as GhostNet defines it.
-template <typename T>
-GK_MULTIVERSION void dense_rows(const T* in, const T* w, const T* b, int64_t inputs, int64_t outputs,
-                                bool hard_sigmoid, T* out, int64_t begin, int64_t end) {
-  for (int64_t row = begin; row < end; ++row) {
-    const int64_t n = row / outputs, o = row % outputs;
-    const T v = dot(w + o * inputs, in + n * inputs, inputs) + (b ? b[o] : T(0));
-    out[row] = hard_sigmoid ? std::min(std::max(v + T(3), T(0)), T(6)) / T(6) : std::max(v, T(0));
-  }
+// W x + b for the rows of x (N, inputs) and a 1x1 conv's (outputs, inputs, 1, 1) weight: MKL's GEMM.
+at::Tensor dense(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+  const at::Tensor w = weight.reshape({weight.size(0), weight.size(1)}).t();
+  return bias.defined() ? at::addmm(bias, x, w) : at::mm(x, w);
 }
 
 at::Tensor squeeze_excite_gate_cpu(const at::Tensor& x, const at::Tensor& w_reduce,
@@ -77,29 +64,22 @@ at::Tensor squeeze_excite_gate_cpu(const at::Tensor& x, const at::Tensor& w_redu
   // NCHW planes are pooled here; channels_last goes through ATen's reduction.
   const bool planes = x.is_contiguous();
   const at::Tensor means = planes ? at::empty({batch, channels}, x.options()) : x.mean({2, 3}).contiguous();
-  at::Tensor hidden = at::empty({batch, reduced}, x.options());
-  at::Tensor gate = at::empty({batch, channels, 1, 1}, x.options());
-  const at::Tensor wr = w_reduce.contiguous(), we = w_expand.contiguous();
   const at::Tensor br = b_reduce.has_value() ? b_reduce->contiguous() : at::Tensor();
   const at::Tensor be = b_expand.has_value() ? b_expand->contiguous() : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "squeeze_excite_gate_cpu", [&] {
-    const int64_t size = x.size(2) * x.size(3);
-    scalar_t* m = means.data_ptr<scalar_t>();
-    if (planes)
+  if (planes)
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "squeeze_excite_gate_cpu", [&] {
+      const int64_t size = x.size(2) * x.size(3);
       at::parallel_for(0, batch * channels, std::max<int64_t>(1, kGrainWork / size), [&](int64_t begin, int64_t end) {
-        plane_means(x.data_ptr<scalar_t>(), size, m, begin, end);
+        plane_means(x.data_ptr<scalar_t>(), size, means.data_ptr<scalar_t>(), begin, end);
       });
-    scalar_t* h = hidden.data_ptr<scalar_t>();
-    at::parallel_for(0, batch * reduced, std::max<int64_t>(1, kGrainWork / channels), [&](int64_t begin, int64_t end) {
-      dense_rows(m, wr.data_ptr<scalar_t>(), br.defined() ? br.data_ptr<scalar_t>() : nullptr, channels, reduced,
-                 false, h, begin, end);
     });
-    at::parallel_for(0, batch * channels, std::max<int64_t>(1, kGrainWork / reduced), [&](int64_t begin, int64_t end) {
-      dense_rows(h, we.data_ptr<scalar_t>(), be.defined() ? be.data_ptr<scalar_t>() : nullptr, reduced, channels,
-                 true, gate.data_ptr<scalar_t>(), begin, end);
-    });
+  const at::Tensor gate = dense(dense(means, w_reduce, br).relu_(), w_expand, be);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "squeeze_excite_gate_cpu", [&] {
+    scalar_t* g = gate.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < gate.numel(); ++i)
+      g[i] = std::min(std::max(g[i] + scalar_t(3), scalar_t(0)), scalar_t(6)) / scalar_t(6);
   });
-  return gate;
+  return gate.view({batch, channels, 1, 1});
 }
 
 }  // namespace
