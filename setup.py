@@ -13,7 +13,7 @@ setup(
         CppExtension(
             "ghostkernels._C",
             ["csrc/ghost_cpu.cpp", "csrc/direct_conv_cpu.cpp", "csrc/cheap_mix_cpu.cpp", "csrc/squeeze_excite_cpu.cpp",
-             "csrc/output_pool.cpp"],
+             "csrc/pointwise_conv_cpu.cpp", "csrc/output_pool.cpp"],
             # at::parallel_for is an OpenMP pragma in a header: without -fopenmp it runs serially.
             # The loader reuses the libgomp.so.1 that torch ships.
             extra_compile_args=["-O3", "-fopenmp"],

@@ -16,11 +16,29 @@ def is_same_square_conv(conv):
             and conv.stride[0] == conv.stride[1] and conv.padding_mode == "zeros")
 
 
+_lib = torch.library.Library("ghostkernels", "FRAGMENT")
+_lib.define("pointwise_conv2d(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+
+
+def _pointwise_composed(x, weight, bias):
+    return F.conv2d(x, weight, bias)
+
+
+@torch.library.register_fake("ghostkernels::pointwise_conv2d")
+def _pointwise_fake(x, weight, bias):
+    return x.new_empty((x.shape[0], weight.shape[0], *x.shape[2:]))
+
+
+torch.library.impl(_lib, "pointwise_conv2d", "CompositeExplicitAutograd")(_pointwise_composed)
+ops.register_recompute_autograd("pointwise_conv2d", _pointwise_composed)
+
+
 class PointwiseConv2d(nn.Conv2d):
     """A 1x1 conv that runs as a matrix multiply on the CPU: one GEMM on pooled 1x1 maps (SE's
-    conv_reduce/conv_expand, conv_head), a batched GEMM on NCHW maps. oneDNN's conv reorders
-    NCHW inputs and weights on every call and costs up to several times that (measured in
-    GhostNet's shortcuts and heads). Same parameters and keys; other inputs take the conv."""
+    conv_reduce/conv_expand, conv_head), `ghostkernels::pointwise_conv2d` (a batched GEMM into
+    the output cache, csrc/pointwise_conv_cpu.cpp) on NCHW maps. oneDNN's conv reorders NCHW
+    inputs and weights on every call and costs up to several times that (measured in GhostNet's
+    shortcuts and heads). Same parameters and keys; other inputs take the conv."""
 
     @staticmethod
     def eligible(conv):
@@ -36,13 +54,9 @@ class PointwiseConv2d(nn.Conv2d):
     def forward(self, x):
         if x.dim() != 4 or x.device.type != "cpu" or not x.is_contiguous():
             return super().forward(x)
-        n, c, h, w = x.shape
-        weight = self.weight.flatten(1)
-        if h == w == 1:
-            return F.linear(x.flatten(1), weight, self.bias)[:, :, None, None]
-        flat, weight = x.reshape(n, c, h * w), weight.expand(n, -1, -1)
-        out = torch.bmm(weight, flat) if self.bias is None else torch.baddbmm(self.bias[:, None], weight, flat)
-        return out.view(n, -1, h, w)
+        if x.shape[2] == x.shape[3] == 1:
+            return F.linear(x.flatten(1), self.weight.flatten(1), self.bias)[:, :, None, None]
+        return ops.call(torch.ops.ghostkernels.pointwise_conv2d, x, self.weight, self.bias)
 
 
 def fold_conv_bn(conv, bn):

@@ -101,6 +101,20 @@ def test_pointwise_conv_matches_conv(size, bias, channels_last):
         assert_close32(a, b)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_pointwise_conv_op(bias):
+    op = torch.ops.ghostkernels.pointwise_conv2d
+    x = torch.randn(2, 5, 3, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(7, 5, 1, 1, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, dtype=torch.float64, requires_grad=True) if bias else None
+    torch.testing.assert_close(op(x, weight, b), F.conv2d(x, weight, b))
+    assert torch.autograd.gradcheck(op, (x, weight, b))
+    torch.library.opcheck(op, (x, weight, b))
+    assert op(x[:0], weight, b).shape == (0, 7, 3, 4)
+    with pytest.raises(RuntimeError, match="weight must be"):
+        op(x, weight[:, :4], b)
+
+
 def test_accelerate_training_gradients_and_keys():
     model = randomise_bn(ghostnet_050(num_classes=10, fused=False), spread=0.2).train()
     fast = accelerate(model)
