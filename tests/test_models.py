@@ -318,3 +318,18 @@ def test_count_params_flops_counts_plain_layers_exactly():
     params, macs = count_params_flops(model, (2, 3, 4, 4))
     assert params == 3 * 8 * 9 + 128 * 5 + 5
     assert macs == 2 * (8 * 16 * 27 + 5 * 128)
+
+
+def test_accelerated_ghostnet_compiles_and_exports():
+    """torch.compile and torch.export see every op accelerate() puts in (fake kernels)."""
+    model = randomise_bn(ghostnet_050(num_classes=10, fused=False), spread=0.2).eval()
+    fast = accelerate(model)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        assert_close32(torch.compile(fast, fullgraph=True)(x), expected)
+        exported = torch.export.export(fast, (x,))
+        assert_close32(exported.module()(x), expected)
+    ops_seen = {str(node.target).split(".")[1] for node in exported.graph.nodes if "ghostkernels" in str(node.target)}
+    assert ops_seen == {"ghost_module", "ghost_module_depthwise", "ghost_module_scaled", "squeeze_excite_gate",
+                        "direct_conv2d", "pointwise_conv2d"}
