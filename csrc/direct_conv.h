@@ -28,10 +28,18 @@ struct PlaneGeometry {
     const int64_t per_row = (stride * stride * group_inputs + 1) * phase_width();
     return std::max<int64_t>(1, std::min<int64_t>(kL1Elements / per_row - halo_rows(), out_height));
   }
+  int64_t bands() const { return (out_height + band_rows() - 1) / band_rows(); }
+  int64_t rows_in_band(int64_t oh0) const { return std::min(band_rows(), out_height - oh0); }
+  // Input rows [first, last) that the band of `rows` output rows from oh0 reads, and their most.
+  int64_t first_input_row(int64_t oh0) const { return std::max<int64_t>(0, oh0 * stride - pad()); }
+  int64_t last_input_row(int64_t oh0, int64_t rows) const {
+    return std::min(height, (oh0 + rows + halo_rows()) * stride - pad());
+  }
+  int64_t max_input_rows() const { return (band_rows() + halo_rows()) * stride; }
   int64_t flat_size() const { return (band_rows() * phase_width() + kVectorBlock - 1) / kVectorBlock * kVectorBlock; }
   int64_t phase_size() const { return flat_size() + halo_rows() * (phase_width() + 1); }
   // stride 2: the band's input rows split into even and odd columns in one pass
-  int64_t split_size() const { return stride == 1 ? 0 : (band_rows() + halo_rows()) * stride * width + 1; }
+  int64_t split_size() const { return stride == 1 ? 0 : max_input_rows() * width + 1; }
   int64_t phases_size() const { return group_inputs * stride * stride * phase_size(); }
   int64_t scratch_size() const { return phases_size() + flat_size() + split_size(); }
 };
@@ -61,8 +69,7 @@ GK_INLINE void fill_phases(const T* x, int64_t x_row0, const PlaneGeometry<T>& g
   const int64_t pad = g.pad(), phase_width = g.phase_width(), phase_size = g.phase_size();
   std::fill(phases, phases + S * S * phase_size, T(0));
   // padded rows [oh0 * S, (oh0 + rows + halo) * S) hold this band's phase rows
-  const int64_t ih_begin = std::max<int64_t>(0, oh0 * S - pad);
-  const int64_t ih_end = std::min<int64_t>(g.height, (oh0 + rows + g.halo_rows()) * S - pad);
+  const int64_t ih_begin = g.first_input_row(oh0), ih_end = g.last_input_row(oh0, rows);
   // stride 2, even width: column parity is flat-index parity, so a band of short rows splits in one
   // vector pass (short rows would not fill a vector) and are then copied row by row
   const int64_t half_width = g.width / 2;
@@ -98,7 +105,7 @@ GK_INLINE void conv_band(const T* x, int64_t x_row0, const T* w, const T* bias, 
   using V = typename Simd<T>::vec;
   constexpr int L = Simd<T>::lanes;
   const int64_t phase_width = g.phase_width(), phase_size = g.phase_size(), k = g.k, inputs = g.group_inputs;
-  const int64_t rows = std::min(g.band_rows(), g.out_height - oh0);
+  const int64_t rows = g.rows_in_band(oh0);
   T* flat = scratch + g.phases_size();
   for (int64_t ci = 0; ci < inputs; ++ci)
     fill_phases<T, S>(x + ci * g.height * g.width, x_row0, g, oh0, rows, scratch + ci * S * S * phase_size, flat + g.flat_size());

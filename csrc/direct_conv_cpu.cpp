@@ -25,7 +25,7 @@ template <typename T>
 GK_MULTIVERSION void conv_items(const T* x, const T* w, const T* bias, T* out, const PlaneGeometry<T>& g,
                                 int64_t channels, int64_t groups, int64_t out_channels, int64_t begin, int64_t end) {
   const int64_t group_outputs = out_channels / groups, k = g.k;
-  const int64_t bands = (g.out_height + g.band_rows() - 1) / g.band_rows();
+  const int64_t bands = g.bands();
   std::vector<T> scratch(g.scratch_size());
   for (int64_t item = begin; item < end; ++item) {
     const int64_t band = item % bands, group = item / bands % groups, n = item / bands / groups;
@@ -66,9 +66,8 @@ at::Tensor direct_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "direct_conv2d_cpu", [&] {
     const PlaneGeometry<scalar_t> geometry{height, width, k, stride, out_height, out_width, group_inputs};
-    const int64_t bands = (out_height + geometry.band_rows() - 1) / geometry.band_rows();
     // work items: (image, group, band of output rows)
-    at::parallel_for(0, batch * groups * bands, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, batch * groups * geometry.bands(), 1, [&](int64_t begin, int64_t end) {
       conv_items(x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), b.defined() ? b.data_ptr<scalar_t>() : nullptr,
                  out.data_ptr<scalar_t>(), geometry, channels, groups, out_channels, begin, end);
     });

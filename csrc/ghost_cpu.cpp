@@ -475,21 +475,14 @@ GK_MULTIVERSION void forward_nhwc(const ForwardArgs<T>& a, int64_t begin, int64_
 
 // The depthwise k x k conv (+bias) that reads the Ghost output: a GhostBottleneck's folded
 // conv_dw + bn_dw. Work items are (image, band of its output rows, group of intrinsic
-// channels); the band's bands are the direct conv's (direct_conv.h).
+// channels); the bands of output rows are the direct conv's (direct_conv.h).
 template <typename T>
 struct DepthwiseArgs {
   const PlaneGeometry<T>* plane;  // input: the Ghost output's planes; group_inputs 1
   const T* weight;                // [out_channels, k * k]
   const T* bias;                  // [out_channels] or nullptr
-  int64_t bands, group, groups;
+  int64_t group, groups;
   T* out;                         // [N, out_channels, plane->out_height, plane->out_width]
-
-  // Ghost rows [first, last) that the band from output row oh0 reads.
-  int64_t first_row(int64_t oh0) const { return std::max<int64_t>(0, oh0 * plane->stride - plane->pad()); }
-  int64_t last_row(int64_t oh0, int64_t rows) const {
-    return std::min(plane->height, (oh0 + rows + plane->halo_rows()) * plane->stride - plane->pad());
-  }
-  int64_t max_rows() const { return (plane->band_rows() + plane->halo_rows()) * plane->stride; }
 
   // Output rows [oh0, oh0 + band_rows) of `channel` of image n from its Ghost rows from row0 on.
   GK_INLINE void band(const T* rows, int64_t row0, int64_t n, int64_t channel, int64_t channels, int64_t oh0,
@@ -510,16 +503,17 @@ GK_MULTIVERSION void forward_nchw_depthwise(const ForwardArgs<T>& a, const Depth
   const Geometry& g = *a.g;
   const PlaneGeometry<T>& plane = *d.plane;
   const int64_t W = g.out_width, pad = g.pad;
-  const int64_t ld = (d.max_rows() + 2 * pad) * W + 2 * pad + kSlack;
-  std::vector<T> buf(d.group * ld), ghost(d.max_rows() * W + kSlack);
-  std::vector<T> pack(g.stride != 1 ? g.inp * (d.max_rows() + 2 * pad) * W : 0);
+  const int64_t input_rows = plane.max_input_rows(), bands = plane.bands();
+  const int64_t ld = (input_rows + 2 * pad) * W + 2 * pad + kSlack;
+  std::vector<T> buf(d.group * ld), ghost(input_rows * W + kSlack);
+  std::vector<T> pack(g.stride != 1 ? g.inp * (input_rows + 2 * pad) * W : 0);
   std::vector<T> panel(kBlock * 2 * Simd<T>::lanes), scratch(plane.scratch_size());
   std::vector<Tap<T>> taps(g.dw * g.dw);
   for (int64_t item = begin; item < end; ++item) {
-    const int64_t n = item / (d.bands * d.groups);
-    const int64_t oh0 = item / d.groups % d.bands * plane.band_rows();
+    const int64_t n = item / (bands * d.groups);
+    const int64_t oh0 = item / d.groups % bands * plane.band_rows();
     const int64_t c0 = item % d.groups * d.group, c1 = std::min(g.init, c0 + d.group);
-    const int64_t r0 = d.first_row(oh0), r1 = d.last_row(oh0, std::min(plane.band_rows(), plane.out_height - oh0));
+    const int64_t r0 = plane.first_input_row(oh0), r1 = plane.last_input_row(oh0, plane.rows_in_band(oh0));
     intrinsic_band(a, n, r0, r1, c0, c1, buf.data(), ld, pack.data(), panel.data(), static_cast<T*>(nullptr));
     const int64_t p = (r1 - r0) * W;
     for (int64_t c = c0; c < c1; ++c) {
@@ -966,24 +960,23 @@ at::Tensor ghost_module_depthwise_cpu(const at::Tensor& x_in, const at::Tensor& 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ghost_module_depthwise_cpu", [&] {
     const PlaneGeometry<scalar_t> plane{g.out_height, g.out_width, k, dw_stride, out_height, out_width, 1};
     DepthwiseArgs<scalar_t> d{&plane, w3.data_ptr<scalar_t>(), b3c.defined() ? b3c.data_ptr<scalar_t>() : nullptr,
-                              (out_height + plane.band_rows() - 1) / plane.band_rows(), g.init, 1,
-                              out.data_ptr<scalar_t>()};
+                              g.init, 1, out.data_ptr<scalar_t>()};
     // Intrinsic channels per item: their buffers within 256 KiB, and work for every thread.
-    const int64_t mask_rows = d.max_rows() + 2 * g.pad;
+    const int64_t mask_rows = plane.max_input_rows() + 2 * g.pad;
     const int64_t channel_bytes = mask_rows * g.out_width * int64_t(sizeof(scalar_t));
     auto regroup = [&](int64_t group) {
       d.group = std::max<int64_t>(1, group);
       d.groups = (g.init + d.group - 1) / d.group;
     };
     while (d.group > 8 && d.group * channel_bytes > 256 * 1024) regroup((d.group + 1) / 2);
-    while (d.group > 8 && g.batch * d.bands * d.groups < 2 * at::get_num_threads()) regroup((d.group + 1) / 2);
+    while (d.group > 8 && g.batch * plane.bands() * d.groups < 2 * at::get_num_threads()) regroup((d.group + 1) / 2);
     const std::vector<scalar_t> masks = column_masks<scalar_t>(g, mask_rows);
     ForwardArgs<scalar_t> a{&g, nullptr, source.data_ptr<scalar_t>(), w1.data_ptr<scalar_t>(), nullptr, nullptr,
                             g.kernel == 1 && b1c.defined() ? b1c.data_ptr<scalar_t>() : nullptr,
                             w2.data_ptr<scalar_t>(), nullptr, nullptr,
                             b2c.defined() ? b2c.data_ptr<scalar_t>() : nullptr,
                             masks.data(), mask_stride(g, mask_rows), nullptr, nullptr};
-    at::parallel_for(0, g.batch * d.bands * d.groups, 1,
+    at::parallel_for(0, g.batch * plane.bands() * d.groups, 1,
                      [&](int64_t begin, int64_t end) { forward_nchw_depthwise(a, d, begin, end); });
   });
   return out;

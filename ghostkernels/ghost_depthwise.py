@@ -40,8 +40,6 @@ def _fake(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channel
 
 
 torch.library.impl(_lib, "ghost_module_depthwise", "CompositeExplicitAutograd")(_composed)
-
-
 ops.register_recompute_autograd("ghost_module_depthwise", _composed)
 
 

@@ -330,8 +330,9 @@ def call(op, *args):
 
 def register_recompute_autograd(name, composed):
     """Gradients for op `name` (of this library) by recomputing `composed`, its composition of
-    differentiable ops with the same arguments: for the inference-first ops (ghost_module_depthwise,
-    ghost_module_scaled) whose fused kernels have no backward of their own."""
+    differentiable ops with the same arguments: for the inference-first ops accelerate() uses
+    (ghost_module_depthwise, ghost_module_scaled, squeeze_excite_gate, pointwise_conv2d), whose
+    C++ kernels have no backward of their own."""
 
     def setup_context(ctx, inputs, output):
         ctx.tensors = [i for i, arg in enumerate(inputs) if isinstance(arg, torch.Tensor)]

@@ -63,18 +63,20 @@ def test_gradcheck_and_opcheck():
     torch.library.opcheck(op, args)
 
 
+F64 = torch.float64
+
+
 @pytest.mark.parametrize("weight, bias, stride, message", [
-    (torch.randn(6, 1, 4, 4), None, 2, "depthwise_weight must be"),
-    (torch.randn(5, 1, 3, 3), None, 2, "depthwise_weight must be"),
-    (torch.randn(6, 1, 3, 3), torch.randn(5), 2, "depthwise_bias must have shape"),
+    (torch.randn(6, 1, 4, 4, dtype=F64), None, 2, "depthwise_weight must be"),
+    (torch.randn(5, 1, 3, 3, dtype=F64), None, 2, "depthwise_weight must be"),
+    (torch.randn(6, 1, 3, 3, dtype=F64), torch.randn(5, dtype=F64), 2, "depthwise_bias must have shape"),
     (torch.randn(6, 1, 3, 3, dtype=torch.float32), None, 2, "must match x's dtype"),
-    (torch.randn(6, 1, 3, 3), None, 3, "depthwise_stride must be 1 or 2"),
+    (torch.randn(6, 1, 3, 3, dtype=F64), None, 3, "depthwise_stride must be 1 or 2"),
 ])
 def test_bad_depthwise_arguments(weight, bias, stride, message):
     x = make_input(1, 4, 8, 8)
     with pytest.raises(RuntimeError, match=message):
-        op(x, *make_weights(4, 6, 2, 3), 6, 1, "relu", weight.double() if message != "must match x's dtype"
-           else weight, bias, stride)
+        op(x, *make_weights(4, 6, 2, 3), 6, 1, "relu", weight, bias, stride)
 
 
 def test_module_eval_grad_and_training():

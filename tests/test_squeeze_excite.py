@@ -168,13 +168,15 @@ def test_gate_float32_gradcheck_and_opcheck():
     torch.library.opcheck(gate_op, args)
 
 
-@pytest.mark.parametrize("index, bad, message", [(0, torch.randn(6, 24, 3, 3), "reduce_weight must be"),
-                                                 (2, torch.randn(24, 5, 1, 1), "expand_weight must be"),
-                                                 (1, torch.randn(5), "reduce_bias must have shape"),
-                                                 (3, torch.randn(24, dtype=torch.float32), "dtype")])
+@pytest.mark.parametrize("index, bad, message", [
+    (0, torch.randn(6, 24, 3, 3, dtype=torch.float64), "reduce_weight must be"),
+    (2, torch.randn(24, 5, 1, 1, dtype=torch.float64), "expand_weight must be"),
+    (1, torch.randn(5, dtype=torch.float64), "reduce_bias must have shape"),
+    (3, torch.randn(24, dtype=torch.float32), "dtype"),
+])
 def test_gate_bad_arguments(index, bad, message):
     weights = list(gate_weights(24, 6))
-    weights[index] = bad if bad.dtype == torch.float32 else bad.double()
+    weights[index] = bad
     with pytest.raises(RuntimeError, match=message):
         gate_op(make_input(1, 24, 5, 5), *weights)
     with pytest.raises(RuntimeError, match="4-D"):
