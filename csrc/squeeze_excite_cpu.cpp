@@ -15,7 +15,7 @@
 namespace ghostkernels {
 namespace {
 
-// Work per parallel chunk, in multiply-adds: smaller calls run on one thread.
+// Elements pooled per parallel chunk: smaller calls run on one thread.
 constexpr int64_t kGrainWork = 32 * 1024;
 
 // means[p] = mean of plane p (of `size` elements) for p in [begin, end).
