@@ -59,6 +59,35 @@ class PointwiseConv2d(nn.Conv2d):
         return ops.call(torch.ops.ghostkernels.pointwise_conv2d, x, self.weight, self.bias)
 
 
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _odd_size(name, size):
+    """A square kernel size given as k or (k, k), k odd and positive."""
+    if isinstance(size, (tuple, list)) and len(size) == 2 and size[0] == size[1]:
+        size = size[0]
+    if not _is_int(size):
+        raise TypeError(f"GhostModule: {name} must be an int or a square pair (k, k), got {size!r}")
+    if size < 1 or size % 2 == 0:
+        raise ValueError(f"GhostModule: {name} must be a positive odd integer, got {size}")
+    return size
+
+
+def check_input(module, x, weight):
+    """x must be what a module whose first conv has `weight` takes: a ValueError or TypeError
+    naming x otherwise (the fused ops skip the argument checks of ghostkernels.ghost_module)."""
+    name = type(module).__name__
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name}: x must be a 4-D tensor (N, C, H, W), got {shape}")
+    if x.shape[1] != weight.shape[1]:
+        raise ValueError(f"{name}: x has {x.shape[1]} channels, expected {weight.shape[1]}")
+    if x.dtype != weight.dtype or x.device != weight.device:
+        raise TypeError(f"{name}: x is {x.dtype} on {x.device}, the module's weights are {weight.dtype} on "
+                        f"{weight.device}; they must match")
+
+
 def fold_conv_bn(conv, bn):
     """(W * t, (b - mean) * t + beta) with t = gamma / sqrt(var + eps): the BN after a conv
     folded into it (b: the conv's bias or 0). bn=None returns the conv's own weight and bias."""
@@ -84,13 +113,16 @@ class GhostModule(nn.Module):
 
     def __init__(self, inp, oup, kernel_size=1, ratio=2, dw_size=3, stride=1, relu=True):
         super().__init__()
-        if int(ratio) != ratio or ratio < 2:
+        for name, value in (("inp", inp), ("oup", oup), ("ratio", ratio), ("stride", stride)):
+            if not _is_int(value):
+                raise TypeError(f"GhostModule: {name} must be an int, got {type(value).__name__}")
+        if ratio < 2:
             raise ValueError(f"GhostModule: ratio must be an integer >= 2, got {ratio}")
-        for name, size in (("kernel_size", kernel_size), ("dw_size", dw_size)):
-            if size < 1 or size % 2 == 0:
-                raise ValueError(f"GhostModule: {name} must be a positive odd integer, got {size}")
+        kernel_size, dw_size = _odd_size("kernel_size", kernel_size), _odd_size("dw_size", dw_size)
         if inp < 1 or oup < 1 or stride < 1:
             raise ValueError(f"GhostModule: inp, oup and stride must be >= 1, got {inp}, {oup}, {stride}")
+        if not isinstance(relu, bool):
+            raise TypeError(f"GhostModule: relu must be a bool, got {type(relu).__name__}")
         self.oup = oup
         init_channels = ops.intrinsic_channels(oup, ratio)
         new_channels = init_channels * (ratio - 1)
@@ -120,8 +152,9 @@ class GhostModule(nn.Module):
         (Conv2d, optional BatchNorm2d, optional activation), sharing their parameters: how
         ghostkernels.accelerate adopts Ghost modules of other code bases."""
         conv, cheap = primary_conv[0], cheap_operation[0]
-        module = cls(conv.in_channels, oup, conv.kernel_size[0], cheap.out_channels // conv.out_channels + 1,
-                     cheap.kernel_size[0], conv.stride[0], activation == "relu")
+        with torch.device("meta"):  # layers about to be replaced: no memory, no random initialisation
+            module = cls(conv.in_channels, oup, conv.kernel_size[0], cheap.out_channels // conv.out_channels + 1,
+                         cheap.kernel_size[0], conv.stride[0], activation == "relu")
         module.primary_conv, module.cheap_operation = primary_conv, cheap_operation
         module.init_channels, module.new_channels = conv.out_channels, cheap.out_channels
         return module
@@ -140,30 +173,43 @@ class GhostModule(nn.Module):
     def _fold(self):
         return tuple(t for conv, bn in self._conv_bn_pairs() for t in fold_conv_bn(conv, bn))
 
+    def train(self, mode=True):
+        # Training updates the BN statistics in place without bumping their version: every
+        # train/eval switch refolds.
+        self._folded_key = None
+        return super().train(mode)
+
     def folded_weights(self):
         """(W1, b1, W2, b2, ...) with the BNs folded in (eval mode), or None when a BN keeps no
         running statistics (it then normalises with batch statistics even in eval mode).
-        Cached unless autograd needs them."""
-        tensors = self._fold_sources()
-        if tensors is None:
+
+        Cached while every input of the fold keeps its storage and version (in-place updates,
+        load_state_dict and .to() change one or the other) and its BN eps, and until the next
+        train()/eval() call. Edits through `.data` bypass the version counter: call eval()
+        again after one. Folded anew on every call when autograd needs the result, under
+        torch.compile, and for parametrised convs (weight_norm), whose weight is computed."""
+        sources = self._fold_sources()
+        if sources is None:
             return None
-        if torch.compiler.is_compiling():
+        tensors, cacheable = sources
+        if not cacheable or torch.compiler.is_compiling() or (
+                torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
             return self._fold()
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            return self._fold()
-        # data_ptr changes when the module moves or is cast; _version on every in-place update.
-        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        key = tuple((t.data_ptr(), t._version) for t in tensors) + tuple(
+            bn.eps for _, bn in self._conv_bn_pairs() if bn is not None)
         if key != self._folded_key:
-            with torch.no_grad():
+            # Plain tensors even under inference_mode, so that a later autograd call can save them.
+            with torch.inference_mode(False), torch.no_grad():  # in that order: the first enables grad
                 self._folded = tuple(t.contiguous() if t is not None else None for t in self._fold())
             self._folded_key = key
         return self._folded
 
     def _fold_sources(self):
-        """The tensors the folded weights depend on, or None if a BN has no running statistics.
-        Direct dict reads: this runs on every eval call."""
-        tensors = []
+        """(the tensors the folded weights depend on, whether they can be cached), or None if a
+        BN has no running statistics. Direct dict reads: this runs on every eval call."""
+        tensors, cacheable = [], True
         for conv, bn in self._conv_bn_pairs():
+            cacheable = cacheable and "parametrizations" not in conv._modules
             tensors.extend(t for t in conv._parameters.values() if t is not None)
             if bn is not None:
                 if bn._buffers.get("running_mean") is None:
@@ -171,16 +217,15 @@ class GhostModule(nn.Module):
                 candidates = (bn._parameters["weight"], bn._parameters["bias"],
                               bn._buffers["running_mean"], bn._buffers["running_var"])
                 tensors.extend(t for t in candidates if t is not None)
-        return tensors
+        return tensors, cacheable
 
     def forward(self, x):
         folded = None if self.training else self.folded_weights()
+        check_input(self, x, self.primary_conv[0].weight if folded is None else folded[0])
         if folded is None:
             x1 = self.primary_conv(x)
             x2 = self.cheap_operation(x1)
             return torch.cat([x1, x2], dim=1)[:, : self.oup]
-        if x.dim() != 4:
-            raise ValueError(f"GhostModule: x must be a 4-D tensor (N, C, H, W), got {tuple(x.shape)}")
         return ops.apply(x, *folded[:4], self.oup, self.stride, self.activation)
 
     def extra_repr(self):
@@ -192,11 +237,10 @@ def merged_weights(merged, ghost, x):
     one op) can run that op on x, or None to run the two modules in turn (training mode, BN
     without running statistics, a CPU dtype the kernels lack)."""
     folded = None if merged.training else ghost.folded_weights()
-    if folded is None or (x.device.type == "cpu" and x.dtype not in ops.CPU_KERNEL_DTYPES):
+    if folded is None:
         return None
-    if x.dim() != 4:
-        raise ValueError(f"{type(merged).__name__}: x must be a 4-D tensor (N, C, H, W), got {tuple(x.shape)}")
-    return folded
+    check_input(merged, x, folded[0])
+    return None if x.device.type == "cpu" and x.dtype not in ops.CPU_KERNEL_DTYPES else folded
 
 
 def conv_bn_sequence(sequential):
@@ -234,8 +278,7 @@ class GhostModuleV2(GhostModule):
         if folded is None:
             out = super().forward(x)
             return out * dfc_gate(self.short_conv, x, out.shape[-2:])
-        if x.dim() != 4:
-            raise ValueError(f"GhostModuleV2: x must be a 4-D tensor (N, C, H, W), got {tuple(x.shape)}")
+        check_input(self, x, folded[0])
         logits = F.avg_pool2d(x, kernel_size=2, stride=2)
         for (conv, _), weight, bias in zip(conv_bn_sequence(self.short_conv), folded[4::2], folded[5::2]):
             logits = F.conv2d(logits, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
