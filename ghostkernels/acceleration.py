@@ -1,25 +1,34 @@
 """ghostkernels.accelerate(model): swap the Ghost modules of any model for fused ones.
 
 Ghost modules are recognised by structure, not by class: a `primary_conv` and a depthwise
-`cheap_operation`, each a Sequential of Conv2d, an optional BatchNorm2d and an optional
-ReLU (or Identity / empty Sequential), and an `oup` or `out_chs` attribute. That covers the
-original Huawei GhostModule, timm's (with `relu` or `act_layer`), GhostModuleV2 in both modes
-(in 'attn' mode the DFC gate's sigmoid, upsampling and product are fused into the Ghost op's
-writes), GhostNetV3 modules after re-parameterisation (conv with bias, no BN) in both modes,
-and G-GhostNet stages (base, layers, merge, cheap, end). The swap shares the parameters,
-keeps the state-dict keys and leaves training behaviour as it was. In eval mode the remaining
-Conv+BN pairs that run one after the other (stem, `conv_dw`/`bn_dw`, shortcuts, ConvBnAct,
-the convs of post-activation Bottleneck/BasicBlock blocks) are folded too, the depthwise
-convs and the stem among them run on ghostkernels' direct conv kernel, a bottleneck's ghost1
-and the stride-2 depthwise conv after it run as one op, so do a bottleneck's SE and ghost2,
-and the 1x1 convs (shortcuts, SE, heads) run as matrix multiplies on the CPU.
+`cheap_operation`, each a Sequential of an nn.Conv2d, an optional nn.BatchNorm2d and an
+optional nn.ReLU (or Identity / empty Sequential), exact types, and an `oup` or `out_chs`
+attribute. That covers the original Huawei GhostModule, timm's (with `relu` or `act_layer`),
+GhostModuleV2 in both modes (in 'attn' mode the DFC gate's sigmoid, upsampling and product are
+fused into the Ghost op's writes), GhostNetV3 modules after re-parameterisation (conv with
+bias, no BN) in both modes, and G-GhostNet stages (base, layers, merge, cheap, end). The swap
+shares the parameters, keeps the state-dict keys and leaves training behaviour as it was. In
+eval mode the remaining Conv+BN pairs that run one after the other (stem, `conv_dw`/`bn_dw`,
+shortcuts, ConvBnAct, the convs of post-activation Bottleneck/BasicBlock blocks) are folded
+too (a timm BatchNormAct2d folds its BN and keeps its drop and act), the depthwise convs and
+the stem among them run on ghostkernels' direct conv kernel, a bottleneck's ghost1 and the
+stride-2 depthwise conv after it run as one op, so do a bottleneck's SE and ghost2, and the
+1x1 convs (shortcuts, SE, heads) run as matrix multiplies on the CPU.
+
+Recognition by structure can be fooled by a module whose forward does something else, so
+every change is checked (check=True): the smallest module that shows the change is run on a
+probe before and after it, in float64 where it allows, and a change whose output differs is
+undone and listed as skipped with the measured error.
 """
 
 import copy
+import itertools
+import time
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from .direct_conv import DirectConv2d
 from .ghost_depthwise import GhostDepthwise
@@ -37,12 +46,15 @@ class AccelerationSummary:
     matmul: list = field(default_factory=list)  # 1x1 convs run as matrix multiplies
     merged: list = field(default_factory=list)  # ghost1 + folded conv_dw, se + ghost2: one op each
     skipped: list = field(default_factory=list)  # (module name, reason)
+    checked: int = 0  # changes verified by the self-check
+    check_seconds: float = 0.0
 
     def __str__(self):
         lines = [f"ghostkernels.accelerate: {len(self.fused)} Ghost modules fused, "
                  f"{len(self.folded)} Conv+BN pairs folded, {len(self.matmul)} 1x1 convs as matmuls, "
                  f"{len(self.merged)} depthwise convs / SE blocks merged into Ghost ops, "
-                 f"{len(self.skipped)} left as they were"]
+                 f"{len(self.skipped)} left as they were; {self.checked} changes self-checked "
+                 f"in {self.check_seconds:.2f} s"]
         lines += [f"  fused   {name}" for name in self.fused]
         lines += [f"  folded  {name}" for name in self.folded]
         lines += [f"  matmul  {name}" for name in self.matmul]
@@ -51,29 +63,37 @@ class AccelerationSummary:
         return "\n".join(lines)
 
 
+# -- recognition ------------------------------------------------------------------------------
+
+
 def _activation(module):
-    """'relu', 'none', or None for an activation the fused op does not have."""
-    if isinstance(module, nn.ReLU):
+    """'relu', 'none', or None for an activation the fused op does not have. Exact types: a
+    subclass may compute something else."""
+    if type(module) is nn.ReLU:
         return "relu"
-    if isinstance(module, nn.Identity) or (isinstance(module, nn.Sequential) and len(module) == 0):
+    if type(module) is nn.Identity or (type(module) is nn.Sequential and len(module) == 0):
         return "none"
     return None
 
 
+def _has_running_stats(bn):
+    return bn.running_mean is not None and bn.running_var is not None
+
+
 def _branch(sequential):
     """The activation of a Conv2d [BatchNorm2d] [activation] Sequential, or why it is not one."""
-    if not isinstance(sequential, nn.Sequential) or not len(sequential) or not isinstance(sequential[0], nn.Conv2d):
-        return None, "not a Sequential starting with a Conv2d"
+    if type(sequential) is not nn.Sequential or not len(sequential) or type(sequential[0]) is not nn.Conv2d:
+        return None, "not a Sequential starting with an nn.Conv2d"
     rest = list(sequential)[1:]
-    if rest and isinstance(rest[0], nn.BatchNorm2d):
-        if rest[0].running_mean is None:
+    if rest and type(rest[0]) is nn.BatchNorm2d:
+        if not _has_running_stats(rest[0]):
             return None, "BatchNorm without running statistics"
         rest = rest[1:]
     if len(rest) > 1:
         return None, "more than Conv2d, BatchNorm2d and an activation"
     activation = _activation(rest[0]) if rest else "none"
     if activation is None:
-        return None, f"activation {type(rest[0]).__name__} is not fused (relu or none)"
+        return None, f"{type(rest[0]).__name__} is not fused (nn.ReLU, nn.Identity or a BatchNorm2d)"
     return activation, None
 
 
@@ -108,7 +128,7 @@ def attention_gate(module):
     if getattr(module, "mode", None) in ("original", "ori") or short_conv is None \
             or (isinstance(short_conv, (nn.Sequential, nn.Identity)) and len(short_conv._modules) == 0):
         return None, None
-    if not isinstance(short_conv, nn.Sequential):
+    if type(short_conv) is not nn.Sequential:
         return None, f"short_conv: a {type(short_conv).__name__}, not a Sequential"
     # Huawei's GhostNetV3 module has knobs for other gates (sigmoid(res / scale), other modes).
     if getattr(module, "scale", 1.0) != 1.0 or getattr(module, "inter_mode", "nearest") != "nearest":
@@ -116,7 +136,7 @@ def attention_gate(module):
     pairs = conv_bn_sequence(short_conv)
     if pairs is None:
         return None, "short_conv: not a sequence of Conv2d [BatchNorm2d]"
-    if any(bn is not None and bn.running_mean is None for _, bn in pairs):
+    if any(bn is not None and not _has_running_stats(bn) for _, bn in pairs):
         return None, "short_conv: BatchNorm without running statistics"
     return short_conv, None
 
@@ -129,6 +149,15 @@ def _swap_ghost(module, activation, short_conv):
         fused.short_conv = short_conv
     fused.train(module.training)
     return fused
+
+
+def _is_g_ghost_stage(module):
+    """G-GhostNet's stage by structure: base, end, merge, cheap, layers and the raw/cheap split."""
+    names = ("base", "end", "merge", "cheap", "cheap_relu", "layers")
+    return (all(isinstance(getattr(module, n, None), nn.Module) for n in names)
+            and isinstance(getattr(module, "raw_planes", None), int) and isinstance(module.cheap, nn.Sequential)
+            and isinstance(module.cheap[0], nn.Conv2d) and module.cheap[0].kernel_size == (1, 1)
+            and module.cheap[0].groups == 1 and len(module.layers) > 0)
 
 
 # Attribute pairs (conv, bn) that run one after the other in GhostNet-family code.
@@ -147,137 +176,397 @@ def _conv_bn_attributes(owner):
     return _CONV_BN_ATTRIBUTES
 
 
-def _fold_pair(owner, conv_name, bn_name, conv, bn):
-    """Replace conv by a conv with bias that includes bn (a DirectConv2d where that kernel applies),
-    and bn by Identity."""
+def _bn_tail(bn):
+    """What runs after the normalisation in a foldable BN module: [] for nn.BatchNorm2d, [drop,
+    act] for timm's BatchNormAct2d (BN, then self.drop, then self.act); None for any other
+    module, whose forward may differ (SyncBatchNorm, other BN subclasses)."""
+    if not isinstance(bn, nn.BatchNorm2d) or not _has_running_stats(bn):
+        return None
+    if type(bn) is nn.BatchNorm2d:
+        return []
+    if type(bn).__name__ == "BatchNormAct2d" and set(bn._modules) == {"drop", "act"}:
+        return [bn.drop, bn.act]
+    return None
+
+
+def _folded_conv(conv, bn):
+    """conv with bn folded into its weight and bias: a DirectConv2d where that kernel applies."""
     with torch.no_grad():
         weight, bias = (t.detach().clone() for t in fold_conv_bn(conv, bn))
     if DirectConv2d.eligible(conv):
-        folded = DirectConv2d(weight, bias, conv.stride[0])
-    else:
-        folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                           conv.dilation, conv.groups, True, conv.padding_mode,
-                           device=conv.weight.device, dtype=conv.weight.dtype)
-        folded.weight, folded.bias = nn.Parameter(weight), nn.Parameter(bias)
-    setattr(owner, conv_name, folded)
-    setattr(owner, bn_name, nn.Identity())
+        return DirectConv2d(weight, bias, conv.stride[0])
+    folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                       conv.dilation, conv.groups, True, conv.padding_mode,
+                       device=conv.weight.device, dtype=conv.weight.dtype)
+    folded.weight, folded.bias = nn.Parameter(weight), nn.Parameter(bias)
+    return folded
+
+
+def _bn_replacement(tail):
+    """The module that takes a folded BN's place: what ran after its normalisation."""
+    kept = [m for m in tail if type(m) is not nn.Identity]
+    return nn.Sequential(*kept) if kept else nn.Identity()
 
 
 def _foldable(conv, bn):
-    return (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.running_mean is not None
-            and bn.num_features == conv.out_channels)
+    return (type(conv) is nn.Conv2d and _bn_tail(bn) is not None and bn.num_features == conv.out_channels)
+
+
+# -- changes, undone when the self-check disagrees ---------------------------------------------------
+
+
+def _hook_dicts(module):
+    return (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
+
+
+def _has_hooks(module):
+    """Whether a hook is registered on `module` or inside it (a replacement would not run it)."""
+    return any(any(_hook_dicts(m)) for m in module.modules())
+
+
+def _slots(model, module):
+    """Every (parent, attribute) through which `model` holds `module`: a shared instance has several."""
+    return [(parent, attr) for parent in model.modules() for attr, child in parent._modules.items()
+            if child is module]
+
+
+class _Accelerator:
+    """Applies accelerate()'s changes one at a time, each checked (when a checker is given) and
+    undone if it changes the output."""
+
+    def __init__(self, model, summary, checker):
+        self.model, self.summary, self.checker = model, summary, checker
+
+    def replace(self, kind, label, scope, old, new):
+        """Replace `old` by `new` wherever the model holds it (ties kept)."""
+        if self.model is old:
+            return self._commit(kind, label, scope, [], old_modules=[old], root=new)
+        return self._commit(kind, label, scope, [(parent, attr, new) for parent, attr in _slots(self.model, old)],
+                            old_modules=[old])
+
+    def rewire(self, kind, label, scope, owner, assignments):
+        """setattr(owner, attr, module) for each (attr, module): a fold or a merge, which
+        changes how `owner`'s children work together, so a child held elsewhere too is left."""
+        old_modules = [getattr(owner, attr) for attr, _ in assignments]
+        if any(len(_slots(self.model, m)) > 1 for m in old_modules):
+            self.summary.skipped.append((label, "a module it changes is shared with another part of the model"))
+            return False
+        return self._commit(kind, label, scope, [(owner, attr, new) for attr, new in assignments], old_modules)
+
+    def _commit(self, kind, label, scope, assignments, old_modules, root=None):
+        if any(_has_hooks(m) for m in old_modules):
+            self.summary.skipped.append((label, "has forward or backward hooks, which the replacement would drop"))
+            return False
+        undo = [(parent, attr, getattr(parent, attr)) for parent, attr, _ in assignments]
+        for parent, attr, new in assignments:
+            setattr(parent, attr, new)
+        if root is not None:
+            self.model = root
+        if self.checker is not None:
+            error = self.checker.error(self.model, scope)
+            if error is not None:
+                for parent, attr, old in undo:
+                    setattr(parent, attr, old)
+                if root is not None:
+                    self.model = old_modules[0]
+                self.summary.skipped.append((label, f"self-check: {error}; left as it was"))
+                return False
+            self.summary.checked += 1
+        getattr(self.summary, kind).append(label)
+        return True
+
+
+# -- the self-check ---------------------------------------------------------------------------------
+
+# Largest relative error (max |after - before| / max |before|) a change may make, by the
+# model's dtype: the check runs in float64, but folded weights were rounded to the model's
+# dtype (float32: ~3e-8 per fold); CUDA kernels accumulate in float32.
+_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5}
+_LOOSE_TOLERANCE = 1e-2  # half precision, and CUDA (TF32 dots)
+_PROBE_SIZES = (9, 17, 33, 65)  # small odd sizes; deeper scopes (a whole model) need the larger ones
+_PROBE_CHANNEL_GUESSES = 4
+
+
+def _without_hooks(module):
+    """A copy of `module` whose copies of user hooks do not fire during a probe."""
+    module = copy.deepcopy(module)
+    for m in module.modules():
+        for hooks in _hook_dicts(m):
+            hooks.clear()
+    return module
+
+
+def _first_parameter(module):
+    return next(iter(module.parameters()), None)
+
+
+def _cast(value, dtype=None):
+    """A detached copy of a tensor argument (in `dtype` if floating and dtype is given)."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    value = value.detach().clone()
+    return value.to(dtype) if dtype is not None and value.is_floating_point() else value
+
+
+def _relative_error(actual, expected):
+    """max |actual - expected| / max |expected| over every tensor of two outputs (inf when
+    their structure, shapes or NaN positions differ)."""
+    actual_leaves, actual_spec = pytree.tree_flatten(actual)
+    expected_leaves, expected_spec = pytree.tree_flatten(expected)
+    if actual_spec != expected_spec:
+        return float("inf")
+    worst = 0.0
+    for a, e in zip(actual_leaves, expected_leaves):
+        if not isinstance(e, torch.Tensor):
+            if a != e:
+                return float("inf")
+            continue
+        if not isinstance(a, torch.Tensor) or a.shape != e.shape:
+            return float("inf")
+        a, e = a.double(), e.double()
+        if not torch.equal(torch.isnan(a), torch.isnan(e)):
+            return float("inf")
+        a, e = a.nan_to_num(), e.nan_to_num()
+        if e.numel():
+            scale = max(e.abs().max().item(), 1e-30)
+            worst = max(worst, (a - e).abs().max().item() / scale)
+    return worst
+
+
+class _SelfCheck:
+    """Runs a scope (a module name) of the model under construction and of the original on
+    the same probe and compares. Probes: the scope's input in a forward of example_inputs
+    through the original, else random (2, C, s, s) inputs, C the in_channels of the scope's
+    first conv, s the smallest of _PROBE_SIZES the original runs on. float64 first; the
+    module's own dtype where float64 does not run."""
+
+    def __init__(self, original, example_inputs):
+        start = time.perf_counter()
+        self.original = _without_hooks(original)
+        self.original64 = None  # a float64 copy, made at the first reference
+        parameter = _first_parameter(self.original)
+        self.device = parameter.device if parameter is not None else torch.device("cpu")
+        self.dtype = parameter.dtype if parameter is not None else torch.float32
+        self.captured = {} if example_inputs is None else self._capture(example_inputs)
+        self.references = {}  # scope -> (probe args, probe kwargs, dtype, reference output) or why none
+        self.seconds = time.perf_counter() - start
+
+    def _run(self, module, args, kwargs, dtype=None):
+        """module on a copy of the probe (cast to dtype), deterministic: the same
+        dropout masks in training mode, the caller's random state untouched."""
+        devices = [torch.cuda.current_device()] if self.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            torch.manual_seed(0)
+            if dtype is not None:
+                module = module.to(dtype)
+            args = pytree.tree_map(lambda v: _cast(v, dtype), args)
+            kwargs = pytree.tree_map(lambda v: _cast(v, dtype), kwargs)
+            return module(*args, **kwargs)
+
+    def _capture(self, example_inputs):
+        inputs, handles = {}, []
+        for name, module in self.original.named_modules():
+            def hook(module, args, kwargs, name=name):
+                inputs.setdefault(name, (pytree.tree_map(_cast, args), pytree.tree_map(_cast, kwargs)))
+            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        example = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        try:
+            self._run(copy.deepcopy(self.original), example, {})  # a copy: train-mode BN updates its stats
+        finally:
+            for handle in handles:
+                handle.remove()
+        return inputs
+
+    def _probes(self, scope, module):
+        """(args, kwargs) candidates for the scope: its captured input, or synthetic ones. Any
+        input the original runs on is a fair probe; the channel count is guessed from the
+        scope's convs in the order they were registered, which need not be the order they run."""
+        if scope in self.captured:
+            yield self.captured[scope]
+            return
+        channels = dict.fromkeys(m.in_channels for m in module.modules() if isinstance(m, nn.Conv2d))
+        generator = torch.Generator(self.device).manual_seed(0)  # the caller's random state stays
+        for c, size in itertools.product(list(channels)[:_PROBE_CHANNEL_GUESSES], _PROBE_SIZES):
+            # Two images: training-mode BN needs more than one value per channel on 1x1 maps.
+            yield (torch.randn(2, c, size, size, generator=generator, device=self.device, dtype=self.dtype),), {}
+
+    def _original(self, dtype):
+        """The original model, in float64 (dtype) or its own dtype (None). Probes may update its
+        BN statistics in training mode, where they do not enter the output."""
+        if dtype is None:
+            return self.original
+        if self.original64 is None:
+            self.original64 = copy.deepcopy(self.original).to(dtype)
+        return self.original64
+
+    def _reference(self, scope):
+        """(args, kwargs, dtype, output) of the original scope on the first probe it runs on, or
+        why there is none."""
+        if scope not in self.references:
+            self.references[scope] = "no probe input runs the original module (pass example_inputs)"
+            for args, kwargs in self._probes(scope, self.original.get_submodule(scope)):
+                output = None
+                for dtype in (torch.float64, None):
+                    try:
+                        output = self._run(self._original(dtype).get_submodule(scope), args, kwargs, dtype)
+                    except Exception:  # noqa: BLE001 - a probe the original cannot run is no probe
+                        continue
+                    self.references[scope] = (args, kwargs, dtype, output)
+                    break
+                if output is not None:
+                    break
+        return self.references[scope]
+
+    def error(self, model, scope):
+        """None if `scope` of `model` gives the original's output on the scope's probe, else
+        what differs."""
+        start = time.perf_counter()
+        try:
+            return self._error(model, scope)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def _error(self, model, scope):
+        reference = self._reference(scope)
+        if isinstance(reference, str):
+            return reference
+        args, kwargs, dtype, expected = reference
+        try:
+            candidate = _without_hooks(model.get_submodule(scope))
+            actual = self._run(candidate.to(dtype) if dtype is not None else candidate, args, kwargs, dtype)
+        except Exception as exc:  # noqa: BLE001 - whatever it raises, the change is undone
+            return f"the changed module raised {type(exc).__name__}: {exc}"
+        error = _relative_error(actual, expected)
+        tolerance = _TOLERANCE.get(self.dtype, _LOOSE_TOLERANCE) if self.device.type == "cpu" else _LOOSE_TOLERANCE
+        if not error <= tolerance:
+            return f"output differs by {error:.2e} (relative; tolerance {tolerance:.0e})"
+        return None
+
+
+# -- the passes -------------------------------------------------------------------------------------
 
 
 def _owners_outside_ghost_modules(model):
-    """(name prefix, module) of every module of `model` that is neither a GhostModule nor inside
-    one: a Ghost module folds its own BNs and its fused op runs its convs."""
+    """(name, module) of every module of `model` that is neither a GhostModule nor inside one:
+    a Ghost module folds its own BNs and its fused op runs its convs."""
     ghosts = [f"{name}." for name, m in model.named_modules() if isinstance(m, GhostModule)]
     for name, owner in list(model.named_modules()):
         prefix = f"{name}." if name else ""
         if not isinstance(owner, GhostModule) and not any(prefix.startswith(g) for g in ghosts):
-            yield prefix, owner
+            yield name, owner
 
 
-def _fold_conv_bn_pairs(model, summary):
-    for prefix, owner in _owners_outside_ghost_modules(model):
-        if isinstance(owner, nn.Sequential):
-            children = list(owner._modules.items())
-            for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):
-                if _foldable(conv, bn):
-                    _fold_pair(owner, conv_name, bn_name, conv, bn)
-                    summary.folded.append(f"{prefix}{conv_name}+{bn_name}")
+def _child_name(owner_name, child):
+    return f"{owner_name}.{child}" if owner_name else child
+
+
+def _swap_ghost_modules(accelerator):
+    for name, module in list(accelerator.model.named_modules()):
+        label = name or "(the model itself)"
+        if isinstance(module, (GhostModule, GGhostStage)):  # ours already: fused in eval
+            accelerator.summary.fused.append(label)
+        elif _is_g_ghost_stage(module):
+            accelerator.replace("fused", label, name, module, GGhostStage.from_parts(module))
+        elif hasattr(module, "primary_conv"):
+            activation, why = ghost_module_activation(module)
+            short_conv, gate_why = attention_gate(module)
+            if activation is None or gate_why:
+                accelerator.summary.skipped.append((label, why or gate_why))
+                continue
+            accelerator.replace("fused", label, name, module, _swap_ghost(module, activation, short_conv))
+
+
+def _fold(accelerator, owner_name, owner, conv_name, bn_name):
+    conv, bn = getattr(owner, conv_name), getattr(owner, bn_name)
+    label = f"{_child_name(owner_name, conv_name)}+{bn_name}"
+    assignments = [(conv_name, _folded_conv(conv, bn)), (bn_name, _bn_replacement(_bn_tail(bn)))]
+    accelerator.rewire("folded", label, owner_name, owner, assignments)
+
+
+def _fold_conv_bn_pairs(accelerator):
+    for owner_name, owner in _owners_outside_ghost_modules(accelerator.model):
+        if type(owner) is nn.Sequential:
+            names = list(owner._modules)
+            for conv_name, bn_name in zip(names, names[1:]):
+                if _foldable(owner._modules[conv_name], owner._modules[bn_name]):
+                    _fold(accelerator, owner_name, owner, conv_name, bn_name)
             continue
         for conv_name, bn_name in _conv_bn_attributes(owner):
             conv, bn = getattr(owner, conv_name, None), getattr(owner, bn_name, None)
             if _foldable(conv, bn):
-                _fold_pair(owner, conv_name, bn_name, conv, bn)
-                summary.folded.append(f"{prefix}{conv_name}+{bn_name}")
-            elif conv_name == "conv_dw" and DirectConv2d.eligible(conv) and isinstance(bn, nn.Identity):
-                setattr(owner, conv_name, DirectConv2d.from_conv(conv))  # GhostNetV3's re-parameterised conv_dw
-                summary.folded.append(f"{prefix}{conv_name} (direct conv kernel)")
+                _fold(accelerator, owner_name, owner, conv_name, bn_name)
+            elif conv_name == "conv_dw" and DirectConv2d.eligible(conv) and type(bn) is nn.Identity:
+                # GhostNetV3's re-parameterised conv_dw
+                accelerator.replace("folded", f"{_child_name(owner_name, conv_name)} (direct conv kernel)",
+                                    owner_name, conv, DirectConv2d.from_conv(conv))
 
 
-def _merge_ghost_depthwise(model, summary):
+def _merge_ghost_depthwise(accelerator):
     """A bottleneck's ghost1 and the folded conv_dw it feeds (GhostNet's stride-2 blocks, in the
     original code, timm and the zoo: ghost1 -> conv_dw -> bn_dw) become one GhostDepthwise op
     in ghost1's place; conv_dw becomes Identity."""
-    for prefix, owner in _owners_outside_ghost_modules(model):
+    for owner_name, owner in _owners_outside_ghost_modules(accelerator.model):
         ghost, conv_dw = getattr(owner, "ghost1", None), getattr(owner, "conv_dw", None)
-        if isinstance(getattr(owner, "bn_dw", None), nn.Identity) and GhostDepthwise.eligible(ghost, conv_dw):
-            owner.ghost1, owner.conv_dw = GhostDepthwise(ghost, conv_dw), nn.Identity()
-            summary.merged.append(f"{prefix}ghost1+conv_dw")
+        if type(getattr(owner, "bn_dw", None)) is nn.Identity and GhostDepthwise.eligible(ghost, conv_dw):
+            accelerator.rewire("merged", f"{_child_name(owner_name, 'ghost1')}+conv_dw", owner_name, owner,
+                               [("ghost1", GhostDepthwise(ghost, conv_dw)), ("conv_dw", nn.Identity())])
 
 
-def _merge_squeeze_excite(model, summary):
+def _merge_squeeze_excite(accelerator):
     """A bottleneck's SE and the ghost2 it feeds become one SqueezeExciteGhost in ghost2's place
     (the SE product folded into ghost2's weights); se becomes Identity."""
-    for prefix, owner in _owners_outside_ghost_modules(model):
+    for owner_name, owner in _owners_outside_ghost_modules(accelerator.model):
         se, ghost = getattr(owner, "se", None), getattr(owner, "ghost2", None)
         if se is not None and SqueezeExciteGhost.eligible(se, ghost):
-            owner.ghost2, owner.se = SqueezeExciteGhost(se, ghost), nn.Identity()
-            summary.merged.append(f"{prefix}se+ghost2")
+            accelerator.rewire("merged", f"{_child_name(owner_name, 'se')}+ghost2", owner_name, owner,
+                               [("ghost2", SqueezeExciteGhost(se, ghost)), ("se", nn.Identity())])
 
 
-def _pointwise_convs_as_matmuls(model, summary):
-    for prefix, owner in _owners_outside_ghost_modules(model):
+def _pointwise_convs_as_matmuls(accelerator):
+    for owner_name, owner in _owners_outside_ghost_modules(accelerator.model):
         for child_name, conv in list(owner._modules.items()):
             if PointwiseConv2d.eligible(conv):
-                setattr(owner, child_name, PointwiseConv2d.from_conv(conv))
-                summary.matmul.append(f"{prefix}{child_name}")
+                # Checked on the owner: a fold may have given the conv's name another function.
+                accelerator.replace("matmul", _child_name(owner_name, child_name), owner_name, conv,
+                                    PointwiseConv2d.from_conv(conv))
 
 
-def _replace(model, name, module):
-    """model with its submodule `name` replaced by `module` ('' replaces the model itself)."""
-    if not name:
-        return module
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, module)
-    return model
-
-
-def _is_g_ghost_stage(module):
-    """G-GhostNet's stage by structure: base, end, merge, cheap, layers and the raw/cheap split."""
-    names = ("base", "end", "merge", "cheap", "cheap_relu", "layers")
-    return (all(isinstance(getattr(module, n, None), nn.Module) for n in names)
-            and isinstance(getattr(module, "raw_planes", None), int) and isinstance(module.cheap, nn.Sequential)
-            and isinstance(module.cheap[0], nn.Conv2d) and module.cheap[0].kernel_size == (1, 1)
-            and module.cheap[0].groups == 1 and len(module.layers) > 0)
-
-
-def accelerate(model, inplace=False):
-    """Swap every Ghost module of `model` for a fused one; in eval mode also fold Conv+BN pairs
+def accelerate(model, example_inputs=None, check=True, inplace=False):
+    """Swap every Ghost module of `model` for a fused one; in eval mode also fold Conv+BN pairs,
     merge ghost1 with the depthwise conv it feeds and SE with the ghost2 it feeds, and run the
     1x1 convs as matrix multiplies.
 
+    check=True verifies every change on a probe before keeping it: the changed module's input
+    in one forward of `example_inputs` (a tensor or a tuple of positional arguments) through
+    the original model when given, else a random input of the right channel count and a
+    small odd size; float64 where the module allows. A change whose output differs is undone
+    and listed in `skipped` with the measured error. check=False skips this (it costs one
+    probe forward per change).
+
     Returns the model (a deep copy unless inplace=True) with the summary of what was done in
-    its `acceleration_summary` attribute. Outputs match the original model (float32
-    tolerance); training-mode models stay trainable with the original gradients (BN folding
-    happens only in eval mode, where it changes the state-dict keys of the folded BNs).
+    its `acceleration_summary` attribute. Training-mode models stay trainable with the
+    original gradients (BN folding happens only in eval mode, where it changes the state-dict
+    keys of the folded BNs).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"accelerate: model must be a torch.nn.Module, got {type(model).__name__}")
+    if example_inputs is not None and not isinstance(example_inputs, (torch.Tensor, tuple)):
+        raise TypeError("accelerate: example_inputs must be a tensor or a tuple of the model's positional "
+                        f"arguments, got {type(example_inputs).__name__}")
+    checker = _SelfCheck(model, example_inputs) if check else None
     if not inplace:
         model = copy.deepcopy(model)
     summary = AccelerationSummary()
-    for name, module in list(model.named_modules()):
-        if isinstance(module, (GhostModule, GGhostStage)):  # ours already: fused in eval
-            summary.fused.append(name or "(the model itself)")
-            continue
-        if _is_g_ghost_stage(module):
-            model = _replace(model, name, GGhostStage.from_parts(module))
-            summary.fused.append(name or "(the model itself)")
-            continue
-        if not hasattr(module, "primary_conv"):
-            continue
-        activation, why = ghost_module_activation(module)
-        short_conv, gate_why = attention_gate(module)
-        if activation is None or gate_why:
-            summary.skipped.append((name, why or gate_why))
-            continue
-        model = _replace(model, name, _swap_ghost(module, activation, short_conv))
-        summary.fused.append(name or "(the model itself)")
-    if not model.training:
-        _fold_conv_bn_pairs(model, summary)
-        _merge_ghost_depthwise(model, summary)
-        _merge_squeeze_excite(model, summary)
-        _pointwise_convs_as_matmuls(model, summary)
-    model.acceleration_summary = summary
-    return model
+    accelerator = _Accelerator(model, summary, checker)
+    _swap_ghost_modules(accelerator)
+    if not accelerator.model.training:
+        # Merges last: they move modules under new names, which the self-check could not find
+        # in the original model.
+        _fold_conv_bn_pairs(accelerator)
+        _pointwise_convs_as_matmuls(accelerator)
+        _merge_ghost_depthwise(accelerator)
+        _merge_squeeze_excite(accelerator)
+    if checker is not None:
+        summary.check_seconds = checker.seconds
+    accelerator.model.acceleration_summary = summary
+    return accelerator.model

@@ -16,7 +16,7 @@ from torch import nn
 
 from . import ops
 from .models.ghostnet import hard_sigmoid
-from .modules import GhostModule, merged_weights
+from .modules import GhostModule, PointwiseConv2d, merged_weights
 from .reference import output_memory_format
 
 _lib = torch.library.Library("ghostkernels", "FRAGMENT")
@@ -95,7 +95,7 @@ class SqueezeExciteGhost(nn.Module):
         super().__init__()
         self.se, self.ghost = se, ghost
         self.train(ghost.training)
-        self.standard_gate = isinstance(se.act1, nn.ReLU) and _is_hard_sigmoid(_gate(se))
+        self.standard_gate = type(se.act1) is nn.ReLU and _is_hard_sigmoid(_gate(se))
 
     @staticmethod
     def eligible(se, ghost):
@@ -104,9 +104,9 @@ class SqueezeExciteGhost(nn.Module):
         convs = [getattr(se, name, None) for name in ("conv_reduce", "conv_expand")]
         pool = getattr(se, "avg_pool", None)
         return (set(se._modules) <= _SE_CHILDREN and callable(_gate(se))
-                and all(isinstance(c, nn.Conv2d) and c.kernel_size == (1, 1) and c.groups == 1
+                and all(type(c) in (nn.Conv2d, PointwiseConv2d) and c.kernel_size == (1, 1) and c.groups == 1
                         and c.padding == (0, 0) for c in convs)
-                and (pool is None or (isinstance(pool, nn.AdaptiveAvgPool2d) and pool.output_size in (1, (1, 1))))
+                and (pool is None or (type(pool) is nn.AdaptiveAvgPool2d and pool.output_size in (1, (1, 1))))
                 and convs[1].out_channels == ghost.primary_conv[0].in_channels)
 
     def forward(self, x):

@@ -1,0 +1,280 @@
+"""Nothing ghostkernels does may change a model's answer silently: the fold cache after
+training, parametrised and edited weights, inference mode, hooks and tied modules under
+accelerate(), clear errors, and the self-check that undoes a change it cannot verify."""
+
+import copy
+
+import pytest
+import torch
+from conftest import randomise_bn
+from torch import nn
+
+import ghostkernels
+from ghostkernels import GhostModule, accelerate, acceleration
+from ghostkernels.models import ghostnet_050
+
+
+def assert_close(actual, expected, rtol=1e-5):
+    scale = expected.abs().max().item()
+    assert (actual - expected).abs().max().item() <= rtol * max(scale, 1e-30)
+
+
+def unfused(module, x):
+    """The Ghost module's math op by op, with whatever its BNs hold now."""
+    x1 = module.primary_conv(x)
+    return torch.cat([x1, module.cheap_operation(x1)], dim=1)[:, : module.oup]
+
+
+def ghost(**kwargs):
+    config = dict(inp=6, oup=10, kernel_size=1, ratio=2, dw_size=3, stride=1, relu=True) | kwargs
+    return randomise_bn(GhostModule(**config).double(), spread=0.5)
+
+
+# -- the fold cache ------------------------------------------------------------------------------
+
+
+def test_fold_follows_a_train_step():
+    """BN running statistics change in training without a version bump."""
+    m, x = ghost().eval(), torch.randn(2, 6, 7, 7, dtype=torch.float64)
+    m(x)  # fills the cache
+    m.train()
+    m(x * 3 + 1)  # moves the running statistics
+    m.eval()
+    with torch.no_grad():
+        assert_close(m(x), unfused(m, x))
+
+
+def test_zoo_ghostnet_after_bn_recalibration():
+    fused = randomise_bn(ghostnet_050(num_classes=10), spread=0.2).eval()
+    original = ghostnet_050(num_classes=10, fused=False).eval()
+    original.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        fused(x)
+        for model in (fused, original):
+            model.train()
+            model(x * 2)
+            model.eval()
+        assert_close(fused(x), original(x))
+
+
+@pytest.mark.parametrize("edit", ["data", "eps"])
+def test_fold_follows_edits_outside_the_version_counter(edit):
+    m, x = ghost().eval(), torch.randn(2, 6, 7, 7, dtype=torch.float64)
+    m(x)
+    bn = m.cheap_operation[1]
+    if edit == "data":
+        bn.running_mean.data.add_(1.0)  # .data bypasses the version counter: eval() refolds
+        m.eval()
+    else:
+        bn.eps = 0.5
+    with torch.no_grad():
+        assert_close(m(x), unfused(m, x))
+
+
+def test_parametrised_conv_is_folded_every_call():
+    m, x = ghost().eval(), torch.randn(2, 6, 7, 7, dtype=torch.float64)
+    torch.nn.utils.parametrizations.weight_norm(m.primary_conv[0])
+    with torch.no_grad():
+        assert_close(m(x), unfused(m, x))
+        m.primary_conv[0].parametrizations.weight.original1.mul_(0.5)
+        assert_close(m(x), unfused(m, x))
+
+
+def test_inference_mode_then_autograd():
+    m = ghost().eval().requires_grad_(False)
+    x = torch.randn(2, 6, 7, 7, dtype=torch.float64)
+    with torch.inference_mode():
+        m(x)
+    x.requires_grad_()
+    (grad,) = torch.autograd.grad(m(x).square().sum(), x)
+    (expected,) = torch.autograd.grad(unfused(m, x).square().sum(), x)
+    assert_close(grad, expected)
+
+
+# -- clear errors --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("x, error, match", [
+    (torch.randn(1, 5, 7, 7, dtype=torch.float64), ValueError, "x has 5 channels, expected 6"),
+    (torch.randn(1, 6, 7, 7), TypeError, "x is torch.float32"),
+    (torch.randn(6, 7, 7, dtype=torch.float64), ValueError, "4-D"),
+], ids=["channels", "dtype", "3-d"])
+@pytest.mark.parametrize("train", [False, True])
+def test_module_bad_input(x, error, match, train):
+    with pytest.raises(error, match=match):
+        ghost().train(train)(x)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(kernel_size=(3, 5)), TypeError, "kernel_size must be an int or a square pair"),
+    (dict(dw_size=[3.0, 3.0]), TypeError, "dw_size must be an int"),
+    (dict(kernel_size=(2, 2)), ValueError, "kernel_size must be a positive odd"),
+    (dict(ratio=2.5), TypeError, "ratio must be an int"),
+    (dict(relu="yes"), TypeError, "relu must be a bool"),
+])
+def test_module_bad_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ghost(**kwargs)
+
+
+def test_square_pair_kernel_size():
+    assert ghost(kernel_size=(3, 3), dw_size=(5, 5)).primary_conv[0].kernel_size == (3, 3)
+
+
+def test_accelerate_bad_arguments():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got NoneType"):
+        accelerate(None)
+    with pytest.raises(TypeError, match="example_inputs must be a tensor or a tuple"):
+        accelerate(nn.Conv2d(3, 3, 1), example_inputs=[torch.randn(1, 3, 4, 4)])
+
+
+# -- hooks and ties ------------------------------------------------------------------------------
+
+
+class TimmStyleGhost(nn.Module):
+    """A Ghost module from another code base (accelerate adopts it by structure)."""
+
+    def __init__(self, inp, oup):
+        super().__init__()
+        self.out_chs, init = oup, (oup + 1) // 2
+        self.primary_conv = nn.Sequential(nn.Conv2d(inp, init, 1, bias=False), nn.BatchNorm2d(init), nn.ReLU())
+        self.cheap_operation = nn.Sequential(nn.Conv2d(init, init, 3, 1, 1, groups=init, bias=False),
+                                             nn.BatchNorm2d(init), nn.ReLU())
+
+    def forward(self, x):
+        x1 = self.primary_conv(x)
+        return torch.cat([x1, self.cheap_operation(x1)], dim=1)[:, : self.out_chs]
+
+
+@pytest.mark.parametrize("where", ["module", "child"])
+def test_hooked_modules_stay(where):
+    net = randomise_bn(nn.Sequential(TimmStyleGhost(4, 8), TimmStyleGhost(8, 8)), spread=0.3).eval()
+    hooked = net[0] if where == "module" else net[0].cheap_operation[1]
+    hooked.register_forward_hook(lambda module, args, out: out * 2)
+    fast = accelerate(net)
+    summary = fast.acceleration_summary
+    assert summary.fused == ["1"] and summary.skipped[0][0] == "0" and "hooks" in summary.skipped[0][1]
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        assert_close(fast(x), net(x))
+
+
+def test_hooked_bn_is_not_folded():
+    net = randomise_bn(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)), spread=0.3).eval()
+    net[1].register_forward_pre_hook(lambda module, args: (args[0] + 1,))
+    fast = accelerate(net)
+    assert not fast.acceleration_summary.folded and "hooks" in fast.acceleration_summary.skipped[0][1]
+    x = torch.randn(1, 3, 5, 5)
+    with torch.no_grad():
+        assert_close(fast(x), net(x))
+
+
+def test_shared_ghost_module_stays_shared():
+    shared = TimmStyleGhost(6, 6)
+    net = randomise_bn(nn.Sequential(shared, nn.ReLU(), shared), spread=0.3).eval()
+    fast = accelerate(net)
+    assert isinstance(fast[0], GhostModule) and fast[0] is fast[2]
+    x = torch.randn(2, 6, 5, 5)
+    with torch.no_grad():
+        assert_close(fast(x), net(x))
+
+
+def test_conv_shared_between_two_folds_is_left():
+    conv = nn.Conv2d(3, 3, 3, padding=1)
+    net = randomise_bn(nn.Sequential(conv, nn.BatchNorm2d(3), conv, nn.BatchNorm2d(3)), spread=0.3).eval()
+    fast = accelerate(net)
+    assert not fast.acceleration_summary.folded
+    assert all("shared" in why for _, why in fast.acceleration_summary.skipped)
+    x = torch.randn(1, 3, 5, 5)
+    with torch.no_grad():
+        assert_close(fast(x), net(x))
+
+
+# -- the self-check --------------------------------------------------------------------------------
+
+
+def test_self_check_undoes_a_sabotaged_swap(monkeypatch):
+    """A swap that drops the activation: the check measures the difference and undoes it."""
+    swap = acceleration._swap_ghost
+    monkeypatch.setattr(acceleration, "_swap_ghost", lambda module, activation, gate: swap(module, "none", gate))
+    net = randomise_bn(nn.Sequential(TimmStyleGhost(4, 8)), spread=0.3).eval()
+    x = torch.randn(2, 4, 6, 6)
+    unchecked = accelerate(net, check=False)
+    checked = accelerate(net)
+    with torch.no_grad():
+        assert (unchecked(x) - net(x)).abs().max() > 1e-2  # the sabotage is real
+        assert_close(checked(x), net(x))
+    summary = checked.acceleration_summary
+    assert not summary.fused and summary.skipped[0][0] == "0"
+    assert "self-check: output differs by" in summary.skipped[0][1]
+
+
+def test_self_check_undoes_a_fold_that_drops_an_activation(monkeypatch):
+    """The old BatchNormAct2d bug, forced: its act is dropped, the check puts it back."""
+
+    class BatchNormAct2d(nn.BatchNorm2d):
+        def __init__(self, channels):
+            super().__init__(channels)
+            self.drop, self.act = nn.Identity(), nn.ReLU()
+
+        def forward(self, x):
+            return self.act(self.drop(super().forward(x)))
+
+    monkeypatch.setattr(acceleration, "_bn_replacement", lambda tail: nn.Identity())
+    net = randomise_bn(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), BatchNormAct2d(4)), spread=0.3).eval()
+    fast = accelerate(net)
+    assert not fast.acceleration_summary.folded and "self-check" in fast.acceleration_summary.skipped[0][1]
+    x = torch.randn(1, 3, 5, 5)
+    with torch.no_grad():
+        assert_close(fast(x), net(x))
+
+
+class FixedSize(nn.Module):
+    """Its head takes 7x7 maps only: no synthetic probe runs the whole model."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.block = TimmStyleGhost(8, 8)
+        self.head = nn.Linear(8 * 7 * 7, 4)
+
+    def forward(self, x):
+        return self.head(self.block(self.bn(self.conv(x))).flatten(1))
+
+
+def test_example_inputs_reach_modules_synthetic_probes_cannot():
+    net = randomise_bn(FixedSize(), spread=0.3).eval()
+    x = torch.randn(1, 3, 7, 7)
+    blind = accelerate(net).acceleration_summary
+    assert blind.fused == ["block"] and "pass example_inputs" in dict(blind.skipped)["conv+bn"]
+    fast = accelerate(net, example_inputs=x)
+    assert fast.acceleration_summary.folded == ["conv+bn"] and not fast.acceleration_summary.skipped
+    with torch.no_grad():
+        assert_close(fast(x), net(x))
+
+
+def test_training_mode_check_with_dropout():
+    net = nn.Sequential(TimmStyleGhost(4, 8), nn.Dropout(0.5), TimmStyleGhost(8, 8)).train()
+    state = torch.random.get_rng_state()
+    fast = accelerate(net)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the probes leave the caller's RNG alone
+    assert fast.acceleration_summary.fused == ["0", "2"] and fast.acceleration_summary.checked == 2
+
+
+def test_check_false_skips_the_probes():
+    fast = accelerate(nn.Sequential(TimmStyleGhost(4, 8)).eval(), check=False)
+    assert fast.acceleration_summary.checked == 0 and fast.acceleration_summary.fused == ["0"]
+
+
+def test_zoo_ghostnet_checked_with_example_inputs():
+    model = randomise_bn(ghostnet_050(num_classes=10, fused=False), spread=0.2).eval()
+    x = torch.randn(1, 3, 64, 64)
+    fast = accelerate(model, example_inputs=x)
+    summary = fast.acceleration_summary
+    assert not summary.skipped and summary.checked == len(summary.fused) + len(summary.folded) + len(
+        summary.matmul) + len(summary.merged)
+    with torch.no_grad():
+        assert_close(fast(x), model(x))
+    assert ghostkernels.accelerate is accelerate and copy.deepcopy(fast) is not None
