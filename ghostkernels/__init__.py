@@ -3,7 +3,7 @@
 from . import cheap_mix, direct_conv, ghost_depthwise, models, ops, squeeze_excite
 from ._backends import backends, empty_cache, load_cpu_extension
 from .acceleration import AccelerationSummary, accelerate
-from .ghostify import count_params_flops, ghostify
+from .ghostify import ParamsFlops, count_params_flops, ghostify
 from .modules import GhostModule, GhostModuleV2, fold_conv_bn
 from .ops import ghost_module
 from .reference import ghost_module_reference
@@ -11,7 +11,7 @@ from .reference import ghost_module_reference
 load_cpu_extension()  # after ops and direct_conv: the library registers kernels for the ops they define
 
 __all__ = [
-    "AccelerationSummary", "GhostModule", "GhostModuleV2", "accelerate", "backends", "count_params_flops", "empty_cache",
+    "AccelerationSummary", "GhostModule", "ParamsFlops", "GhostModuleV2", "accelerate", "backends", "count_params_flops", "empty_cache",
     "fold_conv_bn",
     "ghost_module", "ghost_module_reference", "ghostify", "models",
 ]

@@ -59,7 +59,7 @@ class PointwiseConv2d(nn.Conv2d):
         return ops.call(torch.ops.ghostkernels.pointwise_conv2d, x, self.weight, self.bias)
 
 
-def _is_int(value):
+def is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -67,7 +67,7 @@ def _odd_size(name, size):
     """A square kernel size given as k or (k, k), k odd and positive."""
     if isinstance(size, (tuple, list)) and len(size) == 2 and size[0] == size[1]:
         size = size[0]
-    if not _is_int(size):
+    if not is_int(size):
         raise TypeError(f"GhostModule: {name} must be an int or a square pair (k, k), got {size!r}")
     if size < 1 or size % 2 == 0:
         raise ValueError(f"GhostModule: {name} must be a positive odd integer, got {size}")
@@ -114,7 +114,7 @@ class GhostModule(nn.Module):
     def __init__(self, inp, oup, kernel_size=1, ratio=2, dw_size=3, stride=1, relu=True):
         super().__init__()
         for name, value in (("inp", inp), ("oup", oup), ("ratio", ratio), ("stride", stride)):
-            if not _is_int(value):
+            if not is_int(value):
                 raise TypeError(f"GhostModule: {name} must be an int, got {type(value).__name__}")
         if ratio < 2:
             raise ValueError(f"GhostModule: ratio must be an integer >= 2, got {ratio}")

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from ghostkernels import GhostModuleV2, accelerate, count_params_flops, ghostify
+from ghostkernels import GhostModuleV2, accelerate, ghostify
 from ghostkernels.models import (
     GGhostStage, g_ghost_regnetx, g_ghost_regnetx_032, ghostnetv2_100, ghostnetv2_130, ghostnetv2_160, ghostnetv3,
-    ghostnetv3_050, ghostnetv3_100, resnet50, resnet56_cifar, vgg16_cifar,
+    ghostnetv3_050, ghostnetv3_100, resnet56_cifar, vgg16_cifar,
 )
 from ghostkernels.models.g_ghost_regnet import Bottleneck
 
@@ -154,24 +154,6 @@ def test_bottleneck_names_fold_but_pre_activation_blocks_do_not():
 
 
 # -- Ghost-VGG-16, Ghost-ResNet-56, Ghost-ResNet-50 ------------------------------------------------
-
-
-@pytest.mark.parametrize("builder, size, params, macs", [
-    (vgg16_cifar, (1, 3, 32, 32), 14.99e6, 313.5e6),      # paper: 15.0M, 313M
-    (resnet56_cifar, (1, 3, 32, 32), 0.853e6, 125.5e6),   # paper: 0.85M, 125M
-    (resnet50, (1, 3, 224, 224), 25.56e6, 4089e6),         # 25.6M, 4.1G
-])
-def test_plain_networks_and_their_ghost_versions(builder, size, params, macs):
-    plain = builder()
-    p, m = count_params_flops(plain, size)
-    assert p == pytest.approx(params, rel=2e-3) and m == pytest.approx(macs, rel=2e-3)
-    for ratio in (2, 4):
-        ghost = ghostify(plain, ratio=ratio)
-        gp, gm = count_params_flops(ghost, size)
-        # about 1/s of the weights and multiply-adds; the cheap ops, BNs and the fc are the rest
-        assert gp < p * (1 / ratio + 0.1) and gm < m * (1 / ratio + 0.1)
-    if builder is vgg16_cifar:
-        assert count_params_flops(ghostify(plain, ratio=2), size)[0] == pytest.approx(7.66e6, rel=1e-3)  # paper: 7.7M
 
 
 @pytest.mark.parametrize("builder", [resnet56_cifar, vgg16_cifar])

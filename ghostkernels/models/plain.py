@@ -6,7 +6,13 @@
                      shortcuts: strided slice and zero channel padding, no parameters; 0.85M)
     resnet50()       ResNet-50 on ImageNet (torchvision's structure and keys)
 
-    ghost_vgg = ghostkernels.ghostify(vgg16_cifar(), ratio=2)   # Ghost-VGG-16, s = 2, d = 3
+The paper's Ghost versions (s = ratio, d = dw_size = 3): Ghost-VGG-16 and Ghost-ResNet-56 replace
+every conv; Ghost-ResNet-50 keeps the 7x7 stem dense and replaces the rest, the 1x1 downsample
+convs included (the authors' ghost_resnet.py in huawei-noah/Efficient-AI-Backbones):
+
+    ghost_vgg = ghostkernels.ghostify(vgg16_cifar(), ratio=2)                   # Ghost-VGG-16 (s=2)
+    ghost_resnet56 = ghostkernels.ghostify(resnet56_cifar(), ratio=2)           # Ghost-ResNet-56 (s=2)
+    ghost_resnet50 = ghostkernels.ghostify(resnet50(), ratio=4, keep="stem")    # Ghost-ResNet-50 (s=4)
 """
 
 import torch.nn.functional as F
