@@ -2,9 +2,12 @@
 
 The compiled extension registers the CPU kernel (csrc/ghost_cpu.cpp); the CUDA kernel below
 launches the Triton kernels (triton_ghost.py), imported at the first CUDA call. Where no
-kernel applies, the reference runs, with one warning per device type.
+kernel applies, the reference runs, with one warning per device type. The fused backward
+kernels serve plain backward passes; a backward with create_graph=True (double backward:
+gradient penalties, Hessian-vector products) differentiates the reference instead.
 """
 
+import functools
 import math
 import warnings
 
@@ -248,8 +251,37 @@ def _weight_grads(grad, out, x, primary_weight, primary_bias, cheap_weight, chea
     return gx, gw1, gb1 if primary_bias is not None else None, gw2, gb2 if cheap_bias is not None else None
 
 
+def gradients_with_graph(ctx, grad, composed, args):
+    """The backward of a backward run with create_graph=True (grad mode is on exactly then):
+    the grads of composed(*args) for the inputs ctx.needs_input_grad asks for, by autograd
+    through `composed` (differentiable ops) on the saved tensors themselves, so that they are
+    differentiable again in those tensors and in grad. The fused backward kernels are not.
+    None for the other inputs and for non-tensor arguments."""
+    args = list(args)
+    wanted = [i for i, arg in enumerate(args)
+              if isinstance(arg, torch.Tensor) and i < len(ctx.needs_input_grad) and ctx.needs_input_grad[i]]
+    for i in wanted:
+        # One node per argument (the same tensor may be passed twice), still attached to the graph.
+        args[i] = args[i].view_as(args[i]) if args[i].requires_grad else args[i].detach().requires_grad_()
+    result = [None] * len(args)
+    if not wanted:
+        return result
+    inputs = [args[i] for i in wanted]
+    grads = torch.autograd.grad(composed(*args), inputs, grad, create_graph=True, allow_unused=True)
+    for i, arg, g in zip(wanted, inputs, grads):
+        result[i] = g if g is not None else torch.zeros_like(arg)
+    return result
+
+
 def _backward(ctx, grad):
     x, primary_weight, primary_bias, cheap_weight, cheap_bias, out = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: see gradients_with_graph
+        out_channels, stride, activation = ctx.config
+        grads = gradients_with_graph(
+            ctx, grad, functools.partial(ghost_module_reference, out_channels=out_channels, stride=stride,
+                                         activation=activation),
+            (x, primary_weight, primary_bias, cheap_weight, cheap_bias))
+        return tuple(grads) + (None, None, None)
     if out is None:
         out = torch.ops.ghostkernels.ghost_module(x, primary_weight, primary_bias, cheap_weight, cheap_bias,
                                                   *ctx.config)
@@ -269,6 +301,13 @@ def _setup_gated_context(ctx, inputs, output):
 
 def _gated_backward(ctx, grad):
     x, primary_weight, primary_bias, cheap_weight, cheap_bias, gate = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: see gradients_with_graph
+        out_channels, stride, activation = ctx.config
+        grads = gradients_with_graph(
+            ctx, grad, functools.partial(ghost_module_gated_reference, out_channels=out_channels, stride=stride,
+                                         activation=activation),
+            (x, primary_weight, primary_bias, cheap_weight, cheap_bias, gate))
+        return tuple(grads) + (None, None, None)
     ungated = torch.ops.ghostkernels.ghost_module(x, primary_weight, primary_bias, cheap_weight, cheap_bias,
                                                   *ctx.config)
     size = list(ungated.shape[-2:])
@@ -332,7 +371,8 @@ def register_recompute_autograd(name, composed):
     """Gradients for op `name` (of this library) by recomputing `composed`, its composition of
     differentiable ops with the same arguments: for the inference-first ops accelerate() uses
     (ghost_module_depthwise, ghost_module_scaled, squeeze_excite_gate, pointwise_conv2d), whose
-    C++ kernels have no backward of their own."""
+    C++ kernels have no backward of their own. Under create_graph=True the recomputation keeps
+    the saved tensors attached, so that the grads are differentiable again (gradients_with_graph)."""
 
     def setup_context(ctx, inputs, output):
         ctx.tensors = [i for i, arg in enumerate(inputs) if isinstance(arg, torch.Tensor)]
@@ -340,6 +380,11 @@ def register_recompute_autograd(name, composed):
         ctx.arguments = [None if isinstance(arg, torch.Tensor) else arg for arg in inputs]
 
     def backward(ctx, grad):
+        if torch.is_grad_enabled():  # create_graph=True: grads that are differentiable again
+            args = list(ctx.arguments)
+            for i, saved in zip(ctx.tensors, ctx.saved_tensors):
+                args[i] = saved
+            return tuple(gradients_with_graph(ctx, grad, composed, args))
         args, wanted = list(ctx.arguments), [i for i in ctx.tensors if ctx.needs_input_grad[i]]
         with torch.enable_grad():
             for i, saved in zip(ctx.tensors, ctx.saved_tensors):
