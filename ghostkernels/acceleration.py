@@ -93,7 +93,7 @@ def _branch(sequential):
         return None, "more than Conv2d, BatchNorm2d and an activation"
     activation = _activation(rest[0]) if rest else "none"
     if activation is None:
-        return None, f"{type(rest[0]).__name__} is not fused (nn.ReLU, nn.Identity or a BatchNorm2d)"
+        return None, f"{type(rest[0]).__name__} is not fused (expected nn.BatchNorm2d, then nn.ReLU or nn.Identity)"
     return activation, None
 
 
