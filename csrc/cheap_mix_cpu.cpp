@@ -67,6 +67,8 @@ void cheap_mix_into_cpu(const at::Tensor& x_full, const at::Tensor& weight, cons
   TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 1 && weight.size(3) == 1,
               "cheap_mix: weight must be (cout, cin, 1, 1), got ", weight.sizes());
   const int64_t cout = weight.size(0), cin = weight.size(1);
+  // A GEMM over no channels writes nothing, and F.conv2d returns no output channels there.
+  TORCH_CHECK(cin > 0, "cheap_mix: weight must have at least one input channel (cin >= 1), got ", weight.sizes());
   TORCH_CHECK(offset >= 0 && offset + cin <= x_full.size(1), "cheap_mix: channel_offset ", offset, " + cin ", cin,
               " exceeds x's ", x_full.size(1), " channels");
   TORCH_CHECK(mix.dim() == 2 && mix.size(0) == x_full.size(0) && mix.size(1) == cout,

@@ -47,11 +47,16 @@ constexpr int64_t kMaxGroupInputs = 4;
 at::Tensor direct_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                              int64_t stride) {
   TORCH_CHECK(x.dim() == 4, "direct_conv2d: x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
+  TORCH_CHECK(x.size(1) > 0, "direct_conv2d: x must have at least one channel, got ", x.sizes());
+  // F.conv2d rejects an empty plane too (its padded size is smaller than the kernel).
+  TORCH_CHECK(x.size(2) > 0 && x.size(3) > 0, "direct_conv2d: x must have H, W >= 1, got ", x.sizes());
   TORCH_CHECK(weight.dim() == 4 && weight.size(1) > 0 && x.size(1) % weight.size(1) == 0 &&
                   weight.size(0) % (x.size(1) / weight.size(1)) == 0 && weight.size(2) == weight.size(3) &&
                   weight.size(2) % 2 == 1,
               "direct_conv2d: weight must be (C_out, C / groups, k, k) with odd k, C_out divisible by groups; got ",
               weight.sizes(), " for x with ", x.size(1), " channels");
+  TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == weight.size(0)),
+              "direct_conv2d: bias must have shape (", weight.size(0), ",), got ", bias->sizes());
   TORCH_CHECK(stride == 1 || stride == 2, "direct_conv2d: stride must be 1 or 2, got ", stride);
   const int64_t k = weight.size(2), group_inputs = weight.size(1), groups = x.size(1) / group_inputs;
   const bool fast = x.is_contiguous() && group_inputs <= kMaxGroupInputs &&
@@ -60,8 +65,10 @@ at::Tensor direct_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   if (!fast) return at::conv2d(x, weight, bias, {stride, stride}, {k / 2, k / 2}, {1, 1}, groups);
   const int64_t batch = x.size(0), channels = x.size(1), height = x.size(2), width = x.size(3);
   const int64_t out_channels = weight.size(0);
-  const int64_t out_height = (height - 1) / stride + 1, out_width = (width - 1) / stride + 1;
+  // 'same' padding: ceil(H / stride) rows
+  const int64_t out_height = (height + stride - 1) / stride, out_width = (width + stride - 1) / stride;
   at::Tensor out = empty_output({batch, out_channels, out_height, out_width}, x.options());
+  if (out.numel() == 0) return out;
   const at::Tensor w = weight.contiguous();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "direct_conv2d_cpu", [&] {

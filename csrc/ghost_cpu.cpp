@@ -54,6 +54,7 @@ const T* lane_index() {
   return table.data();
 }
 
+// std::max(v, 0) is `v < 0 ? 0 : v`: NaN stays NaN, as with torch.relu.
 template <typename T>
 GK_INLINE T activate(T v, Activation act) {
   return act == Activation::ReLU ? std::max(v, T(0)) : v;
@@ -104,7 +105,8 @@ GK_INLINE void taps_pass(T* dst, const T* src, int64_t n, const Tap<T>* taps, in
   using V = typename S::vec;
   constexpr int L = S::lanes;
   const V start = V{} + bias;
-  auto finish = [act](V v) __attribute__((always_inline)) { return act == Activation::ReLU ? (v > 0 ? v : V{}) : v; };
+  // `v < 0 ? 0 : v` keeps NaN, as torch.relu does (`v > 0 ? v : 0` would make it 0).
+  auto finish = [act](V v) __attribute__((always_inline)) { return act == Activation::ReLU ? (v < 0 ? V{} : v) : v; };
   int64_t q = 0;
   for (; q + L <= n; q += L)
     S::store(dst + q, finish(add_taps<T, DW>(accumulate ? S::load(dst + q) : start, src, q, taps, dw)));
@@ -575,9 +577,10 @@ struct Partials {
   }
 };
 
+// ReLU's backward as torch's threshold_backward: the grad passes where the output is NaN.
 template <typename T>
 GK_INLINE T activation_grad(T grad, T activated, Activation act) {
-  return (act == Activation::ReLU && !(activated > T(0))) ? T(0) : grad;
+  return (act == Activation::ReLU && activated <= T(0)) ? T(0) : grad;
 }
 
 // grad_x[n, :, rows] += W1^T gz1 and gw1 += gz1 x^T for the band [r0, r1) of one image.
@@ -767,6 +770,9 @@ Geometry check_and_describe(const at::Tensor& x, const at::Tensor& w1, const c10
               "ghost_module: cheap_weight must be (new, 1, d, d) with odd d, got ", w2.sizes());
   TORCH_CHECK(w1.size(1) == x.size(1), "ghost_module: primary_weight expects ", w1.size(1),
               " input channels, x has ", x.size(1));
+  // The reference fails there too, and the kernels would read init channels of nothing.
+  TORCH_CHECK(w1.size(1) > 0, "ghost_module: primary_weight must have at least one input channel, got ",
+              w1.sizes());
   const int64_t init = w1.size(0), ghosts = w2.size(0);
   TORCH_CHECK(init > 0 && ghosts % init == 0 && ghosts >= init,
               "ghost_module: cheap_weight must have a positive multiple of init=", init,
@@ -801,8 +807,14 @@ Geometry check_and_describe(const at::Tensor& x, const at::Tensor& w1, const c10
   g.stride = stride;
   g.dw = w2.size(2);
   g.pad = g.dw / 2;
-  g.out_height = (g.height + 2 * (g.kernel / 2) - g.kernel) / stride + 1;
-  g.out_width = (g.width + 2 * (g.kernel / 2) - g.kernel) / stride + 1;
+  // F.conv2d's floor((H + 2 * pad - k) / stride) + 1: for an empty x the span is -1, which C++'s
+  // truncating division would turn into one output row at stride > 1.
+  auto out_size = [&](int64_t size) {
+    const int64_t span = size + 2 * (g.kernel / 2) - g.kernel;
+    return span < 0 ? 0 : span / stride + 1;
+  };
+  g.out_height = out_size(g.height);
+  g.out_width = out_size(g.width);
   TORCH_CHECK(g.out_height > 0 && g.out_width > 0, "ghost_module: x of size ", x.sizes(),
               " is too small for a ", g.kernel, "x", g.kernel, " primary kernel");
   g.channels_last = is_channels_last(x);

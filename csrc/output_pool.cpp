@@ -4,6 +4,8 @@
 #include <c10/core/impl/alloc_cpu.h>
 #include <torch/library.h>
 
+#include <cerrno>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -18,13 +20,29 @@ constexpr size_t kMinPooled = 256 * 1024;
 constexpr size_t kGranule = 64 * 1024;
 // A pooled block's size sits in a header before its data; 64 bytes keep c10's alignment.
 constexpr size_t kHeader = 64;
+constexpr size_t kDefaultLimitMB = 1024;
+
+// GHOSTKERNELS_OUTPUT_CACHE_MB in bytes: a whole number of MiB, 0 turning the cache off. A typo
+// or a negative number warns and keeps the default: parsed as is, it would turn the cache off
+// ("abc", "1O24" as 0 or 1) or lift its cap ("-1" as 2^64 - 1).
+size_t cache_limit() {
+  const char* value = std::getenv("GHOSTKERNELS_OUTPUT_CACHE_MB");
+  if (value == nullptr) return kDefaultLimitMB << 20;
+  char* end = nullptr;
+  errno = 0;
+  const long long mb = std::strtoll(value, &end, 10);
+  if (end != value && *end == '\0' && errno == 0 && mb >= 0 &&
+      static_cast<unsigned long long>(mb) <= (SIZE_MAX >> 20))
+    return static_cast<size_t>(mb) << 20;
+  TORCH_WARN("ghostkernels: GHOSTKERNELS_OUTPUT_CACHE_MB='", value,
+             "' is not a whole number of MiB >= 0 (0 turns the output cache off); using the default, ",
+             kDefaultLimitMB, " MiB");
+  return kDefaultLimitMB << 20;
+}
 
 class OutputPool final : public c10::Allocator {
  public:
-  OutputPool() {
-    const char* limit_mb = std::getenv("GHOSTKERNELS_OUTPUT_CACHE_MB");
-    limit_ = (limit_mb != nullptr ? std::strtoull(limit_mb, nullptr, 10) : 1024) << 20;
-  }
+  OutputPool() : limit_(cache_limit()) {}
 
   c10::DataPtr allocate(size_t nbytes) override {
     const c10::Device cpu(c10::kCPU);
@@ -95,7 +113,7 @@ class OutputPool final : public c10::Allocator {
   std::mutex mutex_;
   std::unordered_map<size_t, std::vector<void*>> free_;
   size_t cached_ = 0;
-  size_t limit_;
+  const size_t limit_;
 };
 
 // Never destroyed: tensors may still be freed during interpreter shutdown.

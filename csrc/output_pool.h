@@ -2,7 +2,8 @@
 // A forward pass allocates the same large outputs every call; from glibc they are fresh
 // mmap'd or trimmed pages that the kernel zero-fills on first touch, which at batch 8 costs
 // as much as the kernels' own work. ONNX Runtime avoids it with an arena, CUDA PyTorch with
-// its caching allocator. GHOSTKERNELS_OUTPUT_CACHE_MB caps the cached bytes (0 disables).
+// its caching allocator. GHOSTKERNELS_OUTPUT_CACHE_MB caps the cached bytes (whole MiB, 0 disables;
+// any other value warns and keeps the default, 1024).
 #pragma once
 
 #include <ATen/ATen.h>

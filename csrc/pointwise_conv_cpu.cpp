@@ -15,6 +15,8 @@ at::Tensor pointwise_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, c
   TORCH_CHECK(x.dim() == 4, "pointwise_conv2d: x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
   TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x.size(1) && weight.size(2) == 1 && weight.size(3) == 1,
               "pointwise_conv2d: weight must be (C_out, ", x.size(1), ", 1, 1), got ", weight.sizes());
+  // With no input channels F.conv2d (the other path) returns no output channels and the GEMM C_out of bias.
+  TORCH_CHECK(x.size(1) > 0, "pointwise_conv2d: x must have at least one channel, got ", x.sizes());
   TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == weight.size(0)),
               "pointwise_conv2d: bias must have shape (", weight.size(0), ",)");
   const bool fast = x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble);

@@ -57,6 +57,9 @@ at::Tensor squeeze_excite_gate_cpu(const at::Tensor& x, const at::Tensor& w_redu
                 "squeeze_excite_gate: weights and biases must match x's dtype and device (", x.scalar_type(), ", ",
                 x.device(), ")");
   TORCH_CHECK(x.size(2) * x.size(3) > 0, "squeeze_excite_gate: x has no pixels to pool (", x.sizes(), ")");
+  // As the composed gate's F.conv2d: no convs of or into zero channels.
+  TORCH_CHECK(channels > 0 && reduced > 0, "squeeze_excite_gate: x and reduce_weight must have at least one ",
+              "channel each, got x ", x.sizes(), " and reduce_weight ", w_reduce.sizes());
   if (x.scalar_type() != at::kFloat && x.scalar_type() != at::kDouble) {
     const at::Tensor hidden = at::relu(at::conv2d(x.mean({2, 3}, true), w_reduce, b_reduce));
     return at::clamp(at::conv2d(hidden, w_expand, b_expand) + 3, 0, 6) / 6;

@@ -37,6 +37,8 @@ def check_args(x, weight, bias, mix, channel_offset, out=None):
     if weight.dim() != 4 or weight.shape[2:] != (1, 1):
         raise ValueError(f"cheap_mix: weight must be (cout, cin, 1, 1), got {tuple(weight.shape)}")
     cout, cin = weight.shape[:2]
+    if cin == 0:
+        raise ValueError(f"cheap_mix: weight must have at least one input channel (cin >= 1), got {tuple(weight.shape)}")
     if channel_offset < 0 or channel_offset + cin > x.shape[1]:
         raise ValueError(f"cheap_mix: channel_offset {channel_offset} + cin {cin} exceeds x's {x.shape[1]} channels")
     if tuple(mix.shape) != (x.shape[0], cout):
@@ -103,7 +105,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     x, weight, out = ctx.saved_tensors
     cout, cin = weight.shape[:2]
-    grad = torch.where(out > 0, grad, 0)  # the ReLU's mask, read from its output
+    grad = torch.where(out <= 0, 0, grad)  # the ReLU's mask, read from its output (NaN passes, as in relu)
     grad_slice, grad_weight, _ = torch.ops.aten.convolution_backward(
         grad, x.narrow(1, ctx.channel_offset, cin), weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
         [True, True, False])

@@ -26,7 +26,12 @@ def _groups(x, weight):
 
 @torch.library.register_fake("ghostkernels::direct_conv2d")
 def _fake(x, weight, bias, stride):
-    height, width = ((s - 1) // stride + 1 for s in x.shape[2:])
+    # The C++ kernel's shape errors (csrc/direct_conv_cpu.cpp), raised before anything runs.
+    if x.shape[2] == 0 or x.shape[3] == 0:
+        raise RuntimeError(f"direct_conv2d: x must have H, W >= 1, got {tuple(x.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise RuntimeError(f"direct_conv2d: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    height, width = (-(-s // stride) for s in x.shape[2:])  # 'same' padding: ceil(H / stride)
     return x.new_empty((x.shape[0], weight.shape[0], height, width))
 
 

@@ -48,6 +48,9 @@ def check_args(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_ch
     init, inp = primary_weight.shape[:2]
     if inp != x.shape[1]:
         raise ValueError(f"ghost_module: x has {x.shape[1]} channels, primary_weight expects {inp}")
+    if inp == 0:
+        raise ValueError(
+            f"ghost_module: primary_weight must have at least one input channel, got {tuple(primary_weight.shape)}")
     if (
         cheap_weight.dim() != 4
         or cheap_weight.shape[1] != 1
@@ -67,7 +70,7 @@ def check_args(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_ch
         raise ValueError(f"ghost_module: out_channels must be in [{init}, {init + ghosts}], got {out_channels}")
     if stride < 1:
         raise ValueError(f"ghost_module: stride must be >= 1, got {stride}")
-    if activation not in ACTIVATIONS:
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
         raise ValueError(f"ghost_module: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
     named = {"primary_weight": primary_weight, "cheap_weight": cheap_weight,
              "primary_bias": primary_bias, "cheap_bias": cheap_bias}

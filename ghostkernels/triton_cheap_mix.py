@@ -38,7 +38,7 @@ def _cheap_mix_kernel(
     shift = tl.load(mix_ptr + n * COUT + c, mask=c_ok, other=0.0).to(ACC)
     if HAS_BIAS:
         shift += tl.load(b_ptr + c, mask=c_ok, other=0.0).to(ACC)
-    acc = tl.maximum(acc + shift[None, :], 0.0)
+    acc = tl.maximum(acc + shift[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays, as in torch.relu
     tl.store(out_ptr + n * son + c[None, :] * soc + h[:, None] * soh + w[:, None] * sow,
              acc.to(out_ptr.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
 

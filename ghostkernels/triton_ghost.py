@@ -31,8 +31,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 @triton.jit
 def _activate(v, RELU: tl.constexpr):
-    if RELU:
-        v = tl.maximum(v, 0.0)
+    if RELU:  # NaN stays NaN, as with torch.relu (the default, maxnum, returns 0 for it)
+        v = tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)
     return v
 
 
@@ -184,7 +184,7 @@ def _ghost_backward_kernel(
         if RELU:
             y2 = tl.load(out_ptr + n * son + ghost * soc + h[:, None] * soh + w[:, None] * sow,
                          mask=p_ok[:, None] & j_ok[None, :], other=0.0)
-            g2 = tl.where(y2 > 0, g2, 0.0)
+            g2 = tl.where(y2 <= 0, 0.0, g2)  # ReLU's mask as torch's: the grad passes where y2 is NaN
         tl.store(gb2_part_ptr + tile * GHOSTS + j, tl.sum(g2, axis=0), mask=j_ok)
         for dy in tl.static_range(DW):
             for dx in tl.static_range(DW):
@@ -199,7 +199,7 @@ def _ghost_backward_kernel(
                 if RELU:
                     ya = tl.load(out_ptr + n * son + ghost * soc + ha[:, None] * soh + wa[:, None] * sow,
                                  mask=a_mask, other=0.0)
-                    ga = tl.where(ya > 0, ga, 0.0)
+                    ga = tl.where(ya <= 0, 0.0, ga)
                 gy1 += ga * wt[None, :]
                 # depthwise weight grad: grad of z2 here times x1 at (h + sy, w + sx)
                 hb = h + dy - PAD
@@ -210,7 +210,7 @@ def _ghost_backward_kernel(
                 tl.store(gw2_part_ptr + (tile * GHOSTS + j) * DW * DW + dy * DW + dx, tl.sum(g2 * yb, axis=0),
                          mask=j_ok)
     if RELU:
-        gy1 = tl.where(y1 > 0, gy1, 0.0)
+        gy1 = tl.where(y1 <= 0, 0.0, gy1)
     tl.store(gb1_part_ptr + tile * INIT + c, tl.sum(gy1, axis=0), mask=c_ok)
     tl.store(gz1_ptr + n * szn + c[None, :] * szc + h[:, None] * szh + w[:, None] * szw,
              gy1.to(gz1_ptr.dtype.element_ty), mask=here)

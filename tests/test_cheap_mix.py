@@ -86,3 +86,51 @@ def test_bad_input(change, error, match):
     change(args)
     with pytest.raises(error, match=match):
         cheap_mix(args.pop("x"), args.pop("weight"), args.pop("bias"), args.pop("mix"), **args)
+
+
+def test_no_input_channels_is_an_error():
+    """A GEMM over cin = 0 wrote nothing (the output was garbage); F.conv2d returns no channels there."""
+    x, _, b, mix = make_args(2, 9, 5, 6, (4, 3))
+    weight = torch.randn(6, 0, 1, 1, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"cheap_mix: weight must have at least one input channel"):
+        torch.ops.ghostkernels.cheap_mix(x, weight, b, mix, 0)
+    with pytest.raises(RuntimeError, match=r"cheap_mix: weight must have at least one input channel"):
+        torch.ops.ghostkernels.cheap_mix_into(x, weight, b, mix, 0, torch.empty(2, 6, 4, 3, dtype=torch.float64))
+
+
+def with_nans(x, weight, mix):
+    """NaN in one channel of one pixel of x's slice, in every channel of the last pixel, in a weight
+    and in one mix entry: relu(nan) is nan, as in the reference."""
+    x, weight, mix = x.clone(), weight.clone(), mix.clone()
+    x[0, 8, 2, 1] = float("nan")
+    x[-1, :, -1, -1] = float("nan")
+    weight[2, 4, 0, 0] = float("nan")
+    mix[0, 5] = float("nan")
+    return x, weight, mix
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_cpu_nan_stays_where_the_reference_puts_it(dtype, channels_last):
+    x, weight, b, mix = make_args(2, 20, 13, 11, (9, 7), dtype, channels_last)
+    x, weight, mix = with_nans(x, weight, mix)
+    expected = cheap_mix_reference(x, weight, b, mix, 7)
+    assert expected.isnan().any() and not expected.isnan().all()
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(cheap_mix(x, weight, b, mix, channel_offset=7), expected, rtol=tol, atol=tol,
+                               equal_nan=True)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_triton_nan_stays_where_the_reference_puts_it(channels_last):
+    """tl.maximum's default (maxnum) returns 0 for NaN; the kernel asks for NaN propagation."""
+    dtype = torch.float64 if DEVICE == "cpu" else torch.float32
+    x, weight, b, mix = make_args(2, 20, 13, 11, (5, 7), torch.float64, channels_last)
+    x, weight, mix = (t.to(DEVICE, dtype) for t in with_nans(x, weight, mix))
+    b = b.to(DEVICE, dtype)
+    out = torch.empty(2, 11, 5, 7, dtype=dtype, device=DEVICE)
+    triton_cheap_mix.cheap_mix_into(x, weight, b, mix, 7, out)
+    expected = cheap_mix_reference(*(t.double() for t in (x, weight, b, mix)), 7)
+    tol = 1e-12 if dtype == torch.float64 else 1e-2
+    torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol * expected.nan_to_num(0).abs().max().item(),
+                               equal_nan=True)

@@ -5,6 +5,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ghostkernels.direct_conv import DirectConv2d
 
@@ -81,3 +82,75 @@ def test_gradcheck_and_opcheck(weight_shape):
 def test_bad_weight(weight_shape):
     with pytest.raises(RuntimeError, match="weight must be"):
         torch.ops.ghostkernels.direct_conv2d(torch.randn(1, 4, 5, 5), torch.randn(*weight_shape), None, 1)
+
+
+@pytest.mark.parametrize("bias", [torch.randn(1, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64),
+                                  torch.randn(5, dtype=torch.float64)], ids=["short", "2-D", "long"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_bias_must_have_one_entry_per_output_channel(bias, channels_last):
+    """The kernel read C_out entries of any bias it was given."""
+    x = make_input(1, 4, 5, 5, channels_last=channels_last)
+    with pytest.raises(RuntimeError, match=r"direct_conv2d: bias must have shape \(4,\)"):
+        torch.ops.ghostkernels.direct_conv2d(x, torch.randn(4, 1, 3, 3, dtype=torch.float64), bias, 1)
+    module = DirectConv2d(torch.randn(4, 1, 3, 3, dtype=torch.float64), bias, 2)
+    with pytest.raises(RuntimeError, match=r"bias must have shape \(4,\)"):
+        module(x)
+    with FakeTensorMode() as mode, pytest.raises(RuntimeError, match=r"bias must have shape \(4,\)"):
+        torch.ops.ghostkernels.direct_conv2d(*(mode.from_tensor(t) for t in (x, module.weight, bias)), 2)
+
+
+@pytest.mark.parametrize("shape, stride", [((1, 2, 0, 5), 2), ((1, 2, 5, 0), 2), ((1, 2, 0, 5), 1)])
+def test_empty_plane_is_an_error_as_in_conv2d(shape, stride):
+    """F.conv2d rejects an empty plane ('same' padding is smaller than the kernel); the kernel returned
+    a row of garbage at stride 2 (C++ truncates (0 - 1) / 2 to 0), its fake kernel no rows."""
+    x, weight = torch.randn(shape, dtype=torch.float64), torch.randn(2, 1, 3, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="Kernel size can't be greater"):
+        F.conv2d(x, weight, None, stride, 1, groups=2)
+    with pytest.raises(RuntimeError, match=r"direct_conv2d: x must have H, W >= 1"):
+        torch.ops.ghostkernels.direct_conv2d(x, weight, None, stride)
+    with FakeTensorMode() as mode, pytest.raises(RuntimeError, match=r"direct_conv2d: x must have H, W >= 1"):
+        torch.ops.ghostkernels.direct_conv2d(mode.from_tensor(x), mode.from_tensor(weight), None, stride)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (2, 3), (5, 4)])
+def test_fake_kernel_shape_matches(size):
+    x, weight = torch.randn(2, 3, *size, dtype=torch.float64), torch.randn(3, 1, 3, 3, dtype=torch.float64)
+    out = torch.ops.ghostkernels.direct_conv2d(x, weight, None, 2)
+    with FakeTensorMode() as mode:
+        fake = torch.ops.ghostkernels.direct_conv2d(mode.from_tensor(x), mode.from_tensor(weight), None, 2)
+    assert fake.shape == out.shape == F.conv2d(x, weight, None, 2, 1, groups=3).shape
+
+
+def test_no_input_channels_is_an_error():
+    """groups = C / weight.shape[1] = 0 divided C_out (SIGFPE)."""
+    with pytest.raises(RuntimeError, match="direct_conv2d: x must have at least one channel"):
+        torch.ops.ghostkernels.direct_conv2d(torch.randn(1, 0, 5, 5), torch.randn(0, 1, 3, 3), None, 1)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("channels", [(6, 6, 6), (3, 16, 1)], ids=["depthwise", "stem"])
+def test_nan_stays_where_conv2d_puts_it(channels, stride):
+    inp, out_channels, groups = channels
+    x = make_input(2, inp, 7, 9)
+    x[0, 1, 2, 3] = x[1, :, -1, -1] = float("nan")
+    weight = torch.randn(out_channels, inp // groups, 3, 3, dtype=torch.float64)
+    weight[2, 0, 1, 1] = float("nan")
+    b = torch.randn(out_channels, dtype=torch.float64)
+    out = torch.ops.ghostkernels.direct_conv2d(x, weight, b, stride)
+    torch.testing.assert_close(out, F.conv2d(x, weight, b, stride, 1, groups=groups), rtol=1e-12, atol=1e-12,
+                               equal_nan=True)
+
+
+# ghostkernels::pointwise_conv2d (the 1x1 shortcut and head convs), the other conv op accelerate() uses
+
+def test_pointwise_no_input_channels_is_an_error():
+    """F.conv2d returns no output channels there, the GEMM C_out channels of bias."""
+    with pytest.raises(RuntimeError, match="pointwise_conv2d: x must have at least one channel"):
+        torch.ops.ghostkernels.pointwise_conv2d(torch.randn(2, 0, 4, 5), torch.randn(4, 0, 1, 1), torch.randn(4))
+
+
+def test_pointwise_nan_stays_where_conv2d_puts_it():
+    x, weight, b = torch.randn(2, 6, 5, 7), torch.randn(4, 6, 1, 1), torch.randn(4)
+    x[0, 1, 2, 3] = weight[2, 0, 0, 0] = float("nan")
+    out = torch.ops.ghostkernels.pointwise_conv2d(x, weight, b)
+    torch.testing.assert_close(out, F.conv2d(x, weight, b), rtol=1e-5, atol=1e-5, equal_nan=True)

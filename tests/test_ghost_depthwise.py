@@ -79,6 +79,33 @@ def test_bad_depthwise_arguments(weight, bias, stride, message):
         op(x, *make_weights(4, 6, 2, 3), 6, 1, "relu", weight, bias, stride)
 
 
+@pytest.mark.parametrize("activation, channels_last, depthwise_stride",
+                         list(itertools.product(["relu", "none"], [False, True], [1, 2])))
+def test_nan_propagates_like_the_reference(activation, channels_last, depthwise_stride):
+    """relu(nan) is nan in the ghost rows the depthwise conv reads (NCHW made it 0)."""
+    x = make_input(2, 5, 9, 11, channels_last=channels_last)
+    x[0, 1, 2, 3] = x[1, :, -1, -1] = float("nan")
+    weights = make_weights(5, 9, 3, 3)
+    weights[2][1, 0, 1, 1] = float("nan")
+    w3, b3 = depthwise_weights(9, 3)
+    out = op(x, *weights, 9, 1, activation, w3, b3, depthwise_stride)
+    reference = expected(x, weights, 9, 1, activation, w3, b3, depthwise_stride)
+    assert reference.isnan().any() and not reference.isnan().all()
+    torch.testing.assert_close(out, reference, rtol=1e-12, atol=1e-12, equal_nan=True)
+
+
+@pytest.mark.parametrize("x_shape, w1_shape, stride, message", [
+    ((1, 0, 8, 8), (6, 0, 1, 1), 1, "primary_weight must have at least one input channel"),
+    ((1, 4, 0, 8), (6, 4, 1, 1), 2, "too small"),
+])
+def test_empty_inputs_are_an_error(x_shape, w1_shape, stride, message):
+    """No input channels gave zeros; an empty plane at stride 2 one row read from nowhere."""
+    _, b1, w2, b2 = make_weights(1, 12, 2, 3)
+    with pytest.raises(RuntimeError, match=message):
+        op(torch.randn(x_shape, dtype=F64), torch.randn(w1_shape, dtype=F64), b1, w2, b2, 12, stride, "relu",
+           *depthwise_weights(12, 3), 2)
+
+
 def test_module_eval_grad_and_training():
     ghost = GhostModule(8, 12).eval()
     for bn in (ghost.primary_conv[1], ghost.cheap_operation[1]):

@@ -125,6 +125,68 @@ def test_without_biases():
         assert_matches(g, r, 1e-10)
 
 
+def with_nans(x):
+    """x with NaN in one channel of one pixel and in every channel of the last pixel (last row and
+    column: the depthwise taps must not carry it into the next row's first column)."""
+    x = x.detach().clone()
+    x[0, 1, 2, 3] = float("nan")
+    x[-1, :, -1, -1] = float("nan")
+    return x
+
+
+def assert_same_nans(actual, expected, rtol):
+    """NaN exactly where the reference has it; elsewhere as assert_matches."""
+    assert actual.shape == expected.shape
+    scale = expected.nan_to_num(0.0).abs().max().item() if expected.numel() else 1.0
+    torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=rtol * max(scale, 1.0), equal_nan=True)
+
+
+NAN_CONFIGS = [c for c in CONFIGS if c[:3] == (2, 3, 1)] + [(3, 5, 2, "relu", False, 3), (3, 5, 2, "relu", True, 3)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+@pytest.mark.parametrize("config", NAN_CONFIGS, ids=config_id)
+def test_nan_propagates_like_the_reference(config, gated, dtype):
+    """torch.relu(nan) is nan: a NaN in x or in a weight reaches the output in every channel where
+    the reference has it, in both layouts."""
+    ratio, dw, stride, act, cl, kernel = config
+    oup = 4 * ratio - 1
+    x = with_nans(make_input(2, 5, 7, 9, channels_last=cl, dtype=dtype))
+    weights = make_weights(5, oup, ratio, dw, kernel, dtype=dtype)
+    weights[2][1, 0, dw // 2, dw // 2] = float("nan")  # the centre tap: read at every pixel
+    kwargs = dict(out_channels=oup, stride=stride, activation=act)
+    if gated:
+        gate = torch.randn(2, oup, 3, 4, dtype=dtype)
+        out = ghost_module(x, *weights, gate=gate, **kwargs)
+        expected = ghost_module_gated_reference(*(t.double() for t in (x, *weights, gate)), **kwargs)
+    else:
+        out = ghost_module(x, *weights, **kwargs)
+        expected = ghost_module_reference(*(t.double() for t in (x, *weights)), **kwargs)
+    assert expected.isnan().any() and not expected.isnan().all()
+    assert_same_nans(out, expected, 1e-10 if dtype == torch.float64 else 1e-5)
+
+
+@pytest.mark.parametrize("config", NAN_CONFIGS, ids=config_id)
+def test_nan_output_passes_the_grad_like_relu(config):
+    """relu's backward (threshold_backward) masks where the output is <= 0: a NaN output passes
+    the grad, so grad_x and the bias grads stay finite and match the reference. Every ghost channel
+    is kept: the kernels give a dropped one's weights zero grad where the reference has 0 * NaN."""
+    ratio, dw, stride, act, cl, kernel = config
+    x = with_nans(make_input(2, 5, 7, 9, channels_last=cl)).requires_grad_()
+    weights = make_weights(5, 4 * ratio, ratio, dw, kernel, requires_grad=True)
+    kwargs = dict(out_channels=4 * ratio, stride=stride, activation=act)
+    out = ghost_module(x, *weights, **kwargs)
+    ref_leaves = [t.detach().requires_grad_() for t in (x, *weights)]
+    expected = ghost_module_reference(*ref_leaves, **kwargs)
+    grad = torch.randn_like(expected)
+    grads = torch.autograd.grad(out, (x, *weights), grad)
+    ref_grads = torch.autograd.grad(expected, ref_leaves, grad)
+    assert ref_grads[0].isfinite().all()
+    for g, r in zip(grads, ref_grads):
+        assert_same_nans(g, r, 1e-10)
+
+
 @pytest.mark.parametrize(
     "config", [(2, 3, 1, "relu", False, 1), (3, 5, 2, "none", True, 1), (4, 3, 2, "relu", False, 3)], ids=config_id
 )
@@ -185,6 +247,27 @@ def test_output_cache_can_be_turned_off():
     subprocess.run([sys.executable, "-c", script], env=env, check=True)
 
 
+@pytest.mark.parametrize("value", ["-1", "abc", "1O24", ""])
+def test_bad_output_cache_size_warns_and_keeps_the_default(value):
+    """A typo or a negative size must not silently turn the cache off or lift its cap."""
+    script = ("import torch, ghostkernels\n"
+              "out = torch.ops.ghostkernels.direct_conv2d(torch.randn(1, 64, 64, 64), torch.randn(64, 1, 3, 3), None, 1)\n"
+              "del out\n"
+              "assert ghostkernels.backends()['cpu']['cached_bytes'] > 0\n")
+    env = dict(os.environ, GHOSTKERNELS_OUTPUT_CACHE_MB=value)
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert f"GHOSTKERNELS_OUTPUT_CACHE_MB='{value}' is not a whole number" in result.stderr
+    assert "using the default, 1024 MiB" in result.stderr
+
+
+def test_good_output_cache_size_does_not_warn():
+    env = dict(os.environ, GHOSTKERNELS_OUTPUT_CACHE_MB="2048")
+    result = subprocess.run([sys.executable, "-c", "import torch, ghostkernels; ghostkernels.backends()"], env=env,
+                            capture_output=True, text=True, check=True)
+    assert "GHOSTKERNELS_OUTPUT_CACHE_MB" not in result.stderr
+
+
 def test_half_precision_on_cpu_runs_the_reference():
     x = make_input(1, 4, 5, 5, dtype=torch.bfloat16)
     weights = make_weights(4, 8, 2, 3, dtype=torch.bfloat16)
@@ -231,6 +314,7 @@ def test_bad_input(case, error, match):
         (dict(out_channels=9), r"out_channels must be in \[4, 8\]"),
         (dict(out_channels=3), r"out_channels must be in \[4, 8\]"),
         (dict(out_channels=8, activation="gelu"), "activation must be one of"),
+        (dict(out_channels=8, activation=["relu"]), "activation must be one of"),
         (dict(out_channels=8, stride=0), "stride must be >= 1"),
     ],
 )
@@ -246,6 +330,30 @@ def test_cpu_kernel_checks_direct_op_calls():
     args[0] = torch.randn(1, 5, 6, 6, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="x has 5"):
         torch.ops.ghostkernels.ghost_module(*args, 8, 1, "relu")
+
+
+F64 = torch.float64
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+@pytest.mark.parametrize("x_shape, w1_shape, stride, match", [
+    # no input channels: at::conv2d (k > 1) returns no channels; a GEMM over K = 0 (k = 1) writes nothing
+    pytest.param((1, 0, 6, 6), (4, 0, 1, 1), 1, "primary_weight must have at least one input channel", id="inp0-k1"),
+    pytest.param((1, 0, 6, 6), (4, 0, 3, 3), 1, "primary_weight must have at least one input channel", id="inp0-k3"),
+    # an empty plane at stride 2: floor((0 - 1) / 2) + 1 = 0 rows, not the 1 of C++'s truncation
+    pytest.param((1, 4, 0, 6), (4, 4, 1, 1), 2, "too small", id="h0-s2"),
+    pytest.param((1, 4, 6, 0), (4, 4, 1, 1), 2, "too small", id="w0-s2"),
+    pytest.param((1, 4, 0, 6), (4, 4, 3, 3), 1, "too small", id="h0-k3"),
+])
+def test_cpu_kernel_rejects_empty_inputs(x_shape, w1_shape, stride, match, gated):
+    """Direct op calls (no Python checks) with nothing to convolve get a clear error, not a crash."""
+    args = [torch.randn(x_shape, dtype=F64), torch.randn(w1_shape, dtype=F64), torch.randn(4, dtype=F64),
+            torch.randn(4, 1, 3, 3, dtype=F64), None]
+    if gated:
+        args.append(torch.randn(1, 8, 1, 1, dtype=F64))
+    op = torch.ops.ghostkernels.ghost_module_gated if gated else torch.ops.ghostkernels.ghost_module
+    with pytest.raises(RuntimeError, match=match):
+        op(*args, 8, stride, "relu")
 
 
 # -- the GhostNetV2 gate fused into the writes -----------------------------------------------

@@ -135,6 +135,27 @@ def test_zoo_merges_every_se_block():
                          "blocks.8.3.se+ghost2"]
 
 
+@pytest.mark.parametrize("activation, channels_last", list(itertools.product(["relu", "none"], [False, True])))
+def test_nan_propagates_like_the_reference(activation, channels_last):
+    """relu(nan) is nan in the ghost channels too (NCHW made it 0), with the scale folded into W1."""
+    x = make_input(2, 5, 7, 9, channels_last=channels_last)
+    x[0, 1, 2, 3] = x[1, :, -1, -1] = float("nan")
+    scale = torch.rand(2, 5, 1, 1, dtype=torch.float64)
+    weights = make_weights(5, 9, 3, 3)
+    weights[2][1, 0, 1, 1] = float("nan")
+    out = op(x, scale, *weights, 9, 1, activation)
+    expected = ghost_module_reference(x * scale, *weights, out_channels=9, activation=activation)
+    assert expected.isnan().any() and not expected.isnan().all()
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12, equal_nan=True)
+
+
+def test_no_input_channels_is_an_error():
+    x, scale = torch.randn(2, 0, 5, 6, dtype=torch.float64), torch.rand(2, 0, 1, 1, dtype=torch.float64)
+    w1, b1, w2, b2 = make_weights(1, 6, 2, 3)
+    with pytest.raises(RuntimeError, match="primary_weight must have at least one input channel"):
+        op(x, scale, w1[:, :0], b1, w2, b2, 6, 1, "relu")
+
+
 gate_op = torch.ops.ghostkernels.squeeze_excite_gate
 
 
@@ -196,3 +217,22 @@ def test_non_hard_sigmoid_gate_runs_as_written():
     x = torch.randn(2, 8, 9, 7)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels, reduced", [(0, 3), (4, 0)])
+def test_gate_zero_channels_is_an_error(channels, reduced):
+    """The composed gate's F.conv2d rejects them too (and returns no channels for no inputs)."""
+    x = make_input(2, channels, 4, 5)
+    with pytest.raises(RuntimeError, match="squeeze_excite_gate: x and reduce_weight must have at least one"):
+        gate_op(x, *gate_weights(channels, reduced))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gate_nan_propagates_like_the_reference(channels_last):
+    x = make_input(3, 24, 5, 5, channels_last=channels_last)
+    x[0, 1, 2, 3] = float("nan")
+    weights = gate_weights(24, 6)
+    weights[2][5, 2, 0, 0] = float("nan")
+    expected = gate_expected(x, *weights)
+    assert expected.isnan().any() and not expected.isnan().all()
+    torch.testing.assert_close(gate_op(x, *weights), expected, rtol=1e-12, atol=1e-12, equal_nan=True)

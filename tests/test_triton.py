@@ -122,3 +122,39 @@ def test_gated_forward(case, size, gate_size, dtype):
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(out.double(), expected.to(out.device), rtol=tol,
                                atol=tol * max(expected.abs().max().item(), 1.0))
+
+
+@pytest.mark.parametrize("channels_last, kernel", [(False, 1), (True, 1), (False, 3)], ids=["nchw", "cl", "nchw-k3"])
+def test_nan_propagates_like_relu(channels_last, kernel):
+    """relu(nan) is nan in the forward (tl.maximum's default, maxnum, returns 0 for NaN), and
+    relu's backward passes the grad where the output is NaN, as torch's threshold_backward."""
+    dtype = DTYPES[0]
+    x = make_input(2, 5, 7, 9, channels_last=channels_last, dtype=dtype)
+    x[0, 1, 2, 3] = x[1, :, -1, -1] = float("nan")
+    x = x.to(DEVICE)
+    weights = [w.to(DEVICE) for w in make_weights(5, 8, 2, 3, kernel, dtype=dtype)]
+    out = triton_ghost.forward(x, *weights, 8, 1, "relu")
+    leaves = [t.detach().double().cpu().requires_grad_() for t in (x, *weights)]
+    expected = ghost_module_reference(*leaves, out_channels=8)
+    grad = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad(expected, leaves, grad)
+    grads = triton_ghost.backward(grad.to(DEVICE, dtype), out, x, *weights, 8, 1, "relu")
+    assert expected.isnan().any() and expected_grads[0].isfinite().all()
+    tol = TOLERANCE[dtype]
+    for actual, reference in zip((out, *grads), (expected, *expected_grads)):
+        scale = max(reference.nan_to_num(0).abs().max().item(), 1.0)
+        torch.testing.assert_close(actual.double().cpu(), reference, rtol=tol, atol=tol * scale, equal_nan=True)
+
+
+def test_nan_in_a_cheap_weight_reaches_its_channel():
+    dtype = DTYPES[0]
+    x = make_input(1, 5, 6, 7, dtype=dtype).to(DEVICE)
+    weights = make_weights(5, 8, 2, 3, dtype=dtype)
+    weights[2][1, 0, 1, 1] = float("nan")
+    weights = [w.to(DEVICE) for w in weights]
+    out = triton_ghost.forward(x, *weights, 8, 1, "relu")
+    expected = ghost_module_reference(*(t.double().cpu() for t in (x, *weights)), out_channels=8)
+    assert expected[:, 5].isnan().all() and expected[:, :5].isfinite().all()
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.double().cpu(), expected, rtol=tol,
+                               atol=tol * max(expected.nan_to_num(0).abs().max().item(), 1.0), equal_nan=True)
