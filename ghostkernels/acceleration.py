@@ -155,8 +155,9 @@ def _is_g_ghost_stage(module):
     """G-GhostNet's stage by structure: base, end, merge, cheap, layers and the raw/cheap split."""
     names = ("base", "end", "merge", "cheap", "cheap_relu", "layers")
     return (all(isinstance(getattr(module, n, None), nn.Module) for n in names)
-            and isinstance(getattr(module, "raw_planes", None), int) and isinstance(module.cheap, nn.Sequential)
-            and isinstance(module.cheap[0], nn.Conv2d) and module.cheap[0].kernel_size == (1, 1)
+            and isinstance(getattr(module, "raw_planes", None), int) and type(module.cheap) is nn.Sequential
+            and type(module.cheap[0]) is nn.Conv2d and module.cheap[0].kernel_size == (1, 1)
+            and [type(m) for m in module.cheap][1:] in ([], [nn.BatchNorm2d])  # what its fast path folds
             and module.cheap[0].groups == 1 and len(module.layers) > 0)
 
 

@@ -76,16 +76,19 @@ def _odd_size(name, size):
 
 def check_input(module, x, weight):
     """x must be what a module whose first conv has `weight` takes: a ValueError or TypeError
-    naming x otherwise (the fused ops skip the argument checks of ghostkernels.ghost_module)."""
+    naming x otherwise (the fused ops skip the argument checks of ghostkernels.ghost_module).
+    One combined test on the hot path; the message is worked out only on failure."""
+    if (isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1] == weight.shape[1]
+            and x.dtype is weight.dtype and x.device == weight.device):
+        return
     name = type(module).__name__
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"{name}: x must be a 4-D tensor (N, C, H, W), got {shape}")
     if x.shape[1] != weight.shape[1]:
         raise ValueError(f"{name}: x has {x.shape[1]} channels, expected {weight.shape[1]}")
-    if x.dtype != weight.dtype or x.device != weight.device:
-        raise TypeError(f"{name}: x is {x.dtype} on {x.device}, the module's weights are {weight.dtype} on "
-                        f"{weight.device}; they must match")
+    raise TypeError(f"{name}: x is {x.dtype} on {x.device}, the module's weights are {weight.dtype} on "
+                    f"{weight.device}; they must match")
 
 
 def fold_conv_bn(conv, bn):
@@ -164,7 +167,7 @@ class GhostModule(nn.Module):
         """(conv, BN or None) of a branch."""
         modules = sequential._modules
         bn = modules.get("1")
-        return modules["0"], bn if isinstance(bn, nn.BatchNorm2d) else None
+        return modules["0"], bn if type(bn) is nn.BatchNorm2d else None
 
     def _conv_bn_pairs(self):
         """The (conv, BN or None) pairs whose folded weights the eval forward uses."""
@@ -191,12 +194,12 @@ class GhostModule(nn.Module):
         sources = self._fold_sources()
         if sources is None:
             return None
-        tensors, cacheable = sources
+        tensors, eps, cacheable = sources
         if not cacheable or torch.compiler.is_compiling() or (
                 torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
             return self._fold()
-        key = tuple((t.data_ptr(), t._version) for t in tensors) + tuple(
-            bn.eps for _, bn in self._conv_bn_pairs() if bn is not None)
+        key = [(t.data_ptr(), t._version) for t in tensors]
+        key.append(eps)
         if key != self._folded_key:
             # Plain tensors even under inference_mode, so that a later autograd call can save them.
             with torch.inference_mode(False), torch.no_grad():  # in that order: the first enables grad
@@ -205,9 +208,10 @@ class GhostModule(nn.Module):
         return self._folded
 
     def _fold_sources(self):
-        """(the tensors the folded weights depend on, whether they can be cached), or None if a
-        BN has no running statistics. Direct dict reads: this runs on every eval call."""
-        tensors, cacheable = [], True
+        """(the tensors the folded weights depend on, the BNs' eps, whether the fold can be
+        cached), or None if a BN has no running statistics. Direct dict reads: this runs on
+        every eval call."""
+        tensors, eps, cacheable = [], [], True
         for conv, bn in self._conv_bn_pairs():
             cacheable = cacheable and "parametrizations" not in conv._modules
             tensors.extend(t for t in conv._parameters.values() if t is not None)
@@ -217,7 +221,8 @@ class GhostModule(nn.Module):
                 candidates = (bn._parameters["weight"], bn._parameters["bias"],
                               bn._buffers["running_mean"], bn._buffers["running_var"])
                 tensors.extend(t for t in candidates if t is not None)
-        return tensors, cacheable
+                eps.append(bn.eps)
+        return tensors, eps, cacheable
 
     def forward(self, x):
         folded = None if self.training else self.folded_weights()
@@ -244,14 +249,15 @@ def merged_weights(merged, ghost, x):
 
 
 def conv_bn_sequence(sequential):
-    """[(conv, BN or None), ...] of a Sequential of Conv2d layers each optionally followed by a
-    BatchNorm2d, or None if it holds anything else."""
+    """[(conv, BN or None), ...] of a Sequential of nn.Conv2d layers each optionally followed by
+    an nn.BatchNorm2d (exact types: a subclass may compute something else), or None if it holds
+    anything else."""
     modules, pairs = list(sequential), []
     while modules:
         conv = modules.pop(0)
-        if not isinstance(conv, nn.Conv2d):
+        if type(conv) is not nn.Conv2d:
             return None
-        bn = modules.pop(0) if modules and isinstance(modules[0], nn.BatchNorm2d) else None
+        bn = modules.pop(0) if modules and type(modules[0]) is nn.BatchNorm2d else None
         pairs.append((conv, bn))
     return pairs
 

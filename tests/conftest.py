@@ -18,6 +18,17 @@ def fresh_seed(request):
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tests of many calls on tiny tensors (gradgradcheck, small
+    networks): OpenMP's synchronisation costs more than the work there, and much more when
+    the 2 cores are shared. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_weights(inp, oup, ratio, dw, kernel=1, dtype=torch.float64, requires_grad=False, bias=True):
     """Random folded weights (W1, b1, W2, b2) of a Ghost module."""
     init = ghostkernels.ops.intrinsic_channels(oup, ratio)

@@ -16,14 +16,7 @@ from ghostkernels.reference import ReferenceGhostModule
 from conftest import make_input, make_weights, randomise_bn
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """gradgradcheck makes thousands of calls on tiny tensors: threads only add their
-    synchronisation (tens of times slower on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gradgradcheck(fn, inputs):

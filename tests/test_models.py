@@ -14,6 +14,7 @@ from ghostkernels.models import ghostnet, ghostnet_050, ghostnet_100, ghostnet_1
 from ghostkernels.modules import PointwiseConv2d
 
 from conftest import randomise_bn
+from timm_ghostnet import GhostModule as TimmGhostModule  # current timm's, test-local
 
 
 def assert_close32(actual, expected):
@@ -133,27 +134,6 @@ def test_accelerate_training_gradients_and_keys():
 
 
 # -- Ghost modules from other code bases, written the way they write them -------------------
-
-
-class TimmGhostModule(nn.Module):
-    """timm's newer GhostModule: `act_layer`, `out_chs`."""
-
-    def __init__(self, in_chs, out_chs, kernel_size=1, ratio=2, dw_size=3, stride=1, act_layer=nn.ReLU):
-        super().__init__()
-        self.out_chs = out_chs
-        init_chs = math.ceil(out_chs / ratio)
-        new_chs = init_chs * (ratio - 1)
-        self.primary_conv = nn.Sequential(
-            nn.Conv2d(in_chs, init_chs, kernel_size, stride, kernel_size // 2, bias=False),
-            nn.BatchNorm2d(init_chs), act_layer(inplace=True) if act_layer is nn.ReLU else act_layer())
-        self.cheap_operation = nn.Sequential(
-            nn.Conv2d(init_chs, new_chs, dw_size, 1, dw_size // 2, groups=init_chs, bias=False),
-            nn.BatchNorm2d(new_chs), act_layer(inplace=True) if act_layer is nn.ReLU else act_layer())
-
-    def forward(self, x):
-        x1 = self.primary_conv(x)
-        x2 = self.cheap_operation(x1)
-        return torch.cat([x1, x2], dim=1)[:, : self.out_chs]
 
 
 class GhostModuleV2(TimmGhostModule):

@@ -12,6 +12,7 @@ from torch import nn
 
 from ghostkernels import accelerate
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def random_block(rng, in_chs, stride):
     """One block of the timm / Huawei code bases, (module, out_chs), with random widths,
@@ -59,7 +60,6 @@ def relative_error(actual, expected):
 
 @pytest.mark.parametrize("seed", range(8))
 def test_accelerate_never_changes_outputs(seed):
-    torch.set_num_threads(1)  # tiny ops: threads only contend
     net = randomise_bn(random_network(seed), spread=0.2).eval()
     x = torch.randn(2, 3, 33, 33)
     with torch.no_grad():
@@ -74,7 +74,6 @@ def test_accelerate_never_changes_outputs(seed):
 
 @pytest.mark.parametrize("seed", range(3))
 def test_accelerate_in_training_mode_keeps_outputs_and_gradients(seed):
-    torch.set_num_threads(1)
     net = randomise_bn(random_network(100 + seed), spread=0.2).train()
     fast = accelerate(net)
     x = torch.randn(2, 3, 33, 33)

@@ -19,14 +19,7 @@ MODELS = [(source, version) for source in BUILDERS for version in ("v1", "v2", "
 IDS = [f"{source}-{version}" for source, version in MODELS]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on the shared 2-core machine, 2 OpenMP threads competing with other
-    processes make these small convolutions ~100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rel_err(actual, expected):
