@@ -1,5 +1,7 @@
 """GhostModule: the original module's structure and state-dict keys, the fused op in eval."""
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -60,7 +62,8 @@ class PointwiseConv2d(nn.Conv2d):
 
 
 def is_int(value):
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An integer (numpy's too), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _odd_size(name, size):
