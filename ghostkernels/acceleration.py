@@ -24,6 +24,7 @@ undone and listed as skipped with the measured error.
 import copy
 import itertools
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -560,7 +561,12 @@ def accelerate(model, example_inputs=None, check=True, inplace=False):
     summary = AccelerationSummary()
     accelerator = _Accelerator(model, summary, checker)
     _swap_ghost_modules(accelerator)
-    if not accelerator.model.training:
+    if accelerator.model.training:
+        warnings.warn("ghostkernels.accelerate: the model is in training mode, so only its Ghost modules were "
+                      "swapped (they fuse once in eval); Conv+BN folds, merges and 1x1 matmuls happen only when "
+                      "accelerate() is given an eval-mode model: call model.eval() first for inference speed",
+                      stacklevel=2)
+    else:
         # Merges last: they move modules under new names, which the self-check could not find
         # in the original model.
         _fold_conv_bn_pairs(accelerator)

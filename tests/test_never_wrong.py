@@ -262,6 +262,13 @@ def test_training_mode_check_with_dropout():
     assert fast.acceleration_summary.fused == ["0", "2"] and fast.acceleration_summary.checked == 2
 
 
+def test_training_mode_acceleration_says_what_it_leaves():
+    net = randomise_bn(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), TimmStyleGhost(4, 8)), 0.3)
+    with pytest.warns(UserWarning, match="training mode.*call model.eval"):
+        fast = accelerate(net.train())
+    assert fast.acceleration_summary.fused == ["2"] and not fast.acceleration_summary.folded
+
+
 def test_check_false_skips_the_probes():
     fast = accelerate(nn.Sequential(TimmStyleGhost(4, 8)).eval(), check=False)
     assert fast.acceleration_summary.checked == 0 and fast.acceleration_summary.fused == ["0"]
