@@ -4,8 +4,22 @@ Install without build isolation so that the build sees the torch you run with:
     pip install --no-build-isolation -e .
 """
 
+import os
+
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+class IncrementalBuildExt(BuildExtension.with_options(use_ninja=True)):
+    """Compiles into build/temp of the source tree, whatever temporary directory pip's editable
+    install gives: ninja then recompiles only what changed, so the README's second command does
+    not rebuild what the first one built (about 3 minutes on 2 cores)."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        self.build_temp = os.path.join(ROOT, "build", "temp")
 
 setup(
     packages=find_packages(include=["ghostkernels", "ghostkernels.*"]),
@@ -21,5 +35,5 @@ setup(
             extra_link_args=["-fopenmp", "-s"],
         )
     ],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": IncrementalBuildExt},
 )
