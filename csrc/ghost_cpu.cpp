@@ -1,4 +1,4 @@
-// Fused CPU kernels for the Ghost module (SPEC section 1, folded form).
+// Fused CPU kernels for the Ghost module (docs/math.md section 4, the folded form).
 //
 // Forward, per (image, band of output rows, group of intrinsic channels): the primary
 // conv for the band plus its dw//2 halo rows goes into a cache-sized thread-local buffer

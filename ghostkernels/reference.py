@@ -1,6 +1,6 @@
 """The Ghost module in plain PyTorch: the oracle of every test and the fallback kernel.
 
-Folded form of SPEC section 1: the primary conv and the cheap depthwise op carry their
+Folded form of docs/math.md section 2: the primary conv and the cheap depthwise op carry their
 (folded BatchNorm) biases, each followed by the activation.
 """
 

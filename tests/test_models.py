@@ -24,7 +24,7 @@ def assert_close32(actual, expected):
 
 def test_parameter_count_and_keys():
     model = ghostnet_100()
-    assert 5.15e6 < sum(p.numel() for p in model.parameters()) < 5.22e6  # SPEC: about 5.2M
+    assert 5.15e6 < sum(p.numel() for p in model.parameters()) < 5.22e6  # docs/architecture.md section 1: about 5.2M
     keys = list(model.state_dict())
     assert keys[:2] == ["conv_stem.weight", "bn1.weight"]
     assert "blocks.9.0.conv.weight" in keys and "blocks.9.0.bn1.running_var" in keys

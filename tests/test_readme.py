@@ -3,7 +3,76 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_ci_runs_the_readme_test_command():
+def test_ci_runs_the_readme_commands():
+    """.ci/run runs the demo command and the test command exactly as the README gives them."""
     readme = (ROOT / "README.md").read_text()
-    command = next(line.strip() for line in readme.splitlines() if line.strip().endswith("python -m pytest"))
-    assert command in (ROOT / ".ci" / "run").read_text()
+    commands = [line.strip() for line in readme.splitlines()
+                if line.startswith("    pip install") and line.strip().endswith(("python -m pytest", "--quick"))]
+    assert len(commands) == 2
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert all(command in ci for command in commands)
+
+
+# -- the repository is self-contained: no pointers outside it, docs links that resolve ----------
+
+import re
+import subprocess
+
+# Built from pieces so that this file does not match itself.
+_OUTSIDE = re.compile(r"\.\./" + "shared|\\b" + "SP" + r"EC\b")
+_DOCS_REFERENCE = re.compile(r"(docs/[\w.-]+\.md)(?:,? sections? (\d+))?")
+_SKIPPED_DIRS = {".git", "build", "__pycache__", ".pytest_cache", ".benchmarks", ".hypothesis"}
+
+
+def _repository_files():
+    """The tracked and untracked-but-not-ignored files (what a commit would hold)."""
+    try:
+        listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+                                cwd=ROOT, capture_output=True, check=True).stdout.decode()
+        paths = [ROOT / p for p in listed.split("\0") if p]
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout (an unpacked sdist)
+        paths = [p for p in ROOT.rglob("*") if not _SKIPPED_DIRS.intersection(p.relative_to(ROOT).parts)]
+    return [p for p in paths if p.is_file()]
+
+
+def _text(path):
+    try:
+        return path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError):
+        return None  # binary (the built extension) or unreadable
+
+
+def test_no_file_refers_outside_the_repository():
+    hits = []
+    for path in _repository_files():
+        text = _text(path)
+        if text is None:
+            continue
+        for number, line in enumerate(text.splitlines(), 1):
+            if _OUTSIDE.search(line):
+                hits.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert not hits, "references to a file outside the repository (now in docs/):\n" + "\n".join(hits)
+
+
+def test_readme_docs_links_exist():
+    readme = (ROOT / "README.md").read_text()
+    links = re.findall(r"\]\((docs/[^)#\s]+)", readme) + re.findall(r"`(docs/[^`#\s]+)`", readme)
+    assert links, "README.md links no docs/ file"
+    missing = sorted({link for link in links if not (ROOT / link).is_file()})
+    assert not missing, f"README.md links missing files: {missing}"
+
+
+def test_docs_section_references_resolve():
+    """Every 'docs/<file>.md section N' in the repository names an existing file with a '## N.' heading."""
+    bad = []
+    for path in _repository_files():
+        text = _text(path)
+        if text is None:
+            continue
+        for doc, section in _DOCS_REFERENCE.findall(text):
+            target = ROOT / doc
+            if not target.is_file():
+                bad.append(f"{path.relative_to(ROOT)}: {doc} does not exist")
+            elif section and not re.search(rf"^## {section}\. ", target.read_text(), re.MULTILINE):
+                bad.append(f"{path.relative_to(ROOT)}: {doc} has no section {section}")
+    assert not bad, "\n".join(bad)

@@ -1,4 +1,4 @@
-"""GhostNet v1 (SPEC section 2), v2 and v3 (section 3) with the state-dict keys of timm and the
+"""GhostNet v1 (docs/architecture.md section 1), v2 and v3 (section 2) with the state-dict keys of timm and the
 original Huawei code.
 
     model = ghostnet_100()                       # 1.0x, ImageNet head
