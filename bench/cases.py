@@ -1,4 +1,4 @@
-"""Benchmark cases: GhostNet 1.0x Ghost-module shapes (SPEC section 2), their inputs and the
+"""Benchmark cases: GhostNet 1.0x Ghost-module shapes (docs/architecture.md section 1), their inputs and the
 contenders (eager unfused module, the reference op, the fused op), on any device and dtype."""
 
 import statistics
@@ -25,22 +25,32 @@ def _timed_calls(fn, min_time, min_runs, device):
     return times
 
 
+def times_ms(fn, min_time=0.3, min_runs=10, device="cpu"):
+    """Single-call times (ms) after 3 warm-up calls: the samples behind a median and its spread."""
+    _timed_calls(fn, 0, 3, device)
+    return [t * 1e3 for t in _timed_calls(fn, min_time, min_runs, device)]
+
+
 def median_ms(fn, min_time=0.3, min_runs=10, device="cpu"):
     """Median of single-call times after 3 warm-up calls."""
-    _timed_calls(fn, 0, 3, device)
-    return statistics.median(_timed_calls(fn, min_time, min_runs, device)) * 1e3
+    return statistics.median(times_ms(fn, min_time, min_runs, device))
 
 
-def interleaved_median_ms(fns, rounds=5, min_time=1.0, device="cpu"):
-    """{name: median ms} of the callables in `fns`, timed in turn for `rounds` rounds (min_time
-    seconds each in all), so that a slow spell of a noisy machine hits every contender alike."""
+def interleaved_times_ms(fns, rounds=5, min_time=1.0, device="cpu"):
+    """{name: [ms of each call]} of the callables in `fns`, timed in turn for `rounds` rounds
+    (min_time seconds each in all), so that a slow spell of a noisy machine hits every contender alike."""
     for fn in fns.values():
         _timed_calls(fn, 0, 3, device)
     times = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
             times[name] += _timed_calls(fn, min_time / rounds, 2, device)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    return {name: [x * 1e3 for x in t] for name, t in times.items()}
+
+
+def interleaved_median_ms(fns, rounds=5, min_time=1.0, device="cpu"):
+    """{name: median ms} of interleaved_times_ms."""
+    return {name: statistics.median(t) for name, t in interleaved_times_ms(fns, rounds, min_time, device).items()}
 
 
 # (inp, oup, H=W) of every Ghost module in GhostNet 1.0x.
@@ -51,7 +61,9 @@ GHOSTNET_SHAPES = [
     (672, 160, 7), (160, 960, 7), (960, 160, 7),
 ]
 
-# This machine kind (SPEC section 4): copy bandwidth and float32 matrix-product rate, 2 threads.
+# The reference Xeon of docs/architecture.md section 5: copy bandwidth and float32 matrix-product rate, 2 threads.
+# The benchmarks measure the machine they run on instead (bench/machine.py); these are the
+# defaults of floor_ms and what `--floor-rates 36,184` reproduces.
 COPY_BYTES_PER_S = 36e9
 MATMUL_FLOPS_PER_S = 184e9
 
@@ -60,13 +72,15 @@ def shape_name(inp, oup, size):
     return f"{inp}->{oup}@{size}"
 
 
-def floor_ms(inp, oup, size, batch, ratio=2, dw=3, elem_bytes=4):
-    """max(bytes in + out / copy bandwidth, FLOPs / matrix-product rate), as in SPEC section 4."""
+def floor_ms(inp, oup, size, batch, ratio=2, dw=3, elem_bytes=4,
+             copy_bytes_per_s=COPY_BYTES_PER_S, matmul_flops_per_s=MATMUL_FLOPS_PER_S):
+    """max(bytes in + out / copy bandwidth, FLOPs / matrix-product rate), as in docs/architecture.md section 5,
+    with the rates of the machine (bench/machine.py's floor_rates) or the reference Xeon's (docs/architecture.md section 5)."""
     init = -(-oup // ratio)
     pixels = batch * size * size
     bytes_moved = (inp + oup) * pixels * elem_bytes
     flops = 2 * pixels * (inp * init + (oup - init) * dw * dw)
-    return max(bytes_moved / COPY_BYTES_PER_S, flops / MATMUL_FLOPS_PER_S) * 1e3
+    return max(bytes_moved / copy_bytes_per_s, flops / matmul_flops_per_s) * 1e3
 
 
 def make_case(inp, oup, size, batch, channels_last=False, seed=0, device="cpu", dtype=torch.float32):

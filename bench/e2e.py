@@ -8,11 +8,13 @@ and ONNX Runtime / OpenVINO when they are installed.
 
 Eager is the model as the original code runs it (plain PyTorch modules, eval; GhostNetV3
 re-parameterised). Every contender's output is checked against eager first; then they are
-timed in turn, five rounds, and each row gives the median ms of all its calls.
+timed in turn, five rounds, and each row gives the median ms of all its calls; a row whose calls
+spread more than --noise ((p90 - p10) / median, worst contender) is marked noisy.
 """
 
 import argparse
 import os
+import statistics
 import sys
 import warnings
 
@@ -22,7 +24,8 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ghostkernels  # noqa: E402
-from cases import interleaved_median_ms  # noqa: E402
+from cases import interleaved_times_ms  # noqa: E402
+from machine import DEFAULT_NOISE, is_noisy, machine_line, noise_summary, row_spread  # noqa: E402
 from ghostkernels import models  # noqa: E402
 
 # name: the eager model, built the way the original code runs it.
@@ -86,6 +89,8 @@ def main():
     parser.add_argument("--batch", type=int, nargs="+", help="default: 1 8 (CPU), 1 64 256 (CUDA)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (slow to build)")
+    parser.add_argument("--noise", type=float, default=DEFAULT_NOISE,
+                        help="flag rows whose (p90 - p10) / median exceeds this fraction (default %(default)s)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = args.device
@@ -126,16 +131,24 @@ def main():
                     tol = 1e-2 if dtype == torch.float16 else 1e-4
                     torch.testing.assert_close(fn().float(), expected.float(), rtol=tol, atol=tol)
                     fns[name] = fn
-                times = interleaved_median_ms(fns, min_time=2.0, device=device)
-            rows.append({"model": model_name, "batch": batch, **times})
+                samples = interleaved_times_ms(fns, min_time=2.0, device=device)
+            worst = row_spread(samples)
+            rows.append({"model": model_name, "batch": batch, **{n: statistics.median(t) for n, t in samples.items()},
+                         "spread": worst, "noisy": is_noisy(worst, args.noise)})
     print(f"\nghostkernels {ghostkernels.__version__}, torch {torch.__version__}, {device} "
           f"({torch.cuda.get_device_name() if device == 'cuda' else f'{args.threads} threads'}), {dtype}, "
-          "224x224, median ms; speedup = eager / accelerated\n")
+          "224x224, median ms; speedup = eager / accelerated; spread = (p90 - p10) / median, worst contender")
+    if device == "cpu":
+        print(machine_line(args.threads))
+    print()
     shown = [c for c in contenders if any(c in r for r in rows)]
-    print(f"{'model':>20} {'batch':>5}" + "".join(f"{c:>22}" for c in shown) + f"{'speedup':>9}")
+    print(f"{'model':>20} {'batch':>5}" + "".join(f"{c:>22}" for c in shown) + f"{'speedup':>9}{'spread':>8}")
     for r in rows:
         cells = "".join(f"{r[c]:22.2f}" if c in r else f"{'-':>22}" for c in shown)
-        print(f"{r['model']:>20} {r['batch']:5d}{cells}{r['eager'] / r['accelerated']:8.2f}x")
+        print(f"{r['model']:>20} {r['batch']:5d}{cells}{r['eager'] / r['accelerated']:8.2f}x{r['spread']:8.0%}"
+              + ("  noisy" if r["noisy"] else ""))
+    for line in noise_summary(rows, args.noise, [r[c] for r in rows for c in shown if c in r]):
+        print(line)
     for note in sorted(notes):
         print(f"skipped {note}")
 

@@ -7,7 +7,8 @@ For each shape, batch and dtype: parity of the fused op with eager (NCHW and cha
 then triton.testing.do_bench medians (ms) of
   forward:  eager NCHW, eager channels_last, torch.compile(unfused, channels_last), fused channels_last
   fwd+bwd:  eager autograd over the reference op (channels_last), fused (channels_last)
-and the floor: bytes in + out over the measured device-to-device copy bandwidth.
+and the floor: max(bytes in + out over the measured device-to-device copy bandwidth, FLOPs over
+the measured matmul rate of the dtype), both measured on this GPU at the start of the run.
 Writes the table to bench/results/<device name>.md.
 """
 
@@ -23,7 +24,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ghostkernels  # noqa: E402
-from cases import GHOSTNET_SHAPES, make_case, make_training_case, shape_name  # noqa: E402
+from cases import GHOSTNET_SHAPES, floor_ms, make_case, make_training_case, shape_name  # noqa: E402
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 2e-2, torch.float32: 1e-2}  # float32 dots run as TF32
@@ -37,6 +38,19 @@ def copy_bandwidth():
     return 2 * src.numel() * 4 / (ms * 1e-3)
 
 
+def matmul_rate(dtype, n=4096):
+    """FLOP/s of an n x n x n torch.mm in `dtype` (float32 with TF32 on, as the fused kernels' dots)."""
+    a = torch.randn(n, n, device="cuda", dtype=dtype)
+    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        ms = do_bench(lambda: torch.mm(a, b), warmup=25, rep=100, return_mode="median")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    return 2 * n**3 / (ms * 1e-3)
+
+
 def median(fn):
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
@@ -47,7 +61,7 @@ def check(out, expected, dtype):
     torch.testing.assert_close(out.float(), expected.float(), rtol=tol, atol=tol * scale)
 
 
-def forward_row(inp, oup, size, batch, dtype, bandwidth):
+def forward_row(inp, oup, size, batch, dtype, bandwidth, flops_per_s):
     _, _, nchw = make_case(inp, oup, size, batch, channels_last=False, device="cuda", dtype=dtype)
     module, x, cl = make_case(inp, oup, size, batch, channels_last=True, device="cuda", dtype=dtype)
     compiled = torch.compile(cl["eager"])
@@ -61,7 +75,8 @@ def forward_row(inp, oup, size, batch, dtype, bandwidth):
             "compile": median(compiled),
             "fused": median(cl["fused"]),
         }
-    floor = (inp + oup) * batch * size * size * x.element_size() / bandwidth * 1e3
+    floor = floor_ms(inp, oup, size, batch, elem_bytes=x.element_size(), copy_bytes_per_s=bandwidth,
+                     matmul_flops_per_s=flops_per_s)
     return dict(times, floor=floor)
 
 
@@ -84,8 +99,10 @@ def main():
     device = torch.cuda.get_device_name()
     shapes = [GHOSTNET_SHAPES[i] for i in (0, 3, 10, 19)] if args.quick else GHOSTNET_SHAPES
     bandwidth = copy_bandwidth()
+    matmul = {name: matmul_rate(DTYPES[name]) for name in args.dtype}
+    rates = ", ".join(f"{name} matmul {rate / 1e12:.1f} TFLOP/s" for name, rate in matmul.items())
     header = (f"# {device}\n\nghostkernels {ghostkernels.__version__}, torch {torch.__version__}, "
-              f"triton {triton.__version__}; copy bandwidth {bandwidth / 1e9:.0f} GB/s; "
+              f"triton {triton.__version__}; measured: copy bandwidth {bandwidth / 1e9:.0f} GB/s, {rates}; "
               "do_bench medians in ms; fused and compile run channels_last\n\n"
               "| dtype | shape | batch | eager NCHW | eager CL | compile | fused | floor | vs eager CL | vs compile "
               "| x floor | eager fwd+bwd | fused fwd+bwd | fwd+bwd speedup |\n" + "|---" * 15 + "|\n")
@@ -96,7 +113,7 @@ def main():
         dtype = DTYPES[dtype_name]
         for batch in args.batch:
             for inp, oup, size in shapes:
-                row = forward_row(inp, oup, size, batch, dtype, bandwidth)
+                row = forward_row(inp, oup, size, batch, dtype, bandwidth, matmul[dtype_name])
                 train = {"eager_train": float("nan"), "fused_train": float("nan")}
                 if not args.no_backward:
                     train = training_row(inp, oup, size, batch, dtype)

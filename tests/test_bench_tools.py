@@ -1,0 +1,196 @@
+"""The benchmark helpers (bench/machine.py, bench/report.py's table) on synthetic timings: no
+timed code runs here."""
+
+import argparse
+import builtins
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import cases  # noqa: E402
+import machine  # noqa: E402
+import report  # noqa: E402
+
+
+# ---- --floor-rates ---------------------------------------------------------------------------
+
+
+def test_parse_floor_rates():
+    rates = machine.parse_floor_rates(" 36 , 184 ")
+    assert (rates.copy_bytes_per_s, rates.matmul_flops_per_s, rates.source) == (36e9, 184e9, "given")
+    assert "36.0 GB/s" in rates.describe() and "184.0 GFLOP/s" in rates.describe() and "given" in rates.describe()
+
+
+@pytest.mark.parametrize("text", ["36", "36,184,1", "a,184", "0,184", "36,-1", "inf,184", "nan,184", ""])
+def test_parse_floor_rates_rejects(text):
+    with pytest.raises(ValueError, match="floor-rates"):
+        machine.parse_floor_rates(text)
+
+
+def test_floor_rates_option(capsys):
+    parser = argparse.ArgumentParser()
+    machine.add_floor_rates_option(parser)
+    assert parser.parse_args([]).floor_rates is None
+    assert parser.parse_args(["--floor-rates", "36,184"]).floor_rates.matmul_flops_per_s == 184e9
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--floor-rates", "fast"])
+    assert "GBPS,GFLOPS" in capsys.readouterr().err
+
+
+def test_given_rates_are_not_measured(monkeypatch):
+    def fail():
+        raise AssertionError("measured although rates were given")
+
+    monkeypatch.setattr(machine, "measure_copy_bandwidth", fail)
+    monkeypatch.setattr(machine, "measure_matmul_rate", fail)
+    given = machine.parse_floor_rates("10,100")
+    assert machine.floor_rates(given, threads=2) is given
+
+
+def test_floor_uses_the_rates():
+    # 16->16@112, batch 1: 32 channels x 12544 pixels x 4 bytes; 2 * 12544 * (16*8 + 8*9) FLOPs
+    bytes_moved, flops = 32 * 12544 * 4, 2 * 12544 * (16 * 8 + 8 * 9)
+    assert cases.floor_ms(16, 16, 112, 1) == pytest.approx(max(bytes_moved / 36e9, flops / 184e9) * 1e3)
+    assert cases.floor_ms(16, 16, 112, 1, copy_bytes_per_s=1e9, matmul_flops_per_s=1e12) == pytest.approx(bytes_moved / 1e6)
+    assert cases.floor_ms(16, 16, 112, 1, copy_bytes_per_s=1e15, matmul_flops_per_s=1e9) == pytest.approx(flops / 1e6)
+
+
+def test_cpu_model_falls_back(monkeypatch):
+    assert machine.cpu_model()
+    real_open = builtins.open
+
+    def no_proc(path, *args, **kwargs):
+        if str(path) == "/proc/cpuinfo":
+            raise OSError("no /proc here")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", no_proc)
+    monkeypatch.setattr(machine.platform, "processor", lambda: "Test CPU 9000")
+    assert machine.cpu_model() == "Test CPU 9000"
+    assert "Test CPU 9000, 2 threads" in machine.machine_line(2)
+
+
+# ---- spread and the noisy flag ------------------------------------------------------------
+
+
+def test_spread():
+    assert machine.spread([2.0] * 20) == 0
+    # 1..11: p10 = 2, p90 = 10, median 6
+    assert machine.spread(range(1, 12)) == pytest.approx(8 / 6)
+    assert math.isnan(machine.spread([1.0]))
+    # one outlier among many calls does not make a row noisy; a tenth of slow calls does
+    assert machine.spread([1.0] * 99 + [50.0]) == 0
+    assert machine.spread([1.0] * 80 + [2.0] * 20) == pytest.approx(1.0)
+
+
+def test_row_spread_and_flag():
+    steady = {"eager": [1.0, 1.01, 0.99] * 5, "fused": [0.1] * 15}
+    disturbed = dict(steady, fused=[0.1] * 10 + [0.2] * 5)
+    assert machine.row_spread(steady) < 0.05
+    assert not machine.is_noisy(machine.row_spread(steady), 0.2)
+    assert machine.row_spread(disturbed) == pytest.approx(1.0)
+    assert machine.is_noisy(machine.row_spread(disturbed), 0.2)
+    assert not machine.is_noisy(machine.row_spread(disturbed), 2.0)
+
+
+def test_timed_row_keeps_the_samples(monkeypatch):
+    synthetic = {"eager": [1.0] * 10, "reference": [0.5] * 10, "fused": [0.1] * 8 + [0.3] * 2}
+    monkeypatch.setattr(report, "times_ms", lambda fn: fn())
+    fns = {name: (lambda t=t: t) for name, t in synthetic.items()}
+    row = report.timed_row("16->16@112", 1, 0.05, fns, noise=0.2)
+    assert row["samples"] == synthetic
+    assert (row["eager"], row["reference"], row["fused"]) == (1.0, 0.5, 0.1)
+    assert row["noisy"] and row["spread"] == pytest.approx(2.0)
+    assert not report.timed_row("16->16@112", 1, 0.05, fns, noise=5.0)["noisy"]
+
+
+def test_repeated_medians():
+    # the "7.999 ms" symptom: the fused medians of unrelated shapes within microseconds
+    loaded = [93.993, 78.008, 7.998, 2.883, 0.645, 7.995, 47.993, 31.992, 7.997, 55.741, 39.592, 7.998]
+    value, count, total = machine.repeated_medians(loaded)
+    assert value == pytest.approx(7.9975) and count == 4 and total == 12
+    quiet = [0.792, 0.936, 0.123, 3.190, 2.821, 0.264, 0.481, 0.392, 0.089, 0.851, 0.713, 0.136]
+    assert machine.repeated_medians(quiet) is None
+    # tiny medians may coincide: left out
+    assert machine.repeated_medians([0.012, 0.012, 0.012, 0.5, 0.7]) is None
+
+
+def test_whole_millisecond_medians():
+    loaded = [93.993, 78.008, 7.998, 2.883, 0.645, 7.995, 47.993, 31.992, 7.997, 55.741, 39.592, 7.998]
+    assert machine.whole_millisecond_medians(loaded) == (8, 11)
+    assert machine.whole_millisecond_medians([3.190, 2.821, 1.377, 4.02, 12.5]) is None
+
+
+def test_noise_summary():
+    rows = [dict(noisy=True), dict(noisy=False), dict(noisy=True)]
+    lines = machine.noise_summary(rows, 0.2, [1.234, 2.345, 3.456])
+    assert len(lines) == 1 and "2 of 3 rows" in lines[0] and "quiet machine" in lines[0]
+    lines = machine.noise_summary([dict(noisy=False)] * 4, 0.2, [7.999] * 4)
+    assert "no row above" in lines[0]
+    assert any("4 of 4 medians read the same 7.999 ms" in line for line in lines)
+    assert any("whole millisecond" in line for line in lines)
+
+
+# ---- table and plot ----------------------------------------------------------------------
+
+
+def synthetic_rows():
+    return [
+        dict(shape="16->16@112", batch=1, eager=0.792, reference=0.936, fused=0.123, floor=0.045, spread=0.05, noisy=False),
+        dict(shape="24->72@56", batch=1, eager=0.851, reference=0.713, fused=0.136, floor=0.040, spread=0.61, noisy=True),
+        dict(shape="160->960@7", batch=8, eager=3.0, reference=2.5, fused=1.0, floor=float("nan"), spread=0.1, noisy=False),
+    ]
+
+
+def test_table_format():
+    steady, noisy, _ = synthetic_rows()
+    header = report.format_header(report.FORWARD_COLUMNS)
+    line = report.format_row(steady, report.FORWARD_COLUMNS)
+    assert header.split() == ["shape", "batch", "eager", "reference", "fused", "floor", "speedup", "x", "floor", "spread"]
+    assert line.split() == ["16->16@112", "1", "0.792", "0.936", "0.123", "0.045", "6.44x", "2.7x", "5%"]
+    assert len(line) == len(header)  # columns line up
+    noisy_line = report.format_row(noisy, report.FORWARD_COLUMNS)
+    assert noisy_line.endswith("  noisy") and noisy_line.split()[-2] == "61%"
+    assert len(noisy_line) == len(header) + len("  noisy")
+    backward = report.format_row(dict(steady, floor=float("nan")), report.BACKWARD_COLUMNS)
+    assert backward.split()[2:5] == ["0.936", "0.123", "nan"]
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = machine.plot_rows(synthetic_rows(), str(tmp_path / "report.png"), "eager", title="synthetic")
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # backward tables have no floor: one panel
+    rows = [dict(r, floor=float("nan")) for r in synthetic_rows()]
+    assert machine.plot_rows(rows, str(tmp_path / "backward.png"), "reference")
+
+
+def block_matplotlib(monkeypatch):
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+
+
+def test_missing_matplotlib_message(monkeypatch):
+    block_matplotlib(monkeypatch)
+    with pytest.raises(SystemExit) as error:
+        machine.plot_rows(synthetic_rows(), "unused.png", "eager")
+    assert "pip install matplotlib" in str(error.value) and "ghostkernels[bench]" in str(error.value)
+
+
+def test_report_plot_fails_before_timing(monkeypatch, tmp_path):
+    block_matplotlib(monkeypatch)
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("timed before checking for matplotlib")
+
+    monkeypatch.setattr(report, "floor_rates", no_timing)
+    monkeypatch.setattr(report, "forward_rows", no_timing)
+    monkeypatch.setattr(sys, "argv", ["report.py", "--quick", "--plot", str(tmp_path / "x.png")])
+    with pytest.raises(SystemExit, match="pip install matplotlib"):
+        report.main()
