@@ -62,7 +62,8 @@ at::Tensor direct_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   const bool fast = x.is_contiguous() && group_inputs <= kMaxGroupInputs &&
                     (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) &&
                     weight.scalar_type() == x.scalar_type() && (!bias.has_value() || bias->scalar_type() == x.scalar_type());
-  if (!fast) return at::conv2d(x, weight, bias, {stride, stride}, {k / 2, k / 2}, {1, 1}, groups);
+  // NCHW-contiguous like every other path and the fake kernel (torch.compile trusts its strides).
+  if (!fast) return at::conv2d(x, weight, bias, {stride, stride}, {k / 2, k / 2}, {1, 1}, groups).contiguous();
   const int64_t batch = x.size(0), channels = x.size(1), height = x.size(2), width = x.size(3);
   const int64_t out_channels = weight.size(0);
   // 'same' padding: ceil(H / stride) rows

@@ -9,6 +9,7 @@ from .ops import ghost_module
 from .reference import ghost_module_reference
 
 load_cpu_extension()  # after ops and direct_conv: the library registers kernels for the ops they define
+from . import onnx_export  # noqa: E402  (ONNX export of every op: onnx_export.py)
 
 __all__ = [
     "AccelerationSummary", "GhostModule", "ParamsFlops", "GhostModuleV2", "accelerate", "backends", "count_params_flops", "empty_cache",

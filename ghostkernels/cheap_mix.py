@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _backends
-from .ops import _warn_fallback
+from .ops import _warn_fallback, onnx_exporting
 from .reference import output_memory_format
 
 _lib = torch.library.Library("ghostkernels", "FRAGMENT")
@@ -127,6 +127,8 @@ def cheap_mix(x, weight, bias, mix, *, channel_offset=0, out=None):
     x, weight, bias and mix.
     """
     check_args(x, weight, bias, mix, channel_offset, out)
+    if out is None and onnx_exporting():
+        return cheap_mix_reference(x, weight, bias, mix, channel_offset)
     if out is None:
         return torch.ops.ghostkernels.cheap_mix(x, weight, bias, mix, channel_offset)
     torch.ops.ghostkernels.cheap_mix_into(x, weight, bias, mix, channel_offset, out)

@@ -110,7 +110,7 @@ def fold_conv_bn(conv, bn):
 
 
 class GhostModule(nn.Module):
-    """GhostNet's Ghost module (SPEC section 1) with the original attribute and state-dict names.
+    """GhostNet's Ghost module (docs/math.md section 1) with the original attribute and state-dict names.
 
     Training mode runs the original ops (batch-statistics BN, running-stat updates). Eval mode
     folds both BNs into the convs and runs the fused op; the folded weights are cached and

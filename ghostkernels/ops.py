@@ -333,7 +333,7 @@ torch.library.register_autograd("ghostkernels::ghost_module_gated", _gated_backw
 def ghost_module(
     x, primary_weight, primary_bias, cheap_weight, cheap_bias, *, out_channels, stride=1, activation="relu", gate=None
 ):
-    """The fused Ghost module on folded weights (SPEC section 1).
+    """The fused Ghost module on folded weights (docs/math.md section 4, docs/op-contract.md section 1).
 
     x: (N, inp, H, W), NCHW or channels_last; primary_weight: (init, inp, k, k) with odd k;
     cheap_weight: (init * (ratio - 1), 1, d, d) with odd d; biases of init and
@@ -361,9 +361,40 @@ def apply(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channel
     return call(op, *args)
 
 
+def _onnx_export_flag():
+    """torch.onnx.is_in_onnx_export without its two imports per call (1.3 us, as much as a
+    small op's kernel): both exporters' flags read directly where this torch keeps them, the
+    public function otherwise."""
+    try:
+        from torch.onnx._internal.exporter import _flags
+        try:
+            from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+        except ImportError:  # torch < 2.9
+            from torch.onnx._globals import GLOBALS
+    except ImportError:
+        return torch.onnx.is_in_onnx_export
+    if not hasattr(_flags, "_is_onnx_exporting") or not hasattr(GLOBALS, "in_onnx_export"):
+        return torch.onnx.is_in_onnx_export
+    return lambda: GLOBALS.in_onnx_export or _flags._is_onnx_exporting
+
+
+_onnx_export_flag_reader = _onnx_export_flag()
+
+
+def onnx_exporting():
+    """Whether torch.onnx.export is tracing eagerly (dynamo=False): the ops then run their ATen
+    compositions (onnx_export.py). Never under torch.compile / torch.export, which cannot trace
+    the flag: there (dynamo=True) the ops stay ops and onnx_export.py's decompositions take them
+    apart."""
+    return not torch.compiler.is_compiling() and _onnx_export_flag_reader()
+
+
 def call(op, *args):
     """op(*args), skipping the Python autograd kernel (several microseconds a call) when no
-    graph is recorded."""
+    graph is recorded. During an ONNX export, op's ATen composition (onnx_export.py)."""
+    if onnx_exporting():
+        from .onnx_export import composed
+        return composed(op, *args)
     if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
         with torch._C._AutoDispatchBelowAutograd():
             return op(*args)

@@ -24,6 +24,7 @@ def test_depthwise_matches_conv2d(k, stride, channels_last, bias, size):
     b = torch.randn(5, dtype=torch.float64) if bias else None
     out = torch.ops.ghostkernels.direct_conv2d(x, weight, b, stride)
     torch.testing.assert_close(out, F.conv2d(x, weight, b, stride, k // 2, groups=5), rtol=1e-12, atol=1e-12)
+    assert out.is_contiguous()  # as the fake kernel promises, channels_last input too
 
 
 # (in, out, groups): the stem (3 -> 16), a grouped conv, one past the kernel's 4 inputs per group

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..cheap_mix import cheap_mix
 from ..modules import fold_conv_bn
+from ..ops import onnx_exporting
 
 
 class Bottleneck(nn.Module):
@@ -137,9 +138,9 @@ class GGhostStage(Stage):
         for block in self.layers[:-1]:
             raw = block(raw)
             pooled.append(raw.mean((2, 3)))
-        # Under torch.compile the functional ops (out= into a slice does not trace); Inductor
-        # plans the concatenation's buffer itself.
-        compiling = torch.compiler.is_compiling()
+        # Under torch.compile and ONNX export the functional ops (out= into a slice does not
+        # trace); Inductor plans the concatenation's buffer itself.
+        compiling = torch.compiler.is_compiling() or onnx_exporting()
         if compiling:
             last = self.layers[-1](raw)
         else:

@@ -1,0 +1,195 @@
+"""ONNX export of models that use ghostkernels: every op as standard ONNX ops.
+
+The fused ops are custom `torch.library` ops, which no ONNX exporter knows. While
+`torch.onnx.export` runs (`torch.onnx.is_in_onnx_export()`, set by the TorchScript exporter
+(`dynamo=False`) and by the torch.export-based one (`dynamo=True`)), the library's entry points
+(`ops.call`, hence every module forward and the functional `ghost_module` / `cheap_mix`) run
+each op's ATen composition instead of the op: the exported graph holds Conv, Relu, Concat,
+Slice, Sigmoid, Resize, Mul, Add, ReduceMean, HardSigmoid... and nothing of ghostkernels.
+Nothing to pass: `import ghostkernels` is enough.
+
+A model that calls `torch.ops.ghostkernels.<op>` itself (not through the library) is covered
+too: for `dynamo=False` a TorchScript symbolic function per op (opset >= 11: Conv, Relu,
+Concat, Slice, Sigmoid, Resize, Mul, Add, Reshape, GlobalAveragePool, HardSigmoid), and for
+`dynamo=True` each op's composition registered as a decomposition in
+`torch._decomp.decomposition_table`, which that exporter applies before translating.
+`cheap_mix_into` (in place, into a slice) has neither: the library never calls it while
+exporting (GGhostStage then takes the functional path, as under torch.compile).
+"""
+
+import torch
+
+from . import cheap_mix as _cheap_mix
+from . import direct_conv, modules, ops, squeeze_excite
+from .reference import ghost_module_gated_reference, ghost_module_reference, output_memory_format
+
+__all__ = ["COMPOSITIONS", "composed", "exporting"]
+
+
+exporting = ops.onnx_exporting  # whether an ONNX export (either exporter) is tracing the model
+
+
+def _ghost_module(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation):
+    return ghost_module_reference(x, primary_weight, primary_bias, cheap_weight, cheap_bias,
+                                  out_channels=out_channels, stride=stride, activation=activation)
+
+
+def _ghost_module_gated(x, primary_weight, primary_bias, cheap_weight, cheap_bias, gate, out_channels, stride,
+                        activation):
+    return ghost_module_gated_reference(x, primary_weight, primary_bias, cheap_weight, cheap_bias, gate,
+                                        out_channels=out_channels, stride=stride, activation=activation)
+
+
+def _ghost_module_depthwise(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride,
+                            activation, depthwise_weight, depthwise_bias, depthwise_stride):
+    ghost = _ghost_module(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation)
+    return direct_conv._fallback(ghost, depthwise_weight, depthwise_bias, depthwise_stride)
+
+
+def _ghost_module_scaled(x, scale, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride,
+                         activation):
+    return _ghost_module(x * scale, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride,
+                         activation)
+
+
+# op name -> its ATen composition (same arguments as the op's schema).
+COMPOSITIONS = {
+    "ghost_module": _ghost_module,
+    "ghost_module_gated": _ghost_module_gated,
+    "ghost_module_depthwise": _ghost_module_depthwise,
+    "ghost_module_scaled": _ghost_module_scaled,
+    "squeeze_excite_gate": squeeze_excite._gate_composed,
+    "direct_conv2d": direct_conv._fallback,
+    "pointwise_conv2d": modules._pointwise_composed,
+    "cheap_mix": _cheap_mix.cheap_mix_reference,
+}
+
+
+def composed(op, *args):
+    """op(*args) as its ATen composition (op: a torch.ops.ghostkernels OpOverload or packet)."""
+    return COMPOSITIONS[op.__name__.split(".")[0]](*args)
+
+
+# -- dynamo=True: the compositions as decompositions -------------------------------------
+#
+# torch.onnx.export(dynamo=True) runs torch.export, then ExportedProgram.run_decompositions
+# with torch.export's default table plus torch._decomp.decomposition_table (for the ops the
+# ONNX registry lacks), then translates. Registered there, each op becomes its composition
+# before translation. Outside an export the table is read by the fake-tensor propagation of
+# dynamic shapes (torch.compile, torch.export), which then takes the composition's shape
+# rather than the fake kernel's (the same; the output's memory format is made the fake
+# kernel's too), and by whoever passes the whole table to make_fx (the composition computes
+# the op). Inductor and torch.export.default_decompositions() have tables of their own.
+
+def _decomposition(name):
+    composition = COMPOSITIONS[name]
+    keeps_format = name not in ("direct_conv2d", "pointwise_conv2d", "squeeze_excite_gate")
+
+    def decomposition(*args, **kwargs):
+        out = composition(*args, **kwargs)
+        fmt = output_memory_format(args[0]) if keeps_format else torch.contiguous_format
+        return out.contiguous(memory_format=fmt)
+
+    decomposition.__name__ = f"ghostkernels_{name}_decomposition"
+    return decomposition
+
+
+for _name in COMPOSITIONS:
+    torch._decomp.decomposition_table[getattr(torch.ops.ghostkernels, _name).default] = _decomposition(_name)
+
+
+# -- dynamo=False: TorchScript symbolic functions ----------------------------------------
+#
+# Only a model that calls torch.ops.ghostkernels.* itself reaches these: the library's own
+# modules and functions already run the compositions while exporting.
+
+SYMBOLIC_OPSET = 11  # Resize with coordinate_transformation_mode, Slice with inputs
+
+
+def _size(value, dim, what):
+    """value's static size in dim (weights, and x's channels: batch and spatial sizes may be dynamic)."""
+    from torch.onnx import symbolic_helper
+    sizes = symbolic_helper._get_tensor_sizes(value)
+    if sizes is None or sizes[dim] is None:
+        raise RuntimeError(f"ghostkernels ONNX export (dynamo=False): dimension {dim} of {what} must be static")
+    return sizes[dim]
+
+
+def _const(g, values, dtype=torch.int64):
+    return g.op("Constant", value_t=torch.tensor(values, dtype=dtype))
+
+
+def _conv(g, x, weight, bias, stride, groups):
+    from torch.onnx import symbolic_helper
+    k = _size(weight, -1, "a weight")
+    inputs = [x, weight] if symbolic_helper._is_none(bias) else [x, weight, bias]
+    return g.op("Conv", *inputs, strides_i=[stride, stride], pads_i=[k // 2] * 4, dilations_i=[1, 1],
+                group_i=groups, kernel_shape_i=[k, k])
+
+
+def _act(g, x, activation):
+    return g.op("Relu", x) if activation == "relu" else x
+
+
+def _ghost(g, x, w1, b1, w2, b2, out_channels, stride, activation):
+    init, ghosts = _size(w1, 0, "primary_weight"), _size(w2, 0, "cheap_weight")
+    x1 = _act(g, _conv(g, x, w1, b1, stride, 1), activation)
+    x2 = _act(g, _conv(g, x1, w2, b2, 1, init), activation)
+    out = g.op("Concat", x1, x2, axis_i=1)
+    if out_channels < init + ghosts:
+        out = g.op("Slice", out, _const(g, [0]), _const(g, [out_channels]), _const(g, [1]))
+    return out
+
+
+def _symbolics():
+    from torch.onnx import symbolic_helper as h
+
+    @h.parse_args("v", "v", "v", "v", "v", "i", "i", "s")
+    def ghost_module(g, x, w1, b1, w2, b2, out_channels, stride, activation):
+        return _ghost(g, x, w1, b1, w2, b2, out_channels, stride, activation)
+
+    @h.parse_args("v", "v", "v", "v", "v", "v", "i", "i", "s")
+    def ghost_module_gated(g, x, w1, b1, w2, b2, gate, out_channels, stride, activation):
+        out = _ghost(g, x, w1, b1, w2, b2, out_channels, stride, activation)
+        empty = _const(g, [], torch.float32)
+        # PyTorch's 'nearest': source index floor(dst * in / out).
+        up = g.op("Resize", g.op("Sigmoid", gate), empty, empty, g.op("Shape", out), mode_s="nearest",
+                  coordinate_transformation_mode_s="asymmetric", nearest_mode_s="floor")
+        return g.op("Mul", out, up)
+
+    @h.parse_args("v", "v", "v", "v", "v", "i", "i", "s", "v", "v", "i")
+    def ghost_module_depthwise(g, x, w1, b1, w2, b2, out_channels, stride, activation, dw, db, dw_stride):
+        out = _ghost(g, x, w1, b1, w2, b2, out_channels, stride, activation)
+        return _conv(g, out, dw, db, dw_stride, out_channels // _size(dw, 1, "depthwise_weight"))
+
+    @h.parse_args("v", "v", "v", "v", "v", "v", "i", "i", "s")
+    def ghost_module_scaled(g, x, scale, w1, b1, w2, b2, out_channels, stride, activation):
+        return _ghost(g, g.op("Mul", x, scale), w1, b1, w2, b2, out_channels, stride, activation)
+
+    @h.parse_args("v", "v", "v", "v", "v")
+    def squeeze_excite_gate(g, x, rw, rb, ew, eb):
+        hidden = g.op("Relu", _conv(g, g.op("GlobalAveragePool", x), rw, rb, 1, 1))
+        return g.op("HardSigmoid", _conv(g, hidden, ew, eb, 1, 1), alpha_f=1.0 / 6, beta_f=0.5)
+
+    @h.parse_args("v", "v", "v", "i")
+    def direct_conv2d(g, x, weight, bias, stride):
+        return _conv(g, x, weight, bias, stride, _size(x, 1, "x") // _size(weight, 1, "weight"))
+
+    @h.parse_args("v", "v", "v")
+    def pointwise_conv2d(g, x, weight, bias):
+        return _conv(g, x, weight, bias, 1, 1)
+
+    @h.parse_args("v", "v", "v", "v", "i")
+    def cheap_mix(g, x, weight, bias, mix, channel_offset):
+        cin = _size(weight, 1, "weight")
+        xs = g.op("Slice", x, _const(g, [channel_offset]), _const(g, [channel_offset + cin]), _const(g, [1]))
+        mix = g.op("Reshape", mix, _const(g, [0, -1, 1, 1]))
+        return g.op("Relu", g.op("Add", _conv(g, xs, weight, bias, 1, 1), mix))
+
+    return {f.__name__: f for f in (ghost_module, ghost_module_gated, ghost_module_depthwise, ghost_module_scaled,
+                                    squeeze_excite_gate, direct_conv2d, pointwise_conv2d, cheap_mix)}
+
+
+SYMBOLICS = _symbolics()
+for _name, _symbolic in SYMBOLICS.items():
+    torch.onnx.register_custom_op_symbolic(f"ghostkernels::{_name}", _symbolic, SYMBOLIC_OPSET)
