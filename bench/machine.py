@@ -10,7 +10,6 @@
 Shared by bench/report.py, bench/e2e.py and bench/conftest.py (pytest-benchmark).
 """
 
-import collections
 import platform
 import statistics
 import time
