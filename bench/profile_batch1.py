@@ -1,0 +1,267 @@
+"""Where the batch-1 latency of accelerate(ghostnet_100(fused=False)) goes, on the CPU.
+
+    OPENBLAS_NUM_THREADS=1 python bench/profile_batch1.py [--threads 2] [--iters 50] [--no-openvino]
+
+1. Per-module breakdown: forward pre/post hooks (time.perf_counter) on the outermost fused or
+   leaf modules of the accelerated model, median per module over --iters hooked forwards
+   (alternated with plain ones), grouped by kind. The hooks' own cost (the in-hook time of an nn.Identity, measured the same way)
+   is subtracted per call; "Python between modules" = median forward without hooks - the sum.
+   Each module is also timed alone on the input it got in the model (captured and cloned), so
+   in-model / isolated shows what cold caches and the surrounding model cost.
+2. torch.profiler's self-CPU table for the same forward (top 25 ops).
+3. When openvino is installed: the ORIGINAL model exported to ONNX (dynamo), OpenVINO's per-layer
+   profile grouped by layer type (f32 hint), and its latencies (f32, default) interleaved with
+   the accelerated model's.
+All under torch.inference_mode(), batch 1, 224x224, float32.
+"""
+
+import argparse
+import collections
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ghostkernels  # noqa: E402
+from ghostkernels import models  # noqa: E402
+from ghostkernels.direct_conv import DirectConv2d  # noqa: E402
+from ghostkernels.ghost_depthwise import GhostDepthwise  # noqa: E402
+from ghostkernels.modules import GhostModule, PointwiseConv2d  # noqa: E402
+from ghostkernels.squeeze_excite import SqueezeExciteGhost  # noqa: E402
+from machine import machine_line  # noqa: E402
+
+LEAF_TYPES = (GhostModule, GhostDepthwise, SqueezeExciteGhost, DirectConv2d, PointwiseConv2d, nn.Linear,
+              nn.ReLU, nn.AdaptiveAvgPool2d, nn.Identity, nn.Sequential)
+
+
+def group_of(name, module):
+    """The breakdown group of a hooked module."""
+    if isinstance(module, (GhostModule, GhostDepthwise, SqueezeExciteGhost)):
+        return type(module).__name__
+    if isinstance(module, DirectConv2d):
+        return "DirectConv2d stem" if name == "conv_stem" else "DirectConv2d depthwise (shortcut)"
+    if isinstance(module, PointwiseConv2d):
+        return "PointwiseConv2d head" if name in ("conv_head", "blocks.9.0.conv") else "PointwiseConv2d shortcut"
+    if isinstance(module, nn.Linear):
+        return "classifier (Linear)"
+    return "ReLU / pool / Identity / empty Sequential"
+
+
+def leaf_modules(model):
+    """(name, module) of the outermost LEAF_TYPES modules (a Sequential only when empty)."""
+    found = []
+    for name, module in model.named_modules():
+        if not isinstance(module, LEAF_TYPES) or (isinstance(module, nn.Sequential) and len(module)):
+            continue
+        if any(name.startswith(prefix + ".") for prefix, _ in found):
+            continue
+        found.append((name, module))
+    return found
+
+
+def median_ms(fn, reps):
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def hook_bias_ms(reps=2000):
+    """In-hook time of an nn.Identity: what the hooks add to every hooked call."""
+    ident, state, times = nn.Identity(), {}, []
+    ident.register_forward_pre_hook(lambda m, a: state.__setitem__("t", time.perf_counter()))
+    ident.register_forward_hook(lambda m, a, o: times.append(time.perf_counter() - state["t"]))
+    x = torch.zeros(1)
+    for _ in range(reps):
+        ident(x)
+    return statistics.median(times) * 1e3
+
+
+def breakdown(model, x, iters):
+    leaves = leaf_modules(model)
+    per_call = collections.defaultdict(list)  # name -> [ms per forward]
+    inputs, state = {}, {}
+
+    def pre(name):
+        def hook(module, args):
+            if name not in inputs:
+                inputs[name] = tuple(a.clone() for a in args)
+            state[name] = time.perf_counter()
+        return hook
+
+    def post(name):
+        def hook(module, args, out):
+            per_call[name].append((time.perf_counter() - state[name]) * 1e3)
+        return hook
+
+    def hooked():
+        handles = [h for name, module in leaves
+                   for h in (module.register_forward_pre_hook(pre(name)), module.register_forward_hook(post(name)))]
+        t0 = time.perf_counter()
+        model(x)
+        elapsed = time.perf_counter() - t0
+        for h in handles:
+            h.remove()
+        return elapsed
+
+    hooked()  # captures the inputs
+    per_call.clear()
+    plain, with_hooks = [], []
+    for _ in range(iters):  # alternated, so that both see the machine in the same state
+        plain.append(median_ms(lambda: model(x), 1))
+        with_hooks.append(hooked() * 1e3)
+    total, hooked_total = statistics.median(plain), statistics.median(with_hooks)
+    bias = hook_bias_ms()
+    rows, top = collections.OrderedDict(), []
+    for name, module in leaves:
+        if name not in per_call:
+            continue  # not called (e.g. replaced by a fused parent's kernel)
+        calls = len(per_call[name]) // iters
+        in_model = statistics.median(per_call[name]) * calls - bias * calls
+        mod_inputs = inputs[name]
+        median_ms(lambda: module(*mod_inputs), 5)  # warm-up
+        isolated = median_ms(lambda: module(*mod_inputs), 100)
+        top.append((in_model, isolated * calls, name, tuple(mod_inputs[0].shape)))
+        g = rows.setdefault(group_of(name, module), [0, 0.0, 0.0])
+        g[0] += calls
+        g[1] += in_model
+        g[2] += isolated * calls
+    return total, hooked_total, bias, rows, sorted(top, reverse=True)
+
+
+def residual_add_ms(model, x):
+    """The in-place residual adds of the GhostBottlenecks (inside their forward, not a module)."""
+    shapes = []
+    hooks = [m.register_forward_hook(lambda m, a, o: shapes.append(o.shape)) for m in model.modules()
+             if type(m).__name__ == "GhostBottleneck"]
+    model(x)
+    for h in hooks:
+        h.remove()
+    total = 0.0
+    for shape in shapes:
+        a, b = torch.randn(shape), torch.randn(shape)
+        total += median_ms(lambda: a.add_(b), 200)
+    return len(shapes), total
+
+
+def python_costs(model, x):
+    """Per-forward Python costs found inside the fused modules' forward: the folded-weight cache
+    check (GhostModule.folded_weights, once per fused Ghost op) and the calls of empty modules."""
+    ghosts = [m for m in model.modules() if isinstance(m, GhostModule)]
+    fold = sum(median_ms(m.folded_weights, 200) for m in ghosts)
+    empties = [m for m in model.modules() if isinstance(m, nn.Identity) or (type(m) is nn.Sequential and not len(m))]
+    empty = sum(median_ms(lambda m=m: m(x), 200) for m in empties)
+    return [(f"folded_weights() cache check, {len(ghosts)} Ghost modules", fold),
+            (f"calls of {len(empties)} empty Identity / Sequential modules", empty)]
+
+
+def print_breakdown(total, hooked_total, bias, rows, top, residual, costs):
+    summed = sum(r[1] for r in rows.values())
+    print(f"forward median {total:.3f} ms without hooks, {hooked_total:.3f} ms with hooks; "
+          f"hook overhead {bias * 1e3:.1f} us per hooked call (subtracted)")
+    print(f"{'group':<40}{'calls':>6}{'in-model ms':>13}{'% total':>9}{'isolated ms':>13}{'ratio':>7}")
+    for group, (calls, in_model, isolated) in sorted(rows.items(), key=lambda kv: -kv[1][1]):
+        print(f"{group:<40}{calls:6d}{in_model:13.3f}{in_model / total:9.1%}{isolated:13.3f}"
+              f"{in_model / isolated:7.2f}")
+    between = total - summed
+    print(f"{'Python between modules (total - sum)':<40}{'':6}{between:13.3f}{between / total:9.1%}")
+    print(f"{'  of which residual adds (isolated)':<40}{residual[0]:6d}{'':13}{'':9}{residual[1]:13.3f}")
+    iso = sum(r[2] for r in rows.values())
+    print(f"{'sum of modules':<40}{'':6}{summed:13.3f}{summed / total:9.1%}{iso:13.3f}{summed / iso:7.2f}")
+    print("\nPython costs per forward, isolated (already inside the rows above):")
+    for label, ms in costs:
+        print(f"  {label:<56}{ms:7.3f} ms")
+    print("\ntop 12 modules, in-model ms (isolated ms), input shape:")
+    for in_model, isolated, name, shape in top[:12]:
+        print(f"  {name:<28}{in_model:7.3f} ({isolated:.3f})  {shape}")
+
+
+def print_profiler(model, x, iters):
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(iters):
+            model(x)
+    print(f"\ntorch.profiler, {iters} forwards (times are totals over all of them)")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
+def print_openvino(eager, model, x, iters, threads):
+    try:
+        import openvino as ov
+    except ImportError:
+        print("\nOpenVINO: not installed, skipped")
+        return
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"ghostnet-{os.getpid()}.onnx")
+    torch.onnx.export(eager, (x,), path, dynamo=True)
+    core, feed = ov.Core(), x.numpy()
+    configs = {"OpenVINO f32 hint + PERF_COUNT": {"PERF_COUNT": "YES", "INFERENCE_PRECISION_HINT": "f32"},
+               "OpenVINO f32 hint": {"INFERENCE_PRECISION_HINT": "f32"},
+               "OpenVINO default (no hint)": {}}
+    compiled = {label: core.compile_model(core.read_model(path), "CPU", {**config, "INFERENCE_NUM_THREADS": threads})
+                for label, config in configs.items()}
+    os.remove(path)
+    requests = {label: c.create_infer_request() for label, c in compiled.items()}
+    fns = {label: (lambda r=r: r.infer([feed])) for label, r in requests.items()}
+    with torch.inference_mode():
+        fns["ghostkernels accelerated"] = lambda: model(x)
+        times = collections.defaultdict(list)
+        for _ in range(5):  # interleaved rounds: the machine's speed drifts
+            for label, fn in fns.items():
+                median_ms(fn, 10)
+                times[label].append(median_ms(fn, iters))
+    print(f"\nOpenVINO {ov.__version__}, {threads} threads, interleaved (5 rounds x {iters}), median of round medians:")
+    for label, t in times.items():
+        precision = (compiled[label].get_property("INFERENCE_PRECISION_HINT").get_type_name()
+                     if label in compiled else "f32")
+        print(f"  {label:<32}{statistics.median(t):8.3f} ms  (min {min(t):.3f}; precision {precision})")
+    by_type = collections.defaultdict(lambda: [0, 0.0])
+    for info in requests["OpenVINO f32 hint + PERF_COUNT"].get_profiling_info():
+        if info.status.name == "EXECUTED":
+            by_type[(info.node_type, info.exec_type)][0] += 1
+            by_type[(info.node_type, info.exec_type)][1] += info.real_time.total_seconds() * 1e3
+    total = sum(v[1] for v in by_type.values())
+    print(f"per-layer profile of the last f32 inference, by type (sum {total:.3f} ms)")
+    print(f"{'layer type':<22}{'exec type':<34}{'layers':>7}{'ms':>9}{'%':>7}")
+    for (node, exec_type), (count, ms) in sorted(by_type.items(), key=lambda kv: -kv[1][1]):
+        print(f"{node:<22}{exec_type:<34}{count:7d}{ms:9.3f}{ms / total:7.1%}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--no-openvino", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    eager = models.ghostnet_100(fused=False).eval()
+    model = ghostkernels.accelerate(eager)
+    x = torch.randn(1, 3, 224, 224)
+    print(f"ghostkernels {ghostkernels.__version__}, torch {torch.__version__}, "
+          f"accelerate(ghostnet_100(fused=False)), batch 1, 224x224, float32, inference_mode, "
+          f"OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}")
+    flags = open("/proc/cpuinfo").read().split()
+    print(machine_line(args.threads) + "; ISA: " + " ".join(
+        f for f in ("avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags))
+    print(f"command: OPENBLAS_NUM_THREADS=1 python bench/profile_batch1.py {' '.join(sys.argv[1:])}".rstrip())
+    print()
+    with torch.inference_mode():
+        for _ in range(20):
+            model(x)
+        total, hooked_total, bias, rows, top = breakdown(model, x, args.iters)
+        print_breakdown(total, hooked_total, bias, rows, top, residual_add_ms(model, x), python_costs(model, x))
+        print_profiler(model, x, args.iters)
+    if not args.no_openvino:
+        print_openvino(eager, model, x, args.iters, args.threads)
+
+
+if __name__ == "__main__":
+    main()
