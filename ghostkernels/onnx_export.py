@@ -1,18 +1,18 @@
 """ONNX export of models that use ghostkernels: every op as standard ONNX ops.
 
-The fused ops are custom `torch.library` ops, which no ONNX exporter knows. While
-`torch.onnx.export` runs (`torch.onnx.is_in_onnx_export()`, set by the TorchScript exporter
-(`dynamo=False`) and by the torch.export-based one (`dynamo=True`)), the library's entry points
-(`ops.call`, hence every module forward and the functional `ghost_module` / `cheap_mix`) run
-each op's ATen composition instead of the op: the exported graph holds Conv, Relu, Concat,
-Slice, Sigmoid, Resize, Mul, Add, ReduceMean, HardSigmoid... and nothing of ghostkernels.
-Nothing to pass: `import ghostkernels` is enough.
+The fused ops are custom `torch.library` ops, which no ONNX exporter knows; the exported graph
+must hold Conv, Relu, Concat, Slice, Sigmoid, Resize, Mul, Add, ReduceMean, HardSigmoid... and
+nothing of ghostkernels. Nothing to pass: `import ghostkernels` is enough.
 
-A model that calls `torch.ops.ghostkernels.<op>` itself (not through the library) is covered
-too: for `dynamo=False` a TorchScript symbolic function per op (opset >= 11: Conv, Relu,
-Concat, Slice, Sigmoid, Resize, Mul, Add, Reshape, GlobalAveragePool, HardSigmoid), and for
-`dynamo=True` each op's composition registered as a decomposition in
-`torch._decomp.decomposition_table`, which that exporter applies before translating.
+- `dynamo=False` (TorchScript tracing, eager): while `torch.onnx.is_in_onnx_export()`, the
+  library's entry points (`ops.call`, hence every module forward and the functional
+  `ghost_module` / `cheap_mix`) run each op's ATen composition instead of the op
+  (`ops.onnx_exporting`). A model that calls `torch.ops.ghostkernels.<op>` itself gets a
+  TorchScript symbolic function per op (opset >= 11).
+- `dynamo=True` (torch.export, where that flag cannot be traced): the ops stay ops in the
+  captured graph, and each op's composition, registered as a decomposition in
+  `torch._decomp.decomposition_table`, replaces it before translation.
+
 `cheap_mix_into` (in place, into a slice) has neither: the library never calls it while
 exporting (GGhostStage then takes the functional path, as under torch.compile).
 """
@@ -20,13 +20,10 @@ exporting (GGhostStage then takes the functional path, as under torch.compile).
 import torch
 
 from . import cheap_mix as _cheap_mix
-from . import direct_conv, modules, ops, squeeze_excite
+from . import direct_conv, modules, squeeze_excite
 from .reference import ghost_module_gated_reference, ghost_module_reference, output_memory_format
 
-__all__ = ["COMPOSITIONS", "composed", "exporting"]
-
-
-exporting = ops.onnx_exporting  # whether an ONNX export (either exporter) is tracing the model
+__all__ = ["COMPOSITIONS", "composed"]
 
 
 def _ghost_module(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation):

@@ -276,15 +276,19 @@ def gradients_with_graph(ctx, grad, composed, args):
     return result
 
 
+def _reference_gradients_with_graph(ctx, grad, reference, tensors):
+    """The Ghost op's (or gated op's) gradients through `reference` on the saved `tensors`,
+    differentiable again, plus None for the three config arguments."""
+    out_channels, stride, activation = ctx.config
+    composed = functools.partial(reference, out_channels=out_channels, stride=stride, activation=activation)
+    return tuple(gradients_with_graph(ctx, grad, composed, tensors)) + (None, None, None)
+
+
 def _backward(ctx, grad):
     x, primary_weight, primary_bias, cheap_weight, cheap_bias, out = ctx.saved_tensors
     if torch.is_grad_enabled():  # create_graph=True: see gradients_with_graph
-        out_channels, stride, activation = ctx.config
-        grads = gradients_with_graph(
-            ctx, grad, functools.partial(ghost_module_reference, out_channels=out_channels, stride=stride,
-                                         activation=activation),
-            (x, primary_weight, primary_bias, cheap_weight, cheap_bias))
-        return tuple(grads) + (None, None, None)
+        return _reference_gradients_with_graph(ctx, grad, ghost_module_reference,
+                                               (x, primary_weight, primary_bias, cheap_weight, cheap_bias))
     if out is None:
         out = torch.ops.ghostkernels.ghost_module(x, primary_weight, primary_bias, cheap_weight, cheap_bias,
                                                   *ctx.config)
@@ -305,12 +309,8 @@ def _setup_gated_context(ctx, inputs, output):
 def _gated_backward(ctx, grad):
     x, primary_weight, primary_bias, cheap_weight, cheap_bias, gate = ctx.saved_tensors
     if torch.is_grad_enabled():  # create_graph=True: see gradients_with_graph
-        out_channels, stride, activation = ctx.config
-        grads = gradients_with_graph(
-            ctx, grad, functools.partial(ghost_module_gated_reference, out_channels=out_channels, stride=stride,
-                                         activation=activation),
-            (x, primary_weight, primary_bias, cheap_weight, cheap_bias, gate))
-        return tuple(grads) + (None, None, None)
+        return _reference_gradients_with_graph(ctx, grad, ghost_module_gated_reference,
+                                               (x, primary_weight, primary_bias, cheap_weight, cheap_bias, gate))
     ungated = torch.ops.ghostkernels.ghost_module(x, primary_weight, primary_bias, cheap_weight, cheap_bias,
                                                   *ctx.config)
     size = list(ungated.shape[-2:])
@@ -392,10 +392,12 @@ def onnx_exporting():
 def call(op, *args):
     """op(*args), skipping the Python autograd kernel (several microseconds a call) when no
     graph is recorded. During an ONNX export, op's ATen composition (onnx_export.py)."""
-    if onnx_exporting():
+    if torch.compiler.is_compiling():
+        return op(*args)
+    if _onnx_export_flag_reader():  # onnx_exporting(), is_compiling() already known False
         from .onnx_export import composed
         return composed(op, *args)
-    if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+    if not torch.is_grad_enabled():
         with torch._C._AutoDispatchBelowAutograd():
             return op(*args)
     return op(*args)
