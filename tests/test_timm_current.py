@@ -109,3 +109,20 @@ def test_timm_v1_structure_keys():
     assert round(sum(p.numel() for p in v2.parameters()) / 1e6, 2) == 6.16  # timm's ghostnetv2_100: 6.16M
     # the Huawei V1 model has the same keys (its ConvBnAct's bn1 is a plain BatchNorm2d + act1)
     assert list(huawei_ghostnet("v1").state_dict()) == keys
+
+
+@pytest.mark.parametrize("source, version", MODELS, ids=IDS)
+def test_accelerated_in_training_then_validated(source, version):
+    """accelerate() a training model, validate, train a step (BN statistics move), validate again:
+    the fused eval path must fold the new statistics, as the original model uses them."""
+    model = build(source, version).train()
+    fast = accelerate(model, check=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for m in (model, fast):
+            m.eval()(x)  # a validation pass fills the fold caches
+            torch.manual_seed(1)
+            m.train()(x * 2 + 0.5)  # moves every BN's running statistics
+            m.eval()
+        err = rel_err(fast(x), model(x))
+    assert err <= 1e-5, f"{source} {version}: eval after a training step, relative error {err:.3g}"
