@@ -1,5 +1,6 @@
-"""End-to-end Ghost-family models: eager PyTorch vs ghostkernels.accelerate vs torch.compile,
-and ONNX Runtime / OpenVINO when they are installed.
+"""End-to-end Ghost-family models: eager PyTorch vs ghostkernels.accelerate (and the same
+model frozen by ghostkernels.freeze) vs torch.compile, and ONNX Runtime / OpenVINO (float32
+hint and default precision) when they are installed.
 
     OPENBLAS_NUM_THREADS=1 python bench/e2e.py                   # CPU: GhostNet 0.5x/1.0x/1.3x, batch 1 and 8
     OPENBLAS_NUM_THREADS=1 python bench/e2e.py --models ghostnetv2-1.0 ghostnetv3-1.0 g-ghost-regnetx-032
@@ -56,13 +57,17 @@ def onnx_runtime(model, x):
     return (lambda: torch.from_numpy(session.run(None, feed)[0])), None
 
 
-def openvino(model, x):
+def openvino(model, x, f32):
+    """OpenVINO on the CPU: with the float32 precision hint (f32), or its default, which runs
+    bfloat16 on CPUs with AVX512-BF16 or AMX."""
     try:
         import openvino as ov
     except ImportError:
         return None, "openvino not installed (pip install openvino)"
-    compiled = ov.compile_model(ov.convert_model(model, example_input=x), "CPU",
-                                {"INFERENCE_NUM_THREADS": torch.get_num_threads()})
+    config = {"INFERENCE_NUM_THREADS": torch.get_num_threads()}
+    if f32:
+        config["INFERENCE_PRECISION_HINT"] = "f32"
+    compiled = ov.compile_model(ov.convert_model(model, example_input=x), "CPU", config)
     return (lambda: torch.from_numpy(compiled(x.numpy())[0])), None
 
 
@@ -96,11 +101,11 @@ def main():
     device = args.device
     dtype = torch.float16 if device == "cuda" else torch.float32
     batches = args.batch or ([1, 64, 256] if device == "cuda" else [1, 8])
-    contenders = ["eager", "accelerated"]
+    contenders = ["eager", "accelerated", "frozen"]
     if not args.no_compile:
         contenders += ["compile(eager)", "compile(accelerated)"]
     if device == "cpu":
-        contenders += ["onnxruntime", "openvino"]
+        contenders += ["onnxruntime", "openvino f32", "openvino default"]
     progress = Progress(len(args.models) * len(batches) * len(contenders))
     rows, notes = [], set()
     for model_name in args.models:
@@ -120,15 +125,20 @@ def main():
                         fn = lambda: eager(x)  # noqa: E731
                     elif name == "accelerated":
                         fn = lambda: accelerated(x)  # noqa: E731
+                    elif name == "frozen":
+                        frozen = ghostkernels.freeze(accelerated, x)
+                        fn = lambda frozen=frozen: frozen(x)  # noqa: E731
                     elif name.startswith("compile"):
                         compiled = torch.compile(eager if name == "compile(eager)" else accelerated)
                         fn = lambda compiled=compiled: compiled(x)  # noqa: E731
                     else:
-                        fn, why = (onnx_runtime if name == "onnxruntime" else openvino)(eager, x)
+                        fn, why = (onnx_runtime(eager, x) if name == "onnxruntime"
+                                   else openvino(eager, x, f32=name == "openvino f32"))
                         if fn is None:
                             notes.add(f"{name}: {why}")
                             continue
-                    tol = 1e-2 if dtype == torch.float16 else 1e-4
+                    # OpenVINO's default may compute in bfloat16 (8 mantissa bits)
+                    tol = 1e-2 if dtype == torch.float16 or name == "openvino default" else 1e-4
                     torch.testing.assert_close(fn().float(), expected.float(), rtol=tol, atol=tol)
                     fns[name] = fn
                 samples = interleaved_times_ms(fns, min_time=2.0, device=device)

@@ -3,6 +3,7 @@
 from . import cheap_mix, direct_conv, ghost_depthwise, models, ops, squeeze_excite
 from ._backends import backends, empty_cache, load_cpu_extension
 from .acceleration import AccelerationSummary, accelerate
+from .freeze import FrozenModel, freeze
 from .ghostify import ParamsFlops, count_params_flops, ghostify
 from .modules import GhostModule, GhostModuleV2, fold_conv_bn
 from .ops import ghost_module
@@ -12,8 +13,8 @@ load_cpu_extension()  # after ops and direct_conv: the library registers kernels
 from . import onnx_export  # noqa: E402  (ONNX export of every op: onnx_export.py)
 
 __all__ = [
-    "AccelerationSummary", "GhostModule", "ParamsFlops", "GhostModuleV2", "accelerate", "backends", "count_params_flops", "empty_cache",
-    "fold_conv_bn",
+    "AccelerationSummary", "FrozenModel", "GhostModule", "ParamsFlops", "GhostModuleV2", "accelerate", "backends",
+    "count_params_flops", "empty_cache", "fold_conv_bn", "freeze",
     "ghost_module", "ghost_module_reference", "ghostify", "models",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,115 @@
+"""ghostkernels.freeze(): the accelerated forward traced into a frozen TorchScript graph gives the
+model's outputs on other batch sizes, resolutions and memory formats, keeps its weights as they
+were, and refuses what it cannot trace faithfully."""
+
+import pytest
+import torch
+from torch import nn
+
+import ghostkernels
+from ghostkernels import models
+
+from conftest import randomise_bn
+from huawei_ghostnet import huawei_ghostnet
+from timm_ghostnet import timm_ghostnet
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+MODELS = {
+    "zoo-v1-0.5x": lambda: models.ghostnet_050(fused=False),
+    "zoo-v2-0.5x": lambda: models.ghostnetv2(width=0.5),
+    "zoo-v3-0.5x": lambda: models.ghostnetv3_050(),
+    "timm-v1": lambda: timm_ghostnet("v1", width=0.5),
+    "huawei-v2": lambda: huawei_ghostnet("v2", width=0.5),
+}
+
+
+def frozen_pair(name, example):
+    model = ghostkernels.accelerate(randomise_bn(MODELS[name](), spread=0.2).eval())
+    return model, ghostkernels.freeze(model, example)
+
+
+def assert_same(actual, expected):
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_frozen_model_gives_the_models_outputs(name):
+    model, frozen = frozen_pair(name, torch.randn(1, 3, 64, 64))
+    with torch.no_grad():
+        for x in (torch.randn(1, 3, 64, 64), torch.randn(3, 3, 64, 64), torch.randn(2, 3, 96, 80),
+                  torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)):
+            assert_same(frozen(x), model(x))
+
+
+def test_frozen_model_keeps_the_weights_it_was_frozen_with():
+    model, frozen = frozen_pair("zoo-v1-0.5x", torch.randn(1, 3, 64, 64))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x)
+        for p in model.parameters():
+            p.mul_(0.5)
+        after = model(x)
+        assert not torch.allclose(after, before)
+        assert_same(frozen(x), before)
+        assert_same(ghostkernels.freeze(model, x)(x), after)  # freezing again takes the new weights
+
+
+def test_frozen_model_runs_without_autograd():
+    _, frozen = frozen_pair("zoo-v1-0.5x", torch.randn(1, 3, 64, 64))
+    assert not frozen(torch.randn(1, 3, 64, 64, requires_grad=True)).requires_grad
+
+
+def test_frozen_model_names_a_wrong_argument():
+    _, frozen = frozen_pair("zoo-v1-0.5x", torch.randn(1, 3, 64, 64))
+    with pytest.raises(TypeError, match=r"argument 0 is torch.float64 on cpu; the model was frozen for torch.float32"):
+        frozen(torch.randn(1, 3, 64, 64, dtype=torch.float64))
+    with pytest.raises(TypeError, match="expected 1 positional arguments, got 2"):
+        frozen(torch.randn(1, 3, 64, 64), torch.randn(1))
+    with pytest.raises(TypeError, match="argument 0 must be a tensor, got list"):
+        frozen([1.0])
+
+
+def test_freeze_rejects_what_it_cannot_trace_faithfully():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        ghostkernels.freeze(lambda x: x, torch.randn(1))
+    with pytest.raises(ValueError, match="training mode"):
+        ghostkernels.freeze(nn.Linear(2, 2), torch.randn(1, 2))
+    with pytest.raises(TypeError, match="example_inputs must be a tensor or a non-empty tuple of tensors"):
+        ghostkernels.freeze(nn.Linear(2, 2).eval(), [torch.randn(1, 2)])
+
+    class ValueBranch(nn.Module):
+        def forward(self, x):
+            return x * 2 if x.sum() > 0 else x
+
+    with pytest.raises(RuntimeError, match="takes a Python branch on its inputs' values or shapes"):
+        ghostkernels.freeze(ValueBranch().eval(), torch.ones(1, 2))
+
+    class Counter(nn.Module):  # Python state that the trace keeps without a warning
+        calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            return x * self.calls
+
+    with pytest.raises(RuntimeError, match="gives outputs that differ by .* on random inputs"):
+        ghostkernels.freeze(Counter().eval(), torch.ones(1, 2))
+
+
+def test_frozen_model_returns_tuples_of_several_inputs():
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = models.ghostnet_050(fused=False, num_classes=10)
+
+        def forward(self, x, scale):
+            y = self.body(x)
+            return y * scale, y.softmax(-1)
+
+    model = ghostkernels.accelerate(TwoHeads().eval())
+    example = (torch.randn(1, 3, 64, 64), torch.randn(1, 1))
+    frozen = ghostkernels.freeze(model, example)
+    with torch.no_grad():
+        x, scale = torch.randn(2, 3, 64, 64), torch.randn(2, 1)
+        for actual, expected in zip(frozen(x, scale), model(x, scale)):
+            assert_same(actual, expected)
