@@ -29,13 +29,14 @@ struct Simd {
   }
 };
 
-// Rows of B per pass: a packed panel of kBlock x (2 * lanes) stays in L1 across the i loop.
+// Rows of B per pass: a panel of kBlock x (2 * lanes) stays in L1 across the i loop.
 constexpr int64_t kBlock = 256;
 
 // C[i, j] (+)= sum_k A[i * a_si + k * a_sk] * B[k * ldb + j] for i < M, j < N, with NV
-// vectors of B's columns per register tile (16 accumulators either way). A panel of B is
-// packed into `panel` (kBlock * 2 * lanes) when it is reused across several row blocks or
-// is a column tail, so that no load reads past the matrix and the reused panel is contiguous.
+// vectors of B's columns per register tile (16 accumulators either way). A column tail of B is
+// copied, zero-padded, into `panel` (kBlock * 2 * lanes) so that no load reads past the matrix.
+// Full panels are read in place: packing them for reuse across row blocks cost more than it
+// saved on every GhostNet shape (bench/report.py, forward 8% faster in geometric mean without).
 template <typename T, int NV>
 GK_INLINE void gemm_tiles(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_si, int64_t a_sk,
                           const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate, T* panel) {
@@ -51,7 +52,7 @@ GK_INLINE void gemm_tiles(int64_t M, int64_t N, int64_t K, const T* A, int64_t a
       const int64_t nr = std::min<int64_t>(NR, N - j0);
       const T* b = B + k0 * ldb + j0;
       int64_t ldp = ldb;
-      if (nr < NR || M > MR) {
+      if (nr < NR) {
         for (int64_t k = 0; k < kb; ++k) {
           std::memcpy(panel + k * NR, b + k * ldb, nr * sizeof(T));
           std::fill(panel + k * NR + nr, panel + (k + 1) * NR, T(0));
