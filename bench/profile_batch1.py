@@ -11,7 +11,7 @@
 2. torch.profiler's self-CPU table for the same forward (top 25 ops).
 3. When openvino is installed: the ORIGINAL model exported to ONNX (dynamo), OpenVINO's per-layer
    profile grouped by layer type (f32 hint), and its latencies (f32, default) interleaved with
-   the accelerated model's.
+   the accelerated model's and the same model frozen (ghostkernels.freeze).
 All under torch.inference_mode(), batch 1, 224x224, float32.
 """
 
@@ -210,8 +210,10 @@ def print_openvino(eager, model, x, iters, threads):
     os.remove(path)
     requests = {label: c.create_infer_request() for label, c in compiled.items()}
     fns = {label: (lambda r=r: r.infer([feed])) for label, r in requests.items()}
+    frozen = ghostkernels.freeze(model, x)
     with torch.inference_mode():
         fns["ghostkernels accelerated"] = lambda: model(x)
+        fns["ghostkernels frozen"] = lambda: frozen(x)
         times = collections.defaultdict(list)
         for _ in range(5):  # interleaved rounds: the machine's speed drifts
             for label, fn in fns.items():
