@@ -310,6 +310,11 @@ def _cast(value, dtype=None):
     return value.to(dtype) if dtype is not None and value.is_floating_point() else value
 
 
+def _tolerance(dtype, device):
+    """The largest relative error allowed for a model of `dtype` on `device` (_TOLERANCE)."""
+    return _TOLERANCE.get(dtype, _LOOSE_TOLERANCE) if device.type == "cpu" else _LOOSE_TOLERANCE
+
+
 def _relative_error(actual, expected):
     """max |actual - expected| / max |expected| over every tensor of two outputs (inf when
     their structure, shapes or NaN positions differ)."""
@@ -439,7 +444,7 @@ class _SelfCheck:
         except Exception as exc:  # noqa: BLE001 - whatever it raises, the change is undone
             return f"the changed module raised {type(exc).__name__}: {exc}"
         error = _relative_error(actual, expected)
-        tolerance = _TOLERANCE.get(self.dtype, _LOOSE_TOLERANCE) if self.device.type == "cpu" else _LOOSE_TOLERANCE
+        tolerance = _tolerance(self.dtype, self.device)
         if not error <= tolerance:
             return f"output differs by {error:.2e} (relative; tolerance {tolerance:.0e})"
         return None

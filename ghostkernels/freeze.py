@@ -17,6 +17,8 @@ import warnings
 import torch
 from torch import nn
 
+from .acceleration import _relative_error, _tolerance
+
 # ghostkernels' own forwards raise TracerWarnings about shape tests whose outcome the trace
 # keeps, harmlessly: check_input's argument checks (the kernels check again) and
 # PointwiseConv2d's 1x1-plane test (its other branch raises on a plane that is not 1x1).
@@ -52,17 +54,6 @@ class FrozenModel(nn.Module):
         return f"device={self.device}, dtypes={list(self.dtypes)}"
 
 
-def _tensors(value):
-    """The tensors of a forward's output, in order (tensor, tuple, list or dict of them)."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for item in value for t in _tensors(item)]
-    if isinstance(value, dict):
-        return [t for key in value for t in _tensors(value[key])]
-    return []
-
-
 def _fresh(inputs, extra_batch):
     """Random inputs shaped like `inputs` (floating tensors redrawn, others kept), with
     `extra_batch` more rows in dimension 0 of every tensor."""
@@ -81,25 +72,6 @@ def _fresh(inputs, extra_batch):
     return tuple(fresh)
 
 
-def _mismatch(model, graph, inputs):
-    """None if the graph gives the model's outputs on `inputs`, else what differs."""
-    expected, got = _tensors(model(*inputs)), _tensors(graph(*inputs))
-    if len(expected) != len(got):
-        return f"{len(got)} output tensors instead of {len(expected)}"
-    for e, g in zip(expected, got):
-        if e.shape != g.shape:
-            return f"an output of shape {tuple(g.shape)} instead of {tuple(e.shape)}"
-        tolerance = 1e-9 if e.dtype == torch.float64 else 1e-5 if e.dtype == torch.float32 else 1e-2
-        if e.is_floating_point():
-            scale = e.abs().max().item() if e.numel() else 0.0
-            error = (e - g).abs().max().item() if e.numel() else 0.0
-            if not error <= tolerance * max(scale, 1.0):
-                return f"outputs that differ by {error:.3g} (scale {scale:.3g})"
-        elif not torch.equal(e, g):
-            return "different integer outputs"
-    return None
-
-
 def freeze(model, example_inputs):
     """The eval-mode `model` (typically `ghostkernels.accelerate(model)`) as a FrozenModel: its
     forward traced once on `example_inputs` (a tensor or a tuple of positional arguments) into a
@@ -112,9 +84,10 @@ def freeze(model, example_inputs):
       sizes, resolutions and memory formats run the same graph.
     - The trace is checked before it is returned: on the example, on fresh random inputs of
       its shape and on ones with one more image, the frozen model must give the model's
-      outputs (1e-5 relative in float32). A forward whose Python takes a branch on tensor
-      values (TorchScript's TracerWarning from the model's own code) or that fails the check
-      raises a RuntimeError instead: such a trace would silently keep one branch.
+      outputs within accelerate()'s self-check tolerance (1e-5 relative in float32). A forward
+      whose Python takes a branch on tensor values (TorchScript's TracerWarning from the model's
+      own code) or that fails the check raises a RuntimeError instead: such a trace would
+      silently keep one branch.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"freeze: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -142,11 +115,16 @@ def freeze(model, example_inputs):
                                    "would keep one branch for every input: use the model itself")
         elif not source.startswith(_TORCH_JIT_DIR):  # torch.jit's deprecation notices: freeze() chose it
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    device = devices.pop()
+    # accelerate()'s self-check measure and tolerance, for the dtype of the first floating input
+    dtype = next((t.dtype for t in inputs if t.is_floating_point()), torch.float32)
+    tolerance = _tolerance(dtype, device)
     with torch.no_grad():
         for probe, label in ((inputs, "the example"), (_fresh(inputs, 0), "random inputs of the example's shape"),
                              (_fresh(inputs, 1), "random inputs with one more image")):
-            problem = _mismatch(model, graph, probe)
-            if problem is not None:
-                raise RuntimeError(f"freeze: the traced graph gives {problem} on {label}; the model's forward "
-                                   "does not trace (Python control flow or state that a trace keeps fixed): use the model itself")
-    return FrozenModel(graph, tuple(t.dtype for t in inputs), devices.pop())
+            error = _relative_error(graph(*probe), model(*probe))
+            if not error <= tolerance:
+                raise RuntimeError(f"freeze: the traced graph gives outputs that differ by {error:.2e} (relative; "
+                                   f"tolerance {tolerance:.0e}) on {label}; the model's forward does not trace "
+                                   "(Python control flow or state that a trace keeps fixed): use the model itself")
+    return FrozenModel(graph, tuple(t.dtype for t in inputs), device)
