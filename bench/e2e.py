@@ -14,6 +14,7 @@ spread more than --noise ((p90 - p10) / median, worst contender) is marked noisy
 """
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -49,13 +50,14 @@ def onnx_file(model, x):
     return path
 
 
-def onnx_runtime(model, x):
-    """A callable running `model` in ONNX Runtime (CPU), or None with the reason."""
+def onnx_runtime(export, x):
+    """A callable running the model that export() writes to ONNX in ONNX Runtime (CPU), or None
+    with the reason."""
     try:
         import onnxruntime
     except ImportError:
         return None, "onnxruntime not installed (pip install onnxruntime onnx)"
-    path = onnx_file(model, x)
+    path = export()
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
@@ -63,11 +65,11 @@ def onnx_runtime(model, x):
     return (lambda: torch.from_numpy(session.run(None, feed)[0])), None
 
 
-def openvino(model, x, f32):
-    """OpenVINO on the CPU: with the float32 precision hint (f32), or its default, which runs
-    bfloat16 on CPUs with AVX512-BF16 or AMX. It reads the ONNX export: OpenVINO 2026.4's
-    PyTorch frontend (ov.convert_model of the module) gave a graph 1.4x slower here (GhostNet
-    1.0x batch 1 f32: 4.57 vs 3.17 ms)."""
+def openvino(export, x, f32):
+    """The model that export() writes to ONNX in OpenVINO on the CPU: with the float32 precision
+    hint (f32), or its default, which runs bfloat16 on CPUs with AVX512-BF16 or AMX. It reads the
+    ONNX export: OpenVINO 2026.4's PyTorch frontend (ov.convert_model of the module) gave a graph
+    1.4x slower here (GhostNet 1.0x batch 1 f32: 4.57 vs 3.17 ms)."""
     try:
         import openvino as ov
     except ImportError:
@@ -76,7 +78,7 @@ def openvino(model, x, f32):
     if f32:
         config["INFERENCE_PRECISION_HINT"] = "f32"
     core = ov.Core()
-    compiled = core.compile_model(core.read_model(onnx_file(model, x)), "CPU", config)
+    compiled = core.compile_model(core.read_model(export()), "CPU", config)
     return (lambda: torch.from_numpy(compiled(x.numpy())[0])), None
 
 
@@ -123,6 +125,7 @@ def main():
         for batch in batches:
             x = torch.randn(batch, 3, 224, 224, device=device, dtype=dtype)
             fns = {}
+            export = functools.cache(lambda: onnx_file(eager, x))  # once per row, for ORT and both OpenVINOs
             # Fresh compile caches per row: the models share forward code objects, and past
             # dynamo's recompile limit torch.compile silently runs eager (1.3x rows did).
             torch._dynamo.reset()
@@ -141,8 +144,8 @@ def main():
                         compiled = torch.compile(eager if name == "compile(eager)" else accelerated)
                         fn = lambda compiled=compiled: compiled(x)  # noqa: E731
                     else:
-                        fn, why = (onnx_runtime(eager, x) if name == "onnxruntime"
-                                   else openvino(eager, x, f32=name == "openvino f32"))
+                        fn, why = (onnx_runtime(export, x) if name == "onnxruntime"
+                                   else openvino(export, x, f32=name == "openvino f32"))
                         if fn is None:
                             notes.add(f"{name}: {why}")
                             continue
