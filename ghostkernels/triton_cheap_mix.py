@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_ghost import INTERPRET, _accumulator, _block, _input_precision
+from .triton_ghost import INTERPRET, _accumulator, _block, _input_precision, dot_accumulate
 
 
 @triton.jit
@@ -19,7 +19,7 @@ def _cheap_mix_kernel(
     CIN, COUT, W, PIXELS,
     sxn, sxc, sxh, sxw, son, soc, soh, sow,
     HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    FMA: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     n = tl.program_id(2)
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -32,9 +32,7 @@ def _cheap_mix_kernel(
         k = k0 + tl.arange(0, BLOCK_K)
         xk = tl.load(x_rows + k[None, :] * sxc, mask=p_ok[:, None] & (k < CIN)[None, :], other=0.0)
         wk = tl.load(w_ptr + c[None, :] * CIN + k[:, None], mask=c_ok[None, :] & (k < CIN)[:, None], other=0.0)
-        if UPCAST_DOT:  # the interpreter's bfloat16 dot is wrong (Triton 3.9)
-            xk, wk = xk.to(ACC), wk.to(ACC)
-        acc = tl.dot(xk, wk, acc, input_precision=INPUT_PRECISION)
+        acc = dot_accumulate(xk, wk, acc, FMA, INPUT_PRECISION, UPCAST_DOT)
     shift = tl.load(mix_ptr + n * COUT + c, mask=c_ok, other=0.0).to(ACC)
     if HAS_BIAS:
         shift += tl.load(b_ptr + c, mask=c_ok, other=0.0).to(ACC)
@@ -51,15 +49,16 @@ def cheap_mix_into(x, weight, bias, mix, offset, out):
     if out.numel() == 0:
         return out
     pixels = height * width
-    block_p = _block(pixels, 16, 64)
-    block_c = _block(cout, 16, 64)
+    float64 = x.dtype == torch.float64  # no tl.dot in float64 on GPUs: an FMA loop of small blocks
+    block_p = _block(pixels, 16, 32 if float64 else 64)
+    block_c = _block(cout, 16, 16 if float64 else 64)
     xs = x.narrow(1, offset, cin)
     grid = (triton.cdiv(pixels, block_p), triton.cdiv(cout, block_c), batch)
     _cheap_mix_kernel[grid](
         xs, weight.reshape(cout, cin).contiguous(), bias if bias is not None else mix, mix.contiguous(), out,
         cin, cout, width, pixels, *xs.stride(), *out.stride(),
-        HAS_BIAS=bias is not None, BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_K=_block(cin, 16, 32),
-        INPUT_PRECISION=_input_precision(x.dtype), ACC=_accumulator(x.dtype),
+        HAS_BIAS=bias is not None, BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_K=4 if float64 else _block(cin, 16, 32),
+        FMA=float64, INPUT_PRECISION=_input_precision(x.dtype), ACC=_accumulator(x.dtype),
         UPCAST_DOT=INTERPRET and x.dtype == torch.bfloat16,
     )
     return out

@@ -1,13 +1,22 @@
 """Triton kernels for the fused Ghost op (GPU; on the CPU under TRITON_INTERPRET=1).
 
-Forward: a program takes bands of output rows (full width) of one image and a block of
-intrinsic channels. It computes the primary pointwise conv (tl.dot, +bias, activation) for
-the band plus its dw//2 halo rows into a per-program scratch that stays in L2, writes the
-band's rows to out[:, :init], then runs the depthwise op from the scratch into
-out[:, init:oup]. Programs are persistent (a grid of a few per SM looping over bands), so the
-scratch is bounded by the grid, not by the batch. Ghost channels the slice drops are never
-computed. With a primary kernel larger than 1x1 the library conv makes x1 and the kernel
-does the rest.
+Forward: one program per (2-D tile of output pixels of one image, block of intrinsic
+channels), the channel block varying fastest so that the programs reading the same x tile run
+together (x comes from HBM about once, from L2 for the other channel blocks). The program
+computes x1 = act(W1 x + b1) with tl.dot on the tile plus its dw//2 halo (clipped to the
+image), keeps it in registers, writes the tile's own x1 to out[:, :init], then forms the
+depthwise op from x1 itself: each tap is a tl.gather of x1 at the shifted pixel (on the GPU,
+through shared memory). x1 never leaves the SM; each output element is written once. The halo
+is recomputed: the tiles are chosen to keep the computed pixels within ~1.3x of the written
+ones for dw 3 (`tiling`). Ghost channels the slice drops are never computed.
+
+Two other sources of x1 use the same kernel (PRIMARY_DOT=False, x1 loaded, activated on load):
+a k x k primary conv (the library conv makes z1) and, for wide inputs, a library GEMM that
+writes z1 straight into out[..., :init] of the channels_last output (x1 then read back from
+L2 and rewritten activated: relu(relu(v)) = relu(v), so a neighbour's halo read sees a right
+value before or after). Which primary runs, and the block sizes, come from a table tuned on a
+GPU (triton_tuned.json, `bench/gpu_report.py --tune`), else a heuristic; with
+GHOSTKERNELS_AUTOTUNE=1 new shapes are timed on first use and cached on disk.
 
 Backward: one kernel per (tile of output pixels, block of intrinsic channels) computes the
 activation masks from the saved output, the depthwise transpose, grad of the primary conv's
@@ -15,10 +24,15 @@ pre-activation (gz1), and per-tile partial sums of the depthwise weight and both
 (summed afterwards in a fixed order: deterministic). The primary conv's grads (x, W1) are
 one library convolution backward on gz1.
 
-Accumulation is float32 (float64 for float64 inputs). Float32 dots run as TF32 by default (GHOSTKERNELS_TF32=0 asks for IEEE float32).
+Accumulation is float32 (float64 for float64 inputs, whose products are FMA loops: tl.dot has
+no float64 on NVIDIA GPUs). Float32 dots run as TF32 by default (GHOSTKERNELS_TF32=0 asks for
+IEEE float32).
 """
 
+import functools
+import json
 import os
+import struct
 
 import torch
 import triton
@@ -37,6 +51,16 @@ def _activate(v, RELU: tl.constexpr):
 
 
 @triton.jit
+def dot_accumulate(a, b, acc, FMA: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """acc + a @ b: tl.dot, or a broadcast multiply-sum where tl.dot has no such dtype (float64)."""
+    if FMA:
+        return acc + tl.sum(a.to(acc.dtype)[:, :, None] * b.to(acc.dtype)[None, :, :], axis=1)
+    if UPCAST_DOT:  # the interpreter's bfloat16 dot is wrong (Triton 3.9); float32 is exact
+        a, b = a.to(acc.dtype), b.to(acc.dtype)
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
 def _gate(gate_ptr, n, channel, h, w, mask, GH, GW, scale_h, scale_w, sgn, sgc, sgh, sgw, ACC: tl.constexpr):
     """sigmoid(gate logits) at output pixels (h, w), nearest-upsampled as F.interpolate does it
     (float scale, floor, clamp)."""
@@ -47,116 +71,100 @@ def _gate(gate_ptr, n, channel, h, w, mask, GH, GW, scale_h, scale_w, sgn, sgc, 
     return 1.0 / (1.0 + tl.exp(-logits))
 
 
-@triton.jit
+# Shape arguments are not specialised (a new GhostNet layer must not mean a new compile);
+# strides are, since their divisibility by 16 is what lets loads and stores vectorise.
+@triton.jit(do_not_specialize=["INP", "HO", "WO", "INIT", "KEEP", "COPIES", "STRIDE", "GH", "GW", "TH", "TW",
+                               "tiles_h", "tiles_w", "channel_blocks"])
 def _ghost_forward_kernel(
-    x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, gate_ptr, out_ptr, scratch_ptr,
-    INP, HO, WO, INIT, KEEP, STRIDE,
+    x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, gate_ptr, out_ptr,
+    INP, HO, WO, INIT, KEEP, COPIES, STRIDE,
     sxn, sxc, sxh, sxw, son, soc, soh, sow,
     GH, GW, scale_h, scale_w, sgn, sgc, sgh, sgw,
-    bands_per_image, total_bands,
-    COPIES: tl.constexpr, DW: tl.constexpr, ROWS: tl.constexpr,
-    HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, RELU: tl.constexpr, PRIMARY_1X1: tl.constexpr,
-    GATED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    ACC: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    TH, TW, tiles_h, tiles_w, channel_blocks,
+    DW: tl.constexpr, PRIMARY_DOT: tl.constexpr, STORE_X1: tl.constexpr,
+    HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, RELU: tl.constexpr, GATED: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+    FMA: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     PAD: tl.constexpr = DW // 2
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    program = tl.program_id(0)
+    c = program % channel_blocks * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < INIT
-    halo_pixels = (ROWS + 2 * PAD) * WO
-    program = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-    scratch = scratch_ptr + program * halo_pixels * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
-    m_range = tl.arange(0, BLOCK_M)
-    if HAS_B1:
-        b1 = tl.load(b1_ptr + c, mask=c_ok, other=0.0).to(ACC)
-    for band in range(tl.program_id(0), total_bands, tl.num_programs(0)):
-        n = band // bands_per_image
-        r0 = band % bands_per_image * ROWS
-        # Phase 1: x1 of rows [r0 - PAD, r0 + ROWS + PAD) into the scratch (zeros off the image).
-        for m0 in range(0, halo_pixels, BLOCK_M):
-            m = m0 + m_range
-            h = r0 - PAD + m // WO
-            w = m % WO
-            in_image = (m < halo_pixels) & (h >= 0) & (h < HO)
-            if PRIMARY_1X1:
-                acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=ACC)
-                x_rows = x_ptr + n * sxn + (h * STRIDE)[:, None] * sxh + (w * STRIDE)[:, None] * sxw
-                for k0 in range(0, INP, BLOCK_K):
-                    k = k0 + tl.arange(0, BLOCK_K)
-                    xk = tl.load(x_rows + k[None, :] * sxc, mask=in_image[:, None] & (k < INP)[None, :], other=0.0)
-                    wk = tl.load(w1_ptr + c[None, :] * INP + k[:, None], mask=c_ok[None, :] & (k < INP)[:, None],
-                                 other=0.0)
-                    if UPCAST_DOT:  # the interpreter's bfloat16 dot is wrong (Triton 3.9); float32 is exact
-                        xk, wk = xk.to(ACC), wk.to(ACC)
-                    acc = tl.dot(xk, wk, acc, input_precision=INPUT_PRECISION)
-                if HAS_B1:
-                    acc += b1[None, :]
-                acc = _activate(acc, RELU)
-            else:  # x holds the library conv's activated output, (N, INIT, HO, WO)
-                acc = tl.load(x_ptr + n * sxn + c[None, :] * sxc + h[:, None] * sxh + w[:, None] * sxw,
-                              mask=in_image[:, None] & c_ok[None, :], other=0.0).to(ACC)
-            x1 = tl.where(in_image[:, None] & c_ok[None, :], acc, 0.0).to(out_ptr.dtype.element_ty)
-            in_band = in_image & (h >= r0) & (h < r0 + ROWS)
-            band_mask = in_band[:, None] & c_ok[None, :]
-            if GATED:  # the scratch keeps the ungated x1: the depthwise op reads it
-                gated = x1.to(ACC) * _gate(gate_ptr, n, c, h, w, band_mask, GH, GW, scale_h, scale_w,
-                                           sgn, sgc, sgh, sgw, ACC)
-                tl.store(out_ptr + n * son + c[None, :] * soc + h[:, None] * soh + w[:, None] * sow,
-                         gated.to(out_ptr.dtype.element_ty), mask=band_mask)
-            else:
-                tl.store(out_ptr + n * son + c[None, :] * soc + h[:, None] * soh + w[:, None] * sow, x1,
-                         mask=band_mask)
-            tl.store(scratch + m[:, None] * BLOCK_C, x1, mask=(m < halo_pixels)[:, None])
-        tl.debug_barrier()
-        # Phase 2: the depthwise op of the band's rows, read from the scratch.
-        for p0 in range(0, ROWS * WO, BLOCK_M):
-            p = p0 + m_range
-            h = r0 + p // WO
-            w = p % WO
-            p_ok = (p < ROWS * WO) & (h < HO)
-            for copy in tl.static_range(COPIES):
-                j = c * COPIES + copy
-                j_ok = c_ok & (j < KEEP)
-                if HAS_B2:
-                    acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=ACC) + tl.load(
-                        b2_ptr + j, mask=j_ok, other=0.0).to(ACC)[None, :]
+    tile = program // channel_blocks
+    n = tile // (tiles_h * tiles_w)
+    h0 = tile // tiles_w % tiles_h * TH
+    w0 = tile % tiles_w * TW
+    # The local grid: the tile and its halo, clipped to the image, flattened row-major.
+    top = tl.maximum(h0 - PAD, 0)
+    left = tl.maximum(w0 - PAD, 0)
+    grid_w = tl.minimum(w0 + TW + PAD, WO) - left
+    grid_pixels = (tl.minimum(h0 + TH + PAD, HO) - top) * grid_w
+    q = tl.arange(0, BLOCK_H)
+    h = top + q // grid_w
+    w = left + q % grid_w
+    in_grid = q < grid_pixels
+    own = in_grid & (h >= h0) & (h < h0 + TH) & (w >= w0) & (w < w0 + TW)
+
+    if PRIMARY_DOT:
+        acc = tl.zeros([BLOCK_H, BLOCK_C], dtype=ACC)
+        x_rows = x_ptr + n * sxn + (h * STRIDE)[:, None] * sxh + (w * STRIDE)[:, None] * sxw
+        for k0 in range(0, INP, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            xk = tl.load(x_rows + k[None, :] * sxc, mask=in_grid[:, None] & (k < INP)[None, :], other=0.0)
+            wk = tl.load(w1_ptr + c[None, :] * INP + k[:, None], mask=c_ok[None, :] & (k < INP)[:, None], other=0.0)
+            acc = dot_accumulate(xk, wk, acc, FMA, INPUT_PRECISION, UPCAST_DOT)
+        if HAS_B1:
+            acc += tl.load(b1_ptr + c, mask=c_ok, other=0.0).to(ACC)[None, :]
+    else:  # z1 (bias included) from the library: x_ptr is (N, INIT, HO, WO), maybe out itself
+        acc = tl.load(x_ptr + n * sxn + c[None, :] * sxc + h[:, None] * sxh + w[:, None] * sxw,
+                      mask=in_grid[:, None] & c_ok[None, :], other=0.0).to(ACC)
+    # x1 as the reference has it, rounded to the output dtype: the depthwise op reads that.
+    x1 = _activate(acc, RELU).to(out_ptr.dtype.element_ty)
+    own_mask = own[:, None] & c_ok[None, :]
+    if STORE_X1:
+        if GATED:
+            gated = x1.to(ACC) * _gate(gate_ptr, n, c, h, w, own_mask, GH, GW, scale_h, scale_w,
+                                       sgn, sgc, sgh, sgw, ACC)
+            tl.store(out_ptr + n * son + c[None, :] * soc + h[:, None] * soh + w[:, None] * sow,
+                     gated.to(out_ptr.dtype.element_ty), mask=own_mask)
+        else:
+            tl.store(out_ptr + n * son + c[None, :] * soc + h[:, None] * soh + w[:, None] * sow, x1, mask=own_mask)
+
+    for copy in range(COPIES):
+        j = c * COPIES + copy
+        j_ok = c_ok & (j < KEEP)
+        if HAS_B2:
+            acc = tl.zeros([BLOCK_H, BLOCK_C], dtype=ACC) + tl.load(b2_ptr + j, mask=j_ok, other=0.0).to(ACC)[None, :]
+        else:
+            acc = tl.zeros([BLOCK_H, BLOCK_C], dtype=ACC)
+        for dy in tl.static_range(DW):
+            for dx in tl.static_range(DW):
+                wt = tl.load(w2_ptr + j * DW * DW + dy * DW + dx, mask=j_ok, other=0.0).to(ACC)
+                if DW == 1:
+                    v = x1.to(ACC)
                 else:
-                    acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=ACC)
-                for dy in tl.static_range(DW):
-                    for dx in tl.static_range(DW):
-                        ws = w + dx - PAD
-                        tap_ok = p_ok & (ws >= 0) & (ws < WO)
-                        src = (p + dy * WO + dx - PAD)[:, None] * BLOCK_C
-                        v = tl.load(scratch + src, mask=tap_ok[:, None], other=0.0).to(ACC)
-                        wt = tl.load(w2_ptr + j * DW * DW + dy * DW + dx, mask=j_ok, other=0.0).to(ACC)
-                        acc += v * wt[None, :]
-                acc = _activate(acc, RELU)
-                ghost_mask = p_ok[:, None] & j_ok[None, :]
-                if GATED:
-                    acc *= _gate(gate_ptr, n, INIT + j, h, w, ghost_mask, GH, GW, scale_h, scale_w,
-                                 sgn, sgc, sgh, sgw, ACC)
-                tl.store(out_ptr + n * son + (INIT + j)[None, :] * soc + h[:, None] * soh + w[:, None] * sow,
-                         acc.to(out_ptr.dtype.element_ty), mask=ghost_mask)
-        tl.debug_barrier()  # the next band overwrites the scratch
+                    hs = h + dy - PAD
+                    ws = w + dx - PAD
+                    tap_ok = own & (hs >= 0) & (hs < HO) & (ws >= 0) & (ws < WO)
+                    # an own pixel's tap inside the image lies in the grid; other lanes read their own pixel
+                    source = tl.where(tap_ok, q + (dy - PAD) * grid_w + (dx - PAD), q)
+                    v = tl.gather(x1, tl.broadcast_to(source[:, None], (BLOCK_H, BLOCK_C)), axis=0)
+                    v = tl.where(tap_ok[:, None], v.to(ACC), 0.0)
+                acc += v * wt[None, :]
+        acc = _activate(acc, RELU)
+        ghost_mask = own[:, None] & j_ok[None, :]
+        if GATED:
+            acc *= _gate(gate_ptr, n, INIT + j, h, w, ghost_mask, GH, GW, scale_h, scale_w, sgn, sgc, sgh, sgw, ACC)
+        tl.store(out_ptr + n * son + (INIT + j)[None, :] * soc + h[:, None] * soh + w[:, None] * sow,
+                 acc.to(out_ptr.dtype.element_ty), mask=ghost_mask)
 
-
-# Tuned per GhostNet shape on the GPU; the interpreter runs one fixed configuration.
-_FORWARD_CONFIGS = [
-    triton.Config({"BLOCK_M": block_m}, num_warps=warps, num_stages=stages)
-    for block_m in (32, 64, 128) for warps in (4, 8) for stages in (1, 2)
-]
-_forward_kernel = _ghost_forward_kernel if INTERPRET else triton.autotune(
-    _FORWARD_CONFIGS, key=["INP", "HO", "WO", "INIT", "KEEP", "COPIES", "DW", "PRIMARY_1X1", "GATED"])(_ghost_forward_kernel)
-_INTERPRETER_CONFIG = {"BLOCK_M": 64} if INTERPRET else {}
-
-
-@triton.jit
+@triton.jit(do_not_specialize=["HO", "WO", "INIT", "KEEP", "GHOSTS", "COPIES", "TH", "TW", "tiles_h", "tiles_w"])
 def _ghost_backward_kernel(
     grad_ptr, out_ptr, w2_ptr, gz1_ptr, gw2_part_ptr, gb1_part_ptr, gb2_part_ptr,
-    HO, WO, INIT, KEEP, GHOSTS,
+    HO, WO, INIT, KEEP, GHOSTS, COPIES,
     sgn, sgc, sgh, sgw, son, soc, soh, sow, szn, szc, szh, szw,
-    tiles_h, tiles_w,
-    COPIES: tl.constexpr, DW: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, RELU: tl.constexpr,
+    TH, TW, tiles_h, tiles_w,
+    DW: tl.constexpr, RELU: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):
     PAD: tl.constexpr = DW // 2
@@ -174,7 +182,7 @@ def _ghost_backward_kernel(
     y1 = tl.load(out_ptr + n * son + c[None, :] * soc + h[:, None] * soh + w[:, None] * sow, mask=here, other=0.0)
     gy1 = tl.load(grad_ptr + n * sgn + c[None, :] * sgc + h[:, None] * sgh + w[:, None] * sgw, mask=here,
                   other=0.0).to(ACC)
-    for copy in tl.static_range(COPIES):
+    for copy in range(COPIES):
         j = c * COPIES + copy
         j_ok = c_ok & (j < KEEP)
         ghost = (INIT + j)[None, :]
@@ -216,7 +224,7 @@ def _ghost_backward_kernel(
              gy1.to(gz1_ptr.dtype.element_ty), mask=here)
 
 
-# -- launchers ------------------------------------------------------------------------------
+# -- launch plans: block sizes, tiles, which primary --------------------------------------
 
 
 def _input_precision(dtype):
@@ -234,64 +242,210 @@ def _block(n, low, high):
     return max(low, min(high, triton.next_power_of_2(max(int(n), 1))))
 
 
-def _persistent_programs(device, work):
-    if device.type == "cuda":
-        return min(work, 4 * torch.cuda.get_device_properties(device).multi_processor_count)
-    return min(work, 4)  # interpreter: a few programs still exercise the persistent loop
+@functools.lru_cache(maxsize=None)
+def tiling(height, width, dw, block_h):
+    """(tiles per image, tile rows, tile columns): the output tiles whose halo grid (the tile
+    and dw // 2 pixels around it, clipped to the image) fits block_h pixels, fewest tiles
+    first, then the widest (coalesced rows). None if not even one pixel and its halo fit."""
+    pad = dw // 2
+    best = None
+    for tile_w in range(1, width + 1):
+        rows = block_h // min(tile_w + 2 * pad, width)
+        tile_h = height if height <= rows else rows - 2 * pad
+        if tile_h < 1:
+            break
+        tiles = triton.cdiv(height, tile_h) * triton.cdiv(width, tile_w)
+        if best is None or tiles <= best[0]:
+            best = (tiles, tile_h, tile_w)
+    return best
 
 
+def heuristic_config(inp, init, height, width, dw, dtype, library_ok):
+    """Block sizes and primary for a shape no tuned table covers: the grid size with the least
+    computed-but-not-written pixels, 32 channels a program (16 for narrow modules), the library
+    GEMM for wide inputs (inp >= 480, where x1's extra trip through L2 is small next to x)."""
+    float64 = dtype == torch.float64
+    candidates = [b for b in ((64,) if float64 else (64, 128, 256)) if tiling(height, width, dw, b)]
+    block_h = min(candidates, key=lambda b: (tiling(height, width, dw, b)[0] * b, -b))
+    block_c = 16 if float64 or init <= 16 else 32
+    return {
+        "block_h": block_h, "block_c": block_c, "block_k": 4 if float64 else 32,
+        "num_warps": 8 if block_h * block_c >= 8192 else 4, "num_stages": 2,
+        "primary": "library" if library_ok and inp >= 480 else "kernel",
+    }
+
+
+def candidate_configs(inp, init, height, width, dw, dtype, library_ok):
+    """What GHOSTKERNELS_AUTOTUNE=1 and `bench/gpu_report.py --tune` time for a shape."""
+    heuristic = heuristic_config(inp, init, height, width, dw, dtype, library_ok)
+    if dtype == torch.float64:
+        return [heuristic]
+    configs = []
+    for block_h in (64, 128, 256):
+        if tiling(height, width, dw, block_h) is None:
+            continue
+        for block_c in (16, 32, 64):
+            if block_c > _block(init, 16, 64) or block_h * block_c > 256 * 32:
+                continue
+            for num_warps in (4, 8):
+                for primary in ("kernel", "library") if library_ok else ("kernel",):
+                    configs.append(dict(heuristic, block_h=block_h, block_c=block_c, num_warps=num_warps,
+                                        primary=primary))
+    return configs
+
+
+_TUNED_TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_tuned.json")
+
+
+def _autotune_cache_file():
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "ghostkernels", "triton-autotune.json")
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_configs(device_name):
+    """{shape key: config} for this GPU: the committed table, then this machine's autotune cache."""
+    configs = {}
+    for path in (_TUNED_TABLE, _autotune_cache_file()):
+        if os.path.exists(path):
+            with open(path) as f:
+                configs.update(json.load(f).get(device_name, {}))
+    return configs
+
+
+def _save_autotuned(device_name, key, config):
+    path = _autotune_cache_file()
+    table = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            table = json.load(f)
+    table.setdefault(device_name, {})[key] = config
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(table, f, indent=1, sort_keys=True)
+    os.replace(path + ".tmp", path)
+    _tuned_configs(device_name)[key] = config
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name(index):
+    return torch.cuda.get_device_name(index)
+
+
+def shape_key(inp, init, ghosts, out_channels, height, width, kernel, dw, stride, dtype, channels_last, gated):
+    """The tuned table's key of a forward (the batch is left out: one table serves all)."""
+    layout = "cl" if channels_last else "nchw"
+    return (f"{inp}-{init}-{ghosts}-{out_channels}-{height}x{width}-k{kernel}-d{dw}-s{stride}-"
+            f"{str(dtype).removeprefix('torch.')}-{layout}{'-gated' if gated else ''}")
+
+
+@functools.lru_cache(maxsize=None)
 def _nearest_scale(source, size):
-    """float32(source) / size rounded once to float32, the scale F.interpolate's nearest mode uses."""
-    return (torch.tensor(source, dtype=torch.float32) / size).item()
+    """float32(source) / size rounded once to float32, the scale F.interpolate's nearest mode
+    uses (the float64 quotient of two integers < 2**24 rounds to the same float32)."""
+    return struct.unpack("f", struct.pack("f", source / size))[0]
+
+
+def _library_primary_into(x, primary_weight, primary_bias, out):
+    """z1 = W1 x + b1 by the library GEMM, written into out[..., :init] of the channels_last
+    output in place (leading dimension out_channels)."""
+    init, inp = primary_weight.shape[:2]
+    rows = out.permute(0, 2, 3, 1).view(-1, out.shape[1])[:, :init]
+    x_rows = x.permute(0, 2, 3, 1).view(-1, inp)
+    weight = primary_weight.view(init, inp).t()
+    if primary_bias is None:
+        torch.mm(x_rows, weight, out=rows)
+    else:
+        torch.addmm(primary_bias, x_rows, weight, out=rows)
 
 
 def forward(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation,
-            band_pixels=512, gate=None):
+            gate=None, config=None):
     """Launch the fused forward; arguments already checked (ops.check_args, ops.check_gate).
-    band_pixels: output pixels per band (rows of full width), the halo-recompute trade-off.
-    gate: optional attention logits (N, out_channels, h, w), applied as sigmoid, nearest-upsampled."""
-    batch, inp = x.shape[:2]
+    gate: optional attention logits (N, out_channels, h, w), applied as sigmoid, nearest-upsampled.
+    config: block sizes and primary (heuristic_config's keys) to use instead of the tuned table's."""
+    batch, inp, in_h, in_w = x.shape
     init, ghosts = primary_weight.shape[0], cheap_weight.shape[0]
     kernel, dw = primary_weight.shape[-1], cheap_weight.shape[-1]
-    relu = activation == "relu"
-    if kernel == 1:
-        source = x
-        height, width = ((s - 1) // stride + 1 for s in x.shape[2:])
-    else:  # library conv for the primary; the kernel fuses the rest
-        source = torch.nn.functional.conv2d(x, primary_weight, primary_bias, stride, kernel // 2)
-        if relu:
-            source = source.relu_()
-        height, width = source.shape[2:]
+    height, width = (in_h - 1) // stride + 1, (in_w - 1) // stride + 1
     out = torch.empty((batch, out_channels, height, width), dtype=x.dtype, device=x.device,
                       memory_format=output_memory_format(x))
     if out.numel() == 0:
         return out
-    # Bands of about 512 output pixels: enough rows to amortise the 2 * (dw // 2) halo rows,
-    # few enough that the scratch of all resident programs stays in L2.
-    rows = max(1, min(height, band_pixels // width))
-    bands = triton.cdiv(height, rows)
-    block_c = _block(init, 16, 32 if dw <= 5 else 16)
-    block_k = _block(inp, 16, 32)
-    programs = _persistent_programs(x.device, batch * bands)
-    channel_blocks = triton.cdiv(init, block_c)
-    scratch = torch.empty(programs * channel_blocks * (rows + 2 * (dw // 2)) * width * block_c,
-                          dtype=x.dtype, device=x.device)
+    primary_weight, cheap_weight = primary_weight.contiguous(), cheap_weight.contiguous()
     gated = gate is not None
-    gate = gate if gated else out[:, :, :1, :1]  # unread placeholder
-    _forward_kernel[(programs, channel_blocks)](
-        source, primary_weight.contiguous(), primary_bias if primary_bias is not None else source,
-        cheap_weight.contiguous(), cheap_bias if cheap_bias is not None else source, gate, out, scratch,
-        inp, height, width, init, out_channels - init, stride,
+    channels_last = x.permute(0, 2, 3, 1).is_contiguous()
+    library_ok = kernel == 1 and stride == 1 and channels_last and not gated
+    run = functools.partial(_launch, x, primary_weight, primary_bias, cheap_weight, cheap_bias, out, activation,
+                            stride, gate)
+    if config is None:
+        config = _config(x, shape_key(inp, init, ghosts, out_channels, height, width, kernel, dw, stride, x.dtype,
+                                      channels_last, gated),
+                         functools.partial(heuristic_config, inp, init, height, width, dw, x.dtype, library_ok),
+                         functools.partial(candidate_configs, inp, init, height, width, dw, x.dtype, library_ok), run)
+    elif config["primary"] == "library" and not library_ok:
+        raise ValueError("triton_ghost.forward: the library primary needs a 1x1, stride-1 primary conv, "
+                         "channels_last x and no gate")
+    run(config)
+    return out
+
+
+def _config(x, key, heuristic, candidates, run):
+    """The tuned table's config for this GPU and shape; else, with GHOSTKERNELS_AUTOTUNE=1, the
+    fastest candidate, timed now and cached on disk; else the heuristic."""
+    if x.device.type != "cuda":
+        return heuristic()
+    device_name = _device_name(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    tuned = _tuned_configs(device_name).get(key)
+    if tuned is not None:
+        return tuned
+    if os.environ.get("GHOSTKERNELS_AUTOTUNE") != "1":
+        return heuristic()
+    timed = []
+    for config in candidates():
+        try:
+            timed.append((triton.testing.do_bench(lambda: run(config), warmup=5, rep=25, return_mode="median"),
+                          config))
+        except triton.runtime.errors.OutOfResources:  # shared memory or registers: not a candidate
+            continue
+    best = min(timed, key=lambda t: t[0])[1]
+    _save_autotuned(device_name, key, best)
+    return best
+
+
+def _launch(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out, activation, stride, gate, config):
+    batch, inp = x.shape[:2]
+    init, ghosts = primary_weight.shape[0], cheap_weight.shape[0]
+    kernel, dw = primary_weight.shape[-1], cheap_weight.shape[-1]
+    out_channels, height, width = out.shape[1:]
+    relu = activation == "relu"
+    gated = gate is not None
+    primary_dot, store_x1 = True, True
+    source = x
+    if kernel > 1:  # the library conv makes z1; the kernel activates, stores and uses it
+        source = torch.nn.functional.conv2d(x, primary_weight, primary_bias, stride, kernel // 2)
+        primary_dot = False
+    elif config["primary"] == "library":
+        _library_primary_into(x, primary_weight, primary_bias, out)
+        source = out
+        primary_dot, store_x1 = False, relu  # rewritten only to activate it
+    tiles, tile_h, tile_w = tiling(height, width, dw, config["block_h"])
+    channel_blocks = triton.cdiv(init, config["block_c"])
+    gate = gate if gated else out  # unread placeholder
+    _ghost_forward_kernel[(batch * tiles * channel_blocks,)](
+        source, primary_weight, primary_bias if primary_bias is not None else source,
+        cheap_weight, cheap_bias if cheap_bias is not None else source, gate, out,
+        inp, height, width, init, out_channels - init, ghosts // init, stride,
         *source.stride(), *out.stride(),
         *gate.shape[2:], _nearest_scale(gate.shape[2], height), _nearest_scale(gate.shape[3], width), *gate.stride(),
-        bands, batch * bands,
-        COPIES=ghosts // init, DW=dw, ROWS=rows,
-        HAS_B1=primary_bias is not None and kernel == 1, HAS_B2=cheap_bias is not None, RELU=relu,
-        PRIMARY_1X1=kernel == 1, GATED=gated, BLOCK_K=block_k, BLOCK_C=block_c, **_INTERPRETER_CONFIG,
-        INPUT_PRECISION=_input_precision(x.dtype), ACC=_accumulator(x.dtype),
+        tile_h, tile_w, triton.cdiv(height, tile_h), triton.cdiv(width, tile_w), channel_blocks,
+        DW=dw, PRIMARY_DOT=primary_dot, STORE_X1=store_x1,
+        HAS_B1=primary_bias is not None, HAS_B2=cheap_bias is not None, RELU=relu, GATED=gated,
+        BLOCK_H=config["block_h"], BLOCK_K=config["block_k"], BLOCK_C=config["block_c"],
+        FMA=x.dtype == torch.float64, INPUT_PRECISION=_input_precision(x.dtype), ACC=_accumulator(x.dtype),
         UPCAST_DOT=INTERPRET and x.dtype == torch.bfloat16,
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
-    return out
 
 
 def backward(grad, out, x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation,
@@ -316,12 +470,11 @@ def backward(grad, out, x, primary_weight, primary_bias, cheap_weight, cheap_bia
     gb2_part = torch.zeros((tiles, ghosts), **partial)
     if tiles > 0:
         _ghost_backward_kernel[(tiles, triton.cdiv(init, block_c))](
-            grad, out, cheap_weight.contiguous(), grad_z1, gw2_part, gb1_part, gb2_part,
-            height, width, init, out_channels - init, ghosts,
+            grad, out, cheap_weight, grad_z1, gw2_part, gb1_part, gb2_part,
+            height, width, init, out_channels - init, ghosts, ghosts // init,
             *grad.stride(), *out.stride(), *grad_z1.stride(),
-            tiles_h, tiles_w,
-            COPIES=ghosts // init, DW=dw, TH=tile_h, TW=tile_w, RELU=activation == "relu",
-            BLOCK_P=block_p, BLOCK_C=block_c, ACC=_accumulator(x.dtype),
+            tile_h, tile_w, tiles_h, tiles_w,
+            DW=dw, RELU=activation == "relu", BLOCK_P=block_p, BLOCK_C=block_c, ACC=_accumulator(x.dtype),
         )
     grad_x, grad_w1, _ = torch.ops.aten.convolution_backward(
         grad_z1, x, primary_weight, None, [stride, stride], [kernel // 2, kernel // 2], [1, 1], False, [0, 0], 1,

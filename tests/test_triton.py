@@ -1,6 +1,8 @@
 """The Triton kernels against the reference: on a GPU when there is one, else on the CPU in
 Triton's interpreter (TRITON_INTERPRET=1, set in conftest). Never skipped: CI runs them."""
 
+import json
+
 import pytest
 import torch
 
@@ -41,7 +43,7 @@ def check(case, dtype, inp=5, size=(9, 11), **tiles):
     ratio, dw, stride, act, cl, kernel, batch, oup = case
     x = make_input(batch, inp, *size, channels_last=cl, dtype=dtype).to(DEVICE)
     weights = [w.to(DEVICE) for w in make_weights(inp, oup, ratio, dw, kernel, dtype=dtype)]
-    out = triton_ghost.forward(x, *weights, oup, stride, act, band_pixels=tiles.get("band_pixels", 512))
+    out = triton_ghost.forward(x, *weights, oup, stride, act, config=tiles.get("config"))
 
     leaves = [t.detach().double().requires_grad_() for t in (x, *weights)]
     expected = ghost_module_reference(*leaves, out_channels=oup, stride=stride, activation=act)
@@ -65,10 +67,82 @@ def test_forward_backward(case, dtype):
     check(case, dtype)
 
 
-def test_many_bands_channel_blocks_and_tiles():
-    """Several bands per persistent program, several channel blocks, several backward tiles."""
-    check((2, 3, 1, "relu", True, 1, 3, 70), DTYPES[0], inp=20, size=(12, 10), band_pixels=30, tile_pixels=16)
-    check((3, 5, 1, "none", False, 1, 1, 50), DTYPES[0], inp=7, size=(11, 13), band_pixels=20, tile_pixels=32)
+def test_many_tiles_channel_blocks_and_backward_tiles():
+    """Several forward tiles per image (halos crossing tile edges), several channel blocks,
+    several backward tiles."""
+    small = dict(triton_ghost.heuristic_config(20, 35, 12, 10, 3, DTYPES[0], False), block_h=64, block_c=16)
+    check((2, 3, 1, "relu", True, 1, 3, 70), DTYPES[0], inp=20, size=(12, 10), config=small, tile_pixels=16)
+    check((3, 5, 1, "none", False, 1, 1, 50), DTYPES[0], inp=7, size=(11, 13), config=small, tile_pixels=32)
+    check((2, 7, 1, "relu", True, 3, 2, 12), DTYPES[0], inp=7, size=(13, 9), config=small)
+
+
+@pytest.mark.parametrize("height, width, dw, block_h", [(7, 7, 3, 64), (14, 14, 3, 256), (56, 56, 3, 256),
+                                                        (112, 112, 3, 256), (112, 112, 3, 128), (9, 11, 7, 64), (5, 300, 5, 64)])
+def test_tiling_fits_its_block_and_covers_the_image(height, width, dw, block_h):
+    tiles, tile_h, tile_w = triton_ghost.tiling(height, width, dw, block_h)
+    pad = dw // 2
+    assert min(tile_h + 2 * pad, height) * min(tile_w + 2 * pad, width) <= block_h
+    assert tiles == -(-height // tile_h) * -(-width // tile_w)
+    computed = tiles * block_h
+    if block_h == 256 and dw == 3:  # GhostNet's 14 to 112 pixel sides: 14x14 tiles in 16x16 grids
+        assert computed <= 1.31 * height * width
+
+
+# (inp, oup, ratio, dw, activation, bias): the library GEMM writes z1 into out[..., :init] and
+# the kernel activates it there and reads it back for the depthwise op.
+LIBRARY_CASES = [(6, 9, 2, 3, "relu", True), (5, 10, 3, 5, "none", True), (7, 8, 2, 1, "relu", False)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", LIBRARY_CASES, ids=str)
+def test_library_primary(case, dtype):
+    inp, oup, ratio, dw, act, bias = case
+    x = make_input(2, inp, 9, 11, channels_last=True, dtype=dtype).to(DEVICE)
+    weights = [w.to(DEVICE) if w is not None else None for w in make_weights(inp, oup, ratio, dw, dtype=dtype,
+                                                                             bias=bias)]
+    init = weights[0].shape[0]
+    config = dict(triton_ghost.heuristic_config(inp, init, 9, 11, dw, dtype, True), primary="library", block_h=64)
+    out = triton_ghost.forward(x, *weights, oup, 1, act, config=config)
+    expected = ghost_module_reference(*(t.double() if t is not None else None for t in (x, *weights)),
+                                      out_channels=oup, activation=act)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol * max(expected.abs().max().item(), 1.0))
+    with pytest.raises(ValueError, match="library primary needs"):
+        triton_ghost.forward(x.contiguous(), *weights, oup, 1, act, config=config)
+
+
+def test_every_autotune_candidate_computes_the_same():
+    """Whatever configuration the autotuner or the tuned table picks gives the reference's output."""
+    dtype = DTYPES[1] if DEVICE == "cpu" else torch.float16  # float32 on the CPU: fast and exact enough
+    x = make_input(1, 6, 10, 9, channels_last=True, dtype=dtype).to(DEVICE)
+    weights = [w.to(DEVICE) for w in make_weights(6, 40, 2, 3, dtype=dtype)]
+    expected = ghost_module_reference(*(t.double() for t in (x, *weights)), out_channels=40)
+    candidates = triton_ghost.candidate_configs(6, 20, 10, 9, 3, dtype, True)
+    assert {c["primary"] for c in candidates} == {"kernel", "library"} and len(candidates) >= 12
+    for config in candidates:
+        out = triton_ghost.forward(x, *weights, 40, 1, "relu", config=config)
+        torch.testing.assert_close(out.double(), expected, rtol=TOLERANCE[dtype],
+                                   atol=TOLERANCE[dtype] * max(expected.abs().max().item(), 1.0), msg=str(config))
+
+
+def test_tuned_table_and_autotune_cache(tmp_path, monkeypatch):
+    """The committed table parses and holds complete configs; the autotune cache round-trips."""
+    with open(triton_ghost._TUNED_TABLE) as f:
+        table = json.load(f)
+    keys = set(triton_ghost.heuristic_config(16, 8, 112, 112, 3, torch.float16, True))
+    for device, configs in table.items():
+        for key, config in configs.items():
+            assert set(config) == keys, (device, key)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    config = triton_ghost.heuristic_config(160, 480, 7, 7, 3, torch.float16, True)
+    triton_ghost._tuned_configs.cache_clear()
+    try:
+        triton_ghost._save_autotuned("Some GPU", "160-480-480-960-7x7-k1-d3-s1-float16-cl", config)
+        triton_ghost._tuned_configs.cache_clear()
+        assert triton_ghost._tuned_configs("Some GPU")["160-480-480-960-7x7-k1-d3-s1-float16-cl"] == config
+    finally:
+        triton_ghost._tuned_configs.cache_clear()
 
 
 def test_without_biases():
