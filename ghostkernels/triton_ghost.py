@@ -41,6 +41,8 @@ import triton.language as tl
 from .reference import output_memory_format
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Read once, when the first CUDA call imports this module: a per-call environment read costs 1-3 us.
+TF32 = os.environ.get("GHOSTKERNELS_TF32", "1") == "1"
 
 
 @triton.jit
@@ -228,7 +230,7 @@ def _ghost_backward_kernel(
 
 
 def _input_precision(dtype):
-    if dtype == torch.float32 and os.environ.get("GHOSTKERNELS_TF32", "1") == "1":
+    if dtype == torch.float32 and TF32:
         return "tf32"
     return "ieee"
 
@@ -236,6 +238,11 @@ def _input_precision(dtype):
 def _accumulator(dtype):
     """float32 accumulation for 16- and 32-bit inputs, float64 for float64."""
     return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _cdiv(a, b):
+    """triton.cdiv without its cost: it is a JIT function, 5 us a call from Python."""
+    return -(-a // b)
 
 
 def _block(n, low, high):
@@ -254,7 +261,7 @@ def tiling(height, width, dw, block_h):
         tile_h = height if height <= rows else rows - 2 * pad
         if tile_h < 1:
             break
-        tiles = triton.cdiv(height, tile_h) * triton.cdiv(width, tile_w)
+        tiles = _cdiv(height, tile_h) * _cdiv(width, tile_w)
         if best is None or tiles <= best[0]:
             best = (tiles, tile_h, tile_w)
     return best
@@ -359,6 +366,10 @@ def _library_primary_into(x, primary_weight, primary_bias, out):
         torch.addmm(primary_bias, x_rows, weight, out=rows)
 
 
+# (device, shape) -> the config chosen at its first call: later calls cost a dict lookup.
+_chosen_configs = {}
+
+
 def forward(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation,
             gate=None, config=None):
     """Launch the fused forward; arguments already checked (ops.check_args, ops.check_gate).
@@ -374,15 +385,16 @@ def forward(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_chann
         return out
     primary_weight, cheap_weight = primary_weight.contiguous(), cheap_weight.contiguous()
     gated = gate is not None
-    channels_last = x.permute(0, 2, 3, 1).is_contiguous()
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and out.is_contiguous(
+        memory_format=torch.channels_last)
     library_ok = kernel == 1 and stride == 1 and channels_last and not gated
     run = functools.partial(_launch, x, primary_weight, primary_bias, cheap_weight, cheap_bias, out, activation,
                             stride, gate)
     if config is None:
-        config = _config(x, shape_key(inp, init, ghosts, out_channels, height, width, kernel, dw, stride, x.dtype,
-                                      channels_last, gated),
-                         functools.partial(heuristic_config, inp, init, height, width, dw, x.dtype, library_ok),
-                         functools.partial(candidate_configs, inp, init, height, width, dw, x.dtype, library_ok), run)
+        shape = (inp, init, ghosts, out_channels, height, width, kernel, dw, stride, x.dtype, channels_last, gated)
+        config = _chosen_configs.get((x.device, shape))
+        if config is None:
+            config = _chosen_configs[(x.device, shape)] = _choose_config(x.device, shape, library_ok, run)
     elif config["primary"] == "library" and not library_ok:
         raise ValueError("triton_ghost.forward: the library primary needs a 1x1, stride-1 primary conv, "
                          "channels_last x and no gate")
@@ -390,19 +402,22 @@ def forward(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_chann
     return out
 
 
-def _config(x, key, heuristic, candidates, run):
+def _choose_config(device, shape, library_ok, run):
     """The tuned table's config for this GPU and shape; else, with GHOSTKERNELS_AUTOTUNE=1, the
     fastest candidate, timed now and cached on disk; else the heuristic."""
-    if x.device.type != "cuda":
-        return heuristic()
-    device_name = _device_name(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    inp, init, _, _, height, width, _, dw, _, dtype = shape[:10]
+    heuristic = heuristic_config(inp, init, height, width, dw, dtype, library_ok)
+    if device.type != "cuda":
+        return heuristic
+    device_name = _device_name(device.index if device.index is not None else torch.cuda.current_device())
+    key = shape_key(*shape)
     tuned = _tuned_configs(device_name).get(key)
     if tuned is not None:
         return tuned
     if os.environ.get("GHOSTKERNELS_AUTOTUNE") != "1":
-        return heuristic()
+        return heuristic
     timed = []
-    for config in candidates():
+    for config in candidate_configs(inp, init, height, width, dw, dtype, library_ok):
         try:
             timed.append((triton.testing.do_bench(lambda: run(config), warmup=5, rep=25, return_mode="median"),
                           config))
@@ -430,7 +445,7 @@ def _launch(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out, acti
         source = out
         primary_dot, store_x1 = False, relu  # rewritten only to activate it
     tiles, tile_h, tile_w = tiling(height, width, dw, config["block_h"])
-    channel_blocks = triton.cdiv(init, config["block_c"])
+    channel_blocks = _cdiv(init, config["block_c"])
     gate = gate if gated else out  # unread placeholder
     _ghost_forward_kernel[(batch * tiles * channel_blocks,)](
         source, primary_weight, primary_bias if primary_bias is not None else source,
@@ -438,7 +453,7 @@ def _launch(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out, acti
         inp, height, width, init, out_channels - init, ghosts // init, stride,
         *source.stride(), *out.stride(),
         *gate.shape[2:], _nearest_scale(gate.shape[2], height), _nearest_scale(gate.shape[3], width), *gate.stride(),
-        tile_h, tile_w, triton.cdiv(height, tile_h), triton.cdiv(width, tile_w), channel_blocks,
+        tile_h, tile_w, _cdiv(height, tile_h), _cdiv(width, tile_w), channel_blocks,
         DW=dw, PRIMARY_DOT=primary_dot, STORE_X1=store_x1,
         HAS_B1=primary_bias is not None, HAS_B2=cheap_bias is not None, RELU=relu, GATED=gated,
         BLOCK_H=config["block_h"], BLOCK_K=config["block_k"], BLOCK_C=config["block_c"],
@@ -461,7 +476,7 @@ def backward(grad, out, x, primary_weight, primary_bias, cheap_weight, cheap_bia
     block_p = min(tile_pixels, _block(width * height, 16, tile_pixels))
     tile_w = min(width, block_p)
     tile_h = max(1, min(height, block_p // tile_w))
-    tiles_h, tiles_w = triton.cdiv(height, tile_h), triton.cdiv(width, tile_w)
+    tiles_h, tiles_w = _cdiv(height, tile_h), _cdiv(width, tile_w)
     tiles = batch * tiles_h * tiles_w
     block_c = _block(init, 16, 32)
     partial = dict(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
@@ -469,7 +484,7 @@ def backward(grad, out, x, primary_weight, primary_bias, cheap_weight, cheap_bia
     gb1_part = torch.zeros((tiles, init), **partial)
     gb2_part = torch.zeros((tiles, ghosts), **partial)
     if tiles > 0:
-        _ghost_backward_kernel[(tiles, triton.cdiv(init, block_c))](
+        _ghost_backward_kernel[(tiles, _cdiv(init, block_c))](
             grad, out, cheap_weight, grad_z1, gw2_part, gb1_part, gb2_part,
             height, width, init, out_channels - init, ghosts, ghosts // init,
             *grad.stride(), *out.stride(), *grad_z1.stride(),

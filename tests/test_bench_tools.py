@@ -193,3 +193,13 @@ def test_report_plot_fails_before_timing(monkeypatch, tmp_path):
     monkeypatch.setattr(sys, "argv", ["report.py", "--quick", "--plot", str(tmp_path / "x.png")])
     with pytest.raises(SystemExit, match="pip install matplotlib"):
         report.main()
+
+
+def test_host_path_runs(tmp_path, monkeypatch):
+    """bench/host_path.py end to end with a few calls (its numbers are not checked)."""
+    import host_path
+    out = tmp_path / "host.txt"
+    monkeypatch.setattr(sys, "argv", ["host_path.py", "--calls", "10", "--out", str(out)])
+    host_path.main()
+    lines = out.read_text().splitlines()
+    assert lines[-2].startswith("sum of 21") and "dispatcher hop" in lines[-1]
