@@ -1,33 +1,73 @@
-"""Fused Triton Ghost module vs cuDNN eager and torch.compile on a GPU, against the memory floor.
+"""The GPU harness: one command on a fresh GPU machine, no C++ build, <= 8 minutes.
 
-    python bench/gpu_report.py                       # every GhostNet 1.0x shape, batch 1 32 256, fp16 bf16 fp32
-    python bench/gpu_report.py --batch 256 --dtype float16 --quick
+    GHOSTKERNELS_DISABLE_CPP=1 PYTHONPATH=. python bench/gpu_report.py        # everything below
+    ... python bench/gpu_report.py --quick --no-tests --no-first-call           # four shapes, op table only
+    ... python bench/gpu_report.py --tune --dtype float16 --batch 256           # fill ghostkernels/triton_tuned.json
 
-For each shape, batch and dtype: parity of the fused op with eager (NCHW and channels_last),
-then triton.testing.do_bench medians (ms) of
-  forward:  eager NCHW, eager channels_last, torch.compile(unfused, channels_last), fused channels_last
-  fwd+bwd:  eager autograd over the reference op (channels_last), fused (channels_last)
-and the floor: max(bytes in + out over the measured device-to-device copy bandwidth, FLOPs over
-the measured matmul rate of the dtype), both measured on this GPU at the start of the run.
-Writes the table to bench/results/<device name>.md.
+In order, each step's result written as it comes to bench/results/<device>.md:
+1. tests: `pytest tests/test_triton.py tests/test_cheap_mix.py` on the GPU (pass/fail, seconds);
+2. first call: a fresh process runs accelerate(GhostNet 1.0x) (timm's ghostnet_100 when timm is
+   installed, else the zoo's) on float16 channels_last batch 64 and times its first forward
+   (Triton compilation included) and second, with the logits' error against float32 eager;
+3. the op table: every GhostNet 1.0x Ghost-module shape at batch 256, 32, 1 (in that order, the
+   target first) and float16, bfloat16: parity first, then triton.testing.do_bench medians (ms) of
+   eager NCHW, eager channels_last, torch.compile (channels_last; batches 256 and 32), the fused op
+   with the in-kernel primary and with the library-GEMM primary (where it applies), and the floor:
+   max(bytes in + out over the measured copy bandwidth, FLOPs over the measured matmul rate).
+   fwd+bwd: autograd over the reference vs the fused op, both channels_last.
+   Rows stop when --budget-s is spent (the rest are listed as not measured).
+Parity is against float32 math on the same (rounded) inputs; the backward's is against float32
+autograd with the fused forward's own ReLU masks (a float16 pre-activation within rounding of
+zero may flip a mask, which changes a gradient by a whole grad value: not an error).
+--tune times triton_ghost.candidate_configs per shape and writes the best into the tuned table.
 """
 
 import argparse
+import json
 import os
 import re
 import statistics
+import subprocess
 import sys
+import time
 
 import torch
+import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
 import ghostkernels  # noqa: E402
-from cases import GHOSTNET_SHAPES, floor_ms, make_case, make_training_case, shape_name  # noqa: E402
+from ghostkernels import ghost_module_reference, triton_ghost  # noqa: E402
+from cases import GHOSTNET_SHAPES, floor_ms, make_case, shape_name  # noqa: E402
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 2e-2, torch.float32: 1e-2}  # float32 dots run as TF32
+
+FIRST_CALL = r"""
+import json, sys, time, torch, ghostkernels
+try:
+    import timm
+    model, source = timm.create_model("ghostnet_100"), "timm ghostnet_100"
+except ImportError:
+    from ghostkernels import models
+    model, source = models.ghostnet_100(), "ghostkernels.models.ghostnet_100"
+model = model.eval().cuda().to(memory_format=torch.channels_last)
+x = torch.randn(64, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
+with torch.no_grad():
+    expected = model(x).float()
+    start = time.perf_counter()
+    fast = ghostkernels.accelerate(model.half())
+    accelerate_s = time.perf_counter() - start
+    times = []
+    for _ in range(2):
+        torch.cuda.synchronize(); start = time.perf_counter()
+        out = fast(x.half()); torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+error = ((out.float() - expected).norm() / expected.norm()).item()
+print(json.dumps({"model": source, "accelerate_s": accelerate_s, "first_s": times[0], "second_s": times[1], "rel_error_vs_fp32": error}))
+"""
 
 
 def copy_bandwidth():
@@ -55,88 +95,203 @@ def median(fn):
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def check(out, expected, dtype):
+def check(out, expected, dtype, what):
     tol = TOLERANCE[dtype]
     scale = max(expected.float().abs().max().item(), 1.0)
-    torch.testing.assert_close(out.float(), expected.float(), rtol=tol, atol=tol * scale)
+    torch.testing.assert_close(out.float(), expected.float(), rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}")
 
 
-def forward_row(inp, oup, size, batch, dtype, bandwidth, flops_per_s):
-    _, _, nchw = make_case(inp, oup, size, batch, channels_last=False, device="cuda", dtype=dtype)
-    module, x, cl = make_case(inp, oup, size, batch, channels_last=True, device="cuda", dtype=dtype)
-    compiled = torch.compile(cl["eager"])
+def float32_reference(module, x, oup):
+    """The Ghost module's output in float32 math from its folded weights and x as they are."""
+    weights = module.folded_weights()[:4]
+    return ghost_module_reference(x.float(), *(w.float() for w in weights), out_channels=oup)
+
+
+def forward_row(inp, oup, size, batch, dtype, bandwidth, flops_per_s, with_compile, device="cuda"):
+    nchw_module, nchw_x, nchw = make_case(inp, oup, size, batch, channels_last=False, device=device, dtype=dtype)
+    module, x, cl = make_case(inp, oup, size, batch, channels_last=True, device=device, dtype=dtype)
+    weights = module.folded_weights()[:4]
+    init = weights[0].shape[0]
+    heuristic = triton_ghost.heuristic_config(inp, init, size, size, 3, dtype, True)
+    fused = {name: (lambda c=dict(heuristic, primary=name): triton_ghost.forward(x, *weights, oup, 1, "relu", config=c))
+             for name in ("kernel", "library")}
+    times = {}
     with torch.no_grad():
-        check(cl["fused"](), cl["eager"](), dtype)
-        check(nchw["fused"](), nchw["eager"](), dtype)
-        check(compiled(), cl["eager"](), dtype)
-        times = {
-            "eager": median(nchw["eager"]),
-            "eager_cl": median(cl["eager"]),
-            "compile": median(compiled),
-            "fused": median(cl["fused"]),
-        }
+        expected = float32_reference(module, x, oup)
+        check(cl["eager"](), expected, dtype, "eager channels_last")
+        check(nchw["fused"](), float32_reference(nchw_module, nchw_x, oup), dtype, "fused NCHW (the op's choice)")
+        check(cl["fused"](), expected, dtype, "fused channels_last (the op's choice)")
+        for name, fn in fused.items():
+            check(fn(), expected, dtype, f"fused {name} primary")
+        times["eager"] = median(nchw["eager"])
+        times["eager_cl"] = median(cl["eager"])
+        if with_compile:
+            compiled = torch.compile(cl["eager"])
+            check(compiled(), expected, dtype, "compile")
+            times["compile"] = median(compiled)
+        for name, fn in fused.items():
+            times[name] = median(fn)
     floor = floor_ms(inp, oup, size, batch, elem_bytes=x.element_size(), copy_bytes_per_s=bandwidth,
                      matmul_flops_per_s=flops_per_s)
-    return dict(times, floor=floor)
+    return dict(times, floor=floor, chosen=heuristic["primary"])
 
 
-def training_row(inp, oup, size, batch, dtype):
-    fns = make_training_case(inp, oup, size, batch, device="cuda", dtype=dtype, channels_last=True)
-    for actual, expected in zip(fns["fused"](), fns["reference"]()):
-        check(actual, expected, dtype)
-    return {"eager_train": median(fns["reference"]), "fused_train": median(fns["fused"])}
+def masked_reference_grads(x, weights, out, grad, oup):
+    """Float32 autograd of the Ghost module (ratio 2, dw 3, ReLU) with the ReLU masks taken from
+    the fused output `out`: what the fused backward must give for that forward."""
+    leaves = [t.detach().float().requires_grad_() for t in (x, *weights)]
+    x32, w1, b1, w2, b2 = leaves
+    init = w1.shape[0]
+    with torch.enable_grad():
+        x1 = F.conv2d(x32, w1, b1) * (out[:, :init] > 0)
+        x2 = F.conv2d(x1, w2, b2, padding=1, groups=init)[:, : oup - init] * (out[:, init:] > 0)
+        return torch.autograd.grad(torch.cat([x1, x2], 1), leaves, grad.float())
+
+
+def training_row(inp, oup, size, batch, dtype, device="cuda"):
+    from ghostkernels import ghost_module
+
+    init = -(-oup // 2)
+    x = torch.randn(batch, inp, size, size, device=device, dtype=dtype).to(memory_format=torch.channels_last)
+    weights = [torch.randn(init, inp, 1, 1) / inp**0.5, torch.randn(init), torch.randn(init, 1, 3, 3) / 3,
+               torch.randn(init)]
+    leaves = [t.requires_grad_() for t in (x, *(w.to(device, dtype) for w in weights))]
+    grad = torch.randn(batch, oup, size, size, device=device, dtype=dtype).to(memory_format=torch.channels_last)
+
+    def step(fn):
+        return lambda: torch.autograd.grad(fn(*leaves, out_channels=oup), leaves, grad)
+
+    with torch.no_grad():
+        out = ghost_module(*leaves, out_channels=oup)
+    for name, actual, expected in zip(("x", "W1", "b1", "W2", "b2"), step(ghost_module)(),
+                                      masked_reference_grads(leaves[0], leaves[1:], out, grad, oup)):
+        check(actual, expected, dtype, f"grad of {name}")
+    return {"eager_train": median(step(ghost_module_reference)), "fused_train": median(step(ghost_module))}
+
+
+def run_tests(budget_s):
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "tests/test_triton.py",
+                               "tests/test_cheap_mix.py"], cwd=ROOT, capture_output=True, text=True, timeout=budget_s)
+    except subprocess.TimeoutExpired:
+        return f"tests/test_triton.py + tests/test_cheap_mix.py on the GPU: NOT DONE within {budget_s} s"
+    last = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
+    return f"tests/test_triton.py + tests/test_cheap_mix.py on the GPU: rc {proc.returncode}, " \
+           f"{time.perf_counter() - start:.0f} s: {last}"
+
+
+def first_call(budget_s):
+    try:
+        proc = subprocess.run([sys.executable, "-c", FIRST_CALL], cwd=ROOT, capture_output=True, text=True,
+                              timeout=budget_s)
+    except subprocess.TimeoutExpired:
+        return f"first call: NOT DONE within {budget_s} s (the target is 20 s)"
+    if proc.returncode != 0:
+        return f"first call FAILED (rc {proc.returncode}): {proc.stderr.strip()[-600:]}"
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return (f"first call, fresh process, accelerate({result['model']}) float16 channels_last batch 64: "
+            f"accelerate() {result['accelerate_s']:.1f} s, first forward {result['first_s']:.1f} s, second {result['second_s'] * 1e3:.1f} ms, "
+            f"logits rel. error vs float32 eager {result['rel_error_vs_fp32']:.1e}")
+
+
+def tune(shapes, dtype, batch, device):
+    """Time every candidate config per shape; write the best into ghostkernels/triton_tuned.json."""
+    with open(triton_ghost._TUNED_TABLE) as f:
+        table = json.load(f)
+    lines = []
+    for inp, oup, size in shapes:
+        module, x, _ = make_case(inp, oup, size, batch, channels_last=True, device="cuda", dtype=dtype)
+        weights = module.folded_weights()[:4]
+        init = weights[0].shape[0]
+        timed = []
+        for config in triton_ghost.candidate_configs(inp, init, size, size, 3, dtype, True):
+            try:
+                timed.append((median(lambda: triton_ghost.forward(x, *weights, oup, 1, "relu", config=config)),
+                              config))
+            except triton.runtime.errors.OutOfResources:
+                continue
+        ms, best = min(timed, key=lambda t: t[0])
+        key = triton_ghost.shape_key(inp, init, init, oup, size, size, 1, 3, 1, dtype, True, False)
+        table.setdefault(device, {})[key] = best
+        lines.append(f"- tuned {key}: {ms:.4f} ms with {best} ({len(timed)} candidates)\n")
+        print(lines[-1], end="", flush=True)
+    with open(triton_ghost._TUNED_TABLE, "w") as f:
+        json.dump(table, f, indent=1, sort_keys=True)
+        f.write("\n")
+    return lines
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 32, 256])
-    parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    parser.add_argument("--batch", type=int, nargs="+", default=[256, 32, 1])
+    parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["float16", "bfloat16"])
     parser.add_argument("--quick", action="store_true", help="four shapes")
     parser.add_argument("--no-backward", action="store_true")
+    parser.add_argument("--no-tests", action="store_true")
+    parser.add_argument("--no-first-call", action="store_true")
+    parser.add_argument("--tune", action="store_true", help="tune the first --dtype at the first --batch, then stop")
+    parser.add_argument("--budget-s", type=float, default=420, help="stop starting rows after this many seconds")
     parser.add_argument("--out", help="markdown file (default bench/results/<device>.md)")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "gpu_report.py needs a CUDA device; bench/report.py is the CPU one"
+    start = time.perf_counter()
     device = torch.cuda.get_device_name()
     shapes = [GHOSTNET_SHAPES[i] for i in (0, 3, 10, 19)] if args.quick else GHOSTNET_SHAPES
+    out_path = args.out or os.path.join(ROOT, "bench", "results",
+                                        re.sub(r"[^A-Za-z0-9]+", "-", device).strip("-") + ".md")
+    os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    lines = [f"# {device}\n\nghostkernels {ghostkernels.__version__}, torch {torch.__version__}, "
+             f"triton {triton.__version__}\n\n"]
+
+    def emit(text):
+        lines.append(text)
+        print(text, end="", flush=True)
+        with open(out_path, "w") as f:
+            f.writelines(lines)
+
+    if args.tune:
+        for line in tune(shapes, DTYPES[args.dtype[0]], args.batch[0], device):
+            emit(line)
+        return
+    if not args.no_tests:
+        emit(f"- {run_tests(240)}\n")
+    if not args.no_first_call:
+        emit(f"- {first_call(180)}\n")
     bandwidth = copy_bandwidth()
     matmul = {name: matmul_rate(DTYPES[name]) for name in args.dtype}
     rates = ", ".join(f"{name} matmul {rate / 1e12:.1f} TFLOP/s" for name, rate in matmul.items())
-    header = (f"# {device}\n\nghostkernels {ghostkernels.__version__}, torch {torch.__version__}, "
-              f"triton {triton.__version__}; measured: copy bandwidth {bandwidth / 1e9:.0f} GB/s, {rates}; "
-              "do_bench medians in ms; fused and compile run channels_last\n\n"
-              "| dtype | shape | batch | eager NCHW | eager CL | compile | fused | floor | vs eager CL | vs compile "
-              "| x floor | eager fwd+bwd | fused fwd+bwd | fwd+bwd speedup |\n" + "|---" * 15 + "|\n")
-    lines = [header]
-    print(header, end="", flush=True)
-    ratios = {}
-    for dtype_name in args.dtype:
+    emit(f"- measured: copy bandwidth {bandwidth / 1e9:.0f} GB/s, {rates}; do_bench medians in ms; "
+         "everything but 'eager NCHW' runs channels_last; 'kernel' = x1 by tl.dot in the fused kernel, "
+         "'library' = x1 by cuBLAS into the output + the fused depthwise pass; * = the op's default choice; "
+         "ratios use the faster fused column\n\n"
+         "| dtype | shape | batch | eager NCHW | eager CL | compile | kernel | library | floor | vs eager CL "
+         "| vs compile | x floor | eager fwd+bwd | fused fwd+bwd | fwd+bwd speedup |\n" + "|---" * 15 + "|\n")
+    ratios, skipped = {}, []
+    rows = [(d, b, s) for b in args.batch for d in args.dtype for s in shapes]
+    for dtype_name, batch, (inp, oup, size) in rows:
+        if time.perf_counter() - start > args.budget_s:
+            skipped.append(f"{dtype_name} {shape_name(inp, oup, size)} batch {batch}")
+            continue
         dtype = DTYPES[dtype_name]
-        for batch in args.batch:
-            for inp, oup, size in shapes:
-                row = forward_row(inp, oup, size, batch, dtype, bandwidth, matmul[dtype_name])
-                train = {"eager_train": float("nan"), "fused_train": float("nan")}
-                if not args.no_backward:
-                    train = training_row(inp, oup, size, batch, dtype)
-                key = (dtype_name, batch)
-                ratios.setdefault(key, []).append(row["fused"] / row["floor"])
-                line = (f"| {dtype_name} | {shape_name(inp, oup, size)} | {batch} | {row['eager']:.4f} | "
-                        f"{row['eager_cl']:.4f} | {row['compile']:.4f} | {row['fused']:.4f} | {row['floor']:.4f} | "
-                        f"{row['eager_cl'] / row['fused']:.2f}x | {row['compile'] / row['fused']:.2f}x | "
-                        f"{row['fused'] / row['floor']:.2f}x | {train['eager_train']:.4f} | {train['fused_train']:.4f} | "
-                        f"{train['eager_train'] / train['fused_train']:.2f}x |\n")
-                lines.append(line)
-                print(line, end="", flush=True)
-    summary = "\n" + "".join(
-        f"- {dtype} batch {batch}: fused / floor, geometric mean {statistics.geometric_mean(r):.2f}x\n"
-        for (dtype, batch), r in ratios.items())
-    lines.append(summary)
-    print(summary)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   re.sub(r"[^A-Za-z0-9]+", "-", device).strip("-") + ".md")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        f.writelines(lines)
-    print(f"written to {out}")
+        row = forward_row(inp, oup, size, batch, dtype, bandwidth, matmul[dtype_name], with_compile=batch >= 32)
+        train = {"eager_train": float("nan"), "fused_train": float("nan")}
+        if not args.no_backward and batch >= 32:
+            train = training_row(inp, oup, size, batch, dtype)
+        best = min(row[p] for p in ("kernel", "library") if p in row)
+        ratios.setdefault((dtype_name, batch), []).append(best / row["floor"])
+        cells = [f"{row[k]:.4f}" if k in row else "-" for k in ("eager", "eager_cl", "compile")]
+        cells += [f"{row[k]:.4f}{'*' if row['chosen'] == k else ''}" if k in row else "-" for k in ("kernel", "library")]
+        vs_compile = f"{row['compile'] / best:.2f}x" if "compile" in row else "-"
+        emit(f"| {dtype_name} | {shape_name(inp, oup, size)} | {batch} | {' | '.join(cells)} | {row['floor']:.4f} | "
+             f"{row['eager_cl'] / best:.2f}x | {vs_compile} | {best / row['floor']:.2f}x | "
+             f"{train['eager_train']:.4f} | {train['fused_train']:.4f} | "
+             f"{train['eager_train'] / train['fused_train']:.2f}x |\n")
+    emit("\n" + "".join(f"- {dtype} batch {batch}: faster fused / floor, geometric mean "
+                        f"{statistics.geometric_mean(r):.2f}x over {len(r)} shapes\n" for (dtype, batch), r in ratios.items()))
+    if skipped:
+        emit(f"- not measured (--budget-s {args.budget_s:.0f} spent): {', '.join(skipped)}\n")
+    emit(f"- whole run: {time.perf_counter() - start:.0f} s\n")
 
 
 if __name__ == "__main__":

@@ -203,3 +203,17 @@ def test_host_path_runs(tmp_path, monkeypatch):
     host_path.main()
     lines = out.read_text().splitlines()
     assert lines[-2].startswith("sum of 21") and "dispatcher hop" in lines[-1]
+
+
+def test_gpu_report_rows_check_parity(monkeypatch):
+    """bench/gpu_report.py's rows on CPU tensors (the Triton columns in the interpreter), with
+    do_bench stubbed: the parity checks, including the backward's against float32 autograd with
+    the fused forward's own ReLU masks, pass on a right op. The GPU run does the timing."""
+    import torch
+    import gpu_report
+    monkeypatch.setattr(gpu_report, "median", lambda fn: (fn(), 1.0)[1])
+    row = gpu_report.forward_row(8, 12, 6, 2, torch.float32, 1e9, 1e9, with_compile=False, device="cpu")
+    assert {"eager", "eager_cl", "kernel", "library", "floor"} <= set(row) and "compile" not in row
+    assert row["chosen"] == "kernel"
+    assert gpu_report.training_row(8, 12, 6, 2, torch.float32, device="cpu") == {"eager_train": 1.0,
+                                                                                  "fused_train": 1.0}
