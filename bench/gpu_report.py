@@ -112,7 +112,7 @@ def forward_row(inp, oup, size, batch, dtype, bandwidth, flops_per_s, with_compi
     module, x, cl = make_case(inp, oup, size, batch, channels_last=True, device=device, dtype=dtype)
     weights = module.folded_weights()[:4]
     init = weights[0].shape[0]
-    heuristic = triton_ghost.heuristic_config(inp, init, size, size, 3, dtype, True)
+    heuristic = triton_ghost.heuristic_config(inp, init, init, size, size, 3, dtype, True)
     fused = {name: (lambda c=dict(heuristic, primary=name): triton_ghost.forward(x, *weights, oup, 1, "relu", config=c))
              for name in ("kernel", "library")}
     times = {}
@@ -205,7 +205,7 @@ def tune(shapes, dtype, batch, device):
         weights = module.folded_weights()[:4]
         init = weights[0].shape[0]
         timed = []
-        for config in triton_ghost.candidate_configs(inp, init, size, size, 3, dtype, True):
+        for config in triton_ghost.candidate_configs(inp, init, init, size, size, 3, dtype, True):
             try:
                 timed.append((median(lambda: triton_ghost.forward(x, *weights, oup, 1, "relu", config=config)),
                               config))

@@ -1,21 +1,24 @@
 """Triton kernels for the fused Ghost op (GPU; on the CPU under TRITON_INTERPRET=1).
 
-Forward: one program per (2-D tile of output pixels of one image, block of intrinsic
-channels), the channel block varying fastest so that the programs reading the same x tile run
-together (x comes from HBM about once, from L2 for the other channel blocks). The program
-computes x1 = act(W1 x + b1) with tl.dot on the tile plus its dw//2 halo (clipped to the
-image), keeps it in registers, writes the tile's own x1 to out[:, :init], then forms the
-depthwise op from x1 itself: each tap is a tl.gather of x1 at the shifted pixel (on the GPU,
-through shared memory). x1 never leaves the SM; each output element is written once. The halo
-is recomputed: the tiles are chosen to keep the computed pixels within ~1.3x of the written
-ones for dw 3 (`tiling`). Ghost channels the slice drops are never computed.
-
-Two other sources of x1 use the same kernel (PRIMARY_DOT=False, x1 loaded, activated on load):
-a k x k primary conv (the library conv makes z1) and, for wide inputs, a library GEMM that
-writes z1 straight into out[..., :init] of the channels_last output (x1 then read back from
-L2 and rewritten activated: relu(relu(v)) = relu(v), so a neighbour's halo read sees a right
-value before or after). Which primary runs, and the block sizes, come from a table tuned on a
-GPU (triton_tuned.json, `bench/gpu_report.py --tune`), else a heuristic; with
+Forward: one program per (2-D tile of output pixels of one image, block of ghost channels), the
+channel block varying fastest so that the programs reading the same x tile run together (x
+comes from HBM about once, from L2 for the other channel blocks). For each of the dw x dw taps
+the program has x1 = act(W1 x + b1) at the shifted pixels and adds its share of the depthwise
+op; the centre tap's x1 is the tile's own and is written to out[:, :init]. x1 comes from one of:
+- recomputed per tap (PRIMARY_DOT): a tl.dot of the shifted x tile (L1/L2 hits) with W1. That
+  is dw * dw dots and x tile reads, cheap next to the bytes for narrow inputs (inp <= 32:
+  GhostNet's 16->16, 16->48, 24->72). x1 never leaves the SM.
+- the library (PRIMARY_DOT=False): for wider modules cuBLAS writes z1 straight into
+  out[..., :init] of the channels_last output and the taps read it back from L2, activated on
+  load. The kernel rewrites the tile's own x1 activated; relu(relu(v)) = relu(v), so a
+  neighbour's tap sees a right value before or after. A k x k primary conv takes this route
+  too, from the library conv's output.
+Each output element is written once (x1 twice on the library route); there is no scratch
+buffer and no second pass. A design that kept x1 with its halo in registers and made the taps
+tl.gather of it spilled registers in every configuration but the smallest (ptxas for sm_90:
+255 registers and 0.3-7 KB of stack a thread), and was replaced by this one.
+Ghost channels the slice drops are never computed. Block sizes and the route come from a table
+tuned on a GPU (triton_tuned.json, `bench/gpu_report.py --tune`), else a heuristic; with
 GHOSTKERNELS_AUTOTUNE=1 new shapes are timed on first use and cached on disk.
 
 Backward: one kernel per (tile of output pixels, block of intrinsic channels) computes the
@@ -73,103 +76,108 @@ def _gate(gate_ptr, n, channel, h, w, mask, GH, GW, scale_h, scale_w, sgn, sgc, 
     return 1.0 / (1.0 + tl.exp(-logits))
 
 
-# Shape arguments are not specialised (a new GhostNet layer must not mean a new compile);
-# strides are, since their divisibility by 16 is what lets loads and stores vectorise.
-@triton.jit(do_not_specialize=["INP", "HO", "WO", "INIT", "KEEP", "COPIES", "STRIDE", "GH", "GW", "TH", "TW",
+# Shape arguments are not specialised (a new GhostNet layer must not mean a new compile). Strides
+# and COPIES are: a channel stride or COPIES of 1 makes the channel axis contiguous, and the pixel
+# strides come divided by ALIGN (their largest common power-of-two factor up to a 16-byte vector),
+# so that loads and stores along channels vectorise even where the channel count is not a multiple of 16.
+@triton.jit(do_not_specialize=["INP", "HO", "WO", "INIT", "KEEP", "STRIDE", "GH", "GW", "TH", "TW",
                                "tiles_h", "tiles_w", "channel_blocks"])
 def _ghost_forward_kernel(
-    x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, gate_ptr, out_ptr,
+    x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, gate_ptr, out_ptr, ghost_ptr,
     INP, HO, WO, INIT, KEEP, COPIES, STRIDE,
-    sxn, sxc, sxh, sxw, son, soc, soh, sow,
+    sxn, sxc, sxh, sxw, sw1, son, soc, soh, sow,
     GH, GW, scale_h, scale_w, sgn, sgc, sgh, sgw,
     TH, TW, tiles_h, tiles_w, channel_blocks,
     DW: tl.constexpr, PRIMARY_DOT: tl.constexpr, STORE_X1: tl.constexpr,
     HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, RELU: tl.constexpr, GATED: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, ALIGN: tl.constexpr,
     FMA: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     PAD: tl.constexpr = DW // 2
+    sxn, sxh, sxw = sxn * ALIGN, sxh * ALIGN, sxw * ALIGN
+    son, soh, sow = son * ALIGN, soh * ALIGN, sow * ALIGN
     program = tl.program_id(0)
-    c = program % channel_blocks * BLOCK_C + tl.arange(0, BLOCK_C)
+    # A block of ghost channels j, each with its intrinsic channel c (ratio > 2: COPIES ghosts of one
+    # x1 channel sit side by side). Lanes with j % COPIES == 0 also write x1 of channel c.
+    j = program % channel_blocks * BLOCK_C + tl.arange(0, BLOCK_C)
+    c = j // COPIES
     c_ok = c < INIT
+    writes_x1 = c_ok & (j % COPIES == 0)
+    writes_ghost = c_ok & (j < KEEP)
     tile = program // channel_blocks
     n = tile // (tiles_h * tiles_w)
-    h0 = tile // tiles_w % tiles_h * TH
-    w0 = tile % tiles_w * TW
-    # The local grid: the tile and its halo, clipped to the image, flattened row-major.
-    top = tl.maximum(h0 - PAD, 0)
-    left = tl.maximum(w0 - PAD, 0)
-    grid_w = tl.minimum(w0 + TW + PAD, WO) - left
-    grid_pixels = (tl.minimum(h0 + TH + PAD, HO) - top) * grid_w
-    q = tl.arange(0, BLOCK_H)
-    h = top + q // grid_w
-    w = left + q % grid_w
-    in_grid = q < grid_pixels
-    own = in_grid & (h >= h0) & (h < h0 + TH) & (w >= w0) & (w < w0 + TW)
+    p = tl.arange(0, BLOCK_P)
+    h = tile // tiles_w % tiles_h * TH + p // TW
+    w = tile % tiles_w * TW + p % TW
+    own = (p < TH * TW) & (h < HO) & (w < WO)
 
-    if PRIMARY_DOT:
-        acc = tl.zeros([BLOCK_H, BLOCK_C], dtype=ACC)
-        x_rows = x_ptr + n * sxn + (h * STRIDE)[:, None] * sxh + (w * STRIDE)[:, None] * sxw
-        for k0 in range(0, INP, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            xk = tl.load(x_rows + k[None, :] * sxc, mask=in_grid[:, None] & (k < INP)[None, :], other=0.0)
-            wk = tl.load(w1_ptr + c[None, :] * INP + k[:, None], mask=c_ok[None, :] & (k < INP)[:, None], other=0.0)
-            acc = dot_accumulate(xk, wk, acc, FMA, INPUT_PRECISION, UPCAST_DOT)
-        if HAS_B1:
-            acc += tl.load(b1_ptr + c, mask=c_ok, other=0.0).to(ACC)[None, :]
-    else:  # z1 (bias included) from the library: x_ptr is (N, INIT, HO, WO), maybe out itself
-        acc = tl.load(x_ptr + n * sxn + c[None, :] * sxc + h[:, None] * sxh + w[:, None] * sxw,
-                      mask=in_grid[:, None] & c_ok[None, :], other=0.0).to(ACC)
-    # x1 as the reference has it, rounded to the output dtype: the depthwise op reads that.
-    x1 = _activate(acc, RELU).to(out_ptr.dtype.element_ty)
-    own_mask = own[:, None] & c_ok[None, :]
-    if STORE_X1:
-        if GATED:
-            gated = x1.to(ACC) * _gate(gate_ptr, n, c, h, w, own_mask, GH, GW, scale_h, scale_w,
-                                       sgn, sgc, sgh, sgw, ACC)
-            tl.store(out_ptr + n * son + c[None, :] * soc + h[:, None] * soh + w[:, None] * sow,
-                     gated.to(out_ptr.dtype.element_ty), mask=own_mask)
-        else:
-            tl.store(out_ptr + n * son + c[None, :] * soc + h[:, None] * soh + w[:, None] * sow, x1, mask=own_mask)
-
-    for copy in range(COPIES):
-        j = c * COPIES + copy
-        j_ok = c_ok & (j < KEEP)
-        if HAS_B2:
-            acc = tl.zeros([BLOCK_H, BLOCK_C], dtype=ACC) + tl.load(b2_ptr + j, mask=j_ok, other=0.0).to(ACC)[None, :]
-        else:
-            acc = tl.zeros([BLOCK_H, BLOCK_C], dtype=ACC)
-        for dy in tl.static_range(DW):
-            for dx in tl.static_range(DW):
-                wt = tl.load(w2_ptr + j * DW * DW + dy * DW + dx, mask=j_ok, other=0.0).to(ACC)
-                if DW == 1:
-                    v = x1.to(ACC)
+    if HAS_B2:
+        acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC) + tl.load(b2_ptr + j, mask=writes_ghost, other=0.0).to(ACC)[None, :]
+    else:
+        acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+    if PRIMARY_DOT and HAS_B1:
+        b1 = tl.load(b1_ptr + c, mask=c_ok, other=0.0).to(ACC)
+    # A runtime loop over the taps: unrolled, the compiler hoists every tap's loads at once and
+    # spills registers (bench/gpu_compile_check.py).
+    for tap in range(DW * DW):
+        dy = tap // DW
+        dx = tap % DW
+        hs = h + dy - PAD
+        ws = w + dx - PAD
+        tap_ok = own & (hs >= 0) & (hs < HO) & (ws >= 0) & (ws < WO)
+        # x1 at the tap's pixels: recomputed from x (tl.dot over inp; the x tile of a shifted tap
+        # comes from L1/L2), or read from the library's z1
+        if PRIMARY_DOT:
+            z = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+            x_rows = x_ptr + n * sxn + (hs * STRIDE)[:, None] * sxh + (ws * STRIDE)[:, None] * sxw
+            for k0 in range(0, INP, BLOCK_K):
+                k = k0 + tl.arange(0, BLOCK_K)
+                xk = tl.load(x_rows + k[None, :] * sxc, mask=tap_ok[:, None] & (k < INP)[None, :], other=0.0)
+                wk = tl.load(w1_ptr + c[None, :] * sw1 + k[:, None], mask=c_ok[None, :] & (k < INP)[:, None],
+                             other=0.0)
+                z = dot_accumulate(xk, wk, z, FMA, INPUT_PRECISION, UPCAST_DOT)
+            if HAS_B1:
+                z += b1[None, :]
+        else:  # x_ptr is (N, INIT, HO, WO), bias included; maybe out itself
+            z = tl.load(x_ptr + n * sxn + c[None, :] * sxc + hs[:, None] * sxh + ws[:, None] * sxw,
+                        mask=tap_ok[:, None] & c_ok[None, :], other=0.0).to(ACC)
+        # x1 as the reference has it, rounded to the output dtype: the depthwise op reads that
+        x1 = _activate(z, RELU).to(out_ptr.dtype.element_ty)
+        if STORE_X1:
+            if tap == PAD * DW + PAD:  # the centre tap is the tile's own x1
+                x1_mask = own[:, None] & writes_x1[None, :]
+                x1_out = out_ptr + n * son + c[None, :] * soc + h[:, None] * soh + w[:, None] * sow
+                if GATED:
+                    gated = x1.to(ACC) * _gate(gate_ptr, n, c, h, w, x1_mask, GH, GW, scale_h, scale_w,
+                                               sgn, sgc, sgh, sgw, ACC)
+                    tl.store(x1_out, gated.to(out_ptr.dtype.element_ty), mask=x1_mask)
                 else:
-                    hs = h + dy - PAD
-                    ws = w + dx - PAD
-                    tap_ok = own & (hs >= 0) & (hs < HO) & (ws >= 0) & (ws < WO)
-                    # an own pixel's tap inside the image lies in the grid; other lanes read their own pixel
-                    source = tl.where(tap_ok, q + (dy - PAD) * grid_w + (dx - PAD), q)
-                    v = tl.gather(x1, tl.broadcast_to(source[:, None], (BLOCK_H, BLOCK_C)), axis=0)
-                    v = tl.where(tap_ok[:, None], v.to(ACC), 0.0)
-                acc += v * wt[None, :]
-        acc = _activate(acc, RELU)
-        ghost_mask = own[:, None] & j_ok[None, :]
-        if GATED:
-            acc *= _gate(gate_ptr, n, INIT + j, h, w, ghost_mask, GH, GW, scale_h, scale_w, sgn, sgc, sgh, sgw, ACC)
-        tl.store(out_ptr + n * son + (INIT + j)[None, :] * soc + h[:, None] * soh + w[:, None] * sow,
-                 acc.to(out_ptr.dtype.element_ty), mask=ghost_mask)
+                    tl.store(x1_out, x1, mask=x1_mask)
+        weight = tl.load(w2_ptr + j * DW * DW + tap, mask=writes_ghost, other=0.0).to(ACC)
+        acc += tl.where(tap_ok[:, None], x1.to(ACC), 0.0) * weight[None, :]
+    acc = _activate(acc, RELU)
+    ghost_mask = own[:, None] & writes_ghost[None, :]
+    if GATED:
+        acc *= _gate(gate_ptr, n, INIT + j, h, w, ghost_mask, GH, GW, scale_h, scale_w, sgn, sgc, sgh, sgw, ACC)
+    tl.store(ghost_ptr + n * son + j[None, :] * soc + h[:, None] * soh + w[:, None] * sow,
+             acc.to(out_ptr.dtype.element_ty), mask=ghost_mask)
 
-@triton.jit(do_not_specialize=["HO", "WO", "INIT", "KEEP", "GHOSTS", "COPIES", "TH", "TW", "tiles_h", "tiles_w"])
+
+# Specialised as the forward is (COPIES, strides, pixel strides over ALIGN); grad_ghost_ptr and
+# out_ghost_ptr point at channel init, so that the ghost half's accesses vectorise when aligned.
+@triton.jit(do_not_specialize=["HO", "WO", "INIT", "KEEP", "GHOSTS", "TH", "TW", "tiles_h", "tiles_w"])
 def _ghost_backward_kernel(
-    grad_ptr, out_ptr, w2_ptr, gz1_ptr, gw2_part_ptr, gb1_part_ptr, gb2_part_ptr,
+    grad_ptr, grad_ghost_ptr, out_ptr, out_ghost_ptr, w2_ptr, gz1_ptr, gw2_part_ptr, gb1_part_ptr, gb2_part_ptr,
     HO, WO, INIT, KEEP, GHOSTS, COPIES,
     sgn, sgc, sgh, sgw, son, soc, soh, sow, szn, szc, szh, szw,
     TH, TW, tiles_h, tiles_w,
     DW: tl.constexpr, RELU: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ALIGN: tl.constexpr, ACC: tl.constexpr,
 ):
     PAD: tl.constexpr = DW // 2
+    sgn, sgh, sgw = sgn * ALIGN, sgh * ALIGN, sgw * ALIGN
+    son, soh, sow = son * ALIGN, soh * ALIGN, sow * ALIGN
+    szn, szh, szw = szn * ALIGN, szh * ALIGN, szw * ALIGN
     tile = tl.program_id(0)
     n = tile // (tiles_h * tiles_w)
     h0 = tile // tiles_w % tiles_h * TH
@@ -187,38 +195,38 @@ def _ghost_backward_kernel(
     for copy in range(COPIES):
         j = c * COPIES + copy
         j_ok = c_ok & (j < KEEP)
-        ghost = (INIT + j)[None, :]
+        ghost = j[None, :]  # channel of the ghost views
         # grad of z2 at this tile's pixels: the depthwise bias grad and the weight grads' left factor
-        g2 = tl.load(grad_ptr + n * sgn + ghost * sgc + h[:, None] * sgh + w[:, None] * sgw,
+        g2 = tl.load(grad_ghost_ptr + n * sgn + ghost * sgc + h[:, None] * sgh + w[:, None] * sgw,
                      mask=p_ok[:, None] & j_ok[None, :], other=0.0).to(ACC)
         if RELU:
-            y2 = tl.load(out_ptr + n * son + ghost * soc + h[:, None] * soh + w[:, None] * sow,
+            y2 = tl.load(out_ghost_ptr + n * son + ghost * soc + h[:, None] * soh + w[:, None] * sow,
                          mask=p_ok[:, None] & j_ok[None, :], other=0.0)
             g2 = tl.where(y2 <= 0, 0.0, g2)  # ReLU's mask as torch's: the grad passes where y2 is NaN
         tl.store(gb2_part_ptr + tile * GHOSTS + j, tl.sum(g2, axis=0), mask=j_ok)
-        for dy in tl.static_range(DW):
-            for dx in tl.static_range(DW):
-                wt = tl.load(w2_ptr + j * DW * DW + dy * DW + dx, mask=j_ok, other=0.0).to(ACC)
-                # adjoint of the depthwise conv: grad of x1 here gathers grad of z2 at (h - sy, w - sx)
-                ha = h - (dy - PAD)
-                wa = w - (dx - PAD)
-                a_ok = p_ok & (ha >= 0) & (ha < HO) & (wa >= 0) & (wa < WO)
-                a_mask = a_ok[:, None] & j_ok[None, :]
-                ga = tl.load(grad_ptr + n * sgn + ghost * sgc + ha[:, None] * sgh + wa[:, None] * sgw, mask=a_mask,
-                             other=0.0).to(ACC)
-                if RELU:
-                    ya = tl.load(out_ptr + n * son + ghost * soc + ha[:, None] * soh + wa[:, None] * sow,
-                                 mask=a_mask, other=0.0)
-                    ga = tl.where(ya <= 0, 0.0, ga)
-                gy1 += ga * wt[None, :]
-                # depthwise weight grad: grad of z2 here times x1 at (h + sy, w + sx)
-                hb = h + dy - PAD
-                wb = w + dx - PAD
-                b_ok = p_ok & (hb >= 0) & (hb < HO) & (wb >= 0) & (wb < WO)
-                yb = tl.load(out_ptr + n * son + c[None, :] * soc + hb[:, None] * soh + wb[:, None] * sow,
-                             mask=b_ok[:, None] & c_ok[None, :], other=0.0).to(ACC)
-                tl.store(gw2_part_ptr + (tile * GHOSTS + j) * DW * DW + dy * DW + dx, tl.sum(g2 * yb, axis=0),
-                         mask=j_ok)
+        for tap in range(DW * DW):  # a runtime loop, as in the forward: unrolled, it spills
+            dy = tap // DW
+            dx = tap % DW
+            wt = tl.load(w2_ptr + j * DW * DW + tap, mask=j_ok, other=0.0).to(ACC)
+            # adjoint of the depthwise conv: grad of x1 here gathers grad of z2 at (h - sy, w - sx)
+            ha = h - (dy - PAD)
+            wa = w - (dx - PAD)
+            a_ok = p_ok & (ha >= 0) & (ha < HO) & (wa >= 0) & (wa < WO)
+            a_mask = a_ok[:, None] & j_ok[None, :]
+            ga = tl.load(grad_ghost_ptr + n * sgn + ghost * sgc + ha[:, None] * sgh + wa[:, None] * sgw, mask=a_mask,
+                         other=0.0).to(ACC)
+            if RELU:
+                ya = tl.load(out_ghost_ptr + n * son + ghost * soc + ha[:, None] * soh + wa[:, None] * sow,
+                             mask=a_mask, other=0.0)
+                ga = tl.where(ya <= 0, 0.0, ga)
+            gy1 += ga * wt[None, :]
+            # depthwise weight grad: grad of z2 here times x1 at (h + sy, w + sx)
+            hb = h + dy - PAD
+            wb = w + dx - PAD
+            b_ok = p_ok & (hb >= 0) & (hb < HO) & (wb >= 0) & (wb < WO)
+            yb = tl.load(out_ptr + n * son + c[None, :] * soc + hb[:, None] * soh + wb[:, None] * sow,
+                         mask=b_ok[:, None] & c_ok[None, :], other=0.0).to(ACC)
+            tl.store(gw2_part_ptr + (tile * GHOSTS + j) * DW * DW + tap, tl.sum(g2 * yb, axis=0), mask=j_ok)
     if RELU:
         gy1 = tl.where(y1 <= 0, 0.0, gy1)
     tl.store(gb1_part_ptr + tile * INIT + c, tl.sum(gy1, axis=0), mask=c_ok)
@@ -250,53 +258,53 @@ def _block(n, low, high):
 
 
 @functools.lru_cache(maxsize=None)
-def tiling(height, width, dw, block_h):
-    """(tiles per image, tile rows, tile columns): the output tiles whose halo grid (the tile
-    and dw // 2 pixels around it, clipped to the image) fits block_h pixels, fewest tiles
-    first, then the widest (coalesced rows). None if not even one pixel and its halo fit."""
-    pad = dw // 2
+def tiling(height, width, block_p):
+    """(tiles per image, tile rows, tile columns) of the output tiles of at most block_p pixels:
+    full rows when they fit (coalesced), else a square-ish tile; fewest tiles first."""
     best = None
-    for tile_w in range(1, width + 1):
-        rows = block_h // min(tile_w + 2 * pad, width)
-        tile_h = height if height <= rows else rows - 2 * pad
-        if tile_h < 1:
-            break
+    for tile_w in range(1, min(width, block_p) + 1):
+        tile_h = min(height, block_p // tile_w)
         tiles = _cdiv(height, tile_h) * _cdiv(width, tile_w)
-        if best is None or tiles <= best[0]:
+        if best is None or tiles < best[0] or (tiles == best[0] and tile_w > best[2]):
             best = (tiles, tile_h, tile_w)
     return best
 
 
-def heuristic_config(inp, init, height, width, dw, dtype, library_ok):
-    """Block sizes and primary for a shape no tuned table covers: the grid size with the least
-    computed-but-not-written pixels, 32 channels a program (16 for narrow modules), the library
-    GEMM for wide inputs (inp >= 480, where x1's extra trip through L2 is small next to x)."""
+# x1 recomputed at each of the dw * dw taps re-reads the x tile dw * dw times (L1/L2) and costs
+# dw * dw dots: cheap next to the bytes only for narrow inputs (GhostNet's 16->16, 16->48, 24->72).
+# Wider ones take x1 from the library GEMM, written into the output and read back; the bytes
+# each route should move per shape are in bench/results/gpu-design-predictions.md.
+RECOMPUTE_MAX_INP = 32
+
+
+def heuristic_config(inp, init, ghosts, height, width, dw, dtype, library_ok):
+    """Block sizes and primary for a shape no tuned table covers: 64-pixel tiles and 32 ghost
+    channels a program (16 for narrow modules) with 4 warps, 80-150 registers a thread on sm_90
+    without spills, so that several programs share an SM to hide memory latency
+    (bench/gpu_compile_check.py); x1 from the library GEMM for inputs wider than
+    RECOMPUTE_MAX_INP."""
     float64 = dtype == torch.float64
-    candidates = [b for b in ((64,) if float64 else (64, 128, 256)) if tiling(height, width, dw, b)]
-    block_h = min(candidates, key=lambda b: (tiling(height, width, dw, b)[0] * b, -b))
-    block_c = 16 if float64 or init <= 16 else 32
+    block_c = 16 if float64 or ghosts <= 16 else 32
     return {
-        "block_h": block_h, "block_c": block_c, "block_k": 4 if float64 else 32,
-        "num_warps": 8 if block_h * block_c >= 8192 else 4, "num_stages": 2,
-        "primary": "library" if library_ok and inp >= 480 else "kernel",
+        "block_p": 64, "block_c": block_c, "block_k": 4 if float64 else 32 if inp > 16 else 16,
+        "num_warps": 4, "num_stages": 2,
+        "primary": "library" if library_ok and inp > RECOMPUTE_MAX_INP else "kernel",
     }
 
 
-def candidate_configs(inp, init, height, width, dw, dtype, library_ok):
+def candidate_configs(inp, init, ghosts, height, width, dw, dtype, library_ok):
     """What GHOSTKERNELS_AUTOTUNE=1 and `bench/gpu_report.py --tune` time for a shape."""
-    heuristic = heuristic_config(inp, init, height, width, dw, dtype, library_ok)
+    heuristic = heuristic_config(inp, init, ghosts, height, width, dw, dtype, library_ok)
     if dtype == torch.float64:
         return [heuristic]
     configs = []
-    for block_h in (64, 128, 256):
-        if tiling(height, width, dw, block_h) is None:
-            continue
+    for block_p in (32, 64, 128):
         for block_c in (16, 32, 64):
-            if block_c > _block(init, 16, 64) or block_h * block_c > 256 * 32:
+            if block_c > _block(ghosts, 16, 64) or block_p * block_c > 128 * 32:
                 continue
-            for num_warps in (4, 8):
+            for num_warps in (4, 8):  # 2 warps spill at 64 x 64 and 128 x 32 (bench/gpu_compile_check.py)
                 for primary in ("kernel", "library") if library_ok else ("kernel",):
-                    configs.append(dict(heuristic, block_h=block_h, block_c=block_c, num_warps=num_warps,
+                    configs.append(dict(heuristic, block_p=block_p, block_c=block_c, num_warps=num_warps,
                                         primary=primary))
     return configs
 
@@ -405,8 +413,8 @@ def forward(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_chann
 def _choose_config(device, shape, library_ok, run):
     """The tuned table's config for this GPU and shape; else, with GHOSTKERNELS_AUTOTUNE=1, the
     fastest candidate, timed now and cached on disk; else the heuristic."""
-    inp, init, _, _, height, width, _, dw, _, dtype = shape[:10]
-    heuristic = heuristic_config(inp, init, height, width, dw, dtype, library_ok)
+    inp, init, ghosts, _, height, width, _, dw, _, dtype = shape[:10]
+    heuristic = heuristic_config(inp, init, ghosts, height, width, dw, dtype, library_ok)
     if device.type != "cuda":
         return heuristic
     device_name = _device_name(device.index if device.index is not None else torch.cuda.current_device())
@@ -417,7 +425,7 @@ def _choose_config(device, shape, library_ok, run):
     if os.environ.get("GHOSTKERNELS_AUTOTUNE") != "1":
         return heuristic
     timed = []
-    for config in candidate_configs(inp, init, height, width, dw, dtype, library_ok):
+    for config in candidate_configs(inp, init, ghosts, height, width, dw, dtype, library_ok):
         try:
             timed.append((triton.testing.do_bench(lambda: run(config), warmup=5, rep=25, return_mode="median"),
                           config))
@@ -429,43 +437,85 @@ def _choose_config(device, shape, library_ok, run):
 
 
 def _launch(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out, activation, stride, gate, config):
-    batch, inp = x.shape[:2]
-    init, ghosts = primary_weight.shape[0], cheap_weight.shape[0]
-    kernel, dw = primary_weight.shape[-1], cheap_weight.shape[-1]
-    out_channels, height, width = out.shape[1:]
-    relu = activation == "relu"
-    gated = gate is not None
-    primary_dot, store_x1 = True, True
-    source = x
+    kernel = primary_weight.shape[-1]
+    source, primary_dot, store_x1 = x, True, True
     if kernel > 1:  # the library conv makes z1; the kernel activates, stores and uses it
         source = torch.nn.functional.conv2d(x, primary_weight, primary_bias, stride, kernel // 2)
         primary_dot = False
     elif config["primary"] == "library":
         _library_primary_into(x, primary_weight, primary_bias, out)
         source = out
-        primary_dot, store_x1 = False, relu  # rewritten only to activate it
-    tiles, tile_h, tile_w = tiling(height, width, dw, config["block_h"])
-    channel_blocks = _cdiv(init, config["block_c"])
+        primary_dot, store_x1 = False, activation == "relu"  # rewritten only to activate it
+    grid, args, constants = launch_arguments(source, primary_dot, store_x1, primary_weight, primary_bias, cheap_weight,
+                                             cheap_bias, out, activation, stride, gate, config, x.dtype)
+    _ghost_forward_kernel[grid](*args, **constants, num_warps=config["num_warps"], num_stages=config["num_stages"])
+
+
+def _alignment(element_size, strides):
+    """The largest power of two, up to a 16-byte vector, that divides every stride."""
+    align = max(1, 16 // element_size)
+    while align > 1 and any(s % align for s in strides):
+        align //= 2
+    return align
+
+
+def _pixel_strides(*tensors):
+    return [s for t in tensors for i, s in enumerate(t.stride()) if i != 1]
+
+
+def backward_arguments(grad, out, cheap_weight, grad_z1, gw2_part, gb1_part, gb2_part, init, tile_h, tile_w):
+    """The positional arguments of _ghost_backward_kernel (pixel strides over ALIGN, as
+    _alignment of _pixel_strides(grad, out, grad_z1) gives it)."""
+    out_channels, height, width = out.shape[1:]
+    ghosts = cheap_weight.shape[0]
+    align = _alignment(out.element_size(), _pixel_strides(grad, out, grad_z1))
+    strides = []
+    for t in (grad, out, grad_z1):
+        sn, sc, sh, sw = t.stride()
+        strides += [sn // align, sc, sh // align, sw // align]
+    return (grad, grad[:, init:], out, out[:, init:], cheap_weight, grad_z1, gw2_part, gb1_part, gb2_part,
+            height, width, init, out_channels - init, ghosts, ghosts // init, *strides,
+            tile_h, tile_w, _cdiv(height, tile_h), _cdiv(width, tile_w))
+
+
+def launch_arguments(source, primary_dot, store_x1, primary_weight, primary_bias, cheap_weight, cheap_bias, out,
+                     activation, stride, gate, config, dtype):
+    """(grid, positional arguments, constexpr keywords) of _ghost_forward_kernel: x1 from
+    `source` by tl.dot (primary_dot: source is x) or loaded (source is z1, maybe out itself)."""
+    batch, inp = source.shape[0], primary_weight.shape[1]
+    init, ghosts = primary_weight.shape[0], cheap_weight.shape[0]
+    out_channels, height, width = out.shape[1:]
+    tiles, tile_h, tile_w = tiling(height, width, config["block_p"])
+    channel_blocks = _cdiv(ghosts, config["block_c"])
+    gated = gate is not None
     gate = gate if gated else out  # unread placeholder
-    _ghost_forward_kernel[(batch * tiles * channel_blocks,)](
+    sxn, sxc, sxh, sxw = source.stride()
+    son, soc, soh, sow = out.stride()
+    align = _alignment(out.element_size(), _pixel_strides(source, out))
+    args = (
         source, primary_weight, primary_bias if primary_bias is not None else source,
-        cheap_weight, cheap_bias if cheap_bias is not None else source, gate, out,
+        cheap_weight, cheap_bias if cheap_bias is not None else source, gate, out, out[:, init:],
         inp, height, width, init, out_channels - init, ghosts // init, stride,
-        *source.stride(), *out.stride(),
+        sxn // align, sxc, sxh // align, sxw // align, primary_weight.stride(0),
+        son // align, soc, soh // align, sow // align,
         *gate.shape[2:], _nearest_scale(gate.shape[2], height), _nearest_scale(gate.shape[3], width), *gate.stride(),
         tile_h, tile_w, _cdiv(height, tile_h), _cdiv(width, tile_w), channel_blocks,
-        DW=dw, PRIMARY_DOT=primary_dot, STORE_X1=store_x1,
-        HAS_B1=primary_bias is not None, HAS_B2=cheap_bias is not None, RELU=relu, GATED=gated,
-        BLOCK_H=config["block_h"], BLOCK_K=config["block_k"], BLOCK_C=config["block_c"],
-        FMA=x.dtype == torch.float64, INPUT_PRECISION=_input_precision(x.dtype), ACC=_accumulator(x.dtype),
-        UPCAST_DOT=INTERPRET and x.dtype == torch.bfloat16,
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
+    constants = dict(
+        DW=cheap_weight.shape[-1], PRIMARY_DOT=primary_dot, STORE_X1=store_x1,
+        HAS_B1=primary_bias is not None, HAS_B2=cheap_bias is not None, RELU=activation == "relu", GATED=gated,
+        BLOCK_P=config["block_p"], BLOCK_K=config["block_k"], BLOCK_C=config["block_c"], ALIGN=align,
+        FMA=dtype == torch.float64, INPUT_PRECISION=_input_precision(dtype), ACC=_accumulator(dtype),
+        UPCAST_DOT=INTERPRET and dtype == torch.bfloat16,
+    )
+    return (batch * tiles * channel_blocks,), args, constants
 
 
 def backward(grad, out, x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation,
-             tile_pixels=256):
-    """Grads of (x, W1, b1, W2, b2); zeros for absent biases. tile_pixels: a power of two."""
+             tile_pixels=128):
+    """Grads of (x, W1, b1, W2, b2); zeros for absent biases. tile_pixels: a power of two. 128
+    pixels x 16 channels with 4 warps is 136 registers a thread on sm_90, no spill; 256 x 32
+    spills (bench/gpu_compile_check.py)."""
     batch = x.shape[0]
     init, ghosts = primary_weight.shape[0], cheap_weight.shape[0]
     kernel, dw = primary_weight.shape[-1], cheap_weight.shape[-1]
@@ -478,18 +528,16 @@ def backward(grad, out, x, primary_weight, primary_bias, cheap_weight, cheap_bia
     tile_h = max(1, min(height, block_p // tile_w))
     tiles_h, tiles_w = _cdiv(height, tile_h), _cdiv(width, tile_w)
     tiles = batch * tiles_h * tiles_w
-    block_c = _block(init, 16, 32)
+    block_c = 16
     partial = dict(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
     gw2_part = torch.zeros((tiles, ghosts, dw * dw), **partial)
     gb1_part = torch.zeros((tiles, init), **partial)
     gb2_part = torch.zeros((tiles, ghosts), **partial)
     if tiles > 0:
-        _ghost_backward_kernel[(tiles, _cdiv(init, block_c))](
-            grad, out, cheap_weight, grad_z1, gw2_part, gb1_part, gb2_part,
-            height, width, init, out_channels - init, ghosts, ghosts // init,
-            *grad.stride(), *out.stride(), *grad_z1.stride(),
-            tile_h, tile_w, tiles_h, tiles_w,
-            DW=dw, RELU=activation == "relu", BLOCK_P=block_p, BLOCK_C=block_c, ACC=_accumulator(x.dtype),
+        _ghost_backward_kernel[(tiles, _cdiv(init, block_c))](*backward_arguments(
+            grad, out, cheap_weight, grad_z1, gw2_part, gb1_part, gb2_part, init, tile_h, tile_w),
+            DW=dw, RELU=activation == "relu", BLOCK_P=block_p, BLOCK_C=block_c,
+            ALIGN=_alignment(out.element_size(), _pixel_strides(grad, out, grad_z1)), ACC=_accumulator(x.dtype),
         )
     grad_x, grad_w1, _ = torch.ops.aten.convolution_backward(
         grad_z1, x, primary_weight, None, [stride, stride], [kernel // 2, kernel // 2], [1, 1], False, [0, 0], 1,

@@ -1,0 +1,212 @@
+"""Compile the Triton kernels for a GPU without one: compile time, registers, spills, shared memory.
+
+    python bench/gpu_compile_check.py [--arch 90] [--out bench/results/sm90-compile-check.md]
+
+Triton compiles ahead of time for a given target (`triton.compile` with a GPUTarget) with the
+ptxas it ships, and cuobjdump (shipped too) reads the cubin's resource usage. So without a GPU
+we can see what a GPU would run: whether every variant compiles (float64 included), how many
+registers a thread takes (255 is the cap; beyond it ptxas spills to local memory, "stack"),
+and how long compilation takes, the first call's cost. Variants: the forward of every
+GhostNet 1.0x shape with the heuristic config (float16; bfloat16 compiles the same), the
+tuning candidates of two shapes, float64, ratio 3, NCHW, gated, the backward and G-GhostNet's
+cheap op. Each is specialised as a real launch of that shape would be (`compile_launch`).
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+# A fresh Triton cache, so that the compile times are a fresh process's (a first call's).
+os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="ghostkernels-compile-check-")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cases import GHOSTNET_SHAPES, shape_name  # noqa: E402
+
+from ghostkernels import triton_cheap_mix, triton_ghost  # noqa: E402
+
+POINTER = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64"}
+_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def compile_launch(fn, args, constants, arch, num_warps, num_stages):
+    """triton.compile of `fn` for sm_<arch> as a launch fn[grid](*args, **constants) would
+    specialise it: a tensor 16-byte aligned, an int equal to 1 or divisible by 16 (unless the
+    kernel says do_not_specialize) become known to the compiler. Returns (seconds, kernel)."""
+    signature, attrs, constexprs = {}, {}, dict(constants)
+    values = iter(args)
+    for i, param in enumerate(fn.params):
+        name = param.name
+        if name in constants:
+            signature[name] = "constexpr"
+            continue
+        value = next(values)
+        if isinstance(value, torch.Tensor):
+            signature[name] = POINTER[value.dtype]
+            if value.data_ptr() % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        elif value == 1 and not param.do_not_specialize:
+            signature[name] = "constexpr"
+            constexprs[name] = 1
+        else:
+            signature[name] = "i32"
+            if value % 16 == 0 and not param.do_not_specialize:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
+    start = time.perf_counter()
+    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": num_warps, "num_stages": num_stages})
+    return time.perf_counter() - start, kernel
+
+
+def resource_usage(kernel):
+    """{"REG": registers a thread, "STACK": bytes of stack a thread (spills), ...} from cuobjdump."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        text = subprocess.run([os.path.join(_BIN, "cuobjdump"), "--dump-resource-usage", f.name],
+                              capture_output=True, text=True, check=True).stdout
+    fields = text.strip().splitlines()[-1].split()
+    return {k: int(v) for k, v in (field.split(":")[:2] for field in fields if field.count(":") == 1)}
+
+
+_compiled = {}  # specialisation -> kernel: a variant a real process would reuse compiles once here too
+
+
+def compile_forward(inp, oup, size, config, dtype=torch.float16, arch=90, ratio=2, dw=3, relu=True,
+                    channels_last=True, gated=False):
+    """(seconds, resource usage) of the forward a batch-1 call of this shape and config launches
+    (seconds 0 when an identical variant was compiled already)."""
+    init = -(-oup // ratio)
+    ghosts = init * (ratio - 1)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.empty(1, inp, size, size, dtype=dtype).to(memory_format=fmt)
+    out = torch.empty(1, oup, size, size, dtype=dtype).to(memory_format=fmt)
+    w1, b1 = torch.empty(init, inp, 1, 1, dtype=dtype), torch.empty(init, dtype=dtype)
+    w2, b2 = torch.empty(ghosts, 1, dw, dw, dtype=dtype), torch.empty(ghosts, dtype=dtype)
+    gate = torch.empty(1, oup, max(1, size // 2), max(1, size // 2), dtype=dtype) if gated else None
+    library = config["primary"] == "library"
+    _, args, constants = triton_ghost.launch_arguments(
+        out if library else x, not library, relu or not library, w1, b1, w2, b2, out, "relu" if relu else "none", 1,
+        gate, config, dtype)
+    constants["INPUT_PRECISION"] = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+    constants["UPCAST_DOT"] = False
+    key = (repr(sorted(constants.items(), key=lambda kv: kv[0])), config["num_warps"], config["num_stages"],
+           tuple(type(a).__name__ if isinstance(a, torch.Tensor) else (a == 1, a % 16 == 0) for a in args
+                 if not isinstance(a, float)), tuple(a.data_ptr() % 16 == 0 for a in args if isinstance(a, torch.Tensor)))
+    seconds = 0.0
+    if key not in _compiled:
+        seconds, _compiled[key] = compile_launch(triton_ghost._ghost_forward_kernel, args, constants, arch,
+                                                 config["num_warps"], config["num_stages"])
+    return seconds, resource_usage(_compiled[key])
+
+
+def compile_backward(dtype, arch=90, dw=3, block_p=128, block_c=16, num_warps=4, oup=200, size=14):
+    """(seconds, resource usage) of the backward kernel a call of this shape launches (ratio 2)."""
+    init = -(-oup // 2)
+    fmt = torch.channels_last
+    out = torch.empty(1, oup, size, size, dtype=dtype).to(memory_format=fmt)
+    grad = torch.empty_like(out)
+    grad_z1 = torch.empty(1, init, size, size, dtype=dtype).to(memory_format=fmt)
+    partial = torch.empty(1, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    tile_w = min(size, block_p)
+    tile_h = max(1, min(size, block_p // tile_w))
+    args = triton_ghost.backward_arguments(grad, out, torch.empty(init, 1, dw, dw, dtype=dtype), grad_z1, partial,
+                                           partial, partial, init, tile_h, tile_w)
+    constants = {"DW": dw, "RELU": True, "BLOCK_P": block_p, "BLOCK_C": block_c,
+                 "ALIGN": triton_ghost._alignment(out.element_size(),
+                                                  triton_ghost._pixel_strides(grad, out, grad_z1)),
+                 "ACC": tl.float64 if dtype == torch.float64 else tl.float32}
+    seconds, kernel = compile_launch(triton_ghost._ghost_backward_kernel, args, constants, arch, num_warps, 2)
+    return seconds, resource_usage(kernel)
+
+
+def compile_cheap_mix(dtype, arch=90):
+    float64 = dtype == torch.float64
+    x = torch.empty(1, 64, 14, 14, dtype=dtype).to(memory_format=torch.channels_last)
+    weight, bias, mix = torch.empty(64, 32, dtype=dtype), torch.empty(64, dtype=dtype), torch.empty(1, 64, dtype=dtype)
+    args = (x, weight, bias, mix, x, 32, 64, 14, 196, *x.stride(), *x.stride())
+    constants = {"HAS_BIAS": True, "BLOCK_P": 32 if float64 else 64, "BLOCK_C": 16 if float64 else 64,
+                 "BLOCK_K": 4 if float64 else 32, "FMA": float64, "INPUT_PRECISION": "ieee",
+                 "ACC": tl.float64 if float64 else tl.float32, "UPCAST_DOT": False}
+    seconds, kernel = compile_launch(triton_cheap_mix._cheap_mix_kernel, args, constants, arch, 4, 2)
+    return seconds, resource_usage(kernel)
+
+
+def smoke():
+    """{variant: resource usage} of one variant of each kernel and dtype family (the test suite's
+    check that everything compiles for sm_90; run without TRITON_INTERPRET)."""
+    results = {}
+    for primary, dtype in (("kernel", torch.float16), ("library", torch.float16), ("kernel", torch.float64)):
+        config = dict(triton_ghost.heuristic_config(40, 60, 60, 28, 28, 3, dtype, True), primary=primary)
+        results[f"forward {primary} {dtype}"] = compile_forward(40, 120, 28, config, dtype)[1]
+    for dtype in (torch.float16, torch.float64):
+        results[f"backward {dtype}"] = compile_backward(dtype)[1]
+    results["cheap_mix torch.float64"] = compile_cheap_mix(torch.float64)[1]
+    return results
+
+
+def row(what, config, seconds, usage):
+    spill = " **spills**" if usage.get("STACK", 0) or usage.get("LOCAL", 0) else ""
+    config_text = ", ".join(f"{k}={v}" for k, v in config.items()) if config else "-"
+    return (f"| {what} | {config_text} | {seconds:.1f} | {usage.get('REG')} | {usage.get('STACK', 0)}{spill} | "
+            f"{usage.get('SHARED', 0)} |\n")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                      "sm90-compile-check.md"))
+    args = parser.parse_args()
+    lines = [f"# Triton kernels compiled for sm_{args.arch} without a GPU (`python bench/gpu_compile_check.py`)\n\n"
+             f"triton {triton.__version__}, torch {torch.__version__}. Seconds: compile time on this CPU (0: the "
+             "variant was compiled above already); REG: registers a thread; STACK: bytes of spill a thread; "
+             "SHARED: static shared memory.\n\n",
+             "| kernel | config | s | REG | STACK | SHARED |\n", "|---" * 6 + "|\n"]
+
+    def emit(text):
+        lines.append(text)
+        print(text, end="", flush=True)
+
+    start = time.perf_counter()
+    for inp, oup, size in GHOSTNET_SHAPES:
+        init = -(-oup // 2)
+        config = triton_ghost.heuristic_config(inp, init, init, size, size, 3, torch.float16, True)
+        for relu in (True, False):  # GhostNet's ghost1 and ghost2
+            emit(row(f"forward {shape_name(inp, oup, size)} float16 {'relu' if relu else 'none'}", config,
+                     *compile_forward(inp, oup, size, config, arch=args.arch, relu=relu)))
+    emit(f"| **GhostNet 1.0x's forward variants, compiled in all** | | {time.perf_counter() - start:.1f} | | | |\n")
+    for shape in ((24, 72, 56), (80, 200, 14)):
+        init = -(-shape[1] // 2)
+        for config in triton_ghost.candidate_configs(shape[0], init, init, shape[2], shape[2], 3, torch.float16, True):
+            emit(row(f"forward candidate {shape_name(*shape)}", config, *compile_forward(*shape, config, arch=args.arch)))
+    config = triton_ghost.heuristic_config(16, 8, 8, 56, 56, 3, torch.float64, False)
+    emit(row("forward 16->16@56 float64", config, *compile_forward(16, 16, 56, config, torch.float64, args.arch)))
+    config = triton_ghost.heuristic_config(24, 12, 24, 28, 28, 3, torch.float16, False)
+    emit(row("forward 24->36@28 ratio 3 float16", config,
+             *compile_forward(24, 36, 28, config, arch=args.arch, ratio=3)))
+    emit(row("forward 24->36@28 float16 NCHW", config,
+             *compile_forward(24, 36, 28, config, arch=args.arch, channels_last=False)))
+    emit(row("forward 24->36@28 float16 gated", config,
+             *compile_forward(24, 36, 28, config, arch=args.arch, gated=True)))
+    for dtype in (torch.float16, torch.float64):
+        emit(row(f"backward 80->200@14 {str(dtype)[6:]}", {"block_p": 128, "block_c": 16, "num_warps": 4},
+                 *compile_backward(dtype, args.arch, block_p=128, block_c=16)))
+        emit(row(f"cheap_mix {str(dtype)[6:]}", None, *compile_cheap_mix(dtype, args.arch)))
+    with open(args.out, "w") as f:
+        f.writelines(lines)
+
+
+if __name__ == "__main__":
+    main()
