@@ -5,17 +5,24 @@ hint and default precision) when they are installed.
     OPENBLAS_NUM_THREADS=1 python bench/e2e.py                   # CPU: GhostNet 0.5x/1.0x/1.3x, batch 1 and 8
     OPENBLAS_NUM_THREADS=1 python bench/e2e.py --models ghostnetv2-1.0 ghostnetv3-1.0 g-ghost-regnetx-032
     OPENBLAS_NUM_THREADS=1 python bench/e2e.py --models ghostnet-1.0 --no-compile
-    python bench/e2e.py --device cuda                            # GPU: float16, batch 1/64/256
+    python bench/e2e.py --device cuda                            # GPU: 6 models, fp16/bf16, batch 1/64/256
 
 Eager is the model as the original code runs it (plain PyTorch modules, eval; GhostNetV3
-re-parameterised). Every contender's output is checked against eager first; then they are
+re-parameterised). Every contender's output is checked first: against eager on the CPU, against
+the model in float32 on CUDA (half precision within twice eager's own error). Then they are
 timed in turn, five rounds, and each row gives the median ms of all its calls; a row whose calls
 spread more than --noise ((p90 - p10) / median, worst contender) is marked noisy.
+On CUDA (channels_last) the contenders are eager, accelerated, accelerated captured as a CUDA
+graph (ghostkernels.capture), torch.compile of eager and of accelerated, and compile's
+reduce-overhead mode; the table goes to bench/results/<device>-e2e.md with a PNG bar chart of
+images per second beside it.
 """
 
 import argparse
+import copy
 import functools
 import os
+import re
 import statistics
 import sys
 import warnings
@@ -27,8 +34,9 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ghostkernels  # noqa: E402
 from cases import interleaved_times_ms  # noqa: E402
-from machine import DEFAULT_NOISE, is_noisy, machine_line, noise_summary, row_spread  # noqa: E402
+from machine import DEFAULT_NOISE, import_pyplot, is_noisy, machine_line, noise_summary, row_spread  # noqa: E402
 from ghostkernels import models  # noqa: E402
+from ghostkernels.acceleration import _relative_error  # noqa: E402
 
 # name: the eager model, built the way the original code runs it.
 MODELS = {
@@ -97,82 +105,188 @@ class Progress:
             sys.stderr.write("\n")
 
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def build(name, model, x, eager, accelerated, export):
+    """(callable, None) for contender `name`, or (None, why) when it cannot run here."""
+    if name == "eager":
+        return (lambda: eager(x)), None
+    if name == "accelerated":
+        return (lambda: accelerated(x)), None
+    if name == "frozen":
+        frozen = ghostkernels.freeze(accelerated, x)
+        return (lambda: frozen(x)), None
+    if name == "captured":
+        captured = ghostkernels.capture(accelerated, x)
+        return (lambda: captured(x)), None
+    if name.startswith("compile"):
+        mode = "reduce-overhead" if "reduce-overhead" in name else None
+        compiled = torch.compile(accelerated if "accelerated" in name else eager, mode=mode)
+        return (lambda: compiled(x)), None
+    if name == "onnxruntime":
+        return onnx_runtime(export, x)
+    return openvino(export, x, f32=name == "openvino f32")
+
+
+def float32_reference(model, x):
+    """`model` (float32) on x in float32 with TF32 off: the parity reference on CUDA."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        return model(x.float()).float()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def check_parity(name, out, expected, reference, dtype):
+    """On the CPU: within 1e-4 of eager (1e-2 for OpenVINO's default bfloat16). On CUDA, against
+    the float32 reference: float32 within 1e-4 (TF32 off: GHOSTKERNELS_TF32=0), half precision within
+    twice eager's own error in that dtype (at least 1e-3). Returns the error against the reference."""
+    if reference is None:
+        tol = 1e-2 if dtype == torch.float16 or name == "openvino default" else 1e-4
+        torch.testing.assert_close(out.float(), expected.float(), rtol=tol, atol=tol)
+        return None
+    error = _relative_error(out.float(), reference)
+    allowed = 1e-4 if dtype == torch.float32 else max(2 * _relative_error(expected.float(), reference), 1e-3)
+    if not error <= allowed:
+        raise AssertionError(f"{name}: relative error {error:.2e} against float32 eager, allowed {allowed:.1e}")
+    return error
+
+
+def plot_throughput(rows, contenders, path):
+    """A PNG of images per second per contender, one group of bars per model/dtype/batch row."""
+    plt = import_pyplot()
+    labels = [f"{r['model']} {r['dtype']} b{r['batch']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(10, max(3.0, 0.45 * len(rows) * len(contenders) / 3 + 1.5)))
+    height = 0.8 / len(contenders)
+    for i, name in enumerate(contenders):
+        values = [r["batch"] / r[name] * 1e3 if name in r else 0.0 for r in rows]
+        ax.barh([j + i * height for j in range(len(rows))], values, height=height, label=name)
+    ax.set_yticks([j + 0.4 - height / 2 for j in range(len(rows))])
+    ax.set_yticklabels(labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("images / s")
+    ax.legend(fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS),
-                        default=["ghostnet-0.5", "ghostnet-1.0", "ghostnet-1.3"])
+                        help="default: GhostNet 0.5x/1.0x/1.3x (CPU); those, V2, V3 and G-Ghost RegNetX-032 (CUDA)")
+    parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES),
+                        help="default: float32 (CPU), float16 bfloat16 (CUDA)")
     parser.add_argument("--batch", type=int, nargs="+", help="default: 1 8 (CPU), 1 64 256 (CUDA)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (slow to build)")
     parser.add_argument("--noise", type=float, default=DEFAULT_NOISE,
                         help="flag rows whose (p90 - p10) / median exceeds this fraction (default %(default)s)")
+    parser.add_argument("--out", help="also write the table as markdown (default on CUDA: "
+                                      "bench/results/<device>-e2e.md)")
+    parser.add_argument("--plot", help="PNG bar chart of images per second (needs matplotlib; default on CUDA: "
+                                       "beside --out)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = args.device
-    dtype = torch.float16 if device == "cuda" else torch.float32
-    batches = args.batch or ([1, 64, 256] if device == "cuda" else [1, 8])
-    contenders = ["eager", "accelerated", "frozen"]
+    cuda = device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("e2e.py --device cuda: no CUDA device is visible")
+    model_names = args.models or (["ghostnet-0.5", "ghostnet-1.0", "ghostnet-1.3"] + (
+        ["ghostnetv2-1.0", "ghostnetv3-1.0", "g-ghost-regnetx-032"] if cuda else []))
+    dtypes = [DTYPES[d] for d in (args.dtype or (["float16", "bfloat16"] if cuda else ["float32"]))]
+    batches = args.batch or ([1, 64, 256] if cuda else [1, 8])
+    contenders = ["eager", "accelerated", "captured" if cuda else "frozen"]
     if not args.no_compile:
         contenders += ["compile(eager)", "compile(accelerated)"]
-    if device == "cpu":
+        if cuda:
+            contenders.append("compile(eager, reduce-overhead)")
+    if not cuda:
         contenders += ["onnxruntime", "openvino f32", "openvino default"]
-    progress = Progress(len(args.models) * len(batches) * len(contenders))
+    progress = Progress(len(model_names) * len(dtypes) * len(batches) * len(contenders))
     rows, notes = [], set()
-    for model_name in args.models:
-        eager = MODELS[model_name]().eval().to(device, dtype)
-        accelerated = ghostkernels.accelerate(eager)
-        for batch in batches:
-            x = torch.randn(batch, 3, 224, 224, device=device, dtype=dtype)
-            fns = {}
-            export = functools.cache(lambda: onnx_file(eager, x))  # once per row, for ORT and both OpenVINOs
-            # Fresh compile caches per row: the models share forward code objects, and past
-            # dynamo's recompile limit torch.compile silently runs eager (1.3x rows did).
-            torch._dynamo.reset()
-            with torch.no_grad():
-                expected = eager(x)
-                for name in contenders:
-                    progress.step(f"{model_name} batch {batch} {name}")
-                    if name == "eager":
-                        fn = lambda: eager(x)  # noqa: E731
-                    elif name == "accelerated":
-                        fn = lambda: accelerated(x)  # noqa: E731
-                    elif name == "frozen":
-                        frozen = ghostkernels.freeze(accelerated, x)
-                        fn = lambda frozen=frozen: frozen(x)  # noqa: E731
-                    elif name.startswith("compile"):
-                        compiled = torch.compile(eager if name == "compile(eager)" else accelerated)
-                        fn = lambda compiled=compiled: compiled(x)  # noqa: E731
-                    else:
-                        fn, why = (onnx_runtime(export, x) if name == "onnxruntime"
-                                   else openvino(export, x, f32=name == "openvino f32"))
+    for model_name in model_names:
+        base = MODELS[model_name]().eval().to(device)  # float32: the reference on CUDA
+        if cuda:
+            base = base.to(memory_format=torch.channels_last)
+        for dtype in dtypes:
+            eager = copy.deepcopy(base).to(dtype)
+            accelerated = ghostkernels.accelerate(eager)
+            for batch in batches:
+                x = torch.randn(batch, 3, 224, 224, device=device, dtype=dtype)
+                if cuda:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                export = functools.cache(lambda: onnx_file(eager, x))  # once per row, for ORT and both OpenVINOs
+                # Fresh compile caches per row: the models share forward code objects, and past
+                # dynamo's recompile limit torch.compile silently runs eager (1.3x rows did).
+                torch._dynamo.reset()
+                fns, errors = {}, {}
+                with torch.no_grad():
+                    expected = eager(x)
+                    reference = float32_reference(base, x) if cuda else None
+                    for name in contenders:
+                        progress.step(f"{model_name} {str(dtype)[6:]} batch {batch} {name}")
+                        fn, why = build(name, model_name, x, eager, accelerated, export)
                         if fn is None:
                             notes.add(f"{name}: {why}")
                             continue
-                    # OpenVINO's default may compute in bfloat16 (8 mantissa bits)
-                    tol = 1e-2 if dtype == torch.float16 or name == "openvino default" else 1e-4
-                    torch.testing.assert_close(fn().float(), expected.float(), rtol=tol, atol=tol)
-                    fns[name] = fn
-                samples = interleaved_times_ms(fns, min_time=2.0, device=device)
-            worst = row_spread(samples)
-            rows.append({"model": model_name, "batch": batch, **{n: statistics.median(t) for n, t in samples.items()},
-                         "spread": worst, "noisy": is_noisy(worst, args.noise)})
-    print(f"\nghostkernels {ghostkernels.__version__}, torch {torch.__version__}, {device} "
-          f"({torch.cuda.get_device_name() if device == 'cuda' else f'{args.threads} threads'}), {dtype}, "
-          "224x224, median ms; speedup = eager / accelerated; spread = (p90 - p10) / median, worst contender")
-    if device == "cpu":
+                        errors[name] = check_parity(name, fn(), expected, reference, dtype)
+                        fns[name] = fn
+                    samples = interleaved_times_ms(fns, min_time=2.0, device=device)
+                worst = row_spread(samples)
+                rows.append({"model": model_name, "dtype": str(dtype)[6:], "batch": batch,
+                             **{n: statistics.median(t) for n, t in samples.items()},
+                             "errors": errors, "spread": worst, "noisy": is_noisy(worst, args.noise)})
+    header = (f"ghostkernels {ghostkernels.__version__}, torch {torch.__version__}, {device} "
+              f"({torch.cuda.get_device_name() if cuda else f'{args.threads} threads'}), "
+              "224x224, median ms; speedup = eager / accelerated; spread = (p90 - p10) / median, worst contender")
+    print("\n" + header)
+    if not cuda:
         print(machine_line(args.threads))
     print()
     shown = [c for c in contenders if any(c in r for r in rows)]
-    print(f"{'model':>20} {'batch':>5}" + "".join(f"{c:>22}" for c in shown) + f"{'speedup':>9}{'spread':>8}")
+    print(f"{'model':>20} {'dtype':>8} {'batch':>5}" + "".join(f"{c:>22}" for c in shown) + f"{'speedup':>9}{'spread':>8}")
     for r in rows:
         cells = "".join(f"{r[c]:22.2f}" if c in r else f"{'-':>22}" for c in shown)
-        print(f"{r['model']:>20} {r['batch']:5d}{cells}{r['eager'] / r['accelerated']:8.2f}x{r['spread']:8.0%}"
-              + ("  noisy" if r["noisy"] else ""))
-    for line in noise_summary(rows, args.noise, [r[c] for r in rows for c in shown if c in r]):
+        print(f"{r['model']:>20} {r['dtype']:>8} {r['batch']:5d}{cells}{r['eager'] / r['accelerated']:8.2f}x"
+              f"{r['spread']:8.0%}" + ("  noisy" if r["noisy"] else ""))
+    summary = noise_summary(rows, args.noise, [r[c] for r in rows for c in shown if c in r])
+    for line in summary:
         print(line)
     for note in sorted(notes):
         print(f"skipped {note}")
+    out = args.out or (os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                    re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name()).strip("-")
+                                    + "-e2e.md") if cuda else None)
+    if out:
+        write_markdown(out, header, rows, shown, summary, notes)
+        print(f"written to {out}")
+    plot = args.plot or (os.path.splitext(out)[0] + ".png" if cuda else None)
+    if plot:
+        plot_throughput(rows, shown, plot)
+        print(f"plotted to {plot}")
+
+
+def write_markdown(path, header, rows, shown, summary, notes):
+    lines = [f"# Whole models: {header}\n\n",
+             "| model | dtype | batch | " + " | ".join(f"{c} ms (img/s)" for c in shown)
+             + " | speedup | rel. error vs float32 (accelerated / captured) | spread |\n",
+             "|---" * (len(shown) + 6) + "|\n"]
+    for r in rows:
+        cells = [f"{r[c]:.2f} ({r['batch'] / r[c] * 1e3:.0f})" if c in r else "-" for c in shown]
+        errors = " / ".join(f"{r['errors'][c]:.1e}" for c in ("accelerated", "captured")
+                            if r["errors"].get(c) is not None) or "-"
+        lines.append(f"| {r['model']} | {r['dtype']} | {r['batch']} | " + " | ".join(cells)
+                     + f" | {r['eager'] / r['accelerated']:.2f}x | {errors} | {r['spread']:.0%}"
+                     + (" noisy" if r["noisy"] else "") + " |\n")
+    lines += [f"\n- {line}\n" for line in summary] + [f"- skipped {note}\n" for note in sorted(notes)]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(lines)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from cases import GHOSTNET_SHAPES, shape_name  # noqa: E402
 
 from ghostkernels import triton_ghost  # noqa: E402
 
-HBM = 2.95e12  # bytes/s, the measured copy bandwidth of ../shared/gpu/H100-measured.md
+HBM = 2.95e12  # bytes/s, the device-to-device copy bandwidth measured on an H100 80GB HBM3 (2026-11-22)
 CACHE = 10e12  # bytes/s, L1/L2 -> SM, a round figure for H100
 DOT = 400e12  # FLOP/s a Triton float16 tl.dot of these small tiles might sustain (dense peak ~990e12)
 

@@ -5,7 +5,7 @@
     ... python bench/gpu_report.py --tune --dtype float16 --batch 256           # fill ghostkernels/triton_tuned.json
 
 In order, each step's result written as it comes to bench/results/<device>.md:
-1. tests: `pytest tests/test_triton.py tests/test_cheap_mix.py` on the GPU (pass/fail, seconds);
+1. tests: `pytest` of GPU_TESTS (the Triton kernels, G-GhostNet's cheap op, CUDA graphs) on the GPU;
 2. first call: a fresh process runs accelerate(GhostNet 1.0x) (timm's ghostnet_100 when timm is
    installed, else the zoo's) on float16 channels_last batch 64 and times its first forward
    (Triton compilation included) and second, with the logits' error against float32 eager;
@@ -42,6 +42,7 @@ import ghostkernels  # noqa: E402
 from ghostkernels import ghost_module_reference, triton_ghost  # noqa: E402
 from cases import GHOSTNET_SHAPES, floor_ms, make_case, shape_name  # noqa: E402
 
+GPU_TESTS = ["tests/test_triton.py", "tests/test_cheap_mix.py", "tests/test_cuda_graph.py"]
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 2e-2, torch.float32: 1e-2}  # float32 dots run as TF32
 
@@ -172,12 +173,12 @@ def training_row(inp, oup, size, batch, dtype, device="cuda"):
 def run_tests(budget_s):
     start = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "tests/test_triton.py",
-                               "tests/test_cheap_mix.py"], cwd=ROOT, capture_output=True, text=True, timeout=budget_s)
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", *GPU_TESTS], cwd=ROOT, capture_output=True,
+                              text=True, timeout=budget_s)
     except subprocess.TimeoutExpired:
-        return f"tests/test_triton.py + tests/test_cheap_mix.py on the GPU: NOT DONE within {budget_s} s"
+        return f"{' + '.join(GPU_TESTS)} on the GPU: NOT DONE within {budget_s} s"
     last = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
-    return f"tests/test_triton.py + tests/test_cheap_mix.py on the GPU: rc {proc.returncode}, " \
+    return f"{' + '.join(GPU_TESTS)} on the GPU: rc {proc.returncode}, " \
            f"{time.perf_counter() - start:.0f} s: {last}"
 
 

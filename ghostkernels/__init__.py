@@ -3,6 +3,7 @@
 from . import cheap_mix, direct_conv, ghost_depthwise, models, ops, squeeze_excite
 from ._backends import backends, empty_cache, load_cpu_extension
 from .acceleration import AccelerationSummary, accelerate
+from .cuda_graph import CapturedModel, capture
 from .freeze import FrozenModel, freeze
 from .ghostify import ParamsFlops, count_params_flops, ghostify
 from .modules import GhostModule, GhostModuleV2, fold_conv_bn
@@ -13,7 +14,8 @@ load_cpu_extension()  # after ops and direct_conv: the library registers kernels
 from . import onnx_export  # noqa: E402  (ONNX export of every op: onnx_export.py)
 
 __all__ = [
-    "AccelerationSummary", "FrozenModel", "GhostModule", "ParamsFlops", "GhostModuleV2", "accelerate", "backends",
+    "AccelerationSummary", "CapturedModel", "FrozenModel", "GhostModule", "ParamsFlops", "GhostModuleV2", "accelerate",
+    "backends", "capture",
     "count_params_flops", "empty_cache", "fold_conv_bn", "freeze",
     "ghost_module", "ghost_module_reference", "ghostify", "models",
 ]

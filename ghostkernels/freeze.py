@@ -72,6 +72,21 @@ def _fresh(inputs, extra_batch):
     return tuple(fresh)
 
 
+def checked_example(caller, verb, model, example_inputs):
+    """The positional arguments of an eval-mode `model` that freeze() or capture() records:
+    `example_inputs` as a tuple of tensors, or a TypeError/ValueError naming what is wrong."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{caller}: model must be a torch.nn.Module, got {type(model).__name__}")
+    if model.training:
+        raise ValueError(f"{caller}: the model is in training mode; {caller}() {verb} inference: call model.eval() "
+                         "first")
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
+    if not isinstance(inputs, tuple) or not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
+        raise TypeError(f"{caller}: example_inputs must be a tensor or a non-empty tuple of tensors (the model's "
+                        f"positional arguments), got {type(example_inputs).__name__}")
+    return inputs
+
+
 def freeze(model, example_inputs):
     """The eval-mode `model` (typically `ghostkernels.accelerate(model)`) as a FrozenModel: its
     forward traced once on `example_inputs` (a tensor or a tuple of positional arguments) into a
@@ -89,14 +104,7 @@ def freeze(model, example_inputs):
       own code) or that fails the check raises a RuntimeError instead: such a trace would
       silently keep one branch.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"freeze: model must be a torch.nn.Module, got {type(model).__name__}")
-    if model.training:
-        raise ValueError("freeze: the model is in training mode; freeze() traces inference: call model.eval() first")
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
-    if not isinstance(inputs, tuple) or not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
-        raise TypeError("freeze: example_inputs must be a tensor or a non-empty tuple of tensors (the model's "
-                        f"positional arguments), got {type(example_inputs).__name__}")
+    inputs = checked_example("freeze", "traces", model, example_inputs)
     devices = {t.device for t in inputs}
     if len(devices) != 1:
         raise ValueError(f"freeze: example_inputs must all be on one device, got {sorted(map(str, devices))}")

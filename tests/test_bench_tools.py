@@ -217,3 +217,27 @@ def test_gpu_report_rows_check_parity(monkeypatch):
     assert row["chosen"] == "kernel"
     assert gpu_report.training_row(8, 12, 6, 2, torch.float32, device="cpu") == {"eager_train": 1.0,
                                                                                   "fused_train": 1.0}
+
+
+def test_e2e_parity_table_and_plot(tmp_path):
+    """bench/e2e.py's CUDA-side helpers on synthetic rows: the parity rule (half precision within
+    twice eager's own error against float32, float32 within 1e-4), the markdown table and the
+    images-per-second chart."""
+    import torch
+    import e2e
+    reference = torch.linspace(-1, 1, 100)
+    eager_half = reference + 1e-3
+    assert e2e.check_parity("accelerated", reference + 1.5e-3, eager_half, reference, torch.float16) < 2e-3
+    with pytest.raises(AssertionError, match="allowed 2.0e-03"):
+        e2e.check_parity("accelerated", reference + 3e-3, eager_half, reference, torch.float16)
+    with pytest.raises(AssertionError, match="allowed 1.0e-04"):
+        e2e.check_parity("accelerated", reference + 2e-4, reference, reference, torch.float32)
+    rows = [{"model": "ghostnet-1.0", "dtype": "float16", "batch": b, "eager": 2.0 * b, "accelerated": 1.0 * b,
+             "captured": 0.5 * b, "errors": {"accelerated": 1e-3, "captured": 1e-3}, "spread": 0.05, "noisy": False}
+            for b in (1, 64)]
+    e2e.write_markdown(tmp_path / "t.md", "header", rows, ["eager", "accelerated", "captured"], [], set())
+    table = (tmp_path / "t.md").read_text()
+    assert "| ghostnet-1.0 | float16 | 64 | 128.00 (500) | 64.00 (1000) | 32.00 (2000) | 2.00x | 1.0e-03 / 1.0e-03 |" \
+        in table
+    e2e.plot_throughput(rows, ["eager", "accelerated", "captured"], tmp_path / "t.png")
+    assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
