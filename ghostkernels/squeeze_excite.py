@@ -4,9 +4,10 @@ and `ghostkernels::squeeze_excite_gate`.
 A GhostBottleneck runs `se` then `ghost2`: ghost2(x * gate), gate the SE's (N, C, 1, 1)
 output. The product is a full-size tensor written and read back; the 1x1 primary conv can
 take the gate into per-image copies of its weights instead (W1 * gate_n), which is what the
-C++ kernel does (csrc/ghost_cpu.cpp). The gate itself, about fifteen small ATen ops, is one
-op too when the SE's activation is ReLU and its gate GhostNet's hard sigmoid
-(csrc/squeeze_excite_cpu.cpp). Elsewhere both ops are their ATen compositions, and
+C++ kernel does (csrc/ghost_cpu.cpp). On CUDA the Triton forward applies the gate as it loads x
+(or gives the library GEMM per-image weights). The gate itself, about fifteen small ATen ops, is
+one op too when the SE's activation is ReLU and its gate GhostNet's hard sigmoid
+(csrc/squeeze_excite_cpu.cpp). Elsewhere the ops are their ATen compositions, and
 gradients recompute those. accelerate() makes se + ghost2 a SqueezeExciteGhost.
 """
 
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from . import _backends, ops
 from .models.ghostnet import hard_sigmoid
 from .modules import GhostModule, PointwiseConv2d, merged_weights
 from .reference import output_memory_format
@@ -31,17 +32,37 @@ def _composed(x, scale, primary_weight, primary_bias, cheap_weight, cheap_bias, 
                      activation)
 
 
-@torch.library.register_fake("ghostkernels::ghost_module_scaled")
-def _fake(x, scale, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation):
+def _check_scaled(x, scale, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation):
     ops.check_args(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation)
     if scale.shape != (x.shape[0], x.shape[1], 1, 1):
         raise ValueError(f"ghost_module_scaled: scale must be {(x.shape[0], x.shape[1], 1, 1)}, "
                          f"got {tuple(scale.shape)}")
+    if scale.dtype != x.dtype or scale.device != x.device:
+        raise TypeError(f"ghost_module_scaled: scale is {scale.dtype} on {scale.device}, x is {x.dtype} on "
+                        f"{x.device}; they must match")
+
+
+@torch.library.register_fake("ghostkernels::ghost_module_scaled")
+def _fake(x, scale, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation):
+    _check_scaled(x, scale, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation)
     shape = ops.output_shape(x, primary_weight, out_channels, stride)
     return x.new_empty(shape).contiguous(memory_format=output_memory_format(x))
 
 
 torch.library.impl(_lib, "ghost_module_scaled", "CompositeExplicitAutograd")(_composed)
+
+
+@torch.library.impl(_lib, "ghost_module_scaled", "CUDA")
+def _scaled_cuda(x, scale, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation):
+    """The Triton forward with the gate applied as x is read (or in per-image weights of the
+    library GEMM): the product x * scale is never written."""
+    _check_scaled(x, scale, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation)
+    kernels = _backends.triton_kernels()
+    if kernels is None:
+        return _composed(x, scale, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride,
+                         activation)
+    return kernels.forward(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation,
+                           scale=scale)
 ops.register_recompute_autograd("ghost_module_scaled", _composed)
 
 _lib.define(

@@ -83,13 +83,13 @@ def _gate(gate_ptr, n, channel, h, w, mask, GH, GW, scale_h, scale_w, sgn, sgc, 
 @triton.jit(do_not_specialize=["INP", "HO", "WO", "INIT", "KEEP", "STRIDE", "GH", "GW", "TH", "TW",
                                "tiles_h", "tiles_w", "channel_blocks"])
 def _ghost_forward_kernel(
-    x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, gate_ptr, out_ptr, ghost_ptr,
+    x_ptr, scale_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, gate_ptr, out_ptr, ghost_ptr,
     INP, HO, WO, INIT, KEEP, COPIES, STRIDE,
     sxn, sxc, sxh, sxw, sw1, son, soc, soh, sow,
     GH, GW, scale_h, scale_w, sgn, sgc, sgh, sgw,
     TH, TW, tiles_h, tiles_w, channel_blocks,
     DW: tl.constexpr, PRIMARY_DOT: tl.constexpr, STORE_X1: tl.constexpr,
-    HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, RELU: tl.constexpr, GATED: tl.constexpr,
+    HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, RELU: tl.constexpr, GATED: tl.constexpr, SCALED: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, ALIGN: tl.constexpr,
     FMA: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
@@ -133,6 +133,9 @@ def _ghost_forward_kernel(
             for k0 in range(0, INP, BLOCK_K):
                 k = k0 + tl.arange(0, BLOCK_K)
                 xk = tl.load(x_rows + k[None, :] * sxc, mask=tap_ok[:, None] & (k < INP)[None, :], other=0.0)
+                if SCALED:  # the SE gate of ghost_module_scaled: x * scale[n], rounded as the product would be
+                    gate_k = tl.load(scale_ptr + n * INP + k, mask=k < INP, other=0.0)
+                    xk = (xk.to(ACC) * gate_k.to(ACC)[None, :]).to(xk.dtype)
                 wk = tl.load(w1_ptr + c[None, :] * sw1 + k[:, None], mask=c_ok[None, :] & (k < INP)[:, None],
                              other=0.0)
                 z = dot_accumulate(xk, wk, z, FMA, INPUT_PRECISION, UPCAST_DOT)
@@ -347,11 +350,12 @@ def _device_name(index):
     return torch.cuda.get_device_name(index)
 
 
-def shape_key(inp, init, ghosts, out_channels, height, width, kernel, dw, stride, dtype, channels_last, gated):
+def shape_key(inp, init, ghosts, out_channels, height, width, kernel, dw, stride, dtype, channels_last, gated,
+              scaled=False):
     """The tuned table's key of a forward (the batch is left out: one table serves all)."""
     layout = "cl" if channels_last else "nchw"
     return (f"{inp}-{init}-{ghosts}-{out_channels}-{height}x{width}-k{kernel}-d{dw}-s{stride}-"
-            f"{str(dtype).removeprefix('torch.')}-{layout}{'-gated' if gated else ''}")
+            f"{str(dtype).removeprefix('torch.')}-{layout}{'-gated' if gated else ''}{'-scaled' if scaled else ''}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -361,17 +365,28 @@ def _nearest_scale(source, size):
     return struct.unpack("f", struct.pack("f", source / size))[0]
 
 
-def _library_primary_into(x, primary_weight, primary_bias, out):
-    """z1 = W1 x + b1 by the library GEMM, written into out[..., :init] of the channels_last
-    output in place (leading dimension out_channels)."""
+def _library_primary_into(x, primary_weight, primary_bias, out, scale=None):
+    """z1 = W1 (x * scale) + b1 by the library GEMM, written into out[..., :init] of the
+    channels_last output in place (leading dimension out_channels). A scale (N, inp, 1, 1) goes
+    into per-image copies of W1 (a batched GEMM) instead of a full-size product of x."""
     init, inp = primary_weight.shape[:2]
-    rows = out.permute(0, 2, 3, 1).view(-1, out.shape[1])[:, :init]
-    x_rows = x.permute(0, 2, 3, 1).view(-1, inp)
     weight = primary_weight.view(init, inp).t()
+    if scale is None:
+        rows = out.permute(0, 2, 3, 1).view(-1, out.shape[1])[:, :init]
+        x_rows = x.permute(0, 2, 3, 1).view(-1, inp)
+        if primary_bias is None:
+            torch.mm(x_rows, weight, out=rows)
+        else:
+            torch.addmm(primary_bias, x_rows, weight, out=rows)
+        return
+    batch = x.shape[0]
+    rows = out.permute(0, 2, 3, 1).view(batch, -1, out.shape[1])[:, :, :init]
+    x_rows = x.permute(0, 2, 3, 1).view(batch, -1, inp)
+    weights = scale.view(batch, inp, 1) * weight
     if primary_bias is None:
-        torch.mm(x_rows, weight, out=rows)
+        torch.bmm(x_rows, weights, out=rows)
     else:
-        torch.addmm(primary_bias, x_rows, weight, out=rows)
+        torch.baddbmm(primary_bias.view(1, 1, init), x_rows, weights, out=rows)
 
 
 # (device, shape) -> the config chosen at its first call: later calls cost a dict lookup.
@@ -379,9 +394,10 @@ _chosen_configs = {}
 
 
 def forward(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation,
-            gate=None, config=None):
+            gate=None, config=None, scale=None):
     """Launch the fused forward; arguments already checked (ops.check_args, ops.check_gate).
     gate: optional attention logits (N, out_channels, h, w), applied as sigmoid, nearest-upsampled.
+    scale: optional (N, inp, 1, 1) factors of x (ghost_module_scaled's SE gate), applied as x is read.
     config: block sizes and primary (heuristic_config's keys) to use instead of the tuned table's."""
     batch, inp, in_h, in_w = x.shape
     init, ghosts = primary_weight.shape[0], cheap_weight.shape[0]
@@ -392,14 +408,16 @@ def forward(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_chann
     if out.numel() == 0:
         return out
     primary_weight, cheap_weight = primary_weight.contiguous(), cheap_weight.contiguous()
+    scale = scale.contiguous() if scale is not None else None
     gated = gate is not None
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and out.is_contiguous(
         memory_format=torch.channels_last)
     library_ok = kernel == 1 and stride == 1 and channels_last and not gated
     run = functools.partial(_launch, x, primary_weight, primary_bias, cheap_weight, cheap_bias, out, activation,
-                            stride, gate)
+                            stride, gate, scale)
     if config is None:
-        shape = (inp, init, ghosts, out_channels, height, width, kernel, dw, stride, x.dtype, channels_last, gated)
+        shape = (inp, init, ghosts, out_channels, height, width, kernel, dw, stride, x.dtype, channels_last, gated,
+                 scale is not None)
         config = _chosen_configs.get((x.device, shape))
         if config is None:
             config = _chosen_configs[(x.device, shape)] = _choose_config(x.device, shape, library_ok, run)
@@ -436,18 +454,19 @@ def _choose_config(device, shape, library_ok, run):
     return best
 
 
-def _launch(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out, activation, stride, gate, config):
+def _launch(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out, activation, stride, gate, scale, config):
     kernel = primary_weight.shape[-1]
     source, primary_dot, store_x1 = x, True, True
     if kernel > 1:  # the library conv makes z1; the kernel activates, stores and uses it
-        source = torch.nn.functional.conv2d(x, primary_weight, primary_bias, stride, kernel // 2)
-        primary_dot = False
+        source = torch.nn.functional.conv2d(x if scale is None else x * scale, primary_weight, primary_bias, stride,
+                                            kernel // 2)
+        primary_dot, scale = False, None
     elif config["primary"] == "library":
-        _library_primary_into(x, primary_weight, primary_bias, out)
+        _library_primary_into(x, primary_weight, primary_bias, out, scale)
         source = out
-        primary_dot, store_x1 = False, activation == "relu"  # rewritten only to activate it
+        primary_dot, store_x1, scale = False, activation == "relu", None  # rewritten only to activate it
     grid, args, constants = launch_arguments(source, primary_dot, store_x1, primary_weight, primary_bias, cheap_weight,
-                                             cheap_bias, out, activation, stride, gate, config, x.dtype)
+                                             cheap_bias, out, activation, stride, gate, config, x.dtype, scale)
     _ghost_forward_kernel[grid](*args, **constants, num_warps=config["num_warps"], num_stages=config["num_stages"])
 
 
@@ -479,7 +498,7 @@ def backward_arguments(grad, out, cheap_weight, grad_z1, gw2_part, gb1_part, gb2
 
 
 def launch_arguments(source, primary_dot, store_x1, primary_weight, primary_bias, cheap_weight, cheap_bias, out,
-                     activation, stride, gate, config, dtype):
+                     activation, stride, gate, config, dtype, scale=None):
     """(grid, positional arguments, constexpr keywords) of _ghost_forward_kernel: x1 from
     `source` by tl.dot (primary_dot: source is x) or loaded (source is z1, maybe out itself)."""
     batch, inp = source.shape[0], primary_weight.shape[1]
@@ -493,7 +512,7 @@ def launch_arguments(source, primary_dot, store_x1, primary_weight, primary_bias
     son, soc, soh, sow = out.stride()
     align = _alignment(out.element_size(), _pixel_strides(source, out))
     args = (
-        source, primary_weight, primary_bias if primary_bias is not None else source,
+        source, scale if scale is not None else source, primary_weight, primary_bias if primary_bias is not None else source,
         cheap_weight, cheap_bias if cheap_bias is not None else source, gate, out, out[:, init:],
         inp, height, width, init, out_channels - init, ghosts // init, stride,
         sxn // align, sxc, sxh // align, sxw // align, primary_weight.stride(0),
@@ -504,7 +523,7 @@ def launch_arguments(source, primary_dot, store_x1, primary_weight, primary_bias
     constants = dict(
         DW=cheap_weight.shape[-1], PRIMARY_DOT=primary_dot, STORE_X1=store_x1,
         HAS_B1=primary_bias is not None, HAS_B2=cheap_bias is not None, RELU=activation == "relu", GATED=gated,
-        BLOCK_P=config["block_p"], BLOCK_K=config["block_k"], BLOCK_C=config["block_c"], ALIGN=align,
+        SCALED=scale is not None, BLOCK_P=config["block_p"], BLOCK_K=config["block_k"], BLOCK_C=config["block_c"], ALIGN=align,
         FMA=dtype == torch.float64, INPUT_PRECISION=_input_precision(dtype), ACC=_accumulator(dtype),
         UPCAST_DOT=INTERPRET and dtype == torch.bfloat16,
     )

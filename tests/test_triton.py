@@ -172,6 +172,8 @@ def test_cuda_op_autograd_and_compile():
     torch.library.opcheck(torch.ops.ghostkernels.ghost_module.default, (x, *weights, 32, 1, "relu"))
     gate = torch.randn(2, 32, 7, 7, dtype=torch.float16, device="cuda", requires_grad=True)
     torch.library.opcheck(torch.ops.ghostkernels.ghost_module_gated.default, (x, *weights, gate, 32, 1, "relu"))
+    scale = torch.rand(2, 16, 1, 1, dtype=torch.float16, device="cuda", requires_grad=True)
+    torch.library.opcheck(torch.ops.ghostkernels.ghost_module_scaled.default, (x, scale, *weights, 32, 1, "relu"))
     module = ghostkernels.GhostModule(16, 32).cuda().half().eval()
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(module, fullgraph=True)(x), module(x), rtol=1e-2, atol=1e-2)
@@ -249,3 +251,27 @@ def test_kernels_compile_for_hopper():
     assert proc.returncode == 0, proc.stderr[-3000:]
     usage = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(usage) == 6 and all(u["REG"] > 0 for u in usage.values()), usage
+
+
+# (ratio, dw, stride, activation, channels_last, primary kernel, batch, oup), route: the SE gate
+# of ghost_module_scaled read with x, on the kernel route (in the load), the library route (in
+# per-image weights of a batched GEMM) and a k x k primary (a product before the library conv).
+SCALED_CASES = [((2, 3, 1, "relu", True, 1, 2, 9), "kernel"), ((2, 3, 1, "none", True, 1, 2, 8), "library"),
+                ((3, 5, 2, "relu", False, 1, 1, 10), "kernel"), ((2, 3, 1, "relu", True, 3, 2, 8), "kernel")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case, route", SCALED_CASES, ids=str)
+def test_scaled_forward(case, route, dtype):
+    ratio, dw, stride, act, cl, kernel, batch, oup = case
+    x = make_input(batch, 6, 9, 10, channels_last=cl, dtype=dtype).to(DEVICE)
+    scale = torch.rand(batch, 6, 1, 1, dtype=dtype).to(DEVICE)
+    weights = [w.to(DEVICE) for w in make_weights(6, oup, ratio, dw, kernel, dtype=dtype)]
+    init = weights[0].shape[0]
+    config = dict(triton_ghost.heuristic_config(6, init, weights[2].shape[0], 9, 10, dw, dtype, True), primary=route)
+    out = triton_ghost.forward(x, *weights, oup, stride, act, config=config, scale=scale)
+    expected = ghost_module_reference((x * scale).double(), *(w.double() for w in weights), out_channels=oup,
+                                      stride=stride, activation=act)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.double(), expected.to(out.device), rtol=tol,
+                               atol=tol * max(expected.abs().max().item(), 1.0))
