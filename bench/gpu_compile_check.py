@@ -9,7 +9,7 @@ registers a thread takes (255 is the cap; beyond it ptxas spills to local memory
 and how long compilation takes, the first call's cost. Variants: the forward of every
 GhostNet 1.0x shape with the heuristic config (float16; bfloat16 compiles the same), the
 tuning candidates of two shapes, float64, ratio 3, NCHW, gated, the backward and G-GhostNet's
-cheap op. Each is specialised as a real launch of that shape would be (`compile_launch`).
+cheap op and the SE gate. Each is specialised as a real launch of that shape would be (`compile_launch`).
 """
 
 import argparse
@@ -31,7 +31,7 @@ from triton.compiler import ASTSource  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cases import GHOSTNET_SHAPES, shape_name  # noqa: E402
 
-from ghostkernels import triton_cheap_mix, triton_ghost  # noqa: E402
+from ghostkernels import triton_cheap_mix, triton_ghost, triton_squeeze_excite  # noqa: E402
 
 POINTER = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64"}
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -143,6 +143,20 @@ def compile_cheap_mix(dtype, arch=90):
     return seconds, resource_usage(kernel)
 
 
+def compile_squeeze_excite(dtype, arch=90, channels=960, reduced=240, size=7):
+    """(seconds, resource usage) of the SE gate kernel for GhostNet's widest gate."""
+    x = torch.empty(1, channels, size, size, dtype=dtype).to(memory_format=torch.channels_last)
+    reduce_weight, expand_weight = torch.empty(reduced, channels, dtype=dtype), torch.empty(channels, reduced, dtype=dtype)
+    bias = torch.empty(channels, dtype=dtype)
+    args = (x, reduce_weight, bias, expand_weight, bias, bias, channels, reduced, size, size * size, *x.stride())
+    block_c, block_r, num_warps = triton_squeeze_excite.blocks(reduced)
+    constants = {"HAS_BR": True, "HAS_BE": True, "BLOCK_C": block_c, "BLOCK_P": 64, "BLOCK_R": block_r,
+                 "ACC": tl.float64 if dtype == torch.float64 else tl.float32}
+    seconds, kernel = compile_launch(triton_squeeze_excite._squeeze_excite_gate_kernel, args, constants, arch,
+                                     num_warps, 2)
+    return seconds, resource_usage(kernel)
+
+
 def smoke():
     """{variant: resource usage} of one variant of each kernel and dtype family (the test suite's
     check that everything compiles for sm_90; run without TRITON_INTERPRET)."""
@@ -153,6 +167,8 @@ def smoke():
     for dtype in (torch.float16, torch.float64):
         results[f"backward {dtype}"] = compile_backward(dtype)[1]
     results["cheap_mix torch.float64"] = compile_cheap_mix(torch.float64)[1]
+    for dtype in (torch.float16, torch.float64):
+        results[f"squeeze_excite_gate {dtype}"] = compile_squeeze_excite(dtype)[1]
     return results
 
 
@@ -204,6 +220,7 @@ def main():
         emit(row(f"backward 80->200@14 {str(dtype)[6:]}", {"block_p": 128, "block_c": 16, "num_warps": 4},
                  *compile_backward(dtype, args.arch, block_p=128, block_c=16)))
         emit(row(f"cheap_mix {str(dtype)[6:]}", None, *compile_cheap_mix(dtype, args.arch)))
+        emit(row(f"squeeze_excite_gate 960/240@7 {str(dtype)[6:]}", None, *compile_squeeze_excite(dtype, args.arch)))
     with open(args.out, "w") as f:
         f.writelines(lines)
 

@@ -7,8 +7,8 @@ take the gate into per-image copies of its weights instead (W1 * gate_n), which 
 C++ kernel does (csrc/ghost_cpu.cpp). On CUDA the Triton forward applies the gate as it loads x
 (or gives the library GEMM per-image weights). The gate itself, about fifteen small ATen ops, is
 one op too when the SE's activation is ReLU and its gate GhostNet's hard sigmoid
-(csrc/squeeze_excite_cpu.cpp). Elsewhere the ops are their ATen compositions, and
-gradients recompute those. accelerate() makes se + ghost2 a SqueezeExciteGhost.
+(csrc/squeeze_excite_cpu.cpp), and one Triton launch on CUDA (triton_squeeze_excite.py).
+Elsewhere the ops are their ATen compositions, and gradients recompute those. accelerate() makes se + ghost2 a SqueezeExciteGhost.
 """
 
 import torch
@@ -82,6 +82,16 @@ def _gate_fake(x, reduce_weight, reduce_bias, expand_weight, expand_bias):
 
 
 torch.library.impl(_lib, "squeeze_excite_gate", "CompositeExplicitAutograd")(_gate_composed)
+
+
+@torch.library.impl(_lib, "squeeze_excite_gate", "CUDA")
+def _gate_cuda(x, reduce_weight, reduce_bias, expand_weight, expand_bias):
+    """One Triton launch (triton_squeeze_excite.py) instead of the composition's ~15."""
+    kernels = _backends.triton_kernels("triton_squeeze_excite")
+    if kernels is None:
+        return _gate_composed(x, reduce_weight, reduce_bias, expand_weight, expand_bias)
+    kernels.check_args(x, reduce_weight, reduce_bias, expand_weight, expand_bias)
+    return kernels.squeeze_excite_gate(x, reduce_weight, reduce_bias, expand_weight, expand_bias)
 ops.register_recompute_autograd("squeeze_excite_gate", _gate_composed)
 
 

@@ -236,3 +236,39 @@ def test_gate_nan_propagates_like_the_reference(channels_last):
     expected = gate_expected(x, *weights)
     assert expected.isnan().any() and not expected.isnan().all()
     torch.testing.assert_close(gate_op(x, *weights), expected, rtol=1e-12, atol=1e-12, equal_nan=True)
+
+
+# The Triton gate (the op's CUDA kernel), on a GPU when there is one, else in the interpreter.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("batch, channels, reduced, size, channels_last, bias", [
+    (3, 24, 6, (7, 7), False, True), (1, 40, 12, (1, 1), True, False), (2, 7, 5, (37, 70), True, True),
+    (0, 24, 6, (5, 5), False, True), (1, 200, 300, (3, 2), False, True)])
+def test_triton_gate_matches_reference(batch, channels, reduced, size, channels_last, bias, dtype):
+    from ghostkernels import triton_squeeze_excite
+    x = make_input(batch, channels, *size, channels_last=channels_last, dtype=dtype).to(TRITON_DEVICE)
+    weights = [w.to(TRITON_DEVICE) if w is not None else None for w in gate_weights(channels, reduced, dtype, bias)]
+    triton_squeeze_excite.check_args(x, *weights)
+    gate = triton_squeeze_excite.squeeze_excite_gate(x, *weights)
+    expected = gate_expected(x.double(), *(w.double() if w is not None else None for w in weights))
+    assert gate.shape == (batch, channels, 1, 1) and gate.dtype == dtype
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 1e-2)
+    torch.testing.assert_close(gate.double(), expected, rtol=tol, atol=tol)
+
+
+def test_triton_gate_keeps_nan_and_checks_its_arguments():
+    from ghostkernels import triton_squeeze_excite
+    x = make_input(2, 24, 5, 5).to(TRITON_DEVICE)
+    x[0, 1, 2, 3] = float("nan")
+    weights = [w.to(TRITON_DEVICE) for w in gate_weights(24, 6)]
+    torch.testing.assert_close(triton_squeeze_excite.squeeze_excite_gate(x, *weights), gate_expected(x, *weights),
+                               rtol=1e-12, atol=1e-12, equal_nan=True)
+    bad = [(0, weights[0][:, :5], ValueError, "reduce_weight must be"), (2, weights[2][:, :5], ValueError,
+           "expand_weight must be"), (3, weights[3].float(), TypeError, "expand_bias is torch.float32")]
+    for index, value, error, message in bad:
+        args = list(weights)
+        args[index] = value
+        with pytest.raises(error, match=message):
+            triton_squeeze_excite.check_args(x, *args)

@@ -174,6 +174,9 @@ def test_cuda_op_autograd_and_compile():
     torch.library.opcheck(torch.ops.ghostkernels.ghost_module_gated.default, (x, *weights, gate, 32, 1, "relu"))
     scale = torch.rand(2, 16, 1, 1, dtype=torch.float16, device="cuda", requires_grad=True)
     torch.library.opcheck(torch.ops.ghostkernels.ghost_module_scaled.default, (x, scale, *weights, 32, 1, "relu"))
+    se = [torch.randn(4, 16, 1, 1), torch.randn(4), torch.randn(16, 4, 1, 1), torch.randn(16)]
+    se = [t.to("cuda", torch.float16).requires_grad_() for t in se]
+    torch.library.opcheck(torch.ops.ghostkernels.squeeze_excite_gate.default, (x, *se))
     module = ghostkernels.GhostModule(16, 32).cuda().half().eval()
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(module, fullgraph=True)(x), module(x), rtol=1e-2, atol=1e-2)
@@ -250,7 +253,7 @@ def test_kernels_compile_for_hopper():
                           cwd=BENCH, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     usage = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(usage) == 6 and all(u["REG"] > 0 for u in usage.values()), usage
+    assert len(usage) == 8 and all(u["REG"] > 0 for u in usage.values()), usage
 
 
 # (ratio, dw, stride, activation, channels_last, primary kernel, batch, oup), route: the SE gate
