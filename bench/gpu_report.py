@@ -5,7 +5,7 @@
     ... python bench/gpu_report.py --tune --dtype float16 --batch 256           # fill ghostkernels/triton_tuned.json
 
 In order, each step's result written as it comes to bench/results/<device>.md:
-1. tests: `pytest` of GPU_TESTS (the Triton kernels, G-GhostNet's cheap op, CUDA graphs) on the GPU;
+1. tests: `pytest` of GPU_TESTS (the Triton kernels, G-GhostNet's cheap op, the SE ops, CUDA graphs) on the GPU;
 2. first call: a fresh process runs accelerate(GhostNet 1.0x) (timm's ghostnet_100 when timm is
    installed, else the zoo's) on float16 channels_last batch 64 and times its first forward
    (Triton compilation included) and second, with the logits' error against float32 eager;
@@ -42,7 +42,7 @@ import ghostkernels  # noqa: E402
 from ghostkernels import ghost_module_reference, triton_ghost  # noqa: E402
 from cases import GHOSTNET_SHAPES, floor_ms, make_case, shape_name  # noqa: E402
 
-GPU_TESTS = ["tests/test_triton.py", "tests/test_cheap_mix.py", "tests/test_cuda_graph.py"]
+GPU_TESTS = ["tests/test_triton.py", "tests/test_cheap_mix.py", "tests/test_squeeze_excite.py", "tests/test_cuda_graph.py"]
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 2e-2, torch.float32: 1e-2}  # float32 dots run as TF32
 
