@@ -16,6 +16,8 @@ In order, each step's result written as it comes to bench/results/<device>.md:
    max(bytes in + out over the measured copy bandwidth, FLOPs over the measured matmul rate).
    fwd+bwd: autograd over the reference vs the fused op, both channels_last.
    Rows stop when --budget-s is spent (the rest are listed as not measured).
+Timed calls rotate over four input sets (an input that fits in L2 is not timed from L2), and
+freed memory is filled with NaN before each fused parity check (an element never written fails).
 Parity is against float32 math on the same (rounded) inputs; the backward's is against float32
 autograd with the fused forward's own ReLU masks (a float16 pre-activation within rounding of
 zero may flip a mask, which changes a gradient by a whole grad value: not an error).
@@ -23,6 +25,7 @@ zero may flip a mask, which changes a gradient by a whole grad value: not an err
 """
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -108,30 +111,58 @@ def float32_reference(module, x, oup):
     return ghost_module_reference(x.float(), *(w.float() for w in weights), out_channels=oup)
 
 
-def forward_row(inp, oup, size, batch, dtype, bandwidth, flops_per_s, with_compile, device="cuda"):
+def poison(device):
+    """Fill freed allocator memory with NaN, so that an output element the op never writes shows
+    up in its parity check instead of passing with an earlier call's value."""
+    if device == "cuda":
+        torch.full((64 * 2**20,), float("nan"), device=device)  # 256 MiB, freed to the cache at once
+
+
+def unfused(module, oup):
+    """The module as eager PyTorch runs it, on any input: conv, BN, ReLU, conv, BN, ReLU, cat, slice."""
+    def run(x):
+        x1 = module.primary_conv(x)
+        return torch.cat([x1, module.cheap_operation(x1)], dim=1)[:, :oup]
+    return run
+
+
+def forward_row(inp, oup, size, batch, dtype, bandwidth, flops_per_s, with_compile, device="cuda", rotate=4):
+    """Parity, then medians. Each timed call takes the next of `rotate` input sets, so that a
+    shape whose input fits in L2 is not timed from L2."""
     nchw_module, nchw_x, nchw = make_case(inp, oup, size, batch, channels_last=False, device=device, dtype=dtype)
     module, x, cl = make_case(inp, oup, size, batch, channels_last=True, device=device, dtype=dtype)
     weights = module.folded_weights()[:4]
     init = weights[0].shape[0]
     heuristic = triton_ghost.heuristic_config(inp, init, init, size, size, 3, dtype, True)
-    fused = {name: (lambda c=dict(heuristic, primary=name): triton_ghost.forward(x, *weights, oup, 1, "relu", config=c))
-             for name in ("kernel", "library")}
+    configs = {name: dict(heuristic, primary=name) for name in ("kernel", "library")}
+    inputs = {"cl": [x] + [torch.randn_like(x) for _ in range(rotate - 1)],
+              "nchw": [nchw_x] + [torch.randn_like(nchw_x) for _ in range(rotate - 1)]}
+
+    def timed(fn, layout="cl"):
+        cycle = itertools.cycle(inputs[layout])
+        return median(lambda: fn(next(cycle)))
+
+    eager_cl, eager_nchw = unfused(module, oup), unfused(nchw_module, oup)
     times = {}
     with torch.no_grad():
         expected = float32_reference(module, x, oup)
-        check(cl["eager"](), expected, dtype, "eager channels_last")
+        check(eager_cl(x), expected, dtype, "eager channels_last")
+        poison(device)
         check(nchw["fused"](), float32_reference(nchw_module, nchw_x, oup), dtype, "fused NCHW (the op's choice)")
+        poison(device)
         check(cl["fused"](), expected, dtype, "fused channels_last (the op's choice)")
-        for name, fn in fused.items():
-            check(fn(), expected, dtype, f"fused {name} primary")
-        times["eager"] = median(nchw["eager"])
-        times["eager_cl"] = median(cl["eager"])
+        for name, config in configs.items():
+            poison(device)
+            check(triton_ghost.forward(x, *weights, oup, 1, "relu", config=config), expected, dtype,
+                  f"fused {name} primary")
+        times["eager"] = timed(eager_nchw, "nchw")
+        times["eager_cl"] = timed(eager_cl)
         if with_compile:
-            compiled = torch.compile(cl["eager"])
-            check(compiled(), expected, dtype, "compile")
-            times["compile"] = median(compiled)
-        for name, fn in fused.items():
-            times[name] = median(fn)
+            compiled = torch.compile(eager_cl)
+            check(compiled(x), expected, dtype, "compile")
+            times["compile"] = timed(compiled)
+        for name, config in configs.items():
+            times[name] = timed(lambda xi, c=config: triton_ghost.forward(xi, *weights, oup, 1, "relu", config=c))
     floor = floor_ms(inp, oup, size, batch, elem_bytes=x.element_size(), copy_bytes_per_s=bandwidth,
                      matmul_flops_per_s=flops_per_s)
     return dict(times, floor=floor, chosen=heuristic["primary"])
