@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# What a session with a lent GPU runs, as the device tool's command, one part per call
+# (each call <= 10 minutes; no C++ build: the GPU paths do not need it):
+#   bash bench/gpu_session.sh ops      # GPU tests, first call of accelerated GhostNet 1.0x, the op table
+#   bash bench/gpu_session.sh models   # whole models: GhostNet 1.0x float16 at batch 256 and 1 first
+#   bash bench/gpu_session.sh tune     # fill ghostkernels/triton_tuned.json for float16 (commit it)
+# Results land in bench/results/ and are copied to $OUT, which the device tool brings back.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export GHOSTKERNELS_DISABLE_CPP=1 PYTHONPATH=. OPENBLAS_NUM_THREADS=1
+OUT=${OUT:-/tmp/ghostkernels-gpu-session}
+mkdir -p "$OUT"
+case "${1:-}" in
+  ops) python bench/gpu_report.py --budget-s 420 2>&1 | tee "$OUT/gpu_report.log" ;;
+  models) python bench/e2e.py --device cuda --budget-s 360 2>&1 | tee "$OUT/e2e.log" ;;
+  tune) python bench/gpu_report.py --tune --dtype float16 --batch 256 2>&1 | tee "$OUT/tune.log"
+        cp ghostkernels/triton_tuned.json "$OUT/" ;;
+  *) echo "usage: bash bench/gpu_session.sh ops|models|tune" >&2; exit 2 ;;
+esac
+status=${PIPESTATUS[0]}
+cp bench/results/*.md bench/results/*.png "$OUT/" 2>/dev/null
+exit "$status"
