@@ -21,7 +21,8 @@ freed memory is filled with NaN before each fused parity check (an element never
 Parity is against float32 math on the same (rounded) inputs; the backward's is against float32
 autograd with the fused forward's own ReLU masks (a float16 pre-activation within rounding of
 zero may flip a mask, which changes a gradient by a whole grad value: not an error).
---tune times triton_ghost.candidate_configs per shape and writes the best into the tuned table.
+--tune times triton_ghost.candidate_configs for each Ghost-module shape of GhostNet 0.5x, 1.0x and
+1.3x (--quick: four) and writes the best into the tuned table.
 """
 
 import argparse
@@ -227,8 +228,29 @@ def first_call(budget_s):
             f"logits rel. error vs float32 eager {result['rel_error_vs_fp32']:.1e}")
 
 
+def ghostnet_shapes(widths=(0.5, 1.0, 1.3)):
+    """(inp, oup, output size) of every Ghost module of the zoo's GhostNets at 224x224, deduplicated."""
+    from ghostkernels import models
+    shapes = []
+
+    def record(module, inputs, output):
+        shape = (inputs[0].shape[1], output.shape[1], output.shape[2])
+        if shape not in shapes:
+            shapes.append(shape)
+
+    for width in widths:
+        model = models.ghostnet(width, fused=False).eval()
+        for module in model.modules():
+            if "GhostModule" in type(module).__name__:
+                module.register_forward_hook(record)
+        with torch.no_grad():
+            model(torch.randn(1, 3, 224, 224))
+    return shapes
+
+
 def tune(shapes, dtype, batch, device):
-    """Time every candidate config per shape; write the best into ghostkernels/triton_tuned.json."""
+    """Time every candidate config per shape; write the best into ghostkernels/triton_tuned.json
+    after each shape (a call cut short keeps what it tuned)."""
     with open(triton_ghost._TUNED_TABLE) as f:
         table = json.load(f)
     lines = []
@@ -248,9 +270,9 @@ def tune(shapes, dtype, batch, device):
         table.setdefault(device, {})[key] = best
         lines.append(f"- tuned {key}: {ms:.4f} ms with {best} ({len(timed)} candidates)\n")
         print(lines[-1], end="", flush=True)
-    with open(triton_ghost._TUNED_TABLE, "w") as f:
-        json.dump(table, f, indent=1, sort_keys=True)
-        f.write("\n")
+        with open(triton_ghost._TUNED_TABLE, "w") as f:
+            json.dump(table, f, indent=1, sort_keys=True)
+            f.write("\n")
     return lines
 
 
@@ -282,8 +304,8 @@ def main():
         with open(out_path, "w") as f:
             f.writelines(lines)
 
-    if args.tune:
-        for line in tune(shapes, DTYPES[args.dtype[0]], args.batch[0], device):
+    if args.tune:  # GhostNet 0.5x, 1.0x and 1.3x's shapes
+        for line in tune(shapes if args.quick else ghostnet_shapes(), DTYPES[args.dtype[0]], args.batch[0], device):
             emit(line)
         return
     if not args.no_tests:

@@ -241,3 +241,9 @@ def test_e2e_parity_table_and_plot(tmp_path):
         in table
     e2e.plot_throughput(rows, ["eager", "accelerated", "captured"], tmp_path / "t.png")
     assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_gpu_report_tunes_every_ghostnet_width():
+    import gpu_report
+    shapes = gpu_report.ghostnet_shapes()
+    assert set(cases.GHOSTNET_SHAPES) <= set(shapes) and (8, 8, 112) in shapes and len(shapes) == len(set(shapes))
