@@ -278,3 +278,21 @@ def test_scaled_forward(case, route, dtype):
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(out.double(), expected.to(out.device), rtol=tol,
                                atol=tol * max(expected.abs().max().item(), 1.0))
+
+
+# GhostNet 1.0x's Ghost-module shapes, each route the heuristic takes; the 112x112 ones and
+# 24->72@56 (kernel route, ~10 s each in the interpreter) are left to the GPU run.
+REAL_SHAPES = [(48, 24, 56), (72, 40, 28), (40, 240, 28), (240, 80, 14), (80, 480, 14), (672, 112, 14),
+               (672, 160, 7), (160, 960, 7), (16, 48, 14)]
+
+
+@pytest.mark.parametrize("inp, oup, size", REAL_SHAPES, ids=lambda v: str(v))
+def test_ghostnet_shapes_with_the_heuristic_config(inp, oup, size):
+    dtype = DTYPES[1] if DEVICE == "cpu" else torch.float16  # float32 in the interpreter
+    x = make_input(1, inp, size, size, channels_last=True, dtype=dtype).to(DEVICE)
+    weights = [w.to(DEVICE) for w in make_weights(inp, oup, 2, 3, dtype=dtype)]
+    out = triton_ghost.forward(x, *weights, oup, 1, "relu")
+    expected = ghost_module_reference(*(t.double() for t in (x, *weights)), out_channels=oup)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.double(), expected.to(out.device), rtol=tol,
+                               atol=tol * max(expected.abs().max().item(), 1.0))
