@@ -1,6 +1,7 @@
 """Compile the Triton kernels for a GPU without one: compile time, registers, spills, shared memory.
 
-    python bench/gpu_compile_check.py [--arch 90] [--out bench/results/sm90-compile-check.md]
+    python bench/gpu_compile_check.py [--arch 90] [--out FILE]
+    PYTHONPATH=<a triton==3.6.0 install>:. python bench/gpu_compile_check.py   # the GPU image's Triton
 
 Triton compiles ahead of time for a given target (`triton.compile` with a GPUTarget) with the
 ptxas it ships, and cuobjdump (shipped too) reads the cubin's resource usage. So without a GPU
@@ -182,9 +183,10 @@ def row(what, config, seconds, usage):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                      "sm90-compile-check.md"))
+    parser.add_argument("--out", help="default: bench/results/sm<arch>-compile-check-triton<version>.md")
     args = parser.parse_args()
+    args.out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                        f"sm{args.arch}-compile-check-triton{triton.__version__}.md")
     lines = [f"# Triton kernels compiled for sm_{args.arch} without a GPU (`python bench/gpu_compile_check.py`)\n\n"
              f"triton {triton.__version__}, torch {torch.__version__}. Seconds: compile time on this CPU (0: the "
              "variant was compiled above already); REG: registers a thread; STACK: bytes of spill a thread; "

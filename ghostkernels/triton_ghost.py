@@ -57,12 +57,16 @@ def _activate(v, RELU: tl.constexpr):
 
 @triton.jit
 def dot_accumulate(a, b, acc, FMA: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """acc + a @ b: tl.dot, or a broadcast multiply-sum where tl.dot has no such dtype (float64)."""
+    """acc + a @ b: tl.dot, or a broadcast multiply-sum where tl.dot has no such dtype (float64).
+    if/else, not an early return: Triton 3.6 compiles the code after a constexpr-true return too,
+    and tl.dot rejects the FMA path's small blocks."""
     if FMA:
-        return acc + tl.sum(a.to(acc.dtype)[:, :, None] * b.to(acc.dtype)[None, :, :], axis=1)
-    if UPCAST_DOT:  # the interpreter's bfloat16 dot is wrong (Triton 3.9); float32 is exact
-        a, b = a.to(acc.dtype), b.to(acc.dtype)
-    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        acc = acc + tl.sum(a.to(acc.dtype)[:, :, None] * b.to(acc.dtype)[None, :, :], axis=1)
+    else:
+        if UPCAST_DOT:  # the interpreter's bfloat16 dot is wrong (Triton 3.9); float32 is exact
+            a, b = a.to(acc.dtype), b.to(acc.dtype)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return acc
 
 
 @triton.jit
