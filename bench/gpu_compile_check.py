@@ -85,7 +85,7 @@ _compiled = {}  # specialisation -> kernel: a variant a real process would reuse
 
 
 def compile_forward(inp, oup, size, config, dtype=torch.float16, arch=90, ratio=2, dw=3, relu=True,
-                    channels_last=True, gated=False):
+                    channels_last=True, gated=False, scaled=False):
     """(seconds, resource usage) of the forward a batch-1 call of this shape and config launches
     (seconds 0 when an identical variant was compiled already)."""
     init = -(-oup // ratio)
@@ -99,7 +99,7 @@ def compile_forward(inp, oup, size, config, dtype=torch.float16, arch=90, ratio=
     library = config["primary"] == "library"
     _, args, constants = triton_ghost.launch_arguments(
         out if library else x, not library, relu or not library, w1, b1, w2, b2, out, "relu" if relu else "none", 1,
-        gate, config, dtype)
+        gate, config, dtype, torch.empty(1, inp, 1, 1, dtype=dtype) if scaled and not library else None)
     constants["INPUT_PRECISION"] = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
     constants["UPCAST_DOT"] = False
     key = (repr(sorted(constants.items(), key=lambda kv: kv[0])), config["num_warps"], config["num_stages"],
@@ -165,6 +165,9 @@ def smoke():
     for primary, dtype in (("kernel", torch.float16), ("library", torch.float16), ("kernel", torch.float64)):
         config = dict(triton_ghost.heuristic_config(40, 60, 60, 28, 28, 3, dtype, True), primary=primary)
         results[f"forward {primary} {dtype}"] = compile_forward(40, 120, 28, config, dtype)[1]
+    config = dict(triton_ghost.heuristic_config(24, 36, 36, 28, 28, 3, torch.float16, False), primary="kernel")
+    results["forward kernel scaled gated torch.float16"] = compile_forward(24, 72, 28, config, scaled=True,
+                                                                           gated=True)[1]
     for dtype in (torch.float16, torch.float64):
         results[f"backward {dtype}"] = compile_backward(dtype)[1]
     results["cheap_mix torch.float64"] = compile_cheap_mix(torch.float64)[1]
@@ -218,6 +221,8 @@ def main():
              *compile_forward(24, 36, 28, config, arch=args.arch, channels_last=False)))
     emit(row("forward 24->36@28 float16 gated", config,
              *compile_forward(24, 36, 28, config, arch=args.arch, gated=True)))
+    emit(row("forward 24->36@28 float16 scaled (SE gate)", config,
+             *compile_forward(24, 36, 28, config, arch=args.arch, scaled=True)))
     for dtype in (torch.float16, torch.float64):
         emit(row(f"backward 80->200@14 {str(dtype)[6:]}", {"block_p": 128, "block_c": 16, "num_warps": 4},
                  *compile_backward(dtype, args.arch, block_p=128, block_c=16)))
