@@ -163,9 +163,9 @@ def smoke():
     check that everything compiles for sm_90; run without TRITON_INTERPRET)."""
     results = {}
     for primary, dtype in (("kernel", torch.float16), ("library", torch.float16), ("kernel", torch.float64)):
-        config = dict(triton_ghost.heuristic_config(40, 60, 60, 28, 28, 3, dtype, True), primary=primary)
+        config = dict(triton_ghost.heuristic_config(40, 60, dtype, True), primary=primary)
         results[f"forward {primary} {dtype}"] = compile_forward(40, 120, 28, config, dtype)[1]
-    config = dict(triton_ghost.heuristic_config(24, 36, 36, 28, 28, 3, torch.float16, False), primary="kernel")
+    config = dict(triton_ghost.heuristic_config(24, 36, torch.float16, False), primary="kernel")
     results["forward kernel scaled gated torch.float16"] = compile_forward(24, 72, 28, config, scaled=True,
                                                                            gated=True)[1]
     for dtype in (torch.float16, torch.float64):
@@ -203,18 +203,18 @@ def main():
     start = time.perf_counter()
     for inp, oup, size in GHOSTNET_SHAPES:
         init = -(-oup // 2)
-        config = triton_ghost.heuristic_config(inp, init, init, size, size, 3, torch.float16, True)
+        config = triton_ghost.heuristic_config(inp, init, torch.float16, True)
         for relu in (True, False):  # GhostNet's ghost1 and ghost2
             emit(row(f"forward {shape_name(inp, oup, size)} float16 {'relu' if relu else 'none'}", config,
                      *compile_forward(inp, oup, size, config, arch=args.arch, relu=relu)))
     emit(f"| **GhostNet 1.0x's forward variants, compiled in all** | | {time.perf_counter() - start:.1f} | | | |\n")
     for shape in ((24, 72, 56), (80, 200, 14)):
         init = -(-shape[1] // 2)
-        for config in triton_ghost.candidate_configs(shape[0], init, init, shape[2], shape[2], 3, torch.float16, True):
+        for config in triton_ghost.candidate_configs(shape[0], init, torch.float16, True):
             emit(row(f"forward candidate {shape_name(*shape)}", config, *compile_forward(*shape, config, arch=args.arch)))
-    config = triton_ghost.heuristic_config(16, 8, 8, 56, 56, 3, torch.float64, False)
+    config = triton_ghost.heuristic_config(16, 8, torch.float64, False)
     emit(row("forward 16->16@56 float64", config, *compile_forward(16, 16, 56, config, torch.float64, args.arch)))
-    config = triton_ghost.heuristic_config(24, 12, 24, 28, 28, 3, torch.float16, False)
+    config = triton_ghost.heuristic_config(24, 24, torch.float16, False)
     emit(row("forward 24->36@28 ratio 3 float16", config,
              *compile_forward(24, 36, 28, config, arch=args.arch, ratio=3)))
     emit(row("forward 24->36@28 float16 NCHW", config,

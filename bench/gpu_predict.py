@@ -33,7 +33,7 @@ DOT = 400e12  # FLOP/s a Triton float16 tl.dot of these small tiles might sustai
 
 def predict(inp, oup, size, batch):
     init, dw, elem = -(-oup // 2), 3, 2
-    config = triton_ghost.heuristic_config(inp, init, init, size, size, dw, torch.float16, True)
+    config = triton_ghost.heuristic_config(inp, init, torch.float16, True)
     tiles, tile_h, tile_w = triton_ghost.tiling(size, size, config["block_p"])
     block_p, block_c, block_k = config["block_p"], config["block_c"], config["block_k"]
     channel_blocks = -(-init // block_c)

@@ -134,7 +134,7 @@ def forward_row(inp, oup, size, batch, dtype, bandwidth, flops_per_s, with_compi
     module, x, cl = make_case(inp, oup, size, batch, channels_last=True, device=device, dtype=dtype)
     weights = module.folded_weights()[:4]
     init = weights[0].shape[0]
-    heuristic = triton_ghost.heuristic_config(inp, init, init, size, size, 3, dtype, True)
+    heuristic = triton_ghost.heuristic_config(inp, init, dtype, True)
     configs = {name: dict(heuristic, primary=name) for name in ("kernel", "library")}
     inputs = {"cl": [x] + [torch.randn_like(x) for _ in range(rotate - 1)],
               "nchw": [nchw_x] + [torch.randn_like(nchw_x) for _ in range(rotate - 1)]}
@@ -259,7 +259,7 @@ def tune(shapes, dtype, batch, device):
         weights = module.folded_weights()[:4]
         init = weights[0].shape[0]
         timed = []
-        for config in triton_ghost.candidate_configs(inp, init, init, size, size, 3, dtype, True):
+        for config in triton_ghost.candidate_configs(inp, init, dtype, True):
             try:
                 timed.append((median(lambda: triton_ghost.forward(x, *weights, oup, 1, "relu", config=config)),
                               config))

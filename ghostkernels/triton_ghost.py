@@ -267,7 +267,7 @@ def _block(n, low, high):
 @functools.lru_cache(maxsize=None)
 def tiling(height, width, block_p):
     """(tiles per image, tile rows, tile columns) of the output tiles of at most block_p pixels:
-    full rows when they fit (coalesced), else a square-ish tile; fewest tiles first."""
+    the fewest tiles, then the widest (longer contiguous rows)."""
     best = None
     for tile_w in range(1, min(width, block_p) + 1):
         tile_h = min(height, block_p // tile_w)
@@ -284,7 +284,7 @@ def tiling(height, width, block_p):
 RECOMPUTE_MAX_INP = 32
 
 
-def heuristic_config(inp, init, ghosts, height, width, dw, dtype, library_ok):
+def heuristic_config(inp, ghosts, dtype, library_ok):
     """Block sizes and primary for a shape no tuned table covers: 64-pixel tiles and 32 ghost
     channels a program (16 for narrow modules) with 4 warps, 80-150 registers a thread on sm_90
     without spills, so that several programs share an SM to hide memory latency
@@ -299,9 +299,9 @@ def heuristic_config(inp, init, ghosts, height, width, dw, dtype, library_ok):
     }
 
 
-def candidate_configs(inp, init, ghosts, height, width, dw, dtype, library_ok):
+def candidate_configs(inp, ghosts, dtype, library_ok):
     """What GHOSTKERNELS_AUTOTUNE=1 and `bench/gpu_report.py --tune` time for a shape."""
-    heuristic = heuristic_config(inp, init, ghosts, height, width, dw, dtype, library_ok)
+    heuristic = heuristic_config(inp, ghosts, dtype, library_ok)
     if dtype == torch.float64:
         return [heuristic]
     configs = []
@@ -435,8 +435,8 @@ def forward(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_chann
 def _choose_config(device, shape, library_ok, run):
     """The tuned table's config for this GPU and shape; else, with GHOSTKERNELS_AUTOTUNE=1, the
     fastest candidate, timed now and cached on disk; else the heuristic."""
-    inp, init, ghosts, _, height, width, _, dw, _, dtype = shape[:10]
-    heuristic = heuristic_config(inp, init, ghosts, height, width, dw, dtype, library_ok)
+    inp, _, ghosts, _, _, _, _, _, _, dtype = shape[:10]
+    heuristic = heuristic_config(inp, ghosts, dtype, library_ok)
     if device.type != "cuda":
         return heuristic
     device_name = _device_name(device.index if device.index is not None else torch.cuda.current_device())
@@ -447,7 +447,7 @@ def _choose_config(device, shape, library_ok, run):
     if os.environ.get("GHOSTKERNELS_AUTOTUNE") != "1":
         return heuristic
     timed = []
-    for config in candidate_configs(inp, init, ghosts, height, width, dw, dtype, library_ok):
+    for config in candidate_configs(inp, ghosts, dtype, library_ok):
         try:
             timed.append((triton.testing.do_bench(lambda: run(config), warmup=5, rep=25, return_mode="median"),
                           config))

@@ -76,7 +76,7 @@ def test_forward_backward(case, dtype):
 def test_many_tiles_channel_blocks_and_backward_tiles():
     """Several forward tiles per image (halos crossing tile edges), several channel blocks,
     several backward tiles."""
-    small = dict(triton_ghost.heuristic_config(20, 35, 35, 12, 10, 3, DTYPES[0], False), block_p=32, block_c=16)
+    small = dict(triton_ghost.heuristic_config(20, 35, DTYPES[0], False), block_p=32, block_c=16)
     check((2, 3, 1, "relu", True, 1, 3, 70), DTYPES[0], inp=20, size=(12, 10), config=small, tile_pixels=16)
     check((3, 5, 1, "none", False, 1, 1, 50), DTYPES[0], inp=7, size=(11, 13), config=small, tile_pixels=32)
     check((2, 7, 1, "relu", True, 3, 2, 12), DTYPES[0], inp=7, size=(13, 9), config=small)
@@ -105,7 +105,7 @@ def test_library_primary(case, dtype):
     weights = [w.to(DEVICE) if w is not None else None for w in make_weights(inp, oup, ratio, dw, dtype=dtype,
                                                                              bias=bias)]
     init = weights[0].shape[0]
-    config = dict(triton_ghost.heuristic_config(inp, init, init * (ratio - 1), 9, 11, dw, dtype, True),
+    config = dict(triton_ghost.heuristic_config(inp, init * (ratio - 1), dtype, True),
                   primary="library", block_p=32)
     out = triton_ghost.forward(x, *weights, oup, 1, act, config=config)
     expected = ghost_module_reference(*(t.double() if t is not None else None for t in (x, *weights)),
@@ -123,7 +123,7 @@ def test_every_autotune_candidate_computes_the_same():
     x = make_input(1, 6, 10, 9, channels_last=True, dtype=dtype).to(DEVICE)
     weights = [w.to(DEVICE) for w in make_weights(6, 40, 2, 3, dtype=dtype)]
     expected = ghost_module_reference(*(t.double() for t in (x, *weights)), out_channels=40)
-    candidates = triton_ghost.candidate_configs(6, 20, 20, 10, 9, 3, dtype, True)
+    candidates = triton_ghost.candidate_configs(6, 20, dtype, True)
     assert {c["primary"] for c in candidates} == {"kernel", "library"} and len(candidates) >= 12
     for config in candidates:
         out = triton_ghost.forward(x, *weights, 40, 1, "relu", config=config)
@@ -135,12 +135,12 @@ def test_tuned_table_and_autotune_cache(tmp_path, monkeypatch):
     """The committed table parses and holds complete configs; the autotune cache round-trips."""
     with open(triton_ghost._TUNED_TABLE) as f:
         table = json.load(f)
-    keys = set(triton_ghost.heuristic_config(16, 8, 8, 112, 112, 3, torch.float16, True))
+    keys = set(triton_ghost.heuristic_config(16, 8, torch.float16, True))
     for device, configs in table.items():
         for key, config in configs.items():
             assert set(config) == keys, (device, key)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    config = triton_ghost.heuristic_config(160, 480, 480, 7, 7, 3, torch.float16, True)
+    config = triton_ghost.heuristic_config(160, 480, torch.float16, True)
     triton_ghost._tuned_configs.cache_clear()
     try:
         triton_ghost._save_autotuned("Some GPU", "160-480-480-960-7x7-k1-d3-s1-float16-cl", config)
@@ -270,8 +270,7 @@ def test_scaled_forward(case, route, dtype):
     x = make_input(batch, 6, 9, 10, channels_last=cl, dtype=dtype).to(DEVICE)
     scale = torch.rand(batch, 6, 1, 1, dtype=dtype).to(DEVICE)
     weights = [w.to(DEVICE) for w in make_weights(6, oup, ratio, dw, kernel, dtype=dtype)]
-    init = weights[0].shape[0]
-    config = dict(triton_ghost.heuristic_config(6, init, weights[2].shape[0], 9, 10, dw, dtype, True), primary=route)
+    config = dict(triton_ghost.heuristic_config(6, weights[2].shape[0], dtype, True), primary=route)
     out = triton_ghost.forward(x, *weights, oup, stride, act, config=config, scale=scale)
     expected = ghost_module_reference((x * scale).double(), *(w.double() for w in weights), out_channels=oup,
                                       stride=stride, activation=act)
