@@ -157,6 +157,7 @@ def forward_row(inp, oup, size, batch, dtype, bandwidth, flops_per_s, with_compi
             check(triton_ghost.forward(x, *weights, oup, 1, "relu", config=config), expected, dtype,
                   f"fused {name} primary")
         times["eager"] = timed(eager_nchw, "nchw")
+        times["fused_nchw"] = timed(nchw_module, "nchw")  # the op as an NCHW user gets it
         times["eager_cl"] = timed(eager_cl)
         if with_compile:
             compiled = torch.compile(eager_cl)
@@ -316,11 +317,13 @@ def main():
     matmul = {name: matmul_rate(DTYPES[name]) for name in args.dtype}
     rates = ", ".join(f"{name} matmul {rate / 1e12:.1f} TFLOP/s" for name, rate in matmul.items())
     emit(f"- measured: copy bandwidth {bandwidth / 1e9:.0f} GB/s, {rates}; do_bench medians in ms; "
-         "everything but 'eager NCHW' runs channels_last; 'kernel' = x1 by tl.dot in the fused kernel, "
+         "everything but the NCHW columns runs channels_last; 'fused NCHW' = GhostModule on NCHW input "
+         "(wide inputs converted to channels_last and back); 'kernel' = x1 by tl.dot in the fused kernel, "
          "'library' = x1 by cuBLAS into the output + the fused depthwise pass; * = the op's default choice; "
          "ratios use the faster fused column\n\n"
-         "| dtype | shape | batch | eager NCHW | eager CL | compile | kernel | library | floor | vs eager CL "
-         "| vs compile | x floor | eager fwd+bwd | fused fwd+bwd | fwd+bwd speedup |\n" + "|---" * 15 + "|\n")
+         "| dtype | shape | batch | eager NCHW | fused NCHW | eager CL | compile | kernel | library | floor "
+         "| vs eager CL | vs compile | x floor | eager fwd+bwd | fused fwd+bwd | fwd+bwd speedup |\n"
+         + "|---" * 16 + "|\n")
     ratios, skipped = {}, []
     rows = [(d, b, s) for b in args.batch for d in args.dtype for s in shapes]
     for dtype_name, batch, (inp, oup, size) in rows:
@@ -334,7 +337,7 @@ def main():
             train = training_row(inp, oup, size, batch, dtype)
         best = min(row[p] for p in ("kernel", "library") if p in row)
         ratios.setdefault((dtype_name, batch), []).append(best / row["floor"])
-        cells = [f"{row[k]:.4f}" if k in row else "-" for k in ("eager", "eager_cl", "compile")]
+        cells = [f"{row[k]:.4f}" if k in row else "-" for k in ("eager", "fused_nchw", "eager_cl", "compile")]
         cells += [f"{row[k]:.4f}{'*' if row['chosen'] == k else ''}" if k in row else "-" for k in ("kernel", "library")]
         vs_compile = f"{row['compile'] / best:.2f}x" if "compile" in row else "-"
         emit(f"| {dtype_name} | {shape_name(inp, oup, size)} | {batch} | {' | '.join(cells)} | {row['floor']:.4f} | "

@@ -406,6 +406,14 @@ def forward(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_chann
     batch, inp, in_h, in_w = x.shape
     init, ghosts = primary_weight.shape[0], cheap_weight.shape[0]
     kernel, dw = primary_weight.shape[-1], cheap_weight.shape[-1]
+    if (config is None and kernel == 1 and stride == 1 and gate is None and inp > RECOMPUTE_MAX_INP
+            and output_memory_format(x) != torch.channels_last):
+        # A wide NCHW input goes through channels_last and the library route, and back: two extra
+        # coalesced passes, where NCHW on the kernel route would be dw * dw dots over inp with
+        # loads strided by the plane.
+        out = forward(x.contiguous(memory_format=torch.channels_last), primary_weight, primary_bias, cheap_weight,
+                      cheap_bias, out_channels, stride, activation, scale=scale)
+        return out.contiguous()
     height, width = (in_h - 1) // stride + 1, (in_w - 1) // stride + 1
     out = torch.empty((batch, out_channels, height, width), dtype=x.dtype, device=x.device,
                       memory_format=output_memory_format(x))

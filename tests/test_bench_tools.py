@@ -213,7 +213,7 @@ def test_gpu_report_rows_check_parity(monkeypatch):
     import gpu_report
     monkeypatch.setattr(gpu_report, "median", lambda fn: (fn(), 1.0)[1])
     row = gpu_report.forward_row(8, 12, 6, 2, torch.float32, 1e9, 1e9, with_compile=False, device="cpu")
-    assert {"eager", "eager_cl", "kernel", "library", "floor"} <= set(row) and "compile" not in row
+    assert {"eager", "fused_nchw", "eager_cl", "kernel", "library", "floor"} <= set(row) and "compile" not in row
     assert row["chosen"] == "kernel"
     assert gpu_report.training_row(8, 12, 6, 2, torch.float32, device="cpu") == {"eager_train": 1.0,
                                                                                   "fused_train": 1.0}

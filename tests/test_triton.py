@@ -295,3 +295,19 @@ def test_ghostnet_shapes_with_the_heuristic_config(inp, oup, size):
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(out.double(), expected.to(out.device), rtol=tol,
                                atol=tol * max(expected.abs().max().item(), 1.0))
+
+
+def test_wide_nchw_input_takes_the_library_route_through_channels_last():
+    """An NCHW x wider than RECOMPUTE_MAX_INP is converted, computed on the library route, and
+    returned NCHW; narrow NCHW inputs stay on the kernel route, in place."""
+    dtype = DTYPES[1] if DEVICE == "cpu" else torch.float16
+    for inp in (triton_ghost.RECOMPUTE_MAX_INP + 8, 8):
+        x = make_input(2, inp, 9, 7, dtype=dtype).to(DEVICE)
+        scale = torch.rand(2, inp, 1, 1, dtype=dtype).to(DEVICE)
+        weights = [w.to(DEVICE) for w in make_weights(inp, 20, 2, 3, dtype=dtype)]
+        out = triton_ghost.forward(x, *weights, 20, 1, "relu", scale=scale)
+        expected = ghost_module_reference(*(t.double() for t in (x * scale, *weights)), out_channels=20)
+        assert out.is_contiguous()
+        tol = TOLERANCE[dtype]
+        torch.testing.assert_close(out.double(), expected.to(out.device), rtol=tol,
+                                   atol=tol * max(expected.abs().max().item(), 1.0))
