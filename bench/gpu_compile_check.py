@@ -112,7 +112,7 @@ def compile_forward(inp, oup, size, config, dtype=torch.float16, arch=90, ratio=
     return seconds, resource_usage(_compiled[key])
 
 
-def compile_backward(dtype, arch=90, dw=3, block_p=128, block_c=16, num_warps=4, oup=200, size=14):
+def compile_backward(dtype, arch=90, dw=3, tile_pixels=128, num_warps=4, oup=200, size=14):
     """(seconds, resource usage) of the backward kernel a call of this shape launches (ratio 2)."""
     init = -(-oup // 2)
     fmt = torch.channels_last
@@ -120,11 +120,10 @@ def compile_backward(dtype, arch=90, dw=3, block_p=128, block_c=16, num_warps=4,
     grad = torch.empty_like(out)
     grad_z1 = torch.empty(1, init, size, size, dtype=dtype).to(memory_format=fmt)
     partial = torch.empty(1, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-    tile_w = min(size, block_p)
-    tile_h = max(1, min(size, block_p // tile_w))
+    block_p, tile_h, tile_w = triton_ghost.backward_tiles(size, size, tile_pixels)
     args = triton_ghost.backward_arguments(grad, out, torch.empty(init, 1, dw, dw, dtype=dtype), grad_z1, partial,
                                            partial, partial, init, tile_h, tile_w)
-    constants = {"DW": dw, "RELU": True, "BLOCK_P": block_p, "BLOCK_C": block_c,
+    constants = {"DW": dw, "RELU": True, "BLOCK_P": block_p, "BLOCK_C": triton_ghost.BACKWARD_BLOCK_C,
                  "ALIGN": triton_ghost._alignment(out.element_size(),
                                                   triton_ghost._pixel_strides(grad, out, grad_z1)),
                  "ACC": tl.float64 if dtype == torch.float64 else tl.float32}
@@ -224,8 +223,8 @@ def main():
     emit(row("forward 24->36@28 float16 scaled (SE gate)", config,
              *compile_forward(24, 36, 28, config, arch=args.arch, scaled=True)))
     for dtype in (torch.float16, torch.float64):
-        emit(row(f"backward 80->200@14 {str(dtype)[6:]}", {"block_p": 128, "block_c": 16, "num_warps": 4},
-                 *compile_backward(dtype, args.arch, block_p=128, block_c=16)))
+        emit(row(f"backward 80->200@14 {str(dtype)[6:]}", {"tile_pixels": 128, "block_c": triton_ghost.BACKWARD_BLOCK_C},
+                 *compile_backward(dtype, args.arch)))
         emit(row(f"cheap_mix {str(dtype)[6:]}", None, *compile_cheap_mix(dtype, args.arch)))
         emit(row(f"squeeze_excite_gate 960/240@7 {str(dtype)[6:]}", None, *compile_squeeze_excite(dtype, args.arch)))
     with open(args.out, "w") as f:

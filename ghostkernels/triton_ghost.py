@@ -542,11 +542,22 @@ def launch_arguments(source, primary_dot, store_x1, primary_weight, primary_bias
     return (batch * tiles * channel_blocks,), args, constants
 
 
+# The backward's channels a program; with 128-pixel tiles and 4 warps, 136 registers a thread on
+# sm_90 and no spills (256 x 32 spilled: bench/gpu_compile_check.py).
+BACKWARD_BLOCK_C = 16
+
+
+def backward_tiles(height, width, tile_pixels):
+    """(BLOCK_P, tile rows, tile columns) of the backward kernel's tiles of at most tile_pixels."""
+    block_p = min(tile_pixels, _block(width * height, 16, tile_pixels))
+    tile_w = min(width, block_p)
+    return block_p, max(1, min(height, block_p // tile_w)), tile_w
+
+
 def backward(grad, out, x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation,
              tile_pixels=128):
-    """Grads of (x, W1, b1, W2, b2); zeros for absent biases. tile_pixels: a power of two. 128
-    pixels x 16 channels with 4 warps is 136 registers a thread on sm_90, no spill; 256 x 32
-    spills (bench/gpu_compile_check.py)."""
+    """Grads of (x, W1, b1, W2, b2); zeros for absent biases. tile_pixels: a power of two (see
+    BACKWARD_BLOCK_C)."""
     batch = x.shape[0]
     init, ghosts = primary_weight.shape[0], cheap_weight.shape[0]
     kernel, dw = primary_weight.shape[-1], cheap_weight.shape[-1]
@@ -554,12 +565,10 @@ def backward(grad, out, x, primary_weight, primary_bias, cheap_weight, cheap_bia
     grad = grad.contiguous(memory_format=output_memory_format(out))
     grad_z1 = torch.empty((batch, init, height, width), dtype=x.dtype, device=x.device,
                           memory_format=output_memory_format(out))
-    block_p = min(tile_pixels, _block(width * height, 16, tile_pixels))
-    tile_w = min(width, block_p)
-    tile_h = max(1, min(height, block_p // tile_w))
+    block_p, tile_h, tile_w = backward_tiles(height, width, tile_pixels)
     tiles_h, tiles_w = _cdiv(height, tile_h), _cdiv(width, tile_w)
     tiles = batch * tiles_h * tiles_w
-    block_c = 16
+    block_c = BACKWARD_BLOCK_C
     partial = dict(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
     gw2_part = torch.zeros((tiles, ghosts, dw * dw), **partial)
     gb1_part = torch.zeros((tiles, init), **partial)
