@@ -261,7 +261,8 @@ def main():
         print(machine_line(args.threads))
     print()
     shown = [c for c in contenders if any(c in r for r in rows)]
-    print(f"{'model':>20} {'dtype':>8} {'batch':>5}" + "".join(f"{c:>22}" for c in shown) + f"{'speedup':>9}{'spread':>8}")
+    print(f"{'model':>20} {'dtype':>8} {'batch':>5}" + "".join(f"{c:>22}" for c in shown)
+          + f"{'speedup':>9}{'spread':>8}")
     for r in rows:
         cells = "".join(f"{r[c]:22.2f}" if c in r else f"{'-':>22}" for c in shown)
         print(f"{r['model']:>20} {r['dtype']:>8} {r['batch']:5d}{cells}{r['eager'] / r['accelerated']:8.2f}x"

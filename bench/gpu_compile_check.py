@@ -104,7 +104,8 @@ def compile_forward(inp, oup, size, config, dtype=torch.float16, arch=90, ratio=
     constants["UPCAST_DOT"] = False
     key = (repr(sorted(constants.items(), key=lambda kv: kv[0])), config["num_warps"], config["num_stages"],
            tuple(type(a).__name__ if isinstance(a, torch.Tensor) else (a == 1, a % 16 == 0) for a in args
-                 if not isinstance(a, float)), tuple(a.data_ptr() % 16 == 0 for a in args if isinstance(a, torch.Tensor)))
+                 if not isinstance(a, float)),
+           tuple(a.data_ptr() % 16 == 0 for a in args if isinstance(a, torch.Tensor)))
     seconds = 0.0
     if key not in _compiled:
         seconds, _compiled[key] = compile_launch(triton_ghost._ghost_forward_kernel, args, constants, arch,
@@ -146,7 +147,8 @@ def compile_cheap_mix(dtype, arch=90):
 def compile_squeeze_excite(dtype, arch=90, channels=960, reduced=240, size=7):
     """(seconds, resource usage) of the SE gate kernel for GhostNet's widest gate."""
     x = torch.empty(1, channels, size, size, dtype=dtype).to(memory_format=torch.channels_last)
-    reduce_weight, expand_weight = torch.empty(reduced, channels, dtype=dtype), torch.empty(channels, reduced, dtype=dtype)
+    reduce_weight = torch.empty(reduced, channels, dtype=dtype)
+    expand_weight = torch.empty(channels, reduced, dtype=dtype)
     bias = torch.empty(channels, dtype=dtype)
     args = (x, reduce_weight, bias, expand_weight, bias, bias, channels, reduced, size, size * size, *x.stride())
     block_c, block_r, num_warps = triton_squeeze_excite.blocks(reduced)
@@ -210,7 +212,8 @@ def main():
     for shape in ((24, 72, 56), (80, 200, 14)):
         init = -(-shape[1] // 2)
         for config in triton_ghost.candidate_configs(shape[0], init, torch.float16, True):
-            emit(row(f"forward candidate {shape_name(*shape)}", config, *compile_forward(*shape, config, arch=args.arch)))
+            emit(row(f"forward candidate {shape_name(*shape)}", config,
+                     *compile_forward(*shape, config, arch=args.arch)))
     config = triton_ghost.heuristic_config(16, 8, torch.float64, False)
     emit(row("forward 16->16@56 float64", config, *compile_forward(16, 16, 56, config, torch.float64, args.arch)))
     config = triton_ghost.heuristic_config(24, 24, torch.float16, False)
@@ -223,8 +226,8 @@ def main():
     emit(row("forward 24->36@28 float16 scaled (SE gate)", config,
              *compile_forward(24, 36, 28, config, arch=args.arch, scaled=True)))
     for dtype in (torch.float16, torch.float64):
-        emit(row(f"backward 80->200@14 {str(dtype)[6:]}", {"tile_pixels": 128, "block_c": triton_ghost.BACKWARD_BLOCK_C},
-                 *compile_backward(dtype, args.arch)))
+        backward_config = {"tile_pixels": 128, "block_c": triton_ghost.BACKWARD_BLOCK_C}
+        emit(row(f"backward 80->200@14 {str(dtype)[6:]}", backward_config, *compile_backward(dtype, args.arch)))
         emit(row(f"cheap_mix {str(dtype)[6:]}", None, *compile_cheap_mix(dtype, args.arch)))
         emit(row(f"squeeze_excite_gate 960/240@7 {str(dtype)[6:]}", None, *compile_squeeze_excite(dtype, args.arch)))
     with open(args.out, "w") as f:

@@ -46,7 +46,8 @@ import ghostkernels  # noqa: E402
 from ghostkernels import ghost_module_reference, triton_ghost  # noqa: E402
 from cases import GHOSTNET_SHAPES, floor_ms, make_case, shape_name  # noqa: E402
 
-GPU_TESTS = ["tests/test_triton.py", "tests/test_cheap_mix.py", "tests/test_squeeze_excite.py", "tests/test_cuda_graph.py"]
+GPU_TESTS = ["tests/test_triton.py", "tests/test_cheap_mix.py", "tests/test_squeeze_excite.py",
+             "tests/test_cuda_graph.py"]
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 2e-2, torch.float32: 1e-2}  # float32 dots run as TF32
 
@@ -71,7 +72,8 @@ with torch.no_grad():
         out = fast(x.half()); torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
 error = ((out.float() - expected).norm() / expected.norm()).item()
-print(json.dumps({"model": source, "accelerate_s": accelerate_s, "first_s": times[0], "second_s": times[1], "rel_error_vs_fp32": error}))
+print(json.dumps({"model": source, "accelerate_s": accelerate_s, "first_s": times[0], "second_s": times[1],
+                  "rel_error_vs_fp32": error}))
 """
 
 
@@ -225,7 +227,8 @@ def first_call(budget_s):
         return f"first call FAILED (rc {proc.returncode}): {proc.stderr.strip()[-600:]}"
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     return (f"first call, fresh process, accelerate({result['model']}) float16 channels_last batch 64: "
-            f"accelerate() {result['accelerate_s']:.1f} s, first forward {result['first_s']:.1f} s, second {result['second_s'] * 1e3:.1f} ms, "
+            f"accelerate() {result['accelerate_s']:.1f} s, first forward {result['first_s']:.1f} s, "
+            f"second {result['second_s'] * 1e3:.1f} ms, "
             f"logits rel. error vs float32 eager {result['rel_error_vs_fp32']:.1e}")
 
 
@@ -338,14 +341,16 @@ def main():
         best = min(row[p] for p in ("kernel", "library") if p in row)
         ratios.setdefault((dtype_name, batch), []).append(best / row["floor"])
         cells = [f"{row[k]:.4f}" if k in row else "-" for k in ("eager", "fused_nchw", "eager_cl", "compile")]
-        cells += [f"{row[k]:.4f}{'*' if row['chosen'] == k else ''}" if k in row else "-" for k in ("kernel", "library")]
+        cells += [f"{row[k]:.4f}{'*' if row['chosen'] == k else ''}" if k in row else "-"
+                  for k in ("kernel", "library")]
         vs_compile = f"{row['compile'] / best:.2f}x" if "compile" in row else "-"
         emit(f"| {dtype_name} | {shape_name(inp, oup, size)} | {batch} | {' | '.join(cells)} | {row['floor']:.4f} | "
              f"{row['eager_cl'] / best:.2f}x | {vs_compile} | {best / row['floor']:.2f}x | "
              f"{train['eager_train']:.4f} | {train['fused_train']:.4f} | "
              f"{train['eager_train'] / train['fused_train']:.2f}x |\n")
     emit("\n" + "".join(f"- {dtype} batch {batch}: faster fused / floor, geometric mean "
-                        f"{statistics.geometric_mean(r):.2f}x over {len(r)} shapes\n" for (dtype, batch), r in ratios.items()))
+                        f"{statistics.geometric_mean(r):.2f}x over {len(r)} shapes\n"
+                        for (dtype, batch), r in ratios.items()))
     if skipped:
         emit(f"- not measured (--budget-s {args.budget_s:.0f} spent): {', '.join(skipped)}\n")
     emit(f"- whole run: {time.perf_counter() - start:.0f} s\n")

@@ -63,7 +63,8 @@ def main():
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                       "host-path.txt"))
     args = parser.parse_args()
-    lines = [f"# {machine_line(torch.get_num_threads())}", f"# torch {torch.__version__}; median us per call; Triton launch stubbed",
+    lines = [f"# {machine_line(torch.get_num_threads())}",
+             f"# torch {torch.__version__}; median us per call; Triton launch stubbed",
              "shape            launcher  op-entry  module"]
     totals = [0.0, 0.0, 0.0]
     with torch.no_grad(), mock.patch.object(triton_ghost, "_ghost_forward_kernel", _StubKernel()), \

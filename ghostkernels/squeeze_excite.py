@@ -8,7 +8,8 @@ C++ kernel does (csrc/ghost_cpu.cpp). On CUDA the Triton forward applies the gat
 (or gives the library GEMM per-image weights). The gate itself, about fifteen small ATen ops, is
 one op too when the SE's activation is ReLU and its gate GhostNet's hard sigmoid
 (csrc/squeeze_excite_cpu.cpp), and one Triton launch on CUDA (triton_squeeze_excite.py).
-Elsewhere the ops are their ATen compositions, and gradients recompute those. accelerate() makes se + ghost2 a SqueezeExciteGhost.
+Elsewhere the ops are their ATen compositions, and gradients recompute those. accelerate()
+makes se + ghost2 a SqueezeExciteGhost.
 """
 
 import torch

@@ -116,7 +116,8 @@ def _ghost_forward_kernel(
     own = (p < TH * TW) & (h < HO) & (w < WO)
 
     if HAS_B2:
-        acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC) + tl.load(b2_ptr + j, mask=writes_ghost, other=0.0).to(ACC)[None, :]
+        b2 = tl.load(b2_ptr + j, mask=writes_ghost, other=0.0).to(ACC)
+        acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC) + b2[None, :]
     else:
         acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
     if PRIMARY_DOT and HAS_B1:
@@ -524,8 +525,9 @@ def launch_arguments(source, primary_dot, store_x1, primary_weight, primary_bias
     son, soc, soh, sow = out.stride()
     align = _alignment(out.element_size(), _pixel_strides(source, out))
     args = (
-        source, scale if scale is not None else source, primary_weight, primary_bias if primary_bias is not None else source,
-        cheap_weight, cheap_bias if cheap_bias is not None else source, gate, out, out[:, init:],
+        source, scale if scale is not None else source, primary_weight,
+        primary_bias if primary_bias is not None else source, cheap_weight,
+        cheap_bias if cheap_bias is not None else source, gate, out, out[:, init:],
         inp, height, width, init, out_channels - init, ghosts // init, stride,
         sxn // align, sxc, sxh // align, sxw // align, primary_weight.stride(0),
         son // align, soc, soh // align, sow // align,
@@ -535,7 +537,8 @@ def launch_arguments(source, primary_dot, store_x1, primary_weight, primary_bias
     constants = dict(
         DW=cheap_weight.shape[-1], PRIMARY_DOT=primary_dot, STORE_X1=store_x1,
         HAS_B1=primary_bias is not None, HAS_B2=cheap_bias is not None, RELU=activation == "relu", GATED=gated,
-        SCALED=scale is not None, BLOCK_P=config["block_p"], BLOCK_K=config["block_k"], BLOCK_C=config["block_c"], ALIGN=align,
+        SCALED=scale is not None, BLOCK_P=config["block_p"], BLOCK_K=config["block_k"], BLOCK_C=config["block_c"],
+        ALIGN=align,
         FMA=dtype == torch.float64, INPUT_PRECISION=_input_precision(dtype), ACC=_accumulator(dtype),
         UPCAST_DOT=INTERPRET and dtype == torch.bfloat16,
     )
