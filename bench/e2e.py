@@ -111,7 +111,7 @@ class Progress:
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def build(name, model, x, eager, accelerated, export):
+def build(name, x, eager, accelerated, export):
     """(callable, None) for contender `name`, or (None, why) when it cannot run here."""
     if name == "eager":
         return (lambda: eager(x)), None
@@ -242,7 +242,7 @@ def main():
                     reference = float32_reference(base, x) if cuda else None
                     for name in contenders:
                         progress.step(f"{model_name} {str(dtype)[6:]} batch {batch} {name}")
-                        fn, why = build(name, model_name, x, eager, accelerated, export)
+                        fn, why = build(name, x, eager, accelerated, export)
                         if fn is None:
                             notes.add(f"{name}: {why}")
                             continue

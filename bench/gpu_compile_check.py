@@ -122,12 +122,10 @@ def compile_backward(dtype, arch=90, dw=3, tile_pixels=128, num_warps=4, oup=200
     grad_z1 = torch.empty(1, init, size, size, dtype=dtype).to(memory_format=fmt)
     partial = torch.empty(1, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     block_p, tile_h, tile_w = triton_ghost.backward_tiles(size, size, tile_pixels)
-    args = triton_ghost.backward_arguments(grad, out, torch.empty(init, 1, dw, dw, dtype=dtype), grad_z1, partial,
-                                           partial, partial, init, tile_h, tile_w)
+    args, align = triton_ghost.backward_arguments(grad, out, torch.empty(init, 1, dw, dw, dtype=dtype), grad_z1,
+                                                  partial, partial, partial, init, tile_h, tile_w)
     constants = {"DW": dw, "RELU": True, "BLOCK_P": block_p, "BLOCK_C": triton_ghost.BACKWARD_BLOCK_C,
-                 "ALIGN": triton_ghost._alignment(out.element_size(),
-                                                  triton_ghost._pixel_strides(grad, out, grad_z1)),
-                 "ACC": tl.float64 if dtype == torch.float64 else tl.float32}
+                 "ALIGN": align, "ACC": tl.float64 if dtype == torch.float64 else tl.float32}
     seconds, kernel = compile_launch(triton_ghost._ghost_backward_kernel, args, constants, arch, num_warps, 2)
     return seconds, resource_usage(kernel)
 

@@ -80,7 +80,7 @@ def main():
     geomean = [torch.tensor(r).log().mean().exp().item() for r in (optimistic, pessimistic)]
     lines.append(f"\nPredicted geometric mean over the 21 shapes: {geomean[0]:.2f}x (perfect overlap) to "
                  f"{geomean[1]:.2f}x (none) the HBM floor; the issue's target is <= 1.5x, the design before "
-                 "this one measured 17x. Not counted: launch and tail effects, occupancy (80-150 registers a "
+                 "this one measured 17x. Not counted: launch and tail effects, occupancy (54-178 registers a "
                  "thread: bench/results/sm90-compile-check-triton*.md), and the cuBLAS GEMM's own efficiency at these "
                  "narrow shapes.\n")
     with open(args.out, "w") as f:

@@ -255,28 +255,18 @@ def ghostnet_shapes(widths=(0.5, 1.0, 1.3)):
 def tune(shapes, dtype, batch, device):
     """Time every candidate config per shape; write the best into ghostkernels/triton_tuned.json
     after each shape (a call cut short keeps what it tuned)."""
-    with open(triton_ghost._TUNED_TABLE) as f:
-        table = json.load(f)
     lines = []
     for inp, oup, size in shapes:
         module, x, _ = make_case(inp, oup, size, batch, channels_last=True, device="cuda", dtype=dtype)
         weights = module.folded_weights()[:4]
         init = weights[0].shape[0]
-        timed = []
-        for config in triton_ghost.candidate_configs(inp, init, dtype, True):
-            try:
-                timed.append((median(lambda: triton_ghost.forward(x, *weights, oup, 1, "relu", config=config)),
-                              config))
-            except triton.runtime.errors.OutOfResources:
-                continue
-        ms, best = min(timed, key=lambda t: t[0])
+        ms, best, timed = triton_ghost.fastest_config(
+            triton_ghost.candidate_configs(inp, init, dtype, True),
+            lambda config: triton_ghost.forward(x, *weights, oup, 1, "relu", config=config), warmup=25, rep=100)
         key = triton_ghost.shape_key(inp, init, init, oup, size, size, 1, 3, 1, dtype, True, False)
-        table.setdefault(device, {})[key] = best
-        lines.append(f"- tuned {key}: {ms:.4f} ms with {best} ({len(timed)} candidates)\n")
+        triton_ghost.save_config(triton_ghost._TUNED_TABLE, device, key, best)
+        lines.append(f"- tuned {key}: {ms:.4f} ms with {best} ({timed} candidates)\n")
         print(lines[-1], end="", flush=True)
-        with open(triton_ghost._TUNED_TABLE, "w") as f:
-            json.dump(table, f, indent=1, sort_keys=True)
-            f.write("\n")
     return lines
 
 

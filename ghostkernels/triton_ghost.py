@@ -287,8 +287,8 @@ RECOMPUTE_MAX_INP = 32
 
 def heuristic_config(inp, ghosts, dtype, library_ok):
     """Block sizes and primary for a shape no tuned table covers: 64-pixel tiles and 32 ghost
-    channels a program (16 for narrow modules) with 4 warps, 80-150 registers a thread on sm_90
-    without spills, so that several programs share an SM to hide memory latency
+    channels a program (16 for narrow modules) with 4 warps: 54-178 registers a thread on sm_90
+    for GhostNet's shapes (Triton 3.6 and 3.9) without spills, so that several programs share an SM to hide memory latency
     (bench/gpu_compile_check.py); x1 from the library GEMM for inputs wider than
     RECOMPUTE_MAX_INP."""
     float64 = dtype == torch.float64
@@ -336,8 +336,9 @@ def _tuned_configs(device_name):
     return configs
 
 
-def _save_autotuned(device_name, key, config):
-    path = _autotune_cache_file()
+def save_config(path, device_name, key, config):
+    """Add config under {device_name: {key: ...}} to the JSON table at `path` (the autotune cache,
+    or the committed table when bench/gpu_report.py --tune fills it), rewritten whole and atomically."""
     table = {}
     if os.path.exists(path):
         with open(path) as f:
@@ -346,8 +347,22 @@ def _save_autotuned(device_name, key, config):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "w") as f:
         json.dump(table, f, indent=1, sort_keys=True)
+        f.write("\n")
     os.replace(path + ".tmp", path)
     _tuned_configs(device_name)[key] = config
+
+
+def fastest_config(candidates, run, **bench):
+    """(median ms, config, how many were timed) of the fastest of `candidates` for run(config),
+    timed by triton.testing.do_bench(**bench); a candidate the GPU cannot hold is skipped."""
+    timed = []
+    for config in candidates:
+        try:
+            timed.append((triton.testing.do_bench(lambda: run(config), return_mode="median", **bench), config))
+        except triton.runtime.errors.OutOfResources:  # shared memory or registers
+            continue
+    ms, best = min(timed, key=lambda t: t[0])
+    return ms, best, len(timed)
 
 
 @functools.lru_cache(maxsize=None)
@@ -407,8 +422,9 @@ def forward(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_chann
     batch, inp, in_h, in_w = x.shape
     init, ghosts = primary_weight.shape[0], cheap_weight.shape[0]
     kernel, dw = primary_weight.shape[-1], cheap_weight.shape[-1]
+    memory_format = output_memory_format(x)
     if (config is None and kernel == 1 and stride == 1 and gate is None and inp > RECOMPUTE_MAX_INP
-            and output_memory_format(x) != torch.channels_last):
+            and memory_format != torch.channels_last):
         # A wide NCHW input goes through channels_last and the library route, and back: two extra
         # coalesced passes, where NCHW on the kernel route would be dw * dw dots over inp with
         # loads strided by the plane.
@@ -417,7 +433,7 @@ def forward(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_chann
         return out.contiguous()
     height, width = (in_h - 1) // stride + 1, (in_w - 1) // stride + 1
     out = torch.empty((batch, out_channels, height, width), dtype=x.dtype, device=x.device,
-                      memory_format=output_memory_format(x))
+                      memory_format=memory_format)
     if out.numel() == 0:
         return out
     primary_weight, cheap_weight = primary_weight.contiguous(), cheap_weight.contiguous()
@@ -455,15 +471,8 @@ def _choose_config(device, shape, library_ok, run):
         return tuned
     if os.environ.get("GHOSTKERNELS_AUTOTUNE") != "1":
         return heuristic
-    timed = []
-    for config in candidate_configs(inp, ghosts, dtype, library_ok):
-        try:
-            timed.append((triton.testing.do_bench(lambda: run(config), warmup=5, rep=25, return_mode="median"),
-                          config))
-        except triton.runtime.errors.OutOfResources:  # shared memory or registers: not a candidate
-            continue
-    best = min(timed, key=lambda t: t[0])[1]
-    _save_autotuned(device_name, key, best)
+    _, best, _ = fastest_config(candidate_configs(inp, ghosts, dtype, library_ok), run, warmup=5, rep=25)
+    save_config(_autotune_cache_file(), device_name, key, best)
     return best
 
 
@@ -496,8 +505,8 @@ def _pixel_strides(*tensors):
 
 
 def backward_arguments(grad, out, cheap_weight, grad_z1, gw2_part, gb1_part, gb2_part, init, tile_h, tile_w):
-    """The positional arguments of _ghost_backward_kernel (pixel strides over ALIGN, as
-    _alignment of _pixel_strides(grad, out, grad_z1) gives it)."""
+    """(positional arguments, ALIGN) of _ghost_backward_kernel: the pixel strides come divided by
+    ALIGN, their common alignment."""
     out_channels, height, width = out.shape[1:]
     ghosts = cheap_weight.shape[0]
     align = _alignment(out.element_size(), _pixel_strides(grad, out, grad_z1))
@@ -507,7 +516,7 @@ def backward_arguments(grad, out, cheap_weight, grad_z1, gw2_part, gb1_part, gb2
         strides += [sn // align, sc, sh // align, sw // align]
     return (grad, grad[:, init:], out, out[:, init:], cheap_weight, grad_z1, gw2_part, gb1_part, gb2_part,
             height, width, init, out_channels - init, ghosts, ghosts // init, *strides,
-            tile_h, tile_w, _cdiv(height, tile_h), _cdiv(width, tile_w))
+            tile_h, tile_w, _cdiv(height, tile_h), _cdiv(width, tile_w)), align
 
 
 def launch_arguments(source, primary_dot, store_x1, primary_weight, primary_bias, cheap_weight, cheap_bias, out,
@@ -577,10 +586,11 @@ def backward(grad, out, x, primary_weight, primary_bias, cheap_weight, cheap_bia
     gb1_part = torch.zeros((tiles, init), **partial)
     gb2_part = torch.zeros((tiles, ghosts), **partial)
     if tiles > 0:
-        _ghost_backward_kernel[(tiles, _cdiv(init, block_c))](*backward_arguments(
-            grad, out, cheap_weight, grad_z1, gw2_part, gb1_part, gb2_part, init, tile_h, tile_w),
-            DW=dw, RELU=activation == "relu", BLOCK_P=block_p, BLOCK_C=block_c,
-            ALIGN=_alignment(out.element_size(), _pixel_strides(grad, out, grad_z1)), ACC=_accumulator(x.dtype),
+        args, align = backward_arguments(grad, out, cheap_weight, grad_z1, gw2_part, gb1_part, gb2_part, init,
+                                         tile_h, tile_w)
+        _ghost_backward_kernel[(tiles, _cdiv(init, block_c))](
+            *args, DW=dw, RELU=activation == "relu", BLOCK_P=block_p, BLOCK_C=block_c, ALIGN=align,
+            ACC=_accumulator(x.dtype),
         )
     grad_x, grad_w1, _ = torch.ops.aten.convolution_backward(
         grad_z1, x, primary_weight, None, [stride, stride], [kernel // 2, kernel // 2], [1, 1], False, [0, 0], 1,

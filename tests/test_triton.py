@@ -131,6 +131,24 @@ def test_every_autotune_candidate_computes_the_same():
                                    atol=TOLERANCE[dtype] * max(expected.abs().max().item(), 1.0), msg=str(config))
 
 
+def test_fastest_config_skips_what_the_gpu_cannot_hold(monkeypatch):
+    """The autotuner's and --tune's choice, with do_bench stubbed (it needs a GPU): the fastest
+    candidate wins, and one that does not fit (OutOfResources) is skipped, not fatal."""
+    import triton
+
+    def fake_bench(fn, return_mode, **bench):
+        assert return_mode == "median" and bench == {"warmup": 5, "rep": 25}
+        return fn()
+
+    def run(config):
+        if config == "too big":
+            raise triton.runtime.errors.OutOfResources(300000, 232448, "shared memory")
+        return {"slow": 2.0, "fast": 1.0}[config]
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    assert triton_ghost.fastest_config(["slow", "too big", "fast"], run, warmup=5, rep=25) == (1.0, "fast", 2)
+
+
 def test_tuned_table_and_autotune_cache(tmp_path, monkeypatch):
     """The committed table parses and holds complete configs; the autotune cache round-trips."""
     with open(triton_ghost._TUNED_TABLE) as f:
@@ -143,7 +161,8 @@ def test_tuned_table_and_autotune_cache(tmp_path, monkeypatch):
     config = triton_ghost.heuristic_config(160, 480, torch.float16, True)
     triton_ghost._tuned_configs.cache_clear()
     try:
-        triton_ghost._save_autotuned("Some GPU", "160-480-480-960-7x7-k1-d3-s1-float16-cl", config)
+        triton_ghost.save_config(triton_ghost._autotune_cache_file(), "Some GPU",
+                                 "160-480-480-960-7x7-k1-d3-s1-float16-cl", config)
         triton_ghost._tuned_configs.cache_clear()
         assert triton_ghost._tuned_configs("Some GPU")["160-480-480-960-7x7-k1-d3-s1-float16-cl"] == config
     finally:
