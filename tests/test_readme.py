@@ -25,14 +25,17 @@ _SKIPPED_DIRS = {".git", "build", "__pycache__", ".pytest_cache", ".benchmarks",
 
 
 def _repository_files():
-    """The tracked and untracked-but-not-ignored files (what a commit would hold)."""
+    """The tracked and untracked-but-not-ignored files (what a commit would hold), without any
+    virtualenv made inside the checkout (a directory with a pyvenv.cfg, whatever its name: the
+    README's setup run from a fresh clone creates one)."""
     try:
         listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
                                 cwd=ROOT, capture_output=True, check=True).stdout.decode()
         paths = [ROOT / p for p in listed.split("\0") if p]
     except (OSError, subprocess.CalledProcessError):  # not a git checkout (an unpacked sdist)
         paths = [p for p in ROOT.rglob("*") if not _SKIPPED_DIRS.intersection(p.relative_to(ROOT).parts)]
-    return [p for p in paths if p.is_file()]
+    virtualenvs = {venv.parent for venv in ROOT.glob("*/pyvenv.cfg")}
+    return [p for p in paths if p.is_file() and not virtualenvs.intersection(p.parents)]
 
 
 def _text(path):
