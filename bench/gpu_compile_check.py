@@ -32,7 +32,7 @@ from triton.compiler import ASTSource  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cases import GHOSTNET_SHAPES, shape_name  # noqa: E402
 
-from ghostkernels import triton_cheap_mix, triton_ghost, triton_squeeze_excite  # noqa: E402
+from ghostkernels import triton_cheap_mix, triton_ghost, triton_ghost_train, triton_squeeze_excite  # noqa: E402
 
 POINTER = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64"}
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -157,6 +157,37 @@ def compile_squeeze_excite(dtype, arch=90, channels=960, reduced=240, size=7):
     return seconds, resource_usage(kernel)
 
 
+TRAIN_KERNELS = ("cheap_forward", "ghost_output", "grad_sums", "cheap_backward", "batch_norm_backward")
+
+
+def compile_train(name, dtype, arch=90, init=60, size=28, d=3):
+    """(seconds, resource usage) of training-mode kernel `name` (triton_ghost_train) at GhostNet
+    1.0x's 40->120@28 (60 intrinsic channels, ratio 2, 3x3 cheap op, ReLU), launched as
+    forward()/backward() launch it (Triton's default 4 warps, 3 stages)."""
+    plane = torch.empty(1, 2 * init, size, size, dtype=dtype)
+    stats = torch.empty(2 * init, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    w2 = torch.empty(init, 1, d, d, dtype=dtype)
+    common = {"BLOCK": triton_ghost_train.BLOCK, "ACC": tl.float64 if dtype == torch.float64 else tl.float32}
+    cheap = dict(common, D=d, COPIES=1, CP=1, RELU=True)
+    pixels = size * size
+    fn, args, constants = {
+        "cheap_forward": (triton_ghost_train._cheap_forward_kernel,
+                          (plane, stats, stats, w2, plane, plane, size, size, init, init, 2 * init), cheap),
+        "ghost_output": (triton_ghost_train._ghost_output_kernel,
+                         (plane, stats, stats, plane, pixels, init, init, init, 2 * init), dict(common, RELU=True)),
+        "grad_sums": (triton_ghost_train._grad_sums_kernel,
+                      (plane, plane, stats, stats, stats, stats, pixels, init, 2 * init, init, init),
+                      dict(common, RELU=True)),
+        "cheap_backward": (triton_ghost_train._cheap_backward_kernel,
+                           (plane, plane, plane, w2, *[stats] * 7, plane, stats, size, size, init, init, init,
+                            2 * init), cheap),
+        "batch_norm_backward": (triton_ghost_train._batch_norm_backward_kernel,
+                                (plane, plane, stats, stats, stats, stats, pixels, init), common),
+    }[name]
+    seconds, kernel = compile_launch(fn, args, constants, arch, 4, 3)
+    return seconds, resource_usage(kernel)
+
+
 def smoke():
     """{variant: resource usage} of one variant of each kernel and dtype family (the test suite's
     check that everything compiles for sm_90; run without TRITON_INTERPRET)."""
@@ -172,6 +203,9 @@ def smoke():
     results["cheap_mix torch.float64"] = compile_cheap_mix(torch.float64)[1]
     for dtype in (torch.float16, torch.float64):
         results[f"squeeze_excite_gate {dtype}"] = compile_squeeze_excite(dtype)[1]
+    for name, dtype in (("cheap_forward", torch.float16), ("cheap_backward", torch.float16),
+                        ("cheap_backward", torch.float64)):
+        results[f"train {name} {dtype}"] = compile_train(name, dtype)[1]
     return results
 
 
@@ -228,6 +262,9 @@ def main():
         emit(row(f"backward 80->200@14 {str(dtype)[6:]}", backward_config, *compile_backward(dtype, args.arch)))
         emit(row(f"cheap_mix {str(dtype)[6:]}", None, *compile_cheap_mix(dtype, args.arch)))
         emit(row(f"squeeze_excite_gate 960/240@7 {str(dtype)[6:]}", None, *compile_squeeze_excite(dtype, args.arch)))
+        for name in TRAIN_KERNELS:
+            emit(row(f"train {name} 40->120@28 {str(dtype)[6:]}", {"block": triton_ghost_train.BLOCK},
+                     *compile_train(name, dtype, args.arch)))
     with open(args.out, "w") as f:
         f.writelines(lines)
 

@@ -31,10 +31,11 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .direct_conv import DirectConv2d
+from .direct_conv import DepthwiseConv2d, DirectConv2d
 from .ghost_depthwise import GhostDepthwise
 from .models.g_ghost_regnet import GGhostStage
-from .modules import GhostModule, GhostModuleV2, PointwiseConv2d, conv_bn_sequence, fold_conv_bn, is_same_square_conv
+from .modules import (GhostModule, GhostModuleV2, PointwiseConv2d, activation_name, conv_bn_sequence, fold_conv_bn,
+                      is_same_square_conv)
 from .squeeze_excite import SqueezeExciteGhost
 
 
@@ -46,6 +47,7 @@ class AccelerationSummary:
     folded: list = field(default_factory=list)
     matmul: list = field(default_factory=list)  # 1x1 convs run as matrix multiplies
     merged: list = field(default_factory=list)  # ghost1 + folded conv_dw, se + ghost2: one op each
+    depthwise: list = field(default_factory=list)  # training mode: depthwise convs on the direct conv kernels
     skipped: list = field(default_factory=list)  # (module name, reason)
     checked: int = 0  # changes verified by the self-check
     check_seconds: float = 0.0
@@ -54,27 +56,19 @@ class AccelerationSummary:
         lines = [f"ghostkernels.accelerate: {len(self.fused)} Ghost modules fused, "
                  f"{len(self.folded)} Conv+BN pairs folded, {len(self.matmul)} 1x1 convs as matmuls, "
                  f"{len(self.merged)} depthwise convs / SE blocks merged into Ghost ops, "
+                 f"{len(self.depthwise)} depthwise convs on the direct conv kernels (training), "
                  f"{len(self.skipped)} left as they were; {self.checked} changes self-checked "
                  f"in {self.check_seconds:.2f} s"]
         lines += [f"  fused   {name}" for name in self.fused]
         lines += [f"  folded  {name}" for name in self.folded]
         lines += [f"  matmul  {name}" for name in self.matmul]
         lines += [f"  merged  {name}" for name in self.merged]
+        lines += [f"  depthwise {name}" for name in self.depthwise]
         lines += [f"  skipped {name}: {reason}" for name, reason in self.skipped]
         return "\n".join(lines)
 
 
 # -- recognition ------------------------------------------------------------------------------
-
-
-def _activation(module):
-    """'relu', 'none', or None for an activation the fused op does not have. Exact types: a
-    subclass may compute something else."""
-    if type(module) is nn.ReLU:
-        return "relu"
-    if type(module) is nn.Identity or (type(module) is nn.Sequential and len(module) == 0):
-        return "none"
-    return None
 
 
 def _has_running_stats(bn):
@@ -92,7 +86,7 @@ def _branch(sequential):
         rest = rest[1:]
     if len(rest) > 1:
         return None, "more than Conv2d, BatchNorm2d and an activation"
-    activation = _activation(rest[0]) if rest else "none"
+    activation = activation_name(rest[0]) if rest else "none"
     if activation is None:
         return None, f"{type(rest[0]).__name__} is not fused (expected nn.BatchNorm2d, then nn.ReLU or nn.Identity)"
     return activation, None
@@ -529,6 +523,16 @@ def _merge_squeeze_excite(accelerator):
                                [("ghost2", SqueezeExciteGhost(se, ghost)), ("se", nn.Identity())])
 
 
+def _depthwise_convs_on_direct_kernels(accelerator):
+    """Training mode: the depthwise convs outside Ghost modules (conv_dw, the shortcuts') as
+    DepthwiseConv2d, the same parameters on ghostkernels' direct conv forward and backward."""
+    for owner_name, owner in _owners_outside_ghost_modules(accelerator.model):
+        for child_name, conv in list(owner._modules.items()):
+            if DepthwiseConv2d.eligible(conv):
+                accelerator.replace("depthwise", _child_name(owner_name, child_name), owner_name, conv,
+                                    DepthwiseConv2d.from_conv(conv))
+
+
 def _pointwise_convs_as_matmuls(accelerator):
     for owner_name, owner in _owners_outside_ghost_modules(accelerator.model):
         for child_name, conv in list(owner._modules.items()):
@@ -567,10 +571,11 @@ def accelerate(model, example_inputs=None, check=True, inplace=False):
     accelerator = _Accelerator(model, summary, checker)
     _swap_ghost_modules(accelerator)
     if accelerator.model.training:
-        warnings.warn("ghostkernels.accelerate: the model is in training mode, so only its Ghost modules were "
-                      "swapped (they fuse once in eval); Conv+BN folds, merges and 1x1 matmuls happen only when "
-                      "accelerate() is given an eval-mode model: call model.eval() first for inference speed",
-                      stacklevel=2)
+        _depthwise_convs_on_direct_kernels(accelerator)
+        warnings.warn("ghostkernels.accelerate: the model is in training mode, so only its Ghost modules (batch-"
+                      "statistics BN fused) and depthwise convs were swapped; Conv+BN folds, merges and 1x1 matmuls "
+                      "happen only when accelerate() is given an eval-mode model: call model.eval() first for "
+                      "inference speed", stacklevel=2)
     else:
         # Merges last: they move modules under new names, which the self-check could not find
         # in the original model.

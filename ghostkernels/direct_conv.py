@@ -16,6 +16,8 @@ from .modules import is_same_square_conv
 
 _lib = torch.library.Library("ghostkernels", "FRAGMENT")
 _lib.define("direct_conv2d(Tensor x, Tensor weight, Tensor? bias, int stride) -> Tensor")
+# (grad_x, grad_weight, grad_bias); the C++ kernel serves depthwise convs (csrc/direct_conv_cpu.cpp).
+_lib.define("direct_conv2d_backward(Tensor grad, Tensor x, Tensor weight, int stride) -> (Tensor, Tensor, Tensor)")
 
 # The most input channels per group the C++ kernel takes (csrc/direct_conv_cpu.cpp).
 MAX_GROUP_INPUTS = 4
@@ -41,6 +43,21 @@ def _fallback(x, weight, bias, stride):
     return F.conv2d(x, weight, bias, stride, weight.shape[-1] // 2, groups=_groups(x, weight)).contiguous()
 
 
+@torch.library.register_fake("ghostkernels::direct_conv2d_backward")
+def _backward_fake(grad, x, weight, stride):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight), \
+        x.new_empty(weight.shape[0])
+
+
+@torch.library.impl(_lib, "direct_conv2d_backward", "CompositeExplicitAutograd")
+def _backward_fallback(grad, x, weight, stride):
+    k = weight.shape[-1]
+    grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+        grad, x, weight, [weight.shape[0]], [stride] * 2, [k // 2] * 2, [1, 1], False, [0, 0], _groups(x, weight),
+        [True, True, True])
+    return grad_x.contiguous(), grad_weight, grad_bias
+
+
 def _setup_context(ctx, inputs, output):
     x, weight, bias, stride = inputs
     ctx.save_for_backward(x, weight)
@@ -49,11 +66,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     x, weight = ctx.saved_tensors
-    k = weight.shape[-1]
-    grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-        grad, x, weight, [weight.shape[0]] if ctx.has_bias else None, [ctx.stride] * 2, [k // 2] * 2, [1, 1],
-        False, [0, 0], _groups(x, weight), [True, True, ctx.has_bias])
-    return grad_x, grad_weight, grad_bias, None
+    # create_graph=True (grad mode on): the library's backward, which autograd differentiates again
+    backward = _backward_fallback if torch.is_grad_enabled() else torch.ops.ghostkernels.direct_conv2d_backward
+    grad_x, grad_weight, grad_bias = backward(grad, x, weight, ctx.stride)
+    return grad_x, grad_weight, grad_bias if ctx.has_bias else None, None
 
 
 torch.library.register_autograd("ghostkernels::direct_conv2d", _backward, setup_context=_setup_context)
@@ -90,3 +106,29 @@ class DirectConv2d(nn.Module):
     def extra_repr(self):
         return (f"out_channels={self.weight.shape[0]}, group_inputs={self.weight.shape[1]}, "
                 f"kernel_size={self.weight.shape[-1]}, stride={self.stride}")
+
+
+class DepthwiseConv2d(nn.Conv2d):
+    """A depthwise 'same' conv, stride 1 or 2, on ghostkernels::direct_conv2d (forward and the
+    C++ backward) for NCHW CPU float32/float64 inputs: what accelerate() makes of the depthwise
+    convs a training-mode GhostNet keeps outside its Ghost modules (conv_dw, the shortcuts').
+    The same parameters (shared: optimiser state carries over) and keys; other inputs take the
+    conv."""
+
+    @staticmethod
+    def eligible(conv):
+        return (type(conv) is nn.Conv2d and conv.groups == conv.in_channels == conv.out_channels
+                and is_same_square_conv(conv) and conv.stride in ((1, 1), (2, 2)))
+
+    @classmethod
+    def from_conv(cls, conv):
+        depthwise = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                        groups=conv.groups, bias=conv.bias is not None, device="meta")
+        depthwise.weight, depthwise.bias = conv.weight, conv.bias
+        return depthwise.train(conv.training)
+
+    def forward(self, x):
+        if (x.dim() != 4 or x.device.type != "cpu" or x.dtype not in ops.CPU_KERNEL_DTYPES or not x.is_contiguous()
+                or ops.onnx_exporting()):
+            return super().forward(x)
+        return ops.call(torch.ops.ghostkernels.direct_conv2d, x, self.weight, self.bias, self.stride[0])

@@ -117,7 +117,7 @@ def count_params_flops(model, input_size, ghost_channels_computed=False):
 
     Counts convolutions and linear layers. A GhostModule counts its primary conv and its cheap
     depthwise conv over all init * (ratio - 1) ghost channels, as the paper does, however it
-    runs (fused in eval, op by op in training); ghost_channels_computed=True counts only the
+    runs; ghost_channels_computed=True counts only the
     oup - init ghost channels the fused kernel computes.
     """
     if not isinstance(model, nn.Module):

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from . import ghost_train, ops
 from .reference import dfc_gate, dfc_short_conv
 
 
@@ -109,12 +109,43 @@ def fold_conv_bn(conv, bn):
     return conv.weight * scale.reshape(-1, 1, 1, 1), bias
 
 
+def activation_name(module):
+    """'relu', 'none', or None for an activation the fused ops do not have. Exact types: a
+    subclass may compute something else."""
+    if type(module) is nn.ReLU:
+        return "relu"
+    if type(module) is nn.Identity or (type(module) is nn.Sequential and len(module) == 0):
+        return "none"
+    return None
+
+
+def _conv_bn_act(sequential, activation):
+    """(conv, BN) of a Sequential (Conv2d, BatchNorm2d[, activation]) whose activation is
+    `activation` ("relu" or "none"), exact types; None for anything else."""
+    modules = list(sequential)
+    if len(modules) not in (2, 3) or type(modules[0]) is not nn.Conv2d or type(modules[1]) is not nn.BatchNorm2d:
+        return None
+    if (activation_name(modules[2]) if len(modules) == 3 else "none") != activation:
+        return None
+    return modules[0], modules[1]
+
+
+def _gamma_beta(bn, x):
+    """A BN's weight and bias; ones and zeros (x's dtype and device) for a BN without them."""
+    if bn.weight is not None:
+        return bn.weight, bn.bias
+    return x.new_ones(bn.num_features), x.new_zeros(bn.num_features)
+
+
 class GhostModule(nn.Module):
     """GhostNet's Ghost module (docs/math.md section 1) with the original attribute and state-dict names.
 
-    Training mode runs the original ops (batch-statistics BN, running-stat updates). Eval mode
-    folds both BNs into the convs and runs the fused op; the folded weights are cached and
-    refreshed whenever a parameter or buffer changes.
+    Training mode (and BNs without running statistics) runs the fused batch-statistics op,
+    ghostkernels::ghost_module_train, and updates the running statistics as nn.BatchNorm2d does,
+    where it has a kernel (C++ on the CPU, Triton on CUDA, no autocast); elsewhere the original
+    layers. Eval mode folds
+    both BNs into the convs and runs the fused op; the folded weights are cached and refreshed
+    whenever a parameter or buffer changes.
     """
 
     def __init__(self, inp, oup, kernel_size=1, ratio=2, dw_size=3, stride=1, relu=True):
@@ -231,10 +262,42 @@ class GhostModule(nn.Module):
         folded = None if self.training else self.folded_weights()
         check_input(self, x, self.primary_conv[0].weight if folded is None else folded[0])
         if folded is None:
+            out = self.batch_statistics_forward(x)
+            if out is not None:
+                return out
             x1 = self.primary_conv(x)
             x2 = self.cheap_operation(x1)
             return torch.cat([x1, x2], dim=1)[:, : self.oup]
         return ops.apply(x, *folded[:4], self.oup, self.stride, self.activation)
+
+    def batch_statistics_forward(self, x):
+        """The output when both BNs normalise by batch statistics (training mode, or no running
+        statistics), through ghostkernels::ghost_module_train, running statistics updated; None
+        where that op has no kernel (ghost_train.has_kernel: C++ on the CPU, Triton on CUDA, no
+        autocast), where the branches are not Conv2d (no bias), BatchNorm2d and the module's
+        activation, exact types, and for one value per channel."""
+        if not ghost_train.has_kernel(x) or ops.onnx_exporting():
+            return None
+        primary, cheap = _conv_bn_act(self.primary_conv, self.activation), _conv_bn_act(self.cheap_operation,
+                                                                                           self.activation)
+        if primary is None or cheap is None:
+            return None
+        (conv, bn1), (cheap_conv, bn2) = primary, cheap
+        if (conv.bias is not None or cheap_conv.bias is not None or conv.groups != 1
+                or cheap_conv.groups != conv.out_channels or cheap_conv.in_channels != conv.out_channels
+                or cheap_conv.stride != (1, 1) or not (is_same_square_conv(conv) and is_same_square_conv(cheap_conv))
+                or not (ghost_train.uses_batch_statistics(bn1) and ghost_train.uses_batch_statistics(bn2))):
+            return None
+        batch, _, height, width = ops.output_shape(x, conv.weight, self.oup, conv.stride[0])
+        count = batch * height * width
+        if count <= 1:  # the original layers raise BatchNorm's own error
+            return None
+        out, _, _, mean1, var1, mean2, var2 = torch.ops.ghostkernels.ghost_module_train(
+            x, conv.weight, *_gamma_beta(bn1, x), cheap_conv.weight, *_gamma_beta(bn2, x), self.oup, conv.stride[0],
+            self.activation, bn1.eps, bn2.eps)
+        ghost_train.update_running_statistics(bn1, mean1, var1, count)
+        ghost_train.update_running_statistics(bn2, mean2, var2, count)
+        return out
 
     def extra_repr(self):
         return f"oup={self.oup}, init={self.init_channels}, new={self.new_channels}, activation={self.activation}"

@@ -60,3 +60,22 @@ def randomise_bn(model, spread=1.0):
                 bn.weight.uniform_(0.5, 1.5)
                 bn.bias.uniform_(-spread / 2, spread / 2)
     return model
+
+
+def assert_float32_like_eager(found, eager, exact, tol, floor_fraction=1e-3, names=None):
+    """Float32 results `found` (accelerated) and `eager` against `exact` (the same computation in
+    float64): every tensor of found within tol, or within twice eager float32's worst error where
+    that is larger. Errors are relative to the tensor's largest exact value, at least
+    floor_fraction of the largest of all (gradients that are zero in exact arithmetic come out as
+    float noise either way). Worst over the set, not tensor by tensor: two float32 computations
+    in different orders land on different tensors' noise."""
+    floor = floor_fraction * max(e.abs().max().item() for e in exact)
+    names = names or [str(i) for i in range(len(exact))]
+
+    def errors(results):
+        return [(r.double() - e).abs().max().item() / max(e.abs().max().item(), floor) for r, e in zip(results, exact)]
+
+    found_errors, eager_worst = errors(found), max(errors(eager))
+    worst = max(range(len(exact)), key=found_errors.__getitem__)
+    assert found_errors[worst] <= max(tol, 2 * eager_worst), (
+        f"{names[worst]}: relative error {found_errors[worst]:.3g} (eager float32's worst: {eager_worst:.3g})")

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from ghostkernels.direct_conv import DirectConv2d
+from ghostkernels.direct_conv import DepthwiseConv2d, DirectConv2d
 
 from conftest import make_input
 
@@ -155,3 +155,44 @@ def test_pointwise_nan_stays_where_conv2d_puts_it():
     x[0, 1, 2, 3] = weight[2, 0, 0, 0] = float("nan")
     out = torch.ops.ghostkernels.pointwise_conv2d(x, weight, b)
     torch.testing.assert_close(out, F.conv2d(x, weight, b), rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+# -- the backward (direct_conv2d_backward) and DepthwiseConv2d, what accelerate() trains with ----
+
+
+@pytest.mark.parametrize("k, stride, bias, size, dtype",
+                         list(itertools.product([1, 3, 5, 7], [1, 2], [True, False], [(9, 11), (2, 1), (12, 14)],
+                                                [torch.float64, torch.float32])))
+def test_depthwise_gradients_match_conv2d(k, stride, bias, size, dtype):
+    conv = torch.nn.Conv2d(5, 5, k, stride, k // 2, groups=5, bias=bias).to(dtype)
+    depthwise = DepthwiseConv2d.from_conv(conv)
+    assert depthwise.weight is conv.weight  # shared: optimiser state carries over
+    x = make_input(3, 5, *size, dtype=dtype)
+    grads = []
+    for module in (conv, depthwise):
+        xi = x.clone().requires_grad_()
+        out = module(xi)
+        grad = torch.randn_like(out) if not grads else grads[0][0]
+        grads.append((grad, out, *torch.autograd.grad(out, [xi, *module.parameters()], grad)))
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for a, b in zip(grads[1][1:], grads[0][1:]):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item())
+
+
+@pytest.mark.parametrize("weight_shape, stride", [((4, 1, 3, 3), 2), ((4, 1, 5, 5), 1), ((8, 2, 3, 3), 1)])
+def test_backward_opcheck(weight_shape, stride):
+    """Depthwise (C++) and grouped (the library's backward) weights."""
+    x = make_input(2, 4, 7, 6)
+    weight = torch.randn(weight_shape, dtype=torch.float64)
+    grad = torch.randn_like(F.conv2d(x, weight, None, stride, weight_shape[-1] // 2, groups=4 // weight_shape[1]))
+    torch.library.opcheck(torch.ops.ghostkernels.direct_conv2d_backward.default, (grad, x, weight, stride))
+
+
+def test_depthwise_module_other_inputs_take_the_conv():
+    conv = torch.nn.Conv2d(4, 4, 3, 1, 1, groups=4)
+    depthwise = DepthwiseConv2d.from_conv(conv)
+    for x in (torch.randn(2, 4, 5, 5).to(memory_format=torch.channels_last), torch.randn(2, 4, 5, 5).bfloat16()):
+        expected = conv.to(x.dtype)(x)
+        torch.testing.assert_close(depthwise(x), expected)
+    assert not DepthwiseConv2d.eligible(torch.nn.Conv2d(4, 8, 3, 1, 1, groups=4))
+    assert not DepthwiseConv2d.eligible(torch.nn.Conv2d(4, 4, 3, 3, 1, groups=4))

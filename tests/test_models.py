@@ -13,7 +13,7 @@ from ghostkernels import GhostModule, accelerate
 from ghostkernels.models import ghostnet, ghostnet_050, ghostnet_100, ghostnet_130
 from ghostkernels.modules import PointwiseConv2d
 
-from conftest import randomise_bn
+from conftest import assert_float32_like_eager, randomise_bn
 from timm_ghostnet import GhostModule as TimmGhostModule  # current timm's, test-local
 
 
@@ -118,19 +118,32 @@ def test_pointwise_conv_op(bias):
 
 def test_accelerate_training_gradients_and_keys():
     model = randomise_bn(ghostnet_050(num_classes=10, fused=False), spread=0.2).train()
+    exact = copy.deepcopy(model).double()
     fast = accelerate(model)
     assert not fast.acceleration_summary.folded  # no BN folding in training mode
+    assert len(fast.acceleration_summary.depthwise) == 9  # conv_dw of the 4 stride-2 blocks, 5 shortcuts
     assert list(fast.state_dict()) == list(model.state_dict())
     x = torch.randn(4, 3, 32, 32)
-    torch.manual_seed(1)
-    out = model(x)
-    torch.manual_seed(1)  # same dropout mask
-    fast_out = fast(x)
-    assert_close32(fast_out, out)
-    grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
-    fast_grads = torch.autograd.grad(fast_out.square().sum(), list(fast.parameters()))
-    for a, b in zip(fast_grads, grads):
-        assert_close32(a, b)
+    outputs, grads = [], []
+    for m, xi in ((model, x), (fast, x), (exact, x.double())):
+        torch.manual_seed(1)  # same dropout mask
+        outputs.append(m(xi))
+        grads.append(torch.autograd.grad(outputs[-1].square().sum(), list(m.parameters())))
+    assert_float32_like_eager(outputs[1:2], outputs[:1], outputs[2:], 1e-5)
+    assert_float32_like_eager(grads[1], grads[0], grads[2], 1e-4)
+
+
+def test_accelerate_in_place_keeps_the_optimiser_parameters():
+    """A training model accelerated in place keeps its Parameter objects: an optimiser made before
+    (and its momentum buffers, a checkpoint of its state) goes on working."""
+    model = ghostnet_050(num_classes=10, fused=False).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    before = {name: p for name, p in model.named_parameters()}
+    fast = accelerate(model, inplace=True, check=False)
+    assert {name: p for name, p in fast.named_parameters()} == before
+    F.cross_entropy(fast(torch.randn(2, 3, 32, 32)), torch.tensor([1, 2])).backward()
+    optimizer.step()
+    assert all(p in optimizer.state for p in before.values())
 
 
 # -- Ghost modules from other code bases, written the way they write them -------------------
@@ -200,13 +213,15 @@ def test_accelerate_other_ghost_modules(module, train):
     fast = accelerate(net)
     assert fast.acceleration_summary.fused == ["1"]
     assert list(fast.state_dict()) == list(net.state_dict())
+    exact = copy.deepcopy(net).double()
     x = torch.randn(2, 3, 9, 7, requires_grad=True)
-    out, fast_out = net(x), fast(x)
-    assert_close32(fast_out, out)
+    x64 = x.detach().double().requires_grad_()
+    out, fast_out, exact_out = net(x), fast(x), exact(x64)
+    assert_float32_like_eager([fast_out], [out], [exact_out], 1e-5)
     if train:
-        for a, b in zip(torch.autograd.grad(fast_out.sum(), [x, *fast.parameters()]),
-                        torch.autograd.grad(out.sum(), [x, *net.parameters()])):
-            assert_close32(a, b)
+        assert_float32_like_eager(torch.autograd.grad(fast_out.sum(), [x, *fast.parameters()]),
+                                  torch.autograd.grad(out.sum(), [x, *net.parameters()]),
+                                  torch.autograd.grad(exact_out.sum(), [x64, *exact.parameters()]), 1e-5)
 
 
 class TimmGhostBottleneck(nn.Module):

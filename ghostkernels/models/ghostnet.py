@@ -6,8 +6,8 @@ original Huawei code.
     v2 = ghostnetv2_100()                        # DFC attention in ghost1 of every block past the second
     v3 = ghostnetv3_100().reparameterize()       # train multi-branch, collapse, then accelerate()
 
-v1/v2 Ghost modules are ghostkernels.GhostModule / GhostModuleV2 (fused in eval, the original ops
-in training), or with fused=False the plain-PyTorch reference modules: the model as the
+v1/v2 Ghost modules are ghostkernels.GhostModule / GhostModuleV2 (fused in eval and, with
+batch-statistics BN, in training), or with fused=False the plain-PyTorch reference modules: the model as the
 original code runs it. v3 modules are the training-time multi-branch ones (plain PyTorch);
 reparameterize() collapses them into the folded form, which ghostkernels.accelerate() fuses.
 """

@@ -1,0 +1,211 @@
+// The pieces of the Ghost module's CPU kernels that both its inference kernels (ghost_cpu.cpp)
+// and its batch-statistics training kernels (ghost_train_cpu.cpp) use: the activation, the
+// depthwise taps on a flattened plane, and the call's geometry.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "gemm.h"
+#include "multiversion.h"
+
+namespace ghostkernels {
+
+enum class Activation { None, ReLU };
+
+inline Activation parse_activation(c10::string_view name) {
+  if (name == "relu") return Activation::ReLU;
+  if (name == "none") return Activation::None;
+  TORCH_CHECK(false, "ghost_module: activation must be 'relu' or 'none', got '", std::string(name), "'");
+}
+
+// Buffers and masks keep this many readable elements past their last one, so that a
+// vector load at a tail stays in bounds.
+constexpr int64_t kSlack = 64;
+
+// {0, 1, 2, ...}: compared with a count, it masks the lanes of a partial vector.
+template <typename T>
+const T* lane_index() {
+  static const auto table = [] {
+    std::array<T, Simd<T>::lanes> t{};
+    for (int i = 0; i < Simd<T>::lanes; ++i) t[i] = T(i);
+    return t;
+  }();
+  return table.data();
+}
+
+// std::max(v, 0) is `v < 0 ? 0 : v`: NaN stays NaN, as with torch.relu.
+template <typename T>
+GK_INLINE T activate(T v, Activation act) {
+  return act == Activation::ReLU ? std::max(v, T(0)) : v;
+}
+
+// ReLU's backward as torch's threshold_backward: the grad passes where the output is NaN.
+// `activated` may be the value before the activation: its sign decides the same way.
+template <typename T>
+GK_INLINE T activation_grad(T grad, T activated, Activation act) {
+  return (act == Activation::ReLU && activated <= T(0)) ? T(0) : grad;
+}
+
+// dst[q] = act(dst[q] + bias) for q < n.
+template <typename T>
+GK_INLINE void bias_act(T* dst, int64_t n, T bias, Activation act) {
+  for (int64_t q = 0; q < n; ++q) dst[q] = activate(dst[q] + bias, act);
+}
+
+// One depthwise tap on a flattened plane: src offset, weight, its index in the d x d
+// weight, and the column-validity mask of its column shift (nullptr when the shift is 0).
+template <typename T>
+struct Tap {
+  int64_t offset;
+  T weight;
+  int64_t index;
+  const T* mask;
+};
+
+// sum + sum_t w_t * (mask_t[q] ? src[q + off_t] : 0) at q (one vector of outputs), taps given
+// column by column (dw columns of dw taps that share a mask): one select per column, not per
+// tap. Rows above and below the plane come from the halo rows of the buffer src points into.
+// DW: dw as a compile-time constant (the loops unroll and the weights stay in registers), or 0.
+template <typename T, int DW>
+GK_INLINE typename Simd<T>::vec add_taps(typename Simd<T>::vec sum, const T* src, int64_t q, const Tap<T>* taps,
+                                         int64_t dw) {
+  using S = Simd<T>;
+  using V = typename S::vec;
+  const int64_t d = DW ? DW : dw;
+#pragma GCC unroll 7
+  for (int64_t col = 0; col < d; ++col) {
+    const Tap<T>* column = taps + col * d;
+    V part{};
+#pragma GCC unroll 7
+    for (int64_t r = 0; r < d; ++r) part += column[r].weight * S::load(src + q + column[r].offset);
+    if (column[0].mask) part = S::load(column[0].mask + q) != 0 ? part : V{};
+    sum += part;
+  }
+  return sum;
+}
+
+template <typename T, int DW>
+GK_INLINE void taps_pass(T* dst, const T* src, int64_t n, const Tap<T>* taps, int64_t dw, bool accumulate, T bias,
+                         Activation act) {
+  using S = Simd<T>;
+  using V = typename S::vec;
+  constexpr int L = S::lanes;
+  const V start = V{} + bias;
+  // `v < 0 ? 0 : v` keeps NaN, as torch.relu does (`v > 0 ? v : 0` would make it 0).
+  auto finish = [act](V v) __attribute__((always_inline)) { return act == Activation::ReLU ? (v < 0 ? V{} : v) : v; };
+  int64_t q = 0;
+  for (; q + L <= n; q += L)
+    S::store(dst + q, finish(add_taps<T, DW>(accumulate ? S::load(dst + q) : start, src, q, taps, dw)));
+  if (q < n) {  // tail: src and the masks have kSlack readable elements past n; store n - q
+    T tail[L] = {};
+    if (accumulate) std::memcpy(tail, dst + q, (n - q) * sizeof(T));
+    S::store(tail, finish(add_taps<T, DW>(accumulate ? S::load(tail) : start, src, q, taps, dw)));
+    std::memcpy(dst + q, tail, (n - q) * sizeof(T));
+  }
+}
+
+// dst[q] = act((accumulate ? dst[q] : bias) + the taps at q) for q < n, in one pass.
+template <typename T>
+GK_INLINE void apply_taps(T* dst, const T* src, int64_t n, const Tap<T>* taps, int64_t dw, bool accumulate, T bias,
+                          Activation act) {
+  switch (dw) {  // GhostNet's cheap ops are 3x3; the paper's ablation tries 1, 5 and 7
+    case 1: return taps_pass<T, 1>(dst, src, n, taps, dw, accumulate, bias, act);
+    case 3: return taps_pass<T, 3>(dst, src, n, taps, dw, accumulate, bias, act);
+    case 5: return taps_pass<T, 5>(dst, src, n, taps, dw, accumulate, bias, act);
+    case 7: return taps_pass<T, 7>(dst, src, n, taps, dw, accumulate, bias, act);
+    default: return taps_pass<T, 0>(dst, src, n, taps, dw, accumulate, bias, act);
+  }
+}
+
+// sum_q x[q] * (mask[q] ? y[q] : 0) for q < n; mask may be nullptr. x, y and the mask have
+// kSlack readable elements past n, so the tail is one masked vector, not a scalar loop.
+template <typename T>
+GK_INLINE T masked_dot(const T* x, const T* y, int64_t n, const T* mask) {
+  using S = Simd<T>;
+  using V = typename S::vec;
+  constexpr int L = S::lanes;
+  V acc{};
+  for (int64_t q = 0; q < n; q += L) {
+    V v = S::load(y + q);
+    if (mask) v = S::load(mask + q) != 0 ? v : V{};
+    V prod = S::load(x + q) * v;
+    if (q + L > n) prod = S::load(lane_index<T>()) < T(n - q) ? prod : V{};
+    acc += prod;
+  }
+  T s = 0;
+  for (int i = 0; i < L; ++i) s += acc[i];
+  return s;
+}
+
+template <typename T>
+GK_INLINE T sum(const T* x, int64_t n) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t q = 0; q < n; ++q) s += x[q];
+  return s;
+}
+
+// Everything about one call that does not depend on the band or the image.
+struct Geometry {
+  int64_t batch, inp, height, width;   // x
+  int64_t init, ghosts, keep, copies;  // copies = ratio - 1: ghost j reads intrinsic j / copies
+  int64_t out_channels, out_height, out_width;
+  int64_t kernel, stride, dw, pad;     // primary kernel, stride, cheap kernel, dw // 2
+  bool channels_last;
+  Activation act;
+
+  int64_t plane() const { return out_height * out_width; }
+  int64_t ghost_begin(int64_t c) const { return std::min(c * copies, keep); }
+  int64_t ghost_end(int64_t c) const { return std::min((c + 1) * copies, keep); }
+};
+
+inline int64_t mask_stride(const Geometry& g, int64_t rows) { return rows * g.out_width + kSlack; }
+
+// Column-validity masks of a flattened (rows x width) plane, one per column shift dx - pad:
+// masks[dx][q] = 1 if 0 <= q % width + dx - pad < width. Shared by every band.
+template <typename T>
+std::vector<T> column_masks(const Geometry& g, int64_t rows) {
+  const int64_t stride = mask_stride(g, rows);
+  std::vector<T> masks(g.dw * stride, T(0));
+  for (int64_t dx = 0; dx < g.dw; ++dx)
+    for (int64_t row = 0; row < rows; ++row)
+      for (int64_t w = 0; w < g.out_width; ++w) {
+        const int64_t source = w + dx - g.pad;
+        masks[dx * stride + row * g.out_width + w] = (source >= 0 && source < g.out_width) ? T(1) : T(0);
+      }
+  return masks;
+}
+
+// The taps of ghost channel j on a flattened plane. transposed = the adjoint (backward).
+template <typename T>
+GK_INLINE void make_taps(const Geometry& g, const T* w2, const T* masks, int64_t mask_stride, bool transposed,
+                         Tap<T>* taps) {
+  int n = 0;
+  for (int64_t dx = 0; dx < g.dw; ++dx)  // column by column, as add_taps groups them
+    for (int64_t dy = 0; dy < g.dw; ++dy) {
+      const int64_t sy = dy - g.pad, sx = dx - g.pad;
+      const int64_t mask_dx = transposed ? g.dw - 1 - dx : dx;
+      taps[n++] = Tap<T>{transposed ? -(sy * g.out_width + sx) : sy * g.out_width + sx, w2[dy * g.dw + dx],
+                         dy * g.dw + dx, sx == 0 ? nullptr : masks + mask_dx * mask_stride};
+    }
+}
+
+// A buffer of one output plane (g.out_height x g.out_width) with `pad` zero rows above and below, slack before and
+// kSlack after: the layout apply_taps and masked_dot read. plane() is where row 0 starts.
+template <typename T>
+struct HaloPlane {
+  std::vector<T> data;
+  int64_t offset;
+  explicit HaloPlane(const Geometry& g)
+      : data((g.out_height + 2 * g.pad) * g.out_width + 2 * g.pad + kSlack, T(0)),
+        offset(g.pad + g.pad * g.out_width) {}
+  T* plane() { return data.data() + offset; }
+};
+
+}  // namespace ghostkernels

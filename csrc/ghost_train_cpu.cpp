@@ -1,0 +1,547 @@
+// Batch-statistics (training-mode) CPU kernels of the Ghost module, docs/math.md section 8:
+// conv -> BN -> act -> depthwise -> BN -> act -> concat, each BN normalising by the batch's
+// own mean and biased variance, as nn.BatchNorm2d does in train mode.
+//
+// Forward, three passes over the batch, NCHW:
+//  1. per image, z1 = W1 x (one GEMM; the library conv for a k x k or strided primary), and
+//     each (image, channel) plane's mean and sum of squared deviations while it is in cache;
+//  2. per (image, intrinsic channel), x1 = act(BN1(z1)) written once to out and into a plane
+//     buffer with zero halo rows, z2 = its depthwise taps for each of its ghost channels, and
+//     their plane moments;
+//  3. act(BN2(z2)) into out's ghost channels the slice keeps.
+// The plane moments combine exactly (Chan et al.) in double. z1 and z2 are returned for the
+// backward; out is not needed there (x1 and the ReLU masks are recomputed from z1 and z2), so
+// the caller may add into out in place, as GhostNet's bottlenecks do.
+//
+// Backward, three passes: BN2's two sums per ghost plane; per (image, intrinsic channel) the
+// grad of z2, its depthwise adjoint added to the grad of x1, the depthwise weight grads and
+// BN1's two sums; the grad of z1 in place, then grad_x and grad_W1 as GEMMs.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "gemm.h"
+#include "ghost_common.h"
+#include "multiversion.h"
+#include "output_pool.h"
+
+namespace ghostkernels {
+namespace {
+
+// A plane's mean and sum of squared deviations from it.
+struct Moments {
+  double mean, m2;
+};
+
+// Per channel, the batch mean and biased variance of equal-sized planes [image][channel]:
+// mean of the means; the squared deviations plus each plane's offset from the mean.
+void combine_moments(const std::vector<Moments>& planes, int64_t batch, int64_t channels, int64_t plane,
+                     double* mean, double* var) {
+  for (int64_t c = 0; c < channels; ++c) {
+    double m = 0, m2 = 0;
+    for (int64_t n = 0; n < batch; ++n) m += planes[n * channels + c].mean;
+    m /= double(batch);
+    for (int64_t n = 0; n < batch; ++n) {
+      const Moments& p = planes[n * channels + c];
+      m2 += p.m2 + double(plane) * (p.mean - m) * (p.mean - m);
+    }
+    mean[c] = m;
+    var[c] = m2 / double(batch * plane);
+  }
+}
+
+// Elementwise plane loops written once for both widths: body(q, X{}) runs with X = the vector
+// type over whole vectors, then with X = T over the tail. load/store/relu_grad take either.
+template <typename T, typename Body>
+GK_INLINE void over_plane(int64_t n, Body body) {
+  constexpr int L = Simd<T>::lanes;
+  int64_t q = 0;
+  for (; q + L <= n; q += L) body(q, typename Simd<T>::vec{});
+  for (; q < n; ++q) body(q, T{});
+}
+
+template <typename X, typename T>
+GK_INLINE X load(const T* p) {
+  if constexpr (std::is_same_v<X, T>) return *p;
+  else return Simd<T>::load(p);
+}
+
+template <typename T, typename X>
+GK_INLINE void store(T* p, X v) {
+  if constexpr (std::is_same_v<X, T>) *p = v;
+  else Simd<T>::store(p, v);
+}
+
+// activate and activation_grad as selects (no branch), for scalars and vectors. `y` is the
+// value before the activation; NaN passes both, as in torch.
+template <typename X>
+GK_INLINE X activate_any(X y, Activation act) {
+  if (act == Activation::None) return y;
+  if constexpr (std::is_floating_point_v<X>) return y < X(0) ? X(0) : y;
+  else return y < 0 ? X{} : y;
+}
+
+template <typename X>
+GK_INLINE X activation_grad_any(X grad, X y, Activation act) {
+  if (act == Activation::None) return grad;
+  if constexpr (std::is_floating_point_v<X>) return y <= X(0) ? X(0) : grad;
+  else return y <= 0 ? X{} : grad;
+}
+
+// The sum of a vector's lanes, or a scalar.
+template <typename X>
+GK_INLINE auto lanes_sum(X v) {
+  if constexpr (std::is_floating_point_v<X>) {
+    return v;
+  } else {
+    auto s = v[0];
+    for (size_t i = 1; i < sizeof(X) / sizeof(s); ++i) s += v[i];
+    return s;
+  }
+}
+
+// A batch-normalised channel as y = z * scale + shift, and what its backward needs.
+template <typename T>
+struct Normalised {
+  std::vector<T> mean, rstd, scale, shift;
+  Normalised(const double* m, const double* v, const T* gamma, const T* beta, double eps, int64_t channels)
+      : mean(channels), rstd(channels), scale(channels), shift(channels) {
+    for (int64_t c = 0; c < channels; ++c) {
+      mean[c] = T(m[c]);
+      rstd[c] = T(1.0 / std::sqrt(v[c] + eps));
+      scale[c] = gamma[c] * rstd[c];
+      shift[c] = beta[c] - mean[c] * scale[c];
+    }
+  }
+};
+
+template <typename T>
+struct TrainArgs {
+  const Geometry* g;
+  const T *x, *w1, *w2;
+  const T* masks;
+  int64_t mask_stride;
+  bool gemm;  // 1x1 stride-1 primary: z1 (and grad_x) by our GEMM
+};
+
+// Two passes over a plane in cache.
+template <typename T>
+GK_INLINE Moments plane_moments(const T* v, int64_t n) {
+  using V = typename Simd<T>::vec;
+  V sum_v{}, m2_v{};
+  T sum_s = 0, m2_s = 0;
+  over_plane<T>(n, [&](int64_t q, auto x) {
+    if constexpr (std::is_same_v<decltype(x), T>) sum_s += v[q];
+    else sum_v += Simd<T>::load(v + q);
+  });
+  const T mean = (lanes_sum(sum_v) + sum_s) / T(n);
+  over_plane<T>(n, [&](int64_t q, auto x) {
+    using X = decltype(x);
+    const X d = load<X>(v + q) - mean;
+    if constexpr (std::is_same_v<X, T>) m2_s += d * d;
+    else m2_v += d * d;
+  });
+  return {double(mean), double(lanes_sum(m2_v) + m2_s)};
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward
+
+template <typename T>
+GK_MULTIVERSION void primary_pass(const TrainArgs<T>& a, T* z1, Moments* moments, int64_t begin, int64_t end) {
+  const Geometry& g = *a.g;
+  const int64_t P = g.plane();
+  std::vector<T> panel(kBlock * 2 * Simd<T>::lanes);
+  for (int64_t n = begin; n < end; ++n) {
+    T* z = z1 + n * g.init * P;
+    if (a.gemm) gemm_nn<T>(g.init, P, g.inp, a.w1, g.inp, 1, a.x + n * g.inp * P, P, z, P, false, panel.data());
+    for (int64_t c = 0; c < g.init; ++c) moments[n * g.init + c] = plane_moments(z + c * P, P);
+  }
+}
+
+// Items are (image, intrinsic channel): x1 into out and a halo plane, then z2 for every ghost
+// channel (BN2's statistics cover those the slice drops, as the original module's do).
+template <typename T>
+GK_MULTIVERSION void cheap_pass(const TrainArgs<T>& a, const Normalised<T>& bn1, const T* z1, T* z2, T* out,
+                                Moments* moments, int64_t begin, int64_t end) {
+  const Geometry& g = *a.g;
+  const int64_t P = g.plane(), taps_n = g.dw * g.dw;
+  HaloPlane<T> buffer(g);
+  T* x1 = buffer.plane();
+  std::vector<Tap<T>> taps(taps_n);
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t n = item / g.init, c = item % g.init;
+    const T* z = z1 + item * P;
+    T* o = out + (n * g.out_channels + c) * P;
+    const T scale = bn1.scale[c], shift = bn1.shift[c];
+    const Activation act = g.act;
+    over_plane<T>(P, [&](int64_t q, auto x) {
+      using X = decltype(x);
+      const X v = activate_any(load<X>(z + q) * scale + shift, act);
+      store(x1 + q, v);
+      store(o + q, v);
+    });
+    for (int64_t j = c * g.copies; j < (c + 1) * g.copies; ++j) {
+      make_taps(g, a.w2 + j * taps_n, a.masks, a.mask_stride, false, taps.data());
+      T* z2j = z2 + (n * g.ghosts + j) * P;
+      apply_taps(z2j, x1, P, taps.data(), g.dw, false, T(0), Activation::None);
+      moments[n * g.ghosts + j] = plane_moments(z2j, P);
+    }
+  }
+}
+
+// Items are (image, kept ghost channel).
+template <typename T>
+GK_MULTIVERSION void ghost_output_pass(const Geometry& g, const Normalised<T>& bn2, const T* z2, T* out,
+                                       int64_t begin, int64_t end) {
+  const int64_t P = g.plane(), keep = g.keep;
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t n = item / keep, j = item % keep;
+    const T* z = z2 + (n * g.ghosts + j) * P;
+    T* o = out + (n * g.out_channels + g.init + j) * P;
+    const T scale = bn2.scale[j], shift = bn2.shift[j];
+    const Activation act = g.act;
+    over_plane<T>(P, [&](int64_t q, auto x) {
+      using X = decltype(x);
+      store(o + q, activate_any(load<X>(z + q) * scale + shift, act));
+    });
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward
+
+// BN's backward on a plane: dz = scale * (dy - sum(dy) / M - (z - mean) * rstd^2 * sum(dy * (z - mean)) / M),
+// with the two sums over the batch given as `mean_dy` = sum(dy) / M and `slope` = rstd^2 sum(dy (z - mean)) / M.
+template <typename T>
+struct BatchNormGrad {
+  std::vector<T> mean_dy, slope;
+  BatchNormGrad(const std::vector<double>& sums, const Normalised<T>& bn, int64_t batch, int64_t channels,
+                int64_t used, double count)
+      : mean_dy(channels, T(0)), slope(channels, T(0)) {
+    for (int64_t c = 0; c < used; ++c) {
+      double dy = 0, dyz = 0;
+      for (int64_t n = 0; n < batch; ++n) {
+        dy += sums[(n * used + c) * 2];
+        dyz += sums[(n * used + c) * 2 + 1];
+      }
+      const double rstd = bn.rstd[c];
+      mean_dy[c] = T(dy / count);
+      slope[c] = T(dyz * rstd * rstd / count);
+    }
+  }
+  // The grads of BN's gamma and beta: sum(dy * x_hat) and sum(dy).
+  void parameter_grads(const Normalised<T>& bn, double count, T* grad_gamma, T* grad_beta, int64_t channels) const {
+    for (int64_t c = 0; c < channels; ++c) {
+      grad_beta[c] = T(double(mean_dy[c]) * count);
+      grad_gamma[c] = T(double(slope[c]) * count / double(bn.rstd[c]));
+    }
+  }
+};
+
+// Per plane: sum(dy) and sum(dy * (z - mean)), dy = the activation's grad at y = BN(z).
+template <typename T>
+GK_INLINE void plane_grad_sums(const T* grad, const T* z, int64_t P, const Normalised<T>& bn, int64_t c,
+                               Activation act, double* sums) {
+  using V = typename Simd<T>::vec;
+  const T scale = bn.scale[c], shift = bn.shift[c], mean = bn.mean[c];
+  V dy_v{}, dyz_v{};
+  T dy_s = 0, dyz_s = 0;
+  over_plane<T>(P, [&](int64_t q, auto x) {
+    using X = decltype(x);
+    const X zq = load<X>(z + q);
+    const X g = activation_grad_any(load<X>(grad + q), zq * scale + shift, act);
+    if constexpr (std::is_same_v<X, T>) {
+      dy_s += g;
+      dyz_s += g * (zq - mean);
+    } else {
+      dy_v += g;
+      dyz_v += g * (zq - mean);
+    }
+  });
+  sums[0] = double(lanes_sum(dy_v) + dy_s);
+  sums[1] = double(lanes_sum(dyz_v) + dyz_s);
+}
+
+// Items are (image, kept ghost channel): BN2's two sums.
+template <typename T>
+GK_MULTIVERSION void ghost_sums_pass(const Geometry& g, const Normalised<T>& bn2, const T* grad, const T* z2,
+                                     double* sums, int64_t begin, int64_t end) {
+  const int64_t P = g.plane(), keep = g.keep;
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t n = item / keep, j = item % keep;
+    plane_grad_sums(grad + (n * g.out_channels + g.init + j) * P, z2 + (n * g.ghosts + j) * P, P, bn2, j, g.act,
+                    sums + item * 2);
+  }
+}
+
+// Items are (image, intrinsic channel): dz2 of the channel's kept ghosts, its depthwise adjoint
+// added to out's grad at x1, the depthwise weight grads (into this thread's `grad_w2`), then
+// dy1 = the activation's grad into `grad_z1` and BN1's two sums.
+template <typename T>
+GK_MULTIVERSION void cheap_backward_pass(const TrainArgs<T>& a, const Normalised<T>& bn1, const Normalised<T>& bn2,
+                                         const BatchNormGrad<T>& d2, const T* grad, const T* z1, const T* z2,
+                                         T* grad_z1, T* grad_w2_all, double* sums, int64_t begin, int64_t end) {
+  const Geometry& g = *a.g;
+  const int64_t P = g.plane(), taps_n = g.dw * g.dw;
+  HaloPlane<T> x1_buffer(g), dz2_buffer(g);
+  T *x1 = x1_buffer.plane(), *dz2 = dz2_buffer.plane();
+  std::vector<Tap<T>> taps(taps_n), adjoint(taps_n);
+  T* grad_w2 = grad_w2_all + at::get_thread_num() * g.ghosts * taps_n;
+  const Activation act = g.act;
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t n = item / g.init, c = item % g.init;
+    const T* z = z1 + item * P;
+    T* dx1 = grad_z1 + item * P;
+    const T scale1 = bn1.scale[c], shift1 = bn1.shift[c];
+    std::memcpy(dx1, grad + (n * g.out_channels + c) * P, P * sizeof(T));
+    over_plane<T>(P, [&](int64_t q, auto x) {
+      using X = decltype(x);
+      store(x1 + q, activate_any(load<X>(z + q) * scale1 + shift1, act));
+    });
+    for (int64_t j = g.ghost_begin(c); j < g.ghost_end(c); ++j) {
+      const T* dy = grad + (n * g.out_channels + g.init + j) * P;
+      const T* z2j = z2 + (n * g.ghosts + j) * P;
+      const T scale = bn2.scale[j], shift = bn2.shift[j], mean = bn2.mean[j];
+      const T mean_dy = d2.mean_dy[j], slope = d2.slope[j];
+      over_plane<T>(P, [&](int64_t q, auto x) {
+        using X = decltype(x);
+        const X zq = load<X>(z2j + q);
+        store(dz2 + q, scale * (activation_grad_any(load<X>(dy + q), zq * scale + shift, act) - mean_dy -
+                                (zq - mean) * slope));
+      });
+      make_taps(g, a.w2 + j * taps_n, a.masks, a.mask_stride, true, adjoint.data());
+      apply_taps(dx1, dz2, P, adjoint.data(), g.dw, true, T(0), Activation::None);
+      make_taps(g, a.w2 + j * taps_n, a.masks, a.mask_stride, false, taps.data());
+      for (const Tap<T>& tap : taps) grad_w2[j * taps_n + tap.index] += masked_dot(dz2, x1 + tap.offset, P, tap.mask);
+    }
+    over_plane<T>(P, [&](int64_t q, auto x) {
+      using X = decltype(x);
+      store(dx1 + q, activation_grad_any(load<X>(dx1 + q), load<X>(z + q) * scale1 + shift1, act));
+    });
+    plane_grad_sums(dx1, z, P, bn1, c, Activation::None, sums + item * 2);
+  }
+}
+
+// Items are images: dz1 = BN1's backward in place, then grad_x = W1^T dz1 on the GEMM path.
+template <typename T>
+GK_MULTIVERSION void primary_backward_pass(const TrainArgs<T>& a, const Normalised<T>& bn1,
+                                           const BatchNormGrad<T>& d1, const T* z1, T* grad_z1, T* grad_x,
+                                           int64_t begin, int64_t end) {
+  const Geometry& g = *a.g;
+  const int64_t P = g.plane();
+  std::vector<T> panel(kBlock * 2 * Simd<T>::lanes);
+  for (int64_t n = begin; n < end; ++n) {
+    for (int64_t c = 0; c < g.init; ++c) {
+      const T* z = z1 + (n * g.init + c) * P;
+      T* dz = grad_z1 + (n * g.init + c) * P;
+      const T scale = bn1.scale[c], mean = bn1.mean[c], mean_dy = d1.mean_dy[c], slope = d1.slope[c];
+      over_plane<T>(P, [&](int64_t q, auto x) {
+        using X = decltype(x);
+        store(dz + q, scale * (load<X>(dz + q) - mean_dy - (load<X>(z + q) - mean) * slope));
+      });
+    }
+    if (a.gemm)  // grad_x[k][q] = sum_c W1[c][k] dz1[c][q]
+      gemm_nn<T>(g.inp, P, g.init, a.w1, 1, g.inp, grad_z1 + n * g.init * P, P, grad_x + n * g.inp * P, P, false,
+                 panel.data());
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Argument checks and the op entry points
+
+Geometry describe(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& g1, const at::Tensor& b1,
+                  const at::Tensor& w2, const at::Tensor& g2, const at::Tensor& b2, int64_t out_channels,
+                  int64_t stride, c10::string_view activation) {
+  TORCH_CHECK(x.dim() == 4, "ghost_module_train: x must be a 4-D tensor (N, C, H, W), got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "ghost_module_train: the CPU kernel takes float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK(w1.dim() == 4 && w1.size(1) == x.size(1) && w1.size(2) == w1.size(3) && w1.size(2) % 2 == 1,
+              "ghost_module_train: primary_weight must be (init, ", x.size(1), ", k, k) with odd k, got ", w1.sizes());
+  const int64_t init = w1.size(0);
+  TORCH_CHECK(w2.dim() == 4 && w2.size(1) == 1 && w2.size(2) == w2.size(3) && w2.size(2) % 2 == 1 && init > 0 &&
+                  w2.size(0) > 0 && w2.size(0) % init == 0,
+              "ghost_module_train: cheap_weight must be (a positive multiple of init=", init,
+              ", 1, d, d) with odd d, got ", w2.sizes());
+  const int64_t ghosts = w2.size(0);
+  TORCH_CHECK(init <= out_channels && out_channels <= init + ghosts, "ghost_module_train: out_channels must be in [",
+              init, ", ", init + ghosts, "], got ", out_channels);
+  TORCH_CHECK(stride >= 1, "ghost_module_train: stride must be >= 1, got ", stride);
+  const std::pair<const char*, const at::Tensor*> vectors[] = {
+      {"primary_gamma", &g1}, {"primary_beta", &b1}, {"cheap_gamma", &g2}, {"cheap_beta", &b2}};
+  for (const auto& [name, t] : vectors) {
+    const int64_t expected = name[0] == 'p' ? init : ghosts;
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == expected, "ghost_module_train: ", name, " must have shape (",
+                expected, ",), got ", t->sizes());
+  }
+  for (const at::Tensor* t : {&w1, &w2, &g1, &b1, &g2, &b2})
+    TORCH_CHECK(t->scalar_type() == x.scalar_type() && t->device() == x.device(),
+                "ghost_module_train: the weights and BN parameters must match x's dtype and device (",
+                x.scalar_type(), ", ", x.device(), ")");
+  Geometry g{};
+  g.batch = x.size(0), g.inp = x.size(1), g.height = x.size(2), g.width = x.size(3);
+  g.init = init, g.ghosts = ghosts, g.keep = out_channels - init, g.copies = ghosts / init;
+  g.out_channels = out_channels;
+  g.kernel = w1.size(2), g.stride = stride, g.dw = w2.size(2), g.pad = w2.size(2) / 2;
+  g.out_height = (g.height + 2 * (g.kernel / 2) - g.kernel) / stride + 1;
+  g.out_width = (g.width + 2 * (g.kernel / 2) - g.kernel) / stride + 1;
+  TORCH_CHECK(g.out_height >= 1 && g.out_width >= 1, "ghost_module_train: x of spatial size ", x.sizes().slice(2),
+              " is smaller than the ", g.kernel, "x", g.kernel, " primary kernel");
+  TORCH_CHECK(g.batch * g.out_height * g.out_width > 1,
+              "ghost_module_train: expected more than 1 value per channel when training, got input size ", x.sizes());
+  g.channels_last = false;  // the kernels run NCHW; a channels_last x is converted
+  g.act = parse_activation(activation);
+  return g;
+}
+
+// The BN of `channels` channels from their planes' moments; their batch mean and biased variance
+// also into `mean` and `var`.
+template <typename T>
+Normalised<T> batch_norm(const std::vector<Moments>& planes, const Geometry& g, int64_t channels,
+                         const at::Tensor& gamma, const at::Tensor& beta, double eps, at::Tensor& mean,
+                         at::Tensor& var) {
+  std::vector<double> m(channels), v(channels);
+  combine_moments(planes, g.batch, channels, g.plane(), m.data(), v.data());
+  for (int64_t c = 0; c < channels; ++c) {
+    mean.data_ptr<T>()[c] = T(m[c]);
+    var.data_ptr<T>()[c] = T(v[c]);
+  }
+  return Normalised<T>(m.data(), v.data(), gamma.data_ptr<T>(), beta.data_ptr<T>(), eps, channels);
+}
+
+bool gemm_primary(const Geometry& g) { return g.kernel == 1 && g.stride == 1; }
+
+at::MemoryFormat format_of(const at::Tensor& x) {
+  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast) ? at::MemoryFormat::ChannelsLast
+                                                                                : at::MemoryFormat::Contiguous;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_module_train_cpu(
+    const at::Tensor& x_in, const at::Tensor& w1_in, const at::Tensor& g1_in, const at::Tensor& b1_in,
+    const at::Tensor& w2_in, const at::Tensor& g2_in, const at::Tensor& b2_in, int64_t out_channels, int64_t stride,
+    c10::string_view activation, double eps1, double eps2) {
+  const Geometry g = describe(x_in, w1_in, g1_in, b1_in, w2_in, g2_in, b2_in, out_channels, stride, activation);
+  const at::Tensor x = x_in.contiguous(), w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
+  const at::Tensor g1 = g1_in.contiguous(), b1 = b1_in.contiguous(), g2 = g2_in.contiguous(), b2 = b2_in.contiguous();
+  const at::TensorOptions options = x.options();
+  at::Tensor out = empty_output({g.batch, out_channels, g.out_height, g.out_width}, options);
+  at::Tensor z1 = gemm_primary(g) ? at::empty({g.batch, g.init, g.out_height, g.out_width}, options)
+                                  : at::conv2d(x, w1, {}, {stride, stride}, {g.kernel / 2, g.kernel / 2}).contiguous();
+  at::Tensor z2 = at::empty({g.batch, g.ghosts, g.out_height, g.out_width}, options);
+  at::Tensor mean1 = at::empty({g.init}, options), var1 = at::empty({g.init}, options);
+  at::Tensor mean2 = at::empty({g.ghosts}, options), var2 = at::empty({g.ghosts}, options);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ghost_module_train_cpu", [&] {
+    const std::vector<scalar_t> masks = column_masks<scalar_t>(g, g.out_height);
+    const TrainArgs<scalar_t> a{&g, x.data_ptr<scalar_t>(), w1.data_ptr<scalar_t>(), w2.data_ptr<scalar_t>(),
+                                masks.data(), mask_stride(g, g.out_height), gemm_primary(g)};
+    scalar_t *z1p = z1.data_ptr<scalar_t>(), *z2p = z2.data_ptr<scalar_t>(), *outp = out.data_ptr<scalar_t>();
+    std::vector<Moments> moments1(g.batch * g.init), moments2(g.batch * g.ghosts);
+    at::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
+      primary_pass(a, z1p, moments1.data(), begin, end);
+    });
+    const Normalised<scalar_t> bn1 = batch_norm<scalar_t>(moments1, g, g.init, g1, b1, eps1, mean1, var1);
+    at::parallel_for(0, g.batch * g.init, 1, [&](int64_t begin, int64_t end) {
+      cheap_pass(a, bn1, z1p, z2p, outp, moments2.data(), begin, end);
+    });
+    const Normalised<scalar_t> bn2 = batch_norm<scalar_t>(moments2, g, g.ghosts, g2, b2, eps2, mean2, var2);
+    at::parallel_for(0, g.batch * g.keep, 1, [&](int64_t begin, int64_t end) {
+      ghost_output_pass(g, bn2, z2p, outp, begin, end);
+    });
+  });
+  if (format_of(x_in) == at::MemoryFormat::ChannelsLast) out = out.contiguous(at::MemoryFormat::ChannelsLast);
+  return {out, z1, z2, mean1, var1, mean2, var2};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+ghost_module_train_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& w1_in,
+                                const at::Tensor& g1_in, const at::Tensor& b1_in, const at::Tensor& w2_in,
+                                const at::Tensor& g2_in, const at::Tensor& b2_in, const at::Tensor& z1_in,
+                                const at::Tensor& z2_in, const at::Tensor& mean1, const at::Tensor& var1,
+                                const at::Tensor& mean2, const at::Tensor& var2, int64_t out_channels, int64_t stride,
+                                c10::string_view activation, double eps1, double eps2) {
+  const Geometry g = describe(x_in, w1_in, g1_in, b1_in, w2_in, g2_in, b2_in, out_channels, stride, activation);
+  TORCH_CHECK(grad_in.sizes() == at::IntArrayRef({g.batch, out_channels, g.out_height, g.out_width}) &&
+                  z1_in.sizes() == at::IntArrayRef({g.batch, g.init, g.out_height, g.out_width}) &&
+                  z2_in.sizes() == at::IntArrayRef({g.batch, g.ghosts, g.out_height, g.out_width}),
+              "ghost_module_train_backward: grad, primary_z and cheap_z do not match the forward's shapes");
+  const at::Tensor x = x_in.contiguous(), w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
+  const at::Tensor grad = grad_in.contiguous(), z1 = z1_in.contiguous(), z2 = z2_in.contiguous();
+  const at::TensorOptions options = x.options();
+  const int64_t P = g.plane(), taps_n = g.dw * g.dw, threads = at::get_num_threads();
+  const double count = double(g.batch * P);
+  at::Tensor grad_z1 = at::empty_like(z1);
+  at::Tensor grad_x = at::empty_like(x);
+  at::Tensor grad_w2 = at::empty_like(w2);
+  at::Tensor grad_g1 = at::empty({g.init}, options), grad_b1 = at::empty({g.init}, options);
+  at::Tensor grad_g2 = at::zeros({g.ghosts}, options), grad_b2 = at::zeros({g.ghosts}, options);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ghost_module_train_backward_cpu", [&] {
+    using T = scalar_t;
+    const std::vector<T> masks = column_masks<T>(g, g.out_height);
+    const TrainArgs<T> a{&g, x.data_ptr<T>(), w1.data_ptr<T>(), w2.data_ptr<T>(), masks.data(),
+                         mask_stride(g, g.out_height), gemm_primary(g)};
+    auto moments = [](const at::Tensor& m, const at::Tensor& v) {
+      const at::Tensor md = m.to(at::kDouble).contiguous(), vd = v.to(at::kDouble).contiguous();
+      return std::make_pair(md, vd);
+    };
+    const auto [m1, v1] = moments(mean1, var1);
+    const auto [m2, v2] = moments(mean2, var2);
+    const Normalised<T> bn1(m1.data_ptr<double>(), v1.data_ptr<double>(), g1_in.contiguous().data_ptr<T>(),
+                            b1_in.contiguous().data_ptr<T>(), eps1, g.init);
+    const Normalised<T> bn2(m2.data_ptr<double>(), v2.data_ptr<double>(), g2_in.contiguous().data_ptr<T>(),
+                            b2_in.contiguous().data_ptr<T>(), eps2, g.ghosts);
+    const T *gradp = grad.data_ptr<T>(), *z1p = z1.data_ptr<T>(), *z2p = z2.data_ptr<T>();
+    T* gz1 = grad_z1.data_ptr<T>();
+
+    std::vector<double> sums2(g.batch * g.keep * 2), sums1(g.batch * g.init * 2);
+    at::parallel_for(0, g.batch * g.keep, 1, [&](int64_t begin, int64_t end) {
+      ghost_sums_pass(g, bn2, gradp, z2p, sums2.data(), begin, end);
+    });
+    const BatchNormGrad<T> d2(sums2, bn2, g.batch, g.ghosts, g.keep, count);
+    d2.parameter_grads(bn2, count, grad_g2.data_ptr<T>(), grad_b2.data_ptr<T>(), g.keep);
+
+    std::vector<T> w2_partials(threads * g.ghosts * taps_n, T(0));
+    at::parallel_for(0, g.batch * g.init, 1, [&](int64_t begin, int64_t end) {
+      cheap_backward_pass(a, bn1, bn2, d2, gradp, z1p, z2p, gz1, w2_partials.data(), sums1.data(), begin, end);
+    });
+    T* gw2 = grad_w2.data_ptr<T>();
+    for (int64_t i = 0; i < g.ghosts * taps_n; ++i) {
+      T s = 0;
+      for (int64_t t = 0; t < threads; ++t) s += w2_partials[t * g.ghosts * taps_n + i];
+      gw2[i] = s;
+    }
+    const BatchNormGrad<T> d1(sums1, bn1, g.batch, g.init, g.init, count);
+    d1.parameter_grads(bn1, count, grad_g1.data_ptr<T>(), grad_b1.data_ptr<T>(), g.init);
+    at::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
+      primary_backward_pass(a, bn1, d1, z1p, gz1, grad_x.data_ptr<T>(), begin, end);
+    });
+  });
+  at::Tensor grad_w1;
+  if (gemm_primary(g)) {  // sum over images of dz1[n] x[n]^T
+    grad_w1 = at::bmm(grad_z1.view({g.batch, g.init, P}), x.view({g.batch, g.inp, P}).transpose(1, 2))
+                  .sum(0)
+                  .view(w1.sizes());
+  } else {
+    const int64_t pad = g.kernel / 2;
+    auto grads = at::convolution_backward(grad_z1, x, w1, c10::nullopt, {stride, stride}, {pad, pad}, {1, 1}, false,
+                                          {0, 0}, 1, {true, true, false});
+    grad_x = std::get<0>(grads);
+    grad_w1 = std::get<1>(grads);
+  }
+  if (format_of(x_in) == at::MemoryFormat::ChannelsLast) grad_x = grad_x.contiguous(at::MemoryFormat::ChannelsLast);
+  return {grad_x, grad_w1, grad_g1, grad_b1, grad_w2, grad_g2, grad_b2};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ghostkernels, CPU, m) {
+  m.impl("ghost_module_train", &ghost_module_train_cpu);
+  m.impl("ghost_module_train_backward", &ghost_module_train_backward_cpu);
+}
+
+}  // namespace ghostkernels

@@ -1,0 +1,188 @@
+"""The Ghost module in training mode: both BatchNorms normalise by batch statistics inside one
+op, `ghostkernels::ghost_module_train`, with a backward op of its own (docs/math.md section 8).
+
+The op returns the output and what its backward needs: the pre-BN maps z1 and z2 and the batch
+mean and biased variance of each BN. The C++ CPU kernels (csrc/ghost_train_cpu.cpp) serve
+float32/float64, the Triton kernels (triton_ghost_train.py) CUDA tensors; elsewhere the
+composition below runs (conv, batch statistics, activation, depthwise conv, batch statistics,
+activation, concat). GhostModule uses the op only where a
+kernel exists (GhostModule.batch_statistics_forward) and updates the running statistics as
+nn.BatchNorm2d does (update_running_statistics).
+"""
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from . import _backends, ops
+from .reference import ACTIVATIONS, output_memory_format
+
+_lib = torch.library.Library("ghostkernels", "FRAGMENT")
+_lib.define(
+    "ghost_module_train(Tensor x, Tensor primary_weight, Tensor primary_gamma, Tensor primary_beta, "
+    "Tensor cheap_weight, Tensor cheap_gamma, Tensor cheap_beta, int out_channels, int stride, str activation, "
+    "float primary_eps, float cheap_eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+_lib.define(
+    "ghost_module_train_backward(Tensor grad, Tensor x, Tensor primary_weight, Tensor primary_gamma, "
+    "Tensor primary_beta, Tensor cheap_weight, Tensor cheap_gamma, Tensor cheap_beta, Tensor primary_z, "
+    "Tensor cheap_z, Tensor primary_mean, Tensor primary_var, Tensor cheap_mean, Tensor cheap_var, "
+    "int out_channels, int stride, str activation, float primary_eps, float cheap_eps) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+
+# Dtypes the C++ CPU kernels and the Triton kernels take.
+CPU_KERNEL_DTYPES = (torch.float32, torch.float64)
+CUDA_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def has_kernel(x):
+    """Whether ghost_module_train has a kernel for x's device and dtype: the C++ library on the
+    CPU, Triton on CUDA; not under autocast, whose dtypes the op does not follow."""
+    device = x.device.type
+    if device not in ("cpu", "cuda") or torch.is_autocast_enabled(device):
+        return False
+    if device == "cpu":
+        return x.dtype in CPU_KERNEL_DTYPES and _backends.load_cpu_extension()[0] == "cpp"
+    return x.dtype in CUDA_KERNEL_DTYPES and _backends.triton_kernels("triton_ghost_train") is not None
+
+
+def _batch_norm(z, gamma, beta, eps):
+    """(act-ready BN(z) with z's batch statistics, mean, biased variance)."""
+    var, mean = torch.var_mean(z, dim=(0, 2, 3), correction=0)
+    shape = (1, -1, 1, 1)
+    y = (z - mean.view(shape)) * torch.rsqrt(var + eps).view(shape) * gamma.view(shape) + beta.view(shape)
+    return y, mean, var
+
+
+def ghost_module_train_reference(x, primary_weight, primary_gamma, primary_beta, cheap_weight, cheap_gamma,
+                                 cheap_beta, out_channels, stride, activation, primary_eps, cheap_eps):
+    """(out, z1, z2, mean1, var1, mean2, var2) of the training-mode Ghost module in plain PyTorch."""
+    act = ACTIVATIONS[activation]
+    z1 = F.conv2d(x, primary_weight, None, stride, primary_weight.shape[-1] // 2)
+    y1, mean1, var1 = _batch_norm(z1, primary_gamma, primary_beta, primary_eps)
+    x1 = act(y1)
+    z2 = F.conv2d(x1, cheap_weight, None, 1, cheap_weight.shape[-1] // 2, groups=primary_weight.shape[0])
+    y2, mean2, var2 = _batch_norm(z2, cheap_gamma, cheap_beta, cheap_eps)
+    out = torch.cat([x1, act(y2)], dim=1)[:, :out_channels].contiguous(memory_format=output_memory_format(x))
+    return out, z1.contiguous(), z2.contiguous(), mean1, var1, mean2, var2
+
+
+def _check(x, primary_weight, primary_gamma, primary_beta, cheap_weight, cheap_gamma, cheap_beta, out_channels,
+           stride, activation):
+    """The folded op's argument checks, plus the BN parameters' shapes and batch size."""
+    ops.check_args(x, primary_weight, None, cheap_weight, None, out_channels, stride, activation)
+    init, ghosts = primary_weight.shape[0], cheap_weight.shape[0]
+    named = (("primary_gamma", primary_gamma, init), ("primary_beta", primary_beta, init),
+             ("cheap_gamma", cheap_gamma, ghosts), ("cheap_beta", cheap_beta, ghosts))
+    for name, t, n in named:
+        if tuple(t.shape) != (n,):
+            raise ValueError(f"ghost_module_train: {name} must have shape ({n},), got {tuple(t.shape)}")
+        if t.dtype != x.dtype or t.device != x.device:
+            raise TypeError(f"ghost_module_train: {name} is {t.dtype} on {t.device}, x is {x.dtype} on {x.device}; "
+                            "they must match")
+    shape = ops.output_shape(x, primary_weight, out_channels, stride)
+    if shape[0] * shape[2] * shape[3] <= 1:
+        raise ValueError(f"ghost_module_train: expected more than 1 value per channel when training, got input "
+                         f"size {tuple(x.shape)}")
+    return shape
+
+
+@torch.library.register_fake("ghostkernels::ghost_module_train")
+def _fake(x, primary_weight, primary_gamma, primary_beta, cheap_weight, cheap_gamma, cheap_beta, out_channels,
+          stride, activation, primary_eps, cheap_eps):
+    n, _, height, width = _check(x, primary_weight, primary_gamma, primary_beta, cheap_weight, cheap_gamma,
+                                 cheap_beta, out_channels, stride, activation)
+    init, ghosts = primary_weight.shape[0], cheap_weight.shape[0]
+    out = x.new_empty((n, out_channels, height, width)).contiguous(memory_format=output_memory_format(x))
+    return (out, x.new_empty((n, init, height, width)), x.new_empty((n, ghosts, height, width)),
+            x.new_empty(init), x.new_empty(init), x.new_empty(ghosts), x.new_empty(ghosts))
+
+
+@torch.library.register_fake("ghostkernels::ghost_module_train_backward")
+def _backward_fake(grad, x, primary_weight, primary_gamma, primary_beta, cheap_weight, cheap_gamma, cheap_beta,
+                   *rest):
+    return (torch.empty_like(x, memory_format=output_memory_format(x)),
+            *(torch.empty_like(t, memory_format=torch.contiguous_format)
+              for t in (primary_weight, primary_gamma, primary_beta, cheap_weight, cheap_gamma, cheap_beta)))
+
+
+@torch.library.impl(_lib, "ghost_module_train", "CompositeExplicitAutograd")
+def _fallback(*args):
+    return ghost_module_train_reference(*args)
+
+
+@torch.library.impl(_lib, "ghost_module_train_backward", "CompositeExplicitAutograd")
+def _backward_fallback(grad, x, primary_weight, primary_gamma, primary_beta, cheap_weight, cheap_gamma, cheap_beta,
+                       primary_z, cheap_z, primary_mean, primary_var, cheap_mean, cheap_var, *config):
+    """Grads of (x, W1, gamma1, beta1, W2, gamma2, beta2) by autograd through the reference."""
+    leaves = [t.detach().requires_grad_()
+              for t in (x, primary_weight, primary_gamma, primary_beta, cheap_weight, cheap_gamma, cheap_beta)]
+    with torch.enable_grad():
+        out = ghost_module_train_reference(*leaves, *config)[0]
+    grads = torch.autograd.grad(out, leaves, grad)
+    return (grads[0].contiguous(memory_format=output_memory_format(x)),) + tuple(g.contiguous() for g in grads[1:])
+
+
+@torch.library.impl(_lib, "ghost_module_train", "CUDA")
+def _cuda(*args):
+    kernels = _backends.triton_kernels("triton_ghost_train")
+    return _fallback(*args) if kernels is None else kernels.forward(*args)
+
+
+@torch.library.impl(_lib, "ghost_module_train_backward", "CUDA")
+def _backward_cuda(*args):
+    kernels = _backends.triton_kernels("triton_ghost_train")
+    return _backward_fallback(*args) if kernels is None else kernels.backward(*args)
+
+
+def _setup_context(ctx, inputs, output):
+    x, primary_weight, primary_gamma, primary_beta, cheap_weight, cheap_gamma, cheap_beta = inputs[:7]
+    _, primary_z, cheap_z, primary_mean, primary_var, cheap_mean, cheap_var = output
+    # Not the output: the backward recomputes x1 and the masks from z1 and z2, so that the
+    # caller may add into the output in place (GhostNet's bottlenecks add their shortcut).
+    ctx.save_for_backward(x, primary_weight, primary_gamma, primary_beta, cheap_weight, cheap_gamma, cheap_beta,
+                          primary_z, cheap_z, primary_mean, primary_var, cheap_mean, cheap_var)
+    ctx.config = inputs[7:]
+    ctx.mark_non_differentiable(primary_z, cheap_z, primary_mean, primary_var, cheap_mean, cheap_var)
+
+
+def _backward(ctx, grad, *_):
+    saved = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: grads differentiable again, through the reference
+        composed = functools.partial(_output_of_reference, config=ctx.config)
+        return tuple(ops.gradients_with_graph(ctx, grad, composed, saved[:7])) + (None,) * 5
+    grads = torch.ops.ghostkernels.ghost_module_train_backward(grad, *saved, *ctx.config)
+    return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad)) + (None,) * 5
+
+
+def _output_of_reference(*tensors, config):
+    return ghost_module_train_reference(*tensors, *config)[0]
+
+
+torch.library.register_autograd("ghostkernels::ghost_module_train", _backward, setup_context=_setup_context)
+
+
+# -- the module side ------------------------------------------------------------------------
+
+
+def uses_batch_statistics(bn):
+    """Whether `bn` normalises by the batch's statistics in its next forward (nn.BatchNorm2d's rule)."""
+    return bn.training or (bn.running_mean is None and bn.running_var is None)
+
+
+def update_running_statistics(bn, mean, var, count):
+    """What nn.BatchNorm2d's forward does to its buffers, given the batch mean and biased variance."""
+    if not (bn.training and bn.track_running_stats):
+        return
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # cumulative moving average
+            factor = 1.0 / float(bn.num_batches_tracked)
+    if bn.running_mean is None:
+        return
+    with torch.no_grad():
+        bn.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
+        bn.running_var.mul_(1 - factor).add_(var * (count / (count - 1)), alpha=factor)
