@@ -9,7 +9,8 @@ fused) vs torch.compile of the original model, interleaved in one process.
 Parity first: one backward from the same weights on the same batch, the loss and every gradient
 of each contender (eager included) against the model's in float64, relative to the tensor's
 largest gradient (at least 1% of the model's largest): float32 training of a deep network is
-itself 1e-4 to 1e-2 off, so eager's error is the yardstick. Then the contenders step in turn,
+itself 1e-4 to 1e-2 off, so eager's error is the yardstick (torch.compile draws its own dropout
+masks, so its GhostNet error includes another head-dropout mask). Then the contenders step in turn,
 five rounds; the table gives the median ms per step. Peak memory: on the CPU, each contender's peak resident memory over three steps in a
 fresh process, less its memory before the first step (torch.compile's includes the compiler's);
 on CUDA, torch.cuda.max_memory_allocated over three steps.

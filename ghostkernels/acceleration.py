@@ -7,8 +7,9 @@ attribute. That covers the original Huawei GhostModule, timm's (with `relu` or `
 GhostModuleV2 in both modes (in 'attn' mode the DFC gate's sigmoid, upsampling and product are
 fused into the Ghost op's writes), GhostNetV3 modules after re-parameterisation (conv with
 bias, no BN) in both modes, and G-GhostNet stages (base, layers, merge, cheap, end). The swap
-shares the parameters, keeps the state-dict keys and leaves training behaviour as it was. In
-eval mode the remaining Conv+BN pairs that run one after the other (stem, `conv_dw`/`bn_dw`,
+shares the parameters, keeps the state-dict keys and leaves training behaviour as it was; in
+training mode the depthwise convs outside the Ghost modules also move to the direct conv
+kernels, whose backward is C++ (DepthwiseConv2d). In eval mode the remaining Conv+BN pairs that run one after the other (stem, `conv_dw`/`bn_dw`,
 shortcuts, ConvBnAct, the convs of post-activation Bottleneck/BasicBlock blocks) are folded
 too (a timm BatchNormAct2d folds its BN and keeps its drop and act), the depthwise convs and
 the stem among them run on ghostkernels' direct conv kernel, a bottleneck's ghost1 and the
@@ -555,9 +556,11 @@ def accelerate(model, example_inputs=None, check=True, inplace=False):
     probe forward per change).
 
     Returns the model (a deep copy unless inplace=True) with the summary of what was done in
-    its `acceleration_summary` attribute. Training-mode models stay trainable with the
-    original gradients (BN folding happens only in eval mode, where it changes the state-dict
-    keys of the folded BNs).
+    its `acceleration_summary` attribute. Training-mode models keep their keys and Parameter
+    objects and train with the original outputs, gradients and BN statistics: their Ghost
+    modules run the batch-statistics op (ghost_train.py) and their other depthwise convs
+    DepthwiseConv2d; BN folding happens only in eval mode, where it changes the state-dict
+    keys of the folded BNs.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"accelerate: model must be a torch.nn.Module, got {type(model).__name__}")
