@@ -7,11 +7,11 @@
 // layouts and dtypes go to at::conv2d.
 //
 // The backward of a depthwise conv (direct_conv2d_backward; training the depthwise convs a
-// GhostNet keeps outside its Ghost modules) works per (image, channel) plane at the input's
-// resolution: the output grad spread onto the stride grid of a zero plane, then grad_x = the
-// adjoint taps of that plane and grad_weight = its products with the shifted input, the Ghost
-// kernels' plane taps (ghost_common.h). oneDNN's NCHW depthwise backward took 5-33 ms a layer
-// at GhostNet 1.0x batch 16. Other convs go to at::convolution_backward.
+// GhostNet keeps outside its Ghost modules) works per (image, channel) plane with the Ghost
+// kernels' plane taps (ghost_common.h): grad_x = the adjoint taps of the output grad, grad_weight
+// = its products with the shifted input; stride 2 on the input's four parity phases. oneDNN's
+// NCHW depthwise backward took 5-33 ms a layer at GhostNet 1.0x batch 16 (48@112, stride 2: 38
+// ms, this kernel 8). Other convs go to at::convolution_backward.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -93,36 +93,127 @@ at::Tensor direct_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   return out;
 }
 
-// Work items [begin, end) of (image, channel); g describes the input plane (out_height x
+// Stride 1, work items [begin, end) of (image, channel); g describes the plane (out_height x
 // out_width = H x W) and the taps (dw = k, pad = k / 2). Weight and bias grads go to this
 // thread's partials.
 template <typename T>
 GK_MULTIVERSION void depthwise_backward_items(const T* grad, const T* x, const T* w, T* grad_x, T* weight_partials,
-                                              T* bias_partials, const Geometry& g, int64_t channels, int64_t stride,
-                                              const T* masks, int64_t mask_stride, int64_t begin, int64_t end) {
-  const int64_t H = g.out_height, W = g.out_width, P = H * W, taps_n = g.dw * g.dw;
-  const int64_t out_height = (H + stride - 1) / stride, out_width = (W + stride - 1) / stride;
-  HaloPlane<T> spread_buffer(g), x_buffer(g);
-  T *spread = spread_buffer.plane(), *xp = x_buffer.plane();
+                                              T* bias_partials, const Geometry& g, int64_t channels, const T* masks,
+                                              int64_t mask_stride, int64_t begin, int64_t end) {
+  const int64_t P = g.out_height * g.out_width, taps_n = g.dw * g.dw;
+  HaloPlane<T> grad_buffer(g), x_buffer(g);
+  T *gp = grad_buffer.plane(), *xp = x_buffer.plane();
   std::vector<Tap<T>> taps(taps_n), adjoint(taps_n);
   T* gw = weight_partials + at::get_thread_num() * channels * taps_n;
   T* gb = bias_partials + at::get_thread_num() * channels;
   for (int64_t item = begin; item < end; ++item) {
     const int64_t c = item % channels;
-    const T* gp = grad + item * out_height * out_width;
-    if (stride == 1) {
-      std::memcpy(spread, gp, P * sizeof(T));
-    } else {
-      std::fill(spread, spread + P, T(0));
-      for (int64_t oy = 0; oy < out_height; ++oy)
-        for (int64_t ox = 0; ox < out_width; ++ox) spread[oy * stride * W + ox * stride] = gp[oy * out_width + ox];
-    }
+    std::memcpy(gp, grad + item * P, P * sizeof(T));
     std::memcpy(xp, x + item * P, P * sizeof(T));
     make_taps(g, w + c * taps_n, masks, mask_stride, true, adjoint.data());
-    apply_taps(grad_x + item * P, spread, P, adjoint.data(), g.dw, false, T(0), Activation::None);
+    apply_taps(grad_x + item * P, gp, P, adjoint.data(), g.dw, false, T(0), Activation::None);
     make_taps(g, w + c * taps_n, masks, mask_stride, false, taps.data());
-    for (const Tap<T>& tap : taps) gw[c * taps_n + tap.index] += masked_dot(spread, xp + tap.offset, P, tap.mask);
-    gb[c] += sum(gp, out_height * out_width);
+    for (const Tap<T>& tap : taps) gw[c * taps_n + tap.index] += masked_dot(gp, xp + tap.offset, P, tap.mask);
+    gb[c] += sum(gp, P);
+  }
+}
+
+// dst[q] = sum_t w_t * (mask_t[q] ? src[q + off_t] : 0) for q < n, `count` taps in any pattern
+// (apply_taps wants a square of them). src and the masks have kSlack readable elements past n.
+template <typename T>
+GK_INLINE void gather_taps(T* dst, const T* src, int64_t n, const Tap<T>* taps, int64_t count) {
+  using S = Simd<T>;
+  using V = typename S::vec;
+  constexpr int L = S::lanes;
+  for (int64_t q = 0; q < n; q += L) {
+    V total{};
+    for (int64_t t = 0; t < count; ++t) {
+      V v = S::load(src + q + taps[t].offset);
+      if (taps[t].mask) v = S::load(taps[t].mask + q) != 0 ? v : V{};
+      total += taps[t].weight * v;
+    }
+    if (q + L <= n) {
+      S::store(dst + q, total);
+    } else {
+      T tail[L];
+      S::store(tail, total);
+      std::memcpy(dst + q, tail, (n - q) * sizeof(T));
+    }
+  }
+}
+
+// dst[i] = (i odd ? odds : evens)[i / 2] for i < n: deinterleave's inverse.
+template <typename T>
+GK_INLINE void interleave(const T* evens, const T* odds, int64_t n, T* dst) {
+  using V = typename Simd<T>::vec;
+  using I = typename Simd<T>::index;
+  constexpr int L = Simd<T>::lanes;
+  I low, high;  // lanes of (evens, odds) for dst[2 j, 2 j + L) and dst[2 j + L, 2 j + 2 L)
+  for (int l = 0; l < L; ++l) {
+    low[l] = (l % 2 ? L : 0) + l / 2;
+    high[l] = low[l] + L / 2;
+  }
+  int64_t j = 0;
+  for (; 2 * j + 2 * L <= n; j += L) {
+    const V e = Simd<T>::load(evens + j), o = Simd<T>::load(odds + j);
+    Simd<T>::store(dst + 2 * j, __builtin_shuffle(e, o, low));
+    Simd<T>::store(dst + 2 * j + L, __builtin_shuffle(e, o, high));
+  }
+  for (int64_t i = 2 * j; i < n; ++i) dst[i] = (i % 2 ? odds : evens)[i / 2];
+}
+
+// Where tap (dy, dx) of a stride-2 depthwise conv reads: input row 2 oy + dy - pad is row
+// oy + a of the input's row phase (dy - pad) mod 2, a = floor((dy - pad) / 2); columns alike.
+struct PhaseTap {
+  int64_t phase, offset, shift;  // phase 2 py + px; offset a * Wo + b on the output grid; b
+};
+
+// Stride 2 without the zeros of the spread: the input split into its four row/column parity
+// phases, each on the output's grid (zero where the phase has no pixel), g describing that grid
+// (out_height x out_width = Ho x Wo, pad = the phases' halo, ceil(pad / 2)). grad_weight is one
+// masked dot per tap on that grid; each phase of grad_x gathers the output grad through its own
+// taps and is scattered back to its pixels.
+template <typename T>
+GK_MULTIVERSION void depthwise_backward_items_stride2(const T* grad, const T* x, const T* w, T* grad_x,
+                                                      T* weight_partials, T* bias_partials, const Geometry& g,
+                                                      int64_t height, int64_t width, int64_t k, int64_t channels,
+                                                      const PhaseTap* layout, const T* masks, int64_t mask_stride,
+                                                      int64_t begin, int64_t end) {
+  const int64_t Ho = g.out_height, Wo = g.out_width, Po = Ho * Wo, taps_n = k * k;
+  std::vector<HaloPlane<T>> phases(4, HaloPlane<T>(g));
+  HaloPlane<T> grad_buffer(g);
+  T* gp = grad_buffer.plane();
+  std::vector<T> gathered(4 * Po);  // grad_x's four phases
+  std::vector<Tap<T>> taps(taps_n);
+  T* gw = weight_partials + at::get_thread_num() * channels * taps_n;
+  T* gb = bias_partials + at::get_thread_num() * channels;
+  auto mask = [&](int64_t shift) { return shift == 0 ? nullptr : masks + (shift + g.pad) * mask_stride; };
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t c = item % channels;
+    const T* xp = x + item * height * width;
+    T* gx = grad_x + item * height * width;
+    for (int64_t r = 0; r < height; ++r)  // row r: phases (r % 2, 0) and (r % 2, 1), row r / 2
+      deinterleave(xp + r * width, width, phases[2 * (r & 1)].plane() + r / 2 * Wo,
+                   phases[2 * (r & 1) + 1].plane() + r / 2 * Wo);
+    for (int64_t i = 0; width % 2 && i < Ho; ++i)  // the odd columns' last, past the image
+      phases[1].plane()[i * Wo + Wo - 1] = phases[3].plane()[i * Wo + Wo - 1] = T(0);
+    if (height % 2)  // the odd rows' last, past the image
+      for (int64_t px = 0; px < 2; ++px) std::fill_n(phases[2 + px].plane() + (Ho - 1) * Wo, Wo, T(0));
+    std::memcpy(gp, grad + item * Po, Po * sizeof(T));
+    for (int64_t t = 0; t < taps_n; ++t)
+      gw[c * taps_n + t] +=
+          masked_dot(gp, phases[layout[t].phase].plane() + layout[t].offset, Po, mask(layout[t].shift));
+    for (int64_t phase = 0; phase < 4; ++phase) {
+      int64_t count = 0;
+      for (int64_t t = 0; t < taps_n; ++t)  // the adjoint: x's phase pixel i took part in output i - a
+        if (layout[t].phase == phase)
+          taps[count++] = Tap<T>{-layout[t].offset, w[c * taps_n + t], t, mask(-layout[t].shift)};
+      gather_taps(gathered.data() + phase * Po, gp, Po, taps.data(), count);
+    }
+    for (int64_t r = 0; r < height; ++r)
+      interleave(gathered.data() + 2 * (r & 1) * Po + r / 2 * Wo, gathered.data() + (2 * (r & 1) + 1) * Po + r / 2 * Wo,
+                 width, gx + r * width);
+    gb[c] += sum(grad + item * Po, Po);
   }
 }
 
@@ -145,16 +236,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_conv2d_backward_cpu(const 
   Geometry g{};
   g.out_height = x.size(2), g.out_width = x.size(3), g.dw = k, g.pad = k / 2;
   const int64_t threads = at::get_num_threads(), taps_n = k * k;
-  at::Tensor grad_x = at::empty_like(x), grad_w = at::empty_like(w), grad_b = at::empty({channels}, x.options());
+  // From the output cache (output_pool.h): a fresh block is page-faulted in on every call, which
+  // took more time than the kernel at GhostNet's 48@112 (perf: a quarter of it in the kernel).
+  at::Tensor grad_x = empty_output(x.sizes(), x.options());
+  at::Tensor grad_w = at::empty_like(w), grad_b = at::empty({channels}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "direct_conv2d_backward_cpu", [&] {
     using T = scalar_t;
-    const std::vector<T> masks = column_masks<T>(g, g.out_height);
     std::vector<T> weight_partials(threads * channels * taps_n, T(0)), bias_partials(threads * channels, T(0));
-    at::parallel_for(0, x.size(0) * channels, 1, [&](int64_t begin, int64_t end) {
-      depthwise_backward_items(grad.data_ptr<T>(), x.data_ptr<T>(), w.data_ptr<T>(), grad_x.data_ptr<T>(),
-                               weight_partials.data(), bias_partials.data(), g, channels, stride, masks.data(),
-                               mask_stride(g, g.out_height), begin, end);
-    });
+    if (stride == 1) {
+      const std::vector<T> masks = column_masks<T>(g, g.out_height);
+      at::parallel_for(0, x.size(0) * channels, 1, [&](int64_t begin, int64_t end) {
+        depthwise_backward_items(grad.data_ptr<T>(), x.data_ptr<T>(), w.data_ptr<T>(), grad_x.data_ptr<T>(),
+                                 weight_partials.data(), bias_partials.data(), g, channels, masks.data(),
+                                 mask_stride(g, g.out_height), begin, end);
+      });
+    } else {
+      Geometry grid{};
+      grid.out_height = (g.out_height + 1) / 2, grid.out_width = (g.out_width + 1) / 2;
+      grid.pad = (k / 2 + 1) / 2, grid.dw = 2 * grid.pad + 1;
+      std::vector<PhaseTap> layout(taps_n);
+      for (int64_t dy = 0; dy < k; ++dy)
+        for (int64_t dx = 0; dx < k; ++dx) {
+          const int64_t sy = dy - k / 2, sx = dx - k / 2, py = sy & 1, px = sx & 1;  // & 1: mod 2, negatives too
+          const int64_t a = (sy - py) / 2, b = (sx - px) / 2;
+          layout[dy * k + dx] = PhaseTap{2 * py + px, a * grid.out_width + b, b};
+        }
+      const std::vector<T> masks = column_masks<T>(grid, grid.out_height);
+      at::parallel_for(0, x.size(0) * channels, 1, [&](int64_t begin, int64_t end) {
+        depthwise_backward_items_stride2(grad.data_ptr<T>(), x.data_ptr<T>(), w.data_ptr<T>(), grad_x.data_ptr<T>(),
+                                         weight_partials.data(), bias_partials.data(), grid, g.out_height,
+                                         g.out_width, k, channels, layout.data(), masks.data(),
+                                         mask_stride(grid, grid.out_height), begin, end);
+      });
+    }
     T *gw = grad_w.data_ptr<T>(), *gb = grad_b.data_ptr<T>();
     for (int64_t i = 0; i < channels * taps_n; ++i) {
       gw[i] = 0;

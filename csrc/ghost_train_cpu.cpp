@@ -431,9 +431,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor g1 = g1_in.contiguous(), b1 = b1_in.contiguous(), g2 = g2_in.contiguous(), b2 = b2_in.contiguous();
   const at::TensorOptions options = x.options();
   at::Tensor out = empty_output({g.batch, out_channels, g.out_height, g.out_width}, options);
-  at::Tensor z1 = gemm_primary(g) ? at::empty({g.batch, g.init, g.out_height, g.out_width}, options)
+  // Outputs from the output cache (output_pool.h): fresh blocks are page-faulted in on every call.
+  at::Tensor z1 = gemm_primary(g) ? empty_output({g.batch, g.init, g.out_height, g.out_width}, options)
                                   : at::conv2d(x, w1, {}, {stride, stride}, {g.kernel / 2, g.kernel / 2}).contiguous();
-  at::Tensor z2 = at::empty({g.batch, g.ghosts, g.out_height, g.out_width}, options);
+  at::Tensor z2 = empty_output({g.batch, g.ghosts, g.out_height, g.out_width}, options);
   at::Tensor mean1 = at::empty({g.init}, options), var1 = at::empty({g.init}, options);
   at::Tensor mean2 = at::empty({g.ghosts}, options), var2 = at::empty({g.ghosts}, options);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ghost_module_train_cpu", [&] {
@@ -475,8 +476,8 @@ ghost_module_train_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_i
   const at::TensorOptions options = x.options();
   const int64_t P = g.plane(), taps_n = g.dw * g.dw, threads = at::get_num_threads();
   const double count = double(g.batch * P);
-  at::Tensor grad_z1 = at::empty_like(z1);
-  at::Tensor grad_x = at::empty_like(x);
+  at::Tensor grad_z1 = empty_output(z1.sizes(), options);
+  at::Tensor grad_x = empty_output(x.sizes(), options);
   at::Tensor grad_w2 = at::empty_like(w2);
   at::Tensor grad_g1 = at::empty({g.init}, options), grad_b1 = at::empty({g.init}, options);
   at::Tensor grad_g2 = at::zeros({g.ghosts}, options), grad_b2 = at::zeros({g.ghosts}, options);
