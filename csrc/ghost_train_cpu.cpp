@@ -3,8 +3,9 @@
 // own mean and biased variance, as nn.BatchNorm2d does in train mode.
 //
 // Forward, three passes over the batch, NCHW:
-//  1. per image, z1 = W1 x (one GEMM; the library conv for a k x k or strided primary), and
-//     each (image, channel) plane's mean and sum of squared deviations while it is in cache;
+//  1. per image, z1 = W1 x (one GEMM; the library conv for a k x k or strided primary, see
+//     primary_input), and each (image, channel) plane's mean and sum of squared deviations
+//     while it is in cache;
 //  2. per (image, intrinsic channel), x1 = act(BN1(z1)) written once to out and into a plane
 //     buffer with zero halo rows, z2 = its depthwise taps for each of its ghost channels, and
 //     their plane moments;
@@ -417,6 +418,17 @@ Normalised<T> batch_norm(const std::vector<Moments>& planes, const Geometry& g, 
 
 bool gemm_primary(const Geometry& g) { return g.kernel == 1 && g.stride == 1; }
 
+// x as the primary conv reads it: NCHW for our GEMM. The library's k x k or strided conv reads
+// inputs of at most 16 channels channels_last: oneDNN reorders such NCHW inputs on every call.
+// Measured here, 3x3 at batch 64 (forward / backward ms, NCHW vs channels_last): 16->8 at 32x32
+// 2.05 / 9.12 vs 1.33 / 2.41, 16->16 stride 2 0.71 / 5.37 vs 0.40 / 2.39; the conversions cost
+// 0.1-1.1 ms. From 32 channels on NCHW is as fast (32->16 at 16x16 0.64 / 1.33 vs 0.52 / 1.12,
+// 64->32 at 8x8 0.52 / 1.22 vs 0.48 / 1.48), not worth the conversions.
+at::Tensor primary_input(const at::Tensor& x, const Geometry& g) {
+  const bool channels_last = !gemm_primary(g) && g.inp <= 16;
+  return x.contiguous(channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+}
+
 at::MemoryFormat format_of(const at::Tensor& x) {
   return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast) ? at::MemoryFormat::ChannelsLast
                                                                                 : at::MemoryFormat::Contiguous;
@@ -427,7 +439,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& w2_in, const at::Tensor& g2_in, const at::Tensor& b2_in, int64_t out_channels, int64_t stride,
     c10::string_view activation, double eps1, double eps2) {
   const Geometry g = describe(x_in, w1_in, g1_in, b1_in, w2_in, g2_in, b2_in, out_channels, stride, activation);
-  const at::Tensor x = x_in.contiguous(), w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
+  const at::Tensor x = primary_input(x_in, g), w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
   const at::Tensor g1 = g1_in.contiguous(), b1 = b1_in.contiguous(), g2 = g2_in.contiguous(), b2 = b2_in.contiguous();
   const at::TensorOptions options = x.options();
   at::Tensor out = empty_output({g.batch, out_channels, g.out_height, g.out_width}, options);
@@ -471,13 +483,13 @@ ghost_module_train_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_i
                   z1_in.sizes() == at::IntArrayRef({g.batch, g.init, g.out_height, g.out_width}) &&
                   z2_in.sizes() == at::IntArrayRef({g.batch, g.ghosts, g.out_height, g.out_width}),
               "ghost_module_train_backward: grad, primary_z and cheap_z do not match the forward's shapes");
-  const at::Tensor x = x_in.contiguous(), w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
+  const at::Tensor x = primary_input(x_in, g), w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
   const at::Tensor grad = grad_in.contiguous(), z1 = z1_in.contiguous(), z2 = z2_in.contiguous();
   const at::TensorOptions options = x.options();
   const int64_t P = g.plane(), taps_n = g.dw * g.dw, threads = at::get_num_threads();
   const double count = double(g.batch * P);
   at::Tensor grad_z1 = empty_output(z1.sizes(), options);
-  at::Tensor grad_x = empty_output(x.sizes(), options);
+  at::Tensor grad_x = gemm_primary(g) ? empty_output(x.sizes(), options) : at::Tensor();
   at::Tensor grad_w2 = at::empty_like(w2);
   at::Tensor grad_g1 = at::empty({g.init}, options), grad_b1 = at::empty({g.init}, options);
   at::Tensor grad_g2 = at::zeros({g.ghosts}, options), grad_b2 = at::zeros({g.ghosts}, options);
@@ -519,7 +531,7 @@ ghost_module_train_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_i
     const BatchNormGrad<T> d1(sums1, bn1, g.batch, g.init, g.init, count);
     d1.parameter_grads(bn1, count, grad_g1.data_ptr<T>(), grad_b1.data_ptr<T>(), g.init);
     at::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
-      primary_backward_pass(a, bn1, d1, z1p, gz1, grad_x.data_ptr<T>(), begin, end);
+      primary_backward_pass(a, bn1, d1, z1p, gz1, a.gemm ? grad_x.data_ptr<T>() : nullptr, begin, end);
     });
   });
   at::Tensor grad_w1;
@@ -529,13 +541,13 @@ ghost_module_train_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_i
                   .view(w1.sizes());
   } else {
     const int64_t pad = g.kernel / 2;
-    auto grads = at::convolution_backward(grad_z1, x, w1, c10::nullopt, {stride, stride}, {pad, pad}, {1, 1}, false,
+    auto grads = at::convolution_backward(grad_z1.contiguous(x.suggest_memory_format()), x, w1, c10::nullopt,
+                                          {stride, stride}, {pad, pad}, {1, 1}, false,
                                           {0, 0}, 1, {true, true, false});
     grad_x = std::get<0>(grads);
     grad_w1 = std::get<1>(grads);
   }
-  if (format_of(x_in) == at::MemoryFormat::ChannelsLast) grad_x = grad_x.contiguous(at::MemoryFormat::ChannelsLast);
-  return {grad_x, grad_w1, grad_g1, grad_b1, grad_w2, grad_g2, grad_b2};
+  return {grad_x.contiguous(format_of(x_in)), grad_w1, grad_g1, grad_b1, grad_w2, grad_g2, grad_b2};
 }
 
 }  // namespace

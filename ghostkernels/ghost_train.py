@@ -5,9 +5,9 @@ The op returns the output and what its backward needs: the pre-BN maps z1 and z2
 mean and biased variance of each BN. The C++ CPU kernels (csrc/ghost_train_cpu.cpp) serve
 float32/float64, the Triton kernels (triton_ghost_train.py) CUDA tensors; elsewhere the
 composition below runs (conv, batch statistics, activation, depthwise conv, batch statistics,
-activation, concat). GhostModule uses the op only where a
-kernel exists (GhostModule.batch_statistics_forward) and updates the running statistics as
-nn.BatchNorm2d does (update_running_statistics).
+activation, concat). GhostModule uses the op only where a kernel exists
+(GhostModule.batch_statistics_forward) and updates the running statistics as nn.BatchNorm2d
+does (update_running_statistics).
 """
 
 import functools
@@ -32,8 +32,7 @@ _lib.define(
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
-# Dtypes the C++ CPU kernels and the Triton kernels take.
-CPU_KERNEL_DTYPES = (torch.float32, torch.float64)
+# Dtypes the Triton kernels take (the C++ kernels: ops.CPU_KERNEL_DTYPES).
 CUDA_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -44,7 +43,7 @@ def has_kernel(x):
     if device not in ("cpu", "cuda") or torch.is_autocast_enabled(device):
         return False
     if device == "cpu":
-        return x.dtype in CPU_KERNEL_DTYPES and _backends.load_cpu_extension()[0] == "cpp"
+        return x.dtype in ops.CPU_KERNEL_DTYPES and _backends.load_cpu_extension()[0] == "cpp"
     return x.dtype in CUDA_KERNEL_DTYPES and _backends.triton_kernels("triton_ghost_train") is not None
 
 
