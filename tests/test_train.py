@@ -96,6 +96,16 @@ def test_matches_original(config, dtype, channels_last):
     assert_same_steps(original, ours, x, steps=2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_layout_conversions_of_a_3x3_primary(dtype, channels_last, stride):
+    """A k x k primary of at most 16 input channels reads x channels_last; 16 channels on 8x8
+    (pixels and channels multiples of the vector width) take the in-register transposes."""
+    original, ours = pair(dtype, inp=16, oup=32, kernel_size=3, stride=stride)
+    assert_same_steps(original, ours, make_input(2, 16, 8, 8, channels_last=channels_last, dtype=dtype))
+
+
 @pytest.mark.parametrize("batch, size", [(1, 7), (2, 1), (5, 3)])
 def test_small_batches(batch, size):
     original, ours = pair(inp=6, oup=8)
