@@ -269,15 +269,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_conv2d_backward_cpu(const 
                                          mask_stride(grid, grid.out_height), begin, end);
       });
     }
-    T *gw = grad_w.data_ptr<T>(), *gb = grad_b.data_ptr<T>();
-    for (int64_t i = 0; i < channels * taps_n; ++i) {
-      gw[i] = 0;
-      for (int64_t t = 0; t < threads; ++t) gw[i] += weight_partials[t * channels * taps_n + i];
-    }
-    for (int64_t c = 0; c < channels; ++c) {
-      gb[c] = 0;
-      for (int64_t t = 0; t < threads; ++t) gb[c] += bias_partials[t * channels + c];
-    }
+    sum_thread_partials(weight_partials, channels * taps_n, grad_w.data_ptr<T>());
+    sum_thread_partials(bias_partials, channels, grad_b.data_ptr<T>());
   });
   return {grad_x, grad_w, grad_b};
 }

@@ -196,6 +196,18 @@ GK_INLINE void make_taps(const Geometry& g, const T* w2, const T* masks, int64_t
     }
 }
 
+// dst[i] = sum over threads t of partials[t * size + i], in thread order (deterministic for a
+// fixed thread count): the per-thread weight-grad accumulators of the backward kernels.
+template <typename T>
+void sum_thread_partials(const std::vector<T>& partials, int64_t size, T* dst) {
+  const int64_t threads = int64_t(partials.size()) / size;
+  for (int64_t i = 0; i < size; ++i) {
+    T total = 0;
+    for (int64_t t = 0; t < threads; ++t) total += partials[t * size + i];
+    dst[i] = total;
+  }
+}
+
 // A buffer of one output plane (g.out_height x g.out_width) with `pad` zero rows above and below, slack before and
 // kSlack after: the layout apply_taps and masked_dot read. plane() is where row 0 starts.
 template <typename T>

@@ -584,12 +584,7 @@ ghost_module_train_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_i
     at::parallel_for(0, g.batch * g.init, 1, [&](int64_t begin, int64_t end) {
       cheap_backward_pass(a, bn1, bn2, d2, gradp, z1p, z2p, gz1, w2_partials.data(), sums1.data(), begin, end);
     });
-    T* gw2 = grad_w2.data_ptr<T>();
-    for (int64_t i = 0; i < g.ghosts * taps_n; ++i) {
-      T s = 0;
-      for (int64_t t = 0; t < threads; ++t) s += w2_partials[t * g.ghosts * taps_n + i];
-      gw2[i] = s;
-    }
+    sum_thread_partials(w2_partials, g.ghosts * taps_n, grad_w2.data_ptr<T>());
     const BatchNormGrad<T> d1(sums1, bn1, g.batch, g.init, g.init, count);
     d1.parameter_grads(bn1, count, grad_g1.data_ptr<T>(), grad_b1.data_ptr<T>(), g.init);
     at::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {

@@ -9,9 +9,10 @@ fused into the Ghost op's writes), GhostNetV3 modules after re-parameterisation 
 bias, no BN) in both modes, and G-GhostNet stages (base, layers, merge, cheap, end). The swap
 shares the parameters, keeps the state-dict keys and leaves training behaviour as it was; in
 training mode the depthwise convs outside the Ghost modules also move to the direct conv
-kernels, whose backward is C++ (DepthwiseConv2d). In eval mode the remaining Conv+BN pairs that run one after the other (stem, `conv_dw`/`bn_dw`,
-shortcuts, ConvBnAct, the convs of post-activation Bottleneck/BasicBlock blocks) are folded
-too (a timm BatchNormAct2d folds its BN and keeps its drop and act), the depthwise convs and
+kernels, whose backward is C++ (DepthwiseConv2d). In eval mode the remaining Conv+BN pairs
+that run one after the other (stem, `conv_dw`/`bn_dw`, shortcuts, ConvBnAct, the convs of
+post-activation Bottleneck/BasicBlock blocks) are folded too (a timm BatchNormAct2d folds its
+BN and keeps its drop and act), the depthwise convs and
 the stem among them run on ghostkernels' direct conv kernel, a bottleneck's ghost1 and the
 stride-2 depthwise conv after it run as one op, so do a bottleneck's SE and ghost2, and the
 1x1 convs (shortcuts, SE, heads) run as matrix multiplies on the CPU.

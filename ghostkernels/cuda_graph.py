@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .acceleration import _relative_error, _tolerance
-from .freeze import checked_example
+from .freeze import check_tensor_arguments, checked_example
 
 
 class CapturedModel(nn.Module):
@@ -25,11 +25,8 @@ class CapturedModel(nn.Module):
         self.static_output = static_output
 
     def forward(self, *args):
-        if len(args) != len(self.static_inputs):
-            raise TypeError(f"CapturedModel: expected {len(self.static_inputs)} positional arguments, got {len(args)}")
+        check_tensor_arguments("CapturedModel", args, len(self.static_inputs))
         for index, (arg, static) in enumerate(zip(args, self.static_inputs)):
-            if not isinstance(arg, torch.Tensor):
-                raise TypeError(f"CapturedModel: argument {index} must be a tensor, got {type(arg).__name__}")
             if arg.shape != static.shape or arg.dtype != static.dtype or arg.device != static.device:
                 raise ValueError(
                     f"CapturedModel: argument {index} is {tuple(arg.shape)} {arg.dtype} on {arg.device}; the graph was "

@@ -37,11 +37,8 @@ class FrozenModel(nn.Module):
         self.device = device
 
     def forward(self, *args):
-        if len(args) != len(self.dtypes):
-            raise TypeError(f"FrozenModel: expected {len(self.dtypes)} positional arguments, got {len(args)}")
+        check_tensor_arguments("FrozenModel", args, len(self.dtypes))
         for index, (arg, dtype) in enumerate(zip(args, self.dtypes)):
-            if not isinstance(arg, torch.Tensor):
-                raise TypeError(f"FrozenModel: argument {index} must be a tensor, got {type(arg).__name__}")
             if arg.dtype != dtype or arg.device != self.device:
                 raise TypeError(f"FrozenModel: argument {index} is {arg.dtype} on {arg.device}; the model was "
                                 f"frozen for {dtype} on {self.device}: freeze it again with such an example")
@@ -52,6 +49,17 @@ class FrozenModel(nn.Module):
 
     def extra_repr(self):
         return f"device={self.device}, dtypes={list(self.dtypes)}"
+
+
+def check_tensor_arguments(caller, args, expected):
+    """`expected` positional arguments, every one a tensor, or a TypeError that names the
+    argument: the calling convention of a model recorded on an example (FrozenModel,
+    CapturedModel)."""
+    if len(args) != expected:
+        raise TypeError(f"{caller}: expected {expected} positional arguments, got {len(args)}")
+    for index, arg in enumerate(args):
+        if not isinstance(arg, torch.Tensor):
+            raise TypeError(f"{caller}: argument {index} must be a tensor, got {type(arg).__name__}")
 
 
 def _fresh(inputs, extra_batch):

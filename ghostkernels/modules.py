@@ -143,9 +143,8 @@ class GhostModule(nn.Module):
     Training mode (and BNs without running statistics) runs the fused batch-statistics op,
     ghostkernels::ghost_module_train, and updates the running statistics as nn.BatchNorm2d does,
     where it has a kernel (C++ on the CPU, Triton on CUDA, no autocast); elsewhere the original
-    layers. Eval mode folds
-    both BNs into the convs and runs the fused op; the folded weights are cached and refreshed
-    whenever a parameter or buffer changes.
+    layers. Eval mode folds both BNs into the convs and runs the fused op; the folded weights are
+    cached and refreshed whenever a parameter or buffer changes.
     """
 
     def __init__(self, inp, oup, kernel_size=1, ratio=2, dw_size=3, stride=1, relu=True):
