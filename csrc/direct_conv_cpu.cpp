@@ -26,6 +26,7 @@
 #include "ghost_common.h"
 #include "multiversion.h"
 #include "output_pool.h"
+#include "scratch.h"
 
 namespace ghostkernels {
 namespace {
@@ -36,7 +37,8 @@ GK_MULTIVERSION void conv_items(const T* x, const T* w, const T* bias, T* out, c
                                 int64_t channels, int64_t groups, int64_t out_channels, int64_t begin, int64_t end) {
   const int64_t group_outputs = out_channels / groups, k = g.k;
   const int64_t bands = g.bands();
-  std::vector<T> scratch(g.scratch_size());
+  Scratch buffers;
+  T* scratch = buffers.take<T>(g.scratch_size());
   for (int64_t item = begin; item < end; ++item) {
     const int64_t band = item % bands, group = item / bands % groups, n = item / bands / groups;
     const T* xs = x + (n * channels + group * g.group_inputs) * g.height * g.width;
@@ -45,9 +47,9 @@ GK_MULTIVERSION void conv_items(const T* x, const T* w, const T* bias, T* out, c
     T* os = out + (n * out_channels + group * group_outputs) * g.out_height * g.out_width;
     const int64_t oh0 = band * g.band_rows();
     if (g.stride == 1)
-      conv_band<T, 1>(xs, 0, ws, bs, group_outputs, os, g, oh0, scratch.data());
+      conv_band<T, 1>(xs, 0, ws, bs, group_outputs, os, g, oh0, scratch);
     else
-      conv_band<T, 2>(xs, 0, ws, bs, group_outputs, os, g, oh0, scratch.data());
+      conv_band<T, 2>(xs, 0, ws, bs, group_outputs, os, g, oh0, scratch);
   }
 }
 

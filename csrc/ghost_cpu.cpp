@@ -28,6 +28,7 @@
 #include "ghost_common.h"
 #include "multiversion.h"
 #include "output_pool.h"
+#include "scratch.h"
 
 namespace ghostkernels {
 namespace {
@@ -178,20 +179,21 @@ GK_MULTIVERSION void forward_nchw(const ForwardArgs<T>& a, int64_t begin, int64_
   const int64_t W = g.out_width, pad = g.pad;
   // Per channel: pad slack | halo rows | band rows | halo rows | pad slack.
   const int64_t ld = (t.rows + 2 * pad) * W + 2 * pad + kSlack;
-  std::vector<T> buf(t.group * ld);
-  std::vector<T> pack(g.stride != 1 || a.input_scale ? g.inp * (t.rows + 2 * pad) * W : 0);
-  std::vector<T> panel(kBlock * 2 * Simd<T>::lanes);
-  std::vector<T> scaled(a.input_scale ? g.inp * t.group : 0);
+  Scratch scratch;
+  T* buf = scratch.take<T>(t.group * ld);
+  T* pack = scratch.take<T>(g.stride != 1 || a.input_scale ? g.inp * (t.rows + 2 * pad) * W : 0);
+  T* panel = scratch.take<T>(kBlock * 2 * Simd<T>::lanes);
+  T* scaled = scratch.take<T>(a.input_scale ? g.inp * t.group : 0);
   std::vector<Tap<T>> taps(g.dw * g.dw);
   for (int64_t item = begin; item < end; ++item) {
     const int64_t n = item / (t.bands * t.groups);
     const int64_t band = item / t.groups % t.bands;
     const int64_t c0 = item % t.groups * t.group, c1 = std::min(g.init, c0 + t.group);
     const int64_t r0 = band * t.rows, r1 = std::min(g.out_height, r0 + t.rows);
-    intrinsic_band(a, n, r0, r1, c0, c1, buf.data(), ld, pack.data(), panel.data(), scaled.data());
+    intrinsic_band(a, n, r0, r1, c0, c1, buf, ld, pack, panel, scaled);
     const int64_t p = (r1 - r0) * W;
     for (int64_t c = c0; c < c1; ++c) {
-      const T* center = buf.data() + (c - c0) * ld + pad + pad * W;
+      const T* center = buf + (c - c0) * ld + pad + pad * W;
       T* intrinsic = a.out + ((n * g.out_channels + c) * g.out_height + r0) * W;
       if (a.gate) a.gate->apply_rows(intrinsic, center, n, c, g.out_channels, r0, r1, W);
       else std::memcpy(intrinsic, center, p * sizeof(T));
@@ -210,11 +212,12 @@ GK_MULTIVERSION void forward_nhwc(const ForwardArgs<T>& a, int64_t begin, int64_
   const Geometry& g = *a.g;
   const Tiling& t = *a.t;
   const int64_t W = g.out_width, pad = g.pad, dw = g.dw;
-  std::vector<T> buf((t.rows + 2 * pad) * W * t.group);  // [row][col][channel]
-  std::vector<T> pack(g.stride != 1 ? (t.rows + 2 * pad) * W * g.inp : 0);
-  std::vector<T> panel(kBlock * 2 * Simd<T>::lanes);
-  std::vector<T> row(W * g.copies * t.group);
-  std::vector<T> scaled(a.input_scale ? g.inp * t.group : 0);
+  Scratch scratch;
+  T* buf = scratch.take<T>((t.rows + 2 * pad) * W * t.group);  // [row][col][channel]
+  T* pack = scratch.take<T>(g.stride != 1 ? (t.rows + 2 * pad) * W * g.inp : 0);
+  T* panel = scratch.take<T>(kBlock * 2 * Simd<T>::lanes);
+  T* row = scratch.take<T>(W * g.copies * t.group);
+  T* scaled = scratch.take<T>(a.input_scale ? g.inp * t.group : 0);
   for (int64_t item = begin; item < end; ++item) {
     const int64_t n = item / (t.bands * t.groups);
     const int64_t band = item / t.groups % t.bands;
@@ -222,7 +225,7 @@ GK_MULTIVERSION void forward_nhwc(const ForwardArgs<T>& a, int64_t begin, int64_
     const int64_t r0 = band * t.rows, r1 = std::min(g.out_height, r0 + t.rows);
     const int64_t h0 = std::max<int64_t>(0, r0 - pad), h1 = std::min(g.out_height, r1 + pad);
     const int64_t p = (h1 - h0) * W;
-    T* first = buf.data() + (h0 - (r0 - pad)) * W * cg;  // buffer row i holds x1 row r0 - pad + i
+    T* first = buf + (h0 - (r0 - pad)) * W * cg;  // buffer row i holds x1 row r0 - pad + i
     if (g.kernel != 1) {
       for (int64_t q = 0; q < p; ++q)
         std::memcpy(first + q * cg, a.x + ((n * g.out_height + h0) * W + q) * g.init + c0, cg * sizeof(T));
@@ -231,10 +234,10 @@ GK_MULTIVERSION void forward_nhwc(const ForwardArgs<T>& a, int64_t begin, int64_
       if (g.stride != 1) {
         for (int64_t h = h0; h < h1; ++h)
           for (int64_t w = 0; w < W; ++w)
-            std::memcpy(pack.data() + ((h - h0) * W + w) * g.inp,
+            std::memcpy(pack + ((h - h0) * W + w) * g.inp,
                         a.x + ((n * g.height + h * g.stride) * g.width + w * g.stride) * g.inp,
                         g.inp * sizeof(T));
-        src = pack.data();
+        src = pack;
       }
       const T* w1t = a.w1t + c0;
       int64_t ld_w1t = g.init;
@@ -242,10 +245,10 @@ GK_MULTIVERSION void forward_nhwc(const ForwardArgs<T>& a, int64_t begin, int64_
         const T* s = a.input_scale + n * g.inp;
         for (int64_t k = 0; k < g.inp; ++k)
           for (int64_t c = 0; c < cg; ++c) scaled[k * cg + c] = w1t[k * g.init + c] * s[k];
-        w1t = scaled.data();
+        w1t = scaled;
         ld_w1t = cg;
       }
-      gemm_nn<T>(p, cg, g.inp, src, g.inp, 1, w1t, ld_w1t, first, cg, false, panel.data());
+      gemm_nn<T>(p, cg, g.inp, src, g.inp, 1, w1t, ld_w1t, first, cg, false, panel);
       for (int64_t q = 0; q < p; ++q)
         for (int64_t c = 0; c < cg; ++c) first[q * cg + c] = activate(first[q * cg + c] + (a.b1 ? a.b1[c0 + c] : T(0)), g.act);
     }
@@ -259,19 +262,19 @@ GK_MULTIVERSION void forward_nhwc(const ForwardArgs<T>& a, int64_t begin, int64_
     const int64_t row_ld = flat ? cg : jn;  // row's stride per column
     for (int64_t h = r0; h < r1; ++h) {
       T* o = a.out + (n * g.out_height + h) * W * g.out_channels;
-      const T* center = buf.data() + (h - r0 + pad) * W * cg;
+      const T* center = buf + (h - r0 + pad) * W * cg;
       for (int64_t w = 0; w < W; ++w)
         for (int64_t jj = 0; jj < row_ld; ++jj) row[w * row_ld + jj] = a.b2 ? a.b2[j0 + jj] : T(0);
       for (int64_t dy = 0; dy < dw; ++dy) {
         const int64_t hs = h + dy - pad;
         if (hs < 0 || hs >= g.out_height) continue;
-        const T* src_row = buf.data() + (hs - r0 + pad) * W * cg;
+        const T* src_row = buf + (hs - r0 + pad) * W * cg;
         for (int64_t dx = 0; dx < dw; ++dx) {
           const int64_t sx = dx - pad, tap = dy * dw + dx;
           const int64_t w_lo = std::max<int64_t>(0, -sx), w_hi = std::min(W, W - sx);
           if (flat) {
             const T* wr = a.w2_rows + (c0 * dw * dw + tap * cg) * W;  // group block, then tap
-            T* r = row.data();
+            T* r = row;
             const T* sr = src_row + sx * cg;
 #pragma omp simd
             for (int64_t f = w_lo * cg; f < w_hi * cg; ++f) r[f] += wr[f] * sr[f];
@@ -280,7 +283,7 @@ GK_MULTIVERSION void forward_nhwc(const ForwardArgs<T>& a, int64_t begin, int64_
           const T* wt = a.w2t + tap * g.ghosts + j0;
           for (int64_t w = w_lo; w < w_hi; ++w) {
             const T* sp = src_row + (w + sx) * cg;
-            T* r = row.data() + w * jn;
+            T* r = row + w * jn;
             for (int64_t jj = 0; jj < jn; ++jj) r[jj] += wt[jj] * sp[(j0 + jj) / g.copies - c0];
           }
         }
@@ -335,24 +338,27 @@ GK_MULTIVERSION void forward_nchw_depthwise(const ForwardArgs<T>& a, const Depth
   const int64_t W = g.out_width, pad = g.pad;
   const int64_t input_rows = plane.max_input_rows(), bands = plane.bands();
   const int64_t ld = (input_rows + 2 * pad) * W + 2 * pad + kSlack;
-  std::vector<T> buf(d.group * ld), ghost(input_rows * W + kSlack);
-  std::vector<T> pack(g.stride != 1 ? g.inp * (input_rows + 2 * pad) * W : 0);
-  std::vector<T> panel(kBlock * 2 * Simd<T>::lanes), scratch(plane.scratch_size());
+  Scratch buffers;
+  T* buf = buffers.take<T>(d.group * ld);
+  T* ghost = buffers.take<T>(input_rows * W + kSlack);
+  T* pack = buffers.take<T>(g.stride != 1 ? g.inp * (input_rows + 2 * pad) * W : 0);
+  T* panel = buffers.take<T>(kBlock * 2 * Simd<T>::lanes);
+  T* scratch = buffers.take<T>(plane.scratch_size());
   std::vector<Tap<T>> taps(g.dw * g.dw);
   for (int64_t item = begin; item < end; ++item) {
     const int64_t n = item / (bands * d.groups);
     const int64_t oh0 = item / d.groups % bands * plane.band_rows();
     const int64_t c0 = item % d.groups * d.group, c1 = std::min(g.init, c0 + d.group);
     const int64_t r0 = plane.first_input_row(oh0), r1 = plane.last_input_row(oh0, plane.rows_in_band(oh0));
-    intrinsic_band(a, n, r0, r1, c0, c1, buf.data(), ld, pack.data(), panel.data(), static_cast<T*>(nullptr));
+    intrinsic_band(a, n, r0, r1, c0, c1, buf, ld, pack, panel, static_cast<T*>(nullptr));
     const int64_t p = (r1 - r0) * W;
     for (int64_t c = c0; c < c1; ++c) {
-      const T* center = buf.data() + (c - c0) * ld + pad + pad * W;
-      d.band(center, r0, n, c, g.out_channels, oh0, scratch.data());
+      const T* center = buf + (c - c0) * ld + pad + pad * W;
+      d.band(center, r0, n, c, g.out_channels, oh0, scratch);
       for (int64_t j = g.ghost_begin(c); j < g.ghost_end(c); ++j) {
         make_taps(g, a.w2 + j * g.dw * g.dw, a.masks, a.mask_stride, false, taps.data());
-        apply_taps(ghost.data(), center, p, taps.data(), g.dw, false, a.b2 ? a.b2[j] : T(0), g.act);
-        d.band(ghost.data(), r0, n, g.init + j, g.out_channels, oh0, scratch.data());
+        apply_taps(ghost, center, p, taps.data(), g.dw, false, a.b2 ? a.b2[j] : T(0), g.act);
+        d.band(ghost, r0, n, g.init + j, g.out_channels, oh0, scratch);
       }
     }
   }
