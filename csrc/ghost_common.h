@@ -97,7 +97,7 @@ GK_INLINE void taps_pass(T* dst, const T* src, int64_t n, const Tap<T>* taps, in
   using V = typename S::vec;
   constexpr int L = S::lanes;
   Tap<T> local[DW > 0 ? DW * DW : 1];
-  if (DW > 0) {  // dst's stores may alias `taps` for all the compiler knows: it reloaded them per vector
+  if constexpr (DW > 0) {  // dst's stores may alias `taps` for all the compiler knows: it reloaded them per vector
     std::copy(taps, taps + DW * DW, local);
     taps = local;
   }

@@ -26,7 +26,7 @@ class Scratch {
     if (!a.overflow.empty()) {
       a.overflow.clear();
       a.block.reset(static_cast<char*>(std::aligned_alloc(kAlign, used_)));
-      a.capacity = used_;
+      a.capacity = a.block ? used_ : 0;  // out of memory: the next take() reports it
     }
     a.held = false;
   }
@@ -44,6 +44,7 @@ class Scratch {
     } else {
       a.overflow.emplace_back(static_cast<char*>(std::aligned_alloc(kAlign, bytes ? bytes : kAlign)));
       p = a.overflow.back().get();
+      TORCH_CHECK(p != nullptr, "ghostkernels: out of memory for ", bytes, " bytes of kernel scratch");
     }
     used_ += bytes;
     return reinterpret_cast<T*>(p);
