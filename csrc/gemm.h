@@ -29,6 +29,14 @@ struct Simd {
   }
 };
 
+// dst[i] = src[i] for i < n, inline: std::copy and memcpy call memmove, which cost more than the
+// copy on the short rows of small planes (7-28 elements).
+template <typename T>
+GK_INLINE void copy_run(T* __restrict dst, const T* __restrict src, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
+}
+
 // Rows of B per pass: a panel of kBlock x (2 * lanes) stays in L1 across the i loop.
 constexpr int64_t kBlock = 256;
 

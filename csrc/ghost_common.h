@@ -156,6 +156,56 @@ GK_INLINE T sum(const T* x, int64_t n) {
   return s;
 }
 
+// An L x L block (L = the vector's lanes) of a row-major matrix transposed in registers: rows
+// src + i * ld_src into rows dst + i * ld_dst. log2(L) butterfly stages, each swapping one bit
+// of the row index with the same bit of the lane index.
+template <typename T>
+GK_INLINE void transpose_block(const T* src, int64_t ld_src, T* dst, int64_t ld_dst) {
+  using S = Simd<T>;
+  using V = typename S::vec;
+  using I = typename S::index;
+  constexpr int L = S::lanes;
+  // Per stage, the lanes of (rows[i], rows[i + half]) for the new rows[i], then rows[i + half]. A
+  // table: written as a loop, GCC built these vectors lane by lane on every call.
+  static const auto stage_lanes = [] {
+    std::array<typename S::lane_t, 2 * L * 4> t{};
+    int stage = 0;
+    for (int half = L / 2; half >= 1; half /= 2, ++stage)
+      for (int l = 0; l < L; ++l) {
+        t[2 * stage * L + l] = (l & half) ? l - half + L : l;
+        t[(2 * stage + 1) * L + l] = (l & half) ? l + L : l + half;
+      }
+    return t;
+  }();
+  V rows[L];
+  for (int i = 0; i < L; ++i) rows[i] = S::load(src + i * ld_src);
+  int stage = 0;
+  for (int half = L / 2; half >= 1; half /= 2, ++stage) {
+    I low, high;
+    std::memcpy(&low, stage_lanes.data() + 2 * stage * L, sizeof(I));
+    std::memcpy(&high, stage_lanes.data() + (2 * stage + 1) * L, sizeof(I));
+    for (int i = 0; i < L; ++i)
+      if (!(i & half)) {
+        const V a = rows[i], b = rows[i + half];
+        rows[i] = __builtin_shuffle(a, b, low);
+        rows[i + half] = __builtin_shuffle(a, b, high);
+      }
+  }
+  for (int i = 0; i < L; ++i) S::store(dst + i * ld_dst, rows[i]);
+}
+
+// dst[c * ld_dst + r] = src[r * ld_src + c] for r < rows, c < cols: whole L x L blocks in
+// registers, the edges element by element.
+template <typename T>
+GK_INLINE void transpose(const T* src, int64_t rows, int64_t cols, int64_t ld_src, T* dst, int64_t ld_dst) {
+  constexpr int64_t L = Simd<T>::lanes;
+  const int64_t block_rows = rows / L * L, block_cols = cols / L * L;
+  for (int64_t r = 0; r < block_rows; r += L)
+    for (int64_t c = 0; c < block_cols; c += L) transpose_block(src + r * ld_src + c, ld_src, dst + c * ld_dst + r, ld_dst);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = r < block_rows ? block_cols : 0; c < cols; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
+}
+
 // Everything about one call that does not depend on the band or the image.
 struct Geometry {
   int64_t batch, inp, height, width;   // x

@@ -387,16 +387,6 @@ struct BackwardArgs {
 // NCHW with more input than intrinsic channels keeps its gw1 partials transposed (inp x init).
 bool gw1_transposed(const Geometry& g) { return !g.channels_last && g.inp > g.init; }
 
-// dst[c][r] = src[r * ld + c] for r < rows, c < cols, in cache-sized tiles.
-template <typename T>
-GK_INLINE void transpose(const T* src, int64_t rows, int64_t cols, int64_t ld, T* dst) {
-  constexpr int64_t tile = 16;
-  for (int64_t r0 = 0; r0 < rows; r0 += tile)
-    for (int64_t c0 = 0; c0 < cols; c0 += tile)
-      for (int64_t r = r0; r < std::min(rows, r0 + tile); ++r)
-        for (int64_t c = c0; c < std::min(cols, c0 + tile); ++c) dst[c * rows + r] = src[r * ld + c];
-}
-
 // One thread's gradient accumulators inside a shared array (NCHW with inp > init keeps gw1
 // transposed, see gw1_transposed).
 template <typename T>
@@ -439,10 +429,10 @@ GK_INLINE void primary_grads(const BackwardArgs<T>& a, int64_t n, int64_t r0, in
           a.grad_x[((n * g.inp + k) * g.height + (r0 + q / W) * s) * g.width + q % W * s] = gx[k * p + q];
     // Both operands of gw1 are pixel-contiguous: transpose the smaller one (into `scratch`).
     if (gw1_transposed(g)) {  // gw1^T[k][c] += sum_q x[k][q] gz1^T[q][c]
-      transpose(gz1, g.init, p, p, scratch);
+      transpose(gz1, g.init, p, p, scratch, g.init);
       gemm_nn<T>(g.inp, g.init, p, xb, ld_x, 1, scratch, g.init, gw1, g.init, true, panel);
     } else {  // gw1[c][k] += sum_q gz1[c][q] x^T[q][k]
-      transpose(xb, g.inp, p, ld_x, scratch);
+      transpose(xb, g.inp, p, ld_x, scratch, g.inp);
       gemm_nn<T>(g.init, g.inp, p, gz1, p, 1, scratch, g.inp, gw1, g.inp, true, panel);
     }
   } else {

@@ -418,33 +418,6 @@ Normalised<T> batch_norm(const std::vector<Moments>& planes, const Geometry& g, 
 
 bool gemm_primary(const Geometry& g) { return g.kernel == 1 && g.stride == 1; }
 
-// An L x L block (L = the vector's lanes) of a row-major matrix transposed in registers: rows
-// src + i * ld_src into rows dst + i * ld_dst. log2(L) butterfly stages, each swapping one bit
-// of the row index with the same bit of the lane index.
-template <typename T>
-GK_INLINE void transpose_block(const T* src, int64_t ld_src, T* dst, int64_t ld_dst) {
-  using S = Simd<T>;
-  using V = typename S::vec;
-  using I = typename S::index;
-  constexpr int L = S::lanes;
-  V rows[L];
-  for (int i = 0; i < L; ++i) rows[i] = S::load(src + i * ld_src);
-  for (int half = L / 2; half >= 1; half /= 2) {
-    I low, high;  // lanes of (rows[i], rows[i + half]) for the new rows[i] and rows[i + half]
-    for (int l = 0; l < L; ++l) {
-      low[l] = (l & half) ? l - half + L : l;
-      high[l] = (l & half) ? l + L : l + half;
-    }
-    for (int i = 0; i < L; ++i)
-      if (!(i & half)) {
-        const V a = rows[i], b = rows[i + half];
-        rows[i] = __builtin_shuffle(a, b, low);
-        rows[i + half] = __builtin_shuffle(a, b, high);
-      }
-  }
-  for (int i = 0; i < L; ++i) S::store(dst + i * ld_dst, rows[i]);
-}
-
 // Images [begin, end) of x's (C x HW) matrices transposed (to_channels_last) or back; C and HW
 // are multiples of the lanes.
 template <typename T>
