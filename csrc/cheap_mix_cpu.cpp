@@ -37,12 +37,10 @@ GK_MULTIVERSION void cheap_mix_items(const MixArgs& m, const T* x, const T* w, c
     if (m.planar) {
       T* o = out + n * m.out_batch + p0;
       gemm_nn<T>(m.cout, np, m.cin, w, m.cin, 1, x + n * m.x_batch + p0, m.x_step, o, m.out_step, false,
-                 panel.data());
-      for (int64_t c = 0; c < m.cout; ++c) {
-        const T add = shift[c] + (b ? b[c] : T(0));
-        T* row = o + c * m.out_step;
-        for (int64_t q = 0; q < np; ++q) row[q] = std::max(row[q] + add, T(0));
-      }
+                 panel.data(), [shift, b](int64_t c, auto v) __attribute__((always_inline)) {
+                   v += shift[c] + (b ? b[c] : T(0));
+                   return v < 0 ? decltype(v){} : v;  // NaN stays NaN, as with std::max(v, 0)
+                 });
     } else {
       T* o = out + n * m.out_batch + p0 * m.out_step;
       gemm_nn<T>(np, m.cout, m.cin, x + n * m.x_batch + p0 * m.x_step, m.x_step, 1, wt, m.cout, o, m.out_step,

@@ -75,6 +75,13 @@ GK_INLINE void deinterleave(const T* src, int64_t n, T* evens, T* odds) {
     Simd<T>::store(evens + j, __builtin_shuffle(a, b, even_lanes));
     Simd<T>::store(odds + j, __builtin_shuffle(a, b, odd_lanes));
   }
+  if (2 * j < n && n >= 2 * L) {  // the tail as one more vector pair, overlapping the last one
+    j = (n - 2 * L) / 2;
+    const V a = Simd<T>::load(src + 2 * j), b = Simd<T>::load(src + 2 * j + L);
+    Simd<T>::store(evens + j, __builtin_shuffle(a, b, even_lanes));
+    Simd<T>::store(odds + j, __builtin_shuffle(a, b, odd_lanes));
+    j += L;
+  }
   for (int64_t i = 2 * j; i < n; ++i) (i % 2 ? odds : evens)[i / 2] = src[i];
 }
 
@@ -116,13 +123,14 @@ GK_INLINE void fill_phases(const T* x, int64_t x_row0, const PlaneGeometry<T>& g
 
 // One group's band of output rows [oh0, oh0 + band_rows): x holds the group's group_inputs
 // input planes from row x_row0 on, w its (outputs, group_inputs, k, k) weights, out its
-// `outputs` output planes.
-template <typename T, int S>
-GK_INLINE void conv_band(const T* x, int64_t x_row0, const T* w, const T* bias, int64_t outputs, T* out,
-                         const PlaneGeometry<T>& g, int64_t oh0, T* scratch) {
+// `outputs` output planes. K: k as a compile-time constant (the tap loops unroll and their
+// offsets fold: the stem's 3x3 conv spent a third of its time computing them), or 0.
+template <typename T, int S, int K>
+GK_INLINE void conv_band_k(const T* x, int64_t x_row0, const T* w, const T* bias, int64_t outputs, T* out,
+                           const PlaneGeometry<T>& g, int64_t oh0, T* scratch) {
   using V = typename Simd<T>::vec;
   constexpr int L = Simd<T>::lanes;
-  const int64_t phase_width = g.phase_width(), phase_size = g.phase_size(), k = g.k, inputs = g.group_inputs;
+  const int64_t phase_width = g.phase_width(), phase_size = g.phase_size(), k = K ? K : g.k, inputs = g.group_inputs;
   const int64_t rows = g.rows_in_band(oh0);
   T* flat = scratch + g.phases_size();
   for (int64_t ci = 0; ci < inputs; ++ci)
@@ -136,7 +144,9 @@ GK_INLINE void conv_band(const T* x, int64_t x_row0, const T* w, const T* bias, 
       for (int64_t ci = 0; ci < inputs; ++ci) {
         const T* phases = scratch + ci * S * S * phase_size + f0;
         const T* wc = w + (co * inputs + ci) * k * k;
+#pragma GCC unroll 5
         for (int64_t dy = 0; dy < k; ++dy) {
+#pragma GCC unroll 5
           for (int64_t dx = 0; dx < k; ++dx) {
             const T* src = phases + ((dy % S) * S + dx % S) * phase_size + (dy / S) * phase_width + dx / S;
             const T wt = wc[dy * k + dx];
@@ -148,6 +158,16 @@ GK_INLINE void conv_band(const T* x, int64_t x_row0, const T* w, const T* bias, 
     }
     T* plane = out + co * g.out_height * g.out_width;
     for (int64_t r = 0; r < rows; ++r) copy_run(plane + (oh0 + r) * g.out_width, flat + r * phase_width, g.out_width);
+  }
+}
+
+template <typename T, int S>
+GK_INLINE void conv_band(const T* x, int64_t x_row0, const T* w, const T* bias, int64_t outputs, T* out,
+                         const PlaneGeometry<T>& g, int64_t oh0, T* scratch) {
+  switch (g.k) {  // GhostNet's stem and depthwise convs are 3x3 and 5x5
+    case 3: return conv_band_k<T, S, 3>(x, x_row0, w, bias, outputs, out, g, oh0, scratch);
+    case 5: return conv_band_k<T, S, 5>(x, x_row0, w, bias, outputs, out, g, oh0, scratch);
+    default: return conv_band_k<T, S, 0>(x, x_row0, w, bias, outputs, out, g, oh0, scratch);
   }
 }
 

@@ -40,14 +40,22 @@ GK_INLINE void copy_run(T* __restrict dst, const T* __restrict src, int64_t n) {
 // Rows of B per pass: a panel of kBlock x (2 * lanes) stays in L1 across the i loop.
 constexpr int64_t kBlock = 256;
 
+// The identity epilogue of gemm_nn.
+struct Unchanged {
+  template <typename V>
+  GK_INLINE V operator()(int64_t, V v) const { return v; }
+};
+
 // C[i, j] (+)= sum_k A[i * a_si + k * a_sk] * B[k * ldb + j] for i < M, j < N, with NV
-// vectors of B's columns per register tile (16 accumulators either way). A column tail of B is
+// vectors of B's columns per register tile (16 accumulators either way), and finish(i, v) of
+// each vector v of row i's finished sums is what is stored (a bias and an activation applied
+// while the tile is in registers, not in another pass over C). A column tail of B is
 // copied, zero-padded, into `panel` (kBlock * 2 * lanes) so that no load reads past the matrix.
 // Full panels are read in place: packing them for reuse across row blocks cost more than it
 // saved on every GhostNet shape (bench/report.py, forward 8% faster in geometric mean without).
-template <typename T, int NV>
+template <typename T, int NV, typename Finish>
 GK_INLINE void gemm_tiles(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_si, int64_t a_sk,
-                          const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate, T* panel) {
+                          const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate, T* panel, Finish finish) {
   using S = Simd<T>;
   using V = typename S::vec;
   constexpr int L = S::lanes;
@@ -55,7 +63,7 @@ GK_INLINE void gemm_tiles(int64_t M, int64_t N, int64_t K, const T* A, int64_t a
   constexpr int MR = 16 / NV;
   for (int64_t k0 = 0; k0 < K; k0 += kBlock) {
     const int64_t kb = std::min(kBlock, K - k0);
-    const bool add = accumulate || k0 > 0;
+    const bool add = accumulate || k0 > 0, last = k0 + kb == K;
     for (int64_t j0 = 0; j0 < N; j0 += NR) {
       const int64_t nr = std::min<int64_t>(NR, N - j0);
       const T* b = B + k0 * ldb + j0;
@@ -87,13 +95,14 @@ GK_INLINE void gemm_tiles(int64_t M, int64_t N, int64_t K, const T* A, int64_t a
         }
         for (int64_t r = 0; r < mr; ++r) {
           T* c = C + (i0 + r) * ldc + j0;
-          if (nr == NR) {
-            for (int v = 0; v < NV; ++v) S::store(c + v * L, add ? acc[r][v] + S::load(c + v * L) : acc[r][v]);
-          } else {
-            T tmp[NR];
-            for (int v = 0; v < NV; ++v) S::store(tmp + v * L, acc[r][v]);
-            for (int64_t j = 0; j < nr; ++j) c[j] = add ? c[j] + tmp[j] : tmp[j];
+          T tail[NR] = {};  // a column tail goes through here: C has only nr columns
+          T* dst = nr == NR ? c : tail;
+          if (nr < NR && add) copy_run(tail, c, nr);
+          for (int v = 0; v < NV; ++v) {
+            const V sum = add ? acc[r][v] + S::load(dst + v * L) : acc[r][v];
+            S::store(dst + v * L, last ? finish(i0 + r, sum) : sum);
           }
+          if (nr < NR) copy_run(c, tail, nr);
         }
       }
     }
@@ -101,11 +110,12 @@ GK_INLINE void gemm_tiles(int64_t M, int64_t N, int64_t K, const T* A, int64_t a
 }
 
 // gemm_tiles with one vector of columns when N fits in one, two otherwise.
-template <typename T>
+template <typename T, typename Finish = Unchanged>
 GK_INLINE void gemm_nn(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_si, int64_t a_sk,
-                       const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate, T* panel) {
-  if (N <= Simd<T>::lanes) gemm_tiles<T, 1>(M, N, K, A, a_si, a_sk, B, ldb, C, ldc, accumulate, panel);
-  else gemm_tiles<T, 2>(M, N, K, A, a_si, a_sk, B, ldb, C, ldc, accumulate, panel);
+                       const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate, T* panel,
+                       Finish finish = Finish()) {
+  if (N <= Simd<T>::lanes) gemm_tiles<T, 1>(M, N, K, A, a_si, a_sk, B, ldb, C, ldc, accumulate, panel, finish);
+  else gemm_tiles<T, 2>(M, N, K, A, a_si, a_sk, B, ldb, C, ldc, accumulate, panel, finish);
 }
 
 }  // namespace ghostkernels

@@ -52,12 +52,6 @@ GK_INLINE T activation_grad(T grad, T activated, Activation act) {
   return (act == Activation::ReLU && activated <= T(0)) ? T(0) : grad;
 }
 
-// dst[q] = act(dst[q] + bias) for q < n.
-template <typename T>
-GK_INLINE void bias_act(T* dst, int64_t n, T bias, Activation act) {
-  for (int64_t q = 0; q < n; ++q) dst[q] = activate(dst[q] + bias, act);
-}
-
 // One depthwise tap on a flattened plane: src offset, weight, its index in the d x d
 // weight, and the column-validity mask of its column shift (nullptr when the shift is 0).
 template <typename T>

@@ -149,8 +149,13 @@ GK_INLINE void primary_rows_nchw(const ForwardArgs<T>& a, int64_t n, int64_t h0,
       for (int64_t k = 0; k < g.inp; ++k) scaled[c * g.inp + k] = w1[c * g.inp + k] * s[k];
     w1 = scaled;
   }
-  gemm_nn<T>(c1 - c0, p, g.inp, w1, g.inp, 1, src, ld_src, dst, ld, false, panel);
-  for (int64_t c = c0; c < c1; ++c) bias_act(dst + (c - c0) * ld, p, a.b1 ? a.b1[c] : T(0), g.act);
+  const T* b1 = a.b1;
+  const Activation act = g.act;
+  gemm_nn<T>(c1 - c0, p, g.inp, w1, g.inp, 1, src, ld_src, dst, ld, false, panel,
+             [b1, act, c0](int64_t i, auto v) __attribute__((always_inline)) {
+               v += b1 ? b1[c0 + i] : T(0);
+               return act == Activation::ReLU ? (v < 0 ? decltype(v){} : v) : v;  // NaN stays NaN
+             });
 }
 
 // x1 rows [r0, r1) of channels [c0, c1) of image n with the cheap op's halo rows, into `buf`:
