@@ -107,6 +107,7 @@ struct ForwardArgs {
   int64_t mask_stride;
   T* out;
   const Gate<T>* gate;  // nullptr: ungated
+  const T* residual;    // nullptr, or a tensor laid out as out, added to every element written
 };
 
 // x1 rows [h0, h1) of one image, channels [c0, c1), NCHW; `dst` row stride ld (per channel).
@@ -177,6 +178,16 @@ GK_INLINE void intrinsic_band(const ForwardArgs<T>& a, int64_t n, int64_t r0, in
   }
 }
 
+// out[q] += residual[q] for the p elements from dst on (a run of out), when there is a residual:
+// ghost_module_residual's add, while the run is in cache.
+template <typename T>
+GK_INLINE void add_residual(const ForwardArgs<T>& a, T* dst, int64_t p) {
+  if (!a.residual) return;
+  const T* r = a.residual + (dst - a.out);
+#pragma omp simd
+  for (int64_t q = 0; q < p; ++q) dst[q] += r[q];
+}
+
 template <typename T>
 GK_MULTIVERSION void forward_nchw(const ForwardArgs<T>& a, int64_t begin, int64_t end) {
   const Geometry& g = *a.g;
@@ -202,11 +213,13 @@ GK_MULTIVERSION void forward_nchw(const ForwardArgs<T>& a, int64_t begin, int64_
       T* intrinsic = a.out + ((n * g.out_channels + c) * g.out_height + r0) * W;
       if (a.gate) a.gate->apply_rows(intrinsic, center, n, c, g.out_channels, r0, r1, W);
       else std::memcpy(intrinsic, center, p * sizeof(T));
+      add_residual(a, intrinsic, p);
       for (int64_t j = g.ghost_begin(c); j < g.ghost_end(c); ++j) {
         T* dst = a.out + ((n * g.out_channels + g.init + j) * g.out_height + r0) * W;
         make_taps(g, a.w2 + j * g.dw * g.dw, a.masks, a.mask_stride, false, taps.data());
         apply_taps(dst, center, p, taps.data(), g.dw, false, a.b2 ? a.b2[j] : T(0), g.act);
         if (a.gate) a.gate->apply_rows(dst, dst, n, g.init + j, g.out_channels, r0, r1, W);
+        add_residual(a, dst, p);
       }
     }
   }
@@ -302,6 +315,10 @@ GK_MULTIVERSION void forward_nhwc(const ForwardArgs<T>& a, int64_t begin, int64_
           const T* gp = a.gate->pixel(n, h, w, g.out_channels);
           for (int64_t c = c0; c < c1; ++c) ow[c] *= gp[c];
           for (int64_t j = g.init + j0; j < g.init + j0 + jn; ++j) ow[j] *= gp[j];
+        }
+        if (a.residual) {
+          add_residual(a, ow + c0, cg);
+          add_residual(a, ow + g.init + j0, jn);
         }
       }
     }
@@ -677,10 +694,13 @@ std::vector<int64_t> nearest_sources(int64_t in, int64_t out) {
 
 // input_scale: (N, inp, 1, 1) multiplying x's channels per image (GhostBottleneck's SE gate), folded
 // into per-image copies of W1.
+// residual: a tensor of the output's shape, dtype and memory format added to it as it is written
+// (ghost_module_residual_cpu checks that), or undefined.
 at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& w1_in, const c10::optional<at::Tensor>& b1,
                        const at::Tensor& w2_in, const c10::optional<at::Tensor>& b2,
                        const c10::optional<at::Tensor>& gate_logits, const c10::optional<at::Tensor>& input_scale,
-                       int64_t out_channels, int64_t stride, c10::string_view activation) {
+                       int64_t out_channels, int64_t stride, c10::string_view activation,
+                       const at::Tensor& residual = at::Tensor()) {
   const Geometry g = check_and_describe(x_in, w1_in, b1, w2_in, b2, out_channels, stride, activation);
   at::Tensor gate_values;
   if (gate_logits.has_value()) {
@@ -747,7 +767,8 @@ at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& w1_in, const c1
                             w2.data_ptr<scalar_t>(), w2t.data(), w2_rows.empty() ? nullptr : w2_rows.data(),
                             b2c.defined() ? b2c.data_ptr<scalar_t>() : nullptr,
                             masks.data(), mask_stride(g, mask_rows), out.data_ptr<scalar_t>(),
-                            gate_values.defined() ? &gate : nullptr};
+                            gate_values.defined() ? &gate : nullptr,
+                            residual.defined() ? residual.data_ptr<scalar_t>() : nullptr};
     at::parallel_for(0, g.batch * t.bands * t.groups, 1, [&](int64_t begin, int64_t end) {
       if (g.channels_last) forward_nhwc(a, begin, end);
       else forward_nchw(a, begin, end);
@@ -810,7 +831,7 @@ at::Tensor ghost_module_depthwise_cpu(const at::Tensor& x_in, const at::Tensor& 
                             g.kernel == 1 && b1c.defined() ? b1c.data_ptr<scalar_t>() : nullptr,
                             w2.data_ptr<scalar_t>(), nullptr, nullptr,
                             b2c.defined() ? b2c.data_ptr<scalar_t>() : nullptr,
-                            masks.data(), mask_stride(g, mask_rows), nullptr, nullptr};
+                            masks.data(), mask_stride(g, mask_rows), nullptr, nullptr, nullptr};
     at::parallel_for(0, g.batch * plane.bands() * d.groups, 1,
                      [&](int64_t begin, int64_t end) { forward_nchw_depthwise(a, d, begin, end); });
   });
@@ -834,6 +855,27 @@ at::Tensor ghost_module_scaled_cpu(const at::Tensor& x, const at::Tensor& scale,
                                    const c10::optional<at::Tensor>& b2, int64_t out_channels, int64_t stride,
                                    c10::string_view activation) {
   return forward_cpu(x, w1, b1, w2, b2, c10::nullopt, scale, out_channels, stride, activation);
+}
+
+// ghost_module (or ghost_module_scaled when scale is given), then out.add_(residual, alpha=alpha):
+// a bottleneck's ghost2 and its shortcut add, which freeze() makes one op. A residual of the
+// output's shape, dtype and layout with alpha 1 is added as the kernel writes; otherwise (a
+// broadcast, another dtype) by add_ after it, with add_'s rules and errors.
+at::Tensor ghost_module_residual_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& scale,
+                                     const at::Tensor& w1, const c10::optional<at::Tensor>& b1, const at::Tensor& w2,
+                                     const c10::optional<at::Tensor>& b2, int64_t out_channels, int64_t stride,
+                                     c10::string_view activation, const at::Tensor& residual,
+                                     const at::Scalar& alpha) {
+  const Geometry g = check_and_describe(x, w1, b1, w2, b2, out_channels, stride, activation);
+  const std::vector<int64_t> out_shape{g.batch, out_channels, g.out_height, g.out_width};
+  const bool fused = residual.sizes() == out_shape && residual.scalar_type() == x.scalar_type() &&
+                     residual.device() == x.device() && residual.is_contiguous(memory_format(g)) &&
+                     alpha.equal(1);
+  if (!fused) {
+    at::Tensor out = forward_cpu(x, w1, b1, w2, b2, c10::nullopt, scale, out_channels, stride, activation);
+    return out.add_(residual, alpha);
+  }
+  return forward_cpu(x, w1, b1, w2, b2, c10::nullopt, scale, out_channels, stride, activation, residual);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_module_backward_cpu(
@@ -907,6 +949,7 @@ TORCH_LIBRARY_IMPL(ghostkernels, CPU, m) {
   m.impl("ghost_module_backward", &ghost_module_backward_cpu);
   m.impl("ghost_module_depthwise", &ghost_module_depthwise_cpu);
   m.impl("ghost_module_scaled", &ghost_module_scaled_cpu);
+  m.impl("ghost_module_residual", &ghost_module_residual_cpu);
 }
 
 }  // namespace ghostkernels

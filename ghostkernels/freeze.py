@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .acceleration import _relative_error, _tolerance
+from .ghost_residual import fuse_residual_adds
 
 # ghostkernels' own forwards raise TracerWarnings about shape tests whose outcome the trace
 # keeps, harmlessly: check_input's argument checks (the kernels check again) and
@@ -105,6 +106,8 @@ def freeze(model, example_inputs):
     - Inference only: the frozen model runs without autograd (its outputs never require grad).
     - It takes the example's dtypes and device (other ones raise a TypeError); other batch
       sizes, resolutions and memory formats run the same graph.
+    - A Ghost op followed by an in-place residual add (a bottleneck's ghost2 and shortcut)
+      becomes one `ghost_module_residual` op in the graph.
     - The trace is checked before it is returned: on the example, on fresh random inputs of
       its shape and on ones with one more image, the frozen model must give the model's
       outputs within accelerate()'s self-check tolerance (1e-5 relative in float32). A forward
@@ -122,6 +125,7 @@ def freeze(model, example_inputs):
         # and in-place updates of the model must not reach (some of) them.
         traced = torch.jit.trace(copy.deepcopy(model), inputs, check_trace=False, strict=False)
         graph = torch.jit.freeze(traced.eval())
+        fuse_residual_adds(graph.graph)
     for warning in caught:
         source = os.path.abspath(warning.filename)
         if issubclass(warning.category, torch.jit.TracerWarning):

@@ -49,12 +49,22 @@ def _ghost_module_scaled(x, scale, primary_weight, primary_bias, cheap_weight, c
                          activation)
 
 
+def _ghost_module_residual(x, scale, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride,
+                           activation, residual, alpha=1):
+    ghost = _ghost_module(x if scale is None else x * scale, primary_weight, primary_bias, cheap_weight, cheap_bias,
+                          out_channels, stride, activation)
+    # add_'s result (the Ghost output's dtype), out of place: the exporters' functionalisation
+    # fails on an in-place add to an alias
+    return torch.add(ghost, residual, alpha=alpha).to(ghost.dtype)
+
+
 # op name -> its ATen composition (same arguments as the op's schema).
 COMPOSITIONS = {
     "ghost_module": _ghost_module,
     "ghost_module_gated": _ghost_module_gated,
     "ghost_module_depthwise": _ghost_module_depthwise,
     "ghost_module_scaled": _ghost_module_scaled,
+    "ghost_module_residual": _ghost_module_residual,
     "squeeze_excite_gate": squeeze_excite._gate_composed,
     "direct_conv2d": direct_conv._fallback,
     "pointwise_conv2d": modules._pointwise_composed,
@@ -163,6 +173,14 @@ def _symbolics():
     def ghost_module_scaled(g, x, scale, w1, b1, w2, b2, out_channels, stride, activation):
         return _ghost(g, g.op("Mul", x, scale), w1, b1, w2, b2, out_channels, stride, activation)
 
+    @h.parse_args("v", "v", "v", "v", "v", "v", "i", "i", "s", "v", "f")
+    def ghost_module_residual(g, x, scale, w1, b1, w2, b2, out_channels, stride, activation, residual, alpha):
+        if alpha != 1:  # freeze() makes the op of `x += residual`, alpha 1
+            raise RuntimeError(f"ghostkernels ONNX export (dynamo=False): ghost_module_residual with alpha {alpha}; "
+                               "only alpha 1 is exported")
+        x = x if h._is_none(scale) else g.op("Mul", x, scale)
+        return g.op("Add", _ghost(g, x, w1, b1, w2, b2, out_channels, stride, activation), residual)
+
     @h.parse_args("v", "v", "v", "v", "v")
     def squeeze_excite_gate(g, x, rw, rb, ew, eb):
         hidden = g.op("Relu", _conv(g, g.op("GlobalAveragePool", x), rw, rb, 1, 1))
@@ -184,7 +202,8 @@ def _symbolics():
         return g.op("Relu", g.op("Add", _conv(g, xs, weight, bias, 1, 1), mix))
 
     return {f.__name__: f for f in (ghost_module, ghost_module_gated, ghost_module_depthwise, ghost_module_scaled,
-                                    squeeze_excite_gate, direct_conv2d, pointwise_conv2d, cheap_mix)}
+                                    ghost_module_residual, squeeze_excite_gate, direct_conv2d, pointwise_conv2d,
+                                    cheap_mix)}
 
 
 SYMBOLICS = _symbolics()

@@ -89,6 +89,10 @@ def _op_cases():
             Call(ops.ghost_module_scaled, _ghost_weights(),
                  lambda op, x, scale, w1, b1, w2, b2: op(x, scale, w1, b1, w2, b2, 12, 1, "relu")),
             (x, torch.rand(2, 8, 1, 1))),
+        "ghost_module_residual": (
+            Call(ops.ghost_module_residual, _ghost_weights(),
+                 lambda op, x, scale, residual, w1, b1, w2, b2: op(x, scale, w1, b1, w2, b2, 12, 1, "relu", residual)),
+            (x, torch.rand(2, 8, 1, 1), torch.randn(2, 12, 12, 12))),
         "squeeze_excite_gate": (
             Call(ops.squeeze_excite_gate, [torch.randn(4, 8, 1, 1), torch.randn(4), torch.randn(8, 4, 1, 1),
                                            torch.randn(8)], ()), (x,)),

@@ -1,0 +1,133 @@
+"""ghostkernels::ghost_module_residual (a Ghost op and the in-place residual add after it) against
+the reference, and freeze()'s rewrite that makes it."""
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+import ghostkernels
+from ghostkernels import ghost_module_reference, models
+from ghostkernels.ghost_residual import fuse_residual_adds
+
+from conftest import make_input, make_weights
+
+op = torch.ops.ghostkernels.ghost_module_residual
+
+
+def expected(x, scale, weights, oup, stride, activation, residual, alpha=1):
+    ghost = ghost_module_reference(x if scale is None else x * scale, *weights, out_channels=oup, stride=stride,
+                                   activation=activation)
+    return ghost.add_(residual, alpha=alpha)
+
+
+def residual_like(x, oup, stride, dtype=None, channels_last=None):
+    height, width = (x.shape[2] - 1) // stride + 1, (x.shape[3] - 1) // stride + 1
+    r = torch.randn(x.shape[0], oup, height, width, dtype=dtype or x.dtype)
+    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
+        if channels_last is None else channels_last
+    return r.contiguous(memory_format=torch.channels_last) if cl else r
+
+
+# (inp, oup, ratio, dw, size): odd oup, ratio 3-4, dw 1-7, several bands (37 x 70)
+CONFIGS = [(16, 48, 2, 3, (37, 70)), (5, 13, 3, 5, (9, 11)), (6, 9, 4, 7, (12, 14)), (7, 10, 2, 1, (2, 1))]
+
+
+@pytest.mark.parametrize("config, stride, activation, channels_last, scaled",
+                         list(itertools.product(CONFIGS, [1, 2], ["relu", "none"], [False, True], [False, True])))
+def test_matches_reference(config, stride, activation, channels_last, scaled):
+    inp, oup, ratio, dw, size = config
+    x = make_input(2, inp, *size, channels_last=channels_last)
+    scale = torch.rand(2, inp, 1, 1, dtype=x.dtype) if scaled else None
+    weights = make_weights(inp, oup, ratio, dw)
+    residual = residual_like(x, oup, stride)
+    out = op(x, scale, *weights, oup, stride, activation, residual)
+    torch.testing.assert_close(out, expected(x, scale, weights, oup, stride, activation, residual),
+                               rtol=1e-12, atol=1e-12)
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("batch", [0, 1])
+def test_float32_and_batch(batch):
+    x = torch.randn(batch, 6, 23, 19)
+    weights = make_weights(6, 12, 2, 3, dtype=torch.float32)
+    residual = residual_like(x, 12, 1)
+    out = op(x, None, *weights, 12, 1, "relu", residual)
+    torch.testing.assert_close(out, expected(x, None, weights, 12, 1, "relu", residual), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["broadcast", "alpha", "other_layout", "float32_into_float64"])
+def test_residuals_the_kernel_does_not_fuse_follow_add_(case):
+    """What the kernel does not add as it writes goes through add_ after it: the same result."""
+    x = make_input(2, 5, 9, 8)
+    weights = make_weights(5, 10, 2, 3)
+    residual, alpha = residual_like(x, 10, 1), 1
+    if case == "broadcast":
+        residual = torch.randn(2, 10, 1, 1, dtype=x.dtype)
+    elif case == "alpha":
+        alpha = -0.5
+    elif case == "other_layout":
+        residual = residual_like(x, 10, 1, channels_last=True)
+    else:
+        residual = residual.float()
+    out = op(x, None, *weights, 10, 1, "relu", residual, alpha)
+    torch.testing.assert_close(out, expected(x, None, weights, 10, 1, "relu", residual, alpha), rtol=1e-12,
+                               atol=1e-6 if case == "float32_into_float64" else 1e-12)
+    assert out.dtype == x.dtype
+
+
+def test_residual_of_the_wrong_shape_is_refused_as_add_():
+    x = make_input(1, 5, 9, 8)
+    with pytest.raises(RuntimeError, match="doesn't match the broadcast shape|must match the size"):
+        op(x, None, *make_weights(5, 10, 2, 3), 10, 1, "relu", torch.randn(1, 10, 9, 9, dtype=x.dtype))
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_gradcheck_and_opcheck(scaled):
+    x = make_input(1, 4, 7, 6, requires_grad=True)
+    scale = torch.rand(1, 4, 1, 1, dtype=x.dtype, requires_grad=True) if scaled else None
+    weights = make_weights(4, 6, 2, 3, requires_grad=True)
+    residual = residual_like(x, 6, 1).requires_grad_()
+    args = (x, scale, *weights, 6, 1, "relu", residual)
+    assert torch.autograd.gradcheck(op, args)
+    torch.library.opcheck(op, args)
+
+
+def test_frozen_ghostnet_runs_its_residual_adds_in_the_ghost_ops():
+    torch.manual_seed(0)
+    model = ghostkernels.accelerate(models.ghostnet_050(fused=False).eval())
+    x = torch.randn(2, 3, 64, 64)
+    frozen = ghostkernels.freeze(model, x)
+    kinds = [node.kind() for node in frozen.graph.graph.nodes()]
+    assert kinds.count("ghostkernels::ghost_module_residual") == 16 and "aten::add_" not in kinds
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+class _GhostOutputReadTwice(nn.Module):
+    """The Ghost output read before the in-place add: fusing the add would change what the
+    other reader sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.ghost = ghostkernels.GhostModule(4, 8)
+
+    def forward(self, x):
+        y = self.ghost(x)
+        before = y * 2
+        y += x.repeat(1, 2, 1, 1)
+        return y + before
+
+
+@pytest.mark.filterwarnings("ignore")  # torch.jit's deprecation and tracer warnings
+def test_ghost_output_with_another_reader_is_left_alone():
+    model = ghostkernels.accelerate(_GhostOutputReadTwice().eval())
+    x = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        graph = torch.jit.freeze(torch.jit.trace(model, x, check_trace=False)).graph
+    assert "ghostkernels::ghost_module" in [node.kind() for node in graph.nodes()]
+    assert fuse_residual_adds(graph) == 0
+    frozen = ghostkernels.freeze(model, x)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x), model(x), rtol=1e-5, atol=1e-6)
