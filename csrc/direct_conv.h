@@ -22,6 +22,7 @@ template <typename T>
 struct PlaneGeometry {
   static constexpr int64_t kVectorBlock = 4 * Simd<T>::lanes;
   static constexpr int64_t kL1Elements = 24 * 1024 / sizeof(T);
+  static constexpr int kOutputBlock = 4;  // output channels computed together (band_outputs)
   int64_t height, width, k, stride, out_height, out_width, group_inputs;
 
   PlaneGeometry(int64_t height, int64_t width, int64_t k, int64_t stride, int64_t out_height, int64_t out_width,
@@ -56,7 +57,7 @@ struct PlaneGeometry {
   // stride 2: the band's input rows split into even and odd columns in one pass
   int64_t split_size() const { return split_size_; }
   int64_t phases_size() const { return group_inputs * stride * stride * phase_size_; }
-  int64_t scratch_size() const { return phases_size() + flat_size_ + split_size_; }
+  int64_t scratch_size() const { return phases_size() + kOutputBlock * flat_size_ + split_size_; }
 
  private:
   int64_t pad_, phase_width_, halo_rows_, band_rows_, bands_, max_input_rows_, flat_size_, phase_size_, split_size_;
@@ -121,6 +122,46 @@ GK_INLINE void fill_phases(const T* x, int64_t x_row0, const PlaneGeometry<T>& g
   }
 }
 
+// Output channels [co, co + CO) of a band whose phases are filled: CO at a time, so that each
+// loaded vector of input feeds CO accumulators (the stem's 16 outputs had loaded every input
+// vector 16 times). Each output goes through its own flat buffer in scratch.
+template <typename T, int S, int K, int CO>
+GK_INLINE void band_outputs(const T* phases, const T* w, const T* bias, int64_t co, T* out, const PlaneGeometry<T>& g,
+                            int64_t oh0, int64_t rows, T* flat) {
+  using V = typename Simd<T>::vec;
+  constexpr int L = Simd<T>::lanes;
+  const int64_t phase_width = g.phase_width(), phase_size = g.phase_size(), k = K ? K : g.k, inputs = g.group_inputs;
+  const int64_t flat_end = rows * phase_width, flat_size = g.flat_size();
+  for (int64_t f0 = 0; f0 < flat_end; f0 += PlaneGeometry<T>::kVectorBlock) {
+    V acc[CO][4];
+    for (int c = 0; c < CO; ++c)
+      for (int v = 0; v < 4; ++v) acc[c][v] = V{} + (bias ? bias[co + c] : T(0));
+    for (int64_t ci = 0; ci < inputs; ++ci) {
+      const T* input = phases + ci * S * S * phase_size + f0;
+#pragma GCC unroll 5
+      for (int64_t dy = 0; dy < k; ++dy) {
+#pragma GCC unroll 5
+        for (int64_t dx = 0; dx < k; ++dx) {
+          const T* src = input + ((dy % S) * S + dx % S) * phase_size + (dy / S) * phase_width + dx / S;
+          V xv[4];
+          for (int v = 0; v < 4; ++v) xv[v] = Simd<T>::load(src + v * L);
+          for (int c = 0; c < CO; ++c) {
+            const T wt = w[((co + c) * inputs + ci) * k * k + dy * k + dx];
+            for (int v = 0; v < 4; ++v) acc[c][v] += wt * xv[v];
+          }
+        }
+      }
+    }
+    for (int c = 0; c < CO; ++c)
+      for (int v = 0; v < 4; ++v) Simd<T>::store(flat + c * flat_size + f0 + v * L, acc[c][v]);
+  }
+  for (int c = 0; c < CO; ++c) {
+    T* plane = out + (co + c) * g.out_height * g.out_width;
+    for (int64_t r = 0; r < rows; ++r)
+      copy_run(plane + (oh0 + r) * g.out_width, flat + c * flat_size + r * phase_width, g.out_width);
+  }
+}
+
 // One group's band of output rows [oh0, oh0 + band_rows): x holds the group's group_inputs
 // input planes from row x_row0 on, w its (outputs, group_inputs, k, k) weights, out its
 // `outputs` output planes. K: k as a compile-time constant (the tap loops unroll and their
@@ -128,37 +169,15 @@ GK_INLINE void fill_phases(const T* x, int64_t x_row0, const PlaneGeometry<T>& g
 template <typename T, int S, int K>
 GK_INLINE void conv_band_k(const T* x, int64_t x_row0, const T* w, const T* bias, int64_t outputs, T* out,
                            const PlaneGeometry<T>& g, int64_t oh0, T* scratch) {
-  using V = typename Simd<T>::vec;
-  constexpr int L = Simd<T>::lanes;
-  const int64_t phase_width = g.phase_width(), phase_size = g.phase_size(), k = K ? K : g.k, inputs = g.group_inputs;
   const int64_t rows = g.rows_in_band(oh0);
   T* flat = scratch + g.phases_size();
-  for (int64_t ci = 0; ci < inputs; ++ci)
-    fill_phases<T, S>(x + ci * g.height * g.width, x_row0, g, oh0, rows, scratch + ci * S * S * phase_size, flat + g.flat_size());
-  const int64_t flat_end = rows * phase_width;
-  for (int64_t co = 0; co < outputs; ++co) {
-    const T b = bias ? bias[co] : T(0);
-    for (int64_t f0 = 0; f0 < flat_end; f0 += PlaneGeometry<T>::kVectorBlock) {
-      V acc[4];
-      for (int v = 0; v < 4; ++v) acc[v] = V{} + b;
-      for (int64_t ci = 0; ci < inputs; ++ci) {
-        const T* phases = scratch + ci * S * S * phase_size + f0;
-        const T* wc = w + (co * inputs + ci) * k * k;
-#pragma GCC unroll 5
-        for (int64_t dy = 0; dy < k; ++dy) {
-#pragma GCC unroll 5
-          for (int64_t dx = 0; dx < k; ++dx) {
-            const T* src = phases + ((dy % S) * S + dx % S) * phase_size + (dy / S) * phase_width + dx / S;
-            const T wt = wc[dy * k + dx];
-            for (int v = 0; v < 4; ++v) acc[v] += wt * Simd<T>::load(src + v * L);
-          }
-        }
-      }
-      for (int v = 0; v < 4; ++v) Simd<T>::store(flat + f0 + v * L, acc[v]);
-    }
-    T* plane = out + co * g.out_height * g.out_width;
-    for (int64_t r = 0; r < rows; ++r) copy_run(plane + (oh0 + r) * g.out_width, flat + r * phase_width, g.out_width);
-  }
+  T* split = flat + PlaneGeometry<T>::kOutputBlock * g.flat_size();
+  for (int64_t ci = 0; ci < g.group_inputs; ++ci)
+    fill_phases<T, S>(x + ci * g.height * g.width, x_row0, g, oh0, rows, scratch + ci * S * S * g.phase_size(), split);
+  constexpr int CO = PlaneGeometry<T>::kOutputBlock;
+  int64_t co = 0;
+  for (; co + CO <= outputs; co += CO) band_outputs<T, S, K, CO>(scratch, w, bias, co, out, g, oh0, rows, flat);
+  for (; co < outputs; ++co) band_outputs<T, S, K, 1>(scratch, w, bias, co, out, g, oh0, rows, flat);
 }
 
 template <typename T, int S>
