@@ -95,9 +95,13 @@ GK_INLINE void gemm_tiles(int64_t M, int64_t N, int64_t K, const T* A, int64_t a
         }
         for (int64_t r = 0; r < mr; ++r) {
           T* c = C + (i0 + r) * ldc + j0;
-          T tail[NR] = {};  // a column tail goes through here: C has only nr columns
-          T* dst = nr == NR ? c : tail;
-          if (nr < NR && add) copy_run(tail, c, nr);
+          T tail[NR];  // a column tail goes through here: C has only nr columns
+          T* dst = c;
+          if (nr < NR) {
+            std::fill_n(tail, NR, T(0));
+            if (add) copy_run(tail, c, nr);
+            dst = tail;
+          }
           for (int v = 0; v < NV; ++v) {
             const V sum = add ? acc[r][v] + S::load(dst + v * L) : acc[r][v];
             S::store(dst + v * L, last ? finish(i0 + r, sum) : sum);

@@ -316,10 +316,8 @@ GK_MULTIVERSION void forward_nhwc(const ForwardArgs<T>& a, int64_t begin, int64_
           for (int64_t c = c0; c < c1; ++c) ow[c] *= gp[c];
           for (int64_t j = g.init + j0; j < g.init + j0 + jn; ++j) ow[j] *= gp[j];
         }
-        if (a.residual) {
-          add_residual(a, ow + c0, cg);
-          add_residual(a, ow + g.init + j0, jn);
-        }
+        add_residual(a, ow + c0, cg);
+        add_residual(a, ow + g.init + j0, jn);
       }
     }
   }

@@ -423,12 +423,8 @@ bool gemm_primary(const Geometry& g) { return g.kernel == 1 && g.stride == 1; }
 template <typename T>
 GK_MULTIVERSION void transpose_images(const T* src, T* dst, int64_t channels, int64_t pixels, bool to_channels_last,
                                       int64_t begin, int64_t end) {
-  constexpr int L = Simd<T>::lanes;
   const int64_t rows = to_channels_last ? channels : pixels, cols = to_channels_last ? pixels : channels;
-  for (int64_t n = begin; n < end; ++n)
-    for (int64_t r = 0; r < rows; r += L)
-      for (int64_t c = 0; c < cols; c += L)
-        transpose_block(src + n * rows * cols + r * cols + c, cols, dst + n * rows * cols + c * rows + r, rows);
+  for (int64_t n = begin; n < end; ++n) transpose(src + n * rows * cols, rows, cols, cols, dst + n * rows * cols, rows);
 }
 
 // x in `format` (NCHW or channels_last). Maps whose channels and pixels are multiples of the
