@@ -73,7 +73,7 @@ def test_residuals_the_kernel_does_not_fuse_follow_add_(case):
         residual = residual.float()
     out = op(x, None, *weights, 10, 1, "relu", residual, alpha)
     torch.testing.assert_close(out, expected(x, None, weights, 10, 1, "relu", residual, alpha), rtol=1e-12,
-                               atol=1e-6 if case == "float32_into_float64" else 1e-12)
+                               atol=1e-12)
     assert out.dtype == x.dtype
 
 
