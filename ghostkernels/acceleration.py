@@ -9,7 +9,8 @@ fused into the Ghost op's writes), GhostNetV3 modules after re-parameterisation 
 bias, no BN) in both modes, and G-GhostNet stages (base, layers, merge, cheap, end). The swap
 shares the parameters, keeps the state-dict keys and leaves training behaviour as it was; in
 training mode the depthwise convs outside the Ghost modules also move to the direct conv
-kernels, whose backward is C++ (DepthwiseConv2d). In eval mode the remaining Conv+BN pairs
+kernels, whose backward is C++ (DepthwiseConv2d), and the BNs outside them to the
+batch-statistics BN kernels (TrainingBatchNorm2d). In eval mode the remaining Conv+BN pairs
 that run one after the other (stem, `conv_dw`/`bn_dw`, shortcuts, ConvBnAct, the convs of
 post-activation Bottleneck/BasicBlock blocks) are folded too (a timm BatchNormAct2d folds its
 BN and keeps its drop and act), the depthwise convs and
@@ -33,6 +34,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from .batch_norm import TrainingBatchNorm2d
 from .direct_conv import DepthwiseConv2d, DirectConv2d
 from .ghost_depthwise import GhostDepthwise
 from .models.g_ghost_regnet import GGhostStage
@@ -50,6 +52,7 @@ class AccelerationSummary:
     matmul: list = field(default_factory=list)  # 1x1 convs run as matrix multiplies
     merged: list = field(default_factory=list)  # ghost1 + folded conv_dw, se + ghost2: one op each
     depthwise: list = field(default_factory=list)  # training mode: depthwise convs on the direct conv kernels
+    batch_norms: list = field(default_factory=list)  # training mode: BNs on the batch_norm_train kernels
     skipped: list = field(default_factory=list)  # (module name, reason)
     checked: int = 0  # changes verified by the self-check
     check_seconds: float = 0.0
@@ -59,6 +62,7 @@ class AccelerationSummary:
                  f"{len(self.folded)} Conv+BN pairs folded, {len(self.matmul)} 1x1 convs as matmuls, "
                  f"{len(self.merged)} depthwise convs / SE blocks merged into Ghost ops, "
                  f"{len(self.depthwise)} depthwise convs on the direct conv kernels (training), "
+                 f"{len(self.batch_norms)} BNs on the batch-statistics BN kernels (training), "
                  f"{len(self.skipped)} left as they were; {self.checked} changes self-checked "
                  f"in {self.check_seconds:.2f} s"]
         lines += [f"  fused   {name}" for name in self.fused]
@@ -66,6 +70,7 @@ class AccelerationSummary:
         lines += [f"  matmul  {name}" for name in self.matmul]
         lines += [f"  merged  {name}" for name in self.merged]
         lines += [f"  depthwise {name}" for name in self.depthwise]
+        lines += [f"  batch_norm {name}" for name in self.batch_norms]
         lines += [f"  skipped {name}: {reason}" for name, reason in self.skipped]
         return "\n".join(lines)
 
@@ -180,7 +185,7 @@ def _bn_tail(bn):
     module, whose forward may differ (SyncBatchNorm, other BN subclasses)."""
     if not isinstance(bn, nn.BatchNorm2d) or not _has_running_stats(bn):
         return None
-    if type(bn) is nn.BatchNorm2d:
+    if type(bn) in (nn.BatchNorm2d, TrainingBatchNorm2d):
         return []
     if type(bn).__name__ == "BatchNormAct2d" and set(bn._modules) == {"drop", "act"}:
         return [bn.drop, bn.act]
@@ -535,6 +540,16 @@ def _depthwise_convs_on_direct_kernels(accelerator):
                                     DepthwiseConv2d.from_conv(conv))
 
 
+def _batch_norms_on_kernels(accelerator):
+    """Training mode: the nn.BatchNorm2d layers outside Ghost modules as TrainingBatchNorm2d,
+    the same parameters and buffers on ghostkernels' batch-statistics BN forward and backward."""
+    for owner_name, owner in _owners_outside_ghost_modules(accelerator.model):
+        for child_name, bn in list(owner._modules.items()):
+            if TrainingBatchNorm2d.eligible(bn):
+                accelerator.replace("batch_norms", _child_name(owner_name, child_name), owner_name, bn,
+                                    TrainingBatchNorm2d.from_batch_norm(bn))
+
+
 def _pointwise_convs_as_matmuls(accelerator):
     for owner_name, owner in _owners_outside_ghost_modules(accelerator.model):
         for child_name, conv in list(owner._modules.items()):
@@ -559,8 +574,8 @@ def accelerate(model, example_inputs=None, check=True, inplace=False):
     Returns the model (a deep copy unless inplace=True) with the summary of what was done in
     its `acceleration_summary` attribute. Training-mode models keep their keys and Parameter
     objects and train with the original outputs, gradients and BN statistics: their Ghost
-    modules run the batch-statistics op (ghost_train.py) and their other depthwise convs
-    DepthwiseConv2d; BN folding happens only in eval mode, where it changes the state-dict
+    modules run the batch-statistics op (ghost_train.py), their other depthwise convs
+    DepthwiseConv2d and their other BNs TrainingBatchNorm2d; BN folding happens only in eval mode, where it changes the state-dict
     keys of the folded BNs.
     """
     if not isinstance(model, nn.Module):
@@ -576,8 +591,9 @@ def accelerate(model, example_inputs=None, check=True, inplace=False):
     _swap_ghost_modules(accelerator)
     if accelerator.model.training:
         _depthwise_convs_on_direct_kernels(accelerator)
+        _batch_norms_on_kernels(accelerator)
         warnings.warn("ghostkernels.accelerate: the model is in training mode, so only its Ghost modules (batch-"
-                      "statistics BN fused) and depthwise convs were swapped; Conv+BN folds, merges and 1x1 matmuls "
+                      "statistics BN fused), depthwise convs and BNs were swapped; Conv+BN folds, merges and 1x1 matmuls "
                       "happen only when accelerate() is given an eval-mode model: call model.eval() first for "
                       "inference speed", stacklevel=2)
     else:

@@ -1,0 +1,176 @@
+// Batch statistics of NCHW planes, shared by the training-mode Ghost op (ghost_train_cpu.cpp)
+// and the batch-statistics BatchNorm op (batch_norm_cpu.cpp): each (image, channel) plane's
+// moments while it is in cache, combined exactly per channel in double, and BN's backward sums.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "gemm.h"
+#include "ghost_common.h"
+#include "multiversion.h"
+
+namespace ghostkernels {
+
+// A plane's mean and sum of squared deviations from it.
+struct Moments {
+  double mean, m2;
+};
+
+// Per channel, the batch mean and biased variance of equal-sized planes [image][channel]:
+// mean of the means; the squared deviations plus each plane's offset from the mean.
+inline void combine_moments(const std::vector<Moments>& planes, int64_t batch, int64_t channels, int64_t plane,
+                     double* mean, double* var) {
+  for (int64_t c = 0; c < channels; ++c) {
+    double m = 0, m2 = 0;
+    for (int64_t n = 0; n < batch; ++n) m += planes[n * channels + c].mean;
+    m /= double(batch);
+    for (int64_t n = 0; n < batch; ++n) {
+      const Moments& p = planes[n * channels + c];
+      m2 += p.m2 + double(plane) * (p.mean - m) * (p.mean - m);
+    }
+    mean[c] = m;
+    var[c] = m2 / double(batch * plane);
+  }
+}
+
+// Elementwise plane loops written once for both widths: body(q, X{}) runs with X = the vector
+// type over whole vectors, then with X = T over the tail. load/store/relu_grad take either.
+template <typename T, typename Body>
+GK_INLINE void over_plane(int64_t n, Body body) {
+  constexpr int L = Simd<T>::lanes;
+  int64_t q = 0;
+  for (; q + L <= n; q += L) body(q, typename Simd<T>::vec{});
+  for (; q < n; ++q) body(q, T{});
+}
+
+template <typename X, typename T>
+GK_INLINE X load(const T* p) {
+  if constexpr (std::is_same_v<X, T>) return *p;
+  else return Simd<T>::load(p);
+}
+
+template <typename T, typename X>
+GK_INLINE void store(T* p, X v) {
+  if constexpr (std::is_same_v<X, T>) *p = v;
+  else Simd<T>::store(p, v);
+}
+
+// activate and activation_grad as selects (no branch), for scalars and vectors. `y` is the
+// value before the activation; NaN passes both, as in torch.
+template <typename X>
+GK_INLINE X activate_any(X y, Activation act) {
+  if (act == Activation::None) return y;
+  if constexpr (std::is_floating_point_v<X>) return y < X(0) ? X(0) : y;
+  else return y < 0 ? X{} : y;
+}
+
+template <typename X>
+GK_INLINE X activation_grad_any(X grad, X y, Activation act) {
+  if (act == Activation::None) return grad;
+  if constexpr (std::is_floating_point_v<X>) return y <= X(0) ? X(0) : grad;
+  else return y <= 0 ? X{} : grad;
+}
+
+// The sum of a vector's lanes, or a scalar.
+template <typename X>
+GK_INLINE auto lanes_sum(X v) {
+  if constexpr (std::is_floating_point_v<X>) {
+    return v;
+  } else {
+    auto s = v[0];
+    for (size_t i = 1; i < sizeof(X) / sizeof(s); ++i) s += v[i];
+    return s;
+  }
+}
+
+// A batch-normalised channel as y = z * scale + shift, and what its backward needs.
+template <typename T>
+struct Normalised {
+  std::vector<T> mean, rstd, scale, shift;
+  Normalised(const double* m, const double* v, const T* gamma, const T* beta, double eps, int64_t channels)
+      : mean(channels), rstd(channels), scale(channels), shift(channels) {
+    for (int64_t c = 0; c < channels; ++c) {
+      mean[c] = T(m[c]);
+      rstd[c] = T(1.0 / std::sqrt(v[c] + eps));
+      scale[c] = gamma[c] * rstd[c];
+      shift[c] = beta[c] - mean[c] * scale[c];
+    }
+  }
+};
+
+// Two passes over a plane in cache.
+template <typename T>
+GK_INLINE Moments plane_moments(const T* v, int64_t n) {
+  using V = typename Simd<T>::vec;
+  V sum_v{}, m2_v{};
+  T sum_s = 0, m2_s = 0;
+  over_plane<T>(n, [&](int64_t q, auto x) {
+    if constexpr (std::is_same_v<decltype(x), T>) sum_s += v[q];
+    else sum_v += Simd<T>::load(v + q);
+  });
+  const T mean = (lanes_sum(sum_v) + sum_s) / T(n);
+  over_plane<T>(n, [&](int64_t q, auto x) {
+    using X = decltype(x);
+    const X d = load<X>(v + q) - mean;
+    if constexpr (std::is_same_v<X, T>) m2_s += d * d;
+    else m2_v += d * d;
+  });
+  return {double(mean), double(lanes_sum(m2_v) + m2_s)};
+}
+
+// BN's backward on a plane: dz = scale * (dy - sum(dy) / M - (z - mean) * rstd^2 * sum(dy * (z - mean)) / M),
+// with the two sums over the batch given as `mean_dy` = sum(dy) / M and `slope` = rstd^2 sum(dy (z - mean)) / M.
+template <typename T>
+struct BatchNormGrad {
+  std::vector<T> mean_dy, slope;
+  BatchNormGrad(const std::vector<double>& sums, const Normalised<T>& bn, int64_t batch, int64_t channels,
+                int64_t used, double count)
+      : mean_dy(channels, T(0)), slope(channels, T(0)) {
+    for (int64_t c = 0; c < used; ++c) {
+      double dy = 0, dyz = 0;
+      for (int64_t n = 0; n < batch; ++n) {
+        dy += sums[(n * used + c) * 2];
+        dyz += sums[(n * used + c) * 2 + 1];
+      }
+      const double rstd = bn.rstd[c];
+      mean_dy[c] = T(dy / count);
+      slope[c] = T(dyz * rstd * rstd / count);
+    }
+  }
+  // The grads of BN's gamma and beta: sum(dy * x_hat) and sum(dy).
+  void parameter_grads(const Normalised<T>& bn, double count, T* grad_gamma, T* grad_beta, int64_t channels) const {
+    for (int64_t c = 0; c < channels; ++c) {
+      grad_beta[c] = T(double(mean_dy[c]) * count);
+      grad_gamma[c] = T(double(slope[c]) * count / double(bn.rstd[c]));
+    }
+  }
+};
+
+// Per plane: sum(dy) and sum(dy * (z - mean)), dy = the activation's grad at y = BN(z).
+template <typename T>
+GK_INLINE void plane_grad_sums(const T* grad, const T* z, int64_t P, const Normalised<T>& bn, int64_t c,
+                               Activation act, double* sums) {
+  using V = typename Simd<T>::vec;
+  const T scale = bn.scale[c], shift = bn.shift[c], mean = bn.mean[c];
+  V dy_v{}, dyz_v{};
+  T dy_s = 0, dyz_s = 0;
+  over_plane<T>(P, [&](int64_t q, auto x) {
+    using X = decltype(x);
+    const X zq = load<X>(z + q);
+    const X g = activation_grad_any(load<X>(grad + q), zq * scale + shift, act);
+    if constexpr (std::is_same_v<X, T>) {
+      dy_s += g;
+      dyz_s += g * (zq - mean);
+    } else {
+      dy_v += g;
+      dyz_v += g * (zq - mean);
+    }
+  });
+  sums[0] = double(lanes_sum(dy_v) + dy_s);
+  sums[1] = double(lanes_sum(dyz_v) + dyz_s);
+}
+
+}  // namespace ghostkernels
