@@ -3,8 +3,8 @@
 // own mean and biased variance, as nn.BatchNorm2d does in train mode.
 //
 // Forward, three passes over the batch, NCHW:
-//  1. per image, z1 = W1 x (one GEMM; the library conv for a k x k or strided primary, see
-//     primary_input), and each (image, channel) plane's mean and sum of squared deviations
+//  1. per image, z1 = W1 x (one GEMM; shifted GEMMs for a k x k stride-1 primary of few input
+//     channels, the library conv for the others, see Primary), and each (image, channel) plane's mean and sum of squared deviations
 //     while it is in cache;
 //  2. per (image, intrinsic channel), x1 = act(BN1(z1)) written once to out and into a plane
 //     buffer with zero halo rows, z2 = its depthwise taps for each of its ghost channels, and
@@ -32,9 +32,24 @@
 #include "ghost_common.h"
 #include "multiversion.h"
 #include "output_pool.h"
+#include "shifted_conv.h"
 
 namespace ghostkernels {
 namespace {
+
+// How the primary conv runs: a 1x1 stride-1 one by our GEMM; a k x k stride-1 one with at
+// most kMostShiftedInputs input channels by shifted_conv.h (forward, grad_x and grad_W1); any
+// other by the library (oneDNN), whose k x k convs of few channels are slow: measured here at
+// batch 64, 3x3 16->8 at 32x32, channels_last, 1.09 ms forward and 2.65 ms backward (about
+// 140 and 115 GFLOP/s, where 32->16 at 16x16 runs at 300), plus the layout conversions.
+enum class Primary { Gemm, Shifted, Library };
+constexpr int64_t kMostShiftedInputs = 16;
+
+Primary primary_kind(const Geometry& g) {
+  if (g.stride != 1) return Primary::Library;
+  if (g.kernel == 1) return Primary::Gemm;
+  return g.inp <= kMostShiftedInputs ? Primary::Shifted : Primary::Library;
+}
 
 template <typename T>
 struct TrainArgs {
@@ -42,7 +57,7 @@ struct TrainArgs {
   const T *x, *w1, *w2;
   const T* masks;
   int64_t mask_stride;
-  bool gemm;  // 1x1 stride-1 primary: z1 (and grad_x) by our GEMM
+  Primary primary;
 };
 
 // ---------------------------------------------------------------------------------------
@@ -53,9 +68,21 @@ GK_MULTIVERSION void primary_pass(const TrainArgs<T>& a, T* z1, Moments* moments
   const Geometry& g = *a.g;
   const int64_t P = g.plane();
   std::vector<T> panel(kBlock * 2 * Simd<T>::lanes);
+  const bool shifted = a.primary == Primary::Shifted;
+  const PaddedPlanes pad(g.height, g.width, g.kernel);
+  std::vector<T> planes(shifted ? g.inp * pad.stride : 0, T(0)), wide(shifted ? g.init * pad.outputs() : 0);
+  std::vector<const T*> rows(shifted ? g.inp * g.kernel * g.kernel : 0);
   for (int64_t n = begin; n < end; ++n) {
     T* z = z1 + n * g.init * P;
-    if (a.gemm) gemm_nn<T>(g.init, P, g.inp, a.w1, g.inp, 1, a.x + n * g.inp * P, P, z, P, false, panel.data());
+    const T* x = a.x + n * g.inp * g.height * g.width;
+    if (a.primary == Primary::Gemm) gemm_nn<T>(g.init, P, g.inp, a.w1, g.inp, 1, x, P, z, P, false, panel.data());
+    if (shifted) {
+      pad.fill(x, g.inp, planes.data());
+      shifted_conv(pad, planes.data(), g.inp, g.kernel, a.w1, g.init, rows.data(), wide.data());
+      for (int64_t c = 0; c < g.init; ++c)
+        for (int64_t h = 0; h < g.out_height; ++h)
+          copy_run(z + c * P + h * g.out_width, wide.data() + c * pad.outputs() + h * pad.padded_width, g.out_width);
+    }
     for (int64_t c = 0; c < g.init; ++c) moments[n * g.init + c] = plane_moments(z + c * P, P);
   }
 }
@@ -172,14 +199,23 @@ GK_MULTIVERSION void cheap_backward_pass(const TrainArgs<T>& a, const Normalised
   }
 }
 
-// Items are images: dz1 = BN1's backward in place, then grad_x = W1^T dz1 on the GEMM path.
+// Items are images: dz1 = BN1's backward in place, then grad_x = W1^T dz1 on the GEMM path;
+// on the shifted path grad_x = the conv of dz1 by `w1_flipped` (W1 transposed, its taps
+// reversed) and this thread's grad_W1 lane partials (in `grad_w1_all`) += dz1 . the taps of x.
 template <typename T>
 GK_MULTIVERSION void primary_backward_pass(const TrainArgs<T>& a, const Normalised<T>& bn1,
                                            const BatchNormGrad<T>& d1, const T* z1, T* grad_z1, T* grad_x,
-                                           int64_t begin, int64_t end) {
+                                           const T* w1_flipped, T* grad_w1_all, int64_t begin, int64_t end) {
   const Geometry& g = *a.g;
-  const int64_t P = g.plane();
+  const int64_t P = g.plane(), k = g.kernel;
   std::vector<T> panel(kBlock * 2 * Simd<T>::lanes);
+  const bool shifted = a.primary == Primary::Shifted;
+  const PaddedPlanes pad(g.height, g.width, k);
+  std::vector<T> x_planes(shifted ? g.inp * pad.stride : 0, T(0)), dz_planes(shifted ? g.init * pad.stride : 0, T(0));
+  std::vector<T> wide(shifted ? g.inp * pad.outputs() : 0);
+  std::vector<const T*> rows(shifted ? std::max(g.inp, g.init) * k * k : 0);
+  // per thread, lane by lane (shifted_dots)
+  T* grad_w1 = shifted ? grad_w1_all + at::get_thread_num() * g.init * g.inp * k * k * Simd<T>::lanes : nullptr;
   for (int64_t n = begin; n < end; ++n) {
     for (int64_t c = 0; c < g.init; ++c) {
       const T* z = z1 + (n * g.init + c) * P;
@@ -190,9 +226,21 @@ GK_MULTIVERSION void primary_backward_pass(const TrainArgs<T>& a, const Normalis
         store(dz + q, scale * (load<X>(dz + q) - mean_dy - (load<X>(z + q) - mean) * slope));
       });
     }
-    if (a.gemm)  // grad_x[k][q] = sum_c W1[c][k] dz1[c][q]
+    if (a.primary == Primary::Gemm)  // grad_x[k][q] = sum_c W1[c][k] dz1[c][q]
       gemm_nn<T>(g.inp, P, g.init, a.w1, 1, g.inp, grad_z1 + n * g.init * P, P, grad_x + n * g.inp * P, P, false,
                  panel.data());
+    if (shifted) {
+      pad.fill(grad_z1 + n * g.init * P, g.init, dz_planes.data());
+      shifted_conv(pad, dz_planes.data(), g.init, k, w1_flipped, g.inp, rows.data(), wide.data());
+      T* gx = grad_x + n * g.inp * P;
+      for (int64_t c = 0; c < g.inp; ++c)
+        for (int64_t h = 0; h < g.height; ++h)
+          copy_run(gx + c * P + h * g.width, wide.data() + c * pad.outputs() + h * pad.padded_width, g.width);
+      pad.fill(a.x + n * g.inp * P, g.inp, x_planes.data());
+      tap_rows(pad, static_cast<const T*>(x_planes.data()), g.inp, k, rows.data());
+      shifted_dots(g.init, g.inp * k * k, pad.outputs(), pad.as_padded_width(dz_planes.data()), pad.stride,
+                   rows.data(), grad_w1);
+    }
   }
 }
 
@@ -258,7 +306,6 @@ Normalised<T> batch_norm(const std::vector<Moments>& planes, const Geometry& g, 
   return Normalised<T>(m.data(), v.data(), gamma.data_ptr<T>(), beta.data_ptr<T>(), eps, channels);
 }
 
-bool gemm_primary(const Geometry& g) { return g.kernel == 1 && g.stride == 1; }
 
 // Images [begin, end) of x's (C x HW) matrices transposed (to_channels_last) or back; C and HW
 // are multiples of the lanes.
@@ -290,14 +337,14 @@ at::Tensor with_format(const at::Tensor& x, at::MemoryFormat format) {
   return out;
 }
 
-// x as the primary conv reads it: NCHW for our GEMM. The library's k x k or strided conv reads
+// x as the primary conv reads it: NCHW for our kernels. The library's strided conv reads
 // inputs of at most 16 channels channels_last: oneDNN reorders such NCHW inputs on every call.
 // Measured here, 3x3 at batch 64 (forward / backward ms, NCHW vs channels_last): 16->8 at 32x32
 // 2.05 / 9.12 vs 1.33 / 2.41, 16->16 stride 2 0.71 / 5.37 vs 0.40 / 2.39; the conversions cost
 // 0.1-1.1 ms. From 32 channels on NCHW is as fast (32->16 at 16x16 0.64 / 1.33 vs 0.52 / 1.12,
 // 64->32 at 8x8 0.52 / 1.22 vs 0.48 / 1.48), not worth the conversions.
 at::Tensor primary_input(const at::Tensor& x, const Geometry& g) {
-  const bool channels_last = !gemm_primary(g) && g.inp <= 16;
+  const bool channels_last = primary_kind(g) == Primary::Library && g.inp <= 16;
   return with_format(x, channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
 }
 
@@ -316,7 +363,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::TensorOptions options = x.options();
   at::Tensor out = empty_output({g.batch, out_channels, g.out_height, g.out_width}, options);
   // Outputs from the output cache (output_pool.h): fresh blocks are page-faulted in on every call.
-  at::Tensor z1 = gemm_primary(g) ? empty_output({g.batch, g.init, g.out_height, g.out_width}, options)
+  at::Tensor z1 = primary_kind(g) != Primary::Library ? empty_output({g.batch, g.init, g.out_height, g.out_width}, options)
                                   : with_format(at::conv2d(x, w1, {}, {stride, stride}, {g.kernel / 2, g.kernel / 2}),
                                                 at::MemoryFormat::Contiguous);
   at::Tensor z2 = empty_output({g.batch, g.ghosts, g.out_height, g.out_width}, options);
@@ -325,7 +372,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ghost_module_train_cpu", [&] {
     const std::vector<scalar_t> masks = column_masks<scalar_t>(g, g.out_height);
     const TrainArgs<scalar_t> a{&g, x.data_ptr<scalar_t>(), w1.data_ptr<scalar_t>(), w2.data_ptr<scalar_t>(),
-                                masks.data(), mask_stride(g, g.out_height), gemm_primary(g)};
+                                masks.data(), mask_stride(g, g.out_height), primary_kind(g)};
     scalar_t *z1p = z1.data_ptr<scalar_t>(), *z2p = z2.data_ptr<scalar_t>(), *outp = out.data_ptr<scalar_t>();
     std::vector<Moments> moments1(g.batch * g.init), moments2(g.batch * g.ghosts);
     at::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
@@ -362,7 +409,9 @@ ghost_module_train_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_i
   const int64_t P = g.plane(), taps_n = g.dw * g.dw, threads = at::get_num_threads();
   const double count = double(g.batch * P);
   at::Tensor grad_z1 = empty_output(z1.sizes(), options);
-  at::Tensor grad_x = gemm_primary(g) ? empty_output(x.sizes(), options) : at::Tensor();
+  const Primary primary = primary_kind(g);
+  at::Tensor grad_x = primary != Primary::Library ? empty_output(x.sizes(), options) : at::Tensor();
+  at::Tensor grad_w1 = primary == Primary::Shifted ? at::empty_like(w1) : at::Tensor();
   at::Tensor grad_w2 = at::empty_like(w2);
   at::Tensor grad_g1 = at::empty({g.init}, options), grad_b1 = at::empty({g.init}, options);
   at::Tensor grad_g2 = at::zeros({g.ghosts}, options), grad_b2 = at::zeros({g.ghosts}, options);
@@ -370,7 +419,7 @@ ghost_module_train_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_i
     using T = scalar_t;
     const std::vector<T> masks = column_masks<T>(g, g.out_height);
     const TrainArgs<T> a{&g, x.data_ptr<T>(), w1.data_ptr<T>(), w2.data_ptr<T>(), masks.data(),
-                         mask_stride(g, g.out_height), gemm_primary(g)};
+                         mask_stride(g, g.out_height), primary};
     auto moments = [](const at::Tensor& m, const at::Tensor& v) {
       const at::Tensor md = m.to(at::kDouble).contiguous(), vd = v.to(at::kDouble).contiguous();
       return std::make_pair(md, vd);
@@ -398,16 +447,33 @@ ghost_module_train_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_i
     sum_thread_partials(w2_partials, g.ghosts * taps_n, grad_w2.data_ptr<T>());
     const BatchNormGrad<T> d1(sums1, bn1, g.batch, g.init, g.init, count);
     d1.parameter_grads(bn1, count, grad_g1.data_ptr<T>(), grad_b1.data_ptr<T>(), g.init);
+    const int64_t w1_size = g.init * g.inp * g.kernel * g.kernel;
+    std::vector<T> w1_flipped, w1_partials;
+    if (primary == Primary::Shifted) {  // (inp, init, k, k): W1 transposed, each kernel reversed
+      w1_flipped.resize(w1_size);
+      const int64_t taps = g.kernel * g.kernel;
+      for (int64_t c = 0; c < g.init; ++c)
+        for (int64_t i = 0; i < g.inp; ++i)
+          for (int64_t t = 0; t < taps; ++t)
+            w1_flipped[(i * g.init + c) * taps + t] = a.w1[(c * g.inp + i) * taps + taps - 1 - t];
+      w1_partials.assign(threads * w1_size * Simd<T>::lanes, T(0));
+    }
     at::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
-      primary_backward_pass(a, bn1, d1, z1p, gz1, a.gemm ? grad_x.data_ptr<T>() : nullptr, begin, end);
+      primary_backward_pass(a, bn1, d1, z1p, gz1, primary != Primary::Library ? grad_x.data_ptr<T>() : nullptr,
+                            w1_flipped.data(), w1_partials.data(), begin, end);
     });
+    if (primary == Primary::Shifted) {  // each weight's threads x lanes partial sums
+      std::vector<T> lane_sums(threads * w1_size, T(0));
+      for (int64_t i = 0; i < threads * w1_size; ++i)
+        for (int64_t l = 0; l < Simd<T>::lanes; ++l) lane_sums[i] += w1_partials[i * Simd<T>::lanes + l];
+      sum_thread_partials(lane_sums, w1_size, grad_w1.data_ptr<T>());
+    }
   });
-  at::Tensor grad_w1;
-  if (gemm_primary(g)) {  // sum over images of dz1[n] x[n]^T
+  if (primary == Primary::Gemm) {  // sum over images of dz1[n] x[n]^T
     grad_w1 = at::bmm(grad_z1.view({g.batch, g.init, P}), x.view({g.batch, g.inp, P}).transpose(1, 2))
                   .sum(0)
                   .view(w1.sizes());
-  } else {
+  } else if (primary == Primary::Library) {
     const int64_t pad = g.kernel / 2;
     auto grads = at::convolution_backward(with_format(grad_z1, x.suggest_memory_format()), x, w1, c10::nullopt,
                                           {stride, stride}, {pad, pad}, {1, 1}, false,

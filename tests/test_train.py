@@ -100,10 +100,21 @@ def test_matches_original(config, dtype, channels_last):
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_layout_conversions_of_a_3x3_primary(dtype, channels_last, stride):
-    """A k x k primary of at most 16 input channels reads x channels_last; 16 channels on 8x8
-    (pixels and channels multiples of the vector width) take the in-register transposes."""
+    """A strided k x k primary of at most 16 input channels reads x channels_last; 16 channels on
+    8x8 (pixels and channels multiples of the vector width) take the in-register transposes. At
+    stride 1 the shifted-GEMM conv reads NCHW."""
     original, ours = pair(dtype, inp=16, oup=32, kernel_size=3, stride=stride)
     assert_same_steps(original, ours, make_input(2, 16, 8, 8, channels_last=channels_last, dtype=dtype))
+
+
+@pytest.mark.parametrize("inp, oup, kernel", [(16, 16, 3), (3, 16, 3), (1, 5, 5), (9, 14, 7), (16, 40, 3)])
+@pytest.mark.parametrize("height, width", [(32, 32), (1, 1), (2, 5), (7, 3), (11, 13)])
+def test_shifted_primary(inp, oup, kernel, height, width):
+    """The k x k stride-1 primaries of at most 16 input channels (shifted_conv.h): forward, grad_x
+    and grad_W1 over planes smaller than the kernel, single rows and columns, and column tails of
+    the 16- and 32-wide tiles."""
+    original, ours = pair(inp=inp, oup=oup, kernel_size=kernel)
+    assert_same_steps(original, ours, make_input(2, inp, height, width))
 
 
 @pytest.mark.parametrize("batch, size", [(1, 7), (2, 1), (5, 3)])

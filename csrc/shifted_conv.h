@@ -1,0 +1,132 @@
+// A k x k stride-1 'same' conv of one NCHW image, its input grad and its weight grad, as GEMMs
+// whose B rows are shifted views of zero-padded planes: the training-mode Ghost op's primary
+// conv where oneDNN is slow (few input channels; ghost_train_cpu.cpp, primary_is_shifted).
+//
+// Layout. A padded plane has Hp = H + 2p rows of Wp = W + 2p columns (p = k / 2), the map at
+// (p, p), zeros around it, then kPlaneSlack zeros. Outputs are computed at the "padded-width"
+// positions q = h * Wp + w, w < Wp, of which w < W are the conv's: the tap (dy, dx) of input
+// channel ci reads the padded plane at q + dy * Wp + dx for every q, one contiguous row, and
+// the 2p extra columns per row (6% at 32x32) cost less than masking the row ends.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "gemm.h"
+#include "multiversion.h"
+
+namespace ghostkernels {
+
+// Columns of a tile; the zeros every padded plane keeps after its last row, so that a tile's
+// loads past the last output stay inside the plane's buffer.
+constexpr int64_t kShiftedTile = 32;
+constexpr int64_t kPlaneSlack = 2 * kShiftedTile;
+
+struct PaddedPlanes {
+  int64_t height, width, pad, padded_width, stride;  // stride: elements from one plane to the next
+  PaddedPlanes(int64_t h, int64_t w, int64_t k)
+      : height(h), width(w), pad(k / 2), padded_width(w + 2 * (k / 2)),
+        stride((h + 2 * (k / 2)) * (w + 2 * (k / 2)) + kPlaneSlack) {}
+  int64_t outputs() const { return height * padded_width; }  // padded-width positions
+  // Copies `channels` H x W planes into the interiors of zero-initialised padded planes.
+  template <typename T>
+  GK_INLINE void fill(const T* src, int64_t channels, T* dst) const {
+    for (int64_t c = 0; c < channels; ++c)
+      for (int64_t h = 0; h < height; ++h)
+        copy_run(dst + c * stride + (h + pad) * padded_width + pad, src + (c * height + h) * width, width);
+  }
+  // The padded plane read so that position q of the padded-width layout is the map's (h, w),
+  // and the pad columns (w >= W) read zeros.
+  template <typename T>
+  GK_INLINE const T* as_padded_width(const T* plane) const { return plane + pad * padded_width + pad; }
+};
+
+// C[i * ldc + q] = sum_j A[i * K + j] * rows[j][q] for i < M, q < N: register tiles of MR rows
+// and NV vectors of columns; rows[j] must be readable up to N rounded up to the tile.
+template <typename T, int NV>
+GK_INLINE void shifted_gemm(int64_t M, int64_t N, int64_t K, const T* A, const T* const* rows, T* C, int64_t ldc) {
+  using S = Simd<T>;
+  using V = typename S::vec;
+  constexpr int L = S::lanes, NR = NV * L, MR = 16 / NV;
+  for (int64_t j0 = 0; j0 < N; j0 += NR) {
+    const int64_t nr = std::min<int64_t>(NR, N - j0);
+    for (int64_t i0 = 0; i0 < M; i0 += MR) {
+      const T* a_row[MR];
+      for (int r = 0; r < MR; ++r) a_row[r] = A + std::min<int64_t>(i0 + r, M - 1) * K;
+      V acc[MR][NV];
+      for (int r = 0; r < MR; ++r)
+        for (int v = 0; v < NV; ++v) acc[r][v] = V{};
+      for (int64_t j = 0; j < K; ++j) {
+        V bv[NV];
+        for (int v = 0; v < NV; ++v) bv[v] = S::load(rows[j] + j0 + v * L);
+#pragma GCC unroll 16
+        for (int r = 0; r < MR; ++r) {
+          const T a = a_row[r][j];
+          for (int v = 0; v < NV; ++v) acc[r][v] += a * bv[v];
+        }
+      }
+      for (int64_t r = 0; r < std::min<int64_t>(MR, M - i0); ++r) {
+        T tile[NR];
+        for (int v = 0; v < NV; ++v) S::store(tile + v * L, acc[r][v]);
+        copy_run(C + (i0 + r) * ldc + j0, tile, nr);
+      }
+    }
+  }
+}
+
+// G[(i * J + j) * L + l] += the lane-l part of sum_q D[i * ldd + q] * rows[j][q] for i < M,
+// j < J, q < N (L lanes; the caller sums the lanes once, not per call): eight rows of D and two
+// of the shifted rows per pass.
+template <typename T>
+GK_INLINE void shifted_dots(int64_t M, int64_t J, int64_t N, const T* D, int64_t ldd, const T* const* rows, T* G) {
+  using S = Simd<T>;
+  using V = typename S::vec;
+  constexpr int L = S::lanes, MR = 8;
+  const int64_t whole = N / L * L;
+  for (int64_t j0 = 0; j0 < J; j0 += 2) {
+    const T* x[2] = {rows[j0], rows[std::min<int64_t>(j0 + 1, J - 1)]};
+    for (int64_t i0 = 0; i0 < M; i0 += MR) {
+      const T* d[MR];
+      for (int r = 0; r < MR; ++r) d[r] = D + std::min<int64_t>(i0 + r, M - 1) * ldd;
+      V acc[MR][2];
+      for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = V{};
+      for (int64_t q = 0; q < whole; q += L) {
+        const V x0 = S::load(x[0] + q), x1 = S::load(x[1] + q);
+#pragma GCC unroll 8
+        for (int r = 0; r < MR; ++r) {
+          const V dv = S::load(d[r] + q);
+          acc[r][0] += dv * x0;
+          acc[r][1] += dv * x1;
+        }
+      }
+      for (int64_t r = 0; r < std::min<int64_t>(MR, M - i0); ++r)
+        for (int64_t jj = 0; jj < std::min<int64_t>(2, J - j0); ++jj) {
+          T* g = G + ((i0 + r) * J + j0 + jj) * L;
+          S::store(g, S::load(g) + acc[r][jj]);
+          for (int64_t q = whole; q < N; ++q) g[0] += d[r][q] * x[jj][q];
+        }
+    }
+  }
+}
+
+// The rows a tap-major GEMM reads: rows[(c * k + dy) * k + dx] = planes + c * stride + dy * Wp + dx.
+template <typename T>
+GK_INLINE void tap_rows(const PaddedPlanes& p, const T* planes, int64_t channels, int64_t k, const T** rows) {
+  for (int64_t c = 0; c < channels; ++c)
+    for (int64_t dy = 0; dy < k; ++dy)
+      for (int64_t dx = 0; dx < k; ++dx) rows[(c * k + dy) * k + dx] = planes + c * p.stride + dy * p.padded_width + dx;
+}
+
+// out (M x outputs, padded-width) = the conv of `planes` (channels padded planes) by W (M x
+// channels x k x k): the forward with W1, and the input grad with W1 transposed and flipped.
+template <typename T>
+GK_INLINE void shifted_conv(const PaddedPlanes& p, const T* planes, int64_t channels, int64_t k, const T* w,
+                            int64_t M, const T** rows, T* out) {
+  tap_rows(p, planes, channels, k, rows);
+  const int64_t N = p.outputs(), K = channels * k * k;
+  if (N <= Simd<T>::lanes) shifted_gemm<T, 1>(M, N, K, w, rows, out, N);
+  else shifted_gemm<T, 2>(M, N, K, w, rows, out, N);
+}
+
+}  // namespace ghostkernels
