@@ -236,3 +236,13 @@ def test_accelerate_inplace_keeps_the_optimiser_working():
     model(torch.randn(2, 3, 6, 6)).square().sum().backward()
     optimiser.step()
     assert not torch.equal(model[1].weight, before)
+
+
+def test_sync_batch_norm_conversion_replaces_them():
+    """convert_sync_batchnorm turns TrainingBatchNorm2d (an nn.BatchNorm2d) into PyTorch's
+    SyncBatchNorm with the same parameters and keys, as it does nn.BatchNorm2d."""
+    model = _accelerated(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).train())
+    keys = list(model.state_dict())
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert type(synced[1]) is nn.SyncBatchNorm
+    assert list(synced.state_dict()) == keys
