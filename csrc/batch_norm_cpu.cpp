@@ -112,7 +112,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_cpu(const at::Te
       normalise_pass(xp, bn, beta.data_ptr<T>(), channels, plane, out.data_ptr<T>(), begin, end);
     });
   });
-  return {out.contiguous(x_in.suggest_memory_format()), mean, var};
+  return {out.contiguous(output_format(x_in)), mean, var};
 }
 
 // Returns (grad_x, grad_weight, grad_bias) for the forward's (mean, biased var).
@@ -149,7 +149,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_backward_cpu(con
       grad_input_pass(gp, xp, bn, d, channels, plane, grad_x.data_ptr<T>(), begin, end);
     });
   });
-  return {grad_x.contiguous(x_in.suggest_memory_format()), grad_weight, grad_bias};
+  return {grad_x.contiguous(output_format(x_in)), grad_weight, grad_bias};
 }
 
 }  // namespace

@@ -24,6 +24,13 @@ inline Activation parse_activation(c10::string_view name) {
   TORCH_CHECK(false, "ghost_module: activation must be 'relu' or 'none', got '", std::string(name), "'");
 }
 
+// The memory format of an op's output for input x: channels_last when x is channels_last and not
+// also NCHW-contiguous (as ghostkernels.reference.output_memory_format, the fake kernels' rule).
+inline at::MemoryFormat output_format(const at::Tensor& x) {
+  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast) ? at::MemoryFormat::ChannelsLast
+                                                                                : at::MemoryFormat::Contiguous;
+}
+
 // Buffers and masks keep this many readable elements past their last one, so that a
 // vector load at a tail stays in bounds.
 constexpr int64_t kSlack = 64;

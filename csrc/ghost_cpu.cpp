@@ -594,10 +594,6 @@ GK_MULTIVERSION void backward_nhwc(const BackwardArgs<T>& a, int64_t begin, int6
 // ---------------------------------------------------------------------------------------
 // Argument checks and the op entry points
 
-bool is_channels_last(const at::Tensor& x) {
-  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
 Geometry check_and_describe(const at::Tensor& x, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
                             const at::Tensor& w2, const c10::optional<at::Tensor>& b2,
                             int64_t out_channels, int64_t stride, c10::string_view activation) {
@@ -655,7 +651,7 @@ Geometry check_and_describe(const at::Tensor& x, const at::Tensor& w1, const c10
   g.out_width = out_size(g.width);
   TORCH_CHECK(g.out_height > 0 && g.out_width > 0, "ghost_module: x of size ", x.sizes(),
               " is too small for a ", g.kernel, "x", g.kernel, " primary kernel");
-  g.channels_last = is_channels_last(x);
+  g.channels_last = output_format(x) == at::MemoryFormat::ChannelsLast;
   g.act = parse_activation(activation);
   return g;
 }

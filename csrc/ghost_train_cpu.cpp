@@ -348,11 +348,6 @@ at::Tensor primary_input(const at::Tensor& x, const Geometry& g) {
   return with_format(x, channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
 }
 
-at::MemoryFormat format_of(const at::Tensor& x) {
-  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast) ? at::MemoryFormat::ChannelsLast
-                                                                                : at::MemoryFormat::Contiguous;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_module_train_cpu(
     const at::Tensor& x_in, const at::Tensor& w1_in, const at::Tensor& g1_in, const at::Tensor& b1_in,
     const at::Tensor& w2_in, const at::Tensor& g2_in, const at::Tensor& b2_in, int64_t out_channels, int64_t stride,
@@ -387,7 +382,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       ghost_output_pass(g, bn2, z2p, outp, begin, end);
     });
   });
-  if (format_of(x_in) == at::MemoryFormat::ChannelsLast) out = out.contiguous(at::MemoryFormat::ChannelsLast);
+  if (output_format(x_in) == at::MemoryFormat::ChannelsLast) out = out.contiguous(at::MemoryFormat::ChannelsLast);
   return {out, z1, z2, mean1, var1, mean2, var2};
 }
 
@@ -481,7 +476,7 @@ ghost_module_train_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_i
     grad_x = std::get<0>(grads);
     grad_w1 = std::get<1>(grads);
   }
-  return {with_format(grad_x, format_of(x_in)), grad_w1, grad_g1, grad_b1, grad_w2, grad_g2, grad_b2};
+  return {with_format(grad_x, output_format(x_in)), grad_w1, grad_g1, grad_b1, grad_w2, grad_g2, grad_b2};
 }
 
 }  // namespace

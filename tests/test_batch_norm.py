@@ -147,11 +147,16 @@ def test_gradcheck(one_thread):
     assert torch.autograd.gradgradcheck(output, args[:3])
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_opcheck(channels_last):
-    args = _op_arguments()
-    if channels_last:
-        args[0] = args[0].detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced", "channels_last 1x1"])
+def test_opcheck(layout):
+    """The kernels' output strides are the fake kernels' for every layout of x."""
+    args = _op_arguments(shape=(3, 4, 1, 1) if layout.endswith("1x1") else (3, 4, 5, 6))
+    x = args[0].detach()
+    if layout.startswith("channels_last"):
+        x = x.contiguous(memory_format=torch.channels_last)
+    if layout == "sliced":
+        x = x[:, :, :, 1:]
+    args[0] = x.requires_grad_()
     torch.library.opcheck(torch.ops.ghostkernels.batch_norm_train.default, args)
     x, weight, _, eps = args
     _, mean, var = torch.ops.ghostkernels.batch_norm_train(*args)
