@@ -4,8 +4,8 @@
 //
 // Forward, three passes over the batch, NCHW:
 //  1. per image, z1 = W1 x (one GEMM; shifted GEMMs for a k x k stride-1 primary of few input
-//     channels, the library conv for the others, see Primary), and each (image, channel) plane's mean and sum of squared deviations
-//     while it is in cache;
+//     channels, the library conv for the others, see Primary), and each (image, channel)
+//     plane's mean and sum of squared deviations while it is in cache;
 //  2. per (image, intrinsic channel), x1 = act(BN1(z1)) written once to out and into a plane
 //     buffer with zero halo rows, z2 = its depthwise taps for each of its ghost channels, and
 //     their plane moments;
@@ -79,9 +79,7 @@ GK_MULTIVERSION void primary_pass(const TrainArgs<T>& a, T* z1, Moments* moments
     if (shifted) {
       pad.fill(x, g.inp, planes.data());
       shifted_conv(pad, planes.data(), g.inp, g.kernel, a.w1, g.init, rows.data(), wide.data());
-      for (int64_t c = 0; c < g.init; ++c)
-        for (int64_t h = 0; h < g.out_height; ++h)
-          copy_run(z + c * P + h * g.out_width, wide.data() + c * pad.outputs() + h * pad.padded_width, g.out_width);
+      pad.crop(wide.data(), g.init, z);
     }
     for (int64_t c = 0; c < g.init; ++c) moments[n * g.init + c] = plane_moments(z + c * P, P);
   }
@@ -232,10 +230,7 @@ GK_MULTIVERSION void primary_backward_pass(const TrainArgs<T>& a, const Normalis
     if (shifted) {
       pad.fill(grad_z1 + n * g.init * P, g.init, dz_planes.data());
       shifted_conv(pad, dz_planes.data(), g.init, k, w1_flipped, g.inp, rows.data(), wide.data());
-      T* gx = grad_x + n * g.inp * P;
-      for (int64_t c = 0; c < g.inp; ++c)
-        for (int64_t h = 0; h < g.height; ++h)
-          copy_run(gx + c * P + h * g.width, wide.data() + c * pad.outputs() + h * pad.padded_width, g.width);
+      pad.crop(wide.data(), g.inp, grad_x + n * g.inp * P);
       pad.fill(a.x + n * g.inp * P, g.inp, x_planes.data());
       tap_rows(pad, static_cast<const T*>(x_planes.data()), g.inp, k, rows.data());
       shifted_dots(g.init, g.inp * k * k, pad.outputs(), pad.as_padded_width(dz_planes.data()), pad.stride,

@@ -1,6 +1,6 @@
 // A k x k stride-1 'same' conv of one NCHW image, its input grad and its weight grad, as GEMMs
 // whose B rows are shifted views of zero-padded planes: the training-mode Ghost op's primary
-// conv where oneDNN is slow (few input channels; ghost_train_cpu.cpp, primary_is_shifted).
+// conv where oneDNN is slow (few input channels; ghost_train_cpu.cpp, Primary::Shifted).
 //
 // Layout. A padded plane has Hp = H + 2p rows of Wp = W + 2p columns (p = k / 2), the map at
 // (p, p), zeros around it, then kPlaneSlack zeros. Outputs are computed at the "padded-width"
@@ -35,6 +35,13 @@ struct PaddedPlanes {
     for (int64_t c = 0; c < channels; ++c)
       for (int64_t h = 0; h < height; ++h)
         copy_run(dst + c * stride + (h + pad) * padded_width + pad, src + (c * height + h) * width, width);
+  }
+  // The H x W maps of `channels` rows of padded-width outputs (`wide`, outputs() apart) into dst.
+  template <typename T>
+  GK_INLINE void crop(const T* wide, int64_t channels, T* dst) const {
+    for (int64_t c = 0; c < channels; ++c)
+      for (int64_t h = 0; h < height; ++h)
+        copy_run(dst + (c * height + h) * width, wide + c * outputs() + h * padded_width, width);
   }
   // The padded plane read so that position q of the padded-width layout is the map's (h, w),
   // and the pad columns (w >= W) read zeros.

@@ -530,33 +530,14 @@ def _merge_squeeze_excite(accelerator):
                                [("ghost2", SqueezeExciteGhost(se, ghost)), ("se", nn.Identity())])
 
 
-def _depthwise_convs_on_direct_kernels(accelerator):
-    """Training mode: the depthwise convs outside Ghost modules (conv_dw, the shortcuts') as
-    DepthwiseConv2d, the same parameters on ghostkernels' direct conv forward and backward."""
+def _swap_children(accelerator, kind, eligible, swapped):
+    """Every child of a module outside the Ghost modules that `eligible` accepts, replaced by
+    `swapped(child)` and listed in the summary's `kind`. Checked on the owner: a fold may have
+    given the child's name another function."""
     for owner_name, owner in _owners_outside_ghost_modules(accelerator.model):
-        for child_name, conv in list(owner._modules.items()):
-            if DepthwiseConv2d.eligible(conv):
-                accelerator.replace("depthwise", _child_name(owner_name, child_name), owner_name, conv,
-                                    DepthwiseConv2d.from_conv(conv))
-
-
-def _batch_norms_on_kernels(accelerator):
-    """Training mode: the nn.BatchNorm2d layers outside Ghost modules as TrainingBatchNorm2d,
-    the same parameters and buffers on ghostkernels' batch-statistics BN forward and backward."""
-    for owner_name, owner in _owners_outside_ghost_modules(accelerator.model):
-        for child_name, bn in list(owner._modules.items()):
-            if TrainingBatchNorm2d.eligible(bn):
-                accelerator.replace("batch_norms", _child_name(owner_name, child_name), owner_name, bn,
-                                    TrainingBatchNorm2d.from_batch_norm(bn))
-
-
-def _pointwise_convs_as_matmuls(accelerator):
-    for owner_name, owner in _owners_outside_ghost_modules(accelerator.model):
-        for child_name, conv in list(owner._modules.items()):
-            if PointwiseConv2d.eligible(conv):
-                # Checked on the owner: a fold may have given the conv's name another function.
-                accelerator.replace("matmul", _child_name(owner_name, child_name), owner_name, conv,
-                                    PointwiseConv2d.from_conv(conv))
+        for child_name, child in list(owner._modules.items()):
+            if eligible(child):
+                accelerator.replace(kind, _child_name(owner_name, child_name), owner_name, child, swapped(child))
 
 
 def accelerate(model, example_inputs=None, check=True, inplace=False):
@@ -590,8 +571,10 @@ def accelerate(model, example_inputs=None, check=True, inplace=False):
     accelerator = _Accelerator(model, summary, checker)
     _swap_ghost_modules(accelerator)
     if accelerator.model.training:
-        _depthwise_convs_on_direct_kernels(accelerator)
-        _batch_norms_on_kernels(accelerator)
+        # The same parameters (and BN buffers) on the direct conv's and the BN op's C++ forward
+        # and backward: DepthwiseConv2d for conv_dw and the shortcuts', TrainingBatchNorm2d.
+        _swap_children(accelerator, "depthwise", DepthwiseConv2d.eligible, DepthwiseConv2d.from_conv)
+        _swap_children(accelerator, "batch_norms", TrainingBatchNorm2d.eligible, TrainingBatchNorm2d.from_batch_norm)
         warnings.warn("ghostkernels.accelerate: the model is in training mode, so only its Ghost modules (batch-"
                       "statistics BN fused), depthwise convs and BNs were swapped; Conv+BN folds, merges and 1x1 matmuls "
                       "happen only when accelerate() is given an eval-mode model: call model.eval() first for "
@@ -600,7 +583,7 @@ def accelerate(model, example_inputs=None, check=True, inplace=False):
         # Merges last: they move modules under new names, which the self-check could not find
         # in the original model.
         _fold_conv_bn_pairs(accelerator)
-        _pointwise_convs_as_matmuls(accelerator)
+        _swap_children(accelerator, "matmul", PointwiseConv2d.eligible, PointwiseConv2d.from_conv)
         _merge_ghost_depthwise(accelerator)
         _merge_squeeze_excite(accelerator)
     if checker is not None:

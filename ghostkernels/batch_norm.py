@@ -56,7 +56,8 @@ def _fake(x, weight, bias, eps):
 def _fallback(x, weight, bias, eps):
     var, mean = torch.var_mean(x, dim=_DIMS, correction=0)
     scale = weight * torch.rsqrt(var + eps)
-    out = x * scale.view(_SHAPE) + (bias - mean * scale).view(_SHAPE)
+    # (x - mean) * scale + bias, as the C++ kernel: a folded shift loses digits where |mean| >> std
+    out = (x - mean.view(_SHAPE)) * scale.view(_SHAPE) + bias.view(_SHAPE)
     return out.contiguous(memory_format=output_memory_format(x)), mean, var
 
 
@@ -112,8 +113,8 @@ torch.library.register_autograd("ghostkernels::batch_norm_train", _backward, set
 class TrainingBatchNorm2d(nn.BatchNorm2d):
     """An nn.BatchNorm2d whose batch-statistics forward and backward run on
     ghostkernels::batch_norm_train for NCHW-contiguous CPU float32/float64 maps of at least
-    SMALLEST_KERNEL_MAP elements (affine, not under autocast); everything else, running-statistics normalisation (eval mode) included,
-    is nn.BatchNorm2d's own. from_batch_norm shares the original's Parameter and buffer objects:
+    SMALLEST_KERNEL_MAP elements (affine, not under autocast); everything else, running-statistics
+    normalisation (eval mode) included, is nn.BatchNorm2d's own. from_batch_norm shares the original's Parameter and buffer objects:
     keys, checkpoints and optimiser state carry over."""
 
     @staticmethod
