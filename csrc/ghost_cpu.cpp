@@ -40,8 +40,13 @@ struct Tiling {
 
 // budget: bytes of buffers per work item. Measured on a 2 MiB-L2 core: 512 KiB for the
 // forward, 1 MiB for the backward (fewer bands there, so less halo work).
-Tiling choose_tiling(const Geometry& g, size_t elem_size, bool split_channels, int64_t budget) {
-  const int64_t threads = at::get_num_threads();
+// items_per_thread: the least work items per thread. The forward asks for one: at batch 1 two
+// halved the channel groups once more, into GEMMs of 10-20 rows that each read all of x
+// (GhostNet 1.0x's ghost2 modules at 28x28 to 7x7 ran 7-30% slower, 2 threads, alternating in
+// one process); the backward asks for two (3% faster at 24x56x56 than one).
+Tiling choose_tiling(const Geometry& g, size_t elem_size, bool split_channels, int64_t budget,
+                     int64_t items_per_thread) {
+  const int64_t least_items = items_per_thread * at::get_num_threads();
   Tiling t{g.out_height, 1, g.init, 1};
   auto bytes = [&](const Tiling& c) {
     return int64_t(elem_size) * c.group * (c.rows + 2 * g.pad) * g.out_width * 3;
@@ -58,8 +63,8 @@ Tiling choose_tiling(const Geometry& g, size_t elem_size, bool split_channels, i
   // Channel groups cost no recompute, so they come first; halo rows are recomputed.
   while (split_channels && bytes(t) > budget && t.group > 32) regroup((t.group + 1) / 2);
   while (bytes(t) > budget && t.rows > std::max<int64_t>(4, 2 * g.pad)) reband((t.rows + 1) / 2);
-  while (items(t) < 2 * threads && split_channels && t.group > 16) regroup((t.group + 1) / 2);
-  while (items(t) < 2 * threads && t.rows > std::max<int64_t>(8, 4 * g.pad)) reband((t.rows + 1) / 2);
+  while (items(t) < least_items && split_channels && t.group > 16) regroup((t.group + 1) / 2);
+  while (items(t) < least_items && t.rows > std::max<int64_t>(8, 4 * g.pad)) reband((t.rows + 1) / 2);
   return t;
 }
 
@@ -729,7 +734,7 @@ at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& w1_in, const c1
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ghost_module_cpu", [&] {
     // NHWC keeps all channels in one group (measured faster): its depthwise loop runs along
     // whole rows of them, and x's pixels are read once.
-    const Tiling t = choose_tiling(g, sizeof(scalar_t), !g.channels_last, 512 * 1024);
+    const Tiling t = choose_tiling(g, sizeof(scalar_t), !g.channels_last, 512 * 1024, 1);
     const int64_t mask_rows = t.rows + 2 * g.pad;
     const std::vector<scalar_t> masks = column_masks<scalar_t>(g, mask_rows);
     const scalar_t* w1p = w1.data_ptr<scalar_t>();
@@ -811,7 +816,8 @@ at::Tensor ghost_module_depthwise_cpu(const at::Tensor& x_in, const at::Tensor& 
     const PlaneGeometry<scalar_t> plane{g.out_height, g.out_width, k, dw_stride, out_height, out_width, 1};
     DepthwiseArgs<scalar_t> d{&plane, w3.data_ptr<scalar_t>(), b3c.defined() ? b3c.data_ptr<scalar_t>() : nullptr,
                               g.init, 1, out.data_ptr<scalar_t>()};
-    // Intrinsic channels per item: their buffers within 256 KiB, and work for every thread.
+    // Intrinsic channels per item: their buffers within 256 KiB, and an item for every thread (as
+    // choose_tiling's forward: two per thread ran 0-8% slower at batch 1).
     const int64_t mask_rows = plane.max_input_rows() + 2 * g.pad;
     const int64_t channel_bytes = mask_rows * g.out_width * int64_t(sizeof(scalar_t));
     auto regroup = [&](int64_t group) {
@@ -819,7 +825,7 @@ at::Tensor ghost_module_depthwise_cpu(const at::Tensor& x_in, const at::Tensor& 
       d.groups = (g.init + d.group - 1) / d.group;
     };
     while (d.group > 8 && d.group * channel_bytes > 256 * 1024) regroup((d.group + 1) / 2);
-    while (d.group > 8 && g.batch * plane.bands() * d.groups < 2 * at::get_num_threads()) regroup((d.group + 1) / 2);
+    while (d.group > 8 && g.batch * plane.bands() * d.groups < at::get_num_threads()) regroup((d.group + 1) / 2);
     const std::vector<scalar_t> masks = column_masks<scalar_t>(g, mask_rows);
     ForwardArgs<scalar_t> a{&g, nullptr, source.data_ptr<scalar_t>(), w1.data_ptr<scalar_t>(), nullptr, nullptr,
                             g.kernel == 1 && b1c.defined() ? b1c.data_ptr<scalar_t>() : nullptr,
@@ -896,7 +902,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_mod
     using T = scalar_t;
     std::vector<T> partials(threads * Partials<T>::size(g), T(0));
     if (grad.numel() > 0) {
-      Tiling t = choose_tiling(g, sizeof(T), false, 1024 * 1024);
+      Tiling t = choose_tiling(g, sizeof(T), false, 1024 * 1024, 2);
       const int64_t mask_rows = t.rows + 2 * g.pad;
       const std::vector<T> masks = column_masks<T>(g, mask_rows);
       const std::vector<T> w2t = transposed(w2.data_ptr<T>(), g.ghosts, g.dw * g.dw);
