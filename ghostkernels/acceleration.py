@@ -564,6 +564,13 @@ def accelerate(model, example_inputs=None, check=True, inplace=False):
     if example_inputs is not None and not isinstance(example_inputs, (torch.Tensor, tuple)):
         raise TypeError("accelerate: example_inputs must be a tensor or a tuple of the model's positional "
                         f"arguments, got {type(example_inputs).__name__}")
+    # Tensors made under inference_mode have no version counter (the folded-weight caches key
+    # on it) and cannot be saved for backward: the copy, folds and probes are made outside it.
+    with torch.inference_mode(False):
+        return _accelerate(model, example_inputs, check, inplace)
+
+
+def _accelerate(model, example_inputs, check, inplace):
     checker = _SelfCheck(model, example_inputs) if check else None
     if not inplace:
         model = copy.deepcopy(model)
@@ -578,7 +585,7 @@ def accelerate(model, example_inputs=None, check=True, inplace=False):
         warnings.warn("ghostkernels.accelerate: the model is in training mode, so only its Ghost modules (batch-"
                       "statistics BN fused), depthwise convs and BNs were swapped; Conv+BN folds, merges and 1x1 matmuls "
                       "happen only when accelerate() is given an eval-mode model: call model.eval() first for "
-                      "inference speed", stacklevel=2)
+                      "inference speed", stacklevel=3)
     else:
         # Merges last: they move modules under new names, which the self-check could not find
         # in the original model.

@@ -119,7 +119,9 @@ def freeze(model, example_inputs):
     devices = {t.device for t in inputs}
     if len(devices) != 1:
         raise ValueError(f"freeze: example_inputs must all be on one device, got {sorted(map(str, devices))}")
-    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+    # Outside inference_mode (in that order: the first enables grad): the copy's tensors must
+    # keep version counters, which the traced forward's folded-weight caches read.
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         # A copy: the frozen graph's constants share storage with the traced module's tensors,
         # and in-place updates of the model must not reach (some of) them.

@@ -1,6 +1,7 @@
 """GhostModule: the original module's structure and state-dict keys, the fused op in eval."""
 
 import numbers
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -231,7 +232,14 @@ class GhostModule(nn.Module):
         if not cacheable or torch.compiler.is_compiling() or (
                 torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
             return self._fold()
-        key = [(t.data_ptr(), t._version) for t in tensors]
+        try:
+            key = [(t.data_ptr(), t._version) for t in tensors]
+        except RuntimeError:  # an inference tensor's _version raises; a try costs nothing per call
+            warnings.warn(f"{type(self).__name__}: its parameters or buffers were created under torch.inference_mode, "
+                          "so they have no version counter to detect in-place updates by: the BatchNorms are folded "
+                          "again on every call (slower). Create or load the model outside inference_mode, or "
+                          "accelerate a copy (ghostkernels.accelerate without inplace=True)", stacklevel=3)
+            return self._fold()
         key.append(eps)
         if key != self._folded_key:
             # Plain tensors even under inference_mode, so that a later autograd call can save them.

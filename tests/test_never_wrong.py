@@ -9,7 +9,7 @@ import torch
 from conftest import randomise_bn
 from torch import nn
 
-from ghostkernels import GhostModule, accelerate, acceleration
+from ghostkernels import GhostModule, accelerate, acceleration, freeze
 from ghostkernels.models import ghostnet_050
 
 
@@ -89,6 +89,39 @@ def test_inference_mode_then_autograd():
     (grad,) = torch.autograd.grad(m(x).square().sum(), x)
     (expected,) = torch.autograd.grad(unfused(m, x).square().sum(), x)
     assert_close(grad, expected)
+
+
+def test_module_created_under_inference_mode():
+    """Inference tensors have no version counter: the fold is redone every call, with a warning,
+    and follows an in-place update made under inference_mode."""
+    with torch.inference_mode():
+        m, x = ghost().eval(), torch.randn(2, 6, 7, 7, dtype=torch.float64)
+        with pytest.warns(UserWarning, match="created under torch.inference_mode"):
+            assert_close(m(x), unfused(m, x))
+        m.cheap_operation[1].running_mean.add_(1.0)
+        with pytest.warns(UserWarning, match="created under torch.inference_mode"):
+            assert_close(m(x), unfused(m, x))
+
+
+@pytest.mark.parametrize("built_under_inference_mode", [False, True])
+def test_accelerate_and_freeze_under_inference_mode(built_under_inference_mode):
+    """accelerate() and freeze() called inside inference_mode give models that run inside and
+    outside it, autograd included, with the original outputs."""
+    torch.manual_seed(0)
+    with torch.inference_mode(built_under_inference_mode):
+        model = randomise_bn(ghostnet_050(num_classes=10)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        expected = model(x)
+        fast = accelerate(model)
+        frozen = freeze(fast, x)
+        assert_close(fast(x), expected)
+        assert_close(frozen(x), expected)
+    assert_close(fast(x), expected)
+    assert_close(frozen(x), expected)
+    x.requires_grad_()
+    fast(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
 
 
 # -- clear errors --------------------------------------------------------------------------------
