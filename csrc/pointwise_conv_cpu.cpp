@@ -1,15 +1,50 @@
-// ghostkernels::pointwise_conv2d on the CPU: a 1x1 stride-1 conv (+bias) of an NCHW map as one
-// batched GEMM, out[n] = W x[n] + b (MKL), into an output from the output cache. oneDNN's NCHW
-// 1x1 conv reorders its input and weight on every call; ATen's baddbmm writes a fresh tensor
-// that page-faults at batch 8 (GhostNet's shortcuts and blocks.9 conv).
+// ghostkernels::pointwise_conv2d on the CPU: a 1x1 stride-1 conv (+bias) of an NCHW map,
+// out[n] = W x[n] + b, as the fused kernels' register-tiled GEMM (gemm.h) over work items of
+// images x pixel chunks x output-channel blocks, the bias added while a tile is in registers,
+// into an output from the output cache. oneDNN's NCHW 1x1 conv reorders its input and weight
+// on every call; MKL's batched GEMM (the kernel before this one) split GhostNet's small batch-1
+// shortcut convs badly across threads; ATen's baddbmm writes a fresh tensor that page-faults
+// at batch 8.
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
+#include "gemm.h"
+#include "multiversion.h"
 #include "output_pool.h"
+#include "scratch.h"
 
 namespace ghostkernels {
 namespace {
+
+// Pixels per work item: enough to fill the GEMM's register tiles, few enough to balance.
+constexpr int64_t kChunk = 512;
+// The smallest output-channel block worth a work item of its own (two register tiles' rows).
+constexpr int64_t kMinChannelBlock = 16;
+
+struct PointwiseArgs {
+  int64_t inputs, outputs, pixels, chunks, blocks, block;
+};
+
+template <typename T>
+GK_MULTIVERSION void pointwise_items(const PointwiseArgs& a, const T* x, const T* w, const T* b, T* out,
+                                     int64_t begin, int64_t end) {
+  Scratch scratch;
+  T* panel = scratch.take<T>(kBlock * 2 * Simd<T>::lanes);
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t c0 = item % a.blocks * a.block, rest = item / a.blocks;
+    const int64_t p0 = rest % a.chunks * kChunk, n = rest / a.chunks;
+    const int64_t channels = std::min(a.block, a.outputs - c0), np = std::min(kChunk, a.pixels - p0);
+    if (channels <= 0) continue;
+    const T* bias = b ? b + c0 : nullptr;
+    gemm_nn<T>(channels, np, a.inputs, w + c0 * a.inputs, a.inputs, 1, x + n * a.inputs * a.pixels + p0, a.pixels,
+               out + (n * a.outputs + c0) * a.pixels + p0, a.pixels, false, panel,
+               [bias](int64_t c, auto v) __attribute__((always_inline)) { return bias ? v + bias[c] : v; });
+  }
+}
 
 at::Tensor pointwise_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 4, "pointwise_conv2d: x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
@@ -19,16 +54,28 @@ at::Tensor pointwise_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, c
   TORCH_CHECK(x.size(1) > 0, "pointwise_conv2d: x must have at least one channel, got ", x.sizes());
   TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == weight.size(0)),
               "pointwise_conv2d: bias must have shape (", weight.size(0), ",)");
-  const bool fast = x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble);
-  if (!fast) return at::conv2d(x, weight, bias);
-  const int64_t batch = x.size(0), inputs = x.size(1), outputs = weight.size(0), pixels = x.size(2) * x.size(3);
+  const bool fast = x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) &&
+                    weight.scalar_type() == x.scalar_type() && (!bias.has_value() || bias->scalar_type() == x.scalar_type());
+  // NCHW out whatever x's layout, as the fake kernel promises.
+  if (!fast) return at::conv2d(x, weight, bias).contiguous();
+  const int64_t batch = x.size(0), outputs = weight.size(0), pixels = x.size(2) * x.size(3);
   at::Tensor out = empty_output({batch, outputs, x.size(2), x.size(3)}, x.options());
   if (out.numel() == 0) return out;
-  const at::Tensor w = weight.reshape({1, outputs, inputs}).expand({batch, outputs, inputs});
-  at::Tensor flat = out.view({batch, outputs, pixels});
-  const at::Tensor xs = x.view({batch, inputs, pixels});
-  if (bias.has_value()) at::baddbmm_out(flat, bias->view({1, outputs, 1}).expand({batch, outputs, pixels}), w, xs);
-  else at::bmm_out(flat, w, xs);
+  PointwiseArgs a{x.size(1), outputs, pixels, (pixels + kChunk - 1) / kChunk, 1, outputs};
+  // Output-channel blocks until every thread has an item: at batch 1 the 14x14 and 7x7 maps are
+  // one pixel chunk each.
+  const int64_t threads = at::get_num_threads();
+  while (batch * a.chunks * a.blocks < threads && a.block >= 2 * kMinChannelBlock) {
+    a.blocks *= 2;
+    a.block = (outputs + a.blocks - 1) / a.blocks;
+  }
+  const at::Tensor w = weight.contiguous(), b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pointwise_conv2d_cpu", [&] {
+    at::parallel_for(0, batch * a.chunks * a.blocks, 1, [&](int64_t begin, int64_t end) {
+      pointwise_items<scalar_t>(a, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
+                                b.defined() ? b.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), begin, end);
+    });
+  });
   return out;
 }
 

@@ -24,7 +24,7 @@ _lib.define("pointwise_conv2d(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
 
 
 def _pointwise_composed(x, weight, bias):
-    return F.conv2d(x, weight, bias)
+    return F.conv2d(x, weight, bias).contiguous()  # NCHW whatever x's layout, as the fake kernel promises
 
 
 @torch.library.register_fake("ghostkernels::pointwise_conv2d")

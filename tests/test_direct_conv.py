@@ -144,6 +144,34 @@ def test_nan_stays_where_conv2d_puts_it(channels, stride):
 
 # ghostkernels::pointwise_conv2d (the 1x1 shortcut and head convs), the other conv op accelerate() uses
 
+# 23x23: one pixel chunk (512) and a tail; 300 inputs: two K blocks of the GEMM; 8 threads on
+# 14x14 and 5x5 maps: output-channel blocks, the last one short
+@pytest.mark.parametrize("batch, inp, out, size", [(1, 16, 24, (23, 23)), (3, 300, 37, (5, 5)), (0, 4, 6, (3, 3)),
+                                                   (1, 40, 80, (14, 14)), (2, 7, 5, (1, 9))])
+@pytest.mark.parametrize("threads", [1, 2, 8])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("bias", [True, False])
+def test_pointwise_matches_conv2d(batch, inp, out, size, threads, dtype, bias):
+    x = make_input(batch, inp, *size, dtype=dtype)
+    weight = torch.randn(out, inp, 1, 1, dtype=dtype)
+    b = torch.randn(out, dtype=dtype) if bias else None
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        result = torch.ops.ghostkernels.pointwise_conv2d(x, weight, b)
+    finally:
+        torch.set_num_threads(before)
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(result, F.conv2d(x, weight, b), rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pointwise_opcheck(channels_last):
+    x = make_input(2, 6, 5, 7, channels_last=channels_last)
+    torch.library.opcheck(torch.ops.ghostkernels.pointwise_conv2d,
+                          (x, torch.randn(4, 6, 1, 1, dtype=torch.float64), torch.randn(4, dtype=torch.float64)))
+
+
 def test_pointwise_no_input_channels_is_an_error():
     """F.conv2d returns no output channels there, the GEMM C_out channels of bias."""
     with pytest.raises(RuntimeError, match="pointwise_conv2d: x must have at least one channel"):
