@@ -1,6 +1,7 @@
 """End-to-end Ghost-family models: eager PyTorch vs ghostkernels.accelerate (and the same
-model frozen by ghostkernels.freeze) vs torch.compile, and ONNX Runtime / OpenVINO (float32
-hint and default precision) when they are installed.
+model frozen by ghostkernels.freeze, in float32 and, on CPUs with AMX, in bfloat16 under
+torch.set_float32_matmul_precision("medium")) vs torch.compile, and ONNX Runtime / OpenVINO
+(float32 hint and default precision) when they are installed.
 
     OPENBLAS_NUM_THREADS=1 python bench/e2e.py                   # CPU: GhostNet 0.5x/1.0x/1.3x, batch 1 and 8
     OPENBLAS_NUM_THREADS=1 python bench/e2e.py --models ghostnetv2-1.0 ghostnetv3-1.0 g-ghost-regnetx-032
@@ -111,6 +112,18 @@ class Progress:
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def with_matmul_precision(precision, fn):
+    """fn under torch.set_float32_matmul_precision(precision), restored after each call."""
+    def call():
+        before = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision(precision)
+        try:
+            return fn()
+        finally:
+            torch.set_float32_matmul_precision(before)
+    return call
+
+
 def build(name, x, eager, accelerated, export):
     """(callable, None) for contender `name`, or (None, why) when it cannot run here."""
     if name == "eager":
@@ -120,6 +133,12 @@ def build(name, x, eager, accelerated, export):
     if name == "frozen":
         frozen = ghostkernels.freeze(accelerated, x)
         return (lambda: frozen(x)), None
+    if name == "frozen bf16":
+        available, why = torch.ops.ghostkernels.amx_bf16_status()
+        if not available:
+            return None, why
+        frozen = ghostkernels.freeze(accelerated, x)
+        return with_matmul_precision("medium", lambda: frozen(x)), None
     if name == "captured":
         captured = ghostkernels.capture(accelerated, x)
         return (lambda: captured(x)), None
@@ -143,11 +162,12 @@ def float32_reference(model, x):
 
 
 def check_parity(name, out, expected, reference, dtype):
-    """On the CPU: within 1e-4 of eager (1e-2 for OpenVINO's default bfloat16). On CUDA, against
+    """On the CPU: within 1e-4 of eager (1e-2 for the bfloat16 modes: OpenVINO's default and
+    frozen under float32_matmul_precision "medium", AMX). On CUDA, against
     the float32 reference: float32 within 1e-4 (TF32 off: GHOSTKERNELS_TF32=0), half precision within
     twice eager's own error in that dtype (at least 1e-3). Returns the error against the reference."""
     if reference is None:
-        tol = 1e-2 if dtype == torch.float16 or name == "openvino default" else 1e-4
+        tol = 1e-2 if dtype == torch.float16 or name in ("openvino default", "frozen bf16") else 1e-4
         torch.testing.assert_close(out.float(), expected.float(), rtol=tol, atol=tol)
         return None
     error = _relative_error(out.float(), reference)
@@ -208,7 +228,7 @@ def main():
                                   ["ghostnet-0.5", "ghostnet-1.0", "ghostnet-1.3"])
     dtypes = [DTYPES[d] for d in (args.dtype or (["float16", "bfloat16"] if cuda else ["float32"]))]
     batches = args.batch or ([256, 1, 64] if cuda else [1, 8])
-    contenders = ["eager", "accelerated", "captured" if cuda else "frozen"]
+    contenders = ["eager", "accelerated"] + (["captured"] if cuda else ["frozen", "frozen bf16"])
     if not args.no_compile:
         contenders += ["compile(eager)", "compile(accelerated)"]
         if cuda:

@@ -21,8 +21,10 @@
 #include <array>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
+#include "amx_gemm.h"
 #include "direct_conv.h"
 #include "gemm.h"
 #include "ghost_common.h"
@@ -113,6 +115,7 @@ struct ForwardArgs {
   T* out;
   const Gate<T>* gate;  // nullptr: ungated
   const T* residual;    // nullptr, or a tensor laid out as out, added to every element written
+  bool bf16_gemm;       // the 1x1 primary conv on AMX in bfloat16 (float32 only; amx_gemm.h)
 };
 
 // x1 rows [h0, h1) of one image, channels [c0, c1), NCHW; `dst` row stride ld (per channel).
@@ -157,6 +160,21 @@ GK_INLINE void primary_rows_nchw(const ForwardArgs<T>& a, int64_t n, int64_t h0,
   }
   const T* b1 = a.b1;
   const Activation act = g.act;
+  if constexpr (std::is_same_v<T, float>) {
+    if (a.bf16_gemm) {
+      gemm_bf16_amx(c1 - c0, p, g.inp, w1, g.inp, 1, src, ld_src, dst, ld);
+      for (int64_t i = 0; i < c1 - c0; ++i) {
+        T* row = dst + i * ld;
+        const T bias = b1 ? b1[c0 + i] : T(0);
+#pragma omp simd
+        for (int64_t q = 0; q < p; ++q) {
+          const T v = row[q] + bias;
+          row[q] = act == Activation::ReLU && v < 0 ? T(0) : v;  // NaN stays NaN
+        }
+      }
+      return;
+    }
+  }
   gemm_nn<T>(c1 - c0, p, g.inp, w1, g.inp, 1, src, ld_src, dst, ld, false, panel,
              [b1, act, c0](int64_t i, auto v) __attribute__((always_inline)) {
                v += b1 ? b1[c0 + i] : T(0);
@@ -767,7 +785,8 @@ at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& w1_in, const c1
                             b2c.defined() ? b2c.data_ptr<scalar_t>() : nullptr,
                             masks.data(), mask_stride(g, mask_rows), out.data_ptr<scalar_t>(),
                             gate_values.defined() ? &gate : nullptr,
-                            residual.defined() ? residual.data_ptr<scalar_t>() : nullptr};
+                            residual.defined() ? residual.data_ptr<scalar_t>() : nullptr,
+                            !g.channels_last && g.kernel == 1 && bf16_gemm_enabled(x.scalar_type(), g.inp)};
     at::parallel_for(0, g.batch * t.bands * t.groups, 1, [&](int64_t begin, int64_t end) {
       if (g.channels_last) forward_nhwc(a, begin, end);
       else forward_nchw(a, begin, end);
@@ -831,7 +850,8 @@ at::Tensor ghost_module_depthwise_cpu(const at::Tensor& x_in, const at::Tensor& 
                             g.kernel == 1 && b1c.defined() ? b1c.data_ptr<scalar_t>() : nullptr,
                             w2.data_ptr<scalar_t>(), nullptr, nullptr,
                             b2c.defined() ? b2c.data_ptr<scalar_t>() : nullptr,
-                            masks.data(), mask_stride(g, mask_rows), nullptr, nullptr, nullptr};
+                            masks.data(), mask_stride(g, mask_rows), nullptr, nullptr, nullptr,
+                            g.kernel == 1 && bf16_gemm_enabled(x.scalar_type(), g.inp)};
     at::parallel_for(0, g.batch * plane.bands() * d.groups, 1,
                      [&](int64_t begin, int64_t end) { forward_nchw_depthwise(a, d, begin, end); });
   });

@@ -7,11 +7,14 @@
 // at batch 8.
 
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 
+#include "amx_gemm.h"
 #include "gemm.h"
 #include "multiversion.h"
 #include "output_pool.h"
@@ -27,6 +30,7 @@ constexpr int64_t kMinChannelBlock = 16;
 
 struct PointwiseArgs {
   int64_t inputs, outputs, pixels, chunks, blocks, block;
+  bool bf16_gemm;  // on AMX in bfloat16 (float32 only; amx_gemm.h)
 };
 
 template <typename T>
@@ -40,9 +44,53 @@ GK_MULTIVERSION void pointwise_items(const PointwiseArgs& a, const T* x, const T
     const int64_t channels = std::min(a.block, a.outputs - c0), np = std::min(kChunk, a.pixels - p0);
     if (channels <= 0) continue;
     const T* bias = b ? b + c0 : nullptr;
+    T* o = out + (n * a.outputs + c0) * a.pixels + p0;
+    if constexpr (std::is_same_v<T, float>) {
+      if (a.bf16_gemm) {
+        gemm_bf16_amx(channels, np, a.inputs, w + c0 * a.inputs, a.inputs, 1, x + n * a.inputs * a.pixels + p0,
+                      a.pixels, o, a.pixels);
+        for (int64_t c = 0; bias && c < channels; ++c) {
+#pragma omp simd
+          for (int64_t q = 0; q < np; ++q) o[c * a.pixels + q] += bias[c];
+        }
+        continue;
+      }
+    }
     gemm_nn<T>(channels, np, a.inputs, w + c0 * a.inputs, a.inputs, 1, x + n * a.inputs * a.pixels + p0, a.pixels,
-               out + (n * a.outputs + c0) * a.pixels + p0, a.pixels, false, panel,
+               o, a.pixels, false, panel,
                [bias](int64_t c, auto v) __attribute__((always_inline)) { return bias ? v + bias[c] : v; });
+  }
+}
+
+// 1x1 maps (conv_head, classifiers) under float32_matmul_precision "medium": out[n, c] = W[c] . x[n]
+// + b[c] for rows c in [begin, end), as dot products along W's rows, four rows at a time
+// (independent sums), each row read from memory once per call, in the tensors' own precision
+// (memory-bound on W: bfloat16 arithmetic would save nothing without W stored in bfloat16).
+template <typename T>
+GK_MULTIVERSION void pointwise_dots(int64_t batch, int64_t inputs, int64_t outputs, const T* x, const T* w,
+                                    const T* b, T* out, int64_t begin, int64_t end) {
+  using S = Simd<T>;
+  using V = typename S::vec;
+  constexpr int L = S::lanes, R = 4;
+  const int64_t whole = inputs / L * L;
+  for (int64_t c0 = begin; c0 < end; c0 += R) {
+    const int64_t rows = std::min<int64_t>(R, end - c0);
+    const T* wr[R];
+    for (int r = 0; r < R; ++r) wr[r] = w + std::min(c0 + r, end - 1) * inputs;
+    for (int64_t n = 0; n < batch; ++n) {
+      const T* xn = x + n * inputs;
+      V acc[R] = {};
+      for (int64_t k = 0; k < whole; k += L) {
+        const V xv = S::load(xn + k);
+        for (int r = 0; r < R; ++r) acc[r] += S::load(wr[r] + k) * xv;
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        T sum = T(0);
+        for (int l = 0; l < L; ++l) sum += acc[r][l];
+        for (int64_t k = whole; k < inputs; ++k) sum += wr[r][k] * xn[k];
+        out[n * outputs + c0 + r] = b ? sum + b[c0 + r] : sum;
+      }
+    }
   }
 }
 
@@ -58,10 +106,29 @@ at::Tensor pointwise_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, c
                     weight.scalar_type() == x.scalar_type() && (!bias.has_value() || bias->scalar_type() == x.scalar_type());
   // NCHW out whatever x's layout, as the fake kernel promises.
   if (!fast) return at::conv2d(x, weight, bias).contiguous();
-  const int64_t batch = x.size(0), outputs = weight.size(0), pixels = x.size(2) * x.size(3);
+  const int64_t batch = x.size(0), inputs = x.size(1), outputs = weight.size(0), pixels = x.size(2) * x.size(3);
+  // 1x1 maps: MKL's GEMV, except under float32_matmul_precision "medium", where ATen converts W
+  // to bfloat16 on every call (torch 2.13, batch 1: 2.5x slower).
+  const bool medium = at::globalContext().float32MatmulPrecision() == at::Float32MatmulPrecision::MEDIUM;
+  if (pixels == 1 && !medium)  // _unsafe_view: an op's output must not be a view (autograd forbids in-place on it)
+    return at::_unsafe_view(at::linear(x.view({batch, inputs}), weight.reshape({outputs, inputs}), bias),
+                            {batch, outputs, 1, 1});
   at::Tensor out = empty_output({batch, outputs, x.size(2), x.size(3)}, x.options());
   if (out.numel() == 0) return out;
-  PointwiseArgs a{x.size(1), outputs, pixels, (pixels + kChunk - 1) / kChunk, 1, outputs};
+  const at::Tensor w = weight.contiguous(), b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  if (pixels == 1) {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pointwise_conv2d_cpu", [&] {
+      // Blocks of 64 rows: 20 blocks to share out at conv_head's 1280 outputs.
+      at::parallel_for(0, outputs, 64, [&](int64_t begin, int64_t end) {
+        pointwise_dots<scalar_t>(batch, inputs, outputs, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
+                                 b.defined() ? b.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), begin,
+                                 end);
+      });
+    });
+    return out;
+  }
+  PointwiseArgs a{inputs, outputs, pixels, (pixels + kChunk - 1) / kChunk, 1, outputs,
+                  bf16_gemm_enabled(x.scalar_type(), inputs)};
   // Output-channel blocks until every thread has an item: at batch 1 the 14x14 and 7x7 maps are
   // one pixel chunk each.
   const int64_t threads = at::get_num_threads();
@@ -69,7 +136,6 @@ at::Tensor pointwise_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, c
     a.blocks *= 2;
     a.block = (outputs + a.blocks - 1) / a.blocks;
   }
-  const at::Tensor w = weight.contiguous(), b = bias.has_value() ? bias->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pointwise_conv2d_cpu", [&] {
     at::parallel_for(0, batch * a.chunks * a.blocks, 1, [&](int64_t begin, int64_t end) {
       pointwise_items<scalar_t>(a, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),

@@ -71,9 +71,24 @@ def empty_cache():
     return torch.ops.ghostkernels.empty_output_cache()
 
 
+def _bfloat16_matmul_status(cpu_backend):
+    """Whether the C++ kernels' float32 GEMMs run bfloat16 on AMX now, and why (csrc/amx_gemm.h)."""
+    if cpu_backend != "cpp":
+        return "off: the C++ kernels are not in use"
+    available, why = torch.ops.ghostkernels.amx_bf16_status()
+    if not available:
+        return f"unavailable: {why}"
+    if torch.get_float32_matmul_precision() == "medium":
+        return ("on: float32 GEMMs of the fused forward kernels run bfloat16 on AMX "
+                "(torch.get_float32_matmul_precision() is 'medium')")
+    return "off: AMX-BF16 is available; torch.set_float32_matmul_precision('medium') turns it on"
+
+
 def backends():
     """{device type: {"backend": name, "reason": why}} for every device type ghostkernels knows;
-    the CPU entry also gives "cached_bytes", the memory held for reuse as outputs."""
+    the CPU entry also gives "cached_bytes", the memory held for reuse as outputs, and
+    "bfloat16_matmul", whether its float32 GEMMs run bfloat16 on AMX and why."""
     cpu_backend, cpu_reason = load_cpu_extension()
     cached = torch.ops.ghostkernels.output_cache_bytes() if cpu_backend == "cpp" else 0
-    return {"cpu": {"backend": cpu_backend, "reason": cpu_reason, "cached_bytes": cached}, "cuda": _cuda_status()}
+    return {"cpu": {"backend": cpu_backend, "reason": cpu_reason, "cached_bytes": cached,
+                    "bfloat16_matmul": _bfloat16_matmul_status(cpu_backend)}, "cuda": _cuda_status()}

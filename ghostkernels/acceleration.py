@@ -38,8 +38,8 @@ from .batch_norm import TrainingBatchNorm2d
 from .direct_conv import DepthwiseConv2d, DirectConv2d
 from .ghost_depthwise import GhostDepthwise
 from .models.g_ghost_regnet import GGhostStage
-from .modules import (GhostModule, GhostModuleV2, PointwiseConv2d, activation_name, conv_bn_sequence, fold_conv_bn,
-                      is_same_square_conv)
+from .modules import (GhostModule, GhostModuleV2, PointwiseConv2d, PointwiseLinear, activation_name,
+                      conv_bn_sequence, fold_conv_bn, is_same_square_conv)
 from .squeeze_excite import SqueezeExciteGhost
 
 
@@ -49,7 +49,7 @@ class AccelerationSummary:
 
     fused: list = field(default_factory=list)
     folded: list = field(default_factory=list)
-    matmul: list = field(default_factory=list)  # 1x1 convs run as matrix multiplies
+    matmul: list = field(default_factory=list)  # 1x1 convs and linear layers on ghostkernels::pointwise_conv2d
     merged: list = field(default_factory=list)  # ghost1 + folded conv_dw, se + ghost2: one op each
     depthwise: list = field(default_factory=list)  # training mode: depthwise convs on the direct conv kernels
     batch_norms: list = field(default_factory=list)  # training mode: BNs on the batch_norm_train kernels
@@ -59,7 +59,7 @@ class AccelerationSummary:
 
     def __str__(self):
         lines = [f"ghostkernels.accelerate: {len(self.fused)} Ghost modules fused, "
-                 f"{len(self.folded)} Conv+BN pairs folded, {len(self.matmul)} 1x1 convs as matmuls, "
+                 f"{len(self.folded)} Conv+BN pairs folded, {len(self.matmul)} 1x1 convs / linear layers as matmuls, "
                  f"{len(self.merged)} depthwise convs / SE blocks merged into Ghost ops, "
                  f"{len(self.depthwise)} depthwise convs on the direct conv kernels (training), "
                  f"{len(self.batch_norms)} BNs on the batch-statistics BN kernels (training), "
@@ -388,12 +388,18 @@ class _SelfCheck:
     def _probes(self, scope, module):
         """(args, kwargs) candidates for the scope: its captured input, or synthetic ones. Any
         input the original runs on is a fair probe; the channel count is guessed from the
-        scope's convs in the order they were registered, which need not be the order they run."""
+        scope's convs in the order they were registered, which need not be the order they run;
+        a scope without convs (a classifier) gets (2, features) inputs for its linear layers."""
         if scope in self.captured:
             yield self.captured[scope]
             return
-        channels = dict.fromkeys(m.in_channels for m in module.modules() if isinstance(m, nn.Conv2d))
         generator = torch.Generator(self.device).manual_seed(0)  # the caller's random state stays
+        channels = dict.fromkeys(m.in_channels for m in module.modules() if isinstance(m, nn.Conv2d))
+        if not channels:
+            features = dict.fromkeys(m.in_features for m in module.modules() if isinstance(m, nn.Linear))
+            for f in list(features)[:_PROBE_CHANNEL_GUESSES]:
+                yield (torch.randn(2, f, generator=generator, device=self.device, dtype=self.dtype),), {}
+            return
         for c, size in itertools.product(list(channels)[:_PROBE_CHANNEL_GUESSES], _PROBE_SIZES):
             # Two images: training-mode BN needs more than one value per channel on 1x1 maps.
             yield (torch.randn(2, c, size, size, generator=generator, device=self.device, dtype=self.dtype),), {}
@@ -591,6 +597,7 @@ def _accelerate(model, example_inputs, check, inplace):
         # in the original model.
         _fold_conv_bn_pairs(accelerator)
         _swap_children(accelerator, "matmul", PointwiseConv2d.eligible, PointwiseConv2d.from_conv)
+        _swap_children(accelerator, "matmul", PointwiseLinear.eligible, PointwiseLinear.from_linear)
         _merge_ghost_depthwise(accelerator)
         _merge_squeeze_excite(accelerator)
     if checker is not None:

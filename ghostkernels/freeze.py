@@ -21,8 +21,7 @@ from .acceleration import _relative_error, _tolerance
 from .ghost_residual import fuse_residual_adds
 
 # ghostkernels' own forwards raise TracerWarnings about shape tests whose outcome the trace
-# keeps, harmlessly: check_input's argument checks (the kernels check again) and
-# PointwiseConv2d's 1x1-plane test (its other branch raises on a plane that is not 1x1).
+# keeps, harmlessly: check_input's argument checks (the kernels check again).
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _TORCH_JIT_DIR = os.path.dirname(os.path.abspath(torch.jit.__file__)) + os.sep
 

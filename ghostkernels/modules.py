@@ -37,9 +37,10 @@ ops.register_recompute_autograd("pointwise_conv2d", _pointwise_composed)
 
 
 class PointwiseConv2d(nn.Conv2d):
-    """A 1x1 conv that runs as a matrix multiply on the CPU: one GEMM on pooled 1x1 maps (SE's
-    conv_reduce/conv_expand, conv_head), `ghostkernels::pointwise_conv2d` (a batched GEMM into
-    the output cache, csrc/pointwise_conv_cpu.cpp) on NCHW maps. oneDNN's conv reorders NCHW
+    """A 1x1 conv that runs as a matrix multiply on the CPU, `ghostkernels::pointwise_conv2d`
+    (csrc/pointwise_conv_cpu.cpp): a register-tiled GEMM into the output cache on NCHW maps, on
+    pooled 1x1 maps (SE's conv_reduce/conv_expand, conv_head) MKL's GEMV, or float32 dot
+    products under torch.set_float32_matmul_precision("medium"). oneDNN's conv reorders NCHW
     inputs and weights on every call and costs up to several times that (measured in GhostNet's
     shortcuts and heads). Same parameters and keys; other inputs take the conv."""
 
@@ -57,9 +58,31 @@ class PointwiseConv2d(nn.Conv2d):
     def forward(self, x):
         if x.dim() != 4 or x.device.type != "cpu" or not x.is_contiguous():
             return super().forward(x)
-        if x.shape[2] == x.shape[3] == 1:
-            return F.linear(x.flatten(1), self.weight.flatten(1), self.bias)[:, :, None, None]
         return ops.call(torch.ops.ghostkernels.pointwise_conv2d, x, self.weight, self.bias)
+
+
+class PointwiseLinear(nn.Linear):
+    """An eval-mode nn.Linear (a classifier) through `ghostkernels::pointwise_conv2d` on the CPU,
+    as a 1x1 conv of a 1x1 map: MKL's GEMV as F.linear, except under
+    torch.set_float32_matmul_precision("medium"), where ATen's linear converts the weight to
+    bfloat16 on every call (torch 2.13, GhostNet's classifier at batch 1: 2.1x slower) and the op
+    keeps float32 dot products. Same parameters and keys; other inputs take F.linear."""
+
+    @staticmethod
+    def eligible(linear):
+        return type(linear) is nn.Linear and not linear.training
+
+    @classmethod
+    def from_linear(cls, linear):
+        pointwise = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        pointwise.weight, pointwise.bias = linear.weight, linear.bias
+        return pointwise.train(linear.training)
+
+    def forward(self, x):
+        if x.dim() != 2 or x.device.type != "cpu" or not x.is_contiguous():
+            return super().forward(x)
+        return ops.call(torch.ops.ghostkernels.pointwise_conv2d, x[:, :, None, None], self.weight[:, :, None, None],
+                        self.bias).flatten(1)
 
 
 def is_int(value):

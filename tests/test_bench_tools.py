@@ -219,6 +219,15 @@ def test_gpu_report_rows_check_parity(monkeypatch):
                                                                                   "fused_train": 1.0}
 
 
+def test_e2e_bfloat16_contender_restores_the_precision():
+    import e2e
+    import torch
+
+    before = torch.get_float32_matmul_precision()
+    assert e2e.with_matmul_precision("medium", torch.get_float32_matmul_precision)() == "medium"
+    assert torch.get_float32_matmul_precision() == before
+
+
 def test_e2e_parity_table_and_plot(tmp_path):
     """bench/e2e.py's CUDA-side helpers on synthetic rows: the parity rule (half precision within
     twice eager's own error against float32, float32 within 1e-4), the markdown table and the

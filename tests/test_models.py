@@ -11,7 +11,7 @@ from torch import nn
 import ghostkernels
 from ghostkernels import GhostModule, accelerate
 from ghostkernels.models import ghostnet, ghostnet_050, ghostnet_100, ghostnet_130
-from ghostkernels.modules import PointwiseConv2d
+from ghostkernels.modules import PointwiseConv2d, PointwiseLinear
 
 from conftest import assert_float32_like_eager, randomise_bn
 from timm_ghostnet import GhostModule as TimmGhostModule  # current timm's, test-local
@@ -71,8 +71,9 @@ def test_accelerate_eval_parity_and_summary():
     assert len(summary.folded) == 1 + 4 + 10 + 1
     assert "conv_stem+bn1" in summary.folded and "blocks.1.0.conv_dw+bn_dw" in summary.folded
     assert "32 Ghost modules fused" in str(summary)
-    # 1x1 convs as matrix multiplies: 7 SE blocks x 2, 5 shortcuts, blocks.9, conv_head
-    assert len(summary.matmul) == 2 * 7 + 5 + 1 + 1 and "blocks.3.0.se.conv_reduce" in summary.matmul
+    # 1x1 convs and linears as matrix multiplies: 7 SE blocks x 2, 5 shortcuts, blocks.9, conv_head, classifier
+    assert len(summary.matmul) == 2 * 7 + 5 + 1 + 1 + 1 and "blocks.3.0.se.conv_reduce" in summary.matmul
+    assert isinstance(fast.classifier, PointwiseLinear) and "classifier" in summary.matmul
     assert len(summary.merged) == 4 + 7  # stride-2 ghost1+conv_dw, se+ghost2
     assert "blocks.1.0.shortcut.2" in summary.matmul
     assert isinstance(fast.conv_head, PointwiseConv2d) and isinstance(fast.conv_head, nn.Conv2d)

@@ -1,0 +1,153 @@
+"""torch.set_float32_matmul_precision("medium"): the fused CPU forward kernels' float32 GEMMs run
+bfloat16 on AMX where the CPU has it (csrc/amx_gemm.h), and nothing else changes. On AMX the
+primary conv must equal the reference with x and W1 rounded to bfloat16 (the products summed in
+float32); without AMX, below 32 input channels, in float64 and channels_last the output must be
+the float32 one, bit for bit."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ghostkernels
+from ghostkernels.models import ghostnet_050
+
+from conftest import randomise_bn
+
+AMX = torch.ops.ghostkernels.amx_bf16_status()[0]
+ops = torch.ops.ghostkernels
+
+
+@pytest.fixture
+def precision():
+    """Set torch's float32 matmul precision inside a test; restored after it."""
+    before = torch.get_float32_matmul_precision()
+    yield torch.set_float32_matmul_precision
+    torch.set_float32_matmul_precision(before)
+
+
+def relative_error(actual, expected):
+    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max().clamp_min(1e-30)).item()
+
+
+def weights(inp, oup, ratio=2, dw=3, dtype=torch.float32):
+    init = -(-oup // ratio)
+    ghosts = init * (ratio - 1)
+    return (torch.randn(init, inp, 1, 1, dtype=dtype) / inp ** 0.5, torch.randn(init, dtype=dtype),
+            torch.randn(ghosts, 1, dw, dw, dtype=dtype), torch.randn(ghosts, dtype=dtype))
+
+
+def bf16_rounded_reference(x, w1, b1, w2, b2, oup, stride, activation):
+    """The Ghost op in float64 on x and W1 rounded to bfloat16, as the AMX path computes it."""
+    return ops.ghost_module(x.bfloat16().double(), w1.bfloat16().double(), b1.double(), w2.double(), b2.double(),
+                            oup, stride, activation)
+
+
+@pytest.mark.parametrize("inp, oup, ratio, dw, stride, activation, size", [
+    (40, 51, 2, 3, 1, "relu", (14, 14)),   # odd oup, K padded from 40 to 64
+    (64, 96, 3, 5, 2, "none", (9, 11)),    # ratio 3, stride 2, N not a multiple of 16
+    (300, 37, 4, 7, 1, "relu", (5, 5)),    # ratio 4, dw 7, K past a tile's depth several times
+    (160, 960, 2, 1, 1, "relu", (7, 7)),   # GhostNet's ghost1 at 7x7; dw 1
+    (16, 16, 2, 3, 1, "relu", (12, 12)),   # below 32 input channels: float32
+])
+@pytest.mark.parametrize("batch", [0, 1, 2])
+def test_ghost_module(precision, inp, oup, ratio, dw, stride, activation, size, batch):
+    x = torch.randn(batch, inp, *size)
+    args = (*weights(inp, oup, ratio, dw), oup, stride, activation)
+    precision("highest")
+    exact = ops.ghost_module(x, *args)
+    precision("medium")
+    out = ops.ghost_module(x, *args)
+    if AMX and inp >= 32:
+        if batch:
+            assert relative_error(out, bf16_rounded_reference(x, *args)) < 1e-5
+            assert 1e-5 < relative_error(out, exact) < 2e-2  # bfloat16 operands, not float32 ones
+    else:
+        assert torch.equal(out, exact)
+
+
+def test_scaled_residual_and_depthwise_forms(precision):
+    """The SE-scaled ghost2 with its residual, and ghost1 with the stride-2 depthwise conv, within
+    bfloat16's error of their float32 outputs (the scale is folded into x or W1 before rounding)."""
+    inp, oup = 96, 40
+    x, scale, residual = torch.randn(1, inp, 14, 14), torch.rand(1, inp, 1, 1), torch.randn(1, oup, 14, 14)
+    ghost_args = (*weights(inp, oup), oup, 1, "none")
+    w3, b3 = torch.randn(oup, 1, 3, 3), torch.randn(oup)
+    calls = [lambda: ops.ghost_module_residual(x, scale, *ghost_args, residual),
+             lambda: ops.ghost_module_scaled(x, scale, *ghost_args),
+             lambda: ops.ghost_module_depthwise(x, *ghost_args[:-1], "relu", w3, b3, 2)]
+    for call in calls:
+        precision("highest")
+        exact = call()
+        precision("medium")
+        error = relative_error(call(), exact)
+        assert (1e-5 < error < 2e-2) if AMX else error == 0
+
+
+@pytest.mark.parametrize("dtype, channels_last", [(torch.float64, False), (torch.float32, True)])
+def test_float64_and_channels_last_stay_exact(precision, dtype, channels_last):
+    x = torch.randn(2, 48, 10, 10, dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    args = (*weights(48, 64, dtype=dtype), 64, 1, "relu")
+    precision("highest")
+    exact = ops.ghost_module(x, *args)
+    precision("medium")
+    assert torch.equal(ops.ghost_module(x, *args), exact)
+
+
+@pytest.mark.parametrize("size", [(14, 14), (1, 1)])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_pointwise_conv2d(precision, size, batch):
+    """Maps: bfloat16 GEMMs on AMX. 1x1 maps (conv_head, classifiers): float32 dot products on
+    every CPU, not ATen's linear, which converts W to bfloat16 on every call."""
+    x, weight, bias = torch.randn(batch, 80, *size), torch.randn(112, 80, 1, 1) / 9, torch.randn(112)
+    expected = F.conv2d(x.double(), weight.double(), bias.double())
+    precision("medium")
+    out = ops.pointwise_conv2d(x, weight, bias)
+    if size == (1, 1) or not AMX:
+        assert relative_error(out, expected) < 1e-5
+    else:
+        rounded = F.conv2d(x.bfloat16().double(), weight.bfloat16().double(), bias.double())
+        assert relative_error(out, rounded) < 1e-5
+
+
+def test_backends_says_whether_it_is_on(precision):
+    precision("medium")
+    status = ghostkernels.backends()["cpu"]["bfloat16_matmul"]
+    assert status.startswith("on:" if AMX else "unavailable:"), status
+    precision("highest")
+    status = ghostkernels.backends()["cpu"]["bfloat16_matmul"]
+    assert status.startswith("off:" if AMX else "unavailable:"), status
+
+
+def test_accelerated_ghostnet(precision):
+    """A whole accelerated GhostNet 0.5x: its logits within bfloat16's error of the float32 ones."""
+    torch.manual_seed(0)
+    model = randomise_bn(ghostnet_050()).eval()
+    x = torch.randn(2, 3, 96, 96)
+    fast = ghostkernels.accelerate(model)
+    with torch.no_grad():
+        expected = model(x)
+        precision("medium")
+        error = relative_error(fast(x), expected)
+    assert error < 2e-2 if AMX else error < 1e-5
+
+
+def test_disabled_amx_keeps_float32():
+    """GHOSTKERNELS_DISABLE_AMX=1: backends() says so and "medium" leaves the kernels in float32
+    (the path of CPUs without AMX, run here whatever this CPU has)."""
+    script = ("import torch, ghostkernels\n"
+              "x, w1, b1, w2, b2 = torch.randn(1, 64, 9, 9), torch.randn(32, 64, 1, 1), torch.randn(32), "
+              "torch.randn(32, 1, 3, 3), torch.randn(32)\n"
+              "exact = torch.ops.ghostkernels.ghost_module(x, w1, b1, w2, b2, 64, 1, 'relu')\n"
+              "torch.set_float32_matmul_precision('medium')\n"
+              "assert torch.equal(torch.ops.ghostkernels.ghost_module(x, w1, b1, w2, b2, 64, 1, 'relu'), exact)\n"
+              "status = ghostkernels.backends()['cpu']['bfloat16_matmul']\n"
+              "assert status == 'unavailable: disabled by GHOSTKERNELS_DISABLE_AMX=1', status\n")
+    env = dict(os.environ, GHOSTKERNELS_DISABLE_AMX="1")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
