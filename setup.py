@@ -26,7 +26,8 @@ setup(
     ext_modules=[
         CppExtension(
             "ghostkernels._C",
-            ["csrc/ghost_cpu.cpp", "csrc/ghost_train_cpu.cpp", "csrc/direct_conv_cpu.cpp", "csrc/cheap_mix_cpu.cpp", "csrc/squeeze_excite_cpu.cpp",
+            ["csrc/ghost_cpu.cpp", "csrc/ghost_backward_cpu.cpp", "csrc/ghost_train_cpu.cpp", "csrc/direct_conv_cpu.cpp",
+             "csrc/cheap_mix_cpu.cpp", "csrc/squeeze_excite_cpu.cpp",
              "csrc/pointwise_conv_cpu.cpp", "csrc/batch_norm_cpu.cpp", "csrc/output_pool.cpp", "csrc/amx_gemm.cpp"],
             # at::parallel_for is an OpenMP pragma in a header: without -fopenmp it runs serially.
             # The loader reuses the libgomp.so.1 that torch ships.

@@ -1,8 +1,8 @@
 """torch.set_float32_matmul_precision("medium"): the fused CPU forward kernels' float32 GEMMs run
 bfloat16 on AMX where the CPU has it (csrc/amx_gemm.h), and nothing else changes. On AMX the
 primary conv must equal the reference with x and W1 rounded to bfloat16 (the products summed in
-float32); without AMX, below 32 input channels, in float64 and channels_last the output must be
-the float32 one, bit for bit."""
+float32), NCHW and channels_last; without AMX, below 32 input channels and in float64 the output
+must be the float32 one, bit for bit."""
 
 import os
 import subprocess
@@ -54,8 +54,11 @@ def bf16_rounded_reference(x, w1, b1, w2, b2, oup, stride, activation):
     (16, 16, 2, 3, 1, "relu", (12, 12)),   # below 32 input channels: float32
 ])
 @pytest.mark.parametrize("batch", [0, 1, 2])
-def test_ghost_module(precision, inp, oup, ratio, dw, stride, activation, size, batch):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_ghost_module(precision, inp, oup, ratio, dw, stride, activation, size, batch, channels_last):
     x = torch.randn(batch, inp, *size)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
     args = (*weights(inp, oup, ratio, dw), oup, stride, activation)
     precision("highest")
     exact = ops.ghost_module(x, *args)
@@ -87,12 +90,12 @@ def test_scaled_residual_and_depthwise_forms(precision):
         assert (1e-5 < error < 2e-2) if AMX else error == 0
 
 
-@pytest.mark.parametrize("dtype, channels_last", [(torch.float64, False), (torch.float32, True)])
-def test_float64_and_channels_last_stay_exact(precision, dtype, channels_last):
-    x = torch.randn(2, 48, 10, 10, dtype=dtype)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_float64_stays_exact(precision, channels_last):
+    x = torch.randn(2, 48, 10, 10, dtype=torch.float64)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    args = (*weights(48, 64, dtype=dtype), 64, 1, "relu")
+    args = (*weights(48, 64, dtype=torch.float64), 64, 1, "relu")
     precision("highest")
     exact = ops.ghost_module(x, *args)
     precision("medium")
