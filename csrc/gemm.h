@@ -113,6 +113,25 @@ GK_INLINE void gemm_tiles(int64_t M, int64_t N, int64_t K, const T* A, int64_t a
   }
 }
 
+// finish(i, v) of every vector v of row i < M of C (N columns, row stride ldc), in place: gemm_nn's
+// epilogue for a product computed elsewhere (the AMX GEMM of amx_gemm.h).
+template <typename T, typename Finish>
+GK_INLINE void finish_rows(int64_t M, int64_t N, T* C, int64_t ldc, Finish finish) {
+  using S = Simd<T>;
+  constexpr int L = S::lanes;
+  for (int64_t i = 0; i < M; ++i) {
+    T* c = C + i * ldc;
+    int64_t j = 0;
+    for (; j + L <= N; j += L) S::store(c + j, finish(i, S::load(c + j)));
+    if (j < N) {  // the row's tail through a vector-sized buffer
+      T tail[L] = {};
+      copy_run(tail, c + j, N - j);
+      S::store(tail, finish(i, S::load(tail)));
+      copy_run(c + j, tail, N - j);
+    }
+  }
+}
+
 // gemm_tiles with one vector of columns when N fits in one, two otherwise.
 template <typename T, typename Finish = Unchanged>
 GK_INLINE void gemm_nn(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_si, int64_t a_sk,

@@ -124,26 +124,18 @@ GK_INLINE void primary_rows_nchw(const ForwardArgs<T>& a, int64_t n, int64_t h0,
   }
   const T* b1 = a.b1;
   const Activation act = g.act;
+  const auto finish = [b1, act, c0](int64_t i, auto v) __attribute__((always_inline)) {
+    v += b1 ? b1[c0 + i] : T(0);
+    return act == Activation::ReLU ? (v < 0 ? decltype(v){} : v) : v;  // NaN stays NaN
+  };
   if constexpr (std::is_same_v<T, float>) {
     if (a.bf16_gemm) {
       gemm_bf16_amx(c1 - c0, p, g.inp, w1, g.inp, 1, src, ld_src, dst, ld);
-      for (int64_t i = 0; i < c1 - c0; ++i) {
-        T* row = dst + i * ld;
-        const T bias = b1 ? b1[c0 + i] : T(0);
-#pragma omp simd
-        for (int64_t q = 0; q < p; ++q) {
-          const T v = row[q] + bias;
-          row[q] = act == Activation::ReLU && v < 0 ? T(0) : v;  // NaN stays NaN
-        }
-      }
+      finish_rows<T>(c1 - c0, p, dst, ld, finish);
       return;
     }
   }
-  gemm_nn<T>(c1 - c0, p, g.inp, w1, g.inp, 1, src, ld_src, dst, ld, false, panel,
-             [b1, act, c0](int64_t i, auto v) __attribute__((always_inline)) {
-               v += b1 ? b1[c0 + i] : T(0);
-               return act == Activation::ReLU ? (v < 0 ? decltype(v){} : v) : v;  // NaN stays NaN
-             });
+  gemm_nn<T>(c1 - c0, p, g.inp, w1, g.inp, 1, src, ld_src, dst, ld, false, panel, finish);
 }
 
 // x1 rows [r0, r1) of channels [c0, c1) of image n with the cheap op's halo rows, into `buf`:

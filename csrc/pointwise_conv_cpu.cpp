@@ -45,20 +45,16 @@ GK_MULTIVERSION void pointwise_items(const PointwiseArgs& a, const T* x, const T
     if (channels <= 0) continue;
     const T* bias = b ? b + c0 : nullptr;
     T* o = out + (n * a.outputs + c0) * a.pixels + p0;
+    const T* xn = x + n * a.inputs * a.pixels + p0;
+    const auto finish = [bias](int64_t c, auto v) __attribute__((always_inline)) { return bias ? v + bias[c] : v; };
     if constexpr (std::is_same_v<T, float>) {
       if (a.bf16_gemm) {
-        gemm_bf16_amx(channels, np, a.inputs, w + c0 * a.inputs, a.inputs, 1, x + n * a.inputs * a.pixels + p0,
-                      a.pixels, o, a.pixels);
-        for (int64_t c = 0; bias && c < channels; ++c) {
-#pragma omp simd
-          for (int64_t q = 0; q < np; ++q) o[c * a.pixels + q] += bias[c];
-        }
+        gemm_bf16_amx(channels, np, a.inputs, w + c0 * a.inputs, a.inputs, 1, xn, a.pixels, o, a.pixels);
+        if (bias) finish_rows<T>(channels, np, o, a.pixels, finish);
         continue;
       }
     }
-    gemm_nn<T>(channels, np, a.inputs, w + c0 * a.inputs, a.inputs, 1, x + n * a.inputs * a.pixels + p0, a.pixels,
-               o, a.pixels, false, panel,
-               [bias](int64_t c, auto v) __attribute__((always_inline)) { return bias ? v + bias[c] : v; });
+    gemm_nn<T>(channels, np, a.inputs, w + c0 * a.inputs, a.inputs, 1, xn, a.pixels, o, a.pixels, false, panel, finish);
   }
 }
 
