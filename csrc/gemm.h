@@ -1,5 +1,5 @@
-// The register-tiled GEMM the fused CPU kernels share (ghost_cpu.cpp, cheap_mix_cpu.cpp).
-// Everything here is GK_INLINE: it is compiled into each multiversioned kernel's clone.
+// The register-tiled GEMM the fused CPU kernels share.
+// Everything here but gemm_nn_call is GK_INLINE: it is compiled into each multiversioned kernel's clone.
 #pragma once
 
 #include <algorithm>
@@ -139,6 +139,16 @@ GK_INLINE void gemm_nn(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_si
                        Finish finish = Finish()) {
   if (N <= Simd<T>::lanes) gemm_tiles<T, 1>(M, N, K, A, a_si, a_sk, B, ldb, C, ldc, accumulate, panel, finish);
   else gemm_tiles<T, 2>(M, N, K, A, a_si, a_sk, B, ldb, C, ldc, accumulate, panel, finish);
+}
+
+// gemm_nn without an epilogue as a function of its own in each clone: a kernel that multiplies in
+// several places (the backward's five products) compiles the GEMM once, not once per call site
+// (ghost_backward_cpu.cpp took 340 s to compile with them inlined, 117 s with this).
+template <typename T>
+GK_MULTIVERSION __attribute__((noinline)) void gemm_nn_call(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_si,
+                                                            int64_t a_sk, const T* B, int64_t ldb, T* C, int64_t ldc,
+                                                            bool accumulate, T* panel) {
+  gemm_nn<T>(M, N, K, A, a_si, a_sk, B, ldb, C, ldc, accumulate, panel);
 }
 
 }  // namespace ghostkernels

@@ -77,7 +77,7 @@ GK_INLINE void primary_grads(const BackwardArgs<T>& a, int64_t n, int64_t r0, in
     // gx[k][q] = sum_c W1[c][k] gz1[c][q]
     T* gx = strided ? gx_band : a.grad_x + n * g.inp * g.height * g.width + r0 * g.width;
     const int64_t ld_gx = strided ? p : g.height * g.width;
-    gemm_nn<T>(g.inp, p, g.init, a.w1, 1, g.inp, gz1, p, gx, ld_gx, false, panel);
+    gemm_nn_call<T>(g.inp, p, g.init, a.w1, 1, g.inp, gz1, p, gx, ld_gx, false, panel);
     if (strided)
       for (int64_t k = 0; k < g.inp; ++k)
         for (int64_t q = 0; q < p; ++q)
@@ -85,10 +85,10 @@ GK_INLINE void primary_grads(const BackwardArgs<T>& a, int64_t n, int64_t r0, in
     // Both operands of gw1 are pixel-contiguous: transpose the smaller one (into `scratch`).
     if (gw1_transposed(g)) {  // gw1^T[k][c] += sum_q x[k][q] gz1^T[q][c]
       transpose(gz1, g.init, p, p, scratch, g.init);
-      gemm_nn<T>(g.inp, g.init, p, xb, ld_x, 1, scratch, g.init, gw1, g.init, true, panel);
+      gemm_nn_call<T>(g.inp, g.init, p, xb, ld_x, 1, scratch, g.init, gw1, g.init, true, panel);
     } else {  // gw1[c][k] += sum_q gz1[c][q] x^T[q][k]
       transpose(xb, g.inp, p, ld_x, scratch, g.inp);
-      gemm_nn<T>(g.init, g.inp, p, gz1, p, 1, scratch, g.inp, gw1, g.inp, true, panel);
+      gemm_nn_call<T>(g.init, g.inp, p, gz1, p, 1, scratch, g.inp, gw1, g.inp, true, panel);
     }
   } else {
     const T* xb = a.x + (n * g.height + r0) * g.width * g.inp;
@@ -101,13 +101,13 @@ GK_INLINE void primary_grads(const BackwardArgs<T>& a, int64_t n, int64_t r0, in
     }
     // gx[q][k] = sum_c gz1[q][c] W1[c][k]
     T* gx = strided ? gx_band : a.grad_x + (n * g.height + r0) * g.width * g.inp;
-    gemm_nn<T>(p, g.inp, g.init, gz1, g.init, 1, a.w1, g.inp, gx, g.inp, false, panel);
+    gemm_nn_call<T>(p, g.inp, g.init, gz1, g.init, 1, a.w1, g.inp, gx, g.inp, false, panel);
     if (strided)
       for (int64_t q = 0; q < p; ++q)
         std::memcpy(a.grad_x + ((n * g.height + (r0 + q / W) * s) * g.width + q % W * s) * g.inp,
                     gx + q * g.inp, g.inp * sizeof(T));
     // gw1[c][k] += sum_q gz1[q][c] x[q][k]
-    gemm_nn<T>(g.init, g.inp, p, gz1, 1, g.init, xb, g.inp, gw1, g.inp, true, panel);
+    gemm_nn_call<T>(g.init, g.inp, p, gz1, 1, g.init, xb, g.inp, gw1, g.inp, true, panel);
   }
 }
 

@@ -1,6 +1,8 @@
 """ghostkernels.capture(): a CUDA graph of an accelerated model. Its refusals are checked
 everywhere; the capture and replay need a GPU (bench/gpu_report.py runs this file there)."""
 
+import copy
+
 import pytest
 import torch
 
@@ -8,7 +10,8 @@ import ghostkernels
 from ghostkernels import models
 
 
-def small_model():
+@pytest.fixture(scope="module")
+def accelerated():
     return ghostkernels.accelerate(models.ghostnet(0.5, fused=False).eval())
 
 
@@ -18,9 +21,9 @@ def small_model():
     (lambda m: ghostkernels.capture(m, [torch.randn(1, 3, 32, 32)]), TypeError, "example_inputs must be"),
     (lambda m: ghostkernels.capture("model", torch.randn(1, 3, 32, 32)), TypeError, "torch.nn.Module"),
 ])
-def test_refusals(call, error, message):
+def test_refusals(call, error, message, accelerated):
     with pytest.raises(error, match=message):
-        call(small_model())
+        call(copy.deepcopy(accelerated))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -185,5 +185,6 @@ def test_accelerated_g_ghost_regnet_compiles():
     model = randomise_bn(g_ghost_regnetx("002", num_classes=10, fused=False), spread=0.1).eval()
     fast = accelerate(model)
     x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        assert_close32(torch.compile(fast, fullgraph=True)(x), model(x))
+    with torch.no_grad():  # aot_eager: the fake kernels and fullgraph without inductor's C++ builds (~25 s
+        # in a fresh CI cache); test_models.py compiles a whole accelerated GhostNet with inductor.
+        assert_close32(torch.compile(fast, fullgraph=True, backend="aot_eager")(x), model(x))

@@ -295,8 +295,13 @@ TRITON_CASES = [dict(), dict(oup=13, ratio=3, dw=5, activation="none", channels_
 TRITON_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
-@pytest.mark.parametrize("case", TRITON_CASES, ids=str)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+# float32 runs the same kernel code as float64, with float32 sums: the two cheap cases cover it
+# (the interpreter takes 6 s for each of the others, and CI has minutes).
+TRITON_DTYPE_CASES = [(dtype, case) for case in TRITON_CASES for dtype in (torch.float64, torch.bfloat16)] + \
+    [(torch.float32, case) for case in TRITON_CASES[::2]]
+
+
+@pytest.mark.parametrize("dtype, case", TRITON_DTYPE_CASES, ids=str)
 def test_triton_kernels_match_the_reference(case, dtype):
     """Forward outputs and every grad of triton_ghost_train against the reference in float64."""
     from ghostkernels import triton_ghost_train
