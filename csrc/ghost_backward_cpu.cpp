@@ -2,7 +2,7 @@
 // output holds x1 = act(z1) and act(z2), so the activation masks need no recomputation; the
 // depthwise transpose, both masks and the depthwise weight grads run in one pass, then two small
 // GEMMs give grad_x and grad_W1. A primary kernel larger than 1x1 gets its grads from
-// at::convolution_backward. channels_last tensors run on NCHW copies.
+// at::convolution_backward.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -31,6 +31,7 @@ struct BackwardArgs {
   const T* x;
   const T* w1;     // [init, inp]
   const T* w2;     // [ghosts, dw * dw]
+  const T* w2t;    // [dw * dw, ghosts]
   const T* masks;
   int64_t mask_stride;
   T* grad_x;       // 1x1 primary: grad of x (zeroed when a stride > 1 skips pixels); else nullptr
@@ -38,11 +39,11 @@ struct BackwardArgs {
   T* partials;     // per thread: gw1 [init * inp] (NCHW: transposed), gb1 [init], gw2, gb2
 };
 
-// More input than intrinsic channels: the gw1 partials are kept transposed (inp x init).
-bool gw1_transposed(const Geometry& g) { return g.inp > g.init; }
+// NCHW with more input than intrinsic channels keeps its gw1 partials transposed (inp x init).
+bool gw1_transposed(const Geometry& g) { return !g.channels_last && g.inp > g.init; }
 
-// One thread's gradient accumulators inside a shared array (gw1 transposed when inp > init,
-// see gw1_transposed).
+// One thread's gradient accumulators inside a shared array (NCHW with inp > init keeps gw1
+// transposed, see gw1_transposed).
 template <typename T>
 struct Partials {
   T *gw1, *gb1, *gw2, *gb2;
@@ -55,37 +56,58 @@ struct Partials {
   }
 };
 
-// grad_x[n, :, rows] += W1^T gz1 and gw1 += gz1 x^T for the band [r0, r1) of one image; gz1 is [init][p].
+// grad_x[n, :, rows] += W1^T gz1 and gw1 += gz1 x^T for the band [r0, r1) of one image.
+// gz1 is [init][p] (NCHW) or [p][init] (NHWC).
 template <typename T>
 GK_INLINE void primary_grads(const BackwardArgs<T>& a, int64_t n, int64_t r0, int64_t r1, const T* gz1,
-                             T* scratch, T* gw1, T* pack, T* gx_band, T* panel) {
+                   T* scratch, T* gw1, T* pack, T* gx_band, T* panel) {
   const Geometry& g = *a.g;
   const int64_t W = g.out_width, p = (r1 - r0) * W, s = g.stride;
   const bool strided = s != 1;
-  const T* xb = a.x + n * g.inp * g.height * g.width + r0 * g.width;
-  int64_t ld_x = g.height * g.width;
-  if (strided) {
-    for (int64_t k = 0; k < g.inp; ++k)
+  if (!g.channels_last) {
+    const T* xb = a.x + n * g.inp * g.height * g.width + r0 * g.width;
+    int64_t ld_x = g.height * g.width;
+    if (strided) {
+      for (int64_t k = 0; k < g.inp; ++k)
+        for (int64_t q = 0; q < p; ++q)
+          pack[k * p + q] = a.x[((n * g.inp + k) * g.height + (r0 + q / W) * s) * g.width + q % W * s];
+      xb = pack;
+      ld_x = p;
+    }
+    // gx[k][q] = sum_c W1[c][k] gz1[c][q]
+    T* gx = strided ? gx_band : a.grad_x + n * g.inp * g.height * g.width + r0 * g.width;
+    const int64_t ld_gx = strided ? p : g.height * g.width;
+    gemm_nn_call<T>(g.inp, p, g.init, a.w1, 1, g.inp, gz1, p, gx, ld_gx, false, panel);
+    if (strided)
+      for (int64_t k = 0; k < g.inp; ++k)
+        for (int64_t q = 0; q < p; ++q)
+          a.grad_x[((n * g.inp + k) * g.height + (r0 + q / W) * s) * g.width + q % W * s] = gx[k * p + q];
+    // Both operands of gw1 are pixel-contiguous: transpose the smaller one (into `scratch`).
+    if (gw1_transposed(g)) {  // gw1^T[k][c] += sum_q x[k][q] gz1^T[q][c]
+      transpose(gz1, g.init, p, p, scratch, g.init);
+      gemm_nn_call<T>(g.inp, g.init, p, xb, ld_x, 1, scratch, g.init, gw1, g.init, true, panel);
+    } else {  // gw1[c][k] += sum_q gz1[c][q] x^T[q][k]
+      transpose(xb, g.inp, p, ld_x, scratch, g.inp);
+      gemm_nn_call<T>(g.init, g.inp, p, gz1, p, 1, scratch, g.inp, gw1, g.inp, true, panel);
+    }
+  } else {
+    const T* xb = a.x + (n * g.height + r0) * g.width * g.inp;
+    if (strided) {
       for (int64_t q = 0; q < p; ++q)
-        pack[k * p + q] = a.x[((n * g.inp + k) * g.height + (r0 + q / W) * s) * g.width + q % W * s];
-    xb = pack;
-    ld_x = p;
-  }
-  // gx[k][q] = sum_c W1[c][k] gz1[c][q]
-  T* gx = strided ? gx_band : a.grad_x + n * g.inp * g.height * g.width + r0 * g.width;
-  const int64_t ld_gx = strided ? p : g.height * g.width;
-  gemm_nn_call<T>(g.inp, p, g.init, a.w1, 1, g.inp, gz1, p, gx, ld_gx, false, panel);
-  if (strided)
-    for (int64_t k = 0; k < g.inp; ++k)
+        std::memcpy(pack + q * g.inp,
+                    a.x + ((n * g.height + (r0 + q / W) * s) * g.width + q % W * s) * g.inp,
+                    g.inp * sizeof(T));
+      xb = pack;
+    }
+    // gx[q][k] = sum_c gz1[q][c] W1[c][k]
+    T* gx = strided ? gx_band : a.grad_x + (n * g.height + r0) * g.width * g.inp;
+    gemm_nn_call<T>(p, g.inp, g.init, gz1, g.init, 1, a.w1, g.inp, gx, g.inp, false, panel);
+    if (strided)
       for (int64_t q = 0; q < p; ++q)
-        a.grad_x[((n * g.inp + k) * g.height + (r0 + q / W) * s) * g.width + q % W * s] = gx[k * p + q];
-  // Both operands of gw1 are pixel-contiguous: transpose the smaller one (into `scratch`).
-  if (gw1_transposed(g)) {  // gw1^T[k][c] += sum_q x[k][q] gz1^T[q][c]
-    transpose(gz1, g.init, p, p, scratch, g.init);
-    gemm_nn_call<T>(g.inp, g.init, p, xb, ld_x, 1, scratch, g.init, gw1, g.init, true, panel);
-  } else {  // gw1[c][k] += sum_q gz1[c][q] x^T[q][k]
-    transpose(xb, g.inp, p, ld_x, scratch, g.inp);
-    gemm_nn_call<T>(g.init, g.inp, p, gz1, p, 1, scratch, g.inp, gw1, g.inp, true, panel);
+        std::memcpy(a.grad_x + ((n * g.height + (r0 + q / W) * s) * g.width + q % W * s) * g.inp,
+                    gx + q * g.inp, g.inp * sizeof(T));
+    // gw1[c][k] += sum_q gz1[q][c] x[q][k]
+    gemm_nn_call<T>(g.init, g.inp, p, gz1, 1, g.init, xb, g.inp, gw1, g.inp, true, panel);
   }
 }
 
@@ -135,10 +157,71 @@ GK_MULTIVERSION void backward_nchw(const BackwardArgs<T>& a, int64_t begin, int6
       gb1[c] += sum(gzc, p);
     }
     if (g.kernel == 1) {
-      primary_grads<T>(a, n, r0, r1, gz1.data(), scratch.data(), gw1, pack.data(), gx_band.data(), panel.data());
+      primary_grads(a, n, r0, r1, gz1.data(), scratch.data(), gw1, pack.data(), gx_band.data(), panel.data());
     } else {
       for (int64_t c = 0; c < g.init; ++c)
         std::memcpy(a.grad_z1 + ((n * g.init + c) * g.out_height + r0) * W, gz1.data() + c * p, p * sizeof(T));
+    }
+  }
+}
+
+template <typename T>
+GK_MULTIVERSION void backward_nhwc(const BackwardArgs<T>& a, int64_t begin, int64_t end) {
+  const Geometry& g = *a.g;
+  const Tiling& t = *a.t;
+  const int64_t W = g.out_width, pad = g.pad, dw = g.dw, taps_n = dw * dw, C = g.out_channels;
+  std::vector<T> gz2((t.rows + 2 * pad) * W * std::max<int64_t>(g.keep, 1));  // [row][col][ghost]
+  std::vector<T> gz1(t.rows * W * g.init);                                   // [q][channel]
+  std::vector<T> pack(g.stride != 1 ? t.rows * W * g.inp : 0), gx_band(pack.size());
+  std::vector<T> panel(kBlock * 2 * Simd<T>::lanes);
+  const Partials<T> part(a.partials, at::get_thread_num(), g);
+  T *gw1 = part.gw1, *gb1 = part.gb1, *gw2 = part.gw2, *gb2 = part.gb2;
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t n = item / t.bands, band = item % t.bands;
+    const int64_t r0 = band * t.rows, r1 = std::min(g.out_height, r0 + t.rows);
+    const int64_t h0 = std::max<int64_t>(0, r0 - pad), h1 = std::min(g.out_height, r1 + pad);
+    // gz2 row i holds output row r0 - pad + i; rows outside the image are never read.
+    for (int64_t h = h0; h < h1; ++h)
+      for (int64_t w = 0; w < W; ++w) {
+        const int64_t off = ((n * g.out_height + h) * W + w) * C + g.init;
+        T* dst = gz2.data() + ((h - r0 + pad) * W + w) * g.keep;
+        for (int64_t j = 0; j < g.keep; ++j) dst[j] = activation_grad(a.grad[off + j], a.out[off + j], g.act);
+      }
+    for (int64_t h = r0; h < r1; ++h)
+      for (int64_t w = 0; w < W; ++w) {
+        const int64_t off = ((n * g.out_height + h) * W + w) * C;
+        T* gzq = gz1.data() + ((h - r0) * W + w) * g.init;
+        std::memcpy(gzq, a.grad + off, g.init * sizeof(T));
+        const T* gz2q = gz2.data() + ((h - r0 + pad) * W + w) * g.keep;
+        for (int64_t j = 0; j < g.keep; ++j) gb2[j] += gz2q[j];
+        for (int64_t dy = 0; dy < dw; ++dy)
+          for (int64_t dx = 0; dx < dw; ++dx) {
+            const int64_t sy = dy - pad, sx = dx - pad;
+            const int64_t tp = dy * dw + dx;
+            const T* wt = a.w2t + tp * g.ghosts;
+            // Adjoint: grad of x1 at (h, w) gathers gz2 at (h - sy, w - sx).
+            const int64_t ha = h - sy, wa = w - sx;
+            if (ha >= 0 && ha < g.out_height && wa >= 0 && wa < W) {
+              const T* s = gz2.data() + ((ha - r0 + pad) * W + wa) * g.keep;
+              for (int64_t j = 0; j < g.keep; ++j) gzq[j / g.copies] += wt[j] * s[j];
+            }
+            // Weight grad: gz2 at (h, w) times x1 at (h + sy, w + sx).
+            const int64_t hb = h + sy, wb = w + sx;
+            if (hb >= 0 && hb < g.out_height && wb >= 0 && wb < W) {
+              const T* y = a.out + ((n * g.out_height + hb) * W + wb) * C;
+              for (int64_t j = 0; j < g.keep; ++j) gw2[j * taps_n + tp] += gz2q[j] * y[j / g.copies];
+            }
+          }
+        const T* y1 = a.out + off;
+        for (int64_t c = 0; c < g.init; ++c) {
+          gzq[c] = activation_grad(gzq[c], y1[c], g.act);
+          gb1[c] += gzq[c];
+        }
+      }
+    if (g.kernel == 1) {
+      primary_grads<T>(a, n, r0, r1, gz1.data(), nullptr, gw1, pack.data(), gx_band.data(), panel.data());
+    } else {
+      std::memcpy(a.grad_z1 + (n * g.out_height + r0) * W * g.init, gz1.data(), (r1 - r0) * W * g.init * sizeof(T));
     }
   }
 }
@@ -147,15 +230,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_mod
     const at::Tensor& grad_in, const at::Tensor& out_in, const at::Tensor& x_in, const at::Tensor& w1_in,
     const c10::optional<at::Tensor>& b1, const at::Tensor& w2_in, const c10::optional<at::Tensor>& b2,
     int64_t out_channels, int64_t stride, c10::string_view activation) {
-  Geometry g = check_and_describe(x_in, w1_in, b1, w2_in, b2, out_channels, stride, activation);
+  const Geometry g = check_and_describe(x_in, w1_in, b1, w2_in, b2, out_channels, stride, activation);
   const std::vector<int64_t> out_shape{g.batch, out_channels, g.out_height, g.out_width};
   TORCH_CHECK(grad_in.sizes() == out_shape && out_in.sizes() == out_shape,
               "ghost_module_backward: grad and out must have shape ", out_shape);
-  // channels_last runs on NCHW copies, grad_x given back in x's format: the NHWC kernel this
-  // replaced ran 1.2-7.5x slower than copies + NCHW kernel on every GhostNet shape tried (batch 1, 8).
-  const at::MemoryFormat x_format = memory_format(g), fmt = at::MemoryFormat::Contiguous;
-  g.channels_last = false;
-  const at::Tensor x = x_in.contiguous(), grad = grad_in.contiguous(), out = out_in.contiguous();
+  const at::MemoryFormat fmt = memory_format(g);
+  const at::Tensor x = x_in.contiguous(fmt), grad = grad_in.contiguous(fmt), out = out_in.contiguous(fmt);
   const at::Tensor w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
   // 1x1 primary: bands write every element of grad_x except where a strided primary skips
   // pixels. A larger primary gets grad_x from convolution_backward below.
@@ -173,12 +253,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_mod
       Tiling t = choose_tiling(g, sizeof(T), false, 1024 * 1024, 2);
       const int64_t mask_rows = t.rows + 2 * g.pad;
       const std::vector<T> masks = column_masks<T>(g, mask_rows);
+      const std::vector<T> w2t = transposed(w2.data_ptr<T>(), g.ghosts, g.dw * g.dw);
       BackwardArgs<T> a{&g, &t, grad.data_ptr<T>(), out.data_ptr<T>(), x.data_ptr<T>(), w1.data_ptr<T>(),
-                        w2.data_ptr<T>(), masks.data(), mask_stride(g, mask_rows),
+                        w2.data_ptr<T>(), w2t.data(), masks.data(), mask_stride(g, mask_rows),
                         grad_x.defined() ? grad_x.data_ptr<T>() : nullptr,
                         grad_z1.defined() ? grad_z1.data_ptr<T>() : nullptr,
                         partials.data()};
-      at::parallel_for(0, g.batch * t.bands, 1, [&](int64_t begin, int64_t end) { backward_nchw(a, begin, end); });
+      at::parallel_for(0, g.batch * t.bands, 1, [&](int64_t begin, int64_t end) {
+        if (g.channels_last) backward_nhwc(a, begin, end);
+        else backward_nchw(a, begin, end);
+      });
     }
     // Sum the per-thread partials in thread order: deterministic for a fixed thread count.
     const int64_t taps_n = g.dw * g.dw;
@@ -202,7 +286,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_mod
     grad_x = std::get<0>(grads);
     gw1 = std::get<1>(grads);
   }
-  return {grad_x.contiguous(x_format), gw1, gb1, gw2, gb2};
+  return {grad_x, gw1, gb1, gw2, gb2};
 }
 }  // namespace
 

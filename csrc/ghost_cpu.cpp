@@ -34,15 +34,6 @@
 namespace ghostkernels {
 namespace {
 
-// rows x cols -> cols x rows
-template <typename T>
-std::vector<T> transposed(const T* src, int64_t rows, int64_t cols) {
-  std::vector<T> dst(rows * cols);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = src[r * cols + c];
-  return dst;
-}
-
 // ---------------------------------------------------------------------------------------
 // Forward
 

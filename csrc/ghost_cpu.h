@@ -1,12 +1,13 @@
 // What the Ghost module's inference kernels (ghost_cpu.cpp) and its backward
 // (ghost_backward_cpu.cpp) share: how a call is cut into work items, the argument checks that
-// describe its geometry, and the memory format of a call. Two translation units, so that the build
+// describe its geometry, and small layout helpers. Two translation units, so that the build
 // compiles them on two cores (ghost_cpu.cpp alone took 6.5 minutes, the longest of the build).
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <vector>
 
 #include "ghost_common.h"
 
@@ -33,6 +34,15 @@ Geometry check_and_describe(const at::Tensor& x, const at::Tensor& w1, const c10
 
 inline at::MemoryFormat memory_format(const Geometry& g) {
   return g.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+// rows x cols -> cols x rows
+template <typename T>
+std::vector<T> transposed(const T* src, int64_t rows, int64_t cols) {
+  std::vector<T> dst(rows * cols);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = src[r * cols + c];
+  return dst;
 }
 
 }  // namespace ghostkernels
