@@ -30,7 +30,8 @@ struct Simd {
 };
 
 // dst[i] = src[i] for i < n, inline: std::copy and memcpy call memmove, which cost more than the
-// copy on the short rows of small planes (7-28 elements).
+// copy on the short rows of small planes (7-28 elements). Inline only with setup.py's
+// -fno-tree-loop-distribute-patterns: GCC otherwise makes this loop a memmove call again.
 template <typename T>
 GK_INLINE void copy_run(T* __restrict dst, const T* __restrict src, int64_t n) {
 #pragma omp simd
@@ -49,10 +50,13 @@ struct Unchanged {
 // C[i, j] (+)= sum_k A[i * a_si + k * a_sk] * B[k * ldb + j] for i < M, j < N, with NV
 // vectors of B's columns per register tile (16 accumulators either way), and finish(i, v) of
 // each vector v of row i's finished sums is what is stored (a bias and an activation applied
-// while the tile is in registers, not in another pass over C). A column tail of B is
-// copied, zero-padded, into `panel` (kBlock * 2 * lanes) so that no load reads past the matrix.
-// Full panels are read in place: packing them for reuse across row blocks cost more than it
-// saved on every GhostNet shape (bench/report.py, forward 8% faster in geometric mean without).
+// while the tile is in registers, not in another pass over C).
+// B is read in place, a column tail too: its loads run on past the tail into the rest of B's
+// span (the next row), and the lanes beyond N are never stored. Only the last rows, whose loads would pass B's last element,
+// are copied, zero-padded, into `panel` (kBlock * 2 * lanes). Copying every row of the tail
+// (the kernel before this one) cost up to 40% of a 7x7 plane's GEMM (N = 49, K = 960: 87 -> 49
+// us). Full panels are not packed either: packing them for reuse across row blocks cost more
+// than it saved on every GhostNet shape (bench/report.py, forward 8% faster in geometric mean without).
 template <typename T, int NV, typename Finish>
 GK_INLINE void gemm_tiles(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_si, int64_t a_sk,
                           const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate, T* panel, Finish finish) {
@@ -61,20 +65,23 @@ GK_INLINE void gemm_tiles(int64_t M, int64_t N, int64_t K, const T* A, int64_t a
   constexpr int L = S::lanes;
   constexpr int NR = NV * L;
   constexpr int MR = 16 / NV;
+  const int64_t b_size = (K - 1) * ldb + N;  // B's elements from B[0] to its last one
   for (int64_t k0 = 0; k0 < K; k0 += kBlock) {
     const int64_t kb = std::min(kBlock, K - k0);
     const bool add = accumulate || k0 > 0, last = k0 + kb == K;
     for (int64_t j0 = 0; j0 < N; j0 += NR) {
       const int64_t nr = std::min<int64_t>(NR, N - j0);
       const T* b = B + k0 * ldb + j0;
-      int64_t ldp = ldb;
+      // Rows [0, split) of this block are read in place (row k's loads end at k * ldb + NR), the
+      // rest from the panel.
+      int64_t split = kb;
       if (nr < NR) {
-        for (int64_t k = 0; k < kb; ++k) {
-          std::memcpy(panel + k * NR, b + k * ldb, nr * sizeof(T));
-          std::fill(panel + k * NR + nr, panel + (k + 1) * NR, T(0));
+        const int64_t room = b_size - (k0 * ldb + j0);
+        split = room < NR ? 0 : std::min(kb, ldb > 0 ? (room - NR) / ldb + 1 : kb);
+        for (int64_t k = split; k < kb; ++k) {
+          copy_run(panel + (k - split) * NR, b + k * ldb, nr);
+          std::fill(panel + (k - split) * NR + nr, panel + (k - split + 1) * NR, T(0));
         }
-        b = panel;
-        ldp = NR;
       }
       for (int64_t i0 = 0; i0 < M; i0 += MR) {
         const int64_t mr = std::min<int64_t>(MR, M - i0);
@@ -83,14 +90,19 @@ GK_INLINE void gemm_tiles(int64_t M, int64_t N, int64_t K, const T* A, int64_t a
         V acc[MR][NV];
         for (int r = 0; r < MR; ++r)
           for (int v = 0; v < NV; ++v) acc[r][v] = V{};
-        for (int64_t k = 0; k < kb; ++k) {
-          V bv[NV];
-          for (int v = 0; v < NV; ++v) bv[v] = S::load(b + k * ldp + v * L);
-          const int64_t ak = k * a_sk;
+        // Two runs over k: rows [0, split) of B in place, then the rest from the panel.
+        for (int run = 0; run < (split < kb ? 2 : 1); ++run) {
+          const T* rows = run ? panel : b;
+          const int64_t ld = run ? NR : ldb, k_begin = run ? split : 0, k_end = run ? kb : split;
+          for (int64_t k = k_begin; k < k_end; ++k) {
+            V bv[NV];
+            for (int v = 0; v < NV; ++v) bv[v] = S::load(rows + (k - k_begin) * ld + v * L);
+            const int64_t ak = k * a_sk;
 #pragma GCC unroll 16
-          for (int r = 0; r < MR; ++r) {
-            const T a = a_row[r][ak];
-            for (int v = 0; v < NV; ++v) acc[r][v] += a * bv[v];
+            for (int r = 0; r < MR; ++r) {
+              const T a = a_row[r][ak];
+              for (int v = 0; v < NV; ++v) acc[r][v] += a * bv[v];
+            }
           }
         }
         for (int64_t r = 0; r < mr; ++r) {
