@@ -4,7 +4,7 @@
 // into an output from the output cache. oneDNN's NCHW 1x1 conv reorders its input and weight
 // on every call; MKL's batched GEMM (the kernel before this one) split GhostNet's small batch-1
 // shortcut convs badly across threads; ATen's baddbmm writes a fresh tensor that page-faults
-// at batch 8.
+// at batch 8. Below it, pointwise_conv2d_pool: the same GEMM, its rows averaged in a scratch.
 
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
@@ -16,6 +16,7 @@
 
 #include "amx_gemm.h"
 #include "gemm.h"
+#include "ghost_common.h"
 #include "multiversion.h"
 #include "output_pool.h"
 #include "scratch.h"
@@ -90,16 +91,23 @@ GK_MULTIVERSION void pointwise_dots(int64_t batch, int64_t inputs, int64_t outpu
   }
 }
 
-at::Tensor pointwise_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 4, "pointwise_conv2d: x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
+// The arguments of `op` (pointwise_conv2d or its pooled form) checked; whether the GEMM kernels
+// take them (NCHW float32/float64 throughout) or the library conv does.
+bool check_pointwise(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                     const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
   TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x.size(1) && weight.size(2) == 1 && weight.size(3) == 1,
-              "pointwise_conv2d: weight must be (C_out, ", x.size(1), ", 1, 1), got ", weight.sizes());
+              op, ": weight must be (C_out, ", x.size(1), ", 1, 1), got ", weight.sizes());
   // With no input channels F.conv2d (the other path) returns no output channels and the GEMM C_out of bias.
-  TORCH_CHECK(x.size(1) > 0, "pointwise_conv2d: x must have at least one channel, got ", x.sizes());
+  TORCH_CHECK(x.size(1) > 0, op, ": x must have at least one channel, got ", x.sizes());
   TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == weight.size(0)),
-              "pointwise_conv2d: bias must have shape (", weight.size(0), ",)");
-  const bool fast = x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) &&
-                    weight.scalar_type() == x.scalar_type() && (!bias.has_value() || bias->scalar_type() == x.scalar_type());
+              op, ": bias must have shape (", weight.size(0), ",)");
+  return x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) &&
+         weight.scalar_type() == x.scalar_type() && (!bias.has_value() || bias->scalar_type() == x.scalar_type());
+}
+
+at::Tensor pointwise_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  const bool fast = check_pointwise("pointwise_conv2d", x, weight, bias);
   // NCHW out whatever x's layout, as the fake kernel promises.
   if (!fast) return at::conv2d(x, weight, bias).contiguous();
   const int64_t batch = x.size(0), inputs = x.size(1), outputs = weight.size(0), pixels = x.size(2) * x.size(3);
@@ -141,8 +149,81 @@ at::Tensor pointwise_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, c
   return out;
 }
 
+// ghostkernels::pointwise_conv2d_pool: mean over each plane of act(W x[n] + b), (N, C_out, 1, 1):
+// a network's last 1x1 conv, its activation and the global average pool that follows (freeze()
+// makes one op of the three). Per work item (image, block of output channels) the GEMM's rows
+// go into a cache-sized scratch and are summed there: the conv's output is never written out
+// and read back by the pool.
+template <typename T>
+GK_MULTIVERSION void pooled_items(const PointwiseArgs& a, bool relu, const T* x, const T* w, const T* b, T* out,
+                                  int64_t begin, int64_t end) {
+  Scratch scratch;
+  T* panel = scratch.take<T>(kBlock * 2 * Simd<T>::lanes);
+  T* rows = scratch.take<T>(a.block * a.pixels);
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t c0 = item % a.blocks * a.block, n = item / a.blocks;
+    const int64_t channels = std::min(a.block, a.outputs - c0);
+    if (channels <= 0) continue;
+    const T* bias = b ? b + c0 : nullptr;
+    const T* xn = x + n * a.inputs * a.pixels;
+    // `v < 0 ? 0 : v` keeps NaN, as torch.relu does.
+    const auto finish = [bias, relu](int64_t c, auto v) __attribute__((always_inline)) {
+      v = bias ? v + bias[c] : v;
+      return relu ? (v < 0 ? decltype(v){} : v) : v;
+    };
+    bool on_amx = false;
+    if constexpr (std::is_same_v<T, float>) {
+      on_amx = a.bf16_gemm;
+      if (on_amx) {
+        gemm_bf16_amx(channels, a.pixels, a.inputs, w + c0 * a.inputs, a.inputs, 1, xn, a.pixels, rows, a.pixels);
+        finish_rows<T>(channels, a.pixels, rows, a.pixels, finish);
+      }
+    }
+    if (!on_amx) gemm_nn<T>(channels, a.pixels, a.inputs, w + c0 * a.inputs, a.inputs, 1, xn, a.pixels, rows, a.pixels,
+                            false, panel, finish);
+    for (int64_t c = 0; c < channels; ++c) out[n * a.outputs + c0 + c] = sum(rows + c * a.pixels, a.pixels) / T(a.pixels);
+  }
+}
+
+at::Tensor pointwise_conv2d_pool_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                                     c10::string_view activation) {
+  const bool fast = check_pointwise("pointwise_conv2d_pool", x, weight, bias);
+  TORCH_CHECK(x.size(2) > 0 && x.size(3) > 0, "pointwise_conv2d_pool: x must have a non-empty plane to average, got ",
+              x.sizes());
+  TORCH_CHECK(activation == "relu" || activation == "none",
+              "pointwise_conv2d_pool: activation must be 'relu' or 'none', got '", std::string(activation), "'");
+  const bool relu = activation == "relu";
+  if (!fast) {
+    at::Tensor z = at::conv2d(x, weight, bias);
+    return (relu ? z.relu_() : z).mean({2, 3}, /*keepdim=*/true).contiguous();
+  }
+  const int64_t batch = x.size(0), inputs = x.size(1), outputs = weight.size(0), pixels = x.size(2) * x.size(3);
+  at::Tensor out = at::empty({batch, outputs, 1, 1}, x.options());
+  if (out.numel() == 0) return out;
+  const at::Tensor w = weight.contiguous(), b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  PointwiseArgs a{inputs, outputs, pixels, 1, 1, outputs, bf16_gemm_enabled(x.scalar_type(), inputs)};
+  // Output-channel blocks whose rows fit the scratch (256 KiB), then until every thread has an item.
+  auto reblock = [&](int64_t blocks) {
+    a.blocks = blocks;
+    a.block = (outputs + blocks - 1) / blocks;
+  };
+  const int64_t row_bytes = pixels * int64_t(x.element_size());
+  while (a.block > kMinChannelBlock && a.block * row_bytes > 256 * 1024) reblock(a.blocks * 2);
+  while (batch * a.blocks < at::get_num_threads() && a.block >= 2 * kMinChannelBlock) reblock(a.blocks * 2);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pointwise_conv2d_pool_cpu", [&] {
+    at::parallel_for(0, batch * a.blocks, 1, [&](int64_t begin, int64_t end) {
+      pooled_items<scalar_t>(a, relu, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
+                             b.defined() ? b.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), begin, end);
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ghostkernels, CPU, m) { m.impl("pointwise_conv2d", &pointwise_conv2d_cpu); }
+TORCH_LIBRARY_IMPL(ghostkernels, CPU, m) {
+  m.impl("pointwise_conv2d", &pointwise_conv2d_cpu);
+  m.impl("pointwise_conv2d_pool", &pointwise_conv2d_pool_cpu);
+}
 
 }  // namespace ghostkernels

@@ -19,6 +19,7 @@ from torch import nn
 
 from .acceleration import _relative_error, _tolerance
 from .ghost_residual import fuse_residual_adds
+from .pointwise_pool import fuse_pointwise_pools
 
 # ghostkernels' own forwards raise TracerWarnings about shape tests whose outcome the trace
 # keeps, harmlessly: check_input's argument checks (the kernels check again).
@@ -106,7 +107,8 @@ def freeze(model, example_inputs):
     - It takes the example's dtypes and device (other ones raise a TypeError); other batch
       sizes, resolutions and memory formats run the same graph.
     - A Ghost op followed by an in-place residual add (a bottleneck's ghost2 and shortcut)
-      becomes one `ghost_module_residual` op in the graph.
+      becomes one `ghost_module_residual` op in the graph, and a 1x1 conv followed by a ReLU and
+      the global average pool (GhostNet's last block and pool) one `pointwise_conv2d_pool`.
     - The trace is checked before it is returned: on the example, on fresh random inputs of
       its shape and on ones with one more image, the frozen model must give the model's
       outputs within accelerate()'s self-check tolerance (1e-5 relative in float32). A forward
@@ -127,6 +129,7 @@ def freeze(model, example_inputs):
         traced = torch.jit.trace(copy.deepcopy(model), inputs, check_trace=False, strict=False)
         graph = torch.jit.freeze(traced.eval())
         fuse_residual_adds(graph.graph)
+        fuse_pointwise_pools(graph.graph)
     for warning in caught:
         source = os.path.abspath(warning.filename)
         if issubclass(warning.category, torch.jit.TracerWarning):

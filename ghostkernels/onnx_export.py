@@ -20,7 +20,7 @@ exporting (GGhostStage then takes the functional path, as under torch.compile).
 import torch
 
 from . import cheap_mix as _cheap_mix
-from . import direct_conv, modules, squeeze_excite
+from . import direct_conv, modules, pointwise_pool, squeeze_excite
 from .reference import ghost_module_gated_reference, ghost_module_reference, output_memory_format
 
 __all__ = ["COMPOSITIONS", "composed"]
@@ -68,6 +68,7 @@ COMPOSITIONS = {
     "squeeze_excite_gate": squeeze_excite._gate_composed,
     "direct_conv2d": direct_conv._fallback,
     "pointwise_conv2d": modules._pointwise_composed,
+    "pointwise_conv2d_pool": pointwise_pool._composed,
     "cheap_mix": _cheap_mix.cheap_mix_reference,
 }
 
@@ -194,6 +195,11 @@ def _symbolics():
     def pointwise_conv2d(g, x, weight, bias):
         return _conv(g, x, weight, bias, 1, 1)
 
+    @h.parse_args("v", "v", "v", "s")
+    def pointwise_conv2d_pool(g, x, weight, bias, activation):
+        out = _conv(g, x, weight, bias, 1, 1)
+        return g.op("GlobalAveragePool", g.op("Relu", out) if activation == "relu" else out)
+
     @h.parse_args("v", "v", "v", "v", "i")
     def cheap_mix(g, x, weight, bias, mix, channel_offset):
         cin = _size(weight, 1, "weight")
@@ -203,7 +209,7 @@ def _symbolics():
 
     return {f.__name__: f for f in (ghost_module, ghost_module_gated, ghost_module_depthwise, ghost_module_scaled,
                                     ghost_module_residual, squeeze_excite_gate, direct_conv2d, pointwise_conv2d,
-                                    cheap_mix)}
+                                    pointwise_conv2d_pool, cheap_mix)}
 
 
 SYMBOLICS = _symbolics()

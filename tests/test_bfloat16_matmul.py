@@ -118,6 +118,18 @@ def test_pointwise_conv2d(precision, size, batch):
         assert relative_error(out, rounded) < 1e-5
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_pointwise_conv2d_pool(precision, batch):
+    """GhostNet's last 1x1 conv, ReLU and pool (what freeze() fuses): the GEMM on AMX as
+    pointwise_conv2d's, then the same ReLU and mean."""
+    x, weight, bias = torch.randn(batch, 160, 7, 7), torch.randn(96, 160, 1, 1) / 13, torch.randn(96)
+    precision("medium")
+    out = ops.pointwise_conv2d_pool(x, weight, bias, "relu")
+    operands = (x.bfloat16(), weight.bfloat16()) if AMX else (x, weight)
+    expected = F.relu(F.conv2d(operands[0].double(), operands[1].double(), bias.double())).mean((2, 3), keepdim=True)
+    assert relative_error(out, expected) < 1e-5
+
+
 def test_backends_says_whether_it_is_on(precision):
     precision("medium")
     status = ghostkernels.backends()["cpu"]["bfloat16_matmul"]
