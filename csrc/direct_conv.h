@@ -37,8 +37,10 @@ struct PlaneGeometry {
     bands_ = (out_height + band_rows_ - 1) / band_rows_;
     max_input_rows_ = (band_rows_ + halo_rows_) * stride;
     flat_size_ = (band_rows_ * phase_width_ + kVectorBlock - 1) / kVectorBlock * kVectorBlock;
-    phase_size_ = flat_size_ + halo_rows_ * (phase_width_ + 1);
-    split_size_ = stride == 1 ? 0 : max_input_rows_ * width + 1;
+    // a vector's slack after each phase and each half of the split: short rows are written and
+    // read as whole vectors (one_vector_rows)
+    phase_size_ = flat_size_ + halo_rows_ * (phase_width_ + 1) + Simd<T>::lanes;
+    split_size_ = stride == 1 ? 0 : max_input_rows_ * width + 1 + 2 * Simd<T>::lanes;
   }
   int64_t pad() const { return pad_; }
   int64_t phase_width() const { return phase_width_; }
@@ -86,6 +88,33 @@ GK_INLINE void deinterleave(const T* src, int64_t n, T* evens, T* odds) {
   for (int64_t i = 2 * j; i < n; ++i) (i % 2 ? odds : evens)[i / 2] = src[i];
 }
 
+// dst[0, L) = LEAD zeros, src[0, n), then zeros (L = the vector's lanes, LEAD + n <= L), as one
+// vector store: a phase row of a small plane with its padding, where a copy loop of n = 7-15
+// elements ran element by element. src has L readable elements; dst L writable ones, those past
+// the row being the next row's (written after it) or padding that must be zero.
+template <typename T, int LEAD>
+GK_INLINE void padded_row(T* dst, const T* src, int64_t n) {
+  using S = Simd<T>;
+  using V = typename S::vec;
+  static constexpr auto table = [] {  // the lanes shifted up by LEAD behind zeros, and the lane indices
+    struct {
+      typename S::lane_t from[S::lanes];
+      T lane[S::lanes];
+    } t{};
+    for (int l = 0; l < S::lanes; ++l) {
+      t.from[l] = l < LEAD ? 0 : S::lanes + l - LEAD;  // below S::lanes: the zero vector's lanes
+      t.lane[l] = T(l);
+    }
+    return t;
+  }();
+  typename S::index from;
+  V lane;
+  std::memcpy(&from, table.from, sizeof(from));
+  std::memcpy(&lane, table.lane, sizeof(lane));
+  const V row = __builtin_shuffle(V{}, S::load(src), from);
+  S::store(dst, lane < T(LEAD + n) ? row : V{});  // one compare and select, as masked_dot's tail
+}
+
 // The zero-padded phases of one input plane's rows for the band of output rows from oh0. x points
 // at the plane's row x_row0 (0 for a whole plane); the band's rows are read from there on.
 template <typename T, int S>
@@ -100,6 +129,8 @@ GK_INLINE void fill_phases(const T* x, int64_t x_row0, const PlaneGeometry<T>& g
   // vector pass (short rows would not fill a vector) and are then copied row by row
   const int64_t half_width = g.width / 2;
   const bool split_band = S == 2 && g.width % 2 == 0 && g.width < 4 * L;
+  // a phase row, its padding included, fits one vector (planes up to 30 wide in float32, 14 in float64)
+  const bool one_vector_rows = pad <= 2 && 1 + half_width <= L;
   if (split_band) deinterleave(x + (ih_begin - x_row0) * g.width, (ih_end - ih_begin) * g.width, split, split + g.split_size() / 2);
   for (int64_t ih = ih_begin; ih < ih_end; ++ih) {
     const int64_t row = ih + pad;
@@ -114,6 +145,16 @@ GK_INLINE void fill_phases(const T* x, int64_t x_row0, const PlaneGeometry<T>& g
     T* odd_dst = dst + (1 - pad % 2) * phase_size + (pad + 1) / 2;
     if (split_band) {
       const T* evens = split + (ih - ih_begin) * half_width;
+      if (one_vector_rows) {
+        // column ix sits at (ix + pad) / 2: the even phase row leads with pad / 2 zeros, the odd
+        // one with (pad + 1) / 2, each 0 or 1 for k <= 5
+        const T* odds = evens + g.split_size() / 2;
+        if (pad / 2 == 0) padded_row<T, 0>(even_dst, evens, half_width);
+        else padded_row<T, 1>(even_dst - 1, evens, half_width);
+        if ((pad + 1) / 2 == 0) padded_row<T, 0>(odd_dst, odds, half_width);
+        else padded_row<T, 1>(odd_dst - 1, odds, half_width);
+        continue;
+      }
       copy_run(even_dst, evens, half_width);
       copy_run(odd_dst, evens + g.split_size() / 2, half_width);
     } else {
@@ -155,10 +196,18 @@ GK_INLINE void band_outputs(const T* phases, const T* w, const T* bias, int64_t 
     for (int c = 0; c < CO; ++c)
       for (int v = 0; v < 4; ++v) Simd<T>::store(flat + c * flat_size + f0 + v * L, acc[c][v]);
   }
+  // A row no wider than a vector is stored as a whole vector while that stays inside this band's
+  // rows and the flat buffer: the lanes past it land on the band's next rows, stored after it.
+  const int64_t out_width = g.out_width, vector_rows = out_width <= L ? rows : 0;
   for (int c = 0; c < CO; ++c) {
-    T* plane = out + (co + c) * g.out_height * g.out_width;
-    for (int64_t r = 0; r < rows; ++r)
-      copy_run(plane + (oh0 + r) * g.out_width, flat + c * flat_size + r * phase_width, g.out_width);
+    T* plane = out + (co + c) * g.out_height * out_width + oh0 * out_width;
+    const T* rows_c = flat + c * flat_size;
+    for (int64_t r = 0; r < rows; ++r) {
+      if (r < vector_rows && r * out_width + L <= rows * out_width && r * phase_width + L <= flat_size)
+        Simd<T>::store(plane + r * out_width, Simd<T>::load(rows_c + r * phase_width));
+      else
+        copy_run(plane + r * out_width, rows_c + r * phase_width, out_width);
+    }
   }
 }
 

@@ -13,7 +13,10 @@ from conftest import make_input
 
 
 # (12, 14): even rows shorter than a vector pair; (37, 70): rows split one by one, several L1 bands
-SIZES = [(9, 11), (2, 1), (12, 14), (37, 70)]
+# odd and even widths; rows that fit one vector with their padding (14 and 28 wide: float64 and
+# float32), in one band and, 700 rows high, in several (rows stored as whole vectors must stay
+# inside their band); 70 wide: several vectors per row
+SIZES = [(9, 11), (2, 1), (12, 14), (11, 28), (700, 10), (37, 70)]
 
 
 @pytest.mark.parametrize("k, stride, channels_last, bias, size",
