@@ -38,7 +38,7 @@ struct PlaneGeometry {
     max_input_rows_ = (band_rows_ + halo_rows_) * stride;
     flat_size_ = (band_rows_ * phase_width_ + kVectorBlock - 1) / kVectorBlock * kVectorBlock;
     // a vector's slack after each phase and each half of the split: short rows are written and
-    // read as whole vectors (one_vector_rows)
+    // read as whole vectors (padded_row)
     phase_size_ = flat_size_ + halo_rows_ * (phase_width_ + 1) + Simd<T>::lanes;
     split_size_ = stride == 1 ? 0 : max_input_rows_ * width + 1 + 2 * Simd<T>::lanes;
   }
@@ -88,10 +88,11 @@ GK_INLINE void deinterleave(const T* src, int64_t n, T* evens, T* odds) {
   for (int64_t i = 2 * j; i < n; ++i) (i % 2 ? odds : evens)[i / 2] = src[i];
 }
 
-// dst[0, L) = LEAD zeros, src[0, n), then zeros (L = the vector's lanes, LEAD + n <= L), as one
-// vector store: a phase row of a small plane with its padding, where a copy loop of n = 7-15
-// elements ran element by element. src has L readable elements; dst L writable ones, those past
-// the row being the next row's (written after it) or padding that must be zero.
+// dst[0, LEAD) = zeros, then src[0, n), then zeros up to a whole number of vectors, as vector
+// stores: a phase row of a small plane with its padding, where a copy loop of n = 7-31
+// elements ran element by element. src has a vector's slack readable after n; dst as many
+// writable elements, those past the row being the next row's (written after it) or padding
+// that must be zero.
 template <typename T, int LEAD>
 GK_INLINE void padded_row(T* dst, const T* src, int64_t n) {
   using S = Simd<T>;
@@ -113,6 +114,8 @@ GK_INLINE void padded_row(T* dst, const T* src, int64_t n) {
   std::memcpy(&lane, table.lane, sizeof(lane));
   const V row = __builtin_shuffle(V{}, S::load(src), from);
   S::store(dst, lane < T(LEAD + n) ? row : V{});  // one compare and select, as masked_dot's tail
+  for (int64_t c = S::lanes; c < LEAD + n; c += S::lanes)
+    S::store(dst + c, lane < T(LEAD + n - c) ? S::load(src + c - LEAD) : V{});
 }
 
 // The zero-padded phases of one input plane's rows for the band of output rows from oh0. x points
@@ -129,8 +132,7 @@ GK_INLINE void fill_phases(const T* x, int64_t x_row0, const PlaneGeometry<T>& g
   // vector pass (short rows would not fill a vector) and are then copied row by row
   const int64_t half_width = g.width / 2;
   const bool split_band = S == 2 && g.width % 2 == 0 && g.width < 4 * L;
-  // a phase row, its padding included, fits one vector (planes up to 30 wide in float32, 14 in float64)
-  const bool one_vector_rows = pad <= 2 && 1 + half_width <= L;
+  const bool vector_rows = pad <= 2;  // padded_row's LEAD: 0 or 1
   if (split_band) deinterleave(x + (ih_begin - x_row0) * g.width, (ih_end - ih_begin) * g.width, split, split + g.split_size() / 2);
   for (int64_t ih = ih_begin; ih < ih_end; ++ih) {
     const int64_t row = ih + pad;
@@ -145,7 +147,7 @@ GK_INLINE void fill_phases(const T* x, int64_t x_row0, const PlaneGeometry<T>& g
     T* odd_dst = dst + (1 - pad % 2) * phase_size + (pad + 1) / 2;
     if (split_band) {
       const T* evens = split + (ih - ih_begin) * half_width;
-      if (one_vector_rows) {
+      if (vector_rows) {
         // column ix sits at (ix + pad) / 2: the even phase row leads with pad / 2 zeros, the odd
         // one with (pad + 1) / 2, each 0 or 1 for k <= 5
         const T* odds = evens + g.split_size() / 2;
@@ -196,17 +198,22 @@ GK_INLINE void band_outputs(const T* phases, const T* w, const T* bias, int64_t 
     for (int c = 0; c < CO; ++c)
       for (int v = 0; v < 4; ++v) Simd<T>::store(flat + c * flat_size + f0 + v * L, acc[c][v]);
   }
-  // A row no wider than a vector is stored as a whole vector while that stays inside this band's
+  // A row of at most two vectors is stored as whole vectors while they stay inside this band's
   // rows and the flat buffer: the lanes past it land on the band's next rows, stored after it.
-  const int64_t out_width = g.out_width, vector_rows = out_width <= L ? rows : 0;
+  const int64_t out_width = g.out_width, span = (out_width + L - 1) / L * L;
+  const bool vector_rows = span <= 2 * L;
   for (int c = 0; c < CO; ++c) {
     T* plane = out + (co + c) * g.out_height * out_width + oh0 * out_width;
     const T* rows_c = flat + c * flat_size;
     for (int64_t r = 0; r < rows; ++r) {
-      if (r < vector_rows && r * out_width + L <= rows * out_width && r * phase_width + L <= flat_size)
-        Simd<T>::store(plane + r * out_width, Simd<T>::load(rows_c + r * phase_width));
-      else
-        copy_run(plane + r * out_width, rows_c + r * phase_width, out_width);
+      T* dst = plane + r * out_width;
+      const T* src = rows_c + r * phase_width;
+      if (vector_rows && r * out_width + span <= rows * out_width && r * phase_width + span <= flat_size) {
+        Simd<T>::store(dst, Simd<T>::load(src));
+        if (span > L) Simd<T>::store(dst + L, Simd<T>::load(src + L));
+      } else {
+        copy_run(dst, src, out_width);
+      }
     }
   }
 }

@@ -13,10 +13,10 @@ from conftest import make_input
 
 
 # (12, 14): even rows shorter than a vector pair; (37, 70): rows split one by one, several L1 bands
-# odd and even widths; rows that fit one vector with their padding (14 and 28 wide: float64 and
-# float32), in one band and, 700 rows high, in several (rows stored as whole vectors must stay
-# inside their band); 70 wide: several vectors per row
-SIZES = [(9, 11), (2, 1), (12, 14), (11, 28), (700, 10), (37, 70)]
+# odd and even widths; stride-2 rows written as whole vectors with their padding (14, 28 and 40
+# wide: one to three vectors in float32 and float64), in one band and, 700 rows high, in several
+# (those vectors must stay inside their band); 70 wide: the copy loops
+SIZES = [(9, 11), (2, 1), (12, 14), (11, 28), (9, 40), (700, 10), (37, 70)]
 
 
 @pytest.mark.parametrize("k, stride, channels_last, bias, size",
