@@ -7,6 +7,9 @@
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
+
+#include "gemm.h"
 
 namespace ghostkernels {
 
@@ -26,5 +29,21 @@ bool bf16_gemm_enabled(at::ScalarType dtype, int64_t depth);
 // amx_bf16_available(). Thread-safe: each thread packs into buffers of its own.
 void gemm_bf16_amx(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_si, int64_t a_sk, const float* B,
                    int64_t ldb, float* C, int64_t ldc);
+
+// C = finish(A B) for A's M x K rows (row stride K) and B's K x N (row stride ldb): on AMX in
+// bfloat16 when `bf16` (float32 only), the epilogue then a pass over C; else gemm_nn with the
+// epilogue applied while each tile is in registers.
+template <typename T, typename Finish>
+GK_INLINE void product_rows(bool bf16, int64_t M, int64_t N, int64_t K, const T* A, const T* B, int64_t ldb, T* C,
+                            int64_t ldc, T* panel, Finish finish) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (bf16) {
+      gemm_bf16_amx(M, N, K, A, K, 1, B, ldb, C, ldc);
+      finish_rows<T>(M, N, C, ldc, finish);
+      return;
+    }
+  }
+  gemm_nn<T>(M, N, K, A, K, 1, B, ldb, C, ldc, false, panel, finish);
+}
 
 }  // namespace ghostkernels

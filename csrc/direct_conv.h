@@ -4,7 +4,9 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
+#include <cstring>
 
 #include "gemm.h"
 #include "multiversion.h"
@@ -97,21 +99,14 @@ template <typename T, int LEAD>
 GK_INLINE void padded_row(T* dst, const T* src, int64_t n) {
   using S = Simd<T>;
   using V = typename S::vec;
-  static constexpr auto table = [] {  // the lanes shifted up by LEAD behind zeros, and the lane indices
-    struct {
-      typename S::lane_t from[S::lanes];
-      T lane[S::lanes];
-    } t{};
-    for (int l = 0; l < S::lanes; ++l) {
-      t.from[l] = l < LEAD ? 0 : S::lanes + l - LEAD;  // below S::lanes: the zero vector's lanes
-      t.lane[l] = T(l);
-    }
+  static constexpr auto shifted = [] {  // the lanes shifted up by LEAD behind the zero vector's
+    std::array<typename S::lane_t, S::lanes> t{};
+    for (int l = 0; l < S::lanes; ++l) t[l] = l < LEAD ? 0 : S::lanes + l - LEAD;
     return t;
   }();
   typename S::index from;
-  V lane;
-  std::memcpy(&from, table.from, sizeof(from));
-  std::memcpy(&lane, table.lane, sizeof(lane));
+  std::memcpy(&from, shifted.data(), sizeof(from));
+  const V lane = S::load(lane_index<T>());
   const V row = __builtin_shuffle(V{}, S::load(src), from);
   S::store(dst, lane < T(LEAD + n) ? row : V{});  // one compare and select, as masked_dot's tail
   for (int64_t c = S::lanes; c < LEAD + n; c += S::lanes)

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -29,6 +30,17 @@ struct Simd {
   }
 };
 
+// {0, 1, 2, ...}: compared with a count, it masks the lanes of a partial vector.
+template <typename T>
+const T* lane_index() {
+  static constexpr auto table = [] {
+    std::array<T, Simd<T>::lanes> t{};
+    for (int i = 0; i < Simd<T>::lanes; ++i) t[i] = T(i);
+    return t;
+  }();
+  return table.data();
+}
+
 // dst[i] = src[i] for i < n, inline: std::copy and memcpy call memmove, which cost more than the
 // copy on the short rows of small planes (7-28 elements). Inline only with setup.py's
 // -fno-tree-loop-distribute-patterns: GCC otherwise makes this loop a memmove call again.
@@ -52,11 +64,12 @@ struct Unchanged {
 // each vector v of row i's finished sums is what is stored (a bias and an activation applied
 // while the tile is in registers, not in another pass over C).
 // B is read in place, a column tail too: its loads run on past the tail into the rest of B's
-// span (the next row), and the lanes beyond N are never stored. Only the last rows, whose loads would pass B's last element,
-// are copied, zero-padded, into `panel` (kBlock * 2 * lanes). Copying every row of the tail
+// span (the next row), and the lanes beyond N are never stored. Only the last rows, whose loads
+// would pass B's last element, are copied, zero-padded, into `panel` (kBlock * 2 * lanes). Copying every row of the tail
 // (the kernel before this one) cost up to 40% of a 7x7 plane's GEMM (N = 49, K = 960: 87 -> 49
 // us). Full panels are not packed either: packing them for reuse across row blocks cost more
-// than it saved on every GhostNet shape (bench/report.py, forward 8% faster in geometric mean without).
+// than it saved on every GhostNet shape (bench/report.py, forward 8% faster in geometric mean
+// without).
 template <typename T, int NV, typename Finish>
 GK_INLINE void gemm_tiles(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_si, int64_t a_sk,
                           const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate, T* panel, Finish finish) {

@@ -35,17 +35,6 @@ inline at::MemoryFormat output_format(const at::Tensor& x) {
 // vector load at a tail stays in bounds.
 constexpr int64_t kSlack = 64;
 
-// {0, 1, 2, ...}: compared with a count, it masks the lanes of a partial vector.
-template <typename T>
-const T* lane_index() {
-  static const auto table = [] {
-    std::array<T, Simd<T>::lanes> t{};
-    for (int i = 0; i < Simd<T>::lanes; ++i) t[i] = T(i);
-    return t;
-  }();
-  return table.data();
-}
-
 // std::max(v, 0) is `v < 0 ? 0 : v`: NaN stays NaN, as with torch.relu.
 template <typename T>
 GK_INLINE T activate(T v, Activation act) {

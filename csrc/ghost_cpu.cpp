@@ -128,14 +128,7 @@ GK_INLINE void primary_rows_nchw(const ForwardArgs<T>& a, int64_t n, int64_t h0,
     v += b1 ? b1[c0 + i] : T(0);
     return act == Activation::ReLU ? (v < 0 ? decltype(v){} : v) : v;  // NaN stays NaN
   };
-  if constexpr (std::is_same_v<T, float>) {
-    if (a.bf16_gemm) {
-      gemm_bf16_amx(c1 - c0, p, g.inp, w1, g.inp, 1, src, ld_src, dst, ld);
-      finish_rows<T>(c1 - c0, p, dst, ld, finish);
-      return;
-    }
-  }
-  gemm_nn<T>(c1 - c0, p, g.inp, w1, g.inp, 1, src, ld_src, dst, ld, false, panel, finish);
+  product_rows<T>(a.bf16_gemm, c1 - c0, p, g.inp, w1, src, ld_src, dst, ld, panel, finish);
 }
 
 // x1 rows [r0, r1) of channels [c0, c1) of image n with the cheap op's halo rows, into `buf`:

@@ -171,16 +171,8 @@ GK_MULTIVERSION void pooled_items(const PointwiseArgs& a, bool relu, const T* x,
       v = bias ? v + bias[c] : v;
       return relu ? (v < 0 ? decltype(v){} : v) : v;
     };
-    bool on_amx = false;
-    if constexpr (std::is_same_v<T, float>) {
-      on_amx = a.bf16_gemm;
-      if (on_amx) {
-        gemm_bf16_amx(channels, a.pixels, a.inputs, w + c0 * a.inputs, a.inputs, 1, xn, a.pixels, rows, a.pixels);
-        finish_rows<T>(channels, a.pixels, rows, a.pixels, finish);
-      }
-    }
-    if (!on_amx) gemm_nn<T>(channels, a.pixels, a.inputs, w + c0 * a.inputs, a.inputs, 1, xn, a.pixels, rows, a.pixels,
-                            false, panel, finish);
+    product_rows<T>(a.bf16_gemm, channels, a.pixels, a.inputs, w + c0 * a.inputs, xn, a.pixels, rows, a.pixels, panel,
+                    finish);
     for (int64_t c = 0; c < channels; ++c) out[n * a.outputs + c0 + c] = sum(rows + c * a.pixels, a.pixels) / T(a.pixels);
   }
 }
