@@ -59,23 +59,69 @@ struct Unchanged {
   GK_INLINE V operator()(int64_t, V v) const { return v; }
 };
 
+// Rows [i0, i0 + mr) of C's columns [j0, j0 + nr) for the k block [k0, k0 + kb): MR rows of A
+// (the last one repeated past M) times B's rows [0, split) read in place and the rest from the
+// panel, finished when the block is the last.
+template <typename T, int NV, int MR, typename Finish>
+GK_INLINE void row_tile(int64_t i0, int64_t mr, int64_t M, const T* A, int64_t a_si, int64_t a_sk, int64_t k0,
+                        const T* b, int64_t ldb, const T* panel, int64_t split, int64_t kb, T* C, int64_t ldc,
+                        int64_t j0, int64_t nr, bool add, bool last, Finish& finish) {
+  using S = Simd<T>;
+  using V = typename S::vec;
+  constexpr int L = S::lanes;
+  constexpr int NR = NV * L;
+  const T* a_row[MR];
+  for (int r = 0; r < MR; ++r) a_row[r] = A + std::min<int64_t>(i0 + r, M - 1) * a_si + k0 * a_sk;
+  V acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = V{};
+  // Two runs over k: rows [0, split) of B in place, then the rest from the panel.
+  for (int run = 0; run < (split < kb ? 2 : 1); ++run) {
+    const T* rows = run ? panel : b;
+    const int64_t ld = run ? NR : ldb, k_begin = run ? split : 0, k_end = run ? kb : split;
+    for (int64_t k = k_begin; k < k_end; ++k) {
+      V bv[NV];
+      for (int v = 0; v < NV; ++v) bv[v] = S::load(rows + (k - k_begin) * ld + v * L);
+      const int64_t ak = k * a_sk;
+#pragma GCC unroll 16
+      for (int r = 0; r < MR; ++r) {
+        const T a = a_row[r][ak];
+        for (int v = 0; v < NV; ++v) acc[r][v] += a * bv[v];
+      }
+    }
+  }
+  for (int64_t r = 0; r < mr; ++r) {
+    T* c = C + (i0 + r) * ldc + j0;
+    T tail[NR];  // a column tail goes through here: C has only nr columns
+    T* dst = c;
+    if (nr < NR) {
+      std::fill_n(tail, NR, T(0));
+      if (add) copy_run(tail, c, nr);
+      dst = tail;
+    }
+    for (int v = 0; v < NV; ++v) {
+      const V sum = add ? acc[r][v] + S::load(dst + v * L) : acc[r][v];
+      S::store(dst + v * L, last ? finish(i0 + r, sum) : sum);
+    }
+    if (nr < NR) copy_run(c, tail, nr);
+  }
+}
+
 // C[i, j] (+)= sum_k A[i * a_si + k * a_sk] * B[k * ldb + j] for i < M, j < N, with NV
 // vectors of B's columns per register tile (16 accumulators either way), and finish(i, v) of
 // each vector v of row i's finished sums is what is stored (a bias and an activation applied
 // while the tile is in registers, not in another pass over C).
 // B is read in place, a column tail too: its loads run on past the tail into the rest of B's
 // span (the next row), and the lanes beyond N are never stored. Only the last rows, whose loads
-// would pass B's last element, are copied, zero-padded, into `panel` (kBlock * 2 * lanes). Copying every row of the tail
-// (the kernel before this one) cost up to 40% of a 7x7 plane's GEMM (N = 49, K = 960: 87 -> 49
-// us). Full panels are not packed either: packing them for reuse across row blocks cost more
+// would pass B's last element, are copied, zero-padded, into `panel` (kBlock * 2 * lanes).
+// Copying every row of the tail (the kernel before this one) cost up to 40% of a 7x7 plane's
+// GEMM (N = 49, K = 960: 87 -> 49 us). Full panels are not packed either: packing them for reuse across row blocks cost more
 // than it saved on every GhostNet shape (bench/report.py, forward 8% faster in geometric mean
 // without).
 template <typename T, int NV, typename Finish>
 GK_INLINE void gemm_tiles(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_si, int64_t a_sk,
                           const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate, T* panel, Finish finish) {
-  using S = Simd<T>;
-  using V = typename S::vec;
-  constexpr int L = S::lanes;
+  constexpr int L = Simd<T>::lanes;
   constexpr int NR = NV * L;
   constexpr int MR = 16 / NV;
   const int64_t b_size = (K - 1) * ldb + N;  // B's elements from B[0] to its last one
@@ -98,41 +144,14 @@ GK_INLINE void gemm_tiles(int64_t M, int64_t N, int64_t K, const T* A, int64_t a
       }
       for (int64_t i0 = 0; i0 < M; i0 += MR) {
         const int64_t mr = std::min<int64_t>(MR, M - i0);
-        const T* a_row[MR];
-        for (int r = 0; r < MR; ++r) a_row[r] = A + std::min<int64_t>(i0 + r, M - 1) * a_si + k0 * a_sk;
-        V acc[MR][NV];
-        for (int r = 0; r < MR; ++r)
-          for (int v = 0; v < NV; ++v) acc[r][v] = V{};
-        // Two runs over k: rows [0, split) of B in place, then the rest from the panel.
-        for (int run = 0; run < (split < kb ? 2 : 1); ++run) {
-          const T* rows = run ? panel : b;
-          const int64_t ld = run ? NR : ldb, k_begin = run ? split : 0, k_end = run ? kb : split;
-          for (int64_t k = k_begin; k < k_end; ++k) {
-            V bv[NV];
-            for (int v = 0; v < NV; ++v) bv[v] = S::load(rows + (k - k_begin) * ld + v * L);
-            const int64_t ak = k * a_sk;
-#pragma GCC unroll 16
-            for (int r = 0; r < MR; ++r) {
-              const T a = a_row[r][ak];
-              for (int v = 0; v < NV; ++v) acc[r][v] += a * bv[v];
-            }
-          }
-        }
-        for (int64_t r = 0; r < mr; ++r) {
-          T* c = C + (i0 + r) * ldc + j0;
-          T tail[NR];  // a column tail goes through here: C has only nr columns
-          T* dst = c;
-          if (nr < NR) {
-            std::fill_n(tail, NR, T(0));
-            if (add) copy_run(tail, c, nr);
-            dst = tail;
-          }
-          for (int v = 0; v < NV; ++v) {
-            const V sum = add ? acc[r][v] + S::load(dst + v * L) : acc[r][v];
-            S::store(dst + v * L, last ? finish(i0 + r, sum) : sum);
-          }
-          if (nr < NR) copy_run(c, tail, nr);
-        }
+        // A last tile of at most MR / 2 rows computes only MR / 2: a full one would spend FMAs
+        // on copies of row M - 1 (10 rows cost as much as 16).
+        if (mr <= MR / 2)
+          row_tile<T, NV, MR / 2>(i0, mr, M, A, a_si, a_sk, k0, b, ldb, panel, split, kb, C, ldc, j0, nr, add, last,
+                                  finish);
+        else
+          row_tile<T, NV, MR>(i0, mr, M, A, a_si, a_sk, k0, b, ldb, panel, split, kb, C, ldc, j0, nr, add, last,
+                              finish);
       }
     }
   }
