@@ -28,7 +28,8 @@ setup(
             "ghostkernels._C",
             ["csrc/ghost_cpu.cpp", "csrc/ghost_backward_cpu.cpp", "csrc/ghost_train_cpu.cpp", "csrc/direct_conv_cpu.cpp",
              "csrc/cheap_mix_cpu.cpp", "csrc/squeeze_excite_cpu.cpp",
-             "csrc/pointwise_conv_cpu.cpp", "csrc/batch_norm_cpu.cpp", "csrc/output_pool.cpp", "csrc/amx_gemm.cpp"],
+             "csrc/pointwise_conv_cpu.cpp", "csrc/batch_norm_cpu.cpp", "csrc/output_pool.cpp", "csrc/amx_gemm.cpp",
+             "csrc/frozen_weights.cpp"],
             # at::parallel_for is an OpenMP pragma in a header: without -fopenmp it runs serially.
             # The loader reuses the libgomp.so.1 that torch ships.
             # -g0 -s: no debug information in the shipped library (it was 18 MB with it).

@@ -30,6 +30,34 @@ struct Simd {
   }
 };
 
+// A weight row's values as float32 vectors and scalars, from float32, float64 or the bits of
+// bfloat16 (a bfloat16 is a float32's upper half: widening is a shift). The GEMVs of the
+// bfloat16 mode read frozen weights this way (frozen_weights.h).
+template <typename T>
+GK_INLINE typename Simd<T>::vec load_widened(const T* p) {
+  return Simd<T>::load(p);
+}
+GK_INLINE Simd<float>::vec load_widened(const uint16_t* p) {
+  typedef uint16_t half_vec __attribute__((vector_size(32)));
+  typedef uint32_t word_vec __attribute__((vector_size(64)));
+  half_vec h;
+  std::memcpy(&h, p, sizeof(h));
+  const word_vec w = __builtin_convertvector(h, word_vec) << 16;
+  Simd<float>::vec v;
+  std::memcpy(&v, &w, sizeof(v));
+  return v;
+}
+template <typename T>
+GK_INLINE T widened(T v) {
+  return v;
+}
+GK_INLINE float widened(uint16_t bits) {
+  const uint32_t u = uint32_t(bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
 // {0, 1, 2, ...}: compared with a count, it masks the lanes of a partial vector.
 template <typename T>
 const T* lane_index() {

@@ -15,6 +15,7 @@
 #include <type_traits>
 
 #include "amx_gemm.h"
+#include "frozen_weights.h"
 #include "gemm.h"
 #include "ghost_common.h"
 #include "multiversion.h"
@@ -61,10 +62,10 @@ GK_MULTIVERSION void pointwise_items(const PointwiseArgs& a, const T* x, const T
 
 // 1x1 maps (conv_head, classifiers) under float32_matmul_precision "medium": out[n, c] = W[c] . x[n]
 // + b[c] for rows c in [begin, end), as dot products along W's rows, four rows at a time
-// (independent sums), each row read from memory once per call, in the tensors' own precision
-// (memory-bound on W: bfloat16 arithmetic would save nothing without W stored in bfloat16).
-template <typename T>
-GK_MULTIVERSION void pointwise_dots(int64_t batch, int64_t inputs, int64_t outputs, const T* x, const T* w,
+// (independent sums), each row read from memory once per call, in float32 arithmetic. W: T, or
+// a frozen weight's bfloat16 copy (the pass is memory-bound on W: half the bytes).
+template <typename T, typename W>
+GK_MULTIVERSION void pointwise_dots(int64_t batch, int64_t inputs, int64_t outputs, const T* x, const W* w,
                                     const T* b, T* out, int64_t begin, int64_t end) {
   using S = Simd<T>;
   using V = typename S::vec;
@@ -72,23 +73,42 @@ GK_MULTIVERSION void pointwise_dots(int64_t batch, int64_t inputs, int64_t outpu
   const int64_t whole = inputs / L * L;
   for (int64_t c0 = begin; c0 < end; c0 += R) {
     const int64_t rows = std::min<int64_t>(R, end - c0);
-    const T* wr[R];
+    const W* wr[R];
     for (int r = 0; r < R; ++r) wr[r] = w + std::min(c0 + r, end - 1) * inputs;
     for (int64_t n = 0; n < batch; ++n) {
       const T* xn = x + n * inputs;
       V acc[R] = {};
       for (int64_t k = 0; k < whole; k += L) {
         const V xv = S::load(xn + k);
-        for (int r = 0; r < R; ++r) acc[r] += S::load(wr[r] + k) * xv;
+        for (int r = 0; r < R; ++r) acc[r] += load_widened(wr[r] + k) * xv;
       }
       for (int64_t r = 0; r < rows; ++r) {
         T sum = T(0);
         for (int l = 0; l < L; ++l) sum += acc[r][l];
-        for (int64_t k = whole; k < inputs; ++k) sum += wr[r][k] * xn[k];
+        for (int64_t k = whole; k < inputs; ++k) sum += widened(wr[r][k]) * xn[k];
         out[n * outputs + c0 + r] = b ? sum + b[c0 + r] : sum;
       }
     }
   }
+}
+
+// pointwise_dots over all of W's rows of a 1x1 map's (batch, inputs) x, into out. In the
+// bfloat16 mode a frozen graph's W is read as its bfloat16 copy.
+template <typename T>
+void pointwise_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const at::Tensor& out) {
+  const int64_t batch = x.size(0), inputs = x.size(1), outputs = w.size(0);
+  const auto dots = [&](const auto* weights) {
+    // Blocks of 64 rows: 20 blocks to share out at conv_head's 1280 outputs.
+    at::parallel_for(0, outputs, 64, [&](int64_t begin, int64_t end) {
+      pointwise_dots(batch, inputs, outputs, x.data_ptr<T>(), weights, b.defined() ? b.data_ptr<T>() : nullptr,
+                     out.data_ptr<T>(), begin, end);
+    });
+  };
+  if constexpr (std::is_same_v<T, float>) {
+    if (const uint16_t* w16 = bf16_gemm_enabled(at::kFloat, inputs) ? frozen_bf16_copy(w) : nullptr)
+      return dots(w16);
+  }
+  dots(w.data_ptr<T>());
 }
 
 // The arguments of `op` (pointwise_conv2d or its pooled form) checked; whether the GEMM kernels
@@ -121,14 +141,7 @@ at::Tensor pointwise_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, c
   if (out.numel() == 0) return out;
   const at::Tensor w = weight.contiguous(), b = bias.has_value() ? bias->contiguous() : at::Tensor();
   if (pixels == 1) {
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pointwise_conv2d_cpu", [&] {
-      // Blocks of 64 rows: 20 blocks to share out at conv_head's 1280 outputs.
-      at::parallel_for(0, outputs, 64, [&](int64_t begin, int64_t end) {
-        pointwise_dots<scalar_t>(batch, inputs, outputs, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
-                                 b.defined() ? b.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), begin,
-                                 end);
-      });
-    });
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pointwise_conv2d_cpu", [&] { pointwise_gemv<scalar_t>(x, w, b, out); });
     return out;
   }
   PointwiseArgs a{inputs, outputs, pixels, (pixels + kChunk - 1) / kChunk, 1, outputs,

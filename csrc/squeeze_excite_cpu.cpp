@@ -9,7 +9,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 
+#include "amx_gemm.h"
+#include "frozen_weights.h"
 #include "gemm.h"
 #include "multiversion.h"
 
@@ -37,30 +40,31 @@ enum class Finish { ReLU, HardSigmoid };
 // a 1x1 conv's weight (outputs, inputs) is one contiguous dot product per image, read from memory
 // once for all images. At batch 1 these GEMVs read more weight bytes than anything else in the
 // gate; MKL's addmm took ~28 us each for GhostNet's 960x240 ones, plus a copy of the bias.
-template <typename T>
-GK_MULTIVERSION void dense_rows(const T* x, int64_t batch, int64_t inputs, const T* w, const T* b, Finish finish,
+// W: T, or the bits of bfloat16 weights (float32 x only).
+template <typename T, typename W>
+GK_MULTIVERSION void dense_rows(const T* x, int64_t batch, int64_t inputs, const W* w, const T* b, Finish finish,
                                 T* out, int64_t outputs, int64_t begin, int64_t end) {
   using S = Simd<T>;
   using V = typename S::vec;
   constexpr int L = S::lanes;
   for (int64_t o = begin; o < end; ++o) {
-    const T* row = w + o * inputs;
+    const W* row = w + o * inputs;
     for (int64_t n = 0; n < batch; ++n) {
       const T* xn = x + n * inputs;
       V even{}, odd{};  // two chains of vector adds
       int64_t i = 0;
       for (; i + 2 * L <= inputs; i += 2 * L) {
-        even += S::load(row + i) * S::load(xn + i);
-        odd += S::load(row + i + L) * S::load(xn + i + L);
+        even += load_widened(row + i) * S::load(xn + i);
+        odd += load_widened(row + i + L) * S::load(xn + i + L);
       }
       if (i + L <= inputs) {
-        even += S::load(row + i) * S::load(xn + i);
+        even += load_widened(row + i) * S::load(xn + i);
         i += L;
       }
       even += odd;
       T sum = b ? b[o] : T(0);
       for (int l = 0; l < L; ++l) sum += even[l];
-      for (; i < inputs; ++i) sum += row[i] * xn[i];
+      for (; i < inputs; ++i) sum += widened(row[i]) * xn[i];
       // std::max(v, 0) keeps NaN (as relu and the composed gate do)
       out[n * outputs + o] = finish == Finish::ReLU ? std::max(sum, T(0))
                                                     : std::min(std::max(sum + T(3), T(0)), T(6)) / T(6);
@@ -69,15 +73,25 @@ GK_MULTIVERSION void dense_rows(const T* x, int64_t batch, int64_t inputs, const
 }
 
 // One 1x1 conv on the pooled (batch, inputs) means: both threads take rows of the weight when
-// there is enough of it to share.
+// there is enough of it to share. In the bfloat16 mode a frozen graph's weight is read as its
+// bfloat16 copy (half the bytes of a pass that is all weight reads at batch 1).
 template <typename T>
 void dense(const T* x, int64_t batch, int64_t inputs, const at::Tensor& weight, const at::Tensor& bias,
            Finish finish, T* out) {
   const int64_t outputs = weight.size(0);
   if (batch == 0) return;
-  const T* w = weight.data_ptr<T>();
   const T* b = bias.defined() ? bias.data_ptr<T>() : nullptr;
-  at::parallel_for(0, outputs, std::max<int64_t>(1, kGrainWork / (inputs * batch)), [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, kGrainWork / (inputs * batch));
+  if constexpr (std::is_same_v<T, float>) {
+    if (const uint16_t* w16 = bf16_gemm_enabled(at::kFloat, inputs) ? frozen_bf16_copy(weight) : nullptr) {
+      at::parallel_for(0, outputs, grain, [&](int64_t begin, int64_t end) {
+        dense_rows(x, batch, inputs, w16, b, finish, out, outputs, begin, end);
+      });
+      return;
+    }
+  }
+  const T* w = weight.data_ptr<T>();
+  at::parallel_for(0, outputs, grain, [&](int64_t begin, int64_t end) {
     dense_rows(x, batch, inputs, w, b, finish, out, outputs, begin, end);
   });
 }

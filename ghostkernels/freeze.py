@@ -17,6 +17,7 @@ import warnings
 import torch
 from torch import nn
 
+from ._backends import load_cpu_extension
 from .acceleration import _relative_error, _tolerance
 from .ghost_residual import fuse_residual_adds
 from .pointwise_pool import fuse_pointwise_pools
@@ -96,6 +97,17 @@ def checked_example(caller, verb, model, example_inputs):
     return inputs
 
 
+def _mark_frozen_weights(graph):
+    """Tell the C++ kernels which tensors are the frozen graph's constants: private to it (the
+    model was deep-copied) and never changed, so in the bfloat16 mode the GEMVs of the head and
+    the SE gates may read bfloat16 copies of them, made once (csrc/frozen_weights.h)."""
+    if load_cpu_extension()[0] != "cpp":
+        return
+    constants = [node.output().toIValue() for node in graph.graph.nodes() if node.kind() == "prim::Constant"]
+    torch.ops.ghostkernels.mark_frozen_weights([t for t in constants
+                                                if isinstance(t, torch.Tensor) and t.device.type == "cpu"])
+
+
 def freeze(model, example_inputs):
     """The eval-mode `model` (typically `ghostkernels.accelerate(model)`) as a FrozenModel: its
     forward traced once on `example_inputs` (a tensor or a tuple of positional arguments) into a
@@ -130,6 +142,7 @@ def freeze(model, example_inputs):
         graph = torch.jit.freeze(traced.eval())
         fuse_residual_adds(graph.graph)
         fuse_pointwise_pools(graph.graph)
+    _mark_frozen_weights(graph)
     for warning in caught:
         source = os.path.abspath(warning.filename)
         if issubclass(warning.category, torch.jit.TracerWarning):

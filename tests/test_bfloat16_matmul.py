@@ -166,3 +166,70 @@ def test_disabled_amx_keeps_float32():
     env = dict(os.environ, GHOSTKERNELS_DISABLE_AMX="1")
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def frozen_copy(*tensors):
+    """Copies of `tensors` marked as a frozen graph's constants (what freeze() does to its own)."""
+    copies = [t.clone() for t in tensors]
+    ops.mark_frozen_weights(copies)
+    return copies
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_frozen_weights_in_the_gemvs(precision, batch):
+    """In the bfloat16 mode the 1x1-map GEMV (conv_head, classifiers) and the SE gate's GEMVs read
+    a frozen graph's weights as bfloat16 (x stays float32); other weights stay float32."""
+    x = torch.randn(batch, 200, 1, 1)
+    weight, bias = torch.randn(72, 200, 1, 1) / 14, torch.randn(72)
+    (frozen,) = frozen_copy(weight)
+    precision("medium")
+    exact = F.conv2d(x.double(), weight.double(), bias.double())
+    assert relative_error(ops.pointwise_conv2d(x, weight, bias), exact) < 1e-5
+    rounded = F.conv2d(x.double(), weight.bfloat16().double(), bias.double())
+    expected = rounded if AMX else exact
+    assert relative_error(ops.pointwise_conv2d(x, frozen, bias), expected) < 1e-5
+
+    planes = torch.randn(batch, 96, 5, 5)
+    w_reduce, b_reduce = torch.randn(40, 96, 1, 1) / 10, torch.randn(40)
+    w_expand, b_expand = torch.randn(96, 40, 1, 1) / 6, torch.randn(96)
+
+    def composed(w_r, w_e):
+        hidden = F.relu(F.conv2d(planes.double().mean((2, 3), keepdim=True), w_r.double(), b_reduce.double()))
+        return F.hardsigmoid(F.conv2d(hidden, w_e.double(), b_expand.double()))
+
+    gate = ops.squeeze_excite_gate(planes, *frozen_copy(w_reduce, b_reduce, w_expand, b_expand))
+    rounding = (lambda w: w.bfloat16()) if AMX else (lambda w: w)
+    assert relative_error(gate, composed(rounding(w_reduce), rounding(w_expand))) < 1e-5
+    assert relative_error(ops.squeeze_excite_gate(planes, w_reduce, b_reduce, w_expand, b_expand),
+                          composed(w_reduce, w_expand)) < 1e-5
+    precision("highest")  # float32 again: the frozen weight read as it is
+    assert relative_error(ops.pointwise_conv2d(x, frozen, bias), exact) < 1e-5
+
+
+def test_frozen_ghostnet_weights(precision):
+    """freeze() marks its graph's constants; the bfloat16 mode's logits stay within bfloat16's
+    error of float32's, with the top-1 class kept."""
+    torch.manual_seed(0)
+    model = randomise_bn(ghostnet_050()).eval()
+    x = torch.randn(4, 3, 64, 64)
+    before = ops.frozen_weights_status()[0]
+    frozen = ghostkernels.freeze(ghostkernels.accelerate(model), x)
+    assert ops.frozen_weights_status()[0] > before
+    with torch.no_grad():
+        expected = model(x)
+        precision("medium")
+        out = frozen(x)
+    assert relative_error(out, expected) < (2e-2 if AMX else 1e-5)
+    assert torch.equal(out.argmax(1), expected.argmax(1))
+
+
+def test_frozen_weight_copies_go_with_the_weight(precision):
+    precision("medium")
+    x = torch.randn(1, 64, 1, 1)
+    (weight,) = frozen_copy(torch.randn(32, 64, 1, 1))
+    marked, copied = ops.frozen_weights_status()
+    ops.pointwise_conv2d(x, weight, None)
+    assert ops.frozen_weights_status() == (marked, copied + (32 * 64 * 2 if AMX else 0))
+    del weight
+    ops.mark_frozen_weights([])  # sweeps the entries of weights that are gone
+    assert ops.frozen_weights_status() == (marked - 1, copied)

@@ -1,0 +1,63 @@
+// The registry of frozen weights and their bfloat16 copies (frozen_weights.h).
+#include "frozen_weights.h"
+
+#include <torch/library.h>
+
+#include <iterator>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+namespace ghostkernels {
+namespace {
+
+struct Entry {
+  // Holds the weight's TensorImpl allocated (not its data) while the entry lives, so that the
+  // key, its address, cannot come to name another tensor; expired once the weight is gone.
+  c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> weight;
+  at::Tensor bf16;  // made at the first lookup
+};
+
+std::mutex registry_mutex;
+std::unordered_map<const c10::TensorImpl*, Entry> registry;
+
+void mark_frozen_weights(const std::vector<at::Tensor>& weights) {
+  std::lock_guard<std::mutex> lock(registry_mutex);
+  for (auto it = registry.begin(); it != registry.end();)
+    it = it->second.weight.expired() ? registry.erase(it) : std::next(it);
+  for (const at::Tensor& w : weights)
+    if (w.defined() && w.device().is_cpu() && w.scalar_type() == at::kFloat && w.is_contiguous())
+      registry.try_emplace(w.unsafeGetTensorImpl(), Entry{decltype(Entry::weight)(w.getIntrusivePtr()), {}});
+}
+
+// The marked weights alive now and the bytes of their bfloat16 copies.
+std::tuple<int64_t, int64_t> frozen_weights_status() {
+  std::lock_guard<std::mutex> lock(registry_mutex);
+  int64_t alive = 0, bytes = 0;
+  for (const auto& [impl, entry] : registry) {
+    if (entry.weight.expired()) continue;
+    ++alive;
+    if (entry.bf16.defined()) bytes += entry.bf16.nbytes();
+  }
+  return {alive, bytes};
+}
+
+}  // namespace
+
+const uint16_t* frozen_bf16_copy(const at::Tensor& weight) {
+  std::lock_guard<std::mutex> lock(registry_mutex);
+  const auto it = registry.find(weight.unsafeGetTensorImpl());
+  if (it == registry.end()) return nullptr;
+  if (!it->second.bf16.defined()) {
+    c10::InferenceMode guard;  // a copy that autograd never tracks
+    it->second.bf16 = weight.to(at::kBFloat16).contiguous();
+  }
+  return reinterpret_cast<const uint16_t*>(it->second.bf16.data_ptr<at::BFloat16>());
+}
+
+TORCH_LIBRARY_FRAGMENT(ghostkernels, m) {
+  m.def("mark_frozen_weights(Tensor[] weights) -> ()", &mark_frozen_weights);
+  m.def("frozen_weights_status() -> (int, int)", &frozen_weights_status);
+}
+
+}  // namespace ghostkernels
