@@ -190,22 +190,26 @@ bool amx_bf16_available() { return probed().ok; }
 std::string amx_bf16_status() { return probed().why; }
 
 void gemm_bf16_amx(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_si, int64_t a_sk, const float* B,
-                   int64_t ldb, float* C, int64_t ldc) {
+                   int64_t ldb, float* C, int64_t ldc, const uint16_t* A_bf16) {
   if (M <= 0 || N <= 0) return;
   static thread_local Buffers buffers;
   const int64_t mp = round_up(M, kTile), np = round_up(N, kTile), kp = round_up(std::max<int64_t>(K, 1), kDepth);
-  buffers.a.resize(std::max<size_t>(buffers.a.size(), mp * kp));
+  if (!A_bf16) {
+    buffers.a.resize(std::max<size_t>(buffers.a.size(), mp * kp));
+    pack_a(A, a_si, a_sk, M, K, mp, kp, buffers.a.data());
+    A_bf16 = buffers.a.data();
+  }
   buffers.b.resize(std::max<size_t>(buffers.b.size(), kp * np));
-  pack_a(A, a_si, a_sk, M, K, mp, kp, buffers.a.data());
   pack_b(B, ldb, K, N, kp, np, buffers.b.data());
-  tile_product(buffers.a.data(), buffers.b.data(), C, ldc, M, N, mp, np, kp);
+  tile_product(A_bf16, buffers.b.data(), C, ldc, M, N, mp, np, kp);
 }
 
 #else
 
 bool amx_bf16_available() { return false; }
 std::string amx_bf16_status() { return "built without AMX support (needs GCC >= 11 on x86-64 Linux)"; }
-void gemm_bf16_amx(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t) {
+void gemm_bf16_amx(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t,
+                   const uint16_t*) {
   TORCH_CHECK(false, "ghostkernels: gemm_bf16_amx called in a build without AMX");
 }
 

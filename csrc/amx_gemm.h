@@ -25,20 +25,23 @@ std::string amx_bf16_status();
 bool bf16_gemm_enabled(at::ScalarType dtype, int64_t depth);
 
 // C[i * ldc + j] = sum_k A[i * a_si + k * a_sk] * B[k * ldb + j] for i < M, j < N, with A and
-// B rounded to bfloat16 (to nearest even) and the products summed in float32. Call only when
+// B rounded to bfloat16 (to nearest even) and the products summed in float32. A_bf16: A already
+// so, in the layout of a frozen weight's copy (frozen_weights.h: rows of bf16_row_stride(K),
+// readable for M rounded up to 16 rows), or nullptr to pack A here. Call only when
 // amx_bf16_available(). Thread-safe: each thread packs into buffers of its own.
 void gemm_bf16_amx(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_si, int64_t a_sk, const float* B,
-                   int64_t ldb, float* C, int64_t ldc);
+                   int64_t ldb, float* C, int64_t ldc, const uint16_t* A_bf16 = nullptr);
 
 // C = finish(A B) for A's M x K rows (row stride K) and B's K x N (row stride ldb): on AMX in
-// bfloat16 when `bf16` (float32 only), the epilogue then a pass over C; else gemm_nn with the
-// epilogue applied while each tile is in registers.
+// bfloat16 when `bf16` (float32 only; A read from A_bf16 when it is not nullptr, as
+// gemm_bf16_amx), the epilogue then a pass over C; else gemm_nn with the epilogue applied while
+// each tile is in registers.
 template <typename T, typename Finish>
 GK_INLINE void product_rows(bool bf16, int64_t M, int64_t N, int64_t K, const T* A, const T* B, int64_t ldb, T* C,
-                            int64_t ldc, T* panel, Finish finish) {
+                            int64_t ldc, T* panel, const uint16_t* A_bf16, Finish finish) {
   if constexpr (std::is_same_v<T, float>) {
     if (bf16) {
-      gemm_bf16_amx(M, N, K, A, K, 1, B, ldb, C, ldc);
+      gemm_bf16_amx(M, N, K, A, K, 1, B, ldb, C, ldc, A_bf16);
       finish_rows<T>(M, N, C, ldc, finish);
       return;
     }

@@ -26,7 +26,8 @@ void mark_frozen_weights(const std::vector<at::Tensor>& weights) {
   for (auto it = registry.begin(); it != registry.end();)
     it = it->second.weight.expired() ? registry.erase(it) : std::next(it);
   for (const at::Tensor& w : weights)
-    if (w.defined() && w.device().is_cpu() && w.scalar_type() == at::kFloat && w.is_contiguous())
+    if (w.defined() && w.device().is_cpu() && w.scalar_type() == at::kFloat && w.is_contiguous() && w.dim() > 0 &&
+        w.numel() > 0)
       registry.try_emplace(w.unsafeGetTensorImpl(), Entry{decltype(Entry::weight)(w.getIntrusivePtr()), {}});
 }
 
@@ -44,15 +45,18 @@ std::tuple<int64_t, int64_t> frozen_weights_status() {
 
 }  // namespace
 
-const uint16_t* frozen_bf16_copy(const at::Tensor& weight) {
+Bf16Rows frozen_bf16_rows(const at::Tensor& weight) {
   std::lock_guard<std::mutex> lock(registry_mutex);
   const auto it = registry.find(weight.unsafeGetTensorImpl());
-  if (it == registry.end()) return nullptr;
-  if (!it->second.bf16.defined()) {
+  if (it == registry.end()) return {};
+  const int64_t rows = weight.size(0), k = weight.numel() / rows, ld = bf16_row_stride(k);
+  at::Tensor& copy = it->second.bf16;
+  if (!copy.defined()) {
     c10::InferenceMode guard;  // a copy that autograd never tracks
-    it->second.bf16 = weight.to(at::kBFloat16).contiguous();
+    copy = at::zeros({rows + 16, ld}, weight.options().dtype(at::kBFloat16));
+    copy.narrow(0, 0, rows).narrow(1, 0, k).copy_(weight.reshape({rows, k}));
   }
-  return reinterpret_cast<const uint16_t*>(it->second.bf16.data_ptr<at::BFloat16>());
+  return {reinterpret_cast<const uint16_t*>(copy.data_ptr<at::BFloat16>()), ld};
 }
 
 TORCH_LIBRARY_FRAGMENT(ghostkernels, m) {

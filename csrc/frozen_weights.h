@@ -11,9 +11,20 @@
 
 namespace ghostkernels {
 
-// The bfloat16 bits (round to nearest even) of `weight` when freeze() marked it: a contiguous
-// float32 CPU tensor of a frozen graph. nullptr for any other tensor. The copy lives as long as
-// the weight.
-const uint16_t* frozen_bf16_copy(const at::Tensor& weight);
+// A frozen weight's rows (dimension 0; the rest flattened, K elements) as bfloat16 bits (round
+// to nearest even), each row zero-padded to ld, a multiple of 32, and 16 zero rows after the
+// last: the layout AMX tiles read whole (amx_gemm.h). data is nullptr when there is no copy.
+struct Bf16Rows {
+  const uint16_t* data = nullptr;
+  int64_t ld = 0;
+};
+
+// The row stride of a copy of rows of k elements.
+inline int64_t bf16_row_stride(int64_t k) { return (k + 31) / 32 * 32; }
+
+// The bfloat16 copy of `weight` when freeze() marked it (a contiguous float32 CPU tensor of a
+// frozen graph), made at the first call; no copy for any other tensor. It lives as long as the
+// weight.
+Bf16Rows frozen_bf16_rows(const at::Tensor& weight);
 
 }  // namespace ghostkernels

@@ -33,6 +33,7 @@ constexpr int64_t kMinChannelBlock = 16;
 struct PointwiseArgs {
   int64_t inputs, outputs, pixels, chunks, blocks, block;
   bool bf16_gemm;  // on AMX in bfloat16 (float32 only; amx_gemm.h)
+  const uint16_t* w_bf16 = nullptr;  // with bf16_gemm, W's frozen copy (frozen_weights.h) or nullptr
 };
 
 template <typename T>
@@ -51,7 +52,8 @@ GK_MULTIVERSION void pointwise_items(const PointwiseArgs& a, const T* x, const T
     const auto finish = [bias](int64_t c, auto v) __attribute__((always_inline)) { return bias ? v + bias[c] : v; };
     if constexpr (std::is_same_v<T, float>) {
       if (a.bf16_gemm) {
-        gemm_bf16_amx(channels, np, a.inputs, w + c0 * a.inputs, a.inputs, 1, xn, a.pixels, o, a.pixels);
+        gemm_bf16_amx(channels, np, a.inputs, w + c0 * a.inputs, a.inputs, 1, xn, a.pixels, o, a.pixels,
+                      a.w_bf16 ? a.w_bf16 + c0 * bf16_row_stride(a.inputs) : nullptr);
         if (bias) finish_rows<T>(channels, np, o, a.pixels, finish);
         continue;
       }
@@ -63,10 +65,11 @@ GK_MULTIVERSION void pointwise_items(const PointwiseArgs& a, const T* x, const T
 // 1x1 maps (conv_head, classifiers) under float32_matmul_precision "medium": out[n, c] = W[c] . x[n]
 // + b[c] for rows c in [begin, end), as dot products along W's rows, four rows at a time
 // (independent sums), each row read from memory once per call, in float32 arithmetic. W: T, or
-// a frozen weight's bfloat16 copy (the pass is memory-bound on W: half the bytes).
+// a frozen weight's bfloat16 copy (the pass is memory-bound on W: half the bytes); row c of w
+// at w + c * ld.
 template <typename T, typename W>
 GK_MULTIVERSION void pointwise_dots(int64_t batch, int64_t inputs, int64_t outputs, const T* x, const W* w,
-                                    const T* b, T* out, int64_t begin, int64_t end) {
+                                    int64_t ld, const T* b, T* out, int64_t begin, int64_t end) {
   using S = Simd<T>;
   using V = typename S::vec;
   constexpr int L = S::lanes, R = 4;
@@ -74,7 +77,7 @@ GK_MULTIVERSION void pointwise_dots(int64_t batch, int64_t inputs, int64_t outpu
   for (int64_t c0 = begin; c0 < end; c0 += R) {
     const int64_t rows = std::min<int64_t>(R, end - c0);
     const W* wr[R];
-    for (int r = 0; r < R; ++r) wr[r] = w + std::min(c0 + r, end - 1) * inputs;
+    for (int r = 0; r < R; ++r) wr[r] = w + std::min(c0 + r, end - 1) * ld;
     for (int64_t n = 0; n < batch; ++n) {
       const T* xn = x + n * inputs;
       V acc[R] = {};
@@ -97,18 +100,18 @@ GK_MULTIVERSION void pointwise_dots(int64_t batch, int64_t inputs, int64_t outpu
 template <typename T>
 void pointwise_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const at::Tensor& out) {
   const int64_t batch = x.size(0), inputs = x.size(1), outputs = w.size(0);
-  const auto dots = [&](const auto* weights) {
+  const auto dots = [&](const auto* weights, int64_t ld) {
     // Blocks of 64 rows: 20 blocks to share out at conv_head's 1280 outputs.
     at::parallel_for(0, outputs, 64, [&](int64_t begin, int64_t end) {
-      pointwise_dots(batch, inputs, outputs, x.data_ptr<T>(), weights, b.defined() ? b.data_ptr<T>() : nullptr,
+      pointwise_dots(batch, inputs, outputs, x.data_ptr<T>(), weights, ld, b.defined() ? b.data_ptr<T>() : nullptr,
                      out.data_ptr<T>(), begin, end);
     });
   };
   if constexpr (std::is_same_v<T, float>) {
-    if (const uint16_t* w16 = bf16_gemm_enabled(at::kFloat, inputs) ? frozen_bf16_copy(w) : nullptr)
-      return dots(w16);
+    const Bf16Rows w16 = bf16_gemm_enabled(at::kFloat, inputs) ? frozen_bf16_rows(w) : Bf16Rows{};
+    if (w16.data) return dots(w16.data, w16.ld);
   }
-  dots(w.data_ptr<T>());
+  dots(w.data_ptr<T>(), inputs);
 }
 
 // The arguments of `op` (pointwise_conv2d or its pooled form) checked; whether the GEMM kernels
@@ -146,6 +149,7 @@ at::Tensor pointwise_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, c
   }
   PointwiseArgs a{inputs, outputs, pixels, (pixels + kChunk - 1) / kChunk, 1, outputs,
                   bf16_gemm_enabled(x.scalar_type(), inputs)};
+  if (a.bf16_gemm) a.w_bf16 = frozen_bf16_rows(w).data;
   // Output-channel blocks until every thread has an item: at batch 1 the 14x14 and 7x7 maps are
   // one pixel chunk each.
   const int64_t threads = at::get_num_threads();
@@ -185,7 +189,7 @@ GK_MULTIVERSION void pooled_items(const PointwiseArgs& a, bool relu, const T* x,
       return relu ? (v < 0 ? decltype(v){} : v) : v;
     };
     product_rows<T>(a.bf16_gemm, channels, a.pixels, a.inputs, w + c0 * a.inputs, xn, a.pixels, rows, a.pixels, panel,
-                    finish);
+                    a.w_bf16 ? a.w_bf16 + c0 * bf16_row_stride(a.inputs) : nullptr, finish);
     for (int64_t c = 0; c < channels; ++c) out[n * a.outputs + c0 + c] = sum(rows + c * a.pixels, a.pixels) / T(a.pixels);
   }
 }
@@ -207,6 +211,7 @@ at::Tensor pointwise_conv2d_pool_cpu(const at::Tensor& x, const at::Tensor& weig
   if (out.numel() == 0) return out;
   const at::Tensor w = weight.contiguous(), b = bias.has_value() ? bias->contiguous() : at::Tensor();
   PointwiseArgs a{inputs, outputs, pixels, 1, 1, outputs, bf16_gemm_enabled(x.scalar_type(), inputs)};
+  if (a.bf16_gemm) a.w_bf16 = frozen_bf16_rows(w).data;
   // Output-channel blocks whose rows fit the scratch (256 KiB), then until every thread has an item.
   auto reblock = [&](int64_t blocks) {
     a.blocks = blocks;

@@ -40,15 +40,15 @@ enum class Finish { ReLU, HardSigmoid };
 // a 1x1 conv's weight (outputs, inputs) is one contiguous dot product per image, read from memory
 // once for all images. At batch 1 these GEMVs read more weight bytes than anything else in the
 // gate; MKL's addmm took ~28 us each for GhostNet's 960x240 ones, plus a copy of the bias.
-// W: T, or the bits of bfloat16 weights (float32 x only).
+// W: T, or the bits of bfloat16 weights (float32 x only); row o of w at w + o * ld.
 template <typename T, typename W>
-GK_MULTIVERSION void dense_rows(const T* x, int64_t batch, int64_t inputs, const W* w, const T* b, Finish finish,
-                                T* out, int64_t outputs, int64_t begin, int64_t end) {
+GK_MULTIVERSION void dense_rows(const T* x, int64_t batch, int64_t inputs, const W* w, int64_t ld, const T* b,
+                                Finish finish, T* out, int64_t outputs, int64_t begin, int64_t end) {
   using S = Simd<T>;
   using V = typename S::vec;
   constexpr int L = S::lanes;
   for (int64_t o = begin; o < end; ++o) {
-    const W* row = w + o * inputs;
+    const W* row = w + o * ld;
     for (int64_t n = 0; n < batch; ++n) {
       const T* xn = x + n * inputs;
       V even{}, odd{};  // two chains of vector adds
@@ -83,16 +83,17 @@ void dense(const T* x, int64_t batch, int64_t inputs, const at::Tensor& weight, 
   const T* b = bias.defined() ? bias.data_ptr<T>() : nullptr;
   const int64_t grain = std::max<int64_t>(1, kGrainWork / (inputs * batch));
   if constexpr (std::is_same_v<T, float>) {
-    if (const uint16_t* w16 = bf16_gemm_enabled(at::kFloat, inputs) ? frozen_bf16_copy(weight) : nullptr) {
+    const Bf16Rows w16 = bf16_gemm_enabled(at::kFloat, inputs) ? frozen_bf16_rows(weight) : Bf16Rows{};
+    if (w16.data) {
       at::parallel_for(0, outputs, grain, [&](int64_t begin, int64_t end) {
-        dense_rows(x, batch, inputs, w16, b, finish, out, outputs, begin, end);
+        dense_rows(x, batch, inputs, w16.data, w16.ld, b, finish, out, outputs, begin, end);
       });
       return;
     }
   }
   const T* w = weight.data_ptr<T>();
   at::parallel_for(0, outputs, grain, [&](int64_t begin, int64_t end) {
-    dense_rows(x, batch, inputs, w, b, finish, out, outputs, begin, end);
+    dense_rows(x, batch, inputs, w, inputs, b, finish, out, outputs, begin, end);
   });
 }
 

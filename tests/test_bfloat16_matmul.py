@@ -229,7 +229,38 @@ def test_frozen_weight_copies_go_with_the_weight(precision):
     (weight,) = frozen_copy(torch.randn(32, 64, 1, 1))
     marked, copied = ops.frozen_weights_status()
     ops.pointwise_conv2d(x, weight, None)
-    assert ops.frozen_weights_status() == (marked, copied + (32 * 64 * 2 if AMX else 0))
+    # rows padded to a multiple of 32 elements, 16 zero rows after the last (whole AMX tiles)
+    assert ops.frozen_weights_status() == (marked, copied + ((32 + 16) * 64 * 2 if AMX else 0))
     del weight
     ops.mark_frozen_weights([])  # sweeps the entries of weights that are gone
     assert ops.frozen_weights_status() == (marked - 1, copied)
+
+
+@pytest.mark.parametrize("inp, oup, size", [(40, 51, (14, 14)), (300, 37, (5, 5)), (160, 960, (7, 7))])
+def test_frozen_primary_weights_on_amx(precision, inp, oup, size):
+    """The AMX GEMMs read a frozen W1 (or 1x1 weight) from its bfloat16 copy instead of rounding
+    it per call: the same bfloat16 operands, so the same outputs bit for bit, with W1's rows
+    split across work items at any offset, and with an SE scale folded into x or into W1."""
+    torch.manual_seed(0)
+    w1, b1, w2, b2 = weights(inp, oup)
+    (frozen_w1,) = frozen_copy(w1)
+    precision("medium")
+    copied = ops.frozen_weights_status()[1]
+    for batch, stride in ((1, 1), (2, 2)):
+        x = torch.randn(batch, inp, *size)
+        args = (b1, w2, b2, oup, stride, "relu")
+        assert torch.equal(ops.ghost_module(x, frozen_w1, *args), ops.ghost_module(x, w1, *args))
+        scale = torch.rand(batch, inp, 1, 1)
+        assert torch.equal(ops.ghost_module_scaled(x, scale, frozen_w1, *args),
+                           ops.ghost_module_scaled(x, scale, w1, *args))
+        w3, b3 = torch.randn(oup, 1, 3, 3), torch.randn(oup)
+        assert torch.equal(ops.ghost_module_depthwise(x, frozen_w1, *args, w3, b3, 2),
+                           ops.ghost_module_depthwise(x, w1, *args, w3, b3, 2))
+    if AMX:  # the copy was made, and read
+        assert ops.frozen_weights_status()[1] == copied + (w1.shape[0] + 16) * (-(-inp // 32) * 32) * 2
+    x = torch.randn(2, inp, *size)
+    weight, bias = torch.randn(oup, inp, 1, 1) / inp ** 0.5, torch.randn(oup)
+    (frozen,) = frozen_copy(weight)
+    assert torch.equal(ops.pointwise_conv2d(x, frozen, bias), ops.pointwise_conv2d(x, weight, bias))
+    assert torch.equal(ops.pointwise_conv2d_pool(x, frozen, bias, "relu"),
+                       ops.pointwise_conv2d_pool(x, weight, bias, "relu"))
