@@ -26,8 +26,8 @@ bool bf16_gemm_enabled(at::ScalarType dtype, int64_t depth);
 
 // C[i * ldc + j] = sum_k A[i * a_si + k * a_sk] * B[k * ldb + j] for i < M, j < N, with A and
 // B rounded to bfloat16 (to nearest even) and the products summed in float32. A_bf16: A already
-// so, in the layout of a frozen weight's copy (frozen_weights.h: rows of bf16_row_stride(K),
-// readable for M rounded up to 16 rows), or nullptr to pack A here. Call only when
+// so, in the layout of a frozen weight's copy (frozen_weights.h: rows of K rounded up to 32
+// elements, readable for M rounded up to 16 rows), or nullptr to pack A here. Call only when
 // amx_bf16_available(). Thread-safe: each thread packs into buffers of its own.
 void gemm_bf16_amx(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_si, int64_t a_sk, const float* B,
                    int64_t ldb, float* C, int64_t ldc, const uint16_t* A_bf16 = nullptr);

@@ -17,10 +17,9 @@ namespace ghostkernels {
 struct Bf16Rows {
   const uint16_t* data = nullptr;
   int64_t ld = 0;
+  // Where row r starts, or nullptr when there is no copy.
+  const uint16_t* row(int64_t r) const { return data ? data + r * ld : nullptr; }
 };
-
-// The row stride of a copy of rows of k elements.
-inline int64_t bf16_row_stride(int64_t k) { return (k + 31) / 32 * 32; }
 
 // The bfloat16 copy of `weight` when freeze() marked it (a contiguous float32 CPU tensor of a
 // frozen graph), made at the first call; no copy for any other tensor. It lives as long as the

@@ -81,7 +81,7 @@ struct ForwardArgs {
   const Gate<T>* gate;  // nullptr: ungated
   const T* residual;    // nullptr, or a tensor laid out as out, added to every element written
   bool bf16_gemm;       // the 1x1 primary conv on AMX in bfloat16 (float32 only; amx_gemm.h)
-  const uint16_t* w1_bf16 = nullptr;  // with bf16_gemm, W1's frozen copy (frozen_weights.h) or nullptr
+  Bf16Rows w1_bf16;  // with bf16_gemm, W1's frozen copy (frozen_weights.h), if it has one
 };
 
 // x1 rows [h0, h1) of one image, channels [c0, c1), NCHW; `dst` row stride ld (per channel).
@@ -119,7 +119,7 @@ GK_INLINE void primary_rows_nchw(const ForwardArgs<T>& a, int64_t n, int64_t h0,
     ld_src = p;
   }
   const T* w1 = a.w1 + c0 * g.inp;
-  const uint16_t* w1_bf16 = a.w1_bf16 ? a.w1_bf16 + c0 * bf16_row_stride(g.inp) : nullptr;
+  const uint16_t* w1_bf16 = a.w1_bf16.row(c0);
   if (s && !scale_x) {
     for (int64_t c = 0; c < c1 - c0; ++c)
       for (int64_t k = 0; k < g.inp; ++k) scaled[c * g.inp + k] = w1[c * g.inp + k] * s[k];
@@ -554,7 +554,7 @@ at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& w1_in, const c1
                             gate_values.defined() ? &gate : nullptr,
                             residual.defined() ? residual.data_ptr<scalar_t>() : nullptr,
                             g.kernel == 1 && bf16_gemm_enabled(x.scalar_type(), g.inp)};
-    if (a.bf16_gemm) a.w1_bf16 = frozen_bf16_rows(w1).data;
+    if (a.bf16_gemm) a.w1_bf16 = frozen_bf16_rows(w1);
     at::parallel_for(0, g.batch * t.bands * t.groups, 1, [&](int64_t begin, int64_t end) {
       if (g.channels_last) forward_nhwc(a, begin, end);
       else forward_nchw(a, begin, end);
@@ -620,7 +620,7 @@ at::Tensor ghost_module_depthwise_cpu(const at::Tensor& x_in, const at::Tensor& 
                             b2c.defined() ? b2c.data_ptr<scalar_t>() : nullptr,
                             masks.data(), mask_stride(g, mask_rows), nullptr, nullptr, nullptr,
                             g.kernel == 1 && bf16_gemm_enabled(x.scalar_type(), g.inp)};
-    if (a.bf16_gemm) a.w1_bf16 = frozen_bf16_rows(w1).data;
+    if (a.bf16_gemm) a.w1_bf16 = frozen_bf16_rows(w1);
     at::parallel_for(0, g.batch * plane.bands() * d.groups, 1,
                      [&](int64_t begin, int64_t end) { forward_nchw_depthwise(a, d, begin, end); });
   });

@@ -33,7 +33,7 @@ constexpr int64_t kMinChannelBlock = 16;
 struct PointwiseArgs {
   int64_t inputs, outputs, pixels, chunks, blocks, block;
   bool bf16_gemm;  // on AMX in bfloat16 (float32 only; amx_gemm.h)
-  const uint16_t* w_bf16 = nullptr;  // with bf16_gemm, W's frozen copy (frozen_weights.h) or nullptr
+  Bf16Rows w_bf16;  // with bf16_gemm, W's frozen copy (frozen_weights.h), if it has one
 };
 
 template <typename T>
@@ -53,7 +53,7 @@ GK_MULTIVERSION void pointwise_items(const PointwiseArgs& a, const T* x, const T
     if constexpr (std::is_same_v<T, float>) {
       if (a.bf16_gemm) {
         gemm_bf16_amx(channels, np, a.inputs, w + c0 * a.inputs, a.inputs, 1, xn, a.pixels, o, a.pixels,
-                      a.w_bf16 ? a.w_bf16 + c0 * bf16_row_stride(a.inputs) : nullptr);
+                      a.w_bf16.row(c0));
         if (bias) finish_rows<T>(channels, np, o, a.pixels, finish);
         continue;
       }
@@ -149,7 +149,7 @@ at::Tensor pointwise_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, c
   }
   PointwiseArgs a{inputs, outputs, pixels, (pixels + kChunk - 1) / kChunk, 1, outputs,
                   bf16_gemm_enabled(x.scalar_type(), inputs)};
-  if (a.bf16_gemm) a.w_bf16 = frozen_bf16_rows(w).data;
+  if (a.bf16_gemm) a.w_bf16 = frozen_bf16_rows(w);
   // Output-channel blocks until every thread has an item: at batch 1 the 14x14 and 7x7 maps are
   // one pixel chunk each.
   const int64_t threads = at::get_num_threads();
@@ -189,7 +189,7 @@ GK_MULTIVERSION void pooled_items(const PointwiseArgs& a, bool relu, const T* x,
       return relu ? (v < 0 ? decltype(v){} : v) : v;
     };
     product_rows<T>(a.bf16_gemm, channels, a.pixels, a.inputs, w + c0 * a.inputs, xn, a.pixels, rows, a.pixels, panel,
-                    a.w_bf16 ? a.w_bf16 + c0 * bf16_row_stride(a.inputs) : nullptr, finish);
+                    a.w_bf16.row(c0), finish);
     for (int64_t c = 0; c < channels; ++c) out[n * a.outputs + c0 + c] = sum(rows + c * a.pixels, a.pixels) / T(a.pixels);
   }
 }
@@ -211,7 +211,7 @@ at::Tensor pointwise_conv2d_pool_cpu(const at::Tensor& x, const at::Tensor& weig
   if (out.numel() == 0) return out;
   const at::Tensor w = weight.contiguous(), b = bias.has_value() ? bias->contiguous() : at::Tensor();
   PointwiseArgs a{inputs, outputs, pixels, 1, 1, outputs, bf16_gemm_enabled(x.scalar_type(), inputs)};
-  if (a.bf16_gemm) a.w_bf16 = frozen_bf16_rows(w).data;
+  if (a.bf16_gemm) a.w_bf16 = frozen_bf16_rows(w);
   // Output-channel blocks whose rows fit the scratch (256 KiB), then until every thread has an item.
   auto reblock = [&](int64_t blocks) {
     a.blocks = blocks;

@@ -81,20 +81,16 @@ void dense(const T* x, int64_t batch, int64_t inputs, const at::Tensor& weight, 
   const int64_t outputs = weight.size(0);
   if (batch == 0) return;
   const T* b = bias.defined() ? bias.data_ptr<T>() : nullptr;
-  const int64_t grain = std::max<int64_t>(1, kGrainWork / (inputs * batch));
+  const auto rows = [&](const auto* w, int64_t ld) {
+    at::parallel_for(0, outputs, std::max<int64_t>(1, kGrainWork / (inputs * batch)), [&](int64_t begin, int64_t end) {
+      dense_rows(x, batch, inputs, w, ld, b, finish, out, outputs, begin, end);
+    });
+  };
   if constexpr (std::is_same_v<T, float>) {
     const Bf16Rows w16 = bf16_gemm_enabled(at::kFloat, inputs) ? frozen_bf16_rows(weight) : Bf16Rows{};
-    if (w16.data) {
-      at::parallel_for(0, outputs, grain, [&](int64_t begin, int64_t end) {
-        dense_rows(x, batch, inputs, w16.data, w16.ld, b, finish, out, outputs, begin, end);
-      });
-      return;
-    }
+    if (w16.data) return rows(w16.data, w16.ld);
   }
-  const T* w = weight.data_ptr<T>();
-  at::parallel_for(0, outputs, grain, [&](int64_t begin, int64_t end) {
-    dense_rows(x, batch, inputs, w, inputs, b, finish, out, outputs, begin, end);
-  });
+  rows(weight.data_ptr<T>(), inputs);
 }
 
 at::Tensor squeeze_excite_gate_cpu(const at::Tensor& x, const at::Tensor& w_reduce,

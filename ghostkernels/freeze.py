@@ -99,8 +99,9 @@ def checked_example(caller, verb, model, example_inputs):
 
 def _mark_frozen_weights(graph):
     """Tell the C++ kernels which tensors are the frozen graph's constants: private to it (the
-    model was deep-copied) and never changed, so in the bfloat16 mode the GEMVs of the head and
-    the SE gates may read bfloat16 copies of them, made once (csrc/frozen_weights.h)."""
+    model was deep-copied) and never changed, so in the bfloat16 mode the kernels may read
+    bfloat16 copies of them, made once (csrc/frozen_weights.h): the GEMVs of the head and the SE
+    gates, and the AMX GEMMs' W1."""
     if load_cpu_extension()[0] != "cpp":
         return
     constants = [node.output().toIValue() for node in graph.graph.nodes() if node.kind() == "prim::Constant"]

@@ -62,6 +62,15 @@ def randomise_bn(model, spread=1.0):
     return model
 
 
+def frozen_node_kinds(model, x):
+    """The node kinds of freeze(model, x)'s graph, after checking that the frozen model gives
+    the model's outputs on x (float32 tolerance)."""
+    frozen = ghostkernels.freeze(model, x)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x), model(x), rtol=1e-5, atol=1e-6)
+    return [node.kind() for node in frozen.graph.graph.nodes()]
+
+
 def assert_float32_like_eager(found, eager, exact, tol, floor_fraction=1e-3, names=None):
     """Float32 results `found` (accelerated) and `eager` against `exact` (the same computation in
     float64): every tensor of found within tol, or within twice eager float32's worst error where
