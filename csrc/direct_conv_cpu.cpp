@@ -3,8 +3,10 @@
 // GhostNet bottlenecks after BN folding, and the 3-channel stem. oneDNN reorders such NCHW
 // inputs into blocked layouts on every call, which costs more than the conv. Here each input
 // plane is copied once per band of rows, zero-padded and (stride 2) split into its four
-// row/column parity phases, so that every tap is one contiguous vector loop. Other convs,
-// layouts and dtypes go to at::conv2d.
+// row/column parity phases, so that every tap is one contiguous vector loop. Depthwise convs
+// where that split costs more than the taps (small planes; depthwise_lanes_pays) run with a
+// vector's lanes of channels side by side instead (depthwise_lanes.h). Other convs, layouts and
+// dtypes go to at::conv2d.
 //
 // The backward of a depthwise conv (direct_conv2d_backward; training the depthwise convs a
 // GhostNet keeps outside its Ghost modules) works per (image, channel) plane with the Ghost
@@ -22,6 +24,7 @@
 #include <tuple>
 #include <vector>
 
+#include "depthwise_lanes.h"
 #include "direct_conv.h"
 #include "ghost_common.h"
 #include "multiversion.h"
@@ -50,6 +53,26 @@ GK_MULTIVERSION void conv_items(const T* x, const T* w, const T* bias, T* out, c
       conv_band<T, 1>(xs, 0, ws, bs, group_outputs, os, g, oh0, scratch);
     else
       conv_band<T, 2>(xs, 0, ws, bs, group_outputs, os, g, oh0, scratch);
+  }
+}
+
+// Depthwise: work items [begin, end) of (image, a vector's lanes of channels, band of output rows).
+template <typename T>
+GK_MULTIVERSION void depthwise_items(const T* x, const T* w, const T* bias, T* out, const LanesGeometry<T>& g,
+                                     int64_t channels, int64_t begin, int64_t end) {
+  constexpr int L = Simd<T>::lanes;
+  const int64_t groups = (channels + L - 1) / L, bands = g.bands();
+  const int64_t plane = g.height * g.width, out_plane = g.out_height * g.out_width;
+  Scratch buffers;
+  T* scratch = buffers.take<T>(g.scratch_size());
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t oh0 = item % bands * g.band_rows(), c0 = item / bands % groups * L, n = item / bands / groups;
+    LaneChannels<T> ch;
+    for (int64_t c = c0; c < std::min<int64_t>(channels, c0 + L); ++c)
+      ch.add(x + (n * channels + c) * plane, w + c * g.k * g.k, bias ? bias[c] : T(0),
+             out + (n * channels + c) * out_plane);
+    if (g.stride == 1) depthwise_lanes<T, 1>(g, ch, 0, oh0, g.rows_in_band(oh0), scratch);
+    else depthwise_lanes<T, 2>(g, ch, 0, oh0, g.rows_in_band(oh0), scratch);
   }
 }
 
@@ -84,6 +107,20 @@ at::Tensor direct_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   if (out.numel() == 0) return out;
   const at::Tensor w = weight.contiguous();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  if (group_inputs == 1 && out_channels == channels && depthwise_lanes_pays(width, k, stride)) {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "direct_conv2d_cpu", [&] {
+      constexpr int64_t L = Simd<scalar_t>::lanes;
+      const int64_t groups = (channels + L - 1) / L;
+      // bands enough for 4 items per thread
+      const int64_t min_bands = (4 * at::get_num_threads() + batch * groups - 1) / (batch * groups);
+      const LanesGeometry<scalar_t> geometry{height, width, k, stride, out_height, out_width, min_bands};
+      at::parallel_for(0, batch * groups * geometry.bands(), 1, [&](int64_t begin, int64_t end) {
+        depthwise_items(x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), b.defined() ? b.data_ptr<scalar_t>() : nullptr,
+                        out.data_ptr<scalar_t>(), geometry, channels, begin, end);
+      });
+    });
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "direct_conv2d_cpu", [&] {
     const PlaneGeometry<scalar_t> geometry{height, width, k, stride, out_height, out_width, group_inputs};
     // work items: (image, group, band of output rows)

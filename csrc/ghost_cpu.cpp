@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "amx_gemm.h"
+#include "depthwise_lanes.h"
 #include "direct_conv.h"
 #include "frozen_weights.h"
 #include "gemm.h"
@@ -309,10 +310,11 @@ GK_MULTIVERSION void forward_nhwc(const ForwardArgs<T>& a, int64_t begin, int64_
 
 // The depthwise k x k conv (+bias) that reads the Ghost output: a GhostBottleneck's folded
 // conv_dw + bn_dw. Work items are (image, band of its output rows, group of intrinsic
-// channels); the bands of output rows are the direct conv's (direct_conv.h).
-template <typename T>
+// channels); the bands of output rows are the direct conv's: Plane is its PlaneGeometry
+// (direct_conv.h, a channel at a time) or LanesGeometry (depthwise_lanes.h, channels in lanes).
+template <typename T, typename Plane>
 struct DepthwiseArgs {
-  const PlaneGeometry<T>* plane;  // input: the Ghost output's planes; group_inputs 1
+  const Plane* plane;             // input: the Ghost output's planes (PlaneGeometry: group_inputs 1)
   const T* weight;                // [out_channels, k * k]
   const T* bias;                  // [out_channels] or nullptr
   int64_t group, groups;
@@ -330,36 +332,71 @@ struct DepthwiseArgs {
 };
 
 // Per item, the Ghost rows the band reads exist only in `buf` (intrinsic channels, with the cheap
-// op's halo) and `ghost` (one ghost channel at a time): no Ghost output in memory.
-template <typename T>
-GK_MULTIVERSION void forward_nchw_depthwise(const ForwardArgs<T>& a, const DepthwiseArgs<T>& d, int64_t begin,
+// op's halo) and `ghosts` (ghost channels made one at a time; with the channels in lanes, one
+// per lane): no Ghost output in memory. With LanesGeometry the item's Ghost channels, intrinsic
+// then ghost, go to the conv a vector's lanes at a time.
+template <typename T, typename Plane>
+GK_MULTIVERSION void forward_nchw_depthwise(const ForwardArgs<T>& a, const DepthwiseArgs<T, Plane>& d, int64_t begin,
                                             int64_t end) {
+  constexpr bool in_lanes = std::is_same_v<Plane, LanesGeometry<T>>;
   const Geometry& g = *a.g;
-  const PlaneGeometry<T>& plane = *d.plane;
+  const Plane& plane = *d.plane;
   const int64_t W = g.out_width, pad = g.pad;
   const int64_t input_rows = plane.max_input_rows(), bands = plane.bands();
-  const int64_t ld = (input_rows + 2 * pad) * W + 2 * pad + kSlack;
+  const int64_t ld = (input_rows + 2 * pad) * W + 2 * pad + kSlack, slot = input_rows * W + kSlack;
   Scratch buffers;
   T* buf = buffers.take<T>(d.group * ld);
-  T* ghost = buffers.take<T>(input_rows * W + kSlack);
+  T* ghosts = buffers.take<T>((in_lanes ? Simd<T>::lanes : 1) * slot);
   T* pack = buffers.take<T>(g.stride != 1 ? g.inp * (input_rows + 2 * pad) * W : 0);
   T* panel = buffers.take<T>(kBlock * 2 * Simd<T>::lanes);
   T* scratch = buffers.take<T>(plane.scratch_size());
   std::vector<Tap<T>> taps(g.dw * g.dw);
   for (int64_t item = begin; item < end; ++item) {
     const int64_t n = item / (bands * d.groups);
-    const int64_t oh0 = item / d.groups % bands * plane.band_rows();
+    const int64_t oh0 = item / d.groups % bands * plane.band_rows(), rows = plane.rows_in_band(oh0);
     const int64_t c0 = item % d.groups * d.group, c1 = std::min(g.init, c0 + d.group);
-    const int64_t r0 = plane.first_input_row(oh0), r1 = plane.last_input_row(oh0, plane.rows_in_band(oh0));
+    const int64_t r0 = plane.first_input_row(oh0), r1 = plane.last_input_row(oh0, rows);
     intrinsic_band(a, n, r0, r1, c0, c1, buf, ld, pack, panel, static_cast<T*>(nullptr));
     const int64_t p = (r1 - r0) * W;
-    for (int64_t c = c0; c < c1; ++c) {
-      const T* center = buf + (c - c0) * ld + pad + pad * W;
-      d.band(center, r0, n, c, g.out_channels, oh0, scratch);
-      for (int64_t j = g.ghost_begin(c); j < g.ghost_end(c); ++j) {
-        make_taps(g, a.w2 + j * g.dw * g.dw, a.masks, a.mask_stride, false, taps.data());
-        apply_taps(ghost, center, p, taps.data(), g.dw, false, a.b2 ? a.b2[j] : T(0), g.act);
-        d.band(ghost, r0, n, g.init + j, g.out_channels, oh0, scratch);
+    const T* center = buf + pad + pad * W;  // channel c0's row r0
+    if constexpr (in_lanes) {
+      // (No lambdas here: they would be compiled without this clone's target.)
+      const int64_t intrinsic = c1 - c0, j_begin = g.ghost_begin(c0);
+      const int64_t channels = intrinsic + g.ghost_end(c1 - 1) - j_begin;
+      const int64_t out_plane = plane.out_height * plane.out_width, taps_k = plane.k * plane.k;
+      LaneChannels<T> lanes;
+      for (int64_t i = 0; i < channels; ++i) {
+        int64_t channel;
+        const T* rows_in;
+        if (i < intrinsic) {
+          channel = c0 + i;
+          rows_in = center + i * ld;
+        } else {
+          const int64_t j = j_begin + i - intrinsic;
+          T* ghost = ghosts + lanes.count * slot;  // the lane it will take
+          make_taps(g, a.w2 + j * g.dw * g.dw, a.masks, a.mask_stride, false, taps.data());
+          apply_taps(ghost, center + (j / g.copies - c0) * ld, p, taps.data(), g.dw, false, a.b2 ? a.b2[j] : T(0),
+                     g.act);
+          channel = g.init + j;
+          rows_in = ghost;
+        }
+        lanes.add(rows_in, d.weight + channel * taps_k, d.bias ? d.bias[channel] : T(0),
+                  d.out + (n * g.out_channels + channel) * out_plane);
+        if (lanes.full() || i == channels - 1) {
+          if (plane.stride == 1) depthwise_lanes<T, 1>(plane, lanes, r0, oh0, rows, scratch);
+          else depthwise_lanes<T, 2>(plane, lanes, r0, oh0, rows, scratch);
+          lanes.count = 0;
+        }
+      }
+    } else {
+      for (int64_t c = c0; c < c1; ++c) {
+        const T* rows_in = center + (c - c0) * ld;
+        d.band(rows_in, r0, n, c, g.out_channels, oh0, scratch);
+        for (int64_t j = g.ghost_begin(c); j < g.ghost_end(c); ++j) {
+          make_taps(g, a.w2 + j * g.dw * g.dw, a.masks, a.mask_stride, false, taps.data());
+          apply_taps(ghosts, rows_in, p, taps.data(), g.dw, false, a.b2 ? a.b2[j] : T(0), g.act);
+          d.band(ghosts, r0, n, g.init + j, g.out_channels, oh0, scratch);
+        }
       }
     }
   }
@@ -565,7 +602,8 @@ at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& w1_in, const c1
 
 // ghost_module followed by a depthwise conv (+bias) of its output, stride 1 or 2: what
 // accelerate() makes of a GhostBottleneck's ghost1 -> conv_dw -> bn_dw in eval. NCHW runs
-// forward_nchw_depthwise; channels_last composes the Ghost kernel and the library conv.
+// forward_nchw_depthwise, with the channels in lanes or, where that is slower
+// (depthwise_lanes_pays), a plane at a time; channels_last composes the Ghost kernel and the library conv.
 at::Tensor ghost_module_depthwise_cpu(const at::Tensor& x_in, const at::Tensor& w1_in,
                                       const c10::optional<at::Tensor>& b1, const at::Tensor& w2_in,
                                       const c10::optional<at::Tensor>& b2, int64_t out_channels, int64_t stride,
@@ -600,29 +638,35 @@ at::Tensor ghost_module_depthwise_cpu(const at::Tensor& x_in, const at::Tensor& 
   const at::Tensor b2c = b2.has_value() ? b2->contiguous() : at::Tensor();
   const at::Tensor b3c = b3.has_value() ? b3->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ghost_module_depthwise_cpu", [&] {
-    const PlaneGeometry<scalar_t> plane{g.out_height, g.out_width, k, dw_stride, out_height, out_width, 1};
-    DepthwiseArgs<scalar_t> d{&plane, w3.data_ptr<scalar_t>(), b3c.defined() ? b3c.data_ptr<scalar_t>() : nullptr,
-                              g.init, 1, out.data_ptr<scalar_t>()};
-    // Intrinsic channels per item: their buffers within 256 KiB, and an item for every thread (as
-    // choose_tiling's forward: two per thread ran 0-8% slower at batch 1).
-    const int64_t mask_rows = plane.max_input_rows() + 2 * g.pad;
-    const int64_t channel_bytes = mask_rows * g.out_width * int64_t(sizeof(scalar_t));
-    auto regroup = [&](int64_t group) {
-      d.group = std::max<int64_t>(1, group);
-      d.groups = (g.init + d.group - 1) / d.group;
+    auto run = [&](const auto& plane) {
+      DepthwiseArgs<scalar_t, std::decay_t<decltype(plane)>> d{
+          &plane, w3.data_ptr<scalar_t>(), b3c.defined() ? b3c.data_ptr<scalar_t>() : nullptr, g.init, 1,
+          out.data_ptr<scalar_t>()};
+      // Intrinsic channels per item: their buffers within 256 KiB, and an item for every thread (as
+      // choose_tiling's forward: two per thread ran 0-8% slower at batch 1).
+      const int64_t mask_rows = plane.max_input_rows() + 2 * g.pad;
+      const int64_t channel_bytes = mask_rows * g.out_width * int64_t(sizeof(scalar_t));
+      auto regroup = [&](int64_t group) {
+        d.group = std::max<int64_t>(1, group);
+        d.groups = (g.init + d.group - 1) / d.group;
+      };
+      while (d.group > 8 && d.group * channel_bytes > 256 * 1024) regroup((d.group + 1) / 2);
+      while (d.group > 8 && g.batch * plane.bands() * d.groups < at::get_num_threads()) regroup((d.group + 1) / 2);
+      const std::vector<scalar_t> masks = column_masks<scalar_t>(g, mask_rows);
+      ForwardArgs<scalar_t> a{&g, nullptr, source.data_ptr<scalar_t>(), w1.data_ptr<scalar_t>(), nullptr, nullptr,
+                              g.kernel == 1 && b1c.defined() ? b1c.data_ptr<scalar_t>() : nullptr,
+                              w2.data_ptr<scalar_t>(), nullptr, nullptr,
+                              b2c.defined() ? b2c.data_ptr<scalar_t>() : nullptr,
+                              masks.data(), mask_stride(g, mask_rows), nullptr, nullptr, nullptr,
+                              g.kernel == 1 && bf16_gemm_enabled(x.scalar_type(), g.inp)};
+      if (a.bf16_gemm) a.w1_bf16 = frozen_bf16_rows(w1);
+      at::parallel_for(0, g.batch * plane.bands() * d.groups, 1,
+                       [&](int64_t begin, int64_t end) { forward_nchw_depthwise(a, d, begin, end); });
     };
-    while (d.group > 8 && d.group * channel_bytes > 256 * 1024) regroup((d.group + 1) / 2);
-    while (d.group > 8 && g.batch * plane.bands() * d.groups < at::get_num_threads()) regroup((d.group + 1) / 2);
-    const std::vector<scalar_t> masks = column_masks<scalar_t>(g, mask_rows);
-    ForwardArgs<scalar_t> a{&g, nullptr, source.data_ptr<scalar_t>(), w1.data_ptr<scalar_t>(), nullptr, nullptr,
-                            g.kernel == 1 && b1c.defined() ? b1c.data_ptr<scalar_t>() : nullptr,
-                            w2.data_ptr<scalar_t>(), nullptr, nullptr,
-                            b2c.defined() ? b2c.data_ptr<scalar_t>() : nullptr,
-                            masks.data(), mask_stride(g, mask_rows), nullptr, nullptr, nullptr,
-                            g.kernel == 1 && bf16_gemm_enabled(x.scalar_type(), g.inp)};
-    if (a.bf16_gemm) a.w1_bf16 = frozen_bf16_rows(w1);
-    at::parallel_for(0, g.batch * plane.bands() * d.groups, 1,
-                     [&](int64_t begin, int64_t end) { forward_nchw_depthwise(a, d, begin, end); });
+    if (depthwise_lanes_pays(g.out_width, k, dw_stride))
+      run(LanesGeometry<scalar_t>{g.out_height, g.out_width, k, dw_stride, out_height, out_width, 1});
+    else
+      run(PlaneGeometry<scalar_t>{g.out_height, g.out_width, k, dw_stride, out_height, out_width, 1});
   });
   return out;
 }

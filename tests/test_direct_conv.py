@@ -227,3 +227,25 @@ def test_depthwise_module_other_inputs_take_the_conv():
         torch.testing.assert_close(depthwise(x), expected)
     assert not DepthwiseConv2d.eligible(torch.nn.Conv2d(4, 8, 3, 1, 1, groups=4))
     assert not DepthwiseConv2d.eligible(torch.nn.Conv2d(4, 4, 3, 3, 1, groups=4))
+
+
+# The channels-in-lanes kernel (csrc/depthwise_lanes.h) takes the depthwise convs of planes up to 64
+# wide, 32 at stride 1: 16 channels make one whole vector of float32 lanes (two of float64), 17 and
+# 40 a partial last one; 300 rows make several bands, 2 and 8 threads split the bands further.
+@pytest.mark.parametrize("channels", [16, 17, 40])
+@pytest.mark.parametrize("k, stride", [(3, 2), (5, 2), (7, 2), (3, 1), (5, 1)])
+@pytest.mark.parametrize("size", [(14, 14), (7, 7), (300, 20), (28, 56)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_depthwise_channels_in_lanes(channels, k, stride, size, dtype):
+    x = torch.randn(2, channels, *size, dtype=dtype)
+    weight, bias = torch.randn(channels, 1, k, k, dtype=dtype), torch.randn(channels, dtype=dtype)
+    expected = F.conv2d(x, weight, bias, stride, k // 2, groups=channels)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-12
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 8):
+            torch.set_num_threads(threads)
+            out = torch.ops.ghostkernels.direct_conv2d(x, weight, bias, stride)
+            torch.testing.assert_close(out, expected, rtol=tolerance, atol=tolerance)
+    finally:
+        torch.set_num_threads(before)

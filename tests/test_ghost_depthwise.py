@@ -45,6 +45,21 @@ def test_matches_reference(config, k, depthwise_stride, activation, channels_las
                                rtol=1e-12, atol=1e-12)
 
 
+# float32 with the channels in lanes (csrc/depthwise_lanes.h): 40 Ghost channels (two whole vectors
+# of lanes and a partial one), 33 (odd oup: the last ghost dropped), planes 14 and 56 wide, and
+# 300 rows high in several bands; 112 wide with 3x3 taps runs the phase split instead.
+@pytest.mark.parametrize("oup, ratio", [(40, 2), (33, 3)])
+@pytest.mark.parametrize("k, depthwise_stride", [(3, 2), (5, 2), (5, 1)])
+@pytest.mark.parametrize("size", [(14, 14), (20, 56), (300, 20), (9, 112)])
+def test_float32_channels_in_lanes(oup, ratio, k, depthwise_stride, size):
+    x = torch.randn(2, 12, *size)
+    weights = make_weights(12, oup, ratio, 3, dtype=torch.float32)
+    w3, b3 = depthwise_weights(oup, k, dtype=torch.float32)
+    out = op(x, *weights, oup, 1, "relu", w3, b3, depthwise_stride)
+    torch.testing.assert_close(out, expected(x, weights, oup, 1, "relu", w3, b3, depthwise_stride),
+                               rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("batch", [0, 1])
 def test_float32_primary_stride_and_batch(batch):
     x = torch.randn(batch, 6, 23, 19)
