@@ -21,8 +21,11 @@ namespace ghostkernels {
 // transposes, the phase split a fixed cost per channel and band. Measured in one process on
 // GhostNet's stride-2 convs and a few stride-1 ones (bench/results/xeon-amx-2threads-small-plane-ab.txt,
 // section 8): the phase split kept 112x112 planes with 3x3 taps at stride 2 and planes wider than
-// 28 at stride 1, where its fixed costs are spread thin.
+// 28 at stride 1, where its fixed costs are spread thin. The kernel is built for float32 with 3x3
+// and 5x5 taps (GhostNet's) only, which the callers check too: each further instantiation added
+// minutes to the build for convs the phase split serves (float64 is for checking, not speed).
 inline bool depthwise_lanes_pays(int64_t width, int64_t k, int64_t stride) {
+  if (k != 3 && k != 5) return false;
   return stride == 1 ? width <= 32 : width <= 64 || k >= 5;
 }
 
@@ -127,16 +130,14 @@ struct LaneChannels {
 // acc[j] = bias + the taps of output pixels ow0 + j of the output row whose first tile row is `tile`.
 template <typename T, int S, int K, int J>
 GK_INLINE void lanes_pixels(const typename Simd<T>::vec* tile, int64_t columns, const typename Simd<T>::vec* w,
-                            typename Simd<T>::vec bias, int64_t ow0, typename Simd<T>::vec* dst, int64_t k_runtime) {
+                            typename Simd<T>::vec bias, int64_t ow0, typename Simd<T>::vec* dst) {
   using V = typename Simd<T>::vec;
-  const int64_t k = K ? K : k_runtime;
+  constexpr int k = K;
   V acc[J];
   for (int j = 0; j < J; ++j) acc[j] = bias;
-#pragma GCC unroll 5
-  for (int64_t dy = 0; dy < k; ++dy) {
+  for (int dy = 0; dy < k; ++dy) {
     const V* row = tile + dy * columns + ow0 * S;
-#pragma GCC unroll 5
-    for (int64_t dx = 0; dx < k; ++dx) {
+    for (int dx = 0; dx < k; ++dx) {
       const V wv = w[dy * k + dx];
       for (int j = 0; j < J; ++j) acc[j] += wv * row[j * S + dx];
     }
@@ -150,7 +151,7 @@ GK_INLINE void depthwise_lanes_k(const LanesGeometry<T>& g, const LaneChannels<T
                                  int64_t rows, T* scratch) {
   using V = typename Simd<T>::vec;
   constexpr int L = Simd<T>::lanes;
-  const int64_t k = K ? K : g.k, taps = k * k, pad = g.pad(), W = g.width, columns = g.tile_columns();
+  const int64_t k = K, taps = k * k, pad = g.pad(), W = g.width, columns = g.tile_columns();
   const int64_t tile_rows = g.tile_rows(rows), out_width = g.out_width, count = ch.count;
   V* tile = reinterpret_cast<V*>(scratch);
   V* pixels = tile + tile_rows * columns;  // the output band, pixel-major
@@ -206,10 +207,10 @@ GK_INLINE void depthwise_lanes_k(const LanesGeometry<T>& g, const LaneChannels<T
     const V* base = tile + r * S * columns;
     V* dst = pixels + r * out_width;
     int64_t ow = 0;
-    for (; ow + 8 <= out_width; ow += 8) lanes_pixels<T, S, K, 8>(base, columns, w, bias, ow, dst + ow, k);
-    if (ow + 4 <= out_width) lanes_pixels<T, S, K, 4>(base, columns, w, bias, ow, dst + ow, k), ow += 4;
-    if (ow + 2 <= out_width) lanes_pixels<T, S, K, 2>(base, columns, w, bias, ow, dst + ow, k), ow += 2;
-    if (ow < out_width) lanes_pixels<T, S, K, 1>(base, columns, w, bias, ow, dst + ow, k);
+    for (; ow + 8 <= out_width; ow += 8) lanes_pixels<T, S, K, 8>(base, columns, w, bias, ow, dst + ow);
+    if (ow + 4 <= out_width) lanes_pixels<T, S, K, 4>(base, columns, w, bias, ow, dst + ow), ow += 4;
+    if (ow + 2 <= out_width) lanes_pixels<T, S, K, 2>(base, columns, w, bias, ow, dst + ow), ow += 2;
+    if (ow < out_width) lanes_pixels<T, S, K, 1>(base, columns, w, bias, ow, dst + ow);
   }
   // Back to the channels' planes, L output pixels at a time (the band's rows are contiguous there too).
   const int64_t p_end = rows * out_width, offset = oh0 * out_width;
@@ -229,22 +230,15 @@ GK_INLINE void depthwise_lanes_k(const LanesGeometry<T>& g, const LaneChannels<T
   }
 }
 
-// Output rows [oh0, oh0 + rows) of the channels in ch, a band of at most g.band_rows() at a time.
+// Output rows [oh0, oh0 + rows) of the channels in ch, a band of at most g.band_rows() at a time;
+// k is 3 or 5 (depthwise_lanes_pays).
 template <typename T, int S>
 GK_INLINE void depthwise_lanes(const LanesGeometry<T>& g, const LaneChannels<T>& ch, int64_t x_row0, int64_t oh0,
                                int64_t rows, T* scratch) {
   for (int64_t oh = oh0; oh < oh0 + rows; oh += g.band_rows()) {
     const int64_t band = std::min(g.band_rows(), oh0 + rows - oh);
-    // float64 is for checking, not speed: one instantiation with k at run time compiles faster.
-    if constexpr (std::is_same_v<T, double>) {
-      depthwise_lanes_k<T, S, 0>(g, ch, x_row0, oh, band, scratch);
-    } else {
-      switch (g.k) {  // GhostNet's depthwise convs are 3x3 and 5x5
-        case 3: depthwise_lanes_k<T, S, 3>(g, ch, x_row0, oh, band, scratch); break;
-        case 5: depthwise_lanes_k<T, S, 5>(g, ch, x_row0, oh, band, scratch); break;
-        default: depthwise_lanes_k<T, S, 0>(g, ch, x_row0, oh, band, scratch);
-      }
-    }
+    if (g.k == 3) depthwise_lanes_k<T, S, 3>(g, ch, x_row0, oh, band, scratch);
+    else depthwise_lanes_k<T, S, 5>(g, ch, x_row0, oh, band, scratch);
   }
 }
 

@@ -56,7 +56,7 @@ GK_MULTIVERSION void conv_items(const T* x, const T* w, const T* bias, T* out, c
   }
 }
 
-// Depthwise: work items [begin, end) of (image, a vector's lanes of channels, band of output rows).
+// Depthwise, float32: work items [begin, end) of (image, a vector's lanes of channels, band of output rows).
 template <typename T>
 GK_MULTIVERSION void depthwise_items(const T* x, const T* w, const T* bias, T* out, const LanesGeometry<T>& g,
                                      int64_t channels, int64_t begin, int64_t end) {
@@ -107,17 +107,16 @@ at::Tensor direct_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   if (out.numel() == 0) return out;
   const at::Tensor w = weight.contiguous();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  if (group_inputs == 1 && out_channels == channels && depthwise_lanes_pays(width, k, stride)) {
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "direct_conv2d_cpu", [&] {
-      constexpr int64_t L = Simd<scalar_t>::lanes;
-      const int64_t groups = (channels + L - 1) / L;
-      // bands enough for 4 items per thread
-      const int64_t min_bands = (4 * at::get_num_threads() + batch * groups - 1) / (batch * groups);
-      const LanesGeometry<scalar_t> geometry{height, width, k, stride, out_height, out_width, min_bands};
-      at::parallel_for(0, batch * groups * geometry.bands(), 1, [&](int64_t begin, int64_t end) {
-        depthwise_items(x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), b.defined() ? b.data_ptr<scalar_t>() : nullptr,
-                        out.data_ptr<scalar_t>(), geometry, channels, begin, end);
-      });
+  if (x.scalar_type() == at::kFloat && group_inputs == 1 && out_channels == channels &&
+      depthwise_lanes_pays(width, k, stride)) {
+    constexpr int64_t L = Simd<float>::lanes;
+    const int64_t groups = (channels + L - 1) / L;
+    // bands enough for 4 items per thread
+    const int64_t min_bands = (4 * at::get_num_threads() + batch * groups - 1) / (batch * groups);
+    const LanesGeometry<float> geometry{height, width, k, stride, out_height, out_width, min_bands};
+    at::parallel_for(0, batch * groups * geometry.bands(), 1, [&](int64_t begin, int64_t end) {
+      depthwise_items(x.data_ptr<float>(), w.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr,
+                      out.data_ptr<float>(), geometry, channels, begin, end);
     });
     return out;
   }

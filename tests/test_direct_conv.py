@@ -229,9 +229,10 @@ def test_depthwise_module_other_inputs_take_the_conv():
     assert not DepthwiseConv2d.eligible(torch.nn.Conv2d(4, 4, 3, 3, 1, groups=4))
 
 
-# The channels-in-lanes kernel (csrc/depthwise_lanes.h) takes the depthwise convs of planes up to 64
-# wide, 32 at stride 1: 16 channels make one whole vector of float32 lanes (two of float64), 17 and
-# 40 a partial last one; 300 rows make several bands, 2 and 8 threads split the bands further.
+# The channels-in-lanes kernel (csrc/depthwise_lanes.h) takes the float32 depthwise convs with 3x3 and
+# 5x5 taps of planes up to 64 wide, 32 at stride 1: 16 channels make one whole vector of lanes, 17 and
+# 40 a partial last one; 300 rows make several bands, 2 and 8 threads split the bands further; 7x7
+# taps and float64 take the phase split.
 @pytest.mark.parametrize("channels", [16, 17, 40])
 @pytest.mark.parametrize("k, stride", [(3, 2), (5, 2), (7, 2), (3, 1), (5, 1)])
 @pytest.mark.parametrize("size", [(14, 14), (7, 7), (300, 20), (28, 56)])

@@ -45,9 +45,9 @@ def test_matches_reference(config, k, depthwise_stride, activation, channels_las
                                rtol=1e-12, atol=1e-12)
 
 
-# float32 with the channels in lanes (csrc/depthwise_lanes.h): 40 Ghost channels (two whole vectors
-# of lanes and a partial one), 33 (odd oup: the last ghost dropped), planes 14 and 56 wide, and
-# 300 rows high in several bands; 112 wide with 3x3 taps runs the phase split instead.
+# float32 at stride 2 with the channels in lanes (csrc/depthwise_lanes.h): 40 Ghost channels (two
+# whole vectors of lanes and a partial one), 33 (odd oup: the last ghost dropped), planes 14 and 56
+# wide, and 300 rows high in several bands; 112 wide with 3x3 taps and stride 1 take the phase split.
 @pytest.mark.parametrize("oup, ratio", [(40, 2), (33, 3)])
 @pytest.mark.parametrize("k, depthwise_stride", [(3, 2), (5, 2), (5, 1)])
 @pytest.mark.parametrize("size", [(14, 14), (20, 56), (300, 20), (9, 112)])
