@@ -1,8 +1,8 @@
 // The depthwise k x k conv (+bias), stride 1 or 2, of up to one vector's lanes of channels at once,
 // with the channels in the lanes: each tap is one FMA of a weight vector with an input pixel's
 // vector, at any stride, with no per-channel setup. The planes come in NCHW and go out NCHW:
-// 16 x 16 (float64: 8 x 8) in-register transposes move them into a zero-bordered tile of pixel
-// vectors and the results back. The phase-split conv (direct_conv.h), one plane at a time, paid
+// 16 x 16 in-register transposes move them into a zero-bordered tile of pixel vectors and the
+// results back. Built for float32 only (depthwise_lanes_pays). The phase-split conv (direct_conv.h), one plane at a time, paid
 // ~200 ns per channel and band for its phases and copies: 672@14 k5 stride 2 took 130 us there.
 // Everything here is GK_INLINE: it is compiled into each multiversioned kernel's clone.
 #pragma once
@@ -55,14 +55,15 @@ GK_INLINE void transpose_step(typename Simd<T>::vec* v) {
     }
 }
 
-// v[r][c] -> v[c][r] for an L x L block: for each bit d of the index, rows i and i | d swap the
+// v[r][c] -> v[c][r] for a 16 x 16 block: for each bit d of the index, rows i and i | d swap the
 // lanes in which that bit differs (one two-source shuffle per row and bit).
 template <typename T>
 GK_INLINE void transpose_block(typename Simd<T>::vec* v) {
+  static_assert(Simd<T>::lanes == 16, "the lanes kernels are built for float32");
   transpose_step<T, 1>(v);
   transpose_step<T, 2>(v);
   transpose_step<T, 4>(v);
-  if constexpr (Simd<T>::lanes > 8) transpose_step<T, 8>(v);
+  transpose_step<T, 8>(v);
 }
 
 // src[0, n) and zeros: a vector that reads nothing past src[n - 1].
@@ -72,6 +73,15 @@ GK_INLINE typename Simd<T>::vec load_first(const T* src, int64_t n) {
   T part[Simd<T>::lanes] = {};
   copy_run(part, src, n);
   return Simd<T>::load(part);
+}
+
+// dst[0, n) = v's first n lanes, writing nothing past dst[n - 1].
+template <typename T>
+GK_INLINE void store_first(T* dst, typename Simd<T>::vec v, int64_t n) {
+  if (n >= Simd<T>::lanes) return Simd<T>::store(dst, v);
+  T part[Simd<T>::lanes];
+  Simd<T>::store(part, v);
+  copy_run(dst, part, n);
 }
 
 // A plane's extent, the output rows per band and the tile of pixel vectors that a band reads.
@@ -98,8 +108,8 @@ struct LanesGeometry {
   int64_t last_input_row(int64_t oh0, int64_t rows) const {
     return std::min(height, (oh0 + rows - 1) * stride - pad() + k);
   }
-  // every input column has one (stride 2, k 1 reads only up to the last but one)
-  int64_t tile_columns() const { return std::max((out_width - 1) * stride + k, width + pad()); }
+  // at least pad + width for k >= 3: every input column has one
+  int64_t tile_columns() const { return (out_width - 1) * stride + k; }
   int64_t tile_rows(int64_t rows) const { return (rows - 1) * stride + k; }
   int64_t max_input_rows() const { return tile_rows(band_rows_); }  // a band's, halo included
   int64_t scratch_size() const {  // the tile, the output band (+ a vector's lanes of slack), the taps
@@ -218,15 +228,7 @@ GK_INLINE void depthwise_lanes_k(const LanesGeometry<T>& g, const LaneChannels<T
     const int64_t n = std::min<int64_t>(L, p_end - p);
     for (int64_t i = 0; i < L; ++i) block[i] = pixels[p + i];  // past p_end: lanes not stored
     transpose_block<T>(block);
-    for (int64_t c = 0; c < count; ++c) {
-      if (n == L) {
-        Simd<T>::store(ch.out[c] + offset + p, block[c]);
-      } else {
-        T part[L];
-        Simd<T>::store(part, block[c]);
-        copy_run(ch.out[c] + offset + p, part, n);
-      }
-    }
+    for (int64_t c = 0; c < count; ++c) store_first(ch.out[c] + offset + p, block[c], n);
   }
 }
 

@@ -383,7 +383,7 @@ GK_MULTIVERSION void forward_nchw_depthwise(const ForwardArgs<T>& a, const Depth
         lanes.add(rows_in, d.weight + channel * taps_k, d.bias ? d.bias[channel] : T(0),
                   d.out + (n * g.out_channels + channel) * out_plane);
         if (lanes.full() || i == channels - 1) {
-          depthwise_lanes<T, 2>(plane, lanes, r0, oh0, rows, scratch);  // the entry's condition
+          depthwise_lanes<T, 2>(plane, lanes, r0, oh0, rows, scratch);  // the entry sends stride 2 only
           lanes.count = 0;
         }
       }
@@ -663,13 +663,15 @@ at::Tensor ghost_module_depthwise_cpu(const at::Tensor& x_in, const at::Tensor& 
                        [&](int64_t begin, int64_t end) { forward_nchw_depthwise(a, d, begin, end); });
     };
     // Lanes for float32 at stride 2 (GhostNet's conv_dw) only: each instantiation costs build time.
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      if (dw_stride == 2 && depthwise_lanes_pays(g.out_width, k, dw_stride)) {
-        run(LanesGeometry<scalar_t>{g.out_height, g.out_width, k, dw_stride, out_height, out_width, 1});
-        return;
-      }
-    }
-    run(PlaneGeometry<scalar_t>{g.out_height, g.out_width, k, dw_stride, out_height, out_width, 1});
+    // A generic lambda, because `if constexpr` discards the float64 lanes code only in a template.
+    auto choose = [&](auto zero) {
+      using T = decltype(zero);
+      if constexpr (std::is_same_v<T, float>)
+        if (dw_stride == 2 && depthwise_lanes_pays(g.out_width, k, dw_stride))
+          return run(LanesGeometry<T>{g.out_height, g.out_width, k, dw_stride, out_height, out_width, 1});
+      run(PlaneGeometry<T>{g.out_height, g.out_width, k, dw_stride, out_height, out_width, 1});
+    };
+    choose(scalar_t(0));
   });
   return out;
 }
