@@ -1,4 +1,4 @@
-// The depthwise k x k conv (+bias), stride 1 or 2, of up to one vector's lanes of channels at once,
+// The depthwise k x k conv (+bias, then ReLU or none), stride 1 or 2, of up to one vector's lanes of channels at once,
 // with the channels in the lanes: each tap is one FMA of a weight vector with an input pixel's
 // vector, at any stride, with no per-channel setup. The planes come in NCHW and go out NCHW:
 // 16 x 16 in-register transposes move them into a zero-bordered tile of pixel vectors and the
@@ -13,6 +13,7 @@
 #include <cstring>
 
 #include "gemm.h"
+#include "ghost_common.h"
 #include "multiversion.h"
 
 namespace ghostkernels {
@@ -157,8 +158,8 @@ GK_INLINE void lanes_pixels(const typename Simd<T>::vec* tile, int64_t columns, 
 
 // Output rows [oh0, oh0 + rows) of the channels in ch; their input planes hold rows from x_row0 on.
 template <typename T, int S, int K>
-GK_INLINE void depthwise_lanes_k(const LanesGeometry<T>& g, const LaneChannels<T>& ch, int64_t x_row0, int64_t oh0,
-                                 int64_t rows, T* scratch) {
+GK_INLINE void depthwise_lanes_k(const LanesGeometry<T>& g, const LaneChannels<T>& ch, Activation act, int64_t x_row0,
+                                 int64_t oh0, int64_t rows, T* scratch) {
   using V = typename Simd<T>::vec;
   constexpr int L = Simd<T>::lanes;
   const int64_t k = K, taps = k * k, pad = g.pad(), W = g.width, columns = g.tile_columns();
@@ -228,19 +229,19 @@ GK_INLINE void depthwise_lanes_k(const LanesGeometry<T>& g, const LaneChannels<T
     const int64_t n = std::min<int64_t>(L, p_end - p);
     for (int64_t i = 0; i < L; ++i) block[i] = pixels[p + i];  // past p_end: lanes not stored
     transpose_block<T>(block);
-    for (int64_t c = 0; c < count; ++c) store_first(ch.out[c] + offset + p, block[c], n);
+    for (int64_t c = 0; c < count; ++c) store_first(ch.out[c] + offset + p, activate_vector(block[c], act), n);
   }
 }
 
 // Output rows [oh0, oh0 + rows) of the channels in ch, a band of at most g.band_rows() at a time;
 // k is 3 or 5 (depthwise_lanes_pays).
 template <typename T, int S>
-GK_INLINE void depthwise_lanes(const LanesGeometry<T>& g, const LaneChannels<T>& ch, int64_t x_row0, int64_t oh0,
-                               int64_t rows, T* scratch) {
+GK_INLINE void depthwise_lanes(const LanesGeometry<T>& g, const LaneChannels<T>& ch, Activation act, int64_t x_row0,
+                               int64_t oh0, int64_t rows, T* scratch) {
   for (int64_t oh = oh0; oh < oh0 + rows; oh += g.band_rows()) {
     const int64_t band = std::min(g.band_rows(), oh0 + rows - oh);
-    if (g.k == 3) depthwise_lanes_k<T, S, 3>(g, ch, x_row0, oh, band, scratch);
-    else depthwise_lanes_k<T, S, 5>(g, ch, x_row0, oh, band, scratch);
+    if (g.k == 3) depthwise_lanes_k<T, S, 3>(g, ch, act, x_row0, oh, band, scratch);
+    else depthwise_lanes_k<T, S, 5>(g, ch, act, x_row0, oh, band, scratch);
   }
 }
 

@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "gemm.h"
+#include "ghost_common.h"
 #include "multiversion.h"
 
 namespace ghostkernels {
@@ -164,8 +165,8 @@ GK_INLINE void fill_phases(const T* x, int64_t x_row0, const PlaneGeometry<T>& g
 // loaded vector of input feeds CO accumulators (the stem's 16 outputs had loaded every input
 // vector 16 times). Each output goes through its own flat buffer in scratch.
 template <typename T, int S, int K, int CO>
-GK_INLINE void band_outputs(const T* phases, const T* w, const T* bias, int64_t co, T* out, const PlaneGeometry<T>& g,
-                            int64_t oh0, int64_t rows, T* flat) {
+GK_INLINE void band_outputs(const T* phases, const T* w, const T* bias, Activation act, int64_t co, T* out,
+                            const PlaneGeometry<T>& g, int64_t oh0, int64_t rows, T* flat) {
   using V = typename Simd<T>::vec;
   constexpr int L = Simd<T>::lanes;
   const int64_t phase_width = g.phase_width(), phase_size = g.phase_size(), k = K ? K : g.k, inputs = g.group_inputs;
@@ -191,7 +192,7 @@ GK_INLINE void band_outputs(const T* phases, const T* w, const T* bias, int64_t 
       }
     }
     for (int c = 0; c < CO; ++c)
-      for (int v = 0; v < 4; ++v) Simd<T>::store(flat + c * flat_size + f0 + v * L, acc[c][v]);
+      for (int v = 0; v < 4; ++v) Simd<T>::store(flat + c * flat_size + f0 + v * L, activate_vector(acc[c][v], act));
   }
   // A row of at most two vectors is stored as whole vectors while they stay inside this band's
   // rows and the flat buffer: the lanes past it land on the band's next rows, stored after it.
@@ -218,8 +219,8 @@ GK_INLINE void band_outputs(const T* phases, const T* w, const T* bias, int64_t 
 // `outputs` output planes. K: k as a compile-time constant (the tap loops unroll and their
 // offsets fold: the stem's 3x3 conv spent a third of its time computing them), or 0.
 template <typename T, int S, int K>
-GK_INLINE void conv_band_k(const T* x, int64_t x_row0, const T* w, const T* bias, int64_t outputs, T* out,
-                           const PlaneGeometry<T>& g, int64_t oh0, T* scratch) {
+GK_INLINE void conv_band_k(const T* x, int64_t x_row0, const T* w, const T* bias, Activation act, int64_t outputs,
+                           T* out, const PlaneGeometry<T>& g, int64_t oh0, T* scratch) {
   const int64_t rows = g.rows_in_band(oh0);
   T* flat = scratch + g.phases_size();
   T* split = flat + PlaneGeometry<T>::kOutputBlock * g.flat_size();
@@ -227,19 +228,19 @@ GK_INLINE void conv_band_k(const T* x, int64_t x_row0, const T* w, const T* bias
     fill_phases<T, S>(x + ci * g.height * g.width, x_row0, g, oh0, rows, scratch + ci * S * S * g.phase_size(), split);
   constexpr int CO = PlaneGeometry<T>::kOutputBlock;
   int64_t co = 0;
-  for (; co + CO <= outputs; co += CO) band_outputs<T, S, K, CO>(scratch, w, bias, co, out, g, oh0, rows, flat);
-  for (; co < outputs; ++co) band_outputs<T, S, K, 1>(scratch, w, bias, co, out, g, oh0, rows, flat);
+  for (; co + CO <= outputs; co += CO) band_outputs<T, S, K, CO>(scratch, w, bias, act, co, out, g, oh0, rows, flat);
+  for (; co < outputs; ++co) band_outputs<T, S, K, 1>(scratch, w, bias, act, co, out, g, oh0, rows, flat);
 }
 
 template <typename T, int S>
-GK_INLINE void conv_band(const T* x, int64_t x_row0, const T* w, const T* bias, int64_t outputs, T* out,
-                         const PlaneGeometry<T>& g, int64_t oh0, T* scratch) {
+GK_INLINE void conv_band(const T* x, int64_t x_row0, const T* w, const T* bias, Activation act, int64_t outputs,
+                         T* out, const PlaneGeometry<T>& g, int64_t oh0, T* scratch) {
   // float64 is for checking, not speed: one instantiation with k at run time compiles faster.
-  if constexpr (std::is_same_v<T, double>) return conv_band_k<T, S, 0>(x, x_row0, w, bias, outputs, out, g, oh0, scratch);
+  if constexpr (std::is_same_v<T, double>) return conv_band_k<T, S, 0>(x, x_row0, w, bias, act, outputs, out, g, oh0, scratch);
   switch (g.k) {  // GhostNet's stem and depthwise convs are 3x3 and 5x5
-    case 3: return conv_band_k<T, S, 3>(x, x_row0, w, bias, outputs, out, g, oh0, scratch);
-    case 5: return conv_band_k<T, S, 5>(x, x_row0, w, bias, outputs, out, g, oh0, scratch);
-    default: return conv_band_k<T, S, 0>(x, x_row0, w, bias, outputs, out, g, oh0, scratch);
+    case 3: return conv_band_k<T, S, 3>(x, x_row0, w, bias, act, outputs, out, g, oh0, scratch);
+    case 5: return conv_band_k<T, S, 5>(x, x_row0, w, bias, act, outputs, out, g, oh0, scratch);
+    default: return conv_band_k<T, S, 0>(x, x_row0, w, bias, act, outputs, out, g, oh0, scratch);
   }
 }
 

@@ -1,4 +1,4 @@
-// Direct k x k 'same' conv (+bias), stride 1 or 2, NCHW float32/float64, for the convs whose
+// Direct k x k 'same' conv (+bias, then ReLU or none), stride 1 or 2, NCHW float32/float64, for the convs whose
 // groups read at most kMaxGroupInputs channels: the depthwise `conv_dw` and shortcut convs of
 // GhostNet bottlenecks after BN folding, and the 3-channel stem. oneDNN reorders such NCHW
 // inputs into blocked layouts on every call, which costs more than the conv. Here each input
@@ -36,7 +36,7 @@ namespace {
 
 // Work items [begin, end) of (image, group, band of output rows).
 template <typename T>
-GK_MULTIVERSION void conv_items(const T* x, const T* w, const T* bias, T* out, const PlaneGeometry<T>& g,
+GK_MULTIVERSION void conv_items(const T* x, const T* w, const T* bias, Activation act, T* out, const PlaneGeometry<T>& g,
                                 int64_t channels, int64_t groups, int64_t out_channels, int64_t begin, int64_t end) {
   const int64_t group_outputs = out_channels / groups, k = g.k;
   const int64_t bands = g.bands();
@@ -50,16 +50,16 @@ GK_MULTIVERSION void conv_items(const T* x, const T* w, const T* bias, T* out, c
     T* os = out + (n * out_channels + group * group_outputs) * g.out_height * g.out_width;
     const int64_t oh0 = band * g.band_rows();
     if (g.stride == 1)
-      conv_band<T, 1>(xs, 0, ws, bs, group_outputs, os, g, oh0, scratch);
+      conv_band<T, 1>(xs, 0, ws, bs, act, group_outputs, os, g, oh0, scratch);
     else
-      conv_band<T, 2>(xs, 0, ws, bs, group_outputs, os, g, oh0, scratch);
+      conv_band<T, 2>(xs, 0, ws, bs, act, group_outputs, os, g, oh0, scratch);
   }
 }
 
 // Depthwise, float32: work items [begin, end) of (image, a vector's lanes of channels, band of output rows).
 template <typename T>
-GK_MULTIVERSION void depthwise_items(const T* x, const T* w, const T* bias, T* out, const LanesGeometry<T>& g,
-                                     int64_t channels, int64_t begin, int64_t end) {
+GK_MULTIVERSION void depthwise_items(const T* x, const T* w, const T* bias, Activation act, T* out,
+                                     const LanesGeometry<T>& g, int64_t channels, int64_t begin, int64_t end) {
   constexpr int L = Simd<T>::lanes;
   const int64_t groups = (channels + L - 1) / L, bands = g.bands();
   const int64_t plane = g.height * g.width, out_plane = g.out_height * g.out_width;
@@ -71,8 +71,8 @@ GK_MULTIVERSION void depthwise_items(const T* x, const T* w, const T* bias, T* o
     for (int64_t c = c0; c < std::min<int64_t>(channels, c0 + L); ++c)
       ch.add(x + (n * channels + c) * plane, w + c * g.k * g.k, bias ? bias[c] : T(0),
              out + (n * channels + c) * out_plane);
-    if (g.stride == 1) depthwise_lanes<T, 1>(g, ch, 0, oh0, g.rows_in_band(oh0), scratch);
-    else depthwise_lanes<T, 2>(g, ch, 0, oh0, g.rows_in_band(oh0), scratch);
+    if (g.stride == 1) depthwise_lanes<T, 1>(g, ch, act, 0, oh0, g.rows_in_band(oh0), scratch);
+    else depthwise_lanes<T, 2>(g, ch, act, 0, oh0, g.rows_in_band(oh0), scratch);
   }
 }
 
@@ -80,7 +80,7 @@ GK_MULTIVERSION void depthwise_items(const T* x, const T* w, const T* bias, T* o
 constexpr int64_t kMaxGroupInputs = 4;
 
 at::Tensor direct_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                             int64_t stride) {
+                             int64_t stride, c10::string_view activation) {
   TORCH_CHECK(x.dim() == 4, "direct_conv2d: x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
   TORCH_CHECK(x.size(1) > 0, "direct_conv2d: x must have at least one channel, got ", x.sizes());
   // F.conv2d rejects an empty plane too (its padded size is smaller than the kernel).
@@ -93,12 +93,16 @@ at::Tensor direct_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == weight.size(0)),
               "direct_conv2d: bias must have shape (", weight.size(0), ",), got ", bias->sizes());
   TORCH_CHECK(stride == 1 || stride == 2, "direct_conv2d: stride must be 1 or 2, got ", stride);
+  const Activation act = parse_activation(activation, "direct_conv2d");
   const int64_t k = weight.size(2), group_inputs = weight.size(1), groups = x.size(1) / group_inputs;
   const bool fast = x.is_contiguous() && group_inputs <= kMaxGroupInputs &&
                     (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) &&
                     weight.scalar_type() == x.scalar_type() && (!bias.has_value() || bias->scalar_type() == x.scalar_type());
   // NCHW-contiguous like every other path and the fake kernel (torch.compile trusts its strides).
-  if (!fast) return at::conv2d(x, weight, bias, {stride, stride}, {k / 2, k / 2}, {1, 1}, groups).contiguous();
+  if (!fast) {
+    at::Tensor out = at::conv2d(x, weight, bias, {stride, stride}, {k / 2, k / 2}, {1, 1}, groups).contiguous();
+    return act == Activation::ReLU ? out.relu_() : out;
+  }
   const int64_t batch = x.size(0), channels = x.size(1), height = x.size(2), width = x.size(3);
   const int64_t out_channels = weight.size(0);
   // 'same' padding: ceil(H / stride) rows
@@ -115,7 +119,7 @@ at::Tensor direct_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
     const int64_t min_bands = (4 * at::get_num_threads() + batch * groups - 1) / (batch * groups);
     const LanesGeometry<float> geometry{height, width, k, stride, out_height, out_width, min_bands};
     at::parallel_for(0, batch * groups * geometry.bands(), 1, [&](int64_t begin, int64_t end) {
-      depthwise_items(x.data_ptr<float>(), w.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr,
+      depthwise_items(x.data_ptr<float>(), w.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr, act,
                       out.data_ptr<float>(), geometry, channels, begin, end);
     });
     return out;
@@ -124,7 +128,7 @@ at::Tensor direct_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
     const PlaneGeometry<scalar_t> geometry{height, width, k, stride, out_height, out_width, group_inputs};
     // work items: (image, group, band of output rows)
     at::parallel_for(0, batch * groups * geometry.bands(), 1, [&](int64_t begin, int64_t end) {
-      conv_items(x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), b.defined() ? b.data_ptr<scalar_t>() : nullptr,
+      conv_items(x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), b.defined() ? b.data_ptr<scalar_t>() : nullptr, act,
                  out.data_ptr<scalar_t>(), geometry, channels, groups, out_channels, begin, end);
     });
   });

@@ -18,10 +18,10 @@ namespace ghostkernels {
 
 enum class Activation { None, ReLU };
 
-inline Activation parse_activation(c10::string_view name) {
+inline Activation parse_activation(c10::string_view name, const char* op = "ghost_module") {
   if (name == "relu") return Activation::ReLU;
   if (name == "none") return Activation::None;
-  TORCH_CHECK(false, "ghost_module: activation must be 'relu' or 'none', got '", std::string(name), "'");
+  TORCH_CHECK(false, op, ": activation must be 'relu' or 'none', got '", std::string(name), "'");
 }
 
 // The memory format of an op's output for input x: channels_last when x is channels_last and not
@@ -39,6 +39,12 @@ constexpr int64_t kSlack = 64;
 template <typename T>
 GK_INLINE T activate(T v, Activation act) {
   return act == Activation::ReLU ? std::max(v, T(0)) : v;
+}
+
+// activate() on a vector: `v < 0 ? 0 : v` keeps NaN (`v > 0 ? v : 0` would make it 0).
+template <typename V>
+GK_INLINE V activate_vector(V v, Activation act) {
+  return act == Activation::ReLU ? (v < 0 ? V{} : v) : v;
 }
 
 // ReLU's backward as torch's threshold_backward: the grad passes where the output is NaN.
@@ -92,8 +98,7 @@ GK_INLINE void taps_pass(T* dst, const T* src, int64_t n, const Tap<T>* taps, in
     taps = local;
   }
   const V start = V{} + bias;
-  // `v < 0 ? 0 : v` keeps NaN, as torch.relu does (`v > 0 ? v : 0` would make it 0).
-  auto finish = [act](V v) __attribute__((always_inline)) { return act == Activation::ReLU ? (v < 0 ? V{} : v) : v; };
+  auto finish = [act](V v) __attribute__((always_inline)) { return activate_vector(v, act); };
   int64_t q = 0;
   for (; q + L <= n; q += L)
     S::store(dst + q, finish(add_taps<T, DW>(accumulate ? S::load(dst + q) : start, src, q, taps, dw)));

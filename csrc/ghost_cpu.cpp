@@ -326,8 +326,8 @@ struct DepthwiseArgs {
     T* dst = out + (n * channels + channel) * plane->out_height * plane->out_width;
     const T* w = weight + channel * plane->k * plane->k;
     const T* b = bias ? bias + channel : nullptr;
-    if (plane->stride == 1) conv_band<T, 1>(rows, row0, w, b, 1, dst, *plane, oh0, scratch);
-    else conv_band<T, 2>(rows, row0, w, b, 1, dst, *plane, oh0, scratch);
+    if (plane->stride == 1) conv_band<T, 1>(rows, row0, w, b, Activation::None, 1, dst, *plane, oh0, scratch);
+    else conv_band<T, 2>(rows, row0, w, b, Activation::None, 1, dst, *plane, oh0, scratch);
   }
 };
 
@@ -383,7 +383,7 @@ GK_MULTIVERSION void forward_nchw_depthwise(const ForwardArgs<T>& a, const Depth
         lanes.add(rows_in, d.weight + channel * taps_k, d.bias ? d.bias[channel] : T(0),
                   d.out + (n * g.out_channels + channel) * out_plane);
         if (lanes.full() || i == channels - 1) {
-          depthwise_lanes<T, 2>(plane, lanes, r0, oh0, rows, scratch);  // the entry sends stride 2 only
+          depthwise_lanes<T, 2>(plane, lanes, Activation::None, r0, oh0, rows, scratch);  // the entry sends stride 2 only
           lanes.count = 0;
         }
       }

@@ -1,8 +1,10 @@
-"""Direct k x k conv (+bias), stride 1 or 2, 'same' padding: `ghostkernels::direct_conv2d`.
+"""Direct k x k conv (+bias, then a ReLU or none), stride 1 or 2, 'same' padding:
+`ghostkernels::direct_conv2d`.
 
 What a stride-2 `conv_dw` + `bn_dw`, a shortcut's depthwise conv + BN, or the 3-channel stem
 conv + BN become once accelerate() folds the BN: convs whose groups read few channels
-(groups = C / weight.shape[1]). The C++ CPU kernel (csrc/direct_conv_cpu.cpp) serves NCHW
+(groups = C / weight.shape[1]). freeze() gives the stem's op the ReLU that follows it
+(fuse_direct_conv_relus): one pass over the 112x112 output instead of two. The C++ CPU kernel (csrc/direct_conv_cpu.cpp) serves NCHW
 float32/64 with at most 4 input channels per group and hands other convs and layouts to
 at::conv2d; elsewhere the fallback is the library conv itself.
 """
@@ -15,7 +17,7 @@ from . import ops
 from .modules import is_same_square_conv
 
 _lib = torch.library.Library("ghostkernels", "FRAGMENT")
-_lib.define("direct_conv2d(Tensor x, Tensor weight, Tensor? bias, int stride) -> Tensor")
+_lib.define("direct_conv2d(Tensor x, Tensor weight, Tensor? bias, int stride, str activation=\"none\") -> Tensor")
 # (grad_x, grad_weight, grad_bias); the C++ kernel serves depthwise convs (csrc/direct_conv_cpu.cpp).
 _lib.define("direct_conv2d_backward(Tensor grad, Tensor x, Tensor weight, int stride) -> (Tensor, Tensor, Tensor)")
 
@@ -27,9 +29,15 @@ def _groups(x, weight):
     return x.shape[1] // weight.shape[1]
 
 
+def _check_activation(activation):
+    if activation not in ("relu", "none"):
+        raise RuntimeError(f"direct_conv2d: activation must be 'relu' or 'none', got '{activation}'")
+
+
 @torch.library.register_fake("ghostkernels::direct_conv2d")
-def _fake(x, weight, bias, stride):
-    # The C++ kernel's shape errors (csrc/direct_conv_cpu.cpp), raised before anything runs.
+def _fake(x, weight, bias, stride, activation="none"):
+    # The C++ kernel's errors (csrc/direct_conv_cpu.cpp), raised before anything runs.
+    _check_activation(activation)
     if x.shape[2] == 0 or x.shape[3] == 0:
         raise RuntimeError(f"direct_conv2d: x must have H, W >= 1, got {tuple(x.shape)}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
@@ -39,8 +47,10 @@ def _fake(x, weight, bias, stride):
 
 
 @torch.library.impl(_lib, "direct_conv2d", "CompositeExplicitAutograd")
-def _fallback(x, weight, bias, stride):
-    return F.conv2d(x, weight, bias, stride, weight.shape[-1] // 2, groups=_groups(x, weight)).contiguous()
+def _fallback(x, weight, bias, stride, activation="none"):
+    _check_activation(activation)
+    out = F.conv2d(x, weight, bias, stride, weight.shape[-1] // 2, groups=_groups(x, weight)).contiguous()
+    return F.relu(out) if activation == "relu" else out
 
 
 @torch.library.register_fake("ghostkernels::direct_conv2d_backward")
@@ -59,20 +69,42 @@ def _backward_fallback(grad, x, weight, stride):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, stride = inputs
-    ctx.save_for_backward(x, weight)
+    x, weight, bias, stride, activation = inputs
+    ctx.relu = activation == "relu"
+    ctx.save_for_backward(x, weight, output if ctx.relu else None)
     ctx.stride, ctx.has_bias = stride, bias is not None
 
 
 def _backward(ctx, grad):
-    x, weight = ctx.saved_tensors
+    x, weight, output = ctx.saved_tensors
+    if ctx.relu:  # ReLU's backward as torch's threshold_backward
+        grad = torch.ops.aten.threshold_backward(grad, output, 0)
     # create_graph=True (grad mode on): the library's backward, which autograd differentiates again
     backward = _backward_fallback if torch.is_grad_enabled() else torch.ops.ghostkernels.direct_conv2d_backward
     grad_x, grad_weight, grad_bias = backward(grad, x, weight, ctx.stride)
-    return grad_x, grad_weight, grad_bias if ctx.has_bias else None, None
+    return grad_x, grad_weight, grad_bias if ctx.has_bias else None, None, None
 
 
 torch.library.register_autograd("ghostkernels::direct_conv2d", _backward, setup_context=_setup_context)
+
+
+def fuse_direct_conv_relus(graph):
+    """Rewrites a TorchScript graph in place: every ReLU of a `direct_conv2d`'s output, used only
+    there, becomes the op's activation (GhostNet's stem: conv_stem, then act1). Returns the number
+    of ReLUs fused."""
+    fused = 0
+    for relu in list(graph.nodes()):
+        if relu.kind() not in ops.GRAPH_ACTIVATIONS:
+            continue
+        conv_out = relu.inputsAt(0)
+        conv = conv_out.node()
+        if conv.kind() != "ghostkernels::direct_conv2d" or len(conv_out.uses()) != 1:
+            continue
+        activation = graph.insertConstant(ops.GRAPH_ACTIVATIONS[relu.kind()])
+        activation.node().moveBefore(relu)
+        ops.replace_chain(graph, "ghostkernels::direct_conv2d", [*list(conv.inputs())[:4], activation], [conv, relu])
+        fused += 1
+    return fused
 
 
 class DirectConv2d(nn.Module):

@@ -19,6 +19,7 @@ from torch import nn
 
 from ._backends import load_cpu_extension
 from .acceleration import _relative_error, _tolerance
+from .direct_conv import fuse_direct_conv_relus
 from .ghost_residual import fuse_residual_adds
 from .pointwise_pool import fuse_pointwise_pools
 
@@ -121,7 +122,8 @@ def freeze(model, example_inputs):
       sizes, resolutions and memory formats run the same graph.
     - A Ghost op followed by an in-place residual add (a bottleneck's ghost2 and shortcut)
       becomes one `ghost_module_residual` op in the graph, and a 1x1 conv followed by a ReLU and
-      the global average pool (GhostNet's last block and pool) one `pointwise_conv2d_pool`.
+      the global average pool (GhostNet's last block and pool) one `pointwise_conv2d_pool`; a
+      direct conv followed by a ReLU (the stem) one `direct_conv2d` with the ReLU.
     - The trace is checked before it is returned: on the example, on fresh random inputs of
       its shape and on ones with one more image, the frozen model must give the model's
       outputs within accelerate()'s self-check tolerance (1e-5 relative in float32). A forward
@@ -143,6 +145,7 @@ def freeze(model, example_inputs):
         graph = torch.jit.freeze(traced.eval())
         fuse_residual_adds(graph.graph)
         fuse_pointwise_pools(graph.graph)
+        fuse_direct_conv_relus(graph.graph)
     _mark_frozen_weights(graph)
     for warning in caught:
         source = os.path.abspath(warning.filename)

@@ -85,11 +85,6 @@ def fuse_residual_adds(graph):
             none.output().setType(torch._C.NoneType.get())
             none.insertBefore(add)
             x, scale, rest = inputs[0], none.output(), inputs[1:]
-        node = graph.create(_OP, [x, scale, *rest, residual, alpha], 1)
-        node.insertBefore(add)
-        node.output().setType(add.output().type())
-        add.output().replaceAllUsesWith(node.output())
-        add.destroy()
-        ghost.destroy()
+        ops.replace_chain(graph, _OP, [x, scale, *rest, residual, alpha], [ghost, add])
         fused += 1
     return fused

@@ -434,6 +434,23 @@ def register_recompute_autograd(name, composed):
     torch.library.register_autograd(f"ghostkernels::{name}", backward, setup_context=setup_context)
 
 
+# The TorchScript node kinds of the activations the ops' `activation` argument names, for
+# freeze()'s graph passes that fuse an activation into the op before it.
+GRAPH_ACTIVATIONS = {"aten::relu": "relu", "aten::relu_": "relu"}
+
+
+def replace_chain(graph, kind, inputs, chain):
+    """In a TorchScript graph, the nodes of `chain` (each read only by the next; the last one's
+    output is the chain's result) replaced by one `kind` node of `inputs`, where the last one was."""
+    last = chain[-1]
+    node = graph.create(kind, inputs, 1)
+    node.insertBefore(last)
+    node.output().setType(last.output().type())
+    last.output().replaceAllUsesWith(node.output())
+    for dead in reversed(chain):  # readers first: a node still read cannot go
+        dead.destroy()
+
+
 def intrinsic_channels(out_channels, ratio):
     """init = ceil(oup / ratio): the channels the primary conv makes."""
     return math.ceil(out_channels / ratio)

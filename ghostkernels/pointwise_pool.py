@@ -47,7 +47,6 @@ def _fake(x, weight, bias, activation):
 torch.library.impl(_lib, "pointwise_conv2d_pool", "CompositeExplicitAutograd")(_composed)
 ops.register_recompute_autograd("pointwise_conv2d_pool", _composed)
 
-_ACTIVATIONS = {"aten::relu": "relu", "aten::relu_": "relu"}
 _POOLS = ("aten::adaptive_avg_pool2d",)
 
 
@@ -69,8 +68,8 @@ def fuse_pointwise_pools(graph):
         if _constant(size) not in (1, [1, 1], (1, 1)) or len(source.uses()) != 1:
             continue
         activation, producer = "none", source.node()
-        if producer.kind() in _ACTIVATIONS:
-            activation = _ACTIVATIONS[producer.kind()]
+        if producer.kind() in ops.GRAPH_ACTIVATIONS:
+            activation = ops.GRAPH_ACTIVATIONS[producer.kind()]
             conv_out = producer.inputsAt(0)
             if len(conv_out.uses()) != 1:
                 continue
@@ -79,13 +78,7 @@ def fuse_pointwise_pools(graph):
             continue
         name = graph.insertConstant(activation)
         name.node().moveBefore(pool)
-        node = graph.create(_OP, [*producer.inputs(), name], 1)
-        node.insertBefore(pool)
-        node.output().setType(pool.output().type())
-        pool.output().replaceAllUsesWith(node.output())
-        pool.destroy()
-        if source.node() is not producer:
-            source.node().destroy()
-        producer.destroy()
+        chain = [producer, pool] if source.node() is producer else [producer, source.node(), pool]
+        ops.replace_chain(graph, _OP, [*producer.inputs(), name], chain)
         fused += 1
     return fused

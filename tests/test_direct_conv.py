@@ -7,9 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+import ghostkernels
+from ghostkernels import models
 from ghostkernels.direct_conv import DepthwiseConv2d, DirectConv2d
 
-from conftest import make_input
+from conftest import frozen_node_kinds, make_input
 
 
 # (12, 14): even rows shorter than a vector pair; (37, 70): rows split one by one, several L1 bands
@@ -73,12 +75,70 @@ def test_eligible():
 
 
 @pytest.mark.parametrize("weight_shape", [(3, 1, 3, 3), (4, 3, 3, 3)], ids=["depthwise", "dense"])
-def test_gradcheck_and_opcheck(weight_shape):
+@pytest.mark.parametrize("activation", ["none", "relu"])
+def test_gradcheck_and_opcheck(weight_shape, activation):
     x = make_input(1, 3, 6, 5, requires_grad=True)
     weight = torch.randn(*weight_shape, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(weight_shape[0], dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *a: torch.ops.ghostkernels.direct_conv2d(*a, 2), (x, weight, bias))
-    torch.library.opcheck(torch.ops.ghostkernels.direct_conv2d.default, (x, weight, bias, 2))
+    assert torch.autograd.gradcheck(lambda *a: torch.ops.ghostkernels.direct_conv2d(*a, 2, activation),
+                                    (x, weight, bias))
+    torch.library.opcheck(torch.ops.ghostkernels.direct_conv2d.default, (x, weight, bias, 2, activation))
+
+
+# Each path of the kernel with the ReLU applied as it stores: the phase split (depthwise, 5
+# channels; the stem, 3 -> 16), the lanes (16 and 17 channels, stride 1 and 2), and the convs it
+# hands to at::conv2d (8 inputs per group, channels_last input).
+@pytest.mark.parametrize("channels, k, stride, size, channels_last", [
+    ((5, 5, 5), 3, 1, (9, 11), False), ((5, 5, 5), 5, 2, (37, 70), False), ((3, 16, 1), 3, 2, (37, 70), False),
+    ((16, 16, 16), 3, 2, (14, 14), False), ((17, 17, 17), 5, 1, (9, 28), False), ((8, 5, 1), 3, 1, (6, 7), False),
+    ((5, 5, 5), 3, 2, (9, 11), True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_relu_matches_conv2d(channels, k, stride, size, channels_last, dtype):
+    inp, out_channels, groups = channels
+    x = make_input(2, inp, *size, channels_last=channels_last, dtype=dtype)
+    weight, bias = torch.randn(out_channels, inp // groups, k, k, dtype=dtype), torch.randn(out_channels, dtype=dtype)
+    out = torch.ops.ghostkernels.direct_conv2d(x, weight, bias, stride, "relu")
+    expected = F.relu(F.conv2d(x, weight, bias, stride, k // 2, groups=groups))
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(out, expected, rtol=tolerance, atol=tolerance)
+    assert out.is_contiguous()
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_bad_activation(device):
+    x, weight = torch.randn(1, 4, 5, 5, device=device), torch.randn(4, 1, 3, 3, device=device)
+    with pytest.raises(RuntimeError, match="direct_conv2d: activation must be 'relu' or 'none', got 'gelu'"):
+        torch.ops.ghostkernels.direct_conv2d(x, weight, None, 1, "gelu")
+
+
+class _StemThenReLU(torch.nn.Module):
+    """A 3-channel conv and a ReLU (in place or not), the conv's output read elsewhere too when
+    `reread`: fusing would then change what the other reader sees."""
+
+    def __init__(self, inplace, reread):
+        super().__init__()
+        self.conv = DirectConv2d.from_conv(torch.nn.Conv2d(3, 8, 3, 2, 1))
+        self.relu = torch.nn.ReLU(inplace=inplace)
+        self.reread = reread
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.relu(y) + y.mean() if self.reread else self.relu(y)
+
+
+@pytest.mark.filterwarnings("ignore")  # torch.jit's deprecation and tracer warnings
+@pytest.mark.parametrize("inplace, reread, fused", [(True, False, True), (False, False, True), (False, True, False)])
+def test_freeze_fuses_relu_only_where_it_keeps_the_meaning(inplace, reread, fused):
+    kinds = frozen_node_kinds(_StemThenReLU(inplace, reread).eval(), torch.randn(2, 3, 11, 12))
+    assert ("aten::relu_" in kinds or "aten::relu" in kinds) != fused
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_freeze_fuses_the_ghostnet_stem_relu():
+    frozen = ghostkernels.freeze(ghostkernels.accelerate(models.ghostnet_050().eval()), torch.randn(1, 3, 32, 32))
+    relu_inputs = [node.inputsAt(0).node().kind() for node in frozen.graph.graph.nodes()
+                   if node.kind() in ("aten::relu", "aten::relu_")]
+    assert "ghostkernels::direct_conv2d" not in relu_inputs  # act2 after conv_head stays
 
 
 @pytest.mark.parametrize("weight_shape", [(4, 1, 2, 2), (5, 2, 3, 3), (4, 3, 3, 3)],
@@ -133,15 +193,17 @@ def test_no_input_channels_is_an_error():
 
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("channels", [(6, 6, 6), (3, 16, 1)], ids=["depthwise", "stem"])
-def test_nan_stays_where_conv2d_puts_it(channels, stride):
+@pytest.mark.parametrize("activation", ["none", "relu"])
+def test_nan_stays_where_conv2d_puts_it(channels, stride, activation):
     inp, out_channels, groups = channels
     x = make_input(2, inp, 7, 9)
     x[0, 1, 2, 3] = x[1, :, -1, -1] = float("nan")
     weight = torch.randn(out_channels, inp // groups, 3, 3, dtype=torch.float64)
     weight[2, 0, 1, 1] = float("nan")
     b = torch.randn(out_channels, dtype=torch.float64)
-    out = torch.ops.ghostkernels.direct_conv2d(x, weight, b, stride)
-    torch.testing.assert_close(out, F.conv2d(x, weight, b, stride, 1, groups=groups), rtol=1e-12, atol=1e-12,
+    out = torch.ops.ghostkernels.direct_conv2d(x, weight, b, stride, activation)
+    expected = F.conv2d(x, weight, b, stride, 1, groups=groups)
+    torch.testing.assert_close(out, F.relu(expected) if activation == "relu" else expected, rtol=1e-12, atol=1e-12,
                                equal_nan=True)
 
 

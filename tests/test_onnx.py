@@ -98,6 +98,8 @@ def _op_cases():
                                            torch.randn(8)], ()), (x,)),
         "direct_conv2d_depthwise_s2": (Call(ops.direct_conv2d, [torch.randn(8, 1, 5, 5), torch.randn(8)], (2,)), (x,)),
         "direct_conv2d_stem": (Call(ops.direct_conv2d, [torch.randn(16, 8, 3, 3), None], (1,)), (x,)),
+        "direct_conv2d_stem_relu": (Call(ops.direct_conv2d, [torch.randn(16, 8, 3, 3), torch.randn(16)], (2, "relu")),
+                                    (x,)),
         "pointwise_conv2d": (Call(ops.pointwise_conv2d, [torch.randn(6, 8, 1, 1), torch.randn(6)], ()), (x,)),
         "pointwise_conv2d_pool": (
             Call(ops.pointwise_conv2d_pool, [torch.randn(6, 8, 1, 1), torch.randn(6)], ("relu",)), (x,)),
