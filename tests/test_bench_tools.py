@@ -205,6 +205,15 @@ def test_host_path_runs(tmp_path, monkeypatch):
     assert lines[-2].startswith("sum of 21") and "dispatcher hop" in lines[-1]
 
 
+def test_cold_op_runs(capsys, monkeypatch):
+    """bench/cold_op.py end to end with a few calls (its numbers are not checked)."""
+    import cold_op
+    monkeypatch.setattr(sys, "argv", ["cold_op.py", "--rounds", "1", "--calls", "2"])
+    cold_op.main()
+    out = capsys.readouterr().out
+    assert "160->480@7" in out and "squeeze_excite_gate" in out and "512 MB" in out
+
+
 def test_gpu_report_rows_check_parity(monkeypatch):
     """bench/gpu_report.py's rows on CPU tensors (the Triton columns in the interpreter), with
     do_bench stubbed: the parity checks, including the backward's against float32 autograd with
