@@ -12,7 +12,8 @@ preludes, the fixed cost of an op call in a frozen graph, and the read bandwidth
      sleep 2 ms        the process idle for 2 ms
    Median us per call of the round medians; the conditions alternate within each round.
 2. Fixed cost per op call: a frozen TorchScript graph of 61 calls minus one of 1 call, on
-   tensors too small to have work (aten relu, ghostkernels direct_conv2d, squeeze_excite_gate),
+   tensors too small to have work (aten relu, ghostkernels direct_conv2d, squeeze_excite_gate
+   and the aten mul that applies its gate),
    at 1 and --threads threads (the difference: the parallel region's fork and join).
 3. Read bandwidth of --threads threads summing a buffer of 1 MB to 512 MB (the cache levels).
 """
@@ -104,8 +105,8 @@ class _Chain(torch.nn.Module):
                 x = x.relu()
             elif self.kind == "direct_conv2d":
                 x = torch.ops.ghostkernels.direct_conv2d(x, self.w, None, 1)
-            else:
-                x = torch.ops.ghostkernels.squeeze_excite_gate(x, *self.se).expand_as(x)
+            else:  # the product keeps x contiguous (the kernel pools NCHW planes itself)
+                x = x * torch.ops.ghostkernels.squeeze_excite_gate(x, *self.se)
         return x
 
 
@@ -120,13 +121,13 @@ def per_call_us(kind, calls=61, reps=500):
 
 def overhead_table(threads):
     print("\n2. fixed cost per op call in a frozen graph, us (tiny tensors)")
-    print(f"{'op':22s}{'1 thread':>10s}{f'{threads} threads':>12s}")
-    for kind in ("aten relu", "direct_conv2d", "squeeze_excite_gate"):
+    print(f"{'op':28s}{'1 thread':>10s}{f'{threads} threads':>12s}")
+    for kind in ("aten relu", "direct_conv2d", "squeeze_excite_gate + mul"):
         costs = []
         for t in (1, threads):
             torch.set_num_threads(t)
             costs.append(per_call_us(kind))
-        print(f"{kind:22s}{costs[0]:10.2f}{costs[1]:12.2f}")
+        print(f"{kind:28s}{costs[0]:10.2f}{costs[1]:12.2f}")
     torch.set_num_threads(threads)
 
 
