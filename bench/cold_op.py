@@ -11,6 +11,8 @@ preludes, the fixed cost of an op call in a frozen graph, and the read bandwidth
      + other, 1 thread that call with one thread (the calling thread's state only)
      sleep 2 ms        the process idle for 2 ms
    Median us per call of the round medians; the conditions alternate within each round.
+   Then warm and after the 16 MB read for other kernels, ours and the library's (oneDNN's
+   conv, MKL's matmul): whether the penalty is ours.
 2. Fixed cost per op call: a frozen TorchScript graph of 61 calls minus one of 1 call, on
    tensors too small to have work (aten relu, ghostkernels direct_conv2d, squeeze_excite_gate
    and the aten mul that applies its gate),
@@ -27,6 +29,7 @@ import time
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from machine import machine_line  # noqa: E402
@@ -92,6 +95,28 @@ def cold_table(rounds, calls):
         print(f"{label:14s}" + "".join(f"{values[name]:19.1f}" for name in names))
 
 
+def other_kernels(rounds, calls):
+    ops = torch.ops.ghostkernels
+    x, w, b = torch.randn(1, 160, 7, 7), torch.randn(240, 160, 1, 1), torch.randn(240)
+    plane, taps = torch.randn(1, 240, 14, 14), torch.randn(240, 1, 5, 5)
+    pooled = torch.randn(1, 960, 7, 7)
+    se = (torch.randn(240, 960, 1, 1), torch.randn(240), torch.randn(960, 240, 1, 1), torch.randn(960))
+    kernels = {
+        "pointwise_conv2d 160->240@7": lambda: ops.pointwise_conv2d(x, w, b),
+        "F.conv2d 1x1 160->240@7": lambda: F.conv2d(x, w, b),
+        "torch.mm 240x160x49": lambda: torch.mm(w.view(240, 160), x.view(160, 49)),
+        "direct_conv2d dw5 s2 240@14": lambda: ops.direct_conv2d(plane, taps, None, 2),
+        "F.conv2d dw5 s2 240@14": lambda: F.conv2d(plane, taps, None, 2, 2, groups=240),
+        "squeeze_excite_gate 960@7": lambda: ops.squeeze_excite_gate(pooled, *se),
+    }
+    big = torch.ones(16 * 1024 * 1024 // 4)
+    print(f"\n{'kernel':30s}{'warm':>8s}{'read 16 MB':>12s}")
+    for name, kernel in kernels.items():
+        warm = statistics.median(median_us(kernel, lambda: None, calls) for _ in range(rounds))
+        cold = statistics.median(median_us(kernel, big.sum, calls) for _ in range(rounds))
+        print(f"{name:30s}{warm:8.1f}{cold:12.1f}")
+
+
 class _Chain(torch.nn.Module):
     def __init__(self, calls, kind):
         super().__init__()
@@ -151,6 +176,7 @@ def main():
     print(machine_line(args.threads))
     with torch.inference_mode():
         cold_table(args.rounds, args.calls)
+        other_kernels(args.rounds, args.calls)
         overhead_table(args.threads)
         bandwidth_table()
 
