@@ -36,13 +36,8 @@ inline at::MemoryFormat memory_format(const Geometry& g) {
   return g.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
-// rows x cols -> cols x rows
+// rows x cols -> cols x rows (float32 and float64; ghost_cpu.cpp)
 template <typename T>
-std::vector<T> transposed(const T* src, int64_t rows, int64_t cols) {
-  std::vector<T> dst(rows * cols);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = src[r * cols + c];
-  return dst;
-}
+std::vector<T> transposed(const T* src, int64_t rows, int64_t cols);
 
 }  // namespace ghostkernels
