@@ -36,14 +36,16 @@ def test_depthwise_matches_conv2d(k, stride, channels_last, bias, size):
 @pytest.mark.parametrize("channels", [(3, 16, 1), (4, 6, 2), (1, 3, 1), (8, 5, 1)])
 @pytest.mark.parametrize("k, stride, size", [(3, 2, (37, 70)), (3, 2, (9, 11)), (5, 1, (12, 14)), (1, 2, (6, 7))])
 @pytest.mark.parametrize("bias", [True, False])
-def test_few_input_channels_match_conv2d(channels, k, stride, size, bias):
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])  # cl: made NCHW for the kernel
+def test_few_input_channels_match_conv2d(channels, k, stride, size, bias, channels_last):
     inp, out_channels, groups = channels
-    x = make_input(2, inp, *size)
+    x = make_input(2, inp, *size, channels_last=channels_last)
     weight = torch.randn(out_channels, inp // groups, k, k, dtype=torch.float64)
     b = torch.randn(out_channels, dtype=torch.float64) if bias else None
     out = torch.ops.ghostkernels.direct_conv2d(x, weight, b, stride)
     expected = F.conv2d(x, weight, b, stride, k // 2, groups=groups)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    assert out.is_contiguous()
 
 
 @pytest.mark.parametrize("size", SIZES)
