@@ -5,8 +5,8 @@
 // plane is copied once per band of rows, zero-padded and (stride 2) split into its four
 // row/column parity phases, so that every tap is one contiguous vector loop. Depthwise convs
 // where that split costs more than the taps (small planes; depthwise_lanes_pays) run with a
-// vector's lanes of channels side by side instead (depthwise_lanes.h). Other convs, layouts and
-// dtypes go to at::conv2d.
+// vector's lanes of channels side by side instead (depthwise_lanes.h). A channels_last stem is
+// made NCHW first; other convs, layouts and dtypes go to at::conv2d.
 //
 // The backward of a depthwise conv (direct_conv2d_backward; training the depthwise convs a
 // GhostNet keeps outside its Ghost modules) works per (image, channel) plane with the Ghost

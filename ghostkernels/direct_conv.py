@@ -5,8 +5,8 @@ What a stride-2 `conv_dw` + `bn_dw`, a shortcut's depthwise conv + BN, or the 3-
 conv + BN become once accelerate() folds the BN: convs whose groups read few channels
 (groups = C / weight.shape[1]). freeze() gives the stem's op the ReLU that follows it
 (fuse_direct_conv_relus): one pass over the 112x112 output instead of two. The C++ CPU kernel (csrc/direct_conv_cpu.cpp) serves NCHW
-float32/64 with at most 4 input channels per group and hands other convs and layouts to
-at::conv2d; elsewhere the fallback is the library conv itself.
+float32/64 with at most 4 input channels per group (a channels_last stem is made NCHW for it) and
+hands other convs and layouts to at::conv2d; elsewhere the fallback is the library conv itself.
 """
 
 import torch
