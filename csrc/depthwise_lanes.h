@@ -1,10 +1,11 @@
-// The depthwise k x k conv (+bias, then ReLU or none), stride 1 or 2, of up to one vector's lanes of channels at once,
-// with the channels in the lanes: each tap is one FMA of a weight vector with an input pixel's
-// vector, at any stride, with no per-channel setup. The planes come in NCHW and go out NCHW:
-// 16 x 16 in-register transposes move them into a zero-bordered tile of pixel vectors and the
-// results back. Built for float32 only (depthwise_lanes_pays). The phase-split conv (direct_conv.h), one plane at a time, paid
-// ~200 ns per channel and band for its phases and copies: 672@14 k5 stride 2 took 130 us there.
-// Everything here is GK_INLINE: it is compiled into each multiversioned kernel's clone.
+// The depthwise k x k conv (+bias, then ReLU or none), stride 1 or 2, of up to one vector's lanes
+// of channels at once, with the channels in the lanes: each tap is one FMA of a weight vector with
+// an input pixel's vector, at any stride, with no per-channel setup. The planes come in NCHW and go
+// out NCHW: 16 x 16 in-register transposes move them into a zero-bordered tile of pixel vectors and
+// the results back. Built for float32 only (depthwise_lanes_pays). The phase-split conv
+// (direct_conv.h), one plane at a time, paid ~200 ns per channel and band for its phases and
+// copies: 672@14 k5 stride 2 took 130 us there. Everything here is GK_INLINE: it is compiled into
+// each multiversioned kernel's clone.
 #pragma once
 
 #include <algorithm>

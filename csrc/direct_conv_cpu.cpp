@@ -1,12 +1,12 @@
-// Direct k x k 'same' conv (+bias, then ReLU or none), stride 1 or 2, NCHW float32/float64, for the convs whose
-// groups read at most kMaxGroupInputs channels: the depthwise `conv_dw` and shortcut convs of
-// GhostNet bottlenecks after BN folding, and the 3-channel stem. oneDNN reorders such NCHW
-// inputs into blocked layouts on every call, which costs more than the conv. Here each input
-// plane is copied once per band of rows, zero-padded and (stride 2) split into its four
-// row/column parity phases, so that every tap is one contiguous vector loop. Depthwise convs
-// where that split costs more than the taps (small planes; depthwise_lanes_pays) run with a
-// vector's lanes of channels side by side instead (depthwise_lanes.h). A channels_last stem is
-// made NCHW first; other convs, layouts and dtypes go to at::conv2d.
+// Direct k x k 'same' conv (+bias, then ReLU or none), stride 1 or 2, NCHW float32/float64, for the
+// convs whose groups read at most kMaxGroupInputs channels: the depthwise `conv_dw` and shortcut
+// convs of GhostNet bottlenecks after BN folding, and the 3-channel stem. oneDNN reorders such NCHW
+// inputs into blocked layouts on every call, which costs more than the conv. Here each input plane
+// is copied once per band of rows, zero-padded and (stride 2) split into its four row/column parity
+// phases, so that every tap is one contiguous vector loop. Depthwise convs where that split costs
+// more than the taps (small planes; depthwise_lanes_pays) run with a vector's lanes of channels
+// side by side instead (depthwise_lanes.h). A channels_last stem is made NCHW first; other convs,
+// layouts and dtypes go to at::conv2d.
 //
 // The backward of a depthwise conv (direct_conv2d_backward; training the depthwise convs a
 // GhostNet keeps outside its Ghost modules) works per (image, channel) plane with the Ghost

@@ -1,3 +1,4 @@
+import contextlib
 import os
 import zlib
 
@@ -18,15 +19,24 @@ def fresh_seed(request):
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
+@contextlib.contextmanager
+def intra_op_threads(count):
+    """torch's intra-op thread count set to `count` inside the block, restored after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread for tests of many calls on tiny tensors (gradgradcheck, small
     networks): OpenMP's synchronisation costs more than the work there, and much more when
     the 2 cores are shared. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with intra_op_threads(1):
+        yield
 
 
 def make_weights(inp, oup, ratio, dw, kernel=1, dtype=torch.float64, requires_grad=False, bias=True):

@@ -11,7 +11,7 @@ import ghostkernels
 from ghostkernels import models
 from ghostkernels.direct_conv import DepthwiseConv2d, DirectConv2d
 
-from conftest import frozen_node_kinds, make_input
+from conftest import frozen_node_kinds, intra_op_threads, make_input
 
 
 # (12, 14): even rows shorter than a vector pair; (37, 70): rows split one by one, several L1 bands
@@ -222,12 +222,8 @@ def test_pointwise_matches_conv2d(batch, inp, out, size, threads, dtype, bias):
     x = make_input(batch, inp, *size, dtype=dtype)
     weight = torch.randn(out, inp, 1, 1, dtype=dtype)
     b = torch.randn(out, dtype=dtype) if bias else None
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with intra_op_threads(threads):
         result = torch.ops.ghostkernels.pointwise_conv2d(x, weight, b)
-    finally:
-        torch.set_num_threads(before)
     tolerance = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(result, F.conv2d(x, weight, b), rtol=tolerance, atol=tolerance)
 
@@ -306,11 +302,7 @@ def test_depthwise_channels_in_lanes(channels, k, stride, size, dtype):
     weight, bias = torch.randn(channels, 1, k, k, dtype=dtype), torch.randn(channels, dtype=dtype)
     expected = F.conv2d(x, weight, bias, stride, k // 2, groups=channels)
     tolerance = 1e-5 if dtype == torch.float32 else 1e-12
-    before = torch.get_num_threads()
-    try:
-        for threads in (1, 2, 8):
-            torch.set_num_threads(threads)
+    for threads in (1, 2, 8):
+        with intra_op_threads(threads):
             out = torch.ops.ghostkernels.direct_conv2d(x, weight, bias, stride)
-            torch.testing.assert_close(out, expected, rtol=tolerance, atol=tolerance)
-    finally:
-        torch.set_num_threads(before)
+        torch.testing.assert_close(out, expected, rtol=tolerance, atol=tolerance)
