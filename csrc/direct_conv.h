@@ -236,7 +236,8 @@ template <typename T, int S>
 GK_INLINE void conv_band(const T* x, int64_t x_row0, const T* w, const T* bias, Activation act, int64_t outputs,
                          T* out, const PlaneGeometry<T>& g, int64_t oh0, T* scratch) {
   // float64 is for checking, not speed: one instantiation with k at run time compiles faster.
-  if constexpr (std::is_same_v<T, double>) return conv_band_k<T, S, 0>(x, x_row0, w, bias, act, outputs, out, g, oh0, scratch);
+  if constexpr (std::is_same_v<T, double>)
+    return conv_band_k<T, S, 0>(x, x_row0, w, bias, act, outputs, out, g, oh0, scratch);
   switch (g.k) {  // GhostNet's stem and depthwise convs are 3x3 and 5x5
     case 3: return conv_band_k<T, S, 3>(x, x_row0, w, bias, act, outputs, out, g, oh0, scratch);
     case 5: return conv_band_k<T, S, 5>(x, x_row0, w, bias, act, outputs, out, g, oh0, scratch);

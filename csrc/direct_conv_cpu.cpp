@@ -118,7 +118,7 @@ at::Tensor direct_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   if (out.numel() == 0) return out;
   const at::Tensor w = weight.contiguous();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  if (input.scalar_type() == at::kFloat && group_inputs == 1 && out_channels == channels &&
+  if (dtype == at::kFloat && group_inputs == 1 && out_channels == channels &&
       depthwise_lanes_pays(width, k, stride)) {
     constexpr int64_t L = Simd<float>::lanes;
     const int64_t groups = (channels + L - 1) / L;
@@ -131,7 +131,7 @@ at::Tensor direct_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
     });
     return out;
   }
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "direct_conv2d_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(dtype, "direct_conv2d_cpu", [&] {
     const PlaneGeometry<scalar_t> geometry{height, width, k, stride, out_height, out_width, group_inputs};
     // work items: (image, group, band of output rows)
     at::parallel_for(0, batch * groups * geometry.bands(), 1, [&](int64_t begin, int64_t end) {

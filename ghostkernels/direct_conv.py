@@ -4,9 +4,10 @@
 What a stride-2 `conv_dw` + `bn_dw`, a shortcut's depthwise conv + BN, or the 3-channel stem
 conv + BN become once accelerate() folds the BN: convs whose groups read few channels
 (groups = C / weight.shape[1]). freeze() gives the stem's op the ReLU that follows it
-(fuse_direct_conv_relus): one pass over the 112x112 output instead of two. The C++ CPU kernel (csrc/direct_conv_cpu.cpp) serves NCHW
-float32/64 with at most 4 input channels per group (a channels_last stem is made NCHW for it) and
-hands other convs and layouts to at::conv2d; elsewhere the fallback is the library conv itself.
+(fuse_direct_conv_relus): one pass over the 112x112 output instead of two. The C++ CPU kernel
+(csrc/direct_conv_cpu.cpp) serves NCHW float32/64 with at most 4 input channels per group (a
+channels_last stem is made NCHW for it) and hands other convs and layouts to at::conv2d;
+elsewhere the fallback is the library conv itself.
 """
 
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 
 from . import ops
 from .modules import is_same_square_conv
+from .reference import ACTIVATIONS
 
 _lib = torch.library.Library("ghostkernels", "FRAGMENT")
 _lib.define("direct_conv2d(Tensor x, Tensor weight, Tensor? bias, int stride, str activation=\"none\") -> Tensor")
@@ -30,7 +32,7 @@ def _groups(x, weight):
 
 
 def _check_activation(activation):
-    if activation not in ("relu", "none"):
+    if activation not in ACTIVATIONS:
         raise RuntimeError(f"direct_conv2d: activation must be 'relu' or 'none', got '{activation}'")
 
 
@@ -49,8 +51,8 @@ def _fake(x, weight, bias, stride, activation="none"):
 @torch.library.impl(_lib, "direct_conv2d", "CompositeExplicitAutograd")
 def _fallback(x, weight, bias, stride, activation="none"):
     _check_activation(activation)
-    out = F.conv2d(x, weight, bias, stride, weight.shape[-1] // 2, groups=_groups(x, weight)).contiguous()
-    return F.relu(out) if activation == "relu" else out
+    return ACTIVATIONS[activation](F.conv2d(x, weight, bias, stride, weight.shape[-1] // 2,
+                                            groups=_groups(x, weight)).contiguous())
 
 
 @torch.library.register_fake("ghostkernels::direct_conv2d_backward")

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
+from .reference import ACTIVATIONS
 
 _lib = torch.library.Library("ghostkernels", "FRAGMENT")
 _lib.define("pointwise_conv2d_pool(Tensor x, Tensor weight, Tensor? bias, str activation) -> Tensor")
@@ -28,14 +29,14 @@ def _check(x, weight, bias, activation):
                          f"{tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"pointwise_conv2d_pool: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    if activation not in ("relu", "none"):
+    if activation not in ACTIVATIONS:
         raise ValueError(f"pointwise_conv2d_pool: activation must be 'relu' or 'none', got {activation!r}")
 
 
 def _composed(x, weight, bias, activation):
     _check(x, weight, bias, activation)
     z = F.conv2d(x, weight, bias)
-    return (F.relu(z) if activation == "relu" else z).mean((2, 3), keepdim=True).contiguous()
+    return ACTIVATIONS[activation](z).mean((2, 3), keepdim=True).contiguous()
 
 
 @torch.library.register_fake(_OP)

@@ -138,9 +138,11 @@ def test_freeze_fuses_relu_only_where_it_keeps_the_meaning(inplace, reread, fuse
 @pytest.mark.filterwarnings("ignore")
 def test_freeze_fuses_the_ghostnet_stem_relu():
     frozen = ghostkernels.freeze(ghostkernels.accelerate(models.ghostnet_050().eval()), torch.randn(1, 3, 32, 32))
-    relu_inputs = [node.inputsAt(0).node().kind() for node in frozen.graph.graph.nodes()
-                   if node.kind() in ("aten::relu", "aten::relu_")]
+    nodes = list(frozen.graph.graph.nodes())
+    relu_inputs = [node.inputsAt(0).node().kind() for node in nodes if node.kind() in ("aten::relu", "aten::relu_")]
     assert "ghostkernels::direct_conv2d" not in relu_inputs  # act2 after conv_head stays
+    assert [node.inputsAt(4).toIValue() for node in nodes if node.kind() == "ghostkernels::direct_conv2d"].count(
+        "relu") == 1  # the stem's
 
 
 @pytest.mark.parametrize("weight_shape", [(4, 1, 2, 2), (5, 2, 3, 3), (4, 3, 3, 3)],
