@@ -113,6 +113,20 @@ def test_large_planes_cross_band_and_channel_tiles():
             assert_matches(g, r, 1e-10)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("size", [(7, 7), (5, 10), (3, 17), (4, 13), (6, 8)], ids=str)
+def test_plane_widths_past_full_vectors(size, dtype):
+    """gemm.h's column tail (read in place but for the last rows, copied into the panel): planes
+    of 1-4 pixels past a whole number of vectors (GhostNet's 7x7 is 49 = 3 x 16 + 1) and one of
+    exactly three vectors (48), with inp past a k block (256) and not a multiple of the vector
+    width."""
+    config = (2, 3, 1, "relu", False, 1)
+    out, grads, ref_out, ref_grads = run_both(config, dtype, batch=1, oup=33, size=size, inp=300)
+    rtol = 1e-10 if dtype == torch.float64 else 1e-5
+    for g, r in zip((out,) + tuple(grads), (ref_out,) + tuple(ref_grads)):
+        assert_matches(g, r, rtol)
+
+
 def test_without_biases():
     x = make_input(2, 6, 7, 7, requires_grad=True)
     w1, _, w2, _ = make_weights(6, 10, 2, 3, requires_grad=True)
