@@ -73,7 +73,7 @@ struct ForwardArgs {
   const T* input_scale;  // [N, inp]: x's channels times this per image (a folded SE gate), or nullptr
   const T* b1;      // [init] (nullptr: no bias; already applied when kernel > 1)
   const T* w2;      // [ghosts, dw * dw]
-  const T* w2t;     // [dw * dw, ghosts]
+  const T* w2t;     // [dw * dw, ghosts] (NHWC only)
   const T* w2_rows; // NHWC, ratio 2: per channel group [dw * dw][out_width][group], w2t repeated per column
   const T* b2;      // [ghosts] or nullptr
   const T* masks;   // column_masks(g, t->rows + 2 * pad)
@@ -593,10 +593,12 @@ at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& w1_in, const c1
     const int64_t mask_rows = t.rows + 2 * g.pad;
     const std::vector<scalar_t> masks = column_masks<scalar_t>(g, mask_rows);
     const scalar_t* w1p = w1.data_ptr<scalar_t>();
-    // NHWC broadcasts x and loads rows of W1^T; NCHW broadcasts W1 and loads rows of x.
+    // NHWC broadcasts x and loads rows of W1^T, and its depthwise loop reads W2^T; NCHW broadcasts
+    // W1 and loads rows of x, and reads W2's rows.
     const std::vector<scalar_t> w1t =
         g.channels_last && g.kernel == 1 ? transposed(w1p, g.init, g.inp) : std::vector<scalar_t>();
-    const std::vector<scalar_t> w2t = transposed(w2.data_ptr<scalar_t>(), g.ghosts, g.dw * g.dw);
+    const std::vector<scalar_t> w2t =
+        g.channels_last ? transposed(w2.data_ptr<scalar_t>(), g.ghosts, g.dw * g.dw) : std::vector<scalar_t>();
     std::vector<scalar_t> w2_rows;
     if (g.channels_last && g.copies == 1) {
       const int64_t taps = g.dw * g.dw;
