@@ -8,10 +8,11 @@
    is subtracted per call; "Python between modules" = median forward without hooks - the sum.
    Each module is also timed alone on the input it got in the model (captured and cloned), so
    in-model / isolated shows what cold caches and the surrounding model cost.
-2. torch.profiler's self-CPU table for the same forward (top 25 ops).
+2. torch.profiler's self-CPU table for the same forward (top 25 ops), then the frozen graph's
+   (ghostkernels.freeze) ops per call, by op and input shape (top 30).
 3. When openvino is installed: the ORIGINAL model exported to ONNX (dynamo), OpenVINO's per-layer
-   profile grouped by layer type (f32 hint), and its latencies (f32, default) interleaved with
-   the accelerated model's and the same model frozen (ghostkernels.freeze).
+   profile grouped by layer type (f32 hint) and its 20 slowest layers, and its latencies (f32,
+   default) interleaved with the accelerated model's and the same model frozen (ghostkernels.freeze).
 All under torch.inference_mode(), batch 1, 224x224, float32.
 """
 
@@ -193,6 +194,28 @@ def print_profiler(model, x, iters):
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
 
+def print_frozen_ops(model, x, iters):
+    """The frozen graph (what bench/e2e.py's 'frozen' column runs), op by op: torch.profiler's self
+    CPU time per call, each op and input shape a row, the slowest first."""
+    from torch.profiler import ProfilerActivity, profile
+    frozen = ghostkernels.freeze(model, x)
+    for _ in range(20):
+        frozen(x)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(iters):
+            frozen(x)
+    events = [e for e in prof.key_averages(group_by_input_shape=True) if e.key.startswith(("ghostkernels::", "aten::"))]
+    events.sort(key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events) / iters / 1e3
+    print(f"\nfrozen graph, torch.profiler self CPU over {iters} forwards: ops sum {total:.3f} ms per forward")
+    print(f"{'op':<40}{'calls':>6}{'us/call':>9}{'ms/fwd':>8}  first input")
+    for e in events[:30]:
+        calls = e.count / iters
+        shape = tuple(e.input_shapes[0]) if e.input_shapes else ()
+        print(f"{e.key:<40}{calls:6.0f}{e.self_cpu_time_total / e.count:9.1f}"
+              f"{e.self_cpu_time_total / iters / 1e3:8.3f}  {shape}")
+
+
 def print_openvino(eager, model, x, iters, threads):
     try:
         import openvino as ov
@@ -234,6 +257,12 @@ def print_openvino(eager, model, x, iters, threads):
     print(f"{'layer type':<22}{'exec type':<34}{'layers':>7}{'ms':>9}{'%':>7}")
     for (node, exec_type), (count, ms) in sorted(by_type.items(), key=lambda kv: -kv[1][1]):
         print(f"{node:<22}{exec_type:<34}{count:7d}{ms:9.3f}{ms / total:7.1%}")
+    layers = sorted(((info.real_time.total_seconds() * 1e6, info.node_name, info.node_type)
+                     for info in requests["OpenVINO f32 hint + PERF_COUNT"].get_profiling_info()
+                     if info.status.name == "EXECUTED"), reverse=True)
+    print("top 20 layers of that inference, us:")
+    for us, name, node in layers[:20]:
+        print(f"  {us:8.1f}  {node:<18}{name}")
 
 
 def main():
@@ -261,6 +290,7 @@ def main():
         total, hooked_total, bias, rows, top = breakdown(model, x, args.iters)
         print_breakdown(total, hooked_total, bias, rows, top, residual_add_ms(model, x), python_costs(model, x))
         print_profiler(model, x, args.iters)
+        print_frozen_ops(model, x, args.iters)
     if not args.no_openvino:
         print_openvino(eager, model, x, args.iters, args.threads)
 
