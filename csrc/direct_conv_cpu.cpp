@@ -100,11 +100,11 @@ at::Tensor direct_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   // output is NCHW anyway: at::conv2d took 311 us at batch 1 and 6.5 ms at batch 8 on GhostNet's
   // 3 -> 16 stem, the copy and this kernel 172 us and 1.7 ms. Depthwise convs keep at::conv2d
   // there (its channels_last depthwise conv was faster at 72@56, stride 2).
-  const at::Tensor input = groups == 1 && group_inputs <= kMaxGroupInputs ? x.contiguous() : x;
-  const at::ScalarType dtype = input.scalar_type();
-  const bool fast = input.is_contiguous() && group_inputs <= kMaxGroupInputs &&
-                    (dtype == at::kFloat || dtype == at::kDouble) && weight.scalar_type() == dtype &&
-                    (!bias.has_value() || bias->scalar_type() == dtype);
+  const at::ScalarType dtype = x.scalar_type();
+  const bool kernel_dtypes = (dtype == at::kFloat || dtype == at::kDouble) && weight.scalar_type() == dtype &&
+                             (!bias.has_value() || bias->scalar_type() == dtype);
+  const at::Tensor input = kernel_dtypes && groups == 1 && group_inputs <= kMaxGroupInputs ? x.contiguous() : x;
+  const bool fast = kernel_dtypes && input.is_contiguous() && group_inputs <= kMaxGroupInputs;
   // NCHW-contiguous like every other path and the fake kernel (torch.compile trusts its strides).
   if (!fast) {
     at::Tensor out = at::conv2d(input, weight, bias, {stride, stride}, {k / 2, k / 2}, {1, 1}, groups).contiguous();
