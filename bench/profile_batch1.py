@@ -194,11 +194,10 @@ def print_profiler(model, x, iters):
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
 
-def print_frozen_ops(model, x, iters):
+def print_frozen_ops(frozen, x, iters):
     """The frozen graph (what bench/e2e.py's 'frozen' column runs), op by op: torch.profiler's self
     CPU time per call, each op and input shape a row, the slowest first."""
     from torch.profiler import ProfilerActivity, profile
-    frozen = ghostkernels.freeze(model, x)
     for _ in range(20):
         frozen(x)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
@@ -216,7 +215,7 @@ def print_frozen_ops(model, x, iters):
               f"{e.self_cpu_time_total / iters / 1e3:8.3f}  {shape}")
 
 
-def print_openvino(eager, model, x, iters, threads):
+def print_openvino(eager, model, frozen, x, iters, threads):
     try:
         import openvino as ov
     except ImportError:
@@ -233,7 +232,6 @@ def print_openvino(eager, model, x, iters, threads):
     os.remove(path)
     requests = {label: c.create_infer_request() for label, c in compiled.items()}
     fns = {label: (lambda r=r: r.infer([feed])) for label, r in requests.items()}
-    frozen = ghostkernels.freeze(model, x)
     with torch.inference_mode():
         fns["ghostkernels accelerated"] = lambda: model(x)
         fns["ghostkernels frozen"] = lambda: frozen(x)
@@ -290,9 +288,10 @@ def main():
         total, hooked_total, bias, rows, top = breakdown(model, x, args.iters)
         print_breakdown(total, hooked_total, bias, rows, top, residual_add_ms(model, x), python_costs(model, x))
         print_profiler(model, x, args.iters)
-        print_frozen_ops(model, x, args.iters)
+        frozen = ghostkernels.freeze(model, x)
+        print_frozen_ops(frozen, x, args.iters)
     if not args.no_openvino:
-        print_openvino(eager, model, x, args.iters, args.threads)
+        print_openvino(eager, model, frozen, x, args.iters, args.threads)
 
 
 if __name__ == "__main__":
