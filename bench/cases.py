@@ -36,16 +36,33 @@ def median_ms(fn, min_time=0.3, min_runs=10, device="cpu"):
     return statistics.median(times_ms(fn, min_time, min_runs, device))
 
 
-def interleaved_times_ms(fns, rounds=5, min_time=1.0, device="cpu"):
-    """{name: [ms of each call]} of the callables in `fns`, timed in turn for `rounds` rounds
-    (min_time seconds each in all), so that a slow spell of a noisy machine hits every contender alike."""
+def interleaved_rounds_ms(fns, rounds=5, min_time=1.0, device="cpu"):
+    """{name: [[ms of each call] of each round]} of the callables in `fns`, timed in turn for `rounds`
+    rounds (min_time seconds each in all), so that a slow spell of a noisy machine hits every contender alike."""
     for fn in fns.values():
         _timed_calls(fn, 0, 3, device)
     times = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            times[name] += _timed_calls(fn, min_time / rounds, 2, device)
-    return {name: [x * 1e3 for x in t] for name, t in times.items()}
+            times[name].append([x * 1e3 for x in _timed_calls(fn, min_time / rounds, 2, device)])
+    return times
+
+
+def calls_ms(rounds_ms):
+    """{name: [ms of each call]} of interleaved_rounds_ms's result, its rounds together."""
+    return {name: [t for r in per_round for t in r] for name, per_round in rounds_ms.items()}
+
+
+def interleaved_times_ms(fns, rounds=5, min_time=1.0, device="cpu"):
+    """{name: [ms of each call]} of interleaved_rounds_ms."""
+    return calls_ms(interleaved_rounds_ms(fns, rounds, min_time, device))
+
+
+def round_ratios(rounds_ms, ours, theirs):
+    """Median ms of `ours` / median ms of `theirs` in each round of interleaved_rounds_ms. The machine's
+    speed drifts between minutes (up to 2x on the shared Xeon), so two contenders' medians over a run
+    compare less well than their ratios within each round, which shares one speed."""
+    return [statistics.median(a) / statistics.median(b) for a, b in zip(rounds_ms[ours], rounds_ms[theirs])]
 
 
 def interleaved_median_ms(fns, rounds=5, min_time=1.0, device="cpu"):

@@ -11,8 +11,10 @@ torch.set_float32_matmul_precision("medium")) vs torch.compile, and ONNX Runtime
 Eager is the model as the original code runs it (plain PyTorch modules, eval; GhostNetV3
 re-parameterised). Every contender's output is checked first: against eager on the CPU, against
 the model in float32 on CUDA (half precision within twice eager's own error). Then they are
-timed in turn, five rounds, and each row gives the median ms of all its calls; a row whose calls
-spread more than --noise ((p90 - p10) / median, worst contender) is marked noisy.
+timed in turn, --rounds rounds (2 s per contender in all), and each row gives the median ms of all
+its calls; a row whose calls spread more than --noise ((p90 - p10) / median, worst contender) is
+marked noisy. Under the table, ours / theirs (frozen vs OpenVINO and ONNX Runtime) as the median of
+the ratios within each round, which share the machine's speed of the moment.
 On CUDA (channels_last) the contenders are eager, accelerated, accelerated captured as a CUDA
 graph (ghostkernels.capture), torch.compile of eager and of accelerated, and compile's
 reduce-overhead mode; the table goes to bench/results/<device>-e2e.md with a PNG bar chart of
@@ -37,7 +39,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ghostkernels  # noqa: E402
-from cases import interleaved_times_ms  # noqa: E402
+from cases import calls_ms, interleaved_rounds_ms, round_ratios  # noqa: E402
 from machine import DEFAULT_NOISE, import_pyplot, is_noisy, machine_line, noise_summary, row_spread  # noqa: E402
 from ghostkernels import models  # noqa: E402
 from ghostkernels.acceleration import _relative_error  # noqa: E402
@@ -51,6 +53,25 @@ MODELS = {
     "ghostnetv3-1.0": lambda: models.ghostnetv3(1.0).eval().reparameterize(),
     "g-ghost-regnetx-032": lambda: models.g_ghost_regnetx("032", fused=False),
 }
+
+
+# (ours, theirs): the per-round ratios printed under the table (issue 16's targets are on these).
+RATIOS = [("frozen", "openvino f32"), ("frozen bf16", "openvino default"), ("frozen", "onnxruntime")]
+
+
+def ratio_lines(rows):
+    """The table of RATIOS found in `rows`: the median of each row's per-round ratios, its lowest and
+    highest round beside it."""
+    pairs = [pair for pair in RATIOS if any(pair in r["ratios"] for r in rows)]
+    if not pairs:
+        return []
+    lines = ["ours / theirs, median of the per-round ratios (lowest-highest round); below 1: ours is faster",
+             f"{'model':>20} {'dtype':>8} {'batch':>5}" + "".join(f"{ours + ' / ' + theirs:>36}" for ours, theirs in pairs)]
+    for r in rows:
+        cells = [r["ratios"].get(pair) for pair in pairs]
+        lines.append(f"{r['model']:>20} {r['dtype']:>8} {r['batch']:5d}" + "".join(
+            f"{f'{statistics.median(v):.3f} ({min(v):.2f}-{max(v):.2f})' if v else '-':>36}" for v in cells))
+    return lines
 
 
 def onnx_file(model, x):
@@ -207,6 +228,9 @@ def main():
     parser.add_argument("--batch", type=int, nargs="+", help="default: 1 8 (CPU), 256 1 64 (CUDA)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (slow to build)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="rounds of interleaved timing per row, 2 s per contender in all: more rounds "
+                             "interleave the contenders more finely (default %(default)s)")
     parser.add_argument("--noise", type=float, default=DEFAULT_NOISE,
                         help="flag rows whose (p90 - p10) / median exceeds this fraction (default %(default)s)")
     parser.add_argument("--out", help="also write the table as markdown (default on CUDA: "
@@ -268,10 +292,12 @@ def main():
                             continue
                         errors[name] = check_parity(name, fn(), expected, reference, dtype)
                         fns[name] = fn
-                    samples = interleaved_times_ms(fns, min_time=2.0, device=device)
+                    rounds = interleaved_rounds_ms(fns, args.rounds, 2.0, device)
+                samples = calls_ms(rounds)
                 worst = row_spread(samples)
                 rows.append({"model": model_name, "dtype": str(dtype)[6:], "batch": batch,
                              **{n: statistics.median(t) for n, t in samples.items()},
+                             "ratios": {(a, b): round_ratios(rounds, a, b) for a, b in RATIOS if a in fns and b in fns},
                              "errors": errors, "spread": worst, "noisy": is_noisy(worst, args.noise)})
     header = (f"ghostkernels {ghostkernels.__version__}, torch {torch.__version__}, {device} "
               f"({torch.cuda.get_device_name() if cuda else f'{args.threads} threads'}), "
@@ -290,13 +316,17 @@ def main():
     summary = noise_summary(rows, args.noise, [r[c] for r in rows for c in shown if c in r])
     for line in summary:
         print(line)
+    ratios = ratio_lines(rows)
+    if ratios:
+        print()
+        print("\n".join(ratios))
     for note in sorted(notes):
         print(f"skipped {note}")
     out = args.out or (os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                     re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name()).strip("-")
                                     + "-e2e.md") if cuda else None)
     if out:
-        write_markdown(out, header, rows, shown, summary, notes)
+        write_markdown(out, header, rows, shown, summary, notes, ratios)
         print(f"written to {out}")
     plot = args.plot or (os.path.splitext(out)[0] + ".png" if cuda else None)
     if plot:
@@ -304,7 +334,7 @@ def main():
         print(f"plotted to {plot}")
 
 
-def write_markdown(path, header, rows, shown, summary, notes):
+def write_markdown(path, header, rows, shown, summary, notes, ratios=()):
     lines = [f"# Whole models: {header}\n\n",
              "| model | dtype | batch | " + " | ".join(f"{c} ms (img/s)" for c in shown)
              + " | speedup | rel. error vs float32 (accelerated / captured) | spread |\n",
@@ -317,6 +347,8 @@ def write_markdown(path, header, rows, shown, summary, notes):
                      + f" | {r['eager'] / r['accelerated']:.2f}x | {errors} | {r['spread']:.0%}"
                      + (" noisy" if r["noisy"] else "") + " |\n")
     lines += [f"\n- {line}\n" for line in summary] + [f"- skipped {note}\n" for note in sorted(notes)]
+    if ratios:
+        lines += ["\n```\n"] + [f"{line}\n" for line in ratios] + ["```\n"]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         f.writelines(lines)

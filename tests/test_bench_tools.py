@@ -261,6 +261,23 @@ def test_e2e_parity_table_and_plot(tmp_path):
     assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_e2e_ratios_are_taken_within_rounds():
+    """A contender twice as fast in every round is 0.5 of the other in every round, however much the
+    machine's speed moved between rounds; bench/e2e.py prints the per-round ratios' median and range
+    for the pairs of RATIOS that a row timed."""
+    import e2e
+    rounds = {"frozen": [[1.0, 1.2], [4.0, 4.0], [9.0, 8.0]], "openvino f32": [[2.0, 2.4], [8.0, 8.0], [17.0, 17.0]]}
+    assert cases.round_ratios(rounds, "frozen", "openvino f32") == pytest.approx([0.5, 0.5, 8.5 / 17])
+    assert cases.calls_ms(rounds)["frozen"] == [1.0, 1.2, 4.0, 4.0, 9.0, 8.0]
+    rows = [{"model": "ghostnet-1.0", "dtype": "float32", "batch": 1,
+             "ratios": {("frozen", "openvino f32"): cases.round_ratios(rounds, "frozen", "openvino f32")}},
+            {"model": "ghostnet-1.0", "dtype": "float32", "batch": 8, "ratios": {}}]
+    lines = e2e.ratio_lines(rows)
+    assert "frozen / openvino f32" in lines[1] and "frozen bf16" not in lines[1]
+    assert lines[2].endswith("0.500 (0.50-0.50)") and lines[3].endswith("-")
+    assert e2e.ratio_lines([{**rows[0], "ratios": {}}]) == []
+
+
 def test_gpu_report_tunes_every_ghostnet_width():
     import gpu_report
     shapes = gpu_report.ghostnet_shapes()
