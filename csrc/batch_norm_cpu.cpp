@@ -17,21 +17,21 @@
 #include <vector>
 
 #include "batch_stats.h"
-#include "multiversion.h"
+#include "isa.h"
 #include "output_pool.h"
 
 namespace ghostkernels {
 namespace {
 
 template <typename T>
-GK_MULTIVERSION void moments_pass(const T* x, int64_t plane, Moments* moments, int64_t begin, int64_t end) {
+void moments_pass(const T* x, int64_t plane, Moments* moments, int64_t begin, int64_t end) {
   for (int64_t item = begin; item < end; ++item) moments[item] = plane_moments(x + item * plane, plane);
 }
 
 // (x - mean) * scale + beta, not x * scale + shift: where |mean| >> std (a BN over a few values
 // per channel) the folded shift cancels x * scale's digits, as ATen's kernel does not.
 template <typename T>
-GK_MULTIVERSION void normalise_pass(const T* x, const Normalised<T>& bn, const T* beta, int64_t channels,
+void normalise_pass(const T* x, const Normalised<T>& bn, const T* beta, int64_t channels,
                                     int64_t plane, T* out, int64_t begin, int64_t end) {
   for (int64_t item = begin; item < end; ++item) {
     const int64_t c = item % channels;
@@ -45,7 +45,7 @@ GK_MULTIVERSION void normalise_pass(const T* x, const Normalised<T>& bn, const T
 }
 
 template <typename T>
-GK_MULTIVERSION void grad_sums_pass(const T* grad, const T* x, const Normalised<T>& bn, int64_t channels,
+void grad_sums_pass(const T* grad, const T* x, const Normalised<T>& bn, int64_t channels,
                                     int64_t plane, double* sums, int64_t begin, int64_t end) {
   for (int64_t item = begin; item < end; ++item)
     plane_grad_sums(grad + item * plane, x + item * plane, plane, bn, item % channels, Activation::None,
@@ -53,7 +53,7 @@ GK_MULTIVERSION void grad_sums_pass(const T* grad, const T* x, const Normalised<
 }
 
 template <typename T>
-GK_MULTIVERSION void grad_input_pass(const T* grad, const T* x, const Normalised<T>& bn, const BatchNormGrad<T>& d,
+void grad_input_pass(const T* grad, const T* x, const Normalised<T>& bn, const BatchNormGrad<T>& d,
                                      int64_t channels, int64_t plane, T* grad_x, int64_t begin, int64_t end) {
   for (int64_t item = begin; item < end; ++item) {
     const int64_t c = item % channels;

@@ -10,7 +10,7 @@
 
 #include "gemm.h"
 #include "ghost_common.h"
-#include "multiversion.h"
+#include "isa.h"
 
 namespace ghostkernels {
 

@@ -11,7 +11,7 @@
 #include <vector>
 
 #include "gemm.h"
-#include "multiversion.h"
+#include "isa.h"
 #include "output_pool.h"
 
 namespace ghostkernels {
@@ -27,7 +27,7 @@ struct MixArgs {
 };
 
 template <typename T>
-GK_MULTIVERSION void cheap_mix_items(const MixArgs& m, const T* x, const T* w, const T* wt, const T* b, const T* mix,
+void cheap_mix_items(const MixArgs& m, const T* x, const T* w, const T* wt, const T* b, const T* mix,
                                      T* out, int64_t begin, int64_t end) {
   std::vector<T> panel(kBlock * 2 * Simd<T>::lanes);
   for (int64_t item = begin; item < end; ++item) {

@@ -1,21 +1,21 @@
 // The depthwise k x k conv (+bias, then ReLU or none), stride 1 or 2, of up to one vector's lanes
 // of channels at once, with the channels in the lanes: each tap is one FMA of a weight vector with
 // an input pixel's vector, at any stride, with no per-channel setup. The planes come in NCHW and go
-// out NCHW: 16 x 16 in-register transposes move them into a zero-bordered tile of pixel vectors and
+// out NCHW: lanes x lanes in-register transposes move them into a zero-bordered tile of pixel vectors and
 // the results back. Built for float32 only (depthwise_lanes_pays). The phase-split conv
 // (direct_conv.h), one plane at a time, paid ~200 ns per channel and band for its phases and
-// copies: 672@14 k5 stride 2 took 130 us there. Everything here is GK_INLINE: it is compiled into
-// each multiversioned kernel's clone.
+// copies: 672@14 k5 stride 2 took 130 us there.
 #pragma once
 
 #include <algorithm>
 #include <array>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "gemm.h"
 #include "ghost_common.h"
-#include "multiversion.h"
+#include "isa.h"
 
 namespace ghostkernels {
 
@@ -57,15 +57,13 @@ GK_INLINE void transpose_step(typename Simd<T>::vec* v) {
     }
 }
 
-// v[r][c] -> v[c][r] for a 16 x 16 block: for each bit d of the index, rows i and i | d swap the
-// lanes in which that bit differs (one two-source shuffle per row and bit).
-template <typename T>
+// v[r][c] -> v[c][r] for a lanes x lanes block: for each bit d of the index, rows i and i | d swap
+// the lanes in which that bit differs (one two-source shuffle per row and bit).
+template <typename T, int d = 1>
 GK_INLINE void transpose_block(typename Simd<T>::vec* v) {
-  static_assert(Simd<T>::lanes == 16, "the lanes kernels are built for float32");
-  transpose_step<T, 1>(v);
-  transpose_step<T, 2>(v);
-  transpose_step<T, 4>(v);
-  transpose_step<T, 8>(v);
+  static_assert(std::is_same_v<T, float>, "the lanes kernels are built for float32");
+  transpose_step<T, d>(v);
+  if constexpr (2 * d < Simd<T>::lanes) transpose_block<T, 2 * d>(v);
 }
 
 // src[0, n) and zeros: a vector that reads nothing past src[n - 1].

@@ -1,6 +1,5 @@
 // The banded, phase-split direct conv that direct_conv_cpu.cpp runs over whole planes and
 // ghost_cpu.cpp runs over the Ghost rows it keeps in cache (ghost_module_depthwise).
-// Everything here is GK_INLINE: it is compiled into each multiversioned kernel's clone.
 #pragma once
 
 #include <algorithm>
@@ -10,7 +9,7 @@
 
 #include "gemm.h"
 #include "ghost_common.h"
-#include "multiversion.h"
+#include "isa.h"
 
 namespace ghostkernels {
 

@@ -27,7 +27,7 @@
 #include "depthwise_lanes.h"
 #include "direct_conv.h"
 #include "ghost_common.h"
-#include "multiversion.h"
+#include "isa.h"
 #include "output_pool.h"
 #include "scratch.h"
 
@@ -36,7 +36,7 @@ namespace {
 
 // Work items [begin, end) of (image, group, band of output rows).
 template <typename T>
-GK_MULTIVERSION void conv_items(const T* x, const T* w, const T* bias, Activation act, T* out,
+void conv_items(const T* x, const T* w, const T* bias, Activation act, T* out,
                                 const PlaneGeometry<T>& g, int64_t channels, int64_t groups, int64_t out_channels,
                                 int64_t begin, int64_t end) {
   const int64_t group_outputs = out_channels / groups, k = g.k;
@@ -59,7 +59,7 @@ GK_MULTIVERSION void conv_items(const T* x, const T* w, const T* bias, Activatio
 
 // Depthwise, float32: work items [begin, end) of (image, a vector's lanes of channels, band of output rows).
 template <typename T>
-GK_MULTIVERSION void depthwise_items(const T* x, const T* w, const T* bias, Activation act, T* out,
+void depthwise_items(const T* x, const T* w, const T* bias, Activation act, T* out,
                                      const LanesGeometry<T>& g, int64_t channels, int64_t begin, int64_t end) {
   constexpr int L = Simd<T>::lanes;
   const int64_t groups = (channels + L - 1) / L, bands = g.bands();
@@ -146,7 +146,7 @@ at::Tensor direct_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
 // out_width = H x W) and the taps (dw = k, pad = k / 2). Weight and bias grads go to this
 // thread's partials.
 template <typename T>
-GK_MULTIVERSION void depthwise_backward_items(const T* grad, const T* x, const T* w, T* grad_x, T* weight_partials,
+void depthwise_backward_items(const T* grad, const T* x, const T* w, T* grad_x, T* weight_partials,
                                               T* bias_partials, const Geometry& g, int64_t channels, const T* masks,
                                               int64_t mask_stride, int64_t begin, int64_t end) {
   const int64_t P = g.out_height * g.out_width, taps_n = g.dw * g.dw;
@@ -223,7 +223,7 @@ struct PhaseTap {
 // masked dot per tap on that grid; each phase of grad_x gathers the output grad through its own
 // taps and is scattered back to its pixels.
 template <typename T>
-GK_MULTIVERSION void depthwise_backward_items_stride2(const T* grad, const T* x, const T* w, T* grad_x,
+void depthwise_backward_items_stride2(const T* grad, const T* x, const T* w, T* grad_x,
                                                       T* weight_partials, T* bias_partials, const Geometry& g,
                                                       int64_t height, int64_t width, int64_t k, int64_t channels,
                                                       const PhaseTap* layout, const T* masks, int64_t mask_stride,

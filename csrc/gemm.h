@@ -1,5 +1,5 @@
 // The register-tiled GEMM the fused CPU kernels share.
-// Everything here but gemm_nn_call is GK_INLINE: it is compiled into each multiversioned kernel's clone.
+// Everything here but gemm_nn_call is GK_INLINE: forced into the kernels that call it.
 #pragma once
 
 #include <algorithm>
@@ -8,21 +8,20 @@
 #include <cstring>
 #include <type_traits>
 
-#include "multiversion.h"
+#include "isa.h"
 
 namespace ghostkernels {
 
-// 64-byte vectors through GCC/Clang vector extensions: lowered to zmm, ymm or xmm
-// registers by whichever clone is running.
+// The build's vectors (isa.h: 64 bytes for AVX-512, 32 for AVX2) through GCC/Clang vector extensions.
 template <typename T>
 struct Simd {
-  typedef T vec __attribute__((vector_size(64)));
-  static constexpr int lanes = 64 / sizeof(T);
+  typedef T vec __attribute__((vector_size(GK_VECTOR_BYTES)));
+  static constexpr int lanes = GK_VECTOR_BYTES / sizeof(T);
   GK_INLINE static vec load(const T* p) { vec v; std::memcpy(&v, p, sizeof(vec)); return v; }
   GK_INLINE static void store(T* p, vec v) { std::memcpy(p, &v, sizeof(vec)); }
   // lane indices for __builtin_shuffle: 0, 2, 4, ... picks the even elements of two vectors
   typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> lane_t;
-  typedef lane_t index __attribute__((vector_size(64)));
+  typedef lane_t index __attribute__((vector_size(GK_VECTOR_BYTES)));
   GK_INLINE static index even_lanes() {
     index i;
     for (int l = 0; l < lanes; ++l) i[l] = 2 * l;
@@ -38,8 +37,8 @@ GK_INLINE typename Simd<T>::vec load_widened(const T* p) {
   return Simd<T>::load(p);
 }
 GK_INLINE Simd<float>::vec load_widened(const uint16_t* p) {
-  typedef uint16_t half_vec __attribute__((vector_size(32)));
-  typedef uint32_t word_vec __attribute__((vector_size(64)));
+  typedef uint16_t half_vec __attribute__((vector_size(GK_VECTOR_BYTES / 2)));
+  typedef uint32_t word_vec __attribute__((vector_size(GK_VECTOR_BYTES)));
   half_vec h;
   std::memcpy(&h, p, sizeof(h));
   const word_vec w = __builtin_convertvector(h, word_vec) << 16;
@@ -136,7 +135,7 @@ GK_INLINE void row_tile(int64_t i0, int64_t mr, int64_t M, const T* A, int64_t a
 }
 
 // C[i, j] (+)= sum_k A[i * a_si + k * a_sk] * B[k * ldb + j] for i < M, j < N, with NV
-// vectors of B's columns per register tile (16 accumulators either way), and finish(i, v) of
+// vectors of B's columns per register tile (kAccumulators either way), and finish(i, v) of
 // each vector v of row i's finished sums is what is stored (a bias and an activation applied
 // while the tile is in registers, not in another pass over C).
 // B is read in place, a column tail too: its loads run on past the tail into the rest of B's
@@ -151,7 +150,7 @@ GK_INLINE void gemm_tiles(int64_t M, int64_t N, int64_t K, const T* A, int64_t a
                           const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate, T* panel, Finish finish) {
   constexpr int L = Simd<T>::lanes;
   constexpr int NR = NV * L;
-  constexpr int MR = 16 / NV;
+  constexpr int MR = kAccumulators / NV;
   const int64_t b_size = (K - 1) * ldb + N;  // B's elements from B[0] to its last one
   for (int64_t k0 = 0; k0 < K; k0 += kBlock) {
     const int64_t kb = std::min(kBlock, K - k0);
@@ -213,11 +212,11 @@ GK_INLINE void gemm_nn(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_si
   else gemm_tiles<T, 2>(M, N, K, A, a_si, a_sk, B, ldb, C, ldc, accumulate, panel, finish);
 }
 
-// gemm_nn without an epilogue as a function of its own in each clone: a kernel that multiplies in
+// gemm_nn without an epilogue as a function of its own: a kernel that multiplies in
 // several places (the backward's five products) compiles the GEMM once, not once per call site
 // (ghost_backward_cpu.cpp took 340 s to compile with them inlined, 117 s with this).
 template <typename T>
-GK_MULTIVERSION __attribute__((noinline)) void gemm_nn_call(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_si,
+__attribute__((noinline)) void gemm_nn_call(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_si,
                                                             int64_t a_sk, const T* B, int64_t ldb, T* C, int64_t ldc,
                                                             bool accumulate, T* panel) {
   gemm_nn<T>(M, N, K, A, a_si, a_sk, B, ldb, C, ldc, accumulate, panel);

@@ -15,7 +15,7 @@
 #include "gemm.h"
 #include "ghost_common.h"
 #include "ghost_cpu.h"
-#include "multiversion.h"
+#include "isa.h"
 #include "output_pool.h"
 #include "scratch.h"
 
@@ -112,7 +112,7 @@ GK_INLINE void primary_grads(const BackwardArgs<T>& a, int64_t n, int64_t r0, in
 }
 
 template <typename T>
-GK_MULTIVERSION void backward_nchw(const BackwardArgs<T>& a, int64_t begin, int64_t end) {
+void backward_nchw(const BackwardArgs<T>& a, int64_t begin, int64_t end) {
   const Geometry& g = *a.g;
   const Tiling& t = *a.t;
   const int64_t W = g.out_width, pad = g.pad, taps_n = g.dw * g.dw;
@@ -166,7 +166,7 @@ GK_MULTIVERSION void backward_nchw(const BackwardArgs<T>& a, int64_t begin, int6
 }
 
 template <typename T>
-GK_MULTIVERSION void backward_nhwc(const BackwardArgs<T>& a, int64_t begin, int64_t end) {
+void backward_nhwc(const BackwardArgs<T>& a, int64_t begin, int64_t end) {
   const Geometry& g = *a.g;
   const Tiling& t = *a.t;
   const int64_t W = g.out_width, pad = g.pad, dw = g.dw, taps_n = dw * dw, C = g.out_channels;

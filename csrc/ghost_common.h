@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "gemm.h"
-#include "multiversion.h"
+#include "isa.h"
 
 namespace ghostkernels {
 

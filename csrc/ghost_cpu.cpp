@@ -29,7 +29,7 @@
 #include "gemm.h"
 #include "ghost_common.h"
 #include "ghost_cpu.h"
-#include "multiversion.h"
+#include "isa.h"
 #include "output_pool.h"
 #include "scratch.h"
 
@@ -166,7 +166,7 @@ GK_INLINE void add_residual(const ForwardArgs<T>& a, T* dst, int64_t p) {
 }
 
 template <typename T>
-GK_MULTIVERSION void forward_nchw(const ForwardArgs<T>& a, int64_t begin, int64_t end) {
+void forward_nchw(const ForwardArgs<T>& a, int64_t begin, int64_t end) {
   const Geometry& g = *a.g;
   const Tiling& t = *a.t;
   const int64_t W = g.out_width, pad = g.pad;
@@ -203,7 +203,7 @@ GK_MULTIVERSION void forward_nchw(const ForwardArgs<T>& a, int64_t begin, int64_
 }
 
 template <typename T>
-GK_MULTIVERSION void forward_nhwc(const ForwardArgs<T>& a, int64_t begin, int64_t end) {
+void forward_nhwc(const ForwardArgs<T>& a, int64_t begin, int64_t end) {
   const Geometry& g = *a.g;
   const Tiling& t = *a.t;
   const int64_t W = g.out_width, pad = g.pad, dw = g.dw;
@@ -336,7 +336,7 @@ struct DepthwiseArgs {
 // per lane): no Ghost output in memory. With LanesGeometry the item's Ghost channels, intrinsic
 // then ghost, go to the conv a vector's lanes at a time.
 template <typename T, typename Plane>
-GK_MULTIVERSION void forward_nchw_depthwise(const ForwardArgs<T>& a, const DepthwiseArgs<T, Plane>& d, int64_t begin,
+void forward_nchw_depthwise(const ForwardArgs<T>& a, const DepthwiseArgs<T, Plane>& d, int64_t begin,
                                             int64_t end) {
   constexpr bool in_lanes = std::is_same_v<Plane, LanesGeometry<T>>;
   const Geometry& g = *a.g;
@@ -360,7 +360,6 @@ GK_MULTIVERSION void forward_nchw_depthwise(const ForwardArgs<T>& a, const Depth
     const int64_t p = (r1 - r0) * W;
     const T* center = buf + pad + pad * W;  // channel c0's row r0
     if constexpr (in_lanes) {
-      // (No lambdas here: they would be compiled without this clone's target.)
       const int64_t intrinsic = c1 - c0, j_begin = g.ghost_begin(c0);
       const int64_t channels = intrinsic + g.ghost_end(c1 - 1) - j_begin;
       const int64_t out_plane = plane.out_height * plane.out_width, taps_k = plane.k * plane.k;
@@ -494,11 +493,11 @@ Tiling choose_tiling(const Geometry& g, size_t elem_size, bool split_channels, i
 
 namespace {
 
-// dst = src^T for a rows x cols src: float32 in 16 x 16 blocks through the vector registers
+// dst = src^T for a rows x cols src: float32 in lanes x lanes blocks through the vector registers
 // (transpose_block), the edges and float64 element by element. The element loop took 140 us
 // of a 230 us channels_last ghost_module (W1^T of 960 -> 160 at 7x7, batch 1; perf).
 template <typename T>
-GK_MULTIVERSION void transpose_into(const T* src, int64_t rows, int64_t cols, T* dst) {
+void transpose_into(const T* src, int64_t rows, int64_t cols, T* dst) {
   int64_t block_rows = 0, block_cols = 0;
   if constexpr (std::is_same_v<T, float>) {
     constexpr int L = Simd<T>::lanes;

@@ -30,7 +30,7 @@
 #include "batch_stats.h"
 #include "gemm.h"
 #include "ghost_common.h"
-#include "multiversion.h"
+#include "isa.h"
 #include "output_pool.h"
 #include "shifted_conv.h"
 
@@ -64,7 +64,7 @@ struct TrainArgs {
 // Forward
 
 template <typename T>
-GK_MULTIVERSION void primary_pass(const TrainArgs<T>& a, T* z1, Moments* moments, int64_t begin, int64_t end) {
+void primary_pass(const TrainArgs<T>& a, T* z1, Moments* moments, int64_t begin, int64_t end) {
   const Geometry& g = *a.g;
   const int64_t P = g.plane();
   std::vector<T> panel(kBlock * 2 * Simd<T>::lanes);
@@ -88,7 +88,7 @@ GK_MULTIVERSION void primary_pass(const TrainArgs<T>& a, T* z1, Moments* moments
 // Items are (image, intrinsic channel): x1 into out and a halo plane, then z2 for every ghost
 // channel (BN2's statistics cover those the slice drops, as the original module's do).
 template <typename T>
-GK_MULTIVERSION void cheap_pass(const TrainArgs<T>& a, const Normalised<T>& bn1, const T* z1, T* z2, T* out,
+void cheap_pass(const TrainArgs<T>& a, const Normalised<T>& bn1, const T* z1, T* z2, T* out,
                                 Moments* moments, int64_t begin, int64_t end) {
   const Geometry& g = *a.g;
   const int64_t P = g.plane(), taps_n = g.dw * g.dw;
@@ -118,7 +118,7 @@ GK_MULTIVERSION void cheap_pass(const TrainArgs<T>& a, const Normalised<T>& bn1,
 
 // Items are (image, kept ghost channel).
 template <typename T>
-GK_MULTIVERSION void ghost_output_pass(const Geometry& g, const Normalised<T>& bn2, const T* z2, T* out,
+void ghost_output_pass(const Geometry& g, const Normalised<T>& bn2, const T* z2, T* out,
                                        int64_t begin, int64_t end) {
   const int64_t P = g.plane(), keep = g.keep;
   for (int64_t item = begin; item < end; ++item) {
@@ -139,7 +139,7 @@ GK_MULTIVERSION void ghost_output_pass(const Geometry& g, const Normalised<T>& b
 
 // Items are (image, kept ghost channel): BN2's two sums.
 template <typename T>
-GK_MULTIVERSION void ghost_sums_pass(const Geometry& g, const Normalised<T>& bn2, const T* grad, const T* z2,
+void ghost_sums_pass(const Geometry& g, const Normalised<T>& bn2, const T* grad, const T* z2,
                                      double* sums, int64_t begin, int64_t end) {
   const int64_t P = g.plane(), keep = g.keep;
   for (int64_t item = begin; item < end; ++item) {
@@ -153,7 +153,7 @@ GK_MULTIVERSION void ghost_sums_pass(const Geometry& g, const Normalised<T>& bn2
 // added to out's grad at x1, the depthwise weight grads (into this thread's `grad_w2`), then
 // dy1 = the activation's grad into `grad_z1` and BN1's two sums.
 template <typename T>
-GK_MULTIVERSION void cheap_backward_pass(const TrainArgs<T>& a, const Normalised<T>& bn1, const Normalised<T>& bn2,
+void cheap_backward_pass(const TrainArgs<T>& a, const Normalised<T>& bn1, const Normalised<T>& bn2,
                                          const BatchNormGrad<T>& d2, const T* grad, const T* z1, const T* z2,
                                          T* grad_z1, T* grad_w2_all, double* sums, int64_t begin, int64_t end) {
   const Geometry& g = *a.g;
@@ -201,7 +201,7 @@ GK_MULTIVERSION void cheap_backward_pass(const TrainArgs<T>& a, const Normalised
 // on the shifted path grad_x = the conv of dz1 by `w1_flipped` (W1 transposed, its taps
 // reversed) and this thread's grad_W1 lane partials (in `grad_w1_all`) += dz1 . the taps of x.
 template <typename T>
-GK_MULTIVERSION void primary_backward_pass(const TrainArgs<T>& a, const Normalised<T>& bn1,
+void primary_backward_pass(const TrainArgs<T>& a, const Normalised<T>& bn1,
                                            const BatchNormGrad<T>& d1, const T* z1, T* grad_z1, T* grad_x,
                                            const T* w1_flipped, T* grad_w1_all, int64_t begin, int64_t end) {
   const Geometry& g = *a.g;
@@ -305,7 +305,7 @@ Normalised<T> batch_norm(const std::vector<Moments>& planes, const Geometry& g, 
 // Images [begin, end) of x's (C x HW) matrices transposed (to_channels_last) or back; C and HW
 // are multiples of the lanes.
 template <typename T>
-GK_MULTIVERSION void transpose_images(const T* src, T* dst, int64_t channels, int64_t pixels, bool to_channels_last,
+void transpose_images(const T* src, T* dst, int64_t channels, int64_t pixels, bool to_channels_last,
                                       int64_t begin, int64_t end) {
   const int64_t rows = to_channels_last ? channels : pixels, cols = to_channels_last ? pixels : channels;
   for (int64_t n = begin; n < end; ++n) transpose(src + n * rows * cols, rows, cols, cols, dst + n * rows * cols, rows);

@@ -18,7 +18,7 @@
 #include "frozen_weights.h"
 #include "gemm.h"
 #include "ghost_common.h"
-#include "multiversion.h"
+#include "isa.h"
 #include "output_pool.h"
 #include "scratch.h"
 
@@ -37,7 +37,7 @@ struct PointwiseArgs {
 };
 
 template <typename T>
-GK_MULTIVERSION void pointwise_items(const PointwiseArgs& a, const T* x, const T* w, const T* b, T* out,
+void pointwise_items(const PointwiseArgs& a, const T* x, const T* w, const T* b, T* out,
                                      int64_t begin, int64_t end) {
   Scratch scratch;
   T* panel = scratch.take<T>(kBlock * 2 * Simd<T>::lanes);
@@ -68,7 +68,7 @@ GK_MULTIVERSION void pointwise_items(const PointwiseArgs& a, const T* x, const T
 // a frozen weight's bfloat16 copy (the pass is memory-bound on W: half the bytes); row c of w
 // at w + c * ld.
 template <typename T, typename W>
-GK_MULTIVERSION void pointwise_dots(int64_t batch, int64_t inputs, int64_t outputs, const T* x, const W* w,
+void pointwise_dots(int64_t batch, int64_t inputs, int64_t outputs, const T* x, const W* w,
                                     int64_t ld, const T* b, T* out, int64_t begin, int64_t end) {
   using S = Simd<T>;
   using V = typename S::vec;
@@ -172,7 +172,7 @@ at::Tensor pointwise_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, c
 // go into a cache-sized scratch and are summed there: the conv's output is never written out
 // and read back by the pool.
 template <typename T>
-GK_MULTIVERSION void pooled_items(const PointwiseArgs& a, bool relu, const T* x, const T* w, const T* b, T* out,
+void pooled_items(const PointwiseArgs& a, bool relu, const T* x, const T* w, const T* b, T* out,
                                   int64_t begin, int64_t end) {
   Scratch scratch;
   T* panel = scratch.take<T>(kBlock * 2 * Simd<T>::lanes);

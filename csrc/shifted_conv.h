@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "gemm.h"
-#include "multiversion.h"
+#include "isa.h"
 
 namespace ghostkernels {
 
@@ -55,7 +55,7 @@ template <typename T, int NV>
 GK_INLINE void shifted_gemm(int64_t M, int64_t N, int64_t K, const T* A, const T* const* rows, T* C, int64_t ldc) {
   using S = Simd<T>;
   using V = typename S::vec;
-  constexpr int L = S::lanes, NR = NV * L, MR = 16 / NV;
+  constexpr int L = S::lanes, NR = NV * L, MR = kAccumulators / NV;
   for (int64_t j0 = 0; j0 < N; j0 += NR) {
     const int64_t nr = std::min<int64_t>(NR, N - j0);
     for (int64_t i0 = 0; i0 < M; i0 += MR) {

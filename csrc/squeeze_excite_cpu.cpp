@@ -14,7 +14,7 @@
 #include "amx_gemm.h"
 #include "frozen_weights.h"
 #include "gemm.h"
-#include "multiversion.h"
+#include "isa.h"
 
 namespace ghostkernels {
 namespace {
@@ -24,7 +24,7 @@ constexpr int64_t kGrainWork = 32 * 1024;
 
 // means[p] = mean of plane p (of `size` elements) for p in [begin, end).
 template <typename T>
-GK_MULTIVERSION void plane_means(const T* x, int64_t size, T* means, int64_t begin, int64_t end) {
+void plane_means(const T* x, int64_t size, T* means, int64_t begin, int64_t end) {
   for (int64_t p = begin; p < end; ++p) {
     const T* plane = x + p * size;
     T s = 0;
@@ -42,7 +42,7 @@ enum class Finish { ReLU, HardSigmoid };
 // gate; MKL's addmm took ~28 us each for GhostNet's 960x240 ones, plus a copy of the bias.
 // W: T, or the bits of bfloat16 weights (float32 x only); row o of w at w + o * ld.
 template <typename T, typename W>
-GK_MULTIVERSION void dense_rows(const T* x, int64_t batch, int64_t inputs, const W* w, int64_t ld, const T* b,
+void dense_rows(const T* x, int64_t batch, int64_t inputs, const W* w, int64_t ld, const T* b,
                                 Finish finish, T* out, int64_t outputs, int64_t begin, int64_t end) {
   using S = Simd<T>;
   using V = typename S::vec;

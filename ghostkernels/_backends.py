@@ -3,30 +3,52 @@
 import importlib
 import importlib.util
 import os
+import platform
 
 import torch
 
 _cpu_status = None
 
 
+# The C++ builds (setup.py): an x86-64 install has one per instruction set, with the vector width
+# of that set (csrc/isa.h); elsewhere there is one.
+_X86_BUILDS = {"AVX512": "_C_avx512", "AVX2": "_C_avx2"}
+
+
+def _cpu_build():
+    """(module name, None) of the C++ build this CPU runs, or (None, why there is none). torch's
+    CPU capability decides, so ATEN_CPU_CAPABILITY=avx2 also selects the AVX2 build on an
+    AVX-512 CPU."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return "_C", None
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in _X86_BUILDS:
+        return None, f"the C++ kernels need AVX2 or AVX-512; torch reports this CPU as {capability}"
+    return _X86_BUILDS[capability], None
+
+
 def load_cpu_extension():
-    """Load ghostkernels._C (the C++ CPU kernels) once and record why it is or is not in use.
+    """Load the C++ CPU kernels once and record why they are or are not in use.
 
     The warning comes at the first call that falls back (ops._warn_fallback), not at import.
     """
     global _cpu_status
     if _cpu_status is not None:
         return _cpu_status
-    spec = importlib.util.find_spec("ghostkernels._C")
     if os.environ.get("GHOSTKERNELS_DISABLE_CPP") == "1":
         _cpu_status = ("reference", "the C++ extension is disabled by GHOSTKERNELS_DISABLE_CPP=1")
+        return _cpu_status
+    name, why_not = _cpu_build()
+    spec = importlib.util.find_spec(f"ghostkernels.{name}") if name else None
+    if name is None:
+        _cpu_status = ("reference", why_not)
     elif spec is None or spec.origin is None:
-        _cpu_status = ("reference", "the C++ extension ghostkernels._C is not built; "
+        _cpu_status = ("reference", f"ghostkernels.{name}, the C++ build for this CPU, is not built; "
                        "run `pip install --no-build-isolation -e .`")
     else:
         try:
             torch.ops.load_library(spec.origin)
-            _cpu_status = ("cpp", f"fused C++ kernel from {spec.origin}")
+            _cpu_status = ("cpp", f"fused C++ kernels ({name[3:] or 'generic'} build) from {spec.origin}")
         except (OSError, RuntimeError) as error:
             _cpu_status = ("reference", f"the C++ extension failed to load: {error}")
     return _cpu_status

@@ -235,6 +235,38 @@ def test_cpu_kernel_is_in_use():
     assert report["cpu"]["backend"] == "cpp", report["cpu"]["reason"]
 
 
+@pytest.mark.parametrize("machine, capability, build", [
+    ("x86_64", "AVX512", "_C_avx512"), ("x86_64", "AVX2", "_C_avx2"), ("x86_64", "DEFAULT", None),
+    ("aarch64", "DEFAULT", "_C")])
+def test_cpu_build_follows_the_instruction_set(monkeypatch, machine, capability, build):
+    """x86-64 installs hold a build per instruction set (csrc/isa.h); a CPU with neither gets the
+    reference and a reason that says what is missing."""
+    monkeypatch.setattr(ghostkernels._backends.platform, "machine", lambda: machine)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    name, why_not = ghostkernels._backends._cpu_build()
+    assert name == build
+    assert (why_not is None) == (build is not None)
+    if build is None:
+        assert "AVX2 or AVX-512" in why_not and capability in why_not
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512", reason="needs an AVX-512 CPU")
+def test_avx2_build_matches_the_reference_on_an_avx512_cpu():
+    """The suite runs the build of the CPU it is on; on an AVX-512 CPU this runs the AVX2 build
+    (ATEN_CPU_CAPABILITY=avx2) through the C++ kernels' tests (about 2 minutes), so that both
+    builds are checked on either kind of machine."""
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2")
+    check = "import ghostkernels; assert 'avx2 build' in ghostkernels.backends()['cpu']['reason']"
+    subprocess.run([sys.executable, "-c", check], env=env, check=True)
+    here = os.path.dirname(os.path.abspath(__file__))
+    files = [os.path.join(here, f"test_{name}.py") for name in (
+        "ops", "direct_conv", "squeeze_excite", "cheap_mix", "pointwise_pool", "ghost_depthwise", "batch_norm",
+        "ghost_residual", "train")]
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *files,
+                             "-k", "not avx2_build"], env=env, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
 def test_large_outputs_reuse_freed_memory():
     """csrc/output_pool.h: a freed output's block serves the next output of its size."""
     ghostkernels.empty_cache()
