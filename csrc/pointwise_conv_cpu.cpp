@@ -62,9 +62,10 @@ void pointwise_items(const PointwiseArgs& a, const T* x, const T* w, const T* b,
   }
 }
 
-// 1x1 maps (conv_head, classifiers) under float32_matmul_precision "medium": out[n, c] = W[c] . x[n]
-// + b[c] for rows c in [begin, end), as dot products along W's rows, four rows at a time
-// (independent sums), each row read from memory once per call, in float32 arithmetic. W: T, or
+// 1x1 maps (conv_head, classifiers) in the AVX2 build and under float32_matmul_precision "medium":
+// out[n, c] = W[c] . x[n] + b[c] for rows c in [begin, end), as dot products along W's rows, four
+// rows at a time (independent sums), each row read from memory once per call, in float32
+// arithmetic. W: T, or
 // a frozen weight's bfloat16 copy (the pass is memory-bound on W: half the bytes); row c of w
 // at w + c * ld.
 template <typename T, typename W>
@@ -134,10 +135,14 @@ at::Tensor pointwise_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, c
   // NCHW out whatever x's layout, as the fake kernel promises.
   if (!fast) return at::conv2d(x, weight, bias).contiguous();
   const int64_t batch = x.size(0), inputs = x.size(1), outputs = weight.size(0), pixels = x.size(2) * x.size(3);
-  // 1x1 maps: MKL's GEMV, except under float32_matmul_precision "medium", where ATen converts W
-  // to bfloat16 on every call (torch 2.13, batch 1: 2.5x slower).
+  // 1x1 maps: MKL's GEMV in the AVX-512 build, our dot products in the AVX2 build and under
+  // float32_matmul_precision "medium", where ATen converts W to bfloat16 on every call (torch
+  // 2.13, batch 1: 2.5x slower). Frozen GhostNets with the dots instead of MKL: 1.5-3% slower on
+  // an AVX-512 Xeon, 3-15% faster on an AVX2 EPYC (Zen 2), batch 1 and 8
+  // (bench/results/epyc-zen2-avx2-2threads-2026-12-02.md).
+  constexpr bool mkl_gemv = GK_VECTOR_BYTES == 64;
   const bool medium = at::globalContext().float32MatmulPrecision() == at::Float32MatmulPrecision::MEDIUM;
-  if (pixels == 1 && !medium)  // _unsafe_view: an op's output must not be a view (autograd forbids in-place on it)
+  if (pixels == 1 && mkl_gemv && !medium)  // _unsafe_view: an op's output must not be a view (autograd forbids in-place on it)
     return at::_unsafe_view(at::linear(x.view({batch, inputs}), weight.reshape({outputs, inputs}), bias),
                             {batch, outputs, 1, 1});
   at::Tensor out = empty_output({batch, outputs, x.size(2), x.size(3)}, x.options());

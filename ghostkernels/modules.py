@@ -40,7 +40,7 @@ class PointwiseConv2d(nn.Conv2d):
     """A 1x1 conv that runs as a matrix multiply on the CPU, `ghostkernels::pointwise_conv2d`
     (csrc/pointwise_conv_cpu.cpp): a register-tiled GEMM into the output cache on NCHW maps, on
     pooled 1x1 maps (SE's conv_reduce/conv_expand, conv_head) MKL's GEMV, or float32 dot
-    products under torch.set_float32_matmul_precision("medium"). oneDNN's conv reorders NCHW
+    products (in the AVX2 build, and under torch.set_float32_matmul_precision("medium")). oneDNN's conv reorders NCHW
     inputs and weights on every call and costs up to several times that (measured in GhostNet's
     shortcuts and heads). Same parameters and keys; other inputs take the conv."""
 
@@ -63,7 +63,8 @@ class PointwiseConv2d(nn.Conv2d):
 
 class PointwiseLinear(nn.Linear):
     """An eval-mode nn.Linear (a classifier) through `ghostkernels::pointwise_conv2d` on the CPU,
-    as a 1x1 conv of a 1x1 map: MKL's GEMV as F.linear, except under
+    as a 1x1 conv of a 1x1 map: MKL's GEMV as F.linear, except in the AVX2 build (float32 dot
+    products, measured faster there) and under
     torch.set_float32_matmul_precision("medium"), where ATen's linear converts the weight to
     bfloat16 on every call (torch 2.13, GhostNet's classifier at batch 1: 2.1x slower) and the op
     keeps float32 dot products. Same parameters and keys; other inputs take F.linear."""
