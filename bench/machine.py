@@ -127,8 +127,12 @@ def floor_rates(given=None, threads=None):
 
 
 def machine_line(threads):
+    import torch
+
     clock = time.get_clock_info("perf_counter")
-    return f"CPU: {cpu_model()}, {threads} threads; perf_counter resolution {clock.resolution * 1e9:.0f} ns"
+    # torch's CPU capability picks ghostkernels' C++ build too (AVX512 or AVX2; csrc/isa.h)
+    return (f"CPU: {cpu_model()}, {threads} threads, torch CPU capability "
+            f"{torch.backends.cpu.get_cpu_capability()}; perf_counter resolution {clock.resolution * 1e9:.0f} ns")
 
 
 # ---- spread of repeated timings -------------------------------------------------------------

@@ -279,7 +279,7 @@ def main():
           f"OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}")
     flags = open("/proc/cpuinfo").read().split()
     print(machine_line(args.threads) + "; ISA: " + " ".join(
-        f for f in ("avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags))
+        f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags))
     print(f"command: OPENBLAS_NUM_THREADS=1 python bench/profile_batch1.py {' '.join(sys.argv[1:])}".rstrip())
     print()
     with torch.inference_mode():
