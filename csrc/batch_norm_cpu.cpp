@@ -32,7 +32,7 @@ void moments_pass(const T* x, int64_t plane, Moments* moments, int64_t begin, in
 // per channel) the folded shift cancels x * scale's digits, as ATen's kernel does not.
 template <typename T>
 void normalise_pass(const T* x, const Normalised<T>& bn, const T* beta, int64_t channels,
-                                    int64_t plane, T* out, int64_t begin, int64_t end) {
+                    int64_t plane, T* out, int64_t begin, int64_t end) {
   for (int64_t item = begin; item < end; ++item) {
     const int64_t c = item % channels;
     const T *src = x + item * plane, mean = bn.mean[c], scale = bn.scale[c], shift = beta[c];
@@ -46,7 +46,7 @@ void normalise_pass(const T* x, const Normalised<T>& bn, const T* beta, int64_t 
 
 template <typename T>
 void grad_sums_pass(const T* grad, const T* x, const Normalised<T>& bn, int64_t channels,
-                                    int64_t plane, double* sums, int64_t begin, int64_t end) {
+                    int64_t plane, double* sums, int64_t begin, int64_t end) {
   for (int64_t item = begin; item < end; ++item)
     plane_grad_sums(grad + item * plane, x + item * plane, plane, bn, item % channels, Activation::None,
                     sums + item * 2);
@@ -54,7 +54,7 @@ void grad_sums_pass(const T* grad, const T* x, const Normalised<T>& bn, int64_t 
 
 template <typename T>
 void grad_input_pass(const T* grad, const T* x, const Normalised<T>& bn, const BatchNormGrad<T>& d,
-                                     int64_t channels, int64_t plane, T* grad_x, int64_t begin, int64_t end) {
+                     int64_t channels, int64_t plane, T* grad_x, int64_t begin, int64_t end) {
   for (int64_t item = begin; item < end; ++item) {
     const int64_t c = item % channels;
     const T *dy = grad + item * plane, *src = x + item * plane;

@@ -28,7 +28,7 @@ struct MixArgs {
 
 template <typename T>
 void cheap_mix_items(const MixArgs& m, const T* x, const T* w, const T* wt, const T* b, const T* mix,
-                                     T* out, int64_t begin, int64_t end) {
+                     T* out, int64_t begin, int64_t end) {
   std::vector<T> panel(kBlock * 2 * Simd<T>::lanes);
   for (int64_t item = begin; item < end; ++item) {
     const int64_t n = item / m.chunks;

@@ -37,8 +37,8 @@ namespace {
 // Work items [begin, end) of (image, group, band of output rows).
 template <typename T>
 void conv_items(const T* x, const T* w, const T* bias, Activation act, T* out,
-                                const PlaneGeometry<T>& g, int64_t channels, int64_t groups, int64_t out_channels,
-                                int64_t begin, int64_t end) {
+                const PlaneGeometry<T>& g, int64_t channels, int64_t groups, int64_t out_channels,
+                int64_t begin, int64_t end) {
   const int64_t group_outputs = out_channels / groups, k = g.k;
   const int64_t bands = g.bands();
   Scratch buffers;
@@ -60,7 +60,7 @@ void conv_items(const T* x, const T* w, const T* bias, Activation act, T* out,
 // Depthwise, float32: work items [begin, end) of (image, a vector's lanes of channels, band of output rows).
 template <typename T>
 void depthwise_items(const T* x, const T* w, const T* bias, Activation act, T* out,
-                                     const LanesGeometry<T>& g, int64_t channels, int64_t begin, int64_t end) {
+                     const LanesGeometry<T>& g, int64_t channels, int64_t begin, int64_t end) {
   constexpr int L = Simd<T>::lanes;
   const int64_t groups = (channels + L - 1) / L, bands = g.bands();
   const int64_t plane = g.height * g.width, out_plane = g.out_height * g.out_width;
@@ -147,8 +147,8 @@ at::Tensor direct_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
 // thread's partials.
 template <typename T>
 void depthwise_backward_items(const T* grad, const T* x, const T* w, T* grad_x, T* weight_partials,
-                                              T* bias_partials, const Geometry& g, int64_t channels, const T* masks,
-                                              int64_t mask_stride, int64_t begin, int64_t end) {
+                              T* bias_partials, const Geometry& g, int64_t channels, const T* masks,
+                              int64_t mask_stride, int64_t begin, int64_t end) {
   const int64_t P = g.out_height * g.out_width, taps_n = g.dw * g.dw;
   HaloPlane<T> grad_buffer(g), x_buffer(g);
   T *gp = grad_buffer.plane(), *xp = x_buffer.plane();
@@ -224,10 +224,10 @@ struct PhaseTap {
 // taps and is scattered back to its pixels.
 template <typename T>
 void depthwise_backward_items_stride2(const T* grad, const T* x, const T* w, T* grad_x,
-                                                      T* weight_partials, T* bias_partials, const Geometry& g,
-                                                      int64_t height, int64_t width, int64_t k, int64_t channels,
-                                                      const PhaseTap* layout, const T* masks, int64_t mask_stride,
-                                                      int64_t begin, int64_t end) {
+                                      T* weight_partials, T* bias_partials, const Geometry& g,
+                                      int64_t height, int64_t width, int64_t k, int64_t channels,
+                                      const PhaseTap* layout, const T* masks, int64_t mask_stride,
+                                      int64_t begin, int64_t end) {
   const int64_t Ho = g.out_height, Wo = g.out_width, Po = Ho * Wo, taps_n = k * k;
   std::vector<HaloPlane<T>> phases(4, HaloPlane<T>(g));
   HaloPlane<T> grad_buffer(g);

@@ -224,8 +224,8 @@ GK_INLINE void gemm_nn(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_si
 // (ghost_backward_cpu.cpp took 340 s to compile with them inlined, 117 s with this).
 template <typename T>
 __attribute__((noinline)) void gemm_nn_call(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_si,
-                                                            int64_t a_sk, const T* B, int64_t ldb, T* C, int64_t ldc,
-                                                            bool accumulate, T* panel) {
+                                            int64_t a_sk, const T* B, int64_t ldb, T* C, int64_t ldc,
+                                            bool accumulate, T* panel) {
   gemm_nn<T>(M, N, K, A, a_si, a_sk, B, ldb, C, ldc, accumulate, panel);
 }
 

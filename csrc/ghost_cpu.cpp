@@ -337,7 +337,7 @@ struct DepthwiseArgs {
 // then ghost, go to the conv a vector's lanes at a time.
 template <typename T, typename Plane>
 void forward_nchw_depthwise(const ForwardArgs<T>& a, const DepthwiseArgs<T, Plane>& d, int64_t begin,
-                                            int64_t end) {
+                            int64_t end) {
   constexpr bool in_lanes = std::is_same_v<Plane, LanesGeometry<T>>;
   const Geometry& g = *a.g;
   const Plane& plane = *d.plane;

@@ -89,7 +89,7 @@ void primary_pass(const TrainArgs<T>& a, T* z1, Moments* moments, int64_t begin,
 // channel (BN2's statistics cover those the slice drops, as the original module's do).
 template <typename T>
 void cheap_pass(const TrainArgs<T>& a, const Normalised<T>& bn1, const T* z1, T* z2, T* out,
-                                Moments* moments, int64_t begin, int64_t end) {
+                Moments* moments, int64_t begin, int64_t end) {
   const Geometry& g = *a.g;
   const int64_t P = g.plane(), taps_n = g.dw * g.dw;
   HaloPlane<T> buffer(g);
@@ -119,7 +119,7 @@ void cheap_pass(const TrainArgs<T>& a, const Normalised<T>& bn1, const T* z1, T*
 // Items are (image, kept ghost channel).
 template <typename T>
 void ghost_output_pass(const Geometry& g, const Normalised<T>& bn2, const T* z2, T* out,
-                                       int64_t begin, int64_t end) {
+                       int64_t begin, int64_t end) {
   const int64_t P = g.plane(), keep = g.keep;
   for (int64_t item = begin; item < end; ++item) {
     const int64_t n = item / keep, j = item % keep;
@@ -140,7 +140,7 @@ void ghost_output_pass(const Geometry& g, const Normalised<T>& bn2, const T* z2,
 // Items are (image, kept ghost channel): BN2's two sums.
 template <typename T>
 void ghost_sums_pass(const Geometry& g, const Normalised<T>& bn2, const T* grad, const T* z2,
-                                     double* sums, int64_t begin, int64_t end) {
+                     double* sums, int64_t begin, int64_t end) {
   const int64_t P = g.plane(), keep = g.keep;
   for (int64_t item = begin; item < end; ++item) {
     const int64_t n = item / keep, j = item % keep;
@@ -154,8 +154,8 @@ void ghost_sums_pass(const Geometry& g, const Normalised<T>& bn2, const T* grad,
 // dy1 = the activation's grad into `grad_z1` and BN1's two sums.
 template <typename T>
 void cheap_backward_pass(const TrainArgs<T>& a, const Normalised<T>& bn1, const Normalised<T>& bn2,
-                                         const BatchNormGrad<T>& d2, const T* grad, const T* z1, const T* z2,
-                                         T* grad_z1, T* grad_w2_all, double* sums, int64_t begin, int64_t end) {
+                         const BatchNormGrad<T>& d2, const T* grad, const T* z1, const T* z2,
+                         T* grad_z1, T* grad_w2_all, double* sums, int64_t begin, int64_t end) {
   const Geometry& g = *a.g;
   const int64_t P = g.plane(), taps_n = g.dw * g.dw;
   HaloPlane<T> x1_buffer(g), dz2_buffer(g);
@@ -202,8 +202,8 @@ void cheap_backward_pass(const TrainArgs<T>& a, const Normalised<T>& bn1, const 
 // reversed) and this thread's grad_W1 lane partials (in `grad_w1_all`) += dz1 . the taps of x.
 template <typename T>
 void primary_backward_pass(const TrainArgs<T>& a, const Normalised<T>& bn1,
-                                           const BatchNormGrad<T>& d1, const T* z1, T* grad_z1, T* grad_x,
-                                           const T* w1_flipped, T* grad_w1_all, int64_t begin, int64_t end) {
+                           const BatchNormGrad<T>& d1, const T* z1, T* grad_z1, T* grad_x,
+                           const T* w1_flipped, T* grad_w1_all, int64_t begin, int64_t end) {
   const Geometry& g = *a.g;
   const int64_t P = g.plane(), k = g.kernel;
   std::vector<T> panel(kBlock * 2 * Simd<T>::lanes);
@@ -306,7 +306,7 @@ Normalised<T> batch_norm(const std::vector<Moments>& planes, const Geometry& g, 
 // are multiples of the lanes.
 template <typename T>
 void transpose_images(const T* src, T* dst, int64_t channels, int64_t pixels, bool to_channels_last,
-                                      int64_t begin, int64_t end) {
+                      int64_t begin, int64_t end) {
   const int64_t rows = to_channels_last ? channels : pixels, cols = to_channels_last ? pixels : channels;
   for (int64_t n = begin; n < end; ++n) transpose(src + n * rows * cols, rows, cols, cols, dst + n * rows * cols, rows);
 }

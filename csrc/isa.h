@@ -1,6 +1,6 @@
 // One build of the kernels per instruction set: setup.py compiles the library once for AVX-512
 // (64-byte vectors) and once for AVX2 (32-byte vectors), and the loader picks the one the CPU
-// runs (ghostkernels/_backends.py). A vector type wider than the CPU's registers is no fallback:
+// runs (ghostkernels/_backends.py); other architectures get one build with 16-byte vectors. A vector type wider than the CPU's registers is no fallback:
 // GCC keeps such vectors in memory, and the 64-byte GEMM ran at 1-2 GFLOPS on AVX2 (50x slower
 // than with 32-byte vectors; bench/results/epyc-zen2-avx2-2threads-2026-12-02.md).
 #pragma once

@@ -38,7 +38,7 @@ struct PointwiseArgs {
 
 template <typename T>
 void pointwise_items(const PointwiseArgs& a, const T* x, const T* w, const T* b, T* out,
-                                     int64_t begin, int64_t end) {
+                     int64_t begin, int64_t end) {
   Scratch scratch;
   T* panel = scratch.take<T>(kBlock * 2 * Simd<T>::lanes);
   for (int64_t item = begin; item < end; ++item) {
@@ -65,12 +65,11 @@ void pointwise_items(const PointwiseArgs& a, const T* x, const T* w, const T* b,
 // 1x1 maps (conv_head, classifiers) in the AVX2 build and under float32_matmul_precision "medium":
 // out[n, c] = W[c] . x[n] + b[c] for rows c in [begin, end), as dot products along W's rows, four
 // rows at a time (independent sums), each row read from memory once per call, in float32
-// arithmetic. W: T, or
-// a frozen weight's bfloat16 copy (the pass is memory-bound on W: half the bytes); row c of w
-// at w + c * ld.
+// arithmetic. W: T, or a frozen weight's bfloat16 copy (the pass is memory-bound on W: half the
+// bytes); row c of w at w + c * ld.
 template <typename T, typename W>
 void pointwise_dots(int64_t batch, int64_t inputs, int64_t outputs, const T* x, const W* w,
-                                    int64_t ld, const T* b, T* out, int64_t begin, int64_t end) {
+                    int64_t ld, const T* b, T* out, int64_t begin, int64_t end) {
   using S = Simd<T>;
   using V = typename S::vec;
   constexpr int L = S::lanes, R = 4;
@@ -178,7 +177,7 @@ at::Tensor pointwise_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, c
 // and read back by the pool.
 template <typename T>
 void pooled_items(const PointwiseArgs& a, bool relu, const T* x, const T* w, const T* b, T* out,
-                                  int64_t begin, int64_t end) {
+                  int64_t begin, int64_t end) {
   Scratch scratch;
   T* panel = scratch.take<T>(kBlock * 2 * Simd<T>::lanes);
   T* rows = scratch.take<T>(a.block * a.pixels);

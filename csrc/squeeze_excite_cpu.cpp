@@ -43,7 +43,7 @@ enum class Finish { ReLU, HardSigmoid };
 // W: T, or the bits of bfloat16 weights (float32 x only); row o of w at w + o * ld.
 template <typename T, typename W>
 void dense_rows(const T* x, int64_t batch, int64_t inputs, const W* w, int64_t ld, const T* b,
-                                Finish finish, T* out, int64_t outputs, int64_t begin, int64_t end) {
+                Finish finish, T* out, int64_t outputs, int64_t begin, int64_t end) {
   using S = Simd<T>;
   using V = typename S::vec;
   constexpr int L = S::lanes;
