@@ -57,27 +57,36 @@ def test_accelerate_eval_logits(source, version, check):
 @pytest.mark.parametrize("source, version", MODELS, ids=IDS)
 def test_accelerate_train_outputs_and_gradients(source, version):
     """Training mode (the Ghost modules run ghost_module_train, batch-statistics BN fused): the
-    float32 output and gradients against the model in float64, within the same limits as eager
-    float32's own."""
+    float32 output against the model in float64 within eager float32's limits, and the gradients
+    of the accelerated model in float64 against the model's in float64. The gradients are
+    compared in float64 because in float32 they test the seed, not the kernels: through 16
+    blocks, ReLU masks that flip near zero and BNs over two values per channel (V2's and V3's
+    DFC branch on a 1x1 map) put eager float32's and ours alike 4e-5 to 0.17 off float64, and
+    either one the worse by up to 7x, seed by seed (timm V2, 12 seeds)."""
     model = build(source, version).train()
     model.requires_grad_(True)  # V3 deploy forms come with detached (requires_grad=False) parameters
     exact = copy.deepcopy(model).double()
-    fast = accelerate(model)
+    fast, fast_exact = accelerate(model), accelerate(copy.deepcopy(exact))
+    assert len(fast_exact.acceleration_summary.fused) == 32, str(fast_exact.acceleration_summary)
     x = torch.randn(2, 3, 64, 64)
     results = {}
-    for name, m, xi in (("eager", model, x), ("accelerated", fast, x), ("float64", exact, x.double())):
+    for name, m, xi in (("eager", model, x), ("accelerated", fast, x), ("float64", exact, x.double()),
+                        ("accelerated float64", fast_exact, x.double())):
         torch.manual_seed(1)  # the same dropout mask (timm and Huawei V1/V2 use p=0.2 in the head)
         out = m(xi)
         params = dict(m.named_parameters())
         results[name] = out, dict(zip(params, torch.autograd.grad(out.square().sum(), list(params.values()))))
-    (out, grads), (fast_out, fast_grads), (exact_out, exact_grads) = (results[n] for n in results)
+    assert_float32_like_eager([results["accelerated"][0]], [results["eager"][0]], [results["float64"][0]], 1e-5)
+    exact_grads, fast_grads = results["float64"][1], results["accelerated float64"][1]
     assert sorted(fast_grads) == sorted(exact_grads)  # same names (the order may differ)
-    assert_float32_like_eager([fast_out], [out], [exact_out], 1e-5)
-    names = list(exact_grads)
-    # 1e-4: float32 gradients of a 16-block network (eager float32 itself is 3e-5 to 6e-5 off; V3's
-    # DFC convs on 1x1 maps, BN over two values per channel, 0.1)
-    assert_float32_like_eager([fast_grads[n] for n in names], [grads[n] for n in names], list(exact_grads.values()),
-                              1e-4, floor_fraction=1e-2, names=names)
+    largest = max(g.abs().max().item() for g in exact_grads.values())
+    for name, expected in exact_grads.items():
+        # 1e-9: float64 in another summation order, through the same 16 blocks (2e-11 at worst
+        # over 3 seeds and the six models); relative to the tensor's largest value, at least
+        # 1e-2 of the largest of all (a conv bias before a batch-statistics BN has a zero gradient)
+        scale = max(expected.abs().max().item(), 1e-2 * largest)
+        err = (fast_grads[name] - expected).abs().max().item() / scale
+        assert err <= 1e-9, f"{name}: relative error {err:.3g}"
 
 
 def test_timm_v1_structure_keys():
