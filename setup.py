@@ -28,7 +28,7 @@ class IncrementalBuildExt(BuildExtension.with_options(use_ninja=True)):
 
 SOURCES = ["csrc/ghost_cpu.cpp", "csrc/ghost_backward_cpu.cpp", "csrc/ghost_train_cpu.cpp", "csrc/direct_conv_cpu.cpp",
            "csrc/cheap_mix_cpu.cpp", "csrc/squeeze_excite_cpu.cpp", "csrc/pointwise_conv_cpu.cpp",
-           "csrc/batch_norm_cpu.cpp", "csrc/output_pool.cpp", "csrc/amx_gemm.cpp", "csrc/frozen_weights.cpp"]
+           "csrc/batch_norm_cpu.cpp", "csrc/output_pool.cpp", "csrc/bf16_gemm.cpp", "csrc/frozen_weights.cpp"]
 # (module suffix, compiler flags): the instruction set and the vector width of csrc/isa.h.
 if platform.machine().lower() in ("x86_64", "amd64"):
     BUILDS = [("_C_avx512", ["-march=x86-64-v4", "-DGK_VECTOR_BYTES=64"]),

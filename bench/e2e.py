@@ -1,6 +1,6 @@
 """End-to-end Ghost-family models: eager PyTorch vs ghostkernels.accelerate (and the same
-model frozen by ghostkernels.freeze, in float32 and, on CPUs with AMX, in bfloat16 under
-torch.set_float32_matmul_precision("medium")) vs torch.compile, and ONNX Runtime / OpenVINO
+model frozen by ghostkernels.freeze, in float32 and, on CPUs with AMX or fast AVX512-BF16, in
+bfloat16 under torch.set_float32_matmul_precision("medium")) vs torch.compile, and ONNX Runtime / OpenVINO
 (float32 hint and default precision) when they are installed.
 
     OPENBLAS_NUM_THREADS=1 python bench/e2e.py                   # CPU: GhostNet 0.5x/1.0x/1.3x, batch 1 and 8
@@ -155,7 +155,7 @@ def build(name, x, eager, accelerated, export):
         frozen = ghostkernels.freeze(accelerated, x)
         return (lambda: frozen(x)), None
     if name == "frozen bf16":
-        available, why = torch.ops.ghostkernels.amx_bf16_status()
+        available, why = torch.ops.ghostkernels.bf16_gemm_status()
         if not available:
             return None, why
         frozen = ghostkernels.freeze(accelerated, x)
@@ -184,8 +184,7 @@ def float32_reference(model, x):
 
 def check_parity(name, out, expected, reference, dtype):
     """On the CPU: within 1e-4 of eager (1e-2 for the bfloat16 modes: OpenVINO's default and
-    frozen under float32_matmul_precision "medium", AMX). On CUDA, against
-    the float32 reference: float32 within 1e-4 (TF32 off: GHOSTKERNELS_TF32=0), half precision within
+    frozen under float32_matmul_precision "medium"). On CUDA, against the float32 reference: float32 within 1e-4 (TF32 off: GHOSTKERNELS_TF32=0), half precision within
     twice eager's own error in that dtype (at least 1e-3). Returns the error against the reference."""
     if reference is None:
         tol = 1e-2 if dtype == torch.float16 or name in ("openvino default", "frozen bf16") else 1e-4

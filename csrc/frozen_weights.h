@@ -1,4 +1,4 @@
-// bfloat16 copies of frozen graphs' float32 weights, for the bfloat16 mode (amx_gemm.h's switch).
+// bfloat16 copies of frozen graphs' float32 weights, for the bfloat16 mode (bf16_gemm.h's switch).
 // freeze() snapshots a model's weights into constants that nothing else holds and marks them
 // here: they never change, so a copy made at a weight's first use stays right for its life.
 // Other weights are read in float32: a cache of them could go stale (writes through .data bump
@@ -13,7 +13,8 @@ namespace ghostkernels {
 
 // A frozen weight's rows (dimension 0; the rest flattened, K elements) as bfloat16 bits (round
 // to nearest even), each row zero-padded to ld, a multiple of 32, and 16 zero rows after the
-// last: the layout AMX tiles read whole (amx_gemm.h). data is nullptr when there is no copy.
+// last: the layout AMX tiles read whole and dot products read as pairs (bf16_gemm.h). data is
+// nullptr when there is no copy.
 struct Bf16Rows {
   const uint16_t* data = nullptr;
   int64_t ld = 0;

@@ -185,7 +185,7 @@ GK_INLINE void gemm_tiles(int64_t M, int64_t N, int64_t K, const T* A, int64_t a
 }
 
 // finish(i, v) of every vector v of row i < M of C (N columns, row stride ldc), in place: gemm_nn's
-// epilogue for a product computed elsewhere (the AMX GEMM of amx_gemm.h).
+// epilogue for a product computed elsewhere (the bfloat16 GEMMs of bf16_gemm.h).
 template <typename T, typename Finish>
 GK_INLINE void finish_rows(int64_t M, int64_t N, T* C, int64_t ldc, Finish finish) {
   using S = Simd<T>;

@@ -22,7 +22,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "amx_gemm.h"
+#include "bf16_gemm.h"
 #include "depthwise_lanes.h"
 #include "direct_conv.h"
 #include "frozen_weights.h"
@@ -81,7 +81,7 @@ struct ForwardArgs {
   T* out;
   const Gate<T>* gate;  // nullptr: ungated
   const T* residual;    // nullptr, or a tensor laid out as out, added to every element written
-  bool bf16_gemm;       // the 1x1 primary conv on AMX in bfloat16 (float32 only; amx_gemm.h)
+  bool bf16_gemm;       // the 1x1 primary conv in bfloat16 (float32 only; bf16_gemm.h)
   Bf16Rows w1_bf16;  // with bf16_gemm, W1's frozen copy (frozen_weights.h), if it has one
 };
 
@@ -243,12 +243,12 @@ void forward_nhwc(const ForwardArgs<T>& a, int64_t begin, int64_t end) {
         w1t = scaled;
         ld_w1t = cg;
       }
-      bool on_amx = false;
+      bool in_bf16 = false;
       if constexpr (std::is_same_v<T, float>) {
-        on_amx = a.bf16_gemm;
-        if (on_amx) gemm_bf16_amx(p, cg, g.inp, src, g.inp, 1, w1t, ld_w1t, first, cg);
+        in_bf16 = a.bf16_gemm;
+        if (in_bf16) gemm_bf16(p, cg, g.inp, src, g.inp, 1, w1t, ld_w1t, first, cg);
       }
-      if (!on_amx) gemm_nn<T>(p, cg, g.inp, src, g.inp, 1, w1t, ld_w1t, first, cg, false, panel);
+      if (!in_bf16) gemm_nn<T>(p, cg, g.inp, src, g.inp, 1, w1t, ld_w1t, first, cg, false, panel);
       for (int64_t q = 0; q < p; ++q)
         for (int64_t c = 0; c < cg; ++c) first[q * cg + c] = activate(first[q * cg + c] + (a.b1 ? a.b1[c0 + c] : T(0)), g.act);
     }

@@ -14,7 +14,7 @@
 #include <algorithm>
 #include <type_traits>
 
-#include "amx_gemm.h"
+#include "bf16_gemm.h"
 #include "frozen_weights.h"
 #include "gemm.h"
 #include "ghost_common.h"
@@ -32,7 +32,7 @@ constexpr int64_t kMinChannelBlock = 16;
 
 struct PointwiseArgs {
   int64_t inputs, outputs, pixels, chunks, blocks, block;
-  bool bf16_gemm;  // on AMX in bfloat16 (float32 only; amx_gemm.h)
+  bool bf16_gemm;  // in bfloat16 (float32 only; bf16_gemm.h)
   Bf16Rows w_bf16;  // with bf16_gemm, W's frozen copy (frozen_weights.h), if it has one
 };
 
@@ -52,8 +52,7 @@ void pointwise_items(const PointwiseArgs& a, const T* x, const T* w, const T* b,
     const auto finish = [bias](int64_t c, auto v) __attribute__((always_inline)) { return bias ? v + bias[c] : v; };
     if constexpr (std::is_same_v<T, float>) {
       if (a.bf16_gemm) {
-        gemm_bf16_amx(channels, np, a.inputs, w + c0 * a.inputs, a.inputs, 1, xn, a.pixels, o, a.pixels,
-                      a.w_bf16.row(c0));
+        gemm_bf16(channels, np, a.inputs, w + c0 * a.inputs, a.inputs, 1, xn, a.pixels, o, a.pixels, a.w_bf16.row(c0));
         if (bias) finish_rows<T>(channels, np, o, a.pixels, finish);
         continue;
       }

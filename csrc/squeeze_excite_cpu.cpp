@@ -11,7 +11,7 @@
 #include <algorithm>
 #include <type_traits>
 
-#include "amx_gemm.h"
+#include "bf16_gemm.h"
 #include "frozen_weights.h"
 #include "gemm.h"
 #include "isa.h"

@@ -94,22 +94,22 @@ def empty_cache():
 
 
 def _bfloat16_matmul_status(cpu_backend):
-    """Whether the C++ kernels' float32 GEMMs run bfloat16 on AMX now, and why (csrc/amx_gemm.h)."""
+    """Whether the C++ kernels' float32 GEMMs run bfloat16 now, on what, and why (csrc/bf16_gemm.h)."""
     if cpu_backend != "cpp":
         return "off: the C++ kernels are not in use"
-    available, why = torch.ops.ghostkernels.amx_bf16_status()
+    available, engine = torch.ops.ghostkernels.bf16_gemm_status()
     if not available:
-        return f"unavailable: {why}"
+        return f"unavailable: {engine}"
     if torch.get_float32_matmul_precision() == "medium":
-        return ("on: float32 GEMMs of the fused forward kernels run bfloat16 on AMX "
+        return (f"on: float32 GEMMs of the fused forward kernels run bfloat16 on {engine} "
                 "(torch.get_float32_matmul_precision() is 'medium')")
-    return "off: AMX-BF16 is available; torch.set_float32_matmul_precision('medium') turns it on"
+    return f"off: {engine} available; torch.set_float32_matmul_precision('medium') turns it on"
 
 
 def backends():
     """{device type: {"backend": name, "reason": why}} for every device type ghostkernels knows;
     the CPU entry also gives "cached_bytes", the memory held for reuse as outputs, and
-    "bfloat16_matmul", whether its float32 GEMMs run bfloat16 on AMX and why."""
+    "bfloat16_matmul", whether its float32 GEMMs run bfloat16, on what, and why."""
     cpu_backend, cpu_reason = load_cpu_extension()
     cached = torch.ops.ghostkernels.output_cache_bytes() if cpu_backend == "cpp" else 0
     return {"cpu": {"backend": cpu_backend, "reason": cpu_reason, "cached_bytes": cached,

@@ -1,8 +1,10 @@
 """torch.set_float32_matmul_precision("medium"): the fused CPU forward kernels' float32 GEMMs run
-bfloat16 on AMX where the CPU has it (csrc/amx_gemm.h), and nothing else changes. On AMX the
-primary conv must equal the reference with x and W1 rounded to bfloat16 (the products summed in
-float32), NCHW and channels_last; without AMX, below 32 input channels and in float64 the output
-must be the float32 one, bit for bit."""
+bfloat16 where the CPU has an engine for it, AMX or fast AVX512-BF16 dot products
+(csrc/bf16_gemm.h), and nothing else changes. With an engine the primary conv must equal the
+reference with x and W1 rounded to bfloat16 (the products summed in float32), NCHW and
+channels_last; without one, on AMX below 32 input channels, and in float64 the output must be
+the float32 one, bit for bit. test_dot_product_engine runs this file again on the dot products
+wherever the CPU has AVX512-BF16, so an AMX machine tests both engines."""
 
 import os
 import subprocess
@@ -17,8 +19,15 @@ from ghostkernels.models import ghostnet_050
 
 from conftest import randomise_bn
 
-AMX = torch.ops.ghostkernels.amx_bf16_status()[0]
 ops = torch.ops.ghostkernels
+BF16, ENGINE = ops.bf16_gemm_status()
+AMX = BF16 and ENGINE.startswith("AMX")
+AVX512_BF16 = os.path.exists("/proc/cpuinfo") and "avx512_bf16" in open("/proc/cpuinfo").read().split()
+
+
+def in_bf16(depth):
+    """Whether a GEMM over `depth` products runs in bfloat16 under "medium" here (csrc/bf16_gemm.h)."""
+    return BF16 and (depth >= 32 or not AMX)
 
 
 @pytest.fixture
@@ -41,7 +50,7 @@ def weights(inp, oup, ratio=2, dw=3, dtype=torch.float32):
 
 
 def bf16_rounded_reference(x, w1, b1, w2, b2, oup, stride, activation):
-    """The Ghost op in float64 on x and W1 rounded to bfloat16, as the AMX path computes it."""
+    """The Ghost op in float64 on x and W1 rounded to bfloat16, as the bfloat16 GEMMs compute it."""
     return ops.ghost_module(x.bfloat16().double(), w1.bfloat16().double(), b1.double(), w2.double(), b2.double(),
                             oup, stride, activation)
 
@@ -51,7 +60,8 @@ def bf16_rounded_reference(x, w1, b1, w2, b2, oup, stride, activation):
     (64, 96, 3, 5, 2, "none", (9, 11)),    # ratio 3, stride 2, N not a multiple of 16
     (300, 37, 4, 7, 1, "relu", (5, 5)),    # ratio 4, dw 7, K past a tile's depth several times
     (160, 960, 2, 1, 1, "relu", (7, 7)),   # GhostNet's ghost1 at 7x7; dw 1
-    (16, 16, 2, 3, 1, "relu", (12, 12)),   # below 32 input channels: float32
+    (16, 16, 2, 3, 1, "relu", (12, 12)),   # below 32 input channels: float32 on AMX
+    (7, 10, 2, 3, 1, "relu", (6, 5)),      # an odd depth: its last pair half zero
 ])
 @pytest.mark.parametrize("batch", [0, 1, 2])
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -64,7 +74,7 @@ def test_ghost_module(precision, inp, oup, ratio, dw, stride, activation, size, 
     exact = ops.ghost_module(x, *args)
     precision("medium")
     out = ops.ghost_module(x, *args)
-    if AMX and inp >= 32:
+    if in_bf16(inp):
         if batch:
             assert relative_error(out, bf16_rounded_reference(x, *args)) < 1e-5
             assert 1e-5 < relative_error(out, exact) < 2e-2  # bfloat16 operands, not float32 ones
@@ -87,7 +97,7 @@ def test_scaled_residual_and_depthwise_forms(precision):
         exact = call()
         precision("medium")
         error = relative_error(call(), exact)
-        assert (1e-5 < error < 2e-2) if AMX else error == 0
+        assert (1e-5 < error < 2e-2) if BF16 else error == 0
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -105,13 +115,13 @@ def test_float64_stays_exact(precision, channels_last):
 @pytest.mark.parametrize("size", [(14, 14), (1, 1)])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_pointwise_conv2d(precision, size, batch):
-    """Maps: bfloat16 GEMMs on AMX. 1x1 maps (conv_head, classifiers): float32 dot products on
+    """Maps: bfloat16 GEMMs. 1x1 maps (conv_head, classifiers): float32 dot products on
     every CPU, not ATen's linear, which converts W to bfloat16 on every call."""
     x, weight, bias = torch.randn(batch, 80, *size), torch.randn(112, 80, 1, 1) / 9, torch.randn(112)
     expected = F.conv2d(x.double(), weight.double(), bias.double())
     precision("medium")
     out = ops.pointwise_conv2d(x, weight, bias)
-    if size == (1, 1) or not AMX:
+    if size == (1, 1) or not BF16:
         assert relative_error(out, expected) < 1e-5
     else:
         rounded = F.conv2d(x.bfloat16().double(), weight.bfloat16().double(), bias.double())
@@ -120,12 +130,12 @@ def test_pointwise_conv2d(precision, size, batch):
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_pointwise_conv2d_pool(precision, batch):
-    """GhostNet's last 1x1 conv, ReLU and pool (what freeze() fuses): the GEMM on AMX as
+    """GhostNet's last 1x1 conv, ReLU and pool (what freeze() fuses): the GEMM in bfloat16 as
     pointwise_conv2d's, then the same ReLU and mean."""
     x, weight, bias = torch.randn(batch, 160, 7, 7), torch.randn(96, 160, 1, 1) / 13, torch.randn(96)
     precision("medium")
     out = ops.pointwise_conv2d_pool(x, weight, bias, "relu")
-    operands = (x.bfloat16(), weight.bfloat16()) if AMX else (x, weight)
+    operands = (x.bfloat16(), weight.bfloat16()) if BF16 else (x, weight)
     expected = F.relu(F.conv2d(operands[0].double(), operands[1].double(), bias.double())).mean((2, 3), keepdim=True)
     assert relative_error(out, expected) < 1e-5
 
@@ -133,10 +143,11 @@ def test_pointwise_conv2d_pool(precision, batch):
 def test_backends_says_whether_it_is_on(precision):
     precision("medium")
     status = ghostkernels.backends()["cpu"]["bfloat16_matmul"]
-    assert status.startswith("on:" if AMX else "unavailable:"), status
+    assert status.startswith("on:" if BF16 else "unavailable:"), status
+    assert ENGINE in status
     precision("highest")
     status = ghostkernels.backends()["cpu"]["bfloat16_matmul"]
-    assert status.startswith("off:" if AMX else "unavailable:"), status
+    assert status.startswith("off:" if BF16 else "unavailable:"), status
 
 
 def test_accelerated_ghostnet(precision):
@@ -149,12 +160,14 @@ def test_accelerated_ghostnet(precision):
         expected = model(x)
         precision("medium")
         error = relative_error(fast(x), expected)
-    assert error < 2e-2 if AMX else error < 1e-5
+    assert error < 2e-2 if BF16 else error < 1e-5
 
 
-def test_disabled_amx_keeps_float32():
-    """GHOSTKERNELS_DISABLE_AMX=1: backends() says so and "medium" leaves the kernels in float32
-    (the path of CPUs without AMX, run here whatever this CPU has)."""
+@pytest.mark.parametrize("value, why", [("off", "off by GHOSTKERNELS_BF16_GEMM=off"),
+                                        ("avx", "GHOSTKERNELS_BF16_GEMM=avx is none of auto, amx, avx512bf16, off")])
+def test_engine_turned_off_keeps_float32(value, why):
+    """GHOSTKERNELS_BF16_GEMM=off (or a value it does not know): backends() says so and "medium"
+    leaves the kernels in float32 (the path of CPUs without an engine, run here whatever this CPU has)."""
     script = ("import torch, ghostkernels\n"
               "x, w1, b1, w2, b2 = torch.randn(1, 64, 9, 9), torch.randn(32, 64, 1, 1), torch.randn(32), "
               "torch.randn(32, 1, 3, 3), torch.randn(32)\n"
@@ -162,10 +175,22 @@ def test_disabled_amx_keeps_float32():
               "torch.set_float32_matmul_precision('medium')\n"
               "assert torch.equal(torch.ops.ghostkernels.ghost_module(x, w1, b1, w2, b2, 64, 1, 'relu'), exact)\n"
               "status = ghostkernels.backends()['cpu']['bfloat16_matmul']\n"
-              "assert status == 'unavailable: disabled by GHOSTKERNELS_DISABLE_AMX=1', status\n")
-    env = dict(os.environ, GHOSTKERNELS_DISABLE_AMX="1")
+              f"assert status == 'unavailable: {why}', status\n")
+    env = dict(os.environ, GHOSTKERNELS_BF16_GEMM=value)
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(not AVX512_BF16, reason="the CPU has no AVX512-BF16")
+@pytest.mark.skipif(os.environ.get("GHOSTKERNELS_BF16_GEMM") == "avx512bf16", reason="this run is that engine's")
+def test_dot_product_engine():
+    """This file's tests on the AVX512-BF16 dot products (GHOSTKERNELS_BF16_GEMM=avx512bf16), which
+    the default picks only where they outpace float32 FMAs: every CPU with the instructions tests them."""
+    env = dict(os.environ, GHOSTKERNELS_BF16_GEMM="avx512bf16")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                            env=env, capture_output=True, text=True, cwd=os.path.dirname(__file__))
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and " failed" not in result.stdout
 
 
 def frozen_copy(*tensors):
@@ -186,7 +211,7 @@ def test_frozen_weights_in_the_gemvs(precision, batch):
     exact = F.conv2d(x.double(), weight.double(), bias.double())
     assert relative_error(ops.pointwise_conv2d(x, weight, bias), exact) < 1e-5
     rounded = F.conv2d(x.double(), weight.bfloat16().double(), bias.double())
-    expected = rounded if AMX else exact
+    expected = rounded if BF16 else exact
     assert relative_error(ops.pointwise_conv2d(x, frozen, bias), expected) < 1e-5
 
     planes = torch.randn(batch, 96, 5, 5)
@@ -198,7 +223,7 @@ def test_frozen_weights_in_the_gemvs(precision, batch):
         return F.hardsigmoid(F.conv2d(hidden, w_e.double(), b_expand.double()))
 
     gate = ops.squeeze_excite_gate(planes, *frozen_copy(w_reduce, b_reduce, w_expand, b_expand))
-    rounding = (lambda w: w.bfloat16()) if AMX else (lambda w: w)
+    rounding = (lambda w: w.bfloat16()) if BF16 else (lambda w: w)
     assert relative_error(gate, composed(rounding(w_reduce), rounding(w_expand))) < 1e-5
     assert relative_error(ops.squeeze_excite_gate(planes, w_reduce, b_reduce, w_expand, b_expand),
                           composed(w_reduce, w_expand)) < 1e-5
@@ -219,7 +244,7 @@ def test_frozen_ghostnet_weights(precision):
         expected = model(x)
         precision("medium")
         out = frozen(x)
-    assert relative_error(out, expected) < (2e-2 if AMX else 1e-5)
+    assert relative_error(out, expected) < (2e-2 if BF16 else 1e-5)
     assert torch.equal(out.argmax(1), expected.argmax(1))
 
 
@@ -230,15 +255,15 @@ def test_frozen_weight_copies_go_with_the_weight(precision):
     marked, copied = ops.frozen_weights_status()
     ops.pointwise_conv2d(x, weight, None)
     # rows padded to a multiple of 32 elements, 16 zero rows after the last (whole AMX tiles)
-    assert ops.frozen_weights_status() == (marked, copied + ((32 + 16) * 64 * 2 if AMX else 0))
+    assert ops.frozen_weights_status() == (marked, copied + ((32 + 16) * 64 * 2 if BF16 else 0))
     del weight
     ops.mark_frozen_weights([])  # sweeps the entries of weights that are gone
     assert ops.frozen_weights_status() == (marked - 1, copied)
 
 
 @pytest.mark.parametrize("inp, oup, size", [(40, 51, (14, 14)), (300, 37, (5, 5)), (160, 960, (7, 7))])
-def test_frozen_primary_weights_on_amx(precision, inp, oup, size):
-    """The AMX GEMMs read a frozen W1 (or 1x1 weight) from its bfloat16 copy instead of rounding
+def test_frozen_primary_weights(precision, inp, oup, size):
+    """The bfloat16 GEMMs read a frozen W1 (or 1x1 weight) from its bfloat16 copy instead of rounding
     it per call: the same bfloat16 operands, so the same outputs bit for bit, with W1's rows
     split across work items at any offset, and with an SE scale folded into x or into W1."""
     torch.manual_seed(0)
@@ -256,7 +281,7 @@ def test_frozen_primary_weights_on_amx(precision, inp, oup, size):
         w3, b3 = torch.randn(oup, 1, 3, 3), torch.randn(oup)
         assert torch.equal(ops.ghost_module_depthwise(x, frozen_w1, *args, w3, b3, 2),
                            ops.ghost_module_depthwise(x, w1, *args, w3, b3, 2))
-    if AMX:  # the copy was made, and read
+    if BF16:  # the copy was made, and read
         assert ops.frozen_weights_status()[1] == copied + (w1.shape[0] + 16) * (-(-inp // 32) * 32) * 2
     x = torch.randn(2, inp, *size)
     weight, bias = torch.randn(oup, inp, 1, 1) / inp ** 0.5, torch.randn(oup)

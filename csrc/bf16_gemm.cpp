@@ -1,0 +1,374 @@
+// bfloat16 GEMMs (bf16_gemm.h) on two engines. Both read A as bfloat16 rows of K padded to 32
+// (a frozen weight's copy, or packed per call) and B in the VNNI layout of bfloat16 dot
+// products (pairs of consecutive k interleaved per column), sum in float32 and store float32.
+// - AMX: B packed whole per call, zero-padded so that every tile is full; the tiles on C's edges
+//   stored through a buffer. At GhostNet's sizes the packing is a pass over data the float32
+//   GEMM reads anyway, and the dot products cost little next to it.
+// - AVX-512 BF16: gemm_nn's register tiling (gemm.h) on vdpbf16ps, two k per instruction; B
+//   converted panel by panel into a buffer that stays in L1 across the row tiles.
+
+#include "bf16_gemm.h"
+
+#include <ATen/Context.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <tuple>
+#include <vector>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && __GNUC__ >= 11
+#define GK_HAVE_BF16 1
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+namespace ghostkernels {
+
+#ifdef GK_HAVE_BF16
+namespace {
+
+constexpr int kArchReqXcompPerm = 0x1023;  // arch_prctl: ask for an extended state component
+constexpr int kXfeatureXtiledata = 18;     // AMX's tile data
+
+enum class Engine { none, amx, dot };
+
+struct Probe {
+  Engine engine = Engine::none;
+  std::string why;
+};
+
+// Each of 12 independent accumulators through `n` dependent steps of one instruction: the
+// instruction's throughput, the latency hidden. Apart and not inlined, so that the two loops
+// are timed as compiled.
+__attribute__((target("avx512f,avx512bf16"), noinline)) float dot_steps(long n) {
+  __m512 acc[12];
+  for (int r = 0; r < 12; ++r) acc[r] = _mm512_set1_ps(float(r));
+  __m512bh a = (__m512bh)_mm512_set1_epi32(0x3f803f80), b = (__m512bh)_mm512_set1_epi32(0x3c003c00);
+  for (long i = 0; i < n; ++i) {
+#pragma GCC unroll 12
+    for (int r = 0; r < 12; ++r) acc[r] = _mm512_dpbf16_ps(acc[r], a, b);
+    __asm__ volatile("" : "+v"(a), "+v"(b));  // not hoisted out of the loop
+  }
+  for (int r = 1; r < 12; ++r) acc[0] = _mm512_add_ps(acc[0], acc[r]);
+  return _mm512_cvtss_f32(acc[0]);
+}
+
+__attribute__((target("avx512f"), noinline)) float fma_steps(long n) {
+  __m512 acc[12];
+  for (int r = 0; r < 12; ++r) acc[r] = _mm512_set1_ps(float(r));
+  __m512 a = _mm512_set1_ps(1.0001f), b = _mm512_set1_ps(1e-4f);
+  for (long i = 0; i < n; ++i) {
+#pragma GCC unroll 12
+    for (int r = 0; r < 12; ++r) acc[r] = _mm512_fmadd_ps(a, b, acc[r]);
+    __asm__ volatile("" : "+v"(a), "+v"(b));
+  }
+  for (int r = 1; r < 12; ++r) acc[0] = _mm512_add_ps(acc[0], acc[r]);
+  return _mm512_cvtss_f32(acc[0]);
+}
+
+// The multiply-adds per second of vdpbf16ps over those of vfmadd231ps on this core (each at
+// its best of 5 interleaved runs of about 0.1 ms): a dot product does two per lane.
+double dot_to_fma_rate() {
+  constexpr long kSteps = 20000;
+  double dot = 1e30, fma = 1e30;
+  volatile float sink = 0;
+  for (int run = 0; run < 5; ++run) {
+    auto t0 = std::chrono::steady_clock::now();
+    sink = sink + dot_steps(kSteps);
+    auto t1 = std::chrono::steady_clock::now();
+    sink = sink + fma_steps(kSteps);
+    auto t2 = std::chrono::steady_clock::now();
+    dot = std::min(dot, std::chrono::duration<double>(t1 - t0).count());
+    fma = std::min(fma, std::chrono::duration<double>(t2 - t1).count());
+  }
+  return 2 * fma / dot;
+}
+
+// Dot products from this ratio of the float32 FMA rate on: a bfloat16 GEMM also converts B, and
+// the rate is 2.0 on AMD Zen 4 and 0.49 on an Intel Xeon without AMX (Sapphire Rapids kind).
+constexpr double kDotGain = 1.5;  // as the probe's message says
+
+Probe probe() {
+  const char* set = std::getenv("GHOSTKERNELS_BF16_GEMM");
+  const std::string choice = set ? set : "auto";
+  if (choice == "off") return {Engine::none, "off by GHOSTKERNELS_BF16_GEMM=off"};
+  if (choice != "auto" && choice != "amx" && choice != "avx512bf16")
+    return {Engine::none, "GHOSTKERNELS_BF16_GEMM=" + choice + " is none of auto, amx, avx512bf16, off"};
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return {Engine::none, "CPUID leaf 7 missing"};
+  const bool tile = d & (1u << 24), amx_bf16 = d & (1u << 22), avx512bw = b & (1u << 30);
+  const bool avx512bf16 = avx512bw && __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a & (1u << 5));
+  std::string no_amx = "this CPU has no AMX-BF16 (amx_tile, amx_bf16, avx512_bf16)";
+  if (choice != "avx512bf16" && tile && amx_bf16 && avx512bf16) {
+    if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0) return {Engine::amx, "AMX-BF16 tiles"};
+    no_amx = "the kernel refused AMX tile data (arch_prctl ARCH_REQ_XCOMP_PERM)";
+  }
+  if (choice == "amx") return {Engine::none, "GHOSTKERNELS_BF16_GEMM=amx, but " + no_amx};
+  if (!avx512bf16) return {Engine::none, "this CPU has neither AMX-BF16 nor AVX512-BF16"};
+  if (choice == "avx512bf16") return {Engine::dot, "AVX512-BF16 dot products (GHOSTKERNELS_BF16_GEMM=avx512bf16)"};
+  const double rate = dot_to_fma_rate();
+  char measured[128];
+  std::snprintf(measured, sizeof measured, "AVX512-BF16 dot products at %.2fx the float32 FMA rate%s", rate,
+                rate < kDotGain ? " would not pay (they do from 1.5x)" : "");
+  if (rate < kDotGain) return {Engine::none, no_amx + ", and its " + measured};
+  return {Engine::dot, measured};
+}
+
+const Probe& probed() {
+  static const Probe p = probe();
+  return p;
+}
+
+// Tile registers: 0-3 the 2x2 float32 accumulators of a 32x32 block of C, 4-5 A's two 16-row
+// halves, 6-7 B's two 16-column halves; every tile is 16 rows of 64 bytes.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+constexpr int64_t kTile = 16, kDepth = 32;  // C tile 16 x 16, A tile 16 x 32 bfloat16
+
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+struct Buffers {
+  std::vector<uint16_t> a, b;
+};
+
+// float32 to bfloat16, to nearest even as VCVTNE2PS2BF16 (NaN stays a quiet NaN).
+uint16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return uint16_t((u >> 16) | 0x40);
+  return uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+// A (M x K, strides a_si, a_sk) as bfloat16 rows of kp, zero-padded to mp rows.
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void pack_a(const float* A, int64_t a_si, int64_t a_sk,
+                                                                   int64_t M, int64_t K, int64_t mp, int64_t kp,
+                                                                   uint16_t* out) {
+  for (int64_t i = 0; i < mp; ++i) {
+    uint16_t* row = out + i * kp;
+    if (i >= M) {
+      std::memset(row, 0, kp * sizeof(uint16_t));
+      continue;
+    }
+    const float* src = A + i * a_si;
+    int64_t k = 0;
+    if (a_sk == 1) {
+      for (; k + 32 <= K; k += 32) {
+        __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + k + 16), _mm512_loadu_ps(src + k));
+        _mm512_storeu_si512(row + k, (__m512i)v);
+      }
+    }
+    for (; k < kp; ++k) {
+      row[k] = k < K ? to_bf16(src[k * a_sk]) : 0;
+    }
+  }
+}
+
+// B (K x N, row stride ldb) in VNNI pairs: out[(k / 2) * np * 2 + j * 2 + k % 2], zero-padded
+// to kp rows and np columns.
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void pack_b(const float* B, int64_t ldb, int64_t K,
+                                                                   int64_t N, int64_t kp, int64_t np,
+                                                                   uint16_t* out) {
+  // interleave: [b0..b15 of row k, b0..b15 of row k+1] -> k0 k1 pairs per column
+  alignas(64) static const uint16_t order[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                  8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i index = _mm512_load_si512(order);
+  for (int64_t k = 0; k < kp; k += 2) {
+    uint16_t* dst = out + k * np;
+    const float* r0 = k < K ? B + k * ldb : nullptr;
+    const float* r1 = k + 1 < K ? B + (k + 1) * ldb : nullptr;
+    for (int64_t j = 0; j < np; j += 16) {
+      const int64_t n = std::min<int64_t>(16, N - j);
+      const __mmask16 m = n <= 0 ? 0 : (n >= 16 ? 0xFFFF : (__mmask16)((1u << n) - 1));
+      const __m512 lo = r0 ? _mm512_maskz_loadu_ps(m, r0 + j) : _mm512_setzero_ps();
+      const __m512 hi = r1 ? _mm512_maskz_loadu_ps(m, r1 + j) : _mm512_setzero_ps();
+      const __m512i pairs = _mm512_permutexvar_epi16(index, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+      _mm512_storeu_si512(dst + j * 2, pairs);
+    }
+  }
+}
+
+// Tile register `t` (a 16 x 16 float32 block of C at row i, column j) into C: in place when
+// the block lies inside M x N, else through `edge` and its valid part copied. A macro: the
+// tile intrinsics take the register number as a literal.
+#define GK_STORE_TILE(t, i, j)                                                                   \
+  do {                                                                                          \
+    if ((i) + kTile <= M && (j) + kTile <= N) {                                                 \
+      _tile_stored(t, C + (i) * ldc + (j), ldc * sizeof(float));                                \
+    } else {                                                                                    \
+      _tile_stored(t, edge, kTile * sizeof(float));                                             \
+      for (int64_t r = 0; r < std::min(kTile, M - (i)); ++r)                                    \
+        std::memcpy(C + ((i) + r) * ldc + (j), edge + r * kTile, std::min(kTile, N - (j)) * sizeof(float)); \
+    }                                                                                           \
+  } while (0)
+
+__attribute__((target("amx-tile,amx-bf16,avx512f"))) void tile_product(const uint16_t* a, const uint16_t* b,
+                                                                      float* C, int64_t ldc, int64_t M, int64_t N,
+                                                                      int64_t mp, int64_t np, int64_t kp) {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) {
+    config.rows[t] = kTile;
+    config.colsb[t] = 64;
+  }
+  _tile_loadconfig(&config);
+  alignas(64) float edge[kTile * kTile];
+  const int64_t lda = kp * 2, ldb = np * 4;  // bytes
+  for (int64_t i = 0; i < mp; i += 2 * kTile) {
+    const bool two_rows = i + kTile < mp;
+    for (int64_t j = 0; j < np; j += 2 * kTile) {
+      const bool two_cols = j + kTile < np;
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t k = 0; k < kp; k += kDepth) {
+        _tile_loadd(4, a + i * kp + k, lda);
+        _tile_loadd(6, b + (k / 2) * np * 2 + j * 2, ldb);
+        _tile_dpbf16ps(0, 4, 6);
+        if (two_cols) {
+          _tile_loadd(7, b + (k / 2) * np * 2 + (j + kTile) * 2, ldb);
+          _tile_dpbf16ps(1, 4, 7);
+        }
+        if (two_rows) {
+          _tile_loadd(5, a + (i + kTile) * kp + k, lda);
+          _tile_dpbf16ps(2, 5, 6);
+          if (two_cols) _tile_dpbf16ps(3, 5, 7);
+        }
+      }
+      GK_STORE_TILE(0, i, j);
+      if (two_cols) GK_STORE_TILE(1, i, j + kTile);
+      if (two_rows) GK_STORE_TILE(2, i + kTile, j);
+      if (two_rows && two_cols) GK_STORE_TILE(3, i + kTile, j + kTile);
+    }
+  }
+  _tile_release();
+}
+#undef GK_STORE_TILE
+
+// k pairs per panel of B: 128 pairs x 2 vectors = 16 KB, in L1 across the row tiles.
+constexpr int64_t kPanelPairs = 128;
+
+// C = A B for A as bfloat16 pairs (row i's pair p at a_pairs[i * lda + p]; pairs past K zero)
+// and B float32, NV vectors of 16 columns per register tile and 16 / NV rows (gemm.h's tiling:
+// the last row repeated past M, a column tail masked). Each panel of B is rounded to bfloat16
+// pairs once and read by every row tile; C takes the first k block's sums and adds the rest.
+template <int NV>
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void dot_product(const uint32_t* a_pairs, int64_t lda,
+                                                                        const float* B, int64_t ldb, float* C,
+                                                                        int64_t ldc, int64_t M, int64_t N, int64_t K) {
+  constexpr int L = 16, NR = NV * L, MR = 16 / NV;
+  // vcvtne2ps2bf16(odd row, even row) holds the even row's 16 values, then the odd row's; this
+  // interleaves them into (even, odd) pairs per column
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                              22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  alignas(64) __m512i panel[kPanelPairs * NV];
+  const int64_t pairs = (K + 1) / 2;
+  for (int64_t p0 = 0; p0 < pairs; p0 += kPanelPairs) {
+    const int64_t pb = std::min(kPanelPairs, pairs - p0);
+    for (int64_t j0 = 0; j0 < N; j0 += NR) {
+      __mmask16 masks[NV];
+      for (int v = 0; v < NV; ++v) {
+        const int64_t left = std::min<int64_t>(L, N - j0 - v * L);
+        masks[v] = left <= 0 ? 0 : __mmask16((1u << left) - 1);
+      }
+      for (int64_t p = 0; p < pb; ++p) {
+        const int64_t k = 2 * (p0 + p);
+        for (int v = 0; v < NV; ++v) {
+          const float* even = B + k * ldb + j0 + v * L;
+          const __m512 odd = k + 1 < K ? _mm512_maskz_loadu_ps(masks[v], even + ldb) : _mm512_setzero_ps();
+          const __m512bh both = _mm512_cvtne2ps_pbh(odd, _mm512_maskz_loadu_ps(masks[v], even));
+          panel[p * NV + v] = _mm512_permutexvar_epi16(interleave, (__m512i)both);
+        }
+      }
+      for (int64_t i0 = 0; i0 < M; i0 += MR) {
+        const uint32_t* rows[MR];
+        for (int r = 0; r < MR; ++r) rows[r] = a_pairs + std::min<int64_t>(i0 + r, M - 1) * lda + p0;
+        __m512 acc[MR][NV];
+        for (int r = 0; r < MR; ++r)
+          for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+        for (int64_t p = 0; p < pb; ++p) {
+          __m512bh b[NV];
+          for (int v = 0; v < NV; ++v) b[v] = (__m512bh)panel[p * NV + v];
+#pragma GCC unroll 16
+          for (int r = 0; r < MR; ++r) {
+            const __m512bh a = (__m512bh)_mm512_set1_epi32(int(rows[r][p]));
+            for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a, b[v]);
+          }
+        }
+        for (int64_t r = 0; r < std::min<int64_t>(MR, M - i0); ++r)
+          for (int v = 0; v < NV; ++v) {
+            float* c = C + (i0 + r) * ldc + j0 + v * L;
+            const __m512 sum = p0 > 0 ? _mm512_add_ps(acc[r][v], _mm512_maskz_loadu_ps(masks[v], c)) : acc[r][v];
+            _mm512_mask_storeu_ps(c, masks[v], sum);
+          }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+bool bf16_gemm_available() { return probed().engine != Engine::none; }
+std::string bf16_gemm_status() { return probed().why; }
+
+void gemm_bf16(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_si, int64_t a_sk, const float* B,
+               int64_t ldb, float* C, int64_t ldc, const uint16_t* A_bf16) {
+  if (M <= 0 || N <= 0) return;
+  static thread_local Buffers buffers;
+  const bool amx = probed().engine == Engine::amx;
+  // AMX reads whole tiles of A: its rows rounded up to 16
+  const int64_t mp = amx ? round_up(M, kTile) : M, kp = round_up(std::max<int64_t>(K, 1), kDepth);
+  if (!A_bf16) {
+    buffers.a.resize(std::max<size_t>(buffers.a.size(), mp * kp));
+    pack_a(A, a_si, a_sk, M, K, mp, kp, buffers.a.data());
+    A_bf16 = buffers.a.data();
+  }
+  if (!amx) {
+    const auto* a_pairs = reinterpret_cast<const uint32_t*>(A_bf16);
+    if (N <= 16) return dot_product<1>(a_pairs, kp / 2, B, ldb, C, ldc, M, N, K);
+    return dot_product<2>(a_pairs, kp / 2, B, ldb, C, ldc, M, N, K);
+  }
+  const int64_t np = round_up(N, kTile);
+  buffers.b.resize(std::max<size_t>(buffers.b.size(), kp * np));
+  pack_b(B, ldb, K, N, kp, np, buffers.b.data());
+  tile_product(A_bf16, buffers.b.data(), C, ldc, M, N, mp, np, kp);
+}
+
+#else
+
+bool bf16_gemm_available() { return false; }
+std::string bf16_gemm_status() { return "built without bfloat16 GEMMs (they need GCC >= 11 on x86-64 Linux)"; }
+void gemm_bf16(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t,
+               const uint16_t*) {
+  TORCH_CHECK(false, "ghostkernels: gemm_bf16 called in a build without bfloat16 GEMMs");
+}
+
+#endif
+
+bool bf16_gemm_enabled(at::ScalarType dtype, int64_t depth) {
+  if (dtype != at::kFloat || at::globalContext().float32MatmulPrecision() != at::Float32MatmulPrecision::MEDIUM ||
+      !bf16_gemm_available())
+    return false;
+#ifdef GK_HAVE_BF16
+  // Below 32 the zero padding to a tile's depth costs more than AMX saves (GhostNet's 16 -> 16
+  // module at 112x112 ran 0.76x as fast, 24 -> 72 at 56x56 1.05x, 40 -> 120 at 28x28 1.10x).
+  if (probed().engine == Engine::amx) return depth >= 32;
+#endif
+  return depth > 0;
+}
+
+TORCH_LIBRARY_FRAGMENT(ghostkernels, m) {
+  m.def("bf16_gemm_status() -> (bool, str)",
+        [] { return std::make_tuple(bf16_gemm_available(), bf16_gemm_status()); });
+}
+
+}  // namespace ghostkernels
