@@ -5,7 +5,8 @@
 //   stored through a buffer. At GhostNet's sizes the packing is a pass over data the float32
 //   GEMM reads anyway, and the dot products cost little next to it.
 // - AVX-512 BF16: gemm_nn's register tiling (gemm.h) on vdpbf16ps, two k per instruction; B
-//   converted panel by panel into a buffer that stays in L1 across the row tiles.
+//   converted panel by panel into a buffer that stays in L1 across the row tiles. A template in
+//   bf16_gemm.h (dot_tiles), so that product_rows' epilogues run in registers as gemm_nn's do.
 
 #include "bf16_gemm.h"
 
@@ -43,6 +44,7 @@ struct Probe {
   std::string why;
 };
 
+#ifdef GK_BF16_DOT
 // Each of 12 independent accumulators through `n` dependent steps of one instruction: the
 // instruction's throughput, the latency hidden. Apart and not inlined, so that the two loops
 // are timed as compiled.
@@ -93,6 +95,7 @@ double dot_to_fma_rate() {
 // Dot products from this ratio of the float32 FMA rate on: a bfloat16 GEMM also converts B, and
 // the rate is 2.0 on AMD Zen 4 and 0.49 on an Intel Xeon without AMX (Sapphire Rapids kind).
 constexpr double kDotGain = 1.5;  // as the probe's message says
+#endif
 
 Probe probe() {
   const char* set = std::getenv("GHOSTKERNELS_BF16_GEMM");
@@ -111,6 +114,9 @@ Probe probe() {
   }
   if (choice == "amx") return {Engine::none, "GHOSTKERNELS_BF16_GEMM=amx, but " + no_amx};
   if (!avx512bf16) return {Engine::none, "this CPU has neither AMX-BF16 nor AVX512-BF16"};
+#ifndef GK_BF16_DOT
+  return {Engine::none, no_amx + ", and the AVX2 build of the kernels has no AVX512-BF16 dot products"};
+#else
   if (choice == "avx512bf16") return {Engine::dot, "AVX512-BF16 dot products (GHOSTKERNELS_BF16_GEMM=avx512bf16)"};
   const double rate = dot_to_fma_rate();
   char measured[128];
@@ -118,6 +124,7 @@ Probe probe() {
                 rate < kDotGain ? " would not pay (they do from 1.5x)" : "");
   if (rate < kDotGain) return {Engine::none, no_amx + ", and its " + measured};
   return {Engine::dot, measured};
+#endif
 }
 
 const Probe& probed() {
@@ -254,90 +261,40 @@ __attribute__((target("amx-tile,amx-bf16,avx512f"))) void tile_product(const uin
 }
 #undef GK_STORE_TILE
 
-// k pairs per panel of B: 128 pairs x 2 vectors = 16 KB, in L1 across the row tiles.
-constexpr int64_t kPanelPairs = 128;
-
-// C = A B for A as bfloat16 pairs (row i's pair p at a_pairs[i * lda + p]; pairs past K zero)
-// and B float32, NV vectors of 16 columns per register tile and 16 / NV rows (gemm.h's tiling:
-// the last row repeated past M, a column tail masked). Each panel of B is rounded to bfloat16
-// pairs once and read by every row tile; C takes the first k block's sums and adds the rest.
-template <int NV>
-__attribute__((target("avx512f,avx512bw,avx512bf16"))) void dot_product(const uint32_t* a_pairs, int64_t lda,
-                                                                        const float* B, int64_t ldb, float* C,
-                                                                        int64_t ldc, int64_t M, int64_t N, int64_t K) {
-  constexpr int L = 16, NR = NV * L, MR = 16 / NV;
-  // vcvtne2ps2bf16(odd row, even row) holds the even row's 16 values, then the odd row's; this
-  // interleaves them into (even, odd) pairs per column
-  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
-                                              22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  alignas(64) __m512i panel[kPanelPairs * NV];
-  const int64_t pairs = (K + 1) / 2;
-  for (int64_t p0 = 0; p0 < pairs; p0 += kPanelPairs) {
-    const int64_t pb = std::min(kPanelPairs, pairs - p0);
-    for (int64_t j0 = 0; j0 < N; j0 += NR) {
-      __mmask16 masks[NV];
-      for (int v = 0; v < NV; ++v) {
-        const int64_t left = std::min<int64_t>(L, N - j0 - v * L);
-        masks[v] = left <= 0 ? 0 : __mmask16((1u << left) - 1);
-      }
-      for (int64_t p = 0; p < pb; ++p) {
-        const int64_t k = 2 * (p0 + p);
-        for (int v = 0; v < NV; ++v) {
-          const float* even = B + k * ldb + j0 + v * L;
-          const __m512 odd = k + 1 < K ? _mm512_maskz_loadu_ps(masks[v], even + ldb) : _mm512_setzero_ps();
-          const __m512bh both = _mm512_cvtne2ps_pbh(odd, _mm512_maskz_loadu_ps(masks[v], even));
-          panel[p * NV + v] = _mm512_permutexvar_epi16(interleave, (__m512i)both);
-        }
-      }
-      for (int64_t i0 = 0; i0 < M; i0 += MR) {
-        const uint32_t* rows[MR];
-        for (int r = 0; r < MR; ++r) rows[r] = a_pairs + std::min<int64_t>(i0 + r, M - 1) * lda + p0;
-        __m512 acc[MR][NV];
-        for (int r = 0; r < MR; ++r)
-          for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
-        for (int64_t p = 0; p < pb; ++p) {
-          __m512bh b[NV];
-          for (int v = 0; v < NV; ++v) b[v] = (__m512bh)panel[p * NV + v];
-#pragma GCC unroll 16
-          for (int r = 0; r < MR; ++r) {
-            const __m512bh a = (__m512bh)_mm512_set1_epi32(int(rows[r][p]));
-            for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a, b[v]);
-          }
-        }
-        for (int64_t r = 0; r < std::min<int64_t>(MR, M - i0); ++r)
-          for (int v = 0; v < NV; ++v) {
-            float* c = C + (i0 + r) * ldc + j0 + v * L;
-            const __m512 sum = p0 > 0 ? _mm512_add_ps(acc[r][v], _mm512_maskz_loadu_ps(masks[v], c)) : acc[r][v];
-            _mm512_mask_storeu_ps(c, masks[v], sum);
-          }
-      }
-    }
-  }
-}
-
 }  // namespace
 
 bool bf16_gemm_available() { return probed().engine != Engine::none; }
 std::string bf16_gemm_status() { return probed().why; }
 
+#ifdef GK_BF16_DOT
+bool bf16_gemm_on_dot_products() { return probed().engine == Engine::dot; }
+
+const uint32_t* bf16_pairs(const float* A, int64_t a_si, int64_t a_sk, int64_t M, int64_t K, const uint16_t* A_bf16) {
+  if (!A_bf16) {
+    static thread_local std::vector<uint16_t> rows;
+    const int64_t kp = round_up(std::max<int64_t>(K, 1), kDepth);
+    rows.resize(std::max<size_t>(rows.size(), M * kp));
+    pack_a(A, a_si, a_sk, M, K, M, kp, rows.data());
+    A_bf16 = rows.data();
+  }
+  return reinterpret_cast<const uint32_t*>(A_bf16);
+}
+#endif
+
 void gemm_bf16(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_si, int64_t a_sk, const float* B,
                int64_t ldb, float* C, int64_t ldc, const uint16_t* A_bf16) {
   if (M <= 0 || N <= 0) return;
+#ifdef GK_BF16_DOT
+  if (probed().engine == Engine::dot) return dot_product(M, N, K, A, a_si, a_sk, B, ldb, C, ldc, A_bf16, Unchanged());
+#endif
   static thread_local Buffers buffers;
-  const bool amx = probed().engine == Engine::amx;
-  // AMX reads whole tiles of A: its rows rounded up to 16
-  const int64_t mp = amx ? round_up(M, kTile) : M, kp = round_up(std::max<int64_t>(K, 1), kDepth);
+  // AMX reads whole tiles: A's rows rounded up to 16, B's columns too
+  const int64_t mp = round_up(M, kTile), np = round_up(N, kTile), kp = round_up(std::max<int64_t>(K, 1), kDepth);
   if (!A_bf16) {
     buffers.a.resize(std::max<size_t>(buffers.a.size(), mp * kp));
     pack_a(A, a_si, a_sk, M, K, mp, kp, buffers.a.data());
     A_bf16 = buffers.a.data();
   }
-  if (!amx) {
-    const auto* a_pairs = reinterpret_cast<const uint32_t*>(A_bf16);
-    if (N <= 16) return dot_product<1>(a_pairs, kp / 2, B, ldb, C, ldc, M, N, K);
-    return dot_product<2>(a_pairs, kp / 2, B, ldb, C, ldc, M, N, K);
-  }
-  const int64_t np = round_up(N, kTile);
   buffers.b.resize(std::max<size_t>(buffers.b.size(), kp * np));
   pack_b(B, ldb, K, N, kp, np, buffers.b.data());
   tile_product(A_bf16, buffers.b.data(), C, ldc, M, N, mp, np, kp);

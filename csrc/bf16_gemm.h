@@ -13,6 +13,14 @@
 
 #include "gemm.h"
 
+// The dot products need GCC's AVX512-BF16 intrinsics and the AVX-512 build's 64-byte vectors (an
+// epilogue's vectors are the accumulators); elsewhere the engine is AMX's or none.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && __GNUC__ >= 11 && \
+    GK_VECTOR_BYTES == 64
+#define GK_BF16_DOT 1
+#include <immintrin.h>
+#endif
+
 namespace ghostkernels {
 
 // Whether this process has a bfloat16 GEMM engine, and which or why not. Probed once: CPUID,
@@ -35,15 +43,105 @@ bool bf16_gemm_enabled(at::ScalarType dtype, int64_t depth);
 void gemm_bf16(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_si, int64_t a_sk, const float* B,
                    int64_t ldb, float* C, int64_t ldc, const uint16_t* A_bf16 = nullptr);
 
+#ifdef GK_BF16_DOT
+// Whether gemm_bf16 runs on the AVX512-BF16 dot products.
+bool bf16_gemm_on_dot_products();
+
+// A (M x K, strides a_si, a_sk) as bfloat16 pairs, rows of K padded to 32 (frozen_weights.h's
+// layout): A_bf16 when it is not nullptr, else A rounded into a buffer of this thread's, valid
+// until its next call.
+const uint32_t* bf16_pairs(const float* A, int64_t a_si, int64_t a_sk, int64_t M, int64_t K, const uint16_t* A_bf16);
+
+// C = finish(A B) on the dot products, gemm_nn's tiling (gemm.h): NV vectors of 16 columns and
+// 16 / NV rows per register tile, the last row repeated past M and a column tail masked; A as
+// bfloat16 pairs (row i's pair p at a_pairs[i * lda + p]), B float32. Each panel of B's k pairs
+// is rounded to bfloat16 pairs once and read by every row tile; C takes the first k block's
+// sums, adds the rest, and finish(i, v) of the last, as gemm_nn's epilogue in registers.
+template <int NV, typename Finish>
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) inline void dot_tiles(const uint32_t* a_pairs, int64_t lda,
+                                                                              const float* B, int64_t ldb, float* C,
+                                                                              int64_t ldc, int64_t M, int64_t N,
+                                                                              int64_t K, Finish& finish) {
+  using V = Simd<float>::vec;
+  constexpr int L = 16, NR = NV * L, MR = 16 / NV;
+  constexpr int64_t kPanelPairs = 128;  // 128 pairs x 2 vectors = 16 KB of B, in L1 across the row tiles
+  // vcvtne2ps2bf16(odd row, even row) holds the even row's 16 values, then the odd row's; this
+  // interleaves them into (even, odd) pairs per column
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                              22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  alignas(64) __m512i panel[kPanelPairs * NV];
+  const int64_t pairs = (K + 1) / 2;
+  for (int64_t p0 = 0; p0 < pairs; p0 += kPanelPairs) {
+    const int64_t pb = std::min(kPanelPairs, pairs - p0);
+    const bool last = p0 + pb == pairs;
+    for (int64_t j0 = 0; j0 < N; j0 += NR) {
+      __mmask16 masks[NV];
+      for (int v = 0; v < NV; ++v) {
+        const int64_t left = std::min<int64_t>(L, N - j0 - v * L);
+        masks[v] = left <= 0 ? 0 : __mmask16((1u << left) - 1);
+      }
+      for (int64_t p = 0; p < pb; ++p) {
+        const int64_t k = 2 * (p0 + p);
+        for (int v = 0; v < NV; ++v) {
+          const float* even = B + k * ldb + j0 + v * L;
+          const __m512 odd = k + 1 < K ? _mm512_maskz_loadu_ps(masks[v], even + ldb) : _mm512_setzero_ps();
+          const __m512bh both = _mm512_cvtne2ps_pbh(odd, _mm512_maskz_loadu_ps(masks[v], even));
+          panel[p * NV + v] = _mm512_permutexvar_epi16(interleave, (__m512i)both);
+        }
+      }
+      for (int64_t i0 = 0; i0 < M; i0 += MR) {
+        const uint32_t* rows[MR];
+        for (int r = 0; r < MR; ++r) rows[r] = a_pairs + std::min<int64_t>(i0 + r, M - 1) * lda + p0;
+        __m512 acc[MR][NV];
+        for (int r = 0; r < MR; ++r)
+          for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+        for (int64_t p = 0; p < pb; ++p) {
+          __m512bh b[NV];
+          for (int v = 0; v < NV; ++v) b[v] = (__m512bh)panel[p * NV + v];
+#pragma GCC unroll 16
+          for (int r = 0; r < MR; ++r) {
+            const __m512bh a = (__m512bh)_mm512_set1_epi32(int(rows[r][p]));
+            for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a, b[v]);
+          }
+        }
+        for (int64_t r = 0; r < std::min<int64_t>(MR, M - i0); ++r)
+          for (int v = 0; v < NV; ++v) {
+            float* c = C + (i0 + r) * ldc + j0 + v * L;
+            V sum = (V)acc[r][v];
+            if (p0 > 0) sum += (V)_mm512_maskz_loadu_ps(masks[v], c);
+            if (last) sum = finish(i0 + r, sum);
+            _mm512_mask_storeu_ps(c, masks[v], (__m512)sum);
+          }
+      }
+    }
+  }
+}
+
+// dot_tiles with one vector of columns when N fits in one, two otherwise.
+template <typename Finish>
+GK_INLINE void dot_product(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_si, int64_t a_sk,
+                           const float* B, int64_t ldb, float* C, int64_t ldc, const uint16_t* A_bf16,
+                           Finish finish) {
+  if (M <= 0 || N <= 0) return;
+  const uint32_t* a_pairs = bf16_pairs(A, a_si, a_sk, M, K, A_bf16);
+  const int64_t lda = (std::max<int64_t>(K, 1) + 31) / 32 * 16;
+  if (N <= 16) return dot_tiles<1>(a_pairs, lda, B, ldb, C, ldc, M, N, K, finish);
+  dot_tiles<2>(a_pairs, lda, B, ldb, C, ldc, M, N, K, finish);
+}
+#endif
+
 // C = finish(A B) for A's M x K rows (row stride K) and B's K x N (row stride ldb): in bfloat16
-// by gemm_bf16 when `bf16` (float32 only; A read from A_bf16 when it is not nullptr), the
-// epilogue then a pass over C; else gemm_nn with the epilogue applied while each tile is in
-// registers.
+// when `bf16` (float32 only; A read from A_bf16 when it is not nullptr), on the dot products
+// with the epilogue in registers, on AMX with the epilogue then a pass over C; else gemm_nn with
+// the epilogue in registers.
 template <typename T, typename Finish>
 GK_INLINE void product_rows(bool bf16, int64_t M, int64_t N, int64_t K, const T* A, const T* B, int64_t ldb, T* C,
                             int64_t ldc, T* panel, const uint16_t* A_bf16, Finish finish) {
   if constexpr (std::is_same_v<T, float>) {
     if (bf16) {
+#ifdef GK_BF16_DOT
+      if (bf16_gemm_on_dot_products()) return dot_product(M, N, K, A, K, 1, B, ldb, C, ldc, A_bf16, finish);
+#endif
       gemm_bf16(M, N, K, A, K, 1, B, ldb, C, ldc, A_bf16);
       finish_rows<T>(M, N, C, ldc, finish);
       return;

@@ -50,14 +50,8 @@ void pointwise_items(const PointwiseArgs& a, const T* x, const T* w, const T* b,
     T* o = out + (n * a.outputs + c0) * a.pixels + p0;
     const T* xn = x + n * a.inputs * a.pixels + p0;
     const auto finish = [bias](int64_t c, auto v) __attribute__((always_inline)) { return bias ? v + bias[c] : v; };
-    if constexpr (std::is_same_v<T, float>) {
-      if (a.bf16_gemm) {
-        gemm_bf16(channels, np, a.inputs, w + c0 * a.inputs, a.inputs, 1, xn, a.pixels, o, a.pixels, a.w_bf16.row(c0));
-        if (bias) finish_rows<T>(channels, np, o, a.pixels, finish);
-        continue;
-      }
-    }
-    gemm_nn<T>(channels, np, a.inputs, w + c0 * a.inputs, a.inputs, 1, xn, a.pixels, o, a.pixels, false, panel, finish);
+    product_rows<T>(a.bf16_gemm, channels, np, a.inputs, w + c0 * a.inputs, xn, a.pixels, o, a.pixels, panel,
+                    a.w_bf16.row(c0), finish);
   }
 }
 

@@ -248,6 +248,20 @@ def test_frozen_ghostnet_weights(precision):
     assert torch.equal(out.argmax(1), expected.argmax(1))
 
 
+def test_freeze_under_medium(precision):
+    """freeze() called with "medium" already set: its self-check of the trace runs in float32
+    (under "medium" the graph reads bfloat16 weight copies that the model does not), and the
+    setting is kept."""
+    torch.manual_seed(0)
+    model = randomise_bn(ghostnet_050()).eval()
+    x = torch.randn(1, 3, 64, 64)
+    precision("medium")
+    frozen = ghostkernels.freeze(ghostkernels.accelerate(model), x)
+    assert torch.get_float32_matmul_precision() == "medium"
+    with torch.no_grad():
+        assert relative_error(frozen(x), model(x)) < (2e-2 if BF16 else 1e-5)
+
+
 def test_frozen_weight_copies_go_with_the_weight(precision):
     precision("medium")
     x = torch.randn(1, 64, 1, 1)
