@@ -41,7 +41,7 @@ bool bf16_gemm_enabled(at::ScalarType dtype, int64_t depth);
 // elements, readable for M rounded up to 16 rows), or nullptr to pack A here. Call only when
 // bf16_gemm_available(). Thread-safe: each thread packs into buffers of its own.
 void gemm_bf16(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_si, int64_t a_sk, const float* B,
-                   int64_t ldb, float* C, int64_t ldc, const uint16_t* A_bf16 = nullptr);
+               int64_t ldb, float* C, int64_t ldc, const uint16_t* A_bf16 = nullptr);
 
 #ifdef GK_BF16_DOT
 // Whether gemm_bf16 runs on the AVX512-BF16 dot products.
