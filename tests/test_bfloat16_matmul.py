@@ -183,7 +183,8 @@ def test_engine_turned_off_keeps_float32(value, why):
 
 
 @pytest.mark.skipif(not AVX512_BF16, reason="the CPU has no AVX512-BF16")
-@pytest.mark.skipif(ENGINE.startswith("AVX512-BF16"), reason="this run is already on the dot products")
+@pytest.mark.skipif(ENGINE.startswith("AVX512-BF16") or os.environ.get("GHOSTKERNELS_BF16_GEMM") == "avx512bf16",
+                    reason="this run is already on the dot products, or was asked for them")
 def test_dot_product_engine():
     """This file's tests on the AVX512-BF16 dot products (GHOSTKERNELS_BF16_GEMM=avx512bf16), which
     the default picks only where they outpace float32 FMAs: every CPU with the instructions tests
