@@ -11,6 +11,7 @@
 #include <string>
 #include <type_traits>
 
+#include "frozen_weights.h"
 #include "gemm.h"
 
 // The dot products need GCC's AVX512-BF16 intrinsics and the AVX-512 build's 64-byte vectors (an
@@ -124,7 +125,7 @@ GK_INLINE void dot_product(int64_t M, int64_t N, int64_t K, const float* A, int6
                            Finish finish) {
   if (M <= 0 || N <= 0) return;
   const uint32_t* a_pairs = bf16_pairs(A, a_si, a_sk, M, K, A_bf16);
-  const int64_t lda = (std::max<int64_t>(K, 1) + 31) / 32 * 16;
+  const int64_t lda = bf16_row_length(K) / 2;  // in pairs
   if (N <= 16) return dot_tiles<1>(a_pairs, lda, B, ldb, C, ldc, M, N, K, finish);
   dot_tiles<2>(a_pairs, lda, B, ldb, C, ldc, M, N, K, finish);
 }

@@ -49,7 +49,7 @@ Bf16Rows frozen_bf16_rows(const at::Tensor& weight) {
   std::lock_guard<std::mutex> lock(registry_mutex);
   const auto it = registry.find(weight.unsafeGetTensorImpl());
   if (it == registry.end()) return {};
-  const int64_t rows = weight.size(0), k = weight.numel() / rows, ld = (k + 31) / 32 * 32;
+  const int64_t rows = weight.size(0), k = weight.numel() / rows, ld = bf16_row_length(k);
   at::Tensor& copy = it->second.bf16;
   if (!copy.defined()) {
     c10::InferenceMode guard;  // a copy that autograd never tracks

@@ -7,6 +7,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdint>
 
 namespace ghostkernels {
@@ -15,6 +16,9 @@ namespace ghostkernels {
 // to nearest even), each row zero-padded to ld, a multiple of 32, and 16 zero rows after the
 // last: the layout AMX tiles read whole and dot products read as pairs (bf16_gemm.h). data is
 // nullptr when there is no copy.
+// Elements per row of that layout for rows of k elements (at least one row's worth: 32).
+inline int64_t bf16_row_length(int64_t k) { return (std::max<int64_t>(k, 1) + 31) / 32 * 32; }
+
 struct Bf16Rows {
   const uint16_t* data = nullptr;
   int64_t ld = 0;
