@@ -1,14 +1,13 @@
 """accelerate() never changes outputs: small networks built at random from the blocks of current
 timm's and Huawei's GhostNet code (test-local copies), in random order."""
 
-import copy
 import random
 
 import huawei_ghostnet as huawei
 import pytest
 import timm_ghostnet as timm
 import torch
-from conftest import assert_float32_like_eager, randomise_bn
+from conftest import assert_training_like_eager, randomise_bn, training_results
 from torch import nn
 
 from ghostkernels import accelerate
@@ -75,20 +74,7 @@ def test_accelerate_never_changes_outputs(seed):
 
 @pytest.mark.parametrize("seed", range(3))
 def test_accelerate_in_training_mode_keeps_outputs_and_gradients(seed):
-    """Against the network in float64, the accelerated float32 outputs and gradients are as close
-    as eager float32's (assert_float32_like_eager)."""
+    """assert_training_like_eager: float32 outputs as close to float64 as eager float32's, the
+    accelerated network's gradients in float64 those of the network in float64."""
     net = randomise_bn(random_network(100 + seed), spread=0.2).train()
-    exact = copy.deepcopy(net).double()
-    fast = accelerate(net)
-    x = torch.randn(2, 3, 33, 33)
-    outputs, grads = [], []
-    for model, xi in ((net, x), (fast, x), (exact, x.double())):
-        torch.manual_seed(seed)  # the same dropout masks
-        out = model(xi)
-        outputs.append(out)
-        params = dict(model.named_parameters())
-        grads.append(dict(zip(params, torch.autograd.grad(out.square().sum(), list(params.values())))))
-    assert_float32_like_eager(outputs[1:2], outputs[:1], outputs[2:], 1e-5)
-    names = list(grads[2])
-    assert_float32_like_eager([grads[1][n] for n in names], [grads[0][n] for n in names], list(grads[2].values()),
-                              1e-4, names=names)
+    assert_training_like_eager(training_results(net, torch.randn(2, 3, 33, 33), dropout_seed=seed)[0])

@@ -2,15 +2,13 @@
 (test-local copies: tests/timm_ghostnet.py, tests/huawei_ghostnet.py). timm's blocks.9.0 is a ConvBnAct
 whose bn1 is a BatchNormAct2d (BatchNorm2d subclass applying drop + ReLU in its forward)."""
 
-import copy
-
 import pytest
 import torch
 from torch import nn
 
 import ghostkernels
 
-from conftest import assert_float32_like_eager, randomise_bn
+from conftest import assert_training_like_eager, randomise_bn, training_results
 from huawei_ghostnet import huawei_ghostnet
 from timm_ghostnet import BatchNormAct2d, timm_ghostnet
 
@@ -56,37 +54,14 @@ def test_accelerate_eval_logits(source, version, check):
 
 @pytest.mark.parametrize("source, version", MODELS, ids=IDS)
 def test_accelerate_train_outputs_and_gradients(source, version):
-    """Training mode (the Ghost modules run ghost_module_train, batch-statistics BN fused): the
-    float32 output against the model in float64 within eager float32's limits, and the gradients
-    of the accelerated model in float64 against the model's in float64. The gradients are
-    compared in float64 because in float32 they test the seed, not the kernels: through 16
-    blocks, ReLU masks that flip near zero and BNs over two values per channel (V2's and V3's
-    DFC branch on a 1x1 map) put eager float32's and ours alike 4e-5 to 0.17 off float64, and
-    either one the worse by up to 7x, seed by seed (timm V2, 12 seeds)."""
+    """Training mode (the Ghost modules run ghost_module_train, batch-statistics BN fused):
+    assert_training_like_eager (float32 outputs, gradients in float64)."""
     model = build(source, version).train()
     model.requires_grad_(True)  # V3 deploy forms come with detached (requires_grad=False) parameters
-    exact = copy.deepcopy(model).double()
-    fast, fast_exact = accelerate(model), accelerate(copy.deepcopy(exact))
+    # the same dropout mask (timm and Huawei V1/V2 use p=0.2 in the head)
+    results, fast_exact = training_results(model, torch.randn(2, 3, 64, 64), check=False)
     assert len(fast_exact.acceleration_summary.fused) == 32, str(fast_exact.acceleration_summary)
-    x = torch.randn(2, 3, 64, 64)
-    results = {}
-    for name, m, xi in (("eager", model, x), ("accelerated", fast, x), ("float64", exact, x.double()),
-                        ("accelerated float64", fast_exact, x.double())):
-        torch.manual_seed(1)  # the same dropout mask (timm and Huawei V1/V2 use p=0.2 in the head)
-        out = m(xi)
-        params = dict(m.named_parameters())
-        results[name] = out, dict(zip(params, torch.autograd.grad(out.square().sum(), list(params.values()))))
-    assert_float32_like_eager([results["accelerated"][0]], [results["eager"][0]], [results["float64"][0]], 1e-5)
-    exact_grads, fast_grads = results["float64"][1], results["accelerated float64"][1]
-    assert sorted(fast_grads) == sorted(exact_grads)  # same names (the order may differ)
-    largest = max(g.abs().max().item() for g in exact_grads.values())
-    for name, expected in exact_grads.items():
-        # 1e-9: float64 in another summation order, through the same 16 blocks (2e-11 at worst
-        # over 3 seeds and the six models); relative to the tensor's largest value, at least
-        # 1e-2 of the largest of all (a conv bias before a batch-statistics BN has a zero gradient)
-        scale = max(expected.abs().max().item(), 1e-2 * largest)
-        err = (fast_grads[name] - expected).abs().max().item() / scale
-        assert err <= 1e-9, f"{name}: relative error {err:.3g}"
+    assert_training_like_eager(results)
 
 
 def test_timm_v1_structure_keys():
