@@ -1,6 +1,6 @@
 """Where the batch-1 latency of accelerate(ghostnet_100(fused=False)) goes, on the CPU.
 
-    OPENBLAS_NUM_THREADS=1 python bench/profile_batch1.py [--threads 2] [--iters 50] [--no-openvino]
+    OPENBLAS_NUM_THREADS=1 python bench/profile_batch1.py [--threads 2] [--iters 50] [--no-openvino] [--batch 1]
 
 1. Per-module breakdown: forward pre/post hooks (time.perf_counter) on the outermost fused or
    leaf modules of the accelerated model, median per module over --iters hooked forwards
@@ -12,13 +12,16 @@
    (ghostkernels.freeze) ops per call, by op and input shape (top 30).
 3. When openvino is installed: the ORIGINAL model exported to ONNX (dynamo), OpenVINO's per-layer
    profile grouped by layer type (f32 hint) and its 20 slowest layers, and its latencies (f32,
-   default) interleaved with the accelerated model's and the same model frozen (ghostkernels.freeze).
-All under torch.inference_mode(), batch 1, 224x224, float32.
+   default) interleaved with the accelerated model's and the same model frozen (ghostkernels.freeze),
+   and by block (blocks.i.j, stem, head): ours from section 1 against OpenVINO's layers, which are
+   named after the modules they came from (the ONNX exporter's name scopes).
+All under torch.inference_mode(), batch 1 (or --batch), 224x224, float32.
 """
 
 import argparse
 import collections
 import os
+import re
 import statistics
 import sys
 import time
@@ -52,6 +55,19 @@ def group_of(name, module):
     if isinstance(module, nn.Linear):
         return "classifier (Linear)"
     return "ReLU / pool / Identity / empty Sequential"
+
+
+def block_of(name):
+    """The stage block a module or ONNX name scope belongs to: blocks.i.j, stem, head or other."""
+    match = re.match(r"blocks\.\d+\.\d+", name)
+    if match:
+        return match.group(0)
+    module = re.split(r"[.:]", name)[0]  # OpenVINO's layers: "module.path:node_name"
+    if module in ("conv_stem", "bn1", "act1"):
+        return "stem"
+    if module in ("global_pool", "conv_head", "act2", "flatten", "classifier"):
+        return "head"
+    return "other"
 
 
 def leaf_modules(model):
@@ -215,7 +231,21 @@ def print_frozen_ops(frozen, x, iters):
               f"{e.self_cpu_time_total / iters / 1e3:8.3f}  {shape}")
 
 
-def print_openvino(eager, model, frozen, x, iters, threads):
+def name_nodes_by_module(path):
+    """Prefixes each node of the exported ONNX file with the module it came from (the exporter's
+    name scopes), so that OpenVINO's per-layer profile can be grouped by block."""
+    import ast
+
+    import onnx
+    graph = onnx.load(path)
+    for node in graph.graph.node:
+        scopes = [ast.literal_eval(p.value) for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"]
+        if scopes and len(scopes[0]) > 1:
+            node.name = f"{scopes[0][-2]}:{node.name}"  # the innermost module's qualified name
+    onnx.save(graph, path)
+
+
+def print_openvino(eager, model, frozen, x, iters, threads, ours_by_block):
     try:
         import openvino as ov
     except ImportError:
@@ -223,6 +253,7 @@ def print_openvino(eager, model, frozen, x, iters, threads):
         return
     path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"ghostnet-{os.getpid()}.onnx")
     torch.onnx.export(eager, (x,), path, dynamo=True)
+    name_nodes_by_module(path)
     core, feed = ov.Core(), x.numpy()
     configs = {"OpenVINO f32 hint + PERF_COUNT": {"PERF_COUNT": "YES", "INFERENCE_PRECISION_HINT": "f32"},
                "OpenVINO f32 hint": {"INFERENCE_PRECISION_HINT": "f32"},
@@ -261,6 +292,15 @@ def print_openvino(eager, model, frozen, x, iters, threads):
     print("top 20 layers of that inference, us:")
     for us, name, node in layers[:20]:
         print(f"  {us:8.1f}  {node:<18}{name}")
+    theirs = collections.defaultdict(float)
+    for us, name, _ in layers:
+        theirs[block_of(name)] += us / 1e3
+    print("by block: ours (the accelerated model's modules in the model, section 1; Python between them not"
+          " included) against that inference of OpenVINO f32")
+    print(f"{'block':<14}{'ours ms':>9}{'OpenVINO ms':>13}{'ours / OV':>11}")
+    for block in list(dict.fromkeys([*ours_by_block, *theirs])):
+        ours, ov_ms = ours_by_block.get(block, 0.0), theirs.get(block, 0.0)
+        print(f"{block:<14}{ours:9.3f}{ov_ms:13.3f}{(ours / ov_ms if ov_ms else float('nan')):11.2f}")
 
 
 def main():
@@ -268,14 +308,15 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--no-openvino", action="store_true")
+    parser.add_argument("--batch", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     eager = models.ghostnet_100(fused=False).eval()
     model = ghostkernels.accelerate(eager)
-    x = torch.randn(1, 3, 224, 224)
+    x = torch.randn(args.batch, 3, 224, 224)
     print(f"ghostkernels {ghostkernels.__version__}, torch {torch.__version__}, "
-          f"accelerate(ghostnet_100(fused=False)), batch 1, 224x224, float32, inference_mode, "
+          f"accelerate(ghostnet_100(fused=False)), batch {args.batch}, 224x224, float32, inference_mode, "
           f"OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}")
     flags = open("/proc/cpuinfo").read().split()
     print(machine_line(args.threads) + "; ISA: " + " ".join(
@@ -287,11 +328,14 @@ def main():
             model(x)
         total, hooked_total, bias, rows, top = breakdown(model, x, args.iters)
         print_breakdown(total, hooked_total, bias, rows, top, residual_add_ms(model, x), python_costs(model, x))
+        ours_by_block = collections.defaultdict(float)
+        for in_model, _, name, _ in top:
+            ours_by_block[block_of(name)] += in_model
         print_profiler(model, x, args.iters)
         frozen = ghostkernels.freeze(model, x)
         print_frozen_ops(frozen, x, args.iters)
     if not args.no_openvino:
-        print_openvino(eager, model, frozen, x, args.iters, args.threads)
+        print_openvino(eager, model, frozen, x, args.iters, args.threads, ours_by_block)
 
 
 if __name__ == "__main__":

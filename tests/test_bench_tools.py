@@ -282,3 +282,12 @@ def test_gpu_report_tunes_every_ghostnet_width():
     import gpu_report
     shapes = gpu_report.ghostnet_shapes()
     assert set(cases.GHOSTNET_SHAPES) <= set(shapes) and (8, 8, 112) in shapes and len(shapes) == len(set(shapes))
+
+
+def test_block_of():
+    import profile_batch1
+    assert profile_batch1.block_of("blocks.8.0.ghost1.primary_conv") == "blocks.8.0"
+    assert profile_batch1.block_of("blocks.6.1.ghost1.primary_conv.1:node_Conv_1305") == "blocks.6.1"
+    assert profile_batch1.block_of("bn1:node_Conv_1191") == profile_batch1.block_of("conv_stem") == "stem"
+    assert profile_batch1.block_of("classifier") == profile_batch1.block_of("conv_head") == "head"
+    assert profile_batch1.block_of("node_Reorder_3") == "other"
