@@ -219,6 +219,66 @@ GK_INLINE void gemm_nn(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_si
     gemm_tiles<T, 1>(M, N - wide, K, A, a_si, a_sk, B + wide, ldb, C + wide, ldc, accumulate, panel, finish);
 }
 
+// out[n * outputs + o] = finish(o, W[o] . x[n]) for the R rows of W at wr[] (o from o0 on) and
+// the I images from x[n0] on (rows of `inputs` elements): R x I independent sums, each vector of
+// W loaded (and widened) once for the I images.
+template <int R, int I, typename T, typename W, typename Finish>
+GK_INLINE void dot_tile(int64_t inputs, int64_t outputs, const T* x, int64_t n0, const W* const* wr, int64_t o0,
+                        T* out, Finish& finish) {
+  using S = Simd<T>;
+  using V = typename S::vec;
+  constexpr int L = S::lanes;
+  const int64_t whole = inputs / L * L;
+  const T* xi[I];
+  for (int i = 0; i < I; ++i) xi[i] = x + (n0 + i) * inputs;
+  V acc[R][I] = {};
+  for (int64_t k = 0; k < whole; k += L) {
+    V xv[I];
+    for (int i = 0; i < I; ++i) xv[i] = Simd<T>::load(xi[i] + k);
+    for (int r = 0; r < R; ++r) {
+      const V wv = load_widened(wr[r] + k);
+      for (int i = 0; i < I; ++i) acc[r][i] += wv * xv[i];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < I; ++i) {
+      T sum = T(0);
+      for (int l = 0; l < L; ++l) sum += acc[r][i][l];
+      for (int64_t k = whole; k < inputs; ++k) sum += widened(wr[r][k]) * xi[i][k];
+      out[(n0 + i) * outputs + o0 + r] = finish(o0 + r, sum);
+    }
+}
+
+// dot_tile over R rows of W from row o0 on and every image: by four images while four are left,
+// then two, then one.
+template <int R, typename T, typename W, typename Finish>
+GK_INLINE void dot_row_tile(int64_t batch, int64_t inputs, int64_t outputs, const T* x, const W* w, int64_t ld,
+                            T* out, int64_t o0, Finish& finish) {
+  const W* wr[R];
+  for (int r = 0; r < R; ++r) wr[r] = w + (o0 + r) * ld;
+  int64_t n = 0;
+  for (; n + 4 <= batch; n += 4) dot_tile<R, 4>(inputs, outputs, x, n, wr, o0, out, finish);
+  if (n + 2 <= batch) {
+    dot_tile<R, 2>(inputs, outputs, x, n, wr, o0, out, finish);
+    n += 2;
+  }
+  for (; n < batch; ++n) dot_tile<R, 1>(inputs, outputs, x, n, wr, o0, out, finish);
+}
+
+// The GEMVs of 1x1 maps and SE gates: out[n * outputs + o] = finish(o, W[o] . x[n]) for the rows
+// o in [begin, end) of W and every image n < batch, in float32 (or float64) arithmetic: four rows
+// at a time (the last one to three one by one), by tiles of images. Each vector of W is loaded
+// once per tile of images, not per image (960 -> 1280 and 1280 -> 1000: 1.25-1.40x faster at
+// batch 4-16, 1.19x at batch 2 than image by image). W: T, or the bits of bfloat16 weights
+// (float32 x only); row o of w at w + o * ld.
+template <typename T, typename W, typename Finish>
+GK_INLINE void dot_rows(int64_t batch, int64_t inputs, int64_t outputs, const T* x, const W* w, int64_t ld, T* out,
+                        int64_t begin, int64_t end, Finish finish) {
+  int64_t o = begin;
+  for (; o + 4 <= end; o += 4) dot_row_tile<4>(batch, inputs, outputs, x, w, ld, out, o, finish);
+  for (; o < end; ++o) dot_row_tile<1>(batch, inputs, outputs, x, w, ld, out, o, finish);
+}
+
 // gemm_nn without an epilogue as a function of its own: a kernel that multiplies in
 // several places (the backward's five products) compiles the GEMM once, not once per call site
 // (ghost_backward_cpu.cpp took 340 s to compile with them inlined, 117 s with this).

@@ -55,71 +55,18 @@ void pointwise_items(const PointwiseArgs& a, const T* x, const T* w, const T* b,
   }
 }
 
-// out[n, c] = W[c] . x[n] + b[c] for the R rows of W at wr[] (`rows` of them kept) and I images
-// from x[n0] on: R x I independent sums, each vector of W loaded (and widened) once for the I
-// images.
-template <int R, int I, typename T, typename W>
-GK_INLINE void dot_tile(int64_t inputs, int64_t outputs, const T* x, int64_t n0, const W* const* wr, int64_t rows,
-                        int64_t c0, const T* b, T* out) {
-  using S = Simd<T>;
-  using V = typename S::vec;
-  constexpr int L = S::lanes;
-  const int64_t whole = inputs / L * L;
-  const T* xi[I];
-  for (int i = 0; i < I; ++i) xi[i] = x + (n0 + i) * inputs;
-  V acc[R][I] = {};
-  for (int64_t k = 0; k < whole; k += L) {
-    V xv[I];
-    for (int i = 0; i < I; ++i) xv[i] = S::load(xi[i] + k);
-    for (int r = 0; r < R; ++r) {
-      const V wv = load_widened(wr[r] + k);
-      for (int i = 0; i < I; ++i) acc[r][i] += wv * xv[i];
-    }
-  }
-  for (int64_t r = 0; r < rows; ++r)
-    for (int i = 0; i < I; ++i) {
-      T sum = T(0);
-      for (int l = 0; l < L; ++l) sum += acc[r][i][l];
-      for (int64_t k = whole; k < inputs; ++k) sum += widened(wr[r][k]) * xi[i][k];
-      out[(n0 + i) * outputs + c0 + r] = b ? sum + b[c0 + r] : sum;
-    }
-}
-
 // 1x1 maps (conv_head, classifiers) in the AVX2 build and under float32_matmul_precision "medium":
-// out[n, c] = W[c] . x[n] + b[c] for rows c in [begin, end), as dot products along W's rows, four
-// rows at a time, by four images while four are left, then two, then one: each vector of W is
-// loaded once per tile of images, not per image (960 -> 1280 and 1280 -> 1000: 1.25-1.40x faster
-// at batch 4-16, 1.19x at batch 2 than image by image), in float32 arithmetic. W: T, or a frozen
-// weight's bfloat16 copy (the pass is memory-bound on W at batch 1: half the bytes); row c of w
-// at w + c * ld.
-template <typename T, typename W>
-void pointwise_dots(int64_t batch, int64_t inputs, int64_t outputs, const T* x, const W* w,
-                    int64_t ld, const T* b, T* out, int64_t begin, int64_t end) {
-  constexpr int R = 4;
-  for (int64_t c0 = begin; c0 < end; c0 += R) {
-    const int64_t rows = std::min<int64_t>(R, end - c0);
-    const W* wr[R];
-    for (int r = 0; r < R; ++r) wr[r] = w + std::min(c0 + r, end - 1) * ld;
-    int64_t n = 0;
-    for (; n + 4 <= batch; n += 4) dot_tile<R, 4>(inputs, outputs, x, n, wr, rows, c0, b, out);
-    if (n + 2 <= batch) {
-      dot_tile<R, 2>(inputs, outputs, x, n, wr, rows, c0, b, out);
-      n += 2;
-    }
-    for (; n < batch; ++n) dot_tile<R, 1>(inputs, outputs, x, n, wr, rows, c0, b, out);
-  }
-}
-
-// pointwise_dots over all of W's rows of a 1x1 map's (batch, inputs) x, into out. In the
-// bfloat16 mode a frozen graph's W is read as its bfloat16 copy.
+// dot_rows over all of W's rows of the (batch, inputs) x, into out. In the bfloat16 mode a frozen
+// graph's W is read as its bfloat16 copy (the pass is memory-bound on W at batch 1: half the bytes).
 template <typename T>
 void pointwise_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const at::Tensor& out) {
   const int64_t batch = x.size(0), inputs = x.size(1), outputs = w.size(0);
   const auto dots = [&](const auto* weights, int64_t ld) {
     // Blocks of 64 rows: 20 blocks to share out at conv_head's 1280 outputs.
+    const T* bias = b.defined() ? b.data_ptr<T>() : nullptr;
     at::parallel_for(0, outputs, 64, [&](int64_t begin, int64_t end) {
-      pointwise_dots(batch, inputs, outputs, x.data_ptr<T>(), weights, ld, b.defined() ? b.data_ptr<T>() : nullptr,
-                     out.data_ptr<T>(), begin, end);
+      dot_rows(batch, inputs, outputs, x.data_ptr<T>(), weights, ld, out.data_ptr<T>(), begin, end,
+               [bias](int64_t o, T sum) { return bias ? sum + bias[o] : sum; });
     });
   };
   if constexpr (std::is_same_v<T, float>) {

@@ -36,44 +36,10 @@ void plane_means(const T* x, int64_t size, T* means, int64_t begin, int64_t end)
 
 enum class Finish { ReLU, HardSigmoid };
 
-// out[n][o] = finish(b[o] + sum_i w[o][i] x[n][i]) for the outputs o in [begin, end): each row of
-// a 1x1 conv's weight (outputs, inputs) is one contiguous dot product per image, read from memory
-// once for all images. At batch 1 these GEMVs read more weight bytes than anything else in the
-// gate; MKL's addmm took ~28 us each for GhostNet's 960x240 ones, plus a copy of the bias.
-// W: T, or the bits of bfloat16 weights (float32 x only); row o of w at w + o * ld.
-template <typename T, typename W>
-void dense_rows(const T* x, int64_t batch, int64_t inputs, const W* w, int64_t ld, const T* b,
-                Finish finish, T* out, int64_t outputs, int64_t begin, int64_t end) {
-  using S = Simd<T>;
-  using V = typename S::vec;
-  constexpr int L = S::lanes;
-  for (int64_t o = begin; o < end; ++o) {
-    const W* row = w + o * ld;
-    for (int64_t n = 0; n < batch; ++n) {
-      const T* xn = x + n * inputs;
-      V even{}, odd{};  // two chains of vector adds
-      int64_t i = 0;
-      for (; i + 2 * L <= inputs; i += 2 * L) {
-        even += load_widened(row + i) * S::load(xn + i);
-        odd += load_widened(row + i + L) * S::load(xn + i + L);
-      }
-      if (i + L <= inputs) {
-        even += load_widened(row + i) * S::load(xn + i);
-        i += L;
-      }
-      even += odd;
-      T sum = b ? b[o] : T(0);
-      for (int l = 0; l < L; ++l) sum += even[l];
-      for (; i < inputs; ++i) sum += widened(row[i]) * xn[i];
-      // std::max(v, 0) keeps NaN (as relu and the composed gate do)
-      out[n * outputs + o] = finish == Finish::ReLU ? std::max(sum, T(0))
-                                                    : std::min(std::max(sum + T(3), T(0)), T(6)) / T(6);
-    }
-  }
-}
-
-// One 1x1 conv on the pooled (batch, inputs) means: both threads take rows of the weight when
-// there is enough of it to share. In the bfloat16 mode a frozen graph's weight is read as its
+// One 1x1 conv on the pooled (batch, inputs) means, as dot_rows (gemm.h): each row of the weight
+// read from memory once for all images (MKL's addmm took ~28 us for each of GhostNet's 960x240
+// ones at batch 1, plus a copy of the bias), both threads taking rows of the weight when there is
+// enough of it to share. In the bfloat16 mode a frozen graph's weight is read as its
 // bfloat16 copy (half the bytes of a pass that is all weight reads at batch 1).
 template <typename T>
 void dense(const T* x, int64_t batch, int64_t inputs, const at::Tensor& weight, const at::Tensor& bias,
@@ -81,9 +47,14 @@ void dense(const T* x, int64_t batch, int64_t inputs, const at::Tensor& weight, 
   const int64_t outputs = weight.size(0);
   if (batch == 0) return;
   const T* b = bias.defined() ? bias.data_ptr<T>() : nullptr;
+  // std::max(v, 0) keeps NaN (as relu and the composed gate do)
+  const auto activate = [b, finish](int64_t o, T sum) {
+    sum += b ? b[o] : T(0);
+    return finish == Finish::ReLU ? std::max(sum, T(0)) : std::min(std::max(sum + T(3), T(0)), T(6)) / T(6);
+  };
   const auto rows = [&](const auto* w, int64_t ld) {
     at::parallel_for(0, outputs, std::max<int64_t>(1, kGrainWork / (inputs * batch)), [&](int64_t begin, int64_t end) {
-      dense_rows(x, batch, inputs, w, ld, b, finish, out, outputs, begin, end);
+      dot_rows(batch, inputs, outputs, x, w, ld, out, begin, end, activate);
     });
   };
   if constexpr (std::is_same_v<T, float>) {
