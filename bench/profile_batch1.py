@@ -70,6 +70,13 @@ def block_of(name):
     return "other"
 
 
+def block_order(block):
+    """Sort key of block_of's names in the model's order."""
+    if block.startswith("blocks."):
+        return (1, *map(int, block.split(".")[1:]))
+    return ({"stem": 0, "head": 2}.get(block, 3),)
+
+
 def leaf_modules(model):
     """(name, module) of the outermost LEAF_TYPES modules (a Sequential only when empty)."""
     found = []
@@ -298,7 +305,7 @@ def print_openvino(eager, model, frozen, x, iters, threads, ours_by_block):
     print("by block: ours (the accelerated model's modules in the model, section 1; Python between them not"
           " included) against that inference of OpenVINO f32")
     print(f"{'block':<14}{'ours ms':>9}{'OpenVINO ms':>13}{'ours / OV':>11}")
-    for block in list(dict.fromkeys([*ours_by_block, *theirs])):
+    for block in sorted({*ours_by_block, *theirs}, key=block_order):
         ours, ov_ms = ours_by_block.get(block, 0.0), theirs.get(block, 0.0)
         print(f"{block:<14}{ours:9.3f}{ov_ms:13.3f}{(ours / ov_ms if ov_ms else float('nan')):11.2f}")
 

@@ -291,3 +291,6 @@ def test_block_of():
     assert profile_batch1.block_of("bn1:node_Conv_1191") == profile_batch1.block_of("conv_stem") == "stem"
     assert profile_batch1.block_of("classifier") == profile_batch1.block_of("conv_head") == "head"
     assert profile_batch1.block_of("node_Reorder_3") == "other"
+    blocks = ["other", "head", "blocks.10.0", "blocks.2.1", "blocks.2.0", "stem"]
+    assert sorted(blocks, key=profile_batch1.block_order) == ["stem", "blocks.2.0", "blocks.2.1", "blocks.10.0",
+                                                              "head", "other"]
