@@ -4,6 +4,7 @@
 #   bash bench/gpu_session.sh ops      # GPU tests, first call of accelerated GhostNet 1.0x, the op table
 #   bash bench/gpu_session.sh models   # whole models: GhostNet 1.0x float16 at batch 256 and 1 first
 #   bash bench/gpu_session.sh tune     # fill ghostkernels/triton_tuned.json for float16 (commit it)
+#   bash bench/gpu_session.sh train    # #15's AMP training steps: GhostNet 1.0x b128, Ghost-ResNet-56 b256
 # Results land in bench/results/ and are copied to $OUT, which the device tool brings back.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +16,9 @@ case "${1:-}" in
   models) python bench/e2e.py --device cuda --budget-s 360 2>&1 | tee "$OUT/e2e.log" ;;
   tune) python bench/gpu_report.py --tune --dtype float16 --batch 256 2>&1 | tee "$OUT/tune.log"
         cp ghostkernels/triton_tuned.json "$OUT/" ;;
-  *) echo "usage: bash bench/gpu_session.sh ops|models|tune" >&2; exit 2 ;;
+  train) device=$(python -c "import re, torch; print(re.sub(r'[^A-Za-z0-9]+', '-', torch.cuda.get_device_name()).strip('-'))")
+         python bench/train.py --device cuda --out "bench/results/$device-train.md" 2>&1 | tee "$OUT/train.log" ;;
+  *) echo "usage: bash bench/gpu_session.sh ops|models|tune|train" >&2; exit 2 ;;
 esac
 status=${PIPESTATUS[0]}
 cp bench/results/*.md bench/results/*.png "$OUT/" 2>/dev/null
