@@ -36,6 +36,18 @@ std::string bf16_gemm_status();
 // depth the engine gains at (AMX: 32, a tile's depth; dot products: any).
 bool bf16_gemm_enabled(at::ScalarType dtype, int64_t depth);
 
+// fn(rows, ld) with the weight rows a GEMV reads (gemm.h dot_rows): in the bfloat16 mode a frozen
+// weight's bfloat16 copy (frozen_weights.h; half the bytes of a pass that at batch 1 is all weight
+// reads), otherwise the weight itself, rows of `inputs` elements.
+template <typename T, typename Fn>
+void with_gemv_rows(const at::Tensor& weight, int64_t inputs, Fn fn) {
+  if constexpr (std::is_same_v<T, float>) {
+    const Bf16Rows w16 = bf16_gemm_enabled(at::kFloat, inputs) ? frozen_bf16_rows(weight) : Bf16Rows{};
+    if (w16.data) return fn(w16.data, w16.ld);
+  }
+  fn(weight.data_ptr<T>(), inputs);
+}
+
 // C[i * ldc + j] = sum_k A[i * a_si + k * a_sk] * B[k * ldb + j] for i < M, j < N, with A and
 // B rounded to bfloat16 (to nearest even) and the products summed in float32. A_bf16: A already
 // so, in the layout of a frozen weight's copy (frozen_weights.h: rows of K rounded up to 32

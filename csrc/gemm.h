@@ -234,7 +234,7 @@ GK_INLINE void dot_tile(int64_t inputs, int64_t outputs, const T* x, int64_t n0,
   V acc[R][I] = {};
   for (int64_t k = 0; k < whole; k += L) {
     V xv[I];
-    for (int i = 0; i < I; ++i) xv[i] = Simd<T>::load(xi[i] + k);
+    for (int i = 0; i < I; ++i) xv[i] = S::load(xi[i] + k);
     for (int r = 0; r < R; ++r) {
       const V wv = load_widened(wr[r] + k);
       for (int i = 0; i < I; ++i) acc[r][i] += wv * xv[i];

@@ -56,24 +56,19 @@ void pointwise_items(const PointwiseArgs& a, const T* x, const T* w, const T* b,
 }
 
 // 1x1 maps (conv_head, classifiers) in the AVX2 build and under float32_matmul_precision "medium":
-// dot_rows over all of W's rows of the (batch, inputs) x, into out. In the bfloat16 mode a frozen
-// graph's W is read as its bfloat16 copy (the pass is memory-bound on W at batch 1: half the bytes).
+// dot_rows over all of W's rows (with_gemv_rows: a frozen W as its bfloat16 copy in the bfloat16
+// mode) of the (batch, inputs) x, into out.
 template <typename T>
 void pointwise_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const at::Tensor& out) {
   const int64_t batch = x.size(0), inputs = x.size(1), outputs = w.size(0);
-  const auto dots = [&](const auto* weights, int64_t ld) {
+  const T* bias = b.defined() ? b.data_ptr<T>() : nullptr;
+  with_gemv_rows<T>(w, inputs, [&](const auto* weights, int64_t ld) {
     // Blocks of 64 rows: 20 blocks to share out at conv_head's 1280 outputs.
-    const T* bias = b.defined() ? b.data_ptr<T>() : nullptr;
     at::parallel_for(0, outputs, 64, [&](int64_t begin, int64_t end) {
       dot_rows(batch, inputs, outputs, x.data_ptr<T>(), weights, ld, out.data_ptr<T>(), begin, end,
                [bias](int64_t o, T sum) { return bias ? sum + bias[o] : sum; });
     });
-  };
-  if constexpr (std::is_same_v<T, float>) {
-    const Bf16Rows w16 = bf16_gemm_enabled(at::kFloat, inputs) ? frozen_bf16_rows(w) : Bf16Rows{};
-    if (w16.data) return dots(w16.data, w16.ld);
-  }
-  dots(w.data_ptr<T>(), inputs);
+  });
 }
 
 // The arguments of `op` (pointwise_conv2d or its pooled form) checked; whether the GEMM kernels

@@ -12,7 +12,6 @@
 #include <type_traits>
 
 #include "bf16_gemm.h"
-#include "frozen_weights.h"
 #include "gemm.h"
 #include "isa.h"
 
@@ -39,8 +38,8 @@ enum class Finish { ReLU, HardSigmoid };
 // One 1x1 conv on the pooled (batch, inputs) means, as dot_rows (gemm.h): each row of the weight
 // read from memory once for all images (MKL's addmm took ~28 us for each of GhostNet's 960x240
 // ones at batch 1, plus a copy of the bias), both threads taking rows of the weight when there is
-// enough of it to share. In the bfloat16 mode a frozen graph's weight is read as its
-// bfloat16 copy (half the bytes of a pass that is all weight reads at batch 1).
+// enough of it to share; a frozen graph's weight read as its bfloat16 copy in the bfloat16 mode
+// (with_gemv_rows).
 template <typename T>
 void dense(const T* x, int64_t batch, int64_t inputs, const at::Tensor& weight, const at::Tensor& bias,
            Finish finish, T* out) {
@@ -52,16 +51,11 @@ void dense(const T* x, int64_t batch, int64_t inputs, const at::Tensor& weight, 
     sum += b ? b[o] : T(0);
     return finish == Finish::ReLU ? std::max(sum, T(0)) : std::min(std::max(sum + T(3), T(0)), T(6)) / T(6);
   };
-  const auto rows = [&](const auto* w, int64_t ld) {
+  with_gemv_rows<T>(weight, inputs, [&](const auto* w, int64_t ld) {
     at::parallel_for(0, outputs, std::max<int64_t>(1, kGrainWork / (inputs * batch)), [&](int64_t begin, int64_t end) {
       dot_rows(batch, inputs, outputs, x, w, ld, out, begin, end, activate);
     });
-  };
-  if constexpr (std::is_same_v<T, float>) {
-    const Bf16Rows w16 = bf16_gemm_enabled(at::kFloat, inputs) ? frozen_bf16_rows(weight) : Bf16Rows{};
-    if (w16.data) return rows(w16.data, w16.ld);
-  }
-  rows(weight.data_ptr<T>(), inputs);
+  });
 }
 
 at::Tensor squeeze_excite_gate_cpu(const at::Tensor& x, const at::Tensor& w_reduce,

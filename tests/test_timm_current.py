@@ -58,7 +58,8 @@ def test_accelerate_train_outputs_and_gradients(source, version):
     assert_training_like_eager (float32 outputs, gradients in float64)."""
     model = build(source, version).train()
     model.requires_grad_(True)  # V3 deploy forms come with detached (requires_grad=False) parameters
-    # the same dropout mask (timm and Huawei V1/V2 use p=0.2 in the head)
+    # training_results draws the same dropout masks in all four runs (timm and Huawei V1/V2 use
+    # p=0.2 in the head)
     results, fast_exact = training_results(model, torch.randn(2, 3, 64, 64), check=False)
     assert len(fast_exact.acceleration_summary.fused) == 32, str(fast_exact.acceleration_summary)
     assert_training_like_eager(results)
