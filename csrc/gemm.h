@@ -203,28 +203,11 @@ GK_INLINE void finish_rows(int64_t M, int64_t N, T* C, int64_t ldc, Finish finis
   }
 }
 
-// gemm_tiles with one vector of columns when N fits in one, two otherwise; a last tile of at most
-// one vector's columns runs one vector wide (a 7x7 plane on AVX2: 48 + 1 columns, not 64 for 49;
-// the GEMM alone 7-8% faster there, frozen GhostNets 0.2-1.6%). finish(i, v) depends on the row
-// only, so the two column ranges may finish apart.
-template <typename T, typename Finish = Unchanged>
-GK_INLINE void gemm_nn(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_si, int64_t a_sk,
-                       const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate, T* panel,
-                       Finish finish = Finish()) {
-  constexpr int64_t L = Simd<T>::lanes;
-  if (N <= L) return gemm_tiles<T, 1>(M, N, K, A, a_si, a_sk, B, ldb, C, ldc, accumulate, panel, finish);
-  const int64_t rest = N % (2 * L), wide = rest > 0 && rest <= L ? N - rest : N;
-  gemm_tiles<T, 2>(M, wide, K, A, a_si, a_sk, B, ldb, C, ldc, accumulate, panel, finish);
-  if (wide < N)
-    gemm_tiles<T, 1>(M, N - wide, K, A, a_si, a_sk, B + wide, ldb, C + wide, ldc, accumulate, panel, finish);
-}
-
-// out[n * outputs + o] = finish(o, W[o] . x[n]) for the R rows of W at wr[] (o from o0 on) and
-// the I images from x[n0] on (rows of `inputs` elements): R x I independent sums, each vector of
-// W loaded (and widened) once for the I images.
-template <int R, int I, typename T, typename W, typename Finish>
-GK_INLINE void dot_tile(int64_t inputs, int64_t outputs, const T* x, int64_t n0, const W* const* wr, int64_t o0,
-                        T* out, Finish& finish) {
+// store(o, n, W[o] . x[n]) for the R rows of W at wr[] (o from o0 on) and the I images from x[n0]
+// on (rows of `inputs` elements): R x I independent sums, each vector of W loaded (and widened)
+// once for the I images.
+template <int R, int I, typename T, typename W, typename Store>
+GK_INLINE void dot_tile(int64_t inputs, const T* x, int64_t n0, const W* const* wr, int64_t o0, Store& store) {
   using S = Simd<T>;
   using V = typename S::vec;
   constexpr int L = S::lanes;
@@ -245,24 +228,77 @@ GK_INLINE void dot_tile(int64_t inputs, int64_t outputs, const T* x, int64_t n0,
       T sum = T(0);
       for (int l = 0; l < L; ++l) sum += acc[r][i][l];
       for (int64_t k = whole; k < inputs; ++k) sum += widened(wr[r][k]) * xi[i][k];
-      out[(n0 + i) * outputs + o0 + r] = finish(o0 + r, sum);
+      store(o0 + r, n0 + i, sum);
     }
 }
 
 // dot_tile over R rows of W from row o0 on and every image: by four images while four are left,
 // then two, then one.
-template <int R, typename T, typename W, typename Finish>
-GK_INLINE void dot_row_tile(int64_t batch, int64_t inputs, int64_t outputs, const T* x, const W* w, int64_t ld,
-                            T* out, int64_t o0, Finish& finish) {
+template <int R, typename T, typename W, typename Store>
+GK_INLINE void dot_row_tile(int64_t batch, int64_t inputs, const T* x, const W* w, int64_t ld, int64_t o0,
+                            Store& store) {
   const W* wr[R];
   for (int r = 0; r < R; ++r) wr[r] = w + (o0 + r) * ld;
   int64_t n = 0;
-  for (; n + 4 <= batch; n += 4) dot_tile<R, 4>(inputs, outputs, x, n, wr, o0, out, finish);
+  for (; n + 4 <= batch; n += 4) dot_tile<R, 4>(inputs, x, n, wr, o0, store);
   if (n + 2 <= batch) {
-    dot_tile<R, 2>(inputs, outputs, x, n, wr, o0, out, finish);
+    dot_tile<R, 2>(inputs, x, n, wr, o0, store);
     n += 2;
   }
-  for (; n < batch; ++n) dot_tile<R, 1>(inputs, outputs, x, n, wr, o0, out, finish);
+  for (; n < batch; ++n) dot_tile<R, 1>(inputs, x, n, wr, o0, store);
+}
+
+// store(o, n, W[o] . x[n]) for the rows o in [begin, end) of W (row o at w + o * ld) and every
+// image n < batch: four rows at a time (the last one to three one by one), by tiles of images.
+template <typename T, typename W, typename Store>
+GK_INLINE void dot_products(int64_t batch, int64_t inputs, const T* x, const W* w, int64_t ld, int64_t begin,
+                            int64_t end, Store store) {
+  int64_t o = begin;
+  for (; o + 4 <= end; o += 4) dot_row_tile<4>(batch, inputs, x, w, ld, o, store);
+  for (; o < end; ++o) dot_row_tile<1>(batch, inputs, x, w, ld, o, store);
+}
+
+// gemm_tiles with one vector of columns when N fits in one, two otherwise; a last tile of at most
+// one vector's columns runs one vector wide (a 7x7 plane on AVX2: 48 + 1 columns, not 64 for 49;
+// the GEMM alone 7-8% faster there, frozen GhostNets 0.2-1.6%). finish(i, v) depends on the row
+// only, so the column ranges may finish apart.
+// A tail of at most an eighth of a vector past N's whole vectors (a 7x7 plane's 49th column), which
+// a tile would compute in a whole vector's lanes, is dot products instead: A's rows (contiguous,
+// a_sk == 1) with the tail's columns copied into `panel`, finished in place. ghost_module at 7x7:
+// 1.10-1.23x faster on AVX-512, 1.09-1.18x on AVX2. Tails of a quarter (14x14: 192 + 4 on AVX-512)
+// gained nothing (0.94-1.06x).
+// The columns of N past its whole vectors of `lanes` that go to dot products, not to a tile: a
+// tail of at most an eighth of a vector (gemm_nn, and the bfloat16 dot_product of bf16_gemm.h).
+GK_INLINE int64_t dot_product_tail(int64_t N, int64_t lanes) {
+  const int64_t tail = N % lanes;
+  return N > lanes && tail <= lanes / 8 ? tail : 0;
+}
+
+template <typename T, typename Finish = Unchanged>
+GK_INLINE void gemm_nn(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_si, int64_t a_sk,
+                       const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate, T* panel,
+                       Finish finish = Finish()) {
+  constexpr int64_t L = Simd<T>::lanes;
+  const int64_t tail = dot_product_tail(N, L);
+  const bool dots = tail > 0 && K > 0 && a_sk == 1 && tail * K <= kBlock * 2 * L;
+  const int64_t tiled = dots ? N - tail : N;
+  if (tiled <= L) {
+    gemm_tiles<T, 1>(M, tiled, K, A, a_si, a_sk, B, ldb, C, ldc, accumulate, panel, finish);
+  } else {
+    const int64_t rest = tiled % (2 * L), wide = rest > 0 && rest <= L ? tiled - rest : tiled;
+    gemm_tiles<T, 2>(M, wide, K, A, a_si, a_sk, B, ldb, C, ldc, accumulate, panel, finish);
+    if (wide < tiled)
+      gemm_tiles<T, 1>(M, tiled - wide, K, A, a_si, a_sk, B + wide, ldb, C + wide, ldc, accumulate, panel, finish);
+  }
+  if (!dots) return;
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t j = 0; j < tail; ++j) panel[j * K + k] = B[k * ldb + tiled + j];
+  T* c = C + tiled;
+  dot_products(tail, K, panel, A, a_si, 0, M, [c, ldc, accumulate](int64_t i, int64_t j, T sum) {
+    T& out = c[i * ldc + j];
+    out = accumulate ? out + sum : sum;
+  });
+  finish_rows<T>(M, tail, c, ldc, finish);
 }
 
 // The GEMVs of 1x1 maps and SE gates: out[n * outputs + o] = finish(o, W[o] . x[n]) for the rows
@@ -274,9 +310,8 @@ GK_INLINE void dot_row_tile(int64_t batch, int64_t inputs, int64_t outputs, cons
 template <typename T, typename W, typename Finish>
 GK_INLINE void dot_rows(int64_t batch, int64_t inputs, int64_t outputs, const T* x, const W* w, int64_t ld, T* out,
                         int64_t begin, int64_t end, Finish finish) {
-  int64_t o = begin;
-  for (; o + 4 <= end; o += 4) dot_row_tile<4>(batch, inputs, outputs, x, w, ld, out, o, finish);
-  for (; o < end; ++o) dot_row_tile<1>(batch, inputs, outputs, x, w, ld, out, o, finish);
+  dot_products(batch, inputs, x, w, ld, begin, end,
+               [&finish, out, outputs](int64_t o, int64_t n, T sum) { out[n * outputs + o] = finish(o, sum); });
 }
 
 // gemm_nn without an epilogue as a function of its own: a kernel that multiplies in

@@ -62,7 +62,8 @@ def bf16_rounded_reference(x, w1, b1, w2, b2, oup, stride, activation):
     (300, 37, 4, 7, 1, "relu", (5, 5)),    # ratio 4, dw 7, K past a tile's depth several times
     (160, 960, 2, 1, 1, "relu", (7, 7)),   # GhostNet's ghost1 at 7x7; dw 1
     (16, 16, 2, 3, 1, "relu", (12, 12)),   # below 32 input channels: float32 on AMX
-    (7, 10, 2, 3, 1, "relu", (6, 5)),      # an odd depth: its last pair half zero
+    (7, 10, 2, 3, 1, "relu", (5, 10)),     # an odd depth: its last pair half zero; 48 + 2 columns
+    (40, 66, 2, 3, 1, "relu", (7, 7)),     # 48 + 1 pixels, 32 + 1 channels: a dot-product tail
 ])
 @pytest.mark.parametrize("batch", [0, 1, 2])
 @pytest.mark.parametrize("channels_last", [False, True])

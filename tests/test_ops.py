@@ -116,10 +116,11 @@ def test_large_planes_cross_band_and_channel_tiles():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("size", [(7, 7), (5, 10), (3, 17), (4, 13), (6, 8)], ids=str)
 def test_plane_widths_past_full_vectors(size, dtype):
-    """gemm.h's column tail (read in place but for the last rows, copied into the panel): planes
-    of 1-4 pixels past a whole number of vectors (GhostNet's 7x7 is 49 = 3 x 16 + 1) and one of
-    exactly three vectors (48), with inp past a k block (256) and not a multiple of the vector
-    width."""
+    """gemm.h's column tails: planes of 1-4 pixels past a whole number of vectors (GhostNet's 7x7
+    is 49 = 3 x 16 + 1; a tail of 1, and of 2 in float32 on AVX-512, is dot products, the others a
+    tile read in place but for the last rows, copied into the panel) and one of exactly three
+    vectors (48), with inp past a k block (256) and not a multiple of the vector width. The
+    backward's W1 gradient adds a dot-product tail to its sums (init 17 = 16 + 1 columns)."""
     config = (2, 3, 1, "relu", False, 1)
     out, grads, ref_out, ref_grads = run_both(config, dtype, batch=1, oup=33, size=size, inp=300)
     rtol = 1e-10 if dtype == torch.float64 else 1e-5
