@@ -258,6 +258,13 @@ GK_INLINE void dot_products(int64_t batch, int64_t inputs, const T* x, const W* 
   for (; o < end; ++o) dot_row_tile<1>(batch, inputs, x, w, ld, o, store);
 }
 
+// The columns of N past its whole vectors of `lanes` that go to dot products, not to a tile: a
+// tail of at most an eighth of a vector (gemm_nn, and the bfloat16 dot_product of bf16_gemm.h).
+GK_INLINE int64_t dot_product_tail(int64_t N, int64_t lanes) {
+  const int64_t tail = N % lanes;
+  return N > lanes && tail <= lanes / 8 ? tail : 0;
+}
+
 // gemm_tiles with one vector of columns when N fits in one, two otherwise; a last tile of at most
 // one vector's columns runs one vector wide (a 7x7 plane on AVX2: 48 + 1 columns, not 64 for 49;
 // the GEMM alone 7-8% faster there, frozen GhostNets 0.2-1.6%). finish(i, v) depends on the row
@@ -267,13 +274,6 @@ GK_INLINE void dot_products(int64_t batch, int64_t inputs, const T* x, const W* 
 // a_sk == 1) with the tail's columns copied into `panel`, finished in place. ghost_module at 7x7:
 // 1.10-1.23x faster on AVX-512, 1.09-1.18x on AVX2. Tails of a quarter (14x14: 192 + 4 on AVX-512)
 // gained nothing (0.94-1.06x).
-// The columns of N past its whole vectors of `lanes` that go to dot products, not to a tile: a
-// tail of at most an eighth of a vector (gemm_nn, and the bfloat16 dot_product of bf16_gemm.h).
-GK_INLINE int64_t dot_product_tail(int64_t N, int64_t lanes) {
-  const int64_t tail = N % lanes;
-  return N > lanes && tail <= lanes / 8 ? tail : 0;
-}
-
 template <typename T, typename Finish = Unchanged>
 GK_INLINE void gemm_nn(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_si, int64_t a_sk,
                        const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate, T* panel,
