@@ -21,10 +21,8 @@
 #include <tuple>
 #include <vector>
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && __GNUC__ >= 11
-#define GK_HAVE_BF16 1
+#ifdef GK_HAVE_BF16
 #include <cpuid.h>
-#include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif
@@ -179,20 +177,14 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void pack_a(const float* 
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) void pack_b(const float* B, int64_t ldb, int64_t K,
                                                                    int64_t N, int64_t kp, int64_t np,
                                                                    uint16_t* out) {
-  // interleave: [b0..b15 of row k, b0..b15 of row k+1] -> k0 k1 pairs per column
-  alignas(64) static const uint16_t order[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
-                                                  8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-  const __m512i index = _mm512_load_si512(order);
   for (int64_t k = 0; k < kp; k += 2) {
     uint16_t* dst = out + k * np;
-    const float* r0 = k < K ? B + k * ldb : nullptr;
     const float* r1 = k + 1 < K ? B + (k + 1) * ldb : nullptr;
     for (int64_t j = 0; j < np; j += 16) {
       const int64_t n = std::min<int64_t>(16, N - j);
       const __mmask16 m = n <= 0 ? 0 : (n >= 16 ? 0xFFFF : (__mmask16)((1u << n) - 1));
-      const __m512 lo = r0 ? _mm512_maskz_loadu_ps(m, r0 + j) : _mm512_setzero_ps();
-      const __m512 hi = r1 ? _mm512_maskz_loadu_ps(m, r1 + j) : _mm512_setzero_ps();
-      const __m512i pairs = _mm512_permutexvar_epi16(index, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+      const __m512i pairs =
+          k < K ? bf16_column_pairs(B + k * ldb + j, r1 ? r1 + j : nullptr, m) : _mm512_setzero_si512();
       _mm512_storeu_si512(dst + j * 2, pairs);
     }
   }

@@ -15,12 +15,15 @@
 #include "frozen_weights.h"
 #include "gemm.h"
 
-// The dot products need GCC's AVX512-BF16 intrinsics and the AVX-512 build's 64-byte vectors (an
-// epilogue's vectors are the accumulators); elsewhere the engine is AMX's or none.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && __GNUC__ >= 11 && \
-    GK_VECTOR_BYTES == 64
-#define GK_BF16_DOT 1
+// Both engines need GCC's AMX and AVX512-BF16 intrinsics; the dot products also the AVX-512
+// build's 64-byte vectors (an epilogue's vectors are the accumulators), elsewhere the engine is
+// AMX's or none.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && __GNUC__ >= 11
+#define GK_HAVE_BF16 1
 #include <immintrin.h>
+#if GK_VECTOR_BYTES == 64
+#define GK_BF16_DOT 1
+#endif
 #endif
 
 namespace ghostkernels {
@@ -57,6 +60,21 @@ void with_gemv_rows(const at::Tensor& weight, int64_t inputs, Fn fn) {
 void gemm_bf16(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_si, int64_t a_sk, const float* B,
                int64_t ldb, float* C, int64_t ldc, const uint16_t* A_bf16 = nullptr);
 
+#ifdef GK_HAVE_BF16
+// Columns [0, 16) in `mask` of a float32 row and the next row (nullptr past the matrix: zeros) as
+// bfloat16 pairs (row's, next's) per column, rounded to nearest even: B's layout for vdpbf16ps
+// and for AMX's bfloat16 tiles.
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) inline __m512i bf16_column_pairs(const float* row,
+                                                                                        const float* next,
+                                                                                        __mmask16 mask) {
+  // vcvtne2ps2bf16(next, row) holds row's 16 values, then next's; this interleaves them
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                              22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512 odd = next ? _mm512_maskz_loadu_ps(mask, next) : _mm512_setzero_ps();
+  return _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(odd, _mm512_maskz_loadu_ps(mask, row)));
+}
+#endif
+
 #ifdef GK_BF16_DOT
 // Whether gemm_bf16 runs on the AVX512-BF16 dot products.
 bool bf16_gemm_on_dot_products();
@@ -79,10 +97,6 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) inline void dot_tiles(con
   using V = Simd<float>::vec;
   constexpr int L = 16, NR = NV * L, MR = 16 / NV;
   constexpr int64_t kPanelPairs = 128;  // 128 pairs x 2 vectors = 16 KB of B, in L1 across the row tiles
-  // vcvtne2ps2bf16(odd row, even row) holds the even row's 16 values, then the odd row's; this
-  // interleaves them into (even, odd) pairs per column
-  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
-                                              22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   alignas(64) __m512i panel[kPanelPairs * NV];
   const int64_t pairs = (K + 1) / 2;
   for (int64_t p0 = 0; p0 < pairs; p0 += kPanelPairs) {
@@ -98,9 +112,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) inline void dot_tiles(con
         const int64_t k = 2 * (p0 + p);
         for (int v = 0; v < NV; ++v) {
           const float* even = B + k * ldb + j0 + v * L;
-          const __m512 odd = k + 1 < K ? _mm512_maskz_loadu_ps(masks[v], even + ldb) : _mm512_setzero_ps();
-          const __m512bh both = _mm512_cvtne2ps_pbh(odd, _mm512_maskz_loadu_ps(masks[v], even));
-          panel[p * NV + v] = _mm512_permutexvar_epi16(interleave, (__m512i)both);
+          panel[p * NV + v] = bf16_column_pairs(even, k + 1 < K ? even + ldb : nullptr, masks[v]);
         }
       }
       for (int64_t i0 = 0; i0 < M; i0 += MR) {
