@@ -254,8 +254,9 @@ def test_cpu_build_follows_the_instruction_set(monkeypatch, machine, capability,
 @pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512", reason="needs an AVX-512 CPU")
 def test_avx2_build_matches_the_reference_on_an_avx512_cpu():
     """The suite runs the build of the CPU it is on; on an AVX-512 CPU this runs the AVX2 build
-    (ATEN_CPU_CAPABILITY=avx2) through the C++ kernels' tests (about 2 minutes), so that both
-    builds are checked on either kind of machine."""
+    (ATEN_CPU_CAPABILITY=avx2) through the C++ kernels' tests (about 75 s), so that both
+    builds are checked on either kind of machine. The Triton tests in those files are left out:
+    the interpreter runs them the same under either build (a quarter of this test's time)."""
     env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2")
     check = "import ghostkernels; assert 'avx2 build' in ghostkernels.backends()['cpu']['reason']"
     subprocess.run([sys.executable, "-c", check], env=env, check=True)
@@ -264,7 +265,7 @@ def test_avx2_build_matches_the_reference_on_an_avx512_cpu():
         "ops", "direct_conv", "squeeze_excite", "cheap_mix", "pointwise_pool", "ghost_depthwise", "batch_norm",
         "ghost_residual", "train")]
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *files,
-                             "-k", "not avx2_build"], env=env, capture_output=True, text=True, timeout=1200)
+                             "-k", "not avx2_build and not triton"], env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
 
 
