@@ -84,6 +84,20 @@ GK_INLINE void store_first(T* dst, typename Simd<T>::vec v, int64_t n) {
   copy_run(dst, part, n);
 }
 
+// dst[t][c] = weight[c][t] for t < taps, c < lanes: taps given per channel (rows of `taps`
+// values), as vectors over the channels.
+template <typename T>
+GK_INLINE void taps_in_lanes(const T* const* weight, int64_t taps, typename Simd<T>::vec* dst) {
+  constexpr int L = Simd<T>::lanes;
+  typename Simd<T>::vec block[L];
+  for (int64_t t0 = 0; t0 < taps; t0 += L) {
+    const int64_t n = std::min<int64_t>(L, taps - t0);
+    for (int c = 0; c < L; ++c) block[c] = load_first(weight[c] + t0, n);
+    transpose_block<T>(block);
+    for (int64_t t = 0; t < n; ++t) dst[t0 + t] = block[t];
+  }
+}
+
 // A plane's extent, the output rows per band and the tile of pixel vectors that a band reads.
 template <typename T>
 struct LanesGeometry {
@@ -172,12 +186,7 @@ GK_INLINE void depthwise_lanes_k(const LanesGeometry<T>& g, const LaneChannels<T
   const T* weight[L];
   for (int c = 0; c < L; ++c) in[c] = ch.in[c < count ? c : 0], weight[c] = ch.weight[c < count ? c : 0];
   // The taps' weights and the biases as vectors over the channels.
-  for (int64_t t0 = 0; t0 < taps; t0 += L) {
-    const int64_t n = std::min<int64_t>(L, taps - t0);
-    for (int c = 0; c < L; ++c) block[c] = load_first(weight[c] + t0, n);
-    transpose_block<T>(block);
-    for (int64_t t = 0; t < n; ++t) w[t0 + t] = block[t];
-  }
+  taps_in_lanes(weight, taps, w);
   V bias{};
   for (int64_t c = 0; c < count; ++c) bias[c] = ch.bias[c];
   // Tile row r holds input row first + r, tile column u input column u - pad; zeros outside the plane.

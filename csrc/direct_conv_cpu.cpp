@@ -5,8 +5,9 @@
 // is copied once per band of rows, zero-padded and (stride 2) split into its four row/column parity
 // phases, so that every tap is one contiguous vector loop. Depthwise convs where that split costs
 // more than the taps (small planes; depthwise_lanes_pays) run with a vector's lanes of channels
-// side by side instead (depthwise_lanes.h). A channels_last stem is made NCHW first; other convs,
-// layouts and dtypes go to at::conv2d.
+// side by side instead (depthwise_lanes.h), and float32 stems whose outputs fill whole vectors
+// (dense_lanes_pays) with a vector's lanes of output channels (dense_lanes.h). A channels_last stem
+// is made NCHW first; other convs, layouts and dtypes go to at::conv2d.
 //
 // The backward of a depthwise conv (direct_conv2d_backward; training the depthwise convs a
 // GhostNet keeps outside its Ghost modules) works per (image, channel) plane with the Ghost
@@ -24,6 +25,7 @@
 #include <tuple>
 #include <vector>
 
+#include "dense_lanes.h"
 #include "depthwise_lanes.h"
 #include "direct_conv.h"
 #include "ghost_common.h"
@@ -74,6 +76,22 @@ void depthwise_items(const T* x, const T* w, const T* bias, Activation act, T* o
              out + (n * channels + c) * out_plane);
     if (g.stride == 1) depthwise_lanes<T, 1>(g, ch, act, 0, oh0, g.rows_in_band(oh0), scratch);
     else depthwise_lanes<T, 2>(g, ch, act, 0, oh0, g.rows_in_band(oh0), scratch);
+  }
+}
+
+// Float32 dense 3x3 convs of a few inputs (dense_lanes_pays), work items [begin, end) of (image, band
+// of output rows), every output channel.
+void dense_items(const float* x, const float* w, const float* bias, Activation act, float* out,
+                 const DenseLanesGeometry<float>& g, int64_t begin, int64_t end) {
+  const int64_t bands = g.bands();
+  Scratch buffers;
+  float* scratch = buffers.take<float>(g.scratch_size());
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t n = item / bands, oh0 = item % bands * g.band_rows(), rows = g.rows_in_band(oh0);
+    const float* xs = x + n * g.inputs * g.height * g.width;
+    float* os = out + n * g.out_channels * g.out_height * g.out_width;
+    if (g.stride == 1) dense_lanes_band<float, 1>(g, xs, w, bias, act, os, oh0, rows, scratch);
+    else dense_lanes_band<float, 2>(g, xs, w, bias, act, os, oh0, rows, scratch);
   }
 }
 
@@ -128,6 +146,17 @@ at::Tensor direct_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
     at::parallel_for(0, batch * groups * geometry.bands(), 1, [&](int64_t begin, int64_t end) {
       depthwise_items(input.data_ptr<float>(), w.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr, act,
                       out.data_ptr<float>(), geometry, channels, begin, end);
+    });
+    return out;
+  }
+  if (dtype == at::kFloat && dense_lanes_pays(groups, out_channels, k)) {
+    // bands enough for 4 items per thread
+    const int64_t min_bands = (4 * at::get_num_threads() + batch - 1) / batch;
+    const DenseLanesGeometry<float> geometry{channels, height, width, stride, out_height, out_width, out_channels,
+                                             min_bands};
+    at::parallel_for(0, batch * geometry.bands(), 1, [&](int64_t begin, int64_t end) {
+      dense_items(input.data_ptr<float>(), w.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr, act,
+                  out.data_ptr<float>(), geometry, begin, end);
     });
     return out;
   }

@@ -312,3 +312,36 @@ def test_depthwise_channels_in_lanes(channels, k, stride, size, dtype):
         with intra_op_threads(threads):
             out = torch.ops.ghostkernels.direct_conv2d(x, weight, bias, stride)
         torch.testing.assert_close(out, expected, rtol=tolerance, atol=tolerance)
+
+
+# The output-channels-in-lanes kernel (csrc/dense_lanes.h) takes float32 dense 3x3 convs of up to 4
+# inputs whose outputs fill whole vectors of lanes (16 on AVX-512, 8 on AVX2: 16, 32 and 48 either
+# way; 8 on AVX2 only, 20 on neither); 224x224 is GhostNet's stem, 1x1 and 2x3 planes have a
+# single tile column block, 300 rows make several bands, and 2 and 8 threads split the bands
+# further. A row's last pixels past its end are computed and not stored.
+@pytest.mark.parametrize("inp, out_channels", [(3, 16), (3, 32), (1, 48), (4, 16), (3, 8), (3, 20)])
+@pytest.mark.parametrize("stride, size, activation", [((2, (224, 224), "relu"))] + list(
+    itertools.product([1, 2], [(1, 1), (2, 3), (300, 20), (9, 37)], ["none", "relu"])))
+def test_dense_channels_in_lanes(inp, out_channels, stride, size, activation):
+    x = torch.randn(2, inp, *size)
+    weight, bias = torch.randn(out_channels, inp, 3, 3), torch.randn(out_channels)
+    expected = F.conv2d(x, weight, bias, stride, 1)
+    if activation == "relu":
+        expected = F.relu(expected)
+    for threads in (1, 2, 8):
+        with intra_op_threads(threads):
+            out = torch.ops.ghostkernels.direct_conv2d(x, weight, bias, stride, activation)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        assert out.is_contiguous()
+
+
+@pytest.mark.parametrize("activation", ["none", "relu"])
+def test_dense_channels_in_lanes_without_bias_and_with_nan(activation):
+    x = torch.randn(3, 3, 17, 23)
+    x[0, 1, 2, 3] = x[2, :, -1, -1] = float("nan")
+    weight = torch.randn(32, 3, 3, 3)
+    weight[5, 0, 1, 1] = float("nan")
+    out = torch.ops.ghostkernels.direct_conv2d(x, weight, None, 2, activation)
+    expected = F.conv2d(x, weight, None, 2, 1)
+    torch.testing.assert_close(out, F.relu(expected) if activation == "relu" else expected, rtol=1e-5, atol=1e-5,
+                               equal_nan=True)
