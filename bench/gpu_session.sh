@@ -6,6 +6,8 @@
 #   bash bench/gpu_session.sh tune     # fill ghostkernels/triton_tuned.json for float16 (commit it)
 #   bash bench/gpu_session.sh train    # #15's AMP training steps: GhostNet 1.0x b128, Ghost-ResNet-56 b256
 # Results land in bench/results/ and are copied to $OUT, which the device tool brings back.
+# A session's device time is now 15 minutes, machine start included (the device tool's status,
+# budget_left_s 900): that is ops, then models if time is left; tune and train in later sessions.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export GHOSTKERNELS_DISABLE_CPP=1 PYTHONPATH=. OPENBLAS_NUM_THREADS=1
