@@ -211,22 +211,30 @@ GK_INLINE void dot_tile(int64_t inputs, const T* x, int64_t n0, const W* const* 
   using S = Simd<T>;
   using V = typename S::vec;
   constexpr int L = S::lanes;
+  // P sums per row and image along k, so that a tile of fewer than four keeps four FMA chains in flight
+  constexpr int P = R * I >= 4 ? 1 : 4 / (R * I);
   const int64_t whole = inputs / L * L;
   const T* xi[I];
   for (int i = 0; i < I; ++i) xi[i] = x + (n0 + i) * inputs;
-  V acc[R][I] = {};
-  for (int64_t k = 0; k < whole; k += L) {
+  V acc[R][I][P] = {};
+  auto step = [&](int64_t k, int p) __attribute__((always_inline)) {
     V xv[I];
     for (int i = 0; i < I; ++i) xv[i] = S::load(xi[i] + k);
     for (int r = 0; r < R; ++r) {
       const V wv = load_widened(wr[r] + k);
-      for (int i = 0; i < I; ++i) acc[r][i] += wv * xv[i];
+      for (int i = 0; i < I; ++i) acc[r][i][p] += wv * xv[i];
     }
-  }
+  };
+  int64_t k = 0;
+  for (; k + P * L <= whole; k += P * L)
+    for (int p = 0; p < P; ++p) step(k + p * L, p);
+  for (; k < whole; k += L) step(k, 0);
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < I; ++i) {
+      V total = acc[r][i][0];
+      for (int p = 1; p < P; ++p) total += acc[r][i][p];
       T sum = T(0);
-      for (int l = 0; l < L; ++l) sum += acc[r][i][l];
+      for (int l = 0; l < L; ++l) sum += total[l];
       for (int64_t k = whole; k < inputs; ++k) sum += widened(wr[r][k]) * xi[i][k];
       store(o0 + r, n0 + i, sum);
     }
@@ -249,12 +257,14 @@ GK_INLINE void dot_row_tile(int64_t batch, int64_t inputs, const T* x, const W* 
 }
 
 // store(o, n, W[o] . x[n]) for the rows o in [begin, end) of W (row o at w + o * ld) and every
-// image n < batch: four rows at a time (the last one to three one by one), by tiles of images.
+// image n < batch: four rows at a time (the last one to three one by one), by tiles of images;
+// one by one where `streamed` (dot_rows).
 template <typename T, typename W, typename Store>
 GK_INLINE void dot_products(int64_t batch, int64_t inputs, const T* x, const W* w, int64_t ld, int64_t begin,
-                            int64_t end, Store store) {
+                            int64_t end, Store store, bool streamed = false) {
   int64_t o = begin;
-  for (; o + 4 <= end; o += 4) dot_row_tile<4>(batch, inputs, x, w, ld, o, store);
+  if (!streamed)
+    for (; o + 4 <= end; o += 4) dot_row_tile<4>(batch, inputs, x, w, ld, o, store);
   for (; o < end; ++o) dot_row_tile<1>(batch, inputs, x, w, ld, o, store);
 }
 
@@ -303,15 +313,19 @@ GK_INLINE void gemm_nn(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_si
 
 // The GEMVs of 1x1 maps and SE gates: out[n * outputs + o] = finish(o, W[o] . x[n]) for the rows
 // o in [begin, end) of W and every image n < batch, in float32 (or float64) arithmetic: four rows
-// at a time (the last one to three one by one), by tiles of images. Each vector of W is loaded
-// once per tile of images, not per image (960 -> 1280 and 1280 -> 1000: 1.25-1.40x faster at
-// batch 4-16, 1.19x at batch 2 than image by image). W: T, or the bits of bfloat16 weights
-// (float32 x only); row o of w at w + o * ld.
+// at a time, by tiles of images. Each vector of W is loaded once per tile of images, not per image
+// (960 -> 1280 and 1280 -> 1000: 1.25-1.40x faster at batch 4-16, 1.19x at batch 2 than image by
+// image). A single image takes the rows one by one, with four sums along k: W is read as one
+// stream, which from memory (a batch-1 forward's head and SE weights) ran faster than four rows
+// side by side (Zen 4, weights evicted: SE gates 1.07-1.22x, 1x1 maps 1.03-1.18x; frozen GhostNets
+// 1.02-1.05x; in cache 0.95-1.08x). W: T, or the bits of bfloat16 weights (float32 x only); row o
+// of w at w + o * ld.
 template <typename T, typename W, typename Finish>
 GK_INLINE void dot_rows(int64_t batch, int64_t inputs, int64_t outputs, const T* x, const W* w, int64_t ld, T* out,
                         int64_t begin, int64_t end, Finish finish) {
-  dot_products(batch, inputs, x, w, ld, begin, end,
-               [&finish, out, outputs](int64_t o, int64_t n, T sum) { out[n * outputs + o] = finish(o, sum); });
+  dot_products(
+      batch, inputs, x, w, ld, begin, end,
+      [&finish, out, outputs](int64_t o, int64_t n, T sum) { out[n * outputs + o] = finish(o, sum); }, batch == 1);
 }
 
 // gemm_nn without an epilogue as a function of its own: a kernel that multiplies in
