@@ -5,7 +5,7 @@
 // and the input is not split into phases. The phase-split conv (direct_conv.h) spent ~75 us of
 // its 274 us per 224x224 image on GhostNet's stem (one thread) in per-band phase buffers and
 // copies, and its tap loops ran at 60-70% of the FMA rate. On that stem (AVX-512, 2 threads, in
-// one process) this kernel is 1.09-1.15x faster at batch 1 and 1.30-1.48x at batch 8. Built for
+// one process) this kernel is 1.11-1.15x faster at batch 1 and 1.30-1.48x at batch 8. Built for
 // float32 (float64 is for checking, not speed); dense_lanes_pays says where it is used.
 #pragma once
 

@@ -322,7 +322,7 @@ def test_depthwise_channels_in_lanes(channels, k, stride, size, dtype):
 # single tile column block, 300 rows make several bands, and 2 and 8 threads split the bands
 # further. A row's last pixels past its end are computed and not stored.
 @pytest.mark.parametrize("inp, out_channels", [(3, 16), (3, 32), (1, 48), (4, 16), (3, 8), (3, 20)])
-@pytest.mark.parametrize("stride, size, activation", [((2, (224, 224), "relu"))] + list(
+@pytest.mark.parametrize("stride, size, activation", [(2, (224, 224), "relu")] + list(
     itertools.product([1, 2], [(1, 1), (2, 3), (300, 20), (9, 37)], ["none", "relu"])))
 def test_dense_channels_in_lanes(inp, out_channels, stride, size, activation):
     x = torch.randn(2, inp, *size)
