@@ -121,11 +121,9 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) inline void dot_tiles(con
       const int64_t next_k = next_columns ? 2 * p0 : 2 * (p0 + pb);  // the next strip's first row
       const float* next = B + std::min(next_k, K - 1) * ldb + (next_columns ? j0 + NR : 0);
       const int64_t next_rows = std::max<int64_t>(0, std::min(2 * (next_columns ? pb : kPanelPairs), K - next_k));
-      const int64_t row_tiles = std::max<int64_t>(1, (M + MR - 1) / MR);
-      const int64_t rows_per_tile = (next_rows + row_tiles - 1) / row_tiles;
+      const int64_t row_tiles = (M + MR - 1) / MR;
       for (int64_t i0 = 0; i0 < M; i0 += MR) {
-        const int64_t first = i0 / MR * rows_per_tile;
-        prefetch_strip(next, ldb, first, std::min(next_rows, first + rows_per_tile), NR);
+        prefetch_slice(next, ldb, next_rows, i0 / MR, row_tiles, NR);
         const uint32_t* rows[MR];
         for (int r = 0; r < MR; ++r) rows[r] = a_pairs + std::min<int64_t>(i0 + r, M - 1) * lda + p0;
         __m512 acc[MR][NV];

@@ -134,12 +134,14 @@ GK_INLINE void row_tile(int64_t i0, int64_t mr, int64_t M, const T* A, int64_t a
   }
 }
 
-// Rows [begin, end) of a strip of `width` elements at `rows` (row stride ld) fetched into L2, each
-// cache line of a row once.
+// Slice `slice` of `slices` of the rows [0, rows) of a strip of `width` elements at `strip` (row
+// stride ld) fetched into L2, each cache line of a row once: a GEMM fetches its next strip of B
+// one slice before each row tile of the current one.
 template <typename T>
-GK_INLINE void prefetch_strip(const T* rows, int64_t ld, int64_t begin, int64_t end, int64_t width) {
-  for (int64_t k = begin; k < end; ++k) {
-    const uintptr_t first = reinterpret_cast<uintptr_t>(rows + k * ld), last = first + (width - 1) * sizeof(T);
+GK_INLINE void prefetch_slice(const T* strip, int64_t ld, int64_t rows, int64_t slice, int64_t slices, int64_t width) {
+  const int64_t per_slice = (rows + slices - 1) / slices, end = std::min(rows, (slice + 1) * per_slice);
+  for (int64_t k = slice * per_slice; k < end; ++k) {
+    const uintptr_t first = reinterpret_cast<uintptr_t>(strip + k * ld), last = first + (width - 1) * sizeof(T);
     for (uintptr_t line = first & ~uintptr_t(63); line <= last; line += 64)
       __builtin_prefetch(reinterpret_cast<const void*>(line), 0, 2);
   }
@@ -187,12 +189,10 @@ GK_INLINE void gemm_tiles(int64_t M, int64_t N, int64_t K, const T* A, int64_t a
       const bool next_columns = j0 + NR < N;
       const T* next = next_columns ? b + NR : B + std::min(k0 + kb, K - 1) * ldb;
       const int64_t next_rows = next_columns ? kb : std::min(kBlock, K - k0 - kb);
-      const int64_t row_tiles = std::max<int64_t>(1, (M + MR - 1) / MR);
-      const int64_t rows_per_tile = (next_rows + row_tiles - 1) / row_tiles;
+      const int64_t row_tiles = (M + MR - 1) / MR;
       for (int64_t i0 = 0; i0 < M; i0 += MR) {
         const int64_t mr = std::min<int64_t>(MR, M - i0);
-        const int64_t first = i0 / MR * rows_per_tile;
-        prefetch_strip(next, ldb, first, std::min(next_rows, first + rows_per_tile), NR);
+        prefetch_slice(next, ldb, next_rows, i0 / MR, row_tiles, NR);
         // A last tile of at most MR / 2 rows computes only MR / 2: a full one would spend FMAs
         // on copies of row M - 1 (10 rows cost as much as 16).
         if (mr <= MR / 2)
