@@ -2,16 +2,21 @@
 
 The fused ops are custom `torch.library` ops, which no ONNX exporter knows; the exported graph
 must hold Conv, Relu, Concat, Slice, Sigmoid, Resize, Mul, Add, ReduceMean, HardSigmoid... and
-nothing of ghostkernels. Nothing to pass: `import ghostkernels` is enough.
+nothing of ghostkernels. For the library's modules and functions nothing is to be passed:
+`import ghostkernels` is enough.
 
 - `dynamo=False` (TorchScript tracing, eager): while `torch.onnx.is_in_onnx_export()`, the
   library's entry points (`ops.call`, hence every module forward and the functional
   `ghost_module` / `cheap_mix`) run each op's ATen composition instead of the op
   (`ops.onnx_exporting`). A model that calls `torch.ops.ghostkernels.<op>` itself gets a
   TorchScript symbolic function per op (opset >= 11).
-- `dynamo=True` (torch.export, where that flag cannot be traced): the ops stay ops in the
-  captured graph, and each op's composition, registered as a decomposition in
-  `torch._decomp.decomposition_table`, replaces it before translation.
+- `dynamo=True` (torch.export): the flag holds through the exporter's torch.export capture
+  too, so the same entry points put the compositions into the captured graph. An op called as
+  `torch.ops.ghostkernels.<op>` stays an op there, which the exporter cannot translate:
+  decompose the program first with `decompositions()`, as an `ExportedProgram` made outside
+  the exporter must be (`torch.export.export(...).run_decompositions(decompositions())`).
+  They are not registered in `torch._decomp.decomposition_table`: inductor refuses to compile
+  an op with a global decomposition as a fallback kernel when the environment sets `CI`.
 
 `cheap_mix_into` (in place, into a slice) has neither: the library never calls it while
 exporting (GGhostStage then takes the functional path, as under torch.compile).
@@ -23,7 +28,7 @@ from . import cheap_mix as _cheap_mix
 from . import direct_conv, modules, pointwise_pool, squeeze_excite
 from .reference import ghost_module_gated_reference, ghost_module_reference, output_memory_format
 
-__all__ = ["COMPOSITIONS", "composed"]
+__all__ = ["COMPOSITIONS", "composed", "decompositions"]
 
 
 def _ghost_module(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation):
@@ -79,15 +84,6 @@ def composed(op, *args):
 
 
 # -- dynamo=True: the compositions as decompositions -------------------------------------
-#
-# torch.onnx.export(dynamo=True) runs torch.export, then ExportedProgram.run_decompositions
-# with torch.export's default table plus torch._decomp.decomposition_table (for the ops the
-# ONNX registry lacks), then translates. Registered there, each op becomes its composition
-# before translation. Outside an export the table is read by the fake-tensor propagation of
-# dynamic shapes (torch.compile, torch.export), which then takes the composition's shape
-# rather than the fake kernel's (the same; the output's memory format is made the fake
-# kernel's too), and by whoever passes the whole table to make_fx (the composition computes
-# the op). Inductor and torch.export.default_decompositions() have tables of their own.
 
 def _decomposition(name):
     composition = COMPOSITIONS[name]
@@ -102,8 +98,12 @@ def _decomposition(name):
     return decomposition
 
 
-for _name in COMPOSITIONS:
-    torch._decomp.decomposition_table[getattr(torch.ops.ghostkernels, _name).default] = _decomposition(_name)
+def decompositions():
+    """{op overload: its ATen composition} for every ghostkernels op, as
+    ExportedProgram.run_decompositions takes it: a program whose graph holds the ops themselves
+    (they were called directly, or torch.export ran outside torch.onnx.export) then exports to
+    ONNX with dynamo=True. The output keeps the op's memory format (the fake kernel's)."""
+    return {getattr(torch.ops.ghostkernels, name).default: _decomposition(name) for name in COMPOSITIONS}
 
 
 # -- dynamo=False: TorchScript symbolic functions ----------------------------------------

@@ -361,10 +361,11 @@ def apply(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channel
     return call(op, *args)
 
 
-def _onnx_export_flag():
-    """torch.onnx.is_in_onnx_export without its two imports per call (1.3 us, as much as a
-    small op's kernel): both exporters' flags read directly where this torch keeps them, the
-    public function otherwise."""
+def _onnx_export_flags():
+    """Readers of torch.onnx.export's flags: (either exporter's, for eager code; the dynamo=True
+    exporter's alone, for code that torch.export traces). Both read where this torch keeps the
+    flags: torch.onnx.is_in_onnx_export costs two imports a call (1.3 us, as much as a small
+    op's kernel), and torch.compile refuses to trace either it or the TorchScript exporter's flag."""
     try:
         from torch.onnx._internal.exporter import _flags
         try:
@@ -372,31 +373,36 @@ def _onnx_export_flag():
         except ImportError:  # torch < 2.9
             from torch.onnx._globals import GLOBALS
     except ImportError:
-        return torch.onnx.is_in_onnx_export
+        return torch.onnx.is_in_onnx_export, lambda: False
     if not hasattr(_flags, "_is_onnx_exporting") or not hasattr(GLOBALS, "in_onnx_export"):
-        return torch.onnx.is_in_onnx_export
-    return lambda: GLOBALS.in_onnx_export or _flags._is_onnx_exporting
+        return torch.onnx.is_in_onnx_export, lambda: False
+    return (lambda: GLOBALS.in_onnx_export or _flags._is_onnx_exporting), (lambda: _flags._is_onnx_exporting)
 
 
-_onnx_export_flag_reader = _onnx_export_flag()
+_onnx_export_flag_reader, _dynamo_onnx_export_flag_reader = _onnx_export_flags()
 
 
 def onnx_exporting():
-    """Whether torch.onnx.export is tracing eagerly (dynamo=False): the ops then run their ATen
-    compositions (onnx_export.py). Never under torch.compile / torch.export, which cannot trace
-    the flag: there (dynamo=True) the ops stay ops and onnx_export.py's decompositions take them
-    apart."""
-    return not torch.compiler.is_compiling() and _onnx_export_flag_reader()
+    """Whether torch.onnx.export is capturing the model, with either exporter (dynamo=True: its
+    torch.export trace included): the library's entry points then run their ops' ATen
+    compositions (onnx_export.py)."""
+    if torch.compiler.is_compiling():
+        return _dynamo_onnx_export_flag_reader()
+    return _onnx_export_flag_reader()
+
+
+def _composed(op, args):
+    from .onnx_export import composed
+    return composed(op, *args)
 
 
 def call(op, *args):
     """op(*args), skipping the Python autograd kernel (several microseconds a call) when no
     graph is recorded. During an ONNX export, op's ATen composition (onnx_export.py)."""
     if torch.compiler.is_compiling():
-        return op(*args)
+        return _composed(op, args) if onnx_exporting() else op(*args)
     if _onnx_export_flag_reader():  # onnx_exporting(), is_compiling() already known False
-        from .onnx_export import composed
-        return composed(op, *args)
+        return _composed(op, args)
     if not torch.is_grad_enabled():
         with torch._C._AutoDispatchBelowAutograd():
             return op(*args)

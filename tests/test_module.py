@@ -102,7 +102,9 @@ def test_float32_module():
         torch.testing.assert_close(ours(x).double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
-def test_compile_fullgraph_eval():
+def test_compile_fullgraph_eval(monkeypatch):
+    # inductor's fallback kernels are stricter where CI is set (GitHub Actions sets it): see test_onnx
+    monkeypatch.setenv("CI", "true")
     _, ours = pair(dtype=torch.float32, inp=8, oup=12)
     ours.eval()
     x = torch.randn(2, 8, 10, 10)
