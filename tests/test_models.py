@@ -278,3 +278,14 @@ def test_accelerated_ghostnet_compiles_and_exports():
     ops_seen = {str(node.target).split(".")[1] for node in exported.graph.nodes if "ghostkernels" in str(node.target)}
     assert ops_seen == {"ghost_module", "ghost_module_depthwise", "ghost_module_scaled", "squeeze_excite_gate",
                         "direct_conv2d", "pointwise_conv2d"}
+
+
+def test_accelerated_ghostnet_compiles_with_dynamic_shapes():
+    """torch.compile(dynamic=True): the fake kernels propagate symbolic batch and spatial sizes (no
+    global decomposition stands in for them: test_onnx's test_no_global_decompositions)."""
+    model = randomise_bn(ghostnet_050(num_classes=10, fused=False), spread=0.2).eval()
+    compiled = torch.compile(accelerate(model), dynamic=True, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        for shape in ((2, 3, 64, 64), (3, 3, 72, 56)):
+            x = torch.randn(shape)
+            assert_close32(compiled(x), model(x))
