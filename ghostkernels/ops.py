@@ -399,8 +399,8 @@ def _composed(op, args):
 def call(op, *args):
     """op(*args), skipping the Python autograd kernel (several microseconds a call) when no
     graph is recorded. During an ONNX export, op's ATen composition (onnx_export.py)."""
-    if torch.compiler.is_compiling():
-        return _composed(op, args) if onnx_exporting() else op(*args)
+    if torch.compiler.is_compiling():  # onnx_exporting() as traced
+        return _composed(op, args) if _dynamo_onnx_export_flag_reader() else op(*args)
     if _onnx_export_flag_reader():  # onnx_exporting(), is_compiling() already known False
         return _composed(op, args)
     if not torch.is_grad_enabled():
