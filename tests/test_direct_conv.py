@@ -213,14 +213,17 @@ def test_nan_stays_where_conv2d_puts_it(channels, stride, activation):
 
 # ghostkernels::pointwise_conv2d (the 1x1 shortcut and head convs), the other conv op accelerate() uses
 
-# 23x23: one pixel chunk (512) and a tail; 300 inputs: two K blocks of the GEMM; 8 threads on
+# 23x23: two equal pixel chunks; 56x56 at batch 1: eight chunks of 400 pixels (a multiple of the
+# threads), the last one short; 3 images of 29x31: chunks of whole vectors, with 8 threads the last
+# one 3 pixels; 300 inputs: two K blocks of the GEMM; 8 threads on
 # 14x14 and 5x5 maps: output-channel blocks, the last one short; 1x1 maps: MKL's GEMV or (AVX2
 # build) the dot products, 70 inputs for a vector tail, 33 outputs for a short group of rows, 7
 # images for the dots' tiles of 4, 2 and 1 image; one image takes the rows one by one with four
 # sums along k (300 inputs: whole steps of four vectors, then single vectors, then a tail)
 @pytest.mark.parametrize("batch, inp, out, size", [(1, 16, 24, (23, 23)), (3, 300, 37, (5, 5)), (0, 4, 6, (3, 3)),
                                                    (1, 40, 80, (14, 14)), (2, 7, 5, (1, 9)), (7, 70, 33, (1, 1)),
-                                                   (1, 300, 37, (1, 1)), (1, 70, 33, (1, 1))])
+                                                   (1, 300, 37, (1, 1)), (1, 70, 33, (1, 1)),
+                                                   (1, 8, 5, (56, 56)), (3, 5, 9, (29, 31))])
 @pytest.mark.parametrize("threads", [1, 2, 8])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("bias", [True, False])
