@@ -322,10 +322,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_conv2d_backward_cpu(const 
     using T = scalar_t;
     std::vector<T> weight_partials(threads * channels * taps_n, T(0)), bias_partials(threads * channels, T(0));
     if (stride == 1) {
-      const std::vector<T> masks = column_masks<T>(g, g.out_height);
+      const auto masks = column_masks<T>(g, g.out_height);
       at::parallel_for(0, x.size(0) * channels, 1, [&](int64_t begin, int64_t end) {
         depthwise_backward_items(grad.data_ptr<T>(), x.data_ptr<T>(), w.data_ptr<T>(), grad_x.data_ptr<T>(),
-                                 weight_partials.data(), bias_partials.data(), g, channels, masks.data(),
+                                 weight_partials.data(), bias_partials.data(), g, channels, masks->data(),
                                  mask_stride(g, g.out_height), begin, end);
       });
     } else {
@@ -339,11 +339,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_conv2d_backward_cpu(const 
           const int64_t a = (sy - py) / 2, b = (sx - px) / 2;
           layout[dy * k + dx] = PhaseTap{2 * py + px, a * grid.out_width + b, b};
         }
-      const std::vector<T> masks = column_masks<T>(grid, grid.out_height);
+      const auto masks = column_masks<T>(grid, grid.out_height);
       at::parallel_for(0, x.size(0) * channels, 1, [&](int64_t begin, int64_t end) {
         depthwise_backward_items_stride2(grad.data_ptr<T>(), x.data_ptr<T>(), w.data_ptr<T>(), grad_x.data_ptr<T>(),
                                          weight_partials.data(), bias_partials.data(), grid, g.out_height,
-                                         g.out_width, k, channels, layout.data(), masks.data(),
+                                         g.out_width, k, channels, layout.data(), masks->data(),
                                          mask_stride(grid, grid.out_height), begin, end);
       });
     }

@@ -252,10 +252,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_mod
     if (grad.numel() > 0) {
       Tiling t = choose_tiling(g, sizeof(T), false, 1024 * 1024, 2);
       const int64_t mask_rows = t.rows + 2 * g.pad;
-      const std::vector<T> masks = column_masks<T>(g, mask_rows);
+      const auto masks = column_masks<T>(g, mask_rows);
       const std::vector<T> w2t = transposed(w2.data_ptr<T>(), g.ghosts, g.dw * g.dw);
       BackwardArgs<T> a{&g, &t, grad.data_ptr<T>(), out.data_ptr<T>(), x.data_ptr<T>(), w1.data_ptr<T>(),
-                        w2.data_ptr<T>(), w2t.data(), masks.data(), mask_stride(g, mask_rows),
+                        w2.data_ptr<T>(), w2t.data(), masks->data(), mask_stride(g, mask_rows),
                         grad_x.defined() ? grad_x.data_ptr<T>() : nullptr,
                         grad_z1.defined() ? grad_z1.data_ptr<T>() : nullptr,
                         partials.data()};

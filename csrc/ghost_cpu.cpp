@@ -590,7 +590,7 @@ at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& w1_in, const c1
     // whole rows of them, and x's pixels are read once.
     const Tiling t = choose_tiling(g, sizeof(scalar_t), !g.channels_last, 512 * 1024, 1);
     const int64_t mask_rows = t.rows + 2 * g.pad;
-    const std::vector<scalar_t> masks = column_masks<scalar_t>(g, mask_rows);
+    const auto masks = column_masks<scalar_t>(g, mask_rows);
     const scalar_t* w1p = w1.data_ptr<scalar_t>();
     // NHWC broadcasts x and loads rows of W1^T, and its depthwise loop reads W2^T; NCHW broadcasts
     // W1 and loads rows of x, and reads W2's rows.
@@ -621,7 +621,7 @@ at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& w1_in, const c1
                             g.kernel == 1 && b1c.defined() ? b1c.data_ptr<scalar_t>() : nullptr,
                             w2.data_ptr<scalar_t>(), w2t.data(), w2_rows.empty() ? nullptr : w2_rows.data(),
                             b2c.defined() ? b2c.data_ptr<scalar_t>() : nullptr,
-                            masks.data(), mask_stride(g, mask_rows), out.data_ptr<scalar_t>(),
+                            masks->data(), mask_stride(g, mask_rows), out.data_ptr<scalar_t>(),
                             gate_values.defined() ? &gate : nullptr,
                             residual.defined() ? residual.data_ptr<scalar_t>() : nullptr,
                             g.kernel == 1 && bf16_gemm_enabled(x.scalar_type(), g.inp)};
@@ -686,12 +686,12 @@ at::Tensor ghost_module_depthwise_cpu(const at::Tensor& x_in, const at::Tensor& 
       };
       while (d.group > 8 && d.group * channel_bytes > 256 * 1024) regroup((d.group + 1) / 2);
       while (d.group > 8 && g.batch * plane.bands() * d.groups < at::get_num_threads()) regroup((d.group + 1) / 2);
-      const std::vector<scalar_t> masks = column_masks<scalar_t>(g, mask_rows);
+      const auto masks = column_masks<scalar_t>(g, mask_rows);
       ForwardArgs<scalar_t> a{&g, nullptr, source.data_ptr<scalar_t>(), w1.data_ptr<scalar_t>(), nullptr, nullptr,
                               g.kernel == 1 && b1c.defined() ? b1c.data_ptr<scalar_t>() : nullptr,
                               w2.data_ptr<scalar_t>(), nullptr, nullptr,
                               b2c.defined() ? b2c.data_ptr<scalar_t>() : nullptr,
-                              masks.data(), mask_stride(g, mask_rows), nullptr, nullptr, nullptr,
+                              masks->data(), mask_stride(g, mask_rows), nullptr, nullptr, nullptr,
                               g.kernel == 1 && bf16_gemm_enabled(x.scalar_type(), g.inp)};
       if (a.bf16_gemm) a.w1_bf16 = frozen_bf16_rows(w1);
       at::parallel_for(0, g.batch * plane.bands() * d.groups, 1,

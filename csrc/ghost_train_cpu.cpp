@@ -360,9 +360,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor mean1 = at::empty({g.init}, options), var1 = at::empty({g.init}, options);
   at::Tensor mean2 = at::empty({g.ghosts}, options), var2 = at::empty({g.ghosts}, options);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ghost_module_train_cpu", [&] {
-    const std::vector<scalar_t> masks = column_masks<scalar_t>(g, g.out_height);
+    const auto masks = column_masks<scalar_t>(g, g.out_height);
     const TrainArgs<scalar_t> a{&g, x.data_ptr<scalar_t>(), w1.data_ptr<scalar_t>(), w2.data_ptr<scalar_t>(),
-                                masks.data(), mask_stride(g, g.out_height), primary_kind(g)};
+                                masks->data(), mask_stride(g, g.out_height), primary_kind(g)};
     scalar_t *z1p = z1.data_ptr<scalar_t>(), *z2p = z2.data_ptr<scalar_t>(), *outp = out.data_ptr<scalar_t>();
     std::vector<Moments> moments1(g.batch * g.init), moments2(g.batch * g.ghosts);
     at::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
@@ -407,8 +407,8 @@ ghost_module_train_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_i
   at::Tensor grad_g2 = at::zeros({g.ghosts}, options), grad_b2 = at::zeros({g.ghosts}, options);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ghost_module_train_backward_cpu", [&] {
     using T = scalar_t;
-    const std::vector<T> masks = column_masks<T>(g, g.out_height);
-    const TrainArgs<T> a{&g, x.data_ptr<T>(), w1.data_ptr<T>(), w2.data_ptr<T>(), masks.data(),
+    const auto masks = column_masks<T>(g, g.out_height);
+    const TrainArgs<T> a{&g, x.data_ptr<T>(), w1.data_ptr<T>(), w2.data_ptr<T>(), masks->data(),
                          mask_stride(g, g.out_height), primary};
     auto moments = [](const at::Tensor& m, const at::Tensor& v) {
       const at::Tensor md = m.to(at::kDouble).contiguous(), vd = v.to(at::kDouble).contiguous();
