@@ -119,11 +119,12 @@ at::Tensor pointwise_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, c
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pointwise_conv2d_cpu", [&] { pointwise_gemv<scalar_t>(x, w, b, out); });
     return out;
   }
-  // Chunks of about kChunk pixels and of one size (whole float vectors), as many as a multiple
-  // of the threads where the images do not share out evenly: at batch 1 a 56x56 map's 512-pixel
-  // chunks (the seventh 64 pixels) went four to one thread and three to the other, a 28x28 map's
-  // 512 + 272 pixels one each, and the first thread ran 1.6x as long as the second. Equal chunks:
-  // those ops 1.22-1.26x faster at batch 1, the same at batch 8 (Zen 4, 2 threads).
+  // Chunks of about kChunk pixels and of one size (whole float vectors), as many as a multiple of
+  // the threads where the images do not share out evenly (rounding the size up to whole vectors
+  // can leave one chunk fewer when many threads share few pixels). At batch 1 a 56x56 map's
+  // 512-pixel chunks (the seventh 64 pixels) went four to one thread and three to the other, a
+  // 28x28 map's 512 + 272 pixels one each, and the first thread ran 1.6x as long as the second.
+  // Equal chunks: those ops 1.22-1.26x faster at batch 1, the same at batch 8 (Zen 4, 2 threads).
   const int64_t threads = at::get_num_threads();
   int64_t chunks = (pixels + kChunk - 1) / kChunk;
   if (batch % threads != 0 && chunks > 1) chunks = (chunks + threads - 1) / threads * threads;
