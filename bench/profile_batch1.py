@@ -1,6 +1,7 @@
 """Where the batch-1 latency of accelerate(ghostnet_100(fused=False)) goes, on the CPU.
 
     OPENBLAS_NUM_THREADS=1 python bench/profile_batch1.py [--threads 2] [--iters 50] [--no-openvino] [--batch 1]
+                                                          [--width 1.0] [--bfloat16]
 
 1. Per-module breakdown: forward pre/post hooks (time.perf_counter) on the outermost fused or
    leaf modules of the accelerated model, median per module over --iters hooked forwards
@@ -13,9 +14,13 @@
 3. When openvino is installed: the ORIGINAL model exported to ONNX (dynamo), OpenVINO's per-layer
    profile grouped by layer type (f32 hint) and its 20 slowest layers, and its latencies (f32,
    default) interleaved with the accelerated model's and the same model frozen (ghostkernels.freeze),
-   and by block (blocks.i.j, stem, head): ours from section 1 against OpenVINO's layers, which are
-   named after the modules they came from (the ONNX exporter's name scopes).
-All under torch.inference_mode(), batch 1 (or --batch), 224x224, float32.
+   and by block (blocks.i.j, stem, head): ours from section 1 and the frozen graph's ops from section
+   2's profile (by their module scopes) against OpenVINO's layers, which are named after the modules
+   they came from (the ONNX exporter's name scopes; the classifier's layer has none: "other").
+All under torch.inference_mode(), batch 1 (or --batch), 224x224, float32, GhostNet 1.0x (or --width).
+With --bfloat16 ours run the bfloat16 mode (torch.set_float32_matmul_precision("medium")) and the
+per-layer profile and by-block table are OpenVINO's default precision (bf16 where the CPU has it)
+instead of its f32 hint: where the two bfloat16 modes differ.
 """
 
 import argparse
@@ -217,9 +222,44 @@ def print_profiler(model, x, iters):
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
 
+def frozen_op_blocks(frozen):
+    """(op name, block_of its module) of each op node of the frozen graph, in the order it runs
+    them. Nodes that ghostkernels' graph passes made (a residual add fused into a Ghost op) have no
+    module scope: they belong to the block of the node before."""
+    ops, block = [], "stem"
+    for node in frozen.graph.graph.nodes():
+        if node.kind().startswith("prim::"):
+            continue
+        scope = node.scopeName().split("/")[-1].removeprefix("__module.")
+        block = block_of(scope) if scope else block
+        ops.append((node.kind(), block))
+    return ops
+
+
+def frozen_by_block(prof, frozen, iters):
+    """ms per forward of each block of the frozen graph, from a profile of `iters` forwards: the
+    graph's op events (those not inside another op) in the order of its op nodes, per block the
+    median over forwards of the sum of its ops' times. Empty if the events do not line up."""
+    ops = frozen_op_blocks(frozen)
+    kinds = {kind for kind, _ in ops}
+    names = [e for e in prof.events() if e.name in kinds and (e.cpu_parent is None or e.cpu_parent.name not in kinds)]
+    if len(names) != len(ops) * iters or any(e.name != ops[i % len(ops)][0] for i, e in enumerate(names)):
+        print(f"frozen graph by block: {len(names)} op events for {iters} forwards of {len(ops)} ops; skipped")
+        return {}
+    per_forward = collections.defaultdict(list)
+    for start in range(0, len(names), len(ops)):
+        sums = collections.defaultdict(float)
+        for (_, block), event in zip(ops, names[start:start + len(ops)]):
+            sums[block] += event.cpu_time_total / 1e3
+        for block, ms in sums.items():
+            per_forward[block].append(ms)
+    return {block: statistics.median(ms) for block, ms in per_forward.items()}
+
+
 def print_frozen_ops(frozen, x, iters):
     """The frozen graph (what bench/e2e.py's 'frozen' column runs), op by op: torch.profiler's self
-    CPU time per call, each op and input shape a row, the slowest first."""
+    CPU time per call, each op and input shape a row, the slowest first. Returns the same profile's
+    time per block (frozen_by_block)."""
     from torch.profiler import ProfilerActivity, profile
     for _ in range(20):
         frozen(x)
@@ -236,6 +276,7 @@ def print_frozen_ops(frozen, x, iters):
         shape = tuple(e.input_shapes[0]) if e.input_shapes else ()
         print(f"{e.key:<40}{calls:6.0f}{e.self_cpu_time_total / e.count:9.1f}"
               f"{e.self_cpu_time_total / iters / 1e3:8.3f}  {shape}")
+    return frozen_by_block(prof, frozen, iters)
 
 
 def name_nodes_by_module(path):
@@ -252,7 +293,7 @@ def name_nodes_by_module(path):
     onnx.save(graph, path)
 
 
-def print_openvino(eager, model, frozen, x, iters, threads, ours_by_block):
+def print_openvino(eager, model, frozen, x, iters, threads, ours_by_block, frozen_blocks, bfloat16):
     try:
         import openvino as ov
     except ImportError:
@@ -262,7 +303,9 @@ def print_openvino(eager, model, frozen, x, iters, threads, ours_by_block):
     torch.onnx.export(eager, (x,), path, dynamo=True)
     name_nodes_by_module(path)
     core, feed = ov.Core(), x.numpy()
-    configs = {"OpenVINO f32 hint + PERF_COUNT": {"PERF_COUNT": "YES", "INFERENCE_PRECISION_HINT": "f32"},
+    # The profiled request runs the precision that ours is compared with.
+    profiled = "OpenVINO default + PERF_COUNT" if bfloat16 else "OpenVINO f32 hint + PERF_COUNT"
+    configs = {profiled: {"PERF_COUNT": "YES", **({} if bfloat16 else {"INFERENCE_PRECISION_HINT": "f32"})},
                "OpenVINO f32 hint": {"INFERENCE_PRECISION_HINT": "f32"},
                "OpenVINO default (no hint)": {}}
     compiled = {label: core.compile_model(core.read_model(path), "CPU", {**config, "INFERENCE_NUM_THREADS": threads})
@@ -280,21 +323,22 @@ def print_openvino(eager, model, frozen, x, iters, threads, ours_by_block):
                 times[label].append(median_ms(fn, iters))
     print(f"\nOpenVINO {ov.__version__}, {threads} threads, interleaved (5 rounds x {iters}), median of round medians:")
     for label, t in times.items():
-        precision = (compiled[label].get_property("INFERENCE_PRECISION_HINT").get_type_name()
-                     if label in compiled else "f32")
+        precision = compiled[label].get_property("INFERENCE_PRECISION_HINT").get_type_name() if label in compiled else ""
+        if label not in compiled:
+            precision = "bf16 mode" if bfloat16 else "f32"
         print(f"  {label:<32}{statistics.median(t):8.3f} ms  (min {min(t):.3f}; precision {precision})")
     by_type = collections.defaultdict(lambda: [0, 0.0])
-    for info in requests["OpenVINO f32 hint + PERF_COUNT"].get_profiling_info():
+    for info in requests[profiled].get_profiling_info():
         if info.status.name == "EXECUTED":
             by_type[(info.node_type, info.exec_type)][0] += 1
             by_type[(info.node_type, info.exec_type)][1] += info.real_time.total_seconds() * 1e3
     total = sum(v[1] for v in by_type.values())
-    print(f"per-layer profile of the last f32 inference, by type (sum {total:.3f} ms)")
+    print(f"per-layer profile of the last {profiled[:-13]} inference, by type (sum {total:.3f} ms)")
     print(f"{'layer type':<22}{'exec type':<34}{'layers':>7}{'ms':>9}{'%':>7}")
     for (node, exec_type), (count, ms) in sorted(by_type.items(), key=lambda kv: -kv[1][1]):
         print(f"{node:<22}{exec_type:<34}{count:7d}{ms:9.3f}{ms / total:7.1%}")
     layers = sorted(((info.real_time.total_seconds() * 1e6, info.node_name, info.node_type)
-                     for info in requests["OpenVINO f32 hint + PERF_COUNT"].get_profiling_info()
+                     for info in requests[profiled].get_profiling_info()
                      if info.status.name == "EXECUTED"), reverse=True)
     print("top 20 layers of that inference, us:")
     for us, name, node in layers[:20]:
@@ -302,12 +346,13 @@ def print_openvino(eager, model, frozen, x, iters, threads, ours_by_block):
     theirs = collections.defaultdict(float)
     for us, name, _ in layers:
         theirs[block_of(name)] += us / 1e3
-    print("by block: ours (the accelerated model's modules in the model, section 1; Python between them not"
-          " included) against that inference of OpenVINO f32")
-    print(f"{'block':<14}{'ours ms':>9}{'OpenVINO ms':>13}{'ours / OV':>11}")
-    for block in sorted({*ours_by_block, *theirs}, key=block_order):
-        ours, ov_ms = ours_by_block.get(block, 0.0), theirs.get(block, 0.0)
-        print(f"{block:<14}{ours:9.3f}{ov_ms:13.3f}{(ours / ov_ms if ov_ms else float('nan')):11.2f}")
+    print("by block: the accelerated model's modules in the model (section 1: with their Python; none between"
+          " them) and the frozen graph's ops (section 2's profile), against that inference of "
+          f"{profiled[:-13]}")
+    print(f"{'block':<14}{'accelerated ms':>15}{'frozen ms':>11}{'OpenVINO ms':>13}{'frozen / OV':>13}")
+    for block in sorted({*ours_by_block, *frozen_blocks, *theirs}, key=block_order):
+        ours, still, ov_ms = ours_by_block.get(block, 0.0), frozen_blocks.get(block, 0.0), theirs.get(block, 0.0)
+        print(f"{block:<14}{ours:15.3f}{still:11.3f}{ov_ms:13.3f}{(still / ov_ms if ov_ms else float('nan')):13.2f}")
 
 
 def main():
@@ -316,14 +361,19 @@ def main():
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--no-openvino", action="store_true")
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--width", type=float, choices=(0.5, 1.0, 1.3), default=1.0)
+    parser.add_argument("--bfloat16", action="store_true", help="ours in the bfloat16 mode, against OpenVINO's default")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.bfloat16:
+        torch.set_float32_matmul_precision("medium")
     torch.manual_seed(0)
-    eager = models.ghostnet_100(fused=False).eval()
+    eager = models.ghostnet(width=args.width, fused=False).eval()
     model = ghostkernels.accelerate(eager)
     x = torch.randn(args.batch, 3, 224, 224)
     print(f"ghostkernels {ghostkernels.__version__}, torch {torch.__version__}, "
-          f"accelerate(ghostnet_100(fused=False)), batch {args.batch}, 224x224, float32, inference_mode, "
+          f"accelerate(ghostnet(width={args.width}, fused=False)), batch {args.batch}, 224x224, float32"
+          f"{' (bfloat16 mode)' if args.bfloat16 else ''}, inference_mode, "
           f"OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}")
     flags = open("/proc/cpuinfo").read().split()
     print(machine_line(args.threads) + "; ISA: " + " ".join(
@@ -340,9 +390,9 @@ def main():
             ours_by_block[block_of(name)] += in_model
         print_profiler(model, x, args.iters)
         frozen = ghostkernels.freeze(model, x)
-        print_frozen_ops(frozen, x, args.iters)
+        frozen_blocks = print_frozen_ops(frozen, x, args.iters)
     if not args.no_openvino:
-        print_openvino(eager, model, frozen, x, args.iters, args.threads, ours_by_block)
+        print_openvino(eager, model, frozen, x, args.iters, args.threads, ours_by_block, frozen_blocks, args.bfloat16)
 
 
 if __name__ == "__main__":

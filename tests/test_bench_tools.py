@@ -294,3 +294,27 @@ def test_block_of():
     blocks = ["other", "head", "blocks.10.0", "blocks.2.1", "blocks.2.0", "stem"]
     assert sorted(blocks, key=profile_batch1.block_order) == ["stem", "blocks.2.0", "blocks.2.1", "blocks.10.0",
                                                               "head", "other"]
+
+
+def test_frozen_graph_by_block():
+    """The frozen graph's ops map to their blocks (a fused residual add to its Ghost op's block),
+    and one profile's op events line up with them, forward after forward."""
+    import profile_batch1
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import ghostkernels
+    from ghostkernels import models
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 32, 32)
+    frozen = ghostkernels.freeze(ghostkernels.accelerate(models.ghostnet(width=0.5, fused=False).eval()), x)
+    ops = profile_batch1.frozen_op_blocks(frozen)
+    blocks = [block for _, block in ops]
+    assert blocks[0] == "stem" and blocks[-1] == "head" and "other" not in blocks
+    assert blocks == sorted(blocks, key=profile_batch1.block_order)
+    assert {f"blocks.{i}.0" for i in range(9)} <= set(blocks)
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(2):
+            frozen(x)
+    by_block = profile_batch1.frozen_by_block(prof, frozen, 2)
+    assert set(by_block) == set(blocks) and all(ms > 0 for ms in by_block.values())
