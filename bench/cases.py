@@ -38,13 +38,17 @@ def median_ms(fn, min_time=0.3, min_runs=10, device="cpu"):
 
 def interleaved_rounds_ms(fns, rounds=5, min_time=1.0, device="cpu"):
     """{name: [[ms of each call] of each round]} of the callables in `fns`, timed in turn for `rounds`
-    rounds (min_time seconds each in all), so that a slow spell of a noisy machine hits every contender alike."""
+    rounds (min_time seconds each in all), so that a slow spell of a noisy machine hits every contender alike.
+    Each round starts one contender further along: in a fixed order one contender would always run
+    right after the same other one, and take whatever that one leaves behind (its thread pool still
+    spinning, its data in the caches)."""
     for fn in fns.values():
         _timed_calls(fn, 0, 3, device)
+    names = list(fns)
     times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            times[name].append([x * 1e3 for x in _timed_calls(fn, min_time / rounds, 2, device)])
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append([x * 1e3 for x in _timed_calls(fns[name], min_time / rounds, 2, device)])
     return times
 
 

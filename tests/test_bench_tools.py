@@ -318,3 +318,14 @@ def test_frozen_graph_by_block():
             frozen(x)
     by_block = profile_batch1.frozen_by_block(prof, frozen, 2)
     assert set(by_block) == set(blocks) and all(ms > 0 for ms in by_block.values())
+
+
+def test_interleaved_rounds_rotate_the_order():
+    """Each round starts one contender further along, so no contender always follows the same one."""
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    rounds = cases.interleaved_rounds_ms(fns, rounds=3, min_time=0.0)
+    timed = calls[9:]  # after three warm-up calls each
+    firsts = [timed[i] for i in range(len(timed)) if i == 0 or timed[i] != timed[i - 1]]
+    assert firsts == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert all(len(rounds[name]) == 3 and all(len(r) == 2 for r in rounds[name]) for name in "abc")
