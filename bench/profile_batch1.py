@@ -224,8 +224,8 @@ def print_profiler(model, x, iters):
 
 def frozen_op_blocks(frozen):
     """(op name, block_of its module) of each op node of the frozen graph, in the order it runs
-    them. Nodes that ghostkernels' graph passes made (a residual add fused into a Ghost op) have no
-    module scope: they belong to the block of the node before."""
+    them. A node without a module scope (one the trace made outside any module) belongs to the
+    block of the node before; ghostkernels' fusions keep their first node's (ops.replace_chain)."""
     ops, block = [], "stem"
     for node in frozen.graph.graph.nodes():
         if node.kind().startswith("prim::"):

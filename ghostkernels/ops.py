@@ -447,9 +447,11 @@ GRAPH_ACTIVATIONS = {"aten::relu": "relu", "aten::relu_": "relu"}
 
 def replace_chain(graph, kind, inputs, chain):
     """In a TorchScript graph, the nodes of `chain` (each read only by the next; the last one's
-    output is the chain's result) replaced by one `kind` node of `inputs`, where the last one was."""
+    output is the chain's result) replaced by one `kind` node of `inputs`, where the last one was,
+    with the first one's module scope and source line (so that profiles name the module it came from)."""
     last = chain[-1]
     node = graph.create(kind, inputs, 1)
+    node.copyMetadata(chain[0])
     node.insertBefore(last)
     node.output().setType(last.output().type())
     last.output().replaceAllUsesWith(node.output())
