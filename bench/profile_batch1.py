@@ -304,7 +304,8 @@ def print_openvino(eager, model, frozen, x, iters, threads, ours_by_block, froze
     name_nodes_by_module(path)
     core, feed = ov.Core(), x.numpy()
     # The profiled request runs the precision that ours is compared with.
-    profiled = "OpenVINO default + PERF_COUNT" if bfloat16 else "OpenVINO f32 hint + PERF_COUNT"
+    compared = "OpenVINO default" if bfloat16 else "OpenVINO f32 hint"
+    profiled = f"{compared} + PERF_COUNT"
     configs = {profiled: {"PERF_COUNT": "YES", **({} if bfloat16 else {"INFERENCE_PRECISION_HINT": "f32"})},
                "OpenVINO f32 hint": {"INFERENCE_PRECISION_HINT": "f32"},
                "OpenVINO default (no hint)": {}}
@@ -323,9 +324,8 @@ def print_openvino(eager, model, frozen, x, iters, threads, ours_by_block, froze
                 times[label].append(median_ms(fn, iters))
     print(f"\nOpenVINO {ov.__version__}, {threads} threads, interleaved (5 rounds x {iters}), median of round medians:")
     for label, t in times.items():
-        precision = compiled[label].get_property("INFERENCE_PRECISION_HINT").get_type_name() if label in compiled else ""
-        if label not in compiled:
-            precision = "bf16 mode" if bfloat16 else "f32"
+        precision = (compiled[label].get_property("INFERENCE_PRECISION_HINT").get_type_name()
+                     if label in compiled else "bf16 mode" if bfloat16 else "f32")
         print(f"  {label:<32}{statistics.median(t):8.3f} ms  (min {min(t):.3f}; precision {precision})")
     by_type = collections.defaultdict(lambda: [0, 0.0])
     for info in requests[profiled].get_profiling_info():
@@ -333,7 +333,7 @@ def print_openvino(eager, model, frozen, x, iters, threads, ours_by_block, froze
             by_type[(info.node_type, info.exec_type)][0] += 1
             by_type[(info.node_type, info.exec_type)][1] += info.real_time.total_seconds() * 1e3
     total = sum(v[1] for v in by_type.values())
-    print(f"per-layer profile of the last {profiled[:-13]} inference, by type (sum {total:.3f} ms)")
+    print(f"per-layer profile of the last {compared} inference, by type (sum {total:.3f} ms)")
     print(f"{'layer type':<22}{'exec type':<34}{'layers':>7}{'ms':>9}{'%':>7}")
     for (node, exec_type), (count, ms) in sorted(by_type.items(), key=lambda kv: -kv[1][1]):
         print(f"{node:<22}{exec_type:<34}{count:7d}{ms:9.3f}{ms / total:7.1%}")
@@ -348,7 +348,7 @@ def print_openvino(eager, model, frozen, x, iters, threads, ours_by_block, froze
         theirs[block_of(name)] += us / 1e3
     print("by block: the accelerated model's modules in the model (section 1: with their Python; none between"
           " them) and the frozen graph's ops (section 2's profile), against that inference of "
-          f"{profiled[:-13]}")
+          f"{compared}")
     print(f"{'block':<14}{'accelerated ms':>15}{'frozen ms':>11}{'OpenVINO ms':>13}{'frozen / OV':>13}")
     for block in sorted({*ours_by_block, *frozen_blocks, *theirs}, key=block_order):
         ours, still, ov_ms = ours_by_block.get(block, 0.0), frozen_blocks.get(block, 0.0), theirs.get(block, 0.0)
