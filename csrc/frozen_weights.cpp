@@ -1,4 +1,4 @@
-// The registry of frozen weights and their bfloat16 and transposed copies (frozen_weights.h).
+// The registry of frozen weights and their bfloat16 copies (frozen_weights.h).
 #include "frozen_weights.h"
 
 #include <torch/library.h>
@@ -15,7 +15,7 @@ struct Entry {
   // Holds the weight's TensorImpl allocated (not its data) while the entry lives, so that the
   // key, its address, cannot come to name another tensor; expired once the weight is gone.
   c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> weight;
-  at::Tensor bf16, transposed;  // each made at its first lookup
+  at::Tensor bf16;  // made at the first lookup
 };
 
 std::mutex registry_mutex;
@@ -31,7 +31,7 @@ void mark_frozen_weights(const std::vector<at::Tensor>& weights) {
       registry.try_emplace(w.unsafeGetTensorImpl(), Entry{decltype(Entry::weight)(w.getIntrusivePtr()), {}});
 }
 
-// The marked weights alive now and the bytes of their copies.
+// The marked weights alive now and the bytes of their bfloat16 copies.
 std::tuple<int64_t, int64_t> frozen_weights_status() {
   std::lock_guard<std::mutex> lock(registry_mutex);
   int64_t alive = 0, bytes = 0;
@@ -39,7 +39,6 @@ std::tuple<int64_t, int64_t> frozen_weights_status() {
     if (entry.weight.expired()) continue;
     ++alive;
     if (entry.bf16.defined()) bytes += entry.bf16.nbytes();
-    if (entry.transposed.defined()) bytes += entry.transposed.nbytes();
   }
   return {alive, bytes};
 }
@@ -58,20 +57,6 @@ Bf16Rows frozen_bf16_rows(const at::Tensor& weight) {
     copy.narrow(0, 0, rows).narrow(1, 0, k).copy_(weight.reshape({rows, k}));
   }
   return {reinterpret_cast<const uint16_t*>(copy.data_ptr<at::BFloat16>()), ld};
-}
-
-TransposedRows frozen_transposed(const at::Tensor& weight) {
-  std::lock_guard<std::mutex> lock(registry_mutex);
-  const auto it = registry.find(weight.unsafeGetTensorImpl());
-  if (it == registry.end()) return {};
-  const int64_t rows = weight.size(0), k = weight.numel() / rows, ld = (rows + 63) / 64 * 64;
-  at::Tensor& copy = it->second.transposed;
-  if (!copy.defined()) {
-    c10::InferenceMode guard;  // a copy that autograd never tracks
-    copy = at::zeros({k, ld}, weight.options());
-    copy.narrow(1, 0, rows).copy_(weight.reshape({rows, k}).t());
-  }
-  return {copy.data_ptr<float>(), ld};
 }
 
 TORCH_LIBRARY_FRAGMENT(ghostkernels, m) {

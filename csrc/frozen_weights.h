@@ -1,5 +1,4 @@
-// bfloat16 copies of frozen graphs' float32 weights, for the bfloat16 mode (bf16_gemm.h's switch),
-// and transposed copies for kernels that want the output channels in their lanes.
+// bfloat16 copies of frozen graphs' float32 weights, for the bfloat16 mode (bf16_gemm.h's switch).
 // freeze() snapshots a model's weights into constants that nothing else holds and marks them
 // here: they never change, so a copy made at a weight's first use stays right for its life.
 // Other weights are read in float32: a cache of them could go stale (writes through .data bump
@@ -31,15 +30,5 @@ struct Bf16Rows {
 // frozen graph), made at the first call; no copy for any other tensor. It lives as long as the
 // weight.
 Bf16Rows frozen_bf16_rows(const at::Tensor& weight);
-
-// A frozen weight's rows (dimension 0; the rest flattened, K elements) transposed: K rows of the
-// weight's rows' values, row k at data + k * ld, ld a multiple of 64 with zeros past the last
-// value: the vectors of output channels that a GEMM with the channels in its lanes loads whole.
-// data is nullptr for a weight freeze() did not mark. Made at the first call, as the bfloat16 copy.
-struct TransposedRows {
-  const float* data = nullptr;
-  int64_t ld = 0;
-};
-TransposedRows frozen_transposed(const at::Tensor& weight);
 
 }  // namespace ghostkernels

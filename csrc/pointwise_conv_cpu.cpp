@@ -175,62 +175,6 @@ void pooled_items(const PointwiseArgs& a, bool relu, const T* x, const T* w, con
   }
 }
 
-// pooled_lanes' register tile: kLanesPixels pixels by two vectors of output channels. On AVX-512
-// 7 pixels (7 tiles make a 7x7 plane, 28 a 14x14 one), on AVX2 6 (its 16 registers: 12 sums, two
-// weight vectors, x); with one vector of channels AVX2 ran 0.77-0.84x the GEMM's speed.
-constexpr int kLanesPixels = GK_VECTOR_BYTES == 64 ? 7 : 6;
-constexpr int kLanesVectors = 2;
-
-// pooled_items with the output channels in the lanes (float32): per register tile kLanesPixels
-// pixels, each broadcast from x's rows, times kLanesVectors vectors of output channels loaded from the rows
-// of W^T (a frozen weight's transposed copy, frozen_weights.h). A tile's rows, with the bias and
-// activation, are added into the channels' pooled sums in registers: no row of the conv's output
-// is stored, and a plane of 49 pixels takes whole tiles, where pooled_items' GEMM (pixels in its
-// lanes) spends a vector on the 49th. The last tile is moved back to end at the plane's last pixel
-// (its first rows already pooled are skipped), so that every load stays in x. Work items are
-// (image, block of `a.block` groups of kLanesVectors vectors of channels).
-void pooled_lanes(const PointwiseArgs& a, bool relu, const float* x, TransposedRows wt, const float* b, float* out,
-                  int64_t begin, int64_t end) {
-  using S = Simd<float>;
-  using V = S::vec;
-  constexpr int L = S::lanes, NV = kLanesVectors, NC = NV * L, MR = kLanesPixels;
-  const int64_t P = a.pixels, K = a.inputs, groups = (a.outputs + NC - 1) / NC;
-  for (int64_t item = begin; item < end; ++item) {
-    const int64_t g0 = item % a.blocks * a.block, n = item / a.blocks, g1 = std::min(groups, g0 + a.block);
-    const float* xn = x + n * K * P;
-    for (int64_t g = g0; g < g1; ++g) {
-      const int64_t c0 = g * NC, valid = std::min<int64_t>(NC, a.outputs - c0);
-      float lanes[NC] = {};
-      if (b) copy_run(lanes, b + c0, valid);
-      V bias[NV], pooled[NV];
-      for (int v = 0; v < NV; ++v) bias[v] = S::load(lanes + v * L), pooled[v] = V{};
-      const float* w = wt.data + c0;
-      for (int64_t p0 = 0; p0 < P; p0 += MR) {
-        const int64_t start = std::min(p0, P - MR);
-        const float* xs = xn + start;
-        V acc[MR][NV] = {};
-        for (int64_t k = 0; k < K; ++k) {
-          V wv[NV];
-          for (int v = 0; v < NV; ++v) wv[v] = S::load(w + k * wt.ld + v * L);
-          const float* xk = xs + k * P;
-#pragma GCC unroll 16
-          for (int r = 0; r < MR; ++r) {
-            const float s = xk[r];
-            for (int v = 0; v < NV; ++v) acc[r][v] += s * wv[v];
-          }
-        }
-        for (int r = int(p0 - start); r < MR; ++r)
-          for (int v = 0; v < NV; ++v) {
-            const V z = acc[r][v] + bias[v];
-            pooled[v] += relu ? (z < 0 ? V{} : z) : z;  // NaN stays NaN, as torch.relu
-          }
-      }
-      for (int v = 0; v < NV; ++v) S::store(lanes + v * L, pooled[v]);
-      for (int64_t c = 0; c < valid; ++c) out[n * a.outputs + c0 + c] = lanes[c] / float(P);
-    }
-  }
-}
-
 at::Tensor pointwise_conv2d_pool_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                                      c10::string_view activation) {
   const bool fast = check_pointwise("pointwise_conv2d_pool", x, weight, bias);
@@ -249,23 +193,6 @@ at::Tensor pointwise_conv2d_pool_cpu(const at::Tensor& x, const at::Tensor& weig
   const at::Tensor w = weight.contiguous(), b = bias.has_value() ? bias->contiguous() : at::Tensor();
   PointwiseArgs a{inputs, outputs, pixels, pixels, 1, 1, outputs, bf16_gemm_enabled(x.scalar_type(), inputs)};
   if (a.bf16_gemm) a.w_bf16 = frozen_bf16_rows(w);
-  // A frozen weight in float32 (the bfloat16 mode keeps its GEMM): the channels in the lanes.
-  if (x.scalar_type() == at::kFloat && !a.bf16_gemm && pixels >= kLanesPixels) {
-    const TransposedRows wt = frozen_transposed(w);
-    if (wt.data) {
-      const int64_t group = kLanesVectors * Simd<float>::lanes, groups = (outputs + group - 1) / group;
-      a.blocks = 1, a.block = groups;
-      while (batch * a.blocks < at::get_num_threads() && a.block >= 2) {
-        a.blocks *= 2;
-        a.block = (groups + a.blocks - 1) / a.blocks;
-      }
-      at::parallel_for(0, batch * a.blocks, 1, [&](int64_t begin, int64_t end) {
-        pooled_lanes(a, relu, x.data_ptr<float>(), wt, b.defined() ? b.data_ptr<float>() : nullptr,
-                         out.data_ptr<float>(), begin, end);
-      });
-      return out;
-    }
-  }
   // Output-channel blocks whose rows fit the scratch (256 KiB), then until every thread has an item.
   auto reblock = [&](int64_t blocks) {
     a.blocks = blocks;

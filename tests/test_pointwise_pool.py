@@ -49,49 +49,6 @@ def test_float32(batch):
     torch.testing.assert_close(op(x, w, b, "relu"), expected(x, w, b, "relu"), rtol=1e-5, atol=1e-6)
 
 
-# (inp, out, size): a 7x7 plane, one tile of 7 pixels (AVX-512's; AVX2's are 6) and fewer pixels
-# than either tile (the GEMM path), planes whose last tile starts before the one ahead of it ends
-# (10x10, 3x5), channel groups with a tail (out 33, 50, 1000), GhostNet 1.0x's and 1.3x's last convs
-LANES_SHAPES = [(16, 33, (7, 7)), (5, 40, (1, 7)), (5, 40, (1, 5)), (24, 50, (10, 10)), (9, 1000, (3, 5)),
-                (160, 960, (7, 7)), (208, 1248, (7, 7))]
-
-
-@pytest.mark.parametrize("shape, activation, bias, batch, threads",
-                         [(s, "relu", True, 3, 2) for s in LANES_SHAPES]
-                         + [(LANES_SHAPES[0], a, b, n, t) for a, b, n, t in
-                            [("none", True, 1, 2), ("relu", False, 2, 1), ("relu", True, 0, 2), ("none", False, 5, 3)]])
-def test_frozen_weight_in_lanes_float32(shape, activation, bias, batch, threads):
-    """A frozen graph's weight (marked, as freeze() marks its constants) takes the kernel with the
-    output channels in the lanes (its transposed copy) in float32: as the composition does."""
-    inp, out, size = shape
-    x = torch.randn(batch, inp, *size)
-    w, b = weights(inp, out, torch.float32, bias)
-    frozen_w, frozen_b = w.clone(), None if b is None else b.clone()
-    torch.ops.ghostkernels.mark_frozen_weights([frozen_w])
-    copied = torch.ops.ghostkernels.frozen_weights_status()[1]
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        result = op(x, frozen_w, frozen_b, activation)
-    finally:
-        torch.set_num_threads(previous)
-    # the transposed copy, rows padded to 64 values, made once a plane holds a tile of pixels
-    in_lanes = size[0] * size[1] >= 7 and batch > 0
-    assert torch.ops.ghostkernels.frozen_weights_status()[1] == copied + in_lanes * inp * (-(-out // 64) * 64) * 4
-    reference = expected(x.double(), w.double(), None if b is None else b.double(), activation)
-    torch.testing.assert_close(result.double(), reference, rtol=1e-5, atol=1e-6)
-    assert result.shape == (batch, out, 1, 1) and result.dtype == torch.float32
-
-
-def test_frozen_weight_in_lanes_keeps_nan():
-    x = torch.randn(2, 16, 7, 7)
-    x[1, 3, 4, 5] = float("nan")
-    w, b = weights(16, 40, torch.float32)
-    torch.ops.ghostkernels.mark_frozen_weights([w])
-    result = op(x, w, b, "relu")
-    assert result[1].isnan().all() and not result[0].isnan().any()
-
-
 def test_opcheck_and_gradcheck():
     x = make_input(2, 6, 5, 4, requires_grad=True)
     w, b = (t.requires_grad_() for t in weights(6, 9, torch.float64))
