@@ -197,6 +197,20 @@ def test_dot_product_engine():
     assert " passed" in result.stdout and " failed" not in result.stdout
 
 
+@pytest.mark.skipif(not BF16, reason="no engine here: this run is already the float32 path")
+@pytest.mark.skipif("GHOSTKERNELS_BF16_GEMM" in os.environ, reason="a run of this file with an engine asked for")
+def test_without_an_engine():
+    """This file's tests with GHOSTKERNELS_BF16_GEMM=off: "medium" then keeps the kernels in float32,
+    the path of every CPU without an engine (AVX2 ones, Xeons without AMX), which a CI machine with
+    an engine would otherwise never run."""
+    env = dict(os.environ, GHOSTKERNELS_BF16_GEMM="off")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
+                             "not test_dot_product_engine", __file__],
+                            env=env, capture_output=True, text=True, cwd=os.path.dirname(__file__))
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and " failed" not in result.stdout
+
+
 def frozen_copy(*tensors):
     """Copies of `tensors` marked as a frozen graph's constants (what freeze() does to its own)."""
     copies = [t.clone() for t in tensors]
