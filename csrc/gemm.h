@@ -163,7 +163,8 @@ GK_INLINE void gemm_tiles(int64_t M, int64_t N, int64_t K, const T* A, int64_t a
                           const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate, T* panel, Finish finish) {
   constexpr int L = Simd<T>::lanes;
   constexpr int NR = NV * L;
-  constexpr int MR = kAccumulators / NV;
+  // Three vectors (AVX-512 only: 24 accumulators of its 32 registers) run 8 rows, not 5.
+  constexpr int MR = NV == 3 ? 8 : kAccumulators / NV;
   const int64_t b_size = (K - 1) * ldb + N;  // B's elements from B[0] to its last one
   for (int64_t k0 = 0; k0 < K; k0 += kBlock) {
     const int64_t kb = std::min(kBlock, K - k0);
@@ -301,8 +302,27 @@ GK_INLINE int64_t dot_product_tail(int64_t N, int64_t lanes) {
 // one vector's columns runs one vector wide (a 7x7 plane on AVX2: 48 + 1 columns, not 64 for 49;
 // the GEMM alone 7-8% faster there, frozen GhostNets 0.2-1.6%). finish(i, v) depends on the row
 // only, so the column ranges may finish apart.
-// A tail of at most an eighth of a vector past N's whole vectors (a 7x7 plane's 49th column), which
-// a tile would compute in a whole vector's lanes, is dot products instead: A's rows (contiguous,
+// On AVX-512, columns of two vectors and a last one, and no more (a 7x7 plane's 48 + 1), are one
+// strip three vectors wide: as two strips, the last one's 16-row tiles kept their row pointers on
+// the stack (two loads per FMA). ghost_module at 7x7 1.04-1.10x, pointwise_conv2d 1.06-1.08x (Zen
+// 4, batch 1 and 8), the same sums in the same order; wider planes gained nothing.
+template <typename T, typename Finish>
+GK_INLINE void column_strips(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_si, int64_t a_sk, const T* B,
+                             int64_t ldb, T* C, int64_t ldc, bool accumulate, T* panel, Finish finish) {
+  constexpr int64_t L = Simd<T>::lanes;
+  if (N <= L) return gemm_tiles<T, 1>(M, N, K, A, a_si, a_sk, B, ldb, C, ldc, accumulate, panel, finish);
+  const int64_t rest = N % (2 * L), wide = rest > 0 && rest <= L ? N - rest : N;
+  if constexpr (GK_VECTOR_BYTES == 64)
+    if (wide < N && N <= 3 * L)
+      return gemm_tiles<T, 3>(M, N, K, A, a_si, a_sk, B, ldb, C, ldc, accumulate, panel, finish);
+  gemm_tiles<T, 2>(M, wide, K, A, a_si, a_sk, B, ldb, C, ldc, accumulate, panel, finish);
+  if (wide < N)
+    gemm_tiles<T, 1>(M, N - wide, K, A, a_si, a_sk, B + wide, ldb, C + wide, ldc, accumulate, panel, finish);
+}
+
+// C (+)= A B by column_strips, except that a tail of at most an eighth of a vector past N's whole
+// vectors (a 7x7 plane's 49th column), which a tile would compute in a whole vector's lanes, is
+// dot products instead: A's rows (contiguous,
 // a_sk == 1) with the tail's columns copied into `panel`, finished in place. ghost_module at 7x7:
 // 1.10-1.23x faster on AVX-512, 1.09-1.18x on AVX2. Tails of a quarter (14x14: 192 + 4 on AVX-512)
 // gained nothing (0.94-1.06x).
@@ -326,15 +346,7 @@ GK_INLINE void gemm_nn(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_si
     const auto rows_finish = [&finish, i0](int64_t i, auto v) __attribute__((always_inline)) {
       return finish(i0 + i, v);
     };
-    if (tiled <= L) {
-      gemm_tiles<T, 1>(m, tiled, K, a, a_si, a_sk, B, ldb, c, ldc, accumulate, panel, rows_finish);
-    } else {
-      const int64_t rest = tiled % (2 * L), wide = rest > 0 && rest <= L ? tiled - rest : tiled;
-      gemm_tiles<T, 2>(m, wide, K, a, a_si, a_sk, B, ldb, c, ldc, accumulate, panel, rows_finish);
-      if (wide < tiled)
-        gemm_tiles<T, 1>(m, tiled - wide, K, a, a_si, a_sk, B + wide, ldb, c + wide, ldc, accumulate, panel,
-                         rows_finish);
-    }
+    column_strips<T>(m, tiled, K, a, a_si, a_sk, B, ldb, c, ldc, accumulate, panel, rows_finish);
     if (!dots) continue;
     for (int64_t k = 0; k < K; ++k)  // the tiles may have used the panel
       for (int64_t j = 0; j < tail; ++j) panel[j * K + k] = B[k * ldb + tiled + j];

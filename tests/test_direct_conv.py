@@ -220,11 +220,14 @@ def test_nan_stays_where_conv2d_puts_it(channels, stride, activation):
 # build) the dot products, 70 inputs for a vector tail, 33 outputs for a short group of rows, 7
 # images for the dots' tiles of 4, 2 and 1 image; one image takes the rows one by one with four
 # sums along k (300 inputs: whole steps of four vectors, then single vectors, then a tail); a
-# 7x7 map with 300 outputs: the GEMM's 49th column by dot products, rows in blocks of 128
+# 7x7 map with 300 outputs: the GEMM's 49th column by dot products, rows in blocks of 128 (and on
+# AVX-512 the 48 before it one strip three vectors wide); 6x6 (float32) and 4x5 (float64): a strip
+# three vectors wide with a column tail, its last rows of B from the panel, 300 inputs in two K blocks
 @pytest.mark.parametrize("batch, inp, out, size", [(1, 16, 24, (23, 23)), (3, 300, 37, (5, 5)), (0, 4, 6, (3, 3)),
                                                    (1, 40, 80, (14, 14)), (2, 7, 5, (1, 9)), (7, 70, 33, (1, 1)),
                                                    (1, 300, 37, (1, 1)), (1, 70, 33, (1, 1)),
-                                                   (1, 8, 5, (56, 56)), (3, 5, 9, (29, 31)), (1, 24, 300, (7, 7))])
+                                                   (1, 8, 5, (56, 56)), (3, 5, 9, (29, 31)), (1, 24, 300, (7, 7)),
+                                                   (2, 300, 21, (6, 6)), (1, 300, 11, (4, 5))])
 @pytest.mark.parametrize("threads", [1, 2, 8])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("bias", [True, False])
