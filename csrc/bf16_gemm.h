@@ -95,7 +95,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) inline void dot_tiles(con
                                                                               int64_t ldc, int64_t M, int64_t N,
                                                                               int64_t K, Finish& finish) {
   using V = Simd<float>::vec;
-  constexpr int L = 16, NR = NV * L, MR = 16 / NV;
+  constexpr int L = 16, NR = NV * L, MR = NV == 3 ? 8 : 16 / NV;  // three vectors: 24 accumulators, as gemm_tiles
   constexpr int64_t kPanelPairs = 128;  // 128 pairs x 2 vectors = 16 KB of B, in L1 across the row tiles
   alignas(64) __m512i panel[kPanelPairs * NV];
   const int64_t pairs = (K + 1) / 2;
@@ -184,9 +184,11 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) inline void dot_columns(c
 }
 
 // dot_tiles with one vector of columns when N fits in one, two otherwise, a last tile of at most
-// one vector's columns one vector wide, and a tail of a column or two past whole vectors as
-// dot_columns (a 7x7 plane: 32 + 16 + 1 columns, as gemm_nn; ghost_module at 7x7 1.02-1.16x
-// faster than with 32 + 17 columns in four vectors).
+// one vector's columns one vector wide, except that two vectors and a last one, and no more, are
+// one strip three vectors wide (gemm.h column_strips: a one-vector strip's 16-row tiles keep their
+// row pointers on the stack), and a tail of a column or two past whole vectors as dot_columns (a
+// 7x7 plane: 48 + 1 columns, as gemm_nn; ghost_module at 7x7 1.02-1.16x faster than with 32 + 17
+// columns in four vectors).
 template <typename Finish>
 GK_INLINE void dot_product(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_si, int64_t a_sk,
                            const float* B, int64_t ldb, float* C, int64_t ldc, const uint16_t* A_bf16,
@@ -199,8 +201,12 @@ GK_INLINE void dot_product(int64_t M, int64_t N, int64_t K, const float* A, int6
     dot_tiles<1>(a_pairs, lda, B, ldb, C, ldc, M, tiled, K, finish);
   } else {
     const int64_t rest = tiled % 32, wide = rest > 0 && rest <= 16 ? tiled - rest : tiled;
-    dot_tiles<2>(a_pairs, lda, B, ldb, C, ldc, M, wide, K, finish);
-    if (wide < tiled) dot_tiles<1>(a_pairs, lda, B + wide, ldb, C + wide, ldc, M, tiled - wide, K, finish);
+    if (wide < tiled && tiled <= 48) {
+      dot_tiles<3>(a_pairs, lda, B, ldb, C, ldc, M, tiled, K, finish);
+    } else {
+      dot_tiles<2>(a_pairs, lda, B, ldb, C, ldc, M, wide, K, finish);
+      if (wide < tiled) dot_tiles<1>(a_pairs, lda, B + wide, ldb, C + wide, ldc, M, tiled - wide, K, finish);
+    }
   }
   if (tiled < N) dot_columns(a_pairs, lda, B + tiled, ldb, C + tiled, ldc, M, N - tiled, K, finish);
 }
