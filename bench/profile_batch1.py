@@ -14,9 +14,12 @@
 3. When openvino is installed: the ORIGINAL model exported to ONNX (dynamo), OpenVINO's per-layer
    profile grouped by layer type (f32 hint) and its 20 slowest layers, and its latencies (f32,
    default) interleaved with the accelerated model's and the same model frozen (ghostkernels.freeze),
-   and by block (blocks.i.j, stem, head): ours from section 1 and the frozen graph's ops from section
-   2's profile (by their module scopes) against OpenVINO's layers, which are named after the modules
-   they came from (the ONNX exporter's name scopes; the classifier's layer has none: "other").
+   and by block (blocks.i.j, stem, head): ours from section 1, and in interleaved rounds the frozen
+   graph's ops (a profile of --iters forwards, by their module scopes) against OpenVINO's layers over
+   as many profiled inferences, which are named after the modules they came from (the ONNX
+   exporter's name scopes; the classifier's layer has none: "other"). Per block the medians over
+   the rounds and, as ours / theirs, the median of the per-round ratios: the machine's speed drifts
+   by tens of percent from one minute to the next, so the two sides are measured side by side.
 All under torch.inference_mode(), batch 1 (or --batch), 224x224, float32, GhostNet 1.0x (or --width).
 With --bfloat16 ours run the bfloat16 mode (torch.set_float32_matmul_precision("medium")) and the
 per-layer profile and by-block table are OpenVINO's default precision (bf16 where the CPU has it)
@@ -258,8 +261,7 @@ def frozen_by_block(prof, frozen, iters):
 
 def print_frozen_ops(frozen, x, iters):
     """The frozen graph (what bench/e2e.py's 'frozen' column runs), op by op: torch.profiler's self
-    CPU time per call, each op and input shape a row, the slowest first. Returns the same profile's
-    time per block (frozen_by_block)."""
+    CPU time per call, each op and input shape a row, the slowest first."""
     from torch.profiler import ProfilerActivity, profile
     for _ in range(20):
         frozen(x)
@@ -276,7 +278,30 @@ def print_frozen_ops(frozen, x, iters):
         shape = tuple(e.input_shapes[0]) if e.input_shapes else ()
         print(f"{e.key:<40}{calls:6.0f}{e.self_cpu_time_total / e.count:9.1f}"
               f"{e.self_cpu_time_total / iters / 1e3:8.3f}  {shape}")
+
+
+def frozen_blocks_now(frozen, x, iters):
+    """frozen_by_block of a profile of `iters` forwards taken now."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(iters):
+            frozen(x)
     return frozen_by_block(prof, frozen, iters)
+
+
+def openvino_blocks_now(request, feed, iters):
+    """ms per inference of each block (block_of its layers' names) of a PERF_COUNT request: the
+    median over `iters` inferences of the sum of its executed layers' times."""
+    per_inference = collections.defaultdict(list)
+    for _ in range(iters):
+        request.infer([feed])
+        sums = collections.defaultdict(float)
+        for info in request.get_profiling_info():
+            if info.status.name == "EXECUTED":
+                sums[block_of(info.node_name)] += info.real_time.total_seconds() * 1e3
+        for block, ms in sums.items():
+            per_inference[block].append(ms)
+    return {block: statistics.median(ms) for block, ms in per_inference.items()}
 
 
 def name_nodes_by_module(path):
@@ -293,7 +318,7 @@ def name_nodes_by_module(path):
     onnx.save(graph, path)
 
 
-def print_openvino(eager, model, frozen, x, iters, threads, ours_by_block, frozen_blocks, bfloat16):
+def print_openvino(eager, model, frozen, x, iters, threads, ours_by_block, bfloat16):
     try:
         import openvino as ov
     except ImportError:
@@ -343,16 +368,30 @@ def print_openvino(eager, model, frozen, x, iters, threads, ours_by_block, froze
     print("top 20 layers of that inference, us:")
     for us, name, node in layers[:20]:
         print(f"  {us:8.1f}  {node:<18}{name}")
-    theirs = collections.defaultdict(float)
-    for us, name, _ in layers:
-        theirs[block_of(name)] += us / 1e3
-    print("by block: the accelerated model's modules in the model (section 1: with their Python; none between"
-          " them) and the frozen graph's ops (section 2's profile), against that inference of "
-          f"{compared}")
+    rounds = collections.defaultdict(lambda: ([], []))  # block: (frozen ms, OpenVINO ms) per round
+    with torch.inference_mode():
+        for _ in range(5):
+            ours, theirs = frozen_blocks_now(frozen, x, iters), openvino_blocks_now(requests[profiled], feed, iters)
+            if not ours:
+                return  # frozen_by_block said why
+            for block in {*ours, *theirs}:
+                rounds[block][0].append(ours.get(block, 0.0))
+                rounds[block][1].append(theirs.get(block, 0.0))
+    print(f"by block: the accelerated model's modules in the model (section 1: with their Python; none between"
+          f" them), and in 5 interleaved rounds the frozen graph's ops ({iters} profiled forwards a round) and"
+          f" {compared}'s layers ({iters} profiled inferences a round): medians over the rounds, ours / theirs"
+          " the median of the per-round ratios")
     print(f"{'block':<14}{'accelerated ms':>15}{'frozen ms':>11}{'OpenVINO ms':>13}{'frozen / OV':>13}")
-    for block in sorted({*ours_by_block, *frozen_blocks, *theirs}, key=block_order):
-        ours, still, ov_ms = ours_by_block.get(block, 0.0), frozen_blocks.get(block, 0.0), theirs.get(block, 0.0)
-        print(f"{block:<14}{ours:15.3f}{still:11.3f}{ov_ms:13.3f}{(still / ov_ms if ov_ms else float('nan')):13.2f}")
+    totals = [0.0, 0.0]
+    for block in sorted({*ours_by_block, *rounds}, key=block_order):
+        still, ov_ms = rounds[block]
+        ratios = [a / b for a, b in zip(still, ov_ms) if b]
+        median = [statistics.median(t) if t else 0.0 for t in (still, ov_ms)]
+        totals = [t + m for t, m in zip(totals, median)]
+        print(f"{block:<14}{ours_by_block.get(block, 0.0):15.3f}{median[0]:11.3f}{median[1]:13.3f}"
+              f"{(statistics.median(ratios) if ratios else float('nan')):13.2f}")
+    print(f"{'sum':<14}{sum(ours_by_block.values()):15.3f}{totals[0]:11.3f}{totals[1]:13.3f}"
+          f"{totals[0] / totals[1]:13.2f}")
 
 
 def main():
@@ -390,9 +429,9 @@ def main():
             ours_by_block[block_of(name)] += in_model
         print_profiler(model, x, args.iters)
         frozen = ghostkernels.freeze(model, x)
-        frozen_blocks = print_frozen_ops(frozen, x, args.iters)
+        print_frozen_ops(frozen, x, args.iters)
     if not args.no_openvino:
-        print_openvino(eager, model, frozen, x, args.iters, args.threads, ours_by_block, frozen_blocks, args.bfloat16)
+        print_openvino(eager, model, frozen, x, args.iters, args.threads, ours_by_block, args.bfloat16)
 
 
 if __name__ == "__main__":

@@ -301,7 +301,6 @@ def test_frozen_graph_by_block():
     and one profile's op events line up with them, forward after forward."""
     import profile_batch1
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
     import ghostkernels
     from ghostkernels import models
@@ -317,10 +316,8 @@ def test_frozen_graph_by_block():
              if node.kind() in ("ghostkernels::ghost_module_residual", "ghostkernels::pointwise_conv2d_pool")]
     assert fused and all(node.scopeName() for node in fused)  # the module of the chain's first node
     assert dict(ops)["ghostkernels::pointwise_conv2d_pool"] == "blocks.9.0"
-    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(2):
-            frozen(x)
-    by_block = profile_batch1.frozen_by_block(prof, frozen, 2)
+    with torch.inference_mode():
+        by_block = profile_batch1.frozen_blocks_now(frozen, x, 2)
     assert set(by_block) == set(blocks) and all(ms > 0 for ms in by_block.values())
 
 
