@@ -183,12 +183,9 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) inline void dot_columns(c
   finish_rows<float>(M, columns, C, ldc, finish);
 }
 
-// dot_tiles with one vector of columns when N fits in one, two otherwise, a last tile of at most
-// one vector's columns one vector wide, except that two vectors and a last one, and no more, are
-// one strip three vectors wide (gemm.h column_strips: a one-vector strip's 16-row tiles keep their
-// row pointers on the stack), and a tail of a column or two past whole vectors as dot_columns (a
-// 7x7 plane: 48 + 1 columns, as gemm_nn; ghost_module at 7x7 1.02-1.16x faster than with 32 + 17
-// columns in four vectors).
+// dot_tiles over gemm.h's column_strips, as gemm_nn, and a tail of a column or two past whole
+// vectors as dot_columns (a 7x7 plane: 48 + 1 columns; ghost_module at 7x7 1.02-1.16x faster than
+// with 32 + 17 columns in four vectors).
 template <typename Finish>
 GK_INLINE void dot_product(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_si, int64_t a_sk,
                            const float* B, int64_t ldb, float* C, int64_t ldc, const uint16_t* A_bf16,
@@ -197,17 +194,9 @@ GK_INLINE void dot_product(int64_t M, int64_t N, int64_t K, const float* A, int6
   const uint32_t* a_pairs = bf16_pairs(A, a_si, a_sk, M, K, A_bf16);
   const int64_t lda = bf16_row_length(K) / 2;  // in pairs
   const int64_t tiled = N - dot_product_tail(N, 16);
-  if (tiled <= 16) {
-    dot_tiles<1>(a_pairs, lda, B, ldb, C, ldc, M, tiled, K, finish);
-  } else {
-    const int64_t rest = tiled % 32, wide = rest > 0 && rest <= 16 ? tiled - rest : tiled;
-    if (wide < tiled && tiled <= 48) {
-      dot_tiles<3>(a_pairs, lda, B, ldb, C, ldc, M, tiled, K, finish);
-    } else {
-      dot_tiles<2>(a_pairs, lda, B, ldb, C, ldc, M, wide, K, finish);
-      if (wide < tiled) dot_tiles<1>(a_pairs, lda, B + wide, ldb, C + wide, ldc, M, tiled - wide, K, finish);
-    }
-  }
+  column_strips<16, true>(tiled, [&](auto nv, int64_t j0, int64_t n) {
+    dot_tiles<decltype(nv)::value>(a_pairs, lda, B + j0, ldb, C + j0, ldc, M, n, K, finish);
+  });
   if (tiled < N) dot_columns(a_pairs, lda, B + tiled, ldb, C + tiled, ldc, M, N - tiled, K, finish);
 }
 #endif

@@ -298,32 +298,32 @@ GK_INLINE int64_t dot_product_tail(int64_t N, int64_t lanes) {
   return N > lanes && tail <= lanes / 8 ? tail : 0;
 }
 
-// gemm_tiles with one vector of columns when N fits in one, two otherwise; a last tile of at most
-// one vector's columns runs one vector wide (a 7x7 plane on AVX2: 48 + 1 columns, not 64 for 49;
-// the GEMM alone 7-8% faster there, frozen GhostNets 0.2-1.6%). finish(i, v) depends on the row
-// only, so the column ranges may finish apart.
-// On AVX-512, columns of two vectors and a last one, and no more (a 7x7 plane's 48 + 1), are one
-// strip three vectors wide: as two strips, the last one's 16-row tiles kept their row pointers on
-// the stack (two loads per FMA). ghost_module at 7x7 1.04-1.10x, pointwise_conv2d 1.06-1.08x (Zen
-// 4, batch 1 and 8), the same sums in the same order; wider planes gained nothing.
-template <typename T, typename Finish>
-GK_INLINE void column_strips(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_si, int64_t a_sk, const T* B,
-                             int64_t ldb, T* C, int64_t ldc, bool accumulate, T* panel, Finish finish) {
-  constexpr int64_t L = Simd<T>::lanes;
-  if (N <= L) return gemm_tiles<T, 1>(M, N, K, A, a_si, a_sk, B, ldb, C, ldc, accumulate, panel, finish);
+// The register tiles' strips over N columns of L lanes (gemm_nn's, and the bfloat16 dot products'):
+// one vector wide when N fits in one, two otherwise, a last strip of at most one vector's columns
+// one vector wide (a 7x7 plane on AVX2: 48 + 1 columns, not 64 for 49; the GEMM alone 7-8% faster
+// there, frozen GhostNets 0.2-1.6%). A tile's epilogue depends on its row only, so the strips may
+// finish apart.
+// ThreeWide (AVX-512's 32 registers): columns of two vectors and a last one, and no more (a 7x7
+// plane's 48 + 1), are one strip three vectors wide: as two strips, the last one's 16-row tiles
+// kept their row pointers on the stack (two loads per FMA). ghost_module at 7x7 1.04-1.10x,
+// pointwise_conv2d 1.06-1.08x (Zen 4, batch 1 and 8), the same sums in the same order; wider
+// planes gained nothing.
+template <int64_t L, bool ThreeWide, typename Strip>
+GK_INLINE void column_strips(int64_t N, Strip strip) {
+  // strip(NV as a std::integral_constant, first column, columns): ThreeWide as a template
+  // argument, so that builds without the registers for it do not instantiate three-vector tiles.
+  if (N <= L) return strip(std::integral_constant<int, 1>{}, 0, N);
   const int64_t rest = N % (2 * L), wide = rest > 0 && rest <= L ? N - rest : N;
-  if constexpr (GK_VECTOR_BYTES == 64)
-    if (wide < N && N <= 3 * L)
-      return gemm_tiles<T, 3>(M, N, K, A, a_si, a_sk, B, ldb, C, ldc, accumulate, panel, finish);
-  gemm_tiles<T, 2>(M, wide, K, A, a_si, a_sk, B, ldb, C, ldc, accumulate, panel, finish);
-  if (wide < N)
-    gemm_tiles<T, 1>(M, N - wide, K, A, a_si, a_sk, B + wide, ldb, C + wide, ldc, accumulate, panel, finish);
+  if constexpr (ThreeWide)
+    if (wide < N && N <= 3 * L) return strip(std::integral_constant<int, 3>{}, 0, N);
+  strip(std::integral_constant<int, 2>{}, 0, wide);
+  if (wide < N) strip(std::integral_constant<int, 1>{}, wide, N - wide);
 }
 
-// C (+)= A B by column_strips, except that a tail of at most an eighth of a vector past N's whole
-// vectors (a 7x7 plane's 49th column), which a tile would compute in a whole vector's lanes, is
-// dot products instead: A's rows (contiguous,
-// a_sk == 1) with the tail's columns copied into `panel`, finished in place. ghost_module at 7x7:
+// C (+)= A B by gemm_tiles over column_strips, except that a tail of at most an eighth of a vector
+// past N's whole vectors (a 7x7 plane's 49th column), which a tile would compute in a whole
+// vector's lanes, is dot products instead: A's rows (contiguous, a_sk == 1) with the tail's columns
+// copied into `panel`, finished in place. ghost_module at 7x7:
 // 1.10-1.23x faster on AVX-512, 1.09-1.18x on AVX2. Tails of a quarter (14x14: 192 + 4 on AVX-512)
 // gained nothing (0.94-1.06x).
 template <typename T, typename Finish = Unchanged>
@@ -346,7 +346,10 @@ GK_INLINE void gemm_nn(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_si
     const auto rows_finish = [&finish, i0](int64_t i, auto v) __attribute__((always_inline)) {
       return finish(i0 + i, v);
     };
-    column_strips<T>(m, tiled, K, a, a_si, a_sk, B, ldb, c, ldc, accumulate, panel, rows_finish);
+    column_strips<L, GK_VECTOR_BYTES == 64>(tiled, [&](auto nv, int64_t j0, int64_t n) {
+      gemm_tiles<T, decltype(nv)::value>(m, n, K, a, a_si, a_sk, B + j0, ldb, c + j0, ldc, accumulate, panel,
+                                         rows_finish);
+    });
     if (!dots) continue;
     for (int64_t k = 0; k < K; ++k)  // the tiles may have used the panel
       for (int64_t j = 0; j < tail; ++j) panel[j * K + k] = B[k * ldb + tiled + j];
