@@ -65,6 +65,8 @@ def bf16_rounded_reference(x, w1, b1, w2, b2, oup, stride, activation):
     (7, 10, 2, 3, 1, "relu", (5, 10)),     # an odd depth: its last pair half zero; 48 + 2 columns
     (40, 66, 2, 3, 1, "relu", (7, 7)),     # 48 + 1 pixels, 32 + 1 channels: a dot-product tail
     (24, 40, 2, 3, 1, "relu", (6, 6)),     # 36 pixels: a strip three vectors wide with a column tail
+    (30, 24, 2, 3, 1, "none", (6, 8)),     # 12 channels of 48 pixels: 8 + a half tile of 4 rows
+    (20, 10, 2, 3, 1, "relu", (4, 4)),     # 5 channels of one vector's pixels: a half tile of 8 rows
 ])
 @pytest.mark.parametrize("batch", [0, 1, 2])
 @pytest.mark.parametrize("channels_last", [False, True])
