@@ -63,15 +63,22 @@ void gemm_bf16(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_si, in
 #ifdef GK_HAVE_BF16
 // Columns [0, 16) in `mask` of a float32 row and the next row (nullptr past the matrix: zeros) as
 // bfloat16 pairs (row's, next's) per column, rounded to nearest even: B's layout for vdpbf16ps
-// and for AMX's bfloat16 tiles.
+// and for AMX's bfloat16 tiles. With `scale`, the rows times scale[0] and scale[1] (an SE gate's
+// per-channel scale of x) before the rounding.
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) inline __m512i bf16_column_pairs(const float* row,
                                                                                         const float* next,
-                                                                                        __mmask16 mask) {
+                                                                                        __mmask16 mask,
+                                                                                        const float* scale = nullptr) {
   // vcvtne2ps2bf16(next, row) holds row's 16 values, then next's; this interleaves them
   const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
                                               22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  const __m512 odd = next ? _mm512_maskz_loadu_ps(mask, next) : _mm512_setzero_ps();
-  return _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(odd, _mm512_maskz_loadu_ps(mask, row)));
+  __m512 even = _mm512_maskz_loadu_ps(mask, row);
+  __m512 odd = next ? _mm512_maskz_loadu_ps(mask, next) : _mm512_setzero_ps();
+  if (scale) {
+    even = _mm512_mul_ps(even, _mm512_set1_ps(scale[0]));
+    if (next) odd = _mm512_mul_ps(odd, _mm512_set1_ps(scale[1]));
+  }
+  return _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(odd, even));
 }
 #endif
 
@@ -120,12 +127,14 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) inline void dot_row_tile(
 // C = finish(A B) on the dot products, gemm_nn's tiling (gemm.h): NV vectors of 16 columns and
 // 16 / NV rows per register tile (a last tile of at most half that many rows computes only half,
 // as gemm_nn's), a column tail masked; A as bfloat16 pairs (row i's pair p at a_pairs[i * lda + p]),
-// B float32. Each panel of B's k pairs is rounded to bfloat16 pairs once and read by every row tile.
+// B float32 (row k times b_scale[k] when b_scale is given). Each panel of B's k pairs is rounded to
+// bfloat16 pairs once and read by every row tile.
 template <int NV, typename Finish>
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) inline void dot_tiles(const uint32_t* a_pairs, int64_t lda,
                                                                               const float* B, int64_t ldb, float* C,
                                                                               int64_t ldc, int64_t M, int64_t N,
-                                                                              int64_t K, Finish& finish) {
+                                                                              int64_t K, Finish& finish,
+                                                                              const float* b_scale) {
   constexpr int L = 16, NR = NV * L, MR = NV == 3 ? 8 : 16 / NV;  // three vectors: 24 accumulators, as gemm_tiles
   constexpr int64_t kPanelPairs = 128;  // 128 pairs x 2 vectors = 16 KB of B, in L1 across the row tiles
   alignas(64) __m512i panel[kPanelPairs * NV];
@@ -143,7 +152,8 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) inline void dot_tiles(con
         const int64_t k = 2 * (p0 + p);
         for (int v = 0; v < NV; ++v) {
           const float* even = B + k * ldb + j0 + v * L;
-          panel[p * NV + v] = bf16_column_pairs(even, k + 1 < K ? even + ldb : nullptr, masks[v]);
+          panel[p * NV + v] =
+              bf16_column_pairs(even, k + 1 < K ? even + ldb : nullptr, masks[v], b_scale ? b_scale + k : nullptr);
         }
       }
       // The next strip of B into L2 while this one computes, as gemm_tiles does (gemm.h): frozen
@@ -173,14 +183,15 @@ template <typename Finish>
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) inline void dot_columns(const uint32_t* a_pairs, int64_t lda,
                                                                                 const float* B, int64_t ldb, float* C,
                                                                                 int64_t ldc, int64_t M, int64_t columns,
-                                                                                int64_t K, Finish& finish) {
+                                                                                int64_t K, Finish& finish,
+                                                                                const float* b_scale) {
   const int64_t vectors = lda / 16;  // A's rows: lda pairs, a multiple of 16
   static thread_local std::vector<float> column;
   static thread_local std::vector<__m512i> pairs;
   column.assign(lda * 2, 0.f);
   pairs.resize(vectors);
   for (int64_t j = 0; j < columns; ++j) {
-    for (int64_t k = 0; k < K; ++k) column[k] = B[k * ldb + j];
+    for (int64_t k = 0; k < K; ++k) column[k] = b_scale ? B[k * ldb + j] * b_scale[k] : B[k * ldb + j];
     // vcvtne2ps2bf16(high, low): element e of the result is column[32 q + e], so that dword p
     // holds the pair (2p, 2p + 1) as A's rows do
     for (int64_t q = 0; q < vectors; ++q)
@@ -200,19 +211,20 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) inline void dot_columns(c
 
 // dot_tiles over gemm.h's column_strips, as gemm_nn, and a tail of a column or two past whole
 // vectors as dot_columns (a 7x7 plane: 48 + 1 columns; ghost_module at 7x7 1.02-1.16x faster than
-// with 32 + 17 columns in four vectors).
+// with 32 + 17 columns in four vectors). b_scale: B's row k times b_scale[k] (x times an SE gate) as
+// B is rounded, so that A may stay a frozen weight's bfloat16 copy.
 template <typename Finish>
 GK_INLINE void dot_product(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_si, int64_t a_sk,
                            const float* B, int64_t ldb, float* C, int64_t ldc, const uint16_t* A_bf16,
-                           Finish finish) {
+                           Finish finish, const float* b_scale = nullptr) {
   if (M <= 0 || N <= 0) return;
   const uint32_t* a_pairs = bf16_pairs(A, a_si, a_sk, M, K, A_bf16);
   const int64_t lda = bf16_row_length(K) / 2;  // in pairs
   const int64_t tiled = N - dot_product_tail(N, 16);
   column_strips<16, true>(tiled, [&](auto nv, int64_t j0, int64_t n) {
-    dot_tiles<decltype(nv)::value>(a_pairs, lda, B + j0, ldb, C + j0, ldc, M, n, K, finish);
+    dot_tiles<decltype(nv)::value>(a_pairs, lda, B + j0, ldb, C + j0, ldc, M, n, K, finish, b_scale);
   });
-  if (tiled < N) dot_columns(a_pairs, lda, B + tiled, ldb, C + tiled, ldc, M, N - tiled, K, finish);
+  if (tiled < N) dot_columns(a_pairs, lda, B + tiled, ldb, C + tiled, ldc, M, N - tiled, K, finish, b_scale);
 }
 #endif
 

@@ -296,6 +296,26 @@ def test_frozen_weight_copies_go_with_the_weight(precision):
     assert ops.frozen_weights_status() == (marked - 1, copied)
 
 
+@pytest.mark.parametrize("inp, oup, size, batch", [
+    (64, 40, (7, 7), 1),     # 20 channels, 49 pixels: the scale in B's pairs and in the dot-product column
+    (96, 40, (14, 14), 2),   # two images, two scales
+    (160, 240, (7, 7), 1),   # 120 channels, more than the pixels: x * scale packed before the GEMM
+])
+def test_se_scale_in_the_rounded_pairs(precision, inp, oup, size, batch):
+    """On the dot products an SE scale multiplies x's rows as they are rounded to bfloat16 pairs (W1
+    stays a frozen weight's copy): ghost_module_scaled is ghost_module on x * scale, bit for bit."""
+    if not BF16 or AMX:
+        pytest.skip("the dot-product engine only (test_dot_product_engine reruns this file on it)")
+    w1, b1, w2, b2 = weights(inp, oup)
+    (frozen_w1,) = frozen_copy(w1)
+    x, scale = torch.randn(batch, inp, *size), torch.rand(batch, inp, 1, 1)
+    args = (b1, w2, b2, oup, 1, "relu")
+    precision("medium")
+    expected = ops.ghost_module(x * scale, w1, *args)
+    assert torch.equal(ops.ghost_module_scaled(x, scale, w1, *args), expected)
+    assert torch.equal(ops.ghost_module_scaled(x, scale, frozen_w1, *args), expected)
+
+
 @pytest.mark.parametrize("inp, oup, size", [(40, 51, (14, 14)), (300, 37, (5, 5)), (160, 960, (7, 7))])
 def test_frozen_primary_weights(precision, inp, oup, size):
     """The bfloat16 GEMMs read a frozen W1 (or 1x1 weight) from its bfloat16 copy instead of rounding
