@@ -101,10 +101,19 @@ GK_INLINE void primary_rows_nchw(const ForwardArgs<T>& a, int64_t n, int64_t h0,
   }
   const T* src = a.x + n * g.inp * g.height * g.width + h0 * g.width;
   int64_t ld_src = g.height * g.width;
-  // W1 (x * s) = (W1 diag(s)) x: the input scale goes into whichever is smaller, the band's
-  // pixels of x (small planes) or W1's rows.
   const T* s = a.input_scale ? a.input_scale + n * g.inp : nullptr;
-  const bool scale_x = s && p < c1 - c0;
+  // W1 (x * s) = (W1 diag(s)) x. On the dot products the scale multiplies x's rows as they are
+  // rounded to bfloat16 pairs, and W1 stays its (frozen) bfloat16 copy: scaled W1s rounded per call
+  // and image, or x * s packed first, made ghost_module_residual with the SE scale up to 1.25x
+  // slower (960 -> 160 @7 1.21-1.25x at batch 1 and 1.10x at batch 8, 672 -> 160 @7 1.12-1.18x,
+  // 480 -> 112 @14 1.05-1.07x). Elsewhere the scale goes into whichever is smaller, the band's
+  // pixels of x (small planes) or W1's rows.
+  bool scale_in_pairs = false;
+#ifdef GK_BF16_DOT
+  if constexpr (std::is_same_v<T, float>)
+    scale_in_pairs = s && g.stride == 1 && a.bf16_gemm && bf16_gemm_on_dot_products();
+#endif
+  const bool scale_x = s && !scale_in_pairs && p < c1 - c0;
   if (g.stride != 1) {
     for (int64_t k = 0; k < g.inp; ++k)
       for (int64_t h = h0; h < h1; ++h)
@@ -127,15 +136,11 @@ GK_INLINE void primary_rows_nchw(const ForwardArgs<T>& a, int64_t n, int64_t h0,
     v += b1 ? b1[c0 + i] : T(0);
     return act == Activation::ReLU ? (v < 0 ? decltype(v){} : v) : v;  // NaN stays NaN
   };
-  if (s && !scale_x) {
 #ifdef GK_BF16_DOT
-    // The dot products scale x's rows as they round them to pairs: W1 stays its (frozen) bfloat16
-    // copy instead of a scaled copy rounded per call and image (ghost_module_residual with the SE
-    // scale at batch 1: 960 -> 160 @7 1.25x faster, 672 -> 160 @7 1.18x, 480 -> 112 @14 1.07x).
-    if constexpr (std::is_same_v<T, float>)
-      if (a.bf16_gemm && bf16_gemm_on_dot_products())
-        return dot_product(c1 - c0, p, g.inp, w1, g.inp, 1, src, ld_src, dst, ld, w1_bf16, finish, s);
+  if constexpr (std::is_same_v<T, float>)
+    if (scale_in_pairs) return dot_product(c1 - c0, p, g.inp, w1, g.inp, 1, src, ld_src, dst, ld, w1_bf16, finish, s);
 #endif
+  if (s && !scale_x) {
     for (int64_t c = 0; c < c1 - c0; ++c)
       for (int64_t k = 0; k < g.inp; ++k) scaled[c * g.inp + k] = w1[c * g.inp + k] * s[k];
     w1 = scaled;

@@ -299,7 +299,7 @@ def test_frozen_weight_copies_go_with_the_weight(precision):
 @pytest.mark.parametrize("inp, oup, size, batch", [
     (64, 40, (7, 7), 1),     # 20 channels, 49 pixels: the scale in B's pairs and in the dot-product column
     (96, 40, (14, 14), 2),   # two images, two scales
-    (160, 240, (7, 7), 1),   # 120 channels, more than the pixels: x * scale packed before the GEMM
+    (160, 240, (7, 7), 4),   # 120 channels, more than the pixels (elsewhere x * scale is packed first)
 ])
 def test_se_scale_in_the_rounded_pairs(precision, inp, oup, size, batch):
     """On the dot products an SE scale multiplies x's rows as they are rounded to bfloat16 pairs (W1
