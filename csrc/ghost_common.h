@@ -106,9 +106,9 @@ GK_INLINE void taps_pass(T* dst, const T* src, int64_t n, const Tap<T>* taps, in
     S::store(dst + q, finish(add_taps<T, DW>(accumulate ? S::load(dst + q) : start, src, q, taps, dw)));
   if (q < n) {  // tail: src and the masks have kSlack readable elements past n; store n - q
     T tail[L] = {};
-    if (accumulate) std::memcpy(tail, dst + q, (n - q) * sizeof(T));
+    if (accumulate) copy_run(tail, dst + q, n - q);
     S::store(tail, finish(add_taps<T, DW>(accumulate ? S::load(tail) : start, src, q, taps, dw)));
-    std::memcpy(dst + q, tail, (n - q) * sizeof(T));
+    copy_run(dst + q, tail, n - q);
   }
 }
 
@@ -267,6 +267,13 @@ GK_INLINE void make_taps(const Geometry& g, const T* w2, const T* masks, int64_t
       taps[n++] = Tap<T>{transposed ? -(sy * g.out_width + sx) : sy * g.out_width + sx, w2[dy * g.dw + dx],
                          dy * g.dw + dx, sx == 0 ? nullptr : masks + mask_dx * mask_stride};
     }
+}
+
+// make_taps' taps with another ghost channel's weights (w2: its dw x dw): the offsets and masks are
+// the plane's, the same for every channel, so a kernel makes the taps once and reweights them.
+template <typename T>
+GK_INLINE void set_tap_weights(std::vector<Tap<T>>& taps, const T* w2) {
+  for (Tap<T>& tap : taps) tap.weight = w2[tap.index];
 }
 
 // dst[i] = sum over threads t of partials[t * size + i], in thread order (deterministic for a
