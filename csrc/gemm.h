@@ -10,6 +10,10 @@
 
 #include "isa.h"
 
+#if defined(__AVX512F__) && GK_VECTOR_BYTES == 64
+#include <immintrin.h>
+#endif
+
 namespace ghostkernels {
 
 // The build's vectors (isa.h: 64 bytes for AVX-512, 32 for AVX2) through GCC/Clang vector extensions.
@@ -19,6 +23,28 @@ struct Simd {
   static constexpr int lanes = GK_VECTOR_BYTES / sizeof(T);
   GK_INLINE static vec load(const T* p) { vec v; std::memcpy(&v, p, sizeof(vec)); return v; }
   GK_INLINE static void store(T* p, vec v) { std::memcpy(p, &v, sizeof(vec)); }
+  // The first n < lanes elements at p (the other lanes zero) and their store: masked on AVX-512;
+  // elsewhere through a buffer, whose scalar stores and vector load stall store forwarding.
+  GK_INLINE static vec load_first(const T* p, int64_t n) {
+#if defined(__AVX512F__) && GK_VECTOR_BYTES == 64
+    if constexpr (sizeof(T) == 4) return (vec)_mm512_maskz_loadu_ps(__mmask16((1u << n) - 1), p);
+    else return (vec)_mm512_maskz_loadu_pd(__mmask8((1u << n) - 1), p);
+#else
+    T buffer[lanes] = {};
+    for (int64_t i = 0; i < n; ++i) buffer[i] = p[i];
+    return load(buffer);
+#endif
+  }
+  GK_INLINE static void store_first(T* p, vec v, int64_t n) {
+#if defined(__AVX512F__) && GK_VECTOR_BYTES == 64
+    if constexpr (sizeof(T) == 4) _mm512_mask_storeu_ps(p, __mmask16((1u << n) - 1), (__m512)v);
+    else _mm512_mask_storeu_pd(p, __mmask8((1u << n) - 1), (__m512d)v);
+#else
+    T buffer[lanes];
+    store(buffer, v);
+    for (int64_t i = 0; i < n; ++i) p[i] = buffer[i];
+#endif
+  }
   // lane indices for __builtin_shuffle: 0, 2, 4, ... picks the even elements of two vectors
   typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> lane_t;
   typedef lane_t index __attribute__((vector_size(GK_VECTOR_BYTES)));
@@ -217,12 +243,7 @@ GK_INLINE void finish_rows(int64_t M, int64_t N, T* C, int64_t ldc, Finish finis
     T* c = C + i * ldc;
     int64_t j = 0;
     for (; j + L <= N; j += L) S::store(c + j, finish(i, S::load(c + j)));
-    if (j < N) {  // the row's tail through a vector-sized buffer
-      T tail[L] = {};
-      copy_run(tail, c + j, N - j);
-      S::store(tail, finish(i, S::load(tail)));
-      copy_run(c + j, tail, N - j);
-    }
+    if (j < N) S::store_first(c + j, finish(i, S::load_first(c + j, N - j)), N - j);
   }
 }
 

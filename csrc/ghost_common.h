@@ -105,10 +105,8 @@ GK_INLINE void taps_pass(T* dst, const T* src, int64_t n, const Tap<T>* taps, in
   for (; q + L <= n; q += L)
     S::store(dst + q, finish(add_taps<T, DW>(accumulate ? S::load(dst + q) : start, src, q, taps, dw)));
   if (q < n) {  // tail: src and the masks have kSlack readable elements past n; store n - q
-    T tail[L] = {};
-    if (accumulate) copy_run(tail, dst + q, n - q);
-    S::store(tail, finish(add_taps<T, DW>(accumulate ? S::load(tail) : start, src, q, taps, dw)));
-    copy_run(dst + q, tail, n - q);
+    const V sum = accumulate ? S::load_first(dst + q, n - q) : start;
+    S::store_first(dst + q, finish(add_taps<T, DW>(sum, src, q, taps, dw)), n - q);
   }
 }
 
