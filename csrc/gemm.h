@@ -83,6 +83,28 @@ GK_INLINE float widened(uint16_t bits) {
   return f;
 }
 
+// The sum of a vector's lanes by halves: the upper half added to the lower, log2(lanes) times, not
+// a chain of lanes - 1 dependent scalar adds.
+template <typename T, int Bytes = GK_VECTOR_BYTES>
+struct LaneSum {
+  typedef T vec __attribute__((vector_size(Bytes)));
+  GK_INLINE static T of(vec v) {
+    if constexpr (Bytes == 2 * sizeof(T)) {
+      return v[0] + v[1];
+    } else {
+      typedef typename LaneSum<T, Bytes / 2>::vec half;
+      half low, high;
+      std::memcpy(&low, &v, sizeof(half));
+      std::memcpy(&high, reinterpret_cast<const char*>(&v) + sizeof(half), sizeof(half));
+      return LaneSum<T, Bytes / 2>::of(low + high);
+    }
+  }
+};
+template <typename T>
+GK_INLINE T lane_sum(typename Simd<T>::vec v) {
+  return LaneSum<T>::of(v);
+}
+
 // {0, 1, 2, ...}: compared with a count, it masks the lanes of a partial vector.
 template <typename T>
 const T* lane_index() {
@@ -277,8 +299,7 @@ GK_INLINE void dot_tile(int64_t inputs, const T* x, int64_t n0, const W* const* 
     for (int i = 0; i < I; ++i) {
       V total = acc[r][i][0];
       for (int p = 1; p < P; ++p) total += acc[r][i][p];
-      T sum = T(0);
-      for (int l = 0; l < L; ++l) sum += total[l];
+      T sum = lane_sum<T>(total);
       for (int64_t k = whole; k < inputs; ++k) sum += widened(wr[r][k]) * xi[i][k];
       store(o0 + r, n0 + i, sum);
     }

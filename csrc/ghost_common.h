@@ -140,9 +140,7 @@ GK_INLINE T masked_dot(const T* x, const T* y, int64_t n, const T* mask) {
     if (q + L > n) prod = S::load(lane_index<T>()) < T(n - q) ? prod : V{};
     acc += prod;
   }
-  T s = 0;
-  for (int i = 0; i < L; ++i) s += acc[i];
-  return s;
+  return lane_sum<T>(acc);
 }
 
 template <typename T>
