@@ -70,7 +70,8 @@ struct Tap {
 // column by column (dw columns of dw taps that share a mask): one select per column, not per
 // tap. Rows above and below the plane come from the halo rows of the buffer src points into.
 // DW: dw as a compile-time constant (the loops unroll and the weights stay in registers), or 0.
-template <typename T, int DW>
+// Masked = false: every lane's column shifts stay inside its row, so the masks are skipped.
+template <typename T, int DW, bool Masked = true>
 GK_INLINE typename Simd<T>::vec add_taps(typename Simd<T>::vec sum, const T* src, int64_t q, const Tap<T>* taps,
                                          int64_t dw) {
   using S = Simd<T>;
@@ -82,7 +83,7 @@ GK_INLINE typename Simd<T>::vec add_taps(typename Simd<T>::vec sum, const T* src
     V part{};
 #pragma GCC unroll 7
     for (int64_t r = 0; r < d; ++r) part += column[r].weight * S::load(src + q + column[r].offset);
-    if (column[0].mask) part = S::load(column[0].mask + q) != 0 ? part : V{};
+    if (Masked && column[0].mask) part = S::load(column[0].mask + q) != 0 ? part : V{};
     sum += part;
   }
   return sum;
@@ -90,7 +91,7 @@ GK_INLINE typename Simd<T>::vec add_taps(typename Simd<T>::vec sum, const T* src
 
 template <typename T, int DW>
 GK_INLINE void taps_pass(T* dst, const T* src, int64_t n, const Tap<T>* taps, int64_t dw, bool accumulate, T bias,
-                         Activation act) {
+                         Activation act, int64_t row_width) {
   using S = Simd<T>;
   using V = typename S::vec;
   constexpr int L = S::lanes;
@@ -102,6 +103,19 @@ GK_INLINE void taps_pass(T* dst, const T* src, int64_t n, const Tap<T>* taps, in
   const V start = V{} + bias;
   auto finish = [act](V v) __attribute__((always_inline)) { return activate_vector(v, act); };
   int64_t q = 0;
+  // Rows of whole vectors (row_width, a multiple of L: 112 on AVX-512, 56 and 112 on AVX2): only a
+  // row's first and last vector reach past its edges, so the others skip the masks (Ghost ops at
+  // 112x112 1.02-1.07x faster, Zen 4).
+  if (row_width > L && row_width % L == 0 && n % row_width == 0 && (DW ? DW : dw) / 2 < L) {
+    for (; q < n; q += row_width) {
+      const int64_t last = q + row_width - L;
+      S::store(dst + q, finish(add_taps<T, DW>(accumulate ? S::load(dst + q) : start, src, q, taps, dw)));
+      for (int64_t v = q + L; v < last; v += L)
+        S::store(dst + v, finish(add_taps<T, DW, false>(accumulate ? S::load(dst + v) : start, src, v, taps, dw)));
+      S::store(dst + last, finish(add_taps<T, DW>(accumulate ? S::load(dst + last) : start, src, last, taps, dw)));
+    }
+    return;
+  }
   for (; q + L <= n; q += L)
     S::store(dst + q, finish(add_taps<T, DW>(accumulate ? S::load(dst + q) : start, src, q, taps, dw)));
   if (q < n) {  // tail: src and the masks have kSlack readable elements past n; store n - q
@@ -110,18 +124,20 @@ GK_INLINE void taps_pass(T* dst, const T* src, int64_t n, const Tap<T>* taps, in
   }
 }
 
-// dst[q] = act((accumulate ? dst[q] : bias) + the taps at q) for q < n, in one pass.
+// dst[q] = act((accumulate ? dst[q] : bias) + the taps at q) for q < n, in one pass; row_width: the
+// plane's width when n covers whole rows from a row's start (0: not known).
 template <typename T>
 GK_INLINE void apply_taps(T* dst, const T* src, int64_t n, const Tap<T>* taps, int64_t dw, bool accumulate, T bias,
-                          Activation act) {
+                          Activation act, int64_t row_width = 0) {
   // float64 is for checking, not speed: one instantiation with dw at run time compiles faster.
-  if constexpr (std::is_same_v<T, double>) return taps_pass<T, 0>(dst, src, n, taps, dw, accumulate, bias, act);
+  if constexpr (std::is_same_v<T, double>)
+    return taps_pass<T, 0>(dst, src, n, taps, dw, accumulate, bias, act, row_width);
   switch (dw) {  // GhostNet's cheap ops are 3x3; the paper's ablation tries 1, 5 and 7
-    case 1: return taps_pass<T, 1>(dst, src, n, taps, dw, accumulate, bias, act);
-    case 3: return taps_pass<T, 3>(dst, src, n, taps, dw, accumulate, bias, act);
-    case 5: return taps_pass<T, 5>(dst, src, n, taps, dw, accumulate, bias, act);
-    case 7: return taps_pass<T, 7>(dst, src, n, taps, dw, accumulate, bias, act);
-    default: return taps_pass<T, 0>(dst, src, n, taps, dw, accumulate, bias, act);
+    case 1: return taps_pass<T, 1>(dst, src, n, taps, dw, accumulate, bias, act, row_width);
+    case 3: return taps_pass<T, 3>(dst, src, n, taps, dw, accumulate, bias, act, row_width);
+    case 5: return taps_pass<T, 5>(dst, src, n, taps, dw, accumulate, bias, act, row_width);
+    case 7: return taps_pass<T, 7>(dst, src, n, taps, dw, accumulate, bias, act, row_width);
+    default: return taps_pass<T, 0>(dst, src, n, taps, dw, accumulate, bias, act, row_width);
   }
 }
 

@@ -208,7 +208,7 @@ void forward_nchw(const ForwardArgs<T>& a, int64_t begin, int64_t end) {
       for (int64_t j = g.ghost_begin(c); j < g.ghost_end(c); ++j) {
         T* dst = a.out + ((n * g.out_channels + g.init + j) * g.out_height + r0) * W;
         set_tap_weights(taps, a.w2 + j * g.dw * g.dw);
-        apply_taps(dst, center, p, taps.data(), g.dw, false, a.b2 ? a.b2[j] : T(0), g.act);
+        apply_taps(dst, center, p, taps.data(), g.dw, false, a.b2 ? a.b2[j] : T(0), g.act, W);
         if (a.gate) a.gate->apply_rows(dst, dst, n, g.init + j, g.out_channels, r0, r1, W);
         add_residual(a, dst, p);
       }
@@ -390,7 +390,7 @@ void forward_nchw_depthwise(const ForwardArgs<T>& a, const DepthwiseArgs<T, Plan
           T* ghost = ghosts + lanes.count * slot;  // the lane it will take
           set_tap_weights(taps, a.w2 + j * g.dw * g.dw);
           apply_taps(ghost, center + (j / g.copies - c0) * ld, p, taps.data(), g.dw, false, a.b2 ? a.b2[j] : T(0),
-                     g.act);
+                     g.act, W);
           channel = g.init + j;
           rows_in = ghost;
         }
@@ -407,7 +407,7 @@ void forward_nchw_depthwise(const ForwardArgs<T>& a, const DepthwiseArgs<T, Plan
         d.band(rows_in, r0, n, c, g.out_channels, oh0, scratch);
         for (int64_t j = g.ghost_begin(c); j < g.ghost_end(c); ++j) {
           set_tap_weights(taps, a.w2 + j * g.dw * g.dw);
-          apply_taps(ghosts, rows_in, p, taps.data(), g.dw, false, a.b2 ? a.b2[j] : T(0), g.act);
+          apply_taps(ghosts, rows_in, p, taps.data(), g.dw, false, a.b2 ? a.b2[j] : T(0), g.act, W);
           d.band(ghosts, r0, n, g.init + j, g.out_channels, oh0, scratch);
         }
       }
