@@ -114,7 +114,10 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) inline void dot_row_tile(
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a, b[v]);
     }
   }
-  for (int64_t r = 0; r < std::min<int64_t>(MR, M - i0); ++r)
+  // Over MR with a break, not to the last row, so that acc stays in registers (gemm.h row_tile)
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    if (r >= M - i0) break;
     for (int v = 0; v < NV; ++v) {
       float* c = C + (i0 + r) * ldc + j0 + v * L;
       V sum = (V)acc[r][v];
@@ -122,6 +125,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) inline void dot_row_tile(
       if (last) sum = finish(i0 + r, sum);
       _mm512_mask_storeu_ps(c, masks[v], (__m512)sum);
     }
+  }
 }
 
 // C = finish(A B) on the dot products, gemm_nn's tiling (gemm.h): NV vectors of 16 columns and
