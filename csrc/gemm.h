@@ -165,26 +165,39 @@ GK_INLINE void row_tile(int64_t i0, int64_t mr, int64_t M, const T* A, int64_t a
       }
     }
   }
-  // Over MR, not mr, so that the loop unrolls and acc stays in registers: indexed by a runtime row,
-  // acc went through the stack (zeroed there, stored after the k loop, read back here), which
-  // at a depth of 16 cost as much as a third of the FMAs (pointwise_conv2d 16 -> 24 @56 and
-  // @112 1.12-1.22x faster without, 64 -> 96 @56 1.07-1.16x; bench/results, Zen 4 section 34).
+  // acc is read at constant rows only (loops over MR, unrolled, that stop at mr), so that it stays
+  // in registers: indexed by a runtime row, acc went through the stack (zeroed there, stored after
+  // the k loop, read back here), which at a depth of 16 cost as much as a third of the FMAs
+  // (pointwise_conv2d 16 -> 24 @56 and @112 1.12-1.22x faster without, 64 -> 96 @56 1.07-1.16x;
+  // bench/results, Zen 4 section 34).
+  if (nr == NR) {
 #pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r) {
-    if (r >= mr) break;
+    for (int r = 0; r < MR; ++r) {
+      if (r >= mr) break;
+      T* c = C + (i0 + r) * ldc + j0;
+      for (int v = 0; v < NV; ++v) {
+        const V sum = add ? acc[r][v] + S::load(c + v * L) : acc[r][v];
+        S::store(c + v * L, last ? finish(i0 + r, sum) : sum);
+      }
+    }
+    return;
+  }
+  // A column tail (C has only nr columns) goes through buffers, in a loop of its own: unrolled
+  // with the rest, its copies made the library a third larger.
+  V rows[MR][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) rows[r][v] = acc[r][v];
+  for (int64_t r = 0; r < mr; ++r) {
     T* c = C + (i0 + r) * ldc + j0;
-    T tail[NR];  // a column tail goes through here: C has only nr columns
-    T* dst = c;
-    if (nr < NR) {
-      std::fill_n(tail, NR, T(0));
-      if (add) copy_run(tail, c, nr);
-      dst = tail;
-    }
+    T tail[NR];
+    std::fill_n(tail, NR, T(0));
+    if (add) copy_run(tail, c, nr);
     for (int v = 0; v < NV; ++v) {
-      const V sum = add ? acc[r][v] + S::load(dst + v * L) : acc[r][v];
-      S::store(dst + v * L, last ? finish(i0 + r, sum) : sum);
+      const V sum = add ? rows[r][v] + S::load(tail + v * L) : rows[r][v];
+      S::store(tail + v * L, last ? finish(i0 + r, sum) : sum);
     }
-    if (nr < NR) copy_run(c, tail, nr);
+    copy_run(c, tail, nr);
   }
 }
 
