@@ -182,16 +182,15 @@ void depthwise_backward_items(const T* grad, const T* x, const T* w, T* grad_x, 
   HaloPlane<T> grad_buffer(g), x_buffer(g);
   T *gp = grad_buffer.plane(), *xp = x_buffer.plane();
   std::vector<Tap<T>> taps(taps_n), adjoint(taps_n);  // the forward taps: offsets and masks only
-  make_taps(g, w, masks, mask_stride, false, taps.data());
-  make_taps(g, w, masks, mask_stride, true, adjoint.data());
+  make_taps(g, masks, mask_stride, false, taps.data());
+  make_taps(g, masks, mask_stride, true, adjoint.data());
   T* gw = weight_partials + at::get_thread_num() * channels * taps_n;
   T* gb = bias_partials + at::get_thread_num() * channels;
   for (int64_t item = begin; item < end; ++item) {
     const int64_t c = item % channels;
     std::memcpy(gp, grad + item * P, P * sizeof(T));
     std::memcpy(xp, x + item * P, P * sizeof(T));
-    set_tap_weights(adjoint, w + c * taps_n);
-    apply_taps(grad_x + item * P, gp, P, adjoint.data(), g.dw, false, T(0), Activation::None);
+    apply_taps(grad_x + item * P, gp, P, adjoint.data(), w + c * taps_n, g.dw, false, T(0), Activation::None);
     for (const Tap<T>& tap : taps) gw[c * taps_n + tap.index] += masked_dot(gp, xp + tap.offset, P, tap.mask);
     gb[c] += sum(gp, P);
   }

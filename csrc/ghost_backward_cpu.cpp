@@ -125,8 +125,8 @@ void backward_nchw(const BackwardArgs<T>& a, int64_t begin, int64_t end) {
   // The adjoint taps take each ghost channel's weights; the forward ones serve the weight grads'
   // offsets and masks only.
   std::vector<Tap<T>> taps(taps_n), adjoint(taps_n);
-  make_taps(g, a.w2, a.masks, a.mask_stride, false, taps.data());
-  make_taps(g, a.w2, a.masks, a.mask_stride, true, adjoint.data());
+  make_taps(g, a.masks, a.mask_stride, false, taps.data());
+  make_taps(g, a.masks, a.mask_stride, true, adjoint.data());
   const Partials<T> part(a.partials, at::get_thread_num(), g);
   T *gw1 = part.gw1, *gb1 = part.gb1, *gw2 = part.gw2, *gb2 = part.gb2;
   const int64_t plane = g.plane();
@@ -150,8 +150,7 @@ void backward_nchw(const BackwardArgs<T>& a, int64_t begin, int64_t end) {
       std::memcpy(gzc, a.grad + (n * g.out_channels + c) * plane + r0 * W, p * sizeof(T));
       for (int64_t j = g.ghost_begin(c); j < g.ghost_end(c); ++j) {
         const T* gz2j = gz2.data() + j * ld + pad + pad * W;
-        set_tap_weights(adjoint, a.w2 + j * taps_n);
-        apply_taps(gzc, gz2j, p, adjoint.data(), g.dw, true, T(0), Activation::None);
+        apply_taps(gzc, gz2j, p, adjoint.data(), a.w2 + j * taps_n, g.dw, true, T(0), Activation::None);
         for (const Tap<T>& tap : taps)
           gw2[j * taps_n + tap.index] += masked_dot(gz2j, y1c + tap.offset, p, tap.mask);
         gb2[j] += sum(gz2j, p);

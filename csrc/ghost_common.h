@@ -90,15 +90,22 @@ GK_INLINE typename Simd<T>::vec add_taps(typename Simd<T>::vec sum, const T* src
 }
 
 template <typename T, int DW>
-GK_INLINE void taps_pass(T* dst, const T* src, int64_t n, const Tap<T>* taps, int64_t dw, bool accumulate, T bias,
-                         Activation act, int64_t row_width) {
+GK_INLINE void taps_pass(T* dst, const T* src, int64_t n, const Tap<T>* plane_taps, const T* weights, int64_t dw,
+                         bool accumulate, T bias, Activation act, int64_t row_width) {
   using S = Simd<T>;
   using V = typename S::vec;
   constexpr int L = S::lanes;
-  Tap<T> local[DW > 0 ? DW * DW : 1];
-  if constexpr (DW > 0) {  // dst's stores may alias `taps` for all the compiler knows: it reloaded them per vector
-    std::copy(taps, taps + DW * DW, local);
-    taps = local;
+  // The plane's taps with this channel's weights, copied here: dst's stores may alias the taps for
+  // all the compiler knows (it reloaded them per vector), and weights set in the shared taps just
+  // before (one scalar store each) stalled the copy's vector loads on store forwarding, once per
+  // channel (ghost_module 160 -> 960 @7 1.05-1.07x, frozen GhostNet 1.0x 1.01-1.04x faster
+  // without; bench/results, Zen 4 section 34).
+  Tap<T> fixed[DW > 0 ? DW * DW : 1];
+  std::vector<Tap<T>> sized(DW > 0 ? 0 : dw * dw);  // float64 and unusual dw: checking, not speed
+  Tap<T>* taps = DW > 0 ? fixed : sized.data();
+  for (int64_t t = 0; t < (DW > 0 ? DW * DW : dw * dw); ++t) {
+    taps[t] = plane_taps[t];
+    taps[t].weight = weights[taps[t].index];
   }
   const V start = V{} + bias;
   auto finish = [act](V v) __attribute__((always_inline)) { return activate_vector(v, act); };
@@ -124,20 +131,21 @@ GK_INLINE void taps_pass(T* dst, const T* src, int64_t n, const Tap<T>* taps, in
   }
 }
 
-// dst[q] = act((accumulate ? dst[q] : bias) + the taps at q) for q < n, in one pass; row_width: the
-// plane's width when n covers whole rows from a row's start (0: not known).
+// dst[q] = act((accumulate ? dst[q] : bias) + the taps at q) for q < n, in one pass: the plane's taps
+// (make_taps: offsets, masks) with a channel's dw x dw `weights`; row_width: the plane's width when
+// n covers whole rows from a row's start (0: not known).
 template <typename T>
-GK_INLINE void apply_taps(T* dst, const T* src, int64_t n, const Tap<T>* taps, int64_t dw, bool accumulate, T bias,
-                          Activation act, int64_t row_width = 0) {
+GK_INLINE void apply_taps(T* dst, const T* src, int64_t n, const Tap<T>* taps, const T* weights, int64_t dw,
+                          bool accumulate, T bias, Activation act, int64_t row_width = 0) {
   // float64 is for checking, not speed: one instantiation with dw at run time compiles faster.
   if constexpr (std::is_same_v<T, double>)
-    return taps_pass<T, 0>(dst, src, n, taps, dw, accumulate, bias, act, row_width);
+    return taps_pass<T, 0>(dst, src, n, taps, weights, dw, accumulate, bias, act, row_width);
   switch (dw) {  // GhostNet's cheap ops are 3x3; the paper's ablation tries 1, 5 and 7
-    case 1: return taps_pass<T, 1>(dst, src, n, taps, dw, accumulate, bias, act, row_width);
-    case 3: return taps_pass<T, 3>(dst, src, n, taps, dw, accumulate, bias, act, row_width);
-    case 5: return taps_pass<T, 5>(dst, src, n, taps, dw, accumulate, bias, act, row_width);
-    case 7: return taps_pass<T, 7>(dst, src, n, taps, dw, accumulate, bias, act, row_width);
-    default: return taps_pass<T, 0>(dst, src, n, taps, dw, accumulate, bias, act, row_width);
+    case 1: return taps_pass<T, 1>(dst, src, n, taps, weights, dw, accumulate, bias, act, row_width);
+    case 3: return taps_pass<T, 3>(dst, src, n, taps, weights, dw, accumulate, bias, act, row_width);
+    case 5: return taps_pass<T, 5>(dst, src, n, taps, weights, dw, accumulate, bias, act, row_width);
+    case 7: return taps_pass<T, 7>(dst, src, n, taps, weights, dw, accumulate, bias, act, row_width);
+    default: return taps_pass<T, 0>(dst, src, n, taps, weights, dw, accumulate, bias, act, row_width);
   }
 }
 
@@ -267,25 +275,18 @@ std::shared_ptr<const std::vector<T>> column_masks(const Geometry& g, int64_t ro
   return cache[key] = std::move(masks);
 }
 
-// The taps of ghost channel j on a flattened plane. transposed = the adjoint (backward).
+// The taps of a dw x dw depthwise op on a flattened plane, the same for every channel: offsets, masks
+// and weight indices (apply_taps takes a channel's weights). transposed = the adjoint (backward).
 template <typename T>
-GK_INLINE void make_taps(const Geometry& g, const T* w2, const T* masks, int64_t mask_stride, bool transposed,
-                         Tap<T>* taps) {
+GK_INLINE void make_taps(const Geometry& g, const T* masks, int64_t mask_stride, bool transposed, Tap<T>* taps) {
   int n = 0;
   for (int64_t dx = 0; dx < g.dw; ++dx)  // column by column, as add_taps groups them
     for (int64_t dy = 0; dy < g.dw; ++dy) {
       const int64_t sy = dy - g.pad, sx = dx - g.pad;
       const int64_t mask_dx = transposed ? g.dw - 1 - dx : dx;
-      taps[n++] = Tap<T>{transposed ? -(sy * g.out_width + sx) : sy * g.out_width + sx, w2[dy * g.dw + dx],
-                         dy * g.dw + dx, sx == 0 ? nullptr : masks + mask_dx * mask_stride};
+      taps[n++] = Tap<T>{transposed ? -(sy * g.out_width + sx) : sy * g.out_width + sx, T(0), dy * g.dw + dx,
+                         sx == 0 ? nullptr : masks + mask_dx * mask_stride};
     }
-}
-
-// make_taps' taps with another ghost channel's weights (w2: its dw x dw): the offsets and masks are
-// the plane's, the same for every channel, so a kernel makes the taps once and reweights them.
-template <typename T>
-GK_INLINE void set_tap_weights(std::vector<Tap<T>>& taps, const T* w2) {
-  for (Tap<T>& tap : taps) tap.weight = w2[tap.index];
 }
 
 // dst[i] = sum over threads t of partials[t * size + i], in thread order (deterministic for a

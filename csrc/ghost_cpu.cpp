@@ -191,7 +191,7 @@ void forward_nchw(const ForwardArgs<T>& a, int64_t begin, int64_t end) {
   T* panel = scratch.take<T>(kBlock * 2 * Simd<T>::lanes);
   T* scaled = scratch.take<T>(a.input_scale ? g.inp * t.group : 0);
   std::vector<Tap<T>> taps(g.dw * g.dw);
-  make_taps(g, a.w2, a.masks, a.mask_stride, false, taps.data());
+  make_taps(g, a.masks, a.mask_stride, false, taps.data());
   for (int64_t item = begin; item < end; ++item) {
     const int64_t n = item / (t.bands * t.groups);
     const int64_t band = item / t.groups % t.bands;
@@ -207,8 +207,7 @@ void forward_nchw(const ForwardArgs<T>& a, int64_t begin, int64_t end) {
       add_residual(a, intrinsic, p);
       for (int64_t j = g.ghost_begin(c); j < g.ghost_end(c); ++j) {
         T* dst = a.out + ((n * g.out_channels + g.init + j) * g.out_height + r0) * W;
-        set_tap_weights(taps, a.w2 + j * g.dw * g.dw);
-        apply_taps(dst, center, p, taps.data(), g.dw, false, a.b2 ? a.b2[j] : T(0), g.act, W);
+        apply_taps(dst, center, p, taps.data(), a.w2 + j * g.dw * g.dw, g.dw, false, a.b2 ? a.b2[j] : T(0), g.act, W);
         if (a.gate) a.gate->apply_rows(dst, dst, n, g.init + j, g.out_channels, r0, r1, W);
         add_residual(a, dst, p);
       }
@@ -365,7 +364,7 @@ void forward_nchw_depthwise(const ForwardArgs<T>& a, const DepthwiseArgs<T, Plan
   T* panel = buffers.take<T>(kBlock * 2 * Simd<T>::lanes);
   T* scratch = buffers.take<T>(plane.scratch_size());
   std::vector<Tap<T>> taps(g.dw * g.dw);
-  make_taps(g, a.w2, a.masks, a.mask_stride, false, taps.data());
+  make_taps(g, a.masks, a.mask_stride, false, taps.data());
   for (int64_t item = begin; item < end; ++item) {
     const int64_t n = item / (bands * d.groups);
     const int64_t oh0 = item / d.groups % bands * plane.band_rows(), rows = plane.rows_in_band(oh0);
@@ -388,9 +387,8 @@ void forward_nchw_depthwise(const ForwardArgs<T>& a, const DepthwiseArgs<T, Plan
         } else {
           const int64_t j = j_begin + i - intrinsic;
           T* ghost = ghosts + lanes.count * slot;  // the lane it will take
-          set_tap_weights(taps, a.w2 + j * g.dw * g.dw);
-          apply_taps(ghost, center + (j / g.copies - c0) * ld, p, taps.data(), g.dw, false, a.b2 ? a.b2[j] : T(0),
-                     g.act, W);
+          apply_taps(ghost, center + (j / g.copies - c0) * ld, p, taps.data(), a.w2 + j * g.dw * g.dw, g.dw, false,
+                     a.b2 ? a.b2[j] : T(0), g.act, W);
           channel = g.init + j;
           rows_in = ghost;
         }
@@ -406,8 +404,8 @@ void forward_nchw_depthwise(const ForwardArgs<T>& a, const DepthwiseArgs<T, Plan
         const T* rows_in = center + (c - c0) * ld;
         d.band(rows_in, r0, n, c, g.out_channels, oh0, scratch);
         for (int64_t j = g.ghost_begin(c); j < g.ghost_end(c); ++j) {
-          set_tap_weights(taps, a.w2 + j * g.dw * g.dw);
-          apply_taps(ghosts, rows_in, p, taps.data(), g.dw, false, a.b2 ? a.b2[j] : T(0), g.act, W);
+          apply_taps(ghosts, rows_in, p, taps.data(), a.w2 + j * g.dw * g.dw, g.dw, false, a.b2 ? a.b2[j] : T(0),
+                     g.act, W);
           d.band(ghosts, r0, n, g.init + j, g.out_channels, oh0, scratch);
         }
       }

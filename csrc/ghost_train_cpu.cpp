@@ -95,7 +95,7 @@ void cheap_pass(const TrainArgs<T>& a, const Normalised<T>& bn1, const T* z1, T*
   HaloPlane<T> buffer(g);
   T* x1 = buffer.plane();
   std::vector<Tap<T>> taps(taps_n);
-  make_taps(g, a.w2, a.masks, a.mask_stride, false, taps.data());
+  make_taps(g, a.masks, a.mask_stride, false, taps.data());
   for (int64_t item = begin; item < end; ++item) {
     const int64_t n = item / g.init, c = item % g.init;
     const T* z = z1 + item * P;
@@ -109,9 +109,8 @@ void cheap_pass(const TrainArgs<T>& a, const Normalised<T>& bn1, const T* z1, T*
       store(o + q, v);
     });
     for (int64_t j = c * g.copies; j < (c + 1) * g.copies; ++j) {
-      set_tap_weights(taps, a.w2 + j * taps_n);
       T* z2j = z2 + (n * g.ghosts + j) * P;
-      apply_taps(z2j, x1, P, taps.data(), g.dw, false, T(0), Activation::None);
+      apply_taps(z2j, x1, P, taps.data(), a.w2 + j * taps_n, g.dw, false, T(0), Activation::None);
       moments[n * g.ghosts + j] = plane_moments(z2j, P);
     }
   }
@@ -162,8 +161,8 @@ void cheap_backward_pass(const TrainArgs<T>& a, const Normalised<T>& bn1, const 
   HaloPlane<T> x1_buffer(g), dz2_buffer(g);
   T *x1 = x1_buffer.plane(), *dz2 = dz2_buffer.plane();
   std::vector<Tap<T>> taps(taps_n), adjoint(taps_n);  // the forward taps: offsets and masks only
-  make_taps(g, a.w2, a.masks, a.mask_stride, false, taps.data());
-  make_taps(g, a.w2, a.masks, a.mask_stride, true, adjoint.data());
+  make_taps(g, a.masks, a.mask_stride, false, taps.data());
+  make_taps(g, a.masks, a.mask_stride, true, adjoint.data());
   T* grad_w2 = grad_w2_all + at::get_thread_num() * g.ghosts * taps_n;
   const Activation act = g.act;
   for (int64_t item = begin; item < end; ++item) {
@@ -187,8 +186,7 @@ void cheap_backward_pass(const TrainArgs<T>& a, const Normalised<T>& bn1, const 
         store(dz2 + q, scale * (activation_grad_any(load<X>(dy + q), zq * scale + shift, act) - mean_dy -
                                 (zq - mean) * slope));
       });
-      set_tap_weights(adjoint, a.w2 + j * taps_n);
-      apply_taps(dx1, dz2, P, adjoint.data(), g.dw, true, T(0), Activation::None);
+      apply_taps(dx1, dz2, P, adjoint.data(), a.w2 + j * taps_n, g.dw, true, T(0), Activation::None);
       for (const Tap<T>& tap : taps) grad_w2[j * taps_n + tap.index] += masked_dot(dz2, x1 + tap.offset, P, tap.mask);
     }
     over_plane<T>(P, [&](int64_t q, auto x) {
