@@ -58,6 +58,8 @@ GK_INLINE T activation_grad(T grad, T activated, Activation act) {
 
 // One depthwise tap on a flattened plane: src offset, weight, its index in the d x d
 // weight, and the column-validity mask of its column shift (nullptr when the shift is 0).
+// make_taps leaves the weight 0: the plane's taps serve every channel, and apply_taps puts a
+// channel's weights into a copy of its own.
 template <typename T>
 struct Tap {
   int64_t offset;
