@@ -4,11 +4,12 @@ What accelerate() makes of a GhostBottleneck's ghost1 -> conv_dw -> bn_dw in eva
 stride-2 blocks, BN folded into the conv). The Ghost output, four times the size of the
 stride-2 conv's, is never written: the C++ kernel (csrc/ghost_cpu.cpp, NCHW float32/64)
 keeps the Ghost rows each band of the conv needs in cache-sized buffers. Elsewhere
-(channels_last, CUDA, other dtypes) the op is the Ghost op followed by direct_conv2d, and
+(channels_last, CUDA, other dtypes) the op is the Ghost op followed by the library conv, and
 gradients recompute that composition.
 """
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import ops
@@ -27,7 +28,12 @@ _lib.define(
 def _composed(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation,
               depthwise_weight, depthwise_bias, depthwise_stride):
     ghost = ops.apply(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation)
-    return torch.ops.ghostkernels.direct_conv2d(ghost, depthwise_weight, depthwise_bias, depthwise_stride)
+    # In x's layout, as the fake kernel says (torch.compile trusts it): the library conv's follows
+    # its weight's too, and direct_conv2d's is always NCHW (compiled channels_last GhostNets
+    # failed on a GPU).
+    out = F.conv2d(ghost, depthwise_weight, depthwise_bias, depthwise_stride, depthwise_weight.shape[-1] // 2,
+                   groups=out_channels)
+    return out.contiguous(memory_format=output_memory_format(x))
 
 
 @torch.library.register_fake("ghostkernels::ghost_module_depthwise")

@@ -6,8 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ghostkernels import accelerate, ghost_module_reference
+from ghostkernels import ghost_depthwise
 from ghostkernels.direct_conv import DirectConv2d
 from ghostkernels.ghost_depthwise import GhostDepthwise
 from ghostkernels.modules import GhostModule
@@ -76,6 +78,25 @@ def test_gradcheck_and_opcheck():
     args = (x, *weights, 6, 1, "relu", w3, b3, 2)
     assert torch.autograd.gradcheck(op, args)
     torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("weights_channels_last", [False, True])
+def test_every_path_has_the_fake_kernels_strides(channels_last, weights_channels_last):
+    """torch.compile trusts the fake kernel's strides: the composition (the op on CUDA and
+    without the C++ library) once returned NCHW for a channels_last x, and compiled GhostNets on
+    a GPU failed their stride assertion. A model moved to channels_last has such weights too,
+    and the library conv's output follows them."""
+    x = make_input(2, 5, 9, 11, channels_last=channels_last)
+    weights = make_weights(5, 12, 2, 3)
+    w3, b3 = depthwise_weights(12, 3)
+    if weights_channels_last:
+        w3 = w3.to(memory_format=torch.channels_last)
+    args = (x, *weights, 12, 1, "relu", w3, b3, 2)
+    with FakeTensorMode() as mode:
+        fake = ghost_depthwise._fake(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+    for out in (op(*args), ghost_depthwise._composed(*args)):
+        assert out.shape == fake.shape and out.stride() == fake.stride()
 
 
 F64 = torch.float64
