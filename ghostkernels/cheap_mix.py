@@ -68,6 +68,7 @@ def _fake_into(x, weight, bias, mix, channel_offset, out):
 
 @torch.library.impl(_lib, "cheap_mix", "CompositeExplicitAutograd")
 def _fallback(x, weight, bias, mix, channel_offset):
+    check_args(x, weight, bias, mix, channel_offset)
     _warn_fallback(x.device.type)
     return cheap_mix_reference(x, weight, bias, mix, channel_offset).contiguous(
         memory_format=output_memory_format(x))
@@ -75,6 +76,7 @@ def _fallback(x, weight, bias, mix, channel_offset):
 
 @torch.library.impl(_lib, "cheap_mix_into", "CompositeExplicitAutograd")
 def _fallback_into(x, weight, bias, mix, channel_offset, out):
+    check_args(x, weight, bias, mix, channel_offset, out)
     _warn_fallback(x.device.type)
     out.copy_(cheap_mix_reference(x, weight, bias, mix, channel_offset))
 

@@ -177,6 +177,10 @@ def _reference_output(x, primary_weight, primary_bias, cheap_weight, cheap_bias,
         out = ghost_module_reference(x, primary_weight, primary_bias, cheap_weight, cheap_bias, **config)
     else:
         out = ghost_module_gated_reference(x, primary_weight, primary_bias, cheap_weight, cheap_bias, gate, **config)
+    # A view (the reference slices its concat) as an op's output breaks in-place use after it
+    # (a residual add): autograd forbids modifying a custom op's view output.
+    if out._base is not None:
+        return out.clone(memory_format=output_memory_format(x))
     return out.contiguous(memory_format=output_memory_format(x))
 
 

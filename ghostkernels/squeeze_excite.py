@@ -39,8 +39,8 @@ def _check_scaled(x, scale, primary_weight, primary_bias, cheap_weight, cheap_bi
         raise ValueError(f"ghost_module_scaled: scale must be {(x.shape[0], x.shape[1], 1, 1)}, "
                          f"got {tuple(scale.shape)}")
     if scale.dtype != x.dtype or scale.device != x.device:
-        raise TypeError(f"ghost_module_scaled: scale is {scale.dtype} on {scale.device}, x is {x.dtype} on "
-                        f"{x.device}; they must match")
+        raise TypeError(f"ghost_module_scaled: scale's dtype and device must match x's: scale is {scale.dtype} on "
+                        f"{scale.device}, x is {x.dtype} on {x.device}")
 
 
 @torch.library.register_fake("ghostkernels::ghost_module_scaled")
@@ -50,7 +50,12 @@ def _fake(x, scale, primary_weight, primary_bias, cheap_weight, cheap_bias, out_
     return x.new_empty(shape).contiguous(memory_format=output_memory_format(x))
 
 
-torch.library.impl(_lib, "ghost_module_scaled", "CompositeExplicitAutograd")(_composed)
+@torch.library.impl(_lib, "ghost_module_scaled", "CompositeExplicitAutograd")
+def _scaled_fallback(x, scale, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride,
+                     activation):
+    _check_scaled(x, scale, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation)
+    return _composed(x, scale, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride,
+                     activation)
 
 
 @torch.library.impl(_lib, "ghost_module_scaled", "CUDA")
@@ -77,21 +82,53 @@ def _gate_composed(x, reduce_weight, reduce_bias, expand_weight, expand_bias):
     return hard_sigmoid(F.conv2d(hidden, expand_weight, expand_bias))
 
 
+def check_gate_args(x, reduce_weight, reduce_bias, expand_weight, expand_bias):
+    """A ValueError/TypeError naming the argument, as the C++ kernel's checks do on the CPU."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"squeeze_excite_gate: x must be 4-D (N, C, H, W), got {getattr(x, 'shape', type(x))}")
+    channels = x.shape[1]
+    if reduce_weight.dim() != 4 or reduce_weight.shape[1] != channels or reduce_weight.shape[2:] != (1, 1):
+        raise ValueError(f"squeeze_excite_gate: reduce_weight must be (reduced, {channels}, 1, 1), "
+                         f"got {tuple(reduce_weight.shape)}")
+    reduced = reduce_weight.shape[0]
+    if tuple(expand_weight.shape) != (channels, reduced, 1, 1):
+        raise ValueError(f"squeeze_excite_gate: expand_weight must be ({channels}, {reduced}, 1, 1), "
+                         f"got {tuple(expand_weight.shape)}")
+    for name, bias, size in (("reduce_bias", reduce_bias, reduced), ("expand_bias", expand_bias, channels)):
+        if bias is not None and tuple(bias.shape) != (size,):
+            raise ValueError(f"squeeze_excite_gate: {name} must have shape ({size},), got {tuple(bias.shape)}")
+    named = {"reduce_weight": reduce_weight, "reduce_bias": reduce_bias, "expand_weight": expand_weight,
+             "expand_bias": expand_bias}
+    for name, t in named.items():
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            raise TypeError(f"squeeze_excite_gate: {name}'s dtype and device must match x's: {name} is {t.dtype} "
+                            f"on {t.device}, x is {x.dtype} on {x.device}")
+    if channels == 0 or reduced == 0:
+        raise ValueError("squeeze_excite_gate: x and reduce_weight must have at least one channel")
+    if x.shape[2] * x.shape[3] == 0:
+        raise ValueError(f"squeeze_excite_gate: x has no pixels to pool ({tuple(x.shape)})")
+
+
+
 @torch.library.register_fake("ghostkernels::squeeze_excite_gate")
 def _gate_fake(x, reduce_weight, reduce_bias, expand_weight, expand_bias):
+    check_gate_args(x, reduce_weight, reduce_bias, expand_weight, expand_bias)
     return x.new_empty((x.shape[0], x.shape[1], 1, 1))
 
 
-torch.library.impl(_lib, "squeeze_excite_gate", "CompositeExplicitAutograd")(_gate_composed)
+@torch.library.impl(_lib, "squeeze_excite_gate", "CompositeExplicitAutograd")
+def _gate_fallback(x, reduce_weight, reduce_bias, expand_weight, expand_bias):
+    check_gate_args(x, reduce_weight, reduce_bias, expand_weight, expand_bias)
+    return _gate_composed(x, reduce_weight, reduce_bias, expand_weight, expand_bias)
 
 
 @torch.library.impl(_lib, "squeeze_excite_gate", "CUDA")
 def _gate_cuda(x, reduce_weight, reduce_bias, expand_weight, expand_bias):
     """One Triton launch (triton_squeeze_excite.py) instead of the composition's ~15."""
+    check_gate_args(x, reduce_weight, reduce_bias, expand_weight, expand_bias)
     kernels = _backends.triton_kernels("triton_squeeze_excite")
     if kernels is None:
         return _gate_composed(x, reduce_weight, reduce_bias, expand_weight, expand_bias)
-    kernels.check_args(x, reduce_weight, reduce_bias, expand_weight, expand_bias)
     return kernels.squeeze_excite_gate(x, reduce_weight, reduce_bias, expand_weight, expand_bias)
 ops.register_recompute_autograd("squeeze_excite_gate", _gate_composed)
 

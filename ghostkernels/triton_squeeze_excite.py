@@ -56,33 +56,6 @@ def _squeeze_excite_gate_kernel(
         tl.store(out_ptr + n * C + c, g.to(out_ptr.dtype.element_ty), mask=c_ok)
 
 
-def check_args(x, reduce_weight, reduce_bias, expand_weight, expand_bias):
-    """A ValueError/TypeError naming the argument, as the C++ kernel's checks do on the CPU."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        raise ValueError(f"squeeze_excite_gate: x must be 4-D (N, C, H, W), got {getattr(x, 'shape', type(x))}")
-    channels = x.shape[1]
-    if reduce_weight.dim() != 4 or reduce_weight.shape[1] != channels or reduce_weight.shape[2:] != (1, 1):
-        raise ValueError(f"squeeze_excite_gate: reduce_weight must be (reduced, {channels}, 1, 1), "
-                         f"got {tuple(reduce_weight.shape)}")
-    reduced = reduce_weight.shape[0]
-    if tuple(expand_weight.shape) != (channels, reduced, 1, 1):
-        raise ValueError(f"squeeze_excite_gate: expand_weight must be ({channels}, {reduced}, 1, 1), "
-                         f"got {tuple(expand_weight.shape)}")
-    for name, bias, size in (("reduce_bias", reduce_bias, reduced), ("expand_bias", expand_bias, channels)):
-        if bias is not None and tuple(bias.shape) != (size,):
-            raise ValueError(f"squeeze_excite_gate: {name} must have shape ({size},), got {tuple(bias.shape)}")
-    named = {"reduce_weight": reduce_weight, "reduce_bias": reduce_bias, "expand_weight": expand_weight,
-             "expand_bias": expand_bias}
-    for name, t in named.items():
-        if t is not None and (t.dtype != x.dtype or t.device != x.device):
-            raise TypeError(f"squeeze_excite_gate: {name} is {t.dtype} on {t.device}, x is {x.dtype} on "
-                            f"{x.device}; they must match")
-    if channels == 0 or reduced == 0:
-        raise ValueError("squeeze_excite_gate: x and reduce_weight must have at least one channel")
-    if x.shape[2] * x.shape[3] == 0:
-        raise ValueError(f"squeeze_excite_gate: x has no pixels to pool ({tuple(x.shape)})")
-
-
 def blocks(reduced):
     """(BLOCK_C, BLOCK_R, num_warps): the reduce tile BLOCK_R x BLOCK_C is 4K float32 elements at
     most; with 8 warps GhostNet's widest gate (960 -> 240) takes 117 registers a thread on sm_90
@@ -92,7 +65,7 @@ def blocks(reduced):
 
 
 def squeeze_excite_gate(x, reduce_weight, reduce_bias, expand_weight, expand_bias):
-    """The gate (N, C, 1, 1) in one launch; arguments already checked (check_args)."""
+    """The gate (N, C, 1, 1) in one launch; arguments already checked (squeeze_excite.check_gate_args)."""
     batch, channels, _, width = x.shape
     reduced = reduce_weight.shape[0]
     out = torch.empty((batch, channels, 1, 1), dtype=x.dtype, device=x.device)
