@@ -30,6 +30,21 @@ def ghost_module_reference(
     return torch.cat([x1, x2], dim=1)[:, :out_channels]
 
 
+def ghost_module_masked_reference(
+    x, primary_weight, primary_bias, cheap_weight, cheap_bias, *, out_channels, stride=1, relu_masks_of
+):
+    """ghost_module_reference with activation 'relu' whose ReLUs pass exactly where the output
+    `relu_masks_of` does (as torch's ReLU backward: not where it is <= 0, so NaN passes): what a
+    backward must differentiate to match the forward that wrote that output. A float16, bfloat16
+    or TF32 pre-activation within rounding of zero can land on the other side of the float64 one,
+    and each such flip changes a gradient by a whole gradient value."""
+    init, kernel, dw = primary_weight.shape[0], primary_weight.shape[-1], cheap_weight.shape[-1]
+    passes = ~(relu_masks_of.to(x.dtype) <= 0)
+    x1 = F.conv2d(x, primary_weight, primary_bias, stride, kernel // 2) * passes[:, :init]
+    x2 = F.conv2d(x1, cheap_weight, cheap_bias, 1, dw // 2, groups=init)[:, : out_channels - init]
+    return torch.cat([x1, x2 * passes[:, init:]], dim=1)
+
+
 def upsampled_gate(gate, size):
     """GhostNetV2's attention: sigmoid of the gate logits, nearest-upsampled to `size`."""
     return F.interpolate(torch.sigmoid(gate), size=size, mode="nearest")
