@@ -7,7 +7,8 @@ conv + BN become once accelerate() folds the BN: convs whose groups read few cha
 (fuse_direct_conv_relus): one pass over the 112x112 output instead of two. The C++ CPU kernel
 (csrc/direct_conv_cpu.cpp) serves NCHW float32/64 with at most 4 input channels per group (a
 channels_last stem is made NCHW for it) and hands other convs and layouts to at::conv2d;
-elsewhere the fallback is the library conv itself.
+elsewhere the fallback is the library conv itself. The output is NCHW on the CPU and keeps x's
+layout elsewhere (reference.conv_output_format).
 """
 
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 
 from . import ops
 from .modules import is_same_square_conv
-from .reference import ACTIVATIONS
+from .reference import ACTIVATIONS, conv_output_format
 
 _lib = torch.library.Library("ghostkernels", "FRAGMENT")
 _lib.define("direct_conv2d(Tensor x, Tensor weight, Tensor? bias, int stride, str activation=\"none\") -> Tensor")
@@ -45,14 +46,15 @@ def _fake(x, weight, bias, stride, activation="none"):
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise RuntimeError(f"direct_conv2d: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     height, width = (-(-s // stride) for s in x.shape[2:])  # 'same' padding: ceil(H / stride)
-    return x.new_empty((x.shape[0], weight.shape[0], height, width))
+    return x.new_empty((x.shape[0], weight.shape[0], height, width)).contiguous(memory_format=conv_output_format(x))
 
 
 @torch.library.impl(_lib, "direct_conv2d", "CompositeExplicitAutograd")
 def _fallback(x, weight, bias, stride, activation="none"):
     _check_activation(activation)
     return ACTIVATIONS[activation](F.conv2d(x, weight, bias, stride, weight.shape[-1] // 2,
-                                            groups=_groups(x, weight)).contiguous())
+                                            groups=_groups(x, weight)).contiguous(
+                                                memory_format=conv_output_format(x)))
 
 
 @torch.library.register_fake("ghostkernels::direct_conv2d_backward")

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ghost_train, ops
-from .reference import dfc_gate, dfc_short_conv
+from .reference import conv_output_format, dfc_gate, dfc_short_conv
 
 
 def is_same_square_conv(conv):
@@ -24,12 +24,13 @@ _lib.define("pointwise_conv2d(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
 
 
 def _pointwise_composed(x, weight, bias):
-    return F.conv2d(x, weight, bias).contiguous()  # NCHW whatever x's layout, as the fake kernel promises
+    # The fake kernel's layout whatever the weight's (the library conv's output follows both)
+    return F.conv2d(x, weight, bias).contiguous(memory_format=conv_output_format(x))
 
 
 @torch.library.register_fake("ghostkernels::pointwise_conv2d")
 def _pointwise_fake(x, weight, bias):
-    return x.new_empty((x.shape[0], weight.shape[0], *x.shape[2:]))
+    return x.new_empty((x.shape[0], weight.shape[0], *x.shape[2:])).contiguous(memory_format=conv_output_format(x))
 
 
 torch.library.impl(_lib, "pointwise_conv2d", "CompositeExplicitAutograd")(_pointwise_composed)

@@ -26,7 +26,7 @@ import torch
 
 from . import cheap_mix as _cheap_mix
 from . import direct_conv, modules, pointwise_pool, squeeze_excite
-from .reference import ghost_module_gated_reference, ghost_module_reference, output_memory_format
+from .reference import conv_output_format, ghost_module_gated_reference, ghost_module_reference, output_memory_format
 
 __all__ = ["COMPOSITIONS", "composed", "decompositions"]
 
@@ -87,12 +87,11 @@ def composed(op, *args):
 
 def _decomposition(name):
     composition = COMPOSITIONS[name]
-    keeps_format = name not in ("direct_conv2d", "pointwise_conv2d", "squeeze_excite_gate")
+    layout = {"direct_conv2d": conv_output_format, "pointwise_conv2d": conv_output_format,
+              "squeeze_excite_gate": lambda x: torch.contiguous_format}.get(name, output_memory_format)
 
     def decomposition(*args, **kwargs):
-        out = composition(*args, **kwargs)
-        fmt = output_memory_format(args[0]) if keeps_format else torch.contiguous_format
-        return out.contiguous(memory_format=fmt)
+        return composition(*args, **kwargs).contiguous(memory_format=layout(args[0]))
 
     decomposition.__name__ = f"ghostkernels_{name}_decomposition"
     return decomposition

@@ -20,6 +20,13 @@ def output_memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def conv_output_format(x: torch.Tensor) -> torch.memory_format:
+    """The layout direct_conv2d and pointwise_conv2d return: NCHW on the CPU, where their C++
+    kernels write NCHW, and output_memory_format(x) elsewhere, so that a channels_last model on a
+    GPU stays channels_last between the ops accelerate() makes of it."""
+    return torch.contiguous_format if x.device.type == "cpu" else output_memory_format(x)
+
+
 def ghost_module_reference(
     x, primary_weight, primary_bias, cheap_weight, cheap_bias, *, out_channels, stride=1, activation="relu"
 ):

@@ -354,3 +354,27 @@ def test_dense_channels_in_lanes_without_bias_and_with_nan(activation):
     expected = F.conv2d(x, weight, None, 2, 1)
     torch.testing.assert_close(out, F.relu(expected) if activation == "relu" else expected, rtol=1e-5, atol=1e-5,
                                equal_nan=True)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("weights_channels_last", [False, True])
+@pytest.mark.parametrize("name, weight_shape, stride", [("direct_conv2d", (12, 1, 3, 3), 2),
+                                                         ("pointwise_conv2d", (7, 12, 1, 1), None)])
+def test_library_conv_layout_matches_the_fake_kernel(device, weights_channels_last, name, weight_shape, stride):
+    """NCHW on the CPU (the C++ kernels write NCHW); a channels_last x keeps its layout on other
+    devices ('meta' stands in for CUDA here), so that an accelerated channels_last GhostNet stays
+    channels_last on a GPU. The fallback (the op on CUDA) and the fake kernel must agree whatever
+    the weight's layout, which the library conv's output otherwise follows."""
+    from ghostkernels import direct_conv, modules
+    x = torch.randn(2, 12, 9, 7, device=device).to(memory_format=torch.channels_last)
+    weight = torch.randn(weight_shape, device=device)
+    if weights_channels_last:
+        weight = weight.to(memory_format=torch.channels_last)
+    args = (x, weight, None) + ((stride,) if stride else ())
+    fallback = {"direct_conv2d": direct_conv._fallback, "pointwise_conv2d": modules._pointwise_composed}[name]
+    out = fallback(*args)
+    with FakeTensorMode() as mode:
+        fake = getattr(torch.ops.ghostkernels, name)(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
+                                                        for a in args))
+    expected = torch.contiguous_format if device == "cpu" else torch.channels_last
+    assert out.is_contiguous(memory_format=expected) and out.stride() == fake.stride()
