@@ -13,7 +13,8 @@ In order, each step's result written as it comes to bench/results/<device>.md:
    target first) and float16, bfloat16: parity first, then triton.testing.do_bench medians (ms) of
    eager NCHW, eager channels_last, torch.compile (channels_last; batches 256 and 32), the fused op
    with the in-kernel primary and with the library-GEMM primary (where it applies), and the floor:
-   max(bytes in + out over the measured copy bandwidth, FLOPs over the measured matmul rate).
+   max(bytes in + out over the measured copy bandwidth, FLOPs over the measured matmul rate);
+   then eager channels_last and the op's choice replayed from CUDA graphs (the GPU's time alone).
    fwd+bwd: autograd over the reference vs the fused op, both channels_last.
    Rows stop when --budget-s is spent (the rest are listed as not measured).
 Timed calls rotate over four input sets (an input that fits in L2 is not timed from L2), and
@@ -36,7 +37,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
@@ -44,6 +44,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import ghostkernels  # noqa: E402
 from ghostkernels import ghost_module_reference, triton_ghost  # noqa: E402
+from ghostkernels.reference import ghost_module_masked_reference  # noqa: E402
 from cases import GHOSTNET_SHAPES, floor_ms, make_case, shape_name  # noqa: E402
 
 GPU_TESTS = ["tests/test_triton.py", "tests/test_cheap_mix.py", "tests/test_squeeze_excite.py",
@@ -136,7 +137,8 @@ def forward_row(inp, oup, size, batch, dtype, bandwidth, flops_per_s, with_compi
     module, x, cl = make_case(inp, oup, size, batch, channels_last=True, device=device, dtype=dtype)
     weights = module.folded_weights()[:4]
     init = weights[0].shape[0]
-    heuristic = triton_ghost.heuristic_config(inp, init, dtype, True)
+    heuristic = triton_ghost.heuristic_config(inp, init, dtype, True,
+                                              triton_ghost.primary_is_large(batch * size * size, inp, init))
     configs = {name: dict(heuristic, primary=name) for name in ("kernel", "library")}
     inputs = {"cl": [x] + [torch.randn_like(x) for _ in range(rotate - 1)],
               "nchw": [nchw_x] + [torch.randn_like(nchw_x) for _ in range(rotate - 1)]}
@@ -144,6 +146,19 @@ def forward_row(inp, oup, size, batch, dtype, bandwidth, flops_per_s, with_compi
     def timed(fn, layout="cl"):
         cycle = itertools.cycle(inputs[layout])
         return median(lambda: fn(next(cycle)))
+
+    def graph_timed(fn):
+        """Median ms of fn replayed from CUDA graphs, one per input set: the GPU's time without the
+        host's (on the H200 the @7 and @14 rows took as long at batch 256 as at batch 32)."""
+        graphs = []
+        for xi in inputs["cl"]:
+            fn(xi)  # compilation and library handles outside the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn(xi)
+            graphs.append(graph)
+        cycle = itertools.cycle(graphs)
+        return median(lambda: next(cycle).replay())
 
     eager_cl, eager_nchw = unfused(module, oup), unfused(nchw_module, oup)
     times = {}
@@ -162,26 +177,27 @@ def forward_row(inp, oup, size, batch, dtype, bandwidth, flops_per_s, with_compi
         times["fused_nchw"] = timed(nchw_module, "nchw")  # the op as an NCHW user gets it
         times["eager_cl"] = timed(eager_cl)
         if with_compile:
+            torch._dynamo.reset()  # past dynamo's recompile limit (8 shapes) torch.compile silently runs eager
             compiled = torch.compile(eager_cl)
             check(compiled(x), expected, dtype, "compile")
             times["compile"] = timed(compiled)
         for name, config in configs.items():
             times[name] = timed(lambda xi, c=config: triton_ghost.forward(xi, *weights, oup, 1, "relu", config=c))
+        chosen = configs[heuristic["primary"]]
+        times["eager_cl_graph"] = graph_timed(eager_cl)
+        times["fused_graph"] = graph_timed(lambda xi: triton_ghost.forward(xi, *weights, oup, 1, "relu", config=chosen))
     floor = floor_ms(inp, oup, size, batch, elem_bytes=x.element_size(), copy_bytes_per_s=bandwidth,
                      matmul_flops_per_s=flops_per_s)
     return dict(times, floor=floor, chosen=heuristic["primary"])
 
 
 def masked_reference_grads(x, weights, out, grad, oup):
-    """Float32 autograd of the Ghost module (ratio 2, dw 3, ReLU) with the ReLU masks taken from
-    the fused output `out`: what the fused backward must give for that forward."""
+    """Float32 autograd of the Ghost module with the ReLU masks taken from the fused output `out`:
+    what the fused backward must give for that forward."""
     leaves = [t.detach().float().requires_grad_() for t in (x, *weights)]
-    x32, w1, b1, w2, b2 = leaves
-    init = w1.shape[0]
     with torch.enable_grad():
-        x1 = F.conv2d(x32, w1, b1) * (out[:, :init] > 0)
-        x2 = F.conv2d(x1, w2, b2, padding=1, groups=init)[:, : oup - init] * (out[:, init:] > 0)
-        return torch.autograd.grad(torch.cat([x1, x2], 1), leaves, grad.float())
+        expected = ghost_module_masked_reference(*leaves, out_channels=oup, relu_masks_of=out)
+        return torch.autograd.grad(expected, leaves, grad.float())
 
 
 def training_row(inp, oup, size, batch, dtype, device="cuda"):
@@ -315,9 +331,10 @@ def main():
          "'library' = x1 by cuBLAS into the output + the fused depthwise pass; * = the op's default choice; "
          "ratios use the faster fused column\n\n"
          "| dtype | shape | batch | eager NCHW | fused NCHW | eager CL | compile | kernel | library | floor "
-         "| vs eager CL | vs compile | x floor | eager fwd+bwd | fused fwd+bwd | fwd+bwd speedup |\n"
-         + "|---" * 16 + "|\n")
-    ratios, skipped = {}, []
+         "| vs eager CL | vs compile | x floor | eager CL graph | fused graph | graph x floor "
+         "| eager fwd+bwd | fused fwd+bwd | fwd+bwd speedup |\n"
+         + "|---" * 19 + "|\n")
+    ratios, graph_ratios, skipped = {}, {}, []
     rows = [(d, b, s) for b in args.batch for d in args.dtype for s in shapes]
     for dtype_name, batch, (inp, oup, size) in rows:
         if time.perf_counter() - start > args.budget_s:
@@ -330,16 +347,19 @@ def main():
             train = training_row(inp, oup, size, batch, dtype)
         best = min(row[p] for p in ("kernel", "library") if p in row)
         ratios.setdefault((dtype_name, batch), []).append(best / row["floor"])
+        graph_ratios.setdefault((dtype_name, batch), []).append(row["fused_graph"] / row["floor"])
         cells = [f"{row[k]:.4f}" if k in row else "-" for k in ("eager", "fused_nchw", "eager_cl", "compile")]
         cells += [f"{row[k]:.4f}{'*' if row['chosen'] == k else ''}" if k in row else "-"
                   for k in ("kernel", "library")]
         vs_compile = f"{row['compile'] / best:.2f}x" if "compile" in row else "-"
         emit(f"| {dtype_name} | {shape_name(inp, oup, size)} | {batch} | {' | '.join(cells)} | {row['floor']:.4f} | "
              f"{row['eager_cl'] / best:.2f}x | {vs_compile} | {best / row['floor']:.2f}x | "
+             f"{row['eager_cl_graph']:.4f} | {row['fused_graph']:.4f} | {row['fused_graph'] / row['floor']:.2f}x | "
              f"{train['eager_train']:.4f} | {train['fused_train']:.4f} | "
              f"{train['eager_train'] / train['fused_train']:.2f}x |\n")
     emit("\n" + "".join(f"- {dtype} batch {batch}: faster fused / floor, geometric mean "
-                        f"{statistics.geometric_mean(r):.2f}x over {len(r)} shapes\n"
+                        f"{statistics.geometric_mean(r):.2f}x over {len(r)} shapes; the op's choice "
+                        f"replayed from a CUDA graph {statistics.geometric_mean(graph_ratios[(dtype, batch)]):.2f}x\n"
                         for (dtype, batch), r in ratios.items()))
     if skipped:
         emit(f"- not measured (--budget-s {args.budget_s:.0f} spent): {', '.join(skipped)}\n")

@@ -8,6 +8,10 @@
 # Results land in bench/results/ and are copied to $OUT, which the device tool brings back.
 # A session's device time is now 15 minutes, machine start included (the device tool's status,
 # budget_left_s 900): that is ops, then models if time is left; tune and train in later sessions.
+# Seen on an H200 (2026-12-04): a machine start ~30 s; the GPU tests 125 s; the first call 17 s;
+# an op-table row ~5 s (~10 s with compile and fwd+bwd); an e2e row (GhostNet 1.0x, six
+# contenders, three compiles) ~75 s. Call `models` at once after `ops` (the machine stays warm
+# 30 s) or give the machine back between calls.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export GHOSTKERNELS_DISABLE_CPP=1 PYTHONPATH=. OPENBLAS_NUM_THREADS=1
