@@ -278,25 +278,37 @@ def tiling(height, width, block_p):
     return best
 
 
-# x1 recomputed at each of the dw * dw taps re-reads the x tile dw * dw times (L1/L2) and costs
-# dw * dw dots: cheap next to the bytes only for narrow inputs (GhostNet's 16->16, 16->48, 24->72).
-# Wider ones take x1 from the library GEMM, written into the output and read back; the bytes
-# each route should move per shape are in bench/results/gpu-design-predictions.md.
+# NCHW inputs wider than this go through channels_last (forward): on NCHW the kernel route's
+# loads are strided by the plane, and the library route needs channels_last.
 RECOMPUTE_MAX_INP = 32
+# The route, measured on an H200 in float16 over GhostNet 1.0x's 21 shapes
+# (bench/results/NVIDIA-H200-2026-12-04.md): x1 from the library GEMM (then read back) was the
+# faster on all 21 at batch 256; x1 recomputed by tl.dot in the fused kernel (one launch, no GEMM
+# host work) on most at batch 1 and 32, except for inputs of 640 channels and more and primary
+# convs of over ~150 M multiply-adds. A rule fitted to those three batches; the tuned table
+# overrides it per shape.
+LIBRARY_MIN_MACS = 150_000_000
+LIBRARY_MIN_INP = 640
 
 
-def heuristic_config(inp, ghosts, dtype, library_ok):
+def primary_is_large(pixels, inp, init):
+    """Whether the library GEMM should make x1: `pixels` output pixels (N * H * W) of an
+    inp -> init primary conv (LIBRARY_MIN_MACS, LIBRARY_MIN_INP)."""
+    return inp >= LIBRARY_MIN_INP or pixels * inp * init >= LIBRARY_MIN_MACS
+
+
+def heuristic_config(inp, ghosts, dtype, library_ok, large=True):
     """Block sizes and primary for a shape no tuned table covers: 64-pixel tiles and 32 ghost
     channels a program (16 for narrow modules) with 4 warps: 54-178 registers a thread on sm_90
     for GhostNet's shapes (Triton 3.6 and 3.9) without spills, so that several programs share an SM to hide memory latency
-    (bench/gpu_compile_check.py); x1 from the library GEMM for inputs wider than
-    RECOMPUTE_MAX_INP."""
+    (bench/gpu_compile_check.py); x1 from the library GEMM where it applies and the primary conv
+    is `large` (primary_is_large)."""
     float64 = dtype == torch.float64
     block_c = 16 if float64 or ghosts <= 16 else 32
     return {
         "block_p": 64, "block_c": block_c, "block_k": 4 if float64 else 32 if inp > 16 else 16,
         "num_warps": 4, "num_stages": 2,
-        "primary": "library" if library_ok and inp > RECOMPUTE_MAX_INP else "kernel",
+        "primary": "library" if library_ok and large else "kernel",
     }
 
 
@@ -447,9 +459,11 @@ def forward(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_chann
     if config is None:
         shape = (inp, init, ghosts, out_channels, height, width, kernel, dw, stride, x.dtype, channels_last, gated,
                  scale is not None)
-        config = _chosen_configs.get((x.device, shape))
+        large = primary_is_large(batch * height * width, inp, init)
+        config = _chosen_configs.get((x.device, shape, large))
         if config is None:
-            config = _chosen_configs[(x.device, shape)] = _choose_config(x.device, shape, library_ok, run)
+            config = _chosen_configs[(x.device, shape, large)] = _choose_config(x.device, shape, library_ok, large,
+                                                                                 run)
     elif config["primary"] == "library" and not library_ok:
         raise ValueError("triton_ghost.forward: the library primary needs a 1x1, stride-1 primary conv, "
                          "channels_last x and no gate")
@@ -457,11 +471,11 @@ def forward(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_chann
     return out
 
 
-def _choose_config(device, shape, library_ok, run):
+def _choose_config(device, shape, library_ok, large, run):
     """The tuned table's config for this GPU and shape; else, with GHOSTKERNELS_AUTOTUNE=1, the
     fastest candidate, timed now and cached on disk; else the heuristic."""
     inp, _, ghosts, _, _, _, _, _, _, dtype = shape[:10]
-    heuristic = heuristic_config(inp, ghosts, dtype, library_ok)
+    heuristic = heuristic_config(inp, ghosts, dtype, library_ok, large)
     if device.type != "cuda":
         return heuristic
     device_name = _device_name(device.index if device.index is not None else torch.cuda.current_device())

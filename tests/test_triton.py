@@ -160,6 +160,16 @@ def test_fastest_config_skips_what_the_gpu_cannot_hold(monkeypatch):
     assert triton_ghost.fastest_config(["slow", "too big", "fast"], run, warmup=5, rep=25) == (1.0, "fast", 2)
 
 
+@pytest.mark.parametrize("inp, init, size, batch, primary", [
+    (80, 100, 14, 256, "library"), (80, 100, 14, 32, "kernel"), (80, 100, 14, 1, "kernel"),
+    (112, 336, 14, 32, "library"), (960, 80, 7, 1, "library"), (16, 8, 112, 256, "library"),
+    (16, 8, 112, 32, "kernel"), (24, 36, 56, 32, "kernel")])
+def test_heuristic_route_follows_the_h200_measurements(inp, init, size, batch, primary):
+    """GhostNet 1.0x shapes whose faster route bench/results/NVIDIA-H200-2026-12-04.md measured."""
+    large = triton_ghost.primary_is_large(batch * size * size, inp, init)
+    assert triton_ghost.heuristic_config(inp, init, torch.float16, True, large)["primary"] == primary
+
+
 def test_tuned_table_and_autotune_cache(tmp_path, monkeypatch):
     """The committed table parses and holds complete configs; the autotune cache round-trips."""
     with open(triton_ghost._TUNED_TABLE) as f:
