@@ -6,7 +6,7 @@ bfloat16 under torch.set_float32_matmul_precision("medium")) vs torch.compile, a
     OPENBLAS_NUM_THREADS=1 python bench/e2e.py                   # CPU: GhostNet 0.5x/1.0x/1.3x, batch 1 and 8
     OPENBLAS_NUM_THREADS=1 python bench/e2e.py --models ghostnetv2-1.0 ghostnetv3-1.0 g-ghost-regnetx-032
     OPENBLAS_NUM_THREADS=1 python bench/e2e.py --models ghostnet-1.0 --no-compile
-    python bench/e2e.py --device cuda --budget-s 480             # GPU: 6 models, fp16/bf16, batch 256/1/64
+    python bench/e2e.py --device cuda --budget-s 480 [--profile 20]  # GPU: 6 models, fp16/bf16, batch 256/1/64
 
 Eager is the model as the original code runs it (plain PyTorch modules, eval; GhostNetV3
 re-parameterised). Every contender's output is checked first: against eager on the CPU, against
@@ -236,6 +236,9 @@ def main():
                                       "bench/results/<device>-e2e.md)")
     parser.add_argument("--plot", help="PNG bar chart of images per second (needs matplotlib; default on CUDA: "
                                        "beside --out)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="CUDA: after the table, torch.profiler of N forwards of eager and accelerated (the "
+                             "first model and dtype, batch 1): self CPU and self CUDA time per op, to <out>-profile.txt")
     parser.add_argument("--budget-s", type=float, default=float("inf"),
                         help="start no row after this many seconds (the rest are listed as skipped)")
     args = parser.parse_args()
@@ -331,6 +334,37 @@ def main():
     if plot:
         plot_throughput(rows, shown, plot)
         print(f"plotted to {plot}")
+    if cuda and args.profile:
+        path = os.path.splitext(out)[0] + "-profile.txt"
+        with open(path, "w") as f:
+            f.write(profile_forwards(model_names[0], dtypes[0], args.profile))
+        print(f"profiled to {path}")
+
+
+def profile_forwards(model_name, dtype, forwards, device="cuda"):
+    """Where a batch-1 forward's host and device time go, eager against accelerated: at batch 1 on
+    an H200 accelerated ran slower than eager (9.3 against 7.3 ms) and its CUDA graph 1.8x slower
+    than compile's, which only a per-op profile can explain."""
+    from torch.profiler import ProfilerActivity, profile
+    eager = MODELS[model_name]().eval().to(device, dtype).to(memory_format=torch.channels_last)
+    x = torch.randn(1, 3, 224, 224, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    text = []
+    for name, model in (("eager", eager), ("accelerated", ghostkernels.accelerate(copy.deepcopy(eager)))):
+        with torch.no_grad():
+            for _ in range(3):
+                model(x)
+            sync()
+            with profile(activities=activities) as prof:
+                for _ in range(forwards):
+                    model(x)
+                sync()
+        table = prof.key_averages()
+        for sort in ("self_cpu_time_total", "self_device_time_total"):
+            text.append(f"== {model_name} {str(dtype)[6:]} batch 1, {name}, {forwards} forwards, by {sort}\n"
+                        + table.table(sort_by=sort, row_limit=25) + "\n")
+    return "\n".join(text)
 
 
 def write_markdown(path, header, rows, shown, summary, notes, ratios=()):

@@ -183,9 +183,11 @@ def forward_row(inp, oup, size, batch, dtype, bandwidth, flops_per_s, with_compi
             times["compile"] = timed(compiled)
         for name, config in configs.items():
             times[name] = timed(lambda xi, c=config: triton_ghost.forward(xi, *weights, oup, 1, "relu", config=c))
-        chosen = configs[heuristic["primary"]]
-        times["eager_cl_graph"] = graph_timed(eager_cl)
-        times["fused_graph"] = graph_timed(lambda xi: triton_ghost.forward(xi, *weights, oup, 1, "relu", config=chosen))
+        if device == "cuda":
+            chosen = configs[heuristic["primary"]]
+            times["eager_cl_graph"] = graph_timed(eager_cl)
+            times["fused_graph"] = graph_timed(
+                lambda xi: triton_ghost.forward(xi, *weights, oup, 1, "relu", config=chosen))
     floor = floor_ms(inp, oup, size, batch, elem_bytes=x.element_size(), copy_bytes_per_s=bandwidth,
                      matmul_flops_per_s=flops_per_s)
     return dict(times, floor=floor, chosen=heuristic["primary"])

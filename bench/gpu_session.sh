@@ -17,15 +17,17 @@ cd "$(dirname "$0")/.."
 export GHOSTKERNELS_DISABLE_CPP=1 PYTHONPATH=. OPENBLAS_NUM_THREADS=1
 OUT=${OUT:-/tmp/ghostkernels-gpu-session}
 mkdir -p "$OUT"
+# python3: the GPU image's interpreter with torch (a plain `python` may not be there)
+device=$(python3 -c "import re, torch; print(re.sub(r'[^A-Za-z0-9]+', '-', torch.cuda.get_device_name()).strip('-'))")
 case "${1:-}" in
-  ops) python bench/gpu_report.py --budget-s 420 2>&1 | tee "$OUT/gpu_report.log" ;;
-  models) python bench/e2e.py --device cuda --budget-s 360 2>&1 | tee "$OUT/e2e.log" ;;
-  tune) python bench/gpu_report.py --tune --dtype float16 --batch 256 2>&1 | tee "$OUT/tune.log"
+  ops) python3 bench/gpu_report.py --budget-s 420 2>&1 | tee "$OUT/gpu_report.log" ;;
+  models) python3 bench/e2e.py --device cuda --budget-s 360 --profile 20 2>&1 | tee "$OUT/e2e.log" ;;
+  tune) python3 bench/gpu_report.py --tune --dtype float16 --batch 256 2>&1 | tee "$OUT/tune.log"
         cp ghostkernels/triton_tuned.json "$OUT/" ;;
-  train) device=$(python -c "import re, torch; print(re.sub(r'[^A-Za-z0-9]+', '-', torch.cuda.get_device_name()).strip('-'))")
-         python bench/train.py --device cuda --out "bench/results/$device-train.md" 2>&1 | tee "$OUT/train.log" ;;
+  train) python3 bench/train.py --device cuda --out "bench/results/$device-train.md" 2>&1 | tee "$OUT/train.log" ;;
   *) echo "usage: bash bench/gpu_session.sh ops|models|tune|train" >&2; exit 2 ;;
 esac
 status=${PIPESTATUS[0]}
-cp bench/results/*.md bench/results/*.png "$OUT/" 2>/dev/null
+# This device's results only: the tool brings back at most 8 files from $OUT.
+cp "bench/results/$device".* "bench/results/$device"-* "$OUT/" 2>/dev/null
 exit "$status"
