@@ -281,7 +281,8 @@ def tune(shapes, dtype, batch, device):
         ms, best, timed = triton_ghost.fastest_config(
             triton_ghost.candidate_configs(inp, init, dtype, True),
             lambda config: triton_ghost.forward(x, *weights, oup, 1, "relu", config=config), warmup=25, rep=100)
-        key = triton_ghost.shape_key(inp, init, init, oup, size, size, 1, 3, 1, dtype, True, False)
+        key = triton_ghost.shape_key(inp, init, init, oup, size, size, 1, 3, 1, dtype, True, False, False,
+                                     triton_ghost.primary_is_large(batch * size * size, inp, init))
         triton_ghost.save_config(triton_ghost._TUNED_TABLE, device, key, best)
         lines.append(f"- tuned {key}: {ms:.4f} ms with {best} ({timed} candidates)\n")
         print(lines[-1], end="", flush=True)

@@ -383,11 +383,13 @@ def _device_name(index):
 
 
 def shape_key(inp, init, ghosts, out_channels, height, width, kernel, dw, stride, dtype, channels_last, gated,
-              scaled=False):
-    """The tuned table's key of a forward (the batch is left out: one table serves all)."""
+              scaled, large):
+    """The tuned table's key of a forward: the batch enters only as the size class `large`
+    (primary_is_large), since the faster route changes with it (bench/results/NVIDIA-H200-2026-12-04.md)."""
     layout = "cl" if channels_last else "nchw"
     return (f"{inp}-{init}-{ghosts}-{out_channels}-{height}x{width}-k{kernel}-d{dw}-s{stride}-"
-            f"{str(dtype).removeprefix('torch.')}-{layout}{'-gated' if gated else ''}{'-scaled' if scaled else ''}")
+            f"{str(dtype).removeprefix('torch.')}-{layout}{'-gated' if gated else ''}{'-scaled' if scaled else ''}"
+            f"-{'large' if large else 'small'}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -479,7 +481,7 @@ def _choose_config(device, shape, library_ok, large, run):
     if device.type != "cuda":
         return heuristic
     device_name = _device_name(device.index if device.index is not None else torch.cuda.current_device())
-    key = shape_key(*shape)
+    key = shape_key(*shape, large)
     tuned = _tuned_configs(device_name).get(key)
     if tuned is not None:
         return tuned

@@ -183,9 +183,9 @@ def test_tuned_table_and_autotune_cache(tmp_path, monkeypatch):
     triton_ghost._tuned_configs.cache_clear()
     try:
         triton_ghost.save_config(triton_ghost._autotune_cache_file(), "Some GPU",
-                                 "160-480-480-960-7x7-k1-d3-s1-float16-cl", config)
+                                 "160-480-480-960-7x7-k1-d3-s1-float16-cl-large", config)
         triton_ghost._tuned_configs.cache_clear()
-        assert triton_ghost._tuned_configs("Some GPU")["160-480-480-960-7x7-k1-d3-s1-float16-cl"] == config
+        assert triton_ghost._tuned_configs("Some GPU")["160-480-480-960-7x7-k1-d3-s1-float16-cl-large"] == config
     finally:
         triton_ghost._tuned_configs.cache_clear()
 
