@@ -237,7 +237,8 @@ def main():
     parser.add_argument("--plot", help="PNG bar chart of images per second (needs matplotlib; default on CUDA: "
                                        "beside --out)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
-                        help="CUDA: after the table, torch.profiler of N forwards of eager and accelerated (the "
+                        help="CUDA: after the table, torch.profiler of N forwards of eager, accelerated and its "
+                             "torch.compile (the "
                              "first model and dtype, batch 1): self CPU and self CUDA time per op, to <out>-profile.txt")
     parser.add_argument("--budget-s", type=float, default=float("inf"),
                         help="start no row after this many seconds (the rest are listed as skipped)")
@@ -342,16 +343,19 @@ def main():
 
 
 def profile_forwards(model_name, dtype, forwards, device="cuda"):
-    """Where a batch-1 forward's host and device time go, eager against accelerated: at batch 1 on
-    an H200 accelerated ran slower than eager (9.3 against 7.3 ms) and its CUDA graph 1.8x slower
-    than compile's, which only a per-op profile can explain."""
+    """Where a batch-1 forward's host and device time go, eager against accelerated and compiled
+    accelerated: at batch 1 on an H200 accelerated ran slower than eager (9.3 against 7.3 ms), its
+    CUDA graph 1.8x slower than compile's, and compiled it was slower still (11.9 ms)."""
     from torch.profiler import ProfilerActivity, profile
     eager = MODELS[model_name]().eval().to(device, dtype).to(memory_format=torch.channels_last)
     x = torch.randn(1, 3, 224, 224, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     text = []
-    for name, model in (("eager", eager), ("accelerated", ghostkernels.accelerate(copy.deepcopy(eager)))):
+    accelerated = ghostkernels.accelerate(copy.deepcopy(eager))
+    torch._dynamo.reset()
+    for name, model in (("eager", eager), ("accelerated", accelerated),
+                        ("compile(accelerated)", torch.compile(accelerated))):
         with torch.no_grad():
             for _ in range(3):
                 model(x)
