@@ -15,6 +15,7 @@ cheap op and the SE gate. Each is specialised as a real launch of that shape wou
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -78,7 +79,22 @@ def resource_usage(kernel):
         text = subprocess.run([os.path.join(_BIN, "cuobjdump"), "--dump-resource-usage", f.name],
                               capture_output=True, text=True, check=True).stdout
     fields = text.strip().splitlines()[-1].split()
-    return {k: int(v) for k, v in (field.split(":")[:2] for field in fields if field.count(":") == 1)}
+    usage = {k: int(v) for k, v in (field.split(":")[:2] for field in fields if field.count(":") == 1)}
+    return dict(usage, **access_bytes(kernel.asm["ptx"]))
+
+
+_ACCESS = re.compile(r"\b(ld|st)\.global(?:\.[\w:]+?)*?(?:\.v(\d))?\.[bfsu](\d+)\b")
+
+
+def access_bytes(ptx):
+    """{"LOAD": widest global load in bytes, "STORE": widest global store}: a memory-bound kernel
+    wants 16 (a float16 kernel whose channel masks Triton could not prove constant over a vector
+    made every access 2 bytes, 7-30x off the H200's memory floor)."""
+    widest = {"LOAD": 0, "STORE": 0}
+    for op, lanes, bits in _ACCESS.findall(ptx):
+        key = "LOAD" if op == "ld" else "STORE"
+        widest[key] = max(widest[key], int(lanes or 1) * int(bits) // 8)
+    return widest
 
 
 _compiled = {}  # specialisation -> kernel: a variant a real process would reuse compiles once here too
@@ -122,10 +138,11 @@ def compile_backward(dtype, arch=90, dw=3, tile_pixels=128, num_warps=4, oup=200
     grad_z1 = torch.empty(1, init, size, size, dtype=dtype).to(memory_format=fmt)
     partial = torch.empty(1, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     block_p, tile_h, tile_w = triton_ghost.backward_tiles(size, size, tile_pixels)
-    args, align = triton_ghost.backward_arguments(grad, out, torch.empty(init, 1, dw, dw, dtype=dtype), grad_z1,
-                                                  partial, partial, partial, init, tile_h, tile_w)
+    args, align, channel_align = triton_ghost.backward_arguments(
+        grad, out, torch.empty(init, 1, dw, dw, dtype=dtype), grad_z1, partial, partial, partial, init, tile_h, tile_w)
     constants = {"DW": dw, "RELU": True, "BLOCK_P": block_p, "BLOCK_C": triton_ghost.BACKWARD_BLOCK_C,
-                 "ALIGN": align, "ACC": tl.float64 if dtype == torch.float64 else tl.float32}
+                 "ALIGN": align, "CHANNEL_ALIGN": channel_align,
+                 "ACC": tl.float64 if dtype == torch.float64 else tl.float32}
     seconds, kernel = compile_launch(triton_ghost._ghost_backward_kernel, args, constants, arch, num_warps, 2)
     return seconds, resource_usage(kernel)
 
@@ -148,10 +165,12 @@ def compile_squeeze_excite(dtype, arch=90, channels=960, reduced=240, size=7):
     reduce_weight = torch.empty(reduced, channels, dtype=dtype)
     expand_weight = torch.empty(channels, reduced, dtype=dtype)
     bias = torch.empty(channels, dtype=dtype)
-    args = (x, reduce_weight, bias, expand_weight, bias, bias, channels, reduced, size, size * size, *x.stride())
+    channel_align = triton_ghost._alignment(x.element_size(), (channels,))
+    args = (x, reduce_weight, bias, expand_weight, bias, bias, channels // channel_align, reduced, size, size * size,
+            *x.stride())
     block_c, block_r, num_warps = triton_squeeze_excite.blocks(reduced)
     constants = {"HAS_BR": True, "HAS_BE": True, "BLOCK_C": block_c, "BLOCK_P": 64, "BLOCK_R": block_r,
-                 "ACC": tl.float64 if dtype == torch.float64 else tl.float32}
+                 "CHANNEL_ALIGN": channel_align, "ACC": tl.float64 if dtype == torch.float64 else tl.float32}
     seconds, kernel = compile_launch(triton_squeeze_excite._squeeze_excite_gate_kernel, args, constants, arch,
                                      num_warps, 2)
     return seconds, resource_usage(kernel)
@@ -213,7 +232,7 @@ def row(what, config, seconds, usage):
     spill = " **spills**" if usage.get("STACK", 0) or usage.get("LOCAL", 0) else ""
     config_text = ", ".join(f"{k}={v}" for k, v in config.items()) if config else "-"
     return (f"| {what} | {config_text} | {seconds:.1f} | {usage.get('REG')} | {usage.get('STACK', 0)}{spill} | "
-            f"{usage.get('SHARED', 0)} |\n")
+            f"{usage.get('SHARED', 0)} | {usage['LOAD']} / {usage['STORE']} |\n")
 
 
 def main():
@@ -226,8 +245,9 @@ def main():
     lines = [f"# Triton kernels compiled for sm_{args.arch} without a GPU (`python bench/gpu_compile_check.py`)\n\n"
              f"triton {triton.__version__}, torch {torch.__version__}. Seconds: compile time on this CPU (0: the "
              "variant was compiled above already); REG: registers a thread; STACK: bytes of spill a thread; "
-             "SHARED: static shared memory.\n\n",
-             "| kernel | config | s | REG | STACK | SHARED |\n", "|---" * 6 + "|\n"]
+             "SHARED: static shared memory; LD / ST: the widest global load / store in bytes (16: a full "
+             "vector).\n\n",
+             "| kernel | config | s | REG | STACK | SHARED | LD / ST |\n", "|---" * 7 + "|\n"]
 
     def emit(text):
         lines.append(text)
@@ -240,7 +260,7 @@ def main():
         for relu in (True, False):  # GhostNet's ghost1 and ghost2
             emit(row(f"forward {shape_name(inp, oup, size)} float16 {'relu' if relu else 'none'}", config,
                      *compile_forward(inp, oup, size, config, arch=args.arch, relu=relu)))
-    emit(f"| **GhostNet 1.0x's forward variants, compiled in all** | | {time.perf_counter() - start:.1f} | | | |\n")
+    emit(f"| **GhostNet 1.0x's forward variants, compiled in all** | | {time.perf_counter() - start:.1f} | | | | |\n")
     for shape in ((24, 72, 56), (80, 200, 14)):
         init = -(-shape[1] // 2)
         for config in triton_ghost.candidate_configs(shape[0], init, torch.float16, True):

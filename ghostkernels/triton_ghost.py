@@ -84,10 +84,14 @@ def _gate(gate_ptr, n, channel, h, w, mask, GH, GW, scale_h, scale_w, sgn, sgc, 
 # and COPIES are: a channel stride or COPIES of 1 makes the channel axis contiguous, and the pixel
 # strides come divided by ALIGN (their largest common power-of-two factor up to a 16-byte vector),
 # so that loads and stores along channels vectorise even where the channel count is not a multiple of 16.
+# INP, INIT, KEEP and W1's row stride come divided by CHANNEL_ALIGN, their common power-of-two
+# factor up to a 16-byte vector: the channel masks (k < INP, c < INIT, j < KEEP) are then constant
+# over CHANNEL_ALIGN lanes, which vectorised accesses need (with the counts unknown, Triton 3.6-3.9
+# emitted 2-byte loads and stores for every access in float16: bench/gpu_compile_check.py's PTX).
 @triton.jit(do_not_specialize=["INP", "HO", "WO", "INIT", "KEEP", "STRIDE", "GH", "GW", "TH", "TW",
                                "tiles_h", "tiles_w", "channel_blocks"])
 def _ghost_forward_kernel(
-    x_ptr, scale_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, gate_ptr, out_ptr, ghost_ptr,
+    x_ptr, scale_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, gate_ptr, out_ptr,
     INP, HO, WO, INIT, KEEP, COPIES, STRIDE,
     sxn, sxc, sxh, sxw, sw1, son, soc, soh, sow,
     GH, GW, scale_h, scale_w, sgn, sgc, sgh, sgw,
@@ -95,9 +99,11 @@ def _ghost_forward_kernel(
     DW: tl.constexpr, PRIMARY_DOT: tl.constexpr, STORE_X1: tl.constexpr,
     HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, RELU: tl.constexpr, GATED: tl.constexpr, SCALED: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, ALIGN: tl.constexpr,
+    CHANNEL_ALIGN: tl.constexpr,
     FMA: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     PAD: tl.constexpr = DW // 2
+    INP, INIT, KEEP, sw1 = INP * CHANNEL_ALIGN, INIT * CHANNEL_ALIGN, KEEP * CHANNEL_ALIGN, sw1 * CHANNEL_ALIGN
     sxn, sxh, sxw = sxn * ALIGN, sxh * ALIGN, sxw * ALIGN
     son, soh, sow = son * ALIGN, soh * ALIGN, sow * ALIGN
     program = tl.program_id(0)
@@ -167,22 +173,25 @@ def _ghost_forward_kernel(
     ghost_mask = own[:, None] & writes_ghost[None, :]
     if GATED:
         acc *= _gate(gate_ptr, n, INIT + j, h, w, ghost_mask, GH, GW, scale_h, scale_w, sgn, sgc, sgh, sgw, ACC)
-    tl.store(ghost_ptr + n * son + j[None, :] * soc + h[:, None] * soh + w[:, None] * sow,
+    # at out_ptr + INIT channels: aligned to CHANNEL_ALIGN elements where the channels are contiguous
+    tl.store(out_ptr + (INIT + j[None, :]) * soc + n * son + h[:, None] * soh + w[:, None] * sow,
              acc.to(out_ptr.dtype.element_ty), mask=ghost_mask)
 
 
-# Specialised as the forward is (COPIES, strides, pixel strides over ALIGN); grad_ghost_ptr and
-# out_ghost_ptr point at channel init, so that the ghost half's accesses vectorise when aligned.
+# Specialised as the forward is (COPIES, strides, pixel strides over ALIGN, the channel counts over
+# CHANNEL_ALIGN); the ghost half is addressed from channel INIT, so that its accesses vectorise too.
 @triton.jit(do_not_specialize=["HO", "WO", "INIT", "KEEP", "GHOSTS", "TH", "TW", "tiles_h", "tiles_w"])
 def _ghost_backward_kernel(
-    grad_ptr, grad_ghost_ptr, out_ptr, out_ghost_ptr, w2_ptr, gz1_ptr, gw2_part_ptr, gb1_part_ptr, gb2_part_ptr,
+    grad_ptr, out_ptr, w2_ptr, gz1_ptr, gw2_part_ptr, gb1_part_ptr, gb2_part_ptr,
     HO, WO, INIT, KEEP, GHOSTS, COPIES,
     sgn, sgc, sgh, sgw, son, soc, soh, sow, szn, szc, szh, szw,
     TH, TW, tiles_h, tiles_w,
     DW: tl.constexpr, RELU: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ALIGN: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ALIGN: tl.constexpr, CHANNEL_ALIGN: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     PAD: tl.constexpr = DW // 2
+    INIT, KEEP, GHOSTS = INIT * CHANNEL_ALIGN, KEEP * CHANNEL_ALIGN, GHOSTS * CHANNEL_ALIGN
     sgn, sgh, sgw = sgn * ALIGN, sgh * ALIGN, sgw * ALIGN
     son, soh, sow = son * ALIGN, soh * ALIGN, sow * ALIGN
     szn, szh, szw = szn * ALIGN, szh * ALIGN, szw * ALIGN
@@ -203,12 +212,12 @@ def _ghost_backward_kernel(
     for copy in range(COPIES):
         j = c * COPIES + copy
         j_ok = c_ok & (j < KEEP)
-        ghost = j[None, :]  # channel of the ghost views
+        ghost = INIT + j[None, :]  # the ghost half's channel
         # grad of z2 at this tile's pixels: the depthwise bias grad and the weight grads' left factor
-        g2 = tl.load(grad_ghost_ptr + n * sgn + ghost * sgc + h[:, None] * sgh + w[:, None] * sgw,
+        g2 = tl.load(grad_ptr + n * sgn + ghost * sgc + h[:, None] * sgh + w[:, None] * sgw,
                      mask=p_ok[:, None] & j_ok[None, :], other=0.0).to(ACC)
         if RELU:
-            y2 = tl.load(out_ghost_ptr + n * son + ghost * soc + h[:, None] * soh + w[:, None] * sow,
+            y2 = tl.load(out_ptr + n * son + ghost * soc + h[:, None] * soh + w[:, None] * sow,
                          mask=p_ok[:, None] & j_ok[None, :], other=0.0)
             g2 = tl.where(y2 <= 0, 0.0, g2)  # ReLU's mask as torch's: the grad passes where y2 is NaN
         tl.store(gb2_part_ptr + tile * GHOSTS + j, tl.sum(g2, axis=0), mask=j_ok)
@@ -221,10 +230,10 @@ def _ghost_backward_kernel(
             wa = w - (dx - PAD)
             a_ok = p_ok & (ha >= 0) & (ha < HO) & (wa >= 0) & (wa < WO)
             a_mask = a_ok[:, None] & j_ok[None, :]
-            ga = tl.load(grad_ghost_ptr + n * sgn + ghost * sgc + ha[:, None] * sgh + wa[:, None] * sgw, mask=a_mask,
+            ga = tl.load(grad_ptr + n * sgn + ghost * sgc + ha[:, None] * sgh + wa[:, None] * sgw, mask=a_mask,
                          other=0.0).to(ACC)
             if RELU:
-                ya = tl.load(out_ghost_ptr + n * son + ghost * soc + ha[:, None] * soh + wa[:, None] * sow,
+                ya = tl.load(out_ptr + n * son + ghost * soc + ha[:, None] * soh + wa[:, None] * sow,
                              mask=a_mask, other=0.0)
                 ga = tl.where(ya <= 0, 0.0, ga)
             gy1 += ga * wt[None, :]
@@ -521,18 +530,19 @@ def _pixel_strides(*tensors):
 
 
 def backward_arguments(grad, out, cheap_weight, grad_z1, gw2_part, gb1_part, gb2_part, init, tile_h, tile_w):
-    """(positional arguments, ALIGN) of _ghost_backward_kernel: the pixel strides come divided by
-    ALIGN, their common alignment."""
+    """(positional arguments, ALIGN, CHANNEL_ALIGN) of _ghost_backward_kernel: the pixel strides
+    come divided by ALIGN, their common alignment, and the channel counts by CHANNEL_ALIGN, theirs."""
     out_channels, height, width = out.shape[1:]
     ghosts = cheap_weight.shape[0]
     align = _alignment(out.element_size(), _pixel_strides(grad, out, grad_z1))
+    channel_align = _alignment(out.element_size(), (init, out_channels - init, ghosts))
     strides = []
     for t in (grad, out, grad_z1):
         sn, sc, sh, sw = t.stride()
         strides += [sn // align, sc, sh // align, sw // align]
-    return (grad, grad[:, init:], out, out[:, init:], cheap_weight, grad_z1, gw2_part, gb1_part, gb2_part,
-            height, width, init, out_channels - init, ghosts, ghosts // init, *strides,
-            tile_h, tile_w, _cdiv(height, tile_h), _cdiv(width, tile_w)), align
+    return (grad, out, cheap_weight, grad_z1, gw2_part, gb1_part, gb2_part, height, width, init // channel_align,
+            (out_channels - init) // channel_align, ghosts // channel_align, ghosts // init, *strides,
+            tile_h, tile_w, _cdiv(height, tile_h), _cdiv(width, tile_w)), align, channel_align
 
 
 def launch_arguments(source, primary_dot, store_x1, primary_weight, primary_bias, cheap_weight, cheap_bias, out,
@@ -549,12 +559,13 @@ def launch_arguments(source, primary_dot, store_x1, primary_weight, primary_bias
     sxn, sxc, sxh, sxw = source.stride()
     son, soc, soh, sow = out.stride()
     align = _alignment(out.element_size(), _pixel_strides(source, out))
+    channel_align = _alignment(out.element_size(), (inp, init, out_channels - init, primary_weight.stride(0)))
     args = (
         source, scale if scale is not None else source, primary_weight,
         primary_bias if primary_bias is not None else source, cheap_weight,
-        cheap_bias if cheap_bias is not None else source, gate, out, out[:, init:],
-        inp, height, width, init, out_channels - init, ghosts // init, stride,
-        sxn // align, sxc, sxh // align, sxw // align, primary_weight.stride(0),
+        cheap_bias if cheap_bias is not None else source, gate, out,
+        inp // channel_align, height, width, init // channel_align, (out_channels - init) // channel_align,
+        ghosts // init, stride, sxn // align, sxc, sxh // align, sxw // align, primary_weight.stride(0) // channel_align,
         son // align, soc, soh // align, sow // align,
         *gate.shape[2:], _nearest_scale(gate.shape[2], height), _nearest_scale(gate.shape[3], width), *gate.stride(),
         tile_h, tile_w, _cdiv(height, tile_h), _cdiv(width, tile_w), channel_blocks,
@@ -563,7 +574,7 @@ def launch_arguments(source, primary_dot, store_x1, primary_weight, primary_bias
         DW=cheap_weight.shape[-1], PRIMARY_DOT=primary_dot, STORE_X1=store_x1,
         HAS_B1=primary_bias is not None, HAS_B2=cheap_bias is not None, RELU=activation == "relu", GATED=gated,
         SCALED=scale is not None, BLOCK_P=config["block_p"], BLOCK_K=config["block_k"], BLOCK_C=config["block_c"],
-        ALIGN=align,
+        ALIGN=align, CHANNEL_ALIGN=channel_align,
         FMA=dtype == torch.float64, INPUT_PRECISION=_input_precision(dtype), ACC=_accumulator(dtype),
         UPCAST_DOT=INTERPRET and dtype == torch.bfloat16,
     )
@@ -602,11 +613,11 @@ def backward(grad, out, x, primary_weight, primary_bias, cheap_weight, cheap_bia
     gb1_part = torch.zeros((tiles, init), **partial)
     gb2_part = torch.zeros((tiles, ghosts), **partial)
     if tiles > 0:
-        args, align = backward_arguments(grad, out, cheap_weight, grad_z1, gw2_part, gb1_part, gb2_part, init,
-                                         tile_h, tile_w)
+        args, align, channel_align = backward_arguments(grad, out, cheap_weight, grad_z1, gw2_part, gb1_part,
+                                                        gb2_part, init, tile_h, tile_w)
         _ghost_backward_kernel[(tiles, _cdiv(init, block_c))](
             *args, DW=dw, RELU=activation == "relu", BLOCK_P=block_p, BLOCK_C=block_c, ALIGN=align,
-            ACC=_accumulator(x.dtype),
+            CHANNEL_ALIGN=channel_align, ACC=_accumulator(x.dtype),
         )
     grad_x, grad_w1, _ = torch.ops.aten.convolution_backward(
         grad_z1, x, primary_weight, None, [stride, stride], [kernel // 2, kernel // 2], [1, 1], False, [0, 0], 1,

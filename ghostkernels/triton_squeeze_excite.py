@@ -11,17 +11,21 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_ghost import _accumulator, _block
+from .triton_ghost import _accumulator, _alignment, _block
 
 
+# C comes divided by CHANNEL_ALIGN (its power-of-two factor up to a 16-byte vector), so that the
+# mask c < C is constant over that many lanes and the loads along channels vectorise (triton_ghost).
 @triton.jit(do_not_specialize=["C", "R", "W", "PIXELS"])
 def _squeeze_excite_gate_kernel(
     x_ptr, wr_ptr, br_ptr, we_ptr, be_ptr, out_ptr,
     C, R, W, PIXELS,
     sxn, sxc, sxh, sxw,
     HAS_BR: tl.constexpr, HAS_BE: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, CHANNEL_ALIGN: tl.constexpr,
+    ACC: tl.constexpr,
 ):
+    C = C * CHANNEL_ALIGN
     n = tl.program_id(0)
     r = tl.arange(0, BLOCK_R)
     r_ok = r < R
@@ -73,12 +77,14 @@ def squeeze_excite_gate(x, reduce_weight, reduce_bias, expand_weight, expand_bia
         return out
     block_c, block_r, num_warps = blocks(reduced)
     pixels = x.shape[2] * width
+    channel_align = _alignment(x.element_size(), (channels,))
     _squeeze_excite_gate_kernel[(batch,)](
         x, reduce_weight.contiguous(), reduce_bias if reduce_bias is not None else x, expand_weight.contiguous(),
         expand_bias if expand_bias is not None else x, out,
-        channels, reduced, width, pixels, *x.stride(),
+        channels // channel_align, reduced, width, pixels, *x.stride(),
         HAS_BR=reduce_bias is not None, HAS_BE=expand_bias is not None,
-        BLOCK_C=block_c, BLOCK_P=_block(pixels, 16, 64), BLOCK_R=block_r, ACC=_accumulator(x.dtype),
+        BLOCK_C=block_c, BLOCK_P=_block(pixels, 16, 64), BLOCK_R=block_r, CHANNEL_ALIGN=channel_align,
+        ACC=_accumulator(x.dtype),
         num_warps=num_warps,
     )
     return out
