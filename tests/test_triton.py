@@ -19,9 +19,10 @@ from conftest import make_input, make_weights
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# float32 on a GPU runs its dots as TF32; the interpreter computes in true float32.
+# float32 on a GPU runs its dots as TF32; the interpreter computes in true float32. float64 runs
+# FMA loops on a GPU (tl.dot has no float64 there), so it is tested there too.
 DTYPES = {"cpu": [torch.float64, torch.float32, torch.float16, torch.bfloat16],
-          "cuda": [torch.float32, torch.float16, torch.bfloat16]}[DEVICE]
+          "cuda": [torch.float64, torch.float32, torch.float16, torch.bfloat16]}[DEVICE]
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5 if DEVICE == "cpu" else 1e-2,
              torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
