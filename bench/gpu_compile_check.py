@@ -186,19 +186,21 @@ def compile_train(name, dtype, arch=90, init=60, size=28, d=3):
     plane = torch.empty(1, 2 * init, size, size, dtype=dtype)
     stats = torch.empty(2 * init, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     w2 = torch.empty(init, 1, d, d, dtype=dtype)
-    common = {"BLOCK": triton_ghost_train.BLOCK, "ACC": tl.float64 if dtype == torch.float64 else tl.float32}
+    pixel_align = triton_ghost._alignment(plane.element_size(), (size * size,))
+    common = {"BLOCK": triton_ghost_train.BLOCK, "PIXEL_ALIGN": pixel_align,
+              "ACC": tl.float64 if dtype == torch.float64 else tl.float32}
     cheap = dict(common, D=d, COPIES=1, CP=1, RELU=True)
-    pixels = size * size
+    pixels = size * size // pixel_align
     fn, args, constants = {
         "cheap_forward": (triton_ghost_train._cheap_forward_kernel,
-                          (plane, stats, stats, w2, plane, plane, size, size, init, init, 2 * init), cheap),
+                          (plane, stats, stats, w2, plane, plane, size, size, pixels, init, init, 2 * init), cheap),
         "ghost_output": (triton_ghost_train._ghost_output_kernel,
                          (plane, stats, stats, plane, pixels, init, init, init, 2 * init), dict(common, RELU=True)),
         "grad_sums": (triton_ghost_train._grad_sums_kernel,
                       (plane, plane, stats, stats, stats, stats, pixels, init, 2 * init, init, init),
                       dict(common, RELU=True)),
         "cheap_backward": (triton_ghost_train._cheap_backward_kernel,
-                           (plane, plane, plane, w2, *[stats] * 7, plane, stats, size, size, init, init, init,
+                           (plane, plane, plane, w2, *[stats] * 7, plane, stats, size, size, pixels, init, init, init,
                             2 * init), cheap),
         "batch_norm_backward": (triton_ghost_train._batch_norm_backward_kernel,
                                 (plane, plane, stats, stats, stats, stats, pixels, init), common),

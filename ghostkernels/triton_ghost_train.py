@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .reference import output_memory_format
-from .triton_ghost import _accumulator, _block, _cdiv
+from .triton_ghost import _accumulator, _alignment, _block, _cdiv
 
 BLOCK = 256  # pixels of one plane a program takes
 
@@ -41,20 +41,22 @@ def _activation_grad(grad, y, RELU: tl.constexpr):
 
 
 @triton.jit
-def _intrinsic_block(H, W, INIT, BLOCK: tl.constexpr):
-    """This program's (item = image * INIT + intrinsic channel, image, channel, plane size,
+def _intrinsic_block(H, W, P, INIT, BLOCK: tl.constexpr):
+    """This program's (item = image * INIT + intrinsic channel, image, channel, plane size P = H * W,
     pixels, pixel mask, rows, columns)."""
     item = tl.program_id(0)
-    P = H * W
     p = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     return item, item // INIT, item % INIT, P, p, p < P, p // W, p % W
 
 
-@triton.jit(do_not_specialize=["H", "W", "INIT", "GHOSTS", "OUT_C"])
-def _cheap_forward_kernel(z1_ptr, scale1_ptr, shift1_ptr, w2_ptr, out_ptr, z2_ptr, H, W, INIT, GHOSTS, OUT_C,
+# The plane size P comes divided by PIXEL_ALIGN, its power-of-two factor up to a 16-byte vector:
+# the mask p < P is then constant over that many pixels and the planes start aligned, so that the
+# accesses at a program's own pixels vectorise (with P unknown, every float16 access was 2 bytes).
+@triton.jit(do_not_specialize=["H", "W", "P", "INIT", "GHOSTS", "OUT_C"])
+def _cheap_forward_kernel(z1_ptr, scale1_ptr, shift1_ptr, w2_ptr, out_ptr, z2_ptr, H, W, P, INIT, GHOSTS, OUT_C,
                           D: tl.constexpr, COPIES: tl.constexpr, CP: tl.constexpr, RELU: tl.constexpr,
-                          BLOCK: tl.constexpr, ACC: tl.constexpr):
-    item, n, c, P, p, ok, h, w = _intrinsic_block(H, W, INIT, BLOCK)
+                          BLOCK: tl.constexpr, PIXEL_ALIGN: tl.constexpr, ACC: tl.constexpr):
+    item, n, c, P, p, ok, h, w = _intrinsic_block(H, W, P * PIXEL_ALIGN, INIT, BLOCK)
     scale = tl.load(scale1_ptr + c).to(ACC)
     shift = tl.load(shift1_ptr + c).to(ACC)
     z_plane = z1_ptr + item.to(tl.int64) * P
@@ -78,7 +80,8 @@ def _cheap_forward_kernel(z1_ptr, scale1_ptr, shift1_ptr, w2_ptr, out_ptr, z2_pt
 
 @triton.jit(do_not_specialize=["P", "KEEP", "GHOSTS", "INIT", "OUT_C"])
 def _ghost_output_kernel(z2_ptr, scale2_ptr, shift2_ptr, out_ptr, P, KEEP, GHOSTS, INIT, OUT_C,
-                         RELU: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+                         RELU: tl.constexpr, BLOCK: tl.constexpr, PIXEL_ALIGN: tl.constexpr, ACC: tl.constexpr):
+    P = P * PIXEL_ALIGN
     item = tl.program_id(0)  # image * KEEP + kept ghost channel
     n = item // KEEP
     j = item % KEEP
@@ -91,9 +94,10 @@ def _ghost_output_kernel(z2_ptr, scale2_ptr, shift2_ptr, out_ptr, P, KEEP, GHOST
 
 @triton.jit(do_not_specialize=["P", "C", "GRAD_C", "GRAD_OFFSET", "Z_C"])
 def _grad_sums_kernel(grad_ptr, z_ptr, scale_ptr, shift_ptr, mean_ptr, sums_ptr, P, C, GRAD_C, GRAD_OFFSET, Z_C,
-                      RELU: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+                      RELU: tl.constexpr, BLOCK: tl.constexpr, PIXEL_ALIGN: tl.constexpr, ACC: tl.constexpr):
     """sums[c] += sum(dy), sums[C + c] += sum(dy * (z - mean)) over this program's pixels, dy =
     the activation's grad at BN(z) of grad channel GRAD_OFFSET + c."""
+    P = P * PIXEL_ALIGN
     item = tl.program_id(0)  # image * C + channel
     n = item // C
     c = item % C
@@ -106,13 +110,13 @@ def _grad_sums_kernel(grad_ptr, z_ptr, scale_ptr, shift_ptr, mean_ptr, sums_ptr,
     tl.atomic_add(sums_ptr + C + c, tl.sum(dy * (z - tl.load(mean_ptr + c).to(ACC)), axis=0))
 
 
-@triton.jit(do_not_specialize=["H", "W", "INIT", "GHOSTS", "KEEP", "OUT_C"])
+@triton.jit(do_not_specialize=["H", "W", "P", "INIT", "GHOSTS", "KEEP", "OUT_C"])
 def _cheap_backward_kernel(grad_ptr, z1_ptr, z2_ptr, w2_ptr, scale1_ptr, shift1_ptr, scale2_ptr, shift2_ptr,
                            mean2_ptr, mean_dy2_ptr, slope2_ptr, dy1_ptr, grad_w2_ptr,
-                           H, W, INIT, GHOSTS, KEEP, OUT_C,
+                           H, W, P, INIT, GHOSTS, KEEP, OUT_C,
                            D: tl.constexpr, COPIES: tl.constexpr, CP: tl.constexpr, RELU: tl.constexpr,
-                           BLOCK: tl.constexpr, ACC: tl.constexpr):
-    item, n, c, P, p, ok, h, w = _intrinsic_block(H, W, INIT, BLOCK)
+                           BLOCK: tl.constexpr, PIXEL_ALIGN: tl.constexpr, ACC: tl.constexpr):
+    item, n, c, P, p, ok, h, w = _intrinsic_block(H, W, P * PIXEL_ALIGN, INIT, BLOCK)
     j = tl.arange(0, CP)
     ghost = c * COPIES + j
     j_ok = (j < COPIES) & (ghost < KEEP)  # ghosts the slice drops have no grad
@@ -159,8 +163,9 @@ def _cheap_backward_kernel(grad_ptr, z1_ptr, z2_ptr, w2_ptr, scale1_ptr, shift1_
 
 @triton.jit(do_not_specialize=["P", "C"])
 def _batch_norm_backward_kernel(dy_ptr, z_ptr, scale_ptr, mean_ptr, mean_dy_ptr, slope_ptr, P, C,
-                                BLOCK: tl.constexpr, ACC: tl.constexpr):
+                                BLOCK: tl.constexpr, PIXEL_ALIGN: tl.constexpr, ACC: tl.constexpr):
     """dz = scale (dy - mean(dy) - (z - mean) slope), in place over dy."""
+    P = P * PIXEL_ALIGN
     item = tl.program_id(0)  # image * C + channel
     c = item % C
     p = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -201,14 +206,17 @@ def forward(x, primary_weight, primary_gamma, primary_beta, cheap_weight, cheap_
     out = torch.empty((batch, out_channels, height, width), dtype=x.dtype, device=x.device)
     z2 = torch.empty((batch, ghosts, height, width), dtype=x.dtype, device=x.device)
     blocks = _cdiv(plane, BLOCK)
+    pixel_align = _alignment(x.element_size(), (plane,))
     _cheap_forward_kernel[(batch * init, blocks)](
-        z1, scale1, shift1, cheap_weight.contiguous(), out, z2, height, width, init, ghosts, out_channels,
-        D=d, COPIES=copies, CP=_block(copies, 1, 64), RELU=relu, BLOCK=BLOCK, ACC=acc)
+        z1, scale1, shift1, cheap_weight.contiguous(), out, z2, height, width, plane // pixel_align, init, ghosts,
+        out_channels, D=d, COPIES=copies, CP=_block(copies, 1, 64), RELU=relu, BLOCK=BLOCK, PIXEL_ALIGN=pixel_align,
+        ACC=acc)
     mean2, var2 = _statistics(z2, accumulate)
     _, scale2, shift2 = _normalisation(cheap_gamma, cheap_beta, mean2, var2, cheap_eps)
     if keep:
-        _ghost_output_kernel[(batch * keep, blocks)](z2, scale2, shift2, out, plane, keep, ghosts, init, out_channels,
-                                                     RELU=relu, BLOCK=BLOCK, ACC=acc)
+        _ghost_output_kernel[(batch * keep, blocks)](z2, scale2, shift2, out, plane // pixel_align, keep, ghosts,
+                                                     init, out_channels, RELU=relu, BLOCK=BLOCK,
+                                                     PIXEL_ALIGN=pixel_align, ACC=acc)
     stats = (t.to(x.dtype) for t in (mean1, var1, mean2, var2))
     return (out.contiguous(memory_format=output_memory_format(x)), z1, z2, *stats)
 
@@ -229,10 +237,12 @@ def backward(grad, x, primary_weight, primary_gamma, primary_beta, cheap_weight,
     rstd1, scale1, shift1 = _normalisation(primary_gamma, primary_beta, mean1, var1, primary_eps)
     rstd2, scale2, shift2 = _normalisation(cheap_gamma, cheap_beta, mean2, var2, cheap_eps)
     blocks = _cdiv(plane, BLOCK)
+    pixel_align = _alignment(x.element_size(), (plane,))
     sums2 = torch.zeros(2 * keep, dtype=accumulate, device=x.device)
     if keep:
-        _grad_sums_kernel[(batch * keep, blocks)](grad, z2, scale2, shift2, mean2, sums2, plane, keep, out_channels,
-                                                  init, ghosts, RELU=relu, BLOCK=BLOCK, ACC=acc)
+        _grad_sums_kernel[(batch * keep, blocks)](grad, z2, scale2, shift2, mean2, sums2, plane // pixel_align, keep,
+                                                  out_channels, init, ghosts, RELU=relu, BLOCK=BLOCK,
+                                                  PIXEL_ALIGN=pixel_align, ACC=acc)
     grad_beta2, grad_gamma2 = (torch.zeros(ghosts, dtype=accumulate, device=x.device) for _ in range(2))
     grad_beta2[:keep] = sums2[:keep]
     grad_gamma2[:keep] = sums2[keep:] * rstd2[:keep]
@@ -241,14 +251,15 @@ def backward(grad, x, primary_weight, primary_gamma, primary_beta, cheap_weight,
     grad_w2 = torch.zeros(ghosts * d * d, dtype=accumulate, device=x.device)
     _cheap_backward_kernel[(batch * init, blocks)](
         grad, z1, z2, cheap_weight.contiguous(), scale1, shift1, scale2, shift2, mean2, mean_dy2, slope2, dy1, grad_w2,
-        height, width, init, ghosts, keep, out_channels,
-        D=d, COPIES=copies, CP=_block(copies, 1, 64), RELU=relu, BLOCK=BLOCK, ACC=acc)
+        height, width, plane // pixel_align, init, ghosts, keep, out_channels,
+        D=d, COPIES=copies, CP=_block(copies, 1, 64), RELU=relu, BLOCK=BLOCK, PIXEL_ALIGN=pixel_align, ACC=acc)
     sums1 = torch.zeros(2 * init, dtype=accumulate, device=x.device)
-    _grad_sums_kernel[(batch * init, blocks)](dy1, z1, scale1, shift1, mean1, sums1, plane, init, init, 0, init,
-                                              RELU=False, BLOCK=BLOCK, ACC=acc)
+    _grad_sums_kernel[(batch * init, blocks)](dy1, z1, scale1, shift1, mean1, sums1, plane // pixel_align, init, init,
+                                              0, init, RELU=False, BLOCK=BLOCK, PIXEL_ALIGN=pixel_align, ACC=acc)
     grad_beta1, grad_gamma1 = sums1[:init], sums1[init:] * rstd1
     _batch_norm_backward_kernel[(batch * init, blocks)](dy1, z1, scale1, mean1, grad_beta1 / count,
-                                                        grad_gamma1 * rstd1 / count, plane, init, BLOCK=BLOCK, ACC=acc)
+                                                        grad_gamma1 * rstd1 / count, plane // pixel_align, init,
+                                                        BLOCK=BLOCK, PIXEL_ALIGN=pixel_align, ACC=acc)
     grad_x, grad_w1, _ = torch.ops.aten.convolution_backward(
         dy1, x, primary_weight, None, [stride] * 2, [kernel // 2] * 2, [1, 1], False, [0, 0], 1, [True, True, False])
     grads = (grad_gamma1, grad_beta1, grad_w2.view(cheap_weight.shape), grad_gamma2, grad_beta2)
