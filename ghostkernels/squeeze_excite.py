@@ -109,7 +109,6 @@ def check_gate_args(x, reduce_weight, reduce_bias, expand_weight, expand_bias):
         raise ValueError(f"squeeze_excite_gate: x has no pixels to pool ({tuple(x.shape)})")
 
 
-
 @torch.library.register_fake("ghostkernels::squeeze_excite_gate")
 def _gate_fake(x, reduce_weight, reduce_bias, expand_weight, expand_bias):
     check_gate_args(x, reduce_weight, reduce_bias, expand_weight, expand_bias)

@@ -289,7 +289,7 @@ def tiling(height, width, block_p):
 
 # NCHW inputs wider than this go through channels_last (forward): on NCHW the kernel route's
 # loads are strided by the plane, and the library route needs channels_last.
-RECOMPUTE_MAX_INP = 32
+NCHW_MAX_INP = 32
 # The route, measured on an H200 in float16 over GhostNet 1.0x's 21 shapes
 # (bench/results/NVIDIA-H200-2026-12-04.md): x1 from the library GEMM (then read back) was the
 # faster on all 21 at batch 256; x1 recomputed by tl.dot in the fused kernel (one launch, no GEMM
@@ -446,10 +446,10 @@ def forward(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_chann
     init, ghosts = primary_weight.shape[0], cheap_weight.shape[0]
     kernel, dw = primary_weight.shape[-1], cheap_weight.shape[-1]
     memory_format = output_memory_format(x)
-    if (config is None and kernel == 1 and stride == 1 and gate is None and inp > RECOMPUTE_MAX_INP
+    if (config is None and kernel == 1 and stride == 1 and gate is None and inp > NCHW_MAX_INP
             and memory_format != torch.channels_last):
-        # A wide NCHW input goes through channels_last and the library route, and back: two extra
-        # coalesced passes, where NCHW on the kernel route would be dw * dw dots over inp with
+        # A wide NCHW input goes through channels_last (either route there, by size), and back: two
+        # extra coalesced passes, where NCHW on the kernel route would be dw * dw dots over inp with
         # loads strided by the plane.
         out = forward(x.contiguous(memory_format=torch.channels_last), primary_weight, primary_bias, cheap_weight,
                       cheap_bias, out_channels, stride, activation, scale=scale)

@@ -13,6 +13,11 @@ if not torch.cuda.is_available():
 
 import ghostkernels  # noqa: E402
 
+# The C++ kernels' argument checks raise RuntimeError (TORCH_CHECK); without the C++ library (a GPU
+# machine runs the tests with GHOSTKERNELS_DISABLE_CPP=1) the fallbacks run the fake kernels'
+# Python checks, which raise ValueError or TypeError with the same words.
+BAD_ARGUMENT = RuntimeError if ghostkernels._backends.load_cpu_extension()[0] == "cpp" else (ValueError, TypeError)
+
 
 @pytest.fixture(autouse=True)
 def fresh_seed(request):

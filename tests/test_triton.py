@@ -345,11 +345,11 @@ def test_ghostnet_shapes_with_the_heuristic_config(inp, oup, size):
                                atol=tol * max(expected.abs().max().item(), 1.0))
 
 
-def test_wide_nchw_input_takes_the_library_route_through_channels_last():
-    """An NCHW x wider than RECOMPUTE_MAX_INP is converted, computed on the library route, and
-    returned NCHW; narrow NCHW inputs stay on the kernel route, in place."""
+def test_wide_nchw_input_goes_through_channels_last():
+    """An NCHW x wider than NCHW_MAX_INP is converted, computed in channels_last (on the route its
+    size picks), and returned NCHW; narrow NCHW inputs stay on the kernel route, in place."""
     dtype = DTYPES[1] if DEVICE == "cpu" else torch.float16
-    for inp in (triton_ghost.RECOMPUTE_MAX_INP + 8, 8):
+    for inp in (triton_ghost.NCHW_MAX_INP + 8, 8):
         x = make_input(2, inp, 9, 7, dtype=dtype).to(DEVICE)
         scale = torch.rand(2, inp, 1, 1, dtype=dtype).to(DEVICE)
         weights = [w.to(DEVICE) for w in make_weights(inp, 20, 2, 3, dtype=dtype)]
