@@ -36,16 +36,40 @@ def _composed(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_cha
     return out.contiguous(memory_format=output_memory_format(x))
 
 
+def _check(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation,
+           depthwise_weight, depthwise_bias, depthwise_stride):
+    """The C++ kernel's checks (csrc/ghost_cpu.cpp), as ValueError/TypeError: without them an even
+    depthwise kernel ran and returned a map of the wrong size."""
+    ops.check_args(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation)
+    w = depthwise_weight
+    if w.dim() != 4 or w.shape[0] != out_channels or w.shape[1] != 1 or w.shape[2] != w.shape[3] or w.shape[2] % 2 == 0:
+        raise ValueError(f"ghost_module_depthwise: depthwise_weight must be ({out_channels}, 1, k, k) with odd k, "
+                         f"got {tuple(w.shape)}")
+    if depthwise_bias is not None and tuple(depthwise_bias.shape) != (out_channels,):
+        raise ValueError(f"ghost_module_depthwise: depthwise_bias must have shape ({out_channels},), "
+                         f"got {tuple(depthwise_bias.shape)}")
+    for t in (w, depthwise_bias):
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            raise TypeError(f"ghost_module_depthwise: the depthwise weight and bias must match x's dtype and device "
+                            f"({x.dtype}, {x.device}), got {t.dtype} on {t.device}")
+    if depthwise_stride not in (1, 2):
+        raise ValueError(f"ghost_module_depthwise: depthwise_stride must be 1 or 2, got {depthwise_stride}")
+
+
 @torch.library.register_fake("ghostkernels::ghost_module_depthwise")
 def _fake(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation,
           depthwise_weight, depthwise_bias, depthwise_stride):
-    ops.check_args(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation)
+    _check(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation,
+           depthwise_weight, depthwise_bias, depthwise_stride)
     n, c, height, width = ops.output_shape(x, primary_weight, out_channels, stride)
     shape = (n, c, (height - 1) // depthwise_stride + 1, (width - 1) // depthwise_stride + 1)
     return x.new_empty(shape).contiguous(memory_format=output_memory_format(x))
 
 
-torch.library.impl(_lib, "ghost_module_depthwise", "CompositeExplicitAutograd")(_composed)
+@torch.library.impl(_lib, "ghost_module_depthwise", "CompositeExplicitAutograd")
+def _fallback(*args):
+    _check(*args)
+    return _composed(*args)
 ops.register_recompute_autograd("ghost_module_depthwise", _composed)
 
 

@@ -23,6 +23,16 @@ _lib = torch.library.Library("ghostkernels", "FRAGMENT")
 _lib.define("pointwise_conv2d(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
 
 
+def check_pointwise(op, x, weight, bias):
+    """The C++ kernels' checks of a 1x1 conv's arguments (csrc/pointwise_conv_cpu.cpp), as ValueErrors."""
+    if x.dim() != 4:
+        raise ValueError(f"{op}: x must be 4-D (N, C, H, W), got {x.dim()}-D")
+    if weight.dim() != 4 or tuple(weight.shape[1:]) != (x.shape[1], 1, 1):
+        raise ValueError(f"{op}: weight must be (C_out, {x.shape[1]}, 1, 1), got {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{op}: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+
+
 def _pointwise_composed(x, weight, bias):
     # The fake kernel's layout whatever the weight's (the library conv's output follows both)
     return F.conv2d(x, weight, bias).contiguous(memory_format=conv_output_format(x))
@@ -30,10 +40,14 @@ def _pointwise_composed(x, weight, bias):
 
 @torch.library.register_fake("ghostkernels::pointwise_conv2d")
 def _pointwise_fake(x, weight, bias):
+    check_pointwise("pointwise_conv2d", x, weight, bias)
     return x.new_empty((x.shape[0], weight.shape[0], *x.shape[2:])).contiguous(memory_format=conv_output_format(x))
 
 
-torch.library.impl(_lib, "pointwise_conv2d", "CompositeExplicitAutograd")(_pointwise_composed)
+@torch.library.impl(_lib, "pointwise_conv2d", "CompositeExplicitAutograd")
+def _pointwise_fallback(x, weight, bias):
+    check_pointwise("pointwise_conv2d", x, weight, bias)
+    return _pointwise_composed(x, weight, bias)
 ops.register_recompute_autograd("pointwise_conv2d", _pointwise_composed)
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
+from .modules import check_pointwise
 from .reference import ACTIVATIONS
 
 _lib = torch.library.Library("ghostkernels", "FRAGMENT")
@@ -22,13 +23,7 @@ _OP = "ghostkernels::pointwise_conv2d_pool"
 
 
 def _check(x, weight, bias, activation):
-    if x.dim() != 4:
-        raise ValueError(f"pointwise_conv2d_pool: x must be 4-D (N, C, H, W), got {x.dim()}-D")
-    if weight.dim() != 4 or tuple(weight.shape[1:]) != (x.shape[1], 1, 1):
-        raise ValueError(f"pointwise_conv2d_pool: weight must be (C_out, {x.shape[1]}, 1, 1), got "
-                         f"{tuple(weight.shape)}")
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"pointwise_conv2d_pool: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    check_pointwise("pointwise_conv2d_pool", x, weight, bias)
     if activation not in ACTIVATIONS:
         raise ValueError(f"pointwise_conv2d_pool: activation must be 'relu' or 'none', got {activation!r}")
 

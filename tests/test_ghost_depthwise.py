@@ -14,7 +14,7 @@ from ghostkernels.direct_conv import DirectConv2d
 from ghostkernels.ghost_depthwise import GhostDepthwise
 from ghostkernels.modules import GhostModule
 
-from conftest import make_input, make_weights
+from conftest import BAD_ARGUMENT, make_input, make_weights
 
 op = torch.ops.ghostkernels.ghost_module_depthwise
 
@@ -111,7 +111,7 @@ F64 = torch.float64
 ])
 def test_bad_depthwise_arguments(weight, bias, stride, message):
     x = make_input(1, 4, 8, 8)
-    with pytest.raises(RuntimeError, match=message):
+    with pytest.raises(BAD_ARGUMENT, match=message):
         op(x, *make_weights(4, 6, 2, 3), 6, 1, "relu", weight, bias, stride)
 
 
@@ -137,7 +137,7 @@ def test_nan_propagates_like_the_reference(activation, channels_last, depthwise_
 def test_empty_inputs_are_an_error(x_shape, w1_shape, stride, message):
     """No input channels gave zeros; an empty plane at stride 2 one row read from nowhere."""
     _, b1, w2, b2 = make_weights(1, 12, 2, 3)
-    with pytest.raises(RuntimeError, match=message):
+    with pytest.raises(BAD_ARGUMENT, match=message):
         op(torch.randn(x_shape, dtype=F64), torch.randn(w1_shape, dtype=F64), b1, w2, b2, 12, stride, "relu",
            *depthwise_weights(12, 3), 2)
 
