@@ -113,19 +113,26 @@ def compile_forward(inp, oup, size, config, dtype=torch.float16, arch=90, ratio=
     w2, b2 = torch.empty(ghosts, 1, dw, dw, dtype=dtype), torch.empty(ghosts, dtype=dtype)
     gate = torch.empty(1, oup, max(1, size // 2), max(1, size // 2), dtype=dtype) if gated else None
     library = config["primary"] == "library"
-    _, args, constants = triton_ghost.launch_arguments(
-        out if library else x, not library, relu or not library, w1, b1, w2, b2, out, "relu" if relu else "none", 1,
-        gate, config, dtype, torch.empty(1, inp, 1, 1, dtype=dtype) if scaled and not library else None)
-    constants["INPUT_PRECISION"] = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
-    constants["UPCAST_DOT"] = False
+    z1 = torch.empty(1, init, size, size, dtype=dtype).to(memory_format=fmt)
+    activation = "relu" if relu else "none"
+    kernel = triton_ghost._ghost_forward_kernel
+    if library and dw == 3 and not gated:  # what _launch runs there: the 3 x 3 pass over z1
+        kernel = triton_ghost._ghost_rows3_kernel
+        _, args, constants = triton_ghost.rows3_arguments(z1, b1, w2, b2, out, activation, config)
+    else:
+        _, args, constants = triton_ghost.launch_arguments(
+            z1 if library else x, not library, w1, b1, w2, b2, out, activation, 1,
+            gate, config, dtype, torch.empty(1, inp, 1, 1, dtype=dtype) if scaled and not library else None)
+        constants["INPUT_PRECISION"] = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+        constants["UPCAST_DOT"] = False
     key = (repr(sorted(constants.items(), key=lambda kv: kv[0])), config["num_warps"], config["num_stages"],
            tuple(type(a).__name__ if isinstance(a, torch.Tensor) else (a == 1, a % 16 == 0) for a in args
                  if not isinstance(a, float)),
            tuple(a.data_ptr() % 16 == 0 for a in args if isinstance(a, torch.Tensor)))
     seconds = 0.0
     if key not in _compiled:
-        seconds, _compiled[key] = compile_launch(triton_ghost._ghost_forward_kernel, args, constants, arch,
-                                                 config["num_warps"], config["num_stages"])
+        seconds, _compiled[key] = compile_launch(kernel, args, constants, arch, config["num_warps"],
+                                                 config["num_stages"])
     return seconds, resource_usage(_compiled[key])
 
 

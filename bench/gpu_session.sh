@@ -5,6 +5,7 @@
 #   bash bench/gpu_session.sh models   # whole models: GhostNet 1.0x float16 at batch 256 and 1 first
 #   bash bench/gpu_session.sh tune     # fill ghostkernels/triton_tuned.json for float16 (commit it)
 #   bash bench/gpu_session.sh train    # #15's AMP training steps: GhostNet 1.0x b128, Ghost-ResNet-56 b256
+#   bash bench/gpu_session.sh probe    # the op's stages timed apart, block-size variants, host path, ncu counters
 # Results land in bench/results/ and are copied to $OUT, which the device tool brings back.
 # A session's device time is now 15 minutes, machine start included (the device tool's status,
 # budget_left_s 900): that is ops, then models if time is left; tune and train in later sessions.
@@ -25,7 +26,16 @@ case "${1:-}" in
   tune) python3 bench/gpu_report.py --tune --dtype float16 --batch 256 2>&1 | tee "$OUT/tune.log"
         cp ghostkernels/triton_tuned.json "$OUT/" ;;
   train) python3 bench/train.py --device cuda --out "bench/results/$device-train.md" 2>&1 | tee "$OUT/train.log" ;;
-  *) echo "usage: bash bench/gpu_session.sh ops|models|tune|train" >&2; exit 2 ;;
+  probe) python3 bench/gpu_probe.py 2>&1 | tee "$OUT/probe.log"
+         ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+         # --clock-control none: the card's clocks are left as they are
+         timeout 200 "$ncu" --profile-from-start off --clock-control none --section SpeedOfLight --section Occupancy \
+           --section LaunchStats --section MemoryWorkloadAnalysis --section WarpStateStats \
+           python3 bench/gpu_probe.py --ncu > "$OUT/ncu.txt" 2>&1
+         echo "ncu rc $?"
+         grep -E "^  [a-zA-Z_].*\(|Duration|DRAM Throughput|Achieved Occupancy|Registers Per|L1/TEX Hit|L2 Hit|Grid Size" \
+           "$OUT/ncu.txt" | head -150 ;;
+  *) echo "usage: bash bench/gpu_session.sh ops|models|tune|train|probe" >&2; exit 2 ;;
 esac
 status=${PIPESTATUS[0]}
 # This device's results only: the tool brings back at most 8 files from $OUT.

@@ -8,15 +8,18 @@ op; the centre tap's x1 is the tile's own and is written to out[:, :init]. x1 co
 - recomputed per tap (PRIMARY_DOT): a tl.dot of the shifted x tile (L1/L2 hits) with W1. That
   is dw * dw dots and x tile reads, cheap next to the bytes for narrow inputs (inp <= 32:
   GhostNet's 16->16, 16->48, 24->72). x1 never leaves the SM.
-- the library (PRIMARY_DOT=False): for wider modules cuBLAS writes z1 straight into
-  out[..., :init] of the channels_last output and the taps read it back from L2, activated on
-  load. The kernel rewrites the tile's own x1 activated; relu(relu(v)) = relu(v), so a
-  neighbour's tap sees a right value before or after. A k x k primary conv takes this route
-  too, from the library conv's output.
-Each output element is written once (x1 twice on the library route); there is no scratch
-buffer and no second pass. A design that kept x1 with its halo in registers and made the taps
-tl.gather of it spilled registers in every configuration but the smallest (ptxas for sm_90:
-255 registers and 0.3-7 KB of stack a thread), and was replaced by this one.
+- the library (PRIMARY_DOT=False): for large primary convs cuBLAS writes z1 = W1 x (no bias)
+  into a channels_last buffer of its own, which the kernel reads back, adding the bias and
+  activating as it loads. A k x k primary conv takes this route too, from the library conv's
+  output. With a 3 x 3 cheap op (GhostNet's) and no gate, _ghost_rows3_kernel does this pass
+  instead of the tap loop: strips of rows, three loads an x1 row (bench/results/NVIDIA-H200-2026-12-04.md,
+  second session: 1.4-2.0x faster than the tap loop at batch 256). (z1 written into out[..., :init]
+  itself and rewritten activated in place saved the buffer, but cuBLAS wrote those strided rows
+  at half speed on an H200, and addmm put the bias in as a copy of its own.)
+Each output element is written once; on the library route z1 is one extra write and read. A
+design that kept x1 with its halo in registers and made the taps tl.gather of it spilled
+registers in every configuration but the smallest (ptxas for sm_90: 255 registers and 0.3-7 KB
+of stack a thread), and was replaced by this one.
 Ghost channels the slice drops are never computed. Block sizes and the route come from a table
 tuned on a GPU (triton_tuned.json, `bench/gpu_report.py --tune`), else a heuristic; with
 GHOSTKERNELS_AUTOTUNE=1 new shapes are timed on first use and cached on disk.
@@ -80,6 +83,17 @@ def _gate(gate_ptr, n, channel, h, w, mask, GH, GW, scale_h, scale_w, sgn, sgc, 
     return 1.0 / (1.0 + tl.exp(-logits))
 
 
+@triton.jit
+def _ghost_channels(program, channel_blocks, COPIES, INIT, KEEP, BLOCK_C: tl.constexpr):
+    """The program's block of ghost channels j (the block varies fastest over programs), each with
+    its intrinsic channel c (ratio > 2: COPIES ghosts of one x1 channel sit side by side); lanes
+    with j % COPIES == 0 also write x1 of channel c."""
+    j = program % channel_blocks * BLOCK_C + tl.arange(0, BLOCK_C)
+    c = j // COPIES
+    c_ok = c < INIT
+    return j, c, c_ok, c_ok & (j % COPIES == 0), c_ok & (j < KEEP)
+
+
 # Shape arguments are not specialised (a new GhostNet layer must not mean a new compile). Strides
 # and COPIES are: a channel stride or COPIES of 1 makes the channel axis contiguous, and the pixel
 # strides come divided by ALIGN (their largest common power-of-two factor up to a 16-byte vector),
@@ -96,7 +110,7 @@ def _ghost_forward_kernel(
     sxn, sxc, sxh, sxw, sw1, son, soc, soh, sow,
     GH, GW, scale_h, scale_w, sgn, sgc, sgh, sgw,
     TH, TW, tiles_h, tiles_w, channel_blocks,
-    DW: tl.constexpr, PRIMARY_DOT: tl.constexpr, STORE_X1: tl.constexpr,
+    DW: tl.constexpr, PRIMARY_DOT: tl.constexpr,
     HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, RELU: tl.constexpr, GATED: tl.constexpr, SCALED: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, ALIGN: tl.constexpr,
     CHANNEL_ALIGN: tl.constexpr,
@@ -107,13 +121,7 @@ def _ghost_forward_kernel(
     sxn, sxh, sxw = sxn * ALIGN, sxh * ALIGN, sxw * ALIGN
     son, soh, sow = son * ALIGN, soh * ALIGN, sow * ALIGN
     program = tl.program_id(0)
-    # A block of ghost channels j, each with its intrinsic channel c (ratio > 2: COPIES ghosts of one
-    # x1 channel sit side by side). Lanes with j % COPIES == 0 also write x1 of channel c.
-    j = program % channel_blocks * BLOCK_C + tl.arange(0, BLOCK_C)
-    c = j // COPIES
-    c_ok = c < INIT
-    writes_x1 = c_ok & (j % COPIES == 0)
-    writes_ghost = c_ok & (j < KEEP)
+    j, c, c_ok, writes_x1, writes_ghost = _ghost_channels(program, channel_blocks, COPIES, INIT, KEEP, BLOCK_C)
     tile = program // channel_blocks
     n = tile // (tiles_h * tiles_w)
     p = tl.arange(0, BLOCK_P)
@@ -126,10 +134,11 @@ def _ghost_forward_kernel(
         acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC) + b2[None, :]
     else:
         acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
-    if PRIMARY_DOT and HAS_B1:
+    if HAS_B1:
         b1 = tl.load(b1_ptr + c, mask=c_ok, other=0.0).to(ACC)
     # A runtime loop over the taps: unrolled, the compiler hoists every tap's loads at once and
-    # spills registers (bench/gpu_compile_check.py).
+    # spills registers (bench/gpu_compile_check.py); unrolled by 3 it ran slower on an H200, by 2
+    # or 9 Triton 3.6 failed to compile it (bench/results/NVIDIA-H200-2026-12-04.md, 'probe').
     for tap in range(DW * DW):
         dy = tap // DW
         dx = tap % DW
@@ -150,23 +159,22 @@ def _ghost_forward_kernel(
                 wk = tl.load(w1_ptr + c[None, :] * sw1 + k[:, None], mask=c_ok[None, :] & (k < INP)[:, None],
                              other=0.0)
                 z = dot_accumulate(xk, wk, z, FMA, INPUT_PRECISION, UPCAST_DOT)
-            if HAS_B1:
-                z += b1[None, :]
-        else:  # x_ptr is (N, INIT, HO, WO), bias included; maybe out itself
+        else:  # x_ptr is z1 (N, INIT, HO, WO) without the bias, from the library
             z = tl.load(x_ptr + n * sxn + c[None, :] * sxc + hs[:, None] * sxh + ws[:, None] * sxw,
                         mask=tap_ok[:, None] & c_ok[None, :], other=0.0).to(ACC)
+        if HAS_B1:
+            z += b1[None, :]
         # x1 as the reference has it, rounded to the output dtype: the depthwise op reads that
         x1 = _activate(z, RELU).to(out_ptr.dtype.element_ty)
-        if STORE_X1:
-            if tap == PAD * DW + PAD:  # the centre tap is the tile's own x1
-                x1_mask = own[:, None] & writes_x1[None, :]
-                x1_out = out_ptr + n * son + c[None, :] * soc + h[:, None] * soh + w[:, None] * sow
-                if GATED:
-                    gated = x1.to(ACC) * _gate(gate_ptr, n, c, h, w, x1_mask, GH, GW, scale_h, scale_w,
-                                               sgn, sgc, sgh, sgw, ACC)
-                    tl.store(x1_out, gated.to(out_ptr.dtype.element_ty), mask=x1_mask)
-                else:
-                    tl.store(x1_out, x1, mask=x1_mask)
+        if tap == PAD * DW + PAD:  # the centre tap is the tile's own x1
+            x1_mask = own[:, None] & writes_x1[None, :]
+            x1_out = out_ptr + n * son + c[None, :] * soc + h[:, None] * soh + w[:, None] * sow
+            if GATED:
+                gated = x1.to(ACC) * _gate(gate_ptr, n, c, h, w, x1_mask, GH, GW, scale_h, scale_w,
+                                           sgn, sgc, sgh, sgw, ACC)
+                tl.store(x1_out, gated.to(out_ptr.dtype.element_ty), mask=x1_mask)
+            else:
+                tl.store(x1_out, x1, mask=x1_mask)
         weight = tl.load(w2_ptr + j * DW * DW + tap, mask=writes_ghost, other=0.0).to(ACC)
         acc += tl.where(tap_ok[:, None], x1.to(ACC), 0.0) * weight[None, :]
     acc = _activate(acc, RELU)
@@ -176,6 +184,92 @@ def _ghost_forward_kernel(
     # at out_ptr + INIT channels: aligned to CHANNEL_ALIGN elements where the channels are contiguous
     tl.store(out_ptr + (INIT + j[None, :]) * soc + n * son + h[:, None] * soh + w[:, None] * sow,
              acc.to(out_ptr.dtype.element_ty), mask=ghost_mask)
+
+
+# The library route's pass for a 3 x 3 cheap op (GhostNet's): one program per (image, strip of ROWS
+# output rows, BLOCK_W columns, BLOCK_C ghost channels) walks down its strip one x1 row at a time:
+# three loads a row (columns shifted by -1, 0, +1; the shifted ones mostly L1 hits), whose three
+# weight rows go to the output rows below, at and above it; two partial rows ride in registers to
+# the next step. The tap loop above loads every x1 nine times and waits on each load in turn
+# (H200, 16->48@112 batch 256 float16: 0.47 ms for that pass, 0.16 ms with a 1 x 1 cheap op).
+@triton.jit(do_not_specialize=["HO", "WO", "INIT", "KEEP", "ROWS", "row_blocks", "column_blocks",
+                               "channel_blocks"])
+def _ghost_rows3_kernel(
+    z1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr,
+    HO, WO, INIT, KEEP, COPIES,
+    szn, szc, szh, szw, son, soc, soh, sow,
+    ROWS, row_blocks, column_blocks, channel_blocks,
+    HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, RELU: tl.constexpr,
+    BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, ALIGN: tl.constexpr, CHANNEL_ALIGN: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    INIT, KEEP = INIT * CHANNEL_ALIGN, KEEP * CHANNEL_ALIGN
+    szn, szh, szw = szn * ALIGN, szh * ALIGN, szw * ALIGN
+    son, soh, sow = son * ALIGN, soh * ALIGN, sow * ALIGN
+    program = tl.program_id(0)
+    j, c, c_ok, writes_x1, writes_ghost = _ghost_channels(program, channel_blocks, COPIES, INIT, KEEP, BLOCK_C)
+    tile = program // channel_blocks
+    n = tile // (row_blocks * column_blocks)
+    first = tile // column_blocks % row_blocks * ROWS
+    last = tl.minimum(first + ROWS, HO) - 1
+    w = tile % column_blocks * BLOCK_W + tl.arange(0, BLOCK_W)
+    w_ok = w < WO
+    left = (w >= 1) & (w <= WO)
+    right = w + 1 < WO
+    bias = tl.zeros([BLOCK_C], dtype=ACC)
+    if HAS_B1:
+        bias = tl.load(b1_ptr + c, mask=c_ok, other=0.0).to(ACC)
+    ghost_bias = tl.zeros([BLOCK_C], dtype=ACC)
+    if HAS_B2:
+        ghost_bias = tl.load(b2_ptr + j, mask=writes_ghost, other=0.0).to(ACC)
+    # the 3 x 3 weights of the block's ghost channels, w<dy><dx>
+    w00, w01, w02 = _taps(w2_ptr, j, 0, writes_ghost, ACC)
+    w10, w11, w12 = _taps(w2_ptr, j, 1, writes_ghost, ACC)
+    w20, w21, w22 = _taps(w2_ptr, j, 2, writes_ghost, ACC)
+    z1 = z1_ptr + n * szn + c[None, :] * szc + w[:, None] * szw
+    x1_out = out_ptr + n * son + c[None, :] * soc + w[:, None] * sow
+    ghost_out = out_ptr + n * son + (INIT + j[None, :]) * soc + w[:, None] * sow
+    store_x1 = w_ok[:, None] & writes_x1[None, :]
+    store_ghost = w_ok[:, None] & writes_ghost[None, :]
+    # partial sums of the output rows above and at the x1 row being read
+    above = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
+    at = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
+    for row in range(first - 1, last + 2):
+        row_ok = (row >= 0) & (row < HO)
+        # x1 of this row at columns w - 1, w, w + 1, as the reference has it (rounded to out's dtype)
+        x1_left = _x1_row(z1 + row * szh - szw, row_ok & left[:, None] & c_ok[None, :], bias, RELU, x1_out)
+        x1_mid = _x1_row(z1 + row * szh, row_ok & w_ok[:, None] & c_ok[None, :], bias, RELU, x1_out)
+        x1_right = _x1_row(z1 + row * szh + szw, row_ok & right[:, None] & c_ok[None, :], bias, RELU, x1_out)
+        # branches, not masks, for the strip's rows: Triton 3.9's interpreter rejects a mask made of a
+        # program-dependent scalar and a vector
+        if row >= first:
+            if row <= last:
+                tl.store(x1_out + row * soh, x1_mid.to(out_ptr.dtype.element_ty), mask=store_x1)
+        # the row above is complete once its last weight row meets this x1 row
+        done = above + x1_left * w20[None, :] + x1_mid * w21[None, :] + x1_right * w22[None, :]
+        if row > first:
+            tl.store(ghost_out + (row - 1) * soh, _activate(done, RELU).to(out_ptr.dtype.element_ty),
+                     mask=store_ghost)
+        above = at + x1_left * w10[None, :] + x1_mid * w11[None, :] + x1_right * w12[None, :]
+        at = ghost_bias[None, :] + x1_left * w00[None, :] + x1_mid * w01[None, :] + x1_right * w02[None, :]
+
+
+@triton.jit
+def _taps(w2_ptr, j, dy, mask, ACC: tl.constexpr):
+    """Row dy of the 3 x 3 depthwise weights of ghost channels j."""
+    left = tl.load(w2_ptr + j * 9 + dy * 3, mask=mask, other=0.0).to(ACC)
+    mid = tl.load(w2_ptr + j * 9 + dy * 3 + 1, mask=mask, other=0.0).to(ACC)
+    right = tl.load(w2_ptr + j * 9 + dy * 3 + 2, mask=mask, other=0.0).to(ACC)
+    return left, mid, right
+
+
+@triton.jit
+def _x1_row(z1, mask, bias, RELU: tl.constexpr, like):
+    """act(z1 + b1) at `mask`, rounded to the dtype `like` points to (x1 as the reference has it),
+    0 elsewhere (the depthwise op's zero padding), in the accumulator's dtype."""
+    z = tl.load(z1, mask=mask, other=0.0).to(bias.dtype) + bias[None, :]
+    x1 = _activate(z, RELU).to(like.dtype.element_ty).to(bias.dtype)
+    return tl.where(mask, x1, 0.0)
 
 
 # Specialised as the forward is (COPIES, strides, pixel strides over ALIGN, the channel counts over
@@ -311,13 +405,17 @@ def heuristic_config(inp, ghosts, dtype, library_ok, large=True):
     channels a program (16 for narrow modules) with 4 warps: 54-178 registers a thread on sm_90
     for GhostNet's shapes (Triton 3.6 and 3.9) without spills, so that several programs share an SM to hide memory latency
     (bench/gpu_compile_check.py); x1 from the library GEMM where it applies and the primary conv
-    is `large` (primary_is_large)."""
+    is `large` (primary_is_large). On the library route, 16 channels and 2 warps where that leaves
+    fewer channels idle than 32 and 4 (the same 8 elements a thread): H200, batch 256 float16, the
+    3 x 3 pass at 24->72@56 0.160 ms against 0.189, within 3% elsewhere (NVIDIA-H200-2026-12-04.md)."""
     float64 = dtype == torch.float64
-    block_c = 16 if float64 or ghosts <= 16 else 32
+    block_c, num_warps = (16 if float64 or ghosts <= 16 else 32), 4
+    primary = "library" if library_ok and large else "kernel"
+    if primary == "library" and _cdiv(ghosts, 16) * 16 < _cdiv(ghosts, 32) * 32:
+        block_c, num_warps = 16, 2
     return {
         "block_p": 64, "block_c": block_c, "block_k": 4 if float64 else 32 if inp > 16 else 16,
-        "num_warps": 4, "num_stages": 2,
-        "primary": "library" if library_ok and large else "kernel",
+        "num_warps": num_warps, "num_stages": 2, "primary": primary,
     }
 
 
@@ -408,28 +506,21 @@ def _nearest_scale(source, size):
     return struct.unpack("f", struct.pack("f", source / size))[0]
 
 
-def _library_primary_into(x, primary_weight, primary_bias, out, scale=None):
-    """z1 = W1 (x * scale) + b1 by the library GEMM, written into out[..., :init] of the
-    channels_last output in place (leading dimension out_channels). A scale (N, inp, 1, 1) goes
-    into per-image copies of W1 (a batched GEMM) instead of a full-size product of x."""
-    init, inp = primary_weight.shape[:2]
+def library_primary(x, primary_weight, scale=None):
+    """z1 = W1 (x * scale) without the bias, by the library GEMM into a buffer of its own:
+    (N, init, H, W) channels_last. Not into out[..., :init] (leading dimension out_channels): on
+    an H200 cuBLAS wrote those strided rows at half the speed of contiguous ones, and addmm's bias
+    came as a separate broadcast copy (bench/results/NVIDIA-H200-2026-12-04.md, section 'probe').
+    A scale (N, inp, 1, 1) goes into per-image copies of W1 (a batched GEMM) instead of a
+    full-size product of x."""
+    batch, inp, height, width = x.shape
+    init = primary_weight.shape[0]
     weight = primary_weight.view(init, inp).t()
     if scale is None:
-        rows = out.permute(0, 2, 3, 1).view(-1, out.shape[1])[:, :init]
-        x_rows = x.permute(0, 2, 3, 1).view(-1, inp)
-        if primary_bias is None:
-            torch.mm(x_rows, weight, out=rows)
-        else:
-            torch.addmm(primary_bias, x_rows, weight, out=rows)
-        return
-    batch = x.shape[0]
-    rows = out.permute(0, 2, 3, 1).view(batch, -1, out.shape[1])[:, :, :init]
-    x_rows = x.permute(0, 2, 3, 1).view(batch, -1, inp)
-    weights = scale.view(batch, inp, 1) * weight
-    if primary_bias is None:
-        torch.bmm(x_rows, weights, out=rows)
+        z1 = torch.mm(x.permute(0, 2, 3, 1).reshape(-1, inp), weight)
     else:
-        torch.baddbmm(primary_bias.view(1, 1, init), x_rows, weights, out=rows)
+        z1 = torch.bmm(x.permute(0, 2, 3, 1).reshape(batch, -1, inp), scale.view(batch, inp, 1) * weight)
+    return z1.view(batch, height, width, init).permute(0, 3, 1, 2)
 
 
 # (device, shape) -> the config chosen at its first call: later calls cost a dict lookup.
@@ -503,18 +594,59 @@ def _choose_config(device, shape, library_ok, large, run):
 
 def _launch(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out, activation, stride, gate, scale, config):
     kernel = primary_weight.shape[-1]
-    source, primary_dot, store_x1 = x, True, True
-    if kernel > 1:  # the library conv makes z1; the kernel activates, stores and uses it
-        source = torch.nn.functional.conv2d(x if scale is None else x * scale, primary_weight, primary_bias, stride,
+    source, primary_dot = x, True
+    # z1 from the library, without the bias (the kernel adds it as it loads z1: cuDNN adds a bias
+    # in a pass of its own); the kernel activates, stores and uses it
+    if kernel > 1:
+        source = torch.nn.functional.conv2d(x if scale is None else x * scale, primary_weight, None, stride,
                                             kernel // 2)
         primary_dot, scale = False, None
     elif config["primary"] == "library":
-        _library_primary_into(x, primary_weight, primary_bias, out, scale)
-        source = out
-        primary_dot, store_x1, scale = False, activation == "relu", None  # rewritten only to activate it
-    grid, args, constants = launch_arguments(source, primary_dot, store_x1, primary_weight, primary_bias, cheap_weight,
+        source, primary_dot, scale = library_primary(x, primary_weight, scale), False, None
+    if not primary_dot and cheap_weight.shape[-1] == 3 and gate is None:
+        _launch_rows3(source, primary_bias, cheap_weight, cheap_bias, out, activation, config)
+        return
+    grid, args, constants = launch_arguments(source, primary_dot, primary_weight, primary_bias, cheap_weight,
                                              cheap_bias, out, activation, stride, gate, config, x.dtype, scale)
     _ghost_forward_kernel[grid](*args, **constants, num_warps=config["num_warps"], num_stages=config["num_stages"])
+
+
+def rows3_plan(height, width):
+    """(output rows a strip, BLOCK_W) of _ghost_rows3_kernel: strips of at most 16 rows, as even as
+    they come (each strip reads two x1 rows more than it writes), and up to 32 columns."""
+    strips = _cdiv(height, 16)
+    return _cdiv(height, strips), min(32, triton.next_power_of_2(width))
+
+
+def rows3_arguments(z1, primary_bias, cheap_weight, cheap_bias, out, activation, config):
+    """(grid, positional arguments, constexpr keywords) of _ghost_rows3_kernel, the 3 x 3 pass
+    over the library's z1."""
+    batch, init = z1.shape[:2]
+    ghosts = cheap_weight.shape[0]
+    out_channels, height, width = out.shape[1:]
+    rows, block_w = rows3_plan(height, width)
+    row_blocks, column_blocks = _cdiv(height, rows), _cdiv(width, block_w)
+    channel_blocks = _cdiv(ghosts, config["block_c"])
+    align = _alignment(out.element_size(), _pixel_strides(z1, out))
+    channel_align = _alignment(out.element_size(), (init, out_channels - init))
+    szn, szc, szh, szw = z1.stride()
+    son, soc, soh, sow = out.stride()
+    args = (
+        z1, primary_bias if primary_bias is not None else z1, cheap_weight,
+        cheap_bias if cheap_bias is not None else z1, out,
+        height, width, init // channel_align, (out_channels - init) // channel_align, ghosts // init,
+        szn // align, szc, szh // align, szw // align, son // align, soc, soh // align, sow // align,
+        rows, row_blocks, column_blocks, channel_blocks,
+    )
+    constants = dict(HAS_B1=primary_bias is not None, HAS_B2=cheap_bias is not None, RELU=activation == "relu",
+                     BLOCK_W=block_w, BLOCK_C=config["block_c"], ALIGN=align, CHANNEL_ALIGN=channel_align,
+                     ACC=_accumulator(out.dtype))
+    return (batch * row_blocks * column_blocks * channel_blocks,), args, constants
+
+
+def _launch_rows3(z1, primary_bias, cheap_weight, cheap_bias, out, activation, config):
+    grid, args, constants = rows3_arguments(z1, primary_bias, cheap_weight, cheap_bias, out, activation, config)
+    _ghost_rows3_kernel[grid](*args, **constants, num_warps=config["num_warps"], num_stages=config["num_stages"])
 
 
 def _alignment(element_size, strides):
@@ -545,10 +677,10 @@ def backward_arguments(grad, out, cheap_weight, grad_z1, gw2_part, gb1_part, gb2
             tile_h, tile_w, _cdiv(height, tile_h), _cdiv(width, tile_w)), align, channel_align
 
 
-def launch_arguments(source, primary_dot, store_x1, primary_weight, primary_bias, cheap_weight, cheap_bias, out,
+def launch_arguments(source, primary_dot, primary_weight, primary_bias, cheap_weight, cheap_bias, out,
                      activation, stride, gate, config, dtype, scale=None):
     """(grid, positional arguments, constexpr keywords) of _ghost_forward_kernel: x1 from
-    `source` by tl.dot (primary_dot: source is x) or loaded (source is z1, maybe out itself)."""
+    `source` by tl.dot (primary_dot: source is x) or loaded (source is the library's z1)."""
     batch, inp = source.shape[0], primary_weight.shape[1]
     init, ghosts = primary_weight.shape[0], cheap_weight.shape[0]
     out_channels, height, width = out.shape[1:]
@@ -571,7 +703,7 @@ def launch_arguments(source, primary_dot, store_x1, primary_weight, primary_bias
         tile_h, tile_w, _cdiv(height, tile_h), _cdiv(width, tile_w), channel_blocks,
     )
     constants = dict(
-        DW=cheap_weight.shape[-1], PRIMARY_DOT=primary_dot, STORE_X1=store_x1,
+        DW=cheap_weight.shape[-1], PRIMARY_DOT=primary_dot,
         HAS_B1=primary_bias is not None, HAS_B2=cheap_bias is not None, RELU=activation == "relu", GATED=gated,
         SCALED=scale is not None, BLOCK_P=config["block_p"], BLOCK_K=config["block_k"], BLOCK_C=config["block_c"],
         ALIGN=align, CHANNEL_ALIGN=channel_align,

@@ -205,6 +205,15 @@ def test_host_path_runs(tmp_path, monkeypatch):
     assert lines[-2].startswith("sum of 21") and "dispatcher hop" in lines[-1]
 
 
+def test_gpu_probe_runs_its_stages_on_the_cpu(capsys, monkeypatch):
+    """bench/gpu_probe.py's stages and parity checks on CPU tensors (Triton in the interpreter);
+    the timing, the variants and the host path need a GPU."""
+    import gpu_probe
+    monkeypatch.setattr(sys, "argv", ["gpu_probe.py", "--device", "cpu"])
+    gpu_probe.main()
+    assert "stages ran on the CPU" in capsys.readouterr().out
+
+
 def test_cold_op_runs(capsys, monkeypatch):
     """bench/cold_op.py end to end with a few calls (its numbers are not checked)."""
     import cold_op

@@ -104,8 +104,8 @@ def test_tiling_fits_its_block_and_covers_the_image(height, width, block_p):
         assert height * width >= 0.75 * tiles * block_p
 
 
-# (inp, oup, ratio, dw, activation, bias): the library GEMM writes z1 into out[..., :init] and
-# the kernel activates it there and reads it back for the depthwise op.
+# (inp, oup, ratio, dw, activation, bias): the library GEMM writes z1 (no bias) into a buffer and
+# the kernel reads it back, adds the bias and activates it for x1 and the depthwise op.
 LIBRARY_CASES = [(6, 9, 2, 3, "relu", True), (5, 10, 3, 5, "none", True), (7, 8, 2, 1, "relu", False)]
 
 
@@ -127,6 +127,21 @@ def test_library_primary(case, dtype):
     torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol * max(expected.abs().max().item(), 1.0))
     with pytest.raises(ValueError, match="library primary needs"):
         triton_ghost.forward(x.contiguous(), *weights, oup, 1, act, config=config)
+
+
+@pytest.mark.parametrize("height, width", [(35, 37), (17, 1), (1, 33)])
+def test_library_route_strips_and_column_blocks(height, width):
+    """The 3 x 3 pass of the library route walks strips of at most 16 rows and blocks of 32
+    columns: several of each, a last one cut short, a single row or column."""
+    assert triton_ghost.rows3_plan(35, 37) == (12, 32)
+    dtype = DTYPES[1] if DEVICE == "cpu" else torch.float16
+    x = make_input(2, 6, height, width, channels_last=True, dtype=dtype).to(DEVICE)
+    weights = [w.to(DEVICE) for w in make_weights(6, 21, 3, 3, dtype=dtype)]
+    expected = ghost_module_reference(*(t.double() for t in (x, *weights)), out_channels=21)
+    config = dict(triton_ghost.heuristic_config(6, 14, dtype, True), primary="library", block_c=16)
+    out = triton_ghost.forward(x, *weights, 21, 1, "relu", config=config)
+    torch.testing.assert_close(out.double(), expected, rtol=TOLERANCE[dtype],
+                               atol=TOLERANCE[dtype] * max(expected.abs().max().item(), 1.0))
 
 
 def test_every_autotune_candidate_computes_the_same():

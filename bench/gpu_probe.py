@@ -1,0 +1,243 @@
+"""Where the fused op's GPU time goes: its stages timed apart, block-size variants, the host path.
+
+    GHOSTKERNELS_DISABLE_CPP=1 PYTHONPATH=. python3 bench/gpu_probe.py            # stages, variants, host path
+    ... ncu --profile-from-start off --clock-control none ... python3 bench/gpu_probe.py --ncu   # counters
+
+For a few GhostNet 1.0x shapes at batch 256, float16, channels_last, each stage of the op and its
+neighbours, timed from CUDA graphs of 20 calls over 4 rotating input sets (the GPU's time, no
+host gaps, no input served from L2): eager (cuDNN conv, BN, ReLU, cuDNN depthwise, BN, ReLU, cat),
+the fused op on either route, the library GEMM alone (triton_ghost.library_primary: mm into a
+buffer of its own; and, for comparison, addmm into the output's first channels, as before), the
+fused depthwise pass alone (z1 read from the GEMM's buffer, as on the library route) with the 3x3 depthwise op and with a 1x1 one (what the taps
+cost) and the 3 x 3 pass that replaced it (_ghost_rows3_kernel), cuDNN's depthwise conv alone, and
+the bytes each must move over the copy bandwidth. Then block sizes of the 3 x 3 pass, and at batch 1 the host's
+microseconds per call: the module, triton_ghost.forward, Triton's JIT launch, a launch of the
+compiled kernel, eager. --ncu runs one launch of each stage between cudaProfilerStart/Stop, for ncu.
+Every fused stage is parity-checked against float32 math first. Run on CPU tensors under
+TRITON_INTERPRET=1 (--device cpu, tiny shapes, no timing) to check the script itself.
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cases import make_case, shape_name  # noqa: E402
+from gpu_report import check, copy_bandwidth, float32_reference, unfused  # noqa: E402
+from host_path import per_call_us  # noqa: E402
+
+from ghostkernels import triton_ghost  # noqa: E402
+
+SHAPES = [(16, 48, 112), (24, 72, 56), (40, 240, 28), (112, 672, 14), (960, 160, 7)]
+# (block_c, num_warps) of the library route's 3 x 3 pass (_ghost_rows3_kernel)
+ROWS3_VARIANTS = [(16, 1), (16, 2), (32, 2), (32, 4), (64, 4), (64, 8)]
+
+
+def gpu_ms(fn, sets, calls=20):
+    """Median ms per call of fn(set) replayed from one CUDA graph of `calls` calls over the sets."""
+    for s in sets:
+        fn(s)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(sets[i % len(sets)])
+    return do_bench(graph.replay, warmup=10, rep=60, return_mode="median") / calls
+
+
+def dw_pass(case, config, dw=3):
+    """The library route's depthwise pass alone: z1 read from the GEMM's buffer (filled once)."""
+    weights, cheap_1x1 = case["weights"], case["cheap_1x1"]
+    cheap = weights[2] if dw == 3 else cheap_1x1
+
+    def run(s):
+        grid, args, constants = triton_ghost.launch_arguments(
+            s["z1"], False, weights[0], weights[1], cheap, weights[3], s["out"], "relu", 1, None, config,
+            s["out"].dtype)
+        return triton_ghost._ghost_forward_kernel[grid](*args, **constants, num_warps=config["num_warps"],
+                                                       num_stages=config["num_stages"])
+    return run
+
+
+def make_probe_case(inp, oup, size, batch, dtype, device, rotate=4):
+    module, x, _ = make_case(inp, oup, size, batch, channels_last=True, device=device, dtype=dtype)
+    weights = [w.detach() for w in module.folded_weights()[:4]]
+    init = weights[0].shape[0]
+    sets = []
+    for i in range(rotate):
+        xi = x if i == 0 else torch.randn_like(x)
+        out = torch.empty((batch, oup, size, size), device=device, dtype=dtype, memory_format=torch.channels_last)
+        x1 = torch.randn(batch, init, size, size, device=device, dtype=dtype).to(memory_format=torch.channels_last)
+        sets.append({"x": xi, "out": out, "x1": x1, "z1": triton_ghost.library_primary(xi, weights[0])})
+    heuristic = triton_ghost.heuristic_config(inp, init, dtype, True, True)
+    return {"module": module, "x": x, "weights": weights, "init": init, "sets": sets, "heuristic": heuristic,
+            "cheap_1x1": weights[2][:, :, 1:2, 1:2].contiguous(), "oup": oup}
+
+
+def stages(case):
+    """name -> fn(set) of every stage timed for a shape."""
+    module, weights, oup, init = case["module"], case["weights"], case["oup"], case["init"]
+    lib, ker = dict(case["heuristic"], primary="library"), dict(case["heuristic"], primary="kernel")
+    w1t = weights[0].view(init, -1).t()
+    eager = unfused(module, oup)
+    return {
+        "eager CL": lambda s: eager(s["x"]),
+        "fused library": lambda s: triton_ghost.forward(s["x"], *weights, oup, 1, "relu", config=lib),
+        "fused kernel": lambda s: triton_ghost.forward(s["x"], *weights, oup, 1, "relu", config=ker),
+        "gemm (library_primary)": lambda s: triton_ghost.library_primary(s["x"], weights[0]),
+        "gemm addmm->out rows": lambda s: torch.addmm(weights[1], s["x"].permute(0, 2, 3, 1).reshape(-1, w1t.shape[0]),
+                                                       w1t, out=s["out"].permute(0, 2, 3, 1).view(-1, oup)[:, :init]),
+        "dw pass rows3": lambda s: triton_ghost._launch_rows3(s["z1"], weights[1], weights[2], weights[3], s["out"],
+                                                              "relu", lib),
+        "dw pass k3": dw_pass(case, lib, 3),
+        "dw pass k1": dw_pass(case, lib, 1),
+        "cudnn dw k3": lambda s: F.conv2d(s["x1"], weights[2], weights[3], padding=1, groups=init),
+    }
+
+
+def stage_bytes(case, name):
+    """Bytes a stage must move at least (each input read once, each output written once)."""
+    x, out = case["sets"][0]["x"], case["sets"][0]["out"]
+    e = x.element_size()
+    pixels = x.shape[0] * x.shape[2] * x.shape[3]
+    inp, init, oup = x.shape[1], case["init"], case["oup"]
+    return {
+        "eager CL": (inp + oup) * pixels * e, "fused library": (inp + oup) * pixels * e,
+        "fused kernel": (inp + oup) * pixels * e, "gemm (library_primary)": (inp + init) * pixels * e,
+        "gemm addmm->out rows": (inp + init) * pixels * e,
+        "dw pass k3": (init + oup) * pixels * e, "dw pass k1": (init + oup) * pixels * e,
+        "dw pass rows3": (init + oup) * pixels * e,
+        "cudnn dw k3": 2 * init * pixels * e,
+    }[name]
+
+
+def parity(case):
+    x, weights, oup = case["x"], case["weights"], case["oup"]
+    expected = float32_reference(case["module"], x, oup)
+    for primary in ("library", "kernel"):
+        torch.full((2**26,), float("nan"), device=x.device)
+        out = triton_ghost.forward(x, *weights, oup, 1, "relu", config=dict(case["heuristic"], primary=primary))
+        check(out, expected, x.dtype, f"fused {primary} {tuple(x.shape)}")
+
+
+def host_us(fn, calls=300):
+    """Median host microseconds per call (the GPU work of a batch-1 call is shorter than its host work)."""
+    torch.cuda.synchronize()
+    us = per_call_us(fn, calls)
+    torch.cuda.synchronize()
+    return us
+
+
+def host_path(inp, oup, size, dtype):
+    """Host microseconds per call at batch 1: the module's whole path, then its layers peeled off."""
+    module, x, _ = make_case(inp, oup, size, 1, channels_last=True, device="cuda", dtype=dtype)
+    weights = [w.detach() for w in module.folded_weights()[:4]]
+    init = weights[0].shape[0]
+    config = dict(triton_ghost.heuristic_config(inp, init, dtype, True, False), primary="kernel")
+    out = torch.empty((1, oup, size, size), device="cuda", dtype=dtype, memory_format=torch.channels_last)
+    grid, args, constants = triton_ghost.launch_arguments(x, True, weights[0], weights[1], weights[2],
+                                                          weights[3], out, "relu", 1, None, config, dtype)
+    jit = triton_ghost._ghost_forward_kernel
+    options = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
+    compiled = jit[grid](*args, **constants, **options)
+    names = [p.name for p in jit.params]
+    every_arg = list(args) + [constants[name] for name in names[len(args):]]
+    launch = compiled[(grid[0], 1, 1)]  # the compiled kernel's runner takes a 3-D grid
+    eager = unfused(module, oup)
+    with torch.no_grad():
+        result = {
+            "module (eval, no_grad)": host_us(lambda: module(x)),
+            "triton_ghost.forward": host_us(lambda: triton_ghost.forward(x, *weights, oup, 1, "relu", config=config)),
+            "launch_arguments + JIT launch": host_us(lambda: jit[grid](
+                *triton_ghost.launch_arguments(x, True, *weights, out, "relu", 1, None, config, dtype)[1],
+                **constants, **options)),
+            "JIT launch": host_us(lambda: jit[grid](*args, **constants, **options)),
+            "compiled-kernel launch": host_us(lambda: launch(*every_arg)),
+            "eager CL (6 modules + cat)": host_us(lambda: eager(x)),
+            "empty_like": host_us(lambda: torch.empty_like(out)),
+        }
+    expected = float32_reference(module, x, oup)
+    out.fill_(float("nan"))
+    launch(*every_arg)
+    check(out, expected, dtype, "compiled-kernel launch")
+    return result
+
+
+def run_ncu(args):
+    cases = [make_probe_case(inp, oup, size, args.batch, torch.float16, "cuda", rotate=1) for inp, oup, size in
+             [SHAPES[i] for i in args.ncu_shapes]]
+    chosen = ["fused kernel", "gemm (library_primary)", "dw pass rows3", "dw pass k3", "dw pass k1", "cudnn dw k3"]
+    runs = [(case, stages(case)[name]) for case in cases for name in chosen]
+    for case, fn in runs:  # compile outside the profiled range
+        fn(case["sets"][0])
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStart()
+    for case, fn in runs:
+        fn(case["sets"][0])
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
+    print("profiled:", [f"{shape_name(c['x'].shape[1], c['oup'], c['x'].shape[2])} {n}" for c in cases
+                        for n in chosen])
+
+
+@torch.no_grad()
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--ncu", action="store_true")
+    parser.add_argument("--ncu-shapes", type=int, nargs="+", default=[0, 2, 4], help="indices into SHAPES")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["stages", "variants", "host"])
+    args = parser.parse_args()
+    if args.ncu:
+        return run_ncu(args)
+    dtype = torch.float16 if args.device == "cuda" else torch.float32
+    shapes = SHAPES if args.device == "cuda" else [(8, 12, 6), (24, 16, 5)]
+    cuda = args.device == "cuda"
+    bandwidth = copy_bandwidth() if cuda else 1.0
+    print(f"{torch.cuda.get_device_name() if cuda else 'cpu'}; copy bandwidth {bandwidth / 1e9:.0f} GB/s; "
+          f"batch {args.batch}, {dtype}, channels_last; ms per call from CUDA graphs; x floor = ms / (bytes / bw)")
+    cases = {}
+    for inp, oup, size in shapes:
+        case = cases[(inp, oup, size)] = make_probe_case(inp, oup, size, args.batch if cuda else 2, dtype, args.device)
+        parity(case)
+        for name, fn in stages(case).items():  # every stage runs (the CPU check of this script)
+            fn(case["sets"][0])
+    if not cuda:
+        print("stages ran on the CPU (no timing)")
+        return
+    if "stages" not in args.skip:
+        print(f"{'shape':>12} {'stage':>20} {'ms':>8} {'x floor':>8} {'GB/s':>6}")
+        for (inp, oup, size), case in cases.items():
+            for name, fn in stages(case).items():
+                ms = gpu_ms(fn, case["sets"])
+                need = stage_bytes(case, name)
+                print(f"{shape_name(inp, oup, size):>12} {name:>20} {ms:8.4f} {ms / (need / bandwidth * 1e3):8.2f} "
+                      f"{need / ms / 1e6:6.0f}", flush=True)
+    if "variants" not in args.skip:
+        print("\nvariants of the 3 x 3 pass (block_c / num_warps): ms per call from CUDA graphs")
+        for (inp, oup, size), case in cases.items():
+            weights, cells = case["weights"], []
+            for block_c, warps in ROWS3_VARIANTS:
+                config = dict(case["heuristic"], block_c=block_c, num_warps=warps)
+                try:
+                    ms = gpu_ms(lambda s, c=config: triton_ghost._launch_rows3(s["z1"], weights[1], weights[2],
+                                                                               weights[3], s["out"], "relu", c),
+                                case["sets"])
+                    cells.append(f"{block_c}/{warps}w {ms:.4f}")
+                except Exception as error:  # noqa: BLE001 - a variant the GPU cannot hold is reported, not fatal
+                    cells.append(f"{block_c}/{warps}w {type(error).__name__}")
+            print(f"{shape_name(inp, oup, size):>12} rows3: " + ", ".join(cells), flush=True)
+    if "host" not in args.skip:
+        print("\nhost us per call, batch 1, float16 channels_last (kernel route)")
+        for inp, oup, size in [(16, 16, 112), (960, 160, 7)]:
+            for name, us in host_path(inp, oup, size, torch.float16).items():
+                print(f"{shape_name(inp, oup, size):>12} {name:>32} {us:8.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
