@@ -8,11 +8,12 @@ neighbours, timed from CUDA graphs of 20 calls over 4 rotating input sets (the G
 host gaps, no input served from L2): eager (cuDNN conv, BN, ReLU, cuDNN depthwise, BN, ReLU, cat),
 the fused op on either route, the library GEMM alone (triton_ghost.library_primary: mm into a
 buffer of its own; and, for comparison, addmm into the output's first channels, as before), the
-fused depthwise pass alone (z1 read from the GEMM's buffer, as on the library route) with the 3x3 depthwise op and with a 1x1 one (what the taps
-cost) and the 3 x 3 pass that replaced it (_ghost_rows3_kernel), cuDNN's depthwise conv alone, and
-the bytes each must move over the copy bandwidth. Then block sizes of the 3 x 3 pass, and at batch 1 the host's
-microseconds per call: the module, triton_ghost.forward, Triton's JIT launch, a launch of the
-compiled kernel, eager. --ncu runs one launch of each stage between cudaProfilerStart/Stop, for ncu.
+tap-loop depthwise pass alone over the GEMM's z1 with the 3x3 op and with a 1x1 one (what the
+taps cost), the 3x3 pass that replaced it (_ghost_rows3_kernel), cuDNN's depthwise conv alone,
+and the bytes each must move over the copy bandwidth. Then block sizes of the 3x3 pass, and at
+batch 1 the host's microseconds per call: the module, triton_ghost.forward, Triton's JIT launch,
+a launch of the compiled kernel, eager. --ncu runs one launch of each stage between
+cudaProfilerStart/Stop, for ncu.
 Every fused stage is parity-checked against float32 math first. Run on CPU tensors under
 TRITON_INTERPRET=1 (--device cpu, tiny shapes, no timing) to check the script itself.
 """
@@ -63,6 +64,16 @@ def dw_pass(case, config, dw=3):
     return run
 
 
+def rows3_pass(weights, config):
+    """The library route's 3 x 3 pass alone (_ghost_rows3_kernel) over the GEMM's z1 (filled once)."""
+    def run(s):
+        grid, args, constants = triton_ghost.rows3_arguments(s["z1"], weights[1], weights[2], weights[3], s["out"],
+                                                             "relu", config)
+        triton_ghost._ghost_rows3_kernel[grid](*args, **constants, num_warps=config["num_warps"],
+                                               num_stages=config["num_stages"])
+    return run
+
+
 def make_probe_case(inp, oup, size, batch, dtype, device, rotate=4):
     module, x, _ = make_case(inp, oup, size, batch, channels_last=True, device=device, dtype=dtype)
     weights = [w.detach() for w in module.folded_weights()[:4]]
@@ -91,8 +102,7 @@ def stages(case):
         "gemm (library_primary)": lambda s: triton_ghost.library_primary(s["x"], weights[0]),
         "gemm addmm->out rows": lambda s: torch.addmm(weights[1], s["x"].permute(0, 2, 3, 1).reshape(-1, w1t.shape[0]),
                                                        w1t, out=s["out"].permute(0, 2, 3, 1).view(-1, oup)[:, :init]),
-        "dw pass rows3": lambda s: triton_ghost._launch_rows3(s["z1"], weights[1], weights[2], weights[3], s["out"],
-                                                              "relu", lib),
+        "dw pass rows3": rows3_pass(weights, lib),
         "dw pass k3": dw_pass(case, lib, 3),
         "dw pass k1": dw_pass(case, lib, 1),
         "cudnn dw k3": lambda s: F.conv2d(s["x1"], weights[2], weights[3], padding=1, groups=init),
@@ -225,9 +235,7 @@ def main():
             for block_c, warps in ROWS3_VARIANTS:
                 config = dict(case["heuristic"], block_c=block_c, num_warps=warps)
                 try:
-                    ms = gpu_ms(lambda s, c=config: triton_ghost._launch_rows3(s["z1"], weights[1], weights[2],
-                                                                               weights[3], s["out"], "relu", c),
-                                case["sets"])
+                    ms = gpu_ms(rows3_pass(weights, config), case["sets"])
                     cells.append(f"{block_c}/{warps}w {ms:.4f}")
                 except Exception as error:  # noqa: BLE001 - a variant the GPU cannot hold is reported, not fatal
                     cells.append(f"{block_c}/{warps}w {type(error).__name__}")

@@ -36,6 +36,9 @@ from ghostkernels import ops, triton_ghost  # noqa: E402
 class _StubKernel:
     """Stands for a Triton JITFunction: kernel[grid](*args, **kwargs) does nothing."""
 
+    def __init__(self, kernel):
+        self.arg_names = kernel.arg_names
+
     def __getitem__(self, grid):
         return lambda *args, **kwargs: None
 
@@ -73,7 +76,10 @@ def main():
              f"# torch {torch.__version__}; median us per call; Triton launch stubbed",
              "shape            launcher  op-entry  module"]
     totals = [0.0, 0.0, 0.0]
-    with torch.no_grad(), mock.patch.object(triton_ghost, "_ghost_forward_kernel", _StubKernel()), \
+    # the launch plans made here hold the stubs: made anew, and dropped after
+    with torch.no_grad(), mock.patch.dict(triton_ghost._plans, clear=True), \
+            mock.patch.object(triton_ghost, "_ghost_forward_kernel", _StubKernel(triton_ghost._ghost_forward_kernel)), \
+            mock.patch.object(triton_ghost, "_ghost_rows3_kernel", _StubKernel(triton_ghost._ghost_rows3_kernel)), \
             mock.patch.object(triton_ghost, "library_primary", _library_primary_stub), \
             mock.patch.object(ops, "call", lambda op, *a: ops._ghost_module_cuda(*a)):
         for inp, oup, size in GHOSTNET_SHAPES:

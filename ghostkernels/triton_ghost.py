@@ -403,11 +403,12 @@ def primary_is_large(pixels, inp, init):
 def heuristic_config(inp, ghosts, dtype, library_ok, large=True):
     """Block sizes and primary for a shape no tuned table covers: 64-pixel tiles and 32 ghost
     channels a program (16 for narrow modules) with 4 warps: 54-178 registers a thread on sm_90
-    for GhostNet's shapes (Triton 3.6 and 3.9) without spills, so that several programs share an SM to hide memory latency
-    (bench/gpu_compile_check.py); x1 from the library GEMM where it applies and the primary conv
-    is `large` (primary_is_large). On the library route, 16 channels and 2 warps where that leaves
-    fewer channels idle than 32 and 4 (the same 8 elements a thread): H200, batch 256 float16, the
-    3 x 3 pass at 24->72@56 0.160 ms against 0.189, within 3% elsewhere (NVIDIA-H200-2026-12-04.md)."""
+    for GhostNet's shapes (Triton 3.6 and 3.9) without spills, so that several programs share an
+    SM to hide memory latency (bench/gpu_compile_check.py); x1 from the library GEMM where it
+    applies and the primary conv is `large` (primary_is_large). On the library route, 16
+    channels and 2 warps where that leaves fewer channels idle than 32 and 4 (the same 8 elements
+    a thread): H200, batch 256 float16, the 3 x 3 pass at 24->72@56 0.160 ms against 0.189,
+    within 3% elsewhere (NVIDIA-H200-2026-12-04.md)."""
     float64 = dtype == torch.float64
     block_c, num_warps = (16 if float64 or ghosts <= 16 else 32), 4
     primary = "library" if library_ok and large else "kernel"
@@ -603,12 +604,61 @@ def _launch(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out, acti
         primary_dot, scale = False, None
     elif config["primary"] == "library":
         source, primary_dot, scale = library_primary(x, primary_weight, scale), False, None
-    if not primary_dot and cheap_weight.shape[-1] == 3 and gate is None:
-        _launch_rows3(source, primary_bias, cheap_weight, cheap_bias, out, activation, config)
+    rows3 = not primary_dot and cheap_weight.shape[-1] == 3 and gate is None
+    # everything the launch's arguments are made of but the tensors' data (which the plan's
+    # compiled kernels also key on: _run)
+    key = (rows3, primary_dot, source.device, source.dtype, source.shape, source.stride(), out.shape, out.stride(),
+           primary_weight.shape, cheap_weight.shape, primary_bias is None, cheap_bias is None, activation, stride,
+           scale is None, None if gate is None else (gate.shape, gate.stride()), tuple(config.items()))
+    plan = _plans.get(key)
+    if rows3:
+        if plan is None:
+            plan = _plans[key] = _Plan(_ghost_rows3_kernel, config, *rows3_arguments(
+                source, primary_bias, cheap_weight, cheap_bias, out, activation, config))
+        _run(plan, _rows3_tensors(source, primary_bias, cheap_weight, cheap_bias, out))
         return
-    grid, args, constants = launch_arguments(source, primary_dot, primary_weight, primary_bias, cheap_weight,
-                                             cheap_bias, out, activation, stride, gate, config, x.dtype, scale)
-    _ghost_forward_kernel[grid](*args, **constants, num_warps=config["num_warps"], num_stages=config["num_stages"])
+    if plan is None:
+        plan = _plans[key] = _Plan(_ghost_forward_kernel, config, *launch_arguments(
+            source, primary_dot, primary_weight, primary_bias, cheap_weight, cheap_bias, out, activation, stride, gate,
+            config, x.dtype, scale))
+    _run(plan, _forward_tensors(source, scale, primary_weight, primary_bias, cheap_weight, cheap_bias, gate, out))
+
+
+# Triton versions whose compiled kernels _run launches itself (CompiledKernel[grid](*every argument)),
+# as checked on a GPU: H200, Triton 3.6.0, 15-17 us a launch against 42-57 us through
+# JITFunction's argument binding (bench/results/NVIDIA-H200-2026-12-04.md, second session).
+# Others go through JITFunction every time.
+DIRECT_LAUNCH = not INTERPRET and triton.__version__.startswith("3.6.")
+
+
+class _Plan:
+    """One forward launch's arguments but the tensors, made once per shape, layout, dtype and
+    config (_launch's key), and its compiled kernels by the tensors' dtypes and 16-byte alignment:
+    with the other arguments fixed by the key, those are what Triton specialises a kernel on."""
+
+    def __init__(self, kernel, config, grid, args, constants):
+        tensors = sum(isinstance(a, torch.Tensor) for a in args)
+        names = kernel.arg_names
+        self.kernel, self.grid, self.tail, self.constants = kernel, grid, args[tensors:], constants
+        self.options = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
+        self.constexpr_values = tuple(constants[name] for name in names[len(args):])  # they come last
+        self.compiled = {}
+
+
+_plans = {}
+
+
+def _run(plan, tensors):
+    """plan.kernel[plan.grid](*tensors, *plan.tail, **plan.constants): through Triton's JIT the first
+    time (compiling if need be), then, where DIRECT_LAUNCH, straight to the kernel it compiled."""
+    specialisation = tuple((t.dtype, t.data_ptr() % 16 == 0) for t in tensors) if DIRECT_LAUNCH else None
+    launch = plan.compiled.get(specialisation)
+    if launch is not None:
+        launch(*tensors, *plan.tail, *plan.constexpr_values)
+        return
+    compiled = plan.kernel[plan.grid](*tensors, *plan.tail, **plan.constants, **plan.options)
+    if DIRECT_LAUNCH and compiled is not None:
+        plan.compiled[specialisation] = compiled[(plan.grid[0], 1, 1)]  # its runner takes a 3-D grid
 
 
 def rows3_plan(height, width):
@@ -616,6 +666,12 @@ def rows3_plan(height, width):
     they come (each strip reads two x1 rows more than it writes), and up to 32 columns."""
     strips = _cdiv(height, 16)
     return _cdiv(height, strips), min(32, triton.next_power_of_2(width))
+
+
+def _rows3_tensors(z1, primary_bias, cheap_weight, cheap_bias, out):
+    """_ghost_rows3_kernel's tensor arguments, in order (z1 in an absent bias's place, never read)."""
+    return (z1, primary_bias if primary_bias is not None else z1, cheap_weight,
+            cheap_bias if cheap_bias is not None else z1, out)
 
 
 def rows3_arguments(z1, primary_bias, cheap_weight, cheap_bias, out, activation, config):
@@ -632,8 +688,7 @@ def rows3_arguments(z1, primary_bias, cheap_weight, cheap_bias, out, activation,
     szn, szc, szh, szw = z1.stride()
     son, soc, soh, sow = out.stride()
     args = (
-        z1, primary_bias if primary_bias is not None else z1, cheap_weight,
-        cheap_bias if cheap_bias is not None else z1, out,
+        *_rows3_tensors(z1, primary_bias, cheap_weight, cheap_bias, out),
         height, width, init // channel_align, (out_channels - init) // channel_align, ghosts // init,
         szn // align, szc, szh // align, szw // align, son // align, soc, soh // align, sow // align,
         rows, row_blocks, column_blocks, channel_blocks,
@@ -642,11 +697,6 @@ def rows3_arguments(z1, primary_bias, cheap_weight, cheap_bias, out, activation,
                      BLOCK_W=block_w, BLOCK_C=config["block_c"], ALIGN=align, CHANNEL_ALIGN=channel_align,
                      ACC=_accumulator(out.dtype))
     return (batch * row_blocks * column_blocks * channel_blocks,), args, constants
-
-
-def _launch_rows3(z1, primary_bias, cheap_weight, cheap_bias, out, activation, config):
-    grid, args, constants = rows3_arguments(z1, primary_bias, cheap_weight, cheap_bias, out, activation, config)
-    _ghost_rows3_kernel[grid](*args, **constants, num_warps=config["num_warps"], num_stages=config["num_stages"])
 
 
 def _alignment(element_size, strides):
@@ -677,6 +727,14 @@ def backward_arguments(grad, out, cheap_weight, grad_z1, gw2_part, gb1_part, gb2
             tile_h, tile_w, _cdiv(height, tile_h), _cdiv(width, tile_w)), align, channel_align
 
 
+def _forward_tensors(source, scale, primary_weight, primary_bias, cheap_weight, cheap_bias, gate, out):
+    """_ghost_forward_kernel's tensor arguments, in order; an absent one's place holds source or out
+    (never read)."""
+    return (source, scale if scale is not None else source, primary_weight,
+            primary_bias if primary_bias is not None else source, cheap_weight,
+            cheap_bias if cheap_bias is not None else source, gate if gate is not None else out, out)
+
+
 def launch_arguments(source, primary_dot, primary_weight, primary_bias, cheap_weight, cheap_bias, out,
                      activation, stride, gate, config, dtype, scale=None):
     """(grid, positional arguments, constexpr keywords) of _ghost_forward_kernel: x1 from
@@ -693,12 +751,10 @@ def launch_arguments(source, primary_dot, primary_weight, primary_bias, cheap_we
     align = _alignment(out.element_size(), _pixel_strides(source, out))
     channel_align = _alignment(out.element_size(), (inp, init, out_channels - init, primary_weight.stride(0)))
     args = (
-        source, scale if scale is not None else source, primary_weight,
-        primary_bias if primary_bias is not None else source, cheap_weight,
-        cheap_bias if cheap_bias is not None else source, gate, out,
+        *_forward_tensors(source, scale, primary_weight, primary_bias, cheap_weight, cheap_bias, gate, out),
         inp // channel_align, height, width, init // channel_align, (out_channels - init) // channel_align,
-        ghosts // init, stride, sxn // align, sxc, sxh // align, sxw // align, primary_weight.stride(0) // channel_align,
-        son // align, soc, soh // align, sow // align,
+        ghosts // init, stride, sxn // align, sxc, sxh // align, sxw // align,
+        primary_weight.stride(0) // channel_align, son // align, soc, soh // align, sow // align,
         *gate.shape[2:], _nearest_scale(gate.shape[2], height), _nearest_scale(gate.shape[3], width), *gate.stride(),
         tile_h, tile_w, _cdiv(height, tile_h), _cdiv(width, tile_w), channel_blocks,
     )

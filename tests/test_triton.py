@@ -144,6 +144,54 @@ def test_library_route_strips_and_column_blocks(height, width):
                                atol=TOLERANCE[dtype] * max(expected.abs().max().item(), 1.0))
 
 
+def test_direct_launches_key_on_tensor_dtype_and_alignment(monkeypatch):
+    """_run: a plan's first launch goes through Triton's JIT; where DIRECT_LAUNCH, the later ones
+    whose tensors have the same dtypes and 16-byte alignment go straight to the kernel the JIT
+    returned, with every argument in the kernel's order; other tensors go through the JIT again."""
+    calls = []
+
+    class Compiled:
+        def __getitem__(self, grid):
+            assert grid == (7, 1, 1)
+            return lambda *args: calls.append(("direct", args))
+
+    class Jit:
+        arg_names = ["a", "b", "n", "K", "L"]
+
+        def __getitem__(self, grid):
+            assert grid == (7,)
+            return lambda *args, **kwargs: calls.append(("jit", args, kwargs)) or Compiled()
+
+    monkeypatch.setattr(triton_ghost, "DIRECT_LAUNCH", True)
+    storage = torch.zeros(64)  # 64-byte aligned: floats 4 apart are 16 bytes apart
+    b = storage[32:40]
+    plan = triton_ghost._Plan(Jit(), {"num_warps": 2, "num_stages": 1}, (7,), (storage[:8], b, 5), {"L": 4, "K": 3})
+    for a in (storage[:8], storage[4:12], storage[1:9], storage[5:13], storage[:8].double()):
+        triton_ghost._run(plan, (a, b))
+    assert [c[0] for c in calls] == ["jit", "direct", "jit", "direct", "jit"]
+    assert calls[0][2] == {"L": 4, "K": 3, "num_warps": 2, "num_stages": 1}
+    assert calls[1][1][2:] == (5, 3, 4) and calls[1][1][0].data_ptr() == storage[4:12].data_ptr()
+
+
+def test_launch_plans_are_reused_with_new_data():
+    """A shape's launch plan, made at its first call, serves later calls with other tensors of that
+    shape: values, and a storage offset that changes their alignment."""
+    dtype = DTYPES[1] if DEVICE == "cpu" else torch.float16
+    weights = [w.to(DEVICE) for w in make_weights(6, 13, 2, 3, dtype=dtype)]
+    plans = None
+    for offset in (0, 0, 1):
+        flat = torch.randn(2 * 6 * 9 * 11 + offset, dtype=dtype, device=DEVICE)[offset:]
+        x = flat.view(2, 9, 11, 6).permute(0, 3, 1, 2)  # channels_last, maybe misaligned
+        expected = ghost_module_reference(*(t.double() for t in (x, *weights)), out_channels=13)
+        for primary in ("kernel", "library"):
+            config = dict(triton_ghost.heuristic_config(6, 7, dtype, True), primary=primary)
+            out = triton_ghost.forward(x, *weights, 13, 1, "relu", config=config)
+            torch.testing.assert_close(out.double(), expected, rtol=TOLERANCE[dtype],
+                                       atol=TOLERANCE[dtype] * max(expected.abs().max().item(), 1.0))
+        plans = plans or len(triton_ghost._plans)
+        assert len(triton_ghost._plans) == plans  # no new plan after the first call of each route
+
+
 def test_every_autotune_candidate_computes_the_same():
     """Whatever configuration the autotuner or the tuned table picks gives the reference's output."""
     dtype = DTYPES[1] if DEVICE == "cpu" else torch.float16  # float32 on the CPU: fast and exact enough
