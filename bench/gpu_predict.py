@@ -5,8 +5,9 @@ without a GPU, for bench/gpu_report.py's measurements to confirm or refute.
 
 For float16, channels_last, ratio 2, dw 3, and the heuristic config (triton_ghost.heuristic_config),
 per route (x1 recomputed per tap in the kernel, or made by the library GEMM):
-- HBM bytes: x read once and out written once (the floor); the library route adds x1 read back
-  by the depthwise pass and, with ReLU, rewritten (an upper bound: both may stay in L2);
+- HBM bytes: x read once and out written once (the floor); the library route adds z1, written by
+  the GEMM into a buffer of its own and read back by the depthwise pass (an upper bound: it may
+  stay in L2);
 - L2/L1 -> SM bytes: every tap reads its tile of x (recompute) or of x1 (library) again, and
   every ghost-channel block re-reads the x tile (recompute);
 - tensor-core FLOPs: the recompute route's dw * dw dots of inp x ghost-block per pixel, padded

@@ -331,7 +331,7 @@ def main():
     emit(f"- measured: copy bandwidth {bandwidth / 1e9:.0f} GB/s, {rates}; do_bench medians in ms; "
          "everything but the NCHW columns runs channels_last; 'fused NCHW' = GhostModule on NCHW input "
          "(wide inputs converted to channels_last and back); 'kernel' = x1 by tl.dot in the fused kernel, "
-         "'library' = x1 by cuBLAS into the output + the fused depthwise pass; * = the op's default choice; "
+         "'library' = z1 by cuBLAS into a buffer + the fused depthwise pass; * = the op's default choice; "
          "ratios use the faster fused column\n\n"
          "| dtype | shape | batch | eager NCHW | fused NCHW | eager CL | compile | kernel | library | floor "
          "| vs eager CL | vs compile | x floor | eager CL graph | fused graph | graph x floor "

@@ -12,7 +12,9 @@
 # Seen on an H200 (2026-12-04): a machine start ~30 s; the GPU tests 125 s; the first call 17 s;
 # an op-table row ~5 s (~10 s with compile and fwd+bwd); an e2e row (GhostNet 1.0x, six
 # contenders, three compiles) ~75 s. Call `models` at once after `ops` (the machine stays warm
-# 30 s) or give the machine back between calls.
+# 30 s) or give the machine back between calls. Second H200 session: `probe` with ncu 64 s; the
+# GPU tests 197 s (275 tests); the batch-256 float16 forward table alone (--no-tests
+# --no-first-call --no-backward) 86 s; one e2e row at batch 256 ~110 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export GHOSTKERNELS_DISABLE_CPP=1 PYTHONPATH=. OPENBLAS_NUM_THREADS=1
