@@ -116,7 +116,7 @@ def compile_forward(inp, oup, size, config, dtype=torch.float16, arch=90, ratio=
     z1 = torch.empty(1, init, size, size, dtype=dtype).to(memory_format=fmt)
     activation = "relu" if relu else "none"
     kernel = triton_ghost._ghost_forward_kernel
-    if library and dw == 3 and not gated:  # what _launch runs there: the 3 x 3 pass over z1
+    if triton_ghost.takes_rows3(not library, dw, gated):  # what _launch runs there: the 3 x 3 pass over z1
         kernel = triton_ghost._ghost_rows3_kernel
         _, args, constants = triton_ghost.rows3_arguments(z1, b1, w2, b2, out, activation, config)
     else:

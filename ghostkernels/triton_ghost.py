@@ -604,24 +604,32 @@ def _launch(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out, acti
         primary_dot, scale = False, None
     elif config["primary"] == "library":
         source, primary_dot, scale = library_primary(x, primary_weight, scale), False, None
-    rows3 = not primary_dot and cheap_weight.shape[-1] == 3 and gate is None
+    rows3 = takes_rows3(primary_dot, cheap_weight.shape[-1], gate is not None)
     # everything the launch's arguments are made of but the tensors' data (which the plan's
     # compiled kernels also key on: _run)
-    key = (rows3, primary_dot, source.device, source.dtype, source.shape, source.stride(), out.shape, out.stride(),
+    key = (primary_dot, source.device, source.dtype, source.shape, source.stride(), out.shape, out.stride(),
            primary_weight.shape, cheap_weight.shape, primary_bias is None, cheap_bias is None, activation, stride,
            scale is None, None if gate is None else (gate.shape, gate.stride()), tuple(config.items()))
     plan = _plans.get(key)
-    if rows3:
-        if plan is None:
-            plan = _plans[key] = _Plan(_ghost_rows3_kernel, config, *rows3_arguments(
-                source, primary_bias, cheap_weight, cheap_bias, out, activation, config))
-        _run(plan, _rows3_tensors(source, primary_bias, cheap_weight, cheap_bias, out))
-        return
     if plan is None:
-        plan = _plans[key] = _Plan(_ghost_forward_kernel, config, *launch_arguments(
-            source, primary_dot, primary_weight, primary_bias, cheap_weight, cheap_bias, out, activation, stride, gate,
-            config, x.dtype, scale))
-    _run(plan, _forward_tensors(source, scale, primary_weight, primary_bias, cheap_weight, cheap_bias, gate, out))
+        if rows3:
+            kernel, arguments = _ghost_rows3_kernel, rows3_arguments(source, primary_bias, cheap_weight, cheap_bias,
+                                                                     out, activation, config)
+        else:
+            kernel, arguments = _ghost_forward_kernel, launch_arguments(
+                source, primary_dot, primary_weight, primary_bias, cheap_weight, cheap_bias, out, activation, stride,
+                gate, config, x.dtype, scale)
+        plan = _plans[key] = _Plan(kernel, config, *arguments)
+    if rows3:
+        _run(plan, _rows3_tensors(source, primary_bias, cheap_weight, cheap_bias, out))
+    else:
+        _run(plan, _forward_tensors(source, scale, primary_weight, primary_bias, cheap_weight, cheap_bias, gate, out))
+
+
+def takes_rows3(primary_dot, dw, gated):
+    """Whether _launch's depthwise pass is _ghost_rows3_kernel (x1 from the library's z1, a 3 x 3
+    cheap op, no gate) rather than the tap loop of _ghost_forward_kernel."""
+    return not primary_dot and dw == 3 and not gated
 
 
 # Triton versions whose compiled kernels _run launches itself (CompiledKernel[grid](*every argument)),
