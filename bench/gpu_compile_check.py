@@ -136,21 +136,25 @@ def compile_forward(inp, oup, size, config, dtype=torch.float16, arch=90, ratio=
     return seconds, resource_usage(_compiled[key])
 
 
-def compile_backward(dtype, arch=90, dw=3, tile_pixels=128, num_warps=4, oup=200, size=14):
-    """(seconds, resource usage) of the backward kernel a call of this shape launches (ratio 2)."""
-    init = -(-oup // 2)
+def compile_backward(dtype, arch=90, dw=3, tile_pixels=128, oup=200, size=14, ratio=2):
+    """(seconds, resource usage) of the backward kernel a call of this shape launches (the rows
+    kernel where triton_ghost.takes_backward_rows3, else the tap loop with tiles of tile_pixels)."""
+    init = -(-oup // ratio)
+    ghosts = init * (ratio - 1)
     fmt = torch.channels_last
     out = torch.empty(1, oup, size, size, dtype=dtype).to(memory_format=fmt)
     grad = torch.empty_like(out)
     grad_z1 = torch.empty(1, init, size, size, dtype=dtype).to(memory_format=fmt)
-    partial = torch.empty(1, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-    block_p, tile_h, tile_w = triton_ghost.backward_tiles(size, size, tile_pixels)
-    args, align, channel_align = triton_ghost.backward_arguments(
-        grad, out, torch.empty(init, 1, dw, dw, dtype=dtype), grad_z1, partial, partial, partial, init, tile_h, tile_w)
-    constants = {"DW": dw, "RELU": True, "BLOCK_P": block_p, "BLOCK_C": triton_ghost.BACKWARD_BLOCK_C,
-                 "ALIGN": align, "CHANNEL_ALIGN": channel_align,
-                 "ACC": tl.float64 if dtype == torch.float64 else tl.float32}
-    seconds, kernel = compile_launch(triton_ghost._ghost_backward_kernel, args, constants, arch, num_warps, 2)
+    rows3 = triton_ghost.takes_backward_rows3(dw, ghosts // init)
+    partials = triton_ghost.backward_partials(1, size, size, init, ghosts, dw, rows3, tile_pixels, dtype, "cpu")
+    tensors = (grad, out, torch.empty(ghosts, 1, dw, dw, dtype=dtype), grad_z1, partials)
+    if rows3:
+        kernel, launch = triton_ghost._ghost_backward_rows3_kernel, triton_ghost.backward_rows3_launch(size)
+        _, args, constants = triton_ghost.backward_rows3_arguments(*tensors, "relu")
+    else:
+        kernel, launch = triton_ghost._ghost_backward_kernel, triton_ghost.BACKWARD_LAUNCH
+        _, args, constants = triton_ghost.backward_arguments(*tensors, "relu", tile_pixels)
+    seconds, kernel = compile_launch(kernel, args, constants, arch, launch["num_warps"], launch["num_stages"])
     return seconds, resource_usage(kernel)
 
 
@@ -228,6 +232,7 @@ def smoke():
                                                                            gated=True)[1]
     for dtype in (torch.float16, torch.float64):
         results[f"backward {dtype}"] = compile_backward(dtype)[1]
+    results["backward tap loop torch.float16"] = compile_backward(torch.float16, dw=5)[1]
     results["cheap_mix torch.float64"] = compile_cheap_mix(torch.float64)[1]
     for dtype in (torch.float16, torch.float64):
         results[f"squeeze_excite_gate {dtype}"] = compile_squeeze_excite(dtype)[1]
@@ -286,9 +291,15 @@ def main():
              *compile_forward(24, 36, 28, config, arch=args.arch, gated=True)))
     emit(row("forward 24->36@28 float16 scaled (SE gate)", config,
              *compile_forward(24, 36, 28, config, arch=args.arch, scaled=True)))
+    for inp, oup, size in GHOSTNET_SHAPES:
+        emit(row(f"backward {shape_name(inp, oup, size)} float16 (rows)", triton_ghost.backward_rows3_launch(size),
+                 *compile_backward(torch.float16, args.arch, oup=oup, size=size)))
     for dtype in (torch.float16, torch.float64):
         backward_config = {"tile_pixels": 128, "block_c": triton_ghost.BACKWARD_BLOCK_C}
-        emit(row(f"backward 80->200@14 {str(dtype)[6:]}", backward_config, *compile_backward(dtype, args.arch)))
+        emit(row(f"backward 80->200@14 {str(dtype)[6:]} (rows)", triton_ghost.backward_rows3_launch(14),
+                 *compile_backward(dtype, args.arch)))
+        emit(row(f"backward 80->200@14 {str(dtype)[6:]} dw 5 (tap loop)", backward_config,
+                 *compile_backward(dtype, args.arch, dw=5)))
         emit(row(f"cheap_mix {str(dtype)[6:]}", None, *compile_cheap_mix(dtype, args.arch)))
         emit(row(f"squeeze_excite_gate 960/240@7 {str(dtype)[6:]}", None, *compile_squeeze_excite(dtype, args.arch)))
         for name in TRAIN_KERNELS:

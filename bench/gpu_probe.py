@@ -10,10 +10,12 @@ the fused op on either route, the library GEMM alone (triton_ghost.library_prima
 buffer of its own; and, for comparison, addmm into the output's first channels, as before), the
 tap-loop depthwise pass alone over the GEMM's z1 with the 3x3 op and with a 1x1 one (what the
 taps cost), the 3x3 pass that replaced it (_ghost_rows3_kernel), cuDNN's depthwise conv alone,
-and the bytes each must move over the copy bandwidth. Then block sizes of the 3x3 pass, and at
+and the bytes each must move over the copy bandwidth. Then the backward's stages (its kernel by
+rows and by the tap loop, the library's conv backward, the whole backward) and fwd+bwd by autograd,
+eager against fused, also from CUDA graphs; block sizes of the 3x3 pass; and at
 batch 1 the host's microseconds per call: the module, triton_ghost.forward, Triton's JIT launch,
-a launch of the compiled kernel, eager. --ncu runs one launch of each stage between
-cudaProfilerStart/Stop, for ncu.
+a launch of the compiled kernel, eager; fwd+bwd by autograd (fused, eager) and triton_ghost.backward.
+--ncu runs one launch of each stage between cudaProfilerStart/Stop, for ncu.
 Every fused stage is parity-checked against float32 math first. Run on CPU tensors under
 TRITON_INTERPRET=1 (--device cpu, tiny shapes, no timing) to check the script itself.
 """
@@ -28,10 +30,10 @@ from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cases import make_case, shape_name  # noqa: E402
-from gpu_report import check, copy_bandwidth, float32_reference, unfused  # noqa: E402
+from gpu_report import check, copy_bandwidth, float32_reference, masked_reference_grads, unfused  # noqa: E402
 from host_path import per_call_us  # noqa: E402
 
-from ghostkernels import triton_ghost  # noqa: E402
+from ghostkernels import ghost_module, ghost_module_reference, triton_ghost  # noqa: E402
 
 SHAPES = [(16, 48, 112), (24, 72, 56), (40, 240, 28), (112, 672, 14), (960, 160, 7)]
 # (block_c, num_warps) of the library route's 3 x 3 pass (_ghost_rows3_kernel)
@@ -39,9 +41,14 @@ ROWS3_VARIANTS = [(16, 1), (16, 2), (32, 2), (32, 4), (64, 4), (64, 8)]
 
 
 def gpu_ms(fn, sets, calls=20):
-    """Median ms per call of fn(set) replayed from one CUDA graph of `calls` calls over the sets."""
-    for s in sets:
-        fn(s)
+    """Median ms per call of fn(set) replayed from one CUDA graph of `calls` calls over the sets
+    (warmed up on a side stream, as torch.cuda.graph asks of captures that include autograd)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for s in sets:
+            fn(s)
+    torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -109,6 +116,68 @@ def stages(case):
     }
 
 
+def add_backward_sets(case):
+    """Each set gets what the backward reads (grad, the fused output) and writes (gz1, partial sums
+    of the rows kernel and of the tap loop), and leaves for fwd+bwd by autograd."""
+    weights, oup, init = case["weights"], case["oup"], case["init"]
+    for s in case["sets"]:
+        x = s["x"]
+        batch, _, height, width = x.shape
+        s["grad"] = torch.randn_like(s["out"])
+        s["fwd"] = triton_ghost.forward(x, *weights, oup, 1, "relu", config=case["heuristic"])
+        s["gz1"] = torch.empty_like(s["x1"])
+        s["x_leaf"] = x.detach().clone().requires_grad_()
+        for rows3 in (True, False):
+            s[f"partials {rows3}"] = triton_ghost.backward_partials(batch, height, width, init, init, 3, rows3, 128,
+                                                                    x.dtype, x.device)
+    case["leaves"] = [w.detach().clone().requires_grad_() for w in weights]
+
+
+def backward_kernel(case, rows3):
+    """The backward's kernel alone: _ghost_backward_rows3_kernel or the tap loop (128-pixel tiles)."""
+    plans = {}
+
+    def run(s):
+        tensors = (s["grad"], s["fwd"], case["weights"][2], s["gz1"], s[f"partials {rows3}"])
+        if "plan" not in plans:
+            if rows3:
+                launch = triton_ghost.backward_rows3_launch(s["x"].shape[3])
+                plans["plan"] = triton_ghost._Plan(triton_ghost._ghost_backward_rows3_kernel, launch,
+                                                   *triton_ghost.backward_rows3_arguments(*tensors, "relu"))
+            else:
+                plans["plan"] = triton_ghost._Plan(triton_ghost._ghost_backward_kernel, triton_ghost.BACKWARD_LAUNCH,
+                                                   *triton_ghost.backward_arguments(*tensors, "relu", 128))
+        triton_ghost._run(plans["plan"], tensors)
+    return run
+
+
+def backward_stages(case):
+    """name -> fn(set) of the backward's stages, the whole backward, and fwd+bwd by autograd (eager:
+    the reference's conv, ReLU, depthwise conv, ReLU and cat; fused: ghostkernels.ghost_module)."""
+    weights, oup, leaves = case["weights"], case["oup"], case["leaves"]
+
+    def train(op):
+        return lambda s: torch.autograd.grad(op(s["x_leaf"], *leaves, out_channels=oup), [s["x_leaf"], *leaves],
+                                             s["grad"])
+    return {
+        "bwd kernel rows": backward_kernel(case, True),
+        "bwd kernel taps": backward_kernel(case, False),
+        "bwd conv (cuDNN)": lambda s: torch.ops.aten.convolution_backward(
+            s["gz1"], s["x"], weights[0], None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, True, False]),
+        "backward (whole)": lambda s: triton_ghost.backward(s["grad"], s["fwd"], s["x"], *weights, oup, 1, "relu"),
+        "fwd+bwd eager": train(ghost_module_reference),
+        "fwd+bwd fused": train(ghost_module),
+    }
+
+
+def backward_parity(case):
+    s = case["sets"][0]
+    expected = masked_reference_grads(s["x"], case["weights"], s["fwd"], s["grad"], case["oup"])
+    actual = triton_ghost.backward(s["grad"], s["fwd"], s["x"], *case["weights"], case["oup"], 1, "relu")
+    for name, a, e in zip(("x", "W1", "b1", "W2", "b2"), actual, expected):
+        check(a, e, s["x"].dtype, f"grad of {name} {tuple(s['x'].shape)}")
+
+
 def stage_bytes(case, name):
     """Bytes a stage must move at least (each input read once, each output written once)."""
     x, out = case["sets"][0]["x"], case["sets"][0]["out"]
@@ -122,6 +191,13 @@ def stage_bytes(case, name):
         "dw pass k3": (init + oup) * pixels * e, "dw pass k1": (init + oup) * pixels * e,
         "dw pass rows3": (init + oup) * pixels * e,
         "cudnn dw k3": 2 * init * pixels * e,
+        # backward: grad and the output read, gz1 written (the kernel); gz1 and x read, grad x written
+        # (the library's conv backward); fwd+bwd adds the forward's x read and output written
+        "bwd kernel rows": (2 * oup + init) * pixels * e, "bwd kernel taps": (2 * oup + init) * pixels * e,
+        "bwd conv (cuDNN)": (init + 2 * inp) * pixels * e,
+        "backward (whole)": (2 * oup + 2 * init + 2 * inp) * pixels * e,
+        "fwd+bwd eager": (3 * oup + 2 * init + 3 * inp) * pixels * e,
+        "fwd+bwd fused": (3 * oup + 2 * init + 3 * inp) * pixels * e,
     }[name]
 
 
@@ -170,6 +246,19 @@ def host_path(inp, oup, size, dtype):
             "eager CL (6 modules + cat)": host_us(lambda: eager(x)),
             "empty_like": host_us(lambda: torch.empty_like(out)),
         }
+    leaves = [t.detach().clone().requires_grad_() for t in (x, *weights)]
+    grad = torch.randn_like(out)
+    fused_out = triton_ghost.forward(x, *weights, oup, 1, "relu", config=config)
+
+    def train(op):
+        return lambda: torch.autograd.grad(op(*leaves, out_channels=oup), leaves, grad)
+    with torch.enable_grad():
+        result.update({
+            "fwd+bwd fused (autograd)": host_us(train(ghost_module)),
+            "triton_ghost.backward": host_us(lambda: triton_ghost.backward(grad, fused_out, x, *weights, oup, 1,
+                                                                          "relu")),
+            "fwd+bwd eager (autograd)": host_us(train(ghost_module_reference)),
+        })
     expected = float32_reference(module, x, oup)
     out.fill_(float("nan"))
     launch(*every_arg)
@@ -181,7 +270,11 @@ def run_ncu(args):
     cases = [make_probe_case(inp, oup, size, args.batch, torch.float16, "cuda", rotate=1) for inp, oup, size in
              [SHAPES[i] for i in args.ncu_shapes]]
     chosen = ["fused kernel", "gemm (library_primary)", "dw pass rows3", "dw pass k3", "dw pass k1", "cudnn dw k3"]
+    backward_chosen = ["bwd kernel rows", "bwd kernel taps"]
+    for case in cases:
+        add_backward_sets(case)
     runs = [(case, stages(case)[name]) for case in cases for name in chosen]
+    runs += [(case, backward_stages(case)[name]) for case in cases for name in backward_chosen]
     for case, fn in runs:  # compile outside the profiled range
         fn(case["sets"][0])
     torch.cuda.synchronize()
@@ -190,8 +283,8 @@ def run_ncu(args):
         fn(case["sets"][0])
     torch.cuda.synchronize()
     torch.cuda.cudart().cudaProfilerStop()
-    print("profiled:", [f"{shape_name(c['x'].shape[1], c['oup'], c['x'].shape[2])} {n}" for c in cases
-                        for n in chosen])
+    print("profiled, in order:", [f"{shape_name(c['x'].shape[1], c['oup'], c['x'].shape[2])} {n}"
+                                  for names in (chosen, backward_chosen) for c in cases for n in names])
 
 
 @torch.no_grad()
@@ -201,7 +294,7 @@ def main():
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--ncu", action="store_true")
     parser.add_argument("--ncu-shapes", type=int, nargs="+", default=[0, 2, 4], help="indices into SHAPES")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["stages", "variants", "host"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["stages", "backward", "variants", "host"])
     args = parser.parse_args()
     if args.ncu:
         return run_ncu(args)
@@ -217,6 +310,12 @@ def main():
         parity(case)
         for name, fn in stages(case).items():  # every stage runs (the CPU check of this script)
             fn(case["sets"][0])
+        if "backward" not in args.skip:
+            with torch.enable_grad():
+                add_backward_sets(case)
+                backward_parity(case)
+                for name, fn in backward_stages(case).items():
+                    fn(case["sets"][0])
     if not cuda:
         print("stages ran on the CPU (no timing)")
         return
@@ -225,6 +324,19 @@ def main():
         for (inp, oup, size), case in cases.items():
             for name, fn in stages(case).items():
                 ms = gpu_ms(fn, case["sets"])
+                need = stage_bytes(case, name)
+                print(f"{shape_name(inp, oup, size):>12} {name:>20} {ms:8.4f} {ms / (need / bandwidth * 1e3):8.2f} "
+                      f"{need / ms / 1e6:6.0f}", flush=True)
+    if "backward" not in args.skip:
+        print("\nbackward, and fwd+bwd by autograd (ms per call from CUDA graphs)")
+        for (inp, oup, size), case in cases.items():
+            for name, fn in backward_stages(case).items():
+                try:
+                    with torch.enable_grad():
+                        ms = gpu_ms(fn, case["sets"])
+                except Exception as error:  # noqa: BLE001 - a capture that fails is reported, not fatal
+                    print(f"{shape_name(inp, oup, size):>12} {name:>20} {type(error).__name__}: {error}"[:200])
+                    continue
                 need = stage_bytes(case, name)
                 print(f"{shape_name(inp, oup, size):>12} {name:>20} {ms:8.4f} {ms / (need / bandwidth * 1e3):8.2f} "
                       f"{need / ms / 1e6:6.0f}", flush=True)

@@ -224,15 +224,17 @@ def training_row(inp, oup, size, batch, dtype, device="cuda"):
 
 
 def run_tests(budget_s):
+    """The GPU test files' summary line, then their ten slowest tests (the files' 3-minute limit)."""
     start = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", *GPU_TESTS], cwd=ROOT, capture_output=True,
-                              text=True, timeout=budget_s)
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "--durations=10", *GPU_TESTS], cwd=ROOT,
+                              capture_output=True, text=True, timeout=budget_s)
     except subprocess.TimeoutExpired:
         return f"{' + '.join(GPU_TESTS)} on the GPU: NOT DONE within {budget_s} s"
-    last = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
+    lines = proc.stdout.strip().splitlines() or ["(no output)"]
+    slowest = [line for line in lines if line[:1].isdigit() and "s " in line and "::" in line]
     return f"{' + '.join(GPU_TESTS)} on the GPU: rc {proc.returncode}, " \
-           f"{time.perf_counter() - start:.0f} s: {last}"
+           f"{time.perf_counter() - start:.0f} s: {lines[-1]}" + "".join(f"\n  - {line}" for line in slowest)
 
 
 def first_call(budget_s):

@@ -5,7 +5,8 @@
 #   bash bench/gpu_session.sh models   # whole models: GhostNet 1.0x float16 at batch 256 and 1 first
 #   bash bench/gpu_session.sh tune     # fill ghostkernels/triton_tuned.json for float16 (commit it)
 #   bash bench/gpu_session.sh train    # #15's AMP training steps: GhostNet 1.0x b128, Ghost-ResNet-56 b256
-#   bash bench/gpu_session.sh probe    # the op's stages timed apart, block-size variants, host path, ncu counters
+#   bash bench/gpu_session.sh probe    # the op's stages timed apart (forward and backward), block-size variants,
+#                                      # host path, ncu counters
 # Results land in bench/results/ and are copied to $OUT, which the device tool brings back.
 # A session's device time is now 15 minutes, machine start included (the device tool's status,
 # budget_left_s 900): that is ops, then models if time is left; tune and train in later sessions.
@@ -14,7 +15,9 @@
 # contenders, three compiles) ~75 s. Call `models` at once after `ops` (the machine stays warm
 # 30 s) or give the machine back between calls. Second H200 session: `probe` with ncu 64 s; the
 # GPU tests 197 s (275 tests); the batch-256 float16 forward table alone (--no-tests
-# --no-first-call --no-backward) 86 s; one e2e row at batch 256 ~110 s.
+# --no-first-call --no-backward) 86 s; one e2e row at batch 256 ~110 s. The probe's backward
+# section (5 shapes x 6 stages, added without a GPU) is not yet timed: run `probe` first next time
+# (the backward by rows is new), with `--skip variants` if time is short.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export GHOSTKERNELS_DISABLE_CPP=1 PYTHONPATH=. OPENBLAS_NUM_THREADS=1
@@ -28,7 +31,7 @@ case "${1:-}" in
   tune) python3 bench/gpu_report.py --tune --dtype float16 --batch 256 2>&1 | tee "$OUT/tune.log"
         cp ghostkernels/triton_tuned.json "$OUT/" ;;
   train) python3 bench/train.py --device cuda --out "bench/results/$device-train.md" 2>&1 | tee "$OUT/train.log" ;;
-  probe) python3 bench/gpu_probe.py 2>&1 | tee "$OUT/probe.log"
+  probe) python3 bench/gpu_probe.py "${@:2}" 2>&1 | tee "$OUT/probe.log"
          ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
          # --clock-control none: the card's clocks are left as they are
          timeout 200 "$ncu" --profile-from-start off --clock-control none --section SpeedOfLight --section Occupancy \

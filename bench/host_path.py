@@ -9,6 +9,8 @@ stubbed out, so what is timed is ours:
   op entry   ops._ghost_module_cuda (the op's CUDA kernel, called directly) + the launcher
   module     GhostModule.forward in eval (folded-weight cache, input check, ops.apply) with the
              dispatcher hop replaced by that direct call
+  backward   triton_ghost.backward: gz1 and partial-sum buffers, the launch, the reduction of the
+             partial sums (the library's convolution backward stubbed too: device work)
 and, for scale, the dispatcher hop of a torch.library op whose kernel is a Python function
 (what torch.ops.ghostkernels.ghost_module adds on CUDA). The library GEMM of wide inputs is
 stubbed too (it is device work). Not measured here: Triton's own
@@ -55,6 +57,11 @@ def per_call_us(fn, calls):
     return statistics.median(samples)
 
 
+def _convolution_backward_stub(grad_output, x, weight, *args):
+    """aten.convolution_backward's outputs (grad x, grad W1, no bias grad) without the device work."""
+    return torch.empty_like(x), torch.empty_like(weight), None
+
+
 def _library_primary_stub(x, primary_weight, scale=None):
     """triton_ghost.library_primary's host work (its output's allocation) without the GEMM."""
     batch, _, height, width = x.shape
@@ -74,12 +81,16 @@ def main():
     args = parser.parse_args()
     lines = [f"# {machine_line(torch.get_num_threads())}",
              f"# torch {torch.__version__}; median us per call; Triton launch stubbed",
-             "shape            launcher  op-entry  module"]
-    totals = [0.0, 0.0, 0.0]
+             "shape            launcher  op-entry  module  backward"]
+    totals = [0.0, 0.0, 0.0, 0.0]
     # the launch plans made here hold the stubs: made anew, and dropped after
     with torch.no_grad(), mock.patch.dict(triton_ghost._plans, clear=True), \
             mock.patch.object(triton_ghost, "_ghost_forward_kernel", _StubKernel(triton_ghost._ghost_forward_kernel)), \
             mock.patch.object(triton_ghost, "_ghost_rows3_kernel", _StubKernel(triton_ghost._ghost_rows3_kernel)), \
+            mock.patch.object(triton_ghost, "_ghost_backward_kernel", _StubKernel(triton_ghost._ghost_backward_kernel)), \
+            mock.patch.object(triton_ghost, "_ghost_backward_rows3_kernel",
+                              _StubKernel(triton_ghost._ghost_backward_rows3_kernel)), \
+            mock.patch.object(torch.ops.aten, "convolution_backward", _convolution_backward_stub), \
             mock.patch.object(triton_ghost, "library_primary", _library_primary_stub), \
             mock.patch.object(ops, "call", lambda op, *a: ops._ghost_module_cuda(*a)):
         for inp, oup, size in GHOSTNET_SHAPES:
@@ -87,10 +98,13 @@ def main():
             x = torch.randn(1, inp, size, size).to(memory_format=torch.channels_last)
             w1, b1, w2, b2 = module.folded_weights()[:4]
             config = (oup, 1, "relu")
+            out = torch.randn(1, oup, size, size).to(memory_format=torch.channels_last)
+            grad = torch.randn_like(out)
             times = [
                 per_call_us(lambda: triton_ghost.forward(x, w1, b1, w2, b2, *config), args.calls),
                 per_call_us(lambda: ops._ghost_module_cuda(x, w1, b1, w2, b2, *config), args.calls),
                 per_call_us(lambda: module(x), args.calls),
+                per_call_us(lambda: triton_ghost.backward(grad, out, x, w1, b1, w2, b2, *config), args.calls),
             ]
             totals = [t + s for t, s in zip(totals, times)]
             lines.append(f"{inp:>4}->{oup:<4}@{size:<4}  " + "  ".join(f"{t:8.1f}" for t in times))

@@ -27,8 +27,10 @@ GHOSTKERNELS_AUTOTUNE=1 new shapes are timed on first use and cached on disk.
 Backward: one kernel per (tile of output pixels, block of intrinsic channels) computes the
 activation masks from the saved output, the depthwise transpose, grad of the primary conv's
 pre-activation (gz1), and per-tile partial sums of the depthwise weight and both bias grads
-(summed afterwards in a fixed order: deterministic). The primary conv's grads (x, W1) are
-one library convolution backward on gz1.
+(one buffer, summed afterwards in a fixed order: deterministic). With a 3 x 3 cheap op and ratio
+2 (GhostNet's) _ghost_backward_rows3_kernel walks strips of rows as _ghost_rows3_kernel does,
+three loads a row of each input instead of the tap loop's one a tap. The primary conv's grads
+(x, W1) are one library convolution backward on gz1.
 
 Accumulation is float32 (float64 for float64 inputs, whose products are FMA loops: tl.dot has
 no float64 on NVIDIA GPUs). Float32 dots run as TF32 by default (GHOSTKERNELS_TF32=0 asks for
@@ -209,13 +211,7 @@ def _ghost_rows3_kernel(
     program = tl.program_id(0)
     j, c, c_ok, writes_x1, writes_ghost = _ghost_channels(program, channel_blocks, COPIES, INIT, KEEP, BLOCK_C)
     tile = program // channel_blocks
-    n = tile // (row_blocks * column_blocks)
-    first = tile // column_blocks % row_blocks * ROWS
-    last = tl.minimum(first + ROWS, HO) - 1
-    w = tile % column_blocks * BLOCK_W + tl.arange(0, BLOCK_W)
-    w_ok = w < WO
-    left = (w >= 1) & (w <= WO)
-    right = w + 1 < WO
+    n, first, last, w, w_ok, left, right = _strip(tile, row_blocks, column_blocks, ROWS, HO, WO, BLOCK_W)
     bias = tl.zeros([BLOCK_C], dtype=ACC)
     if HAS_B1:
         bias = tl.load(b1_ptr + c, mask=c_ok, other=0.0).to(ACC)
@@ -255,6 +251,18 @@ def _ghost_rows3_kernel(
 
 
 @triton.jit
+def _strip(tile, row_blocks, column_blocks, ROWS, HO, WO, BLOCK_W: tl.constexpr):
+    """The image, first and last rows and columns of a rows kernel's tile (image, strip of ROWS rows,
+    block of BLOCK_W columns), with the columns' masks: in the image, and with a column to the left
+    (w - 1 in the image) or to the right."""
+    n = tile // (row_blocks * column_blocks)
+    first = tile // column_blocks % row_blocks * ROWS
+    last = tl.minimum(first + ROWS, HO) - 1
+    w = tile % column_blocks * BLOCK_W + tl.arange(0, BLOCK_W)
+    return n, first, last, w, w < WO, (w >= 1) & (w <= WO), w + 1 < WO
+
+
+@triton.jit
 def _taps(w2_ptr, j, dy, mask, ACC: tl.constexpr):
     """Row dy of the 3 x 3 depthwise weights of ghost channels j."""
     left = tl.load(w2_ptr + j * 9 + dy * 3, mask=mask, other=0.0).to(ACC)
@@ -274,10 +282,11 @@ def _x1_row(z1, mask, bias, RELU: tl.constexpr, like):
 
 # Specialised as the forward is (COPIES, strides, pixel strides over ALIGN, the channel counts over
 # CHANNEL_ALIGN); the ghost half is addressed from channel INIT, so that its accesses vectorise too.
-@triton.jit(do_not_specialize=["HO", "WO", "INIT", "KEEP", "GHOSTS", "TH", "TW", "tiles_h", "tiles_w"])
+@triton.jit(do_not_specialize=["HO", "WO", "INIT", "KEEP", "GHOSTS", "PARTIAL_ROW", "TH", "TW", "tiles_h",
+                               "tiles_w"])
 def _ghost_backward_kernel(
-    grad_ptr, out_ptr, w2_ptr, gz1_ptr, gw2_part_ptr, gb1_part_ptr, gb2_part_ptr,
-    HO, WO, INIT, KEEP, GHOSTS, COPIES,
+    grad_ptr, out_ptr, w2_ptr, gz1_ptr, partial_ptr,
+    HO, WO, INIT, KEEP, GHOSTS, COPIES, PARTIAL_ROW,
     sgn, sgc, sgh, sgw, son, soc, soh, sow, szn, szc, szh, szw,
     TH, TW, tiles_h, tiles_w,
     DW: tl.constexpr, RELU: tl.constexpr,
@@ -295,6 +304,10 @@ def _ghost_backward_kernel(
     w0 = tile % tiles_w * TW
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < INIT
+    # the tile's partial sums: W2's grad, b1's, b2's (backward_partials)
+    gw2_part = partial_ptr + tile * PARTIAL_ROW
+    gb1_part = gw2_part + GHOSTS * DW * DW
+    gb2_part = gb1_part + INIT
     p = tl.arange(0, BLOCK_P)
     h = h0 + p // TW
     w = w0 + p % TW
@@ -314,7 +327,7 @@ def _ghost_backward_kernel(
             y2 = tl.load(out_ptr + n * son + ghost * soc + h[:, None] * soh + w[:, None] * sow,
                          mask=p_ok[:, None] & j_ok[None, :], other=0.0)
             g2 = tl.where(y2 <= 0, 0.0, g2)  # ReLU's mask as torch's: the grad passes where y2 is NaN
-        tl.store(gb2_part_ptr + tile * GHOSTS + j, tl.sum(g2, axis=0), mask=j_ok)
+        tl.store(gb2_part + j, tl.sum(g2, axis=0), mask=j_ok)
         for tap in range(DW * DW):  # a runtime loop, as in the forward: unrolled, it spills
             dy = tap // DW
             dx = tap % DW
@@ -337,13 +350,124 @@ def _ghost_backward_kernel(
             b_ok = p_ok & (hb >= 0) & (hb < HO) & (wb >= 0) & (wb < WO)
             yb = tl.load(out_ptr + n * son + c[None, :] * soc + hb[:, None] * soh + wb[:, None] * sow,
                          mask=b_ok[:, None] & c_ok[None, :], other=0.0).to(ACC)
-            tl.store(gw2_part_ptr + (tile * GHOSTS + j) * DW * DW + tap, tl.sum(g2 * yb, axis=0), mask=j_ok)
+            tl.store(gw2_part + j * DW * DW + tap, tl.sum(g2 * yb, axis=0), mask=j_ok)
     if RELU:
         gy1 = tl.where(y1 <= 0, 0.0, gy1)
-    tl.store(gb1_part_ptr + tile * INIT + c, tl.sum(gy1, axis=0), mask=c_ok)
+    tl.store(gb1_part + c, tl.sum(gy1, axis=0), mask=c_ok)
     tl.store(gz1_ptr + n * szn + c[None, :] * szc + h[:, None] * szh + w[:, None] * szw,
              gy1.to(gz1_ptr.dtype.element_ty), mask=here)
 
+
+
+# The backward for a 3 x 3 cheap op and ratio 2 (GhostNet's), as _ghost_rows3_kernel walks the
+# forward: one program per (image, strip of ROWS rows, BLOCK_W columns, BLOCK_C intrinsic channels)
+# walks down its strip one row s at a time, loading that row of the ghost half's grad (masked by
+# its ReLU) and of x1 at columns w - 1, w, w + 1. The masked grads go through the transposed 3 x 3
+# op into gx1's rows s - 1, s and s + 1 (row s - 1 is then complete: its gz1 is stored), and x1's
+# row s - 1 meets the strip's masked grads of rows s, s - 1 and s - 2 for the weight grad. The
+# tap-loop kernel above loads each pixel's grad, output and x1 once a tap, one tap after another
+# (its forward twin ran the H200's 3 x 3 pass at 2.8x the time of a 1 x 1 one).
+@triton.jit(do_not_specialize=["HO", "WO", "INIT", "KEEP", "PARTIAL_ROW", "ROWS", "row_blocks", "column_blocks",
+                               "channel_blocks"])
+def _ghost_backward_rows3_kernel(
+    grad_ptr, out_ptr, w2_ptr, gz1_ptr, partial_ptr,
+    HO, WO, INIT, KEEP, PARTIAL_ROW,
+    sgn, sgc, sgh, sgw, son, soc, soh, sow, szn, szc, szh, szw,
+    ROWS, row_blocks, column_blocks, channel_blocks,
+    RELU: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, ALIGN: tl.constexpr,
+    CHANNEL_ALIGN: tl.constexpr, ACC: tl.constexpr,
+):
+    INIT, KEEP = INIT * CHANNEL_ALIGN, KEEP * CHANNEL_ALIGN
+    sgn, sgh, sgw = sgn * ALIGN, sgh * ALIGN, sgw * ALIGN
+    son, soh, sow = son * ALIGN, soh * ALIGN, sow * ALIGN
+    szn, szh, szw = szn * ALIGN, szh * ALIGN, szw * ALIGN
+    program = tl.program_id(0)
+    tile = program // channel_blocks
+    c = program % channel_blocks * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < INIT
+    ghost_ok = c < KEEP  # ghost channel INIT + c, which the output's slice may drop
+    n, first, last, w, w_ok, left, right = _strip(tile, row_blocks, column_blocks, ROWS, HO, WO, BLOCK_W)
+    w00, w01, w02 = _taps(w2_ptr, c, 0, ghost_ok, ACC)
+    w10, w11, w12 = _taps(w2_ptr, c, 1, ghost_ok, ACC)
+    w20, w21, w22 = _taps(w2_ptr, c, 2, ghost_ok, ACC)
+    x1 = out_ptr + n * son + c[None, :] * soc + w[:, None] * sow
+    ghost_out = out_ptr + n * son + (INIT + c[None, :]) * soc + w[:, None] * sow
+    grad_x1 = grad_ptr + n * sgn + c[None, :] * sgc + w[:, None] * sgw
+    grad_ghost = grad_ptr + n * sgn + (INIT + c[None, :]) * sgc + w[:, None] * sgw
+    gz1 = gz1_ptr + n * szn + c[None, :] * szc + w[:, None] * szw
+    here = w_ok[:, None] & c_ok[None, :]
+    zero = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
+    # gx1's partial rows s and s + 1; x1's row s - 1; the strip's masked ghost grads of rows s - 1, s - 2
+    above, at = zero, zero
+    x1_left, x1_mid, x1_right = zero, zero, zero
+    g2_last, g2_before = zero, zero
+    # per-pixel sums of the weight grad (gw<dy><dx>) and both bias grads, reduced once at the end
+    gw00, gw01, gw02, gw10, gw11, gw12, gw20, gw21, gw22 = zero, zero, zero, zero, zero, zero, zero, zero, zero
+    gb1, gb2 = zero, zero
+    for row in range(first - 1, last + 2):
+        row_ok = (row >= 0) & (row < HO)
+        g2_left = _masked_grad_row(grad_ghost + row * sgh - sgw, ghost_out + row * soh - sow,
+                                   row_ok & left[:, None] & ghost_ok[None, :], RELU, ACC)
+        g2_mid = _masked_grad_row(grad_ghost + row * sgh, ghost_out + row * soh,
+                                  row_ok & w_ok[:, None] & ghost_ok[None, :], RELU, ACC)
+        g2_right = _masked_grad_row(grad_ghost + row * sgh + sgw, ghost_out + row * soh + sow,
+                                    row_ok & right[:, None] & ghost_ok[None, :], RELU, ACC)
+        # the weight grad counts the strip's own grads only (branches, not masks: see _ghost_rows3_kernel)
+        g2_own = zero
+        if row >= first:
+            if row <= last:
+                g2_own = g2_mid
+        gw00 += x1_left * g2_own
+        gw01 += x1_mid * g2_own
+        gw02 += x1_right * g2_own
+        gw10 += x1_left * g2_last
+        gw11 += x1_mid * g2_last
+        gw12 += x1_right * g2_last
+        gw20 += x1_left * g2_before
+        gw21 += x1_mid * g2_before
+        gw22 += x1_right * g2_before
+        gb2 += g2_own
+        # gx1's row s - 1 is complete once its last weight row meets this grad row
+        done = above + g2_right * w00[None, :] + g2_mid * w01[None, :] + g2_left * w02[None, :]
+        if row > first:
+            gz = done + tl.load(grad_x1 + (row - 1) * sgh, mask=here, other=0.0).to(ACC)
+            if RELU:  # x1_mid is x1's row s - 1
+                gz = tl.where(x1_mid <= 0, 0.0, gz)
+            tl.store(gz1 + (row - 1) * szh, gz.to(gz1_ptr.dtype.element_ty), mask=here)
+            gb1 += tl.where(here, gz, 0.0)
+        above = at + g2_right * w10[None, :] + g2_mid * w11[None, :] + g2_left * w12[None, :]
+        at = g2_right * w20[None, :] + g2_mid * w21[None, :] + g2_left * w22[None, :]
+        x1_left = tl.load(x1 + row * soh - sow, mask=row_ok & left[:, None] & c_ok[None, :], other=0.0).to(ACC)
+        x1_mid = tl.load(x1 + row * soh, mask=row_ok & w_ok[:, None] & c_ok[None, :], other=0.0).to(ACC)
+        x1_right = tl.load(x1 + row * soh + sow, mask=row_ok & right[:, None] & c_ok[None, :], other=0.0).to(ACC)
+        g2_before = g2_last
+        g2_last = g2_own
+    # x1's row last + 1 meets the strip's last grad row
+    gw20 += x1_left * g2_before
+    gw21 += x1_mid * g2_before
+    gw22 += x1_right * g2_before
+    sums = partial_ptr + tile * PARTIAL_ROW + c * 9  # as the tap loop's (backward_partials)
+    tl.store(sums, tl.sum(gw00, axis=0), mask=c_ok)
+    tl.store(sums + 1, tl.sum(gw01, axis=0), mask=c_ok)
+    tl.store(sums + 2, tl.sum(gw02, axis=0), mask=c_ok)
+    tl.store(sums + 3, tl.sum(gw10, axis=0), mask=c_ok)
+    tl.store(sums + 4, tl.sum(gw11, axis=0), mask=c_ok)
+    tl.store(sums + 5, tl.sum(gw12, axis=0), mask=c_ok)
+    tl.store(sums + 6, tl.sum(gw20, axis=0), mask=c_ok)
+    tl.store(sums + 7, tl.sum(gw21, axis=0), mask=c_ok)
+    tl.store(sums + 8, tl.sum(gw22, axis=0), mask=c_ok)
+    tl.store(partial_ptr + tile * PARTIAL_ROW + INIT * 9 + c, tl.sum(gb1, axis=0), mask=c_ok)
+    tl.store(partial_ptr + tile * PARTIAL_ROW + INIT * 10 + c, tl.sum(gb2, axis=0), mask=c_ok)
+
+
+@triton.jit
+def _masked_grad_row(grad, out, mask, RELU: tl.constexpr, ACC: tl.constexpr):
+    """The grad at `mask` with ReLU's mask taken from the output as torch's threshold_backward
+    does (the grad passes where the output is NaN), 0 elsewhere, in the accumulator's dtype."""
+    g = tl.load(grad, mask=mask, other=0.0).to(ACC)
+    if RELU:
+        g = tl.where(tl.load(out, mask=mask, other=0.0) <= 0, 0.0, g)
+    return g
 
 # -- launch plans: block sizes, tiles, which primary --------------------------------------
 
@@ -640,8 +764,8 @@ DIRECT_LAUNCH = not INTERPRET and triton.__version__.startswith("3.6.")
 
 
 class _Plan:
-    """One forward launch's arguments but the tensors, made once per shape, layout, dtype and
-    config (_launch's key), and its compiled kernels by the tensors' dtypes and 16-byte alignment:
+    """One launch's arguments but the tensors, made once per shape, layout, dtype and config (the
+    key of _launch or backward), and its compiled kernels by the tensors' dtypes and 16-byte alignment:
     with the other arguments fixed by the key, those are what Triton specialises a kernel on."""
 
     def __init__(self, kernel, config, grid, args, constants):
@@ -666,7 +790,7 @@ def _run(plan, tensors):
         return
     compiled = plan.kernel[plan.grid](*tensors, *plan.tail, **plan.constants, **plan.options)
     if DIRECT_LAUNCH and compiled is not None:
-        plan.compiled[specialisation] = compiled[(plan.grid[0], 1, 1)]  # its runner takes a 3-D grid
+        plan.compiled[specialisation] = compiled[(*plan.grid, 1, 1)[:3]]  # its runner takes a 3-D grid
 
 
 def rows3_plan(height, width):
@@ -719,20 +843,49 @@ def _pixel_strides(*tensors):
     return [s for t in tensors for i, s in enumerate(t.stride()) if i != 1]
 
 
-def backward_arguments(grad, out, cheap_weight, grad_z1, gw2_part, gb1_part, gb2_part, init, tile_h, tile_w):
-    """(positional arguments, ALIGN, CHANNEL_ALIGN) of _ghost_backward_kernel: the pixel strides
-    come divided by ALIGN, their common alignment, and the channel counts by CHANNEL_ALIGN, theirs."""
-    out_channels, height, width = out.shape[1:]
-    ghosts = cheap_weight.shape[0]
+def backward_arguments(grad, out, cheap_weight, grad_z1, partials, activation, tile_pixels):
+    """(grid, positional arguments, constexpr keywords) of _ghost_backward_kernel, the tap loop: the
+    pixel strides come divided by ALIGN, their common alignment, and the channel counts by
+    CHANNEL_ALIGN, theirs."""
+    batch, out_channels, height, width = out.shape
+    init, ghosts, dw = grad_z1.shape[1], cheap_weight.shape[0], cheap_weight.shape[-1]
+    block_p, tile_h, tile_w = backward_tiles(height, width, tile_pixels)
+    tiles_h, tiles_w = _cdiv(height, tile_h), _cdiv(width, tile_w)
     align = _alignment(out.element_size(), _pixel_strides(grad, out, grad_z1))
     channel_align = _alignment(out.element_size(), (init, out_channels - init, ghosts))
+    args = (grad, out, cheap_weight, grad_z1, partials, height, width, init // channel_align,
+            (out_channels - init) // channel_align, ghosts // channel_align, ghosts // init, partials.shape[1],
+            *_aligned_strides(align, grad, out, grad_z1), tile_h, tile_w, tiles_h, tiles_w)
+    constants = dict(DW=dw, RELU=activation == "relu", BLOCK_P=block_p, BLOCK_C=BACKWARD_BLOCK_C, ALIGN=align,
+                     CHANNEL_ALIGN=channel_align, ACC=_accumulator(out.dtype))
+    return (batch * tiles_h * tiles_w, _cdiv(init, BACKWARD_BLOCK_C)), args, constants
+
+
+def backward_rows3_arguments(grad, out, cheap_weight, grad_z1, partials, activation):
+    """(grid, positional arguments, constexpr keywords) of _ghost_backward_rows3_kernel."""
+    batch, out_channels, height, width = out.shape
+    init = grad_z1.shape[1]
+    rows, block_w = rows3_plan(height, width)
+    row_blocks, column_blocks = _cdiv(height, rows), _cdiv(width, block_w)
+    block_c = backward_rows3_launch(width)["block_c"]
+    channel_blocks = _cdiv(init, block_c)
+    align = _alignment(out.element_size(), _pixel_strides(grad, out, grad_z1))
+    channel_align = _alignment(out.element_size(), (init, out_channels - init))
+    args = (grad, out, cheap_weight, grad_z1, partials, height, width, init // channel_align,
+            (out_channels - init) // channel_align, partials.shape[1], *_aligned_strides(align, grad, out, grad_z1),
+            rows, row_blocks, column_blocks, channel_blocks)
+    constants = dict(RELU=activation == "relu", BLOCK_W=block_w, BLOCK_C=block_c, ALIGN=align,
+                     CHANNEL_ALIGN=channel_align, ACC=_accumulator(out.dtype))
+    return (batch * row_blocks * column_blocks * channel_blocks,), args, constants
+
+
+def _aligned_strides(align, *tensors):
+    """The tensors' (N, C, H, W) strides, the pixel strides divided by align."""
     strides = []
-    for t in (grad, out, grad_z1):
+    for t in tensors:
         sn, sc, sh, sw = t.stride()
         strides += [sn // align, sc, sh // align, sw // align]
-    return (grad, out, cheap_weight, grad_z1, gw2_part, gb1_part, gb2_part, height, width, init // channel_align,
-            (out_channels - init) // channel_align, ghosts // channel_align, ghosts // init, *strides,
-            tile_h, tile_w, _cdiv(height, tile_h), _cdiv(width, tile_w)), align, channel_align
+    return strides
 
 
 def _forward_tensors(source, scale, primary_weight, primary_bias, cheap_weight, cheap_bias, gate, out):
@@ -789,10 +942,45 @@ def backward_tiles(height, width, tile_pixels):
     return block_p, max(1, min(height, block_p // tile_w)), tile_w
 
 
+def takes_backward_rows3(dw, copies):
+    """Whether backward runs _ghost_backward_rows3_kernel (a 3 x 3 cheap op and one ghost channel an
+    x1 channel: ratio 2) rather than the tap loop of _ghost_backward_kernel."""
+    return dw == 3 and copies == 1
+
+
+def backward_rows3_launch(width):
+    """Channels a program and warps of _ghost_backward_rows3_kernel: four elements of each of its
+    [BLOCK_W, BLOCK_C] tensors a thread (8-byte float16 accesses; 158-164 registers on sm_90, no
+    spills: bench/gpu_compile_check.py), 32 channels where a plane's rows are 8 columns or fewer
+    (with 16, GhostNet's 7 x 7 planes had one element a thread: 2-byte accesses)."""
+    block_w = rows3_plan(1, width)[1]
+    block_c = 32 if block_w <= 8 else 16
+    return dict(block_c=block_c, num_warps=max(1, block_w * block_c // 128), num_stages=2)
+
+
+def backward_partials(batch, height, width, init, ghosts, dw, rows3, tile_pixels, dtype, device):
+    """The backward's partial sums, a row per program of its kernel but the channel blocks: W2's grad
+    (ghosts x dw x dw), then b1's (init), then b2's (ghosts), summed over the rows after the kernel
+    (a fixed order: deterministic). Float32 (float64 for float64)."""
+    if rows3:
+        rows, block_w = rows3_plan(height, width)
+        tiles = batch * _cdiv(height, rows) * _cdiv(width, block_w)
+    else:
+        _, tile_h, tile_w = backward_tiles(height, width, tile_pixels)
+        tiles = batch * _cdiv(height, tile_h) * _cdiv(width, tile_w)
+    # the rows kernel writes every sum; the tap loop skips the ghost channels the output's slice drops
+    allocate = torch.empty if rows3 else torch.zeros
+    return allocate((tiles, ghosts * dw * dw + init + ghosts), device=device,
+                    dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+BACKWARD_LAUNCH = dict(num_warps=4, num_stages=2)  # the tap loop's (BACKWARD_BLOCK_C)
+
+
 def backward(grad, out, x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation,
              tile_pixels=128):
-    """Grads of (x, W1, b1, W2, b2); zeros for absent biases. tile_pixels: a power of two (see
-    BACKWARD_BLOCK_C)."""
+    """Grads of (x, W1, b1, W2, b2); zeros for absent biases. tile_pixels: a power of two, the tap
+    loop's tiles (see BACKWARD_BLOCK_C)."""
     batch = x.shape[0]
     init, ghosts = primary_weight.shape[0], cheap_weight.shape[0]
     kernel, dw = primary_weight.shape[-1], cheap_weight.shape[-1]
@@ -800,30 +988,27 @@ def backward(grad, out, x, primary_weight, primary_bias, cheap_weight, cheap_bia
     grad = grad.contiguous(memory_format=output_memory_format(out))
     grad_z1 = torch.empty((batch, init, height, width), dtype=x.dtype, device=x.device,
                           memory_format=output_memory_format(out))
-    block_p, tile_h, tile_w = backward_tiles(height, width, tile_pixels)
-    tiles_h, tiles_w = _cdiv(height, tile_h), _cdiv(width, tile_w)
-    tiles = batch * tiles_h * tiles_w
-    block_c = BACKWARD_BLOCK_C
-    partial = dict(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
-    gw2_part = torch.zeros((tiles, ghosts, dw * dw), **partial)
-    gb1_part = torch.zeros((tiles, init), **partial)
-    gb2_part = torch.zeros((tiles, ghosts), **partial)
-    if tiles > 0:
-        args, align, channel_align = backward_arguments(grad, out, cheap_weight, grad_z1, gw2_part, gb1_part,
-                                                        gb2_part, init, tile_h, tile_w)
-        _ghost_backward_kernel[(tiles, _cdiv(init, block_c))](
-            *args, DW=dw, RELU=activation == "relu", BLOCK_P=block_p, BLOCK_C=block_c, ALIGN=align,
-            CHANNEL_ALIGN=channel_align, ACC=_accumulator(x.dtype),
-        )
+    rows3 = takes_backward_rows3(dw, ghosts // init)
+    partials = backward_partials(batch, height, width, init, ghosts, dw, rows3, tile_pixels, x.dtype, x.device)
+    tensors = (grad, out, cheap_weight, grad_z1, partials)
+    if partials.shape[0] > 0:
+        key = ("backward", rows3, out.device, out.dtype, out.shape, out.stride(), grad.stride(), cheap_weight.shape,
+               activation, None if rows3 else tile_pixels)
+        plan = _plans.get(key)
+        if plan is None:
+            if rows3:
+                kernel_fn, arguments = _ghost_backward_rows3_kernel, backward_rows3_arguments(*tensors, activation)
+            else:
+                kernel_fn, arguments = _ghost_backward_kernel, backward_arguments(*tensors, activation, tile_pixels)
+            plan = _plans[key] = _Plan(kernel_fn, backward_rows3_launch(width) if rows3 else BACKWARD_LAUNCH,
+                                       *arguments)
+        _run(plan, tensors)
     grad_x, grad_w1, _ = torch.ops.aten.convolution_backward(
         grad_z1, x, primary_weight, None, [stride, stride], [kernel // 2, kernel // 2], [1, 1], False, [0, 0], 1,
         [True, True, False],
     )
-    dtype = x.dtype
-    return (
-        grad_x.contiguous(memory_format=output_memory_format(out)),
-        grad_w1.contiguous(),
-        gb1_part.sum(0).to(dtype),
-        gw2_part.sum(0).view_as(cheap_weight).to(dtype),
-        gb2_part.sum(0).to(dtype),
-    )
+    # one reduction for the three grads; each is copied out of it, so that no two results share storage
+    grad_w2, grad_b1, grad_b2 = (sums.to(x.dtype, copy=True)
+                                 for sums in partials.sum(0).split([ghosts * dw * dw, init, ghosts]))
+    return (grad_x.contiguous(memory_format=output_memory_format(out)), grad_w1.contiguous(), grad_b1,
+            grad_w2.view_as(cheap_weight), grad_b2)

@@ -94,6 +94,18 @@ def test_many_tiles_channel_blocks_and_backward_tiles():
     check((2, 7, 1, "relu", True, 3, 2, 12), DTYPES[0], inp=7, size=(13, 9), config=small)
 
 
+@pytest.mark.parametrize("height, width, stride, act, channels_last", [
+    (35, 37, 1, "relu", True), (17, 5, 1, "none", False), (2, 66, 2, "relu", False), (17, 1, 1, "none", True)])
+def test_backward_rows_strips_and_column_blocks(height, width, stride, act, channels_last):
+    """The 3 x 3 backward of ratio 2 (_ghost_backward_rows3_kernel) walks strips of at most 16 rows
+    and blocks of 32 (8 columns and fewer: 32 channels; else 16) columns: several of each, a last
+    one cut short, a single row or column; 18 intrinsic channels (two blocks of 16, the second short,
+    or one of 32) and an odd oup (the slice drops a ghost)."""
+    rows3 = triton_ghost.takes_backward_rows3
+    assert rows3(3, 1) and not rows3(3, 2) and not rows3(5, 1)
+    check((2, 3, stride, act, channels_last, 1, 2, 35), DTYPES[0], inp=4, size=(height, width))
+
+
 @pytest.mark.parametrize("height, width, block_p", [(7, 7, 64), (14, 14, 64), (56, 56, 128), (112, 112, 128),
                                                    (9, 11, 16), (5, 300, 64)])
 def test_tiling_fits_its_block_and_covers_the_image(height, width, block_p):
@@ -144,28 +156,30 @@ def test_library_route_strips_and_column_blocks(height, width):
                                atol=TOLERANCE[dtype] * max(expected.abs().max().item(), 1.0))
 
 
-def test_direct_launches_key_on_tensor_dtype_and_alignment(monkeypatch):
+@pytest.mark.parametrize("grid", [(7,), (7, 3)])
+def test_direct_launches_key_on_tensor_dtype_and_alignment(monkeypatch, grid):
     """_run: a plan's first launch goes through Triton's JIT; where DIRECT_LAUNCH, the later ones
     whose tensors have the same dtypes and 16-byte alignment go straight to the kernel the JIT
-    returned, with every argument in the kernel's order; other tensors go through the JIT again."""
+    returned (on the grid made 3-D), with every argument in the kernel's order; other tensors go
+    through the JIT again."""
     calls = []
 
     class Compiled:
-        def __getitem__(self, grid):
-            assert grid == (7, 1, 1)
+        def __getitem__(self, launch_grid):
+            assert launch_grid == (*grid, 1, 1)[:3]
             return lambda *args: calls.append(("direct", args))
 
     class Jit:
         arg_names = ["a", "b", "n", "K", "L"]
 
-        def __getitem__(self, grid):
-            assert grid == (7,)
+        def __getitem__(self, launch_grid):
+            assert launch_grid == grid
             return lambda *args, **kwargs: calls.append(("jit", args, kwargs)) or Compiled()
 
     monkeypatch.setattr(triton_ghost, "DIRECT_LAUNCH", True)
     storage = torch.zeros(64)  # 64-byte aligned: floats 4 apart are 16 bytes apart
     b = storage[32:40]
-    plan = triton_ghost._Plan(Jit(), {"num_warps": 2, "num_stages": 1}, (7,), (storage[:8], b, 5), {"L": 4, "K": 3})
+    plan = triton_ghost._Plan(Jit(), {"num_warps": 2, "num_stages": 1}, grid, (storage[:8], b, 5), {"L": 4, "K": 3})
     for a in (storage[:8], storage[4:12], storage[1:9], storage[5:13], storage[:8].double()):
         triton_ghost._run(plan, (a, b))
     assert [c[0] for c in calls] == ["jit", "direct", "jit", "direct", "jit"]
@@ -174,20 +188,31 @@ def test_direct_launches_key_on_tensor_dtype_and_alignment(monkeypatch):
 
 
 def test_launch_plans_are_reused_with_new_data():
-    """A shape's launch plan, made at its first call, serves later calls with other tensors of that
-    shape: values, and a storage offset that changes their alignment."""
+    """A shape's launch plans (forward on both routes, backward by rows and by the tap loop), made
+    at its first call, serve later calls with other tensors of that shape: values, and a storage
+    offset that changes their alignment."""
     dtype = DTYPES[1] if DEVICE == "cpu" else torch.float16
+    tol = TOLERANCE[dtype]
     weights = [w.to(DEVICE) for w in make_weights(6, 13, 2, 3, dtype=dtype)]
+    weights_dw5 = [*weights[:2], torch.randn(7, 1, 5, 5, dtype=dtype, device=DEVICE) / 5, weights[3]]
     plans = None
     for offset in (0, 0, 1):
         flat = torch.randn(2 * 6 * 9 * 11 + offset, dtype=dtype, device=DEVICE)[offset:]
         x = flat.view(2, 9, 11, 6).permute(0, 3, 1, 2)  # channels_last, maybe misaligned
-        expected = ghost_module_reference(*(t.double() for t in (x, *weights)), out_channels=13)
-        for primary in ("kernel", "library"):
-            config = dict(triton_ghost.heuristic_config(6, 7, dtype, True), primary=primary)
-            out = triton_ghost.forward(x, *weights, 13, 1, "relu", config=config)
-            torch.testing.assert_close(out.double(), expected, rtol=TOLERANCE[dtype],
-                                       atol=TOLERANCE[dtype] * max(expected.abs().max().item(), 1.0))
+        grad = torch.randn(2, 13, 9, 11, dtype=dtype, device=DEVICE)
+        for cheap in (weights, weights_dw5):
+            expected = ghost_module_reference(*(t.double() for t in (x, *cheap)), out_channels=13)
+            for primary in ("kernel", "library"):
+                config = dict(triton_ghost.heuristic_config(6, 7, dtype, True), primary=primary)
+                out = triton_ghost.forward(x, *cheap, 13, 1, "relu", config=config)
+                torch.testing.assert_close(out.double(), expected, rtol=tol,
+                                           atol=tol * max(expected.abs().max().item(), 1.0))
+            leaves = [t.detach().double().requires_grad_() for t in (x, *cheap)]
+            expected_grads = torch.autograd.grad(differentiated_reference(leaves, out, 13, 1, "relu"), leaves,
+                                                 grad.double())
+            for actual, reference in zip(triton_ghost.backward(grad, out, x, *cheap, 13, 1, "relu"), expected_grads):
+                torch.testing.assert_close(actual.double(), reference, rtol=tol,
+                                           atol=tol * max(reference.abs().max().item(), 1.0))
         plans = plans or len(triton_ghost._plans)
         assert len(triton_ghost._plans) == plans  # no new plan after the first call of each route
 
@@ -358,10 +383,11 @@ def test_kernels_compile_for_hopper():
                           cwd=BENCH, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     usage = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(usage) == 12 and all(u["REG"] > 0 for u in usage.values()), usage
+    assert len(usage) == 13 and all(u["REG"] > 0 for u in usage.values()), usage
     # Accesses along channels vectorise: 60 intrinsic channels in float16 allow 8-byte vectors, 960
     # allow 16 (the channel masks once kept every float16 access at 2 bytes).
     for name, widest in (("forward library torch.float16", 8), ("backward torch.float16", 8),
+                         ("backward tap loop torch.float16", 8),
                          ("squeeze_excite_gate torch.float16", 16)):
         assert usage[name]["LOAD"] >= widest, (name, usage[name])
     assert usage["forward library torch.float16"]["STORE"] >= 8, usage
