@@ -16,8 +16,9 @@ its calls; a row whose calls spread more than --noise ((p90 - p10) / median, wor
 marked noisy. Under the table, ours / theirs (frozen vs OpenVINO and ONNX Runtime) as the median of
 the ratios within each round, which share the machine's speed of the moment.
 On CUDA (channels_last) the contenders are eager, accelerated, accelerated captured as a CUDA
-graph (ghostkernels.capture), torch.compile of eager and of accelerated, and compile's
-reduce-overhead mode; the table goes to bench/results/<device>-e2e.md with a PNG bar chart of
+graph (ghostkernels.capture), accelerated frozen (the ops' merges of freeze(), one TorchScript call)
+and that captured, torch.compile of eager and of accelerated, and compile's reduce-overhead mode;
+the table goes to bench/results/<device>-e2e.md with a PNG bar chart of
 images per second beside it. Each row compiles its torch.compile contenders anew (a minute or
 more on a GPU machine), so --budget-s stops starting rows in time; the default order puts the
 issue's targets first (GhostNet 1.0x at batch 256 and 1, float16).
@@ -163,6 +164,9 @@ def build(name, x, eager, accelerated, export):
     if name == "captured":
         captured = ghostkernels.capture(accelerated, x)
         return (lambda: captured(x)), None
+    if name == "frozen captured":  # the frozen graph's fused ops (residual adds in ghost2's stores) in a CUDA graph
+        captured = ghostkernels.capture(ghostkernels.freeze(accelerated, x), x)
+        return (lambda: captured(x)), None
     if name.startswith("compile"):
         mode = "reduce-overhead" if "reduce-overhead" in name else None
         compiled = torch.compile(accelerated if "accelerated" in name else eager, mode=mode)
@@ -255,7 +259,8 @@ def main():
                                   ["ghostnet-0.5", "ghostnet-1.0", "ghostnet-1.3"])
     dtypes = [DTYPES[d] for d in (args.dtype or (["float16", "bfloat16"] if cuda else ["float32"]))]
     batches = args.batch or ([256, 1, 64] if cuda else [1, 8])
-    contenders = ["eager", "accelerated"] + (["captured"] if cuda else ["frozen", "frozen bf16"])
+    contenders = ["eager", "accelerated"] + (["captured", "frozen", "frozen captured"] if cuda else
+                                             ["frozen", "frozen bf16"])
     if not args.no_compile:
         contenders += ["compile(eager)", "compile(accelerated)"]
         if cuda:

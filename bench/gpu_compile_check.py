@@ -101,7 +101,7 @@ _compiled = {}  # specialisation -> kernel: a variant a real process would reuse
 
 
 def compile_forward(inp, oup, size, config, dtype=torch.float16, arch=90, ratio=2, dw=3, relu=True,
-                    channels_last=True, gated=False, scaled=False):
+                    channels_last=True, gated=False, scaled=False, residual=False):
     """(seconds, resource usage) of the forward a batch-1 call of this shape and config launches
     (seconds 0 when an identical variant was compiled already)."""
     init = -(-oup // ratio)
@@ -118,11 +118,13 @@ def compile_forward(inp, oup, size, config, dtype=torch.float16, arch=90, ratio=
     kernel = triton_ghost._ghost_forward_kernel
     if triton_ghost.takes_rows3(not library, dw, gated):  # what _launch runs there: the 3 x 3 pass over z1
         kernel = triton_ghost._ghost_rows3_kernel
-        _, args, constants = triton_ghost.rows3_arguments(z1, b1, w2, b2, out, activation, config)
+        _, args, constants = triton_ghost.rows3_arguments(z1, b1, w2, b2, out, activation, config,
+                                                          torch.empty_like(out) if residual else None)
     else:
         _, args, constants = triton_ghost.launch_arguments(
             z1 if library else x, not library, w1, b1, w2, b2, out, activation, 1,
-            gate, config, dtype, torch.empty(1, inp, 1, 1, dtype=dtype) if scaled and not library else None)
+            gate, config, dtype, torch.empty(1, inp, 1, 1, dtype=dtype) if scaled and not library else None,
+            torch.empty_like(out) if residual else None)
         constants["INPUT_PRECISION"] = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
         constants["UPCAST_DOT"] = False
     key = (repr(sorted(constants.items(), key=lambda kv: kv[0])), config["num_warps"], config["num_stages"],
@@ -230,6 +232,9 @@ def smoke():
     config = dict(triton_ghost.heuristic_config(24, 36, torch.float16, False), primary="kernel")
     results["forward kernel scaled gated torch.float16"] = compile_forward(24, 72, 28, config, scaled=True,
                                                                            gated=True)[1]
+    config = dict(triton_ghost.heuristic_config(40, 60, torch.float16, True), primary="library")
+    results["forward library residual torch.float16"] = compile_forward(40, 120, 28, config, relu=False,
+                                                                        residual=True)[1]
     for dtype in (torch.float16, torch.float64):
         results[f"backward {dtype}"] = compile_backward(dtype)[1]
     results["backward tap loop torch.float16"] = compile_backward(torch.float16, dw=5)[1]
@@ -291,6 +296,12 @@ def main():
              *compile_forward(24, 36, 28, config, arch=args.arch, gated=True)))
     emit(row("forward 24->36@28 float16 scaled (SE gate)", config,
              *compile_forward(24, 36, 28, config, arch=args.arch, scaled=True)))
+    emit(row("forward 24->36@28 float16 scaled + residual", config,
+             *compile_forward(24, 36, 28, config, arch=args.arch, relu=False, scaled=True, residual=True)))
+    for inp, oup, size in ((72, 24, 56), (672, 112, 14), (960, 160, 7)):  # GhostNet 1.0x ghost2s with a shortcut
+        config = triton_ghost.heuristic_config(inp, -(-oup // 2), torch.float16, True)
+        emit(row(f"forward {shape_name(inp, oup, size)} float16 none + residual", config,
+                 *compile_forward(inp, oup, size, config, arch=args.arch, relu=False, residual=True)))
     for inp, oup, size in GHOSTNET_SHAPES:
         emit(row(f"backward {shape_name(inp, oup, size)} float16 (rows)", triton_ghost.backward_rows3_launch(size),
                  *compile_backward(torch.float16, args.arch, oup=oup, size=size)))

@@ -4,15 +4,16 @@ A GhostBottleneck ends `x = ghost2(x); x += shortcut(residual)`: the Ghost outpu
 then read and written again by the add. freeze() finds that pair in its graph (a
 `ghost_module` or `ghost_module_scaled` whose output only the in-place add reads) and makes
 it this op, which the C++ kernel (csrc/ghost_cpu.cpp) runs as one pass: each output element
-gets its residual as it is written. The op means exactly `out.add_(residual, alpha=alpha)`
+gets its residual as it is written; so do the Triton kernels on CUDA (triton_ghost.forward's
+residual, added in their stores). The op means exactly `out.add_(residual, alpha=alpha)`
 after the Ghost op: a residual that broadcasts, has another dtype or layout, or an alpha
-other than 1 takes that add_ after the kernel. Elsewhere (CUDA, other dtypes) it is the Ghost
-op followed by the add_, and gradients recompute that composition.
+other than 1 takes that add_ after the kernel. Elsewhere (other dtypes on the CPU, CUDA without
+Triton) it is the Ghost op followed by the add_, and gradients recompute that composition.
 """
 
 import torch
 
-from . import ops, squeeze_excite
+from . import _backends, ops, squeeze_excite
 from .reference import output_memory_format
 
 _lib = torch.library.Library("ghostkernels", "FRAGMENT")
@@ -39,6 +40,22 @@ def _ghost_then_add(x, scale, primary_weight, primary_bias, cheap_weight, cheap_
     """The Ghost op's own kernel for the device, then the add in place (below autograd)."""
     out = _ghost(x, scale, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation)
     return out.add_(residual, alpha=alpha)
+
+
+@torch.library.impl(_lib, "ghost_module_residual", "CUDA")
+def _ghost_residual_cuda(x, scale, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride,
+                         activation, residual, alpha=1):
+    """The Triton forward, the residual added as each output element is stored."""
+    kernels = _backends.triton_kernels()
+    if kernels is None or alpha != 1:
+        return _ghost_then_add(x, scale, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride,
+                               activation, residual, alpha)
+    ops.check_args(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation)
+    if scale is not None:
+        squeeze_excite._check_scaled(x, scale, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels,
+                                     stride, activation)
+    return kernels.forward(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation,
+                           scale=scale, residual=residual)
 
 
 def _composed(x, scale, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation,

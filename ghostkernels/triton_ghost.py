@@ -107,13 +107,14 @@ def _ghost_channels(program, channel_blocks, COPIES, INIT, KEEP, BLOCK_C: tl.con
 @triton.jit(do_not_specialize=["INP", "HO", "WO", "INIT", "KEEP", "STRIDE", "GH", "GW", "TH", "TW",
                                "tiles_h", "tiles_w", "channel_blocks"])
 def _ghost_forward_kernel(
-    x_ptr, scale_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, gate_ptr, out_ptr,
+    x_ptr, scale_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, gate_ptr, out_ptr, residual_ptr,
     INP, HO, WO, INIT, KEEP, COPIES, STRIDE,
     sxn, sxc, sxh, sxw, sw1, son, soc, soh, sow,
     GH, GW, scale_h, scale_w, sgn, sgc, sgh, sgw,
     TH, TW, tiles_h, tiles_w, channel_blocks,
     DW: tl.constexpr, PRIMARY_DOT: tl.constexpr,
     HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, RELU: tl.constexpr, GATED: tl.constexpr, SCALED: tl.constexpr,
+    RESIDUAL: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, ALIGN: tl.constexpr,
     CHANNEL_ALIGN: tl.constexpr,
     FMA: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr, UPCAST_DOT: tl.constexpr,
@@ -170,13 +171,12 @@ def _ghost_forward_kernel(
         x1 = _activate(z, RELU).to(out_ptr.dtype.element_ty)
         if tap == PAD * DW + PAD:  # the centre tap is the tile's own x1
             x1_mask = own[:, None] & writes_x1[None, :]
-            x1_out = out_ptr + n * son + c[None, :] * soc + h[:, None] * soh + w[:, None] * sow
+            x1_at = n * son + c[None, :] * soc + h[:, None] * soh + w[:, None] * sow
+            x1_value = x1
             if GATED:
-                gated = x1.to(ACC) * _gate(gate_ptr, n, c, h, w, x1_mask, GH, GW, scale_h, scale_w,
-                                           sgn, sgc, sgh, sgw, ACC)
-                tl.store(x1_out, gated.to(out_ptr.dtype.element_ty), mask=x1_mask)
-            else:
-                tl.store(x1_out, x1, mask=x1_mask)
+                x1_value = x1.to(ACC) * _gate(gate_ptr, n, c, h, w, x1_mask, GH, GW, scale_h, scale_w,
+                                              sgn, sgc, sgh, sgw, ACC)
+            _store_output(out_ptr, residual_ptr, x1_at, x1_value, x1_mask, RESIDUAL, ACC)
         weight = tl.load(w2_ptr + j * DW * DW + tap, mask=writes_ghost, other=0.0).to(ACC)
         acc += tl.where(tap_ok[:, None], x1.to(ACC), 0.0) * weight[None, :]
     acc = _activate(acc, RELU)
@@ -184,8 +184,20 @@ def _ghost_forward_kernel(
     if GATED:
         acc *= _gate(gate_ptr, n, INIT + j, h, w, ghost_mask, GH, GW, scale_h, scale_w, sgn, sgc, sgh, sgw, ACC)
     # at out_ptr + INIT channels: aligned to CHANNEL_ALIGN elements where the channels are contiguous
-    tl.store(out_ptr + (INIT + j[None, :]) * soc + n * son + h[:, None] * soh + w[:, None] * sow,
-             acc.to(out_ptr.dtype.element_ty), mask=ghost_mask)
+    _store_output(out_ptr, residual_ptr, (INIT + j[None, :]) * soc + n * son + h[:, None] * soh + w[:, None] * sow,
+                  acc, ghost_mask, RESIDUAL, ACC)
+
+
+@triton.jit
+def _store_output(out_ptr, residual_ptr, at, value, mask, RESIDUAL: tl.constexpr, ACC: tl.constexpr):
+    """value rounded to out's dtype, stored at out_ptr + at; with RESIDUAL the residual at the same
+    offsets added to that and rounded again: what out.add_(residual) after the op gives
+    (ghost_module_residual; the residual has out's strides)."""
+    value = value.to(out_ptr.dtype.element_ty)
+    if RESIDUAL:
+        residual = tl.load(residual_ptr + at, mask=mask, other=0.0)
+        value = (value.to(ACC) + residual.to(ACC)).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + at, value, mask=mask)
 
 
 # The library route's pass for a 3 x 3 cheap op (GhostNet's): one program per (image, strip of ROWS
@@ -197,11 +209,11 @@ def _ghost_forward_kernel(
 @triton.jit(do_not_specialize=["HO", "WO", "INIT", "KEEP", "ROWS", "row_blocks", "column_blocks",
                                "channel_blocks"])
 def _ghost_rows3_kernel(
-    z1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr,
+    z1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr, residual_ptr,
     HO, WO, INIT, KEEP, COPIES,
     szn, szc, szh, szw, son, soc, soh, sow,
     ROWS, row_blocks, column_blocks, channel_blocks,
-    HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, RELU: tl.constexpr,
+    HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, RELU: tl.constexpr, RESIDUAL: tl.constexpr,
     BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, ALIGN: tl.constexpr, CHANNEL_ALIGN: tl.constexpr,
     ACC: tl.constexpr,
 ):
@@ -223,8 +235,8 @@ def _ghost_rows3_kernel(
     w10, w11, w12 = _taps(w2_ptr, j, 1, writes_ghost, ACC)
     w20, w21, w22 = _taps(w2_ptr, j, 2, writes_ghost, ACC)
     z1 = z1_ptr + n * szn + c[None, :] * szc + w[:, None] * szw
-    x1_out = out_ptr + n * son + c[None, :] * soc + w[:, None] * sow
-    ghost_out = out_ptr + n * son + (INIT + j[None, :]) * soc + w[:, None] * sow
+    x1_at = n * son + c[None, :] * soc + w[:, None] * sow
+    ghost_at = n * son + (INIT + j[None, :]) * soc + w[:, None] * sow
     store_x1 = w_ok[:, None] & writes_x1[None, :]
     store_ghost = w_ok[:, None] & writes_ghost[None, :]
     # partial sums of the output rows above and at the x1 row being read
@@ -233,19 +245,19 @@ def _ghost_rows3_kernel(
     for row in range(first - 1, last + 2):
         row_ok = (row >= 0) & (row < HO)
         # x1 of this row at columns w - 1, w, w + 1, as the reference has it (rounded to out's dtype)
-        x1_left = _x1_row(z1 + row * szh - szw, row_ok & left[:, None] & c_ok[None, :], bias, RELU, x1_out)
-        x1_mid = _x1_row(z1 + row * szh, row_ok & w_ok[:, None] & c_ok[None, :], bias, RELU, x1_out)
-        x1_right = _x1_row(z1 + row * szh + szw, row_ok & right[:, None] & c_ok[None, :], bias, RELU, x1_out)
+        x1_left = _x1_row(z1 + row * szh - szw, row_ok & left[:, None] & c_ok[None, :], bias, RELU, out_ptr)
+        x1_mid = _x1_row(z1 + row * szh, row_ok & w_ok[:, None] & c_ok[None, :], bias, RELU, out_ptr)
+        x1_right = _x1_row(z1 + row * szh + szw, row_ok & right[:, None] & c_ok[None, :], bias, RELU, out_ptr)
         # branches, not masks, for the strip's rows: Triton 3.9's interpreter rejects a mask made of a
         # program-dependent scalar and a vector
         if row >= first:
             if row <= last:
-                tl.store(x1_out + row * soh, x1_mid.to(out_ptr.dtype.element_ty), mask=store_x1)
+                _store_output(out_ptr, residual_ptr, x1_at + row * soh, x1_mid, store_x1, RESIDUAL, ACC)
         # the row above is complete once its last weight row meets this x1 row
         done = above + x1_left * w20[None, :] + x1_mid * w21[None, :] + x1_right * w22[None, :]
         if row > first:
-            tl.store(ghost_out + (row - 1) * soh, _activate(done, RELU).to(out_ptr.dtype.element_ty),
-                     mask=store_ghost)
+            _store_output(out_ptr, residual_ptr, ghost_at + (row - 1) * soh, _activate(done, RELU), store_ghost,
+                          RESIDUAL, ACC)
         above = at + x1_left * w10[None, :] + x1_mid * w11[None, :] + x1_right * w12[None, :]
         at = ghost_bias[None, :] + x1_left * w00[None, :] + x1_mid * w01[None, :] + x1_right * w02[None, :]
 
@@ -653,10 +665,12 @@ _chosen_configs = {}
 
 
 def forward(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation,
-            gate=None, config=None, scale=None):
+            gate=None, config=None, scale=None, residual=None):
     """Launch the fused forward; arguments already checked (ops.check_args, ops.check_gate).
     gate: optional attention logits (N, out_channels, h, w), applied as sigmoid, nearest-upsampled.
     scale: optional (N, inp, 1, 1) factors of x (ghost_module_scaled's SE gate), applied as x is read.
+    residual: optional, the output is out.add_(residual) (ghost_module_residual): added as the kernel
+    stores each element where it has the output's shape, dtype and strides, else by that add_ after.
     config: block sizes and primary (heuristic_config's keys) to use instead of the tuned table's."""
     batch, inp, in_h, in_w = x.shape
     init, ghosts = primary_weight.shape[0], cheap_weight.shape[0]
@@ -668,13 +682,15 @@ def forward(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_chann
         # extra coalesced passes, where NCHW on the kernel route would be dw * dw dots over inp with
         # loads strided by the plane.
         out = forward(x.contiguous(memory_format=torch.channels_last), primary_weight, primary_bias, cheap_weight,
-                      cheap_bias, out_channels, stride, activation, scale=scale)
-        return out.contiguous()
+                      cheap_bias, out_channels, stride, activation, scale=scale).contiguous()
+        return out if residual is None else out.add_(residual)
     height, width = (in_h - 1) // stride + 1, (in_w - 1) // stride + 1
     out = torch.empty((batch, out_channels, height, width), dtype=x.dtype, device=x.device,
                       memory_format=memory_format)
     if out.numel() == 0:
-        return out
+        return out if residual is None else out.add_(residual)
+    fused_residual = residual if residual is not None and residual.shape == out.shape and \
+        residual.dtype == out.dtype and residual.device == out.device and residual.stride() == out.stride() else None
     primary_weight, cheap_weight = primary_weight.contiguous(), cheap_weight.contiguous()
     scale = scale.contiguous() if scale is not None else None
     gated = gate is not None
@@ -682,7 +698,7 @@ def forward(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_chann
         memory_format=torch.channels_last)
     library_ok = kernel == 1 and stride == 1 and channels_last and not gated
     run = functools.partial(_launch, x, primary_weight, primary_bias, cheap_weight, cheap_bias, out, activation,
-                            stride, gate, scale)
+                            stride, gate, scale, fused_residual)
     if config is None:
         shape = (inp, init, ghosts, out_channels, height, width, kernel, dw, stride, x.dtype, channels_last, gated,
                  scale is not None)
@@ -695,7 +711,7 @@ def forward(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_chann
         raise ValueError("triton_ghost.forward: the library primary needs a 1x1, stride-1 primary conv, "
                          "channels_last x and no gate")
     run(config)
-    return out
+    return out if residual is None or fused_residual is not None else out.add_(residual)
 
 
 def _choose_config(device, shape, library_ok, large, run):
@@ -717,7 +733,8 @@ def _choose_config(device, shape, library_ok, large, run):
     return best
 
 
-def _launch(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out, activation, stride, gate, scale, config):
+def _launch(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out, activation, stride, gate, scale, residual,
+            config):
     kernel = primary_weight.shape[-1]
     source, primary_dot = x, True
     # z1 from the library, without the bias (the kernel adds it as it loads z1: cuDNN adds a bias
@@ -733,21 +750,23 @@ def _launch(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out, acti
     # compiled kernels also key on: _run)
     key = (primary_dot, source.device, source.dtype, source.shape, source.stride(), out.shape, out.stride(),
            primary_weight.shape, cheap_weight.shape, primary_bias is None, cheap_bias is None, activation, stride,
-           scale is None, None if gate is None else (gate.shape, gate.stride()), tuple(config.items()))
+           scale is None, None if gate is None else (gate.shape, gate.stride()), residual is None,
+           tuple(config.items()))
     plan = _plans.get(key)
     if plan is None:
         if rows3:
             kernel, arguments = _ghost_rows3_kernel, rows3_arguments(source, primary_bias, cheap_weight, cheap_bias,
-                                                                     out, activation, config)
+                                                                     out, activation, config, residual)
         else:
             kernel, arguments = _ghost_forward_kernel, launch_arguments(
                 source, primary_dot, primary_weight, primary_bias, cheap_weight, cheap_bias, out, activation, stride,
-                gate, config, x.dtype, scale)
+                gate, config, x.dtype, scale, residual)
         plan = _plans[key] = _Plan(kernel, config, *arguments)
     if rows3:
-        _run(plan, _rows3_tensors(source, primary_bias, cheap_weight, cheap_bias, out))
+        _run(plan, _rows3_tensors(source, primary_bias, cheap_weight, cheap_bias, out, residual))
     else:
-        _run(plan, _forward_tensors(source, scale, primary_weight, primary_bias, cheap_weight, cheap_bias, gate, out))
+        _run(plan, _forward_tensors(source, scale, primary_weight, primary_bias, cheap_weight, cheap_bias, gate, out,
+                                    residual))
 
 
 def takes_rows3(primary_dot, dw, gated):
@@ -800,15 +819,15 @@ def rows3_plan(height, width):
     return _cdiv(height, strips), min(32, triton.next_power_of_2(width))
 
 
-def _rows3_tensors(z1, primary_bias, cheap_weight, cheap_bias, out):
-    """_ghost_rows3_kernel's tensor arguments, in order (z1 in an absent bias's place, never read)."""
+def _rows3_tensors(z1, primary_bias, cheap_weight, cheap_bias, out, residual):
+    """_ghost_rows3_kernel's tensor arguments, in order (z1 or out in an absent one's place, never read)."""
     return (z1, primary_bias if primary_bias is not None else z1, cheap_weight,
-            cheap_bias if cheap_bias is not None else z1, out)
+            cheap_bias if cheap_bias is not None else z1, out, residual if residual is not None else out)
 
 
-def rows3_arguments(z1, primary_bias, cheap_weight, cheap_bias, out, activation, config):
+def rows3_arguments(z1, primary_bias, cheap_weight, cheap_bias, out, activation, config, residual=None):
     """(grid, positional arguments, constexpr keywords) of _ghost_rows3_kernel, the 3 x 3 pass
-    over the library's z1."""
+    over the library's z1 (residual: added to the output as it is stored; out's strides)."""
     batch, init = z1.shape[:2]
     ghosts = cheap_weight.shape[0]
     out_channels, height, width = out.shape[1:]
@@ -820,13 +839,13 @@ def rows3_arguments(z1, primary_bias, cheap_weight, cheap_bias, out, activation,
     szn, szc, szh, szw = z1.stride()
     son, soc, soh, sow = out.stride()
     args = (
-        *_rows3_tensors(z1, primary_bias, cheap_weight, cheap_bias, out),
+        *_rows3_tensors(z1, primary_bias, cheap_weight, cheap_bias, out, residual),
         height, width, init // channel_align, (out_channels - init) // channel_align, ghosts // init,
         szn // align, szc, szh // align, szw // align, son // align, soc, soh // align, sow // align,
         rows, row_blocks, column_blocks, channel_blocks,
     )
     constants = dict(HAS_B1=primary_bias is not None, HAS_B2=cheap_bias is not None, RELU=activation == "relu",
-                     BLOCK_W=block_w, BLOCK_C=config["block_c"], ALIGN=align, CHANNEL_ALIGN=channel_align,
+                     RESIDUAL=residual is not None, BLOCK_W=block_w, BLOCK_C=config["block_c"], ALIGN=align, CHANNEL_ALIGN=channel_align,
                      ACC=_accumulator(out.dtype))
     return (batch * row_blocks * column_blocks * channel_blocks,), args, constants
 
@@ -888,18 +907,20 @@ def _aligned_strides(align, *tensors):
     return strides
 
 
-def _forward_tensors(source, scale, primary_weight, primary_bias, cheap_weight, cheap_bias, gate, out):
+def _forward_tensors(source, scale, primary_weight, primary_bias, cheap_weight, cheap_bias, gate, out, residual):
     """_ghost_forward_kernel's tensor arguments, in order; an absent one's place holds source or out
     (never read)."""
     return (source, scale if scale is not None else source, primary_weight,
             primary_bias if primary_bias is not None else source, cheap_weight,
-            cheap_bias if cheap_bias is not None else source, gate if gate is not None else out, out)
+            cheap_bias if cheap_bias is not None else source, gate if gate is not None else out, out,
+            residual if residual is not None else out)
 
 
 def launch_arguments(source, primary_dot, primary_weight, primary_bias, cheap_weight, cheap_bias, out,
-                     activation, stride, gate, config, dtype, scale=None):
+                     activation, stride, gate, config, dtype, scale=None, residual=None):
     """(grid, positional arguments, constexpr keywords) of _ghost_forward_kernel: x1 from
-    `source` by tl.dot (primary_dot: source is x) or loaded (source is the library's z1)."""
+    `source` by tl.dot (primary_dot: source is x) or loaded (source is the library's z1); residual:
+    added to the output as it is stored (out's strides)."""
     batch, inp = source.shape[0], primary_weight.shape[1]
     init, ghosts = primary_weight.shape[0], cheap_weight.shape[0]
     out_channels, height, width = out.shape[1:]
@@ -912,7 +933,7 @@ def launch_arguments(source, primary_dot, primary_weight, primary_bias, cheap_we
     align = _alignment(out.element_size(), _pixel_strides(source, out))
     channel_align = _alignment(out.element_size(), (inp, init, out_channels - init, primary_weight.stride(0)))
     args = (
-        *_forward_tensors(source, scale, primary_weight, primary_bias, cheap_weight, cheap_bias, gate, out),
+        *_forward_tensors(source, scale, primary_weight, primary_bias, cheap_weight, cheap_bias, gate, out, residual),
         inp // channel_align, height, width, init // channel_align, (out_channels - init) // channel_align,
         ghosts // init, stride, sxn // align, sxc, sxh // align, sxw // align,
         primary_weight.stride(0) // channel_align, son // align, soc, soh // align, sow // align,
@@ -922,7 +943,7 @@ def launch_arguments(source, primary_dot, primary_weight, primary_bias, cheap_we
     constants = dict(
         DW=cheap_weight.shape[-1], PRIMARY_DOT=primary_dot,
         HAS_B1=primary_bias is not None, HAS_B2=cheap_bias is not None, RELU=activation == "relu", GATED=gated,
-        SCALED=scale is not None, BLOCK_P=config["block_p"], BLOCK_K=config["block_k"], BLOCK_C=config["block_c"],
+        SCALED=scale is not None, RESIDUAL=residual is not None, BLOCK_P=config["block_p"], BLOCK_K=config["block_k"], BLOCK_C=config["block_c"],
         ALIGN=align, CHANNEL_ALIGN=channel_align,
         FMA=dtype == torch.float64, INPUT_PRECISION=_input_precision(dtype), ACC=_accumulator(dtype),
         UPCAST_DOT=INTERPRET and dtype == torch.bfloat16,

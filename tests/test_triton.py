@@ -12,7 +12,7 @@ import torch
 
 import ghostkernels
 from ghostkernels import ghost_module_reference, triton_ghost
-from ghostkernels.reference import ghost_module_gated_reference, ghost_module_masked_reference
+from ghostkernels.reference import ghost_module_gated_reference, ghost_module_masked_reference, output_memory_format
 
 from conftest import make_input, make_weights
 
@@ -337,6 +337,58 @@ def test_gated_forward(case, size, gate_size, dtype):
                                atol=tol * max(expected.abs().max().item(), 1.0))
 
 
+# (route, ratio, dw, primary kernel, activation, channels_last, scaled, gated): the residual added in
+# the stores of the rows kernel (library route, 3x3; a k x k primary), of the tap loop on the library
+# route (5x5) and on the kernel route (NCHW too), with the SE gate's scale, with an attention gate.
+RESIDUAL_CASES = [("library", 2, 3, 1, "none", True, False, False), ("library", 3, 5, 1, "none", True, True, False),
+                  ("kernel", 2, 3, 1, "relu", False, False, False), ("kernel", 2, 3, 1, "none", True, True, False),
+                  ("kernel", 2, 3, 3, "relu", True, False, False), ("kernel", 2, 3, 1, "relu", True, False, True)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES[:3] if DEVICE == "cpu" else [torch.float16], ids=str)
+@pytest.mark.parametrize("case", RESIDUAL_CASES, ids=str)
+def test_residual_added_in_the_stores(case, dtype):
+    """triton_ghost.forward(..., residual=r) is forward(...).add_(r): the residual added to each
+    output element as it is stored, after the output's rounding, as ghost_module_residual means."""
+    route, ratio, dw, kernel, act, cl, scaled, gated = case
+    inp, oup = 6, 9
+    x = make_input(2, inp, 7, 9, channels_last=cl, dtype=dtype).to(DEVICE)
+    weights = [w.to(DEVICE) for w in make_weights(inp, oup, ratio, dw, kernel, dtype=dtype)]
+    init = weights[0].shape[0]
+    extra = dict(scale=torch.rand(2, inp, 1, 1, dtype=dtype, device=DEVICE) + 0.5 if scaled else None,
+                 gate=torch.randn(2, oup, 4, 5, dtype=dtype, device=DEVICE) if gated else None,
+                 config=dict(triton_ghost.heuristic_config(inp, init * (ratio - 1), dtype, True), primary=route))
+    residual = torch.randn(2, oup, 7, 9, dtype=dtype, device=DEVICE).contiguous(memory_format=output_memory_format(x))
+    fused = triton_ghost.forward(x, *weights, oup, 1, act, residual=residual, **extra)
+    separate = triton_ghost.forward(x, *weights, oup, 1, act, **extra).add_(residual)
+    assert fused.stride() == separate.stride()
+    # the same roundings in the same order: equal in the interpreter (a GPU may contract differently)
+    tol = 0 if DEVICE == "cpu" else TOLERANCE[dtype]
+    torch.testing.assert_close(fused, separate, rtol=tol, atol=tol * max(separate.abs().max().item(), 1.0))
+
+
+@pytest.mark.parametrize("kind", ["broadcast", "float64", "other layout", "alpha 2", "wide nchw", "empty"])
+def test_residual_op_takes_add_after_where_the_kernels_cannot(kind):
+    """ghost_module_residual's CUDA kernel (called here on the interpreter's CPU tensors): a residual
+    that broadcasts, has another dtype or layout, an alpha other than 1, a wide NCHW input (converted
+    to channels_last and back) or an empty batch gets out.add_(residual, alpha) after the kernel."""
+    from ghostkernels.ghost_residual import _ghost_residual_cuda
+
+    dtype = DTYPES[1]
+    inp, batch, cl = (40, 2, False) if kind == "wide nchw" else (6, 0 if kind == "empty" else 2, True)
+    x = make_input(batch, inp, 5, 6, channels_last=cl, dtype=dtype).to(DEVICE)
+    weights = [w.to(DEVICE) for w in make_weights(inp, 9, 2, 3, dtype=dtype)]
+    shape = (1, 9, 1, 1) if kind == "broadcast" else (batch, 9, 5, 6)
+    residual = torch.randn(shape, dtype=torch.float64 if kind == "float64" else dtype, device=DEVICE)
+    if kind != "other layout":
+        residual = residual.contiguous(memory_format=output_memory_format(x))
+    alpha = 2 if kind == "alpha 2" else 1
+    out = _ghost_residual_cuda(x, None, *weights, 9, 1, "relu", residual, alpha)
+    expected = triton_ghost.forward(x, *weights, 9, 1, "relu").add_(residual, alpha=alpha)
+    assert out.shape == expected.shape and out.stride() == expected.stride()
+    torch.testing.assert_close(out, expected, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
+
+
 @pytest.mark.parametrize("channels_last, kernel", [(False, 1), (True, 1), (False, 3)], ids=["nchw", "cl", "nchw-k3"])
 def test_nan_propagates_like_relu(channels_last, kernel):
     """relu(nan) is nan in the forward (tl.maximum's default, maxnum, returns 0 for NaN), and
@@ -383,10 +435,11 @@ def test_kernels_compile_for_hopper():
                           cwd=BENCH, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     usage = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(usage) == 13 and all(u["REG"] > 0 for u in usage.values()), usage
+    assert len(usage) == 14 and all(u["REG"] > 0 for u in usage.values()), usage
     # Accesses along channels vectorise: 60 intrinsic channels in float16 allow 8-byte vectors, 960
     # allow 16 (the channel masks once kept every float16 access at 2 bytes).
-    for name, widest in (("forward library torch.float16", 8), ("backward torch.float16", 8),
+    for name, widest in (("forward library torch.float16", 8), ("forward library residual torch.float16", 8),
+                         ("backward torch.float16", 8),
                          ("backward tap loop torch.float16", 8),
                          ("squeeze_excite_gate torch.float16", 16)):
         assert usage[name]["LOAD"] >= widest, (name, usage[name])
