@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # What a session with a lent GPU runs, as the device tool's command, one part per call
 # (each call <= 10 minutes; no C++ build: the GPU paths do not need it):
+#   bash bench/gpu_session.sh pending  # what the last GPU-less sessions built, in one call (~520 s): the GPU
+#                                      # tests with their slowest, the probe (backward by rows, host path),
+#                                      # GhostNet 1.0x float16 at batch 256 and 1 (frozen captured: residual
+#                                      # adds in ghost2's stores); then `ops` for the fwd+bwd columns
 #   bash bench/gpu_session.sh ops      # GPU tests, first call of accelerated GhostNet 1.0x, the op table
 #   bash bench/gpu_session.sh models   # whole models: GhostNet 1.0x float16 at batch 256 and 1 first
 #   bash bench/gpu_session.sh tune     # fill ghostkernels/triton_tuned.json for float16 (commit it)
@@ -26,6 +30,11 @@ mkdir -p "$OUT"
 # python3: the GPU image's interpreter with torch (a plain `python` may not be there)
 device=$(python3 -c "import re, torch; print(re.sub(r'[^A-Za-z0-9]+', '-', torch.cuda.get_device_name()).strip('-'))")
 case "${1:-}" in
+  pending) python3 -c "import sys; sys.path.insert(0, 'bench'); import gpu_report; print(gpu_report.run_tests(250))" \
+             2>&1 | tee "$OUT/tests.log"
+           python3 bench/gpu_probe.py --skip variants 2>&1 | tee "$OUT/probe.log"
+           python3 bench/e2e.py --device cuda --models ghostnet-1.0 --dtype float16 --batch 256 1 --budget-s 200 \
+             2>&1 | tee "$OUT/e2e.log" ;;
   ops) python3 bench/gpu_report.py --budget-s 420 2>&1 | tee "$OUT/gpu_report.log" ;;
   models) python3 bench/e2e.py --device cuda --budget-s 360 --profile 20 2>&1 | tee "$OUT/e2e.log" ;;
   tune) python3 bench/gpu_report.py --tune --dtype float16 --batch 256 2>&1 | tee "$OUT/tune.log"
@@ -40,7 +49,7 @@ case "${1:-}" in
          echo "ncu rc $?"
          grep -E "^  [a-zA-Z_].*\(|Duration|DRAM Throughput|Achieved Occupancy|Registers Per|L1/TEX Hit|L2 Hit|Grid Size" \
            "$OUT/ncu.txt" | head -150 ;;
-  *) echo "usage: bash bench/gpu_session.sh ops|models|tune|train|probe" >&2; exit 2 ;;
+  *) echo "usage: bash bench/gpu_session.sh pending|ops|models|tune|train|probe" >&2; exit 2 ;;
 esac
 status=${PIPESTATUS[0]}
 # This device's results only: the tool brings back at most 8 files from $OUT.
