@@ -12,7 +12,8 @@ tap-loop depthwise pass alone over the GEMM's z1 with the 3x3 op and with a 1x1 
 taps cost), the 3x3 pass that replaced it (_ghost_rows3_kernel), cuDNN's depthwise conv alone,
 and the bytes each must move over the copy bandwidth. Then the backward's stages (its kernel by
 rows and by the tap loop, the library's conv backward, the whole backward) and fwd+bwd by autograd,
-eager against fused, also from CUDA graphs; block sizes of the 3x3 pass; and at
+eager against fused, also from CUDA graphs; both routes at batch 1 and 32 by GPU time (what a captured
+model runs); block sizes of the 3x3 pass; and at
 batch 1 the host's microseconds per call: the module, triton_ghost.forward, Triton's JIT launch,
 a launch of the compiled kernel, eager; fwd+bwd by autograd (fused, eager) and triton_ghost.backward.
 --ncu runs one launch of each stage between cudaProfilerStart/Stop, for ncu.
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cases import make_case, shape_name  # noqa: E402
+from cases import GHOSTNET_SHAPES, make_case, shape_name  # noqa: E402
 from gpu_report import check, copy_bandwidth, float32_reference, masked_reference_grads, unfused  # noqa: E402
 from host_path import per_call_us  # noqa: E402
 
@@ -210,6 +211,23 @@ def parity(case):
         check(out, expected, x.dtype, f"fused {primary} {tuple(x.shape)}")
 
 
+def route_cells(case, timed=True):
+    """'<route> <ms>' for both routes of the case's shape, parity-checked first; * marks the one the
+    heuristic takes at that batch (primary_is_large)."""
+    x, weights, oup, init = case["x"], case["weights"], case["oup"], case["init"]
+    expected = float32_reference(case["module"], x, oup)
+    cells = []
+    for primary in ("kernel", "library"):
+        config = dict(case["heuristic"], primary=primary)
+        check(triton_ghost.forward(x, *weights, oup, 1, "relu", config=config), expected, x.dtype,
+              f"{primary} route {tuple(x.shape)}")
+        ms = gpu_ms(lambda s: triton_ghost.forward(s["x"], *weights, oup, 1, "relu", config=config),
+                    case["sets"]) if timed else float("nan")
+        chosen = triton_ghost.primary_is_large(x.shape[0] * x.shape[2] * x.shape[3], x.shape[1], init)
+        cells.append(f"{primary} {ms:.4f}{'*' if chosen == (primary == 'library') else ''}")
+    return cells
+
+
 def host_us(fn, calls=300):
     """Median host microseconds per call (the GPU work of a batch-1 call is shorter than its host work)."""
     torch.cuda.synchronize()
@@ -294,7 +312,7 @@ def main():
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--ncu", action="store_true")
     parser.add_argument("--ncu-shapes", type=int, nargs="+", default=[0, 2, 4], help="indices into SHAPES")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["stages", "backward", "variants", "host"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["stages", "backward", "routes", "variants", "host"])
     args = parser.parse_args()
     if args.ncu:
         return run_ncu(args)
@@ -310,6 +328,8 @@ def main():
         parity(case)
         for name, fn in stages(case).items():  # every stage runs (the CPU check of this script)
             fn(case["sets"][0])
+        if not cuda and "routes" not in args.skip:
+            route_cells(case, timed=False)
         if "backward" not in args.skip:
             with torch.enable_grad():
                 add_backward_sets(case)
@@ -340,6 +360,13 @@ def main():
                 need = stage_bytes(case, name)
                 print(f"{shape_name(inp, oup, size):>12} {name:>20} {ms:8.4f} {ms / (need / bandwidth * 1e3):8.2f} "
                       f"{need / ms / 1e6:6.0f}", flush=True)
+    if "routes" not in args.skip:
+        print("\nroutes by GPU time (CUDA graphs), float16 channels_last: what a captured model's Ghost ops take "
+              "(the route heuristic was fitted to host-inclusive timings); ms per call, * = the heuristic's")
+        for batch in (1, 32):
+            for inp, oup, size in GHOSTNET_SHAPES:
+                case = make_probe_case(inp, oup, size, batch, dtype, "cuda")
+                print(f"batch {batch:>3} {shape_name(inp, oup, size):>12} " + ", ".join(route_cells(case)), flush=True)
     if "variants" not in args.skip:
         print("\nvariants of the 3 x 3 pass (block_c / num_warps): ms per call from CUDA graphs")
         for (inp, oup, size), case in cases.items():

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # What a session with a lent GPU runs, as the device tool's command, one part per call
 # (each call <= 10 minutes; no C++ build: the GPU paths do not need it):
-#   bash bench/gpu_session.sh pending  # what the last GPU-less sessions built, in one call (~520 s): the GPU
-#                                      # tests with their slowest, the probe (backward by rows, host path),
-#                                      # GhostNet 1.0x float16 at batch 256 and 1 (frozen captured: residual
-#                                      # adds in ghost2's stores); then `ops` for the fwd+bwd columns
+#   bash bench/gpu_session.sh pending  # what the last GPU-less session built, first (~360 s, not yet timed):
+#                                      # the GPU tests with their slowest, the probe (backward by rows, both
+#                                      # routes at batch 1 and 32 by GPU time, host path); then `models`
+#                                      # (frozen captured: residual adds in ghost2's stores), then `ops`
 #   bash bench/gpu_session.sh ops      # GPU tests, first call of accelerated GhostNet 1.0x, the op table
 #   bash bench/gpu_session.sh models   # whole models: GhostNet 1.0x float16 at batch 256 and 1 first
 #   bash bench/gpu_session.sh tune     # fill ghostkernels/triton_tuned.json for float16 (commit it)
@@ -19,9 +19,9 @@
 # contenders, three compiles) ~75 s. Call `models` at once after `ops` (the machine stays warm
 # 30 s) or give the machine back between calls. Second H200 session: `probe` with ncu 64 s; the
 # GPU tests 197 s (275 tests); the batch-256 float16 forward table alone (--no-tests
-# --no-first-call --no-backward) 86 s; one e2e row at batch 256 ~110 s. The probe's backward
-# section (5 shapes x 6 stages, added without a GPU) is not yet timed: run `probe` first next time
-# (the backward by rows is new), with `--skip variants` if time is short.
+# --no-first-call --no-backward) 86 s; one e2e row at batch 256 ~110 s (two more contenders since:
+# frozen, frozen captured). The probe's backward and routes sections (added without a GPU) are not
+# yet timed: `pending` runs them first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export GHOSTKERNELS_DISABLE_CPP=1 PYTHONPATH=. OPENBLAS_NUM_THREADS=1
@@ -32,9 +32,7 @@ device=$(python3 -c "import re, torch; print(re.sub(r'[^A-Za-z0-9]+', '-', torch
 case "${1:-}" in
   pending) python3 -c "import sys; sys.path.insert(0, 'bench'); import gpu_report; print(gpu_report.run_tests(250))" \
              2>&1 | tee "$OUT/tests.log"
-           python3 bench/gpu_probe.py --skip variants 2>&1 | tee "$OUT/probe.log"
-           python3 bench/e2e.py --device cuda --models ghostnet-1.0 --dtype float16 --batch 256 1 --budget-s 200 \
-             2>&1 | tee "$OUT/e2e.log" ;;
+           python3 bench/gpu_probe.py --skip variants 2>&1 | tee "$OUT/probe.log" ;;
   ops) python3 bench/gpu_report.py --budget-s 420 2>&1 | tee "$OUT/gpu_report.log" ;;
   models) python3 bench/e2e.py --device cuda --budget-s 360 --profile 20 2>&1 | tee "$OUT/e2e.log" ;;
   tune) python3 bench/gpu_report.py --tune --dtype float16 --batch 256 2>&1 | tee "$OUT/tune.log"
