@@ -151,12 +151,28 @@ def compile_backward(dtype, arch=90, dw=3, tile_pixels=128, oup=200, size=14, ra
     partials = triton_ghost.backward_partials(1, size, size, init, ghosts, dw, rows3, tile_pixels, dtype, "cpu")
     tensors = (grad, out, torch.empty(ghosts, 1, dw, dw, dtype=dtype), grad_z1, partials)
     if rows3:
-        kernel, launch = triton_ghost._ghost_backward_rows3_kernel, triton_ghost.backward_rows3_launch(size)
+        kernel, launch = triton_ghost._ghost_backward_rows3_kernel, triton_ghost.rows_launch(size)
         _, args, constants = triton_ghost.backward_rows3_arguments(*tensors, "relu")
     else:
         kernel, launch = triton_ghost._ghost_backward_kernel, triton_ghost.BACKWARD_LAUNCH
         _, args, constants = triton_ghost.backward_arguments(*tensors, "relu", tile_pixels)
     seconds, kernel = compile_launch(kernel, args, constants, arch, launch["num_warps"], launch["num_stages"])
+    return seconds, resource_usage(kernel)
+
+
+def compile_ghost_depthwise(inp, oup, size, dtype=torch.float16, arch=90):
+    """(seconds, resource usage) of _ghost_depthwise_rows3_kernel for ghost_module_depthwise of this shape
+    (ratio 2, 3 x 3 cheap op and stride-2 conv, channels_last), as forward_depthwise launches it."""
+    init = -(-oup // 2)
+    fmt = torch.channels_last
+    z1 = torch.empty(1, init, size, size, dtype=dtype).to(memory_format=fmt)
+    out = torch.empty(1, oup, (size - 1) // 2 + 1, (size - 1) // 2 + 1, dtype=dtype).to(memory_format=fmt)
+    b1, w2, b2 = torch.empty(init, dtype=dtype), torch.empty(init, 1, 3, 3, dtype=dtype), torch.empty(init, dtype=dtype)
+    wd, bd = torch.empty(oup, 1, 3, 3, dtype=dtype), torch.empty(oup, dtype=dtype)
+    _, args, constants = triton_ghost.depthwise_rows3_arguments(z1, b1, w2, b2, wd, bd, out, "relu")
+    launch = triton_ghost.rows_launch(out.shape[3])
+    seconds, kernel = compile_launch(triton_ghost._ghost_depthwise_rows3_kernel, args, constants, arch,
+                                     launch["num_warps"], launch["num_stages"])
     return seconds, resource_usage(kernel)
 
 
@@ -239,6 +255,7 @@ def smoke():
         results[f"backward {dtype}"] = compile_backward(dtype)[1]
     results["backward tap loop torch.float16"] = compile_backward(torch.float16, dw=5)[1]
     results["cheap_mix torch.float64"] = compile_cheap_mix(torch.float64)[1]
+    results["ghost_depthwise torch.float16"] = compile_ghost_depthwise(16, 48, 112)[1]
     for dtype in (torch.float16, torch.float64):
         results[f"squeeze_excite_gate {dtype}"] = compile_squeeze_excite(dtype)[1]
     for name, dtype in (("cheap_forward", torch.float16), ("cheap_backward", torch.float16),
@@ -302,12 +319,17 @@ def main():
         config = triton_ghost.heuristic_config(inp, -(-oup // 2), torch.float16, True)
         emit(row(f"forward {shape_name(inp, oup, size)} float16 none + residual", config,
                  *compile_forward(inp, oup, size, config, arch=args.arch, relu=False, residual=True)))
+    for inp, oup, size in ((16, 48, 112), (40, 240, 28)):  # GhostNet 1.0x's ghost1s before a 3 x 3 stride-2 conv
+        emit(row(f"ghost_depthwise {shape_name(inp, oup, size)} float16 (rows)",
+                 triton_ghost.rows_launch((size - 1) // 2 + 1), *compile_ghost_depthwise(inp, oup, size, arch=args.arch)))
+    emit(row("ghost_depthwise 40->240@28 float64 (rows)", triton_ghost.rows_launch(14),
+             *compile_ghost_depthwise(40, 240, 28, torch.float64, args.arch)))
     for inp, oup, size in GHOSTNET_SHAPES:
-        emit(row(f"backward {shape_name(inp, oup, size)} float16 (rows)", triton_ghost.backward_rows3_launch(size),
+        emit(row(f"backward {shape_name(inp, oup, size)} float16 (rows)", triton_ghost.rows_launch(size),
                  *compile_backward(torch.float16, args.arch, oup=oup, size=size)))
     for dtype in (torch.float16, torch.float64):
         backward_config = {"tile_pixels": 128, "block_c": triton_ghost.BACKWARD_BLOCK_C}
-        emit(row(f"backward 80->200@14 {str(dtype)[6:]} (rows)", triton_ghost.backward_rows3_launch(14),
+        emit(row(f"backward 80->200@14 {str(dtype)[6:]} (rows)", triton_ghost.rows_launch(14),
                  *compile_backward(dtype, args.arch)))
         emit(row(f"backward 80->200@14 {str(dtype)[6:]} dw 5 (tap loop)", backward_config,
                  *compile_backward(dtype, args.arch, dw=5)))

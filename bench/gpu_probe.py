@@ -10,7 +10,8 @@ the fused op on either route, the library GEMM alone (triton_ghost.library_prima
 buffer of its own; and, for comparison, addmm into the output's first channels, as before), the
 tap-loop depthwise pass alone over the GEMM's z1 with the 3x3 op and with a 1x1 one (what the
 taps cost), the 3x3 pass that replaced it (_ghost_rows3_kernel), cuDNN's depthwise conv alone,
-and the bytes each must move over the copy bandwidth. Then the backward's stages (its kernel by
+ghost1 with a 3x3 stride-2 conv after it (the Ghost op then cuDNN, and fused:
+_ghost_depthwise_rows3_kernel), and the bytes each must move over the copy bandwidth. Then the backward's stages (its kernel by
 rows and by the tap loop, the library's conv backward, the whole backward) and fwd+bwd by autograd,
 eager against fused, also from CUDA graphs; both routes at batch 1 and 32 by GPU time (what a captured
 model runs); block sizes of the 3x3 pass; and at
@@ -93,8 +94,34 @@ def make_probe_case(inp, oup, size, batch, dtype, device, rotate=4):
         x1 = torch.randn(batch, init, size, size, device=device, dtype=dtype).to(memory_format=torch.channels_last)
         sets.append({"x": xi, "out": out, "x1": x1, "z1": triton_ghost.library_primary(xi, weights[0])})
     heuristic = triton_ghost.heuristic_config(inp, init, dtype, True, True)
+    conv = [torch.randn(oup, 1, 3, 3, device=device, dtype=dtype) / 3, torch.randn(oup, device=device, dtype=dtype)]
     return {"module": module, "x": x, "weights": weights, "init": init, "sets": sets, "heuristic": heuristic,
-            "cheap_1x1": weights[2][:, :, 1:2, 1:2].contiguous(), "oup": oup}
+            "cheap_1x1": weights[2][:, :, 1:2, 1:2].contiguous(), "oup": oup, "conv": conv}
+
+
+def ghost_depthwise_fused(case, warps=1):
+    """ghost_module_depthwise's fused path (triton_ghost.forward_depthwise) with the 3 x 3 stride-2
+    conv; warps: a multiple of rows_launch's warps (fewer elements and registers a thread)."""
+    weights, oup, conv = case["weights"], case["oup"], case["conv"]
+    if warps == 1:
+        return lambda s: triton_ghost.forward_depthwise(s["x"], *weights, oup, "relu", *conv)
+    plans = {}
+
+    def run(s):
+        x = s["x"]
+        out = torch.empty((x.shape[0], oup, (x.shape[2] - 1) // 2 + 1, (x.shape[3] - 1) // 2 + 1), dtype=x.dtype,
+                          device=x.device, memory_format=torch.channels_last)
+        z1 = triton_ghost.library_primary(x, weights[0])
+        if "plan" not in plans:
+            launch = triton_ghost.rows_launch(out.shape[3])
+            launch = dict(launch, num_warps=launch["num_warps"] * warps)
+            plans["plan"] = triton_ghost._Plan(triton_ghost._ghost_depthwise_rows3_kernel, launch,
+                                               *triton_ghost.depthwise_rows3_arguments(z1, weights[1], weights[2],
+                                                                                       weights[3], *conv, out, "relu"))
+        triton_ghost._run(plans["plan"], triton_ghost._depthwise_tensors(z1, weights[1], weights[2], weights[3],
+                                                                         *conv, out))
+        return out
+    return run
 
 
 def stages(case):
@@ -114,6 +141,12 @@ def stages(case):
         "dw pass k3": dw_pass(case, lib, 3),
         "dw pass k1": dw_pass(case, lib, 1),
         "cudnn dw k3": lambda s: F.conv2d(s["x1"], weights[2], weights[3], padding=1, groups=init),
+        # ghost1 and the 3 x 3 stride-2 conv after it (GhostNet's stride-2 bottlenecks): as the CUDA op
+        # ran it before (the Ghost op, then cuDNN) and fused
+        "ghost+dw s2 composed": lambda s: F.conv2d(triton_ghost.forward(s["x"], *weights, oup, 1, "relu", config=lib),
+                                                   *case["conv"], 2, 1, groups=oup),
+        "ghost+dw s2 fused": ghost_depthwise_fused(case),
+        "ghost+dw s2 fused 2x warps": ghost_depthwise_fused(case, 2),
     }
 
 
@@ -142,7 +175,7 @@ def backward_kernel(case, rows3):
         tensors = (s["grad"], s["fwd"], case["weights"][2], s["gz1"], s[f"partials {rows3}"])
         if "plan" not in plans:
             if rows3:
-                launch = triton_ghost.backward_rows3_launch(s["x"].shape[3])
+                launch = triton_ghost.rows_launch(s["x"].shape[3])
                 plans["plan"] = triton_ghost._Plan(triton_ghost._ghost_backward_rows3_kernel, launch,
                                                    *triton_ghost.backward_rows3_arguments(*tensors, "relu"))
             else:
@@ -192,6 +225,8 @@ def stage_bytes(case, name):
         "dw pass k3": (init + oup) * pixels * e, "dw pass k1": (init + oup) * pixels * e,
         "dw pass rows3": (init + oup) * pixels * e,
         "cudnn dw k3": 2 * init * pixels * e,
+        "ghost+dw s2 composed": (inp + oup // 4) * pixels * e, "ghost+dw s2 fused": (inp + oup // 4) * pixels * e,
+        "ghost+dw s2 fused 2x warps": (inp + oup // 4) * pixels * e,
         # backward: grad and the output read, gz1 written (the kernel); gz1 and x read, grad x written
         # (the library's conv backward); fwd+bwd adds the forward's x read and output written
         "bwd kernel rows": (2 * oup + init) * pixels * e, "bwd kernel taps": (2 * oup + init) * pixels * e,
@@ -209,6 +244,10 @@ def parity(case):
         torch.full((2**26,), float("nan"), device=x.device)
         out = triton_ghost.forward(x, *weights, oup, 1, "relu", config=dict(case["heuristic"], primary=primary))
         check(out, expected, x.dtype, f"fused {primary} {tuple(x.shape)}")
+    conv_expected = F.conv2d(expected.to(x.dtype).float(), *(t.float() for t in case["conv"]), 2, 1, groups=oup)
+    for warps in (1, 2):
+        check(ghost_depthwise_fused(case, warps)(case["sets"][0]), conv_expected, x.dtype,
+              f"ghost+dw s2 fused {tuple(x.shape)} warps x{warps}")
 
 
 def route_cells(case, timed=True):
@@ -287,7 +326,8 @@ def host_path(inp, oup, size, dtype):
 def run_ncu(args):
     cases = [make_probe_case(inp, oup, size, args.batch, torch.float16, "cuda", rotate=1) for inp, oup, size in
              [SHAPES[i] for i in args.ncu_shapes]]
-    chosen = ["fused kernel", "gemm (library_primary)", "dw pass rows3", "dw pass k3", "dw pass k1", "cudnn dw k3"]
+    chosen = ["fused kernel", "gemm (library_primary)", "dw pass rows3", "dw pass k3", "dw pass k1", "cudnn dw k3",
+              "ghost+dw s2 composed", "ghost+dw s2 fused"]
     backward_chosen = ["bwd kernel rows", "bwd kernel taps"]
     for case in cases:
         add_backward_sets(case)

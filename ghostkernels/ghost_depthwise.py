@@ -3,16 +3,18 @@
 What accelerate() makes of a GhostBottleneck's ghost1 -> conv_dw -> bn_dw in eval (its
 stride-2 blocks, BN folded into the conv). The Ghost output, four times the size of the
 stride-2 conv's, is never written: the C++ kernel (csrc/ghost_cpu.cpp, NCHW float32/64)
-keeps the Ghost rows each band of the conv needs in cache-sized buffers. Elsewhere
-(channels_last, CUDA, other dtypes) the op is the Ghost op followed by the library conv, and
-gradients recompute that composition.
+keeps the Ghost rows each band of the conv needs in cache-sized buffers. On CUDA, GhostNet's
+case (triton_ghost.takes_depthwise_rows3: channels_last, 3 x 3 cheap op and conv, stride 2) runs
+the library's 1x1 GEMM and one Triton kernel that feeds the Ghost rows straight into the conv.
+Elsewhere (other shapes, layouts and dtypes) the op is the Ghost op followed by the library
+conv, and gradients recompute that composition.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from . import _backends, ops
 from .direct_conv import DirectConv2d
 from .modules import GhostModule, merged_weights
 from .reference import output_memory_format
@@ -70,6 +72,22 @@ def _fake(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channel
 def _fallback(*args):
     _check(*args)
     return _composed(*args)
+
+
+@torch.library.impl(_lib, "ghost_module_depthwise", "CUDA")
+def _cuda(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation,
+          depthwise_weight, depthwise_bias, depthwise_stride):
+    args = (x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation,
+            depthwise_weight, depthwise_bias, depthwise_stride)
+    _check(*args)
+    kernels = _backends.triton_kernels()
+    if kernels is None or not kernels.takes_depthwise_rows3(x, primary_weight, cheap_weight, depthwise_weight, stride,
+                                                            depthwise_stride):
+        return _composed(*args)
+    return kernels.forward_depthwise(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels,
+                                     activation, depthwise_weight, depthwise_bias)
+
+
 ops.register_recompute_autograd("ghost_module_depthwise", _composed)
 
 

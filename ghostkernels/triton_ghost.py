@@ -224,12 +224,8 @@ def _ghost_rows3_kernel(
     j, c, c_ok, writes_x1, writes_ghost = _ghost_channels(program, channel_blocks, COPIES, INIT, KEEP, BLOCK_C)
     tile = program // channel_blocks
     n, first, last, w, w_ok, left, right = _strip(tile, row_blocks, column_blocks, ROWS, HO, WO, BLOCK_W)
-    bias = tl.zeros([BLOCK_C], dtype=ACC)
-    if HAS_B1:
-        bias = tl.load(b1_ptr + c, mask=c_ok, other=0.0).to(ACC)
-    ghost_bias = tl.zeros([BLOCK_C], dtype=ACC)
-    if HAS_B2:
-        ghost_bias = tl.load(b2_ptr + j, mask=writes_ghost, other=0.0).to(ACC)
+    bias = _channel_bias(b1_ptr, c, c_ok, HAS_B1, BLOCK_C, ACC)
+    ghost_bias = _channel_bias(b2_ptr, j, writes_ghost, HAS_B2, BLOCK_C, ACC)
     # the 3 x 3 weights of the block's ghost channels, w<dy><dx>
     w00, w01, w02 = _taps(w2_ptr, j, 0, writes_ghost, ACC)
     w10, w11, w12 = _taps(w2_ptr, j, 1, writes_ghost, ACC)
@@ -262,6 +258,116 @@ def _ghost_rows3_kernel(
         at = ghost_bias[None, :] + x1_left * w00[None, :] + x1_mid * w01[None, :] + x1_right * w02[None, :]
 
 
+# ghost_module_depthwise as GhostNet's stride-2 bottlenecks have it (x1 from the library's z1, a 3 x 3
+# cheap op, ratio 2, then a 3 x 3 stride-2 depthwise conv over both halves): one program per (image,
+# strip of ROWS output rows, BLOCK_W output columns w, BLOCK_C intrinsic channels) walks down the x1
+# rows its strip needs, five loads a row (columns 2w - 2 .. 2w + 2); each makes the ghost half's row
+# above complete at columns 2w - 1 .. 2w + 1, as in _ghost_rows3_kernel, and that Ghost row (both
+# halves) goes straight into the stride-2 conv: an even Ghost row is an output row's middle weight
+# row, an odd one ends that row and starts the next. The Ghost output, four times the conv's, is
+# never written.
+@triton.jit(do_not_specialize=["HG", "WG", "HO", "WO", "INIT", "KEEP", "ROWS", "row_blocks", "column_blocks",
+                               "channel_blocks"])
+def _ghost_depthwise_rows3_kernel(
+    z1_ptr, b1_ptr, w2_ptr, b2_ptr, wd_ptr, bd_ptr, out_ptr,
+    HG, WG, HO, WO, INIT, KEEP,
+    szn, szc, szh, szw, son, soc, soh, sow,
+    ROWS, row_blocks, column_blocks, channel_blocks,
+    HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, HAS_BD: tl.constexpr, RELU: tl.constexpr,
+    BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, ALIGN: tl.constexpr, CHANNEL_ALIGN: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    INIT, KEEP = INIT * CHANNEL_ALIGN, KEEP * CHANNEL_ALIGN
+    szn, szh, szw = szn * ALIGN, szh * ALIGN, szw * ALIGN
+    son, soh, sow = son * ALIGN, soh * ALIGN, sow * ALIGN
+    program = tl.program_id(0)
+    tile = program // channel_blocks
+    c = program % channel_blocks * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < INIT
+    ghost_ok = c < KEEP  # ghost channel INIT + c, which the output's slice may drop
+    n, first, last, w, w_ok, _, _ = _strip(tile, row_blocks, column_blocks, ROWS, HO, WO, BLOCK_W)
+    # the Ghost plane's columns 2w + g in the plane (zero padding of both convs elsewhere)
+    q = 2 * w
+    in_m2 = w_ok & (q >= 2) & (q - 2 < WG)
+    in_m1 = w_ok & (q >= 1) & (q - 1 < WG)
+    in_0 = w_ok & (q < WG)
+    in_p1 = w_ok & (q + 1 < WG)
+    in_p2 = w_ok & (q + 2 < WG)
+    bias = _channel_bias(b1_ptr, c, c_ok, HAS_B1, BLOCK_C, ACC)
+    ghost_bias = _channel_bias(b2_ptr, c, ghost_ok, HAS_B2, BLOCK_C, ACC)
+    x1_conv_bias = _channel_bias(bd_ptr, c, c_ok, HAS_BD, BLOCK_C, ACC)
+    ghost_conv_bias = _channel_bias(bd_ptr, INIT + c, ghost_ok, HAS_BD, BLOCK_C, ACC)
+    # the cheap op's weights (w<dy><dx>), the stride-2 conv's of the x1 half (x<dy><dx>) and of the ghost half (g<dy><dx>)
+    w00, w01, w02 = _taps(w2_ptr, c, 0, ghost_ok, ACC)
+    w10, w11, w12 = _taps(w2_ptr, c, 1, ghost_ok, ACC)
+    w20, w21, w22 = _taps(w2_ptr, c, 2, ghost_ok, ACC)
+    x00, x01, x02 = _taps(wd_ptr, c, 0, c_ok, ACC)
+    x10, x11, x12 = _taps(wd_ptr, c, 1, c_ok, ACC)
+    x20, x21, x22 = _taps(wd_ptr, c, 2, c_ok, ACC)
+    g00, g01, g02 = _taps(wd_ptr, INIT + c, 0, ghost_ok, ACC)
+    g10, g11, g12 = _taps(wd_ptr, INIT + c, 1, ghost_ok, ACC)
+    g20, g21, g22 = _taps(wd_ptr, INIT + c, 2, ghost_ok, ACC)
+    z1 = z1_ptr + n * szn + c[None, :] * szc + q[:, None] * szw
+    x1_at = n * son + c[None, :] * soc + w[:, None] * sow
+    ghost_at = n * son + (INIT + c[None, :]) * soc + w[:, None] * sow
+    store_x1 = w_ok[:, None] & c_ok[None, :]
+    store_ghost = w_ok[:, None] & ghost_ok[None, :]
+    zero = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
+    # partial ghost rows (the row above and the row at the x1 row being read) at columns 2w - 1, 2w, 2w + 1
+    above_m1, above_0, above_p1, at_m1, at_0, at_p1 = zero, zero, zero, zero, zero, zero
+    # x1's previous row (the Ghost row whose ghost half completes now) at those columns
+    last_m1, last_0, last_p1 = zero, zero, zero
+    # the output row being summed, of each half
+    x1_sum, ghost_sum = zero, zero
+    for row in range(2 * first - 2, 2 * last + 3):
+        row_ok = (row >= 0) & (row < HG)
+        cm2 = _x1_row(z1 + row * szh - 2 * szw, row_ok & in_m2[:, None] & c_ok[None, :], bias, RELU, out_ptr)
+        cm1 = _x1_row(z1 + row * szh - szw, row_ok & in_m1[:, None] & c_ok[None, :], bias, RELU, out_ptr)
+        c0 = _x1_row(z1 + row * szh, row_ok & in_0[:, None] & c_ok[None, :], bias, RELU, out_ptr)
+        cp1 = _x1_row(z1 + row * szh + szw, row_ok & in_p1[:, None] & c_ok[None, :], bias, RELU, out_ptr)
+        cp2 = _x1_row(z1 + row * szh + 2 * szw, row_ok & in_p2[:, None] & c_ok[None, :], bias, RELU, out_ptr)
+        # the ghost half of Ghost row `row - 1`, complete with this x1 row's weight row, rounded as the
+        # Ghost op's output; 0 outside the plane (the stride-2 conv's padding)
+        g_m1 = _ghost_value(above_m1 + cm2 * w20[None, :] + cm1 * w21[None, :] + c0 * w22[None, :], in_m1, RELU,
+                            out_ptr)
+        g_0 = _ghost_value(above_0 + cm1 * w20[None, :] + c0 * w21[None, :] + cp1 * w22[None, :], in_0, RELU, out_ptr)
+        g_p1 = _ghost_value(above_p1 + c0 * w20[None, :] + cp1 * w21[None, :] + cp2 * w22[None, :], in_p1, RELU,
+                            out_ptr)
+        above_m1 = at_m1 + cm2 * w10[None, :] + cm1 * w11[None, :] + c0 * w12[None, :]
+        above_0 = at_0 + cm1 * w10[None, :] + c0 * w11[None, :] + cp1 * w12[None, :]
+        above_p1 = at_p1 + c0 * w10[None, :] + cp1 * w11[None, :] + cp2 * w12[None, :]
+        at_m1 = ghost_bias[None, :] + cm2 * w00[None, :] + cm1 * w01[None, :] + c0 * w02[None, :]
+        at_0 = ghost_bias[None, :] + cm1 * w00[None, :] + c0 * w01[None, :] + cp1 * w02[None, :]
+        at_p1 = ghost_bias[None, :] + c0 * w00[None, :] + cp1 * w01[None, :] + cp2 * w02[None, :]
+        ghost_row = row - 1
+        if (ghost_row < 0) | (ghost_row >= HG):  # outside the plane: the conv's zero padding rows
+            g_m1, g_0, g_p1 = zero, zero, zero
+        if ghost_row >= 2 * first - 1:  # the strip's first output row reads Ghost rows from 2 * first - 1
+            # odd (& 1: -1 too, where % gives -1 on a GPU): ends output row ghost_row // 2 (weight row 2)
+            # and starts the next (weight row 0)
+            if (ghost_row & 1) == 1:
+                x1_sum += last_m1 * x20[None, :] + last_0 * x21[None, :] + last_p1 * x22[None, :]
+                ghost_sum += g_m1 * g20[None, :] + g_0 * g21[None, :] + g_p1 * g22[None, :]
+                if ghost_row >= 2 * first + 1:
+                    done = (ghost_row // 2) * soh
+                    tl.store(out_ptr + x1_at + done, x1_sum.to(out_ptr.dtype.element_ty), mask=store_x1)
+                    tl.store(out_ptr + ghost_at + done, ghost_sum.to(out_ptr.dtype.element_ty), mask=store_ghost)
+                x1_sum = x1_conv_bias[None, :] + last_m1 * x00[None, :] + last_0 * x01[None, :] + last_p1 * x02[None, :]
+                ghost_sum = ghost_conv_bias[None, :] + g_m1 * g00[None, :] + g_0 * g01[None, :] + g_p1 * g02[None, :]
+            else:
+                x1_sum += last_m1 * x10[None, :] + last_0 * x11[None, :] + last_p1 * x12[None, :]
+                ghost_sum += g_m1 * g10[None, :] + g_0 * g11[None, :] + g_p1 * g12[None, :]
+        last_m1, last_0, last_p1 = cm1, c0, cp1
+
+
+@triton.jit
+def _ghost_value(z, column_ok, RELU: tl.constexpr, like):
+    """act(z) rounded to the dtype `like` points to (the Ghost op's output), 0 outside the plane's
+    columns, in the accumulator's dtype."""
+    value = _activate(z, RELU).to(like.dtype.element_ty).to(z.dtype)
+    return tl.where(column_ok[:, None], value, 0.0)
+
+
 @triton.jit
 def _strip(tile, row_blocks, column_blocks, ROWS, HO, WO, BLOCK_W: tl.constexpr):
     """The image, first and last rows and columns of a rows kernel's tile (image, strip of ROWS rows,
@@ -272,6 +378,15 @@ def _strip(tile, row_blocks, column_blocks, ROWS, HO, WO, BLOCK_W: tl.constexpr)
     last = tl.minimum(first + ROWS, HO) - 1
     w = tile % column_blocks * BLOCK_W + tl.arange(0, BLOCK_W)
     return n, first, last, w, w < WO, (w >= 1) & (w <= WO), w + 1 < WO
+
+
+@triton.jit
+def _channel_bias(bias_ptr, index, mask, HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+    """The bias of channels `index` (0 without one) in the accumulator's dtype."""
+    bias = tl.zeros([BLOCK_C], dtype=ACC)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + index, mask=mask, other=0.0).to(ACC)
+    return bias
 
 
 @triton.jit
@@ -769,6 +884,63 @@ def _launch(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out, acti
                                     residual))
 
 
+def takes_depthwise_rows3(x, primary_weight, cheap_weight, depthwise_weight, stride, depthwise_stride):
+    """Whether ghost_module_depthwise runs as forward_depthwise (GhostNet's stride-2 bottlenecks: a
+    1 x 1 stride-1 primary conv on channels_last x, a 3 x 3 cheap op, ratio 2, a 3 x 3 stride-2
+    depthwise conv); else it is the Ghost op, then the library conv."""
+    return (primary_weight.shape[-1] == 1 and stride == 1 and x.is_contiguous(memory_format=torch.channels_last)
+            and cheap_weight.shape[0] == primary_weight.shape[0] and cheap_weight.shape[-1] == 3
+            and depthwise_weight.shape[-1] == 3 and depthwise_stride == 2)
+
+
+def forward_depthwise(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, activation,
+                      depthwise_weight, depthwise_bias):
+    """ghost_module_depthwise where takes_depthwise_rows3: z1 from the library (no bias), then
+    _ghost_depthwise_rows3_kernel, which never writes the Ghost output. Arguments already checked."""
+    batch, _, height, width = x.shape
+    out = torch.empty((batch, out_channels, (height - 1) // 2 + 1, (width - 1) // 2 + 1), dtype=x.dtype,
+                      device=x.device, memory_format=torch.channels_last)
+    if out.numel() == 0:
+        return out
+    z1 = library_primary(x, primary_weight)
+    weights = (primary_bias, cheap_weight.contiguous(), cheap_bias, depthwise_weight.contiguous(), depthwise_bias)
+    key = ("depthwise", z1.device, z1.dtype, z1.shape, z1.stride(), out.shape, out.stride(), primary_bias is None,
+           cheap_bias is None, depthwise_bias is None, activation)
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _plans[key] = _Plan(_ghost_depthwise_rows3_kernel, rows_launch(out.shape[3]),
+                                   *depthwise_rows3_arguments(z1, *weights, out, activation))
+    _run(plan, _depthwise_tensors(z1, *weights, out))
+    return out
+
+
+def _depthwise_tensors(z1, primary_bias, cheap_weight, cheap_bias, depthwise_weight, depthwise_bias, out):
+    """_ghost_depthwise_rows3_kernel's tensor arguments, in order (z1 in an absent bias's place, never read)."""
+    return (z1, primary_bias if primary_bias is not None else z1, cheap_weight,
+            cheap_bias if cheap_bias is not None else z1, depthwise_weight,
+            depthwise_bias if depthwise_bias is not None else z1, out)
+
+
+def depthwise_rows3_arguments(z1, primary_bias, cheap_weight, cheap_bias, depthwise_weight, depthwise_bias, out,
+                              activation):
+    """(grid, positional arguments, constexpr keywords) of _ghost_depthwise_rows3_kernel (absent biases: None)."""
+    batch, init, ghost_height, ghost_width = z1.shape
+    out_channels, height, width = out.shape[1:]
+    rows, block_w = rows3_plan(height, width)
+    row_blocks, column_blocks = _cdiv(height, rows), _cdiv(width, block_w)
+    block_c = rows_launch(width)["block_c"]
+    channel_blocks = _cdiv(init, block_c)
+    align = _alignment(out.element_size(), _pixel_strides(z1, out))
+    channel_align = _alignment(out.element_size(), (init, out_channels - init))
+    args = (*_depthwise_tensors(z1, primary_bias, cheap_weight, cheap_bias, depthwise_weight, depthwise_bias, out),
+            ghost_height, ghost_width, height, width, init // channel_align, (out_channels - init) // channel_align,
+            *_aligned_strides(align, z1, out), rows, row_blocks, column_blocks, channel_blocks)
+    constants = dict(HAS_B1=primary_bias is not None, HAS_B2=cheap_bias is not None, HAS_BD=depthwise_bias is not None,
+                     RELU=activation == "relu", BLOCK_W=block_w, BLOCK_C=block_c, ALIGN=align,
+                     CHANNEL_ALIGN=channel_align, ACC=_accumulator(out.dtype))
+    return (batch * row_blocks * column_blocks * channel_blocks,), args, constants
+
+
 def takes_rows3(primary_dot, dw, gated):
     """Whether _launch's depthwise pass is _ghost_rows3_kernel (x1 from the library's z1, a 3 x 3
     cheap op, no gate) rather than the tap loop of _ghost_forward_kernel."""
@@ -886,7 +1058,7 @@ def backward_rows3_arguments(grad, out, cheap_weight, grad_z1, partials, activat
     init = grad_z1.shape[1]
     rows, block_w = rows3_plan(height, width)
     row_blocks, column_blocks = _cdiv(height, rows), _cdiv(width, block_w)
-    block_c = backward_rows3_launch(width)["block_c"]
+    block_c = rows_launch(width)["block_c"]
     channel_blocks = _cdiv(init, block_c)
     align = _alignment(out.element_size(), _pixel_strides(grad, out, grad_z1))
     channel_align = _alignment(out.element_size(), (init, out_channels - init))
@@ -969,11 +1141,12 @@ def takes_backward_rows3(dw, copies):
     return dw == 3 and copies == 1
 
 
-def backward_rows3_launch(width):
-    """Channels a program and warps of _ghost_backward_rows3_kernel: four elements of each of its
-    [BLOCK_W, BLOCK_C] tensors a thread (8-byte float16 accesses; 158-164 registers on sm_90, no
-    spills: bench/gpu_compile_check.py), 32 channels where a plane's rows are 8 columns or fewer
-    (with 16, GhostNet's 7 x 7 planes had one element a thread: 2-byte accesses)."""
+def rows_launch(width):
+    """Channels a program and warps of _ghost_backward_rows3_kernel and _ghost_depthwise_rows3_kernel
+    (`width`: their output's): four elements of each of their [BLOCK_W, BLOCK_C] tensors a thread
+    (8-byte float16 accesses; 158-164 registers on sm_90 for the backward, no spills:
+    bench/gpu_compile_check.py), 32 channels where a plane's rows are 8 columns or fewer (with 16,
+    GhostNet's 7 x 7 planes had one element a thread: 2-byte accesses)."""
     block_w = rows3_plan(1, width)[1]
     block_c = 32 if block_w <= 8 else 16
     return dict(block_c=block_c, num_warps=max(1, block_w * block_c // 128), num_stages=2)
@@ -1021,7 +1194,7 @@ def backward(grad, out, x, primary_weight, primary_bias, cheap_weight, cheap_bia
                 kernel_fn, arguments = _ghost_backward_rows3_kernel, backward_rows3_arguments(*tensors, activation)
             else:
                 kernel_fn, arguments = _ghost_backward_kernel, backward_arguments(*tensors, activation, tile_pixels)
-            plan = _plans[key] = _Plan(kernel_fn, backward_rows3_launch(width) if rows3 else BACKWARD_LAUNCH,
+            plan = _plans[key] = _Plan(kernel_fn, rows_launch(width) if rows3 else BACKWARD_LAUNCH,
                                        *arguments)
         _run(plan, tensors)
     grad_x, grad_w1, _ = torch.ops.aten.convolution_backward(

@@ -87,7 +87,8 @@ def test_forward_backward(case, dtype):
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[4]], ids=case_id)
 def test_float32(case):
-    """Forward and backward in float32 on every device: both layouts, both cheap-op paths, stride 2
+    """Forward and backward in float32 on every device: both layouts, the backward by rows and by the
+    tap loop, stride 2
     (on a GPU the dots run as TF32, GHOSTKERNELS_TF32)."""
     check(case, torch.float32)
 
@@ -346,6 +347,54 @@ def test_gated_forward(case, size, gate_size, dtype):
                                atol=tol * max(expected.abs().max().item(), 1.0))
 
 
+# (height, width, oup, activation, biases, dtype): the Ghost plane, its stride-2 conv's output is half
+# of it rounded up: several strips and a short last one (35 rows -> 18: 9 + 9), two column blocks
+# (70 columns -> 35: 32 + 3), planes of 8 columns and fewer (32 channels a program), a single row
+# and column, odd sizes (the last output column reads a padding column), odd oup, no biases.
+GHOST_DEPTHWISE_CASES = [(9, 11, 9, "relu", True, 0), (35, 70, 35, "relu", True, 0), (1, 1, 8, "none", False, 0),
+                         (4, 3, 7, "none", True, 0), (9, 11, 9, "relu", True, 2)]
+
+
+@pytest.mark.parametrize("case", GHOST_DEPTHWISE_CASES, ids=str)
+def test_ghost_depthwise_rows(case):
+    """ghost_module_depthwise's GhostNet case (triton_ghost.forward_depthwise: the Ghost rows fed
+    straight into the stride-2 conv) against the Ghost op's reference, then the conv."""
+    height, width, oup, act, bias, dtype_index = case
+    dtype = DTYPES[dtype_index]
+    x = make_input(2, 4, height, width, channels_last=True, dtype=dtype).to(DEVICE)
+    weights = [w.to(DEVICE) if w is not None else None for w in make_weights(4, oup, 2, 3, dtype=dtype, bias=bias)]
+    conv_weight = (torch.randn(oup, 1, 3, 3, dtype=dtype) / 3).to(DEVICE)
+    conv_bias = torch.randn(oup, dtype=dtype).to(DEVICE) if bias else None
+    assert triton_ghost.takes_depthwise_rows3(x, weights[0], weights[2], conv_weight, 1, 2)
+    out = triton_ghost.forward_depthwise(x, *weights, oup, act, conv_weight, conv_bias)
+    as_double = [t.double() if t is not None else None for t in (x, *weights, conv_weight, conv_bias)]
+    ghost = ghost_module_reference(*as_double[:5], out_channels=oup, activation=act)
+    expected = torch.nn.functional.conv2d(ghost.to(dtype).double(), as_double[5], as_double[6], 2, 1, groups=oup)
+    assert out.shape == expected.shape and out.is_contiguous(memory_format=torch.channels_last)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol * max(expected.abs().max().item(), 1.0))
+
+
+def test_ghost_depthwise_op_takes_the_kernel_where_it_applies():
+    """The op's CUDA kernel (on the interpreter's CPU tensors here): the fused kernel for GhostNet's
+    case, the Ghost op then the library conv for a 5 x 5 or stride-1 conv, an NCHW input, ratio 3."""
+    from ghostkernels import ghost_depthwise
+
+    dtype = DTYPES[0]
+    for cl, ratio, k, conv_stride in ((True, 2, 3, 2), (True, 2, 5, 2), (True, 2, 3, 1), (False, 2, 3, 2),
+                                      (True, 3, 3, 2)):
+        x = make_input(2, 4, 7, 8, channels_last=cl, dtype=dtype).to(DEVICE)
+        weights = [w.to(DEVICE) for w in make_weights(4, 9, ratio, 3, dtype=dtype)]
+        conv = [(torch.randn(9, 1, k, k, dtype=dtype) / k).to(DEVICE), torch.randn(9, dtype=dtype).to(DEVICE)]
+        out = ghost_depthwise._cuda(x, *weights, 9, 1, "relu", *conv, conv_stride)
+        ghost = ghost_module_reference(x, *weights, out_channels=9)
+        expected = torch.nn.functional.conv2d(ghost, *conv, conv_stride, k // 2, groups=9)
+        assert triton_ghost.takes_depthwise_rows3(x, weights[0], weights[2], conv[0], 1, conv_stride) == \
+            (cl and ratio == 2 and k == 3 and conv_stride == 2)
+        assert out.shape == expected.shape
+        torch.testing.assert_close(out, expected, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
+
+
 # (route, ratio, dw, primary kernel, activation, channels_last, scaled, gated): the residual added in
 # the stores of the rows kernel (library route, 3x3; a k x k primary), of the tap loop on the library
 # route (5x5) and on the kernel route (NCHW too), with the SE gate's scale, with an attention gate.
@@ -444,7 +493,7 @@ def test_kernels_compile_for_hopper():
                           cwd=BENCH, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     usage = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(usage) == 14 and all(u["REG"] > 0 for u in usage.values()), usage
+    assert len(usage) == 15 and all(u["REG"] > 0 for u in usage.values()), usage
     # Accesses along channels vectorise: 60 intrinsic channels in float16 allow 8-byte vectors, 960
     # allow 16 (the channel masks once kept every float16 access at 2 bytes).
     for name, widest in (("forward library torch.float16", 8), ("forward library residual torch.float16", 8),
