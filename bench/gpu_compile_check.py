@@ -9,7 +9,8 @@ we can see what a GPU would run: whether every variant compiles (float64 include
 registers a thread takes (255 is the cap; beyond it ptxas spills to local memory, "stack"),
 and how long compilation takes, the first call's cost. Variants: the forward of every
 GhostNet 1.0x shape with the heuristic config (float16; bfloat16 compiles the same), the
-tuning candidates of two shapes, float64, ratio 3, NCHW, gated, the backward and G-GhostNet's
+tuning candidates of two shapes, float64, ratio 3, NCHW, gated, the residual added in the stores,
+ghost1 fused with its stride-2 conv, the backward (by rows and by the tap loop), G-GhostNet's
 cheap op and the SE gate. Each is specialised as a real launch of that shape would be (`compile_launch`).
 """
 

@@ -316,6 +316,13 @@ def test_cuda_op_autograd_and_compile():
     se = [torch.randn(4, 16, 1, 1), torch.randn(4), torch.randn(16, 4, 1, 1), torch.randn(16)]
     se = [t.to("cuda", torch.float16).requires_grad_() for t in se]
     torch.library.opcheck(torch.ops.ghostkernels.squeeze_excite_gate.default, (x, *se))
+    # the fused ghost1 + stride-2 conv and the residual in the stores, as the CUDA kernels run them
+    conv = [t.to("cuda", torch.float16).requires_grad_() for t in (torch.randn(32, 1, 3, 3) / 3, torch.randn(32))]
+    torch.library.opcheck(torch.ops.ghostkernels.ghost_module_depthwise.default,
+                          (x, *weights, 32, 1, "relu", *conv, 2))
+    residual = torch.randn_like(out).requires_grad_()
+    torch.library.opcheck(torch.ops.ghostkernels.ghost_module_residual.default,
+                          (x, None, *weights, 32, 1, "relu", residual))
     module = ghostkernels.GhostModule(16, 32).cuda().half().eval()
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(module, fullgraph=True)(x), module(x), rtol=1e-2, atol=1e-2)
