@@ -17,7 +17,10 @@ op; the centre tap's x1 is the tile's own and is written to out[:, :init]. x1 co
   itself and rewritten activated in place saved the buffer, but cuBLAS wrote those strided rows
   at half speed on an H200, and addmm put the bias in as a copy of its own.)
 Each output element is written once; on the library route z1 is one extra write and read. A
-design that kept x1 with its halo in registers and made the taps tl.gather of it spilled
+residual (ghost_module_residual: a bottleneck's ghost2 and its shortcut) is added as the kernels
+store. ghost_module_depthwise with GhostNet's 3 x 3 stride-2 conv after ghost1 is one more rows
+kernel, _ghost_depthwise_rows3_kernel, which feeds the Ghost rows into that conv and never writes
+them. A design that kept x1 with its halo in registers and made the taps tl.gather of it spilled
 registers in every configuration but the smallest (ptxas for sm_90: 255 registers and 0.3-7 KB
 of stack a thread), and was replaced by this one.
 Ghost channels the slice drops are never computed. Block sizes and the route come from a table
