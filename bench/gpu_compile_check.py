@@ -117,10 +117,10 @@ def compile_forward(inp, oup, size, config, dtype=torch.float16, arch=90, ratio=
     z1 = torch.empty(1, init, size, size, dtype=dtype).to(memory_format=fmt)
     activation = "relu" if relu else "none"
     kernel = triton_ghost._ghost_forward_kernel
-    if triton_ghost.takes_rows3(not library, dw, gated):  # what _launch runs there: the 3 x 3 pass over z1
+    if triton_ghost.takes_rows3(not library, dw):  # what _launch runs there: the 3 x 3 pass over z1
         kernel = triton_ghost._ghost_rows3_kernel
         _, args, constants = triton_ghost.rows3_arguments(z1, b1, w2, b2, out, activation, config,
-                                                          torch.empty_like(out) if residual else None)
+                                                          torch.empty_like(out) if residual else None, gate)
     else:
         _, args, constants = triton_ghost.launch_arguments(
             z1 if library else x, not library, w1, b1, w2, b2, out, activation, 1,
@@ -312,6 +312,10 @@ def main():
              *compile_forward(24, 36, 28, config, arch=args.arch, channels_last=False)))
     emit(row("forward 24->36@28 float16 gated", config,
              *compile_forward(24, 36, 28, config, arch=args.arch, gated=True)))
+    for inp, oup, size in ((16, 48, 112), (112, 672, 14)):  # GhostNetV2's gated ghost1s on the library route
+        config = dict(triton_ghost.heuristic_config(inp, oup // 2, torch.float16, True), primary="library")
+        emit(row(f"forward {shape_name(inp, oup, size)} float16 gated (library)", config,
+                 *compile_forward(inp, oup, size, config, arch=args.arch, gated=True)))
     emit(row("forward 24->36@28 float16 scaled (SE gate)", config,
              *compile_forward(24, 36, 28, config, arch=args.arch, scaled=True)))
     emit(row("forward 24->36@28 float16 scaled + residual", config,

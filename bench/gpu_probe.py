@@ -11,7 +11,8 @@ buffer of its own; and, for comparison, addmm into the output's first channels, 
 tap-loop depthwise pass alone over the GEMM's z1 with the 3x3 op and with a 1x1 one (what the
 taps cost), the 3x3 pass that replaced it (_ghost_rows3_kernel), cuDNN's depthwise conv alone,
 ghost1 with a 3x3 stride-2 conv after it (the Ghost op then cuDNN, and fused:
-_ghost_depthwise_rows3_kernel), and the bytes each must move over the copy bandwidth. Then the backward's stages (its kernel by
+_ghost_depthwise_rows3_kernel), GhostNetV2's gated op on either route, and the bytes each must
+move over the copy bandwidth. Then the backward's stages (its kernel by
 rows and by the tap loop, the library's conv backward, the whole backward) and fwd+bwd by autograd,
 eager against fused, also from CUDA graphs; both routes at batch 1 and 32 by GPU time (what a captured
 model runs); block sizes of the 3x3 pass; and at
@@ -36,6 +37,7 @@ from gpu_report import check, copy_bandwidth, float32_reference, masked_referenc
 from host_path import per_call_us  # noqa: E402
 
 from ghostkernels import ghost_module, ghost_module_reference, triton_ghost  # noqa: E402
+from ghostkernels.reference import ghost_module_gated_reference  # noqa: E402
 
 SHAPES = [(16, 48, 112), (24, 72, 56), (40, 240, 28), (112, 672, 14), (960, 160, 7)]
 # (block_c, num_warps) of the library route's 3 x 3 pass (_ghost_rows3_kernel)
@@ -95,8 +97,9 @@ def make_probe_case(inp, oup, size, batch, dtype, device, rotate=4):
         sets.append({"x": xi, "out": out, "x1": x1, "z1": triton_ghost.library_primary(xi, weights[0])})
     heuristic = triton_ghost.heuristic_config(inp, init, dtype, True, True)
     conv = [torch.randn(oup, 1, 3, 3, device=device, dtype=dtype) / 3, torch.randn(oup, device=device, dtype=dtype)]
+    gate = torch.randn(batch, oup, (size + 1) // 2, (size + 1) // 2, device=device, dtype=dtype)  # GhostNetV2's
     return {"module": module, "x": x, "weights": weights, "init": init, "sets": sets, "heuristic": heuristic,
-            "cheap_1x1": weights[2][:, :, 1:2, 1:2].contiguous(), "oup": oup, "conv": conv}
+            "cheap_1x1": weights[2][:, :, 1:2, 1:2].contiguous(), "oup": oup, "conv": conv, "gate": gate}
 
 
 def ghost_depthwise_fused(case, warps=1):
@@ -147,6 +150,9 @@ def stages(case):
                                                    *case["conv"], 2, 1, groups=oup),
         "ghost+dw s2 fused": ghost_depthwise_fused(case),
         "ghost+dw s2 fused 2x warps": ghost_depthwise_fused(case, 2),
+        # GhostNetV2's gated Ghost op on either route (the library one now takes the rows kernel)
+        "gated library": lambda s: triton_ghost.forward(s["x"], *weights, oup, 1, "relu", gate=case["gate"], config=lib),
+        "gated kernel": lambda s: triton_ghost.forward(s["x"], *weights, oup, 1, "relu", gate=case["gate"], config=ker),
     }
 
 
@@ -227,6 +233,7 @@ def stage_bytes(case, name):
         "cudnn dw k3": 2 * init * pixels * e,
         "ghost+dw s2 composed": (inp + oup // 4) * pixels * e, "ghost+dw s2 fused": (inp + oup // 4) * pixels * e,
         "ghost+dw s2 fused 2x warps": (inp + oup // 4) * pixels * e,
+        "gated library": (inp + oup + oup // 4) * pixels * e, "gated kernel": (inp + oup + oup // 4) * pixels * e,
         # backward: grad and the output read, gz1 written (the kernel); gz1 and x read, grad x written
         # (the library's conv backward); fwd+bwd adds the forward's x read and output written
         "bwd kernel rows": (2 * oup + init) * pixels * e, "bwd kernel taps": (2 * oup + init) * pixels * e,
@@ -244,6 +251,12 @@ def parity(case):
         torch.full((2**26,), float("nan"), device=x.device)
         out = triton_ghost.forward(x, *weights, oup, 1, "relu", config=dict(case["heuristic"], primary=primary))
         check(out, expected, x.dtype, f"fused {primary} {tuple(x.shape)}")
+    gated = ghost_module_gated_reference(x.float(), *(w.float() for w in weights), case["gate"].float(),
+                                         out_channels=oup)
+    for primary in ("library", "kernel"):
+        out = triton_ghost.forward(x, *weights, oup, 1, "relu", gate=case["gate"],
+                                   config=dict(case["heuristic"], primary=primary))
+        check(out, gated, x.dtype, f"gated {primary} {tuple(x.shape)}")
     conv_expected = F.conv2d(expected.to(x.dtype).float(), *(t.float() for t in case["conv"]), 2, 1, groups=oup)
     for warps in (1, 2):
         check(ghost_depthwise_fused(case, warps)(case["sets"][0]), conv_expected, x.dtype,

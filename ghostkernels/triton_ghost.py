@@ -11,7 +11,7 @@ op; the centre tap's x1 is the tile's own and is written to out[:, :init]. x1 co
 - the library (PRIMARY_DOT=False): for large primary convs cuBLAS writes z1 = W1 x (no bias)
   into a channels_last buffer of its own, which the kernel reads back, adding the bias and
   activating as it loads. A k x k primary conv takes this route too, from the library conv's
-  output. With a 3 x 3 cheap op (GhostNet's) and no gate, _ghost_rows3_kernel does this pass
+  output. With a 3 x 3 cheap op (GhostNet's), _ghost_rows3_kernel does this pass
   instead of the tap loop: strips of rows, three loads an x1 row (bench/results/NVIDIA-H200-2026-12-04.md,
   second session: 1.4-2.0x faster than the tap loop at batch 256). (z1 written into out[..., :init]
   itself and rewritten activated in place saved the buffer, but cuBLAS wrote those strided rows
@@ -212,11 +212,12 @@ def _store_output(out_ptr, residual_ptr, at, value, mask, RESIDUAL: tl.constexpr
 @triton.jit(do_not_specialize=["HO", "WO", "INIT", "KEEP", "ROWS", "row_blocks", "column_blocks",
                                "channel_blocks"])
 def _ghost_rows3_kernel(
-    z1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr, residual_ptr,
+    z1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr, residual_ptr, gate_ptr,
     HO, WO, INIT, KEEP, COPIES,
     szn, szc, szh, szw, son, soc, soh, sow,
+    GH, GW, scale_h, scale_w, sgn, sgc, sgh, sgw,
     ROWS, row_blocks, column_blocks, channel_blocks,
-    HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, RELU: tl.constexpr, RESIDUAL: tl.constexpr,
+    HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, RELU: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr,
     BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, ALIGN: tl.constexpr, CHANNEL_ALIGN: tl.constexpr,
     ACC: tl.constexpr,
 ):
@@ -251,12 +252,19 @@ def _ghost_rows3_kernel(
         # program-dependent scalar and a vector
         if row >= first:
             if row <= last:
-                _store_output(out_ptr, residual_ptr, x1_at + row * soh, x1_mid, store_x1, RESIDUAL, ACC)
+                x1_value = x1_mid
+                if GATED:  # GhostNetV2's attention, as the tap loop applies it
+                    x1_value *= _gate(gate_ptr, n, c, tl.zeros([BLOCK_W], dtype=tl.int32) + row, w, store_x1, GH, GW,
+                                      scale_h, scale_w, sgn, sgc, sgh, sgw, ACC)
+                _store_output(out_ptr, residual_ptr, x1_at + row * soh, x1_value, store_x1, RESIDUAL, ACC)
         # the row above is complete once its last weight row meets this x1 row
         done = above + x1_left * w20[None, :] + x1_mid * w21[None, :] + x1_right * w22[None, :]
         if row > first:
-            _store_output(out_ptr, residual_ptr, ghost_at + (row - 1) * soh, _activate(done, RELU), store_ghost,
-                          RESIDUAL, ACC)
+            ghost_value = _activate(done, RELU)
+            if GATED:
+                ghost_value *= _gate(gate_ptr, n, INIT + j, tl.zeros([BLOCK_W], dtype=tl.int32) + (row - 1), w,
+                                     store_ghost, GH, GW, scale_h, scale_w, sgn, sgc, sgh, sgw, ACC)
+            _store_output(out_ptr, residual_ptr, ghost_at + (row - 1) * soh, ghost_value, store_ghost, RESIDUAL, ACC)
         above = at + x1_left * w10[None, :] + x1_mid * w11[None, :] + x1_right * w12[None, :]
         at = ghost_bias[None, :] + x1_left * w00[None, :] + x1_mid * w01[None, :] + x1_right * w02[None, :]
 
@@ -755,6 +763,13 @@ def shape_key(inp, init, ghosts, out_channels, height, width, kernel, dw, stride
 
 
 @functools.lru_cache(maxsize=None)
+def _gate_arguments(gate, height, width):
+    """The kernels' gate arguments for an output of height x width: the gate's size, F.interpolate's
+    scales, its strides."""
+    return (*gate.shape[2:], _nearest_scale(gate.shape[2], height), _nearest_scale(gate.shape[3], width),
+            *gate.stride())
+
+
 def _nearest_scale(source, size):
     """float32(source) / size rounded once to float32, the scale F.interpolate's nearest mode
     uses (the float64 quotient of two integers < 2**24 rounds to the same float32)."""
@@ -814,7 +829,7 @@ def forward(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_chann
     gated = gate is not None
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and out.is_contiguous(
         memory_format=torch.channels_last)
-    library_ok = kernel == 1 and stride == 1 and channels_last and not gated
+    library_ok = kernel == 1 and stride == 1 and channels_last
     run = functools.partial(_launch, x, primary_weight, primary_bias, cheap_weight, cheap_bias, out, activation,
                             stride, gate, scale, fused_residual)
     if config is None:
@@ -826,8 +841,8 @@ def forward(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_chann
             config = _chosen_configs[(x.device, shape, large)] = _choose_config(x.device, shape, library_ok, large,
                                                                                  run)
     elif config["primary"] == "library" and not library_ok:
-        raise ValueError("triton_ghost.forward: the library primary needs a 1x1, stride-1 primary conv, "
-                         "channels_last x and no gate")
+        raise ValueError("triton_ghost.forward: the library primary needs a 1x1, stride-1 primary conv and "
+                         "channels_last x")
     run(config)
     return out if residual is None or fused_residual is not None else out.add_(residual)
 
@@ -863,7 +878,7 @@ def _launch(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out, acti
         primary_dot, scale = False, None
     elif config["primary"] == "library":
         source, primary_dot, scale = library_primary(x, primary_weight, scale), False, None
-    rows3 = takes_rows3(primary_dot, cheap_weight.shape[-1], gate is not None)
+    rows3 = takes_rows3(primary_dot, cheap_weight.shape[-1])
     # everything the launch's arguments are made of but the tensors' data (which the plan's
     # compiled kernels also key on: _run)
     key = (primary_dot, source.device, source.dtype, source.shape, source.stride(), out.shape, out.stride(),
@@ -874,14 +889,14 @@ def _launch(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out, acti
     if plan is None:
         if rows3:
             kernel, arguments = _ghost_rows3_kernel, rows3_arguments(source, primary_bias, cheap_weight, cheap_bias,
-                                                                     out, activation, config, residual)
+                                                                     out, activation, config, residual, gate)
         else:
             kernel, arguments = _ghost_forward_kernel, launch_arguments(
                 source, primary_dot, primary_weight, primary_bias, cheap_weight, cheap_bias, out, activation, stride,
                 gate, config, x.dtype, scale, residual)
         plan = _plans[key] = _Plan(kernel, config, *arguments)
     if rows3:
-        _run(plan, _rows3_tensors(source, primary_bias, cheap_weight, cheap_bias, out, residual))
+        _run(plan, _rows3_tensors(source, primary_bias, cheap_weight, cheap_bias, out, residual, gate))
     else:
         _run(plan, _forward_tensors(source, scale, primary_weight, primary_bias, cheap_weight, cheap_bias, gate, out,
                                     residual))
@@ -944,10 +959,10 @@ def depthwise_rows3_arguments(z1, primary_bias, cheap_weight, cheap_bias, depthw
     return (batch * row_blocks * column_blocks * channel_blocks,), args, constants
 
 
-def takes_rows3(primary_dot, dw, gated):
+def takes_rows3(primary_dot, dw):
     """Whether _launch's depthwise pass is _ghost_rows3_kernel (x1 from the library's z1, a 3 x 3
-    cheap op, no gate) rather than the tap loop of _ghost_forward_kernel."""
-    return not primary_dot and dw == 3 and not gated
+    cheap op) rather than the tap loop of _ghost_forward_kernel."""
+    return not primary_dot and dw == 3
 
 
 # Triton versions whose compiled kernels _run launches itself (CompiledKernel[grid](*every argument)),
@@ -994,15 +1009,17 @@ def rows3_plan(height, width):
     return _cdiv(height, strips), min(32, triton.next_power_of_2(width))
 
 
-def _rows3_tensors(z1, primary_bias, cheap_weight, cheap_bias, out, residual):
+def _rows3_tensors(z1, primary_bias, cheap_weight, cheap_bias, out, residual, gate):
     """_ghost_rows3_kernel's tensor arguments, in order (z1 or out in an absent one's place, never read)."""
     return (z1, primary_bias if primary_bias is not None else z1, cheap_weight,
-            cheap_bias if cheap_bias is not None else z1, out, residual if residual is not None else out)
+            cheap_bias if cheap_bias is not None else z1, out, residual if residual is not None else out,
+            gate if gate is not None else out)
 
 
-def rows3_arguments(z1, primary_bias, cheap_weight, cheap_bias, out, activation, config, residual=None):
+def rows3_arguments(z1, primary_bias, cheap_weight, cheap_bias, out, activation, config, residual=None, gate=None):
     """(grid, positional arguments, constexpr keywords) of _ghost_rows3_kernel, the 3 x 3 pass
-    over the library's z1 (residual: added to the output as it is stored; out's strides)."""
+    over the library's z1 (residual: added to the output as it is stored, out's strides; gate:
+    attention logits, as forward's)."""
     batch, init = z1.shape[:2]
     ghosts = cheap_weight.shape[0]
     out_channels, height, width = out.shape[1:]
@@ -1014,13 +1031,14 @@ def rows3_arguments(z1, primary_bias, cheap_weight, cheap_bias, out, activation,
     szn, szc, szh, szw = z1.stride()
     son, soc, soh, sow = out.stride()
     args = (
-        *_rows3_tensors(z1, primary_bias, cheap_weight, cheap_bias, out, residual),
+        *_rows3_tensors(z1, primary_bias, cheap_weight, cheap_bias, out, residual, gate),
         height, width, init // channel_align, (out_channels - init) // channel_align, ghosts // init,
         szn // align, szc, szh // align, szw // align, son // align, soc, soh // align, sow // align,
+        *_gate_arguments(gate if gate is not None else out, height, width),
         rows, row_blocks, column_blocks, channel_blocks,
     )
     constants = dict(HAS_B1=primary_bias is not None, HAS_B2=cheap_bias is not None, RELU=activation == "relu",
-                     RESIDUAL=residual is not None, BLOCK_W=block_w, BLOCK_C=config["block_c"], ALIGN=align, CHANNEL_ALIGN=channel_align,
+                     RESIDUAL=residual is not None, GATED=gate is not None, BLOCK_W=block_w, BLOCK_C=config["block_c"], ALIGN=align, CHANNEL_ALIGN=channel_align,
                      ACC=_accumulator(out.dtype))
     return (batch * row_blocks * column_blocks * channel_blocks,), args, constants
 
@@ -1112,8 +1130,7 @@ def launch_arguments(source, primary_dot, primary_weight, primary_bias, cheap_we
         inp // channel_align, height, width, init // channel_align, (out_channels - init) // channel_align,
         ghosts // init, stride, sxn // align, sxc, sxh // align, sxw // align,
         primary_weight.stride(0) // channel_align, son // align, soc, soh // align, sow // align,
-        *gate.shape[2:], _nearest_scale(gate.shape[2], height), _nearest_scale(gate.shape[3], width), *gate.stride(),
-        tile_h, tile_w, _cdiv(height, tile_h), _cdiv(width, tile_w), channel_blocks,
+        *_gate_arguments(gate, height, width), tile_h, tile_w, _cdiv(height, tile_h), _cdiv(width, tile_w), channel_blocks,
     )
     constants = dict(
         DW=cheap_weight.shape[-1], PRIMARY_DOT=primary_dot,

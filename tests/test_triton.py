@@ -354,6 +354,31 @@ def test_gated_forward(case, size, gate_size, dtype):
                                atol=tol * max(expected.abs().max().item(), 1.0))
 
 
+# (ratio, dw, activation, oup, size, gate size) on the library route: the rows kernel (several strips
+# and column blocks in the last), the tap loop (5 x 5), 1 x 1 and odd gates.
+GATED_LIBRARY_CASES = [(2, 3, "relu", 9, (9, 11), (4, 5)), (3, 5, "none", 10, (7, 8), (1, 1)),
+                       (2, 3, "relu", 35, (35, 37), (17, 18))]
+
+
+@pytest.mark.parametrize("dtype", [DTYPES[0], DTYPES[2]], ids=str)
+@pytest.mark.parametrize("case", GATED_LIBRARY_CASES, ids=str)
+def test_gated_library_route(case, dtype):
+    """GhostNetV2's gated Ghost op with x1 from the library GEMM, the gate applied in the rows kernel's
+    stores as in the tap loop's."""
+    ratio, dw, act, oup, size, gate_size = case
+    x = make_input(2, 6, *size, channels_last=True, dtype=dtype).to(DEVICE)
+    weights = [w.to(DEVICE) for w in make_weights(6, oup, ratio, dw, dtype=dtype)]
+    gate = torch.randn(2, oup, *gate_size, dtype=dtype, device=DEVICE)
+    init = weights[0].shape[0]
+    config = dict(triton_ghost.heuristic_config(6, init * (ratio - 1), dtype, True), primary="library")
+    out = triton_ghost.forward(x, *weights, oup, 1, act, gate=gate, config=config)
+    expected = ghost_module_gated_reference(*(t.double() for t in (x, *weights, gate)), out_channels=oup,
+                                            activation=act)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.double(), expected.to(out.device), rtol=tol,
+                               atol=tol * max(expected.abs().max().item(), 1.0))
+
+
 # (height, width, oup, activation, biases, dtype): the Ghost plane, its stride-2 conv's output is half
 # of it rounded up: several strips and a short last one (35 rows -> 18: 9 + 9), two column blocks
 # (70 columns -> 35: 32 + 3), planes of 8 columns and fewer (32 channels a program), a single row
