@@ -1143,8 +1143,8 @@ def launch_arguments(source, primary_dot, primary_weight, primary_bias, cheap_we
     return (batch * tiles * channel_blocks,), args, constants
 
 
-# The backward's channels a program; with 128-pixel tiles and 4 warps, 136 registers a thread on
-# sm_90 and no spills (256 x 32 spilled: bench/gpu_compile_check.py).
+# The tap-loop backward's channels a program; with 128-pixel tiles and 4 warps, 110-128 registers a
+# thread on sm_90 and no spills (256 x 32 spilled: bench/gpu_compile_check.py).
 BACKWARD_BLOCK_C = 16
 
 
