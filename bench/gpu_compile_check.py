@@ -170,8 +170,8 @@ def compile_ghost_depthwise(inp, oup, size, dtype=torch.float16, arch=90):
     out = torch.empty(1, oup, (size - 1) // 2 + 1, (size - 1) // 2 + 1, dtype=dtype).to(memory_format=fmt)
     b1, w2, b2 = torch.empty(init, dtype=dtype), torch.empty(init, 1, 3, 3, dtype=dtype), torch.empty(init, dtype=dtype)
     wd, bd = torch.empty(oup, 1, 3, 3, dtype=dtype), torch.empty(oup, dtype=dtype)
-    _, args, constants = triton_ghost.depthwise_rows3_arguments(z1, b1, w2, b2, wd, bd, out, "relu")
     launch = triton_ghost.rows_launch(out.shape[3])
+    _, args, constants = triton_ghost.depthwise_rows3_arguments(z1, b1, w2, b2, wd, bd, out, "relu", launch["block_c"])
     seconds, kernel = compile_launch(triton_ghost._ghost_depthwise_rows3_kernel, args, constants, arch,
                                      launch["num_warps"], launch["num_stages"])
     return seconds, resource_usage(kernel)

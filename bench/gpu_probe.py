@@ -105,26 +105,10 @@ def make_probe_case(inp, oup, size, batch, dtype, device, rotate=4):
 def ghost_depthwise_fused(case, warps=1):
     """ghost_module_depthwise's fused path (triton_ghost.forward_depthwise) with the 3 x 3 stride-2
     conv; warps: a multiple of rows_launch's warps (fewer elements and registers a thread)."""
-    weights, oup, conv = case["weights"], case["oup"], case["conv"]
-    if warps == 1:
-        return lambda s: triton_ghost.forward_depthwise(s["x"], *weights, oup, "relu", *conv)
-    plans = {}
-
-    def run(s):
-        x = s["x"]
-        out = torch.empty((x.shape[0], oup, (x.shape[2] - 1) // 2 + 1, (x.shape[3] - 1) // 2 + 1), dtype=x.dtype,
-                          device=x.device, memory_format=torch.channels_last)
-        z1 = triton_ghost.library_primary(x, weights[0])
-        if "plan" not in plans:
-            launch = triton_ghost.rows_launch(out.shape[3])
-            launch = dict(launch, num_warps=launch["num_warps"] * warps)
-            plans["plan"] = triton_ghost._Plan(triton_ghost._ghost_depthwise_rows3_kernel, launch,
-                                               *triton_ghost.depthwise_rows3_arguments(z1, weights[1], weights[2],
-                                                                                       weights[3], *conv, out, "relu"))
-        triton_ghost._run(plans["plan"], triton_ghost._depthwise_tensors(z1, weights[1], weights[2], weights[3],
-                                                                         *conv, out))
-        return out
-    return run
+    weights, oup, conv, x = case["weights"], case["oup"], case["conv"], case["x"]
+    launch = triton_ghost.rows_launch((x.shape[3] - 1) // 2 + 1)
+    launch = dict(launch, num_warps=launch["num_warps"] * warps)
+    return lambda s: triton_ghost.forward_depthwise(s["x"], *weights, oup, "relu", *conv, launch=launch)
 
 
 def stages(case):

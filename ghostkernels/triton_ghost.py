@@ -291,12 +291,8 @@ def _ghost_depthwise_rows3_kernel(
     INIT, KEEP = INIT * CHANNEL_ALIGN, KEEP * CHANNEL_ALIGN
     szn, szh, szw = szn * ALIGN, szh * ALIGN, szw * ALIGN
     son, soh, sow = son * ALIGN, soh * ALIGN, sow * ALIGN
-    program = tl.program_id(0)
-    tile = program // channel_blocks
-    c = program % channel_blocks * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < INIT
-    ghost_ok = c < KEEP  # ghost channel INIT + c, which the output's slice may drop
-    n, first, last, w, w_ok, _, _ = _strip(tile, row_blocks, column_blocks, ROWS, HO, WO, BLOCK_W)
+    _, n, first, last, w, w_ok, _, _, c, c_ok, ghost_ok = _ratio2_program(
+        row_blocks, column_blocks, channel_blocks, ROWS, HO, WO, INIT, KEEP, BLOCK_W, BLOCK_C)
     # the Ghost plane's columns 2w + g in the plane (zero padding of both convs elsewhere)
     q = 2 * w
     in_m2 = w_ok & (q >= 2) & (q - 2 < WG)
@@ -389,6 +385,19 @@ def _strip(tile, row_blocks, column_blocks, ROWS, HO, WO, BLOCK_W: tl.constexpr)
     last = tl.minimum(first + ROWS, HO) - 1
     w = tile % column_blocks * BLOCK_W + tl.arange(0, BLOCK_W)
     return n, first, last, w, w < WO, (w >= 1) & (w <= WO), w + 1 < WO
+
+
+@triton.jit
+def _ratio2_program(row_blocks, column_blocks, channel_blocks, ROWS, HO, WO, INIT, KEEP, BLOCK_W: tl.constexpr,
+                    BLOCK_C: tl.constexpr):
+    """This program's tile (image, strip, column block), _strip's values for it, then its BLOCK_C
+    intrinsic channels c (the block varies fastest over programs) and their masks: c an x1 channel,
+    INIT + c a ghost channel the output's slice keeps. For the ratio-2 rows kernels."""
+    program = tl.program_id(0)
+    tile = program // channel_blocks
+    c = program % channel_blocks * BLOCK_C + tl.arange(0, BLOCK_C)
+    n, first, last, w, w_ok, left, right = _strip(tile, row_blocks, column_blocks, ROWS, HO, WO, BLOCK_W)
+    return tile, n, first, last, w, w_ok, left, right, c, c < INIT, c < KEEP
 
 
 @triton.jit
@@ -519,12 +528,8 @@ def _ghost_backward_rows3_kernel(
     sgn, sgh, sgw = sgn * ALIGN, sgh * ALIGN, sgw * ALIGN
     son, soh, sow = son * ALIGN, soh * ALIGN, sow * ALIGN
     szn, szh, szw = szn * ALIGN, szh * ALIGN, szw * ALIGN
-    program = tl.program_id(0)
-    tile = program // channel_blocks
-    c = program % channel_blocks * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < INIT
-    ghost_ok = c < KEEP  # ghost channel INIT + c, which the output's slice may drop
-    n, first, last, w, w_ok, left, right = _strip(tile, row_blocks, column_blocks, ROWS, HO, WO, BLOCK_W)
+    tile, n, first, last, w, w_ok, left, right, c, c_ok, ghost_ok = _ratio2_program(
+        row_blocks, column_blocks, channel_blocks, ROWS, HO, WO, INIT, KEEP, BLOCK_W, BLOCK_C)
     w00, w01, w02 = _taps(w2_ptr, c, 0, ghost_ok, ACC)
     w10, w11, w12 = _taps(w2_ptr, c, 1, ghost_ok, ACC)
     w20, w21, w22 = _taps(w2_ptr, c, 2, ghost_ok, ACC)
@@ -912,9 +917,10 @@ def takes_depthwise_rows3(x, primary_weight, cheap_weight, depthwise_weight, str
 
 
 def forward_depthwise(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, activation,
-                      depthwise_weight, depthwise_bias):
+                      depthwise_weight, depthwise_bias, launch=None):
     """ghost_module_depthwise where takes_depthwise_rows3: z1 from the library (no bias), then
-    _ghost_depthwise_rows3_kernel, which never writes the Ghost output. Arguments already checked."""
+    _ghost_depthwise_rows3_kernel, which never writes the Ghost output. Arguments already checked.
+    launch: block_c / num_warps / num_stages to use instead of rows_launch's (bench/gpu_probe.py)."""
     batch, _, height, width = x.shape
     out = torch.empty((batch, out_channels, (height - 1) // 2 + 1, (width - 1) // 2 + 1), dtype=x.dtype,
                       device=x.device, memory_format=torch.channels_last)
@@ -923,11 +929,12 @@ def forward_depthwise(x, primary_weight, primary_bias, cheap_weight, cheap_bias,
     z1 = library_primary(x, primary_weight)
     weights = (primary_bias, cheap_weight.contiguous(), cheap_bias, depthwise_weight.contiguous(), depthwise_bias)
     key = ("depthwise", z1.device, z1.dtype, z1.shape, z1.stride(), out.shape, out.stride(), primary_bias is None,
-           cheap_bias is None, depthwise_bias is None, activation)
+           cheap_bias is None, depthwise_bias is None, activation, None if launch is None else tuple(launch.items()))
     plan = _plans.get(key)
     if plan is None:
-        plan = _plans[key] = _Plan(_ghost_depthwise_rows3_kernel, rows_launch(out.shape[3]),
-                                   *depthwise_rows3_arguments(z1, *weights, out, activation))
+        launch = launch or rows_launch(out.shape[3])
+        plan = _plans[key] = _Plan(_ghost_depthwise_rows3_kernel, launch,
+                                   *depthwise_rows3_arguments(z1, *weights, out, activation, launch["block_c"]))
     _run(plan, _depthwise_tensors(z1, *weights, out))
     return out
 
@@ -940,13 +947,12 @@ def _depthwise_tensors(z1, primary_bias, cheap_weight, cheap_bias, depthwise_wei
 
 
 def depthwise_rows3_arguments(z1, primary_bias, cheap_weight, cheap_bias, depthwise_weight, depthwise_bias, out,
-                              activation):
+                              activation, block_c):
     """(grid, positional arguments, constexpr keywords) of _ghost_depthwise_rows3_kernel (absent biases: None)."""
     batch, init, ghost_height, ghost_width = z1.shape
     out_channels, height, width = out.shape[1:]
     rows, block_w = rows3_plan(height, width)
     row_blocks, column_blocks = _cdiv(height, rows), _cdiv(width, block_w)
-    block_c = rows_launch(width)["block_c"]
     channel_blocks = _cdiv(init, block_c)
     align = _alignment(out.element_size(), _pixel_strides(z1, out))
     channel_align = _alignment(out.element_size(), (init, out_channels - init))
