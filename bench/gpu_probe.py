@@ -164,15 +164,14 @@ def backward_kernel(case, rows3):
     def run(s):
         tensors = (s["grad"], s["fwd"], case["weights"][2], s["gz1"], s[f"partials {rows3}"])
         if "plan" not in plans:
-            if rows3:
-                launch = triton_ghost.rows_launch(s["x"].shape[3])
-                plans["plan"] = triton_ghost._Plan(triton_ghost._ghost_backward_rows3_kernel, launch,
-                                                   *triton_ghost.backward_rows3_arguments(*tensors, "relu"))
-            else:
-                plans["plan"] = triton_ghost._Plan(triton_ghost._ghost_backward_kernel, triton_ghost.BACKWARD_LAUNCH,
-                                                   *triton_ghost.backward_arguments(*tensors, "relu", 128))
+            plans["plan"] = triton_ghost.backward_plan(tensors, "relu", rows3, 128)
         triton_ghost._run(plans["plan"], tensors)
     return run
+
+
+def fwd_bwd(op, leaves, grad, oup):
+    """Grads of op(*leaves) (a Ghost op taking x and the folded weights) by autograd."""
+    return torch.autograd.grad(op(*leaves, out_channels=oup), leaves, grad)
 
 
 def backward_stages(case):
@@ -180,17 +179,14 @@ def backward_stages(case):
     the reference's conv, ReLU, depthwise conv, ReLU and cat; fused: ghostkernels.ghost_module)."""
     weights, oup, leaves = case["weights"], case["oup"], case["leaves"]
 
-    def train(op):
-        return lambda s: torch.autograd.grad(op(s["x_leaf"], *leaves, out_channels=oup), [s["x_leaf"], *leaves],
-                                             s["grad"])
     return {
         "bwd kernel rows": backward_kernel(case, True),
         "bwd kernel taps": backward_kernel(case, False),
         "bwd conv (cuDNN)": lambda s: torch.ops.aten.convolution_backward(
             s["gz1"], s["x"], weights[0], None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, True, False]),
         "backward (whole)": lambda s: triton_ghost.backward(s["grad"], s["fwd"], s["x"], *weights, oup, 1, "relu"),
-        "fwd+bwd eager": train(ghost_module_reference),
-        "fwd+bwd fused": train(ghost_module),
+        "fwd+bwd eager": lambda s: fwd_bwd(ghost_module_reference, [s["x_leaf"], *leaves], s["grad"], oup),
+        "fwd+bwd fused": lambda s: fwd_bwd(ghost_module, [s["x_leaf"], *leaves], s["grad"], oup),
     }
 
 
@@ -304,14 +300,12 @@ def host_path(inp, oup, size, dtype):
     grad = torch.randn_like(out)
     fused_out = triton_ghost.forward(x, *weights, oup, 1, "relu", config=config)
 
-    def train(op):
-        return lambda: torch.autograd.grad(op(*leaves, out_channels=oup), leaves, grad)
     with torch.enable_grad():
         result.update({
-            "fwd+bwd fused (autograd)": host_us(train(ghost_module)),
+            "fwd+bwd fused (autograd)": host_us(lambda: fwd_bwd(ghost_module, leaves, grad, oup)),
             "triton_ghost.backward": host_us(lambda: triton_ghost.backward(grad, fused_out, x, *weights, oup, 1,
                                                                           "relu")),
-            "fwd+bwd eager (autograd)": host_us(train(ghost_module_reference)),
+            "fwd+bwd eager (autograd)": host_us(lambda: fwd_bwd(ghost_module_reference, leaves, grad, oup)),
         })
     expected = float32_reference(module, x, oup)
     out.fill_(float("nan"))

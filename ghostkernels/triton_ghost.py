@@ -1197,6 +1197,15 @@ def backward_partials(batch, height, width, init, ghosts, dw, rows3, tile_pixels
 BACKWARD_LAUNCH = dict(num_warps=4, num_stages=2)  # the tap loop's (BACKWARD_BLOCK_C)
 
 
+def backward_plan(tensors, activation, rows3, tile_pixels):
+    """The launch plan of the backward's kernel over `tensors` (grad, out, W2, gz1, partial sums):
+    _ghost_backward_rows3_kernel where rows3, else the tap loop with tiles of tile_pixels."""
+    if rows3:
+        return _Plan(_ghost_backward_rows3_kernel, rows_launch(tensors[1].shape[3]),
+                     *backward_rows3_arguments(*tensors, activation))
+    return _Plan(_ghost_backward_kernel, BACKWARD_LAUNCH, *backward_arguments(*tensors, activation, tile_pixels))
+
+
 def backward(grad, out, x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation,
              tile_pixels=128):
     """Grads of (x, W1, b1, W2, b2); zeros for absent biases. tile_pixels: a power of two, the tap
@@ -1216,12 +1225,7 @@ def backward(grad, out, x, primary_weight, primary_bias, cheap_weight, cheap_bia
                activation, None if rows3 else tile_pixels)
         plan = _plans.get(key)
         if plan is None:
-            if rows3:
-                kernel_fn, arguments = _ghost_backward_rows3_kernel, backward_rows3_arguments(*tensors, activation)
-            else:
-                kernel_fn, arguments = _ghost_backward_kernel, backward_arguments(*tensors, activation, tile_pixels)
-            plan = _plans[key] = _Plan(kernel_fn, rows_launch(width) if rows3 else BACKWARD_LAUNCH,
-                                       *arguments)
+            plan = _plans[key] = backward_plan(tensors, activation, rows3, tile_pixels)
         _run(plan, tensors)
     grad_x, grad_w1, _ = torch.ops.aten.convolution_backward(
         grad_z1, x, primary_weight, None, [stride, stride], [kernel // 2, kernel // 2], [1, 1], False, [0, 0], 1,
