@@ -42,6 +42,14 @@ def _ghost_then_add(x, scale, primary_weight, primary_bias, cheap_weight, cheap_
     return out.add_(residual, alpha=alpha)
 
 
+def _check(x, scale, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation):
+    """The Ghost op's argument checks, and the SE scale's where there is one."""
+    ops.check_args(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation)
+    if scale is not None:
+        squeeze_excite._check_scaled(x, scale, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels,
+                                     stride, activation)
+
+
 @torch.library.impl(_lib, "ghost_module_residual", "CUDA")
 def _ghost_residual_cuda(x, scale, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride,
                          activation, residual, alpha=1):
@@ -50,10 +58,7 @@ def _ghost_residual_cuda(x, scale, primary_weight, primary_bias, cheap_weight, c
     if kernels is None or alpha != 1:
         return _ghost_then_add(x, scale, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride,
                                activation, residual, alpha)
-    ops.check_args(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation)
-    if scale is not None:
-        squeeze_excite._check_scaled(x, scale, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels,
-                                     stride, activation)
+    _check(x, scale, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation)
     return kernels.forward(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation,
                            scale=scale, residual=residual)
 
@@ -70,10 +75,7 @@ def _composed(x, scale, primary_weight, primary_bias, cheap_weight, cheap_bias, 
 @torch.library.register_fake(_OP)
 def _fake(x, scale, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation,
           residual, alpha=1):
-    ops.check_args(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation)
-    if scale is not None:
-        squeeze_excite._check_scaled(x, scale, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels,
-                                     stride, activation)
+    _check(x, scale, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation)
     shape = ops.output_shape(x, primary_weight, out_channels, stride)
     out = x.new_empty(shape).contiguous(memory_format=output_memory_format(x))
     return out.add_(residual, alpha=alpha)  # add_'s checks: the residual broadcasts to the output
