@@ -245,7 +245,16 @@ def frozen_by_block(prof, frozen, iters):
     median over forwards of the sum of its ops' times. Empty if the events do not line up."""
     ops = frozen_op_blocks(frozen)
     kinds = {kind for kind, _ in ops}
-    names = [e for e in prof.events() if e.name in kinds and (e.cpu_parent is None or e.cpu_parent.name not in kinds)]
+
+    # An op event counts when no other of the graph's ops is among its callers, however deep: the
+    # reference fallbacks (no C++ library) call aten ops that the graph also has, such as relu_.
+    def outermost(event):
+        parent = event.cpu_parent
+        while parent is not None and parent.name not in kinds:
+            parent = parent.cpu_parent
+        return parent is None
+
+    names = [e for e in prof.events() if e.name in kinds and outermost(e)]
     if len(names) != len(ops) * iters or any(e.name != ops[i % len(ops)][0] for i, e in enumerate(names)):
         print(f"frozen graph by block: {len(names)} op events for {iters} forwards of {len(ops)} ops; skipped")
         return {}
