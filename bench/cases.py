@@ -82,6 +82,17 @@ GHOSTNET_SHAPES = [
     (672, 160, 7), (160, 960, 7), (960, 160, 7),
 ]
 
+# GhostNet 1.0x's direct convs (in, out, inputs per group, k, stride, size): the stem, the 5 x 5
+# conv_dw of blocks 3.0 and 7.0 (the 3 x 3 ones run fused with ghost1 on a GPU), the shortcuts'
+# depthwise convs.
+DIRECT_CONVS = [(3, 16, 3, 3, 2, 224), (72, 72, 1, 5, 2, 56), (672, 672, 1, 5, 2, 14), (16, 16, 1, 3, 2, 112),
+                (24, 24, 1, 5, 2, 56), (40, 40, 1, 3, 2, 28), (80, 80, 1, 3, 1, 14), (112, 112, 1, 5, 2, 14)]
+
+
+def direct_conv_name(inp, oup, group_inputs, k, stride, size):
+    return f"{'stem' if group_inputs > 1 else 'dw'} {inp}->{oup}@{size} k{k} s{stride}"
+
+
 # The reference Xeon of docs/architecture.md section 5: copy bandwidth and float32 matrix-product rate, 2 threads.
 # The benchmarks measure the machine they run on instead (bench/machine.py); these are the
 # defaults of floor_ms and what `--floor-rates 36,184` reproduces.

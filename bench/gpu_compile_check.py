@@ -32,9 +32,10 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cases import GHOSTNET_SHAPES, shape_name  # noqa: E402
+from cases import DIRECT_CONVS, GHOSTNET_SHAPES, direct_conv_name, shape_name  # noqa: E402
 
-from ghostkernels import triton_cheap_mix, triton_ghost, triton_ghost_train, triton_squeeze_excite  # noqa: E402
+from ghostkernels import (triton_cheap_mix, triton_direct_conv, triton_ghost, triton_ghost_train,  # noqa: E402
+                          triton_squeeze_excite)
 
 POINTER = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64"}
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -206,6 +207,17 @@ def compile_squeeze_excite(dtype, arch=90, channels=960, reduced=240, size=7):
     return seconds, resource_usage(kernel)
 
 
+def compile_direct_conv(inp, oup, group_inputs, k, stride, size, dtype=torch.float16, arch=90):
+    """(seconds, resource usage) of _direct_conv_kernel for this channels_last conv with a ReLU."""
+    x = torch.empty(1, inp, size, size, dtype=dtype).to(memory_format=torch.channels_last)
+    out = torch.empty(1, oup, -(-size // stride), -(-size // stride), dtype=dtype).to(memory_format=torch.channels_last)
+    weight, bias = torch.empty(oup, group_inputs, k, k, dtype=dtype), torch.empty(oup, dtype=dtype)
+    _, args, constants = triton_direct_conv.arguments(x, weight, bias, out, stride, "relu")
+    seconds, kernel = compile_launch(triton_direct_conv._direct_conv_kernel, args, constants, arch,
+                                     triton_direct_conv.num_warps(constants["DENSE"]), 3)
+    return seconds, resource_usage(kernel)
+
+
 TRAIN_KERNELS = ("cheap_forward", "ghost_output", "grad_sums", "cheap_backward", "batch_norm_backward")
 
 
@@ -259,6 +271,8 @@ def smoke():
     results["ghost_depthwise torch.float16"] = compile_ghost_depthwise(16, 48, 112)[1]
     for dtype in (torch.float16, torch.float64):
         results[f"squeeze_excite_gate {dtype}"] = compile_squeeze_excite(dtype)[1]
+    results["direct_conv stem torch.float16"] = compile_direct_conv(*DIRECT_CONVS[0])[1]
+    results["direct_conv dw torch.float64"] = compile_direct_conv(*DIRECT_CONVS[1], dtype=torch.float64)[1]
     for name, dtype in (("cheap_forward", torch.float16), ("cheap_backward", torch.float16),
                         ("cheap_backward", torch.float64)):
         results[f"train {name} {dtype}"] = compile_train(name, dtype)[1]
@@ -329,6 +343,11 @@ def main():
                  triton_ghost.rows_launch((size - 1) // 2 + 1), *compile_ghost_depthwise(inp, oup, size, arch=args.arch)))
     emit(row("ghost_depthwise 40->240@28 float64 (rows)", triton_ghost.rows_launch(14),
              *compile_ghost_depthwise(40, 240, 28, torch.float64, args.arch)))
+    for conv in DIRECT_CONVS:
+        emit(row(f"direct_conv {direct_conv_name(*conv)} float16 relu", None,
+                 *compile_direct_conv(*conv, arch=args.arch)))
+    emit(row(f"direct_conv {direct_conv_name(*DIRECT_CONVS[1])} float64 relu", None,
+             *compile_direct_conv(*DIRECT_CONVS[1], dtype=torch.float64, arch=args.arch)))
     for inp, oup, size in GHOSTNET_SHAPES:
         emit(row(f"backward {shape_name(inp, oup, size)} float16 (rows)", triton_ghost.rows_launch(size),
                  *compile_backward(torch.float16, args.arch, oup=oup, size=size)))

@@ -17,7 +17,8 @@ rows and by the tap loop, the library's conv backward, the whole backward) and f
 eager against fused, also from CUDA graphs; both routes at batch 1 and 32 by GPU time (what a captured
 model runs); block sizes of the 3x3 pass; and at
 batch 1 the host's microseconds per call: the module, triton_ghost.forward, Triton's JIT launch,
-a launch of the compiled kernel, eager; fwd+bwd by autograd (fused, eager) and triton_ghost.backward.
+a launch of the compiled kernel, eager; fwd+bwd by autograd (fused, eager) and triton_ghost.backward;
+GhostNet's direct convs (stem, depthwise) at --batch and 1: cuDNN against the Triton kernel.
 --ncu runs one launch of each stage between cudaProfilerStart/Stop, for ncu.
 Every fused stage is parity-checked against float32 math first. Run on CPU tensors under
 TRITON_INTERPRET=1 (--device cpu, tiny shapes, no timing) to check the script itself.
@@ -32,11 +33,11 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cases import GHOSTNET_SHAPES, make_case, shape_name  # noqa: E402
+from cases import DIRECT_CONVS, GHOSTNET_SHAPES, direct_conv_name, make_case, shape_name  # noqa: E402
 from gpu_report import check, copy_bandwidth, float32_reference, masked_reference_grads, unfused  # noqa: E402
 from host_path import per_call_us  # noqa: E402
 
-from ghostkernels import ghost_module, ghost_module_reference, triton_ghost  # noqa: E402
+from ghostkernels import ghost_module, ghost_module_reference, triton_direct_conv, triton_ghost  # noqa: E402
 from ghostkernels.reference import ghost_module_gated_reference  # noqa: E402
 
 SHAPES = [(16, 48, 112), (24, 72, 56), (40, 240, 28), (112, 672, 14), (960, 160, 7)]
@@ -260,6 +261,34 @@ def route_cells(case, timed=True):
     return cells
 
 
+def direct_conv_case(inp, oup, group_inputs, k, stride, size, batch, dtype, device, rotate=4):
+    """A GhostNet direct conv (cases.DIRECT_CONVS) on channels_last inputs, the stem with its ReLU
+    (as freeze() gives it), and its two contenders: cuDNN (then the ReLU, in place) and the Triton
+    kernel that direct_conv2d runs on CUDA. Both are parity-checked against float32 math first."""
+    activation = "relu" if group_inputs > 1 else "none"
+    sets = [torch.randn(batch, inp, size, size, dtype=dtype, device=device).to(memory_format=torch.channels_last)
+            for _ in range(rotate)]
+    weight = torch.randn(oup, group_inputs, k, k, dtype=dtype, device=device) / k
+    bias = torch.randn(oup, dtype=dtype, device=device)
+    groups = inp // group_inputs
+
+    def library(x):
+        out = F.conv2d(x, weight, bias, stride, k // 2, groups=groups)
+        return out.relu_() if activation == "relu" else out
+
+    def triton(x):
+        return triton_direct_conv.direct_conv2d(x, weight, bias, stride, activation)
+
+    expected = F.conv2d(sets[0].float(), weight.float(), bias.float(), stride, k // 2, groups=groups)
+    expected = expected.relu() if activation == "relu" else expected
+    what = direct_conv_name(inp, oup, group_inputs, k, stride, size)
+    for name, fn in (("cudnn", library), ("triton", triton)):
+        check(fn(sets[0]), expected, dtype, f"direct conv {what} {name}")
+    out_size = -(-size // stride)
+    need = (inp * size * size + oup * out_size * out_size) * batch * sets[0].element_size()
+    return {"cudnn": library, "triton": triton}, sets, need
+
+
 def host_us(fn, calls=300):
     """Median host microseconds per call (the GPU work of a batch-1 call is shorter than its host work)."""
     torch.cuda.synchronize()
@@ -343,7 +372,8 @@ def main():
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--ncu", action="store_true")
     parser.add_argument("--ncu-shapes", type=int, nargs="+", default=[0, 2, 4], help="indices into SHAPES")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["stages", "backward", "routes", "variants", "host"])
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["stages", "backward", "routes", "variants", "host", "direct"])
     args = parser.parse_args()
     if args.ncu:
         return run_ncu(args)
@@ -368,6 +398,11 @@ def main():
                 for name, fn in backward_stages(case).items():
                     fn(case["sets"][0])
     if not cuda:
+        if "direct" not in args.skip:
+            for conv in [(3, 16, 3, 3, 2, 9), (8, 8, 1, 5, 2, 7)]:
+                contenders, sets, _ = direct_conv_case(*conv, 2, dtype, args.device)
+                for fn in contenders.values():
+                    fn(sets[0])
         print("stages ran on the CPU (no timing)")
         return
     if "stages" not in args.skip:
@@ -410,6 +445,17 @@ def main():
                 except Exception as error:  # noqa: BLE001 - a variant the GPU cannot hold is reported, not fatal
                     cells.append(f"{block_c}/{warps}w {type(error).__name__}")
             print(f"{shape_name(inp, oup, size):>12} rows3: " + ", ".join(cells), flush=True)
+    if "direct" not in args.skip:
+        print("\ndirect convs (direct_conv2d on CUDA: the Triton kernel against cuDNN, + ReLU for the stem), "
+              "float16 channels_last; ms per call from CUDA graphs, x floor (x read and the output written once)")
+        for batch in (args.batch, 1):
+            for conv in DIRECT_CONVS:
+                contenders, sets, need = direct_conv_case(*conv, batch, dtype, "cuda")
+                times = {name: gpu_ms(fn, sets) for name, fn in contenders.items()}
+                floor = need / bandwidth * 1e3
+                print(f"batch {batch:>3} {direct_conv_name(*conv):>22} " + ", ".join(
+                    f"{name} {ms:.4f} ({ms / floor:.2f}x)" for name, ms in times.items())
+                      + f", cudnn / triton {times['cudnn'] / times['triton']:.2f}", flush=True)
     if "host" not in args.skip:
         print("\nhost us per call, batch 1, float16 channels_last (kernel route)")
         for inp, oup, size in [(16, 16, 112), (960, 160, 7)]:

@@ -3,8 +3,9 @@
 # (each call <= 10 minutes; no C++ build: the GPU paths do not need it):
 #   bash bench/gpu_session.sh pending  # what the last GPU-less session built, first (~360 s, not yet timed):
 #                                      # the GPU tests with their slowest, the probe (backward by rows, both
-#                                      # routes at batch 1 and 32 by GPU time, host path); then `models`
-#                                      # (frozen captured: residual adds in ghost2's stores), then `ops`
+#                                      # routes at batch 1 and 32 by GPU time, host path, the Triton direct
+#                                      # conv against cuDNN); then `models` (frozen captured: residual adds in
+#                                      # ghost2's stores; the stem and depthwise convs on Triton), then `ops`
 #   bash bench/gpu_session.sh ops      # GPU tests, first call of accelerated GhostNet 1.0x, the op table
 #   bash bench/gpu_session.sh models   # whole models: GhostNet 1.0x float16 at batch 256 and 1 first
 #   bash bench/gpu_session.sh tune     # fill ghostkernels/triton_tuned.json for float16 (commit it)

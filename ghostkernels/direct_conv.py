@@ -6,8 +6,9 @@ conv + BN become once accelerate() folds the BN: convs whose groups read few cha
 (groups = C / weight.shape[1]). freeze() gives the stem's op the ReLU that follows it
 (fuse_direct_conv_relus): one pass over the 112x112 output instead of two. The C++ CPU kernel
 (csrc/direct_conv_cpu.cpp) serves NCHW float32/64 with at most 4 input channels per group (a
-channels_last stem is made NCHW for it) and hands other convs and layouts to at::conv2d;
-elsewhere the fallback is the library conv itself. The output is NCHW on the CPU and keeps x's
+channels_last stem is made NCHW for it) and hands other convs and layouts to at::conv2d; on
+CUDA a Triton kernel (triton_direct_conv.py) serves channels_last inputs, the bias and ReLU in
+its stores; elsewhere the fallback is the library conv itself. The output is NCHW on the CPU and keeps x's
 layout elsewhere (reference.conv_output_format).
 """
 
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from . import _backends, ops
 from .modules import is_same_square_conv
 from .reference import ACTIVATIONS, conv_output_format
 
@@ -37,14 +38,18 @@ def _check_activation(activation):
         raise RuntimeError(f"direct_conv2d: activation must be 'relu' or 'none', got '{activation}'")
 
 
-@torch.library.register_fake("ghostkernels::direct_conv2d")
-def _fake(x, weight, bias, stride, activation="none"):
-    # The C++ kernel's errors (csrc/direct_conv_cpu.cpp), raised before anything runs.
+def _check(x, weight, bias, activation):
+    """The C++ kernel's errors (csrc/direct_conv_cpu.cpp) that the library conv would not raise."""
     _check_activation(activation)
     if x.shape[2] == 0 or x.shape[3] == 0:
         raise RuntimeError(f"direct_conv2d: x must have H, W >= 1, got {tuple(x.shape)}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise RuntimeError(f"direct_conv2d: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+
+
+@torch.library.register_fake("ghostkernels::direct_conv2d")
+def _fake(x, weight, bias, stride, activation="none"):
+    _check(x, weight, bias, activation)  # raised before anything runs
     height, width = (-(-s // stride) for s in x.shape[2:])  # 'same' padding: ceil(H / stride)
     return x.new_empty((x.shape[0], weight.shape[0], height, width)).contiguous(memory_format=conv_output_format(x))
 
@@ -55,6 +60,33 @@ def _fallback(x, weight, bias, stride, activation="none"):
     return ACTIVATIONS[activation](F.conv2d(x, weight, bias, stride, weight.shape[-1] // 2,
                                             groups=_groups(x, weight)).contiguous(
                                                 memory_format=conv_output_format(x)))
+
+
+def takes_triton(x, weight, bias, stride):
+    """Whether the Triton kernel (triton_direct_conv.py) serves this call on CUDA: a channels_last
+    x (the layout of an accelerated model on a GPU; NCHW keeps cuDNN, not yet measured against
+    it) with a conv the op is for. Anything else, well formed or not, goes to the library conv,
+    which raises its own errors."""
+    return (x.dim() == 4 and weight.dim() == 4
+            and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            and x.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+            and weight.dtype == x.dtype and weight.device == x.device
+            and (bias is None or (bias.dtype == x.dtype and bias.device == x.device))
+            and weight.shape[2] == weight.shape[3] and weight.shape[2] % 2 == 1
+            and 1 <= weight.shape[1] <= MAX_GROUP_INPUTS and x.shape[1] % weight.shape[1] == 0
+            and weight.shape[0] % _groups(x, weight) == 0 and stride >= 1)
+
+
+@torch.library.impl(_lib, "direct_conv2d", "CUDA")
+def _cuda(x, weight, bias, stride, activation="none"):
+    """One Triton launch with the bias and ReLU in its stores, where takes_triton; else the
+    library conv and the ReLU after it."""
+    kernels = _backends.triton_kernels("triton_direct_conv") if takes_triton(x, weight, bias, stride) else None
+    if kernels is None:
+        return _fallback(x, weight, bias, stride, activation)
+    _check(x, weight, bias, activation)
+    return kernels.direct_conv2d(x, weight.contiguous(), bias.contiguous() if bias is not None else None, stride,
+                                 activation)
 
 
 @torch.library.register_fake("ghostkernels::direct_conv2d_backward")

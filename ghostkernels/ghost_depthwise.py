@@ -27,15 +27,18 @@ _lib.define(
 )
 
 
+def _library_conv(ghost, depthwise_weight, depthwise_bias, depthwise_stride):
+    return F.conv2d(ghost, depthwise_weight, depthwise_bias, depthwise_stride, depthwise_weight.shape[-1] // 2,
+                    groups=depthwise_weight.shape[0])
+
+
 def _composed(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation,
-              depthwise_weight, depthwise_bias, depthwise_stride):
+              depthwise_weight, depthwise_bias, depthwise_stride, conv=_library_conv):
     ghost = ops.apply(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation)
     # In x's layout, as the fake kernel says (torch.compile trusts it): the library conv's follows
-    # its weight's too, and direct_conv2d's is always NCHW (compiled channels_last GhostNets
-    # failed on a GPU).
-    out = F.conv2d(ghost, depthwise_weight, depthwise_bias, depthwise_stride, depthwise_weight.shape[-1] // 2,
-                   groups=out_channels)
-    return out.contiguous(memory_format=output_memory_format(x))
+    # its weight's too (compiled channels_last GhostNets failed on a GPU).
+    return conv(ghost, depthwise_weight, depthwise_bias, depthwise_stride).contiguous(
+        memory_format=output_memory_format(x))
 
 
 def _check(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation,
@@ -81,9 +84,11 @@ def _cuda(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channel
             depthwise_weight, depthwise_bias, depthwise_stride)
     _check(*args)
     kernels = _backends.triton_kernels()
-    if kernels is None or not kernels.takes_depthwise_rows3(x, primary_weight, cheap_weight, depthwise_weight, stride,
-                                                            depthwise_stride):
+    if kernels is None:
         return _composed(*args)
+    if not kernels.takes_depthwise_rows3(x, primary_weight, cheap_weight, depthwise_weight, stride, depthwise_stride):
+        # the conv by direct_conv2d's CUDA kernel: Triton for channels_last (GhostNet's 5 x 5 conv_dw)
+        return _composed(*args, conv=torch.ops.ghostkernels.direct_conv2d)
     return kernels.forward_depthwise(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels,
                                      activation, depthwise_weight, depthwise_bias)
 

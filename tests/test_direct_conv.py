@@ -10,6 +10,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import ghostkernels
 from ghostkernels import models
 from ghostkernels.direct_conv import DepthwiseConv2d, DirectConv2d
+from ghostkernels.reference import output_memory_format
 
 from conftest import frozen_node_kinds, intra_op_threads, make_input
 
@@ -378,3 +379,85 @@ def test_library_conv_layout_matches_the_fake_kernel(device, weights_channels_la
                                                         for a in args))
     expected = torch.contiguous_format if device == "cpu" else torch.channels_last
     assert out.is_contiguous(memory_format=expected) and out.stride() == fake.stride()
+
+
+# The Triton kernel (ghostkernels/triton_direct_conv.py), the op's CUDA kernel for channels_last
+# inputs: on a GPU when there is one, else on the CPU in Triton's interpreter (never skipped).
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TRITON_DTYPES = {"cpu": [torch.float64, torch.float32],
+                 "cuda": [torch.float64, torch.float32, torch.float16, torch.bfloat16]}[TRITON_DEVICE]
+# float32 on the CPU is exact up to summation order; half precision rounds the inputs and output
+TRITON_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+# (in, out, inputs per group): depthwise (16: whole vectors of channels), the stem (dense), a
+# depthwise conv with two outputs per channel, grouped with 2 inputs, odd channel counts
+TRITON_CONVS = [(16, 16, 1), (3, 16, 3), (4, 8, 1), (8, 12, 2), (5, 5, 1)]
+
+
+@pytest.mark.parametrize("channels", TRITON_CONVS, ids=["depthwise", "stem", "multiplier", "grouped", "odd"])
+@pytest.mark.parametrize("k, stride, size, batch", [(3, 2, (9, 11), 2), (5, 1, (6, 7), 1), (1, 2, (5, 4), 1),
+                                                    (7, 2, (10, 3), 1), (3, 1, (1, 1), 3), (3, 2, (4, 4), 0)])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
+def test_triton_kernel_matches_conv2d(channels, k, stride, size, batch, channels_last, dtype):
+    from ghostkernels import triton_direct_conv
+    inputs, outputs, group_inputs = channels
+    x = make_input(batch, inputs, *size, channels_last=channels_last, dtype=dtype).to(TRITON_DEVICE)
+    weight = torch.randn(outputs, group_inputs, k, k, dtype=dtype, device=TRITON_DEVICE)
+    bias = torch.randn(outputs, dtype=dtype, device=TRITON_DEVICE)
+    groups = inputs // group_inputs
+    for b, activation in ((bias, "relu"), (None, "none")):
+        out = triton_direct_conv.direct_conv2d(x, weight, b, stride, activation)
+        expected = F.conv2d(x.double(), weight.double(), b.double() if b is not None else None, stride, k // 2,
+                            groups=groups)
+        if activation == "relu":
+            expected = expected.relu()
+        tol = TRITON_TOLERANCE[dtype]
+        assert out.dtype == dtype and out.shape == expected.shape
+        assert out.is_contiguous(memory_format=output_memory_format(x))
+        scale = max(expected.abs().max().item() if expected.numel() else 0.0, 1.0)
+        torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize("channels", [(6, 6, 1), (3, 16, 3)], ids=["depthwise", "stem"])
+def test_triton_kernel_keeps_nan_through_the_relu(channels):
+    from ghostkernels import triton_direct_conv
+    inputs, outputs, group_inputs = channels
+    x = make_input(1, inputs, 6, 5, channels_last=True).to(TRITON_DEVICE)
+    x[0, 0, 2, 3] = float("nan")
+    weight = torch.randn(outputs, group_inputs, 3, 3, dtype=torch.float64, device=TRITON_DEVICE)
+    out = triton_direct_conv.direct_conv2d(x, weight, None, 1, "relu")
+    expected = F.conv2d(x, weight, None, 1, 1, groups=inputs // group_inputs).relu()
+    assert torch.equal(out.isnan(), expected.isnan()) and out.isnan().any()
+    torch.testing.assert_close(out, expected, equal_nan=True)
+
+
+def test_triton_route():
+    """Channels_last convs the op is for take the Triton kernel on CUDA; NCHW, even kernels, wide
+    groups and mixed dtypes keep the library conv (which raises its own errors)."""
+    from ghostkernels.direct_conv import takes_triton
+    x = make_input(2, 8, 9, 9, channels_last=True)
+    depthwise, bias = torch.randn(8, 1, 3, 3, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    assert takes_triton(x, depthwise, bias, 2) and takes_triton(x, depthwise, None, 1)
+    assert takes_triton(make_input(2, 3, 9, 9, channels_last=True), torch.randn(16, 3, 3, 3, dtype=torch.float64),
+                        None, 2)
+    assert not takes_triton(x.contiguous(), depthwise, bias, 2)
+    assert not takes_triton(x, torch.randn(8, 1, 2, 2, dtype=torch.float64), bias, 2)
+    assert not takes_triton(x, torch.randn(8, 8, 3, 3, dtype=torch.float64), bias, 2)
+    assert not takes_triton(x, depthwise.float(), bias, 2)
+    assert not takes_triton(x, depthwise, bias.float(), 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the op's CUDA kernel: needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_cuda_op_takes_triton_and_checks(dtype):
+    x = make_input(2, 24, 14, 14, channels_last=True, dtype=dtype).cuda()
+    weight = torch.randn(24, 1, 5, 5, dtype=dtype, device="cuda")
+    bias = torch.randn(24, dtype=dtype, device="cuda")
+    out = torch.ops.ghostkernels.direct_conv2d(x, weight, bias, 2, "relu")
+    expected = F.conv2d(x.double(), weight.double(), bias.double(), 2, 2, groups=24).relu()
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item())
+    torch.library.opcheck(torch.ops.ghostkernels.direct_conv2d, (x, weight, bias, 2, "relu"),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    with pytest.raises(RuntimeError, match="bias must have shape"):
+        torch.ops.ghostkernels.direct_conv2d(x, weight, bias[:3], 2)

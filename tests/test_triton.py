@@ -525,15 +525,16 @@ def test_kernels_compile_for_hopper():
                           cwd=BENCH, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     usage = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(usage) == 15 and all(u["REG"] > 0 for u in usage.values()), usage
+    assert len(usage) == 17 and all(u["REG"] > 0 and u["STACK"] == 0 for u in usage.values()), usage
     # Accesses along channels vectorise: 60 intrinsic channels in float16 allow 8-byte vectors, 960
     # allow 16 (the channel masks once kept every float16 access at 2 bytes).
     for name, widest in (("forward library torch.float16", 8), ("forward library residual torch.float16", 8),
                          ("backward torch.float16", 8),
                          ("backward tap loop torch.float16", 8),
-                         ("squeeze_excite_gate torch.float16", 16)):
+                         ("squeeze_excite_gate torch.float16", 16), ("direct_conv dw torch.float64", 16)):
         assert usage[name]["LOAD"] >= widest, (name, usage[name])
     assert usage["forward library torch.float16"]["STORE"] >= 8, usage
+    assert usage["direct_conv stem torch.float16"]["STORE"] == 16, usage  # its 3-channel input held them at 2
 
 
 # (ratio, dw, stride, activation, channels_last, primary kernel, batch, oup), route: the SE gate
