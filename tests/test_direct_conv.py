@@ -12,7 +12,7 @@ from ghostkernels import models
 from ghostkernels.direct_conv import DepthwiseConv2d, DirectConv2d
 from ghostkernels.reference import output_memory_format
 
-from conftest import frozen_node_kinds, intra_op_threads, make_input
+from conftest import frozen_node_kinds, intra_op_threads, make_input, make_weights
 
 
 # (12, 14): even rows shorter than a vector pair; (37, 70): rows split one by one, several L1 bands
@@ -461,3 +461,19 @@ def test_cuda_op_takes_triton_and_checks(dtype):
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
     with pytest.raises(RuntimeError, match="bias must have shape"):
         torch.ops.ghostkernels.direct_conv2d(x, weight, bias[:3], 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the op's CUDA kernel: needs a GPU")
+def test_cuda_ghost_depthwise_5x5_runs_its_conv_on_triton():
+    """ghost_module_depthwise's composed CUDA path (a 5 x 5 conv_dw, which the fused rows kernel
+    does not take) with its conv by direct_conv2d: as the library conv gives it."""
+    from ghostkernels import ghost_depthwise
+    x = make_input(2, 16, 14, 14, channels_last=True, dtype=torch.float16).cuda()
+    weights = [w.cuda() for w in make_weights(16, 32, 2, 3, dtype=torch.float16)]
+    conv = [t.to("cuda", torch.float16) for t in (torch.randn(32, 1, 5, 5) / 5, torch.randn(32))]
+    args = (x, *weights, 32, 1, "relu", *conv, 2)
+    out = torch.ops.ghostkernels.ghost_module_depthwise(*args)
+    expected = ghost_depthwise._composed(*args)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item())
+    torch.library.opcheck(torch.ops.ghostkernels.ghost_module_depthwise.default, args)
