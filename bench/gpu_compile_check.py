@@ -213,8 +213,9 @@ def compile_direct_conv(inp, oup, group_inputs, k, stride, size, dtype=torch.flo
     out = torch.empty(1, oup, -(-size // stride), -(-size // stride), dtype=dtype).to(memory_format=torch.channels_last)
     weight, bias = torch.empty(oup, group_inputs, k, k, dtype=dtype), torch.empty(oup, dtype=dtype)
     _, args, constants = triton_direct_conv.arguments(x, weight, bias, out, stride, "relu")
+    options = triton_direct_conv.launch(constants["DENSE"])
     seconds, kernel = compile_launch(triton_direct_conv._direct_conv_kernel, args, constants, arch,
-                                     triton_direct_conv.num_warps(constants["DENSE"]), 3)
+                                     options["num_warps"], options["num_stages"])
     return seconds, resource_usage(kernel)
 
 

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .reference import output_memory_format
-from .triton_ghost import _accumulator, _alignment, _block, _cdiv, _pixel_strides
+from .triton_ghost import _Plan, _accumulator, _alignment, _block, _cdiv, _pixel_strides, _plans, _run
 
 
 @triton.jit(do_not_specialize=["C_OUT", "OUT_PER_GROUP", "H", "W", "OH", "OW", "PIXELS"])
@@ -75,11 +75,11 @@ def _direct_conv_kernel(
     tl.store(out_at, acc.to(out_ptr.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
 
 
-def num_warps(dense):
-    """Warps a program: 8 for the depthwise convs (61-80 registers a thread on sm_90), 4 for a dense
-    conv (the stem: 80 registers with 4 warps, 154 with 8, its input pixels broadcast through shared
-    memory)."""
-    return 4 if dense else 8
+def launch(dense):
+    """Triton's launch options: 8 warps a program for the depthwise convs (61-82 registers a thread
+    on sm_90), 4 for a dense conv (the stem: 72-80 registers with 4 warps, 154 with 8, its input
+    pixels broadcast through shared memory); Triton's default stages."""
+    return dict(num_warps=4 if dense else 8, num_stages=3)
 
 
 def blocks(out_channels):
@@ -120,6 +120,10 @@ def direct_conv2d(x, weight, bias, stride, activation):
                       device=x.device, memory_format=output_memory_format(x))
     if out.numel() == 0:
         return out
-    grid, args, constants = arguments(x, weight, bias, out, stride, activation)
-    _direct_conv_kernel[grid](*args, **constants, num_warps=num_warps(constants["DENSE"]))
+    key = ("direct", x.device, x.dtype, x.shape, x.stride(), weight.shape, bias is None, stride, activation)
+    plan = _plans.get(key)
+    if plan is None:  # the launch's arguments once per shape, and its compiled kernel (triton_ghost._run)
+        grid, args, constants = arguments(x, weight, bias, out, stride, activation)
+        plan = _plans[key] = _Plan(_direct_conv_kernel, launch(constants["DENSE"]), grid, args, constants)
+    _run(plan, (x, weight, bias if bias is not None else x, out))
     return out
