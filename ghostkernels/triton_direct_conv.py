@@ -13,8 +13,8 @@ for float64) over the k x k taps and the group's inputs. Channels_last depthwise
 BLOCK_C contiguous channels a pixel: x's pixel strides come divided by X_ALIGN, and the output's
 and C_OUT by ALIGN, their power-of-two factors up to a 16-byte vector, so that the loads, the
 stores and the mask vectorise (triton_ghost); the stem's 3-channel input does not hold its
-16-channel output's stores back. A dense conv (the stem, groups = 1) loads each input pixel once and broadcasts
-it over the output channels.
+16-channel output's stores back. A dense conv (the stem, groups = 1) loads each input pixel once
+and broadcasts it over the output channels.
 """
 
 import torch
