@@ -384,23 +384,40 @@ def test_library_conv_layout_matches_the_fake_kernel(device, weights_channels_la
 # The Triton kernel (ghostkernels/triton_direct_conv.py), the op's CUDA kernel for channels_last
 # inputs: on a GPU when there is one, else on the CPU in Triton's interpreter (never skipped).
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TRITON_DTYPES = {"cpu": [torch.float64, torch.float32],
-                 "cuda": [torch.float64, torch.float32, torch.float16, torch.bfloat16]}[TRITON_DEVICE]
 # float32 on the CPU is exact up to summation order; half precision rounds the inputs and output
 TRITON_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 # (in, out, inputs per group): depthwise (16: whole vectors of channels), the stem (dense), a
 # depthwise conv with two outputs per channel, grouped with 2 inputs, odd channel counts
-TRITON_CONVS = [(16, 16, 1), (3, 16, 3), (4, 8, 1), (8, 12, 2), (5, 5, 1)]
+DEPTHWISE, STEM, MULTIPLIER, GROUPED, ODD = (16, 16, 1), (3, 16, 3), (4, 8, 1), (8, 12, 2), (5, 5, 1)
+# (k, stride, size, batch)
+TRITON_GEOMETRIES = [(3, 2, (9, 11), 2), (5, 1, (6, 7), 1), (1, 2, (5, 4), 1), (7, 2, (10, 3), 1), (3, 1, (1, 1), 3),
+                     (3, 2, (4, 4), 0)]
+# (convolution, geometry, channels_last, dtype): in the interpreter every combination in float32
+# and float64; on a GPU, where each is a compile, one case per code path and dtype.
+TRITON_CASES = {
+    "cpu": [(conv, geometry, cl, dtype) for conv in (DEPTHWISE, STEM, MULTIPLIER, GROUPED, ODD)
+            for geometry in TRITON_GEOMETRIES for cl in (False, True) for dtype in (torch.float64, torch.float32)],
+    "cuda": [(DEPTHWISE, TRITON_GEOMETRIES[0], True, torch.float16),
+             (STEM, TRITON_GEOMETRIES[0], True, torch.float16),
+             (ODD, TRITON_GEOMETRIES[1], True, torch.float16),
+             (MULTIPLIER, TRITON_GEOMETRIES[3], True, torch.bfloat16),
+             (GROUPED, TRITON_GEOMETRIES[2], True, torch.float32),
+             (DEPTHWISE, TRITON_GEOMETRIES[1], True, torch.float64),
+             (STEM, TRITON_GEOMETRIES[4], False, torch.float16),
+             (DEPTHWISE, TRITON_GEOMETRIES[5], True, torch.float16)],
+}[TRITON_DEVICE]
 
 
-@pytest.mark.parametrize("channels", TRITON_CONVS, ids=["depthwise", "stem", "multiplier", "grouped", "odd"])
-@pytest.mark.parametrize("k, stride, size, batch", [(3, 2, (9, 11), 2), (5, 1, (6, 7), 1), (1, 2, (5, 4), 1),
-                                                    (7, 2, (10, 3), 1), (3, 1, (1, 1), 3), (3, 2, (4, 4), 0)])
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
-@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
-def test_triton_kernel_matches_conv2d(channels, k, stride, size, batch, channels_last, dtype):
+def triton_case_id(case):
+    (inputs, outputs, group_inputs), (k, stride, size, batch), cl, dtype = case
+    return f"{inputs}-{outputs}-g{group_inputs}-k{k}-s{stride}-{size[0]}x{size[1]}-n{batch}-{'cl' if cl else 'nchw'}-" \
+           f"{str(dtype)[6:]}"
+
+
+@pytest.mark.parametrize("case", TRITON_CASES, ids=triton_case_id)
+def test_triton_kernel_matches_conv2d(case):
     from ghostkernels import triton_direct_conv
-    inputs, outputs, group_inputs = channels
+    (inputs, outputs, group_inputs), (k, stride, size, batch), channels_last, dtype = case
     x = make_input(batch, inputs, *size, channels_last=channels_last, dtype=dtype).to(TRITON_DEVICE)
     weight = torch.randn(outputs, group_inputs, k, k, dtype=dtype, device=TRITON_DEVICE)
     bias = torch.randn(outputs, dtype=dtype, device=TRITON_DEVICE)
