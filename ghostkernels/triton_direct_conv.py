@@ -25,7 +25,10 @@ from .reference import output_memory_format
 from .triton_ghost import _Plan, _accumulator, _alignment, _block, _cdiv, _pixel_strides, _plans, _run
 
 
-@triton.jit(do_not_specialize=["C_OUT", "OUT_PER_GROUP", "H", "W", "OH", "OW", "PIXELS"])
+# The pixel strides' alignment is X_ALIGN's and ALIGN's to say; specialising them on their
+# divisibility by 16 as well would only compile more variants for a model's first call.
+@triton.jit(do_not_specialize=["C_OUT", "OUT_PER_GROUP", "H", "W", "OH", "OW", "PIXELS",
+                               "sxn", "sxh", "sxw", "son", "soh", "sow"])
 def _direct_conv_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr,
     C_OUT, OUT_PER_GROUP, H, W, OH, OW, PIXELS,
