@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What a session with a lent GPU runs, as the device tool's command, one part per call
 # (each call <= 10 minutes; no C++ build: the GPU paths do not need it):
-#   bash bench/gpu_session.sh pending  # what the last GPU-less session built, first (~360 s, not yet timed):
+#   bash bench/gpu_session.sh pending  # what the last GPU-less sessions built, first (~400 s, not yet timed):
 #                                      # the GPU tests with their slowest, the probe (backward by rows, both
 #                                      # routes at batch 1 and 32 by GPU time, host path, the Triton direct
 #                                      # conv against cuDNN); then `models` (frozen captured: residual adds in
