@@ -8,8 +8,8 @@ conv + BN become once accelerate() folds the BN: convs whose groups read few cha
 (csrc/direct_conv_cpu.cpp) serves NCHW float32/64 with at most 4 input channels per group (a
 channels_last stem is made NCHW for it) and hands other convs and layouts to at::conv2d; on
 CUDA a Triton kernel (triton_direct_conv.py) serves channels_last inputs, the bias and ReLU in
-its stores; elsewhere the fallback is the library conv itself. The output is NCHW on the CPU and keeps x's
-layout elsewhere (reference.conv_output_format).
+its stores; elsewhere the fallback is the library conv itself. The output is NCHW on the CPU
+and keeps x's layout elsewhere (reference.conv_output_format).
 """
 
 import torch

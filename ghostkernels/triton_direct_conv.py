@@ -26,7 +26,8 @@ from .triton_ghost import _Plan, _accumulator, _alignment, _block, _cdiv, _pixel
 
 
 # The pixel strides' alignment is X_ALIGN's and ALIGN's to say; specialising them on their
-# divisibility by 16 as well would only compile more variants for a model's first call.
+# divisibility by 16 as well would only compile more variants for a model's first call. (An NCHW
+# x, which the op keeps on cuDNN, loses the specialisation of its unit column stride with it.)
 @triton.jit(do_not_specialize=["C_OUT", "OUT_PER_GROUP", "H", "W", "OH", "OW", "PIXELS",
                                "sxn", "sxh", "sxw", "son", "soh", "sow"])
 def _direct_conv_kernel(
