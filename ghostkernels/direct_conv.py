@@ -38,53 +38,63 @@ def _check_activation(activation):
         raise RuntimeError(f"direct_conv2d: activation must be 'relu' or 'none', got '{activation}'")
 
 
-def _check(x, weight, bias, activation):
-    """The C++ kernel's errors (csrc/direct_conv_cpu.cpp) that the library conv would not raise."""
+def _check(x, weight, bias, stride, activation):
+    """The C++ kernel's argument errors (csrc/direct_conv_cpu.cpp), raised alike by the fake kernel,
+    the library fallback and the CUDA kernel: the library conv would raise other ones or none (an
+    even kernel, a stride of 3)."""
     _check_activation(activation)
+    if x.dim() != 4:
+        raise RuntimeError(f"direct_conv2d: x must be 4-D (N, C, H, W), got {x.dim()}-D")
+    if x.shape[1] == 0:
+        raise RuntimeError(f"direct_conv2d: x must have at least one channel, got {tuple(x.shape)}")
     if x.shape[2] == 0 or x.shape[3] == 0:
         raise RuntimeError(f"direct_conv2d: x must have H, W >= 1, got {tuple(x.shape)}")
+    if not (weight.dim() == 4 and weight.shape[1] > 0 and x.shape[1] % weight.shape[1] == 0
+            and weight.shape[0] % _groups(x, weight) == 0 and weight.shape[2] == weight.shape[3]
+            and weight.shape[2] % 2 == 1):
+        raise RuntimeError("direct_conv2d: weight must be (C_out, C / groups, k, k) with odd k, C_out divisible by "
+                           f"groups; got {tuple(weight.shape)} for x of {x.shape[1]} channels")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise RuntimeError(f"direct_conv2d: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if stride not in (1, 2):
+        raise RuntimeError(f"direct_conv2d: stride must be 1 or 2, got {stride}")
 
 
 @torch.library.register_fake("ghostkernels::direct_conv2d")
 def _fake(x, weight, bias, stride, activation="none"):
-    _check(x, weight, bias, activation)  # raised before anything runs
+    _check(x, weight, bias, stride, activation)  # raised before anything runs
     height, width = (-(-s // stride) for s in x.shape[2:])  # 'same' padding: ceil(H / stride)
     return x.new_empty((x.shape[0], weight.shape[0], height, width)).contiguous(memory_format=conv_output_format(x))
 
 
 @torch.library.impl(_lib, "direct_conv2d", "CompositeExplicitAutograd")
 def _fallback(x, weight, bias, stride, activation="none"):
-    _check_activation(activation)
+    _check(x, weight, bias, stride, activation)
     return ACTIVATIONS[activation](F.conv2d(x, weight, bias, stride, weight.shape[-1] // 2,
                                             groups=_groups(x, weight)).contiguous(
                                                 memory_format=conv_output_format(x)))
 
 
-def takes_triton(x, weight, bias, stride):
-    """Whether the Triton kernel (triton_direct_conv.py) serves this call on CUDA: a channels_last
-    x (the layout of an accelerated model on a GPU; NCHW keeps cuDNN, not yet measured against
-    it) with a conv the op is for. Anything else, well formed or not, goes to the library conv,
-    which raises its own errors."""
-    return (x.dim() == 4 and weight.dim() == 4
-            and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+def takes_triton(x, weight, bias):
+    """Whether the Triton kernel (triton_direct_conv.py) serves a call, its arguments checked, on
+    CUDA: a channels_last x (the layout of an accelerated model on a GPU; NCHW keeps cuDNN, not
+    yet measured against it), at most 4 inputs per group, one dtype and device. Anything else
+    goes to the library conv, which raises its own errors for what _check does not cover."""
+    return (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
             and x.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
             and weight.dtype == x.dtype and weight.device == x.device
             and (bias is None or (bias.dtype == x.dtype and bias.device == x.device))
-            and weight.shape[2] == weight.shape[3] and weight.shape[2] % 2 == 1
-            and 1 <= weight.shape[1] <= MAX_GROUP_INPUTS and x.shape[1] % weight.shape[1] == 0
-            and weight.shape[0] % _groups(x, weight) == 0 and stride >= 1)
+            and weight.shape[1] <= MAX_GROUP_INPUTS)
 
 
 @torch.library.impl(_lib, "direct_conv2d", "CUDA")
 def _cuda(x, weight, bias, stride, activation="none"):
     """One Triton launch with the bias and ReLU in its stores, where takes_triton; else the
     library conv and the ReLU after it."""
-    kernels = _backends.triton_kernels("triton_direct_conv") if takes_triton(x, weight, bias, stride) else None
+    _check(x, weight, bias, stride, activation)
+    kernels = _backends.triton_kernels("triton_direct_conv") if takes_triton(x, weight, bias) else None
     if kernels is None:
         return _fallback(x, weight, bias, stride, activation)
-    _check(x, weight, bias, activation)
     return kernels.direct_conv2d(x, weight.contiguous(), bias.contiguous() if bias is not None else None, stride,
                                  activation)
 

@@ -449,19 +449,40 @@ def test_triton_kernel_keeps_nan_through_the_relu(channels):
 
 
 def test_triton_route():
-    """Channels_last convs the op is for take the Triton kernel on CUDA; NCHW, even kernels, wide
-    groups and mixed dtypes keep the library conv (which raises its own errors)."""
+    """Channels_last convs the op is for take the Triton kernel on CUDA; NCHW, wide groups and
+    mixed dtypes keep the library conv (which raises its own errors)."""
     from ghostkernels.direct_conv import takes_triton
     x = make_input(2, 8, 9, 9, channels_last=True)
     depthwise, bias = torch.randn(8, 1, 3, 3, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
-    assert takes_triton(x, depthwise, bias, 2) and takes_triton(x, depthwise, None, 1)
+    assert takes_triton(x, depthwise, bias) and takes_triton(x, depthwise, None)
     assert takes_triton(make_input(2, 3, 9, 9, channels_last=True), torch.randn(16, 3, 3, 3, dtype=torch.float64),
-                        None, 2)
-    assert not takes_triton(x.contiguous(), depthwise, bias, 2)
-    assert not takes_triton(x, torch.randn(8, 1, 2, 2, dtype=torch.float64), bias, 2)
-    assert not takes_triton(x, torch.randn(8, 8, 3, 3, dtype=torch.float64), bias, 2)
-    assert not takes_triton(x, depthwise.float(), bias, 2)
-    assert not takes_triton(x, depthwise, bias.float(), 2)
+                        None)
+    assert not takes_triton(x.contiguous(), depthwise, bias)
+    assert not takes_triton(x, torch.randn(8, 8, 3, 3, dtype=torch.float64), bias)
+    assert not takes_triton(x, depthwise.float(), bias)
+    assert not takes_triton(x, depthwise, bias.float())
+
+
+@pytest.mark.parametrize("args, message", [
+    (((1, 4, 5, 5), (4, 1, 2, 2), None, 1), "weight must be"), (((1, 4, 5, 5), (4, 1, 3, 3), (3,), 1), "bias must"),
+    (((1, 4, 5, 5), (4, 1, 3, 3), None, 3), "stride must be 1 or 2"), (((4, 5, 5), (4, 1, 3, 3), None, 1), "4-D"),
+    (((1, 4, 0, 5), (4, 1, 3, 3), None, 1), "H, W >= 1")], ids=["even", "bias", "stride", "3-D", "empty"])
+@pytest.mark.parametrize("path", ["fallback", "fake"])
+def test_fallback_and_fake_raise_the_kernels_errors(args, message, path):
+    """Without the C++ kernel (GHOSTKERNELS_DISABLE_CPP=1, other devices: the library conv) and under
+    torch.compile (the fake kernel) a bad argument gets the C++ kernel's message, not F.conv2d's or
+    none (F.conv2d takes an even kernel or a stride of 3 and returns another shape)."""
+    from ghostkernels import direct_conv
+    x_shape, weight_shape, bias_shape, stride = args
+    tensors = [torch.randn(shape, dtype=torch.float64) for shape in (x_shape, weight_shape)]
+    tensors.append(torch.randn(bias_shape, dtype=torch.float64) if bias_shape else None)
+    if path == "fake":
+        with FakeTensorMode() as mode, pytest.raises(RuntimeError, match=message):
+            torch.ops.ghostkernels.direct_conv2d(*(mode.from_tensor(t) if t is not None else None for t in tensors),
+                                                 stride)
+    else:
+        with pytest.raises(RuntimeError, match=message):
+            direct_conv._fallback(*tensors, stride)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the op's CUDA kernel: needs a GPU")
