@@ -27,6 +27,8 @@ def check_pointwise(op, x, weight, bias):
     """The C++ kernels' checks of a 1x1 conv's arguments (csrc/pointwise_conv_cpu.cpp), as ValueErrors."""
     if x.dim() != 4:
         raise ValueError(f"{op}: x must be 4-D (N, C, H, W), got {x.dim()}-D")
+    if x.shape[1] == 0:  # F.conv2d returns the bias there, the C++ GEMM refuses
+        raise ValueError(f"{op}: x must have at least one channel, got {tuple(x.shape)}")
     if weight.dim() != 4 or tuple(weight.shape[1:]) != (x.shape[1], 1, 1):
         raise ValueError(f"{op}: weight must be (C_out, {x.shape[1]}, 1, 1), got {tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):

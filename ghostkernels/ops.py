@@ -86,7 +86,9 @@ def check_args(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_ch
             raise ValueError(f"ghost_module: {name} must have shape ({n},), got {tuple(bias.shape)}")
     kernel = primary_weight.shape[2]
     if min(x.shape[2], x.shape[3]) + 2 * (kernel // 2) < kernel:
-        raise ValueError(f"ghost_module: x of spatial size {tuple(x.shape[2:])} is smaller than the {kernel}x{kernel} primary kernel")
+        # the C++ kernel's wording (csrc/ghost_cpu.cpp), so that a test or a user matches either
+        raise ValueError(f"ghost_module: x of size {tuple(x.shape)} is too small for a {kernel}x{kernel} primary "
+                         "kernel")
 
 
 def check_gate(x, gate, out_channels):
