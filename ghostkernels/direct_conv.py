@@ -67,12 +67,17 @@ def _fake(x, weight, bias, stride, activation="none"):
     return x.new_empty((x.shape[0], weight.shape[0], height, width)).contiguous(memory_format=conv_output_format(x))
 
 
-@torch.library.impl(_lib, "direct_conv2d", "CompositeExplicitAutograd")
-def _fallback(x, weight, bias, stride, activation="none"):
-    _check(x, weight, bias, stride, activation)
+def _library(x, weight, bias, stride, activation):
+    """The library conv, then the activation, in the op's layout; the arguments checked."""
     return ACTIVATIONS[activation](F.conv2d(x, weight, bias, stride, weight.shape[-1] // 2,
                                             groups=_groups(x, weight)).contiguous(
                                                 memory_format=conv_output_format(x)))
+
+
+@torch.library.impl(_lib, "direct_conv2d", "CompositeExplicitAutograd")
+def _fallback(x, weight, bias, stride, activation="none"):
+    _check(x, weight, bias, stride, activation)
+    return _library(x, weight, bias, stride, activation)
 
 
 def takes_triton(x, weight, bias):
@@ -94,7 +99,7 @@ def _cuda(x, weight, bias, stride, activation="none"):
     _check(x, weight, bias, stride, activation)
     kernels = _backends.triton_kernels("triton_direct_conv") if takes_triton(x, weight, bias) else None
     if kernels is None:
-        return _fallback(x, weight, bias, stride, activation)
+        return _library(x, weight, bias, stride, activation)
     return kernels.direct_conv2d(x, weight.contiguous(), bias.contiguous() if bias is not None else None, stride,
                                  activation)
 
