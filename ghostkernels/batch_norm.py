@@ -12,7 +12,7 @@ from torch import nn
 
 from . import _backends, ops
 from .ghost_train import update_running_statistics, uses_batch_statistics
-from .reference import output_memory_format
+from .reference import batch_norm_backward, output_memory_format
 
 _lib = torch.library.Library("ghostkernels", "FRAGMENT")
 # (out, batch mean, biased batch variance)
@@ -54,6 +54,7 @@ def _fake(x, weight, bias, eps):
 
 @torch.library.impl(_lib, "batch_norm_train", "CompositeExplicitAutograd")
 def _fallback(x, weight, bias, eps):
+    _check(x, weight=weight, bias=bias)
     var, mean = torch.var_mean(x, dim=_DIMS, correction=0)
     scale = weight * torch.rsqrt(var + eps)
     # (x - mean) * scale + bias, as the C++ kernel: a folded shift loses digits where |mean| >> std
@@ -70,13 +71,8 @@ def _backward_fake(grad, x, weight, mean, var, eps):
 
 @torch.library.impl(_lib, "batch_norm_train_backward", "CompositeExplicitAutograd")
 def _backward_fallback(grad, x, weight, mean, var, eps):
-    rstd = torch.rsqrt(var + eps)
-    x_hat = (x - mean.view(_SHAPE)) * rstd.view(_SHAPE)
-    grad_bias = grad.sum(_DIMS)
-    grad_weight = (grad * x_hat).sum(_DIMS)
-    count = x.numel() // x.shape[1]
-    grad_x = (weight * rstd).view(_SHAPE) * (grad - (grad_bias / count).view(_SHAPE)
-                                              - x_hat * (grad_weight / count).view(_SHAPE))
+    _check(x, weight=weight, mean=mean, var=var)
+    grad_x, grad_weight, grad_bias = batch_norm_backward(grad, x, weight, mean, var, eps)
     return grad_x.contiguous(memory_format=output_memory_format(x)), grad_weight, grad_bias
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _backends, ops
-from .reference import ACTIVATIONS, output_memory_format
+from .reference import ACTIVATIONS, batch_norm_backward, conv_backward, output_memory_format, split_output_grad
 
 _lib = torch.library.Library("ghostkernels", "FRAGMENT")
 _lib.define(
@@ -47,12 +47,15 @@ def has_kernel(x):
     return x.dtype in CUDA_KERNEL_DTYPES and _backends.triton_kernels("triton_ghost_train") is not None
 
 
+def _normalize(z, mean, var, gamma, beta, eps):
+    shape = (1, -1, 1, 1)
+    return (z - mean.view(shape)) * torch.rsqrt(var + eps).view(shape) * gamma.view(shape) + beta.view(shape)
+
+
 def _batch_norm(z, gamma, beta, eps):
     """(act-ready BN(z) with z's batch statistics, mean, biased variance)."""
     var, mean = torch.var_mean(z, dim=(0, 2, 3), correction=0)
-    shape = (1, -1, 1, 1)
-    y = (z - mean.view(shape)) * torch.rsqrt(var + eps).view(shape) * gamma.view(shape) + beta.view(shape)
-    return y, mean, var
+    return _normalize(z, mean, var, gamma, beta, eps), mean, var
 
 
 def ghost_module_train_reference(x, primary_weight, primary_gamma, primary_beta, cheap_weight, cheap_gamma,
@@ -109,25 +112,44 @@ def _backward_fake(grad, x, primary_weight, primary_gamma, primary_beta, cheap_w
 
 @torch.library.impl(_lib, "ghost_module_train", "CompositeExplicitAutograd")
 def _fallback(*args):
+    _check(*args[:10])
     return ghost_module_train_reference(*args)
 
 
 @torch.library.impl(_lib, "ghost_module_train_backward", "CompositeExplicitAutograd")
 def _backward_fallback(grad, x, primary_weight, primary_gamma, primary_beta, cheap_weight, cheap_gamma, cheap_beta,
-                       primary_z, cheap_z, primary_mean, primary_var, cheap_mean, cheap_var, *config):
-    """Grads of (x, W1, gamma1, beta1, W2, gamma2, beta2) by autograd through the reference."""
-    leaves = [t.detach().requires_grad_()
-              for t in (x, primary_weight, primary_gamma, primary_beta, cheap_weight, cheap_gamma, cheap_beta)]
-    with torch.enable_grad():
-        out = ghost_module_train_reference(*leaves, *config)[0]
-    grads = torch.autograd.grad(out, leaves, grad)
-    return (grads[0].contiguous(memory_format=output_memory_format(x)),) + tuple(g.contiguous() for g in grads[1:])
+                       primary_z, cheap_z, primary_mean, primary_var, cheap_mean, cheap_var, out_channels, stride,
+                       activation, primary_eps, cheap_eps):
+    """Grads of (x, W1, gamma1, beta1, W2, gamma2, beta2) of ghost_module_train_reference, written
+    out (reference.conv_backward says why not by autograd), from the forward's z1, z2 and statistics."""
+    init = primary_weight.shape[0]
+    y1 = _normalize(primary_z, primary_mean, primary_var, primary_gamma, primary_beta, primary_eps)
+    y2 = _normalize(cheap_z, cheap_mean, cheap_var, cheap_gamma, cheap_beta, cheap_eps)
+    relu = activation == "relu"
+    grad_x1, grad_y2 = split_output_grad(grad, init, cheap_weight.shape[0])
+    if relu:  # torch's ReLU backward: not where the output <= 0, so NaN passes
+        grad_y2 = torch.ops.aten.threshold_backward(grad_y2, y2, 0)
+    grad_z2, grad_cheap_gamma, grad_cheap_beta = batch_norm_backward(grad_y2, cheap_z, cheap_gamma, cheap_mean,
+                                                                     cheap_var, cheap_eps)
+    grad_cheap_input, grad_cheap_weight, _ = conv_backward(grad_z2, ACTIVATIONS[activation](y1), cheap_weight, 1,
+                                                           init, bias=False)
+    grad_y1 = grad_x1 + grad_cheap_input
+    if relu:
+        grad_y1 = torch.ops.aten.threshold_backward(grad_y1, y1, 0)
+    grad_z1, grad_primary_gamma, grad_primary_beta = batch_norm_backward(grad_y1, primary_z, primary_gamma,
+                                                                         primary_mean, primary_var, primary_eps)
+    grad_x, grad_primary_weight, _ = conv_backward(grad_z1, x, primary_weight, stride, 1, bias=False)
+    return (grad_x.contiguous(memory_format=output_memory_format(x)), grad_primary_weight.contiguous(),
+            grad_primary_gamma, grad_primary_beta, grad_cheap_weight.contiguous(), grad_cheap_gamma, grad_cheap_beta)
 
 
 @torch.library.impl(_lib, "ghost_module_train", "CUDA")
 def _cuda(*args):
     kernels = _backends.triton_kernels("triton_ghost_train")
-    return _fallback(*args) if kernels is None else kernels.forward(*args)
+    if kernels is None:
+        return _fallback(*args)
+    _check(*args[:10])
+    return kernels.forward(*args)
 
 
 @torch.library.impl(_lib, "ghost_module_train_backward", "CUDA")

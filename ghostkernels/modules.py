@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ghost_train, ops
-from .reference import conv_output_format, dfc_gate, dfc_short_conv
+from .reference import conv_output_format, dfc_gate, dfc_short_conv, output_memory_format
 
 
 def is_same_square_conv(conv):
@@ -315,7 +315,8 @@ class GhostModule(nn.Module):
                 return out
             x1 = self.primary_conv(x)
             x2 = self.cheap_operation(x1)
-            return torch.cat([x1, x2], dim=1)[:, : self.oup]
+            # in x's layout, as the ops return it: out_channels below init + new cut a view
+            return torch.cat([x1, x2], dim=1)[:, : self.oup].contiguous(memory_format=output_memory_format(x))
         return ops.apply(x, *folded[:4], self.oup, self.stride, self.activation)
 
     def batch_statistics_forward(self, x):

@@ -14,7 +14,8 @@ import warnings
 import torch
 
 from . import _backends
-from .reference import ACTIVATIONS, ghost_module_gated_reference, ghost_module_reference, output_memory_format
+from .reference import (ACTIVATIONS, ghost_module_gated_reference, ghost_module_gradients, ghost_module_reference,
+                        output_memory_format)
 
 _lib = torch.library.Library("ghostkernels", "DEF")
 _lib.define(
@@ -104,6 +105,26 @@ def check_gate(x, gate, out_channels):
                         "they must match")
 
 
+# Signatures of the op calls already checked: the kernels' host path checks a shape once (#13).
+_checked_signatures = set()
+
+
+def check_args_once(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation,
+                    gate=None):
+    """check_args (and check_gate) for a call of the op itself (torch.ops.ghostkernels.ghost_module
+    and its gated form), whose kernels take the arguments as given, once per signature: the shapes,
+    dtypes and devices of the tensors and the other arguments, all that the checks read."""
+    signature = tuple(None if t is None else (t.shape, t.dtype, t.device)
+                      for t in (x, primary_weight, primary_bias, cheap_weight, cheap_bias, gate))
+    signature += (out_channels, stride, activation)
+    if signature in _checked_signatures:
+        return
+    check_args(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation)
+    if gate is not None:
+        check_gate(x, gate, out_channels)
+    _checked_signatures.add(signature)
+
+
 def output_shape(x, primary_weight, out_channels, stride):
     kernel = primary_weight.shape[2]
     height, width = ((s + 2 * (kernel // 2) - kernel) // stride + 1 for s in x.shape[2:])
@@ -158,6 +179,7 @@ def _warn_fallback(device_type):
 
 @torch.library.impl(_lib, "ghost_module", "CompositeExplicitAutograd")
 def _ghost_module_fallback(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation):
+    check_args_once(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation)
     _warn_fallback(x.device.type)
     return _reference_output(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride,
                              activation)
@@ -166,6 +188,8 @@ def _ghost_module_fallback(x, primary_weight, primary_bias, cheap_weight, cheap_
 @torch.library.impl(_lib, "ghost_module_gated", "CompositeExplicitAutograd")
 def _ghost_module_gated_fallback(x, primary_weight, primary_bias, cheap_weight, cheap_bias, gate, out_channels,
                                  stride, activation):
+    check_args_once(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation,
+                    gate)
     _warn_fallback(x.device.type)
     return _reference_output(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride,
                              activation, gate)
@@ -190,26 +214,12 @@ def _reference_output(x, primary_weight, primary_bias, cheap_weight, cheap_bias,
 def _ghost_module_backward_fallback(grad, out, x, primary_weight, primary_bias, cheap_weight, cheap_bias,
                                     out_channels, stride, activation):
     _warn_fallback(x.device.type)
-    return reference_gradients(grad, x, primary_weight, primary_bias, cheap_weight, cheap_bias,
-                               out_channels, stride, activation)
-
-
-def reference_gradients(grad, x, primary_weight, primary_bias, cheap_weight, cheap_bias,
-                        out_channels, stride, activation):
-    """Grads of (x, W1, b1, W2, b2) by autograd through the reference; zeros for absent biases."""
-    init, ghosts = primary_weight.shape[0], cheap_weight.shape[0]
-    b1 = primary_bias if primary_bias is not None else x.new_zeros(init)
-    b2 = cheap_bias if cheap_bias is not None else x.new_zeros(ghosts)
-    leaves = [t.detach().requires_grad_() for t in (x, primary_weight, b1, cheap_weight, b2)]
-    with torch.enable_grad():
-        out = ghost_module_reference(*leaves, out_channels=out_channels, stride=stride, activation=activation)
-    grads = torch.autograd.grad(out, leaves, grad)
-    fmt = output_memory_format(x)
-    return (grads[0].contiguous(memory_format=fmt),) + tuple(g.contiguous() for g in grads[1:])
+    return ghost_module_gradients(grad, out, x, primary_weight, cheap_weight, stride, activation)
 
 
 @torch.library.impl(_lib, "ghost_module", "CUDA")
 def _ghost_module_cuda(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation):
+    check_args_once(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation)
     kernels = _backends.triton_kernels()
     if kernels is None:
         return _ghost_module_fallback(
@@ -220,6 +230,8 @@ def _ghost_module_cuda(x, primary_weight, primary_bias, cheap_weight, cheap_bias
 @torch.library.impl(_lib, "ghost_module_gated", "CUDA")
 def _ghost_module_gated_cuda(x, primary_weight, primary_bias, cheap_weight, cheap_bias, gate, out_channels, stride,
                              activation):
+    check_args_once(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation,
+                    gate)
     kernels = _backends.triton_kernels()
     if kernels is None:
         return _ghost_module_gated_fallback(

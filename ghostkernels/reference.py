@@ -37,6 +37,58 @@ def ghost_module_reference(
     return torch.cat([x1, x2], dim=1)[:, :out_channels]
 
 
+def conv_backward(grad, x, weight, stride, groups, bias=True):
+    """(grad_x, grad_weight, grad_bias or None) of F.conv2d(x, weight, bias, stride, k // 2,
+    groups=groups), by aten's convolution_backward rather than autograd: the fallback backward
+    kernels run below autograd's dispatch key, where a TorchDispatchMode (opcheck, FlopCounterMode)
+    calls them and autograd records nothing."""
+    k = weight.shape[-1]
+    return torch.ops.aten.convolution_backward(grad, x, weight, [weight.shape[0]], [stride] * 2, [k // 2] * 2,
+                                               [1, 1], False, [0, 0], groups, [True, True, bias])
+
+
+def batch_norm_backward(grad, x, weight, mean, var, eps):
+    """(grad_x, grad_weight, grad_bias) of a training-mode BatchNorm over (N, H, W) with the batch
+    mean and biased variance it normalised by."""
+    shape, dims = (1, -1, 1, 1), (0, 2, 3)
+    rstd = torch.rsqrt(var + eps)
+    x_hat = (x - mean.view(shape)) * rstd.view(shape)
+    grad_bias = grad.sum(dims)
+    grad_weight = (grad * x_hat).sum(dims)
+    count = x.numel() // x.shape[1]
+    grad_x = (weight * rstd).view(shape) * (grad - (grad_bias / count).view(shape)
+                                             - x_hat * (grad_weight / count).view(shape))
+    return grad_x, grad_weight, grad_bias
+
+
+def split_output_grad(grad, init, ghosts):
+    """A Ghost output's grad as (the primary half's, the ghost half's with zeros for the ghost
+    channels that out_channels cut off)."""
+    grad_ghost = grad.new_zeros((grad.shape[0], ghosts, *grad.shape[2:]))
+    grad_ghost[:, : grad.shape[1] - init] = grad[:, init:]
+    return grad[:, :init], grad_ghost
+
+
+def ghost_module_gradients(grad, out, x, primary_weight, cheap_weight, stride, activation):
+    """(grad_x, grad_W1, grad_b1, grad_W2, grad_b2) of ghost_module_reference from its output `out`,
+    as the fused backward kernels compute them: x1 is out's first init channels, and the ReLUs
+    pass where out does (torch's ReLU backward: not where out <= 0, so NaN passes)."""
+    init, ghosts = primary_weight.shape[0], cheap_weight.shape[0]
+    relu = activation == "relu"
+    x1 = out[:, :init]
+    grad_x1, grad_ghost = split_output_grad(grad, init, ghosts)
+    if relu:
+        grad_ghost[:, : out.shape[1] - init] = torch.ops.aten.threshold_backward(
+            grad_ghost[:, : out.shape[1] - init], out[:, init:], 0)
+    grad_cheap_input, grad_cheap_weight, grad_cheap_bias = conv_backward(grad_ghost, x1, cheap_weight, 1, init)
+    grad_z1 = grad_x1 + grad_cheap_input
+    if relu:
+        grad_z1 = torch.ops.aten.threshold_backward(grad_z1, x1, 0)
+    grad_x, grad_primary_weight, grad_primary_bias = conv_backward(grad_z1, x, primary_weight, stride, 1)
+    return (grad_x.contiguous(memory_format=output_memory_format(x)), grad_primary_weight.contiguous(),
+            grad_primary_bias, grad_cheap_weight.contiguous(), grad_cheap_bias)
+
+
 def ghost_module_masked_reference(
     x, primary_weight, primary_bias, cheap_weight, cheap_bias, *, out_channels, stride=1, relu_masks_of
 ):

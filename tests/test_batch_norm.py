@@ -14,7 +14,7 @@ from ghostkernels.models.plain import ResNetCIFAR
 from ghostkernels import batch_norm
 from ghostkernels.batch_norm import TrainingBatchNorm2d, _backward_fallback, _fallback, _fake
 
-from conftest import make_input
+from conftest import make_input, needs_cpp_library
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 
@@ -102,6 +102,7 @@ def test_other_inputs_run_batch_norm(x, reason):
         assert ours(x).shape == original(x).shape
 
 
+@needs_cpp_library
 def test_small_maps_run_batch_norm(monkeypatch):
     monkeypatch.setattr(batch_norm, "SMALLEST_KERNEL_MAP", 1 << 17)
     _, ours = pair(16, torch.float32)

@@ -10,9 +10,9 @@ import torch
 
 import ghostkernels
 from ghostkernels import ghost_module, ghost_module_reference
-from ghostkernels.reference import ghost_module_gated_reference
+from ghostkernels.reference import ghost_module_gated_reference, ghost_module_gradients
 
-from conftest import make_input, make_weights
+from conftest import BAD_ARGUMENT, make_input, make_weights, needs_cpp_library
 
 # (ratio, dw, stride, activation, channels_last, primary kernel): every combination users hit.
 CONFIGS = list(itertools.product([2, 3, 4], [1, 3, 5, 7], [1, 2], ["relu", "none"], [False, True], [1, 3]))
@@ -228,6 +228,28 @@ def test_opcheck(channels_last):
     torch.library.opcheck(torch.ops.ghostkernels.ghost_module_backward.default, backward_args)
 
 
+@pytest.mark.parametrize("inp, oup, ratio, dw, kernel, stride, activation, channels_last", [
+    (4, 7, 2, 3, 1, 1, "relu", False), (5, 13, 3, 5, 1, 2, "relu", True), (3, 9, 4, 1, 3, 1, "none", False),
+    (6, 8, 2, 7, 3, 2, "relu", True)])
+def test_backward_fallback_is_the_references_gradient(inp, oup, ratio, dw, kernel, stride, activation, channels_last):
+    """The fallback backward kernel's math (no compiled or Triton kernel), written out with aten's
+    conv backward, against autograd through the reference. It runs below autograd's dispatch key, as the
+    dispatcher calls it under a TorchDispatchMode, where autograd through the reference recorded
+    nothing and raised (opcheck without the C++ library, FlopCounterMode)."""
+    x = make_input(2, inp, 7, 6, channels_last=channels_last, requires_grad=True)
+    weights = make_weights(inp, oup, ratio, dw, kernel=kernel, requires_grad=True)
+    config = dict(out_channels=oup, stride=stride, activation=activation)
+    out = ghost_module_reference(x, *weights, **config)
+    grad = torch.randn_like(out)
+    expected = torch.autograd.grad(out, [x, *weights], grad)
+    with torch._C._AutoDispatchBelowAutograd():
+        got = ghost_module_gradients(grad, out.detach(), x.detach(), weights[0].detach(), weights[2].detach(), stride,
+                                     activation)
+    assert got[0].is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    for name, a, b in zip(("x", "W1", "b1", "W2", "b2"), got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
+
+
 def test_cpu_kernel_is_in_use():
     """CI builds the extension: a missing C++ kernel must fail here, not skip."""
     if os.environ.get("GHOSTKERNELS_DISABLE_CPP") == "1":
@@ -252,6 +274,7 @@ def test_cpu_build_follows_the_instruction_set(monkeypatch, machine, capability,
 
 
 @pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512", reason="needs an AVX-512 CPU")
+@needs_cpp_library
 def test_avx2_build_matches_the_reference_on_an_avx512_cpu():
     """The suite runs the build of the CPU it is on; on an AVX-512 CPU this runs the AVX2 build
     (ATEN_CPU_CAPABILITY=avx2) through the C++ kernels' tests (about 75 s), so that both
@@ -269,6 +292,7 @@ def test_avx2_build_matches_the_reference_on_an_avx512_cpu():
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
 
 
+@needs_cpp_library
 def test_large_outputs_reuse_freed_memory():
     """csrc/output_pool.h: a freed output's block serves the next output of its size."""
     ghostkernels.empty_cache()
@@ -295,6 +319,7 @@ def test_output_cache_can_be_turned_off():
     subprocess.run([sys.executable, "-c", script], env=env, check=True)
 
 
+@needs_cpp_library
 @pytest.mark.parametrize("value", ["-1", "abc", "1O24", ""])
 def test_bad_output_cache_size_warns_and_keeps_the_default(value):
     """A typo or a negative size must not silently turn the cache off or lift its cap."""
@@ -354,6 +379,12 @@ def test_bad_input(case, error, match):
     args, kwargs = case()
     with pytest.raises(error, match=match):
         ghost_module(*args, **kwargs)
+    # The CUDA kernel's entry (here with CPU tensors) checks direct op calls before it launches
+    # anything: Triton reads where the arguments say, so a short bias was read past its end.
+    for cuda_entry, extra in ((ghostkernels.ops._ghost_module_cuda, ()),
+                              (ghostkernels.ops._ghost_module_gated_cuda, (torch.randn(1, 8, 3, 3, dtype=F64),))):
+        with pytest.raises(error, match=match):
+            cuda_entry(*args, *extra, kwargs["out_channels"], 1, "relu")
 
 
 @pytest.mark.parametrize(
@@ -376,7 +407,7 @@ def test_cpu_kernel_checks_direct_op_calls():
     """Calls that bypass the Python checks still get a clear error from the C++ kernel."""
     args, _ = good_args()
     args[0] = torch.randn(1, 5, 6, 6, dtype=torch.float64)
-    with pytest.raises(RuntimeError, match="x has 5"):
+    with pytest.raises(BAD_ARGUMENT, match="x has 5"):
         torch.ops.ghostkernels.ghost_module(*args, 8, 1, "relu")
 
 
@@ -400,7 +431,7 @@ def test_cpu_kernel_rejects_empty_inputs(x_shape, w1_shape, stride, match, gated
     if gated:
         args.append(torch.randn(1, 8, 1, 1, dtype=F64))
     op = torch.ops.ghostkernels.ghost_module_gated if gated else torch.ops.ghostkernels.ghost_module
-    with pytest.raises(RuntimeError, match=match):
+    with pytest.raises(BAD_ARGUMENT, match=match):
         op(*args, 8, stride, "relu")
 
 
@@ -464,5 +495,5 @@ def test_bad_gate(gate, error, match):
     with pytest.raises(error, match=match):
         ghost_module(*args, gate=gate, **kwargs)
     if error is ValueError and gate.dim() == 4:  # the C++ kernel says the same to direct op calls
-        with pytest.raises(RuntimeError, match="gate must be"):
+        with pytest.raises(BAD_ARGUMENT, match="gate must be"):
             torch.ops.ghostkernels.ghost_module_gated(*args, gate, 8, 1, "relu")
