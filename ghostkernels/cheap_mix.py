@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _backends
-from .ops import _warn_fallback, onnx_exporting
+from .ops import _warn_fallback, check_once, onnx_exporting
 from .reference import output_memory_format
 
 _lib = torch.library.Library("ghostkernels", "FRAGMENT")
@@ -83,6 +83,12 @@ def _fallback_into(x, weight, bias, mix, channel_offset, out):
 
 @torch.library.impl(_lib, "cheap_mix_into", "CUDA")
 def _cuda_into(x, weight, bias, mix, channel_offset, out):
+    # the Triton kernel reads and writes where the arguments say: checked first
+    check_once(check_args, x, weight, bias, mix, channel_offset, out)
+    _write_into(x, weight, bias, mix, channel_offset, out)
+
+
+def _write_into(x, weight, bias, mix, channel_offset, out):
     kernels = _backends.triton_kernels("triton_cheap_mix")
     if kernels is None:
         _fallback_into(x, weight, bias, mix, channel_offset, out)
@@ -92,9 +98,10 @@ def _cuda_into(x, weight, bias, mix, channel_offset, out):
 
 @torch.library.impl(_lib, "cheap_mix", "CUDA")
 def _cuda(x, weight, bias, mix, channel_offset):
+    check_once(check_args, x, weight, bias, mix, channel_offset)
     out = torch.empty((x.shape[0], weight.shape[0], *x.shape[2:]), dtype=x.dtype, device=x.device,
                       memory_format=output_memory_format(x))
-    _cuda_into(x, weight, bias, mix, channel_offset, out)
+    _write_into(x, weight, bias, mix, channel_offset, out)
     return out
 
 

@@ -96,7 +96,7 @@ def takes_triton(x, weight, bias):
 def _cuda(x, weight, bias, stride, activation="none"):
     """One Triton launch with the bias and ReLU in its stores, where takes_triton; else the
     library conv and the ReLU after it."""
-    _check(x, weight, bias, stride, activation)
+    ops.check_once(_check, x, weight, bias, stride, activation)
     kernels = _backends.triton_kernels("triton_direct_conv") if takes_triton(x, weight, bias) else None
     if kernels is None:
         return _library(x, weight, bias, stride, activation)

@@ -82,7 +82,7 @@ def _cuda(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channel
           depthwise_weight, depthwise_bias, depthwise_stride):
     args = (x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation,
             depthwise_weight, depthwise_bias, depthwise_stride)
-    _check(*args)
+    ops.check_once(_check, *args)
     kernels = _backends.triton_kernels()
     if kernels is None:
         return _composed(*args)

@@ -58,7 +58,8 @@ def _ghost_residual_cuda(x, scale, primary_weight, primary_bias, cheap_weight, c
     if kernels is None or alpha != 1:
         return _ghost_then_add(x, scale, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride,
                                activation, residual, alpha)
-    _check(x, scale, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation)
+    ops.check_once(_check, x, scale, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride,
+                   activation)
     return kernels.forward(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation,
                            scale=scale, residual=residual)
 

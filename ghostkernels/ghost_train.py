@@ -148,7 +148,7 @@ def _cuda(*args):
     kernels = _backends.triton_kernels("triton_ghost_train")
     if kernels is None:
         return _fallback(*args)
-    _check(*args[:10])
+    ops.check_once(_check, *args[:10])
     return kernels.forward(*args)
 
 

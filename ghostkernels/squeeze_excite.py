@@ -62,7 +62,8 @@ def _scaled_fallback(x, scale, primary_weight, primary_bias, cheap_weight, cheap
 def _scaled_cuda(x, scale, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation):
     """The Triton forward with the gate applied as x is read (or in per-image weights of the
     library GEMM): the product x * scale is never written."""
-    _check_scaled(x, scale, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation)
+    ops.check_once(_check_scaled, x, scale, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels,
+                   stride, activation)
     kernels = _backends.triton_kernels()
     if kernels is None:
         return _composed(x, scale, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride,
@@ -124,7 +125,7 @@ def _gate_fallback(x, reduce_weight, reduce_bias, expand_weight, expand_bias):
 @torch.library.impl(_lib, "squeeze_excite_gate", "CUDA")
 def _gate_cuda(x, reduce_weight, reduce_bias, expand_weight, expand_bias):
     """One Triton launch (triton_squeeze_excite.py) instead of the composition's ~15."""
-    check_gate_args(x, reduce_weight, reduce_bias, expand_weight, expand_bias)
+    ops.check_once(check_gate_args, x, reduce_weight, reduce_bias, expand_weight, expand_bias)
     kernels = _backends.triton_kernels("triton_squeeze_excite")
     if kernels is None:
         return _gate_composed(x, reduce_weight, reduce_bias, expand_weight, expand_bias)

@@ -1,6 +1,8 @@
 """ghostkernels::cheap_mix (G-GhostNet's cheap part) against its reference: C++ on the CPU, the
 Triton kernel on a GPU or in the interpreter; into channel slices; gradients; errors."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -8,6 +10,9 @@ from ghostkernels import triton_cheap_mix
 from ghostkernels.cheap_mix import cheap_mix, cheap_mix_reference
 
 from conftest import BAD_ARGUMENT
+
+# the module (ghostkernels.cheap_mix is the function of the same name)
+cheap_mix_module = importlib.import_module("ghostkernels.cheap_mix")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -86,8 +91,17 @@ def test_bad_input(change, error, match):
     x, weight, b, mix = make_args(2, 9, 5, 6, (4, 3))
     args = dict(x=x, weight=weight, bias=b, mix=mix, channel_offset=0)
     change(args)
+    tensors = [args.pop(name) for name in ("x", "weight", "bias", "mix")]
     with pytest.raises(error, match=match):
-        cheap_mix(args.pop("x"), args.pop("weight"), args.pop("bias"), args.pop("mix"), **args)
+        cheap_mix(*tensors, **args)
+    # The CUDA kernels' entries (here with CPU tensors) check direct op calls before they launch:
+    # Triton reads and writes where the arguments say.
+    out = args.pop("out", None)
+    with pytest.raises(error, match=match):
+        if out is None:
+            cheap_mix_module._cuda(*tensors, args["channel_offset"])
+        else:
+            cheap_mix_module._cuda_into(*tensors, args["channel_offset"], out)
 
 
 def test_no_input_channels_is_an_error():
