@@ -393,6 +393,15 @@ ghost_module_train_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_i
                   z1_in.sizes() == at::IntArrayRef({g.batch, g.init, g.out_height, g.out_width}) &&
                   z2_in.sizes() == at::IntArrayRef({g.batch, g.ghosts, g.out_height, g.out_width}),
               "ghost_module_train_backward: grad, primary_z and cheap_z do not match the forward's shapes");
+  const std::pair<const char*, const at::Tensor*> statistics[] = {
+      {"primary_mean", &mean1}, {"primary_var", &var1}, {"cheap_mean", &mean2}, {"cheap_var", &var2}};
+  for (const auto& [name, t] : statistics) {
+    const int64_t expected = name[0] == 'p' ? g.init : g.ghosts;
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == expected, "ghost_module_train_backward: ", name, " must have shape (",
+                expected, ",), got ", t->sizes());
+    TORCH_CHECK(t->scalar_type() == x_in.scalar_type() && t->device() == x_in.device(), "ghost_module_train_backward: ",
+                name, " must match x's dtype and device");
+  }
   const at::Tensor x = primary_input(x_in, g), w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
   const at::Tensor grad = grad_in.contiguous(), z1 = z1_in.contiguous(), z2 = z2_in.contiguous();
   const at::TensorOptions options = x.options();

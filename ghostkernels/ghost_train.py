@@ -91,6 +91,26 @@ def _check(x, primary_weight, primary_gamma, primary_beta, cheap_weight, cheap_g
     return shape
 
 
+def _check_backward(grad, x, primary_weight, primary_gamma, primary_beta, cheap_weight, cheap_gamma, cheap_beta,
+                    primary_z, cheap_z, primary_mean, primary_var, cheap_mean, cheap_var, out_channels, stride,
+                    activation, *eps):
+    """_check, and the forward's outputs that the backward reads (grad of out, z1, z2 and the
+    statistics) of the shapes the forward gives them, x's dtype and device."""
+    n, _, height, width = _check(x, primary_weight, primary_gamma, primary_beta, cheap_weight, cheap_gamma, cheap_beta,
+                                 out_channels, stride, activation)
+    init, ghosts = primary_weight.shape[0], cheap_weight.shape[0]
+    expected = (("grad", grad, (n, out_channels, height, width)), ("primary_z", primary_z, (n, init, height, width)),
+                ("cheap_z", cheap_z, (n, ghosts, height, width)), ("primary_mean", primary_mean, (init,)),
+                ("primary_var", primary_var, (init,)), ("cheap_mean", cheap_mean, (ghosts,)),
+                ("cheap_var", cheap_var, (ghosts,)))
+    for name, t, shape in expected:
+        if tuple(t.shape) != shape:
+            raise ValueError(f"ghost_module_train_backward: {name} must have shape {shape}, got {tuple(t.shape)}")
+        if t.dtype != x.dtype or t.device != x.device:
+            raise TypeError(f"ghost_module_train_backward: {name} is {t.dtype} on {t.device}, x is {x.dtype} on "
+                            f"{x.device}; they must match")
+
+
 @torch.library.register_fake("ghostkernels::ghost_module_train")
 def _fake(x, primary_weight, primary_gamma, primary_beta, cheap_weight, cheap_gamma, cheap_beta, out_channels,
           stride, activation, primary_eps, cheap_eps):
@@ -105,6 +125,7 @@ def _fake(x, primary_weight, primary_gamma, primary_beta, cheap_weight, cheap_ga
 @torch.library.register_fake("ghostkernels::ghost_module_train_backward")
 def _backward_fake(grad, x, primary_weight, primary_gamma, primary_beta, cheap_weight, cheap_gamma, cheap_beta,
                    *rest):
+    _check_backward(grad, x, primary_weight, primary_gamma, primary_beta, cheap_weight, cheap_gamma, cheap_beta, *rest)
     return (torch.empty_like(x, memory_format=output_memory_format(x)),
             *(torch.empty_like(t, memory_format=torch.contiguous_format)
               for t in (primary_weight, primary_gamma, primary_beta, cheap_weight, cheap_gamma, cheap_beta)))
@@ -122,6 +143,9 @@ def _backward_fallback(grad, x, primary_weight, primary_gamma, primary_beta, che
                        activation, primary_eps, cheap_eps):
     """Grads of (x, W1, gamma1, beta1, W2, gamma2, beta2) of ghost_module_train_reference, written
     out (reference.conv_backward says why not by autograd), from the forward's z1, z2 and statistics."""
+    ops.check_once(_check_backward, grad, x, primary_weight, primary_gamma, primary_beta, cheap_weight, cheap_gamma,
+                   cheap_beta, primary_z, cheap_z, primary_mean, primary_var, cheap_mean, cheap_var, out_channels,
+                   stride, activation, primary_eps, cheap_eps)
     init = primary_weight.shape[0]
     y1 = _normalize(primary_z, primary_mean, primary_var, primary_gamma, primary_beta, primary_eps)
     y2 = _normalize(cheap_z, cheap_mean, cheap_var, cheap_gamma, cheap_beta, cheap_eps)
@@ -155,7 +179,10 @@ def _cuda(*args):
 @torch.library.impl(_lib, "ghost_module_train_backward", "CUDA")
 def _backward_cuda(*args):
     kernels = _backends.triton_kernels("triton_ghost_train")
-    return _backward_fallback(*args) if kernels is None else kernels.backward(*args)
+    if kernels is None:
+        return _backward_fallback(*args)
+    ops.check_once(_check_backward, *args)
+    return kernels.backward(*args)
 
 
 def _setup_context(ctx, inputs, output):

@@ -110,6 +110,21 @@ def check_gated_args(x, primary_weight, primary_bias, cheap_weight, cheap_bias, 
     check_gate(x, gate, out_channels)
 
 
+def check_backward_args(grad, out, x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride,
+                        activation):
+    """check_args, and grad and out of the forward output's shape, dtype and device."""
+    check_args(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation)
+    shape = output_shape(x, primary_weight, out_channels, stride)
+    if grad.shape != shape or out.shape != shape:
+        # the C++ kernel's wording (csrc/ghost_backward_cpu.cpp)
+        raise ValueError(f"ghost_module_backward: grad and out must have shape {list(shape)}, got "
+                         f"{list(grad.shape)} and {list(out.shape)}")
+    for name, t in (("grad", grad), ("out", out)):
+        if t.dtype != x.dtype or t.device != x.device:
+            raise TypeError(f"ghost_module_backward: {name} is {t.dtype} on {t.device}, x is {x.dtype} on {x.device}; "
+                            "they must match")
+
+
 # (check, signature) of the calls already checked: see check_once.
 _checked_signatures = set()
 
@@ -152,6 +167,8 @@ def _ghost_module_gated_fake(x, primary_weight, primary_bias, cheap_weight, chea
 @torch.library.register_fake("ghostkernels::ghost_module_backward")
 def _ghost_module_backward_fake(grad, out, x, primary_weight, primary_bias, cheap_weight, cheap_bias,
                                 out_channels, stride, activation):
+    check_backward_args(grad, out, x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride,
+                        activation)
     fmt = output_memory_format(x)
     return (
         torch.empty_like(x, memory_format=fmt),
@@ -213,6 +230,8 @@ def _reference_output(x, primary_weight, primary_bias, cheap_weight, cheap_bias,
 @torch.library.impl(_lib, "ghost_module_backward", "CompositeExplicitAutograd")
 def _ghost_module_backward_fallback(grad, out, x, primary_weight, primary_bias, cheap_weight, cheap_bias,
                                     out_channels, stride, activation):
+    check_once(check_backward_args, grad, out, x, primary_weight, primary_bias, cheap_weight, cheap_bias,
+               out_channels, stride, activation)
     _warn_fallback(x.device.type)
     return ghost_module_gradients(grad, out, x, primary_weight, cheap_weight, stride, activation)
 
@@ -243,6 +262,8 @@ def _ghost_module_gated_cuda(x, primary_weight, primary_bias, cheap_weight, chea
 @torch.library.impl(_lib, "ghost_module_backward", "CUDA")
 def _ghost_module_backward_cuda(grad, out, x, primary_weight, primary_bias, cheap_weight, cheap_bias,
                                 out_channels, stride, activation):
+    check_once(check_backward_args, grad, out, x, primary_weight, primary_bias, cheap_weight, cheap_bias,
+               out_channels, stride, activation)
     kernels = _backends.triton_kernels()
     if kernels is None:
         return _ghost_module_backward_fallback(grad, out, x, primary_weight, primary_bias, cheap_weight,

@@ -12,7 +12,7 @@ import ghostkernels
 from ghostkernels import ghost_module, ghost_module_reference
 from ghostkernels.reference import ghost_module_gated_reference, ghost_module_gradients
 
-from conftest import BAD_ARGUMENT, make_input, make_weights, needs_cpp_library
+from conftest import BAD_ARGUMENT, CPP_LIBRARY, make_input, make_weights, needs_cpp_library
 
 # (ratio, dw, stride, activation, channels_last, primary kernel): every combination users hit.
 CONFIGS = list(itertools.product([2, 3, 4], [1, 3, 5, 7], [1, 2], ["relu", "none"], [False, True], [1, 3]))
@@ -412,6 +412,28 @@ def test_cpu_kernel_checks_direct_op_calls():
 
 
 F64 = torch.float64
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (lambda a: a.update(grad=a["grad"][:, :7]), ValueError, "grad and out must have shape"),
+    (lambda a: a.update(out=a["out"][:, :, :5]), ValueError, "grad and out must have shape"),
+    (lambda a: a.update(grad=a["grad"].float()), TypeError, "grad is torch.float32"),
+])
+def test_backward_op_checks_direct_calls(change, error, match):
+    """The backward op's kernels read grad and out where the forward's shape says: a direct call
+    with others gets the C++ kernel's error (or the fallback's, the fake kernel's, the CUDA
+    entry's) instead of reads past their ends."""
+    args, kwargs = good_args()
+    out = ghost_module(*args, **kwargs)
+    named = dict(grad=torch.randn_like(out), out=out)
+    change(named)
+    backward_args = (named["grad"], named["out"], *args, 8, 1, "relu")
+    if not (CPP_LIBRARY and named["grad"].dtype != F64):  # C++ says "expected scalar type Double"
+        with pytest.raises(BAD_ARGUMENT, match=match):
+            torch.ops.ghostkernels.ghost_module_backward(*backward_args)
+    for entry in (ghostkernels.ops._ghost_module_backward_fake, ghostkernels.ops._ghost_module_backward_cuda):
+        with pytest.raises(error, match=match):
+            entry(*backward_args)
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])

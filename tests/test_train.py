@@ -10,8 +10,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from ghostkernels import GhostModule, GhostModuleV2
-from ghostkernels.ghost_train import _backward_fallback, _fake, ghost_module_train_reference
+from ghostkernels import GhostModule, GhostModuleV2, ghost_train
+from ghostkernels.ghost_train import _backward_fake, _backward_fallback, _fake, ghost_module_train_reference
 from ghostkernels.reference import ReferenceGhostModule, ReferenceGhostModuleV2, output_memory_format
 
 import distributed_training
@@ -277,6 +277,28 @@ def test_bad_arguments_are_named(index, change, error, match, kernel_match):
         _fake(*args)
     with pytest.raises(BAD_ARGUMENT, match=kernel_match if CPP_LIBRARY else match):
         torch.ops.ghostkernels.ghost_module_train(*args)
+
+
+@pytest.mark.parametrize("index, change, error, match, kernel_match", [
+    (0, lambda t: t[:, :5], ValueError, r"grad must have shape", "grad, primary_z and cheap_z do not match"),
+    (10, lambda t: t[:-1], ValueError, r"primary_mean must have shape \(3,\)", r"primary_mean must have shape \(3,\)"),
+    (13, lambda t: t[:-1], ValueError, r"cheap_var must have shape \(6,\)", r"cheap_var must have shape \(6,\)"),
+    (8, lambda t: t.float(), TypeError, "primary_z is torch.float32", None),  # C++: data_ptr's dtype error
+])
+def test_backward_op_checks_direct_calls(index, change, error, match, kernel_match):
+    """The backward op reads the forward's outputs where the forward's shapes say: a direct call with
+    others gets an error naming the argument from every kernel (the C++ one did not check the
+    statistics' lengths), not reads past their ends."""
+    args = _op_arguments(requires_grad=False)
+    outputs = torch.ops.ghostkernels.ghost_module_train(*args)
+    backward_args = [torch.randn_like(outputs[0])] + args[:7] + list(outputs[1:]) + args[7:]
+    backward_args[index] = change(backward_args[index])
+    for entry in (_backward_fake, _backward_fallback, ghost_train._backward_cuda):
+        with pytest.raises(error, match=match):
+            entry(*backward_args)
+    if kernel_match is not None or not CPP_LIBRARY:
+        with pytest.raises(BAD_ARGUMENT, match=kernel_match if CPP_LIBRARY else match):
+            torch.ops.ghostkernels.ghost_module_train_backward(*backward_args)
 
 
 def test_compile_trains_like_eager():
