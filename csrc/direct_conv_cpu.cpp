@@ -98,8 +98,11 @@ void dense_items(const float* x, const float* w, const float* bias, Activation a
 // Groups reading more input channels than this go to at::conv2d (oneDNN's GEMM-based conv).
 constexpr int64_t kMaxGroupInputs = 4;
 
-at::Tensor direct_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                             int64_t stride, c10::string_view activation) {
+// The argument errors of direct_conv2d and of its backward (direct_conv.py's _check raises the same
+// from the fake kernels and the fallbacks). Mixed dtypes are no error: they go to at::conv2d, which
+// autocast (not excluded inside a custom op's kernel) casts.
+void check_conv_arguments(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                          int64_t stride) {
   TORCH_CHECK(x.dim() == 4, "direct_conv2d: x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
   TORCH_CHECK(x.size(1) > 0, "direct_conv2d: x must have at least one channel, got ", x.sizes());
   // F.conv2d rejects an empty plane too (its padded size is smaller than the kernel).
@@ -112,6 +115,11 @@ at::Tensor direct_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == weight.size(0)),
               "direct_conv2d: bias must have shape (", weight.size(0), ",), got ", bias->sizes());
   TORCH_CHECK(stride == 1 || stride == 2, "direct_conv2d: stride must be 1 or 2, got ", stride);
+}
+
+at::Tensor direct_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                             int64_t stride, c10::string_view activation) {
+  check_conv_arguments(x, weight, bias, stride);
   const Activation act = parse_activation(activation, "direct_conv2d");
   const int64_t k = weight.size(2), group_inputs = weight.size(1), groups = x.size(1) / group_inputs;
   // A channels_last stem (one group of at most 4 inputs) is made NCHW for this kernel, whose
@@ -298,6 +306,11 @@ void depthwise_backward_items_stride2(const T* grad, const T* x, const T* w, T* 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_conv2d_backward_cpu(const at::Tensor& grad_in,
                                                                           const at::Tensor& x_in,
                                                                           const at::Tensor& weight, int64_t stride) {
+  check_conv_arguments(x_in, weight, c10::nullopt, stride);
+  const std::vector<int64_t> out_shape{x_in.size(0), weight.size(0), (x_in.size(2) + stride - 1) / stride,
+                                       (x_in.size(3) + stride - 1) / stride};
+  TORCH_CHECK(grad_in.sizes() == out_shape, "direct_conv2d_backward: grad must have shape ", at::IntArrayRef(out_shape),
+              ", got ", grad_in.sizes());
   const int64_t k = weight.size(2), channels = x_in.size(1), groups = channels / weight.size(1);
   const bool depthwise = weight.size(1) == 1 && weight.size(0) == channels;
   const bool fast = depthwise && x_in.is_contiguous() && x_in.numel() > 0 &&

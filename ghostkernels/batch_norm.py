@@ -62,16 +62,22 @@ def _fallback(x, weight, bias, eps):
     return out.contiguous(memory_format=output_memory_format(x)), mean, var
 
 
+def _check_backward(grad, x, weight, mean, var):
+    _check(x, weight=weight, mean=mean, var=var)
+    if grad.shape != x.shape:
+        raise RuntimeError(f"batch_norm_train_backward: grad must have x's shape {list(x.shape)}, got {list(grad.shape)}")
+
+
 @torch.library.register_fake("ghostkernels::batch_norm_train_backward")
 def _backward_fake(grad, x, weight, mean, var, eps):
-    _check(x, weight=weight, mean=mean, var=var)
+    _check_backward(grad, x, weight, mean, var)
     return torch.empty_like(x, memory_format=output_memory_format(x)), torch.empty_like(weight), \
         torch.empty_like(weight)
 
 
 @torch.library.impl(_lib, "batch_norm_train_backward", "CompositeExplicitAutograd")
 def _backward_fallback(grad, x, weight, mean, var, eps):
-    _check(x, weight=weight, mean=mean, var=var)
+    _check_backward(grad, x, weight, mean, var)
     grad_x, grad_weight, grad_bias = batch_norm_backward(grad, x, weight, mean, var, eps)
     return grad_x.contiguous(memory_format=output_memory_format(x)), grad_weight, grad_bias
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from . import _backends, ops
 from .modules import is_same_square_conv
-from .reference import ACTIVATIONS, conv_output_format
+from .reference import ACTIVATIONS, conv_backward, conv_output_format
 
 _lib = torch.library.Library("ghostkernels", "FRAGMENT")
 _lib.define("direct_conv2d(Tensor x, Tensor weight, Tensor? bias, int stride, str activation=\"none\") -> Tensor")
@@ -60,11 +60,22 @@ def _check(x, weight, bias, stride, activation):
         raise RuntimeError(f"direct_conv2d: stride must be 1 or 2, got {stride}")
 
 
+def _output_shape(x, weight, stride):
+    return (x.shape[0], weight.shape[0], *(-(-s // stride) for s in x.shape[2:]))  # 'same' padding: ceil(H / stride)
+
+
+def _check_backward(grad, x, weight, stride):
+    """_check, and grad of the forward output's shape (the C++ kernel's errors)."""
+    _check(x, weight, None, stride, "none")
+    shape = _output_shape(x, weight, stride)
+    if grad.shape != shape:
+        raise RuntimeError(f"direct_conv2d_backward: grad must have shape {list(shape)}, got {list(grad.shape)}")
+
+
 @torch.library.register_fake("ghostkernels::direct_conv2d")
 def _fake(x, weight, bias, stride, activation="none"):
     _check(x, weight, bias, stride, activation)  # raised before anything runs
-    height, width = (-(-s // stride) for s in x.shape[2:])  # 'same' padding: ceil(H / stride)
-    return x.new_empty((x.shape[0], weight.shape[0], height, width)).contiguous(memory_format=conv_output_format(x))
+    return x.new_empty(_output_shape(x, weight, stride)).contiguous(memory_format=conv_output_format(x))
 
 
 def _library(x, weight, bias, stride, activation):
@@ -84,7 +95,8 @@ def takes_triton(x, weight, bias):
     """Whether the Triton kernel (triton_direct_conv.py) serves a call, its arguments checked, on
     CUDA: a channels_last x (the layout of an accelerated model on a GPU; NCHW keeps cuDNN, not
     yet measured against it), at most 4 inputs per group, one dtype and device. Anything else
-    goes to the library conv, which raises its own errors for what _check does not cover."""
+    goes to the library conv (which autocast casts), raising its own errors for what _check does
+    not cover."""
     return (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
             and x.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
             and weight.dtype == x.dtype and weight.device == x.device
@@ -106,16 +118,15 @@ def _cuda(x, weight, bias, stride, activation="none"):
 
 @torch.library.register_fake("ghostkernels::direct_conv2d_backward")
 def _backward_fake(grad, x, weight, stride):
+    _check_backward(grad, x, weight, stride)
     return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight), \
         x.new_empty(weight.shape[0])
 
 
 @torch.library.impl(_lib, "direct_conv2d_backward", "CompositeExplicitAutograd")
 def _backward_fallback(grad, x, weight, stride):
-    k = weight.shape[-1]
-    grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-        grad, x, weight, [weight.shape[0]], [stride] * 2, [k // 2] * 2, [1, 1], False, [0, 0], _groups(x, weight),
-        [True, True, True])
+    _check_backward(grad, x, weight, stride)
+    grad_x, grad_weight, grad_bias = conv_backward(grad, x, weight, stride, _groups(x, weight))
     return grad_x.contiguous(), grad_weight, grad_bias
 
 

@@ -12,7 +12,7 @@ import ghostkernels
 from ghostkernels import models
 from ghostkernels.models.plain import ResNetCIFAR
 from ghostkernels import batch_norm
-from ghostkernels.batch_norm import TrainingBatchNorm2d, _backward_fallback, _fallback, _fake
+from ghostkernels.batch_norm import TrainingBatchNorm2d, _backward_fake, _backward_fallback, _fallback, _fake
 
 from conftest import make_input, needs_cpp_library
 
@@ -190,6 +190,15 @@ def test_bad_arguments_are_named(index, change, match):
     for op in (_fake, torch.ops.ghostkernels.batch_norm_train):
         with pytest.raises(RuntimeError, match=match):
             op(*args)
+
+
+def test_backward_checks_grads_shape():
+    args = _op_arguments(requires_grad=False)
+    out, mean, var = torch.ops.ghostkernels.batch_norm_train(*args)
+    backward_args = (torch.randn_like(out)[:, :, 1:], args[0], args[1], mean, var, args[3])
+    for entry in (torch.ops.ghostkernels.batch_norm_train_backward, _backward_fallback, _backward_fake):
+        with pytest.raises(RuntimeError, match="grad must have x's shape"):
+            entry(*backward_args)
 
 
 def test_compile_trains_like_eager():

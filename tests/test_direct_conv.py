@@ -485,6 +485,21 @@ def test_fallback_and_fake_raise_the_kernels_errors(args, message, path):
             direct_conv._fallback(*tensors, stride)
 
 
+@pytest.mark.parametrize("weight_shape, grad_shape, message", [
+    ((4, 1, 4, 4), (2, 4, 3, 3), "weight must be"), ((4, 1, 3, 3), (2, 4, 3, 4), r"grad must have shape \[2, 4, 3, 3\]"),
+    ((4, 1, 3, 3), (2, 3, 3, 3), r"grad must have shape \[2, 4, 3, 3\]")], ids=["even", "grad-width", "grad-channels"])
+def test_backward_raises_the_kernels_errors(weight_shape, grad_shape, message):
+    """The backward op (direct calls; DepthwiseConv2d's autograd) checks what the forward does and
+    grad's shape: the C++ kernel wrote past its buffers with a 4 x 4 weight (a heap corruption)."""
+    from ghostkernels import direct_conv
+    x = torch.randn(2, 4, 6, 5, dtype=torch.float64)
+    args = (torch.randn(grad_shape, dtype=torch.float64), x, torch.randn(weight_shape, dtype=torch.float64), 2)
+    for entry in (torch.ops.ghostkernels.direct_conv2d_backward, direct_conv._backward_fallback,
+                  direct_conv._backward_fake):
+        with pytest.raises(RuntimeError, match=message):
+            entry(*args)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the op's CUDA kernel: needs a GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
 def test_cuda_op_takes_triton_and_checks(dtype):
