@@ -132,6 +132,8 @@ def check_input(module, x, weight):
         raise ValueError(f"{name}: x must be a 4-D tensor (N, C, H, W), got {shape}")
     if x.shape[1] != weight.shape[1]:
         raise ValueError(f"{name}: x has {x.shape[1]} channels, expected {weight.shape[1]}")
+    if x.device == weight.device and torch.is_autocast_enabled(x.device.type):
+        return  # autocast's dtype and the weights' meet in ops.call
     raise TypeError(f"{name}: x is {x.dtype} on {x.device}, the module's weights are {weight.dtype} on "
                     f"{weight.device}; they must match")
 

@@ -437,15 +437,35 @@ def _composed(op, args):
 
 def call(op, *args):
     """op(*args), skipping the Python autograd kernel (several microseconds a call) when no
-    graph is recorded. During an ONNX export, op's ATen composition (onnx_export.py)."""
+    graph is recorded. During an ONNX export, op's ATen composition (onnx_export.py); under
+    autocast, see _autocast_call."""
     if torch.compiler.is_compiling():  # onnx_exporting() as traced
         return _composed(op, args) if _dynamo_onnx_export_flag_reader() else op(*args)
     if _onnx_export_flag_reader():  # onnx_exporting(), is_compiling() already known False
         return _composed(op, args)
+    if torch._C._is_any_autocast_enabled():
+        device_type = args[0].device.type
+        if torch.is_autocast_enabled(device_type):
+            return _autocast_call(op, args, device_type)
     if not torch.is_grad_enabled():
         with torch._C._AutoDispatchBelowAutograd():
             return op(*args)
     return op(*args)
+
+
+def _autocast_call(op, args, device_type):
+    """op(*args) under autocast, which does not cast a custom op's arguments: an accelerated model's
+    activations then arrive in autocast's dtype and its folded weights in float32. On CUDA the
+    floating tensors are cast to autocast's dtype, as autocast casts a conv's, and the fused op runs
+    in it (the Triton kernels take float16 and bfloat16). Elsewhere (the CPU kernels take float32
+    and float64) the op's ATen composition runs, which autocast casts op by op, as it does the
+    original model's layers."""
+    if device_type == "cuda":
+        dtype = torch.get_autocast_dtype(device_type)
+        cast = [a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+        with torch.autocast(device_type, enabled=False):
+            return call(op, *cast)
+    return _composed(op, args)
 
 
 def register_recompute_autograd(name, composed):

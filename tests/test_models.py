@@ -290,3 +290,19 @@ def test_accelerated_ghostnet_compiles_with_dynamic_shapes():
         for shape in ((2, 3, 64, 64), (3, 3, 72, 56)):
             x = torch.randn(shape)
             assert_close32(compiled(x), model(x))
+
+
+@pytest.mark.parametrize("builder", ["ghostnet_050", "ghostnetv2_100", "g_ghost_regnetx_016"])
+def test_zoo_runs_under_autocast(builder):
+    """The zoo's models, as built (their GhostModules fold in eval) and accelerated, run under CPU
+    autocast with the original model's dtype; before, the Ghost modules refused bfloat16 x against
+    float32 weights and G-Ghost's cheap_mix did too."""
+    model = randomise_bn(getattr(ghostkernels.models, builder)(), spread=0.2).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        exact = model(x)
+        for candidate in (model, accelerate(model)):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = candidate(x)
+            assert out.dtype == torch.bfloat16
+            assert (out.float() - exact).abs().max() <= 0.05 * exact.abs().max()

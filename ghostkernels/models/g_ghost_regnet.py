@@ -130,7 +130,9 @@ class GGhostStage(Stage):
         return adopted
 
     def forward(self, x):
-        if self.training or torch.is_grad_enabled():
+        # autocast: its dtype and the folded float32 weights would meet in cheap_mix, which
+        # autocast does not cast; the original ops it does
+        if self.training or torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
             return super().forward(x)
         x0 = self.base(x)
         pooled = [x0.mean((2, 3))]
