@@ -267,12 +267,14 @@ class GhostModule(nn.Module):
         load_state_dict and .to() change one or the other) and its BN eps, and until the next
         train()/eval() call. Edits through `.data` bypass the version counter: call eval()
         again after one. Folded anew on every call when autograd needs the result, under
-        torch.compile, and for parametrised convs (weight_norm), whose weight is computed."""
+        torch.compile and torch.jit.trace (whose graph then folds from the parameters: the
+        same graph on every invocation, as trace's check wants, and one that follows a later
+        load_state_dict), and for parametrised convs (weight_norm), whose weight is computed."""
         sources = self._fold_sources()
         if sources is None:
             return None
         tensors, eps, cacheable = sources
-        if not cacheable or torch.compiler.is_compiling() or (
+        if not cacheable or torch.compiler.is_compiling() or torch.jit.is_tracing() or (
                 torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
             return self._fold()
         try:

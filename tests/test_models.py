@@ -306,3 +306,18 @@ def test_zoo_runs_under_autocast(builder):
                 out = candidate(x)
             assert out.dtype == torch.bfloat16
             assert (out.float() - exact).abs().max() <= 0.05 * exact.abs().max()
+
+
+def test_accelerated_model_traces():
+    """torch.jit.trace (with its check that a second invocation records the same graph) of an
+    accelerated model; its graph folds the BNs from the parameters, so a state dict loaded into the
+    traced module later is used. Before, the first invocation folded and cached, the second read
+    the cache: 'Graphs differed across invocations'."""
+    model = randomise_bn(ghostnet_050(), spread=0.2).eval()
+    x = torch.randn(1, 3, 64, 64)
+    traced = torch.jit.trace(accelerate(model), x)
+    other = randomise_bn(ghostnet_050(), spread=0.2).eval()
+    with torch.no_grad():
+        assert_close32(traced(x), model(x))
+        traced.load_state_dict(accelerate(other).state_dict())
+        assert_close32(traced(x), other(x))
