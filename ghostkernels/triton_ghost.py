@@ -815,10 +815,11 @@ def forward(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_chann
     kernel, dw = primary_weight.shape[-1], cheap_weight.shape[-1]
     memory_format = output_memory_format(x)
     if (config is None and kernel == 1 and stride == 1 and gate is None and inp > NCHW_MAX_INP
-            and memory_format != torch.channels_last):
+            and not x.is_contiguous(memory_format=torch.channels_last)):
         # A wide NCHW input goes through channels_last (either route there, by size), and back: two
         # extra coalesced passes, where NCHW on the kernel route would be dw * dw dots over inp with
-        # loads strided by the plane.
+        # loads strided by the plane. (A 1 x 1 plane is both layouts at once: no conversion; asking
+        # for output_memory_format(x) here recursed forever.)
         out = forward(x.contiguous(memory_format=torch.channels_last), primary_weight, primary_bias, cheap_weight,
                       cheap_bias, out_channels, stride, activation, scale=scale).contiguous()
         return out if residual is None else out.add_(residual)

@@ -289,6 +289,19 @@ def test_tuned_table_and_autotune_cache(tmp_path, monkeypatch):
         triton_ghost._tuned_configs.cache_clear()
 
 
+@pytest.mark.parametrize("size", [1, 2])
+def test_wide_nchw_input_of_a_tiny_plane(size):
+    """More than NCHW_MAX_INP input channels in NCHW go through channels_last; a 1 x 1 plane is
+    both layouts at once, and the conversion recursed forever (GhostNet's last stage on 32 x 32
+    inputs)."""
+    x = make_input(2, triton_ghost.NCHW_MAX_INP + 8, size, size, dtype=DTYPES[0]).to(DEVICE)
+    weights = [w.to(DEVICE) for w in make_weights(x.shape[1], 12, 2, 3, dtype=DTYPES[0])]
+    out = triton_ghost.forward(x, *weights, 12, 1, "relu")
+    expected = ghost_module_reference(x, *weights, out_channels=12)
+    tol = TOLERANCE[DTYPES[0]]
+    torch.testing.assert_close(out, expected, rtol=tol, atol=tol * max(expected.abs().max().item(), 1.0))
+
+
 def test_without_biases():
     x = make_input(2, 6, 7, 7, dtype=DTYPES[0]).to(DEVICE)
     w1, _, w2, _ = [w.to(DEVICE) if w is not None else None for w in make_weights(6, 10, 2, 3, dtype=DTYPES[0])]

@@ -1,0 +1,55 @@
+"""An accelerated GhostNet through the ops' CUDA kernels (their Python entries: the checks, the
+routes, the plans and the Triton launches) on CPU tensors, in Triton's interpreter: the CUDA
+kernels are registered as the CPU ones for the test's duration. The per-op Triton tests do not see
+how the entries meet in a model (layouts handed from op to op, the route each shape takes); this
+found a 1 x 1 plane of more than 32 channels in NCHW recursing forever in triton_ghost.forward."""
+
+import warnings
+
+import pytest
+import torch
+
+import ghostkernels
+from ghostkernels import cheap_mix, direct_conv, ghost_depthwise, ghost_residual, ghost_train, ops, squeeze_excite
+
+from conftest import randomise_bn
+from timm_ghostnet import timm_ghostnet
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs these entries itself (tests/test_triton.py)")
+
+CUDA_ENTRIES = {
+    "ghost_module": ops._ghost_module_cuda, "ghost_module_gated": ops._ghost_module_gated_cuda,
+    "ghost_module_backward": ops._ghost_module_backward_cuda, "ghost_module_depthwise": ghost_depthwise._cuda,
+    "ghost_module_residual": ghost_residual._ghost_residual_cuda, "ghost_module_scaled": squeeze_excite._scaled_cuda,
+    "squeeze_excite_gate": squeeze_excite._gate_cuda, "direct_conv2d": direct_conv._cuda,
+    "cheap_mix": cheap_mix._cuda, "cheap_mix_into": cheap_mix._cuda_into,
+    "ghost_module_train": ghost_train._cuda, "ghost_module_train_backward": ghost_train._backward_cuda}
+
+
+@pytest.fixture
+def cuda_entries_on_cpu():
+    library = torch.library.Library("ghostkernels", "IMPL")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Overriding a previously registered kernel": the point
+        for name, entry in CUDA_ENTRIES.items():
+            library.impl(name, entry, "CPU")
+    yield
+    library._destroy()  # the C++ kernels again
+
+
+@pytest.mark.parametrize("version, size, channels_last", [("v1", 32, False), ("v1", 32, True), ("v2", 64, True)],
+                         ids=["v1-32-nchw", "v1-32-cl", "v2-64-cl"])
+def test_accelerated_ghostnet_through_the_cuda_entries(cuda_entries_on_cpu, version, size, channels_last):
+    """timm's structure at width 0.5, eval, float32: the stem and depthwise convs (Triton for
+    channels_last), the Ghost ops on both routes, ghost1 with the stride-2 conv, SE and ghost2,
+    GhostNetV2's gated op. (A training step runs ~5 minutes in the interpreter; its Triton kernels
+    have tests of their own in tests/test_train.py.)"""
+    model = randomise_bn(timm_ghostnet(version, width=0.5), spread=0.2).eval()
+    x = torch.randn(1, 3, size, size)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = model(x)
+        out = ghostkernels.accelerate(model, check=False)(x)
+    err = ((out - expected).abs().max() / expected.abs().max()).item()
+    assert err <= 1e-5, f"relative error {err:.3g}"
