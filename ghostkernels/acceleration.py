@@ -20,8 +20,8 @@ stride-2 depthwise conv after it run as one op, so do a bottleneck's SE and ghos
 
 Recognition by structure can be fooled by a module whose forward does something else, so
 every change is checked (check=True): the smallest module that shows the change is run on a
-probe before and after it, in float64 where it allows, and a change whose output differs is
-undone and listed as skipped with the measured error.
+probe before and after it, in float64 on the CPU where it allows (whatever the model's device),
+and a change whose output differs is undone and listed as skipped with the measured error.
 """
 
 import copy
@@ -303,11 +303,12 @@ def _first_parameter(module):
     return next(iter(module.parameters()), None)
 
 
-def _cast(value, dtype=None):
-    """A detached copy of a tensor argument (in `dtype` if floating and dtype is given)."""
+def _cast(value, dtype=None, device=None):
+    """A detached copy of a tensor argument (on `device` if given, in `dtype` if floating and
+    dtype is given)."""
     if not isinstance(value, torch.Tensor):
         return value
-    value = value.detach().clone()
+    value = value.detach().clone().to(device)
     return value.to(dtype) if dtype is not None and value.is_floating_point() else value
 
 
@@ -345,30 +346,39 @@ class _SelfCheck:
     """Runs a scope (a module name) of the model under construction and of the original on
     the same probe and compares. Probes: the scope's input in a forward of example_inputs
     through the original, else random (2, C, s, s) inputs, C the in_channels of the scope's
-    first conv, s the smallest of _PROBE_SIZES the original runs on. float64 first; the
-    module's own dtype where float64 does not run."""
+    first conv, s the smallest of _PROBE_SIZES the original runs on. float64 on the CPU
+    first (self.settings); the model's device, and its own dtype, where that does not run."""
 
     def __init__(self, original, example_inputs):
         start = time.perf_counter()
         self.original = _without_hooks(original)
-        self.original64 = None  # a float64 copy, made at the first reference
         parameter = _first_parameter(self.original)
         self.device = parameter.device if parameter is not None else torch.device("cpu")
         self.dtype = parameter.dtype if parameter is not None else torch.float32
+        # Where and in what dtype probes run, in this order of preference: float64 on the CPU
+        # first, whatever the model's device. The check is of the folds, swaps and merges, whose
+        # math is the same on every device; on the CPU it can be tight (float64 kernels, no TF32)
+        # and compiles no GPU kernels for the probes' shapes and dtype. The model's device next,
+        # for modules that only run there; their own dtype last (dtype None: as they are).
+        cpu = torch.device("cpu")
+        self.settings = list(dict.fromkeys([(cpu, torch.float64), (self.device, torch.float64), (self.device, None)]))
+        self.copies = {}  # setting -> the original model moved there, made at its first reference
         self.captured = {} if example_inputs is None else self._capture(example_inputs)
         self.references = {}  # scope -> (probe args, probe kwargs, dtype, reference output) or why none
         self.seconds = time.perf_counter() - start
 
-    def _run(self, module, args, kwargs, dtype=None):
-        """module on a copy of the probe (cast to dtype), deterministic: the same
-        dropout masks in training mode, the caller's random state untouched."""
-        devices = [torch.cuda.current_device()] if self.device.type == "cuda" else []
+    def _run(self, module, args, kwargs, setting):
+        """module on a copy of the probe, both moved to setting's (device, dtype) (a module
+        in place: callers pass copies), deterministic: the same dropout masks in training
+        mode, the caller's random state untouched."""
+        device, dtype = setting
+        devices = [torch.cuda.current_device()] if device.type == "cuda" else []
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             torch.manual_seed(0)
             if dtype is not None:
-                module = module.to(dtype)
-            args = pytree.tree_map(lambda v: _cast(v, dtype), args)
-            kwargs = pytree.tree_map(lambda v: _cast(v, dtype), kwargs)
+                module = module.to(device=device, dtype=dtype)
+            args = pytree.tree_map(lambda v: _cast(v, dtype, device), args)
+            kwargs = pytree.tree_map(lambda v: _cast(v, dtype, device), kwargs)
             return module(*args, **kwargs)
 
     def _capture(self, example_inputs):
@@ -379,7 +389,7 @@ class _SelfCheck:
             handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         example = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
         try:
-            self._run(copy.deepcopy(self.original), example, {})  # a copy: train-mode BN updates its stats
+            self._run(copy.deepcopy(self.original), example, {}, (self.device, None))  # a copy: train-mode BN updates its stats
         finally:
             for handle in handles:
                 handle.remove()
@@ -393,39 +403,40 @@ class _SelfCheck:
         if scope in self.captured:
             yield self.captured[scope]
             return
-        generator = torch.Generator(self.device).manual_seed(0)  # the caller's random state stays
+        generator = torch.Generator().manual_seed(0)  # the caller's random state stays
         channels = dict.fromkeys(m.in_channels for m in module.modules() if isinstance(m, nn.Conv2d))
         if not channels:
             features = dict.fromkeys(m.in_features for m in module.modules() if isinstance(m, nn.Linear))
             for f in list(features)[:_PROBE_CHANNEL_GUESSES]:
-                yield (torch.randn(2, f, generator=generator, device=self.device, dtype=self.dtype),), {}
+                yield (torch.randn(2, f, generator=generator, dtype=self.dtype),), {}
             return
         for c, size in itertools.product(list(channels)[:_PROBE_CHANNEL_GUESSES], _PROBE_SIZES):
             # Two images: training-mode BN needs more than one value per channel on 1x1 maps.
-            yield (torch.randn(2, c, size, size, generator=generator, device=self.device, dtype=self.dtype),), {}
+            yield (torch.randn(2, c, size, size, generator=generator, dtype=self.dtype),), {}
 
-    def _original(self, dtype):
-        """The original model, in float64 (dtype) or its own dtype (None). Probes may update its
-        BN statistics in training mode, where they do not enter the output."""
-        if dtype is None:
+    def _original(self, setting):
+        """The original model moved to setting's (device, dtype), or as it is (dtype None).
+        Probes may update its BN statistics in training mode, where they do not enter the output."""
+        if setting[1] is None:
             return self.original
-        if self.original64 is None:
-            self.original64 = copy.deepcopy(self.original).to(dtype)
-        return self.original64
+        if setting not in self.copies:
+            device, dtype = setting
+            self.copies[setting] = copy.deepcopy(self.original).to(device=device, dtype=dtype)
+        return self.copies[setting]
 
     def _reference(self, scope):
-        """(args, kwargs, dtype, output) of the original scope on the first probe it runs on, or
-        why there is none."""
+        """(args, kwargs, setting, output) of the original scope on the first probe and
+        setting it runs on, or why there is none."""
         if scope not in self.references:
             self.references[scope] = "no probe input runs the original module (pass example_inputs)"
             for args, kwargs in self._probes(scope, self.original.get_submodule(scope)):
                 output = None
-                for dtype in (torch.float64, None):
+                for setting in self.settings:
                     try:
-                        output = self._run(self._original(dtype).get_submodule(scope), args, kwargs, dtype)
+                        output = self._run(self._original(setting).get_submodule(scope), args, kwargs, setting)
                     except Exception:  # noqa: BLE001 - a probe the original cannot run is no probe
                         continue
-                    self.references[scope] = (args, kwargs, dtype, output)
+                    self.references[scope] = (args, kwargs, setting, output)
                     break
                 if output is not None:
                     break
@@ -444,14 +455,13 @@ class _SelfCheck:
         reference = self._reference(scope)
         if isinstance(reference, str):
             return reference
-        args, kwargs, dtype, expected = reference
+        args, kwargs, setting, expected = reference
         try:
-            candidate = _without_hooks(model.get_submodule(scope))
-            actual = self._run(candidate.to(dtype) if dtype is not None else candidate, args, kwargs, dtype)
+            actual = self._run(_without_hooks(model.get_submodule(scope)), args, kwargs, setting)
         except Exception as exc:  # noqa: BLE001 - whatever it raises, the change is undone
             return f"the changed module raised {type(exc).__name__}: {exc}"
         error = _relative_error(actual, expected)
-        tolerance = _tolerance(self.dtype, self.device)
+        tolerance = _tolerance(self.dtype, setting[0])
         if not error <= tolerance:
             return f"output differs by {error:.2e} (relative; tolerance {tolerance:.0e})"
         return None

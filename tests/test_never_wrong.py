@@ -262,6 +262,32 @@ def test_self_check_undoes_a_fold_that_drops_an_activation(monkeypatch):
         assert_close(fast(x), net(x))
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_self_check_runs_in_float64_on_the_cpu(monkeypatch, device):
+    """Whatever the model's device, the probes run in float64 on the CPU, where the tolerance
+    can be tight: a fold off by 1e-3 (an eps that is not the BN's, say), which a float32 check
+    with TF32 dots could not tell from rounding, is caught and undone on a GPU model too."""
+    settings = []
+    run = acceleration._SelfCheck._run
+    monkeypatch.setattr(acceleration._SelfCheck, "_run",
+                        lambda self, module, args, kwargs, setting: settings.append(setting) or run(
+                            self, module, args, kwargs, setting))
+    fold = acceleration.fold_conv_bn
+    monkeypatch.setattr(acceleration, "fold_conv_bn", lambda conv, bn: [t * (1 + 1e-3) for t in fold(conv, bn)])
+    net = randomise_bn(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), TimmStyleGhost(4, 8)), 0.3)
+    fast = accelerate(net.eval().to(device))
+    summary = fast.acceleration_summary
+    assert summary.fused == ["2"] and not summary.folded and "self-check: output differs" in dict(summary.skipped)["0+1"]
+    assert set(settings) == {(torch.device("cpu"), torch.float64)}
+    assert next(fast.parameters()).device.type == device  # the model stays where it was
+    x = torch.randn(1, 3, 5, 5, device=device)
+    with torch.no_grad():
+        assert_close(fast(x), net(x), rtol=1e-5 if device == "cpu" else 1e-2)
+
+
 class FixedSize(nn.Module):
     """Its head takes 7x7 maps only: no synthetic probe runs the whole model."""
 
