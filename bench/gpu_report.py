@@ -6,9 +6,10 @@
 
 In order, each step's result written as it comes to bench/results/<device>.md:
 1. tests: `pytest` of GPU_TESTS (the Triton kernels, G-GhostNet's cheap op, the SE ops, CUDA graphs) on the GPU;
-2. first call: a fresh process runs accelerate(GhostNet 1.0x) (timm's ghostnet_100 when timm is
-   installed, else the zoo's) on float16 channels_last batch 64 and times its first forward
-   (Triton compilation included) and second, with the logits' error against float32 eager;
+2. first call: a fresh process (and Triton cache) runs accelerate(GhostNet 1.0x) (timm's ghostnet_100
+   when timm is installed, else the zoo's) on float16 channels_last batch 64 and times its first
+   forward (Triton compilation included) and second, with the logits' error against float32 eager;
+   twice: plain, and with accelerate(..., example_inputs=x), which precompiles on a thread pool;
 3. the op table: every GhostNet 1.0x Ghost-module shape at batch 256, 32, 1 (in that order, the
    target first) and float16, bfloat16: parity first, then triton.testing.do_bench medians (ms) of
    eager NCHW, eager channels_last, torch.compile (channels_last; batches 256 and 32), the fused op
@@ -34,6 +35,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -49,7 +51,7 @@ from cases import GHOSTNET_SHAPES, floor_ms, make_case, shape_name  # noqa: E402
 
 GPU_TESTS = ["tests/test_triton.py", "tests/test_cheap_mix.py", "tests/test_squeeze_excite.py",
              "tests/test_cuda_graph.py", "tests/test_timm_current.py::test_accelerated_eval_under_cuda_autocast",
-             "tests/test_never_wrong.py::test_self_check_runs_in_float64_on_the_cpu",
+             "tests/test_never_wrong.py::test_self_check_runs_in_float64_on_the_cpu", "tests/test_precompile.py",
              *(f"tests/test_direct_conv.py::{name}" for name in (
                  "test_triton_kernel_matches_conv2d", "test_triton_kernel_keeps_nan_through_the_relu",
                  "test_cuda_op_takes_triton_and_checks", "test_cuda_ghost_depthwise_5x5_runs_its_conv_on_triton"))]
@@ -69,7 +71,8 @@ x = torch.randn(64, 3, 224, 224, device="cuda").to(memory_format=torch.channels_
 with torch.no_grad():
     expected = model(x).float()
     start = time.perf_counter()
-    fast = ghostkernels.accelerate(model.half())
+    # with example inputs, accelerate() compiles the forward's Triton kernels on a thread pool
+    fast = ghostkernels.accelerate(model.half(), example_inputs=x.half() if sys.argv[1] == "precompile" else None)
     accelerate_s = time.perf_counter() - start
     times = []
     for _ in range(2):
@@ -78,7 +81,8 @@ with torch.no_grad():
         times.append(time.perf_counter() - start)
 error = ((out.float() - expected).norm() / expected.norm()).item()
 print(json.dumps({"model": source, "accelerate_s": accelerate_s, "first_s": times[0], "second_s": times[1],
-                  "rel_error_vs_fp32": error}))
+                  "rel_error_vs_fp32": error, "precompiled": fast.acceleration_summary.precompiled,
+                  "precompile_s": fast.acceleration_summary.precompile_seconds}))
 """
 
 
@@ -241,17 +245,21 @@ def run_tests(budget_s):
            f"{time.perf_counter() - start:.0f} s: {lines[-1]}" + "".join(f"\n  - {line}" for line in slowest)
 
 
-def first_call(budget_s):
+def first_call(budget_s, mode):
+    """The first call in a fresh process with an empty Triton cache; mode "precompile": accelerate()
+    is given the example input, so it compiles the forward's kernels on a thread pool."""
+    env = dict(os.environ, TRITON_CACHE_DIR=tempfile.mkdtemp(prefix="ghostkernels-first-call-"))
     try:
-        proc = subprocess.run([sys.executable, "-c", FIRST_CALL], cwd=ROOT, capture_output=True, text=True,
-                              timeout=budget_s)
+        proc = subprocess.run([sys.executable, "-c", FIRST_CALL, mode], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=budget_s)
     except subprocess.TimeoutExpired:
-        return f"first call: NOT DONE within {budget_s} s (the target is 20 s)"
+        return f"first call ({mode}): NOT DONE within {budget_s} s (the target is 20 s)"
     if proc.returncode != 0:
-        return f"first call FAILED (rc {proc.returncode}): {proc.stderr.strip()[-600:]}"
+        return f"first call ({mode}) FAILED (rc {proc.returncode}): {proc.stderr.strip()[-600:]}"
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    return (f"first call, fresh process, accelerate({result['model']}) float16 channels_last batch 64: "
-            f"accelerate() {result['accelerate_s']:.1f} s, first forward {result['first_s']:.1f} s, "
+    return (f"first call ({mode}), fresh process and Triton cache, accelerate({result['model']}) float16 "
+            f"channels_last batch 64: accelerate() {result['accelerate_s']:.1f} s (of which precompile "
+            f"{result['precompile_s']:.1f} s, {result['precompiled']} kernels), first forward {result['first_s']:.1f} s, "
             f"second {result['second_s'] * 1e3:.1f} ms, "
             f"logits rel. error vs float32 eager {result['rel_error_vs_fp32']:.1e}")
 
@@ -330,7 +338,8 @@ def main():
     if not args.no_tests:
         emit(f"- {run_tests(240)}\n")
     if not args.no_first_call:
-        emit(f"- {first_call(180)}\n")
+        for mode in ("plain", "precompile"):
+            emit(f"- {first_call(180, mode)}\n")
     bandwidth = copy_bandwidth()
     matmul = {name: matmul_rate(DTYPES[name]) for name in args.dtype}
     rates = ", ".join(f"{name} matmul {rate / 1e12:.1f} TFLOP/s" for name, rate in matmul.items())

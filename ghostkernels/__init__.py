@@ -8,6 +8,7 @@ from .cuda_graph import CapturedModel, capture
 from .freeze import FrozenModel, freeze
 from .ghostify import ParamsFlops, count_params_flops, ghostify
 from .modules import GhostModule, GhostModuleV2, fold_conv_bn
+from .precompile import precompile
 from .ops import ghost_module
 from .reference import ghost_module_reference
 
@@ -18,6 +19,6 @@ __all__ = [
     "AccelerationSummary", "CapturedModel", "FrozenModel", "GhostModule", "ParamsFlops", "GhostModuleV2", "accelerate",
     "backends", "capture",
     "count_params_flops", "empty_cache", "fold_conv_bn", "freeze",
-    "ghost_module", "ghost_module_reference", "ghostify", "models",
+    "ghost_module", "ghost_module_reference", "ghostify", "models", "precompile",
 ]
 __version__ = "0.1.0"

@@ -40,6 +40,7 @@ from .ghost_depthwise import GhostDepthwise
 from .models.g_ghost_regnet import GGhostStage
 from .modules import (GhostModule, GhostModuleV2, PointwiseConv2d, PointwiseLinear, activation_name,
                       conv_bn_sequence, fold_conv_bn, is_same_square_conv)
+from .precompile import precompile_quietly
 from .squeeze_excite import SqueezeExciteGhost
 
 
@@ -56,6 +57,8 @@ class AccelerationSummary:
     skipped: list = field(default_factory=list)  # (module name, reason)
     checked: int = 0  # changes verified by the self-check
     check_seconds: float = 0.0
+    precompiled: int = 0  # Triton kernels compiled on example_inputs (CUDA; None: by an ordinary forward)
+    precompile_seconds: float = 0.0
 
     def __str__(self):
         lines = [f"ghostkernels.accelerate: {len(self.fused)} Ghost modules fused, "
@@ -65,6 +68,8 @@ class AccelerationSummary:
                  f"{len(self.batch_norms)} BNs on the batch-statistics BN kernels (training), "
                  f"{len(self.skipped)} left as they were; {self.checked} changes self-checked "
                  f"in {self.check_seconds:.2f} s"]
+        if self.precompile_seconds:
+            lines[0] += f"; {self.precompiled} Triton kernels compiled in {self.precompile_seconds:.2f} s"
         lines += [f"  fused   {name}" for name in self.fused]
         lines += [f"  folded  {name}" for name in self.folded]
         lines += [f"  matmul  {name}" for name in self.matmul]
@@ -612,5 +617,8 @@ def _accelerate(model, example_inputs, check, inplace):
         _merge_squeeze_excite(accelerator)
     if checker is not None:
         summary.check_seconds = checker.seconds
+    if example_inputs is not None and not accelerator.model.training:
+        summary.precompiled, summary.precompile_seconds = precompile_quietly(accelerator.model, example_inputs,
+                                                                             "accelerate")
     accelerator.model.acceleration_summary = summary
     return accelerator.model

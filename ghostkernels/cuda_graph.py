@@ -12,6 +12,7 @@ from torch import nn
 
 from .acceleration import _relative_error, _tolerance
 from .freeze import check_tensor_arguments, checked_example
+from .precompile import precompile_quietly
 
 
 class CapturedModel(nn.Module):
@@ -68,6 +69,7 @@ def capture(model, example_inputs, warmup=3):
     side = torch.cuda.Stream(device=static_inputs[0].device)
     side.wait_stream(torch.cuda.current_stream())
     with torch.no_grad(), torch.cuda.stream(side):
+        precompile_quietly(model, static_inputs, "capture")  # the kernels in parallel, then the warm-up runs
         for _ in range(warmup):
             expected = model(*static_inputs)
     torch.cuda.current_stream().wait_stream(side)

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_ghost import INTERPRET, _accumulator, _block, _cdiv, _input_precision, dot_accumulate
+from .triton_ghost import INTERPRET, _accumulator, _block, _cdiv, _input_precision, dot_accumulate, launch
 
 
 @triton.jit
@@ -54,7 +54,8 @@ def cheap_mix_into(x, weight, bias, mix, offset, out):
     block_c = _block(cout, 16, 16 if float64 else 64)
     xs = x.narrow(1, offset, cin)
     grid = (_cdiv(pixels, block_p), _cdiv(cout, block_c), batch)
-    _cheap_mix_kernel[grid](
+    launch(
+        _cheap_mix_kernel, grid,
         xs, weight.reshape(cout, cin).contiguous(), bias if bias is not None else mix, mix.contiguous(), out,
         cin, cout, width, pixels, *xs.stride(), *out.stride(),
         HAS_BIAS=bias is not None, BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_K=4 if float64 else _block(cin, 16, 32),

@@ -40,6 +40,7 @@ no float64 on NVIDIA GPUs). Float32 dots run as TF32 by default (GHOSTKERNELS_TF
 IEEE float32).
 """
 
+import contextlib
 import functools
 import json
 import os
@@ -994,17 +995,39 @@ class _Plan:
 
 
 _plans = {}
+_compile_only = False  # set by compile_only(): launches compile their kernel and run nothing
+
+
+@contextlib.contextmanager
+def compile_only():
+    """Within it, every launch of these modules' kernels compiles the kernel (Triton's warmup:
+    queued, under Triton's AsyncCompileMode) and runs nothing (ghostkernels.precompile)."""
+    global _compile_only
+    _compile_only = True
+    try:
+        yield
+    finally:
+        _compile_only = False
+
+
+def launch(kernel, grid, *args, **kwargs):
+    """kernel[grid](*args, **kwargs), or only its compilation within compile_only(). Returns the
+    compiled kernel (None when only compiling)."""
+    if _compile_only:
+        kernel.warmup(*args, grid=grid, **kwargs)
+        return None
+    return kernel[grid](*args, **kwargs)
 
 
 def _run(plan, tensors):
     """plan.kernel[plan.grid](*tensors, *plan.tail, **plan.constants): through Triton's JIT the first
     time (compiling if need be), then, where DIRECT_LAUNCH, straight to the kernel it compiled."""
     specialisation = tuple((t.dtype, t.data_ptr() % 16 == 0) for t in tensors) if DIRECT_LAUNCH else None
-    launch = plan.compiled.get(specialisation)
-    if launch is not None:
-        launch(*tensors, *plan.tail, *plan.constexpr_values)
+    direct = plan.compiled.get(specialisation)
+    if direct is not None and not _compile_only:
+        direct(*tensors, *plan.tail, *plan.constexpr_values)
         return
-    compiled = plan.kernel[plan.grid](*tensors, *plan.tail, **plan.constants, **plan.options)
+    compiled = launch(plan.kernel, plan.grid, *tensors, *plan.tail, **plan.constants, **plan.options)
     if DIRECT_LAUNCH and compiled is not None:
         plan.compiled[specialisation] = compiled[(*plan.grid, 1, 1)[:3]]  # its runner takes a 3-D grid
 

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_ghost import _accumulator, _alignment, _block
+from .triton_ghost import _accumulator, _alignment, _block, launch
 
 
 # C comes divided by CHANNEL_ALIGN (its power-of-two factor up to a 16-byte vector), so that the
@@ -78,7 +78,8 @@ def squeeze_excite_gate(x, reduce_weight, reduce_bias, expand_weight, expand_bia
     block_c, block_r, num_warps = blocks(reduced)
     pixels = x.shape[2] * width
     channel_align = _alignment(x.element_size(), (channels,))
-    _squeeze_excite_gate_kernel[(batch,)](
+    launch(
+        _squeeze_excite_gate_kernel, (batch,),
         x, reduce_weight.contiguous(), reduce_bias if reduce_bias is not None else x, expand_weight.contiguous(),
         expand_bias if expand_bias is not None else x, out,
         channels // channel_align, reduced, width, pixels, *x.stride(),
