@@ -293,6 +293,19 @@ _TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5}
 _LOOSE_TOLERANCE = 1e-2  # half precision, and CUDA (TF32 dots)
 _PROBE_SIZES = (9, 17, 33, 65)  # small odd sizes; deeper scopes (a whole model) need the larger ones
 _PROBE_CHANNEL_GUESSES = 4
+_PROBE_IMAGES = 2  # of a captured probe (two: training-mode BN needs more than one value per channel)
+
+
+def _captured_probe(args, kwargs):
+    """A detached copy of a module's inputs in the example forward, cut to their first
+    _PROBE_IMAGES along dim 0 where every tensor among them has the same size there (a batch):
+    a whole batch of a GPU's example (64 images, say) cost the check (float64, on the CPU) tens
+    of seconds and shows it nothing more."""
+    tensors = [v for v in pytree.tree_leaves((args, kwargs)) if isinstance(v, torch.Tensor)]
+    if tensors and all(t.dim() > 0 and t.shape[0] == tensors[0].shape[0] for t in tensors):
+        args, kwargs = pytree.tree_map(lambda v: v[:_PROBE_IMAGES] if isinstance(v, torch.Tensor) else v,
+                                       (args, kwargs))
+    return pytree.tree_map(_cast, args), pytree.tree_map(_cast, kwargs)
 
 
 def _without_hooks(module):
@@ -369,7 +382,7 @@ class _SelfCheck:
         self.settings = list(dict.fromkeys([(cpu, torch.float64), (self.device, torch.float64), (self.device, None)]))
         self.copies = {}  # setting -> the original model moved there, made at its first reference
         self.captured = {} if example_inputs is None else self._capture(example_inputs)
-        self.references = {}  # scope -> (probe args, probe kwargs, dtype, reference output) or why none
+        self.references = {}  # scope -> (probe args, probe kwargs, setting, reference output) or why none
         self.seconds = time.perf_counter() - start
 
     def _run(self, module, args, kwargs, setting):
@@ -390,7 +403,8 @@ class _SelfCheck:
         inputs, handles = {}, []
         for name, module in self.original.named_modules():
             def hook(module, args, kwargs, name=name):
-                inputs.setdefault(name, (pytree.tree_map(_cast, args), pytree.tree_map(_cast, kwargs)))
+                if name not in inputs:
+                    inputs[name] = _captured_probe(args, kwargs)
             handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         example = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
         try:

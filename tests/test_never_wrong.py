@@ -313,6 +313,29 @@ def test_example_inputs_reach_modules_synthetic_probes_cannot():
         assert_close(fast(x), net(x))
 
 
+def test_example_probes_keep_two_images():
+    """A batch of 64 in example_inputs probes with its first two images (the check runs in float64
+    on the CPU); inputs whose first dimensions differ (not a batch) are kept whole."""
+
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = TimmStyleGhost(4, 8)
+
+        def forward(self, x, scale):
+            return self.block(x) * scale
+
+    net = randomise_bn(TwoInputs(), spread=0.3).eval()
+    x, scale = torch.randn(64, 4, 9, 9), torch.randn(8, 1, 1)
+    check = acceleration._SelfCheck(net, (x, scale))
+    assert check.captured["block"][0][0].shape == (2, 4, 9, 9)
+    assert [t.shape for t in check.captured[""][0]] == [x.shape, scale.shape]
+    fast = accelerate(net, example_inputs=(x, scale))
+    assert fast.acceleration_summary.fused == ["block"]
+    with torch.no_grad():
+        assert_close(fast(x, scale), net(x, scale))
+
+
 def test_training_mode_check_with_dropout():
     net = nn.Sequential(TimmStyleGhost(4, 8), nn.Dropout(0.5), TimmStyleGhost(8, 8)).train()
     state = torch.random.get_rng_state()
