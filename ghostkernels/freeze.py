@@ -22,6 +22,7 @@ from .acceleration import _relative_error, _tolerance
 from .direct_conv import fuse_direct_conv_relus
 from .ghost_residual import fuse_residual_adds
 from .pointwise_pool import fuse_pointwise_pools
+from .precompile import precompile_quietly
 
 # ghostkernels' own forwards raise TracerWarnings about shape tests whose outcome the trace
 # keeps, harmlessly: check_input's argument checks (the kernels check again).
@@ -135,6 +136,7 @@ def freeze(model, example_inputs):
     devices = {t.device for t in inputs}
     if len(devices) != 1:
         raise ValueError(f"freeze: example_inputs must all be on one device, got {sorted(map(str, devices))}")
+    precompile_quietly(model, inputs, "freeze")  # on a GPU: the trace's Triton kernels, on a thread pool
     # Outside inference_mode (in that order: the first enables grad): the copy's tensors must
     # keep version counters, which the traced forward's folded-weight caches read.
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings(record=True) as caught:
@@ -157,6 +159,8 @@ def freeze(model, example_inputs):
         elif not source.startswith(_TORCH_JIT_DIR):  # torch.jit's deprecation notices: freeze() chose it
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     device = devices.pop()
+    for probe in (inputs, _fresh(inputs, 1)):  # the graph's merged ops' kernels, for the checks below
+        precompile_quietly(graph, probe, "freeze")
     # accelerate()'s self-check measure and tolerance, for the dtype of the first floating input
     dtype = next((t.dtype for t in inputs if t.is_floating_point()), torch.float32)
     tolerance = _tolerance(dtype, device)
