@@ -259,7 +259,8 @@ def first_call(budget_s, mode):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     return (f"first call ({mode}), fresh process and Triton cache, accelerate({result['model']}) float16 "
             f"channels_last batch 64: accelerate() {result['accelerate_s']:.1f} s (of which precompile "
-            f"{result['precompile_s']:.1f} s, {result['precompiled']} kernels), first forward {result['first_s']:.1f} s, "
+            f"{result['precompile_s']:.1f} s, {result['precompiled']} kernels), "
+            f"first forward {result['first_s']:.1f} s, "
             f"second {result['second_s'] * 1e3:.1f} ms, "
             f"logits rel. error vs float32 eager {result['rel_error_vs_fp32']:.1e}")
 

@@ -408,7 +408,8 @@ class _SelfCheck:
             handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         example = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
         try:
-            self._run(copy.deepcopy(self.original), example, {}, (self.device, None))  # a copy: train-mode BN updates its stats
+            # a copy: train-mode BN updates its stats
+            self._run(copy.deepcopy(self.original), example, {}, (self.device, None))
         finally:
             for handle in handles:
                 handle.remove()

@@ -3,7 +3,7 @@
 A first CUDA forward compiles each Triton kernel variant it meets, one after the other (0.1-1 s
 each; an accelerated GhostNet meets dozens: `bench/first_call_compile.py` counts them). Triton's
 compilation (its MLIR passes, ptxas) releases the GIL for most of its time: two threads compiled
-GhostNet's forward variants 1.7x faster than one on a 2-core CPU. So precompile runs the forward
+GhostNet 1.0x's 24 forward variants 1.5x faster than one on a 2-core CPU. So precompile runs the forward
 once with every ghostkernels launch turned into a compile request (Triton's warmup, queued by its
 AsyncCompileMode), compiles them on `workers` threads, and the next forward finds them compiled.
 That forward's other ops (cuBLAS, cuDNN) run on uninitialised activations and its output is
@@ -67,7 +67,7 @@ def jit_kernels():
 
 
 def precompile_quietly(model, example_inputs, caller):
-    """precompile for accelerate() and capture(), which do not need it to succeed: a failure
+    """precompile for accelerate(), capture() and freeze(), which do not need it to succeed: a failure
     (a Triton whose warmup or AsyncCompileMode changed, say) leaves the compiling to the first
     forward, with a warning. Returns precompile's (kernels, seconds), (0, 0.0) on a failure."""
     try:

@@ -91,7 +91,8 @@ def test_precompiled_forward_compiles_nothing_and_matches():
     assert fast.acceleration_summary.precompiled > 0, fast.acceleration_summary
 
     def compiled_variants():
-        return sum(len(cache[0]) for kernel in precompile_module.jit_kernels() for cache in kernel.device_caches.values())
+        kernels = precompile_module.jit_kernels()
+        return sum(len(cache[0]) for kernel in kernels for cache in kernel.device_caches.values())
 
     before = compiled_variants()
     with torch.no_grad():
