@@ -50,6 +50,23 @@ class CompileOnlyDriver:
         return 0
 
 
+compile_seconds = []  # (seconds, kernel name) of each compilation, in the order they finished
+
+
+def timed(compile):
+    """triton.compiler.compile, each call's seconds recorded (JITFunction binds it when its
+    device cache is made, so forget_compiled_kernels() lets the wrapper in)."""
+    def compile_and_time(src, *args, **kwargs):
+        start = time.perf_counter()
+        kernel = compile(src, *args, **kwargs)
+        compile_seconds.append((time.perf_counter() - start, src.name))
+        return kernel
+    return compile_and_time
+
+
+triton.compiler.compile = timed(triton.compiler.compile)
+
+
 def forget_compiled_kernels():
     """A fresh process's state: an empty Triton cache on disk and in memory."""
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="ghostkernels-first-call-")
@@ -91,11 +108,14 @@ def main():
           f"{args.model} batch {args.batch} x 3 x {args.size} x {args.size} float16 channels_last")
     for workers in args.workers:
         forget_compiled_kernels()
+        compile_seconds.clear()
         kernels, seconds = compile_first_forward(model, x, workers, args.arch)
+        slowest = ", ".join(f"{name} {t:.2f}" for t, name in sorted(compile_seconds, reverse=True)[:4])
         again, forward = compile_first_forward(model, x, workers, args.arch)  # all compiled: the forward alone
         print(f"workers {workers}: {kernels} kernel variants, precompile {seconds:.1f} s, of which the "
               f"compile-only forward on this CPU {forward:.1f} s: compiling {seconds - forward:.1f} s; again: {again} "
-              "compiled", flush=True)
+              f"compiled; each compile {sum(t for t, _ in compile_seconds):.1f} s in all, the slowest (s): {slowest}",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ def precompile(model, example_inputs, workers=None):
     it runs one ordinary forward instead (tuning times real launches), kernels counted as None."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"precompile: model must be a torch.nn.Module, got {type(model).__name__}")
-    if model.training:
+    if getattr(model, "training", False):  # a frozen TorchScript graph has no such attribute
         raise ValueError("precompile: the model must be in eval mode (a training-mode forward would update its "
                          "BatchNorm statistics from the uninitialised activations of a compile-only forward)")
     example = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)

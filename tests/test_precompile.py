@@ -40,6 +40,13 @@ def test_nothing_to_compile_on_the_cpu():
     assert summary.precompiled == 0 and "Triton kernels compiled" not in str(summary)
 
 
+def test_freeze_precompiles_its_graph_without_a_warning(recwarn):
+    """freeze() precompiles the frozen graph (a TorchScript module, no `training` attribute)."""
+    model = ghostkernels.accelerate(small_ghostnet())
+    ghostkernels.freeze(model, torch.randn(1, 3, 32, 32))
+    assert not [w for w in recwarn if "ahead of the first forward" in str(w.message)]
+
+
 def test_compile_only_ends_with_its_block():
     with pytest.raises(RuntimeError, match="inside"):
         with triton_ghost.compile_only():
