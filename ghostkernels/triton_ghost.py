@@ -41,6 +41,7 @@ IEEE float32).
 """
 
 import contextlib
+import contextvars
 import functools
 import json
 import os
@@ -995,25 +996,27 @@ class _Plan:
 
 
 _plans = {}
-_compile_only = False  # set by compile_only(): launches compile their kernel and run nothing
+# Set by compile_only(): launches compile their kernel and run nothing. A context variable, so
+# that another thread's launches (a server's requests while a model is precompiled) still run.
+_compile_only = contextvars.ContextVar("ghostkernels_compile_only", default=False)
 
 
 @contextlib.contextmanager
 def compile_only():
-    """Within it, every launch of these modules' kernels compiles the kernel (Triton's warmup:
-    queued, under Triton's AsyncCompileMode) and runs nothing (ghostkernels.precompile)."""
-    global _compile_only
-    _compile_only = True
+    """Within it (in this thread), every launch of these modules' kernels compiles the kernel
+    (Triton's warmup: queued, under Triton's AsyncCompileMode) and runs nothing
+    (ghostkernels.precompile)."""
+    token = _compile_only.set(True)
     try:
         yield
     finally:
-        _compile_only = False
+        _compile_only.reset(token)
 
 
 def launch(kernel, grid, *args, **kwargs):
     """kernel[grid](*args, **kwargs), or only its compilation within compile_only(). Returns the
     compiled kernel (None when only compiling)."""
-    if _compile_only:
+    if _compile_only.get():
         kernel.warmup(*args, grid=grid, **kwargs)
         return None
     return kernel[grid](*args, **kwargs)
@@ -1024,7 +1027,7 @@ def _run(plan, tensors):
     time (compiling if need be), then, where DIRECT_LAUNCH, straight to the kernel it compiled."""
     specialisation = tuple((t.dtype, t.data_ptr() % 16 == 0) for t in tensors) if DIRECT_LAUNCH else None
     direct = plan.compiled.get(specialisation)
-    if direct is not None and not _compile_only:
+    if direct is not None and not _compile_only.get():
         direct(*tensors, *plan.tail, *plan.constexpr_values)
         return
     compiled = launch(plan.kernel, plan.grid, *tensors, *plan.tail, **plan.constants, **plan.options)

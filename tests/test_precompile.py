@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import warnings
 
 import pytest
@@ -47,12 +48,17 @@ def test_freeze_precompiles_its_graph_without_a_warning(recwarn):
     assert not [w for w in recwarn if "ahead of the first forward" in str(w.message)]
 
 
-def test_compile_only_ends_with_its_block():
+def test_compile_only_ends_with_its_block_and_stays_in_its_thread():
+    """Another thread's launches run meanwhile (a server answering while a model is precompiled)."""
+    seen_by_another_thread = []
     with pytest.raises(RuntimeError, match="inside"):
         with triton_ghost.compile_only():
-            assert triton_ghost._compile_only
+            assert triton_ghost._compile_only.get()
+            other = threading.Thread(target=lambda: seen_by_another_thread.append(triton_ghost._compile_only.get()))
+            other.start()
+            other.join()
             raise RuntimeError("inside")
-    assert not triton_ghost._compile_only
+    assert not triton_ghost._compile_only.get() and seen_by_another_thread == [False]
 
 
 def test_a_failed_precompile_warns_and_accelerates(monkeypatch):
