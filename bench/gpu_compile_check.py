@@ -69,7 +69,7 @@ def compile_launch(fn, args, constants, arch, num_warps, num_stages):
     source = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
     start = time.perf_counter()
     kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                            options={"num_warps": num_warps, "num_stages": num_stages})
+                            options={"num_warps": num_warps, "num_stages": num_stages, **triton_ghost.LAUNCH_OPTIONS})
     return time.perf_counter() - start, kernel
 
 

@@ -71,8 +71,8 @@ def dw_pass(case, config, dw=3):
         grid, args, constants = triton_ghost.launch_arguments(
             s["z1"], False, weights[0], weights[1], cheap, weights[3], s["out"], "relu", 1, None, config,
             s["out"].dtype)
-        return triton_ghost._ghost_forward_kernel[grid](*args, **constants, num_warps=config["num_warps"],
-                                                       num_stages=config["num_stages"])
+        return triton_ghost.launch(triton_ghost._ghost_forward_kernel, grid, *args, **constants,
+                                   num_warps=config["num_warps"], num_stages=config["num_stages"])
     return run
 
 
@@ -81,8 +81,8 @@ def rows3_pass(weights, config):
     def run(s):
         grid, args, constants = triton_ghost.rows3_arguments(s["z1"], weights[1], weights[2], weights[3], s["out"],
                                                              "relu", config)
-        triton_ghost._ghost_rows3_kernel[grid](*args, **constants, num_warps=config["num_warps"],
-                                               num_stages=config["num_stages"])
+        triton_ghost.launch(triton_ghost._ghost_rows3_kernel, grid, *args, **constants,
+                            num_warps=config["num_warps"], num_stages=config["num_stages"])
     return run
 
 

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .reference import output_memory_format
-from .triton_ghost import _accumulator, _alignment, _block, _cdiv
+from .triton_ghost import _accumulator, _alignment, _block, _cdiv, launch
 
 BLOCK = 256  # pixels of one plane a program takes
 
@@ -207,16 +207,16 @@ def forward(x, primary_weight, primary_gamma, primary_beta, cheap_weight, cheap_
     z2 = torch.empty((batch, ghosts, height, width), dtype=x.dtype, device=x.device)
     blocks = _cdiv(plane, BLOCK)
     pixel_align = _alignment(x.element_size(), (plane,))
-    _cheap_forward_kernel[(batch * init, blocks)](
+    launch(
+        _cheap_forward_kernel, (batch * init, blocks),
         z1, scale1, shift1, cheap_weight.contiguous(), out, z2, height, width, plane // pixel_align, init, ghosts,
         out_channels, D=d, COPIES=copies, CP=_block(copies, 1, 64), RELU=relu, BLOCK=BLOCK, PIXEL_ALIGN=pixel_align,
         ACC=acc)
     mean2, var2 = _statistics(z2, accumulate)
     _, scale2, shift2 = _normalisation(cheap_gamma, cheap_beta, mean2, var2, cheap_eps)
     if keep:
-        _ghost_output_kernel[(batch * keep, blocks)](z2, scale2, shift2, out, plane // pixel_align, keep, ghosts,
-                                                     init, out_channels, RELU=relu, BLOCK=BLOCK,
-                                                     PIXEL_ALIGN=pixel_align, ACC=acc)
+        launch(_ghost_output_kernel, (batch * keep, blocks), z2, scale2, shift2, out, plane // pixel_align, keep,
+               ghosts, init, out_channels, RELU=relu, BLOCK=BLOCK, PIXEL_ALIGN=pixel_align, ACC=acc)
     stats = (t.to(x.dtype) for t in (mean1, var1, mean2, var2))
     return (out.contiguous(memory_format=output_memory_format(x)), z1, z2, *stats)
 
@@ -240,26 +240,26 @@ def backward(grad, x, primary_weight, primary_gamma, primary_beta, cheap_weight,
     pixel_align = _alignment(x.element_size(), (plane,))
     sums2 = torch.zeros(2 * keep, dtype=accumulate, device=x.device)
     if keep:
-        _grad_sums_kernel[(batch * keep, blocks)](grad, z2, scale2, shift2, mean2, sums2, plane // pixel_align, keep,
-                                                  out_channels, init, ghosts, RELU=relu, BLOCK=BLOCK,
-                                                  PIXEL_ALIGN=pixel_align, ACC=acc)
+        launch(_grad_sums_kernel, (batch * keep, blocks), grad, z2, scale2, shift2, mean2, sums2,
+               plane // pixel_align, keep, out_channels, init, ghosts, RELU=relu, BLOCK=BLOCK,
+               PIXEL_ALIGN=pixel_align, ACC=acc)
     grad_beta2, grad_gamma2 = (torch.zeros(ghosts, dtype=accumulate, device=x.device) for _ in range(2))
     grad_beta2[:keep] = sums2[:keep]
     grad_gamma2[:keep] = sums2[keep:] * rstd2[:keep]
     mean_dy2, slope2 = grad_beta2 / count, grad_gamma2 * rstd2 / count
     dy1 = torch.empty_like(z1)
     grad_w2 = torch.zeros(ghosts * d * d, dtype=accumulate, device=x.device)
-    _cheap_backward_kernel[(batch * init, blocks)](
+    launch(
+        _cheap_backward_kernel, (batch * init, blocks),
         grad, z1, z2, cheap_weight.contiguous(), scale1, shift1, scale2, shift2, mean2, mean_dy2, slope2, dy1, grad_w2,
         height, width, plane // pixel_align, init, ghosts, keep, out_channels,
         D=d, COPIES=copies, CP=_block(copies, 1, 64), RELU=relu, BLOCK=BLOCK, PIXEL_ALIGN=pixel_align, ACC=acc)
     sums1 = torch.zeros(2 * init, dtype=accumulate, device=x.device)
-    _grad_sums_kernel[(batch * init, blocks)](dy1, z1, scale1, shift1, mean1, sums1, plane // pixel_align, init, init,
-                                              0, init, RELU=False, BLOCK=BLOCK, PIXEL_ALIGN=pixel_align, ACC=acc)
+    launch(_grad_sums_kernel, (batch * init, blocks), dy1, z1, scale1, shift1, mean1, sums1, plane // pixel_align,
+           init, init, 0, init, RELU=False, BLOCK=BLOCK, PIXEL_ALIGN=pixel_align, ACC=acc)
     grad_beta1, grad_gamma1 = sums1[:init], sums1[init:] * rstd1
-    _batch_norm_backward_kernel[(batch * init, blocks)](dy1, z1, scale1, mean1, grad_beta1 / count,
-                                                        grad_gamma1 * rstd1 / count, plane // pixel_align, init,
-                                                        BLOCK=BLOCK, PIXEL_ALIGN=pixel_align, ACC=acc)
+    launch(_batch_norm_backward_kernel, (batch * init, blocks), dy1, z1, scale1, mean1, grad_beta1 / count,
+           grad_gamma1 * rstd1 / count, plane // pixel_align, init, BLOCK=BLOCK, PIXEL_ALIGN=pixel_align, ACC=acc)
     grad_x, grad_w1, _ = torch.ops.aten.convolution_backward(
         dy1, x, primary_weight, None, [stride] * 2, [kernel // 2] * 2, [1, 1], False, [0, 0], 1, [True, True, False])
     grads = (grad_gamma1, grad_beta1, grad_w2.view(cheap_weight.shape), grad_gamma2, grad_beta2)

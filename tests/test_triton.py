@@ -193,7 +193,7 @@ def test_direct_launches_key_on_tensor_dtype_and_alignment(monkeypatch, grid):
     for a in (storage[:8], storage[4:12], storage[1:9], storage[5:13], storage[:8].double()):
         triton_ghost._run(plan, (a, b))
     assert [c[0] for c in calls] == ["jit", "direct", "jit", "direct", "jit"]
-    assert calls[0][2] == {"L": 4, "K": 3, "num_warps": 2, "num_stages": 1}
+    assert calls[0][2] == {"L": 4, "K": 3, "num_warps": 2, "num_stages": 1, **triton_ghost.LAUNCH_OPTIONS}
     assert calls[1][1][2:] == (5, 3, 4) and calls[1][1][0].data_ptr() == storage[4:12].data_ptr()
 
 
