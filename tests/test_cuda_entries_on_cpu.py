@@ -53,3 +53,24 @@ def test_accelerated_ghostnet_through_the_cuda_entries(cuda_entries_on_cpu, vers
         out = ghostkernels.accelerate(model, check=False)(x)
     err = ((out - expected).abs().max() / expected.abs().max()).item()
     assert err <= 1e-5, f"relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("version, size, dtype", [("v1", 32, torch.float16), ("v2", 64, torch.bfloat16)],
+                         ids=["v1-32-float16", "v2-64-bfloat16"])
+def test_half_precision_through_the_cuda_entries(cuda_entries_on_cpu, monkeypatch, version, size, dtype):
+    """The GPU's dtypes through the same entries (2-byte elements: other channel alignments and
+    vector widths than float32's), channels_last: the logits as far from float32 as eager's in
+    that dtype (the original model cast to it), within a factor 2."""
+    monkeypatch.setattr(ops, "CPU_KERNEL_DTYPES", (torch.float16, torch.bfloat16, torch.float32, torch.float64))
+    model = randomise_bn(timm_ghostnet(version, width=0.5), spread=0.2).eval()
+    x = torch.randn(2, 3, size, size)
+    half = x.to(dtype).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = model(x)
+        out = ghostkernels.accelerate(model, check=False).to(dtype)(half).float()
+        eager = model.to(dtype)(half).float()
+
+    def error(found):
+        return ((found - expected).norm() / expected.norm()).item()
+
+    assert error(out) <= 2 * error(eager), f"fused {error(out):.3g}, eager {dtype} {error(eager):.3g}"
