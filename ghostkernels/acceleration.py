@@ -326,8 +326,8 @@ def _cast(value, dtype=None, device=None):
     dtype is given)."""
     if not isinstance(value, torch.Tensor):
         return value
-    value = value.detach().clone().to(device)
-    return value.to(dtype) if dtype is not None and value.is_floating_point() else value
+    dtype = dtype if value.is_floating_point() else None
+    return value.detach().to(device=device, dtype=dtype, copy=True)  # one copy, strides kept as clone() keeps them
 
 
 def _tolerance(dtype, device):

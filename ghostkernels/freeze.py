@@ -159,7 +159,8 @@ def freeze(model, example_inputs):
         elif not source.startswith(_TORCH_JIT_DIR):  # torch.jit's deprecation notices: freeze() chose it
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     device = devices.pop()
-    for probe in (inputs, _fresh(inputs, 1)):  # the graph's merged ops' kernels, for the checks below
+    same_shape, one_more_image = _fresh(inputs, 0), _fresh(inputs, 1)
+    for probe in (inputs, one_more_image):  # the graph's merged ops' kernels for the checks' two shapes
         precompile_quietly(graph, probe, "freeze")
     # accelerate()'s self-check measure and tolerance, for the dtype of the first floating input
     dtype = next((t.dtype for t in inputs if t.is_floating_point()), torch.float32)
@@ -170,8 +171,8 @@ def freeze(model, example_inputs):
     torch.set_float32_matmul_precision("highest")
     try:
         with torch.no_grad():
-            for probe, label in ((inputs, "the example"), (_fresh(inputs, 0), "random inputs of the example's shape"),
-                                 (_fresh(inputs, 1), "random inputs with one more image")):
+            for probe, label in ((inputs, "the example"), (same_shape, "random inputs of the example's shape"),
+                                 (one_more_image, "random inputs with one more image")):
                 error = _relative_error(graph(*probe), model(*probe))
                 if not error <= tolerance:
                     raise RuntimeError(
