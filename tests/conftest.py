@@ -21,6 +21,7 @@ BAD_ARGUMENT = RuntimeError if CPP_LIBRARY else (ValueError, TypeError)
 # Tests of what only the C++ library has (its output cache, its builds); test_ops.py's
 # test_cpu_kernel_is_in_use fails, not skips, where the library is missing.
 needs_cpp_library = pytest.mark.skipif(not CPP_LIBRARY, reason="the C++ library is not loaded")
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import randomise_bn
+from conftest import needs_gpu, randomise_bn
 from torch import nn
 
 from ghostkernels import GhostModule, accelerate, acceleration, freeze
@@ -262,7 +262,7 @@ def test_self_check_undoes_a_fold_that_drops_an_activation(monkeypatch):
         assert_close(fast(x), net(x))
 
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))]
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_gpu)]
 
 
 @pytest.mark.parametrize("device", DEVICES)

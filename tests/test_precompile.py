@@ -15,11 +15,10 @@ import torch
 import ghostkernels
 from ghostkernels import models, triton_ghost
 
-from conftest import randomise_bn
+from conftest import needs_gpu, randomise_bn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 precompile_module = sys.modules["ghostkernels.precompile"]  # the package's `precompile` is the function
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
 
 def small_ghostnet():
