@@ -79,3 +79,27 @@ def test_docs_section_references_resolve():
             elif section and not re.search(rf"^## {section}\. ", target.read_text(), re.MULTILINE):
                 bad.append(f"{path.relative_to(ROOT)}: {doc} has no section {section}")
     assert not bad, "\n".join(bad)
+
+
+def test_source_distribution_holds_what_the_build_compiles(tmp_path):
+    """`pip install ghostkernels-*.tar.gz` (or `python -m build`, which builds the wheel from the
+    sdist) compiles csrc/: every file there must be in the sdist, the headers setup.py does not
+    list included (they were missing until MANIFEST.in named them)."""
+    import shutil
+    import sys
+    import tarfile
+
+    # From a copy of the repository's files: in a checkout, the egg-info of an editable install
+    # lists the headers, and setuptools would ship them from that list.
+    source = tmp_path / "source"
+    for path in _repository_files():
+        copy = source / path.relative_to(ROOT)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, copy)
+    subprocess.run([sys.executable, "-c", "import sys, setuptools.build_meta as b; b.build_sdist(sys.argv[1])",
+                    str(tmp_path)], cwd=source, check=True, capture_output=True)
+    (sdist,) = tmp_path.glob("ghostkernels-*.tar.gz")
+    with tarfile.open(sdist) as archive:
+        shipped = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
+    needed = {f"csrc/{p.name}" for p in (ROOT / "csrc").iterdir() if p.suffix in (".h", ".cpp")}
+    assert needed <= shipped, f"missing from the sdist: {sorted(needed - shipped)}"
