@@ -210,10 +210,33 @@ def _folded_conv(conv, bn):
     return folded
 
 
-def _bn_replacement(tail):
+class FoldedBatchNorm(nn.Sequential):
+    """What takes a BatchNorm's place once accelerate() has folded it into the conv before it:
+    the modules that ran after its normalisation (timm's BatchNormAct2d: drop, act). In
+    training mode the original normalises with batch statistics, which the folded conv cannot,
+    so a forward there raises instead of giving another model's outputs."""
+
+    def __init__(self, tail, folded_into):
+        super().__init__(*tail)
+        self.folded_into = folded_into
+        self.eval()  # folds happen in eval mode only
+
+    def forward(self, x):
+        if self.training:
+            raise RuntimeError(
+                f"ghostkernels.accelerate() folded the BatchNorm after {self.folded_into} into it, the model being in "
+                "eval mode; in training mode the original normalises with batch statistics, which the folded model "
+                "cannot. For training, accelerate the model in training mode (it keeps every BatchNorm and "
+                "state-dict key); for inference, call eval() on this one")
+        return super().forward(x)
+
+    def extra_repr(self):
+        return f"folded into {self.folded_into}"
+
+
+def _bn_replacement(tail, folded_into):
     """The module that takes a folded BN's place: what ran after its normalisation."""
-    kept = [m for m in tail if type(m) is not nn.Identity]
-    return nn.Sequential(*kept) if kept else nn.Identity()
+    return FoldedBatchNorm([m for m in tail if type(m) is not nn.Identity], folded_into)
 
 
 def _foldable(conv, bn):
@@ -523,7 +546,8 @@ def _swap_ghost_modules(accelerator):
 def _fold(accelerator, owner_name, owner, conv_name, bn_name):
     conv, bn = getattr(owner, conv_name), getattr(owner, bn_name)
     label = f"{_child_name(owner_name, conv_name)}+{bn_name}"
-    assignments = [(conv_name, _folded_conv(conv, bn)), (bn_name, _bn_replacement(_bn_tail(bn)))]
+    folded_conv = _child_name(owner_name, conv_name)
+    assignments = [(conv_name, _folded_conv(conv, bn)), (bn_name, _bn_replacement(_bn_tail(bn), folded_conv))]
     accelerator.rewire("folded", label, owner_name, owner, assignments)
 
 
@@ -551,7 +575,9 @@ def _merge_ghost_depthwise(accelerator):
     in ghost1's place; conv_dw becomes Identity."""
     for owner_name, owner in _owners_outside_ghost_modules(accelerator.model):
         ghost, conv_dw = getattr(owner, "ghost1", None), getattr(owner, "conv_dw", None)
-        if type(getattr(owner, "bn_dw", None)) is nn.Identity and GhostDepthwise.eligible(ghost, conv_dw):
+        bn_dw = getattr(owner, "bn_dw", None)
+        passes_through = type(bn_dw) is nn.Identity or (type(bn_dw) is FoldedBatchNorm and len(bn_dw) == 0)
+        if passes_through and GhostDepthwise.eligible(ghost, conv_dw):
             accelerator.rewire("merged", f"{_child_name(owner_name, 'ghost1')}+conv_dw", owner_name, owner,
                                [("ghost1", GhostDepthwise(ghost, conv_dw)), ("conv_dw", nn.Identity())])
 

@@ -57,6 +57,20 @@ def test_zoo_ghostnet_after_bn_recalibration():
         assert_close(fused(x), original(x))
 
 
+def test_eval_acceleration_refuses_training_mode():
+    """An eval-mode acceleration folds the BNs outside the Ghost modules into their convs; in
+    training mode the original normalises with batch statistics, which those convs cannot (the
+    model ran on, its logits 0.8 relative off the original's)."""
+    original = randomise_bn(ghostnet_050(num_classes=10, fused=False), spread=0.2).eval()
+    fast, x = accelerate(original), torch.randn(2, 3, 64, 64)
+    fast.train()
+    with pytest.raises(RuntimeError, match="folded the BatchNorm after conv_stem into it"):
+        fast(x)
+    fast.eval()
+    with torch.no_grad():
+        assert_close(fast(x), original(x))
+
+
 @pytest.mark.parametrize("edit", ["data", "eps"])
 def test_fold_follows_edits_outside_the_version_counter(edit):
     m, x = ghost().eval(), torch.randn(2, 6, 7, 7, dtype=torch.float64)
@@ -253,7 +267,7 @@ def test_self_check_undoes_a_fold_that_drops_an_activation(monkeypatch):
         def forward(self, x):
             return self.act(self.drop(super().forward(x)))
 
-    monkeypatch.setattr(acceleration, "_bn_replacement", lambda tail: nn.Identity())
+    monkeypatch.setattr(acceleration, "_bn_replacement", lambda tail, folded_into: nn.Identity())
     net = randomise_bn(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), BatchNormAct2d(4)), spread=0.3).eval()
     fast = accelerate(net)
     assert not fast.acceleration_summary.folded and "self-check" in fast.acceleration_summary.skipped[0][1]
