@@ -214,7 +214,11 @@ class FoldedBatchNorm(nn.Sequential):
     """What takes a BatchNorm's place once accelerate() has folded it into the conv before it:
     the modules that ran after its normalisation (timm's BatchNormAct2d: drop, act). In
     training mode the original normalises with batch statistics, which the folded conv cannot,
-    so a forward there raises instead of giving another model's outputs."""
+    so a forward there raises instead of giving another model's outputs; and a state dict that
+    holds the BN's values (the original's checkpoint) cannot be loaded, even with strict=False,
+    which would drop them silently."""
+
+    _BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
     def __init__(self, tail, folded_into):
         super().__init__(*tail)
@@ -229,6 +233,16 @@ class FoldedBatchNorm(nn.Sequential):
                 "cannot. For training, accelerate the model in training mode (it keeps every BatchNorm and "
                 "state-dict key); for inference, call eval() on this one")
         return super().forward(x)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        if any(prefix + key in state_dict for key in self._BN_KEYS):
+            error_msgs.append(
+                f"{prefix}*: the state dict holds this BatchNorm's values, but ghostkernels.accelerate() folded it "
+                f"into {self.folded_into} (an eval-mode acceleration): load the checkpoint into the original model, "
+                "then accelerate it")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def extra_repr(self):
         return f"folded into {self.folded_into}"

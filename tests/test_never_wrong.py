@@ -71,6 +71,17 @@ def test_eval_acceleration_refuses_training_mode():
         assert_close(fast(x), original(x))
 
 
+def test_eval_acceleration_refuses_the_originals_checkpoint():
+    """Its folded BNs have no keys: load_state_dict(strict=False) would drop the checkpoint's BN
+    values and keep the folded ones."""
+    original = randomise_bn(ghostnet_050(num_classes=10, fused=False), spread=0.2).eval()
+    fast = accelerate(original)
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match=r"bn1\.\*: .* folded it into conv_stem"):
+            fast.load_state_dict(original.state_dict(), strict=strict)
+    fast.load_state_dict(fast.state_dict())
+
+
 @pytest.mark.parametrize("edit", ["data", "eps"])
 def test_fold_follows_edits_outside_the_version_counter(edit):
     m, x = ghost().eval(), torch.randn(2, 6, 7, 7, dtype=torch.float64)
