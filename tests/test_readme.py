@@ -103,3 +103,23 @@ def test_source_distribution_holds_what_the_build_compiles(tmp_path):
         shipped = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
     needed = {f"csrc/{p.name}" for p in (ROOT / "csrc").iterdir() if p.suffix in (".h", ".cpp")}
     assert needed <= shipped, f"missing from the sdist: {sorted(needed - shipped)}"
+
+
+def test_readme_python_examples_run(tmp_path, monkeypatch):
+    """The README's Python blocks, in order, as a user pastes them: in one namespace, given only
+    what their text leaves to the reader (`my_vgg`, `my_resnet50`; the last block's `model` and
+    `x`: a model that calls the ops itself)."""
+    import torch
+
+    from ghostkernels import accelerate
+    from ghostkernels.models import ghostnet_050, plain
+
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert len(blocks) == 4
+    monkeypatch.chdir(tmp_path)  # the ONNX files they write
+    namespace = {"my_vgg": plain.vgg16_cifar(), "my_resnet50": plain.resnet50()}
+    for block in blocks[:3]:
+        exec(block, namespace)
+    namespace.update(model=accelerate(ghostnet_050(fused=False).eval()), x=torch.randn(1, 3, 64, 64))
+    exec(blocks[3], namespace)
+    assert (tmp_path / "ghostnet.onnx").is_file() and (tmp_path / "model.onnx").is_file()
