@@ -123,3 +123,12 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     namespace.update(model=accelerate(ghostnet_050(fused=False).eval()), x=torch.randn(1, 3, 64, 64))
     exec(blocks[3], namespace)
     assert (tmp_path / "ghostnet.onnx").is_file() and (tmp_path / "model.onnx").is_file()
+
+
+def test_example_script_runs():
+    import sys
+
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "accelerate_ghostnet.py")], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "same output" in result.stdout
