@@ -52,6 +52,7 @@ from cases import GHOSTNET_SHAPES, floor_ms, make_case, shape_name  # noqa: E402
 GPU_TESTS = ["tests/test_triton.py", "tests/test_cheap_mix.py", "tests/test_squeeze_excite.py",
              "tests/test_cuda_graph.py", "tests/test_timm_current.py::test_accelerated_eval_under_cuda_autocast",
              "tests/test_never_wrong.py::test_self_check_runs_in_float64_on_the_cpu", "tests/test_precompile.py",
+             "tests/test_main.py::test_cuda_half_precision_agrees",
              *(f"tests/test_direct_conv.py::{name}" for name in (
                  "test_triton_kernel_matches_conv2d", "test_triton_kernel_keeps_nan_through_the_relu",
                  "test_cuda_op_takes_triton_and_checks", "test_cuda_ghost_depthwise_5x5_runs_its_conv_on_triton"))]
