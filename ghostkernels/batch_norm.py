@@ -132,7 +132,7 @@ class TrainingBatchNorm2d(nn.BatchNorm2d):
 
     def _kernel_applies(self, x):
         return (self.affine and uses_batch_statistics(self) and x.dim() == 4 and x.device.type == "cpu"
-                and x.dtype in ops.CPU_KERNEL_DTYPES and x.is_contiguous()
+                and ops.cpu_kernel_takes(x) and x.is_contiguous()
                 and x.numel() >= SMALLEST_KERNEL_MAP
                 and x.numel() > x.shape[1]  # torch's "more than 1 value per channel" error, and batch 0
                 and not torch.is_autocast_enabled("cpu") and not ops.onnx_exporting()

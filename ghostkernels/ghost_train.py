@@ -43,7 +43,7 @@ def has_kernel(x):
     if device not in ("cpu", "cuda") or torch.is_autocast_enabled(device):
         return False
     if device == "cpu":
-        return x.dtype in ops.CPU_KERNEL_DTYPES and _backends.load_cpu_extension()[0] == "cpp"
+        return ops.cpu_kernel_takes(x) and _backends.load_cpu_extension()[0] == "cpp"
     return x.dtype in CUDA_KERNEL_DTYPES and _backends.triton_kernels("triton_ghost_train") is not None
 
 

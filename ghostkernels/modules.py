@@ -364,7 +364,7 @@ def merged_weights(merged, ghost, x):
     if folded is None:
         return None
     check_input(merged, x, folded[0])
-    return None if x.device.type == "cpu" and x.dtype not in ops.CPU_KERNEL_DTYPES else folded
+    return None if x.device.type == "cpu" and not ops.cpu_kernel_takes(x) else folded
 
 
 def conv_bn_sequence(sequential):

@@ -35,6 +35,24 @@ _lib.define(
 
 # Dtypes the compiled CPU kernel takes; others run the reference on the CPU.
 CPU_KERNEL_DTYPES = (torch.float32, torch.float64)
+_warned_cpu_dtypes = set()
+
+
+def cpu_kernel_takes(x):
+    """Whether the C++ kernels take x (a CPU tensor) by its dtype. Another dtype runs the ops'
+    PyTorch compositions: right, but without the kernels' speed, so one warning per process and
+    dtype says so, and how to get bfloat16 speed from them."""
+    if x.dtype in CPU_KERNEL_DTYPES:
+        return True
+    if x.dtype not in _warned_cpu_dtypes:
+        _warned_cpu_dtypes.add(x.dtype)
+        warnings.warn(
+            f"ghostkernels: the C++ CPU kernels take float32 and float64 tensors; {x.dtype} ones (a model converted "
+            "with .half() or .bfloat16(), or CPU autocast) run each op's PyTorch composition, without the fused "
+            "kernels' speed. For bfloat16 speed keep the model and its inputs float32 and call "
+            "torch.set_float32_matmul_precision('medium'): the kernels' matmuls then run in bfloat16 where the CPU "
+            "has AVX512-BF16 or AMX (ghostkernels.backends() says whether)", stacklevel=3)
+    return False
 
 
 def check_args(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation):
@@ -390,7 +408,7 @@ def ghost_module(
 def apply(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation, gate=None):
     """ghost_module without the argument checks, for callers that built the arguments themselves."""
     args = (x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation)
-    if x.device.type == "cpu" and x.dtype not in CPU_KERNEL_DTYPES:
+    if x.device.type == "cpu" and not cpu_kernel_takes(x):
         return _reference_output(*args, gate)
     if gate is None:
         op = torch.ops.ghostkernels.ghost_module

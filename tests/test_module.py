@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -140,6 +141,28 @@ def test_eval_rejects_3d_input():
     module = GhostModule(4, 8).eval()
     with pytest.raises(ValueError, match="4-D"):
         module(torch.randn(4, 6, 6))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_dtype_without_cpu_kernels_warns_once(monkeypatch, dtype):
+    """A .bfloat16() model on the CPU runs the PyTorch compositions: right, without the kernels'
+    speed; one warning says so and names the bfloat16 mode instead."""
+    from ghostkernels import accelerate, ops
+    from ghostkernels.models import ghostnet_050
+
+    monkeypatch.setattr(ops, "_warned_cpu_dtypes", set())
+    original = ghostnet_050(num_classes=10, fused=False).eval()
+    fast, x = accelerate(original).to(dtype), torch.randn(1, 3, 32, 32, dtype=dtype)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out, again = fast(x), fast(x)
+    messages = [str(c.message) for c in caught if "ghostkernels" in str(c.message)]
+    assert len(messages) == 1 and str(dtype) in messages[0] and "'medium'" in messages[0], messages
+    torch.testing.assert_close(again, out)
+    with torch.no_grad():
+        expected = original.to(dtype)(x)
+    tolerance = {torch.bfloat16: 2e-2, torch.float16: 1e-2}[dtype]  # both in that dtype's rounding
+    assert (out - expected).abs().max() <= tolerance * expected.abs().max()
 
 
 def test_fallback_without_the_extension():
