@@ -4,7 +4,6 @@ then runs the fused Ghost op on every device with a kernel against the PyTorch r
 few random shapes; exits with status 1 if one disagrees. `--no-check` prints the report only."""
 
 import argparse
-import importlib.metadata
 import platform
 import sys
 
@@ -21,16 +20,19 @@ SHAPES = [(24, 72, 1, 2, 3, 1, "relu"), (13, 37, 1, 3, 5, 2, "none"), (16, 48, 3
 TOLERANCES = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 
-def _version(distribution):
+def _triton_version():
+    # Imported here, not by the package (it imports Triton at the first CUDA call): the version
+    # of whichever distribution provides it (triton, pytorch-triton, ...), or why it does not load
     try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
+        import triton
+    except ImportError as error:
+        return f"not importable ({error})"
+    return triton.__version__
 
 
 def report():
     lines = [f"ghostkernels {ghostkernels.__version__} ({ghostkernels.__path__[0]})",
-             f"torch {torch.__version__}, triton {_version('triton')}, Python {platform.python_version()}, "
+             f"torch {torch.__version__}, triton {_triton_version()}, Python {platform.python_version()}, "
              f"{platform.machine()}",
              f"CPU: {torch.backends.cpu.get_cpu_capability()} capability, {torch.get_num_threads()} threads"]
     if torch.cuda.is_available():
