@@ -74,3 +74,14 @@ def test_half_precision_through_the_cuda_entries(cuda_entries_on_cpu, monkeypatc
         return ((found - expected).norm() / expected.norm()).item()
 
     assert error(out) <= 2 * error(eager), f"fused {error(out):.3g}, eager {dtype} {error(eager):.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_install_check_through_the_cuda_entries(cuda_entries_on_cpu, monkeypatch, dtype):
+    """`python -m ghostkernels`' GPU part (its shapes, in float16 and bfloat16, against its
+    tolerances) through the Triton kernels."""
+    import ghostkernels.__main__ as install_check
+
+    monkeypatch.setattr(ops, "CPU_KERNEL_DTYPES", (torch.float16, torch.bfloat16, torch.float32, torch.float64))
+    for label, error, tolerance in install_check.check("cpu", dtype, torch.Generator().manual_seed(0)):
+        assert error <= tolerance, f"{label}: {error:.3g}"
