@@ -29,6 +29,7 @@ import itertools
 import time
 import warnings
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -215,8 +216,8 @@ class FoldedBatchNorm(nn.Sequential):
     the modules that ran after its normalisation (timm's BatchNormAct2d: drop, act). In
     training mode the original normalises with batch statistics, which the folded conv cannot,
     so a forward there raises instead of giving another model's outputs; and a state dict that
-    holds the BN's values (the original's checkpoint) cannot be loaded, even with strict=False,
-    which would drop them silently."""
+    holds the BN's values but not what OriginalStateDicts needs to fold them into the conv again
+    (the conv's weight) cannot be loaded, even with strict=False, which would drop them silently."""
 
     _BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
@@ -239,8 +240,9 @@ class FoldedBatchNorm(nn.Sequential):
         if any(prefix + key in state_dict for key in self._BN_KEYS):
             error_msgs.append(
                 f"{prefix}*: the state dict holds this BatchNorm's values, but ghostkernels.accelerate() folded it "
-                f"into {self.folded_into} (an eval-mode acceleration): load the checkpoint into the original model, "
-                "then accelerate it")
+                f"into {self.folded_into} (an eval-mode acceleration) and the state dict lacks that conv's weight "
+                "to fold them into: load the whole checkpoint, or load it into the original model and accelerate "
+                "that")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
@@ -251,6 +253,60 @@ class FoldedBatchNorm(nn.Sequential):
 def _bn_replacement(tail, folded_into):
     """The module that takes a folded BN's place: what ran after its normalisation."""
     return FoldedBatchNorm([m for m in tail if type(m) is not nn.Identity], folded_into)
+
+
+class OriginalStateDicts:
+    """A load_state_dict pre-hook of an eval-mode accelerated model: a state dict with the
+    original model's keys (its checkpoint) is translated into the accelerated model's as it
+    loads, each folded BN folded into its conv again from the checkpoint's values and the merged
+    modules' keys moved under their new names. A state dict of the accelerated model itself, or
+    one that lacks a fold's conv or BN values, passes unchanged (FoldedBatchNorm then names what
+    it cannot take). Picklable: the hook travels with torch.save and deepcopy of the model."""
+
+    _BN_KEYS = FoldedBatchNorm._BN_KEYS
+
+    def __init__(self):
+        self.steps = []  # ("fold", conv, bn, eps) and ("rename", ((old prefix, new prefix), ...)), in order
+
+    def fold(self, conv, bn, eps):
+        self.steps.append(("fold", conv, bn, eps))
+
+    def rename(self, *prefixes):
+        self.steps.append(("rename", prefixes))
+
+    def __call__(self, model, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        own = {prefix + key for key in model.state_dict()}  # never renamed: the accelerated model's keys
+        for step in self.steps:
+            if step[0] == "fold":
+                self._fold(state_dict, prefix + step[1] + ".", prefix + step[2] + ".", step[3])
+            else:
+                self._rename(state_dict, [(prefix + old, prefix + new) for old, new in step[1]], own)
+
+    def _fold(self, state_dict, conv, bn, eps):
+        if (conv + "weight" not in state_dict or bn + "running_mean" not in state_dict
+                or bn + "running_var" not in state_dict):
+            return
+        values = {key: state_dict.pop(bn + key, None) for key in self._BN_KEYS}
+        dtype = state_dict[conv + "weight"].dtype  # the checkpoint's (load_state_dict(assign=True) keeps it)
+        with torch.no_grad():  # in float64, as fold_conv_bn reads a conv's and a BN's tensors by name
+            conv_tensors = SimpleNamespace(weight=_double(state_dict[conv + "weight"]),
+                                           bias=_double(state_dict.get(conv + "bias")))
+            bn_tensors = SimpleNamespace(eps=eps, **{key: _double(values[key])
+                                                     for key in ("weight", "bias", "running_mean", "running_var")})
+            weight, bias = fold_conv_bn(conv_tensors, bn_tensors)
+        state_dict[conv + "weight"], state_dict[conv + "bias"] = weight.to(dtype), bias.to(dtype)
+
+    @staticmethod
+    def _rename(state_dict, prefixes, own):
+        for key in list(state_dict):
+            for old, new in prefixes:
+                if key.startswith(old) and key not in own:
+                    state_dict[new + key[len(old):]] = state_dict.pop(key)
+                    break
+
+
+def _double(tensor):
+    return None if tensor is None else tensor.double()
 
 
 def _foldable(conv, bn):
@@ -281,6 +337,7 @@ class _Accelerator:
 
     def __init__(self, model, summary, checker):
         self.model, self.summary, self.checker = model, summary, checker
+        self.original_state_dicts = OriginalStateDicts()
 
     def replace(self, kind, label, scope, old, new):
         """Replace `old` by `new` wherever the model holds it (ties kept)."""
@@ -560,9 +617,10 @@ def _swap_ghost_modules(accelerator):
 def _fold(accelerator, owner_name, owner, conv_name, bn_name):
     conv, bn = getattr(owner, conv_name), getattr(owner, bn_name)
     label = f"{_child_name(owner_name, conv_name)}+{bn_name}"
-    folded_conv = _child_name(owner_name, conv_name)
+    folded_conv, folded_bn = _child_name(owner_name, conv_name), _child_name(owner_name, bn_name)
     assignments = [(conv_name, _folded_conv(conv, bn)), (bn_name, _bn_replacement(_bn_tail(bn), folded_conv))]
-    accelerator.rewire("folded", label, owner_name, owner, assignments)
+    if accelerator.rewire("folded", label, owner_name, owner, assignments):
+        accelerator.original_state_dicts.fold(folded_conv, folded_bn, bn.eps)
 
 
 def _fold_conv_bn_pairs(accelerator):
@@ -591,9 +649,11 @@ def _merge_ghost_depthwise(accelerator):
         ghost, conv_dw = getattr(owner, "ghost1", None), getattr(owner, "conv_dw", None)
         bn_dw = getattr(owner, "bn_dw", None)
         passes_through = type(bn_dw) is nn.Identity or (type(bn_dw) is FoldedBatchNorm and len(bn_dw) == 0)
-        if passes_through and GhostDepthwise.eligible(ghost, conv_dw):
-            accelerator.rewire("merged", f"{_child_name(owner_name, 'ghost1')}+conv_dw", owner_name, owner,
-                               [("ghost1", GhostDepthwise(ghost, conv_dw)), ("conv_dw", nn.Identity())])
+        if passes_through and GhostDepthwise.eligible(ghost, conv_dw) and accelerator.rewire(
+                "merged", f"{_child_name(owner_name, 'ghost1')}+conv_dw", owner_name, owner,
+                [("ghost1", GhostDepthwise(ghost, conv_dw)), ("conv_dw", nn.Identity())]):
+            ghost1, conv_dw = _child_name(owner_name, "ghost1."), _child_name(owner_name, "conv_dw.")
+            accelerator.original_state_dicts.rename((ghost1, ghost1 + "ghost."), (conv_dw, ghost1 + "depthwise."))
 
 
 def _merge_squeeze_excite(accelerator):
@@ -601,9 +661,11 @@ def _merge_squeeze_excite(accelerator):
     (the SE product folded into ghost2's weights); se becomes Identity."""
     for owner_name, owner in _owners_outside_ghost_modules(accelerator.model):
         se, ghost = getattr(owner, "se", None), getattr(owner, "ghost2", None)
-        if se is not None and SqueezeExciteGhost.eligible(se, ghost):
-            accelerator.rewire("merged", f"{_child_name(owner_name, 'se')}+ghost2", owner_name, owner,
-                               [("ghost2", SqueezeExciteGhost(se, ghost)), ("se", nn.Identity())])
+        if se is not None and SqueezeExciteGhost.eligible(se, ghost) and accelerator.rewire(
+                "merged", f"{_child_name(owner_name, 'se')}+ghost2", owner_name, owner,
+                [("ghost2", SqueezeExciteGhost(se, ghost)), ("se", nn.Identity())]):
+            ghost2, se_prefix = _child_name(owner_name, "ghost2."), _child_name(owner_name, "se.")
+            accelerator.original_state_dicts.rename((ghost2, ghost2 + "ghost."), (se_prefix, ghost2 + "se."))
 
 
 def _swap_children(accelerator, kind, eligible, swapped):
@@ -632,8 +694,9 @@ def accelerate(model, example_inputs=None, check=True, inplace=False):
     its `acceleration_summary` attribute. Training-mode models keep their keys and Parameter
     objects and train with the original outputs, gradients and BN statistics: their Ghost
     modules run the batch-statistics op (ghost_train.py), their other depthwise convs
-    DepthwiseConv2d and their other BNs TrainingBatchNorm2d; BN folding happens only in eval mode, where it changes the state-dict
-    keys of the folded BNs.
+    DepthwiseConv2d and their other BNs TrainingBatchNorm2d; BN folding happens only in eval mode,
+    where it changes the state-dict keys of the folded BNs and the merged modules (the original's
+    state dicts still load: OriginalStateDicts), and the model no longer trains (FoldedBatchNorm).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"accelerate: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -675,5 +738,7 @@ def _accelerate(model, example_inputs, check, inplace):
     if example_inputs is not None and not accelerator.model.training:
         summary.precompiled, summary.precompile_seconds = precompile_quietly(accelerator.model, example_inputs,
                                                                              "accelerate")
+    if accelerator.original_state_dicts.steps:
+        accelerator.model._register_load_state_dict_pre_hook(accelerator.original_state_dicts, with_module=True)
     accelerator.model.acceleration_summary = summary
     return accelerator.model

@@ -7,9 +7,11 @@ import copy
 import pytest
 import torch
 from conftest import needs_gpu, randomise_bn
+from huawei_ghostnet import huawei_ghostnet
+from timm_ghostnet import timm_ghostnet
 from torch import nn
 
-from ghostkernels import GhostModule, accelerate, acceleration, freeze
+from ghostkernels import GhostModule, accelerate, acceleration, freeze, models
 from ghostkernels.models import ghostnet_050
 
 
@@ -71,15 +73,33 @@ def test_eval_acceleration_refuses_training_mode():
         assert_close(fast(x), original(x))
 
 
-def test_eval_acceleration_refuses_the_originals_checkpoint():
-    """Its folded BNs have no keys: load_state_dict(strict=False) would drop the checkpoint's BN
-    values and keep the folded ones."""
+@pytest.mark.parametrize("family", ["zoo v1", "timm v1", "timm v2", "timm v3", "huawei v1", "g-ghost"])
+def test_eval_acceleration_takes_the_originals_checkpoint(family):
+    """Its folded BNs have no keys and its merged modules' keys moved: the original's state dict
+    is folded and renamed as it loads (strict=True), and its own state dict still loads."""
+    build = {"zoo v1": lambda: ghostnet_050(num_classes=10, fused=False),
+             "timm v1": lambda: timm_ghostnet("v1", 0.5), "timm v2": lambda: timm_ghostnet("v2", 0.5),
+             "timm v3": lambda: timm_ghostnet("v3", 0.5), "huawei v1": lambda: huawei_ghostnet("v1", 0.5),
+             "g-ghost": lambda: models.g_ghost_regnetx("002", num_classes=10, fused=False)}[family]
+    accelerated_from, loaded = (randomise_bn(build(), spread=0.3).eval() for _ in range(2))
+    fast, x = accelerate(accelerated_from), torch.randn(2, 3, 64, 64)
+    assert fast.acceleration_summary.folded and not fast.acceleration_summary.skipped
+    fast.load_state_dict(loaded.state_dict())
+    with torch.no_grad():
+        assert_close(fast(x), loaded(x))
+        fast.load_state_dict(fast.state_dict())
+        assert_close(fast(x), loaded(x))
+
+
+def test_eval_acceleration_refuses_bn_values_it_cannot_fold():
+    """A state dict with a folded BN's values but not its conv's weight: load_state_dict(strict=False)
+    would drop them and keep the folded ones."""
     original = randomise_bn(ghostnet_050(num_classes=10, fused=False), spread=0.2).eval()
     fast = accelerate(original)
+    bn_only = {key: value for key, value in original.state_dict().items() if key.startswith("bn1.")}
     for strict in (True, False):
         with pytest.raises(RuntimeError, match=r"bn1\.\*: .* folded it into conv_stem"):
-            fast.load_state_dict(original.state_dict(), strict=strict)
-    fast.load_state_dict(fast.state_dict())
+            fast.load_state_dict(bn_only, strict=strict)
 
 
 @pytest.mark.parametrize("edit", ["data", "eps"])
