@@ -652,8 +652,9 @@ def _merge_ghost_depthwise(accelerator):
         if passes_through and GhostDepthwise.eligible(ghost, conv_dw) and accelerator.rewire(
                 "merged", f"{_child_name(owner_name, 'ghost1')}+conv_dw", owner_name, owner,
                 [("ghost1", GhostDepthwise(ghost, conv_dw)), ("conv_dw", nn.Identity())]):
-            ghost1, conv_dw = _child_name(owner_name, "ghost1."), _child_name(owner_name, "conv_dw.")
-            accelerator.original_state_dicts.rename((ghost1, ghost1 + "ghost."), (conv_dw, ghost1 + "depthwise."))
+            ghost1_keys, conv_dw_keys = _child_name(owner_name, "ghost1."), _child_name(owner_name, "conv_dw.")
+            accelerator.original_state_dicts.rename((ghost1_keys, ghost1_keys + "ghost."),
+                                                    (conv_dw_keys, ghost1_keys + "depthwise."))
 
 
 def _merge_squeeze_excite(accelerator):
@@ -664,8 +665,9 @@ def _merge_squeeze_excite(accelerator):
         if se is not None and SqueezeExciteGhost.eligible(se, ghost) and accelerator.rewire(
                 "merged", f"{_child_name(owner_name, 'se')}+ghost2", owner_name, owner,
                 [("ghost2", SqueezeExciteGhost(se, ghost)), ("se", nn.Identity())]):
-            ghost2, se_prefix = _child_name(owner_name, "ghost2."), _child_name(owner_name, "se.")
-            accelerator.original_state_dicts.rename((ghost2, ghost2 + "ghost."), (se_prefix, ghost2 + "se."))
+            ghost2_keys, se_keys = _child_name(owner_name, "ghost2."), _child_name(owner_name, "se.")
+            accelerator.original_state_dicts.rename((ghost2_keys, ghost2_keys + "ghost."),
+                                                    (se_keys, ghost2_keys + "se."))
 
 
 def _swap_children(accelerator, kind, eligible, swapped):

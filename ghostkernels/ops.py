@@ -35,7 +35,15 @@ _lib.define(
 
 # Dtypes the compiled CPU kernel takes; others run the reference on the CPU.
 CPU_KERNEL_DTYPES = (torch.float32, torch.float64)
-_warned_cpu_dtypes = set()
+_warned = set()  # the keys of the warnings given once per process
+
+
+def _warn_once(key, message):
+    """warnings.warn(message()) the first time this process meets `key`, attributed to the caller
+    of the function that calls this."""
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message(), stacklevel=4)
 
 
 def cpu_kernel_takes(x):
@@ -44,14 +52,12 @@ def cpu_kernel_takes(x):
     dtype says so, and how to get bfloat16 speed from them."""
     if x.dtype in CPU_KERNEL_DTYPES:
         return True
-    if x.dtype not in _warned_cpu_dtypes:
-        _warned_cpu_dtypes.add(x.dtype)
-        warnings.warn(
-            f"ghostkernels: the C++ CPU kernels take float32 and float64 tensors; {x.dtype} ones (a model converted "
-            "with .half() or .bfloat16(), or CPU autocast) run each op's PyTorch composition, without the fused "
-            "kernels' speed. For bfloat16 speed keep the model and its inputs float32 and call "
-            "torch.set_float32_matmul_precision('medium'): the kernels' matmuls then run in bfloat16 where the CPU "
-            "has AVX512-BF16 or AMX (ghostkernels.backends() says whether)", stacklevel=3)
+    _warn_once(("cpu dtype", x.dtype), lambda: (
+        f"ghostkernels: the C++ CPU kernels take float32 and float64 tensors; {x.dtype} ones (a model converted "
+        "with .half() or .bfloat16(), or CPU autocast) run each op's PyTorch composition, without the fused "
+        "kernels' speed. For bfloat16 speed keep the model and its inputs float32 and call "
+        "torch.set_float32_matmul_precision('medium'): the kernels' matmuls then run in bfloat16 where the CPU "
+        "has AVX512-BF16 or AMX (ghostkernels.backends() says whether)"))
     return False
 
 
@@ -199,17 +205,11 @@ def _ghost_module_backward_fake(grad, out, x, primary_weight, primary_bias, chea
 
 # -- fallback kernels (any device without a compiled or Triton kernel) -----------------
 
-_warned_devices = set()
-
-
 def _warn_fallback(device_type):
-    if device_type not in _warned_devices:
-        _warned_devices.add(device_type)
-        reason = _backends.backends().get(device_type, {}).get("reason", "no fused kernel is registered")
-        warnings.warn(
-            f"ghostkernels: no fused kernel for {device_type} ({reason}); running the PyTorch reference",
-            stacklevel=3,
-        )
+    _warn_once(("fallback", device_type), lambda: (
+        f"ghostkernels: no fused kernel for {device_type} "
+        f"({_backends.backends().get(device_type, {}).get('reason', 'no fused kernel is registered')}); "
+        "running the PyTorch reference"))
 
 
 @torch.library.impl(_lib, "ghost_module", "CompositeExplicitAutograd")

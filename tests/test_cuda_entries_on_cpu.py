@@ -37,6 +37,12 @@ def cuda_entries_on_cpu():
     library._destroy()  # the C++ kernels again
 
 
+@pytest.fixture
+def half_precision_reaches_the_ops(monkeypatch):
+    """The GPU's dtypes go to the ops (on the CPU they would run the references before them)."""
+    monkeypatch.setattr(ops, "CPU_KERNEL_DTYPES", (torch.float16, torch.bfloat16, torch.float32, torch.float64))
+
+
 @pytest.mark.parametrize("version, size, channels_last", [("v1", 32, False), ("v1", 32, True), ("v2", 64, True)],
                          ids=["v1-32-nchw", "v1-32-cl", "v2-64-cl"])
 def test_accelerated_ghostnet_through_the_cuda_entries(cuda_entries_on_cpu, version, size, channels_last):
@@ -57,11 +63,11 @@ def test_accelerated_ghostnet_through_the_cuda_entries(cuda_entries_on_cpu, vers
 
 @pytest.mark.parametrize("version, size, dtype", [("v1", 32, torch.float16), ("v2", 64, torch.bfloat16)],
                          ids=["v1-32-float16", "v2-64-bfloat16"])
-def test_half_precision_through_the_cuda_entries(cuda_entries_on_cpu, monkeypatch, version, size, dtype):
+def test_half_precision_through_the_cuda_entries(cuda_entries_on_cpu, half_precision_reaches_the_ops, version,
+                                                 size, dtype):
     """The GPU's dtypes through the same entries (2-byte elements: other channel alignments and
     vector widths than float32's), channels_last: the logits as far from float32 as eager's in
     that dtype (the original model cast to it), within a factor 2."""
-    monkeypatch.setattr(ops, "CPU_KERNEL_DTYPES", (torch.float16, torch.bfloat16, torch.float32, torch.float64))
     model = randomise_bn(timm_ghostnet(version, width=0.5), spread=0.2).eval()
     x = torch.randn(2, 3, size, size)
     half = x.to(dtype).contiguous(memory_format=torch.channels_last)
@@ -77,11 +83,10 @@ def test_half_precision_through_the_cuda_entries(cuda_entries_on_cpu, monkeypatc
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_install_check_through_the_cuda_entries(cuda_entries_on_cpu, monkeypatch, dtype):
+def test_install_check_through_the_cuda_entries(cuda_entries_on_cpu, half_precision_reaches_the_ops, dtype):
     """`python -m ghostkernels`' GPU part (its shapes, in float16 and bfloat16, against its
     tolerances) through the Triton kernels."""
     import ghostkernels.__main__ as install_check
 
-    monkeypatch.setattr(ops, "CPU_KERNEL_DTYPES", (torch.float16, torch.bfloat16, torch.float32, torch.float64))
     for label, error, tolerance in install_check.check("cpu", dtype, torch.Generator().manual_seed(0)):
         assert error <= tolerance, f"{label}: {error:.3g}"

@@ -22,11 +22,8 @@ def test_report_only(capsys):
 
 
 def test_a_wrong_kernel_fails_the_check(monkeypatch, capsys):
-    def off_by_a_little(*args, **kwargs):
-        return ghostkernels_op(*args, **kwargs) * (1 + 1e-4)
-
-    ghostkernels_op = main_module.ghost_module
-    monkeypatch.setattr(main_module, "ghost_module", off_by_a_little)
+    fused = main_module.ghost_module
+    monkeypatch.setattr(main_module, "ghost_module", lambda *args, **kwargs: fused(*args, **kwargs) * (1 + 1e-4))
     assert main_module.main([]) == 1
     out = capsys.readouterr().out
     assert "WRONG" in out and "3 disagree" in out

@@ -150,7 +150,7 @@ def test_a_dtype_without_cpu_kernels_warns_once(monkeypatch, dtype):
     from ghostkernels import accelerate, ops
     from ghostkernels.models import ghostnet_050
 
-    monkeypatch.setattr(ops, "_warned_cpu_dtypes", set())
+    monkeypatch.setattr(ops, "_warned", set())
     original = ghostnet_050(num_classes=10, fused=False).eval()
     fast, x = accelerate(original).to(dtype), torch.randn(1, 3, 32, 32, dtype=dtype)
     with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
