@@ -24,7 +24,6 @@ probe before and after it, in float64 on the CPU where it allows (whatever the m
 and a change whose output differs is undone and listed as skipped with the measured error.
 """
 
-import copy
 import itertools
 import time
 import warnings
@@ -40,7 +39,7 @@ from .direct_conv import DepthwiseConv2d, DirectConv2d
 from .ghost_depthwise import GhostDepthwise
 from .models.g_ghost_regnet import GGhostStage
 from .modules import (GhostModule, GhostModuleV2, PointwiseConv2d, PointwiseLinear, activation_name,
-                      conv_bn_sequence, fold_conv_bn, is_same_square_conv)
+                      conv_bn_sequence, deepcopy_module, fold_conv_bn, is_same_square_conv)
 from .precompile import precompile_quietly
 from .squeeze_excite import SqueezeExciteGhost
 
@@ -339,10 +338,15 @@ class _Accelerator:
         self.model, self.summary, self.checker = model, summary, checker
         self.original_state_dicts = OriginalStateDicts()
 
-    def replace(self, kind, label, scope, old, new):
-        """Replace `old` by `new` wherever the model holds it (ties kept)."""
+    def replace(self, kind, label, scope, old, build):
+        """Replace `old` by `build()` wherever the model holds it (ties kept). Built only once
+        `old` has passed the hooks check: a hook may have left its tensors in another state (a
+        pruned conv's weight is a computed tensor, not a Parameter)."""
+        if self._hooked(label, [old]):
+            return False
         if self.model is old:
-            return self._commit(kind, label, scope, [], old_modules=[old], root=new)
+            return self._commit(kind, label, scope, [], old_modules=[old], root=build())
+        new = build()
         return self._commit(kind, label, scope, [(parent, attr, new) for parent, attr in _slots(self.model, old)],
                             old_modules=[old])
 
@@ -355,9 +359,14 @@ class _Accelerator:
             return False
         return self._commit(kind, label, scope, [(owner, attr, new) for attr, new in assignments], old_modules)
 
-    def _commit(self, kind, label, scope, assignments, old_modules, root=None):
+    def _hooked(self, label, old_modules):
         if any(_has_hooks(m) for m in old_modules):
             self.summary.skipped.append((label, "has forward or backward hooks, which the replacement would drop"))
+            return True
+        return False
+
+    def _commit(self, kind, label, scope, assignments, old_modules, root=None):
+        if self._hooked(label, old_modules):
             return False
         undo = [(parent, attr, getattr(parent, attr)) for parent, attr, _ in assignments]
         for parent, attr, new in assignments:
@@ -404,7 +413,7 @@ def _captured_probe(args, kwargs):
 
 def _without_hooks(module):
     """A copy of `module` whose copies of user hooks do not fire during a probe."""
-    module = copy.deepcopy(module)
+    module = deepcopy_module(module)
     for m in module.modules():
         for hooks in _hook_dicts(m):
             hooks.clear()
@@ -503,7 +512,7 @@ class _SelfCheck:
         example = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
         try:
             # a copy: train-mode BN updates its stats
-            self._run(copy.deepcopy(self.original), example, {}, (self.device, None))
+            self._run(deepcopy_module(self.original), example, {}, (self.device, None))
         finally:
             for handle in handles:
                 handle.remove()
@@ -535,7 +544,7 @@ class _SelfCheck:
             return self.original
         if setting not in self.copies:
             device, dtype = setting
-            self.copies[setting] = copy.deepcopy(self.original).to(device=device, dtype=dtype)
+            self.copies[setting] = deepcopy_module(self.original).to(device=device, dtype=dtype)
         return self.copies[setting]
 
     def _reference(self, scope):
@@ -604,14 +613,14 @@ def _swap_ghost_modules(accelerator):
         if isinstance(module, (GhostModule, GGhostStage)):  # ours already: fused in eval
             accelerator.summary.fused.append(label)
         elif _is_g_ghost_stage(module):
-            accelerator.replace("fused", label, name, module, GGhostStage.from_parts(module))
+            accelerator.replace("fused", label, name, module, lambda: GGhostStage.from_parts(module))
         elif hasattr(module, "primary_conv"):
             activation, why = ghost_module_activation(module)
             short_conv, gate_why = attention_gate(module)
             if activation is None or gate_why:
                 accelerator.summary.skipped.append((label, why or gate_why))
                 continue
-            accelerator.replace("fused", label, name, module, _swap_ghost(module, activation, short_conv))
+            accelerator.replace("fused", label, name, module, lambda: _swap_ghost(module, activation, short_conv))
 
 
 def _fold(accelerator, owner_name, owner, conv_name, bn_name):
@@ -638,7 +647,7 @@ def _fold_conv_bn_pairs(accelerator):
             elif conv_name == "conv_dw" and DirectConv2d.eligible(conv) and type(bn) is nn.Identity:
                 # GhostNetV3's re-parameterised conv_dw
                 accelerator.replace("folded", f"{_child_name(owner_name, conv_name)} (direct conv kernel)",
-                                    owner_name, conv, DirectConv2d.from_conv(conv))
+                                    owner_name, conv, lambda: DirectConv2d.from_conv(conv))
 
 
 def _merge_ghost_depthwise(accelerator):
@@ -677,7 +686,7 @@ def _swap_children(accelerator, kind, eligible, swapped):
     for owner_name, owner in _owners_outside_ghost_modules(accelerator.model):
         for child_name, child in list(owner._modules.items()):
             if eligible(child):
-                accelerator.replace(kind, _child_name(owner_name, child_name), owner_name, child, swapped(child))
+                accelerator.replace(kind, _child_name(owner_name, child_name), owner_name, child, lambda: swapped(child))
 
 
 def accelerate(model, example_inputs=None, check=True, inplace=False):
@@ -714,7 +723,7 @@ def accelerate(model, example_inputs=None, check=True, inplace=False):
 def _accelerate(model, example_inputs, check, inplace):
     checker = _SelfCheck(model, example_inputs) if check else None
     if not inplace:
-        model = copy.deepcopy(model)
+        model = deepcopy_module(model)
     summary = AccelerationSummary()
     accelerator = _Accelerator(model, summary, checker)
     _swap_ghost_modules(accelerator)

@@ -1,13 +1,12 @@
 """ghostify(model): a plain CNN's Ghost version, as in the paper (Ghost-VGG, Ghost-ResNet), and
 count_params_flops(model, input_size) to compare the two."""
 
-import copy
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from .modules import GhostModule, is_int, is_same_square_conv
+from .modules import GhostModule, deepcopy_module, is_int, is_same_square_conv
 
 _KEEP_NAMES = ("stem", "downsample")
 # module names under which torchvision/timm ("downsample") and CIFAR ResNets/GhostNet ("shortcut")
@@ -88,7 +87,7 @@ def ghostify(model, ratio=2, dw_size=3, relu=False, inplace=False, keep=()):
     replaced = [name for name, conv in model.named_modules()
                 if _eligible(conv) and not any(name.startswith(g) for g in ghosts) and not kept(name, conv)]
     if not inplace:
-        model = copy.deepcopy(model)
+        model = deepcopy_module(model)
     for name in replaced:
         conv = model.get_submodule(name)
         ghost = GhostModule(conv.in_channels, conv.out_channels, conv.kernel_size[0], ratio, dw_size,

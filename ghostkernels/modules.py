@@ -1,5 +1,6 @@
 """GhostModule: the original module's structure and state-dict keys, the fused op in eval."""
 
+import copy
 import numbers
 import warnings
 
@@ -101,6 +102,15 @@ class PointwiseLinear(nn.Linear):
             return super().forward(x)
         return ops.call(torch.ops.ghostkernels.pointwise_conv2d, x[:, :, None, None], self.weight[:, :, None, None],
                         self.bias).flatten(1)
+
+
+def deepcopy_module(module):
+    """copy.deepcopy of a module, also where torch.nn.utils.prune or the old
+    torch.nn.utils.weight_norm left a computed (non-leaf) weight as an attribute, which deepcopy
+    refuses: the copy holds its value, detached, until its own forward pre-hook recomputes it."""
+    computed = {id(value): value.detach().clone() for m in module.modules() for value in vars(m).values()
+                if isinstance(value, torch.Tensor) and not value.is_leaf}
+    return copy.deepcopy(module, computed)
 
 
 def is_int(value):

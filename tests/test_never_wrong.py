@@ -2,6 +2,7 @@
 training, parametrised and edited weights, inference mode, hooks and tied modules under
 accelerate(), clear errors, and the self-check that undoes a change it cannot verify."""
 
+import contextlib
 import copy
 
 import pytest
@@ -10,6 +11,7 @@ from conftest import needs_gpu, randomise_bn
 from huawei_ghostnet import huawei_ghostnet
 from timm_ghostnet import timm_ghostnet
 from torch import nn
+from torch.nn.utils import prune
 
 from ghostkernels import GhostModule, accelerate, acceleration, freeze, models
 from ghostkernels.models import ghostnet_050
@@ -245,6 +247,39 @@ def test_hooked_bn_is_not_folded():
     x = torch.randn(1, 3, 5, 5)
     with torch.no_grad():
         assert_close(fast(x), net(x))
+
+
+def _prune(model):
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            prune.l1_unstructured(m, "weight", amount=0.3)
+
+
+def _old_weight_norm(model):
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and m.groups == 1:
+            torch.nn.utils.weight_norm(m)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("reparameterise", [_prune, _old_weight_norm], ids=["prune", "weight_norm"])
+def test_pruned_and_weight_normed_models(reparameterise, training):
+    """Their pre-hooks leave a computed weight that deepcopy refused and the swaps could not
+    take (accelerate raised). Now the copy works and the hooked modules stay as they are."""
+    model = randomise_bn(ghostnet_050(num_classes=10, fused=False), spread=0.3).train(training)
+    reparameterise(model)
+    with pytest.warns(UserWarning) if training else contextlib.nullcontext():
+        fast = accelerate(model)
+    assert any("hooks" in why for _, why in fast.acceleration_summary.skipped)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.manual_seed(0)  # the classifier's dropout in training mode
+        expected = model(x)
+        torch.manual_seed(0)
+        assert_close(fast(x), expected)
+        if not training:
+            assert_close(freeze(fast, x)(x), expected)
 
 
 def test_shared_ghost_module_stays_shared():
