@@ -2,6 +2,10 @@
 model's outputs on other batch sizes, resolutions and memory formats, keeps its weights as they
 were, and refuses what it cannot trace faithfully."""
 
+import copy
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -58,6 +62,21 @@ def test_frozen_model_keeps_the_weights_it_was_frozen_with():
 def test_frozen_model_runs_without_autograd():
     _, frozen = frozen_pair("zoo-v1-0.5x", torch.randn(1, 3, 64, 64))
     assert not frozen(torch.randn(1, 3, 64, 64, requires_grad=True)).requires_grad
+
+
+def test_frozen_model_saves_and_loads_in_a_new_process(tmp_path):
+    """torch.save raised ("does not have a __getstate__ method defined"): the frozen graph is a
+    ScriptModule. The new process imports only torch: unpickling imports ghostkernels."""
+    model, frozen = frozen_pair("zoo-v1-0.5x", torch.randn(1, 3, 64, 64))
+    x = torch.randn(2, 3, 64, 64)
+    torch.save({"frozen": frozen, "x": x}, tmp_path / "frozen.pt")
+    load = ("import sys, torch; saved = torch.load(sys.argv[1], weights_only=False); "
+            "torch.save(saved['frozen'](saved['x']), sys.argv[2])")
+    subprocess.run([sys.executable, "-c", load, tmp_path / "frozen.pt", tmp_path / "out.pt"], check=True)
+    with torch.no_grad():
+        expected = model(x)
+    assert_same(torch.load(tmp_path / "out.pt"), expected)
+    assert_same(copy.deepcopy(frozen)(x), expected)
 
 
 def test_frozen_model_names_a_wrong_argument():
