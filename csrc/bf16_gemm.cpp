@@ -12,6 +12,7 @@
 
 #include <ATen/Context.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <algorithm>
 #include <chrono>
@@ -295,9 +296,20 @@ void gemm_bf16(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const 
 
 #endif
 
+bool bf16_matmuls_requested() {
+  // Once torch >= 2.9's fp32_precision settings are used, reading the legacy one raises.
+#if TORCH_VERSION_MAJOR > 2 || TORCH_VERSION_MINOR >= 10
+  return at::globalContext().float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL) ==
+         at::Float32Precision::BF16;
+#elif TORCH_VERSION_MINOR == 9
+  return at::globalContext().float32Precision("mkldnn", "matmul") == "bf16";
+#else
+  return at::globalContext().float32MatmulPrecision() == at::Float32MatmulPrecision::MEDIUM;
+#endif
+}
+
 bool bf16_gemm_enabled(at::ScalarType dtype, int64_t depth) {
-  if (dtype != at::kFloat || at::globalContext().float32MatmulPrecision() != at::Float32MatmulPrecision::MEDIUM ||
-      !bf16_gemm_available())
+  if (dtype != at::kFloat || !bf16_matmuls_requested() || !bf16_gemm_available())
     return false;
 #ifdef GK_HAVE_BF16
   // Below 32 the zero padding to a tile's depth costs more than AMX saves (GhostNet's 16 -> 16

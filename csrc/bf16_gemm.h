@@ -35,9 +35,15 @@ namespace ghostkernels {
 bool bf16_gemm_available();
 std::string bf16_gemm_status();
 
+// Whether the user asks for bfloat16 float32 matmuls on the CPU, as PyTorch's own test has it:
+// torch.set_float32_matmul_precision("medium"), or from torch 2.9 on
+// torch.backends.mkldnn.matmul.fp32_precision = "bf16" (or "bf16" set for all of mkldnn, or for
+// every backend).
+bool bf16_matmuls_requested();
+
 // Whether a float32 GEMM of the fused forward kernels summing over `depth` products runs in
-// bfloat16 for tensors of `dtype`: float32, float32_matmul_precision "medium", an engine, and a
-// depth the engine gains at (AMX: 32, a tile's depth; dot products: any).
+// bfloat16 for tensors of `dtype`: float32, bf16_matmuls_requested(), an engine, and a depth the
+// engine gains at (AMX: 32, a tile's depth; dot products: any).
 bool bf16_gemm_enabled(at::ScalarType dtype, int64_t depth);
 
 // fn(rows, ld) with the weight rows a GEMV reads (gemm.h dot_rows): in the bfloat16 mode a frozen

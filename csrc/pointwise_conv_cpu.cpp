@@ -7,7 +7,6 @@
 // at batch 8. Below it, pointwise_conv2d_pool: the same GEMM, its rows averaged in a scratch.
 
 #include <ATen/ATen.h>
-#include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -100,16 +99,15 @@ at::Tensor pointwise_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, c
   // NCHW out whatever x's layout, as the fake kernel promises.
   if (!fast) return at::conv2d(x, weight, bias).contiguous();
   const int64_t batch = x.size(0), inputs = x.size(1), outputs = weight.size(0), pixels = x.size(2) * x.size(3);
-  // 1x1 maps: MKL's GEMV in the AVX-512 build on Intel CPUs; our dot products elsewhere and under
-  // float32_matmul_precision "medium", where ATen converts W to bfloat16 on every call (torch
+  // 1x1 maps: MKL's GEMV in the AVX-512 build on Intel CPUs; our dot products elsewhere and where
+  // bfloat16 matmuls are asked for (float32_matmul_precision "medium"), where ATen converts W to bfloat16 on every call (torch
   // 2.13, batch 1: 2.5x slower). Frozen GhostNets with the dots instead of MKL: 1.5-3% slower on
   // an AVX-512 Xeon, 3-15% faster on an AVX2 EPYC (Zen 2), batch 1 and 8
   // (bench/results/epyc-zen2-avx2-2threads-2026-12-02.md), 9-15% faster at batch 1 on an AVX-512
   // EPYC (Zen 4), where MKL's GEMV ran 2.3x slower than the dots alone
   // (bench/results/epyc-zen4-avx512-2threads-2026-12-02.md).
   static const bool mkl_gemv = GK_VECTOR_BYTES == 64 && on_intel_cpu();
-  const bool medium = at::globalContext().float32MatmulPrecision() == at::Float32MatmulPrecision::MEDIUM;
-  if (pixels == 1 && mkl_gemv && !medium)  // _unsafe_view: an op's output must not be a view (autograd forbids in-place on it)
+  if (pixels == 1 && mkl_gemv && !bf16_matmuls_requested())  // _unsafe_view: an op's output must not be a view (autograd forbids in-place on it)
     return at::_unsafe_view(at::linear(x.view({batch, inputs}), weight.reshape({outputs, inputs}), bias),
                             {batch, outputs, 1, 1});
   at::Tensor out = empty_output({batch, outputs, x.size(2), x.size(3)}, x.options());

@@ -1,5 +1,6 @@
 """Which kernel serves each device, and why: the compiled CPU library is loaded tolerantly."""
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -93,6 +94,41 @@ def empty_cache():
     return torch.ops.ghostkernels.empty_output_cache()
 
 
+def bf16_matmuls_requested():
+    """Whether the user asks for bfloat16 float32 matmuls on the CPU (the bfloat16 mode), as
+    csrc/bf16_gemm.cpp and PyTorch read it: torch.set_float32_matmul_precision("medium"), or
+    from torch 2.9 on torch.backends.mkldnn.matmul.fp32_precision = "bf16" (directly or through
+    the mkldnn-wide or global setting). Once that API is used, the legacy getter raises."""
+    matmul = getattr(torch.backends.mkldnn, "matmul", None)
+    if matmul is None:
+        return torch.get_float32_matmul_precision() == "medium"
+    return matmul.fp32_precision == "bf16"
+
+
+@contextlib.contextmanager
+def ieee_float32_matmuls():
+    """float32 matmuls (CPU and CUDA) in float32 inside: no bfloat16, no TF32. The user's settings
+    are restored after: the legacy one, unless torch 2.9's fp32_precision API has made it disagree
+    (its getter then raises), and the fp32_precision API's, which setting the legacy one changes."""
+    settings = (torch.backends.mkldnn.matmul, torch.backends.cuda.matmul) if hasattr(torch.backends.mkldnn, "matmul") \
+        else ()
+    saved = [setting.fp32_precision for setting in settings]
+    try:
+        legacy = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+    except RuntimeError:
+        legacy = None
+    for setting in settings:
+        setting.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        if legacy is not None:
+            torch.set_float32_matmul_precision(legacy)
+        for setting, precision in zip(settings, saved):
+            setting.fp32_precision = precision
+
+
 def _bfloat16_matmul_status(cpu_backend):
     """Whether the C++ kernels' float32 GEMMs run bfloat16 now, on what, and why (csrc/bf16_gemm.h)."""
     if cpu_backend != "cpp":
@@ -100,9 +136,9 @@ def _bfloat16_matmul_status(cpu_backend):
     available, engine = torch.ops.ghostkernels.bf16_gemm_status()
     if not available:
         return f"unavailable: {engine}"
-    if torch.get_float32_matmul_precision() == "medium":
+    if bf16_matmuls_requested():
         return (f"on: float32 GEMMs of the fused forward kernels run bfloat16 on {engine} "
-                "(torch.get_float32_matmul_precision() is 'medium')")
+                "(torch.get_float32_matmul_precision() is 'medium', or mkldnn matmuls' fp32_precision 'bf16')")
     return f"off: {engine} available; torch.set_float32_matmul_precision('medium') turns it on"
 
 

@@ -17,7 +17,7 @@ import warnings
 import torch
 from torch import nn
 
-from ._backends import load_cpu_extension
+from ._backends import ieee_float32_matmuls, load_cpu_extension
 from .acceleration import _relative_error, _tolerance
 from .direct_conv import fuse_direct_conv_relus
 from .ghost_residual import fuse_residual_adds
@@ -184,18 +184,13 @@ def freeze(model, example_inputs):
     tolerance = _tolerance(dtype, device)
     # In float32 matmuls: the check is of the trace, and under "medium" the graph reads bfloat16
     # copies of its weights where the model reads float32 ones (1e-3 apart in GhostNet's logits).
-    precision = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        with torch.no_grad():
-            for probe, label in ((inputs, "the example"), (same_shape, "random inputs of the example's shape"),
-                                 (one_more_image, "random inputs with one more image")):
-                error = _relative_error(graph(*probe), model(*probe))
-                if not error <= tolerance:
-                    raise RuntimeError(
-                        f"freeze: the traced graph gives outputs that differ by {error:.2e} (relative; tolerance "
-                        f"{tolerance:.0e}) on {label}; the model's forward does not trace (Python control flow or "
-                        "state that a trace keeps fixed): use the model itself")
-    finally:
-        torch.set_float32_matmul_precision(precision)
+    with ieee_float32_matmuls(), torch.no_grad():
+        for probe, label in ((inputs, "the example"), (same_shape, "random inputs of the example's shape"),
+                             (one_more_image, "random inputs with one more image")):
+            error = _relative_error(graph(*probe), model(*probe))
+            if not error <= tolerance:
+                raise RuntimeError(
+                    f"freeze: the traced graph gives outputs that differ by {error:.2e} (relative; tolerance "
+                    f"{tolerance:.0e}) on {label}; the model's forward does not trace (Python control flow or "
+                    "state that a trace keeps fixed): use the model itself")
     return FrozenModel(graph, tuple(t.dtype for t in inputs), device)

@@ -285,6 +285,46 @@ def test_freeze_under_medium(precision):
         assert relative_error(frozen(x), model(x)) < (2e-2 if BF16 else 1e-5)
 
 
+@pytest.mark.skipif(not hasattr(torch.backends.mkldnn, "matmul"), reason="torch < 2.9 has no fp32_precision API")
+@pytest.mark.parametrize("setting, bfloat16", [
+    ("torch.backends.mkldnn.matmul.fp32_precision = 'bf16'", True),
+    ("torch.backends.fp32_precision = 'bf16'", True),
+    ("torch.backends.cuda.matmul.fp32_precision = 'tf32'", False),  # what GPU training scripts set
+    ("torch.backends.mkldnn.matmul.fp32_precision = 'ieee'", False)])
+def test_fp32_precision_api(setting, bfloat16):
+    """torch >= 2.9's successor of set_float32_matmul_precision: once a script uses it, reading the
+    legacy setting raises, and every kernel call, backends() and freeze() raised with it. Now its
+    mkldnn matmul precision is the bfloat16 mode's switch, as it is PyTorch's, and freeze() leaves
+    it as it was. In a subprocess: the API cannot be unset."""
+    script = f"""
+import torch, ghostkernels
+import torch.nn.functional as F
+from ghostkernels.models import ghostnet_050
+{setting}
+try:
+    torch.get_float32_matmul_precision()
+    mixed = False
+except RuntimeError:
+    mixed = True
+x, weight, bias = torch.randn(2, 80, 14, 14), torch.randn(112, 80, 1, 1) / 9, torch.randn(112)
+out = torch.ops.ghostkernels.pointwise_conv2d(x, weight, bias)
+operands = (x.bfloat16(), weight.bfloat16()) if {bfloat16} and {BF16} else (x, weight)
+expected = F.conv2d(operands[0].double(), operands[1].double(), bias.double())
+error = ((out.double() - expected).abs().max() / expected.abs().max()).item()
+assert error < 1e-5, error
+status = ghostkernels.backends()["cpu"]["bfloat16_matmul"]
+assert status.startswith({"on:" if bfloat16 else "off:"!r} if {BF16} else "unavailable:"), status
+settings = (torch.backends.mkldnn.matmul.fp32_precision, torch.backends.cuda.matmul.fp32_precision)
+model = ghostnet_050().eval()
+image = torch.randn(1, 3, 64, 64)
+frozen = ghostkernels.freeze(ghostkernels.accelerate(model), image)
+assert (torch.backends.mkldnn.matmul.fp32_precision, torch.backends.cuda.matmul.fp32_precision) == settings
+print("mixed" if mixed else "consistent")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def test_frozen_weight_copies_go_with_the_weight(precision):
     precision("medium")
     x = torch.randn(1, 64, 1, 1)
