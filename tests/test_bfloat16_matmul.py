@@ -314,6 +314,7 @@ error = ((out.double() - expected).abs().max() / expected.abs().max()).item()
 assert error < 1e-5, error
 status = ghostkernels.backends()["cpu"]["bfloat16_matmul"]
 assert status.startswith({"on:" if bfloat16 else "off:"!r} if {BF16} else "unavailable:"), status
+assert ghostkernels._backends.bf16_matmuls_requested() is {bfloat16}
 settings = (torch.backends.mkldnn.matmul.fp32_precision, torch.backends.cuda.matmul.fp32_precision)
 model = ghostnet_050().eval()
 image = torch.randn(1, 3, 64, 64)
