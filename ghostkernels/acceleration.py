@@ -319,9 +319,16 @@ def _hook_dicts(module):
     return (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
 
 
-def _has_hooks(module):
-    """Whether a hook is registered on `module` or inside it (a replacement would not run it)."""
-    return any(any(_hook_dicts(m)) for m in module.modules())
+def _hooks_reason(module):
+    """Why `module` is left as it is when a hook is registered on it or inside it (a replacement
+    would not run the hook), else None."""
+    hooks = [hook for m in module.modules() for hook_dict in _hook_dicts(m) for hook in hook_dict.values()]
+    if not hooks:
+        return None
+    if any(type(hook).__module__ in ("torch.nn.utils.prune", "torch.nn.utils.weight_norm") for hook in hooks):
+        return ("is pruned or weight-normalised (torch.nn.utils.prune / weight_norm recompute its weight in a hook): "
+                "prune.remove() / remove_weight_norm() make the weights plain for accelerate to fuse")
+    return "has forward or backward hooks, which the replacement would drop"
 
 
 def _slots(model, module):
@@ -360,10 +367,10 @@ class _Accelerator:
         return self._commit(kind, label, scope, [(owner, attr, new) for attr, new in assignments], old_modules)
 
     def _hooked(self, label, old_modules):
-        if any(_has_hooks(m) for m in old_modules):
-            self.summary.skipped.append((label, "has forward or backward hooks, which the replacement would drop"))
-            return True
-        return False
+        reason = next(filter(None, map(_hooks_reason, old_modules)), None)
+        if reason is not None:
+            self.summary.skipped.append((label, reason))
+        return reason is not None
 
     def _commit(self, kind, label, scope, assignments, old_modules, root=None):
         if self._hooked(label, old_modules):
