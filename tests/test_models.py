@@ -53,6 +53,27 @@ def test_features_only_strides():
     assert [f.shape[1] for f in features] == model.feature_channels == [24, 40, 112, 160]
 
 
+def test_no_classifier_and_a_new_one():
+    """timm's conventions, as a user of its ghostnet_* writes them: num_classes=0 returns the
+    1280 features before the classifier (it returned an empty (N, 0) tensor), forward_head's
+    pre_logits gives the same, reset_classifier(n) fits a new one; accelerated and frozen alike."""
+    model = randomise_bn(ghostnet_050(fused=False), spread=0.2).eval()
+    headless = ghostnet_050(num_classes=0, fused=False).eval()
+    headless.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("classifier.")})
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        features = model.forward_head(model.forward_features(x), pre_logits=True)
+        assert features.shape == (2, 1280)
+        assert_close32(headless(x), features)
+        fast = accelerate(headless)
+        assert_close32(fast(x), features)
+        assert_close32(ghostkernels.freeze(fast, x)(x), features)
+        model.reset_classifier(7)
+        assert model(x).shape == (2, 7) and model.num_classes == 7
+    with pytest.raises(ValueError, match="num_classes must be an int >= 0, got -1"):
+        ghostnet_050(num_classes=-1)
+
+
 def test_fused_zoo_matches_the_reference_model():
     fused = randomise_bn(ghostnet_050(num_classes=10), spread=0.2).eval()
     reference = ghostnet_050(num_classes=10, fused=False).eval()

@@ -307,7 +307,15 @@ class GhostNet(nn.Module):
         self.global_pool = nn.AdaptiveAvgPool2d(1)
         self.conv_head = nn.Conv2d(self.num_features, 1280, 1, bias=True)
         self.act2 = nn.ReLU(inplace=True)
-        self.classifier = nn.Linear(1280, num_classes)
+        self.reset_classifier(num_classes)
+
+    def reset_classifier(self, num_classes):
+        """A new classifier for `num_classes` classes (fine-tuning); 0: none, the model returns
+        the 1280 features before it (timm's convention, as for its ghostnet_*)."""
+        if not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"GhostNet: num_classes must be an int >= 0, got {num_classes!r}")
+        self.num_classes = num_classes
+        self.classifier = nn.Linear(1280, num_classes) if num_classes else nn.Identity()
 
     def reparameterize(self):
         """GhostNetV3: collapse every multi-branch module into its folded, deployable form (uses
@@ -329,11 +337,15 @@ class GhostNet(nn.Module):
                 if index in self.FEATURE_STAGES:
                     features.append(x)
             return features
-        x = self.act2(self.conv_head(self.global_pool(self.forward_features(x))))
-        x = torch.flatten(x, 1)
+        return self.forward_head(self.forward_features(x))
+
+    def forward_head(self, x, pre_logits=False):
+        """The head on forward_features' maps: pool, conv_head, ReLU, dropout, classifier
+        (pre_logits=True: the 1280 features before the classifier)."""
+        x = torch.flatten(self.act2(self.conv_head(self.global_pool(x))), 1)
         if self.dropout > 0:
             x = F.dropout(x, self.dropout, self.training)
-        return self.classifier(x)
+        return x if pre_logits else self.classifier(x)
 
 
 def ghostnet(width=1.0, num_classes=1000, dropout=0.2, **kwargs):
