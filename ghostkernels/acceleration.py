@@ -693,7 +693,8 @@ def _swap_children(accelerator, kind, eligible, swapped):
     for owner_name, owner in _owners_outside_ghost_modules(accelerator.model):
         for child_name, child in list(owner._modules.items()):
             if eligible(child):
-                accelerator.replace(kind, _child_name(owner_name, child_name), owner_name, child, lambda: swapped(child))
+                accelerator.replace(kind, _child_name(owner_name, child_name), owner_name, child,
+                                    lambda: swapped(child))
 
 
 def accelerate(model, example_inputs=None, check=True, inplace=False):
