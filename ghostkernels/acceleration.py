@@ -621,6 +621,10 @@ def _swap_ghost_modules(accelerator):
             accelerator.summary.fused.append(label)
         elif _is_g_ghost_stage(module):
             accelerator.replace("fused", label, name, module, lambda: GGhostStage.from_parts(module))
+        elif hasattr(module, "primary_rpr_conv"):  # GhostNetV3's before reparameterize() (zoo, timm, Huawei)
+            accelerator.summary.skipped.append((label, "GhostNetV3's multi-branch form runs as it is; "
+                                                "reparameterize() (the zoo's model.reparameterize(), timm's "
+                                                "reparameterize_model) makes it fusable for inference"))
         elif hasattr(module, "primary_conv"):
             activation, why = ghost_module_activation(module)
             short_conv, gate_why = attention_gate(module)

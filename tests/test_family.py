@@ -80,6 +80,8 @@ def test_ghostnetv3_reparameterize_and_accelerate_match():
     x = torch.randn(2, 3, 49, 53)
     with torch.no_grad():
         multi_branch = model(x)
+        skipped = accelerate(model).acceleration_summary.skipped
+        assert len(skipped) == 32 and all("reparameterize()" in why for _, why in skipped)  # it says what to do
         model.reparameterize()
         deployed = model(x)
         fast = accelerate(model)
