@@ -100,8 +100,8 @@ at::Tensor pointwise_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, c
   if (!fast) return at::conv2d(x, weight, bias).contiguous();
   const int64_t batch = x.size(0), inputs = x.size(1), outputs = weight.size(0), pixels = x.size(2) * x.size(3);
   // 1x1 maps: MKL's GEMV in the AVX-512 build on Intel CPUs; our dot products elsewhere and where
-  // bfloat16 matmuls are asked for (float32_matmul_precision "medium"), where ATen converts W to bfloat16 on every call (torch
-  // 2.13, batch 1: 2.5x slower). Frozen GhostNets with the dots instead of MKL: 1.5-3% slower on
+  // bfloat16 matmuls are asked for (float32_matmul_precision "medium"), where ATen converts W to
+  // bfloat16 on every call (torch 2.13, batch 1: 2.5x slower). Frozen GhostNets with the dots instead of MKL: 1.5-3% slower on
   // an AVX-512 Xeon, 3-15% faster on an AVX2 EPYC (Zen 2), batch 1 and 8
   // (bench/results/epyc-zen2-avx2-2threads-2026-12-02.md), 9-15% faster at batch 1 on an AVX-512
   // EPYC (Zen 4), where MKL's GEMV ran 2.3x slower than the dots alone

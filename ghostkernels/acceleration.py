@@ -364,6 +364,8 @@ class _Accelerator:
         if any(len(_slots(self.model, m)) > 1 for m in old_modules):
             self.summary.skipped.append((label, "a module it changes is shared with another part of the model"))
             return False
+        if self._hooked(label, old_modules):
+            return False
         return self._commit(kind, label, scope, [(owner, attr, new) for attr, new in assignments], old_modules)
 
     def _hooked(self, label, old_modules):
@@ -373,8 +375,8 @@ class _Accelerator:
         return reason is not None
 
     def _commit(self, kind, label, scope, assignments, old_modules, root=None):
-        if self._hooked(label, old_modules):
-            return False
+        """Make the assignments (replace and rewire have checked hooks and ties), then keep them
+        if the self-check agrees, else undo them."""
         undo = [(parent, attr, getattr(parent, attr)) for parent, attr, _ in assignments]
         for parent, attr, new in assignments:
             setattr(parent, attr, new)

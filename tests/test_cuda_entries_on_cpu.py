@@ -61,7 +61,8 @@ def test_accelerated_ghostnet_through_the_cuda_entries(cuda_entries_on_cpu, vers
     assert err <= 1e-5, f"relative error {err:.3g}"
 
 
-@pytest.mark.parametrize("version, size, batch, dtype", [("v1", 32, 2, torch.float16), ("v2", 64, 1, torch.bfloat16)],
+@pytest.mark.parametrize("version, size, batch, dtype",
+                         [("v1", 32, 2, torch.float16), ("v2", 64, 1, torch.bfloat16)],
                          ids=["v1-32-float16", "v2-64-bfloat16"])
 def test_half_precision_through_the_cuda_entries(cuda_entries_on_cpu, half_precision_reaches_the_ops, version,
                                                  size, batch, dtype):
