@@ -13,6 +13,26 @@ if not torch.cuda.is_available():
 
 import ghostkernels  # noqa: E402
 
+
+def available_cores():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist's: pytest without it ignores this
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: a worker per core, at most 8 (each holds torch, Triton and its own compiled models)."""
+    return min(available_cores(), 8)
+
+
+# Under pytest-xdist a worker's intra-op threads are its share of the cores: 2 workers of 2 threads
+# on 2 cores made OpenMP's spinning threads wait on each other, slower than one process. The C++
+# kernels' splits over several threads have tests that set their thread count (intra_op_threads);
+# the processes that tests start inherit the share through OMP_NUM_THREADS.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    WORKER_THREADS = max(1, available_cores() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(WORKER_THREADS)
+    torch.set_num_threads(WORKER_THREADS)
+
 # The C++ kernels' argument checks raise RuntimeError (TORCH_CHECK); without the C++ library (a GPU
 # machine runs the tests with GHOSTKERNELS_DISABLE_CPP=1) the fallbacks run the fake kernels'
 # Python checks, which raise ValueError or TypeError with the same words.

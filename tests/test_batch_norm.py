@@ -14,7 +14,7 @@ from ghostkernels.models.plain import ResNetCIFAR
 from ghostkernels import batch_norm
 from ghostkernels.batch_norm import TrainingBatchNorm2d, _backward_fake, _backward_fallback, _fallback, _fake
 
-from conftest import make_input, needs_cpp_library
+from conftest import intra_op_threads, make_input, needs_cpp_library
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 
@@ -72,10 +72,13 @@ def assert_same_steps(original, ours, x, steps=1):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("shape", [(4, 16, 8, 8), (3, 5, 7, 9), (1, 3, 3, 1), (2, 33, 5, 3)])
-def test_matches_batch_norm(dtype, shape):
+@pytest.mark.parametrize("shape, threads", [((4, 16, 8, 8), 1), ((3, 5, 7, 9), 1), ((1, 3, 3, 1), 1), ((2, 33, 5, 3), 1),
+                                            ((3, 5, 7, 9), 2), ((2, 33, 5, 3), 3)])
+def test_matches_batch_norm(dtype, shape, threads):
+    """threads: the planes split over intra-op threads, evenly or not."""
     original, ours = pair(shape[1], dtype)
-    assert_same_steps(original.train(), ours.train(), make_input(*shape, dtype=dtype), steps=2)
+    with intra_op_threads(threads):
+        assert_same_steps(original.train(), ours.train(), make_input(*shape, dtype=dtype), steps=2)
 
 
 @pytest.mark.parametrize("config", [dict(momentum=None), dict(momentum=0.7), dict(eps=0.25),

@@ -9,7 +9,7 @@ import torch
 from ghostkernels import triton_cheap_mix
 from ghostkernels.cheap_mix import cheap_mix, cheap_mix_reference
 
-from conftest import BAD_ARGUMENT
+from conftest import BAD_ARGUMENT, intra_op_threads
 
 # the module (ghostkernels.cheap_mix is the function of the same name)
 cheap_mix_module = importlib.import_module("ghostkernels.cheap_mix")
@@ -38,14 +38,17 @@ TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5}
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
-@pytest.mark.parametrize("batch, offset, bias", [(2, 7, True), (1, 0, False), (0, 3, True)])
-def test_cpu_matches_reference_and_writes_only_its_slice(dtype, channels_last, batch, offset, bias):
+# threads: the images and pixel chunks split over intra-op threads, evenly or not
+@pytest.mark.parametrize("batch, offset, bias, threads", [(2, 7, True, 1), (1, 0, False, 1), (0, 3, True, 1),
+                                                          (3, 7, True, 2), (3, 7, True, 3)])
+def test_cpu_matches_reference_and_writes_only_its_slice(dtype, channels_last, batch, offset, bias, threads):
     x, weight, b, mix = make_args(batch, 20, 13, 11, (9, 7), dtype, channels_last, bias)
     expected = cheap_mix_reference(x, weight, b, mix, offset)
     tol = TOLERANCE[dtype]
-    torch.testing.assert_close(cheap_mix(x, weight, b, mix, channel_offset=offset), expected, rtol=tol, atol=tol)
     buffer, target = buffer_slice(batch, 30, 19, 11, (9, 7), dtype, channels_last)
-    cheap_mix(x, weight, b, mix, channel_offset=offset, out=target)
+    with intra_op_threads(threads):
+        torch.testing.assert_close(cheap_mix(x, weight, b, mix, channel_offset=offset), expected, rtol=tol, atol=tol)
+        cheap_mix(x, weight, b, mix, channel_offset=offset, out=target)
     torch.testing.assert_close(target, expected, rtol=tol, atol=tol)
     assert buffer[:, :19].isnan().all() and buffer[:, 30:].isnan().all()
 

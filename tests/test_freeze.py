@@ -13,7 +13,7 @@ from torch import nn
 import ghostkernels
 from ghostkernels import models
 
-from conftest import randomise_bn
+from conftest import intra_op_threads, randomise_bn
 from huawei_ghostnet import huawei_ghostnet
 from timm_ghostnet import timm_ghostnet
 
@@ -37,10 +37,11 @@ def assert_same(actual, expected):
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_frozen_model_gives_the_models_outputs(name):
+# threads: the frozen graph's kernels split over 1 to 3 intra-op threads (the module's default is 1)
+@pytest.mark.parametrize("name, threads", zip(MODELS, (1, 2, 3, 1, 2)))
+def test_frozen_model_gives_the_models_outputs(name, threads):
     model, frozen = frozen_pair(name, torch.randn(1, 3, 64, 64))
-    with torch.no_grad():
+    with torch.no_grad(), intra_op_threads(threads):
         for x in (torch.randn(1, 3, 64, 64), torch.randn(3, 3, 64, 64), torch.randn(2, 3, 96, 80),
                   torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)):
             assert_same(frozen(x), model(x))

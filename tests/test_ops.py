@@ -12,7 +12,7 @@ import ghostkernels
 from ghostkernels import ghost_module, ghost_module_reference
 from ghostkernels.reference import ghost_module_gated_reference, ghost_module_gradients
 
-from conftest import BAD_ARGUMENT, CPP_LIBRARY, make_input, make_weights, needs_cpp_library
+from conftest import BAD_ARGUMENT, CPP_LIBRARY, intra_op_threads, make_input, make_weights, needs_cpp_library
 
 # (ratio, dw, stride, activation, channels_last, primary kernel): every combination users hit.
 CONFIGS = list(itertools.product([2, 3, 4], [1, 3, 5, 7], [1, 2], ["relu", "none"], [False, True], [1, 3]))
@@ -101,14 +101,17 @@ def test_every_slice(oup):
         assert_matches(g, r, 1e-10)
 
 
-def test_large_planes_cross_band_and_channel_tiles():
-    """Shapes big enough that the kernel cuts rows into bands and channels into groups."""
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_large_planes_cross_band_and_channel_tiles(threads):
+    """Shapes big enough that the kernel cuts rows into bands and channels into groups, which the
+    intra-op threads share (3: an uneven split)."""
     for config, inp, oup, size in [
         ((2, 3, 1, "relu", False, 1), 64, 200, (60, 50)),
         ((3, 5, 1, "relu", True, 1), 64, 201, (60, 50)),
         ((4, 7, 2, "none", False, 1), 8, 31, (70, 33)),
     ]:
-        out, grads, ref_out, ref_grads = run_both(config, torch.float64, batch=1, oup=oup, size=size, inp=inp)
+        with intra_op_threads(threads):
+            out, grads, ref_out, ref_grads = run_both(config, torch.float64, batch=1, oup=oup, size=size, inp=inp)
         for g, r in zip((out,) + tuple(grads), (ref_out,) + tuple(ref_grads)):
             assert_matches(g, r, 1e-10)
 

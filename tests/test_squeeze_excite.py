@@ -11,7 +11,7 @@ from torch import nn
 from ghostkernels import accelerate, ghost_module_reference, squeeze_excite
 from ghostkernels.squeeze_excite import SqueezeExciteGhost
 
-from conftest import BAD_ARGUMENT, make_input, make_weights, randomise_bn
+from conftest import BAD_ARGUMENT, intra_op_threads, make_input, make_weights, randomise_bn
 from test_models import TimmGhostModule
 
 op = torch.ops.ghostkernels.ghost_module_scaled
@@ -35,11 +35,14 @@ def test_matches_reference(config, activation, channels_last, batch):
     assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
-def test_float32_and_empty_batch():
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_float32_and_empty_batch(threads):
+    """threads: the images and channels split over intra-op threads, evenly or not."""
     x, scale = torch.randn(3, 20, 14, 14), torch.rand(3, 20, 1, 1)
     weights = make_weights(20, 30, 2, 3, dtype=torch.float32)
     expected = ghost_module_reference(x * scale, *weights, out_channels=30)
-    torch.testing.assert_close(op(x, scale, *weights, 30, 1, "relu"), expected, rtol=1e-5, atol=1e-5)
+    with intra_op_threads(threads):
+        torch.testing.assert_close(op(x, scale, *weights, 30, 1, "relu"), expected, rtol=1e-5, atol=1e-5)
     assert op(x[:0], scale[:0], *weights, 30, 1, "relu").shape == (0, 30, 14, 14)
 
 

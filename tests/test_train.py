@@ -15,7 +15,7 @@ from ghostkernels.ghost_train import _backward_fake, _backward_fallback, _fake, 
 from ghostkernels.reference import ReferenceGhostModule, ReferenceGhostModuleV2, output_memory_format
 
 import distributed_training
-from conftest import BAD_ARGUMENT, CPP_LIBRARY, make_input, randomise_bn
+from conftest import BAD_ARGUMENT, CPP_LIBRARY, intra_op_threads, make_input, randomise_bn
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 
@@ -117,10 +117,12 @@ def test_shifted_primary(inp, oup, kernel, height, width):
     assert_same_steps(original, ours, make_input(2, inp, height, width))
 
 
-@pytest.mark.parametrize("batch, size", [(1, 7), (2, 1), (5, 3)])
-def test_small_batches(batch, size):
+@pytest.mark.parametrize("batch, size, threads", [(1, 7, 1), (2, 1, 2), (5, 3, 3), (5, 3, 2)])
+def test_small_batches(batch, size, threads):
+    """Also the images and channels split over intra-op threads, evenly or not."""
     original, ours = pair(inp=6, oup=8)
-    assert_same_steps(original, ours, make_input(batch, 6, size, size))
+    with intra_op_threads(threads):
+        assert_same_steps(original, ours, make_input(batch, 6, size, size))
 
 
 @pytest.mark.parametrize("bn", [
