@@ -9,8 +9,11 @@
 // plane by plane. Backward, two passes: per plane sum(dy) and sum(dy * (x - mean)); then
 // dx = scale * (dy - mean(dy) - (x - mean) * rstd^2 * mean(dy * (x - mean))).
 
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <tuple>

@@ -5,7 +5,7 @@
 // (AMD Zen 4: 2x; an Intel Xeon without AMX: 0.5x, so not there).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <cstdint>
 #include <string>

@@ -3,8 +3,10 @@
 // output, so the cheap features land in place and no concat copy follows; x's channel
 // slice is read in place too.
 
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/conv2d.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -87,7 +89,7 @@ void cheap_mix_into_cpu(const at::Tensor& x_full, const at::Tensor& weight, cons
   if (out.numel() == 0) return;
   if (!supported || !(planar || pixel_major)) {  // other layouts and dtypes: library ops
     at::Tensor shift = mix.reshape({mix.size(0), cout, 1, 1});
-    out.copy_(at::relu(at::conv2d(x, weight, bias) + shift));
+    out.copy_(at::conv2d(x, weight, bias).add(shift).relu());
     return;
   }
   const at::Tensor w = weight.reshape({cout, cin}).contiguous();

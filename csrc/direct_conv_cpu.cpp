@@ -16,8 +16,13 @@
 // NCHW depthwise backward took 5-33 ms a layer at GhostNet 1.0x batch 16 (48@112, stride 2: 38
 // ms, this kernel 8). Other convs go to at::convolution_backward.
 
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/conv2d.h>
+#include <ATen/ops/convolution_backward.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <algorithm>

@@ -1,6 +1,7 @@
 // The registry of frozen weights and their bfloat16 copies (frozen_weights.h).
 #include "frozen_weights.h"
 
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <iterator>

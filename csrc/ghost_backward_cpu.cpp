@@ -4,8 +4,12 @@
 // GEMMs give grad_x and grad_W1. A primary kernel larger than 1x1 gets its grads from
 // at::convolution_backward.
 
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/convolution_backward.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
 #include <algorithm>

@@ -3,7 +3,7 @@
 // depthwise taps on a flattened plane, and the call's geometry.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <algorithm>
 #include <array>

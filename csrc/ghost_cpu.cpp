@@ -11,8 +11,11 @@
 // A primary kernel larger than 1x1 uses at::conv2d for the primary conv; the cheap op and the
 // concat stay fused.
 
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/conv2d.h>
+#include <ATen/ops/sigmoid.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -591,7 +594,7 @@ at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& w1_in, const c1
                 "ghost_module_scaled: scale must match x's dtype and device (", x.scalar_type(), ", ", x.device(),
                 ")");
     if (g.kernel == 1) scale = input_scale->reshape({g.batch, g.inp}).contiguous();
-    else x = (x * *input_scale).contiguous(memory_format(g));  // the library conv reads the product
+    else x = x.mul(*input_scale).contiguous(memory_format(g));  // the library conv reads the product
   }
   at::Tensor out = empty_output({g.batch, out_channels, g.out_height, g.out_width}, x.options(), memory_format(g));
   if (out.numel() == 0) return out;

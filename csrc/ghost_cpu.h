@@ -4,7 +4,7 @@
 // compiles them on two cores (ghost_cpu.cpp alone took 6.5 minutes, the longest of the build).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <cstdint>
 #include <vector>

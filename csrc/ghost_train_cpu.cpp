@@ -18,8 +18,15 @@
 // grad of z2, its depthwise adjoint added to the grad of x1, the depthwise weight grads and
 // BN1's two sums; the grad of z1 in place, then grad_x and grad_W1 as GEMMs.
 
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/conv2d.h>
+#include <ATen/ops/convolution_backward.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <cmath>

@@ -6,7 +6,7 @@
 // any other value warns and keeps the default, 1024).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 namespace ghostkernels {
 

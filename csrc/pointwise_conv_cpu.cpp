@@ -6,8 +6,13 @@
 // shortcut convs badly across threads; ATen's baddbmm writes a fresh tensor that page-faults
 // at batch 8. Below it, pointwise_conv2d_pool: the same GEMM, its rows averaged in a scratch.
 
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/_unsafe_view.h>
+#include <ATen/ops/conv2d.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/linear.h>
 #include <torch/library.h>
 
 #include <algorithm>

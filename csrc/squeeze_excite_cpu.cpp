@@ -4,8 +4,12 @@
 // relu6, add, div, views), which at batch 1 cost more than the Ghost op that reads the gate;
 // here the pooling is one pass and each 1x1 conv one pass over its weight with its activation.
 
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/conv2d.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/relu.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -84,7 +88,7 @@ at::Tensor squeeze_excite_gate_cpu(const at::Tensor& x, const at::Tensor& w_redu
               "channel each, got x ", x.sizes(), " and reduce_weight ", w_reduce.sizes());
   if (x.scalar_type() != at::kFloat && x.scalar_type() != at::kDouble) {
     const at::Tensor hidden = at::relu(at::conv2d(x.mean({2, 3}, true), w_reduce, b_reduce));
-    return at::clamp(at::conv2d(hidden, w_expand, b_expand) + 3, 0, 6) / 6;
+    return at::conv2d(hidden, w_expand, b_expand).add(3).clamp(0, 6).div(6);
   }
   // NCHW planes are pooled here; channels_last goes through ATen's reduction.
   const bool planes = x.is_contiguous();
