@@ -121,7 +121,8 @@ def ghost_module_activation(module):
         return None, "the two branches have different activations"
     conv, dw = primary[0], cheap[0]
     if not (is_same_square_conv(conv) and is_same_square_conv(dw) and conv.groups == 1):
-        return None, "convs are not square, odd, 'same'-padded and undilated"
+        return None, ("convs are not square and odd with 'same' zero padding (padding_mode='zeros'), equal strides, "
+                      "no dilation")
     if dw.groups != conv.out_channels or dw.in_channels != conv.out_channels or dw.stride != (1, 1) \
             or dw.out_channels % conv.out_channels:
         return None, "cheap_operation is not a depthwise conv of the primary output"
