@@ -29,10 +29,15 @@ class IncrementalBuildExt(BuildExtension.with_options(use_ninja=True)):
 SOURCES = ["csrc/ghost_cpu.cpp", "csrc/ghost_backward_cpu.cpp", "csrc/ghost_train_cpu.cpp", "csrc/direct_conv_cpu.cpp",
            "csrc/cheap_mix_cpu.cpp", "csrc/squeeze_excite_cpu.cpp", "csrc/pointwise_conv_cpu.cpp",
            "csrc/batch_norm_cpu.cpp", "csrc/output_pool.cpp", "csrc/bf16_gemm.cpp", "csrc/frozen_weights.cpp"]
+# The instruction sets of -march=x86-64-v3 and -v4, spelled out: GCC 12 builds the same objects from
+# either, and GCC < 11 and clang < 12 (RHEL 8's GCC 8, say), which lack those names, build too.
+X86_64_V3 = ["-mcx16", "-msahf", "-mpopcnt", "-msse3", "-msse4.1", "-msse4.2", "-mssse3", "-mavx", "-mavx2", "-mbmi",
+             "-mbmi2", "-mf16c", "-mfma", "-mlzcnt", "-mmovbe", "-mxsave"]
+X86_64_V4 = X86_64_V3 + ["-mavx512f", "-mavx512bw", "-mavx512cd", "-mavx512dq", "-mavx512vl"]
 # (module suffix, compiler flags): the instruction set and the vector width of csrc/isa.h.
 if platform.machine().lower() in ("x86_64", "amd64"):
-    BUILDS = [("_C_avx512", ["-march=x86-64-v4", "-DGK_VECTOR_BYTES=64"]),
-              ("_C_avx2", ["-march=x86-64-v3", "-DGK_VECTOR_BYTES=32"])]
+    BUILDS = [("_C_avx512", [*X86_64_V4, "-DGK_VECTOR_BYTES=64"]),
+              ("_C_avx2", [*X86_64_V3, "-DGK_VECTOR_BYTES=32"])]
 else:
     BUILDS = [("_C", ["-DGK_VECTOR_BYTES=16"])]
 
