@@ -56,8 +56,8 @@ setup(
             # The sources include the per-operator headers they use (<ATen/ops/conv2d.h>), not
             # <ATen/ATen.h>, which took ~10 s of each file's compile, half of the build; with these
             # two macros (as PyTorch builds itself) an #include of ATen.h fails to compile.
-            extra_compile_args=["-O3", "-fopenmp", "-g0", "-fno-tree-loop-distribute-patterns", "-DAT_PER_OPERATOR_HEADERS",
-                                "-DTORCH_ASSERT_ONLY_METHOD_OPERATORS", *isa_flags],
+            extra_compile_args=["-O3", "-fopenmp", "-g0", "-fno-tree-loop-distribute-patterns",
+                                "-DAT_PER_OPERATOR_HEADERS", "-DTORCH_ASSERT_ONLY_METHOD_OPERATORS", *isa_flags],
             extra_link_args=["-fopenmp", "-s"],
         )
         for name, isa_flags in BUILDS

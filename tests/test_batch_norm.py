@@ -72,8 +72,8 @@ def assert_same_steps(original, ours, x, steps=1):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("shape, threads", [((4, 16, 8, 8), 1), ((3, 5, 7, 9), 1), ((1, 3, 3, 1), 1), ((2, 33, 5, 3), 1),
-                                            ((3, 5, 7, 9), 2), ((2, 33, 5, 3), 3)])
+@pytest.mark.parametrize("shape, threads", [((4, 16, 8, 8), 1), ((3, 5, 7, 9), 1), ((1, 3, 3, 1), 1),
+                                            ((2, 33, 5, 3), 1), ((3, 5, 7, 9), 2), ((2, 33, 5, 3), 3)])
 def test_matches_batch_norm(dtype, shape, threads):
     """threads: the planes split over intra-op threads, evenly or not."""
     original, ours = pair(shape[1], dtype)

@@ -6,8 +6,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_ci_runs_the_readme_commands():
     """.ci/run runs the demo command and the test command exactly as the README gives them."""
     readme = (ROOT / "README.md").read_text()
-    commands = [line.strip() for line in readme.splitlines()
-                if line.startswith("    pip install") and line.strip().endswith(("python -m pytest -n auto", "--quick"))]
+    commands = [line.strip() for line in readme.splitlines() if line.startswith("    pip install")
+                and line.strip().endswith(("python -m pytest -n auto", "--quick"))]
     assert len(commands) == 2
     ci = (ROOT / ".ci" / "run").read_text()
     assert all(command in ci for command in commands)
