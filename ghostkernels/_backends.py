@@ -45,7 +45,7 @@ def load_cpu_extension():
         _cpu_status = ("reference", why_not)
     elif spec is None or spec.origin is None:
         _cpu_status = ("reference", f"ghostkernels.{name}, the C++ build for this CPU, is not built; "
-                       "run `pip install --no-build-isolation -e .`")
+                       "`pip install -v --no-build-isolation -e .` builds it and shows the compiler's errors")
     else:
         try:
             torch.ops.load_library(spec.origin)

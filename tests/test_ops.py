@@ -2,8 +2,11 @@
 
 import itertools
 import os
+import platform
+import shutil
 import subprocess
 import sys
+import sysconfig
 
 import pytest
 import torch
@@ -274,6 +277,33 @@ def test_cpu_build_follows_the_instruction_set(monkeypatch, machine, capability,
     assert (why_not is None) == (build is not None)
     if build is None:
         assert "AVX2 or AVX-512" in why_not and capability in why_not
+
+
+@pytest.mark.parametrize("compiler", ["fails to compile", "does not run"])
+def test_install_without_a_working_compiler_skips_the_cpp_build(tmp_path, compiler):
+    """setup.py on a machine that cannot build the kernels (a compiler without OpenMP, none that
+    runs) installs the package anyway, whose ops then fall back to the reference (the loader says
+    why), and removes an earlier build's library, which would load as if the build had succeeded;
+    in a copy of the sources, so that the checkout's build/ is left alone."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name in ("setup.py", "pyproject.toml", "README.md", "MANIFEST.in"):
+        shutil.copy(os.path.join(root, name), tmp_path)
+    shutil.copytree(os.path.join(root, "csrc"), tmp_path / "csrc")
+    shutil.copytree(os.path.join(root, "ghostkernels"), tmp_path / "ghostkernels",
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    cxx = tmp_path / "cxx"
+    # Answers the version queries as the real compiler does and fails every compile, or fails all.
+    cxx.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = "-c" ] && exit 1; done\nexec c++ "$@"\n'
+                   if compiler == "fails to compile" else "#!/bin/sh\nexit 1\n")
+    cxx.chmod(0o755)
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    for name in ghostkernels._backends._X86_BUILDS.values() if x86 else ["_C"]:
+        (tmp_path / "ghostkernels" / f"{name}{sysconfig.get_config_var('EXT_SUFFIX')}").write_bytes(b"")
+    result = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tmp_path,
+                            env=dict(os.environ, CXX=str(cxx)), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "failed" in result.stderr or "not built" in result.stderr, result.stderr[-2000:]
+    assert not list((tmp_path / "ghostkernels").glob("*.so"))  # nor an earlier build's library
 
 
 @pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512", reason="needs an AVX-512 CPU")
