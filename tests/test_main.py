@@ -1,5 +1,6 @@
 """`python -m ghostkernels`: the install's report and its check of the fused op against the reference."""
 
+import os
 import subprocess
 import sys
 
@@ -35,3 +36,13 @@ def test_cuda_half_precision_agrees():
     for dtype in (torch.float16, torch.bfloat16):
         for label, error, tolerance in main_module.check("cuda", dtype, generator):
             assert error <= tolerance, label
+
+
+def test_a_device_without_fused_kernels_is_named():
+    """Without the C++ library the CPU's check compares the reference with itself: the output says so."""
+    env = dict(os.environ, GHOSTKERNELS_DISABLE_CPP="1")
+    result = subprocess.run([sys.executable, "-m", "ghostkernels"], capture_output=True, text=True, timeout=300,
+                            env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "(no fused kernel ran)" in result.stdout
+    assert "cpu: no fused kernel ran, the PyTorch reference did" in result.stdout
