@@ -1,7 +1,7 @@
 """ghostkernels: GhostNet's Ghost module in one fused pass (C++ on the CPU, Triton on the GPU), with a PyTorch reference."""
 
-from . import (batch_norm, cheap_mix, direct_conv, ghost_depthwise, ghost_residual, ghost_train, models, ops,
-               pointwise_pool, squeeze_excite)
+from . import (batch_norm, cheap_mix, dfc_attention, direct_conv, ghost_depthwise, ghost_residual, ghost_train,
+               models, ops, pointwise_pool, squeeze_excite)
 from ._backends import backends, empty_cache, load_cpu_extension
 from .acceleration import AccelerationSummary, accelerate
 from .cuda_graph import CapturedModel, capture

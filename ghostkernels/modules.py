@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ghost_train, ops
+from . import dfc_attention, ghost_train, ops
 from .reference import conv_output_format, dfc_gate, dfc_short_conv, output_memory_format
 
 
@@ -396,9 +396,9 @@ class GhostModuleV2(GhostModule):
     output times the DFC attention gate sigmoid(short_conv(avg_pool2d(x, 2))), nearest-upsampled.
 
     Keys: those of GhostModule plus `short_conv.0-5` (1x1 conv to oup, depthwise 1x5, depthwise
-    5x1, each followed by BN, no activation). In eval the gate's logits run on folded convs
-    at the pooled resolution and the fused op applies sigmoid, upsampling and the product as
-    it writes the output.
+    5x1, each followed by BN, no activation). In eval the gate's logits are one op on the folded
+    convs at the pooled resolution (`dfc_logits`) and the fused op applies sigmoid, upsampling
+    and the product as it writes the output.
     """
 
     def __init__(self, inp, oup, kernel_size=1, ratio=2, dw_size=3, stride=1, relu=True):
@@ -414,7 +414,5 @@ class GhostModuleV2(GhostModule):
             out = super().forward(x)
             return out * dfc_gate(self.short_conv, x, out.shape[-2:])
         check_input(self, x, folded[0])
-        logits = F.avg_pool2d(x, kernel_size=2, stride=2)
-        for (conv, _), weight, bias in zip(conv_bn_sequence(self.short_conv), folded[4::2], folded[5::2]):
-            logits = F.conv2d(logits, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        logits = dfc_attention.dfc_logits(x, conv_bn_sequence(self.short_conv), folded[4:])
         return ops.apply(x, *folded[:4], self.oup, self.stride, self.activation, logits)

@@ -25,7 +25,7 @@ exporting (GGhostStage then takes the functional path, as under torch.compile).
 import torch
 
 from . import cheap_mix as _cheap_mix
-from . import direct_conv, modules, pointwise_pool, squeeze_excite
+from . import dfc_attention, direct_conv, modules, pointwise_pool, squeeze_excite
 from .reference import conv_output_format, ghost_module_gated_reference, ghost_module_reference, output_memory_format
 
 __all__ = ["COMPOSITIONS", "composed", "decompositions"]
@@ -75,6 +75,7 @@ COMPOSITIONS = {
     "pointwise_conv2d": modules._pointwise_composed,
     "pointwise_conv2d_pool": pointwise_pool._composed,
     "cheap_mix": _cheap_mix.cheap_mix_reference,
+    "dfc_logits": dfc_attention.composed,
 }
 
 
@@ -88,7 +89,8 @@ def composed(op, *args):
 def _decomposition(name):
     composition = COMPOSITIONS[name]
     layout = {"direct_conv2d": conv_output_format, "pointwise_conv2d": conv_output_format,
-              "squeeze_excite_gate": lambda x: torch.contiguous_format}.get(name, output_memory_format)
+              "squeeze_excite_gate": lambda x: torch.contiguous_format,
+              "dfc_logits": lambda x: torch.contiguous_format}.get(name, output_memory_format)
 
     def decomposition(*args, **kwargs):
         return composition(*args, **kwargs).contiguous(memory_format=layout(args[0]))
@@ -207,9 +209,20 @@ def _symbolics():
         mix = g.op("Reshape", mix, _const(g, [0, -1, 1, 1]))
         return g.op("Relu", g.op("Add", _conv(g, xs, weight, bias, 1, 1), mix))
 
+    @h.parse_args("v", "v", "v", "v", "v", "v", "v", "i")
+    def dfc_logits(g, x, weight, bias, horizontal_weight, horizontal_bias, vertical_weight, vertical_bias, stride):
+        channels = _size(weight, 0, "weight")
+        out = _conv(g, g.op("AveragePool", x, kernel_shape_i=[2, 2], strides_i=[2, 2]), weight, bias, stride, 1)
+        kw, kh = _size(horizontal_weight, 3, "horizontal_weight"), _size(vertical_weight, 2, "vertical_weight")
+        for w, b, shape in ((horizontal_weight, horizontal_bias, [1, kw]), (vertical_weight, vertical_bias, [kh, 1])):
+            inputs = [out, w] if h._is_none(b) else [out, w, b]
+            out = g.op("Conv", *inputs, strides_i=[1, 1], pads_i=[k // 2 for k in shape] * 2, dilations_i=[1, 1],
+                       group_i=channels, kernel_shape_i=shape)
+        return out
+
     return {f.__name__: f for f in (ghost_module, ghost_module_gated, ghost_module_depthwise, ghost_module_scaled,
                                     ghost_module_residual, squeeze_excite_gate, direct_conv2d, pointwise_conv2d,
-                                    pointwise_conv2d_pool, cheap_mix)}
+                                    pointwise_conv2d_pool, cheap_mix, dfc_logits)}
 
 
 SYMBOLICS = _symbolics()

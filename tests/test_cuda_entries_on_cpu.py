@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import ghostkernels
-from ghostkernels import cheap_mix, direct_conv, ghost_depthwise, ghost_residual, ghost_train, ops, squeeze_excite
+from ghostkernels import (cheap_mix, dfc_attention, direct_conv, ghost_depthwise, ghost_residual, ghost_train, ops,
+                          squeeze_excite)
 
 from conftest import randomise_bn
 from timm_ghostnet import timm_ghostnet
@@ -23,7 +24,8 @@ CUDA_ENTRIES = {
     "ghost_module_residual": ghost_residual._ghost_residual_cuda, "ghost_module_scaled": squeeze_excite._scaled_cuda,
     "squeeze_excite_gate": squeeze_excite._gate_cuda, "direct_conv2d": direct_conv._cuda,
     "cheap_mix": cheap_mix._cuda, "cheap_mix_into": cheap_mix._cuda_into,
-    "ghost_module_train": ghost_train._cuda, "ghost_module_train_backward": ghost_train._backward_cuda}
+    "ghost_module_train": ghost_train._cuda, "ghost_module_train_backward": ghost_train._backward_cuda,
+    "dfc_logits": dfc_attention._fallback}  # no CUDA kernel: its composition
 
 
 @pytest.fixture

@@ -105,6 +105,8 @@ def _op_cases():
         "pointwise_conv2d": (Call(ops.pointwise_conv2d, [torch.randn(6, 8, 1, 1), torch.randn(6)], ()), (x,)),
         "pointwise_conv2d_pool": (
             Call(ops.pointwise_conv2d_pool, [torch.randn(6, 8, 1, 1), torch.randn(6)], ("relu",)), (x,)),
+        "dfc_logits": (Call(ops.dfc_logits, [torch.randn(6, 8, 1, 1), torch.randn(6), torch.randn(6, 1, 1, 5), None,
+                                             torch.randn(6, 1, 5, 1), torch.randn(6)], (1,)), (x,)),
         "cheap_mix": (Call(ops.cheap_mix, [torch.randn(5, 3, 1, 1), torch.randn(5)],
                            lambda op, x, mix, w, b: op(x, w, b, mix, 4)), (x, torch.randn(2, 5))),
     }
@@ -172,7 +174,7 @@ def _accelerated(model):
 
 
 # Together they run every op: ghost_module (zoo GhostNet, V2's plain modules), ghost_module_gated
-# (V2's DFC modules), ghost_module_depthwise, ghost_module_scaled, squeeze_excite_gate,
+# and dfc_logits (V2's DFC modules), ghost_module_depthwise, ghost_module_scaled, squeeze_excite_gate,
 # direct_conv2d and pointwise_conv2d (accelerated GhostNets), cheap_mix (G-Ghost stages).
 MODELS = {
     "accelerated_ghostnet_050": lambda: _accelerated(ghostnet_050(fused=False)),

@@ -47,6 +47,7 @@ def good_calls():
         "pointwise_conv2d": (OPS.pointwise_conv2d, [x, _r(6, 4, 1, 1), _r(6)]),
         "pointwise_conv2d_pool": (OPS.pointwise_conv2d_pool, [x, _r(6, 4, 1, 1), _r(6), "relu"]),
         "cheap_mix": (OPS.cheap_mix, [x, _r(6, 3, 1, 1), _r(6), _r(2, 6), 1]),
+        "dfc_logits": (OPS.dfc_logits, [x, _r(6, 4, 1, 1), _r(6), _r(6, 1, 1, 5), _r(6), _r(6, 1, 5, 1), _r(6), 1]),
         "cheap_mix_into": (OPS.cheap_mix_into, [x, _r(6, 3, 1, 1), _r(6), _r(2, 6), 1, _r(2, 6, 6, 5)]),
         "batch_norm_train": (OPS.batch_norm_train, [x, _r(4), _r(4), 1e-5]),
         "batch_norm_train_backward": (OPS.batch_norm_train_backward, [_r(2, 4, 6, 5), x, _r(4), *statistics[1:], 1e-5]),
