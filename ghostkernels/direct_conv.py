@@ -25,8 +25,10 @@ _lib.define("direct_conv2d(Tensor x, Tensor weight, Tensor? bias, int stride, st
 # (grad_x, grad_weight, grad_bias); the C++ kernel serves depthwise convs (csrc/direct_conv_cpu.cpp).
 _lib.define("direct_conv2d_backward(Tensor grad, Tensor x, Tensor weight, int stride) -> (Tensor, Tensor, Tensor)")
 
-# The most input channels per group the C++ kernel takes (csrc/direct_conv_cpu.cpp).
+# The most input channels per group the C++ kernel takes (csrc/direct_conv_cpu.cpp): any stride,
+# and grouped stride-1 convs (shifted GEMMs).
 MAX_GROUP_INPUTS = 4
+MAX_SHIFTED_GROUP_INPUTS = 64
 
 
 def _groups(x, weight):
@@ -171,7 +173,8 @@ def fuse_direct_conv_relus(graph):
 
 class DirectConv2d(nn.Module):
     """A 'same' conv with bias, stride 1 or 2, depthwise or with few input channels per group
-    (the stem), run by ghostkernels::direct_conv2d."""
+    (the stem), or grouped at stride 1 (RegNetX's 3x3 convs in G-GhostNet), run by
+    ghostkernels::direct_conv2d."""
 
     def __init__(self, weight, bias, stride):
         super().__init__()
@@ -184,8 +187,10 @@ class DirectConv2d(nn.Module):
         if type(conv) is not nn.Conv2d:
             return False
         depthwise = conv.groups == conv.in_channels == conv.out_channels
+        group_inputs = conv.in_channels // conv.groups
+        grouped = conv.stride == (1, 1) and conv.groups > 1 and group_inputs <= MAX_SHIFTED_GROUP_INPUTS
         return (is_same_square_conv(conv) and conv.stride in ((1, 1), (2, 2))
-                and (depthwise or conv.in_channels // conv.groups <= MAX_GROUP_INPUTS))
+                and (depthwise or group_inputs <= MAX_GROUP_INPUTS or grouped))
 
     @classmethod
     def from_conv(cls, conv):
