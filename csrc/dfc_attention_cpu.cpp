@@ -150,19 +150,17 @@ void dfc_logits_kernel(const at::Tensor& x, const at::Tensor& w, const T* b, con
 
 const char* kOp = "dfc_logits";
 
+void check_like_x(const at::Tensor& t, const char* name, const at::Tensor& x) {
+  TORCH_CHECK(t.scalar_type() == x.scalar_type() && t.device() == x.device(), kOp, ": ", name,
+              " must match x's dtype and device (", x.scalar_type(), ", ", x.device(), "), got ", t.scalar_type(),
+              " on ", t.device());
+}
+
 void check_bias(const c10::optional<at::Tensor>& bias, const char* name, int64_t outputs, const at::Tensor& x) {
   if (!bias.has_value()) return;
   TORCH_CHECK(bias->dim() == 1 && bias->size(0) == outputs, kOp, ": ", name, " must have shape (", outputs,
               ",), got ", bias->sizes());
-  TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->device() == x.device(), kOp, ": ", name,
-              " must match x's dtype and device (", x.scalar_type(), ", ", x.device(), "), got ",
-              bias->scalar_type(), " on ", bias->device());
-}
-
-void check_weight(const at::Tensor& weight, const char* name, const at::Tensor& x) {
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && weight.device() == x.device(), kOp, ": ", name,
-              " must match x's dtype and device (", x.scalar_type(), ", ", x.device(), "), got ",
-              weight.scalar_type(), " on ", weight.device());
+  check_like_x(*bias, name, x);
 }
 
 at::Tensor dfc_logits_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
@@ -182,9 +180,9 @@ at::Tensor dfc_logits_cpu(const at::Tensor& x, const at::Tensor& weight, const c
   TORCH_CHECK(vw.dim() == 4 && vw.size(0) == outputs && vw.size(1) == 1 && vw.size(3) == 1 && vw.size(2) % 2 == 1,
               kOp, ": vertical_weight must be (", outputs, ", 1, k, 1) with odd k, got ", vw.sizes());
   TORCH_CHECK(stride >= 1, kOp, ": stride must be >= 1, got ", stride);
-  check_weight(weight, "weight", x);
-  check_weight(hw, "horizontal_weight", x);
-  check_weight(vw, "vertical_weight", x);
+  check_like_x(weight, "weight", x);
+  check_like_x(hw, "horizontal_weight", x);
+  check_like_x(vw, "vertical_weight", x);
   check_bias(bias, "bias", outputs, x);
   check_bias(horizontal_bias, "horizontal_bias", outputs, x);
   check_bias(vertical_bias, "vertical_bias", outputs, x);

@@ -31,12 +31,11 @@ def _check(x, weight, bias, horizontal_weight, horizontal_bias, vertical_weight,
     if inputs == 0 or outputs == 0:
         raise ValueError(f"dfc_logits: x and weight must have at least one channel each, got x {tuple(x.shape)} and "
                          f"weight {tuple(weight.shape)}")
-    for name, w, taps in (("horizontal_weight", horizontal_weight, 3), ("vertical_weight", vertical_weight, 2)):
-        expected = [outputs, 1, 1, 1]
-        if w.dim() == 4:
-            expected[taps] = w.shape[taps]
-        if w.dim() != 4 or tuple(w.shape) != tuple(expected) or w.shape[taps] % 2 == 0:
-            shape = f"({outputs}, 1, 1, k)" if taps == 3 else f"({outputs}, 1, k, 1)"
+    for name, w, horizontal in (("horizontal_weight", horizontal_weight, True),
+                                ("vertical_weight", vertical_weight, False)):
+        k = w.shape[3 if horizontal else 2] if w.dim() == 4 else 0
+        if tuple(w.shape) != ((outputs, 1, 1, k) if horizontal else (outputs, 1, k, 1)) or k % 2 == 0:
+            shape = f"({outputs}, 1, 1, k)" if horizontal else f"({outputs}, 1, k, 1)"
             raise ValueError(f"dfc_logits: {name} must be {shape} with odd k, got {tuple(w.shape)}")
     if stride < 1:
         raise ValueError(f"dfc_logits: stride must be >= 1, got {stride}")
