@@ -128,6 +128,17 @@ GK_INLINE void copy_run(T* __restrict dst, const T* __restrict src, int64_t n) {
 // Rows of B per pass: a panel of kBlock x (2 * lanes) stays in L1 across the i loop.
 constexpr int64_t kBlock = 256;
 
+// Whether gemm_tiles copies every strip of B into the panel (rows of 2 * lanes, 64 bytes on AVX2)
+// instead of reading it in place: where B's rows are not 16-byte multiples (a 7x7 plane's 49
+// columns) most of the strip's loads in place straddle two cache lines. Zen 3, one core, N = 49:
+// 80 x 960 103.6 -> 91.9 us, 160 x 672 143.3 -> 123.7, 480 x 160 88.6 -> 84.7 (with gemm_nn's
+// rows in one block, below). AVX2 and narrower builds only: AVX-512's three-vector strips do not
+// fit the panel, and no AVX-512 machine measured it.
+template <typename T>
+GK_INLINE bool packs_rows(int64_t ldb) {
+  return GK_VECTOR_BYTES < 64 && (ldb * int64_t(sizeof(T))) % 16 != 0;
+}
+
 // The identity epilogue of gemm_nn.
 struct Unchanged {
   template <typename V>
@@ -224,7 +235,7 @@ GK_INLINE void prefetch_slice(const T* strip, int64_t ld, int64_t rows, int64_t 
 // Copying every row of the tail (the kernel before this one) cost up to 40% of a 7x7 plane's
 // GEMM (N = 49, K = 960: 87 -> 49 us). Full panels are not packed either: packing them for reuse across row blocks cost more
 // than it saved on every GhostNet shape (bench/report.py, forward 8% faster in geometric mean
-// without).
+// without), except where packs_rows says.
 template <typename T, int NV, typename Finish>
 GK_INLINE void gemm_tiles(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_si, int64_t a_sk,
                           const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate, T* panel, Finish finish) {
@@ -242,13 +253,15 @@ GK_INLINE void gemm_tiles(int64_t M, int64_t N, int64_t K, const T* A, int64_t a
       // Rows [0, split) of this block are read in place (row k's loads end at k * ldb + NR), the
       // rest from the panel.
       int64_t split = kb;
-      if (nr < NR) {
+      if (packs_rows<T>(ldb)) {
+        split = 0;
+      } else if (nr < NR) {
         const int64_t room = b_size - (k0 * ldb + j0);
         split = room < NR ? 0 : std::min(kb, ldb > 0 ? (room - NR) / ldb + 1 : kb);
-        for (int64_t k = split; k < kb; ++k) {
-          copy_run(panel + (k - split) * NR, b + k * ldb, nr);
-          std::fill(panel + (k - split) * NR + nr, panel + (k - split + 1) * NR, T(0));
-        }
+      }
+      for (int64_t k = split; k < kb; ++k) {
+        copy_run(panel + (k - split) * NR, b + k * ldb, nr);
+        std::fill(panel + (k - split) * NR + nr, panel + (k - split + 1) * NR, T(0));
       }
       // The next strip of B (the next columns of this k block, else the first of the next block)
       // goes to L2 while this one computes, a slice of its rows before each row tile. At batch 8 a
@@ -403,9 +416,11 @@ GK_INLINE void gemm_nn(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_si
   const int64_t tiled = dots ? N - tail : N;
   // With dot products, A's rows go in blocks of kDotRows, tiles then dots: the dots read rows
   // that the tiles have just brought into L1/L2, not all of A a second time (ghost_module at 7x7
-  // 1.01-1.03x, pointwise_conv2d 208 -> 624 @7 1.03-1.04x; Zen 4, batch 1 and 8).
+  // 1.01-1.03x, pointwise_conv2d 208 -> 624 @7 1.03-1.04x; Zen 4, batch 1 and 8). Not where the
+  // strips are packed: each block would pack them again (Zen 3, N = 49: 480 x 160 87.8 -> 84.7 us
+  // in one block, 960 x 160 178.1 -> 174.2).
   constexpr int64_t kDotRows = 128;
-  const int64_t block = dots ? kDotRows : M;
+  const int64_t block = dots && !packs_rows<T>(ldb) ? kDotRows : M;
   for (int64_t i0 = 0; i0 < M; i0 += block) {
     const int64_t m = std::min(block, M - i0);
     const T* a = A + i0 * a_si;

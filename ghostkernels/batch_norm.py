@@ -119,6 +119,8 @@ class TrainingBatchNorm2d(nn.BatchNorm2d):
     normalisation (eval mode) included, is nn.BatchNorm2d's own. from_batch_norm shares the original's Parameter and buffer objects:
     keys, checkpoints and optimiser state carry over."""
 
+    __prepare_scriptable__ = ops.refuse_torchscript
+
     @staticmethod
     def eligible(bn):
         return type(bn) is nn.BatchNorm2d

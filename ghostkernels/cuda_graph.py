@@ -12,11 +12,14 @@ from torch import nn
 
 from .acceleration import _relative_error, _tolerance
 from .freeze import check_tensor_arguments, checked_example
+from .ops import refuse_torchscript
 from .precompile import precompile_quietly
 
 
 class CapturedModel(nn.Module):
     """What capture() returns: the recorded graph and its static input and output tensors."""
+
+    __prepare_scriptable__ = refuse_torchscript
 
     def __init__(self, model, graph, static_inputs, static_output):
         super().__init__()

@@ -176,6 +176,8 @@ class DirectConv2d(nn.Module):
     (the stem), or grouped at stride 1 (RegNetX's 3x3 convs in G-GhostNet), run by
     ghostkernels::direct_conv2d."""
 
+    __prepare_scriptable__ = ops.refuse_torchscript
+
     def __init__(self, weight, bias, stride):
         super().__init__()
         self.weight = nn.Parameter(weight)
@@ -213,6 +215,8 @@ class DepthwiseConv2d(nn.Conv2d):
     convs a training-mode GhostNet keeps outside its Ghost modules (conv_dw, the shortcuts').
     The same parameters (shared: optimiser state carries over) and keys; other inputs take the
     conv."""
+
+    __prepare_scriptable__ = ops.refuse_torchscript
 
     @staticmethod
     def eligible(conv):

@@ -22,6 +22,7 @@ from .acceleration import _relative_error, _tolerance
 from .direct_conv import fuse_direct_conv_relus
 from .ghost_residual import fuse_residual_adds
 from .modules import deepcopy_module
+from .ops import refuse_torchscript
 from .pointwise_pool import fuse_pointwise_pools
 from .precompile import precompile_quietly
 
@@ -34,6 +35,10 @@ _TORCH_JIT_DIR = os.path.dirname(os.path.abspath(torch.jit.__file__)) + os.sep
 class FrozenModel(nn.Module):
     """What freeze() returns: the frozen graph, run without autograd, with the checks that name a
     wrong input's dtype or device (the graph's constants are the example's)."""
+
+    def __prepare_scriptable__(self):
+        refuse_torchscript(self, "it holds a TorchScript graph already: torch.save(model, path) keeps it with its "
+                                 "input checks, torch.jit.save(model.graph, path) saves the graph alone.")
 
     def __init__(self, graph, dtypes, device):
         super().__init__()

@@ -102,6 +102,8 @@ class GhostDepthwise(nn.Module):
     by Identity. Training mode, and a Ghost module without running statistics, run the two in
     turn."""
 
+    __prepare_scriptable__ = ops.refuse_torchscript
+
     def __init__(self, ghost, depthwise):
         super().__init__()
         self.ghost, self.depthwise = ghost, depthwise

@@ -62,6 +62,8 @@ class PointwiseConv2d(nn.Conv2d):
     inputs and weights on every call and costs up to several times that (measured in GhostNet's
     shortcuts and heads). Same parameters and keys; other inputs take the conv."""
 
+    __prepare_scriptable__ = ops.refuse_torchscript
+
     @staticmethod
     def eligible(conv):
         return (type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and is_same_square_conv(conv)
@@ -86,6 +88,8 @@ class PointwiseLinear(nn.Linear):
     torch.set_float32_matmul_precision("medium"), where ATen's linear converts the weight to
     bfloat16 on every call (torch 2.13, GhostNet's classifier at batch 1: 2.1x slower) and the op
     keeps float32 dot products. Same parameters and keys; other inputs take F.linear."""
+
+    __prepare_scriptable__ = ops.refuse_torchscript
 
     @staticmethod
     def eligible(linear):
@@ -200,6 +204,8 @@ class GhostModule(nn.Module):
     layers. Eval mode folds both BNs into the convs and runs the fused op; the folded weights are
     cached and refreshed whenever a parameter or buffer changes.
     """
+
+    __prepare_scriptable__ = ops.refuse_torchscript
 
     def __init__(self, inp, oup, kernel_size=1, ratio=2, dw_size=3, stride=1, relu=True):
         super().__init__()

@@ -46,6 +46,18 @@ def _warn_once(key, message):
         warnings.warn(message(), stacklevel=4)
 
 
+def refuse_torchscript(module, reason=None):
+    """__prepare_scriptable__ of the library's modules and models: torch.jit.script calls it on every
+    submodule before it compiles any, so scripting a model that holds one fails with this message,
+    not with TorchScript's about some line of ours (forwards that choose kernels in Python, layers
+    that only some configurations have)."""
+    raise RuntimeError(
+        f"torch.jit.script cannot compile ghostkernels' {type(module).__name__}: " + (reason or (
+            "the library's modules are written for eager PyTorch and its tracers, not for TorchScript's compiler. "
+            "torch.jit.trace(model, example), ghostkernels.freeze(model, example) (a traced, frozen TorchScript "
+            "graph), torch.export.export and torch.compile keep the fused kernels.")))
+
+
 def cpu_kernel_takes(x):
     """Whether the C++ kernels take x (a CPU tensor) by its dtype. Another dtype runs the ops'
     PyTorch compositions: right, but without the kernels' speed, so one warning per process and

@@ -160,6 +160,8 @@ class SqueezeExciteGhost(nn.Module):
     original code, timm or the zoo: x * gate(conv_expand(act1(conv_reduce(mean(x))))).
     Training mode, and a Ghost module without running statistics, run the two in turn."""
 
+    __prepare_scriptable__ = ops.refuse_torchscript
+
     def __init__(self, se, ghost):
         super().__init__()
         self.se, self.ghost = se, ghost

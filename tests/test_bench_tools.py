@@ -339,3 +339,14 @@ def test_interleaved_rounds_rotate_the_order():
     firsts = [timed[i] for i in range(len(timed)) if i == 0 or timed[i] != timed[i - 1]]
     assert firsts == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
     assert all(len(rounds[name]) == 3 and all(len(r) == 2 for r in rounds[name]) for name in "abc")
+
+
+def test_ab_libraries_worker_times_each_case(capsys):
+    """bench/ab_libraries.py's per-process timing (the driver swaps libraries between such
+    processes): one JSON line, a median per case."""
+    import json
+    import ab_libraries
+    ab_libraries.worker([(8, 12, 7)], [1, 2], min_time=0.01)
+    medians = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(medians) == {f"{op} 8->{oup}@7 b{b}" for op, oup in (("ghost", 12), ("pointwise", 6)) for b in (1, 2)}
+    assert all(ms > 0 for ms in medians.values())

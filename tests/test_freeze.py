@@ -116,6 +116,20 @@ def test_freeze_rejects_what_it_cannot_trace_faithfully():
         ghostkernels.freeze(Counter().eval(), torch.ones(1, 2))
 
 
+def test_torch_jit_script_says_what_keeps_the_fused_kernels():
+    """torch.jit.script stopped on some line of the library ("Expected a single top-level
+    function: .../ops.py:436", or a zoo block's attribute that only stride-2 blocks have); the
+    library's modules and models now refuse by name before anything compiles."""
+    model, frozen = frozen_pair("timm-v1", torch.randn(1, 3, 64, 64))
+    trace_hint = r"torch.jit.trace\(model, example\), ghostkernels.freeze\(model, example\)"
+    for scripted, name in ((model, r"\w+"), (ghostkernels.GhostModule(16, 32), "GhostModule"),
+                           (models.ghostnet_050(fused=False), "GhostNet"), (models.ghostnetv3_050(), "GhostNet")):
+        with pytest.raises(RuntimeError, match=f"torch.jit.script cannot compile ghostkernels' {name}: .*{trace_hint}"):
+            torch.jit.script(scripted)
+    with pytest.raises(RuntimeError, match=r"compile ghostkernels' FrozenModel: it holds a TorchScript graph already: torch.save\(model"):
+        torch.jit.script(frozen)
+
+
 def test_frozen_model_returns_tuples_of_several_inputs():
     class TwoHeads(nn.Module):
         def __init__(self):

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..cheap_mix import cheap_mix
 from ..modules import fold_conv_bn
-from ..ops import onnx_exporting
+from ..ops import onnx_exporting, refuse_torchscript
 
 
 class Bottleneck(nn.Module):
@@ -117,6 +117,8 @@ class GGhostStage(Stage):
     ghostkernels::cheap_mix write the two channel slices of one buffer; the original ops
     otherwise."""
 
+    __prepare_scriptable__ = refuse_torchscript
+
     @classmethod
     def from_parts(cls, stage):
         """A GGhostStage sharing the submodules of a structurally equal stage (the original code's
@@ -164,6 +166,8 @@ class GGhostRegNet(nn.Module):
     """G-Ghost RegNetX: stem (3x3 s2 conv to 32, BN, ReLU), four stride-2 stages (layer2 and
     layer4 G-Ghost stages when deeper than 2 blocks, layer3 always), pool, dropout 0.2, fc.
     fused=False: the stages run the original ops (the eager baseline)."""
+
+    __prepare_scriptable__ = refuse_torchscript
 
     def __init__(self, depths, widths, group_width, num_classes=1000, cheap_ratio=0.5, dropout=0.2, fused=True):
         super().__init__()

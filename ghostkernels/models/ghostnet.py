@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..modules import GhostModule, GhostModuleV2, fold_conv_bn
+from ..ops import refuse_torchscript
 from ..reference import ReferenceGhostModule, ReferenceGhostModuleV2, dfc_gate, dfc_short_conv
 
 # Per stage: (dw kernel, expansion, out channels, SE ratio, stride) of each bottleneck.
@@ -159,6 +160,8 @@ class GhostModuleV3(nn.Module):
     reparameterize() collapses the branches into primary_conv.0 / cheap_operation.0 with bias:
     the folded form that ghostkernels.accelerate() fuses."""
 
+    __prepare_scriptable__ = refuse_torchscript
+
     branches = 3
 
     def __init__(self, in_chs, out_chs, kernel_size=1, ratio=2, dw_size=3, stride=1, relu=True, mode="original"):
@@ -262,6 +265,8 @@ class GhostBottleneckV3(nn.Module):
 class GhostNet(nn.Module):
     """GhostNet v1/v2/v3 at a width multiplier; `features_only` returns the maps at strides 4,
     8, 16, 32. version 'v2' and 'v3' give ghost1 of every block past the second the DFC gate."""
+
+    __prepare_scriptable__ = refuse_torchscript
 
     # Stage index (in `blocks`) whose output is the feature map at strides 4, 8, 16, 32.
     FEATURE_STAGES = (2, 4, 6, 8)
