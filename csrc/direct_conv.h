@@ -71,29 +71,6 @@ struct PlaneGeometry {
   int64_t pad_, phase_width_, halo_rows_, band_rows_, bands_, max_input_rows_, flat_size_, phase_size_, split_size_;
 };
 
-// Even- and odd-indexed elements of src[0, n) to evens[0, (n + 1) / 2) and odds[0, n / 2).
-template <typename T>
-GK_INLINE void deinterleave(const T* src, int64_t n, T* evens, T* odds) {
-  using V = typename Simd<T>::vec;
-  using I = typename Simd<T>::index;
-  constexpr int L = Simd<T>::lanes;
-  const I even_lanes = Simd<T>::even_lanes(), odd_lanes = even_lanes + 1;
-  int64_t j = 0;
-  for (; 2 * j + 2 * L <= n; j += L) {
-    const V a = Simd<T>::load(src + 2 * j), b = Simd<T>::load(src + 2 * j + L);
-    Simd<T>::store(evens + j, __builtin_shuffle(a, b, even_lanes));
-    Simd<T>::store(odds + j, __builtin_shuffle(a, b, odd_lanes));
-  }
-  if (2 * j < n && n >= 2 * L) {  // the tail as one more vector pair, overlapping the last one
-    j = (n - 2 * L) / 2;
-    const V a = Simd<T>::load(src + 2 * j), b = Simd<T>::load(src + 2 * j + L);
-    Simd<T>::store(evens + j, __builtin_shuffle(a, b, even_lanes));
-    Simd<T>::store(odds + j, __builtin_shuffle(a, b, odd_lanes));
-    j += L;
-  }
-  for (int64_t i = 2 * j; i < n; ++i) (i % 2 ? odds : evens)[i / 2] = src[i];
-}
-
 // dst[0, LEAD) = zeros, then src[0, n), then zeros up to a whole number of vectors, as vector
 // stores: a phase row of a small plane with its padding, where a copy loop of n = 7-31
 // elements ran element by element. src has a vector's slack readable after n; dst as many

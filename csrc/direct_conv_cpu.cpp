@@ -7,8 +7,8 @@
 // more than the taps (small planes; depthwise_lanes_pays) run with a vector's lanes of channels
 // side by side instead (depthwise_lanes.h), and float32 stems whose outputs fill whole vectors
 // (dense_lanes_pays) with a vector's lanes of output channels (dense_lanes.h). A channels_last stem
-// is made NCHW first. Grouped stride-1 convs of more inputs per group (G-GhostNet's RegNetX blocks)
-// run on shifted GEMMs (shifted_items); other convs, layouts and dtypes go to at::conv2d.
+// is made NCHW first. Grouped convs of more inputs per group (G-GhostNet's RegNetX blocks) run on
+// shifted GEMMs (shifted_items); other convs, layouts and dtypes go to at::conv2d.
 //
 // The backward of a depthwise conv (direct_conv2d_backward; training the depthwise convs a
 // GhostNet keeps outside its Ghost modules) works per (image, channel) plane with the Ghost
@@ -103,41 +103,55 @@ void dense_items(const float* x, const float* w, const float* bias, Activation a
 }
 
 // Groups reading more input channels than this go to at::conv2d (oneDNN's GEMM-based conv), or
-// at stride 1 with more than one group of at most kMaxShiftedGroupInputs, to shifted GEMMs.
+// with more than one group of at most kMaxShiftedGroupInputs, to shifted GEMMs.
 constexpr int64_t kMaxGroupInputs = 4;
 constexpr int64_t kMaxShiftedGroupInputs = 64;
 
-// Grouped stride-1 convs of up to kMaxShiftedGroupInputs inputs a group (RegNetX's 3x3 convs in
-// G-GhostNet: 36-48 a group), work items [begin, end) of (image, group): the group's inputs
-// copied into zero-padded planes, the conv one GEMM over their shifted rows (shifted_conv.h, K =
-// inputs x k x k), cropped into the output with bias and activation. oneDNN ran these NCHW convs
-// at a fifth to a half of the cores' multiply-adds (216 channels in groups of 36 at 14x14, batch
-// 1: 646 us for 13.7 M).
+// The crop of one group's padded-width outputs (`wide`, outputs apart) into its output planes,
+// with bias and activation.
 template <typename T>
+GK_INLINE void crop_group(const T* wide, int64_t outputs, int64_t padded_width, const T* bias, Activation act,
+                          T* out, int64_t group_outputs, int64_t out_height, int64_t out_width) {
+  for (int64_t c = 0; c < group_outputs; ++c) {
+    const T b = bias ? bias[c] : T(0);
+    T* dst = out + c * out_height * out_width;
+    for (int64_t h = 0; h < out_height; ++h) {
+      const T* src = wide + c * outputs + h * padded_width;
+      for (int64_t i = 0; i < out_width; ++i) dst[h * out_width + i] = activate(src[i] + b, act);
+    }
+  }
+}
+
+// Grouped convs of up to kMaxShiftedGroupInputs inputs a group (RegNetX's 3x3 convs in
+// G-GhostNet: 36-48 a group), work items [begin, end) of (image, group): the group's inputs
+// copied into zero-padded planes (stride 2: their four parity phases, PhasePlanes), the conv one
+// GEMM over their shifted rows (shifted_conv.h, K = inputs x k x k), cropped into the output with
+// bias and activation. oneDNN ran these NCHW convs at a fifth to a half of the cores'
+// multiply-adds (216 channels in groups of 36 at 14x14, batch 1: 646 us for 13.7 M; at stride 2,
+// 1008 in groups of 48 from 14x14, 0.82 ms for 21.3 M).
+template <typename T, typename Planes>
 void shifted_items(const T* x, const T* w, const T* bias, Activation act, T* out, int64_t channels,
                    int64_t height, int64_t width, int64_t k, int64_t group_inputs, int64_t out_channels,
                    int64_t begin, int64_t end) {
-  const PaddedPlanes p(height, width, k);
-  const int64_t groups = channels / group_inputs, group_outputs = out_channels / groups, plane = height * width;
+  const Planes p(height, width, k);
+  const int64_t out_height = (height + Planes::kStride - 1) / Planes::kStride;
+  const int64_t out_width = (width + Planes::kStride - 1) / Planes::kStride;
+  const int64_t groups = channels / group_inputs, group_outputs = out_channels / groups;
+  const int64_t plane_elements = Planes::kStride * Planes::kStride * p.stride;  // per input channel
   Scratch buffers;
-  T* planes = buffers.take<T>(group_inputs * p.stride);
+  T* planes = buffers.take<T>(group_inputs * plane_elements);
   T* wide = buffers.take<T>(group_outputs * p.outputs());
   const T** rows = buffers.take<const T*>(group_inputs * k * k);
-  std::fill(planes, planes + group_inputs * p.stride, T(0));  // the padding, never written after
+  std::fill(planes, planes + group_inputs * plane_elements, T(0));  // the padding, never written after
+  p.tap_rows(planes, group_inputs, k, rows);
   for (int64_t item = begin; item < end; ++item) {
     const int64_t n = item / groups, g = item % groups;
-    p.fill(x + (n * channels + g * group_inputs) * plane, group_inputs, planes);
-    shifted_conv(p, planes, group_inputs, k, w + g * group_outputs * group_inputs * k * k, group_outputs, rows,
-                 wide);
-    for (int64_t c = 0; c < group_outputs; ++c) {
-      const int64_t channel = g * group_outputs + c;
-      const T b = bias ? bias[channel] : T(0);
-      T* dst = out + (n * out_channels + channel) * plane;
-      for (int64_t h = 0; h < height; ++h) {
-        const T* src = wide + c * p.outputs() + h * p.padded_width;
-        for (int64_t i = 0; i < width; ++i) dst[h * width + i] = activate(src[i] + b, act);
-      }
-    }
+    p.fill(x + (n * channels + g * group_inputs) * height * width, group_inputs, planes);
+    shifted_product(group_outputs, p.outputs(), group_inputs * k * k, w + g * group_outputs * group_inputs * k * k,
+                    rows, wide);
+    crop_group(wide, p.outputs(), p.padded_width, bias ? bias + g * group_outputs : nullptr, act,
+               out + (n * out_channels + g * group_outputs) * out_height * out_width, group_outputs, out_height,
+               out_width);
   }
 }
 
@@ -173,8 +187,8 @@ at::Tensor direct_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   const bool kernel_dtypes = (dtype == at::kFloat || dtype == at::kDouble) && weight.scalar_type() == dtype &&
                              (!bias.has_value() || bias->scalar_type() == dtype);
   const at::Tensor input = kernel_dtypes && groups == 1 && group_inputs <= kMaxGroupInputs ? x.contiguous() : x;
-  const bool shifted = kernel_dtypes && input.is_contiguous() && stride == 1 && groups > 1 &&
-                       group_inputs > kMaxGroupInputs && group_inputs <= kMaxShiftedGroupInputs;
+  const bool shifted = kernel_dtypes && input.is_contiguous() && groups > 1 && group_inputs > kMaxGroupInputs &&
+                       group_inputs <= kMaxShiftedGroupInputs;
   const bool fast = kernel_dtypes && input.is_contiguous() && (group_inputs <= kMaxGroupInputs || shifted);
   // NCHW-contiguous like every other path and the fake kernel (torch.compile trusts its strides).
   if (!fast) {
@@ -192,9 +206,9 @@ at::Tensor direct_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   if (shifted) {
     AT_DISPATCH_FLOATING_TYPES(dtype, "direct_conv2d_cpu", [&] {
       at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
-        shifted_items(input.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
-                      b.defined() ? b.data_ptr<scalar_t>() : nullptr, act, out.data_ptr<scalar_t>(), channels,
-                      height, width, k, group_inputs, out_channels, begin, end);
+        const auto items = stride == 1 ? shifted_items<scalar_t, PaddedPlanes> : shifted_items<scalar_t, PhasePlanes>;
+        items(input.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), b.defined() ? b.data_ptr<scalar_t>() : nullptr, act,
+              out.data_ptr<scalar_t>(), channels, height, width, k, group_inputs, out_channels, begin, end);
       });
     });
     return out;

@@ -125,6 +125,29 @@ GK_INLINE void copy_run(T* __restrict dst, const T* __restrict src, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
 }
 
+// Even- and odd-indexed elements of src[0, n) to evens[0, (n + 1) / 2) and odds[0, n / 2).
+template <typename T>
+GK_INLINE void deinterleave(const T* src, int64_t n, T* evens, T* odds) {
+  using V = typename Simd<T>::vec;
+  using I = typename Simd<T>::index;
+  constexpr int L = Simd<T>::lanes;
+  const I even_lanes = Simd<T>::even_lanes(), odd_lanes = even_lanes + 1;
+  int64_t j = 0;
+  for (; 2 * j + 2 * L <= n; j += L) {
+    const V a = Simd<T>::load(src + 2 * j), b = Simd<T>::load(src + 2 * j + L);
+    Simd<T>::store(evens + j, __builtin_shuffle(a, b, even_lanes));
+    Simd<T>::store(odds + j, __builtin_shuffle(a, b, odd_lanes));
+  }
+  if (2 * j < n && n >= 2 * L) {  // the tail as one more vector pair, overlapping the last one
+    j = (n - 2 * L) / 2;
+    const V a = Simd<T>::load(src + 2 * j), b = Simd<T>::load(src + 2 * j + L);
+    Simd<T>::store(evens + j, __builtin_shuffle(a, b, even_lanes));
+    Simd<T>::store(odds + j, __builtin_shuffle(a, b, odd_lanes));
+    j += L;
+  }
+  for (int64_t i = 2 * j; i < n; ++i) (i % 2 ? odds : evens)[i / 2] = src[i];
+}
+
 // Rows of B per pass: a panel of kBlock x (2 * lanes) stays in L1 across the i loop.
 constexpr int64_t kBlock = 256;
 

@@ -239,7 +239,7 @@ void primary_backward_pass(const TrainArgs<T>& a, const Normalised<T>& bn1,
       shifted_conv(pad, dz_planes.data(), g.init, k, w1_flipped, g.inp, rows.data(), wide.data());
       pad.crop(wide.data(), g.inp, grad_x + n * g.inp * P);
       pad.fill(a.x + n * g.inp * P, g.inp, x_planes.data());
-      tap_rows(pad, static_cast<const T*>(x_planes.data()), g.inp, k, rows.data());
+      pad.tap_rows(static_cast<const T*>(x_planes.data()), g.inp, k, rows.data());
       shifted_dots(g.init, g.inp * k * k, pad.outputs(), pad.as_padded_width(dz_planes.data()), pad.stride,
                    rows.data(), grad_w1);
     }

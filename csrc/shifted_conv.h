@@ -24,6 +24,7 @@ constexpr int64_t kShiftedTile = 32;
 constexpr int64_t kPlaneSlack = 2 * kShiftedTile;
 
 struct PaddedPlanes {
+  static constexpr int64_t kStride = 1;              // the conv's
   int64_t height, width, pad, padded_width, stride;  // stride: elements from one plane to the next
   PaddedPlanes(int64_t h, int64_t w, int64_t k)
       : height(h), width(w), pad(k / 2), padded_width(w + 2 * (k / 2)),
@@ -47,6 +48,52 @@ struct PaddedPlanes {
   // and the pad columns (w >= W) read zeros.
   template <typename T>
   GK_INLINE const T* as_padded_width(const T* plane) const { return plane + pad * padded_width + pad; }
+  // The rows a tap-major GEMM reads: rows[(c * k + dy) * k + dx] = planes + c * stride + dy * Wp + dx.
+  template <typename T>
+  GK_INLINE void tap_rows(const T* planes, int64_t channels, int64_t k, const T** rows) const {
+    for (int64_t c = 0; c < channels; ++c)
+      for (int64_t dy = 0; dy < k; ++dy)
+        for (int64_t dx = 0; dx < k; ++dx) rows[(c * k + dy) * k + dx] = planes + c * stride + dy * padded_width + dx;
+  }
+};
+
+// A stride-2 'same' conv's input as four parity phases per channel (phase (py, px) holds the map's
+// rows 2i + py, columns 2j + px), each zero-padded by ceil(p / 2) rows and columns before and
+// floor(p / 2) after (p = k / 2) and followed by kPlaneSlack zeros: tap (dy, dx) of output (i, j)
+// reads input row 2i + dy - p, which is phase (dy - p) & 1's row i + (dy - p) >> 1, so every tap is
+// one shifted row of a phase plane at the padded-width positions q = i * Wq + j, as at stride 1.
+struct PhasePlanes {
+  static constexpr int64_t kStride = 2;
+  int64_t height, width, out_height, out_width, lead, padded_width, stride;
+  PhasePlanes(int64_t h, int64_t w, int64_t k)
+      : height(h), width(w), out_height((h + 1) / 2), out_width((w + 1) / 2), lead((k / 2 + 1) / 2),
+        padded_width(out_width + k / 2), stride((out_height + k / 2) * padded_width + kPlaneSlack) {}
+  int64_t outputs() const { return out_height * padded_width; }  // padded-width positions
+  // The phases of `channels` H x W planes into zero-initialised phase planes (4 per channel); a
+  // phase of an odd-sized map has a last row or column fewer, which stays zero. Rows split by
+  // vector shuffles: element by element, the split cost a fifth of the conv (96 channels in
+  // groups of 48 from 112x112).
+  template <typename T>
+  GK_INLINE void fill(const T* src, int64_t channels, T* dst) const {
+    for (int64_t c = 0; c < channels; ++c)
+      for (int64_t py = 0; py < 2; ++py) {
+        T* evens = dst + (c * 4 + py * 2) * stride + lead * padded_width + lead;
+        for (int64_t i = 0; 2 * i + py < height; ++i)
+          deinterleave(src + (c * height + 2 * i + py) * width, width, evens + i * padded_width,
+                       evens + stride + i * padded_width);
+      }
+  }
+  // The rows a tap-major GEMM reads, as PaddedPlanes::tap_rows at stride 1.
+  template <typename T>
+  GK_INLINE void tap_rows(const T* planes, int64_t channels, int64_t k, const T** rows) const {
+    for (int64_t c = 0; c < channels; ++c)
+      for (int64_t dy = 0; dy < k; ++dy)
+        for (int64_t dx = 0; dx < k; ++dx) {
+          const int64_t ry = dy - k / 2, rx = dx - k / 2;  // the input's offsets from (2i, 2j)
+          rows[(c * k + dy) * k + dx] = planes + (c * 4 + (ry & 1) * 2 + (rx & 1)) * stride +
+                                        ((ry >> 1) + lead) * padded_width + (rx >> 1) + lead;
+        }
+  }
 };
 
 // C[i * ldc + q] = sum_j A[i * K + j] * rows[j][q] for i < M, q < N: register tiles of MR rows
@@ -117,12 +164,12 @@ GK_INLINE void shifted_dots(int64_t M, int64_t J, int64_t N, const T* D, int64_t
   }
 }
 
-// The rows a tap-major GEMM reads: rows[(c * k + dy) * k + dx] = planes + c * stride + dy * Wp + dx.
+// out (M x N) = the products of W (M x K) with the K shifted rows, N padded-width positions. Not
+// inlined: inlined with the stride-2 phase split before it, GCC compiled the same GEMM 1.7x slower.
 template <typename T>
-GK_INLINE void tap_rows(const PaddedPlanes& p, const T* planes, int64_t channels, int64_t k, const T** rows) {
-  for (int64_t c = 0; c < channels; ++c)
-    for (int64_t dy = 0; dy < k; ++dy)
-      for (int64_t dx = 0; dx < k; ++dx) rows[(c * k + dy) * k + dx] = planes + c * p.stride + dy * p.padded_width + dx;
+__attribute__((noinline)) void shifted_product(int64_t M, int64_t N, int64_t K, const T* w, const T* const* rows, T* out) {
+  if (N <= Simd<T>::lanes) shifted_gemm<T, 1>(M, N, K, w, rows, out, N);
+  else shifted_gemm<T, 2>(M, N, K, w, rows, out, N);
 }
 
 // out (M x outputs, padded-width) = the conv of `planes` (channels padded planes) by W (M x
@@ -130,10 +177,8 @@ GK_INLINE void tap_rows(const PaddedPlanes& p, const T* planes, int64_t channels
 template <typename T>
 GK_INLINE void shifted_conv(const PaddedPlanes& p, const T* planes, int64_t channels, int64_t k, const T* w,
                             int64_t M, const T** rows, T* out) {
-  tap_rows(p, planes, channels, k, rows);
-  const int64_t N = p.outputs(), K = channels * k * k;
-  if (N <= Simd<T>::lanes) shifted_gemm<T, 1>(M, N, K, w, rows, out, N);
-  else shifted_gemm<T, 2>(M, N, K, w, rows, out, N);
+  p.tap_rows(planes, channels, k, rows);
+  shifted_product(M, p.outputs(), channels * k * k, w, rows, out);
 }
 
 }  // namespace ghostkernels

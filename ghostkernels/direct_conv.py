@@ -25,8 +25,8 @@ _lib.define("direct_conv2d(Tensor x, Tensor weight, Tensor? bias, int stride, st
 # (grad_x, grad_weight, grad_bias); the C++ kernel serves depthwise convs (csrc/direct_conv_cpu.cpp).
 _lib.define("direct_conv2d_backward(Tensor grad, Tensor x, Tensor weight, int stride) -> (Tensor, Tensor, Tensor)")
 
-# The most input channels per group the C++ kernel takes (csrc/direct_conv_cpu.cpp): any stride,
-# and grouped stride-1 convs (shifted GEMMs).
+# The most input channels per group the C++ kernel takes (csrc/direct_conv_cpu.cpp): any conv,
+# and convs of more than one group (shifted GEMMs).
 MAX_GROUP_INPUTS = 4
 MAX_SHIFTED_GROUP_INPUTS = 64
 
@@ -173,7 +173,7 @@ def fuse_direct_conv_relus(graph):
 
 class DirectConv2d(nn.Module):
     """A 'same' conv with bias, stride 1 or 2, depthwise or with few input channels per group
-    (the stem), or grouped at stride 1 (RegNetX's 3x3 convs in G-GhostNet), run by
+    (the stem), or grouped (RegNetX's 3x3 convs in G-GhostNet), run by
     ghostkernels::direct_conv2d."""
 
     __prepare_scriptable__ = ops.refuse_torchscript
@@ -190,7 +190,7 @@ class DirectConv2d(nn.Module):
             return False
         depthwise = conv.groups == conv.in_channels == conv.out_channels
         group_inputs = conv.in_channels // conv.groups
-        grouped = conv.stride == (1, 1) and conv.groups > 1 and group_inputs <= MAX_SHIFTED_GROUP_INPUTS
+        grouped = conv.groups > 1 and group_inputs <= MAX_SHIFTED_GROUP_INPUTS
         return (is_same_square_conv(conv) and conv.stride in ((1, 1), (2, 2))
                 and (depthwise or group_inputs <= MAX_GROUP_INPUTS or grouped))
 

@@ -51,27 +51,31 @@ def test_few_input_channels_match_conv2d(channels, k, stride, size, bias, channe
 
 # (in, out, groups): RegNetX's grouped convs (G-GhostNet: groups of 36 and 48 inputs), 5 inputs a
 # group (one past the direct kernel's), out != in, the most inputs the shifted GEMMs take; planes
-# of one pixel, one row, one column, and wider than a tile of columns
+# of one pixel, one row, one column, odd and even sides (stride 2: phases of unequal sizes), and
+# wider than a tile of columns
 @pytest.mark.parametrize("channels", [(72, 72, 2), (10, 14, 2), (128, 64, 2), (12, 6, 2)])
-@pytest.mark.parametrize("k, size", [(3, (14, 14)), (3, (1, 1)), (5, (1, 9)), (1, (7, 3)), (3, (5, 37))])
+@pytest.mark.parametrize("k, size", [(3, (14, 14)), (3, (1, 1)), (5, (1, 9)), (1, (7, 3)), (3, (5, 37)), (7, (8, 11))])
+@pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("bias, activation", [(True, "none"), (False, "relu")])
-def test_grouped_stride_1_matches_conv2d(channels, k, size, bias, activation):
-    """Grouped convs at stride 1 on shifted GEMMs (more than 4 inputs a group)."""
+def test_grouped_matches_conv2d(channels, k, size, stride, bias, activation):
+    """Grouped convs on shifted GEMMs (more than 4 inputs a group; stride 2 on parity phases)."""
     inp, out_channels, groups = channels
     x = make_input(2, inp, *size)
     weight = torch.randn(out_channels, inp // groups, k, k, dtype=torch.float64)
     b = torch.randn(out_channels, dtype=torch.float64) if bias else None
-    out = torch.ops.ghostkernels.direct_conv2d(x, weight, b, 1, activation)
-    expected = F.conv2d(x, weight, b, 1, k // 2, groups=groups)
+    out = torch.ops.ghostkernels.direct_conv2d(x, weight, b, stride, activation)
+    expected = F.conv2d(x, weight, b, stride, k // 2, groups=groups)
     torch.testing.assert_close(out, expected.relu() if activation == "relu" else expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("batch, threads", [(0, 1), (1, 1), (1, 2), (3, 2), (1, 3)])
-def test_grouped_stride_1_float32(batch, threads):
+@pytest.mark.parametrize("stride", [1, 2])
+def test_grouped_float32(batch, threads, stride):
     x, weight, bias = torch.randn(batch, 216, 14, 14), torch.randn(216, 36, 3, 3) / 18, torch.randn(216)
     with intra_op_threads(threads):
-        out = torch.ops.ghostkernels.direct_conv2d(x, weight, bias, 1, "relu")
-    torch.testing.assert_close(out, F.conv2d(x, weight, bias, 1, 1, groups=6).relu(), rtol=1e-5, atol=1e-5)
+        out = torch.ops.ghostkernels.direct_conv2d(x, weight, bias, stride, "relu")
+    expected = F.conv2d(x, weight, bias, stride, 1, groups=6).relu()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -99,7 +103,7 @@ def test_float32_and_module(conv):
 def test_eligible():
     assert not DirectConv2d.eligible(torch.nn.Conv2d(8, 8, 3, padding=1))  # 8 inputs per group
     assert DirectConv2d.eligible(torch.nn.Conv2d(96, 96, 3, padding=1, groups=2))  # grouped, stride 1
-    assert not DirectConv2d.eligible(torch.nn.Conv2d(96, 96, 3, 2, padding=1, groups=2))  # oneDNN's at stride 2
+    assert DirectConv2d.eligible(torch.nn.Conv2d(96, 96, 3, 2, padding=1, groups=2))  # grouped, stride 2
     assert not DirectConv2d.eligible(torch.nn.Conv2d(130, 130, 3, padding=1, groups=2))  # 65 inputs per group
     assert not DirectConv2d.eligible(torch.nn.Conv2d(3, 16, 3, padding=0))  # not 'same'
     assert not DirectConv2d.eligible(torch.nn.Conv2d(3, 16, 3, stride=3, padding=1))
