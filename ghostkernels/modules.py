@@ -263,8 +263,10 @@ class GhostModule(nn.Module):
         return modules["0"], bn if type(bn) is nn.BatchNorm2d else None
 
     def _conv_bn_pairs(self):
-        """The (conv, BN or None) pairs whose folded weights the eval forward uses."""
-        return [self._conv_bn(self.primary_conv), self._conv_bn(self.cheap_operation)]
+        """The (conv, BN or None) pairs whose folded weights the eval forward uses. Direct dict
+        reads, as in _fold_sources: nn.Module's attribute lookup of a submodule costs ~0.7 us."""
+        modules = self._modules
+        return [self._conv_bn(modules["primary_conv"]), self._conv_bn(modules["cheap_operation"])]
 
     def _fold(self):
         return tuple(t for conv, bn in self._conv_bn_pairs() for t in fold_conv_bn(conv, bn))
@@ -316,13 +318,13 @@ class GhostModule(nn.Module):
         tensors, eps, cacheable = [], [], True
         for conv, bn in self._conv_bn_pairs():
             cacheable = cacheable and "parametrizations" not in conv._modules
-            tensors.extend(t for t in conv._parameters.values() if t is not None)
+            tensors += [t for t in conv._parameters.values() if t is not None]
             if bn is not None:
-                if bn._buffers.get("running_mean") is None:
+                parameters, buffers = bn._parameters, bn._buffers
+                if buffers.get("running_mean") is None:
                     return None
-                candidates = (bn._parameters["weight"], bn._parameters["bias"],
-                              bn._buffers["running_mean"], bn._buffers["running_var"])
-                tensors.extend(t for t in candidates if t is not None)
+                tensors += [t for t in (parameters["weight"], parameters["bias"], buffers["running_mean"],
+                                        buffers["running_var"]) if t is not None]
                 eps.append(bn.eps)
         return tensors, eps, cacheable
 
@@ -412,7 +414,7 @@ class GhostModuleV2(GhostModule):
         self.short_conv = dfc_short_conv(inp, oup, kernel_size, stride)
 
     def _conv_bn_pairs(self):
-        return super()._conv_bn_pairs() + conv_bn_sequence(self.short_conv)
+        return super()._conv_bn_pairs() + conv_bn_sequence(self._modules["short_conv"])
 
     def forward(self, x):
         folded = None if self.training else self.folded_weights()
