@@ -66,10 +66,10 @@ def main():
     if not (args.old and args.new):
         parser.error("OLD and NEW libraries are required")
 
-    import ghostkernels
-    library = ghostkernels.backends()["cpu"]["reason"].rsplit(" from ", 1)[-1]
-    if not os.path.isfile(library):
-        raise SystemExit(f"no C++ library loaded ({ghostkernels.backends()['cpu']['reason']})")
+    from ghostkernels import _backends
+    name, library = _backends.cpu_library()
+    if name is None:
+        raise SystemExit(f"no C++ library to swap: {library}")
     command = [sys.executable, os.path.abspath(__file__), "--worker", "--batch", *map(str, args.batch),
                "--shapes", *args.shapes, "--min-time", str(args.min_time), "--threads", str(args.threads)]
     def put_in_place(path):

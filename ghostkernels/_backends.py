@@ -28,6 +28,18 @@ def _cpu_build():
     return _X86_BUILDS[capability], None
 
 
+def cpu_library():
+    """(module name, file) of the C++ build this CPU runs, or (None, why there is none)."""
+    name, why_not = _cpu_build()
+    if name is None:
+        return None, why_not
+    spec = importlib.util.find_spec(f"ghostkernels.{name}")
+    if spec is None or spec.origin is None:
+        return None, (f"ghostkernels.{name}, the C++ build for this CPU, is not built; "
+                      "`pip install -v --no-build-isolation -e .` builds it and shows the compiler's errors")
+    return name, spec.origin
+
+
 def load_cpu_extension():
     """Load the C++ CPU kernels once and record why they are or are not in use.
 
@@ -39,17 +51,13 @@ def load_cpu_extension():
     if os.environ.get("GHOSTKERNELS_DISABLE_CPP") == "1":
         _cpu_status = ("reference", "the C++ extension is disabled by GHOSTKERNELS_DISABLE_CPP=1")
         return _cpu_status
-    name, why_not = _cpu_build()
-    spec = importlib.util.find_spec(f"ghostkernels.{name}") if name else None
+    name, library = cpu_library()
     if name is None:
-        _cpu_status = ("reference", why_not)
-    elif spec is None or spec.origin is None:
-        _cpu_status = ("reference", f"ghostkernels.{name}, the C++ build for this CPU, is not built; "
-                       "`pip install -v --no-build-isolation -e .` builds it and shows the compiler's errors")
+        _cpu_status = ("reference", library)
     else:
         try:
-            torch.ops.load_library(spec.origin)
-            _cpu_status = ("cpp", f"fused C++ kernels ({name[3:] or 'generic'} build) from {spec.origin}")
+            torch.ops.load_library(library)
+            _cpu_status = ("cpp", f"fused C++ kernels ({name[3:] or 'generic'} build) from {library}")
         except (OSError, RuntimeError) as error:
             _cpu_status = ("reference", f"the C++ extension failed to load: {error}")
     return _cpu_status
