@@ -1,10 +1,13 @@
-// ghostkernels::pointwise_conv2d on the CPU: a 1x1 stride-1 conv (+bias) of an NCHW map,
-// out[n] = W x[n] + b, as the fused kernels' register-tiled GEMM (gemm.h) over work items of
-// images x pixel chunks x output-channel blocks, the bias added while a tile is in registers,
-// into an output from the output cache. oneDNN's NCHW 1x1 conv reorders its input and weight
-// on every call; MKL's batched GEMM (the kernel before this one) split GhostNet's small batch-1
-// shortcut convs badly across threads; ATen's baddbmm writes a fresh tensor that page-faults
-// at batch 8. Below it, pointwise_conv2d_pool: the same GEMM, its rows averaged in a scratch.
+// ghostkernels::pointwise_conv2d on the CPU: a 1x1 conv (+bias) of an NCHW map, out[n] = W x[n] + b,
+// as the fused kernels' register-tiled GEMM (gemm.h) over work items of images x pixel chunks x
+// output-channel blocks, the bias and a ReLU applied while a tile is in registers, into an output
+// from the output cache. At stride > 1 (a ResNet or RegNet block's downsample shortcut) each item
+// first gathers its pixels' inputs into a scratch; with a residual (the block's last 1x1 conv and
+// its shortcut's add, which freeze() fuses) the item's rows get it, then the ReLU, while in cache.
+// oneDNN's NCHW 1x1 conv reorders its input and weight on every call; MKL's batched GEMM (the
+// kernel before this one) split GhostNet's small batch-1 shortcut convs badly across threads;
+// ATen's baddbmm writes a fresh tensor that page-faults at batch 8. Below it,
+// pointwise_conv2d_pool: the same GEMM, its rows averaged in a scratch.
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -36,15 +39,44 @@ constexpr int64_t kMinChannelBlock = 16;
 
 struct PointwiseArgs {
   int64_t inputs, outputs, pixels, chunk, chunks, blocks, block;
+  int64_t image_stride;  // x's: a channel slice of a wider map (G-GhostNet's inner blocks) is one image apart
   bool bf16_gemm;  // in bfloat16 (float32 only; bf16_gemm.h)
   Bf16Rows w_bf16;  // with bf16_gemm, W's frozen copy (frozen_weights.h), if it has one
+  // stride > 1: x's plane is height x width, the output's out_width wide; gathered_ld is the row
+  // stride of an item's gathered inputs (its chunk rounded up to 64 bytes).
+  int64_t stride = 1, height = 0, width = 0, out_width = 0, gathered_ld = 0;
+  bool relu = false;
+  const void* residual = nullptr;  // laid out as out, added before the ReLU
 };
 
+// Row k < inputs of dst (row stride ld) = input channel k of x's (height, width) plane at the
+// output pixels [p0, p0 + np) of a stride-`stride` 1x1 conv (out_width wide), zero-padded to ld.
 template <typename T>
+void gather_strided(const PointwiseArgs& a, const T* x, int64_t p0, int64_t np, T* dst) {
+  for (int64_t k = 0; k < a.inputs; ++k) {
+    const T* plane = x + k * a.height * a.width;
+    T* row = dst + k * a.gathered_ld;
+    for (int64_t p = p0, end = p0 + np; p < end;) {
+      const int64_t oy = p / a.out_width, ox = p % a.out_width, n = std::min(end - p, a.out_width - ox);
+      const T* src = plane + oy * a.stride * a.width + ox * a.stride;
+      for (int64_t i = 0; i < n; ++i) row[p - p0 + i] = src[i * a.stride];
+      p += n;
+    }
+    // The GEMM's vector loads run past np into the padding: zeros, not whatever the scratch held
+    // (a denormal or NaN there costs time, though never stored).
+    std::fill(row + np, row + a.gathered_ld, T(0));
+  }
+}
+
+// ReluInTile: a ReLU and no residual, the ReLU applied in the tile's registers (a template
+// argument: a runtime test there cost pointwise_conv2d 24 -> 36 @56 ~10%, an epilogue of 24 FMAs).
+template <typename T, bool ReluInTile>
 void pointwise_items(const PointwiseArgs& a, const T* x, const T* w, const T* b, T* out,
                      int64_t begin, int64_t end) {
   Scratch scratch;
   T* panel = scratch.take<T>(kBlock * 2 * Simd<T>::lanes);
+  T* gathered = a.stride > 1 ? scratch.take<T>(a.inputs * a.gathered_ld) : nullptr;
+  const T* residual = static_cast<const T*>(a.residual);
   for (int64_t item = begin; item < end; ++item) {
     const int64_t c0 = item % a.blocks * a.block, rest = item / a.blocks;
     const int64_t p0 = rest % a.chunks * a.chunk, n = rest / a.chunks;
@@ -52,10 +84,31 @@ void pointwise_items(const PointwiseArgs& a, const T* x, const T* w, const T* b,
     if (channels <= 0) continue;
     const T* bias = b ? b + c0 : nullptr;
     T* o = out + (n * a.outputs + c0) * a.pixels + p0;
-    const T* xn = x + n * a.inputs * a.pixels + p0;
-    const auto finish = [bias](int64_t c, auto v) __attribute__((always_inline)) { return bias ? v + bias[c] : v; };
-    product_rows<T>(a.bf16_gemm, channels, np, a.inputs, w + c0 * a.inputs, xn, a.pixels, o, a.pixels, panel,
+    const T* xn = x + n * a.image_stride + p0;
+    int64_t ldb = a.pixels;
+    if (gathered) {
+      gather_strided(a, x + n * a.image_stride, p0, np, gathered);
+      xn = gathered;
+      ldb = a.gathered_ld;
+    }
+    // `v < 0 ? 0 : v` keeps NaN, as torch.relu does.
+    const auto finish = [bias](int64_t c, auto v) __attribute__((always_inline)) {
+      v = bias ? v + bias[c] : v;
+      if constexpr (ReluInTile) v = v < 0 ? decltype(v){} : v;
+      return v;
+    };
+    product_rows<T>(a.bf16_gemm, channels, np, a.inputs, w + c0 * a.inputs, xn, ldb, o, a.pixels, panel,
                     a.w_bf16.row(c0), finish);
+    if (!residual) continue;
+    const T* r = residual + (o - out);
+    for (int64_t c = 0; c < channels; ++c) {
+      T* row = o + c * a.pixels;
+      const T* r_row = r + c * a.pixels;
+      for (int64_t i = 0; i < np; ++i) {
+        const T v = row[i] + r_row[i];
+        row[i] = a.relu && v < 0 ? T(0) : v;
+      }
+    }
   }
 }
 
@@ -86,7 +139,11 @@ bool check_pointwise(const char* op, const at::Tensor& x, const at::Tensor& weig
   TORCH_CHECK(x.size(1) > 0, op, ": x must have at least one channel, got ", x.sizes());
   TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == weight.size(0)),
               op, ": bias must have shape (", weight.size(0), ",)");
-  return x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) &&
+  // Each image contiguous (C, H, W), the images at any stride: a channel slice of a batch.
+  bool images_contiguous = true;
+  for (int64_t d = 3, step = 1; d >= 1; step *= x.size(d), --d)
+    images_contiguous = images_contiguous && (x.size(d) == 1 || x.stride(d) == step);
+  return images_contiguous && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) &&
          weight.scalar_type() == x.scalar_type() && (!bias.has_value() || bias->scalar_type() == x.scalar_type());
 }
 
@@ -99,11 +156,34 @@ bool on_intel_cpu() {
 #endif
 }
 
-at::Tensor pointwise_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+// act(out + residual) by ATen ops, NCHW: the paths that do not run the GEMM's items, and a
+// residual that broadcasts or has another dtype (the result is then the add's: its shape and
+// promoted dtype, as the op's fake kernel says).
+at::Tensor finish_with_aten(at::Tensor out, const c10::optional<at::Tensor>& residual, bool relu) {
+  if (residual.has_value()) out = out.add(*residual).contiguous();
+  return relu ? out.relu_() : out;
+}
+
+at::Tensor pointwise_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                                int64_t stride, c10::string_view activation, const c10::optional<at::Tensor>& residual) {
   const bool fast = check_pointwise("pointwise_conv2d", x, weight, bias);
+  TORCH_CHECK(stride >= 1, "pointwise_conv2d: stride must be >= 1, got ", stride);
+  TORCH_CHECK(activation == "relu" || activation == "none",
+              "pointwise_conv2d: activation must be 'relu' or 'none', got '", std::string(activation), "'");
+  const int64_t batch = x.size(0), inputs = x.size(1), outputs = weight.size(0);
+  const int64_t out_height = (x.size(2) + stride - 1) / stride, out_width = (x.size(3) + stride - 1) / stride;
+  const int64_t pixels = out_height * out_width;
+  TORCH_CHECK(!residual.has_value() || residual->device() == x.device(), "pointwise_conv2d: residual must be on ",
+              x.device(), " as x, got ", residual->device());
+  // The GEMM's items add a residual of the output's shape and dtype; another one (a broadcast, a
+  // promotion) is added after them by ATen, and so is the ReLU then.
+  const bool late = residual.has_value() && (residual->sizes() != at::IntArrayRef({batch, outputs, out_height,
+                                                                                    out_width}) ||
+                                             residual->scalar_type() != x.scalar_type());
+  const bool relu = activation == "relu" && !late;
+  const auto finish_late = [&](at::Tensor out) { return late ? finish_with_aten(out, residual, activation == "relu") : out; };
   // NCHW out whatever x's layout, as the fake kernel promises.
-  if (!fast) return at::conv2d(x, weight, bias).contiguous();
-  const int64_t batch = x.size(0), inputs = x.size(1), outputs = weight.size(0), pixels = x.size(2) * x.size(3);
+  if (!fast) return finish_with_aten(at::conv2d(x, weight, bias, stride).contiguous(), residual, activation == "relu");
   // 1x1 maps: MKL's GEMV in the AVX-512 build on Intel CPUs; our dot products elsewhere and where
   // bfloat16 matmuls are asked for (float32_matmul_precision "medium"), where ATen converts W to
   // bfloat16 on every call (torch 2.13, batch 1: 2.5x slower). Frozen GhostNets with the dots instead of MKL: 1.5-3% slower on
@@ -112,15 +192,17 @@ at::Tensor pointwise_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, c
   // EPYC (Zen 4), where MKL's GEMV ran 2.3x slower than the dots alone
   // (bench/results/epyc-zen4-avx512-2threads-2026-12-02.md).
   static const bool mkl_gemv = GK_VECTOR_BYTES == 64 && on_intel_cpu();
-  if (pixels == 1 && mkl_gemv && !bf16_matmuls_requested())  // _unsafe_view: an op's output must not be a view (autograd forbids in-place on it)
-    return at::_unsafe_view(at::linear(x.view({batch, inputs}), weight.reshape({outputs, inputs}), bias),
-                            {batch, outputs, 1, 1});
-  at::Tensor out = empty_output({batch, outputs, x.size(2), x.size(3)}, x.options());
-  if (out.numel() == 0) return out;
+  const bool one_pixel = x.size(2) == 1 && x.size(3) == 1;
+  if (one_pixel && mkl_gemv && !bf16_matmuls_requested())  // _unsafe_view: an op's output must not be a view (autograd forbids in-place on it)
+    return finish_with_aten(at::_unsafe_view(at::linear(x.reshape({batch, inputs}), weight.reshape({outputs, inputs}), bias),
+                                             {batch, outputs, 1, 1}), residual, activation == "relu");
+  at::Tensor out = empty_output({batch, outputs, out_height, out_width}, x.options());
+  if (out.numel() == 0) return finish_with_aten(out, residual, activation == "relu");
   const at::Tensor w = weight.contiguous(), b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  if (pixels == 1) {
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pointwise_conv2d_cpu", [&] { pointwise_gemv<scalar_t>(x, w, b, out); });
-    return out;
+  if (one_pixel) {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pointwise_conv2d_cpu",
+                               [&] { pointwise_gemv<scalar_t>(x.contiguous(), w, b, out); });
+    return finish_with_aten(out, residual, activation == "relu");
   }
   // Chunks of about kChunk pixels and of one size (whole float vectors), as many as a multiple of
   // the threads where the images do not share out evenly (rounding the size up to whole vectors
@@ -132,9 +214,15 @@ at::Tensor pointwise_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, c
   int64_t chunks = (pixels + kChunk - 1) / kChunk;
   if (batch % threads != 0 && chunks > 1) chunks = (chunks + threads - 1) / threads * threads;
   const int64_t lanes = Simd<float>::lanes, chunk = ((pixels + chunks - 1) / chunks + lanes - 1) / lanes * lanes;
-  PointwiseArgs a{inputs, outputs, pixels, chunk, (pixels + chunk - 1) / chunk, 1, outputs,
+  PointwiseArgs a{inputs, outputs, pixels, chunk, (pixels + chunk - 1) / chunk, 1, outputs, x.stride(0),
                   bf16_gemm_enabled(x.scalar_type(), inputs)};
   if (a.bf16_gemm) a.w_bf16 = frozen_bf16_rows(w);
+  const int64_t line = 64 / int64_t(x.element_size());
+  a.stride = stride, a.height = x.size(2), a.width = x.size(3), a.out_width = out_width;
+  a.gathered_ld = (chunk + line - 1) / line * line;
+  a.relu = relu;
+  const at::Tensor r = residual.has_value() && !late ? residual->contiguous() : at::Tensor();
+  a.residual = r.defined() ? r.data_ptr() : nullptr;
   // Output-channel blocks until every thread has an item: at batch 1 the 14x14 and 7x7 maps are
   // one pixel chunk each.
   while (batch * a.chunks * a.blocks < threads && a.block >= 2 * kMinChannelBlock) {
@@ -143,11 +231,12 @@ at::Tensor pointwise_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, c
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pointwise_conv2d_cpu", [&] {
     at::parallel_for(0, batch * a.chunks * a.blocks, 1, [&](int64_t begin, int64_t end) {
-      pointwise_items<scalar_t>(a, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
-                                b.defined() ? b.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), begin, end);
+      auto items = relu && !r.defined() ? pointwise_items<scalar_t, true> : pointwise_items<scalar_t, false>;
+      items(a, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), b.defined() ? b.data_ptr<scalar_t>() : nullptr,
+            out.data_ptr<scalar_t>(), begin, end);
     });
   });
-  return out;
+  return finish_late(out);
 }
 
 // ghostkernels::pointwise_conv2d_pool: mean over each plane of act(W x[n] + b), (N, C_out, 1, 1):
@@ -166,7 +255,7 @@ void pooled_items(const PointwiseArgs& a, bool relu, const T* x, const T* w, con
     const int64_t channels = std::min(a.block, a.outputs - c0);
     if (channels <= 0) continue;
     const T* bias = b ? b + c0 : nullptr;
-    const T* xn = x + n * a.inputs * a.pixels;
+    const T* xn = x + n * a.image_stride;
     // `v < 0 ? 0 : v` keeps NaN, as torch.relu does.
     const auto finish = [bias, relu](int64_t c, auto v) __attribute__((always_inline)) {
       v = bias ? v + bias[c] : v;
@@ -194,7 +283,8 @@ at::Tensor pointwise_conv2d_pool_cpu(const at::Tensor& x, const at::Tensor& weig
   at::Tensor out = at::empty({batch, outputs, 1, 1}, x.options());
   if (out.numel() == 0) return out;
   const at::Tensor w = weight.contiguous(), b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  PointwiseArgs a{inputs, outputs, pixels, pixels, 1, 1, outputs, bf16_gemm_enabled(x.scalar_type(), inputs)};
+  PointwiseArgs a{inputs, outputs, pixels, pixels, 1, 1, outputs, x.stride(0),
+                  bf16_gemm_enabled(x.scalar_type(), inputs)};
   if (a.bf16_gemm) a.w_bf16 = frozen_bf16_rows(w);
   // Output-channel blocks whose rows fit the scratch (256 KiB), then until every thread has an item.
   auto reblock = [&](int64_t blocks) {

@@ -21,7 +21,7 @@ from ._backends import ieee_float32_matmuls, load_cpu_extension
 from .acceleration import _relative_error, _tolerance
 from .direct_conv import fuse_direct_conv_relus
 from .ghost_residual import fuse_residual_adds
-from .modules import deepcopy_module
+from .modules import deepcopy_module, fuse_pointwise_epilogues
 from .ops import refuse_torchscript
 from .pointwise_pool import fuse_pointwise_pools
 from .precompile import precompile_quietly
@@ -169,6 +169,7 @@ def freeze(model, example_inputs):
         graph = torch.jit.freeze(traced.eval())
         fuse_residual_adds(graph.graph)
         fuse_pointwise_pools(graph.graph)
+        fuse_pointwise_epilogues(graph.graph)
         fuse_direct_conv_relus(graph.graph)
     _mark_frozen_weights(graph)
     for warning in caught:

@@ -21,7 +21,8 @@ def is_same_square_conv(conv):
 
 
 _lib = torch.library.Library("ghostkernels", "FRAGMENT")
-_lib.define("pointwise_conv2d(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+_lib.define("pointwise_conv2d(Tensor x, Tensor weight, Tensor? bias, int stride=1, str activation=\"none\", "
+            "Tensor? residual=None) -> Tensor")
 
 
 def check_pointwise(op, x, weight, bias):
@@ -36,27 +37,54 @@ def check_pointwise(op, x, weight, bias):
         raise ValueError(f"{op}: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
 
 
-def _pointwise_composed(x, weight, bias):
+def _pointwise_output_shape(x, weight, stride):
+    return (x.shape[0], weight.shape[0], *(-(-s // stride) for s in x.shape[2:]))  # ceil(H / stride)
+
+
+def _check_pointwise_conv2d(x, weight, bias, stride, activation, residual):
+    """pointwise_conv2d's checks (the C++ kernel's, as ValueErrors): check_pointwise's, and its
+    stride, activation and residual's device (its shape and dtype are the add's business)."""
+    check_pointwise("pointwise_conv2d", x, weight, bias)
+    if stride < 1:
+        raise ValueError(f"pointwise_conv2d: stride must be >= 1, got {stride}")
+    if activation not in ("relu", "none"):
+        raise ValueError(f"pointwise_conv2d: activation must be 'relu' or 'none', got '{activation}'")
+    if residual is not None and residual.device != x.device:
+        raise ValueError(f"pointwise_conv2d: residual must be on {x.device} as x, got {residual.device}")
+
+
+def _pointwise_composed(x, weight, bias, stride=1, activation="none", residual=None):
+    """act(conv(x) + residual): the add out of place, so a residual that broadcasts or has another
+    dtype gives the add's shape and dtype, as the graph freeze() fuses it from did."""
+    out = F.conv2d(x, weight, bias, stride)
+    if residual is not None:
+        out = out + residual
+    if activation == "relu":
+        out = torch.relu(out)
     # The fake kernel's layout whatever the weight's (the library conv's output follows both)
-    return F.conv2d(x, weight, bias).contiguous(memory_format=conv_output_format(x))
+    return out.contiguous(memory_format=conv_output_format(x))
 
 
 @torch.library.register_fake("ghostkernels::pointwise_conv2d")
-def _pointwise_fake(x, weight, bias):
-    check_pointwise("pointwise_conv2d", x, weight, bias)
-    return x.new_empty((x.shape[0], weight.shape[0], *x.shape[2:])).contiguous(memory_format=conv_output_format(x))
+def _pointwise_fake(x, weight, bias, stride=1, activation="none", residual=None):
+    _check_pointwise_conv2d(x, weight, bias, stride, activation, residual)
+    out = x.new_empty(_pointwise_output_shape(x, weight, stride))
+    if residual is not None:
+        out = out + residual  # the add's shape and dtype, and its errors
+    return out.contiguous(memory_format=conv_output_format(x))
 
 
 @torch.library.impl(_lib, "pointwise_conv2d", "CompositeExplicitAutograd")
-def _pointwise_fallback(x, weight, bias):
-    check_pointwise("pointwise_conv2d", x, weight, bias)
-    return _pointwise_composed(x, weight, bias)
+def _pointwise_fallback(x, weight, bias, stride=1, activation="none", residual=None):
+    _check_pointwise_conv2d(x, weight, bias, stride, activation, residual)
+    return _pointwise_composed(x, weight, bias, stride, activation, residual)
 ops.register_recompute_autograd("pointwise_conv2d", _pointwise_composed)
 
 
 class PointwiseConv2d(nn.Conv2d):
-    """A 1x1 conv that runs as a matrix multiply on the CPU, `ghostkernels::pointwise_conv2d`
-    (csrc/pointwise_conv_cpu.cpp): a register-tiled GEMM into the output cache on NCHW maps, on
+    """A 1x1 conv (any stride) that runs as a matrix multiply on the CPU, `ghostkernels::pointwise_conv2d`
+    (csrc/pointwise_conv_cpu.cpp): a register-tiled GEMM into the output cache on NCHW maps
+    (strided ones gathered first: a ResNet or RegNet downsample shortcut), on
     pooled 1x1 maps (SE's conv_reduce/conv_expand, conv_head) MKL's GEMV, or float32 dot
     products (in the AVX2 build, and under torch.set_float32_matmul_precision("medium")). oneDNN's conv reorders NCHW
     inputs and weights on every call and costs up to several times that (measured in GhostNet's
@@ -67,18 +95,78 @@ class PointwiseConv2d(nn.Conv2d):
     @staticmethod
     def eligible(conv):
         return (type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and is_same_square_conv(conv)
-                and conv.stride == (1, 1) and conv.groups == 1)
+                and conv.groups == 1)
 
     @classmethod
     def from_conv(cls, conv):
-        pointwise = cls(conv.in_channels, conv.out_channels, 1, bias=conv.bias is not None, device="meta")
+        pointwise = cls(conv.in_channels, conv.out_channels, 1, conv.stride, bias=conv.bias is not None,
+                        device="meta")
         pointwise.weight, pointwise.bias = conv.weight, conv.bias
         return pointwise.train(conv.training)
 
     def forward(self, x):
-        if x.dim() != 4 or x.device.type != "cpu" or not x.is_contiguous():
+        # channels_last takes the conv, which keeps it; a channel slice of a batch (G-GhostNet's
+        # inner blocks) the op, whose kernel reads each image in place
+        if x.dim() != 4 or x.device.type != "cpu" or (x.is_contiguous(memory_format=torch.channels_last)
+                                                      and not x.is_contiguous()):
             return super().forward(x)
-        return ops.call(torch.ops.ghostkernels.pointwise_conv2d, x, self.weight, self.bias)
+        return ops.call(torch.ops.ghostkernels.pointwise_conv2d, x, self.weight, self.bias, self.stride[0])
+
+
+def without_epilogue(node):
+    """Whether a `pointwise_conv2d` graph node (a trace records all six arguments) has no
+    activation and no residual."""
+    _, _, _, _, activation, residual = node.inputs()
+    return ops.graph_constant(activation) == "none" and isinstance(residual.type(), torch._C.NoneType)
+
+
+def fuse_pointwise_epilogues(graph):
+    """Rewrites a TorchScript graph in place, for freeze(): a `pointwise_conv2d` whose output only
+    an out-of-place add (alpha 1) reads takes the add's other operand as its residual, and one
+    whose output (or that add's) only a ReLU reads takes the ReLU: a ResNet or RegNet block's last
+    1x1 conv, its shortcut's add and the ReLU after them become one op (the output written once),
+    its first 1x1 conv and ReLU another. In-place adds are left: their result keeps the conv's
+    dtype where the op's add promotes. Returns the number of adds and ReLUs fused."""
+
+    def conv_of(value):
+        node = value.node()
+        ready = node.kind() == "ghostkernels::pointwise_conv2d" and len(value.uses()) == 1 and without_epilogue(node)
+        return node if ready else None
+
+    def only_relu_of(value):
+        uses = value.uses()
+        return uses[0].user if len(uses) == 1 and uses[0].user.kind() in ops.GRAPH_ACTIVATIONS else None
+
+    def fuse(conv, residual, chain):
+        activation = graph.insertConstant(ops.GRAPH_ACTIVATIONS.get(chain[-1].kind(), "none"))
+        activation.node().moveBefore(chain[-1])
+        ops.replace_chain(graph, "ghostkernels::pointwise_conv2d", [*list(conv.inputs())[:4], activation, residual],
+                          chain)
+
+    fused = 0
+    # Node lists taken before each rewrite pass: a pass destroys only the node it visits and
+    # nodes of other kinds.
+    for add in [n for n in graph.nodes() if n.kind() == "aten::add" and len(list(n.inputs())) == 3]:
+        a, b, alpha = add.inputs()
+        if ops.graph_constant(alpha) != 1 or not all(isinstance(v.type(), torch._C.TensorType) for v in (a, b)):
+            continue  # add.Scalar has a number for b
+        # a + b == b + a: either operand may be the conv's. A constant (x + 3, traced as a tensor)
+        # would be a residual that broadcasts: the add after the GEMM, no gain.
+        conv, residual = (conv_of(a), b) if conv_of(a) is not None else (conv_of(b), a)
+        if conv is None or residual.node().kind() == "prim::Constant":
+            continue
+        relu = only_relu_of(add.output())
+        fuse(conv, residual, [conv, add] + ([relu] if relu is not None else []))
+        fused += 1 + (relu is not None)
+    for relu in [n for n in graph.nodes() if n.kind() in ops.GRAPH_ACTIVATIONS]:
+        conv = conv_of(relu.inputsAt(0))
+        if conv is None:
+            continue
+        none = graph.insertConstant(None)
+        none.node().moveBefore(relu)
+        fuse(conv, none, [conv, relu])
+        fused += 1
+    return fused
 
 
 class PointwiseLinear(nn.Linear):

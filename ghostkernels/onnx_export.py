@@ -193,9 +193,10 @@ def _symbolics():
         out = _conv(g, x, weight, bias, stride, _size(x, 1, "x") // _size(weight, 1, "weight"))
         return g.op("Relu", out) if activation == "relu" else out
 
-    @h.parse_args("v", "v", "v")
-    def pointwise_conv2d(g, x, weight, bias):
-        return _conv(g, x, weight, bias, 1, 1)
+    @h.parse_args("v", "v", "v", "i", "s", "v")
+    def pointwise_conv2d(g, x, weight, bias, stride, activation, residual):
+        out = _conv(g, x, weight, bias, stride, 1)
+        return _act(g, out if h._is_none(residual) else g.op("Add", out, residual), activation)
 
     @h.parse_args("v", "v", "v", "s")
     def pointwise_conv2d_pool(g, x, weight, bias, activation):

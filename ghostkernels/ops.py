@@ -534,6 +534,11 @@ def register_recompute_autograd(name, composed):
 GRAPH_ACTIVATIONS = {"aten::relu": "relu", "aten::relu_": "relu"}
 
 
+def graph_constant(value):
+    """The value of a TorchScript graph value made by a prim::Constant, or None for anything else."""
+    return value.toIValue() if value.node().kind() == "prim::Constant" else None
+
+
 def replace_chain(graph, kind, inputs, chain):
     """In a TorchScript graph, the nodes of `chain` (each read only by the next; the last one's
     output is the chain's result) replaced by one `kind` node of `inputs`, where the last one was,

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
-from .modules import check_pointwise
+from .modules import check_pointwise, without_epilogue
 from .reference import ACTIVATIONS
 
 _lib = torch.library.Library("ghostkernels", "FRAGMENT")
@@ -46,12 +46,6 @@ ops.register_recompute_autograd("pointwise_conv2d_pool", _composed)
 _POOLS = ("aten::adaptive_avg_pool2d",)
 
 
-def _constant(node_output):
-    """The value of a prim::Constant output, or None for anything else."""
-    node = node_output.node()
-    return node_output.toIValue() if node.kind() == "prim::Constant" else None
-
-
 def fuse_pointwise_pools(graph):
     """Rewrites a TorchScript graph in place: every `adaptive_avg_pool2d(_, 1)` (or [1, 1]) of a
     `pointwise_conv2d`'s output, through at most one ReLU, each intermediate used only there,
@@ -61,7 +55,7 @@ def fuse_pointwise_pools(graph):
         if pool.kind() not in _POOLS:
             continue
         source, size = pool.inputs()
-        if _constant(size) not in (1, [1, 1], (1, 1)) or len(source.uses()) != 1:
+        if ops.graph_constant(size) not in (1, [1, 1], (1, 1)) or len(source.uses()) != 1:
             continue
         activation, producer = "none", source.node()
         if producer.kind() in ops.GRAPH_ACTIVATIONS:
@@ -70,11 +64,12 @@ def fuse_pointwise_pools(graph):
             if len(conv_out.uses()) != 1:
                 continue
             producer = conv_out.node()
-        if producer.kind() != "ghostkernels::pointwise_conv2d":
+        if (producer.kind() != "ghostkernels::pointwise_conv2d" or not without_epilogue(producer)
+                or ops.graph_constant(producer.inputsAt(3)) != 1):
             continue
         name = graph.insertConstant(activation)
         name.node().moveBefore(pool)
         chain = [producer, pool] if source.node() is producer else [producer, source.node(), pool]
-        ops.replace_chain(graph, _OP, [*producer.inputs(), name], chain)
+        ops.replace_chain(graph, _OP, [*list(producer.inputs())[:3], name], chain)
         fused += 1
     return fused

@@ -5,6 +5,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import ghostkernels
@@ -294,6 +295,147 @@ def test_pointwise_nan_stays_where_conv2d_puts_it():
     x[0, 1, 2, 3] = weight[2, 0, 0, 0] = float("nan")
     out = torch.ops.ghostkernels.pointwise_conv2d(x, weight, b)
     torch.testing.assert_close(out, F.conv2d(x, weight, b), rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+# Its stride (a downsample shortcut: the item's pixels gathered first), ReLU and residual (a
+# block's last 1x1 conv, its shortcut's add and ReLU, which freeze() fuses): act(conv + residual).
+# 112x112 at stride 2: seven chunks of 448 pixels, 3 threads for an uneven split; 9x11 at stride 3:
+# rows that end inside a chunk; 2x2 at stride 2 and 5x5 with 300 inputs: one output pixel or a few,
+# by the GEMM (dot products); 1x1 maps: the GEMV, the residual and ReLU after it; batch 0.
+@pytest.mark.parametrize("batch, inp, out, size, stride", [(1, 32, 24, (112, 112), 2), (2, 7, 5, (9, 11), 3),
+                                                           (3, 5, 9, (2, 2), 2), (1, 300, 37, (5, 5), 2),
+                                                           (2, 16, 8, (1, 1), 2), (1, 40, 80, (14, 14), 1),
+                                                           (0, 4, 6, (3, 3), 2)])
+@pytest.mark.parametrize("activation", ["relu", "none"])
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_pointwise_epilogue_matches_conv2d(batch, inp, out, size, stride, activation, residual, threads, dtype):
+    x = make_input(batch, inp, *size, dtype=dtype)
+    weight = torch.randn(out, inp, 1, 1, dtype=dtype) / inp ** 0.5
+    b = torch.randn(out, dtype=dtype)
+    expected = F.conv2d(x, weight, b, stride)
+    r = torch.randn_like(expected) if residual else None
+    expected = expected + r if residual else expected
+    with intra_op_threads(threads):
+        result = torch.ops.ghostkernels.pointwise_conv2d(x, weight, b, stride, activation, r)
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(result, F.relu(expected) if activation == "relu" else expected, rtol=tolerance,
+                               atol=tolerance)
+    assert result.is_contiguous()
+
+
+# A residual that broadcasts, has another dtype or layout: the out-of-place add's result (what
+# freeze() fused it from), its shape and promoted dtype, NaN kept through the ReLU.
+@pytest.mark.parametrize("residual_shape, residual_dtype, channels_last",
+                         [((2, 6, 1, 1), torch.float32, False), ((2, 6, 3, 4), torch.float64, False),
+                          ((3, 2, 6, 3, 4), torch.float32, False), ((2, 6, 3, 4), torch.float32, True)])
+def test_pointwise_residual_is_an_out_of_place_add(residual_shape, residual_dtype, channels_last):
+    x, weight, b = torch.randn(2, 8, 5, 7), torch.randn(6, 8, 1, 1), torch.randn(6)
+    residual = torch.randn(residual_shape, dtype=residual_dtype)
+    if channels_last:
+        residual = residual.to(memory_format=torch.channels_last)
+    x[0, 1, 2, 4] = float("nan")
+    expected = F.relu(F.conv2d(x, weight, b, 2) + residual)
+    out = torch.ops.ghostkernels.pointwise_conv2d(x, weight, b, 2, "relu", residual)
+    assert out.shape == expected.shape and out.dtype == expected.dtype and out.is_contiguous()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5, equal_nan=True)
+    with FakeTensorMode() as mode:
+        fake = torch.ops.ghostkernels.pointwise_conv2d(*(mode.from_tensor(t) for t in (x, weight, b)), 2, "relu",
+                                                       mode.from_tensor(residual))
+    assert fake.shape == out.shape and fake.dtype == out.dtype and fake.stride() == out.stride()
+
+
+@pytest.mark.parametrize("args, message", [((0, "none", None), "stride must be >= 1, got 0"),
+                                           ((1, "gelu", None), "activation must be 'relu' or 'none', got 'gelu'"),
+                                           ((2, "none", torch.randn(2, 6, 5, 5)), None)])
+def test_pointwise_epilogue_errors_name_the_argument(args, message):
+    x, weight = torch.randn(2, 8, 7, 7), torch.randn(6, 8, 1, 1)
+    if message is None:  # a residual that the output does not broadcast to: the add's own error
+        with pytest.raises(RuntimeError, match="must match the size"):
+            torch.ops.ghostkernels.pointwise_conv2d(x, weight, None, *args)
+        return
+    with pytest.raises(BAD_ARGUMENT, match=f"pointwise_conv2d: {message}"):
+        torch.ops.ghostkernels.pointwise_conv2d(x, weight, None, *args)
+
+
+@pytest.mark.parametrize("stride, activation, residual", [(2, "relu", True), (3, "none", False), (1, "relu", True)])
+def test_pointwise_epilogue_opcheck_and_gradcheck(stride, activation, residual):
+    x = make_input(2, 6, 5, 7, requires_grad=True)
+    weight = torch.randn(4, 6, 1, 1, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(2, 4, -(-5 // stride), -(-7 // stride), dtype=torch.float64, requires_grad=True) \
+        if residual else None
+    args = (x, weight, b, stride, activation, r)
+    torch.library.opcheck(torch.ops.ghostkernels.pointwise_conv2d, args)
+    assert torch.autograd.gradcheck(lambda *t: torch.ops.ghostkernels.pointwise_conv2d(*t), args)
+
+
+# A channel slice of a batch (G-GhostNet's inner blocks read x0[:, :raw]): each image contiguous,
+# one image apart; the GEMM reads it in place, the 1x1 maps' dot products from a copy.
+@pytest.mark.parametrize("size, stride", [((6, 7), 1), ((6, 7), 2), ((1, 1), 1)])
+def test_pointwise_reads_a_channel_slice_of_a_batch(size, stride):
+    x = make_input(3, 10, *size)[:, 2:8]
+    weight, b = torch.randn(5, 6, 1, 1, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    out = torch.ops.ghostkernels.pointwise_conv2d(x, weight, b, stride, "relu")
+    torch.testing.assert_close(out, F.relu(F.conv2d(x, weight, b, stride)), rtol=1e-12, atol=1e-12)
+    pooled = torch.ops.ghostkernels.pointwise_conv2d_pool(x, weight, b, "none")
+    torch.testing.assert_close(pooled, F.conv2d(x, weight, b).mean((2, 3), keepdim=True), rtol=1e-12, atol=1e-12)
+
+
+class _ResidualEnd(nn.Module):
+    """A 1x1 conv, then a shortcut's add in one of several spellings and a ReLU, as a ResNet or
+    RegNet block ends; `reread`: the conv's output is read elsewhere too."""
+
+    def __init__(self, add, relu, reread=False):
+        super().__init__()
+        self.conv, self.shortcut = nn.Conv2d(8, 6, 1, stride=2), nn.Conv2d(8, 6, 1, stride=2)
+        self.add, self.relu, self.reread = add, relu, reread
+
+    def forward(self, x):
+        y = out = self.conv(x)
+        if self.add == "add":
+            out = out + self.shortcut(x)
+        elif self.add == "radd":
+            out = self.shortcut(x) + out
+        elif self.add == "add_":  # in place: keeps the conv's dtype, the op's add would promote
+            out += self.shortcut(x)
+        elif self.add == "alpha":
+            out = torch.add(out, self.shortcut(x), alpha=2)
+        elif self.add == "scalar":
+            out = out + 3
+        if self.relu:
+            out = F.relu(out, inplace=self.relu == "relu_")
+        return out + y.amax() if self.reread else out
+
+
+@pytest.mark.filterwarnings("ignore")  # torch.jit's deprecation and tracer warnings
+@pytest.mark.parametrize("add, relu, reread, fused", [
+    ("add", "relu_", False, 2), ("radd", "relu", False, 2), ("add", None, False, 1), ("none", "relu_", False, 1),
+    ("add_", "relu_", False, 0), ("alpha", "relu", False, 0), ("scalar", None, False, 0), ("none", "relu", True, 0),
+    ("add", "relu", True, 2),  # the conv's output read twice: the shortcut's conv takes the add and ReLU
+])
+def test_freeze_fuses_pointwise_epilogues_only_where_they_keep_the_meaning(add, relu, reread, fused):
+    from ghostkernels.modules import fuse_pointwise_epilogues
+    model = ghostkernels.accelerate(_ResidualEnd(add, relu, reread).eval())
+    x = torch.randn(2, 8, 9, 7)
+    with torch.no_grad():
+        graph = torch.jit.freeze(torch.jit.trace(model, x, check_trace=False)).graph
+    assert fuse_pointwise_epilogues(graph) == fused
+    frozen = ghostkernels.freeze(model, x)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_frozen_regnet_blocks_end_in_one_op():
+    """G-Ghost RegNetX's downsample shortcuts (1x1, stride 2) run the GEMM, and each block's last
+    1x1 conv takes its shortcut's add and ReLU (the last inner block of a stage writes into the
+    stage's buffer with add(out=): left as it is)."""
+    kinds = frozen_node_kinds(ghostkernels.accelerate(models.g_ghost_regnetx("002", fused=False).eval()),
+                              torch.randn(2, 3, 64, 64))
+    assert "aten::_convolution" not in kinds
+    assert kinds.count("aten::add") == kinds.count("aten::relu_") == 2
 
 
 # -- the backward (direct_conv2d_backward) and DepthwiseConv2d, what accelerate() trains with ----

@@ -106,15 +106,18 @@ def test_accelerate_eval_parity_and_summary():
     assert all(not isinstance(m, GhostModule) for m in model.modules())
 
 
-@pytest.mark.parametrize("size, bias, channels_last", [(1, True, False), (3, True, False), (5, False, False),
-                                                     (4, True, True)])
-def test_pointwise_conv_matches_conv(size, bias, channels_last):
-    conv = nn.Conv2d(12, 7, 1, bias=bias)
+# layout "slice": a channel slice of a batch (G-GhostNet's inner blocks), read by the kernel in place
+@pytest.mark.parametrize("size, bias, layout, stride", [(1, True, "nchw", 1), (3, True, "nchw", 1),
+                                                        (5, False, "nchw", 1), (4, True, "cl", 1),
+                                                        (5, True, "nchw", 2), (4, False, "cl", 2),
+                                                        (5, True, "slice", 1), (5, True, "slice", 2)])
+def test_pointwise_conv_matches_conv(size, bias, layout, stride):
+    conv = nn.Conv2d(12, 7, 1, stride=stride, bias=bias)
     pointwise = PointwiseConv2d.from_conv(conv)
     assert pointwise.weight is conv.weight and PointwiseConv2d.eligible(conv)
-    assert not PointwiseConv2d.eligible(nn.Conv2d(12, 7, 1, stride=2)) and not PointwiseConv2d.eligible(pointwise)
-    x = torch.randn(5, 12, size, size)
-    x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert not PointwiseConv2d.eligible(nn.Conv2d(12, 6, 1, groups=2)) and not PointwiseConv2d.eligible(pointwise)
+    x = torch.randn(5, 15, size, size)[:, 3:] if layout == "slice" else torch.randn(5, 12, size, size)
+    x = x.contiguous(memory_format=torch.channels_last) if layout == "cl" else x
     x.requires_grad_()
     out, expected = pointwise(x), conv(x)
     assert out.shape == expected.shape

@@ -103,6 +103,9 @@ def _op_cases():
         "direct_conv2d_stem_relu": (Call(ops.direct_conv2d, [torch.randn(16, 8, 3, 3), torch.randn(16)], (2, "relu")),
                                     (x,)),
         "pointwise_conv2d": (Call(ops.pointwise_conv2d, [torch.randn(6, 8, 1, 1), torch.randn(6)], ()), (x,)),
+        "pointwise_conv2d_s2_residual_relu": (
+            Call(ops.pointwise_conv2d, [torch.randn(6, 8, 1, 1), torch.randn(6)],
+                 lambda op, x, residual, w, b: op(x, w, b, 2, "relu", residual)), (x, torch.randn(2, 6, 6, 6))),
         "pointwise_conv2d_pool": (
             Call(ops.pointwise_conv2d_pool, [torch.randn(6, 8, 1, 1), torch.randn(6)], ("relu",)), (x,)),
         "dfc_logits": (Call(ops.dfc_logits, [torch.randn(6, 8, 1, 1), torch.randn(6), torch.randn(6, 1, 1, 5), None,

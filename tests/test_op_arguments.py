@@ -16,7 +16,8 @@ OPS = torch.ops.ghostkernels
 # which autocast casts (and which raises its own dtype error outside autocast); their fake kernels
 # accept them.
 MIXED_DTYPES_REACH_THE_LIBRARY = {"direct_conv2d", "direct_conv2d_dense", "direct_conv2d_backward",
-                                  "pointwise_conv2d", "pointwise_conv2d_pool", "batch_norm_train_backward"}
+                                  "pointwise_conv2d", "pointwise_conv2d_residual", "pointwise_conv2d_pool",
+                                  "batch_norm_train_backward"}
 
 
 def _r(*shape):
@@ -45,6 +46,7 @@ def good_calls():
         "direct_conv2d_dense": (OPS.direct_conv2d, [x, _r(6, 4, 3, 3), _r(6), 1, "none"]),
         "direct_conv2d_backward": (OPS.direct_conv2d_backward, [_r(2, 4, 3, 3), x, _r(4, 1, 3, 3), 2]),
         "pointwise_conv2d": (OPS.pointwise_conv2d, [x, _r(6, 4, 1, 1), _r(6)]),
+        "pointwise_conv2d_residual": (OPS.pointwise_conv2d, [x, _r(6, 4, 1, 1), _r(6), 2, "relu", _r(2, 6, 3, 3)]),
         "pointwise_conv2d_pool": (OPS.pointwise_conv2d_pool, [x, _r(6, 4, 1, 1), _r(6), "relu"]),
         "cheap_mix": (OPS.cheap_mix, [x, _r(6, 3, 1, 1), _r(6), _r(2, 6), 1]),
         "dfc_logits": (OPS.dfc_logits, [x, _r(6, 4, 1, 1), _r(6), _r(6, 1, 1, 5), _r(6), _r(6, 1, 5, 1), _r(6), 1]),
