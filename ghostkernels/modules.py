@@ -122,11 +122,13 @@ def without_epilogue(node):
 
 def fuse_pointwise_epilogues(graph):
     """Rewrites a TorchScript graph in place, for freeze(): a `pointwise_conv2d` whose output only
-    an out-of-place add (alpha 1) reads takes the add's other operand as its residual, and one
-    whose output (or that add's) only a ReLU reads takes the ReLU: a ResNet or RegNet block's last
-    1x1 conv, its shortcut's add and the ReLU after them become one op (the output written once),
-    its first 1x1 conv and ReLU another. In-place adds are left: their result keeps the conv's
-    dtype where the op's add promotes. Returns the number of adds and ReLUs fused."""
+    an add (alpha 1) of another tensor reads takes that tensor as its residual, and one whose
+    output (or that add's) only a ReLU reads takes the ReLU: a ResNet or RegNet block's last 1x1
+    conv, its shortcut's add and the ReLU after them become one op (the output written once), its
+    first 1x1 conv and ReLU another. The op adds out of place (the result's dtype promoted); after
+    an in-place add (`out += identity`, the original G-GhostNet's and torchvision's blocks), whose
+    result keeps the conv's dtype, a `type_as` of x (nothing where the dtypes agree) keeps it too.
+    Returns the number of adds and ReLUs fused."""
 
     def conv_of(value):
         node = value.node()
@@ -140,19 +142,32 @@ def fuse_pointwise_epilogues(graph):
     def fuse(conv, residual, chain):
         activation = graph.insertConstant(ops.GRAPH_ACTIVATIONS.get(chain[-1].kind(), "none"))
         activation.node().moveBefore(chain[-1])
-        ops.replace_chain(graph, "ghostkernels::pointwise_conv2d", [*list(conv.inputs())[:4], activation, residual],
-                          chain)
+        in_place = chain[1].kind() == "aten::add_"
+        x = conv.inputsAt(0)
+        node = ops.replace_chain(graph, "ghostkernels::pointwise_conv2d",
+                                 [*list(conv.inputs())[:4], activation, residual], chain)
+        if in_place:
+            cast = graph.create("aten::type_as", [node.output(), x], 1)
+            cast.copyMetadata(node)
+            cast.insertAfter(node)
+            cast.output().setType(node.output().type())
+            node.output().replaceAllUsesWith(cast.output())
+            cast.replaceInput(0, node.output())
 
     fused = 0
     # Node lists taken before each rewrite pass: a pass destroys only the node it visits and
     # nodes of other kinds.
-    for add in [n for n in graph.nodes() if n.kind() == "aten::add" and len(list(n.inputs())) == 3]:
+    adds = [n for n in graph.nodes() if n.kind() in ("aten::add", "aten::add_") and len(list(n.inputs())) == 3]
+    for add in adds:
         a, b, alpha = add.inputs()
         if ops.graph_constant(alpha) != 1 or not all(isinstance(v.type(), torch._C.TensorType) for v in (a, b)):
             continue  # add.Scalar has a number for b
-        # a + b == b + a: either operand may be the conv's. A constant (x + 3, traced as a tensor)
-        # would be a residual that broadcasts: the add after the GEMM, no gain.
-        conv, residual = (conv_of(a), b) if conv_of(a) is not None else (conv_of(b), a)
+        # a + b == b + a: either operand may be the conv's (the one add_ writes, in place). A
+        # constant (x + 3, traced as a tensor) would be a residual that broadcasts: the add after
+        # the GEMM, no gain.
+        conv, residual = conv_of(a), b
+        if conv is None and add.kind() == "aten::add":
+            conv, residual = conv_of(b), a
         if conv is None or residual.node().kind() == "prim::Constant":
             continue
         relu = only_relu_of(add.output())

@@ -542,7 +542,8 @@ def graph_constant(value):
 def replace_chain(graph, kind, inputs, chain):
     """In a TorchScript graph, the nodes of `chain` (each read only by the next; the last one's
     output is the chain's result) replaced by one `kind` node of `inputs`, where the last one was,
-    with the first one's module scope and source line (so that profiles name the module it came from)."""
+    with the first one's module scope and source line (so that profiles name the module it came
+    from). Returns that node."""
     last = chain[-1]
     node = graph.create(kind, inputs, 1)
     node.copyMetadata(chain[0])
@@ -551,6 +552,7 @@ def replace_chain(graph, kind, inputs, chain):
     last.output().replaceAllUsesWith(node.output())
     for dead in reversed(chain):  # readers first: a node still read cannot go
         dead.destroy()
+    return node
 
 
 def intrinsic_channels(out_channels, ratio):

@@ -398,8 +398,12 @@ class _ResidualEnd(nn.Module):
             out = out + self.shortcut(x)
         elif self.add == "radd":
             out = self.shortcut(x) + out
-        elif self.add == "add_":  # in place: keeps the conv's dtype, the op's add would promote
+        elif self.add == "add_":  # in place: the original G-GhostNet's and torchvision's blocks
             out += self.shortcut(x)
+        elif self.add == "add_64":  # in place, a float64 residual: the result stays float32
+            out += self.shortcut(x).double()
+        elif self.add == "radd_":  # in place into the shortcut's output: that conv takes the add
+            out = self.shortcut(x).add_(out)
         elif self.add == "alpha":
             out = torch.add(out, self.shortcut(x), alpha=2)
         elif self.add == "scalar":
@@ -412,7 +416,8 @@ class _ResidualEnd(nn.Module):
 @pytest.mark.filterwarnings("ignore")  # torch.jit's deprecation and tracer warnings
 @pytest.mark.parametrize("add, relu, reread, fused", [
     ("add", "relu_", False, 2), ("radd", "relu", False, 2), ("add", None, False, 1), ("none", "relu_", False, 1),
-    ("add_", "relu_", False, 0), ("alpha", "relu", False, 0), ("scalar", None, False, 0), ("none", "relu", True, 0),
+    ("add_", "relu_", False, 2), ("add_64", "relu_", False, 2), ("radd_", None, False, 1),
+    ("alpha", "relu", False, 0), ("scalar", None, False, 0), ("none", "relu", True, 0),
     ("add", "relu", True, 2),  # the conv's output read twice: the shortcut's conv takes the add and ReLU
 ])
 def test_freeze_fuses_pointwise_epilogues_only_where_they_keep_the_meaning(add, relu, reread, fused):
@@ -424,7 +429,9 @@ def test_freeze_fuses_pointwise_epilogues_only_where_they_keep_the_meaning(add, 
     assert fuse_pointwise_epilogues(graph) == fused
     frozen = ghostkernels.freeze(model, x)
     with torch.no_grad():
-        torch.testing.assert_close(frozen(x), model(x), rtol=1e-5, atol=1e-6)
+        out, expected = frozen(x), model(x)
+    assert out.dtype == expected.dtype
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.filterwarnings("ignore")
