@@ -10,6 +10,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import ghostkernels
 from ghostkernels import models
+from ghostkernels.models import g_ghost_regnet
 from ghostkernels.direct_conv import DepthwiseConv2d, DirectConv2d
 from ghostkernels.reference import output_memory_format
 
@@ -434,15 +435,35 @@ def test_freeze_fuses_pointwise_epilogues_only_where_they_keep_the_meaning(add, 
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
 
 
+class _InPlaceBottleneck(g_ghost_regnet.Bottleneck):
+    """The zoo's RegNetX block with the original G-GhostNet code's forward: `out += identity`."""
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
 @pytest.mark.filterwarnings("ignore")
-def test_frozen_regnet_blocks_end_in_one_op():
+@pytest.mark.parametrize("in_place", [False, True], ids=["zoo", "original-forward"])
+def test_frozen_regnet_blocks_end_in_one_op(in_place):
     """G-Ghost RegNetX's downsample shortcuts (1x1, stride 2) run the GEMM, and each block's last
-    1x1 conv takes its shortcut's add and ReLU (the last inner block of a stage writes into the
-    stage's buffer with add(out=): left as it is)."""
-    kinds = frozen_node_kinds(ghostkernels.accelerate(models.g_ghost_regnetx("002", fused=False).eval()),
-                              torch.randn(2, 3, 64, 64))
-    assert "aten::_convolution" not in kinds
-    assert kinds.count("aten::add") == kinds.count("aten::relu_") == 2
+    1x1 conv takes its shortcut's add and ReLU, whether the add is out of place (the zoo) or in
+    place (the original code; a type_as after each op). The last inner block of a stage writes into
+    the stage's buffer with add(out=): left as it is."""
+    model = models.g_ghost_regnetx("002", fused=False).eval()
+    blocks = [m for m in model.modules() if type(m) is g_ghost_regnet.Bottleneck]
+    for block in blocks if in_place else ():
+        block.__class__ = _InPlaceBottleneck
+    kinds = frozen_node_kinds(ghostkernels.accelerate(model), torch.randn(2, 3, 64, 64))
+    assert "aten::_convolution" not in kinds and "aten::add_" not in kinds
+    assert kinds.count("aten::add") == kinds.count("aten::relu_") == 2  # the two stages' last inner blocks
+    assert kinds.count("aten::type_as") == (len(blocks) - 2 if in_place else 0)
 
 
 # -- the backward (direct_conv2d_backward) and DepthwiseConv2d, what accelerate() trains with ----
