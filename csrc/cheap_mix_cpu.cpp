@@ -10,20 +10,18 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <vector>
 
 #include "gemm.h"
 #include "isa.h"
 #include "output_pool.h"
+#include "scratch.h"
 
 namespace ghostkernels {
 namespace {
 
-// Pixels per work item: enough to fill the GEMM's register tiles, few enough to balance.
-constexpr int64_t kChunk = 512;
-
 struct MixArgs {
-  int64_t batch, cin, cout, pixels, chunks;
+  int64_t batch, cin, cout, pixels;
+  WorkItems items;
   bool planar;                                  // NCHW planes (else pixel-major, channels last)
   int64_t x_batch, x_step, out_batch, out_step;  // planar: channel strides; else pixel strides
 };
@@ -31,25 +29,29 @@ struct MixArgs {
 template <typename T>
 void cheap_mix_items(const MixArgs& m, const T* x, const T* w, const T* wt, const T* b, const T* mix,
                      T* out, int64_t begin, int64_t end) {
-  std::vector<T> panel(kBlock * 2 * Simd<T>::lanes);
+  Scratch scratch;
+  T* panel = scratch.take<T>(kBlock * 2 * Simd<T>::lanes);
   for (int64_t item = begin; item < end; ++item) {
-    const int64_t n = item / m.chunks;
-    const int64_t p0 = item % m.chunks * kChunk, np = std::min(kChunk, m.pixels - p0);
-    const T* shift = mix + n * m.cout;
+    int64_t n, p0, c0;
+    m.items.locate(item, n, p0, c0);
+    const int64_t channels = std::min(m.items.block, m.cout - c0), np = std::min(m.items.chunk, m.pixels - p0);
+    if (channels <= 0) continue;
+    const T* shift = mix + n * m.cout + c0;
+    const T* bias = b ? b + c0 : nullptr;
     if (m.planar) {
-      T* o = out + n * m.out_batch + p0;
-      gemm_nn<T>(m.cout, np, m.cin, w, m.cin, 1, x + n * m.x_batch + p0, m.x_step, o, m.out_step, false,
-                 panel.data(), [shift, b](int64_t c, auto v) __attribute__((always_inline)) {
-                   v += shift[c] + (b ? b[c] : T(0));
+      T* o = out + n * m.out_batch + c0 * m.out_step + p0;
+      gemm_nn<T>(channels, np, m.cin, w + c0 * m.cin, m.cin, 1, x + n * m.x_batch + p0, m.x_step, o, m.out_step,
+                 false, panel, [shift, bias](int64_t c, auto v) __attribute__((always_inline)) {
+                   v += shift[c] + (bias ? bias[c] : T(0));
                    return v < 0 ? decltype(v){} : v;  // NaN stays NaN, as with std::max(v, 0)
                  });
     } else {
-      T* o = out + n * m.out_batch + p0 * m.out_step;
-      gemm_nn<T>(np, m.cout, m.cin, x + n * m.x_batch + p0 * m.x_step, m.x_step, 1, wt, m.cout, o, m.out_step,
-                 false, panel.data());
+      T* o = out + n * m.out_batch + p0 * m.out_step + c0;
+      gemm_nn<T>(np, channels, m.cin, x + n * m.x_batch + p0 * m.x_step, m.x_step, 1, wt + c0, m.cout, o,
+                 m.out_step, false, panel);
       for (int64_t q = 0; q < np; ++q)
-        for (int64_t c = 0; c < m.cout; ++c)
-          o[q * m.out_step + c] = std::max(o[q * m.out_step + c] + shift[c] + (b ? b[c] : T(0)), T(0));
+        for (int64_t c = 0; c < channels; ++c)
+          o[q * m.out_step + c] = std::max(o[q * m.out_step + c] + shift[c] + (bias ? bias[c] : T(0)), T(0));
     }
   }
 }
@@ -96,11 +98,11 @@ void cheap_mix_into_cpu(const at::Tensor& x_full, const at::Tensor& weight, cons
   const at::Tensor mixc = mix.contiguous();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   const int64_t pixels = x.size(2) * x.size(3);
-  MixArgs m{x.size(0), cin, cout, pixels, (pixels + kChunk - 1) / kChunk, planar,
+  MixArgs m{x.size(0), cin, cout, pixels, WorkItems::balanced(x.size(0), pixels, cout, at::get_num_threads()), planar,
             x.stride(0), planar ? x.stride(1) : x.stride(3), out.stride(0), planar ? out.stride(1) : out.stride(3)};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cheap_mix_cpu", [&] {
     const at::Tensor wt = planar ? at::Tensor() : w.t().contiguous();
-    at::parallel_for(0, m.batch * m.chunks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, m.items.count(m.batch), 1, [&](int64_t begin, int64_t end) {
       cheap_mix_items<scalar_t>(m, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
                                 wt.defined() ? wt.data_ptr<scalar_t>() : nullptr,
                                 b.defined() ? b.data_ptr<scalar_t>() : nullptr, mixc.data_ptr<scalar_t>(),

@@ -32,13 +32,9 @@
 namespace ghostkernels {
 namespace {
 
-// Pixels per work item: enough to fill the GEMM's register tiles, few enough to balance.
-constexpr int64_t kChunk = 512;
-// The smallest output-channel block worth a work item of its own (two register tiles' rows).
-constexpr int64_t kMinChannelBlock = 16;
-
 struct PointwiseArgs {
-  int64_t inputs, outputs, pixels, chunk, chunks, blocks, block;
+  int64_t inputs, outputs, pixels;
+  WorkItems items;
   int64_t image_stride;  // x's: a channel slice of a wider map (G-GhostNet's inner blocks) is one image apart
   bool bf16_gemm;  // in bfloat16 (float32 only; bf16_gemm.h)
   Bf16Rows w_bf16;  // with bf16_gemm, W's frozen copy (frozen_weights.h), if it has one
@@ -78,9 +74,9 @@ void pointwise_items(const PointwiseArgs& a, const T* x, const T* w, const T* b,
   T* gathered = a.stride > 1 ? scratch.take<T>(a.inputs * a.gathered_ld) : nullptr;
   const T* residual = static_cast<const T*>(a.residual);
   for (int64_t item = begin; item < end; ++item) {
-    const int64_t c0 = item % a.blocks * a.block, rest = item / a.blocks;
-    const int64_t p0 = rest % a.chunks * a.chunk, n = rest / a.chunks;
-    const int64_t channels = std::min(a.block, a.outputs - c0), np = std::min(a.chunk, a.pixels - p0);
+    int64_t n, p0, c0;
+    a.items.locate(item, n, p0, c0);
+    const int64_t channels = std::min(a.items.block, a.outputs - c0), np = std::min(a.items.chunk, a.pixels - p0);
     if (channels <= 0) continue;
     const T* bias = b ? b + c0 : nullptr;
     T* o = out + (n * a.outputs + c0) * a.pixels + p0;
@@ -204,33 +200,17 @@ at::Tensor pointwise_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, c
                                [&] { pointwise_gemv<scalar_t>(x.contiguous(), w, b, out); });
     return finish_with_aten(out, residual, activation == "relu");
   }
-  // Chunks of about kChunk pixels and of one size (whole float vectors), as many as a multiple of
-  // the threads where the images do not share out evenly (rounding the size up to whole vectors
-  // can leave one chunk fewer when many threads share few pixels). At batch 1 a 56x56 map's
-  // 512-pixel chunks (the seventh 64 pixels) went four to one thread and three to the other, a
-  // 28x28 map's 512 + 272 pixels one each, and the first thread ran 1.6x as long as the second.
-  // Equal chunks: those ops 1.22-1.26x faster at batch 1, the same at batch 8 (Zen 4, 2 threads).
-  const int64_t threads = at::get_num_threads();
-  int64_t chunks = (pixels + kChunk - 1) / kChunk;
-  if (batch % threads != 0 && chunks > 1) chunks = (chunks + threads - 1) / threads * threads;
-  const int64_t lanes = Simd<float>::lanes, chunk = ((pixels + chunks - 1) / chunks + lanes - 1) / lanes * lanes;
-  PointwiseArgs a{inputs, outputs, pixels, chunk, (pixels + chunk - 1) / chunk, 1, outputs, x.stride(0),
+  PointwiseArgs a{inputs, outputs, pixels, WorkItems::balanced(batch, pixels, outputs, at::get_num_threads()), x.stride(0),
                   bf16_gemm_enabled(x.scalar_type(), inputs)};
   if (a.bf16_gemm) a.w_bf16 = frozen_bf16_rows(w);
   const int64_t line = 64 / int64_t(x.element_size());
   a.stride = stride, a.height = x.size(2), a.width = x.size(3), a.out_width = out_width;
-  a.gathered_ld = (chunk + line - 1) / line * line;
+  a.gathered_ld = (a.items.chunk + line - 1) / line * line;
   a.relu = relu;
   const at::Tensor r = residual.has_value() && !late ? residual->contiguous() : at::Tensor();
   a.residual = r.defined() ? r.data_ptr() : nullptr;
-  // Output-channel blocks until every thread has an item: at batch 1 the 14x14 and 7x7 maps are
-  // one pixel chunk each.
-  while (batch * a.chunks * a.blocks < threads && a.block >= 2 * kMinChannelBlock) {
-    a.blocks *= 2;
-    a.block = (outputs + a.blocks - 1) / a.blocks;
-  }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pointwise_conv2d_cpu", [&] {
-    at::parallel_for(0, batch * a.chunks * a.blocks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, a.items.count(batch), 1, [&](int64_t begin, int64_t end) {
       auto items = relu && !r.defined() ? pointwise_items<scalar_t, true> : pointwise_items<scalar_t, false>;
       items(a, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), b.defined() ? b.data_ptr<scalar_t>() : nullptr,
             out.data_ptr<scalar_t>(), begin, end);
@@ -249,10 +229,11 @@ void pooled_items(const PointwiseArgs& a, bool relu, const T* x, const T* w, con
                   int64_t begin, int64_t end) {
   Scratch scratch;
   T* panel = scratch.take<T>(kBlock * 2 * Simd<T>::lanes);
-  T* rows = scratch.take<T>(a.block * a.pixels);
+  T* rows = scratch.take<T>(a.items.block * a.pixels);
   for (int64_t item = begin; item < end; ++item) {
-    const int64_t c0 = item % a.blocks * a.block, n = item / a.blocks;
-    const int64_t channels = std::min(a.block, a.outputs - c0);
+    int64_t n, p0, c0;
+    a.items.locate(item, n, p0, c0);
+    const int64_t channels = std::min(a.items.block, a.outputs - c0);
     if (channels <= 0) continue;
     const T* bias = b ? b + c0 : nullptr;
     const T* xn = x + n * a.image_stride;
@@ -283,19 +264,17 @@ at::Tensor pointwise_conv2d_pool_cpu(const at::Tensor& x, const at::Tensor& weig
   at::Tensor out = at::empty({batch, outputs, 1, 1}, x.options());
   if (out.numel() == 0) return out;
   const at::Tensor w = weight.contiguous(), b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  PointwiseArgs a{inputs, outputs, pixels, pixels, 1, 1, outputs, x.stride(0),
+  // Output-channel blocks whose rows fit the scratch (256 KiB), then until every thread has an item.
+  const auto block_of = [outputs](int64_t blocks) { return (outputs + blocks - 1) / blocks; };
+  const int64_t row_bytes = pixels * int64_t(x.element_size());
+  int64_t blocks = 1;
+  while (block_of(blocks) > WorkItems::kMinBlock && block_of(blocks) * row_bytes > 256 * 1024) blocks *= 2;
+  while (batch * blocks < at::get_num_threads() && block_of(blocks) >= 2 * WorkItems::kMinBlock) blocks *= 2;
+  PointwiseArgs a{inputs, outputs, pixels, WorkItems::whole_planes(pixels, outputs, blocks), x.stride(0),
                   bf16_gemm_enabled(x.scalar_type(), inputs)};
   if (a.bf16_gemm) a.w_bf16 = frozen_bf16_rows(w);
-  // Output-channel blocks whose rows fit the scratch (256 KiB), then until every thread has an item.
-  auto reblock = [&](int64_t blocks) {
-    a.blocks = blocks;
-    a.block = (outputs + blocks - 1) / blocks;
-  };
-  const int64_t row_bytes = pixels * int64_t(x.element_size());
-  while (a.block > kMinChannelBlock && a.block * row_bytes > 256 * 1024) reblock(a.blocks * 2);
-  while (batch * a.blocks < at::get_num_threads() && a.block >= 2 * kMinChannelBlock) reblock(a.blocks * 2);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pointwise_conv2d_pool_cpu", [&] {
-    at::parallel_for(0, batch * a.blocks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, a.items.count(batch), 1, [&](int64_t begin, int64_t end) {
       pooled_items<scalar_t>(a, relu, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
                              b.defined() ? b.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), begin, end);
     });

@@ -38,19 +38,21 @@ TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5}
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
-# threads: the images and pixel chunks split over intra-op threads, evenly or not
-@pytest.mark.parametrize("batch, offset, bias, threads", [(2, 7, True, 1), (1, 0, False, 1), (0, 3, True, 1),
-                                                          (3, 7, True, 2), (3, 7, True, 3)])
-def test_cpu_matches_reference_and_writes_only_its_slice(dtype, channels_last, batch, offset, bias, threads):
-    x, weight, b, mix = make_args(batch, 20, 13, 11, (9, 7), dtype, channels_last, bias)
+# threads: the images and pixel chunks split over intra-op threads, evenly or not; 45 outputs at
+# batch 1: one pixel chunk, the output channels in blocks (23 + 22) for the threads
+@pytest.mark.parametrize("batch, offset, bias, threads, cout", [(2, 7, True, 1, 11), (1, 0, False, 1, 11),
+                                                                (0, 3, True, 1, 11), (3, 7, True, 2, 11),
+                                                                (3, 7, True, 3, 11), (1, 7, True, 3, 45)])
+def test_cpu_matches_reference_and_writes_only_its_slice(dtype, channels_last, batch, offset, bias, threads, cout):
+    x, weight, b, mix = make_args(batch, 20, 13, cout, (9, 7), dtype, channels_last, bias)
     expected = cheap_mix_reference(x, weight, b, mix, offset)
     tol = TOLERANCE[dtype]
-    buffer, target = buffer_slice(batch, 30, 19, 11, (9, 7), dtype, channels_last)
+    buffer, target = buffer_slice(batch, 19 + cout + 3, 19, cout, (9, 7), dtype, channels_last)
     with intra_op_threads(threads):
         torch.testing.assert_close(cheap_mix(x, weight, b, mix, channel_offset=offset), expected, rtol=tol, atol=tol)
         cheap_mix(x, weight, b, mix, channel_offset=offset, out=target)
     torch.testing.assert_close(target, expected, rtol=tol, atol=tol)
-    assert buffer[:, :19].isnan().all() and buffer[:, 30:].isnan().all()
+    assert buffer[:, :19].isnan().all() and buffer[:, 19 + cout:].isnan().all()
 
 
 def test_cpu_gradcheck_and_opcheck():
