@@ -1,6 +1,7 @@
 """ghostkernels::direct_conv2d (folded conv_dw, shortcut and stem convs) against F.conv2d."""
 
 import itertools
+import random
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from ghostkernels.models import g_ghost_regnet
 from ghostkernels.direct_conv import DepthwiseConv2d, DirectConv2d
 from ghostkernels.reference import output_memory_format
 
-from conftest import BAD_ARGUMENT, frozen_node_kinds, intra_op_threads, make_input, make_weights
+from conftest import BAD_ARGUMENT, frozen_node_kinds, intra_op_threads, make_input, make_weights, randomise_bn
 
 
 # (12, 14): even rows shorter than a vector pair; (37, 70): rows split one by one, several L1 bands
@@ -433,6 +434,54 @@ def test_freeze_fuses_pointwise_epilogues_only_where_they_keep_the_meaning(add, 
         out, expected = frozen(x), model(x)
     assert out.dtype == expected.dtype
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+class _RandomResidualBlock(nn.Module):
+    """A ResNet-style block drawn at random: a 1x1 conv (+BN) with or without a ReLU, a 3x3 conv,
+    a 1x1 conv (+BN), the shortcut (identity or a strided 1x1 conv + BN) added in place or not,
+    on either side, and a ReLU or none."""
+
+    def __init__(self, rng, chs, stride):
+        super().__init__()
+        mid, out = rng.choice([8, 12, 20]), chs if stride == 1 and rng.random() < 0.5 else rng.choice([8, 16, 24])
+        self.reduce = nn.Sequential(nn.Conv2d(chs, mid, 1, bias=False), nn.BatchNorm2d(mid),
+                                    *([nn.ReLU(inplace=rng.random() < 0.5)] if rng.random() < 0.7 else []))
+        self.conv = nn.Conv2d(mid, mid, 3, stride, 1)
+        self.expand = nn.Sequential(nn.Conv2d(mid, out, 1, bias=False), nn.BatchNorm2d(out))
+        self.shortcut = (nn.Identity() if stride == 1 and out == chs else
+                         nn.Sequential(nn.Conv2d(chs, out, 1, stride, bias=False), nn.BatchNorm2d(out)))
+        self.add, self.relu, self.out_chs = rng.choice(["add", "radd", "add_"]), rng.random() < 0.7, out
+
+    def forward(self, x):
+        y, shortcut = self.expand(self.conv(self.reduce(x))), self.shortcut(x)
+        if self.add == "add_":
+            y += shortcut
+        else:
+            y = y + shortcut if self.add == "add" else shortcut + y
+        return torch.relu(y) if self.relu else y
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("seed", range(6))
+def test_freeze_never_changes_random_residual_networks(seed):
+    """Random stacks of those blocks, accelerated and frozen: the model's outputs and dtype, at 1-3
+    threads (the fused ops' work split)."""
+    rng = random.Random(seed)
+    layers, chs = [], 8
+    for stride in rng.sample([1, 1, 2, 2, 1], 5):
+        block = _RandomResidualBlock(rng, chs, stride)
+        layers.append(block)
+        chs = block.out_chs
+    net = randomise_bn(nn.Sequential(*layers), spread=0.2).eval()
+    x = torch.randn(2, 8, 19, 17)
+    with torch.no_grad(), intra_op_threads(1 + seed % 3):
+        expected = net(x)
+        frozen = ghostkernels.freeze(ghostkernels.accelerate(net), x)
+        out = frozen(x)
+    assert out.dtype == expected.dtype
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    kinds = [node.kind() for node in frozen.graph.graph.nodes()]
+    assert "aten::_convolution" in kinds and not {"aten::add", "aten::add_"} & set(kinds)
 
 
 class _InPlaceBottleneck(g_ghost_regnet.Bottleneck):
