@@ -239,29 +239,39 @@ def frozen_op_blocks(frozen):
     return ops
 
 
-def frozen_by_block(prof, frozen, iters):
-    """ms per forward of each block of the frozen graph, from a profile of `iters` forwards: the
-    graph's op events (those not inside another op) in the order of its op nodes, per block the
-    median over forwards of the sum of its ops' times. Empty if the events do not line up."""
-    ops = frozen_op_blocks(frozen)
-    kinds = {kind for kind, _ in ops}
+def aligned_op_events(prof, kinds, iters):
+    """The profile's events of a frozen graph's ops, `kinds` the graph's op nodes' kinds in order,
+    over `iters` forwards: the events not inside another of the graph's ops (the reference
+    fallbacks without a C++ library call aten ops that the graph also has, such as relu_), one per
+    node, forward after forward; None if they do not line up so."""
+    names = set(kinds)
 
-    # An op event counts when no other of the graph's ops is among its callers, however deep: the
-    # reference fallbacks (no C++ library) call aten ops that the graph also has, such as relu_.
     def outermost(event):
         parent = event.cpu_parent
-        while parent is not None and parent.name not in kinds:
+        while parent is not None and parent.name not in names:
             parent = parent.cpu_parent
         return parent is None
 
-    names = [e for e in prof.events() if e.name in kinds and outermost(e)]
-    if len(names) != len(ops) * iters or any(e.name != ops[i % len(ops)][0] for i, e in enumerate(names)):
-        print(f"frozen graph by block: {len(names)} op events for {iters} forwards of {len(ops)} ops; skipped")
+    events = [e for e in prof.events() if e.name in names and outermost(e)]
+    if len(events) != len(kinds) * iters or any(e.name != kinds[i % len(kinds)] for i, e in enumerate(events)):
+        return None
+    return events
+
+
+def frozen_by_block(prof, frozen, iters):
+    """ms per forward of each block of the frozen graph, from a profile of `iters` forwards: the
+    graph's op events in the order of its op nodes (aligned_op_events), per block the median over
+    forwards of the sum of its ops' times. Empty if the events do not line up."""
+    ops = frozen_op_blocks(frozen)
+    events = aligned_op_events(prof, [kind for kind, _ in ops], iters)
+    if events is None:
+        print(f"frozen graph by block: the op events of {iters} forwards do not line up with its {len(ops)} ops; "
+              "skipped")
         return {}
     per_forward = collections.defaultdict(list)
-    for start in range(0, len(names), len(ops)):
+    for start in range(0, len(events), len(ops)):
         sums = collections.defaultdict(float)
-        for (_, block), event in zip(ops, names[start:start + len(ops)]):
+        for (_, block), event in zip(ops, events[start:start + len(ops)]):
             sums[block] += event.cpu_time_total / 1e3
         for block, ms in sums.items():
             per_forward[block].append(ms)
@@ -298,16 +308,17 @@ def frozen_blocks_now(frozen, x, iters):
     return frozen_by_block(prof, frozen, iters)
 
 
-def openvino_blocks_now(request, feed, iters):
-    """ms per inference of each block (block_of its layers' names) of a PERF_COUNT request: the
-    median over `iters` inferences of the sum of its executed layers' times."""
+def openvino_blocks_now(request, feed, iters, group=None):
+    """ms per inference of each block (block_of its layers' names, or `group` of them) of a
+    PERF_COUNT request: the median over `iters` inferences of the sum of its executed layers' times."""
+    group = group or block_of
     per_inference = collections.defaultdict(list)
     for _ in range(iters):
         request.infer([feed])
         sums = collections.defaultdict(float)
         for info in request.get_profiling_info():
             if info.status.name == "EXECUTED":
-                sums[block_of(info.node_name)] += info.real_time.total_seconds() * 1e3
+                sums[group(info.node_name)] += info.real_time.total_seconds() * 1e3
         for block, ms in sums.items():
             per_inference[block].append(ms)
     return {block: statistics.median(ms) for block, ms in per_inference.items()}

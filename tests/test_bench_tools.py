@@ -330,6 +330,25 @@ def test_frozen_graph_by_block():
     assert set(by_block) == set(blocks) and all(ms > 0 for ms in by_block.values())
 
 
+def test_layers_vs_openvino_charges_every_op_to_its_module():
+    """bench/layers_vs_openvino.py's side of ours (OpenVINO's needs the package and an export):
+    every op event of the frozen graph charged to a module, forward after forward."""
+    import layers_vs_openvino
+    import torch
+
+    import ghostkernels
+    from ghostkernels import models
+    assert layers_vs_openvino.module_of("layer3.layers.4.conv2", 2) == "layer3.layers"
+    assert layers_vs_openvino.module_of("", 2) == "other"
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 32, 32)
+    frozen = ghostkernels.freeze(ghostkernels.accelerate(models.ghostnet(width=0.5, fused=False).eval()), x)
+    ours = layers_vs_openvino.frozen_ops_by_module(frozen, x, 2, 2)
+    assert {f"blocks.{i}" for i in range(10)} <= set(ours) and all(us > 0 for us in ours.values())
+    rows = layers_vs_openvino.table(ours, {"blocks.1": 4.0, "only_theirs": 1.0})
+    assert [r[0] for r in rows] == [*ours, "only_theirs"] and dict((r[0], r[2]) for r in rows)["blocks.1"] == 4.0
+
+
 def test_interleaved_rounds_rotate_the_order():
     """Each round starts one contender further along, so no contender always follows the same one."""
     calls = []
