@@ -502,10 +502,10 @@ struct WorkItems {
     int64_t chunks = (pixels + kChunk - 1) / kChunk;
     if (batch % threads != 0 && chunks > 1) chunks = (chunks + threads - 1) / threads * threads;
     const int64_t chunk = ((pixels + chunks - 1) / chunks + lanes - 1) / lanes * lanes;
+    chunks = (pixels + chunk - 1) / chunk;
     int64_t blocks = 1;
-    while (batch * ((pixels + chunk - 1) / chunk) * blocks < threads && (outputs + blocks - 1) / blocks >= 2 * kMinBlock)
-      blocks *= 2;
-    return {chunk, (pixels + chunk - 1) / chunk, (outputs + blocks - 1) / blocks, blocks};
+    while (batch * chunks * blocks < threads && (outputs + blocks - 1) / blocks >= 2 * kMinBlock) blocks *= 2;
+    return {chunk, chunks, (outputs + blocks - 1) / blocks, blocks};
   }
   // One chunk of `pixels` per image (whole planes), the outputs in `blocks` blocks.
   static WorkItems whole_planes(int64_t pixels, int64_t outputs, int64_t blocks) {

@@ -171,15 +171,14 @@ at::Tensor pointwise_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, c
   const int64_t pixels = out_height * out_width;
   TORCH_CHECK(!residual.has_value() || residual->device() == x.device(), "pointwise_conv2d: residual must be on ",
               x.device(), " as x, got ", residual->device());
+  const bool relu = activation == "relu";
   // The GEMM's items add a residual of the output's shape and dtype; another one (a broadcast, a
   // promotion) is added after them by ATen, and so is the ReLU then.
   const bool late = residual.has_value() && (residual->sizes() != at::IntArrayRef({batch, outputs, out_height,
                                                                                     out_width}) ||
                                              residual->scalar_type() != x.scalar_type());
-  const bool relu = activation == "relu" && !late;
-  const auto finish_late = [&](at::Tensor out) { return late ? finish_with_aten(out, residual, activation == "relu") : out; };
   // NCHW out whatever x's layout, as the fake kernel promises.
-  if (!fast) return finish_with_aten(at::conv2d(x, weight, bias, stride).contiguous(), residual, activation == "relu");
+  if (!fast) return finish_with_aten(at::conv2d(x, weight, bias, stride).contiguous(), residual, relu);
   // 1x1 maps: MKL's GEMV in the AVX-512 build on Intel CPUs; our dot products elsewhere and where
   // bfloat16 matmuls are asked for (float32_matmul_precision "medium"), where ATen converts W to
   // bfloat16 on every call (torch 2.13, batch 1: 2.5x slower). Frozen GhostNets with the dots instead of MKL: 1.5-3% slower on
@@ -191,14 +190,14 @@ at::Tensor pointwise_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, c
   const bool one_pixel = x.size(2) == 1 && x.size(3) == 1;
   if (one_pixel && mkl_gemv && !bf16_matmuls_requested())  // _unsafe_view: an op's output must not be a view (autograd forbids in-place on it)
     return finish_with_aten(at::_unsafe_view(at::linear(x.reshape({batch, inputs}), weight.reshape({outputs, inputs}), bias),
-                                             {batch, outputs, 1, 1}), residual, activation == "relu");
+                                             {batch, outputs, 1, 1}), residual, relu);
   at::Tensor out = empty_output({batch, outputs, out_height, out_width}, x.options());
-  if (out.numel() == 0) return finish_with_aten(out, residual, activation == "relu");
+  if (out.numel() == 0) return finish_with_aten(out, residual, relu);
   const at::Tensor w = weight.contiguous(), b = bias.has_value() ? bias->contiguous() : at::Tensor();
   if (one_pixel) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pointwise_conv2d_cpu",
                                [&] { pointwise_gemv<scalar_t>(x.contiguous(), w, b, out); });
-    return finish_with_aten(out, residual, activation == "relu");
+    return finish_with_aten(out, residual, relu);
   }
   PointwiseArgs a{inputs, outputs, pixels, WorkItems::balanced(batch, pixels, outputs, at::get_num_threads()), x.stride(0),
                   bf16_gemm_enabled(x.scalar_type(), inputs)};
@@ -206,17 +205,17 @@ at::Tensor pointwise_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, c
   const int64_t line = 64 / int64_t(x.element_size());
   a.stride = stride, a.height = x.size(2), a.width = x.size(3), a.out_width = out_width;
   a.gathered_ld = (a.items.chunk + line - 1) / line * line;
-  a.relu = relu;
+  a.relu = relu && !late;
   const at::Tensor r = residual.has_value() && !late ? residual->contiguous() : at::Tensor();
   a.residual = r.defined() ? r.data_ptr() : nullptr;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pointwise_conv2d_cpu", [&] {
     at::parallel_for(0, a.items.count(batch), 1, [&](int64_t begin, int64_t end) {
-      auto items = relu && !r.defined() ? pointwise_items<scalar_t, true> : pointwise_items<scalar_t, false>;
+      auto items = a.relu && !r.defined() ? pointwise_items<scalar_t, true> : pointwise_items<scalar_t, false>;
       items(a, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), b.defined() ? b.data_ptr<scalar_t>() : nullptr,
             out.data_ptr<scalar_t>(), begin, end);
     });
   });
-  return finish_late(out);
+  return late ? finish_with_aten(out, residual, relu) : out;
 }
 
 // ghostkernels::pointwise_conv2d_pool: mean over each plane of act(W x[n] + b), (N, C_out, 1, 1):

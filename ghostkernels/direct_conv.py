@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _backends, ops
-from .modules import is_same_square_conv
+from .modules import is_same_square_conv, same_conv_output_shape
 from .reference import ACTIVATIONS, conv_backward, conv_output_format
 
 _lib = torch.library.Library("ghostkernels", "FRAGMENT")
@@ -62,14 +62,10 @@ def _check(x, weight, bias, stride, activation):
         raise RuntimeError(f"direct_conv2d: stride must be 1 or 2, got {stride}")
 
 
-def _output_shape(x, weight, stride):
-    return (x.shape[0], weight.shape[0], *(-(-s // stride) for s in x.shape[2:]))  # 'same' padding: ceil(H / stride)
-
-
 def _check_backward(grad, x, weight, stride):
     """_check, and grad of the forward output's shape (the C++ kernel's errors)."""
     _check(x, weight, None, stride, "none")
-    shape = _output_shape(x, weight, stride)
+    shape = same_conv_output_shape(x, weight, stride)
     if grad.shape != shape:
         raise RuntimeError(f"direct_conv2d_backward: grad must have shape {list(shape)}, got {list(grad.shape)}")
 
@@ -77,7 +73,7 @@ def _check_backward(grad, x, weight, stride):
 @torch.library.register_fake("ghostkernels::direct_conv2d")
 def _fake(x, weight, bias, stride, activation="none"):
     _check(x, weight, bias, stride, activation)  # raised before anything runs
-    return x.new_empty(_output_shape(x, weight, stride)).contiguous(memory_format=conv_output_format(x))
+    return x.new_empty(same_conv_output_shape(x, weight, stride)).contiguous(memory_format=conv_output_format(x))
 
 
 def _library(x, weight, bias, stride, activation):

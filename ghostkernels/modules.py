@@ -20,6 +20,12 @@ def is_same_square_conv(conv):
             and conv.stride[0] == conv.stride[1] and conv.padding_mode == "zeros")
 
 
+def same_conv_output_shape(x, weight, stride):
+    """(N, C_out, ceil(H / stride), ceil(W / stride)): the output of a 'same' conv of x by weight
+    (a 1x1 conv's too, which needs no padding)."""
+    return (x.shape[0], weight.shape[0], *(-(-s // stride) for s in x.shape[2:]))
+
+
 _lib = torch.library.Library("ghostkernels", "FRAGMENT")
 _lib.define("pointwise_conv2d(Tensor x, Tensor weight, Tensor? bias, int stride=1, str activation=\"none\", "
             "Tensor? residual=None) -> Tensor")
@@ -35,10 +41,6 @@ def check_pointwise(op, x, weight, bias):
         raise ValueError(f"{op}: weight must be (C_out, {x.shape[1]}, 1, 1), got {tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"{op}: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-
-
-def _pointwise_output_shape(x, weight, stride):
-    return (x.shape[0], weight.shape[0], *(-(-s // stride) for s in x.shape[2:]))  # ceil(H / stride)
 
 
 def _check_pointwise_conv2d(x, weight, bias, stride, activation, residual):
@@ -68,7 +70,7 @@ def _pointwise_composed(x, weight, bias, stride=1, activation="none", residual=N
 @torch.library.register_fake("ghostkernels::pointwise_conv2d")
 def _pointwise_fake(x, weight, bias, stride=1, activation="none", residual=None):
     _check_pointwise_conv2d(x, weight, bias, stride, activation, residual)
-    out = x.new_empty(_pointwise_output_shape(x, weight, stride))
+    out = x.new_empty(same_conv_output_shape(x, weight, stride))
     if residual is not None:
         out = out + residual  # the add's shape and dtype, and its errors
     return out.contiguous(memory_format=conv_output_format(x))
