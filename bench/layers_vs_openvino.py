@@ -15,7 +15,8 @@ bench/e2e.py's (the two sides here are profiled one after the other, not interle
 differ where the export names a BN-folded conv after its BN (the stem's "conv1" is OpenVINO's
 "bn1") and OpenVINO's layers without a module scope (the classifier, reorders) are "other".
 PERF_COUNT's layer times sum above OpenVINO's latency where the layers are many and small
-(GhostNet 1.0x at batch 1 on a Zen 3: 6.8 ms of layers, ~4 ms of latency in bench/e2e.py): read
+(GhostNet 1.0x at batch 1 on a Zen 3: 6.8 ms of layers, where bench/e2e.py measured 4.16 ms of
+latency on that kind, bench/results/epyc-zen3-avx2-2threads-2026-12-05.md): read
 the ratios of modules against each other there, not against 1.
 Model names: bench/e2e.py's.
 """
