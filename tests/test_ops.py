@@ -513,6 +513,25 @@ def test_gated_forward_backward_float32(config):
         assert_matches(g, r, 1e-5)
 
 
+@pytest.mark.parametrize("size, gate_size", [((8, 14), (4, 7)), ((5, 40), (3, 20)), ((9, 11), (9, 11))], ids=str)
+@pytest.mark.parametrize("config", CONFIGS[1::19], ids=config_id)
+def test_gated_float32_logits_of_any_size(config, size, gate_size):
+    """float32 gates (the CPU kernel's own vector sigmoid) from logits over [-100, 100] and NaN,
+    on outputs twice the gate's width (GhostNetV2's 2x2-pooled gates; at stride 2 these are
+    upsampled otherwise), narrow and wide rows, and equal to the output."""
+    ratio, dw, stride, act, channels_last, kernel = config
+    oup = 4 * ratio - 1
+    x = make_input(2, 5, *size, channels_last=channels_last, dtype=torch.float32)
+    weights = make_weights(5, oup, ratio, dw, kernel, dtype=torch.float32)
+    gate = torch.empty(2, oup, *gate_size).uniform_(-100, 100)
+    gate[0, 0, 0, 0] = float("nan")
+    kwargs = dict(out_channels=oup, stride=stride, activation=act)
+    out = ghost_module(x, *weights, gate=gate, **kwargs)
+    expected = ghost_module_gated_reference(x.double(), *[w.double() for w in weights], gate.double(), **kwargs)
+    assert torch.equal(out.isnan(), expected.isnan())
+    assert_matches(out.nan_to_num(), expected.nan_to_num(), 1e-5)
+
+
 @pytest.mark.parametrize("batch", [0, 1])
 def test_gated_small_batches(batch):
     out, grads, ref_out, ref_grads = run_both((2, 3, 1, "relu", True, 1), torch.float64, batch, gate_size=(4, 5))
