@@ -33,8 +33,10 @@ def weights(inp, out, kw=5, kh=5, dtype=torch.float64, bias=True):
 
 
 # (inp, out, H, W): pooled planes of 1x1 and 1xn, odd sizes (the pool floors), a channel count
-# that leaves a vector's lanes empty, GhostNetV2's 28x28 and 3x3 pooled planes
-SHAPES = [(3, 5, 2, 3), (4, 9, 3, 9), (7, 13, 11, 8), (24, 72, 56, 56), (40, 37, 15, 14), (160, 96, 7, 7)]
+# that leaves a vector's lanes empty, GhostNetV2's 28x28 and 3x3 pooled planes; 3 and 20 output
+# channels: a pixel's channels in 1 to 3 vectors and in more (the depthwise taps' blocks)
+SHAPES = [(3, 5, 2, 3), (4, 9, 3, 9), (7, 13, 11, 8), (24, 72, 56, 56), (40, 37, 15, 14), (160, 96, 7, 7),
+          (6, 3, 10, 12), (6, 20, 10, 12)]
 
 
 @pytest.mark.parametrize("shape, taps, stride, bias, channels_last", list(itertools.product(
@@ -46,6 +48,14 @@ def test_matches_composition_float64(shape, taps, stride, bias, channels_last):
     result = op(x, *args)
     assert result.is_contiguous()
     torch.testing.assert_close(result, expected(x, *args), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("outputs", [3, 20, 37])
+def test_float32_channel_counts(outputs):
+    """A pixel's channels in 1, 3 and 5 float32 vectors (AVX2; 1 to 3 on AVX-512)."""
+    x = torch.randn(2, 6, 10, 12)
+    args = weights(6, outputs, dtype=torch.float32) + (1,)
+    torch.testing.assert_close(op(x, *args), expected(x, *args), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("batch, threads", [(0, 1), (1, 1), (1, 2), (3, 2), (1, 3)])
