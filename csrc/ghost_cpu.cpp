@@ -638,7 +638,6 @@ at::Tensor library_primary(const at::Tensor& x, const at::Tensor& w1, const c10:
   return z.contiguous(memory_format(g));
 }
 
-
 // input_scale: (N, inp, 1, 1) multiplying x's channels per image (GhostBottleneck's SE gate), folded
 // into per-image copies of W1.
 // residual: a tensor of the output's shape, dtype and memory format added to it as it is written
