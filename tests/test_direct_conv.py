@@ -54,10 +54,11 @@ def test_few_input_channels_match_conv2d(channels, k, stride, size, bias, channe
 
 # (in, out, groups): RegNetX's grouped convs (G-GhostNet: groups of 36 and 48 inputs), 5 inputs a
 # group (one past the direct kernel's), out != in, the most inputs the shifted GEMMs take; planes
-# of one pixel, one row, one column, odd and even sides (stride 2: phases of unequal sizes), and
-# wider than a tile of columns
+# of one pixel, one row, one column, odd and even sides (stride 2: phases of unequal sizes), rows
+# of one to two vectors (split by half vectors: 7 float64s), and wider than a tile of columns
 @pytest.mark.parametrize("channels", [(72, 72, 2), (10, 14, 2), (128, 64, 2), (12, 6, 2)])
-@pytest.mark.parametrize("k, size", [(3, (14, 14)), (3, (1, 1)), (5, (1, 9)), (1, (7, 3)), (3, (5, 37)), (7, (8, 11))])
+@pytest.mark.parametrize("k, size", [(3, (14, 14)), (3, (1, 1)), (5, (1, 9)), (1, (7, 3)), (3, (5, 37)), (7, (8, 11)),
+                                     (3, (6, 7))])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("bias, activation", [(True, "none"), (False, "relu")])
 def test_grouped_matches_conv2d(channels, k, size, stride, bias, activation):
@@ -73,8 +74,9 @@ def test_grouped_matches_conv2d(channels, k, size, stride, bias, activation):
 
 @pytest.mark.parametrize("batch, threads", [(0, 1), (1, 1), (1, 2), (3, 2), (1, 3)])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_grouped_float32(batch, threads, stride):
-    x, weight, bias = torch.randn(batch, 216, 14, 14), torch.randn(216, 36, 3, 3) / 18, torch.randn(216)
+@pytest.mark.parametrize("size", [(14, 14), (9, 13)])
+def test_grouped_float32(batch, threads, stride, size):
+    x, weight, bias = torch.randn(batch, 216, *size), torch.randn(216, 36, 3, 3) / 18, torch.randn(216)
     with intra_op_threads(threads):
         out = torch.ops.ghostkernels.direct_conv2d(x, weight, bias, stride, "relu")
     expected = F.conv2d(x, weight, bias, stride, 1, groups=6).relu()
