@@ -41,8 +41,8 @@ struct PointwiseArgs {
   // stride > 1: x's plane is height x width, the output's out_width wide; gathered_ld is the row
   // stride of an item's gathered inputs (its chunk rounded up to 64 bytes).
   int64_t stride = 1, height = 0, width = 0, out_width = 0, gathered_ld = 0;
-  bool relu = false;
-  const void* residual = nullptr;  // laid out as out, added before the ReLU
+  Activation act = Activation::None;  // applied after the residual where there is one
+  const void* residual = nullptr;     // laid out as out, added before the activation
 };
 
 // Row k < inputs of dst (row stride ld) = input channel k of x's (height, width) plane at the
@@ -87,11 +87,9 @@ void pointwise_items(const PointwiseArgs& a, const T* x, const T* w, const T* b,
       xn = gathered;
       ldb = a.gathered_ld;
     }
-    // `v < 0 ? 0 : v` keeps NaN, as torch.relu does.
     const auto finish = [bias](int64_t c, auto v) __attribute__((always_inline)) {
       v = bias ? v + bias[c] : v;
-      if constexpr (ReluInTile) v = v < 0 ? decltype(v){} : v;
-      return v;
+      return ReluInTile ? activate_vector(v, Activation::ReLU) : v;
     };
     product_rows<T>(a.bf16_gemm, channels, np, a.inputs, w + c0 * a.inputs, xn, ldb, o, a.pixels, panel,
                     a.w_bf16.row(c0), finish);
@@ -100,10 +98,7 @@ void pointwise_items(const PointwiseArgs& a, const T* x, const T* w, const T* b,
     for (int64_t c = 0; c < channels; ++c) {
       T* row = o + c * a.pixels;
       const T* r_row = r + c * a.pixels;
-      for (int64_t i = 0; i < np; ++i) {
-        const T v = row[i] + r_row[i];
-        row[i] = a.relu && v < 0 ? T(0) : v;
-      }
+      for (int64_t i = 0; i < np; ++i) row[i] = activate(row[i] + r_row[i], a.act);
     }
   }
 }
@@ -155,30 +150,28 @@ bool on_intel_cpu() {
 // act(out + residual) by ATen ops, NCHW: the paths that do not run the GEMM's items, and a
 // residual that broadcasts or has another dtype (the result is then the add's: its shape and
 // promoted dtype, as the op's fake kernel says).
-at::Tensor finish_with_aten(at::Tensor out, const c10::optional<at::Tensor>& residual, bool relu) {
+at::Tensor finish_with_aten(at::Tensor out, const c10::optional<at::Tensor>& residual, Activation act) {
   if (residual.has_value()) out = out.add(*residual).contiguous();
-  return relu ? out.relu_() : out;
+  return act == Activation::ReLU ? out.relu_() : out;
 }
 
 at::Tensor pointwise_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                                 int64_t stride, c10::string_view activation, const c10::optional<at::Tensor>& residual) {
   const bool fast = check_pointwise("pointwise_conv2d", x, weight, bias);
   TORCH_CHECK(stride >= 1, "pointwise_conv2d: stride must be >= 1, got ", stride);
-  TORCH_CHECK(activation == "relu" || activation == "none",
-              "pointwise_conv2d: activation must be 'relu' or 'none', got '", std::string(activation), "'");
+  const Activation act = parse_activation(activation, "pointwise_conv2d");
   const int64_t batch = x.size(0), inputs = x.size(1), outputs = weight.size(0);
   const int64_t out_height = (x.size(2) + stride - 1) / stride, out_width = (x.size(3) + stride - 1) / stride;
   const int64_t pixels = out_height * out_width;
   TORCH_CHECK(!residual.has_value() || residual->device() == x.device(), "pointwise_conv2d: residual must be on ",
               x.device(), " as x, got ", residual->device());
-  const bool relu = activation == "relu";
   // The GEMM's items add a residual of the output's shape and dtype; another one (a broadcast, a
   // promotion) is added after them by ATen, and so is the ReLU then.
   const bool late = residual.has_value() && (residual->sizes() != at::IntArrayRef({batch, outputs, out_height,
                                                                                     out_width}) ||
                                              residual->scalar_type() != x.scalar_type());
   // NCHW out whatever x's layout, as the fake kernel promises.
-  if (!fast) return finish_with_aten(at::conv2d(x, weight, bias, stride).contiguous(), residual, relu);
+  if (!fast) return finish_with_aten(at::conv2d(x, weight, bias, stride).contiguous(), residual, act);
   // 1x1 maps: MKL's GEMV in the AVX-512 build on Intel CPUs; our dot products elsewhere and where
   // bfloat16 matmuls are asked for (float32_matmul_precision "medium"), where ATen converts W to
   // bfloat16 on every call (torch 2.13, batch 1: 2.5x slower). Frozen GhostNets with the dots instead of MKL: 1.5-3% slower on
@@ -190,14 +183,14 @@ at::Tensor pointwise_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, c
   const bool one_pixel = x.size(2) == 1 && x.size(3) == 1;
   if (one_pixel && mkl_gemv && !bf16_matmuls_requested())  // _unsafe_view: an op's output must not be a view (autograd forbids in-place on it)
     return finish_with_aten(at::_unsafe_view(at::linear(x.reshape({batch, inputs}), weight.reshape({outputs, inputs}), bias),
-                                             {batch, outputs, 1, 1}), residual, relu);
+                                             {batch, outputs, 1, 1}), residual, act);
   at::Tensor out = empty_output({batch, outputs, out_height, out_width}, x.options());
-  if (out.numel() == 0) return finish_with_aten(out, residual, relu);
+  if (out.numel() == 0) return finish_with_aten(out, residual, act);
   const at::Tensor w = weight.contiguous(), b = bias.has_value() ? bias->contiguous() : at::Tensor();
   if (one_pixel) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pointwise_conv2d_cpu",
                                [&] { pointwise_gemv<scalar_t>(x.contiguous(), w, b, out); });
-    return finish_with_aten(out, residual, relu);
+    return finish_with_aten(out, residual, act);
   }
   PointwiseArgs a{inputs, outputs, pixels, WorkItems::balanced(batch, pixels, outputs, at::get_num_threads()), x.stride(0),
                   bf16_gemm_enabled(x.scalar_type(), inputs)};
@@ -205,17 +198,17 @@ at::Tensor pointwise_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, c
   const int64_t line = 64 / int64_t(x.element_size());
   a.stride = stride, a.height = x.size(2), a.width = x.size(3), a.out_width = out_width;
   a.gathered_ld = (a.items.chunk + line - 1) / line * line;
-  a.relu = relu && !late;
+  a.act = late ? Activation::None : act;
   const at::Tensor r = residual.has_value() && !late ? residual->contiguous() : at::Tensor();
   a.residual = r.defined() ? r.data_ptr() : nullptr;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pointwise_conv2d_cpu", [&] {
     at::parallel_for(0, a.items.count(batch), 1, [&](int64_t begin, int64_t end) {
-      auto items = a.relu && !r.defined() ? pointwise_items<scalar_t, true> : pointwise_items<scalar_t, false>;
+      auto items = a.act == Activation::ReLU && !r.defined() ? pointwise_items<scalar_t, true> : pointwise_items<scalar_t, false>;
       items(a, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), b.defined() ? b.data_ptr<scalar_t>() : nullptr,
             out.data_ptr<scalar_t>(), begin, end);
     });
   });
-  return late ? finish_with_aten(out, residual, relu) : out;
+  return late ? finish_with_aten(out, residual, act) : out;
 }
 
 // ghostkernels::pointwise_conv2d_pool: mean over each plane of act(W x[n] + b), (N, C_out, 1, 1):
@@ -224,7 +217,7 @@ at::Tensor pointwise_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, c
 // go into a cache-sized scratch and are summed there: the conv's output is never written out
 // and read back by the pool.
 template <typename T>
-void pooled_items(const PointwiseArgs& a, bool relu, const T* x, const T* w, const T* b, T* out,
+void pooled_items(const PointwiseArgs& a, Activation act, const T* x, const T* w, const T* b, T* out,
                   int64_t begin, int64_t end) {
   Scratch scratch;
   T* panel = scratch.take<T>(kBlock * 2 * Simd<T>::lanes);
@@ -236,10 +229,9 @@ void pooled_items(const PointwiseArgs& a, bool relu, const T* x, const T* w, con
     if (channels <= 0) continue;
     const T* bias = b ? b + c0 : nullptr;
     const T* xn = x + n * a.image_stride;
-    // `v < 0 ? 0 : v` keeps NaN, as torch.relu does.
-    const auto finish = [bias, relu](int64_t c, auto v) __attribute__((always_inline)) {
+    const auto finish = [bias, act](int64_t c, auto v) __attribute__((always_inline)) {
       v = bias ? v + bias[c] : v;
-      return relu ? (v < 0 ? decltype(v){} : v) : v;
+      return activate_vector(v, act);
     };
     product_rows<T>(a.bf16_gemm, channels, a.pixels, a.inputs, w + c0 * a.inputs, xn, a.pixels, rows, a.pixels, panel,
                     a.w_bf16.row(c0), finish);
@@ -252,12 +244,10 @@ at::Tensor pointwise_conv2d_pool_cpu(const at::Tensor& x, const at::Tensor& weig
   const bool fast = check_pointwise("pointwise_conv2d_pool", x, weight, bias);
   TORCH_CHECK(x.size(2) > 0 && x.size(3) > 0, "pointwise_conv2d_pool: x must have a non-empty plane to average, got ",
               x.sizes());
-  TORCH_CHECK(activation == "relu" || activation == "none",
-              "pointwise_conv2d_pool: activation must be 'relu' or 'none', got '", std::string(activation), "'");
-  const bool relu = activation == "relu";
+  const Activation act = parse_activation(activation, "pointwise_conv2d_pool");
   if (!fast) {
     at::Tensor z = at::conv2d(x, weight, bias);
-    return (relu ? z.relu_() : z).mean({2, 3}, /*keepdim=*/true).contiguous();
+    return (act == Activation::ReLU ? z.relu_() : z).mean({2, 3}, /*keepdim=*/true).contiguous();
   }
   const int64_t batch = x.size(0), inputs = x.size(1), outputs = weight.size(0), pixels = x.size(2) * x.size(3);
   at::Tensor out = at::empty({batch, outputs, 1, 1}, x.options());
@@ -274,7 +264,7 @@ at::Tensor pointwise_conv2d_pool_cpu(const at::Tensor& x, const at::Tensor& weig
   if (a.bf16_gemm) a.w_bf16 = frozen_bf16_rows(w);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pointwise_conv2d_pool_cpu", [&] {
     at::parallel_for(0, a.items.count(batch), 1, [&](int64_t begin, int64_t end) {
-      pooled_items<scalar_t>(a, relu, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
+      pooled_items<scalar_t>(a, act, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
                              b.defined() ? b.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), begin, end);
     });
   });
