@@ -125,49 +125,43 @@ GK_INLINE void copy_run(T* __restrict dst, const T* __restrict src, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
 }
 
-// Even- and odd-indexed elements of src[0, n) to evens[0, (n + 1) / 2) and odds[0, n / 2).
+// deinterleave by pairs of Bytes-wide vectors, for n >= 2 such vectors' elements: whole pairs, then
+// one more overlapping the last. Returns how many evens (and odds) it wrote.
+template <typename T, int Bytes>
+GK_INLINE int64_t deinterleave_pairs(const T* src, int64_t n, T* evens, T* odds) {
+  typedef T V __attribute__((vector_size(Bytes)));
+  typedef typename Simd<T>::lane_t I __attribute__((vector_size(Bytes)));
+  constexpr int L = Bytes / sizeof(T);
+  I even_lanes;
+  for (int l = 0; l < L; ++l) even_lanes[l] = 2 * l;
+  const I odd_lanes = even_lanes + 1;
+  const auto pair = [&](int64_t j) __attribute__((always_inline)) {
+    V a, b;
+    std::memcpy(&a, src + 2 * j, sizeof(V));
+    std::memcpy(&b, src + 2 * j + L, sizeof(V));
+    const V e = __builtin_shuffle(a, b, even_lanes), o = __builtin_shuffle(a, b, odd_lanes);
+    std::memcpy(evens + j, &e, sizeof(V));
+    std::memcpy(odds + j, &o, sizeof(V));
+  };
+  int64_t j = 0;
+  for (; 2 * j + 2 * L <= n; j += L) pair(j);
+  if (2 * j < n) {
+    j = (n - 2 * L) / 2;
+    pair(j);
+    j += L;
+  }
+  return j;
+}
+
+// Even- and odd-indexed elements of src[0, n) to evens[0, (n + 1) / 2) and odds[0, n / 2): by
+// pairs of the build's vectors, rows of one to two of them (a 14-wide plane on AVX2) by half
+// vectors (they went element by element), the rest element by element.
 template <typename T>
 GK_INLINE void deinterleave(const T* src, int64_t n, T* evens, T* odds) {
-  using V = typename Simd<T>::vec;
-  using I = typename Simd<T>::index;
   constexpr int L = Simd<T>::lanes;
-  const I even_lanes = Simd<T>::even_lanes(), odd_lanes = even_lanes + 1;
   int64_t j = 0;
-  for (; 2 * j + 2 * L <= n; j += L) {
-    const V a = Simd<T>::load(src + 2 * j), b = Simd<T>::load(src + 2 * j + L);
-    Simd<T>::store(evens + j, __builtin_shuffle(a, b, even_lanes));
-    Simd<T>::store(odds + j, __builtin_shuffle(a, b, odd_lanes));
-  }
-  if (2 * j < n && n >= 2 * L) {  // the tail as one more vector pair, overlapping the last one
-    j = (n - 2 * L) / 2;
-    const V a = Simd<T>::load(src + 2 * j), b = Simd<T>::load(src + 2 * j + L);
-    Simd<T>::store(evens + j, __builtin_shuffle(a, b, even_lanes));
-    Simd<T>::store(odds + j, __builtin_shuffle(a, b, odd_lanes));
-    j += L;
-  } else if (n >= L) {
-    // Rows of L to 2L - 1 elements (a 14-wide plane on AVX2) by half vectors, the same way: they
-    // went element by element.
-    typedef T H __attribute__((vector_size(GK_VECTOR_BYTES / 2)));
-    typedef typename Simd<T>::lane_t HI __attribute__((vector_size(GK_VECTOR_BYTES / 2)));
-    constexpr int HL = L / 2;
-    HI even_half;
-    for (int l = 0; l < HL; ++l) even_half[l] = 2 * l;
-    const HI odd_half = even_half + 1;
-    const auto pair = [&](int64_t at) __attribute__((always_inline)) {
-      H a, b;
-      std::memcpy(&a, src + 2 * at, sizeof(H));
-      std::memcpy(&b, src + 2 * at + HL, sizeof(H));
-      const H e = __builtin_shuffle(a, b, even_half), o = __builtin_shuffle(a, b, odd_half);
-      std::memcpy(evens + at, &e, sizeof(H));
-      std::memcpy(odds + at, &o, sizeof(H));
-    };
-    for (j = 0; 2 * j + 2 * HL <= n; j += HL) pair(j);
-    if (2 * j < n) {
-      j = (n - 2 * HL) / 2;
-      pair(j);
-      j += HL;
-    }
-  }
+  if (n >= 2 * L) j = deinterleave_pairs<T, GK_VECTOR_BYTES>(src, n, evens, odds);
+  else if (n >= L) j = deinterleave_pairs<T, GK_VECTOR_BYTES / 2>(src, n, evens, odds);
   for (int64_t i = 2 * j; i < n; ++i) (i % 2 ? odds : evens)[i / 2] = src[i];
 }
 
