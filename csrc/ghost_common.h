@@ -11,6 +11,7 @@
 #include <cstring>
 #include <map>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "gemm.h"
@@ -91,12 +92,72 @@ GK_INLINE typename Simd<T>::vec add_taps(typename Simd<T>::vec sum, const T* src
   return sum;
 }
 
-template <typename T, int DW>
-GK_INLINE void taps_pass(T* dst, const T* src, int64_t n, const Tap<T>* plane_taps, const T* weights, int64_t dw,
-                         bool accumulate, T bias, Activation act, int64_t row_width) {
+// add_taps for taps laid out as make_taps lays out a forward op's: tap (col, r) at rows[r] + col -
+// DW / 2, rows[r] = src + the offset of its row. A row's DW taps are loads from one pointer at
+// constant displacements, so a 3x3 op holds 3 pointers, not 9: with one per tap GCC ran out of
+// registers and reloaded a pointer from the stack before each tap's load.
+template <typename T, int DW, bool Masked = true>
+GK_INLINE typename Simd<T>::vec add_row_taps(typename Simd<T>::vec sum, const T* const* rows, int64_t q,
+                                             const Tap<T>* taps) {
+  using S = Simd<T>;
+  using V = typename S::vec;
+#pragma GCC unroll 7
+  for (int64_t col = 0; col < DW; ++col) {
+    const Tap<T>* column = taps + col * DW;
+    V part{};
+#pragma GCC unroll 7
+    for (int64_t r = 0; r < DW; ++r) part += column[r].weight * S::load(rows[r] + q + (col - DW / 2));
+    if (Masked && column[0].mask) part = S::load(column[0].mask + q) != 0 ? part : V{};
+    sum += part;
+  }
+  return sum;
+}
+
+// Whether `taps` (dw x dw, column by column) are a forward op's (make_taps, transposed = false):
+// each column's offsets are its centre column's plus the column's shift.
+template <typename T>
+GK_INLINE bool forward_taps(const Tap<T>* taps, int64_t dw) {
+  for (int64_t col = 0; col < dw; ++col)
+    for (int64_t r = 0; r < dw; ++r)
+      if (taps[col * dw + r].offset != taps[dw / 2 * dw + r].offset + (col - dw / 2)) return false;
+  return true;
+}
+
+// taps_pass's loops over the vectors of dst, with `at(sum, q, masked)` the taps' sum at q.
+template <typename T, typename At>
+GK_INLINE void taps_loops(T* dst, int64_t n, bool accumulate, T bias, Activation act, int64_t row_width,
+                          int64_t pad, At at) {
   using S = Simd<T>;
   using V = typename S::vec;
   constexpr int L = S::lanes;
+  const V start = V{} + bias;
+  auto finish = [act](V v) __attribute__((always_inline)) { return activate_vector(v, act); };
+  int64_t q = 0;
+  // Rows of whole vectors (row_width, a multiple of L: 112 on AVX-512, 56 and 112 on AVX2): only a
+  // row's first and last vector reach past its edges, so the others skip the masks (Ghost ops at
+  // 112x112 1.02-1.07x faster, Zen 4).
+  if (row_width > L && row_width % L == 0 && n % row_width == 0 && pad < L) {
+    for (; q < n; q += row_width) {
+      const int64_t last = q + row_width - L;
+      S::store(dst + q, finish(at(accumulate ? S::load(dst + q) : start, q, std::true_type{})));
+      for (int64_t v = q + L; v < last; v += L)
+        S::store(dst + v, finish(at(accumulate ? S::load(dst + v) : start, v, std::false_type{})));
+      S::store(dst + last, finish(at(accumulate ? S::load(dst + last) : start, last, std::true_type{})));
+    }
+    return;
+  }
+  for (; q + L <= n; q += L)
+    S::store(dst + q, finish(at(accumulate ? S::load(dst + q) : start, q, std::true_type{})));
+  if (q < n) {  // tail: src and the masks have kSlack readable elements past n; store n - q
+    const V sum = accumulate ? S::load_first(dst + q, n - q) : start;
+    S::store_first(dst + q, finish(at(sum, q, std::true_type{})), n - q);
+  }
+}
+
+template <typename T, int DW>
+GK_INLINE void taps_pass(T* dst, const T* src, int64_t n, const Tap<T>* plane_taps, const T* weights, int64_t dw,
+                         bool accumulate, T bias, Activation act, int64_t row_width) {
+  using V = typename Simd<T>::vec;
   // The plane's taps with this channel's weights, copied here: dst's stores may alias the taps for
   // all the compiler knows (it reloaded them per vector), and weights set in the shared taps just
   // before (one scalar store each) stalled the copy's vector loads on store forwarding, once per
@@ -109,28 +170,24 @@ GK_INLINE void taps_pass(T* dst, const T* src, int64_t n, const Tap<T>* plane_ta
     taps[t] = plane_taps[t];
     taps[t].weight = weights[taps[t].index];
   }
-  const V start = V{} + bias;
-  auto finish = [act](V v) __attribute__((always_inline)) { return activate_vector(v, act); };
-  int64_t q = 0;
-  // Rows of whole vectors (row_width, a multiple of L: 112 on AVX-512, 56 and 112 on AVX2): only a
-  // row's first and last vector reach past its edges, so the others skip the masks (Ghost ops at
-  // 112x112 1.02-1.07x faster, Zen 4).
-  if (row_width > L && row_width % L == 0 && n % row_width == 0 && (DW ? DW : dw) / 2 < L) {
-    for (; q < n; q += row_width) {
-      const int64_t last = q + row_width - L;
-      S::store(dst + q, finish(add_taps<T, DW>(accumulate ? S::load(dst + q) : start, src, q, taps, dw)));
-      for (int64_t v = q + L; v < last; v += L)
-        S::store(dst + v, finish(add_taps<T, DW, false>(accumulate ? S::load(dst + v) : start, src, v, taps, dw)));
-      S::store(dst + last, finish(add_taps<T, DW>(accumulate ? S::load(dst + last) : start, src, last, taps, dw)));
+  const int64_t pad = (DW ? DW : dw) / 2;
+  // Where row_width is known (the inference kernels' bands; Ghost ops 1.02-1.12x faster, Zen 3).
+  // The batch-statistics kernels' whole planes, which pass none, ran their fwd+bwd 1-10% slower
+  // this way, and the backward's adjoint taps no faster.
+  if constexpr (DW > 1) {
+    if (row_width > 0 && forward_taps(taps, DW)) {
+      const T* rows[DW];
+      for (int r = 0; r < DW; ++r) rows[r] = src + taps[DW / 2 * DW + r].offset;
+      return taps_loops(dst, n, accumulate, bias, act, row_width, pad, [&](V sum, int64_t q, auto masked)
+                            __attribute__((always_inline)) {
+        return add_row_taps<T, DW, decltype(masked)::value>(sum, rows, q, taps);
+      });
     }
-    return;
   }
-  for (; q + L <= n; q += L)
-    S::store(dst + q, finish(add_taps<T, DW>(accumulate ? S::load(dst + q) : start, src, q, taps, dw)));
-  if (q < n) {  // tail: src and the masks have kSlack readable elements past n; store n - q
-    const V sum = accumulate ? S::load_first(dst + q, n - q) : start;
-    S::store_first(dst + q, finish(add_taps<T, DW>(sum, src, q, taps, dw)), n - q);
-  }
+  taps_loops(dst, n, accumulate, bias, act, row_width, pad, [&](V sum, int64_t q, auto masked)
+                 __attribute__((always_inline)) {
+    return add_taps<T, DW, decltype(masked)::value>(sum, src, q, taps, dw);
+  });
 }
 
 // dst[q] = act((accumulate ? dst[q] : bias) + the taps at q) for q < n, in one pass: the plane's taps
