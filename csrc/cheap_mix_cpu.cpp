@@ -12,6 +12,7 @@
 #include <algorithm>
 
 #include "gemm.h"
+#include "ghost_common.h"
 #include "isa.h"
 #include "output_pool.h"
 #include "scratch.h"
@@ -42,16 +43,17 @@ void cheap_mix_items(const MixArgs& m, const T* x, const T* w, const T* wt, cons
       T* o = out + n * m.out_batch + c0 * m.out_step + p0;
       gemm_nn<T>(channels, np, m.cin, w + c0 * m.cin, m.cin, 1, x + n * m.x_batch + p0, m.x_step, o, m.out_step,
                  false, panel, [shift, bias](int64_t c, auto v) __attribute__((always_inline)) {
-                   v += shift[c] + (bias ? bias[c] : T(0));
-                   return v < 0 ? decltype(v){} : v;  // NaN stays NaN, as with std::max(v, 0)
+                   return activate_vector(v + (shift[c] + (bias ? bias[c] : T(0))), Activation::ReLU);
                  });
     } else {
       T* o = out + n * m.out_batch + p0 * m.out_step + c0;
       gemm_nn<T>(np, channels, m.cin, x + n * m.x_batch + p0 * m.x_step, m.x_step, 1, wt + c0, m.cout, o,
                  m.out_step, false, panel);
       for (int64_t q = 0; q < np; ++q)
-        for (int64_t c = 0; c < channels; ++c)
-          o[q * m.out_step + c] = std::max(o[q * m.out_step + c] + shift[c] + (bias ? bias[c] : T(0)), T(0));
+        for (int64_t c = 0; c < channels; ++c) {
+          T& value = o[q * m.out_step + c];
+          value = activate(value + shift[c] + (bias ? bias[c] : T(0)), Activation::ReLU);
+        }
     }
   }
 }
