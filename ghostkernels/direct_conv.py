@@ -18,7 +18,7 @@ from torch import nn
 
 from . import _backends, ops
 from .modules import is_same_square_conv, same_conv_output_shape
-from .reference import ACTIVATIONS, conv_backward, conv_output_format
+from .reference import ACTIVATIONS, check_activation, conv_backward, conv_output_format
 
 _lib = torch.library.Library("ghostkernels", "FRAGMENT")
 _lib.define("direct_conv2d(Tensor x, Tensor weight, Tensor? bias, int stride, str activation=\"none\") -> Tensor")
@@ -35,16 +35,11 @@ def _groups(x, weight):
     return x.shape[1] // weight.shape[1]
 
 
-def _check_activation(activation):
-    if activation not in ACTIVATIONS:
-        raise RuntimeError(f"direct_conv2d: activation must be 'relu' or 'none', got '{activation}'")
-
-
 def _check(x, weight, bias, stride, activation):
     """The C++ kernel's argument errors (csrc/direct_conv_cpu.cpp), raised alike by the fake kernel,
     the library fallback and the CUDA kernel: the library conv would raise other ones or none (an
     even kernel, a stride of 3)."""
-    _check_activation(activation)
+    check_activation("direct_conv2d", activation, RuntimeError)
     if x.dim() != 4:
         raise RuntimeError(f"direct_conv2d: x must be 4-D (N, C, H, W), got {x.dim()}-D")
     if x.shape[1] == 0:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import dfc_attention, ghost_train, ops
-from .reference import conv_output_format, dfc_gate, dfc_short_conv, output_memory_format
+from .reference import check_activation, conv_output_format, dfc_gate, dfc_short_conv, output_memory_format
 
 
 def is_same_square_conv(conv):
@@ -49,8 +49,7 @@ def _check_pointwise_conv2d(x, weight, bias, stride, activation, residual):
     check_pointwise("pointwise_conv2d", x, weight, bias)
     if stride < 1:
         raise ValueError(f"pointwise_conv2d: stride must be >= 1, got {stride}")
-    if activation not in ("relu", "none"):
-        raise ValueError(f"pointwise_conv2d: activation must be 'relu' or 'none', got '{activation}'")
+    check_activation("pointwise_conv2d", activation)
     if residual is not None and residual.device != x.device:
         raise ValueError(f"pointwise_conv2d: residual must be on {x.device} as x, got {residual.device}")
 

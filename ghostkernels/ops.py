@@ -14,7 +14,7 @@ import warnings
 import torch
 
 from . import _backends
-from .reference import (ACTIVATIONS, ghost_module_gated_reference, ghost_module_gradients, ghost_module_reference,
+from .reference import (check_activation, ghost_module_gated_reference, ghost_module_gradients, ghost_module_reference,
                         output_memory_format)
 
 _lib = torch.library.Library("ghostkernels", "DEF")
@@ -107,8 +107,7 @@ def check_args(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_ch
         raise ValueError(f"ghost_module: out_channels must be in [{init}, {init + ghosts}], got {out_channels}")
     if stride < 1:
         raise ValueError(f"ghost_module: stride must be >= 1, got {stride}")
-    if not isinstance(activation, str) or activation not in ACTIVATIONS:
-        raise ValueError(f"ghost_module: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    check_activation("ghost_module", activation)
     named = {"primary_weight": primary_weight, "cheap_weight": cheap_weight,
              "primary_bias": primary_bias, "cheap_bias": cheap_bias}
     for name, t in named.items():

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from . import ops
 from .modules import check_pointwise, without_epilogue
-from .reference import ACTIVATIONS
+from .reference import ACTIVATIONS, check_activation
 
 _lib = torch.library.Library("ghostkernels", "FRAGMENT")
 _lib.define("pointwise_conv2d_pool(Tensor x, Tensor weight, Tensor? bias, str activation) -> Tensor")
@@ -24,8 +24,7 @@ _OP = "ghostkernels::pointwise_conv2d_pool"
 
 def _check(x, weight, bias, activation):
     check_pointwise("pointwise_conv2d_pool", x, weight, bias)
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"pointwise_conv2d_pool: activation must be 'relu' or 'none', got {activation!r}")
+    check_activation("pointwise_conv2d_pool", activation)
 
 
 def _composed(x, weight, bias, activation):

@@ -13,6 +13,13 @@ from torch import nn
 ACTIVATIONS = {"relu": F.relu, "none": lambda t: t}
 
 
+def check_activation(op, activation, error=ValueError):
+    """`error` naming op unless activation is a key of ACTIVATIONS (the C++ kernels' message; a
+    non-string, which `in` would fail on when unhashable, included)."""
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise error(f"{op}: activation must be 'relu' or 'none', got {activation!r}")
+
+
 def output_memory_format(x: torch.Tensor) -> torch.memory_format:
     """The output keeps channels_last only when x is channels_last and not also NCHW-contiguous."""
     if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):

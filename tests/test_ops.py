@@ -424,8 +424,8 @@ def test_bad_input(case, error, match):
     [
         (dict(out_channels=9), r"out_channels must be in \[4, 8\]"),
         (dict(out_channels=3), r"out_channels must be in \[4, 8\]"),
-        (dict(out_channels=8, activation="gelu"), "activation must be one of"),
-        (dict(out_channels=8, activation=["relu"]), "activation must be one of"),
+        (dict(out_channels=8, activation="gelu"), "activation must be 'relu' or 'none'"),
+        (dict(out_channels=8, activation=["relu"]), "activation must be 'relu' or 'none'"),
         (dict(out_channels=8, stride=0), "stride must be >= 1"),
     ],
 )
