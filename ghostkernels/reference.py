@@ -14,8 +14,8 @@ ACTIVATIONS = {"relu": F.relu, "none": lambda t: t}
 
 
 def check_activation(op, activation, error=ValueError):
-    """`error` naming op unless activation is a key of ACTIVATIONS (the C++ kernels' message; a
-    non-string, which `in` would fail on when unhashable, included)."""
+    """Raise `error` (the op's own type) naming op unless activation names one of ACTIVATIONS, with
+    the C++ kernels' message."""
     if not isinstance(activation, str) or activation not in ACTIVATIONS:
         raise error(f"{op}: activation must be 'relu' or 'none', got {activation!r}")
 
