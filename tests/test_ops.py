@@ -77,6 +77,20 @@ def test_forward_backward_float32(config):
         assert_matches(g, r, 1e-5)
 
 
+@pytest.mark.parametrize("width", [16, 24, 32, 64])
+@pytest.mark.parametrize("dw", [3, 5, 7])
+def test_float32_rows_of_whole_vectors(dw, width):
+    """Planes whose rows are whole vectors (AVX2: 8 floats, AVX-512: 16), where the cheap op's taps
+    skip the masks inside a row and read each row of taps from one pointer; float64 takes the
+    generic taps, so float32 is what reaches that path."""
+    for stride in (1, 2):
+        out, grads, ref_out, ref_grads = run_both((2, dw, stride, "relu", False, 1), torch.float32, batch=1,
+                                                  size=(5, width * stride))
+        assert_matches(out, ref_out, 1e-5)
+        for g, r in zip(grads, ref_grads):
+            assert_matches(g, r, 1e-5)
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_output_keeps_memory_format(channels_last):
     x = make_input(2, 8, 6, 6, channels_last=channels_last)
