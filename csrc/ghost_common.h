@@ -69,14 +69,15 @@ struct Tap {
   const T* mask;
 };
 
-// sum + sum_t w_t * (mask_t[q] ? src[q + off_t] : 0) at q (one vector of outputs), taps given
+// sum + sum_t w_t * (mask_t[q] ? source(col, r)[q] : 0) at q (one vector of outputs), taps given
 // column by column (dw columns of dw taps that share a mask): one select per column, not per
-// tap. Rows above and below the plane come from the halo rows of the buffer src points into.
+// tap; source(col, r) is where the values of tap r of column col start (src + its offset). Rows
+// above and below the plane come from the halo rows of the buffer src points into.
 // DW: dw as a compile-time constant (the loops unroll and the weights stay in registers), or 0.
 // Masked = false: every lane's column shifts stay inside its row, so the masks are skipped.
-template <typename T, int DW, bool Masked = true>
-GK_INLINE typename Simd<T>::vec add_taps(typename Simd<T>::vec sum, const T* src, int64_t q, const Tap<T>* taps,
-                                         int64_t dw) {
+template <typename T, int DW, bool Masked, typename Source>
+GK_INLINE typename Simd<T>::vec add_taps(typename Simd<T>::vec sum, int64_t q, const Tap<T>* taps, int64_t dw,
+                                         Source source) {
   using S = Simd<T>;
   using V = typename S::vec;
   const int64_t d = DW ? DW : dw;
@@ -85,28 +86,7 @@ GK_INLINE typename Simd<T>::vec add_taps(typename Simd<T>::vec sum, const T* src
     const Tap<T>* column = taps + col * d;
     V part{};
 #pragma GCC unroll 7
-    for (int64_t r = 0; r < d; ++r) part += column[r].weight * S::load(src + q + column[r].offset);
-    if (Masked && column[0].mask) part = S::load(column[0].mask + q) != 0 ? part : V{};
-    sum += part;
-  }
-  return sum;
-}
-
-// add_taps for taps laid out as make_taps lays out a forward op's: tap (col, r) at rows[r] + col -
-// DW / 2, rows[r] = src + the offset of its row. A row's DW taps are loads from one pointer at
-// constant displacements, so a 3x3 op holds 3 pointers, not 9: with one per tap GCC ran out of
-// registers and reloaded a pointer from the stack before each tap's load.
-template <typename T, int DW, bool Masked = true>
-GK_INLINE typename Simd<T>::vec add_row_taps(typename Simd<T>::vec sum, const T* const* rows, int64_t q,
-                                             const Tap<T>* taps) {
-  using S = Simd<T>;
-  using V = typename S::vec;
-#pragma GCC unroll 7
-  for (int64_t col = 0; col < DW; ++col) {
-    const Tap<T>* column = taps + col * DW;
-    V part{};
-#pragma GCC unroll 7
-    for (int64_t r = 0; r < DW; ++r) part += column[r].weight * S::load(rows[r] + q + (col - DW / 2));
+    for (int64_t r = 0; r < d; ++r) part += column[r].weight * S::load(source(col, r) + q);
     if (Masked && column[0].mask) part = S::load(column[0].mask + q) != 0 ? part : V{};
     sum += part;
   }
@@ -171,22 +151,31 @@ GK_INLINE void taps_pass(T* dst, const T* src, int64_t n, const Tap<T>* plane_ta
     taps[t].weight = weights[taps[t].index];
   }
   const int64_t pad = (DW ? DW : dw) / 2;
-  // Where row_width is known (the inference kernels' bands; Ghost ops 1.02-1.12x faster, Zen 3).
-  // The batch-statistics kernels' whole planes, which pass none, ran their fwd+bwd 1-10% slower
-  // this way, and the backward's adjoint taps no faster.
+  // Where row_width is known (the inference kernels' bands) and the taps are a forward op's, each
+  // row of taps is read from one pointer at constant displacements (rows[r] + col - DW / 2): a 3x3
+  // op holds 3 pointers, not 9, which GCC could not keep in registers (it reloaded a pointer from
+  // the stack before each tap's load). Ghost ops 1.02-1.12x faster (Zen 3). The batch-statistics
+  // kernels' whole planes, which pass no row_width, ran their fwd+bwd 1-10% slower this way, and
+  // the backward's adjoint taps no faster.
   if constexpr (DW > 1) {
     if (row_width > 0 && forward_taps(taps, DW)) {
       const T* rows[DW];
       for (int r = 0; r < DW; ++r) rows[r] = src + taps[DW / 2 * DW + r].offset;
       return taps_loops(dst, n, accumulate, bias, act, row_width, pad, [&](V sum, int64_t q, auto masked)
                             __attribute__((always_inline)) {
-        return add_row_taps<T, DW, decltype(masked)::value>(sum, rows, q, taps);
+        return add_taps<T, DW, decltype(masked)::value>(sum, q, taps, DW, [&](int64_t col, int64_t r)
+                                                            __attribute__((always_inline)) {
+          return rows[r] + (col - DW / 2);
+        });
       });
     }
   }
   taps_loops(dst, n, accumulate, bias, act, row_width, pad, [&](V sum, int64_t q, auto masked)
                  __attribute__((always_inline)) {
-    return add_taps<T, DW, decltype(masked)::value>(sum, src, q, taps, dw);
+    return add_taps<T, DW, decltype(masked)::value>(sum, q, taps, dw, [&](int64_t col, int64_t r)
+                                                        __attribute__((always_inline)) {
+      return src + taps[col * (DW ? DW : dw) + r].offset;
+    });
   });
 }
 
