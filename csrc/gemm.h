@@ -16,6 +16,14 @@
 
 namespace ghostkernels {
 
+// {0, 2, 4, ...}: the lanes of a pair of L-lane vectors that hold its even elements (a shuffle index).
+template <typename Index, int L>
+GK_INLINE Index even_lane_indices() {
+  Index i;
+  for (int l = 0; l < L; ++l) i[l] = 2 * l;
+  return i;
+}
+
 // The build's vectors (isa.h: 64 bytes for AVX-512, 32 for AVX2) through GCC/Clang vector extensions.
 template <typename T>
 struct Simd {
@@ -48,11 +56,7 @@ struct Simd {
   // lane indices for __builtin_shuffle: 0, 2, 4, ... picks the even elements of two vectors
   typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> lane_t;
   typedef lane_t index __attribute__((vector_size(GK_VECTOR_BYTES)));
-  GK_INLINE static index even_lanes() {
-    index i;
-    for (int l = 0; l < lanes; ++l) i[l] = 2 * l;
-    return i;
-  }
+  GK_INLINE static index even_lanes() { return even_lane_indices<index, lanes>(); }
 };
 
 // A weight row's values as float32 vectors and scalars, from float32, float64 or the bits of
@@ -132,9 +136,7 @@ GK_INLINE int64_t deinterleave_pairs(const T* src, int64_t n, T* evens, T* odds)
   typedef T V __attribute__((vector_size(Bytes)));
   typedef typename Simd<T>::lane_t I __attribute__((vector_size(Bytes)));
   constexpr int L = Bytes / sizeof(T);
-  I even_lanes;
-  for (int l = 0; l < L; ++l) even_lanes[l] = 2 * l;
-  const I odd_lanes = even_lanes + 1;
+  const I even_lanes = even_lane_indices<I, L>(), odd_lanes = even_lanes + 1;
   const auto pair = [&](int64_t j) __attribute__((always_inline)) {
     V a, b;
     std::memcpy(&a, src + 2 * j, sizeof(V));
