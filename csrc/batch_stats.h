@@ -58,15 +58,8 @@ GK_INLINE void store(T* p, X v) {
   else Simd<T>::store(p, v);
 }
 
-// activate and activation_grad as selects (no branch), for scalars and vectors. `y` is the
-// value before the activation; NaN passes both, as in torch.
-template <typename X>
-GK_INLINE X activate_any(X y, Activation act) {
-  if (act == Activation::None) return y;
-  if constexpr (std::is_floating_point_v<X>) return y < X(0) ? X(0) : y;
-  else return y < 0 ? X{} : y;
-}
-
+// activation_grad as a select (no branch), for scalars and vectors. `y` is the value before the
+// activation; NaN passes, as in torch. (activate_vector is the forward's.)
 template <typename X>
 GK_INLINE X activation_grad_any(X grad, X y, Activation act) {
   if (act == Activation::None) return grad;

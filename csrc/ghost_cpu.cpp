@@ -224,7 +224,7 @@ GK_INLINE void primary_rows_nchw(const ForwardArgs<T>& a, int64_t n, int64_t h0,
   const Activation act = g.act;
   const auto finish = [b1, act, c0](int64_t i, auto v) __attribute__((always_inline)) {
     v += b1 ? b1[c0 + i] : T(0);
-    return act == Activation::ReLU ? (v < 0 ? decltype(v){} : v) : v;  // NaN stays NaN
+    return activate_vector(v, act);
   };
 #ifdef GK_BF16_DOT
   if constexpr (std::is_same_v<T, float>)

@@ -111,7 +111,7 @@ void cheap_pass(const TrainArgs<T>& a, const Normalised<T>& bn1, const T* z1, T*
     const Activation act = g.act;
     over_plane<T>(P, [&](int64_t q, auto x) {
       using X = decltype(x);
-      const X v = activate_any(load<X>(z + q) * scale + shift, act);
+      const X v = activate_vector(load<X>(z + q) * scale + shift, act);
       store(x1 + q, v);
       store(o + q, v);
     });
@@ -136,7 +136,7 @@ void ghost_output_pass(const Geometry& g, const Normalised<T>& bn2, const T* z2,
     const Activation act = g.act;
     over_plane<T>(P, [&](int64_t q, auto x) {
       using X = decltype(x);
-      store(o + q, activate_any(load<X>(z + q) * scale + shift, act));
+      store(o + q, activate_vector(load<X>(z + q) * scale + shift, act));
     });
   }
 }
@@ -180,7 +180,7 @@ void cheap_backward_pass(const TrainArgs<T>& a, const Normalised<T>& bn1, const 
     std::memcpy(dx1, grad + (n * g.out_channels + c) * P, P * sizeof(T));
     over_plane<T>(P, [&](int64_t q, auto x) {
       using X = decltype(x);
-      store(x1 + q, activate_any(load<X>(z + q) * scale1 + shift1, act));
+      store(x1 + q, activate_vector(load<X>(z + q) * scale1 + shift1, act));
     });
     for (int64_t j = g.ghost_begin(c); j < g.ghost_end(c); ++j) {
       const T* dy = grad + (n * g.out_channels + g.init + j) * P;
