@@ -1,100 +1,179 @@
-"""Two builds of the C++ library against each other, on a machine whose speed drifts between processes.
+"""An earlier revision's C++ kernels against the installed ones, both in one process.
 
-    python bench/ab_libraries.py OLD.so NEW.so [--pairs 6] [--batch 1 8] [--shapes 672,160,7 160,960,7] [--threads 2]
+    python bench/ab_libraries.py OLD_REVISION [--rounds 11] [--batch 1 8] [--shapes 672,160,7 160,960,7]
+                                              [--threads 2] [--min-time 0.02]
 
-Copy the library of each build aside first (ghostkernels/_C_avx2*.so or _C_avx512*.so, whichever
-backends() names), e.g. `cp ghostkernels/_C_avx2*.so /tmp/old.so`, rebuild, copy the new one. Each
-pair runs one process with each library in place (the order alternating from pair to pair), every
-process timing the same cases interleaved (bench/cases.py): the Ghost module (GhostNet 1.0x shapes,
-eval) and `pointwise_conv2d` on its input. Printed: per case the median of each build's process
-medians and the per-pair ratios OLD / NEW (> 1: NEW is faster) with their median. Between
-processes of one build the machine drifted by 20-40% (bench/results, Zen 3): a ratio within one
-pair is what holds, not a median across processes. At the end the NEW library is left in place.
-The library is swapped by rename, never copied over: a process with it mapped dies (SIGBUS) when
-the file under it is rewritten, so run nothing else that imports ghostkernels meanwhile.
+OLD_REVISION's csrc/ (any git revision: a commit, HEAD~1, a branch) is compiled with the installed
+build's own flags (its build/temp/<build>/build.ninja, which `pip install --no-build-isolation -e .`
+leaves in the source tree) plus -Dghostkernels=ghostkernels_old, which puts its C++ code and its
+torch.library registrations under a namespace of their own; the schemas of ghostkernels_old are
+copied from the installed ops' before it loads. Each case (bench/cases.py: the Ghost module at
+GhostNet 1.0x shapes, eval, and `pointwise_conv2d` on its input) then calls the op of one build and
+of the other in alternated rounds, outputs compared first (equal, or the largest difference is
+printed). Printed per case: each build's median and old / new, the median of the per-round ratios
+(> 1: the installed build is faster) with its quartiles. Between processes this machine kind's speed
+drifts by 20-40% (bench/results, Zen 3): only a comparison within one process reads a few percent.
+The old library is cached by revision under build/ab/; a case whose op the old revision lacks is
+reported, not compared.
 """
 
 import argparse
-import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
+import time
+
+import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+OLD_NAMESPACE = "ghostkernels_old"
 
 
-def worker(shapes, batches, min_time, threads=None):
-    import torch
+def build_flags(build):
+    """(compiler, flags before the source, flags after it) of the installed build `build` (_C_avx2...)."""
+    path = os.path.join(ROOT, "build", "temp", build, "build.ninja")
+    if not os.path.exists(path):
+        raise SystemExit(f"{path} is missing: build the project first (pip install --no-build-isolation -e .)")
+    values = dict(re.findall(r"^(\w+) = (.*)$", open(path).read(), re.M))
+    return values.get("cxx", "c++"), values["cflags"].split(), values["post_cflags"].split()
 
+
+def build_old_library(revision, build):
+    """The C++ library of `revision`'s csrc/ under the ghostkernels_old namespace: its path."""
+    commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--verify", f"{revision}^{{commit}}"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    library = os.path.join(ROOT, "build", "ab", f"{build}-{commit[:12]}.so")
+    if os.path.exists(library):
+        return library
+    compiler, cflags, post_cflags = build_flags(build)
+    with tempfile.TemporaryDirectory() as tree:
+        archive = subprocess.run(["git", "-C", ROOT, "archive", commit, "csrc"], capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", tree], input=archive, check=True)
+        sources = sorted(os.path.join(tree, "csrc", f) for f in os.listdir(os.path.join(tree, "csrc"))
+                         if f.endswith(".cpp"))
+        objects = [source[:-4] + ".o" for source in sources]
+        running, failed = [], False
+        for source, obj in zip(sources, objects):  # as many compilers at once as cores
+            if len(running) == (os.cpu_count() or 1):
+                failed |= running.pop(0).wait() != 0
+            running.append(subprocess.Popen([compiler, *cflags, source, "-o", obj, *post_cflags,
+                                             f"-Dghostkernels={OLD_NAMESPACE}"]))
+        failed |= any(job.wait() for job in running)
+        if failed:
+            raise SystemExit(f"{revision}'s sources did not compile")
+        torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+        os.makedirs(os.path.dirname(library), exist_ok=True)
+        subprocess.run([compiler, "-shared", *objects, f"-L{torch_lib}", "-lc10", "-ltorch", "-ltorch_cpu",
+                        "-ltorch_python", "-fopenmp", "-s", "-o", library + ".tmp"], check=True)
+    shutil.move(library + ".tmp", library)
+    return library
+
+
+def mirror_schemas(library):
+    """Defines in `library` (a torch.library.Library fragment, ghostkernels_old's) the schema of every
+    ghostkernels op that its namespace lacks: the old build's kernels are registered by name, most schemas by
+    the Python package (its C++ defines a few itself)."""
+    for qualified in sorted(torch._C._dispatch_get_all_op_names()):
+        namespace, name = qualified.split("::", 1)
+        if namespace != "ghostkernels":
+            continue
+        packet = getattr(torch.ops.ghostkernels, name)
+        for overload in packet.overloads():
+            schema = getattr(packet, overload)._schema
+            try:  # the old build's kernel makes an entry for the op, its def a schema
+                torch._C._dispatch_find_schema_or_throw(f"{library.ns}::{name}", schema.overload_name)
+            except RuntimeError:
+                library.define(str(schema).split("::", 1)[1])
+
+
+def make_cases(shapes, batches, namespaces):
+    """{case: {build: callable}} for the builds' op namespaces (torch.ops.ghostkernels...)."""
     sys.path.insert(0, HERE)
-    from cases import interleaved_rounds_ms, make_case
+    from cases import make_case
 
-    if threads:
-        torch.set_num_threads(threads)
-    pointwise = torch.ops.ghostkernels.pointwise_conv2d
     cases = {}
     for batch in batches:
         for inp, oup, size in shapes:
-            module, x, contenders = make_case(inp, oup, size, batch)
-            cases[f"ghost {inp}->{oup}@{size} b{batch}"] = contenders["fused"]
+            module, x, _ = make_case(inp, oup, size, batch)
+            weights = module.folded_weights()
             weight = module.primary_conv[0].weight
             bias = torch.randn(weight.shape[0])
-            cases[f"pointwise {inp}->{weight.shape[0]}@{size} b{batch}"] = (
-                lambda x=x, weight=weight, bias=bias: pointwise(x, weight, bias))
+            cases[f"ghost {inp}->{oup}@{size} b{batch}"] = {
+                build: (lambda ops=ops: ops.ghost_module(x, *weights[:4], oup, 1, "relu"))
+                for build, ops in namespaces.items()}
+            cases[f"pointwise {inp}->{weight.shape[0]}@{size} b{batch}"] = {
+                build: (lambda ops=ops: ops.pointwise_conv2d(x, weight, bias, 1, "relu", None))
+                for build, ops in namespaces.items()}
+    return cases
+
+
+def alternated_ratios(calls, rounds, min_time):
+    """({build: [us per call, a round each]}, [old / new per round]) of calls {"old": f, "new": g},
+    alternating which build goes first."""
+    def per_call_us(fn):
+        fn()
+        count, start = 0, time.perf_counter()
+        while count < 3 or time.perf_counter() - start < min_time:
+            fn()
+            count += 1
+        return (time.perf_counter() - start) / count * 1e6
+
+    times = {"old": [], "new": []}
+    for r in range(rounds):
+        for build in ("old", "new") if r % 2 == 0 else ("new", "old"):
+            times[build].append(per_call_us(calls[build]))
+    return times, [o / n for o, n in zip(times["old"], times["new"])]
+
+
+def compare(cases, rounds, min_time):
+    print(f"{'case':34s} {'old us':>8s} {'new us':>8s}  old / new (quartiles)")
     with torch.inference_mode():
-        rounds = interleaved_rounds_ms(cases, rounds=5, min_time=min_time)
-    print(json.dumps({name: statistics.median(t for r in per_round for t in r) for name, per_round in rounds.items()}))
+        for name, calls in cases.items():
+            try:
+                old, new = calls["old"](), calls["new"]()
+            except (AttributeError, RuntimeError, NotImplementedError) as error:  # an op the old revision lacks
+                print(f"{name:34s} not compared: {str(error).splitlines()[0]}")
+                continue
+            if not torch.equal(old, new):
+                print(f"{name:34s} outputs differ: largest difference {(old - new).abs().max().item():.3g}")
+            times, ratios = alternated_ratios(calls, rounds, min_time)
+            q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+            print(f"{name:34s} {statistics.median(times['old']):8.1f} {statistics.median(times['new']):8.1f}  "
+                  f"{statistics.median(ratios):.3f} ({q[0]:.3f}-{q[2]:.3f})", flush=True)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("old", nargs="?")
-    parser.add_argument("new", nargs="?")
-    parser.add_argument("--pairs", type=int, default=6)
+    parser.add_argument("old", help="the git revision whose csrc/ is the old build")
+    parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--shapes", nargs="+", default=["672,160,7", "160,960,7", "960,160,7", "480,112,14"],
                         help="inp,oup,size of GhostNet-like Ghost modules")
-    parser.add_argument("--min-time", type=float, default=1.0, help="seconds per case per process")
+    parser.add_argument("--min-time", type=float, default=0.02, help="seconds per build per case per round")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes]
-    if args.worker:
-        return worker(shapes, args.batch, args.min_time, args.threads)
-    if not (args.old and args.new):
-        parser.error("OLD and NEW libraries are required")
+    torch.set_num_threads(args.threads)
 
+    import ghostkernels
     from ghostkernels import _backends
-    name, library = _backends.cpu_library()
-    if name is None:
-        raise SystemExit(f"no C++ library to swap: {library}")
-    command = [sys.executable, os.path.abspath(__file__), "--worker", "--batch", *map(str, args.batch),
-               "--shapes", *args.shapes, "--min-time", str(args.min_time), "--threads", str(args.threads)]
-    def put_in_place(path):
-        shutil.copy(path, library + ".swap")
-        os.replace(library + ".swap", library)
 
-    medians = {"old": [], "new": []}
-    try:
-        for pair in range(args.pairs):
-            for build in ("old", "new") if pair % 2 == 0 else ("new", "old"):
-                put_in_place(getattr(args, build))
-                result = subprocess.run(command, capture_output=True, text=True)
-                if result.returncode:
-                    raise SystemExit(f"the {build} build's process failed:\n{result.stderr}")
-                medians[build].append(json.loads(result.stdout.strip().splitlines()[-1]))
-                print(f"pair {pair + 1} {build} done", file=sys.stderr)
-    finally:
-        put_in_place(args.new)
-    print(f"{'case':34s} {'old us':>8s} {'new us':>8s}  old / new per pair (median)")
-    for name in medians["old"][0]:
-        old = [m[name] * 1e3 for m in medians["old"]]
-        new = [m[name] * 1e3 for m in medians["new"]]
-        ratios = [o / n for o, n in zip(old, new)]
-        print(f"{name:34s} {statistics.median(old):8.1f} {statistics.median(new):8.1f}  "
-              f"{' '.join(f'{r:.2f}' for r in ratios)} ({statistics.median(ratios):.3f})")
+    build, library = _backends.cpu_library()
+    if build is None:
+        raise SystemExit(f"no installed C++ library to compare against: {library}")
+    ghostkernels.backends()  # loads the installed build
+    old_library = build_old_library(args.old, build)
+    torch.ops.load_library(old_library)
+    old_namespace = torch.library.Library(OLD_NAMESPACE, "FRAGMENT")
+    mirror_schemas(old_namespace)
+    print(f"old: {args.old} ({old_library}); new: the installed {build}, {args.threads} threads")
+    shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes]
+    namespaces = {"old": getattr(torch.ops, OLD_NAMESPACE), "new": torch.ops.ghostkernels}
+    compare(make_cases(shapes, args.batch, namespaces), args.rounds, args.min_time)
 
 
 if __name__ == "__main__":

@@ -360,12 +360,30 @@ def test_interleaved_rounds_rotate_the_order():
     assert all(len(rounds[name]) == 3 and all(len(r) == 2 for r in rounds[name]) for name in "abc")
 
 
-def test_ab_libraries_worker_times_each_case(capsys):
-    """bench/ab_libraries.py's per-process timing (the driver swaps libraries between such
-    processes): one JSON line, a median per case."""
-    import json
+def test_ab_libraries_mirrors_schemas_and_alternates_builds():
+    """bench/ab_libraries.py: the ghostkernels schemas copied into another namespace (where the old
+    build's kernels register), a case per shape, op and batch calling each build's namespace, and
+    rounds that alternate which build goes first."""
     import ab_libraries
-    ab_libraries.worker([(8, 12, 7)], [1, 2], min_time=0.01)
-    medians = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(medians) == {f"{op} 8->{oup}@7 b{b}" for op, oup in (("ghost", 12), ("pointwise", 6)) for b in (1, 2)}
-    assert all(ms > 0 for ms in medians.values())
+    import torch
+    library = torch.library.Library("ghostkernels_ab_test", "FRAGMENT")
+    ab_libraries.mirror_schemas(library)
+    ab_libraries.mirror_schemas(library)  # what a namespace already has is left alone
+    for name in ("ghost_module", "pointwise_conv2d", "ghost_module_depthwise"):
+        old, new = getattr(torch.ops.ghostkernels_ab_test, name), getattr(torch.ops.ghostkernels, name)
+        assert str(old.default._schema).split("::")[1] == str(new.default._schema).split("::")[1]
+
+    cases = ab_libraries.make_cases([(8, 12, 7)], [1, 2], {"old": torch.ops.ghostkernels, "new": torch.ops.ghostkernels})
+    assert set(cases) == {f"{op} 8->{oup}@7 b{b}" for op, oup in (("ghost", 12), ("pointwise", 6)) for b in (1, 2)}
+    with torch.inference_mode():
+        for calls in cases.values():
+            assert torch.equal(calls["old"](), calls["new"]())
+
+    order = []
+    calls = {build: (lambda build=build: order.append(build)) for build in ("old", "new")}
+    times, ratios = ab_libraries.alternated_ratios(calls, rounds=3, min_time=0.0)
+    firsts = [order[i] for i in range(len(order)) if i == 0 or order[i] != order[i - 1]]
+    assert firsts == ["old", "new", "old", "new"] and len(ratios) == 3
+    assert all(len(t) == 3 and min(t) > 0 for t in times.values())
+
+
