@@ -96,6 +96,12 @@ def make_cases(shapes, batches, namespaces):
     sys.path.insert(0, HERE)
     from cases import make_case
 
+    def ghost(ops, x, weights, oup):
+        return lambda: ops.ghost_module(x, *weights[:4], oup, 1, "relu")
+
+    def pointwise(ops, x, weight, bias):
+        return lambda: ops.pointwise_conv2d(x, weight, bias, 1, "relu", None)
+
     cases = {}
     for batch in batches:
         for inp, oup, size in shapes:
@@ -104,11 +110,9 @@ def make_cases(shapes, batches, namespaces):
             weight = module.primary_conv[0].weight
             bias = torch.randn(weight.shape[0])
             cases[f"ghost {inp}->{oup}@{size} b{batch}"] = {
-                build: (lambda ops=ops: ops.ghost_module(x, *weights[:4], oup, 1, "relu"))
-                for build, ops in namespaces.items()}
+                build: ghost(ops, x, weights, oup) for build, ops in namespaces.items()}
             cases[f"pointwise {inp}->{weight.shape[0]}@{size} b{batch}"] = {
-                build: (lambda ops=ops: ops.pointwise_conv2d(x, weight, bias, 1, "relu", None))
-                for build, ops in namespaces.items()}
+                build: pointwise(ops, x, weight, bias) for build, ops in namespaces.items()}
     return cases
 
 

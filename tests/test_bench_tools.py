@@ -364,6 +364,8 @@ def test_ab_libraries_mirrors_schemas_and_alternates_builds():
     """bench/ab_libraries.py: the ghostkernels schemas copied into another namespace (where the old
     build's kernels register), a case per shape, op and batch calling each build's namespace, and
     rounds that alternate which build goes first."""
+    import re
+
     import ab_libraries
     import torch
     library = torch.library.Library("ghostkernels_ab_test", "FRAGMENT")
@@ -373,10 +375,14 @@ def test_ab_libraries_mirrors_schemas_and_alternates_builds():
         old, new = getattr(torch.ops.ghostkernels_ab_test, name), getattr(torch.ops.ghostkernels, name)
         assert str(old.default._schema).split("::")[1] == str(new.default._schema).split("::")[1]
 
-    cases = ab_libraries.make_cases([(8, 12, 7)], [1, 2], {"old": torch.ops.ghostkernels, "new": torch.ops.ghostkernels})
-    assert set(cases) == {f"{op} 8->{oup}@7 b{b}" for op, oup in (("ghost", 12), ("pointwise", 6)) for b in (1, 2)}
+    namespaces = {"old": torch.ops.ghostkernels, "new": torch.ops.ghostkernels}
+    cases = ab_libraries.make_cases([(8, 12, 7), (4, 6, 5)], [1, 2], namespaces)
+    assert set(cases) == {f"{op} {inp}->{oup}@{size} b{b}" for inp, size, ghost_oup in ((8, 7, 12), (4, 5, 6))
+                          for op, oup in (("ghost", ghost_oup), ("pointwise", ghost_oup // 2)) for b in (1, 2)}
     with torch.inference_mode():
-        for calls in cases.values():
+        for name, calls in cases.items():  # each case on its own shape (not the last one made)
+            oup, size, batch = (int(v) for v in re.match(r"\w+ \d+->(\d+)@(\d+) b(\d+)", name).groups())
+            assert calls["old"]().shape == (batch, oup, size, size), name
             assert torch.equal(calls["old"](), calls["new"]())
 
     order = []
