@@ -6,8 +6,8 @@
 OLD_REVISION's csrc/ (any git revision: a commit, HEAD~1, a branch) is compiled with the installed
 build's own flags (its build/temp/<build>/build.ninja, which `pip install --no-build-isolation -e .`
 leaves in the source tree) plus -Dghostkernels=ghostkernels_old, which puts its C++ code and its
-torch.library registrations under a namespace of their own; the schemas of ghostkernels_old are
-copied from the installed ops' before it loads. Each case (bench/cases.py: the Ghost module at
+torch.library registrations under a namespace of their own; once it is loaded, the schemas it does
+not define itself are copied from the installed ops'. Each case (bench/cases.py: the Ghost module at
 GhostNet 1.0x shapes, eval, and `pointwise_conv2d` on its input) then calls the op of one build and
 of the other in alternated rounds, outputs compared first (equal, or the largest difference is
 printed). Printed per case: each build's median and old / new, the median of the per-round ratios
@@ -76,8 +76,8 @@ def build_old_library(revision, build):
 
 def mirror_schemas(library):
     """Defines in `library` (a torch.library.Library fragment, ghostkernels_old's) the schema of every
-    ghostkernels op that its namespace lacks: the old build's kernels are registered by name, most schemas by
-    the Python package (its C++ defines a few itself)."""
+    ghostkernels op that its namespace lacks: the old build's kernels are registered by name, and
+    most schemas by the Python package (the C++ defines a few itself)."""
     for qualified in sorted(torch._C._dispatch_get_all_op_names()):
         namespace, name = qualified.split("::", 1)
         if namespace != "ghostkernels":
