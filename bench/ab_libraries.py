@@ -8,7 +8,8 @@ build's own flags (its build/temp/<build>/build.ninja, which `pip install --no-b
 leaves in the source tree) plus -Dghostkernels=ghostkernels_old, which puts its C++ code and its
 torch.library registrations under a namespace of their own; once it is loaded, the schemas it does
 not define itself are copied from the installed ops'. Each case (bench/cases.py: the Ghost module at
-GhostNet 1.0x shapes, eval, and `pointwise_conv2d` on its input) then calls the op of one build and
+GhostNet 1.0x shapes, eval; `pointwise_conv2d` on its input; the Ghost module into a 3x3 stride-2
+depthwise conv, `ghost_module_depthwise`; a 3x3 stride-2 depthwise `direct_conv2d` of its input) then calls the op of one build and
 of the other in alternated rounds, outputs compared first (equal, or the largest difference is
 printed). Printed per case: each build's median and old / new, the median of the per-round ratios
 (> 1: the installed build is faster) with its quartiles. Between processes this machine kind's speed
@@ -102,6 +103,12 @@ def make_cases(shapes, batches, namespaces):
     def pointwise(ops, x, weight, bias):
         return lambda: ops.pointwise_conv2d(x, weight, bias, 1, "relu", None)
 
+    def ghost_depthwise(ops, x, weights, oup, depthwise, depthwise_bias):
+        return lambda: ops.ghost_module_depthwise(x, *weights[:4], oup, 1, "relu", depthwise, depthwise_bias, 2)
+
+    def depthwise_conv(ops, x, depthwise, depthwise_bias):
+        return lambda: ops.direct_conv2d(x, depthwise, depthwise_bias, 2, "none")
+
     cases = {}
     for batch in batches:
         for inp, oup, size in shapes:
@@ -113,6 +120,14 @@ def make_cases(shapes, batches, namespaces):
                 build: ghost(ops, x, weights, oup) for build, ops in namespaces.items()}
             cases[f"pointwise {inp}->{weight.shape[0]}@{size} b{batch}"] = {
                 build: pointwise(ops, x, weight, bias) for build, ops in namespaces.items()}
+            # a GhostBottleneck's ghost1 with its stride-2 3x3 conv_dw, and a shortcut's depthwise conv
+            depthwise, depthwise_bias = torch.randn(oup, 1, 3, 3), torch.randn(oup)
+            cases[f"ghost+dw s2 {inp}->{oup}@{size} b{batch}"] = {
+                build: ghost_depthwise(ops, x, weights, oup, depthwise, depthwise_bias)
+                for build, ops in namespaces.items()}
+            shortcut, shortcut_bias = torch.randn(inp, 1, 3, 3), torch.randn(inp)
+            cases[f"depthwise s2 {inp}@{size} b{batch}"] = {
+                build: depthwise_conv(ops, x, shortcut, shortcut_bias) for build, ops in namespaces.items()}
     return cases
 
 

@@ -364,8 +364,6 @@ def test_ab_libraries_mirrors_schemas_and_alternates_builds():
     """bench/ab_libraries.py: the ghostkernels schemas copied into another namespace (where the old
     build's kernels register), a case per shape, op and batch calling each build's namespace, and
     rounds that alternate which build goes first."""
-    import re
-
     import ab_libraries
     import torch
     library = torch.library.Library("ghostkernels_ab_test", "FRAGMENT")
@@ -377,12 +375,16 @@ def test_ab_libraries_mirrors_schemas_and_alternates_builds():
 
     namespaces = {"old": torch.ops.ghostkernels, "new": torch.ops.ghostkernels}
     cases = ab_libraries.make_cases([(8, 12, 7), (4, 6, 5)], [1, 2], namespaces)
-    assert set(cases) == {f"{op} {inp}->{oup}@{size} b{b}" for inp, size, ghost_oup in ((8, 7, 12), (4, 5, 6))
-                          for op, oup in (("ghost", ghost_oup), ("pointwise", ghost_oup // 2)) for b in (1, 2)}
+    shapes = {f"{op} {inp}->{oup}@{size} b{b}": (b, oup, out_size, out_size)
+              for inp, size, ghost_oup in ((8, 7, 12), (4, 5, 6)) for b in (1, 2)
+              for op, oup, out_size in (("ghost", ghost_oup, size), ("pointwise", ghost_oup // 2, size),
+                                        ("ghost+dw s2", ghost_oup, (size + 1) // 2))}
+    shapes.update({f"depthwise s2 {inp}@{size} b{b}": (b, inp, (size + 1) // 2, (size + 1) // 2)
+                   for inp, size in ((8, 7), (4, 5)) for b in (1, 2)})
+    assert set(cases) == set(shapes)
     with torch.inference_mode():
         for name, calls in cases.items():  # each case on its own shape (not the last one made)
-            oup, size, batch = (int(v) for v in re.match(r"\w+ \d+->(\d+)@(\d+) b(\d+)", name).groups())
-            assert calls["old"]().shape == (batch, oup, size, size), name
+            assert calls["old"]().shape == shapes[name], name
             assert torch.equal(calls["old"](), calls["new"]())
 
     order = []
