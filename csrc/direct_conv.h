@@ -97,9 +97,9 @@ GK_INLINE void padded_row(T* dst, const T* src, int64_t n) {
 // Where phase rx of a padded row holds the input: padded column ix + pad sits in phase (ix + pad) % S
 // at (ix + pad) / S, so the row's input columns are [lead, lead + columns) of it.
 struct PhaseColumns {
-  int64_t lead, columns;
+  int64_t rx, lead, columns;
   PhaseColumns(int64_t width, int64_t pad, int64_t S, int64_t rx)
-      : lead((pad - rx + S - 1) / S), columns((width + pad - rx + S - 1) / S - lead) {}
+      : rx(rx), lead((pad - rx + S - 1) / S), columns((width + pad - rx + S - 1) / S - lead) {}
 };
 
 // Zeros in the phases before their first row of input and after their last (the padding rows, and
@@ -113,9 +113,8 @@ GK_INLINE void zero_outside_rows(const PlaneGeometry<T>& g, int64_t oh0, int64_t
                                  T* phases) {
   const int64_t pad = g.pad(), phase_width = g.phase_width(), phase_size = g.phase_size();
   for (int64_t ry = 0; ry < S; ++ry) {
-    // the phase rows [first, last) that hold input rows: padded rows ih + pad with (ih + pad) % S == ry
-    const int64_t first = (ih_begin + pad + (S + ry - (ih_begin + pad) % S) % S) / S - oh0;
-    const int64_t last = (ih_end + pad - 1 - (S + (ih_end + pad - 1) % S - ry) % S) / S - oh0 + 1;
+    // the phase rows [first, last) that hold input rows: padded rows ih + pad = ry + S * (oh0 + row)
+    const int64_t first = (ih_begin + pad - ry + S - 1) / S - oh0, last = (ih_end + pad - 1 - ry) / S + 1 - oh0;
     for (int64_t rx = 0; rx < S; ++rx) {
       T* phase = phases + (ry * S + rx) * phase_size;
       const PhaseColumns c(g.width, pad, S, rx);
@@ -156,24 +155,22 @@ GK_INLINE void fill_phases(const T* x, int64_t x_row0, const PlaneGeometry<T>& g
     T* dst = phases + (row % S) * S * phase_size + (row / S - oh0) * phase_width;
     const T* src = x + (ih - x_row0) * g.width;
     if (S == 1) {
-      copy_run(dst + pad, src, g.width);
-      zero_gap(dst + pad + g.width, even);
+      copy_run(dst + even.lead, src, g.width);
+      zero_gap(dst + even.lead + even.columns, even);
       continue;
     }
-    // column ix sits in phase (ix + pad) % 2 at (ix + pad) / 2
-    T* even_dst = dst + (pad % 2) * phase_size + pad / 2;
-    T* odd_dst = dst + (1 - pad % 2) * phase_size + (pad + 1) / 2;
+    T* even_dst = dst + even.rx * phase_size + even.lead;
+    T* odd_dst = dst + odd.rx * phase_size + odd.lead;
     zero_gap(even_dst + even.columns, even);
     zero_gap(odd_dst + odd.columns, odd);
     if (split_band) {
       const T* evens = split + (ih - ih_begin) * half_width;
       if (vector_rows) {
-        // column ix sits at (ix + pad) / 2: the even phase row leads with pad / 2 zeros, the odd
-        // one with (pad + 1) / 2, each 0 or 1 for k <= 5
+        // each phase row leads with its `lead` zeros, 0 or 1 for k <= 5
         const T* odds = evens + g.split_size() / 2;
-        if (pad / 2 == 0) padded_row<T, 0>(even_dst, evens, half_width);
+        if (even.lead == 0) padded_row<T, 0>(even_dst, evens, half_width);
         else padded_row<T, 1>(even_dst - 1, evens, half_width);
-        if ((pad + 1) / 2 == 0) padded_row<T, 0>(odd_dst, odds, half_width);
+        if (odd.lead == 0) padded_row<T, 0>(odd_dst, odds, half_width);
         else padded_row<T, 1>(odd_dst - 1, odds, half_width);
         continue;
       }
