@@ -26,12 +26,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+from cases import interleaved_rounds_ms, make_case, round_ratios  # noqa: E402
 OLD_NAMESPACE = "ghostkernels_old"
 
 
@@ -94,9 +95,6 @@ def mirror_schemas(library):
 
 def make_cases(shapes, batches, namespaces):
     """{case: {build: callable}} for the builds' op namespaces (torch.ops.ghostkernels...)."""
-    sys.path.insert(0, HERE)
-    from cases import make_case
-
     def ghost(ops, x, weights, oup):
         return lambda: ops.ghost_module(x, *weights[:4], oup, 1, "relu")
 
@@ -131,25 +129,8 @@ def make_cases(shapes, batches, namespaces):
     return cases
 
 
-def alternated_ratios(calls, rounds, min_time):
-    """({build: [us per call, a round each]}, [old / new per round]) of calls {"old": f, "new": g},
-    alternating which build goes first."""
-    def per_call_us(fn):
-        fn()
-        count, start = 0, time.perf_counter()
-        while count < 3 or time.perf_counter() - start < min_time:
-            fn()
-            count += 1
-        return (time.perf_counter() - start) / count * 1e6
-
-    times = {"old": [], "new": []}
-    for r in range(rounds):
-        for build in ("old", "new") if r % 2 == 0 else ("new", "old"):
-            times[build].append(per_call_us(calls[build]))
-    return times, [o / n for o, n in zip(times["old"], times["new"])]
-
-
 def compare(cases, rounds, min_time):
+    """Prints each case's line; min_time: seconds per build per case per round."""
     print(f"{'case':34s} {'old us':>8s} {'new us':>8s}  old / new (quartiles)")
     with torch.inference_mode():
         for name, calls in cases.items():
@@ -160,10 +141,12 @@ def compare(cases, rounds, min_time):
                 continue
             if not torch.equal(old, new):
                 print(f"{name:34s} outputs differ: largest difference {(old - new).abs().max().item():.3g}")
-            times, ratios = alternated_ratios(calls, rounds, min_time)
+            rounds_ms = interleaved_rounds_ms(calls, rounds, min_time * rounds)
+            ratios = round_ratios(rounds_ms, "old", "new")
             q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
-            print(f"{name:34s} {statistics.median(times['old']):8.1f} {statistics.median(times['new']):8.1f}  "
-                  f"{statistics.median(ratios):.3f} ({q[0]:.3f}-{q[2]:.3f})", flush=True)
+            old_us, new_us = (statistics.median(statistics.median(r) for r in rounds_ms[b]) * 1e3 for b in ("old", "new"))
+            print(f"{name:34s} {old_us:8.1f} {new_us:8.1f}  {statistics.median(ratios):.3f} ({q[0]:.3f}-{q[2]:.3f})",
+                  flush=True)
 
 
 def main():

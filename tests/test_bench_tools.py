@@ -360,10 +360,10 @@ def test_interleaved_rounds_rotate_the_order():
     assert all(len(rounds[name]) == 3 and all(len(r) == 2 for r in rounds[name]) for name in "abc")
 
 
-def test_ab_libraries_mirrors_schemas_and_alternates_builds():
+def test_ab_libraries_mirrors_schemas_and_compares_builds(capsys):
     """bench/ab_libraries.py: the ghostkernels schemas copied into another namespace (where the old
-    build's kernels register), a case per shape, op and batch calling each build's namespace, and
-    rounds that alternate which build goes first."""
+    build's kernels register), a case per shape, op and batch calling each build's namespace, and a
+    line per case from the comparison (interleaved_rounds_ms alternates the builds)."""
     import ab_libraries
     import torch
     library = torch.library.Library("ghostkernels_ab_test", "FRAGMENT")
@@ -387,11 +387,11 @@ def test_ab_libraries_mirrors_schemas_and_alternates_builds():
             assert calls["old"]().shape == shapes[name], name
             assert torch.equal(calls["old"](), calls["new"]())
 
-    order = []
-    calls = {build: (lambda build=build: order.append(build)) for build in ("old", "new")}
-    times, ratios = ab_libraries.alternated_ratios(calls, rounds=3, min_time=0.0)
-    firsts = [order[i] for i in range(len(order)) if i == 0 or order[i] != order[i - 1]]
-    assert firsts == ["old", "new", "old", "new"] and len(ratios) == 3
-    assert all(len(t) == 3 and min(t) > 0 for t in times.values())
+    ab_libraries.compare(cases, rounds=2, min_time=0.0)  # the same kernels both sides: no difference
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 + len(cases) and not any("differ" in line or "not compared" in line for line in lines)
+    for line, name in zip(lines[1:], cases):  # each case's times and old / new, in the cases' order
+        old_us, new_us, ratio = (float(v) for v in line[len(name):].split()[:3])
+        assert line.startswith(name) and old_us > 0 and new_us > 0 and ratio > 0
 
 
