@@ -58,15 +58,6 @@ GK_INLINE void store(T* p, X v) {
   else Simd<T>::store(p, v);
 }
 
-// activation_grad as a select (no branch), for scalars and vectors. `y` is the value before the
-// activation; NaN passes, as in torch. (activate_vector is the forward's.)
-template <typename X>
-GK_INLINE X activation_grad_any(X grad, X y, Activation act) {
-  if (act == Activation::None) return grad;
-  if constexpr (std::is_floating_point_v<X>) return y <= X(0) ? X(0) : grad;
-  else return y <= 0 ? X{} : grad;
-}
-
 // The sum of a vector's lanes, or a scalar.
 template <typename X>
 GK_INLINE auto lanes_sum(X v) {
@@ -153,7 +144,7 @@ GK_INLINE void plane_grad_sums(const T* grad, const T* z, int64_t P, const Norma
   over_plane<T>(P, [&](int64_t q, auto x) {
     using X = decltype(x);
     const X zq = load<X>(z + q);
-    const X g = activation_grad_any(load<X>(grad + q), zq * scale + shift, act);
+    const X g = activation_grad(load<X>(grad + q), zq * scale + shift, act);
     if constexpr (std::is_same_v<X, T>) {
       dy_s += g;
       dyz_s += g * (zq - mean);

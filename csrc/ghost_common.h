@@ -52,11 +52,14 @@ GK_INLINE V activate_vector(V v, Activation act) {
   else return act == Activation::ReLU ? (v < 0 ? V{} : v) : v;
 }
 
-// ReLU's backward as torch's threshold_backward: the grad passes where the output is NaN.
-// `activated` may be the value before the activation: its sign decides the same way.
-template <typename T>
-GK_INLINE T activation_grad(T grad, T activated, Activation act) {
-  return (act == Activation::ReLU && activated <= T(0)) ? T(0) : grad;
+// ReLU's backward as torch's threshold_backward, on a scalar or a vector (a select, no branch
+// per lane): the grad passes where the output is NaN. `activated` may be the value before the
+// activation: its sign decides the same way.
+template <typename X>
+GK_INLINE X activation_grad(X grad, X activated, Activation act) {
+  if (act == Activation::None) return grad;
+  if constexpr (std::is_floating_point_v<X>) return activated <= X(0) ? X(0) : grad;
+  else return activated <= 0 ? X{} : grad;
 }
 
 // One depthwise tap on a flattened plane: src offset, weight, its index in the d x d

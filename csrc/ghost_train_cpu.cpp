@@ -190,7 +190,7 @@ void cheap_backward_pass(const TrainArgs<T>& a, const Normalised<T>& bn1, const 
       over_plane<T>(P, [&](int64_t q, auto x) {
         using X = decltype(x);
         const X zq = load<X>(z2j + q);
-        store(dz2 + q, scale * (activation_grad_any(load<X>(dy + q), zq * scale + shift, act) - mean_dy -
+        store(dz2 + q, scale * (activation_grad(load<X>(dy + q), zq * scale + shift, act) - mean_dy -
                                 (zq - mean) * slope));
       });
       apply_taps(dx1, dz2, P, adjoint.data(), a.w2 + j * taps_n, g.dw, true, T(0), Activation::None);
@@ -198,7 +198,7 @@ void cheap_backward_pass(const TrainArgs<T>& a, const Normalised<T>& bn1, const 
     }
     over_plane<T>(P, [&](int64_t q, auto x) {
       using X = decltype(x);
-      store(dx1 + q, activation_grad_any(load<X>(dx1 + q), load<X>(z + q) * scale1 + shift1, act));
+      store(dx1 + q, activation_grad(load<X>(dx1 + q), load<X>(z + q) * scale1 + shift1, act));
     });
     plane_grad_sums(dx1, z, P, bn1, c, Activation::None, sums + item * 2);
   }
