@@ -158,10 +158,17 @@ void shifted_items(const T* x, const T* w, const T* bias, Activation act, T* out
 // The argument errors of direct_conv2d and of its backward (direct_conv.py's _check raises the same
 // from the fake kernels and the fallbacks). Mixed dtypes are no error: they go to at::conv2d, which
 // autocast (not excluded inside a custom op's kernel) casts.
+// Without expected_groups any multiple of weight.size(1) channels is a grouped conv: a 6-channel x
+// of a 3-channel stem would run as two groups where the conv it replaced raises.
 void check_conv_arguments(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                          int64_t stride) {
+                          int64_t stride, c10::optional<int64_t> expected_groups = c10::nullopt) {
   TORCH_CHECK(x.dim() == 4, "direct_conv2d: x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
   TORCH_CHECK(x.size(1) > 0, "direct_conv2d: x must have at least one channel, got ", x.sizes());
+  TORCH_CHECK(!expected_groups.has_value() ||
+                  (*expected_groups >= 1 && weight.dim() == 4 && x.size(1) == *expected_groups * weight.size(1)),
+              "direct_conv2d: x has ", x.size(1), " channels, expected groups x weight.shape[1] = ",
+              expected_groups.value_or(0), " x ", weight.dim() == 4 ? weight.size(1) : -1, " (weight ",
+              weight.sizes(), ")");
   // F.conv2d rejects an empty plane too (its padded size is smaller than the kernel).
   TORCH_CHECK(x.size(2) > 0 && x.size(3) > 0, "direct_conv2d: x must have H, W >= 1, got ", x.sizes());
   TORCH_CHECK(weight.dim() == 4 && weight.size(1) > 0 && x.size(1) % weight.size(1) == 0 &&
@@ -174,9 +181,11 @@ void check_conv_arguments(const at::Tensor& x, const at::Tensor& weight, const c
   TORCH_CHECK(stride == 1 || stride == 2, "direct_conv2d: stride must be 1 or 2, got ", stride);
 }
 
+// expected_groups: the library's modules pass their conv's groups, so that x's channel count is
+// checked; c10::nullopt infers them from it.
 at::Tensor direct_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                             int64_t stride, c10::string_view activation) {
-  check_conv_arguments(x, weight, bias, stride);
+                             int64_t stride, c10::string_view activation, c10::optional<int64_t> expected_groups) {
+  check_conv_arguments(x, weight, bias, stride, expected_groups);
   const Activation act = parse_activation(activation, "direct_conv2d");
   const int64_t k = weight.size(2), group_inputs = weight.size(1), groups = x.size(1) / group_inputs;
   // A channels_last stem (one group of at most 4 inputs) is made NCHW for this kernel, whose

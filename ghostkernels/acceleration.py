@@ -203,7 +203,7 @@ def _folded_conv(conv, bn):
     with torch.no_grad():
         weight, bias = (t.detach().clone() for t in fold_conv_bn(conv, bn))
     if DirectConv2d.eligible(conv):
-        return DirectConv2d(weight, bias, conv.stride[0])
+        return DirectConv2d(weight, bias, conv.stride[0], conv.groups)
     folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                        conv.dilation, conv.groups, True, conv.padding_mode,
                        device=conv.weight.device, dtype=conv.weight.dtype)

@@ -3,7 +3,8 @@
 
 What a stride-2 `conv_dw` + `bn_dw`, a shortcut's depthwise conv + BN, or the 3-channel stem
 conv + BN become once accelerate() folds the BN: convs whose groups read few channels
-(groups = C / weight.shape[1]). freeze() gives the stem's op the ReLU that follows it
+(groups = C / weight.shape[1], or the op's `groups`, which the library's modules pass: x's channel
+count is then checked, as the conv they replace checks it). freeze() gives the stem's op the ReLU that follows it
 (fuse_direct_conv_relus): one pass over the 112x112 output instead of two. The C++ CPU kernel
 (csrc/direct_conv_cpu.cpp) serves NCHW float32/64 with at most 4 input channels per group (a
 channels_last stem is made NCHW for it) and hands other convs and layouts to at::conv2d; on
@@ -21,7 +22,8 @@ from .modules import is_same_square_conv, same_conv_output_shape
 from .reference import ACTIVATIONS, check_activation, conv_backward, conv_output_format
 
 _lib = torch.library.Library("ghostkernels", "FRAGMENT")
-_lib.define("direct_conv2d(Tensor x, Tensor weight, Tensor? bias, int stride, str activation=\"none\") -> Tensor")
+_lib.define("direct_conv2d(Tensor x, Tensor weight, Tensor? bias, int stride, str activation=\"none\", "
+            "int? groups=None) -> Tensor")
 # (grad_x, grad_weight, grad_bias); the C++ kernel serves depthwise convs (csrc/direct_conv_cpu.cpp).
 _lib.define("direct_conv2d_backward(Tensor grad, Tensor x, Tensor weight, int stride) -> (Tensor, Tensor, Tensor)")
 
@@ -35,15 +37,19 @@ def _groups(x, weight):
     return x.shape[1] // weight.shape[1]
 
 
-def _check(x, weight, bias, stride, activation):
+def _check(x, weight, bias, stride, activation, groups=None):
     """The C++ kernel's argument errors (csrc/direct_conv_cpu.cpp), raised alike by the fake kernel,
     the library fallback and the CUDA kernel: the library conv would raise other ones or none (an
-    even kernel, a stride of 3)."""
+    even kernel, a stride of 3). Without `groups` any multiple of weight.shape[1] channels is a
+    grouped conv: a 6-channel x of a 3-channel stem would run as 2 groups."""
     check_activation("direct_conv2d", activation, RuntimeError)
     if x.dim() != 4:
         raise RuntimeError(f"direct_conv2d: x must be 4-D (N, C, H, W), got {x.dim()}-D")
     if x.shape[1] == 0:
         raise RuntimeError(f"direct_conv2d: x must have at least one channel, got {tuple(x.shape)}")
+    if groups is not None and (groups < 1 or weight.dim() != 4 or x.shape[1] != groups * weight.shape[1]):
+        raise RuntimeError(f"direct_conv2d: x has {x.shape[1]} channels, expected groups x weight.shape[1] = "
+                           f"{groups} x {weight.shape[1] if weight.dim() == 4 else -1} (weight {list(weight.shape)})")
     if x.shape[2] == 0 or x.shape[3] == 0:
         raise RuntimeError(f"direct_conv2d: x must have H, W >= 1, got {tuple(x.shape)}")
     if not (weight.dim() == 4 and weight.shape[1] > 0 and x.shape[1] % weight.shape[1] == 0
@@ -66,8 +72,8 @@ def _check_backward(grad, x, weight, stride):
 
 
 @torch.library.register_fake("ghostkernels::direct_conv2d")
-def _fake(x, weight, bias, stride, activation="none"):
-    _check(x, weight, bias, stride, activation)  # raised before anything runs
+def _fake(x, weight, bias, stride, activation="none", groups=None):
+    _check(x, weight, bias, stride, activation, groups)  # raised before anything runs
     return x.new_empty(same_conv_output_shape(x, weight, stride)).contiguous(memory_format=conv_output_format(x))
 
 
@@ -79,8 +85,8 @@ def _library(x, weight, bias, stride, activation):
 
 
 @torch.library.impl(_lib, "direct_conv2d", "CompositeExplicitAutograd")
-def _fallback(x, weight, bias, stride, activation="none"):
-    _check(x, weight, bias, stride, activation)
+def _fallback(x, weight, bias, stride, activation="none", groups=None):
+    _check(x, weight, bias, stride, activation, groups)
     return _library(x, weight, bias, stride, activation)
 
 
@@ -98,10 +104,10 @@ def takes_triton(x, weight, bias):
 
 
 @torch.library.impl(_lib, "direct_conv2d", "CUDA")
-def _cuda(x, weight, bias, stride, activation="none"):
+def _cuda(x, weight, bias, stride, activation="none", groups=None):
     """One Triton launch with the bias and ReLU in its stores, where takes_triton; else the
     library conv and the ReLU after it."""
-    ops.check_once(_check, x, weight, bias, stride, activation)
+    ops.check_once(_check, x, weight, bias, stride, activation, groups)
     kernels = _backends.triton_kernels("triton_direct_conv") if takes_triton(x, weight, bias) else None
     if kernels is None:
         return _library(x, weight, bias, stride, activation)
@@ -124,7 +130,7 @@ def _backward_fallback(grad, x, weight, stride):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, stride, activation = inputs
+    x, weight, bias, stride, activation = inputs[:5]
     ctx.relu = activation == "relu"
     ctx.save_for_backward(x, weight, output if ctx.relu else None)
     ctx.stride, ctx.has_bias = stride, bias is not None
@@ -137,7 +143,7 @@ def _backward(ctx, grad):
     # create_graph=True (grad mode on): the library's backward, which autograd differentiates again
     backward = _backward_fallback if torch.is_grad_enabled() else torch.ops.ghostkernels.direct_conv2d_backward
     grad_x, grad_weight, grad_bias = backward(grad, x, weight, ctx.stride)
-    return grad_x, grad_weight, grad_bias if ctx.has_bias else None, None, None
+    return grad_x, grad_weight, grad_bias if ctx.has_bias else None, None, None, None
 
 
 torch.library.register_autograd("ghostkernels::direct_conv2d", _backward, setup_context=_setup_context)
@@ -157,7 +163,8 @@ def fuse_direct_conv_relus(graph):
             continue
         activation = graph.insertConstant(ops.GRAPH_ACTIVATIONS[relu.kind()])
         activation.node().moveBefore(relu)
-        ops.replace_chain(graph, "ghostkernels::direct_conv2d", [*list(conv.inputs())[:4], activation], [conv, relu])
+        inputs = list(conv.inputs())
+        ops.replace_chain(graph, "ghostkernels::direct_conv2d", [*inputs[:4], activation, inputs[5]], [conv, relu])
         fused += 1
     return fused
 
@@ -169,11 +176,12 @@ class DirectConv2d(nn.Module):
 
     __prepare_scriptable__ = ops.refuse_torchscript
 
-    def __init__(self, weight, bias, stride):
+    def __init__(self, weight, bias, stride, groups):
         super().__init__()
         self.weight = nn.Parameter(weight)
         self.bias = nn.Parameter(bias) if bias is not None else None
         self.stride = stride
+        self.groups = groups
 
     @staticmethod
     def eligible(conv):
@@ -188,15 +196,15 @@ class DirectConv2d(nn.Module):
     @classmethod
     def from_conv(cls, conv):
         bias = conv.bias.detach().clone() if conv.bias is not None else None
-        return cls(conv.weight.detach().clone(), bias, conv.stride[0])
+        return cls(conv.weight.detach().clone(), bias, conv.stride[0], conv.groups)
 
     def forward(self, x):
         if ops.onnx_exporting():
-            return _fallback(x, self.weight, self.bias, self.stride)
-        return torch.ops.ghostkernels.direct_conv2d(x, self.weight, self.bias, self.stride)
+            return _fallback(x, self.weight, self.bias, self.stride, groups=self.groups)
+        return torch.ops.ghostkernels.direct_conv2d(x, self.weight, self.bias, self.stride, groups=self.groups)
 
     def extra_repr(self):
-        return (f"out_channels={self.weight.shape[0]}, group_inputs={self.weight.shape[1]}, "
+        return (f"out_channels={self.weight.shape[0]}, groups={self.groups}, group_inputs={self.weight.shape[1]}, "
                 f"kernel_size={self.weight.shape[-1]}, stride={self.stride}")
 
 
@@ -225,4 +233,5 @@ class DepthwiseConv2d(nn.Conv2d):
         if (x.dim() != 4 or x.device.type != "cpu" or not ops.cpu_kernel_takes(x) or not x.is_contiguous()
                 or ops.onnx_exporting()):
             return super().forward(x)
-        return ops.call(torch.ops.ghostkernels.direct_conv2d, x, self.weight, self.bias, self.stride[0])
+        return ops.call(torch.ops.ghostkernels.direct_conv2d, x, self.weight, self.bias, self.stride[0], "none",
+                        self.groups)

@@ -188,9 +188,11 @@ def _symbolics():
         hidden = g.op("Relu", _conv(g, g.op("GlobalAveragePool", x), rw, rb, 1, 1))
         return g.op("HardSigmoid", _conv(g, hidden, ew, eb, 1, 1), alpha_f=1.0 / 6, beta_f=0.5)
 
-    @h.parse_args("v", "v", "v", "i", "s")
-    def direct_conv2d(g, x, weight, bias, stride, activation):
-        out = _conv(g, x, weight, bias, stride, _size(x, 1, "x") // _size(weight, 1, "weight"))
+    @h.parse_args("v", "v", "v", "i", "s", "v")
+    def direct_conv2d(g, x, weight, bias, stride, activation, groups):
+        groups = (_size(x, 1, "x") // _size(weight, 1, "weight") if h._is_none(groups)
+                  else h._get_const(groups, "i", "groups"))
+        out = _conv(g, x, weight, bias, stride, groups)
         return g.op("Relu", out) if activation == "relu" else out
 
     @h.parse_args("v", "v", "v", "i", "s", "v")

@@ -12,6 +12,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import ghostkernels
 from ghostkernels import models
 from ghostkernels.models import g_ghost_regnet
+from ghostkernels import direct_conv
 from ghostkernels.direct_conv import DepthwiseConv2d, DirectConv2d
 from ghostkernels.reference import output_memory_format
 
@@ -190,6 +191,46 @@ def test_bad_weight(weight_shape):
         torch.ops.ghostkernels.direct_conv2d(torch.randn(1, 4, 5, 5), torch.randn(*weight_shape), None, 1)
 
 
+@pytest.mark.parametrize("channels, weight_shape, groups", [(6, (16, 3, 3, 3), 1), (4, (4, 1, 3, 3), 2),
+                                                          (2, (4, 1, 3, 3), 4), (8, (8, 4, 3, 3), 1)],
+                         ids=["stem 6 as 2 groups", "depthwise 4 as 2 groups", "depthwise 2 as 4 groups", "grouped"])
+def test_channel_count_of_the_given_groups(channels, weight_shape, groups):
+    """Without groups the op takes any multiple of weight.shape[1] channels as a grouped conv:
+    a 6-channel input of an accelerated GhostNet ran its 3-channel stem as 2 groups and gave logits
+    where the original model's conv raises. With groups (the modules pass theirs) the kernel, the
+    fake kernel and the fallback raise the same error, naming x."""
+    x, weight = torch.randn(1, channels, 5, 5), torch.randn(*weight_shape)
+    message = (rf"direct_conv2d: x has {channels} channels, expected groups x weight.shape\[1\] = {groups} x "
+               rf"{weight_shape[1]} \(weight \[{', '.join(map(str, weight_shape))}\]\)")
+    torch.ops.ghostkernels.direct_conv2d(x, weight, None, 1)  # inferred: runs
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.ghostkernels.direct_conv2d(x, weight, None, 1, groups=groups)
+    with pytest.raises(RuntimeError, match=message):
+        direct_conv._fallback(x, weight, None, 1, groups=groups)
+    with FakeTensorMode() as mode, pytest.raises(RuntimeError, match=message):
+        torch.ops.ghostkernels.direct_conv2d(mode.from_tensor(x), mode.from_tensor(weight), None, 1, groups=groups)
+    right = torch.randn(1, groups * weight_shape[1], 5, 5)
+    torch.testing.assert_close(torch.ops.ghostkernels.direct_conv2d(right, weight, None, 1, groups=groups),
+                               F.conv2d(right, weight, None, 1, 1, groups=groups))
+
+
+def test_accelerated_and_frozen_models_refuse_a_wrong_channel_count():
+    """An accelerated GhostNet (its stem a DirectConv2d) and its frozen graph raise on a 6-channel
+    input, as the original model does, instead of running the stem as two groups."""
+    model = randomise_bn(models.ghostnet_050(fused=False)).eval()
+    fast = ghostkernels.accelerate(model)
+    example = torch.randn(1, 3, 32, 32)
+    frozen = ghostkernels.freeze(fast, example)
+    wrong = torch.randn(1, 6, 32, 32)
+    with pytest.raises(RuntimeError, match="expected input.* to have 3 channels"):
+        model(wrong)
+    for runner in (fast, frozen):
+        with torch.no_grad(), pytest.raises(RuntimeError, match="direct_conv2d: x has 6 channels, expected groups x "
+                                                                 "weight.shape"):
+            runner(wrong)
+    torch.testing.assert_close(frozen(example), model(example), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("bias", [torch.randn(1, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64),
                                   torch.randn(5, dtype=torch.float64)], ids=["short", "2-D", "long"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
@@ -198,7 +239,7 @@ def test_bias_must_have_one_entry_per_output_channel(bias, channels_last):
     x = make_input(1, 4, 5, 5, channels_last=channels_last)
     with pytest.raises(RuntimeError, match=r"direct_conv2d: bias must have shape \(4,\)"):
         torch.ops.ghostkernels.direct_conv2d(x, torch.randn(4, 1, 3, 3, dtype=torch.float64), bias, 1)
-    module = DirectConv2d(torch.randn(4, 1, 3, 3, dtype=torch.float64), bias, 2)
+    module = DirectConv2d(torch.randn(4, 1, 3, 3, dtype=torch.float64), bias, 2, 4)
     with pytest.raises(RuntimeError, match=r"bias must have shape \(4,\)"):
         module(x)
     with FakeTensorMode() as mode, pytest.raises(RuntimeError, match=r"bias must have shape \(4,\)"):
@@ -619,7 +660,7 @@ def test_library_conv_layout_matches_the_fake_kernel(device, weights_channels_la
     devices ('meta' stands in for CUDA here), so that an accelerated channels_last GhostNet stays
     channels_last on a GPU. The fallback (the op on CUDA) and the fake kernel must agree whatever
     the weight's layout, which the library conv's output otherwise follows."""
-    from ghostkernels import direct_conv, modules
+    from ghostkernels import modules
     x = torch.randn(2, 12, 9, 7, device=device).to(memory_format=torch.channels_last)
     weight = torch.randn(weight_shape, device=device)
     if weights_channels_last:
@@ -725,7 +766,6 @@ def test_fallback_and_fake_raise_the_kernels_errors(args, message, path):
     """Without the C++ kernel (GHOSTKERNELS_DISABLE_CPP=1, other devices: the library conv) and under
     torch.compile (the fake kernel) a bad argument gets the C++ kernel's message, not F.conv2d's or
     none (F.conv2d takes an even kernel or a stride of 3 and returns another shape)."""
-    from ghostkernels import direct_conv
     x_shape, weight_shape, bias_shape, stride = args
     tensors = [torch.randn(shape, dtype=torch.float64) for shape in (x_shape, weight_shape)]
     tensors.append(torch.randn(bias_shape, dtype=torch.float64) if bias_shape else None)
@@ -744,7 +784,6 @@ def test_fallback_and_fake_raise_the_kernels_errors(args, message, path):
 def test_backward_raises_the_kernels_errors(weight_shape, grad_shape, message):
     """The backward op (direct calls; DepthwiseConv2d's autograd) checks what the forward does and
     grad's shape: the C++ kernel wrote past its buffers with a 4 x 4 weight (a heap corruption)."""
-    from ghostkernels import direct_conv
     x = torch.randn(2, 4, 6, 5, dtype=torch.float64)
     args = (torch.randn(grad_shape, dtype=torch.float64), x, torch.randn(weight_shape, dtype=torch.float64), 2)
     for entry in (torch.ops.ghostkernels.direct_conv2d_backward, direct_conv._backward_fallback,
