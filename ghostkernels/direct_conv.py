@@ -3,14 +3,14 @@
 
 What a stride-2 `conv_dw` + `bn_dw`, a shortcut's depthwise conv + BN, or the 3-channel stem
 conv + BN become once accelerate() folds the BN: convs whose groups read few channels
-(groups = C / weight.shape[1], or the op's `groups`, which the library's modules pass: x's channel
-count is then checked, as the conv they replace checks it). freeze() gives the stem's op the ReLU that follows it
-(fuse_direct_conv_relus): one pass over the 112x112 output instead of two. The C++ CPU kernel
-(csrc/direct_conv_cpu.cpp) serves NCHW float32/64 with at most 4 input channels per group (a
-channels_last stem is made NCHW for it) and hands other convs and layouts to at::conv2d; on
-CUDA a Triton kernel (triton_direct_conv.py) serves channels_last inputs, the bias and ReLU in
-its stores; elsewhere the fallback is the library conv itself. The output is NCHW on the CPU
-and keeps x's layout elsewhere (reference.conv_output_format).
+(groups = C / weight.shape[1], or the op's `groups`, which the library's modules pass: x's
+channel count is then checked, as the conv they replace checks it). freeze() gives the stem's op
+the ReLU that follows it (fuse_direct_conv_relus): one pass over the 112x112 output instead of
+two. The C++ CPU kernel (csrc/direct_conv_cpu.cpp) serves NCHW float32/64 with at most 4 input
+channels per group (a channels_last stem is made NCHW for it) and hands other convs and layouts
+to at::conv2d; on CUDA a Triton kernel (triton_direct_conv.py) serves channels_last inputs, the
+bias and ReLU in its stores; elsewhere the fallback is the library conv itself. The output is
+NCHW on the CPU and keeps x's layout elsewhere (reference.conv_output_format).
 """
 
 import torch
