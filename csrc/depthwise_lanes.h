@@ -69,10 +69,7 @@ GK_INLINE void transpose_block(typename Simd<T>::vec* v) {
 // src[0, n) and zeros: a vector that reads nothing past src[n - 1].
 template <typename T>
 GK_INLINE typename Simd<T>::vec load_first(const T* src, int64_t n) {
-  if (n >= Simd<T>::lanes) return Simd<T>::load(src);
-  T part[Simd<T>::lanes] = {};
-  copy_run(part, src, n);
-  return Simd<T>::load(part);
+  return n >= Simd<T>::lanes ? Simd<T>::load(src) : Simd<T>::load_first(src, n);
 }
 
 // dst[0, n) = v's first n lanes, writing nothing past dst[n - 1].
