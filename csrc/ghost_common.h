@@ -92,7 +92,11 @@ GK_INLINE typename Simd<T>::vec add_taps(typename Simd<T>::vec sum, int64_t q, c
     V part{};
 #pragma GCC unroll 7
     for (int64_t r = 0; r < d; ++r) part += column[r].weight * S::load(source(col, r) + q);
-    if (Masked && column[0].mask) part = S::load(column[0].mask + q) != 0 ? part : V{};
+    // make_taps gives every column a mask but the centre one (no shift): with DW known, so is which
+    // columns select, and the unrolled body has no branch (with a null test per column GCC kept the
+    // running sum on the stack, a store-forwarding chain per output vector).
+    const bool has_mask = DW ? col != d / 2 : column[0].mask != nullptr;
+    if (Masked && has_mask) part = S::load(column[0].mask + q) != 0 ? part : V{};
     sum += part;
   }
   return sum;
