@@ -76,9 +76,7 @@ GK_INLINE typename Simd<T>::vec load_first(const T* src, int64_t n) {
 template <typename T>
 GK_INLINE void store_first(T* dst, typename Simd<T>::vec v, int64_t n) {
   if (n >= Simd<T>::lanes) return Simd<T>::store(dst, v);
-  T part[Simd<T>::lanes];
-  Simd<T>::store(part, v);
-  copy_run(dst, part, n);
+  Simd<T>::store_first(dst, v, n);
 }
 
 // dst[t][c] = weight[c][t] for t < taps, c < lanes: taps given per channel (rows of `taps`
