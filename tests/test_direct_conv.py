@@ -10,9 +10,8 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import ghostkernels
-from ghostkernels import models
+from ghostkernels import direct_conv, models
 from ghostkernels.models import g_ghost_regnet
-from ghostkernels import direct_conv
 from ghostkernels.direct_conv import DepthwiseConv2d, DirectConv2d
 from ghostkernels.reference import output_memory_format
 
