@@ -13,6 +13,8 @@ bias and ReLU in its stores; elsewhere the fallback is the library conv itself. 
 NCHW on the CPU and keeps x's layout elsewhere (reference.conv_output_format).
 """
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -182,6 +184,16 @@ class DirectConv2d(nn.Module):
         self.bias = nn.Parameter(bias) if bias is not None else None
         self.stride = stride
         self.groups = groups
+
+    def __setstate__(self, state):
+        # A whole module pickled by ghostkernels 0.1.0, which did not record its conv's groups: None
+        # infers them from x, as 0.1.0 did (it accepts some wrong channel counts); say so, not fail.
+        if "groups" not in state:
+            warnings.warn("DirectConv2d: this module was pickled by ghostkernels 0.1.0, which did not record its conv's "
+                          "groups; they are inferred from each input, which does not catch a wrong channel count. "
+                          "Accelerate the original model again to restore the check", stacklevel=2)
+            state = {**state, "groups": None}
+        super().__setstate__(state)
 
     @staticmethod
     def eligible(conv):

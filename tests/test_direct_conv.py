@@ -1,6 +1,7 @@
 """ghostkernels::direct_conv2d (folded conv_dw, shortcut and stem convs) against F.conv2d."""
 
 import itertools
+import pickle
 import random
 
 import pytest
@@ -228,6 +229,24 @@ def test_accelerated_and_frozen_models_refuse_a_wrong_channel_count():
                                                                  "weight.shape"):
             runner(wrong)
     torch.testing.assert_close(frozen(example), model(example), rtol=1e-5, atol=1e-5)
+
+
+def test_module_pickled_without_groups_loads_with_a_warning():
+    """A whole accelerated model pickled by ghostkernels 0.1.0 holds DirectConv2d modules without
+    `groups`: unpickled, they infer the groups from x as 0.1.0 did, and warn once per module that
+    the channel-count check is missing, instead of an AttributeError at the first forward."""
+    conv = torch.nn.Conv2d(3, 16, 3, 2, 1, dtype=torch.float64)
+    module = DirectConv2d.from_conv(conv)
+    state = module.__dict__.copy()  # what 0.1.0 pickled: all but the attribute it lacked
+    del state["groups"]
+    module.__reduce_ex__ = lambda protocol: (DirectConv2d.__new__, (DirectConv2d,), state)
+    old_pickle = pickle.dumps(module)
+    with pytest.warns(UserWarning, match="pickled by ghostkernels 0.1.0.*Accelerate the original model again"):
+        loaded = pickle.loads(old_pickle)
+    assert loaded.groups is None
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    torch.testing.assert_close(loaded(x), conv(x), rtol=1e-12, atol=1e-12)
+    assert pickle.loads(pickle.dumps(DirectConv2d.from_conv(conv))).groups == 1  # today's pickles keep it
 
 
 @pytest.mark.parametrize("bias", [torch.randn(1, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64),
