@@ -1,15 +1,16 @@
 """An earlier revision's C++ kernels against the installed ones, both in one process.
 
     python bench/ab_libraries.py OLD_REVISION [--rounds 11] [--batch 1 8] [--shapes 672,160,7 160,960,7]
-                                              [--threads 2] [--min-time 0.02]
+                                              [--depthwise-kernels 3 5] [--threads 2] [--min-time 0.02]
 
 OLD_REVISION's csrc/ (any git revision: a commit, HEAD~1, a branch) is compiled with the installed
 build's own flags (its build/temp/<build>/build.ninja, which `pip install --no-build-isolation -e .`
 leaves in the source tree) plus -Dghostkernels=ghostkernels_old, which puts its C++ code and its
 torch.library registrations under a namespace of their own; once it is loaded, the schemas it does
 not define itself are copied from the installed ops'. Each case (bench/cases.py: the Ghost module at
-GhostNet 1.0x shapes, eval; `pointwise_conv2d` on its input; the Ghost module into a 3x3 stride-2
-depthwise conv, `ghost_module_depthwise`; a 3x3 stride-2 depthwise `direct_conv2d` of its input) then calls the op of one build and
+GhostNet 1.0x shapes, eval; `pointwise_conv2d` on its input; the Ghost module into a 3x3 (and with
+--depthwise-kernels 3 5, a 5x5) stride-2 depthwise conv, `ghost_module_depthwise`; a stride-2
+depthwise `direct_conv2d` of its input of the same kernel sizes) then calls the op of one build and
 of the other in alternated rounds, outputs compared first (equal, or the largest difference is
 printed). Printed per case: each build's median and old / new, the median of the per-round ratios
 (> 1: the installed build is faster) with its quartiles. Between processes this machine kind's speed
@@ -99,8 +100,9 @@ def mirror_schemas(library):
                           f"({str(error).splitlines()[0][:120]})")
 
 
-def make_cases(shapes, batches, namespaces):
-    """{case: {build: callable}} for the builds' op namespaces (torch.ops.ghostkernels...)."""
+def make_cases(shapes, batches, namespaces, depthwise_kernels=(3,)):
+    """{case: {build: callable}} for the builds' op namespaces (torch.ops.ghostkernels...), the
+    stride-2 depthwise cases once per kernel size in depthwise_kernels (named "... 5x5" but for 3)."""
     def ghost(ops, x, weights, oup):
         return lambda: ops.ghost_module(x, *weights[:4], oup, 1, "relu")
 
@@ -124,14 +126,17 @@ def make_cases(shapes, batches, namespaces):
                 build: ghost(ops, x, weights, oup) for build, ops in namespaces.items()}
             cases[f"pointwise {inp}->{weight.shape[0]}@{size} b{batch}"] = {
                 build: pointwise(ops, x, weight, bias) for build, ops in namespaces.items()}
-            # a GhostBottleneck's ghost1 with its stride-2 3x3 conv_dw, and a shortcut's depthwise conv
-            depthwise, depthwise_bias = torch.randn(oup, 1, 3, 3), torch.randn(oup)
-            cases[f"ghost+dw s2 {inp}->{oup}@{size} b{batch}"] = {
-                build: ghost_depthwise(ops, x, weights, oup, depthwise, depthwise_bias)
-                for build, ops in namespaces.items()}
-            shortcut, shortcut_bias = torch.randn(inp, 1, 3, 3), torch.randn(inp)
-            cases[f"depthwise s2 {inp}@{size} b{batch}"] = {
-                build: depthwise_conv(ops, x, shortcut, shortcut_bias) for build, ops in namespaces.items()}
+            # a GhostBottleneck's ghost1 with its stride-2 conv_dw (GhostNet's: 3x3 and 5x5), and a
+            # shortcut's depthwise conv
+            for k in depthwise_kernels:
+                suffix = "" if k == 3 else f" {k}x{k}"
+                depthwise, depthwise_bias = torch.randn(oup, 1, k, k), torch.randn(oup)
+                cases[f"ghost+dw s2 {inp}->{oup}@{size} b{batch}{suffix}"] = {
+                    build: ghost_depthwise(ops, x, weights, oup, depthwise, depthwise_bias)
+                    for build, ops in namespaces.items()}
+                shortcut, shortcut_bias = torch.randn(inp, 1, k, k), torch.randn(inp)
+                cases[f"depthwise s2 {inp}@{size} b{batch}{suffix}"] = {
+                    build: depthwise_conv(ops, x, shortcut, shortcut_bias) for build, ops in namespaces.items()}
     return cases
 
 
@@ -162,6 +167,8 @@ def main():
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--shapes", nargs="+", default=["672,160,7", "160,960,7", "960,160,7", "480,112,14"],
                         help="inp,oup,size of GhostNet-like Ghost modules")
+    parser.add_argument("--depthwise-kernels", type=int, nargs="+", default=[3],
+                        help="kernel sizes of the stride-2 depthwise cases (GhostNet's conv_dw: 3 and 5)")
     parser.add_argument("--min-time", type=float, default=0.02, help="seconds per build per case per round")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -181,7 +188,7 @@ def main():
     print(f"old: {args.old} ({old_library}); new: the installed {build}, {args.threads} threads")
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes]
     namespaces = {"old": getattr(torch.ops, OLD_NAMESPACE), "new": torch.ops.ghostkernels}
-    compare(make_cases(shapes, args.batch, namespaces), args.rounds, args.min_time)
+    compare(make_cases(shapes, args.batch, namespaces, args.depthwise_kernels), args.rounds, args.min_time)
 
 
 if __name__ == "__main__":

@@ -374,13 +374,15 @@ def test_ab_libraries_mirrors_schemas_and_compares_builds(capsys):
         assert str(old.default._schema).split("::")[1] == str(new.default._schema).split("::")[1]
 
     namespaces = {"old": torch.ops.ghostkernels, "new": torch.ops.ghostkernels}
-    cases = ab_libraries.make_cases([(8, 12, 7), (4, 6, 5)], [1, 2], namespaces)
-    shapes = {f"{op} {inp}->{oup}@{size} b{b}": (b, oup, out_size, out_size)
+    cases = ab_libraries.make_cases([(8, 12, 7), (4, 6, 5)], [1, 2], namespaces, depthwise_kernels=(3, 5))
+    shapes = {f"{op} {inp}->{oup}@{size} b{b}": (b, oup, size, size)
               for inp, size, ghost_oup in ((8, 7, 12), (4, 5, 6)) for b in (1, 2)
-              for op, oup, out_size in (("ghost", ghost_oup, size), ("pointwise", ghost_oup // 2, size),
-                                        ("ghost+dw s2", ghost_oup, (size + 1) // 2))}
-    shapes.update({f"depthwise s2 {inp}@{size} b{b}": (b, inp, (size + 1) // 2, (size + 1) // 2)
-                   for inp, size in ((8, 7), (4, 5)) for b in (1, 2)})
+              for op, oup in (("ghost", ghost_oup), ("pointwise", ghost_oup // 2))}
+    half = {7: 4, 5: 3}  # the stride-2 output size
+    shapes.update({f"ghost+dw s2 {inp}->{oup}@{size} b{b}{suffix}": (b, oup, half[size], half[size])
+                   for inp, size, oup in ((8, 7, 12), (4, 5, 6)) for b in (1, 2) for suffix in ("", " 5x5")})
+    shapes.update({f"depthwise s2 {inp}@{size} b{b}{suffix}": (b, inp, half[size], half[size])
+                   for inp, size in ((8, 7), (4, 5)) for b in (1, 2) for suffix in ("", " 5x5")})
     assert set(cases) == set(shapes)
     with torch.inference_mode():
         for name, calls in cases.items():  # each case on its own shape (not the last one made)
