@@ -117,8 +117,14 @@ struct LanesGeometry {
   int64_t last_input_row(int64_t oh0, int64_t rows) const {
     return std::min(height, (oh0 + rows - 1) * stride - pad() + k);
   }
-  // at least pad + width for k >= 3: every input column has one
-  int64_t tile_columns() const { return (out_width - 1) * stride + k; }
+  // Whether a row of output pixels is one taps pass of 8 (rows of 5-7 pixels: a 7x7 output), its
+  // extra pixels computed on zero tile columns: as passes of 4, 2 and 1, each a chain of k * k
+  // dependent FMAs per pixel, the 5x5 stride-2 conv 14x14 -> 7x7 ran 1.07-1.15x slower. Wider rows
+  // keep exact passes (their padded columns cost more than the tail's chains: 0.91-0.98x at 14 and
+  // 28 pixels; bench/results, Zen 3).
+  bool row_in_one_pass() const { return out_width > 4 && out_width < 8; }
+  // The tile's columns: at least pad + width for k >= 3 (every input column has one).
+  int64_t tile_columns() const { return ((row_in_one_pass() ? 8 : out_width) - 1) * stride + k; }
   int64_t tile_rows(int64_t rows) const { return (rows - 1) * stride + k; }
   int64_t max_input_rows() const { return tile_rows(band_rows_); }  // a band's, halo included
   int64_t scratch_size() const {  // the tile, the output band (+ a vector's lanes of slack), the taps
@@ -216,10 +222,15 @@ GK_INLINE void depthwise_lanes_k(const LanesGeometry<T>& g, const LaneChannels<T
       if (iw == W) iw = 0, dst += columns;
     }
   }
-  // The taps, up to 8 output pixels of a row at a time.
+  // The taps, up to 8 output pixels of a row at a time; a row in one pass (row_in_one_pass) writes
+  // its (at most 3) extra pixels over the next row's, computed after it, or into the band's slack.
   for (int64_t r = 0; r < rows; ++r) {
     const V* base = tile + r * S * columns;
     V* dst = pixels + r * out_width;
+    if (g.row_in_one_pass()) {
+      lanes_pixels<T, S, K, 8>(base, columns, w, bias, 0, dst);
+      continue;
+    }
     int64_t ow = 0;
     for (; ow + 8 <= out_width; ow += 8) lanes_pixels<T, S, K, 8>(base, columns, w, bias, ow, dst + ow);
     if (ow + 4 <= out_width) lanes_pixels<T, S, K, 4>(base, columns, w, bias, ow, dst + ow), ow += 4;

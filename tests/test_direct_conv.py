@@ -620,10 +620,12 @@ def test_depthwise_module_other_inputs_take_the_conv():
 # The channels-in-lanes kernel (csrc/depthwise_lanes.h) takes the float32 depthwise convs with 3x3 and
 # 5x5 taps of planes up to 64 wide, 32 at stride 1: 16 channels make one whole vector of lanes, 17 and
 # 40 a partial last one; 300 rows make several bands, 2 and 8 threads split the bands further; 7x7
-# taps and float64 take the phase split.
+# taps and float64 take the phase split. Output rows of 5-7 pixels are one pass of 8 whose extra
+# pixels land on the next row or the band's slack: 7 (14 wide at stride 2, 7 at stride 1), 6 (11
+# wide at stride 2), 5 (9 wide at stride 2, 5 at stride 1), several bands of them (300 x 13).
 @pytest.mark.parametrize("channels", [16, 17, 40])
 @pytest.mark.parametrize("k, stride", [(3, 2), (5, 2), (7, 2), (3, 1), (5, 1)])
-@pytest.mark.parametrize("size", [(14, 14), (7, 7), (300, 20), (28, 56)])
+@pytest.mark.parametrize("size", [(14, 14), (7, 7), (300, 20), (28, 56), (9, 11), (6, 9), (5, 5), (300, 13)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_depthwise_channels_in_lanes(channels, k, stride, size, dtype):
     x = torch.randn(2, channels, *size, dtype=dtype)
