@@ -202,8 +202,8 @@ GK_INLINE void depthwise_lanes_k(const LanesGeometry<T>& g, const LaneChannels<T
       std::fill(row + pad + W, row + columns, V{});
     }
   }
-  // The band's input pixels, L at a time in flat order (rows are contiguous), one vector each,
-  // stored as runs of consecutive columns.
+  // The band's input pixels, L at a time in flat order (rows are contiguous), one vector each, stored
+  // at their tile columns.
   const int64_t f_begin = (ih_begin - x_row0) * W, f_end = (ih_end - x_row0) * W;
   V* dst = tile + (ih_begin - first) * columns + pad;
   int64_t iw = 0;
@@ -215,11 +215,14 @@ GK_INLINE void depthwise_lanes_k(const LanesGeometry<T>& g, const LaneChannels<T
       for (int c = 0; c < L; ++c) block[c] = load_first(in[c] + f, n);
     }
     transpose_block<T>(block);
-    for (int64_t i = 0; i < n;) {
-      const int64_t run = std::min(n - i, W - iw);
-      for (int64_t j = 0; j < run; ++j) dst[iw + j] = block[i + j];
-      i += run, iw += run;
-      if (iw == W) iw = 0, dst += columns;
+    // A vector at a time from the registers: indexed by run lengths, the block went through the stack.
+#pragma GCC unroll 16
+    for (int i = 0; i < L; ++i) {
+      if (i == n) break;
+      dst[iw] = block[i];
+      const bool wrap = ++iw == W;
+      iw = wrap ? 0 : iw;
+      dst = wrap ? dst + columns : dst;
     }
   }
   // The taps, up to 8 output pixels of a row at a time; a row in one pass (row_in_one_pass) writes
@@ -243,7 +246,11 @@ GK_INLINE void depthwise_lanes_k(const LanesGeometry<T>& g, const LaneChannels<T
     const int64_t n = std::min<int64_t>(L, p_end - p);
     for (int64_t i = 0; i < L; ++i) block[i] = pixels[p + i];  // past p_end: lanes not stored
     transpose_block<T>(block);
-    for (int64_t c = 0; c < count; ++c) store_first(ch.out[c] + offset + p, activate_vector(block[c], act), n);
+#pragma GCC unroll 16
+    for (int c = 0; c < L; ++c) {  // constant indices: the block stays in registers
+      if (c == count) break;
+      store_first(ch.out[c] + offset + p, activate_vector(block[c], act), n);
+    }
   }
 }
 
