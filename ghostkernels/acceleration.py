@@ -38,7 +38,7 @@ from .batch_norm import TrainingBatchNorm2d
 from .direct_conv import DepthwiseConv2d, DirectConv2d
 from .ghost_depthwise import GhostDepthwise
 from .models.g_ghost_regnet import GGhostStage
-from .modules import (GhostModule, GhostModuleV2, PointwiseConv2d, PointwiseLinear, activation_name,
+from .modules import (GhostModule, GhostModuleV2, PointwiseConv2d, PointwiseLinear, activation_name, hook_dicts,
                       conv_bn_sequence, deepcopy_module, fold_conv_bn, is_same_square_conv)
 from .precompile import precompile_quietly
 from .squeeze_excite import SqueezeExciteGhost
@@ -316,14 +316,10 @@ def _foldable(conv, bn):
 # -- changes, undone when the self-check disagrees ---------------------------------------------------
 
 
-def _hook_dicts(module):
-    return (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
-
-
 def _hooks_reason(module):
     """Why `module` is left as it is when a hook is registered on it or inside it (a replacement
     would not run the hook), else None."""
-    hooks = [hook for m in module.modules() for hook_dict in _hook_dicts(m) for hook in hook_dict.values()]
+    hooks = [hook for m in module.modules() for hook_dict in hook_dicts(m) for hook in hook_dict.values()]
     if not hooks:
         return None
     if any(type(hook).__module__ in ("torch.nn.utils.prune", "torch.nn.utils.weight_norm") for hook in hooks):
@@ -425,7 +421,7 @@ def _without_hooks(module):
     """A copy of `module` whose copies of user hooks do not fire during a probe."""
     module = deepcopy_module(module)
     for m in module.modules():
-        for hooks in _hook_dicts(m):
+        for hooks in hook_dicts(m):
             hooks.clear()
     return module
 

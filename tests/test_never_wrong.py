@@ -249,6 +249,61 @@ def test_hooked_bn_is_not_folded():
         assert_close(fast(x), net(x))
 
 
+# (a module of the accelerated eval GhostNet 0.5x, the original's module with the same output):
+# inside a GhostModule; inside ghost1 + conv_dw merged (GhostDepthwise: the folded conv_dw is
+# bn_dw's output, ghost1 is `ghost`); inside SE + ghost2 merged (SqueezeExciteGhost), and its Ghost
+# module. In training mode accelerate() merges nothing: the original's names.
+_HOOK_SITES = [("blocks.2.0.ghost1.primary_conv.0", "blocks.2.0.ghost1.primary_conv.0"),
+               ("blocks.2.0.ghost1.cheap_operation.1", "blocks.2.0.ghost1.cheap_operation.1"),
+               ("blocks.1.0.ghost1.ghost.primary_conv.2", "blocks.1.0.ghost1.primary_conv.2"),
+               ("blocks.1.0.ghost1.depthwise", "blocks.1.0.bn_dw"),
+               ("blocks.3.0.ghost2.se.conv_reduce", "blocks.3.0.se.conv_reduce"),
+               ("blocks.3.0.ghost2.ghost", "blocks.3.0.ghost2")]
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("site", _HOOK_SITES, ids=[fast for fast, _ in _HOOK_SITES])
+def test_hooks_registered_after_accelerate_run(site, training):
+    """A hook registered on a layer inside a fused module after accelerate() (feature capture,
+    an edit of the output) ran never: the fused op computes that layer without calling it, and the
+    logits came back as if there were no hook. The fused module now runs its layers in turn."""
+    model = randomise_bn(ghostnet_050(num_classes=10, fused=False), spread=0.3).double().train(training)
+    fast = accelerate(copy.deepcopy(model))
+    fast_site, original_site = (site[1], site[1]) if training else site
+    captured = {}
+
+    def edit(module, args, out):
+        captured[module] = out
+        return out * 2
+
+    for net, name in ((model, original_site), (fast, fast_site)):
+        net.get_submodule(name).register_forward_hook(edit)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        outputs = []
+        for net in (model, fast):
+            torch.manual_seed(0)  # the same dropout mask in training mode
+            outputs.append(net(x))
+    assert_close(outputs[1], outputs[0])
+    hooked = fast.get_submodule(fast_site)
+    assert_close(captured[hooked], captured[model.get_submodule(original_site)])
+
+
+@pytest.mark.parametrize("site", ["cheap", "merge", "merge.0", "cheap_relu", "layers.1", "layers.1.relu"])
+def test_hooks_registered_after_accelerate_run_in_g_ghost_stages(site):
+    """The fast path of an accelerated G-GhostNet stage computes its last inner block, the merge,
+    the cheap conv and its ReLU without calling those modules: a hook on one of them now sends the
+    stage through the original ops. (A hook on the cheap conv itself sees its BN folded in.)"""
+    model = randomise_bn(models.g_ghost_regnetx("002", fused=False), spread=0.3).double().eval()
+    fast = accelerate(copy.deepcopy(model))
+    assert type(fast.layer3).__name__ == "GGhostStage"
+    for net in (model, fast):
+        net.get_submodule(f"layer3.{site}").register_forward_hook(lambda module, args, out: out * 2)
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        assert_close(fast(x), model(x))
+
+
 def _prune(model):
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):

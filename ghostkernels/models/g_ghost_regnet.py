@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..cheap_mix import cheap_mix
-from ..modules import fold_conv_bn
+from ..modules import fold_conv_bn, hook_dicts, hooks_inside
 from ..ops import onnx_exporting, refuse_torchscript
 
 
@@ -131,10 +131,18 @@ class GGhostStage(Stage):
         adopted.train(stage.training)
         return adopted
 
+    def _skips_hooks(self):
+        """Whether a module that the original ops call and the fast path computes without calling
+        has a hook (one registered after accelerate(), which leaves hooked stages as they are)."""
+        last = self.layers[-1]
+        uncalled = (last, last.relu, self.merge, self.merge[0], self.cheap, self.cheap_relu)
+        return any(any(hook_dicts(m)) for m in uncalled) or hooks_inside(self.cheap)
+
     def forward(self, x):
         # autocast: its dtype and the folded float32 weights would meet in cheap_mix, which
         # autocast does not cast; the original ops it does
-        if self.training or torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
+        if (self.training or torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type)
+                or self._skips_hooks()):
             return super().forward(x)
         x0 = self.base(x)
         pooled = [x0.mean((2, 3))]
