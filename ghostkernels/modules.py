@@ -379,18 +379,27 @@ class GhostModule(nn.Module):
         module.init_channels, module.new_channels = conv.out_channels, cheap.out_channels
         return module
 
-    @staticmethod
-    def _conv_bn(sequential):
-        """(conv, BN or None) of a branch."""
-        modules = sequential._modules
-        bn = modules.get("1")
-        return modules["0"], bn if type(bn) is nn.BatchNorm2d else None
+    def _conv_bn(self, sequential):
+        """(conv, BN or None) of a branch that is a Conv2d (or one with parametrised weights), an
+        optional BatchNorm2d and the module's activation (or none), exact types; None for anything
+        else, which the fused op would not compute: a SyncBatchNorm (convert_sync_batchnorm), a
+        ReLU6, an added layer. Direct dict reads, as in _fold_sources: nn.Module's attribute
+        lookup of a submodule costs ~0.7 us."""
+        conv, *rest = sequential._modules.values() or (None,)
+        if type(conv) is not nn.Conv2d and not (type(conv).__bases__ == (nn.Conv2d,)
+                                                 and "parametrizations" in conv._modules):
+            return None
+        bn = rest.pop(0) if rest and type(rest[0]) is nn.BatchNorm2d else None
+        if len(rest) > 1 or (activation_name(rest[0]) if rest else "none") != self.activation:
+            return None
+        return conv, bn
 
     def _conv_bn_pairs(self):
-        """The (conv, BN or None) pairs whose folded weights the eval forward uses. Direct dict
-        reads, as in _fold_sources: nn.Module's attribute lookup of a submodule costs ~0.7 us."""
+        """The (conv, BN or None) pairs whose folded weights the eval forward uses, or None when a
+        branch holds something the fused op does not compute (_conv_bn)."""
         modules = self._modules
-        return [self._conv_bn(modules["primary_conv"]), self._conv_bn(modules["cheap_operation"])]
+        pairs = [self._conv_bn(modules["primary_conv"]), self._conv_bn(modules["cheap_operation"])]
+        return None if None in pairs else pairs
 
     def _fold(self):
         return tuple(t for conv, bn in self._conv_bn_pairs() for t in fold_conv_bn(conv, bn))
@@ -403,8 +412,9 @@ class GhostModule(nn.Module):
 
     def folded_weights(self):
         """(W1, b1, W2, b2, ...) with the BNs folded in (eval mode), or None when a BN keeps no
-        running statistics (it then normalises with batch statistics even in eval mode) and when a
-        layer inside has a hook (hooks_inside: the layers then run in turn).
+        running statistics (it then normalises with batch statistics even in eval mode), when a
+        branch holds layers the fused op does not compute (_conv_bn) and when a layer inside has a
+        hook (hooks_inside): the layers then run in turn.
 
         Cached while every input of the fold keeps its storage and version (in-place updates,
         load_state_dict and .to() change one or the other) and its BN eps, and until the next
@@ -438,10 +448,13 @@ class GhostModule(nn.Module):
 
     def _fold_sources(self):
         """(the tensors the folded weights depend on, the BNs' eps, whether the fold can be
-        cached), or None if a BN has no running statistics. Direct dict reads: this runs on
-        every eval call."""
+        cached), or None if a BN has no running statistics or a branch holds other layers
+        (_conv_bn). Direct dict reads: this runs on every eval call."""
         tensors, eps, cacheable = [], [], True
-        for conv, bn in self._conv_bn_pairs():
+        pairs = self._conv_bn_pairs()
+        if pairs is None:
+            return None
+        for conv, bn in pairs:
             cacheable = cacheable and "parametrizations" not in conv._modules
             tensors += [t for t in conv._parameters.values() if t is not None]
             if bn is not None:
@@ -539,7 +552,8 @@ class GhostModuleV2(GhostModule):
         self.short_conv = dfc_short_conv(inp, oup, kernel_size, stride)
 
     def _conv_bn_pairs(self):
-        return super()._conv_bn_pairs() + conv_bn_sequence(self._modules["short_conv"])
+        pairs, gate = super()._conv_bn_pairs(), conv_bn_sequence(self._modules["short_conv"])
+        return None if pairs is None or gate is None else pairs + gate
 
     def forward(self, x):
         folded = None if self.training else self.folded_weights()

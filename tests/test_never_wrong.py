@@ -171,6 +171,61 @@ def test_accelerate_and_freeze_under_inference_mode(built_under_inference_mode):
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
+# -- layers the fused ops do not compute ------------------------------------------------------------
+
+
+def _sync_batch_norm(module):
+    return nn.SyncBatchNorm.convert_sync_batchnorm(module).eval()
+
+
+# Edits of a GhostModule's branches after its BNs were folded once: convert_sync_batchnorm (DDP
+# training), another activation, a GroupNorm for a BN, a layer added after the activation.
+def _leaky_relu(module):
+    module.cheap_operation[2] = nn.LeakyReLU(0.2)
+    return module
+
+
+def _group_norm(module):
+    module.primary_conv[1] = nn.GroupNorm(2, 6).double()
+    return module
+
+
+def _added_layer(module):
+    module.primary_conv.append(nn.Hardtanh(-0.2, 0.2))
+    return module
+
+
+_BRANCH_EDITS = {"SyncBatchNorm": _sync_batch_norm, "LeakyReLU": _leaky_relu, "GroupNorm": _group_norm,
+                 "added layer": _added_layer}
+
+
+@pytest.mark.parametrize("edit", list(_BRANCH_EDITS))
+def test_ghost_module_branches_the_fused_op_does_not_compute(edit):
+    """The eval forward folded whatever sat after each conv as a BatchNorm2d if it was one and
+    ignored it otherwise, and applied the module's activation whatever the branch held: a
+    GhostModule converted to SyncBatchNorm (as for DDP) returned its output without the BNs (off by
+    ~0.6 on unit inputs). Branches that are not conv, BatchNorm2d, the activation now run as they are."""
+    module = ghost(inp=6, oup=12).eval()
+    x = torch.randn(2, 6, 7, 7, dtype=torch.float64)
+    with torch.no_grad():
+        module(x)  # folded and cached before the edit
+        module = _BRANCH_EDITS[edit](module)
+        assert_close(module(x), unfused(module, x))
+
+
+@pytest.mark.parametrize("build", [models.ghostnet_050, lambda: models.g_ghost_regnetx("002")],
+                         ids=["GhostNet 0.5x", "G-GhostNet RegNetX-002"])
+def test_zoo_models_converted_to_sync_batch_norm(build):
+    """The zoo's fused models (GhostModule, GGhostStage's fast path) converted with
+    convert_sync_batchnorm for DDP training, then evaluated: the outputs of the original layers."""
+    torch.manual_seed(0)
+    model = randomise_bn(build(), spread=0.3).double().eval()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(x)
+        assert_close(_sync_batch_norm(copy.deepcopy(model))(x), expected)
+
+
 # -- clear errors --------------------------------------------------------------------------------
 
 
@@ -362,9 +417,18 @@ def test_conv_shared_between_two_folds_is_left():
 
 
 def test_self_check_undoes_a_sabotaged_swap(monkeypatch):
-    """A swap that drops the activation: the check measures the difference and undoes it."""
+    """A swap that drops the activation: the check measures the difference and undoes it. (The
+    branches lose their ReLUs too: a GhostModule whose branches disagree with its activation runs
+    them as they are, right.)"""
     swap = acceleration._swap_ghost
-    monkeypatch.setattr(acceleration, "_swap_ghost", lambda module, activation, gate: swap(module, "none", gate))
+
+    def sabotaged(module, activation, gate):
+        fused = swap(module, "none", gate)  # new Sequentials: the replaced module keeps its own
+        fused.primary_conv = nn.Sequential(*fused.primary_conv[:2], nn.Identity())
+        fused.cheap_operation = nn.Sequential(*fused.cheap_operation[:2], nn.Identity())
+        return fused
+
+    monkeypatch.setattr(acceleration, "_swap_ghost", sabotaged)
     net = randomise_bn(nn.Sequential(TimmStyleGhost(4, 8)), spread=0.3).eval()
     x = torch.randn(2, 4, 6, 6)
     unchecked = accelerate(net, check=False)

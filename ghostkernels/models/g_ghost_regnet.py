@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..cheap_mix import cheap_mix
-from ..modules import fold_conv_bn, hook_dicts, hooks_inside
+from ..modules import PointwiseConv2d, fold_conv_bn, hook_dicts, hooks_inside
 from ..ops import onnx_exporting, refuse_torchscript
 
 
@@ -131,18 +131,32 @@ class GGhostStage(Stage):
         adopted.train(stage.training)
         return adopted
 
-    def _skips_hooks(self):
-        """Whether a module that the original ops call and the fast path computes without calling
-        has a hook (one registered after accelerate(), which leaves hooked stages as they are)."""
-        last = self.layers[-1]
-        uncalled = (last, last.relu, self.merge, self.merge[0], self.cheap, self.cheap_relu)
-        return any(any(hook_dicts(m)) for m in uncalled) or hooks_inside(self.cheap)
+    def _cheap_conv_bn(self):
+        """(conv, BN or None) of the cheap branch when the fast path computes what the original
+        ops do, else None. The fast path computes the last inner block, the merge's pool, the
+        cheap conv, its BN and cheap_relu without calling them: they must be what it assumes (a
+        Bottleneck ending in a ReLU, a global average pool, a 1x1 conv, a BatchNorm2d or the
+        empty tail of one accelerate() folded into the conv, a ReLU; not a SyncBatchNorm from
+        convert_sync_batchnorm, say) and carry no hook (one registered after accelerate(), which
+        leaves hooked stages as they are)."""
+        last, pool = self.layers[-1], self.merge[0]
+        uncalled = (last, last.relu, self.merge, pool, self.cheap, self.cheap_relu)
+        if (type(last) is not Bottleneck or type(last.relu) is not nn.ReLU or type(self.cheap_relu) is not nn.ReLU
+                or type(pool) is not nn.AdaptiveAvgPool2d or pool.output_size not in (1, (1, 1))
+                or len(self.cheap) != 2 or any(any(hook_dicts(m)) for m in uncalled) or hooks_inside(self.cheap)):
+            return None
+        conv, bn = self.cheap
+        if type(conv) not in (nn.Conv2d, PointwiseConv2d) or conv.kernel_size != (1, 1) or conv.groups != 1:
+            return None
+        if type(bn) is nn.BatchNorm2d:
+            return conv, bn
+        return (conv, None) if isinstance(bn, nn.Sequential) and len(bn) == 0 else None
 
     def forward(self, x):
         # autocast: its dtype and the folded float32 weights would meet in cheap_mix, which
         # autocast does not cast; the original ops it does
-        if (self.training or torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type)
-                or self._skips_hooks()):
+        cheap = None if self.training or torch.is_grad_enabled() else self._cheap_conv_bn()
+        if cheap is None or torch.is_autocast_enabled(x.device.type):
             return super().forward(x)
         x0 = self.base(x)
         pooled = [x0.mean((2, 3))]
@@ -161,8 +175,7 @@ class GGhostStage(Stage):
         pooled.append(last.mean((2, 3)))
         # The pool of the concatenation is the concatenation of the pools.
         mix = self.merge[1:](torch.cat(pooled, 1)[:, :, None, None]).flatten(1)
-        cheap_conv, cheap_bn = self.cheap[0], self.cheap[1]
-        weight, bias = fold_conv_bn(cheap_conv, cheap_bn if isinstance(cheap_bn, nn.BatchNorm2d) else None)
+        weight, bias = fold_conv_bn(*cheap)
         if compiling:
             joined = torch.cat((last, cheap_mix(x0, weight, bias, mix, channel_offset=self.raw_planes)), 1)
         else:
