@@ -213,10 +213,10 @@ def test_ghost_module_branches_the_fused_op_does_not_compute(edit):
         assert_close(module(x), unfused(module, x))
 
 
-@pytest.mark.parametrize("build", [models.ghostnet_050, lambda: models.g_ghost_regnetx("002")],
-                         ids=["GhostNet 0.5x", "G-GhostNet RegNetX-002"])
+@pytest.mark.parametrize("build", [models.ghostnet_050, models.ghostnetv2_100, lambda: models.g_ghost_regnetx("002")],
+                         ids=["GhostNet 0.5x", "GhostNetV2 1.0x", "G-GhostNet RegNetX-002"])
 def test_zoo_models_converted_to_sync_batch_norm(build):
-    """The zoo's fused models (GhostModule, GGhostStage's fast path) converted with
+    """The zoo's fused models (GhostModule, GhostModuleV2, GGhostStage's fast path) converted with
     convert_sync_batchnorm for DDP training, then evaluated: the outputs of the original layers."""
     torch.manual_seed(0)
     model = randomise_bn(build(), spread=0.3).double().eval()
