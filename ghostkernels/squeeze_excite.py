@@ -166,7 +166,27 @@ class SqueezeExciteGhost(nn.Module):
         super().__init__()
         self.se, self.ghost = se, ghost
         self.train(ghost.training)
-        self.standard_gate = type(se.act1) is nn.ReLU and _is_hard_sigmoid(_gate(se))
+        self._checked_parts = None
+        self._merge_is_exact()
+
+    @property
+    def standard_gate(self):
+        """Whether the SE's act1 is a ReLU and its gate a hard sigmoid: squeeze_excite_gate's op."""
+        self._merge_is_exact()
+        return self._standard_gate
+
+    def _merge_is_exact(self):
+        """Whether se and ghost still are what the merge computes (eligible), and which gate
+        (standard_gate): checked anew when a module of either is replaced after accelerate() (a
+        SiLU for act1 kept running as a ReLU), by identity, as the gate's probe costs ~20 us."""
+        se, ghost = self._modules["se"], self._modules["ghost"]
+        attributes = vars(se)  # the original code's gate_fn is a plain attribute, not a module
+        parts = (se, ghost, *se._modules.values(), attributes.get("gate_fn"), attributes.get("gate"))
+        if parts != self._checked_parts:  # modules and functions compare by identity
+            self._eligible = SqueezeExciteGhost.eligible(se, ghost)
+            self._standard_gate = self._eligible and type(se.act1) is nn.ReLU and _is_hard_sigmoid(_gate(se))
+            self._checked_parts = parts
+        return self._eligible
 
     @staticmethod
     def eligible(se, ghost):
@@ -181,11 +201,11 @@ class SqueezeExciteGhost(nn.Module):
                 and convs[1].out_channels == ghost.primary_conv[0].in_channels)
 
     def forward(self, x):
-        folded = merged_weights(self, self.ghost, x)
+        folded = merged_weights(self, self.ghost, x) if self._merge_is_exact() else None
         if folded is None:
             return self.ghost(self.se(x))
         se = self.se
-        if self.standard_gate:
+        if self._standard_gate:
             scale = ops.call(torch.ops.ghostkernels.squeeze_excite_gate, x, se.conv_reduce.weight,
                              se.conv_reduce.bias, se.conv_expand.weight, se.conv_expand.bias)
         else:

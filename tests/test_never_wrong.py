@@ -226,6 +226,38 @@ def test_zoo_models_converted_to_sync_batch_norm(build):
         assert_close(_sync_batch_norm(copy.deepcopy(model))(x), expected)
 
 
+def _silu_act1(se):
+    se.act1 = nn.SiLU()
+
+
+def _sigmoid_gate(se):
+    se.gate_fn = torch.sigmoid
+
+
+def _new_conv_reduce(se):
+    torch.manual_seed(1)  # the same weights in both models
+    se.conv_reduce = nn.Conv2d(se.conv_reduce.in_channels, se.conv_reduce.out_channels, 1).double()
+
+
+@pytest.mark.parametrize("edit", [_silu_act1, _sigmoid_gate, _new_conv_reduce], ids=["SiLU act1", "sigmoid gate",
+                                                                                     "new conv_reduce"])
+def test_squeeze_excite_edited_after_accelerate(edit):
+    """SqueezeExciteGhost decided once, when accelerate() made it, that its SE's act1 is a ReLU
+    and its gate a hard sigmoid: an act1 replaced afterwards kept running as a ReLU. It checks
+    again whenever a module of the SE is replaced."""
+    torch.manual_seed(0)
+    model = randomise_bn(ghostnet_050(fused=False), spread=0.3).double().eval()
+    fast = accelerate(copy.deepcopy(model))
+    assert type(fast.blocks[3][0].ghost2).__name__ == "SqueezeExciteGhost"
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        fast(x)  # the gate's form checked and cached before the edit
+        edit(model.blocks[3][0].se)
+        edit(fast.blocks[3][0].ghost2.se)
+        expected = model(x)
+        assert_close(fast(x), expected, rtol=1e-12)
+
+
 # -- clear errors --------------------------------------------------------------------------------
 
 
