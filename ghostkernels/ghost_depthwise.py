@@ -115,9 +115,11 @@ class GhostDepthwise(nn.Module):
                 and depthwise.weight.shape[0] == ghost.oup and depthwise.weight.shape[1] == 1)
 
     def forward(self, x):
-        folded = merged_weights(self, self.ghost, x)
+        # eligible again: a ghost or depthwise replaced after accelerate() runs as it is
+        ghost, depthwise = self._modules["ghost"], self._modules["depthwise"]
+        folded = merged_weights(self, ghost, x) if GhostDepthwise.eligible(ghost, depthwise) else None
         if folded is None:
-            return self.depthwise(self.ghost(x))
-        args = (x, *folded[:4], self.ghost.oup, self.ghost.stride, self.ghost.activation, self.depthwise.weight,
-                self.depthwise.bias, self.depthwise.stride)
+            return depthwise(ghost(x))
+        args = (x, *folded[:4], ghost.oup, ghost.stride, ghost.activation, depthwise.weight, depthwise.bias,
+                depthwise.stride)
         return ops.call(torch.ops.ghostkernels.ghost_module_depthwise, *args)

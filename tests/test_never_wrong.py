@@ -258,6 +258,28 @@ def test_squeeze_excite_edited_after_accelerate(edit):
         assert_close(fast(x), expected, rtol=1e-12)
 
 
+def test_ghost_depthwise_with_a_replaced_depthwise_conv():
+    """GhostDepthwise passed its depthwise module's weight and stride to the merged op whatever
+    that module had become: an equivalent nn.Conv2d put there after accelerate() raised inside the
+    op (a tuple stride), a Sequential an AttributeError. It runs the two modules in turn now."""
+    torch.manual_seed(0)
+    model = randomise_bn(ghostnet_050(fused=False), spread=0.3).double().eval()
+    fast = accelerate(copy.deepcopy(model))
+    merged = fast.blocks[1][0].ghost1
+    folded = merged.depthwise
+    k = folded.weight.shape[-1]
+    conv = nn.Conv2d(folded.weight.shape[0], folded.weight.shape[0], k, folded.stride, k // 2,
+                     groups=folded.weight.shape[0]).double()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        conv.weight.copy_(folded.weight)
+        conv.bias.copy_(folded.bias)
+        expected = model(x)
+        for replacement in (conv, nn.Sequential(conv)):
+            merged.depthwise = replacement
+            assert_close(fast(x), expected, rtol=1e-12)
+
+
 # -- clear errors --------------------------------------------------------------------------------
 
 
