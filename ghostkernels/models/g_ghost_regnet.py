@@ -133,15 +133,16 @@ class GGhostStage(Stage):
 
     def _cheap_conv_bn(self):
         """(conv, BN or None) of the cheap branch when the fast path computes what the original
-        ops do, else None. The fast path computes the last inner block, the merge's pool, the
-        cheap conv, its BN and cheap_relu without calling them: they must be what it assumes (a
-        Bottleneck ending in a ReLU, a global average pool, a 1x1 conv, a BatchNorm2d or the
-        empty tail of one accelerate() folded into the conv, a ReLU; not a SyncBatchNorm from
-        convert_sync_batchnorm, say) and carry no hook (one registered after accelerate(), which
-        leaves hooked stages as they are)."""
+        ops do, else None. The fast path computes the merge's pool, the cheap conv, its BN and
+        cheap_relu without calling them, and the last inner block from its layers (its own
+        forward as the zoo's Bottleneck's, or the original code's, which accelerate()'s self-check
+        compared): they must be what it assumes (a global average pool, a 1x1 conv, a BatchNorm2d
+        or the empty tail of one accelerate() folded into the conv, ReLUs; not a SyncBatchNorm
+        from convert_sync_batchnorm, say) and carry no hook (one registered after accelerate(),
+        which leaves hooked stages as they are)."""
         last, pool = self.layers[-1], self.merge[0]
         uncalled = (last, last.relu, self.merge, pool, self.cheap, self.cheap_relu)
-        if (type(last) is not Bottleneck or type(last.relu) is not nn.ReLU or type(self.cheap_relu) is not nn.ReLU
+        if (type(last.relu) is not nn.ReLU or type(self.cheap_relu) is not nn.ReLU
                 or type(pool) is not nn.AdaptiveAvgPool2d or pool.output_size not in (1, (1, 1))
                 or len(self.cheap) != 2 or any(any(hook_dicts(m)) for m in uncalled) or hooks_inside(self.cheap)):
             return None
