@@ -1,7 +1,8 @@
-"""An earlier revision's C++ kernels against the installed ones, both in one process.
+"""An earlier revision's C++ kernels against the installed ones (or a second revision's), in one process.
 
-    python bench/ab_libraries.py OLD_REVISION [--rounds 11] [--batch 1 8] [--shapes 672,160,7 160,960,7]
-                                              [--depthwise-kernels 3 5] [--threads 2] [--min-time 0.02]
+    python bench/ab_libraries.py OLD_REVISION [--new NEW_REVISION] [--rounds 11] [--batch 1 8]
+                                              [--shapes 672,160,7 160,960,7] [--depthwise-kernels 3 5]
+                                              [--threads 2] [--min-time 0.02]
 
 OLD_REVISION's csrc/ (any git revision: a commit, HEAD~1, a branch) is compiled with the installed
 build's own flags (its build/temp/<build>/build.ninja, which `pip install --no-build-isolation -e .`
@@ -15,8 +16,10 @@ of the other in alternated rounds, outputs compared first (equal, or the largest
 printed). Printed per case: each build's median and old / new, the median of the per-round ratios
 (> 1: the installed build is faster) with its quartiles. Between processes this machine kind's speed
 drifts by 20-40% (bench/results, Zen 3): only a comparison within one process reads a few percent.
-The old library is cached by revision under build/ab/; a case whose op the old revision lacks is
-reported, not compared.
+With --new NEW_REVISION, that revision's csrc/ is built the same way under ghostkernels_new and
+takes the installed build's place: two revisions compared by one builder, neither installed (the
+installed package still supplies the schemas). Each library is cached by revision and namespace
+under build/ab/; a case whose op a revision lacks is reported, not compared.
 """
 
 import argparse
@@ -34,7 +37,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 from cases import interleaved_rounds_ms, make_case, round_ratios  # noqa: E402
-OLD_NAMESPACE = "ghostkernels_old"
+OLD_NAMESPACE, NEW_NAMESPACE = "ghostkernels_old", "ghostkernels_new"
 
 
 def build_flags(build):
@@ -46,11 +49,12 @@ def build_flags(build):
     return values.get("cxx", "c++"), values["cflags"].split(), values["post_cflags"].split()
 
 
-def build_old_library(revision, build):
-    """The C++ library of `revision`'s csrc/ under the ghostkernels_old namespace: its path."""
+def build_library(revision, build, namespace):
+    """The C++ library of `revision`'s csrc/ under `namespace` (ghostkernels_old, or
+    ghostkernels_new for --new): its path."""
     commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--verify", f"{revision}^{{commit}}"],
                             capture_output=True, text=True, check=True).stdout.strip()
-    library = os.path.join(ROOT, "build", "ab", f"{build}-{commit[:12]}.so")
+    library = os.path.join(ROOT, "build", "ab", f"{build}-{commit[:12]}-{namespace}.so")
     if os.path.exists(library):
         return library
     compiler, cflags, post_cflags = build_flags(build)
@@ -65,7 +69,7 @@ def build_old_library(revision, build):
             if len(running) == (os.cpu_count() or 1):
                 failed |= running.pop(0).wait() != 0
             running.append(subprocess.Popen([compiler, *cflags, source, "-o", obj, *post_cflags,
-                                             f"-Dghostkernels={OLD_NAMESPACE}"]))
+                                             f"-Dghostkernels={namespace}"]))
         failed |= any(job.wait() for job in running)
         if failed:
             raise SystemExit(f"{revision}'s sources did not compile")
@@ -163,6 +167,8 @@ def compare(cases, rounds, min_time):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("old", help="the git revision whose csrc/ is the old build")
+    parser.add_argument("--new", help="a git revision whose csrc/ is the new build, built the same way (by "
+                                      "default the installed build): two revisions compared without installing either")
     parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--shapes", nargs="+", default=["672,160,7", "160,960,7", "960,160,7", "480,112,14"],
@@ -181,13 +187,17 @@ def main():
     if build is None:
         raise SystemExit(f"no installed C++ library to compare against: {library}")
     ghostkernels.backends()  # loads the installed build
-    old_library = build_old_library(args.old, build)
-    torch.ops.load_library(old_library)
-    old_namespace = torch.library.Library(OLD_NAMESPACE, "FRAGMENT")
-    mirror_schemas(old_namespace)
-    print(f"old: {args.old} ({old_library}); new: the installed {build}, {args.threads} threads")
+    built = {"old": (args.old, OLD_NAMESPACE)} | ({"new": (args.new, NEW_NAMESPACE)} if args.new else {})
+    namespaces, fragments = {"new": torch.ops.ghostkernels}, []  # the fragments stay referenced
+    described = {"new": f"the installed {build}"}
+    for side, (revision, namespace) in built.items():
+        library = build_library(revision, build, namespace)
+        torch.ops.load_library(library)
+        fragments.append(torch.library.Library(namespace, "FRAGMENT"))
+        mirror_schemas(fragments[-1])
+        namespaces[side], described[side] = getattr(torch.ops, namespace), f"{revision} ({library})"
+    print(f"old: {described['old']}; new: {described['new']}, {args.threads} threads")
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes]
-    namespaces = {"old": getattr(torch.ops, OLD_NAMESPACE), "new": torch.ops.ghostkernels}
     compare(make_cases(shapes, args.batch, namespaces, args.depthwise_kernels), args.rounds, args.min_time)
 
 
