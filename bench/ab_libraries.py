@@ -2,7 +2,7 @@
 
     python bench/ab_libraries.py OLD_REVISION [--new NEW_REVISION] [--rounds 11] [--batch 1 8]
                                               [--shapes 672,160,7 160,960,7] [--depthwise-kernels 3 5]
-                                              [--threads 2] [--min-time 0.02]
+                                              [--threads 2] [--min-time 0.02] [--stem]
 
 OLD_REVISION's csrc/ (any git revision: a commit, HEAD~1, a branch) is compiled with the installed
 build's own flags (its build/temp/<build>/build.ninja, which `pip install --no-build-isolation -e .`
@@ -104,9 +104,10 @@ def mirror_schemas(library):
                           f"({str(error).splitlines()[0][:120]})")
 
 
-def make_cases(shapes, batches, namespaces, depthwise_kernels=(3,)):
+def make_cases(shapes, batches, namespaces, depthwise_kernels=(3,), stem=False):
     """{case: {build: callable}} for the builds' op namespaces (torch.ops.ghostkernels...), the
-    stride-2 depthwise cases once per kernel size in depthwise_kernels (named "... 5x5" but for 3)."""
+    stride-2 depthwise cases once per kernel size in depthwise_kernels (named "... 5x5" but for 3),
+    and with `stem` GhostNet's stem conv (folded BN, ReLU) per batch."""
     def ghost(ops, x, weights, oup):
         return lambda: ops.ghost_module(x, *weights[:4], oup, 1, "relu")
 
@@ -119,8 +120,15 @@ def make_cases(shapes, batches, namespaces, depthwise_kernels=(3,)):
     def depthwise_conv(ops, x, depthwise, depthwise_bias):
         return lambda: ops.direct_conv2d(x, depthwise, depthwise_bias, 2, "none")
 
+    def stem_conv(ops, x, weight, bias):
+        return lambda: ops.direct_conv2d(x, weight, bias, 2, "relu")
+
     cases = {}
     for batch in batches:
+        if stem:
+            x, weight, bias = torch.randn(batch, 3, 224, 224), torch.randn(16, 3, 3, 3), torch.randn(16)
+            cases[f"stem 3->16@224 s2 b{batch}"] = {build: stem_conv(ops, x, weight, bias)
+                                                   for build, ops in namespaces.items()}
         for inp, oup, size in shapes:
             module, x, _ = make_case(inp, oup, size, batch)
             weights = module.folded_weights()
@@ -175,6 +183,7 @@ def main():
                         help="inp,oup,size of GhostNet-like Ghost modules")
     parser.add_argument("--depthwise-kernels", type=int, nargs="+", default=[3],
                         help="kernel sizes of the stride-2 depthwise cases (GhostNet's conv_dw: 3 and 5)")
+    parser.add_argument("--stem", action="store_true", help="add GhostNet's stem conv (3 -> 16, 3x3, stride 2, 224x224)")
     parser.add_argument("--min-time", type=float, default=0.02, help="seconds per build per case per round")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -198,7 +207,7 @@ def main():
         namespaces[side], described[side] = getattr(torch.ops, namespace), f"{revision} ({library})"
     print(f"old: {described['old']}; new: {described['new']}, {args.threads} threads")
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes]
-    compare(make_cases(shapes, args.batch, namespaces, args.depthwise_kernels), args.rounds, args.min_time)
+    compare(make_cases(shapes, args.batch, namespaces, args.depthwise_kernels, args.stem), args.rounds, args.min_time)
 
 
 if __name__ == "__main__":

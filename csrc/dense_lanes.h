@@ -59,21 +59,31 @@ struct DenseLanesGeometry {
 };
 
 // dst[j] = bias + the taps of output pixel ow0 + j (j < lanes) of the output row whose first tile
-// row is at `base` (input channel ci's tile rows at base + ci * plane).
+// row is at `base` (input channel ci's tile rows at base + ci * plane). Input column by input
+// column: each value is broadcast once and used at once by the (at most 3) pixels it feeds, so the
+// J sums, a tap row's 3 weights and one broadcast are all that is live. Tap by tap (each pixel's
+// dx, then the next dx), GCC kept the broadcasts that two taps share alive across them and spilled
+// sums to the stack on AVX2: a store-forwarding round trip in the FMA chains.
 template <typename T, int S>
 GK_INLINE void dense_pixels(const T* base, int64_t inputs, int64_t plane, int64_t columns,
                             const typename Simd<T>::vec* w, typename Simd<T>::vec bias, int64_t ow0,
                             typename Simd<T>::vec* dst) {
   using V = typename Simd<T>::vec;
-  constexpr int k = 3, J = Simd<T>::lanes;
+  constexpr int k = 3, J = Simd<T>::lanes, U = (J - 1) * S + k;
   V acc[J];
   for (int j = 0; j < J; ++j) acc[j] = bias;
   for (int64_t ci = 0; ci < inputs; ++ci)
     for (int dy = 0; dy < k; ++dy) {
       const T* row = base + ci * plane + dy * columns + ow0 * S;
-      for (int dx = 0; dx < k; ++dx) {
-        const V wv = w[(ci * k + dy) * k + dx];
-        for (int j = 0; j < J; ++j) acc[j] += wv * row[j * S + dx];
+      const V* taps = w + (ci * k + dy) * k;
+      const V w0 = taps[0], w1 = taps[1], w2 = taps[2];
+#pragma GCC unroll 40
+      for (int u = 0; u < U; ++u) {
+        const T value = row[u];  // a scalar: V{} + value would add 0 before the broadcast (-0 + 0 = +0)
+        // pixel j reads column u through tap dx = u - j * S
+        if (u % S == 0 && u / S < J) acc[u / S] += w0 * value;
+        if ((u - 1) % S == 0 && u >= 1 && (u - 1) / S < J) acc[(u - 1) / S] += w1 * value;
+        if ((u - 2) % S == 0 && u >= 2 && (u - 2) / S < J) acc[(u - 2) / S] += w2 * value;
       }
     }
   for (int j = 0; j < J; ++j) dst[j] = acc[j];

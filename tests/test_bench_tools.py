@@ -374,7 +374,7 @@ def test_ab_libraries_mirrors_schemas_and_compares_builds(capsys):
         assert str(old.default._schema).split("::")[1] == str(new.default._schema).split("::")[1]
 
     namespaces = {"old": torch.ops.ghostkernels, "new": torch.ops.ghostkernels}
-    cases = ab_libraries.make_cases([(8, 12, 7), (4, 6, 5)], [1, 2], namespaces, depthwise_kernels=(3, 5))
+    cases = ab_libraries.make_cases([(8, 12, 7), (4, 6, 5)], [1, 2], namespaces, depthwise_kernels=(3, 5), stem=True)
     shapes = {f"{op} {inp}->{oup}@{size} b{b}": (b, oup, size, size)
               for inp, size, ghost_oup in ((8, 7, 12), (4, 5, 6)) for b in (1, 2)
               for op, oup in (("ghost", ghost_oup), ("pointwise", ghost_oup // 2))}
@@ -383,6 +383,7 @@ def test_ab_libraries_mirrors_schemas_and_compares_builds(capsys):
                    for inp, size, oup in ((8, 7, 12), (4, 5, 6)) for b in (1, 2) for suffix in ("", " 5x5")})
     shapes.update({f"depthwise s2 {inp}@{size} b{b}{suffix}": (b, inp, half[size], half[size])
                    for inp, size in ((8, 7), (4, 5)) for b in (1, 2) for suffix in ("", " 5x5")})
+    shapes.update({f"stem 3->16@224 s2 b{b}": (b, 16, 112, 112) for b in (1, 2)})
     assert set(cases) == set(shapes)
     with torch.inference_mode():
         for name, calls in cases.items():  # each case on its own shape (not the last one made)
