@@ -293,7 +293,7 @@ GK_INLINE void gather_taps(T* dst, const T* src, int64_t n, const Tap<T>* taps, 
     V total{};
     for (int64_t t = 0; t < count; ++t) {
       V v = S::load(src + q + taps[t].offset);
-      if (taps[t].mask) v = S::load(taps[t].mask + q) != 0 ? v : V{};
+      if (taps[t].mask) v = masked(v, taps[t].mask + q);
       total += taps[t].weight * v;
     }
     if (q + L <= n) {

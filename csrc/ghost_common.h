@@ -74,6 +74,16 @@ struct Tap {
   const T* mask;
 };
 
+// v where the column mask at `mask` (column_masks: all-ones or zero bits) is set, 0 elsewhere: one
+// AND with the mask in memory. A compare with 0 held a zero and a result register in the taps
+// loops, whose running sums then spilled to the stack on AVX2 (a store-forwarding round trip per
+// output vector).
+template <typename T>
+GK_INLINE typename Simd<T>::vec masked(typename Simd<T>::vec v, const T* mask) {
+  using I = typename Simd<T>::index;
+  return (typename Simd<T>::vec)((I)v & (I)Simd<T>::load(mask));
+}
+
 // sum + sum_t w_t * (mask_t[q] ? source(col, r)[q] : 0) at q (one vector of outputs), taps given
 // column by column (dw columns of dw taps that share a mask): one select per column, not per
 // tap; source(col, r) is where the values of tap r of column col start (src + its offset). Rows
@@ -89,14 +99,16 @@ GK_INLINE typename Simd<T>::vec add_taps(typename Simd<T>::vec sum, int64_t q, c
 #pragma GCC unroll 7
   for (int64_t col = 0; col < d; ++col) {
     const Tap<T>* column = taps + col * d;
-    V part{};
+    // from the first product, not from 0: 0 + w * x is no multiply (its zero's sign), so a zero
+    // register stayed live through the loop, one too many for AVX2's 16 with 3x3 weights
+    V part = column[0].weight * S::load(source(col, 0) + q);
 #pragma GCC unroll 7
-    for (int64_t r = 0; r < d; ++r) part += column[r].weight * S::load(source(col, r) + q);
+    for (int64_t r = 1; r < d; ++r) part += column[r].weight * S::load(source(col, r) + q);
     // make_taps gives every column a mask but the centre one (no shift): with DW known, so is which
     // columns select, and the unrolled body has no branch (with a null test per column GCC kept the
     // running sum on the stack, a store-forwarding chain per output vector).
     const bool has_mask = DW ? col != d / 2 : column[0].mask != nullptr;
-    if (Masked && has_mask) part = S::load(column[0].mask + q) != 0 ? part : V{};
+    if (Masked && has_mask) part = masked(part, column[0].mask + q);
     sum += part;
   }
   return sum;
@@ -216,7 +228,7 @@ GK_INLINE T masked_dot(const T* x, const T* y, int64_t n, const T* mask) {
   V acc{};
   for (int64_t q = 0; q < n; q += L) {
     V v = S::load(y + q);
-    if (mask) v = S::load(mask + q) != 0 ? v : V{};
+    if (mask) v = masked(v, mask + q);
     V prod = S::load(x + q) * v;
     if (q + L > n) prod = S::load(lane_index<T>()) < T(n - q) ? prod : V{};
     acc += prod;
@@ -299,7 +311,8 @@ struct Geometry {
 inline int64_t mask_stride(const Geometry& g, int64_t rows) { return rows * g.out_width + kSlack; }
 
 // Column-validity masks of a flattened (rows x width) plane, one per column shift dx - pad:
-// masks[dx][q] = 1 if 0 <= q % width + dx - pad < width. Shared by every band. Made once per
+// masks[dx][q] = all-ones bits (a NaN) if 0 <= q % width + dx - pad < width, else 0; read by
+// masked(). Shared by every band. Made once per
 // width, kernel and row count and kept for the thread's later calls (a shared_ptr, so that
 // the cache may drop them while a caller reads them): made on every call they took 2-8% of a
 // batch-1 ghost_module on a 112x112 or 56x56 plane (Zen 4, 2 threads).
@@ -311,11 +324,13 @@ std::shared_ptr<const std::vector<T>> column_masks(const Geometry& g, int64_t ro
   if (auto found = cache.find(key); found != cache.end()) return found->second;
   const int64_t stride = mask_stride(g, rows);
   auto masks = std::make_shared<std::vector<T>>(g.dw * stride, T(0));
+  T valid;
+  std::memset(&valid, 0xff, sizeof(T));
   for (int64_t dx = 0; dx < g.dw; ++dx) {  // the first row, then copies of it
     T* mask = masks->data() + dx * stride;
     for (int64_t w = 0; w < g.out_width; ++w) {
       const int64_t source = w + dx - g.pad;
-      mask[w] = (source >= 0 && source < g.out_width) ? T(1) : T(0);
+      mask[w] = (source >= 0 && source < g.out_width) ? valid : T(0);
     }
     for (int64_t row = 1; row < rows; ++row) std::memcpy(mask + row * g.out_width, mask, g.out_width * sizeof(T));
   }
