@@ -242,7 +242,7 @@ class DepthwiseConv2d(nn.Conv2d):
         return depthwise.train(conv.training)
 
     def forward(self, x):
-        if (x.dim() != 4 or x.device.type != "cpu" or not ops.cpu_kernel_takes(x) or not x.is_contiguous()
+        if (x.dim() != 4 or not x.is_cpu or not ops.cpu_kernel_takes(x) or not x.is_contiguous()
                 or ops.onnx_exporting()):
             return super().forward(x)
         return ops.call(torch.ops.ghostkernels.direct_conv2d, x, self.weight, self.bias, self.stride[0], "none",

@@ -108,7 +108,7 @@ class PointwiseConv2d(nn.Conv2d):
     def forward(self, x):
         # channels_last takes the conv, which keeps it; a channel slice of a batch (G-GhostNet's
         # inner blocks) the op, whose kernel reads each image in place
-        if x.dim() != 4 or x.device.type != "cpu" or (x.is_contiguous(memory_format=torch.channels_last)
+        if x.dim() != 4 or not x.is_cpu or (x.is_contiguous(memory_format=torch.channels_last)
                                                       and not x.is_contiguous()):
             return super().forward(x)
         return ops.call(torch.ops.ghostkernels.pointwise_conv2d, x, self.weight, self.bias, self.stride[0])
@@ -206,7 +206,7 @@ class PointwiseLinear(nn.Linear):
         return pointwise.train(linear.training)
 
     def forward(self, x):
-        if x.dim() != 2 or x.device.type != "cpu" or not x.is_contiguous():
+        if x.dim() != 2 or not x.is_cpu or not x.is_contiguous():
             return super().forward(x)
         return ops.call(torch.ops.ghostkernels.pointwise_conv2d, x[:, :, None, None], self.weight[:, :, None, None],
                         self.bias).flatten(1)
@@ -520,7 +520,7 @@ def merged_weights(merged, ghost, x):
     if folded is None:
         return None
     check_input(merged, x, folded[0])
-    return None if x.device.type == "cpu" and not ops.cpu_kernel_takes(x) else folded
+    return None if x.is_cpu and not ops.cpu_kernel_takes(x) else folded
 
 
 def conv_bn_sequence(sequential):

@@ -419,7 +419,7 @@ def ghost_module(
 def apply(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation, gate=None):
     """ghost_module without the argument checks, for callers that built the arguments themselves."""
     args = (x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation)
-    if x.device.type == "cpu" and not cpu_kernel_takes(x):
+    if x.is_cpu and not cpu_kernel_takes(x):  # is_cpu: 0.1 us, x.device.type 0.6 (a device object a call)
         return _reference_output(*args, gate)
     if gate is None:
         op = torch.ops.ghostkernels.ghost_module
@@ -477,6 +477,8 @@ def call(op, *args):
         if torch.is_autocast_enabled(device_type):
             return _autocast_call(op, args, device_type)
     if not torch.is_grad_enabled():
+        if torch.is_inference_mode_enabled():  # which already skips the autograd kernels: no guard (~2 us)
+            return op(*args)
         with torch._C._AutoDispatchBelowAutograd():
             return op(*args)
     return op(*args)
