@@ -155,7 +155,7 @@ def _swap_ghost(module, activation, short_conv):
     fused = cls.from_parts(module.primary_conv, module.cheap_operation, oup, activation)
     if short_conv is not None:
         fused.short_conv = short_conv
-    fused.train(module.training)
+    fused.training = module.training  # its own flag: train() would reset the adopted BNs' (test-time adaptation's)
     return fused
 
 
@@ -310,7 +310,10 @@ def _double(tensor):
 
 
 def _foldable(conv, bn):
-    return (type(conv) is nn.Conv2d and _bn_tail(bn) is not None and bn.num_features == conv.out_channels)
+    # not a BN in training mode inside the eval-mode model (test-time adaptation): it normalises by
+    # batch statistics, which a folded conv cannot
+    return (type(conv) is nn.Conv2d and _bn_tail(bn) is not None and not bn.training
+            and bn.num_features == conv.out_channels)
 
 
 # -- changes, undone when the self-check disagrees ---------------------------------------------------

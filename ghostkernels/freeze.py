@@ -114,6 +114,13 @@ def checked_example(caller, verb, model, example_inputs):
     if model.training:
         raise ValueError(f"{caller}: the model is in training mode; {caller}() {verb} inference: call model.eval() "
                          "first")
+    # test-time adaptation's, say (a Dropout in training mode, Monte Carlo dropout's, traces as it runs)
+    training = [name for name, module in model.named_modules()
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training]
+    if training:
+        raise ValueError(f"{caller}: the BatchNorm {training[0]} ({len(training)} in all) is in training mode inside the "
+                         f"eval-mode model: it normalises by the batch's statistics and updates its running ones, which "
+                         f"{caller}() cannot record; call model.eval() first")
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
     if not isinstance(inputs, tuple) or not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
         raise TypeError(f"{caller}: example_inputs must be a tensor or a non-empty tuple of tensors (the model's "

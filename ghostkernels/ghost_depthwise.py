@@ -107,7 +107,7 @@ class GhostDepthwise(nn.Module):
     def __init__(self, ghost, depthwise):
         super().__init__()
         self.ghost, self.depthwise = ghost, depthwise
-        self.train(ghost.training)
+        self.training = ghost.training  # its own flag only: train() would reset the BNs' inside ghost
 
     @staticmethod
     def eligible(ghost, depthwise):

@@ -156,13 +156,14 @@ def count_params_flops(model, input_size, ghost_channels_computed=False):
             handles.append(module.register_forward_hook(conv_hook))
         elif isinstance(module, nn.Linear):
             handles.append(module.register_forward_hook(linear_hook))
-    training = model.training
+    modes = [(module, module.training) for module in model.modules()]  # each module's: they may differ
     model.eval()  # no running-statistics updates from counting
     try:
         with torch.no_grad():
             model(torch.randn(tuple(input_size), device=parameter.device, dtype=parameter.dtype))
     finally:
-        model.train(training)
+        for module, training in modes:  # parents first: each module's own train() call sets it last
+            module.train(training)
         for handle in handles:
             handle.remove()
     return ParamsFlops(sum(p.numel() for p in model.parameters()), macs)

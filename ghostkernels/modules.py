@@ -405,14 +405,14 @@ class GhostModule(nn.Module):
         return tuple(t for conv, bn in self._conv_bn_pairs() for t in fold_conv_bn(conv, bn))
 
     def train(self, mode=True):
-        # Training updates the BN statistics in place without bumping their version: every
-        # train/eval switch refolds.
+        # Training updates the BN statistics in place without bumping their version (the fold's
+        # key has num_batches_tracked's for BNs switched alone): every train/eval switch refolds.
         self._folded_key = None
         return super().train(mode)
 
     def folded_weights(self):
-        """(W1, b1, W2, b2, ...) with the BNs folded in (eval mode), or None when a BN keeps no
-        running statistics (it then normalises with batch statistics even in eval mode), when a
+        """(W1, b1, W2, b2, ...) with the BNs folded in (eval mode), or None when a BN normalises
+        with batch statistics (it keeps no running statistics, or is in training mode), when a
         branch holds layers the fused op does not compute (_conv_bn) and when a layer inside has a
         hook (hooks_inside): the layers then run in turn.
 
@@ -448,8 +448,9 @@ class GhostModule(nn.Module):
 
     def _fold_sources(self):
         """(the tensors the folded weights depend on, the BNs' eps, whether the fold can be
-        cached), or None if a BN has no running statistics or a branch holds other layers
-        (_conv_bn). Direct dict reads: this runs on every eval call."""
+        cached), or None if a BN normalises by batch statistics (no running statistics, or in
+        training mode inside this eval-mode module: test-time adaptation's BNs) or a branch holds
+        other layers (_conv_bn). Direct dict reads: this runs on every eval call."""
         tensors, eps, cacheable = [], [], True
         pairs = self._conv_bn_pairs()
         if pairs is None:
@@ -459,10 +460,12 @@ class GhostModule(nn.Module):
             tensors += [t for t in conv._parameters.values() if t is not None]
             if bn is not None:
                 parameters, buffers = bn._parameters, bn._buffers
-                if buffers.get("running_mean") is None:
+                if bn.training or buffers.get("running_mean") is None:  # it normalises by batch statistics
                     return None
+                # num_batches_tracked: a training-mode BN forward updates the running statistics in
+                # place without bumping their version, but bumps this counter's
                 tensors += [t for t in (parameters["weight"], parameters["bias"], buffers["running_mean"],
-                                        buffers["running_var"]) if t is not None]
+                                        buffers["running_var"], buffers.get("num_batches_tracked")) if t is not None]
                 eps.append(bn.eps)
         return tensors, eps, cacheable
 

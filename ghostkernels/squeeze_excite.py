@@ -165,7 +165,7 @@ class SqueezeExciteGhost(nn.Module):
     def __init__(self, se, ghost):
         super().__init__()
         self.se, self.ghost = se, ghost
-        self.train(ghost.training)
+        self.training = ghost.training  # its own flag only: train() would reset the BNs' inside ghost
         self._checked_parts = None
         self._merge_is_exact()
 

@@ -13,7 +13,7 @@ from timm_ghostnet import timm_ghostnet
 from torch import nn
 from torch.nn.utils import prune
 
-from ghostkernels import GhostModule, accelerate, acceleration, freeze, models
+from ghostkernels import GhostModule, accelerate, acceleration, count_params_flops, freeze, models
 from ghostkernels.models import ghostnet_050
 
 
@@ -75,15 +75,18 @@ def test_eval_acceleration_refuses_training_mode():
         assert_close(fast(x), original(x))
 
 
-@pytest.mark.parametrize("family", ["zoo v1", "timm v1", "timm v2", "timm v3", "huawei v1", "g-ghost"])
+# The original code bases' models (small widths), as accelerate() takes them.
+FAMILIES = {"zoo v1": lambda: ghostnet_050(num_classes=10, fused=False),
+            "timm v1": lambda: timm_ghostnet("v1", 0.5), "timm v2": lambda: timm_ghostnet("v2", 0.5),
+            "timm v3": lambda: timm_ghostnet("v3", 0.5), "huawei v1": lambda: huawei_ghostnet("v1", 0.5),
+            "g-ghost": lambda: models.g_ghost_regnetx("002", num_classes=10, fused=False)}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_eval_acceleration_takes_the_originals_checkpoint(family):
     """Its folded BNs have no keys and its merged modules' keys moved: the original's state dict
     is folded and renamed as it loads (strict=True), and its own state dict still loads."""
-    build = {"zoo v1": lambda: ghostnet_050(num_classes=10, fused=False),
-             "timm v1": lambda: timm_ghostnet("v1", 0.5), "timm v2": lambda: timm_ghostnet("v2", 0.5),
-             "timm v3": lambda: timm_ghostnet("v3", 0.5), "huawei v1": lambda: huawei_ghostnet("v1", 0.5),
-             "g-ghost": lambda: models.g_ghost_regnetx("002", num_classes=10, fused=False)}[family]
-    accelerated_from, loaded = (randomise_bn(build(), spread=0.3).eval() for _ in range(2))
+    accelerated_from, loaded = (randomise_bn(FAMILIES[family](), spread=0.3).eval() for _ in range(2))
     fast, x = accelerate(accelerated_from), torch.randn(2, 3, 64, 64)
     assert fast.acceleration_summary.folded and not fast.acceleration_summary.skipped
     fast.load_state_dict(loaded.state_dict())
@@ -169,6 +172,88 @@ def test_accelerate_and_freeze_under_inference_mode(built_under_inference_mode):
     x.requires_grad_()
     fast(x).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+# -- BatchNorms in training mode inside an eval-mode model ------------------------------------------
+# Test-time adaptation (TENT and the like) puts a model in eval mode and its BatchNorms back in
+# training mode: they normalise by the batch's statistics, which no fold of the running ones gives.
+
+
+def _batch_norms_to_training(model):
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.train()
+    return model
+
+
+@pytest.mark.parametrize("branches", [("primary_conv", "cheap_operation"), ("primary_conv",), ("cheap_operation",)],
+                         ids=["both", "primary", "cheap"])
+def test_ghost_module_with_batch_norms_in_training_mode(branches):
+    """The fold cached in eval mode is not used: outputs and running statistics as the layers'."""
+    m, x = ghost().eval(), torch.randn(2, 6, 7, 7, dtype=torch.float64)
+    with torch.no_grad():
+        m(x)
+        reference = copy.deepcopy(m)
+        for module in (m, reference):
+            for branch in branches:
+                getattr(module, branch)[1].train()
+        assert_close(m(x), unfused(reference, x))
+    for name, buffer in m.named_buffers():
+        assert_close(buffer.double(), reference.get_buffer(name).double()), name
+
+
+def test_fold_follows_a_batch_norm_run_in_training_mode_on_its_own():
+    """Its running statistics move without a version bump; num_batches_tracked's is in the key."""
+    m, x = ghost().eval(), torch.randn(2, 6, 7, 7, dtype=torch.float64)
+    with torch.no_grad():
+        m(x)
+        bn = m.cheap_operation[1].train()
+        bn(torch.randn(2, 5, 7, 7, dtype=torch.float64) * 3 + 1)
+        bn.eval()
+        assert_close(m(x), unfused(m, x))
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["copy", "inplace"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_accelerate_a_model_whose_batch_norms_are_in_training_mode(family, inplace):
+    """accelerate() keeps each module's own mode (adopting a Ghost module set its BNs to eval, the
+    self-check then undid the swap and left them so: logits 100% off) and folds no such BN. In
+    float64: batch statistics of G-GhostNet's 2x2 planes amplify float32's rounding to 1e-3."""
+    model = _batch_norms_to_training(randomise_bn(FAMILIES[family](), spread=0.3).eval().double())
+    reference, x = copy.deepcopy(model), torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    fast = accelerate(model, inplace=inplace)
+    assert all(bn.training for bn in fast.modules() if isinstance(bn, nn.BatchNorm2d))
+    with torch.no_grad():
+        assert_close(fast(x), reference(x))
+
+
+@pytest.mark.parametrize("build", [models.ghostnet_050, models.ghostnetv2_100,
+                                   lambda **kwargs: models.g_ghost_regnetx("002", **kwargs)],
+                         ids=["ghostnet", "ghostnetv2", "g-ghost"])
+def test_zoo_models_with_batch_norms_in_training_mode(build):
+    fused = randomise_bn(build(num_classes=10), spread=0.2).eval().double()
+    original = build(num_classes=10, fused=False).eval().double()
+    original.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        fused(x)
+        for model in (fused, original):
+            _batch_norms_to_training(model)
+        assert_close(fused(x), original(x))
+
+
+def test_freeze_refuses_batch_norms_in_training_mode():
+    model = ghostnet_050(num_classes=10, fused=False).eval()
+    model.blocks[3][0].ghost1.primary_conv[1].train()
+    with pytest.raises(ValueError, match=r"BatchNorm blocks\.3\.0\.ghost1\.ghost\.primary_conv\.1 \(1 in all\) is in "
+                                         "training mode"):
+        freeze(accelerate(model), torch.randn(1, 3, 64, 64))
+
+
+def test_counting_keeps_each_modules_mode():
+    model = _batch_norms_to_training(ghostnet_050(num_classes=10).eval())
+    count_params_flops(model, (1, 3, 64, 64))
+    assert not model.training and all(bn.training for bn in model.modules() if isinstance(bn, nn.BatchNorm2d))
 
 
 # -- layers the fused ops do not compute ------------------------------------------------------------

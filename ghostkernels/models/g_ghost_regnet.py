@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..cheap_mix import cheap_mix
+from ..ghost_train import uses_batch_statistics
 from ..modules import PointwiseConv2d, fold_conv_bn, hook_dicts, hooks_inside
 from ..ops import onnx_exporting, refuse_torchscript
 
@@ -128,7 +129,7 @@ class GGhostStage(Stage):
         for name in ("base", "end", "merge", "cheap", "cheap_relu", "layers"):
             setattr(adopted, name, getattr(stage, name))
         adopted.raw_planes, adopted.cheap_planes = stage.raw_planes, stage.cheap_planes
-        adopted.train(stage.training)
+        adopted.training = stage.training  # its own flag only: train() would reset the adopted BNs'
         return adopted
 
     def _cheap_conv_bn(self):
@@ -149,8 +150,8 @@ class GGhostStage(Stage):
         conv, bn = self.cheap
         if type(conv) not in (nn.Conv2d, PointwiseConv2d) or conv.kernel_size != (1, 1) or conv.groups != 1:
             return None
-        if type(bn) is nn.BatchNorm2d:
-            return conv, bn
+        if type(bn) is nn.BatchNorm2d:  # not one that normalises by batch statistics (test-time adaptation's)
+            return None if uses_batch_statistics(bn) else (conv, bn)
         return (conv, None) if isinstance(bn, nn.Sequential) and len(bn) == 0 else None
 
     def forward(self, x):
