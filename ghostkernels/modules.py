@@ -396,10 +396,19 @@ class GhostModule(nn.Module):
 
     def _conv_bn_pairs(self):
         """The (conv, BN or None) pairs whose folded weights the eval forward uses, or None when a
-        branch holds something the fused op does not compute (_conv_bn)."""
+        branch holds something the fused op does not compute (_conv_bn, _fused_geometry)."""
         modules = self._modules
         pairs = [self._conv_bn(modules["primary_conv"]), self._conv_bn(modules["cheap_operation"])]
-        return None if None in pairs else pairs
+        return None if None in pairs or not self._fused_geometry(pairs[0][0], pairs[1][0]) else pairs
+
+    def _fused_geometry(self, primary, cheap):
+        """Whether the convs are the fused op's: 'same' zero-padded square kernels without dilation,
+        the primary one of one group and this module's stride, the cheap one depthwise (channel
+        multiples) of stride 1 on the primary's outputs. A conv replaced or edited otherwise (a
+        dilated or reflect-padded cheap conv: 0.9 off on unit inputs) runs as it is."""
+        return (is_same_square_conv(primary) and is_same_square_conv(cheap) and primary.groups == 1
+                and primary.stride[0] == self.stride and cheap.stride == (1, 1)
+                and cheap.groups == cheap.in_channels == primary.out_channels)
 
     def _fold(self):
         return tuple(t for conv, bn in self._conv_bn_pairs() for t in fold_conv_bn(conv, bn))

@@ -280,8 +280,28 @@ def _added_layer(module):
     return module
 
 
+# Convs the fused op does not compute: it took each branch's conv for a 'same' square one of the
+# module's stride (the cheap one depthwise), whatever it had become.
+def _conv_replaced(branch, index, make_conv):
+    def edit(module):
+        getattr(module, branch)[index] = make_conv().double()
+        return module
+
+    return edit
+
+
+def _reflect_padding(module):
+    module.cheap_operation[0].padding_mode = "reflect"
+    return module
+
+
 _BRANCH_EDITS = {"SyncBatchNorm": _sync_batch_norm, "LeakyReLU": _leaky_relu, "GroupNorm": _group_norm,
-                 "added layer": _added_layer}
+                 "added layer": _added_layer,
+                 "dilated cheap conv": _conv_replaced("cheap_operation", 0, lambda: nn.Conv2d(
+                     6, 6, 3, padding=2, dilation=2, groups=6, bias=False)),
+                 "reflect padding": _reflect_padding,
+                 "stride-2 primary conv": _conv_replaced("primary_conv", 0, lambda: nn.Conv2d(6, 6, 1, stride=2, bias=False)),
+                 "dense cheap conv": _conv_replaced("cheap_operation", 0, lambda: nn.Conv2d(6, 6, 3, padding=1, bias=False))}
 
 
 @pytest.mark.parametrize("edit", list(_BRANCH_EDITS))
