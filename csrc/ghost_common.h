@@ -75,9 +75,8 @@ struct Tap {
 };
 
 // v where the column mask at `mask` (column_masks: all-ones or zero bits) is set, 0 elsewhere: one
-// AND with the mask in memory. A compare with 0 held a zero and a result register in the taps
-// loops, whose running sums then spilled to the stack on AVX2 (a store-forwarding round trip per
-// output vector).
+// AND with the mask in memory, where a compare with 0 took a zero and a result register from the
+// taps loops (short of AVX2's 16 with 3x3 weights).
 template <typename T>
 GK_INLINE typename Simd<T>::vec masked(typename Simd<T>::vec v, const T* mask) {
   using I = typename Simd<T>::index;

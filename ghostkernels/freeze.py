@@ -114,7 +114,8 @@ def checked_example(caller, verb, model, example_inputs):
     if model.training:
         raise ValueError(f"{caller}: the model is in training mode; {caller}() {verb} inference: call model.eval() "
                          "first")
-    # test-time adaptation's, say (a Dropout in training mode, Monte Carlo dropout's, traces as it runs)
+    # BatchNorms in training mode inside it (test-time adaptation's); a Dropout in training mode
+    # (Monte Carlo dropout) traces as it runs
     training = [name for name, module in model.named_modules()
                 if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training]
     if training:
