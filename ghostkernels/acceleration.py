@@ -39,7 +39,7 @@ from .direct_conv import DepthwiseConv2d, DirectConv2d
 from .ghost_depthwise import GhostDepthwise
 from .models.g_ghost_regnet import GGhostStage
 from .modules import (GhostModule, GhostModuleV2, PointwiseConv2d, PointwiseLinear, activation_name, hook_dicts,
-                      conv_bn_sequence, deepcopy_module, fold_conv_bn, is_same_square_conv)
+                      conv_bn_sequence, deepcopy_module, fold_conv_bn, is_ghost_conv_pair)
 from .precompile import precompile_quietly
 from .squeeze_excite import SqueezeExciteGhost
 
@@ -119,13 +119,10 @@ def ghost_module_activation(module):
         return None, f"cheap_operation: {why}"
     if act1 != act2:
         return None, "the two branches have different activations"
-    conv, dw = primary[0], cheap[0]
-    if not (is_same_square_conv(conv) and is_same_square_conv(dw) and conv.groups == 1):
-        return None, ("convs are not square and odd with 'same' zero padding (padding_mode='zeros'), equal strides, "
-                      "no dilation")
-    if dw.groups != conv.out_channels or dw.in_channels != conv.out_channels or dw.stride != (1, 1) \
-            or dw.out_channels % conv.out_channels:
-        return None, "cheap_operation is not a depthwise conv of the primary output"
+    if not is_ghost_conv_pair(primary[0], cheap[0]):
+        return None, ("convs are not square and odd with 'same' zero padding (padding_mode='zeros'), equal strides and "
+                      "no dilation, the primary one of one group and the cheap one a stride-1 depthwise conv of its "
+                      "output")
     return act1, None
 
 

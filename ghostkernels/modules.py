@@ -20,6 +20,15 @@ def is_same_square_conv(conv):
             and conv.stride[0] == conv.stride[1] and conv.padding_mode == "zeros")
 
 
+def is_ghost_conv_pair(primary, cheap):
+    """Whether a Ghost module's primary and cheap convs have the geometry its fused ops compute:
+    'same' square convs (is_same_square_conv), the primary one of one group, the cheap one
+    depthwise (whole multiples of channels a group) of stride 1 on the primary's outputs."""
+    return (is_same_square_conv(primary) and is_same_square_conv(cheap) and primary.groups == 1
+            and cheap.stride == (1, 1) and cheap.groups == cheap.in_channels == primary.out_channels
+            and cheap.out_channels % cheap.groups == 0)
+
+
 def same_conv_output_shape(x, weight, stride):
     """(N, C_out, ceil(H / stride), ceil(W / stride)): the output of a 'same' conv of x by weight
     (a 1x1 conv's too, which needs no padding)."""
@@ -402,13 +411,10 @@ class GhostModule(nn.Module):
         return None if None in pairs or not self._fused_geometry(pairs[0][0], pairs[1][0]) else pairs
 
     def _fused_geometry(self, primary, cheap):
-        """Whether the convs are the fused op's: 'same' zero-padded square kernels without dilation,
-        the primary one of one group and this module's stride, the cheap one depthwise (channel
-        multiples) of stride 1 on the primary's outputs. A conv replaced or edited otherwise (a
-        dilated or reflect-padded cheap conv: 0.9 off on unit inputs) runs as it is."""
-        return (is_same_square_conv(primary) and is_same_square_conv(cheap) and primary.groups == 1
-                and primary.stride[0] == self.stride and cheap.stride == (1, 1)
-                and cheap.groups == cheap.in_channels == primary.out_channels)
+        """Whether the convs are the fused op's (is_ghost_conv_pair) at this module's stride. A conv
+        replaced or edited otherwise (a dilated or reflect-padded cheap conv: 0.9 off on unit
+        inputs) runs as it is."""
+        return is_ghost_conv_pair(primary, cheap) and primary.stride[0] == self.stride
 
     def _fold(self):
         return tuple(t for conv, bn in self._conv_bn_pairs() for t in fold_conv_bn(conv, bn))
@@ -432,7 +438,12 @@ class GhostModule(nn.Module):
         torch.compile and torch.jit.trace (whose graph then folds from the parameters: the
         same graph on every invocation, as trace's check wants, and one that follows a later
         load_state_dict), and for parametrised convs (weight_norm), whose weight is computed."""
-        sources = None if hooks_inside(self) else self._fold_sources()
+        return None if hooks_inside(self) else self._unhooked_folded_weights()
+
+    def _unhooked_folded_weights(self):
+        """folded_weights once the caller has found no hook inside this module (merged_weights'
+        check of the merged module covers it)."""
+        sources = self._fold_sources()
         if sources is None:
             return None
         tensors, eps, cacheable = sources
@@ -504,9 +515,7 @@ class GhostModule(nn.Module):
         if primary is None or cheap is None:
             return None
         (conv, bn1), (cheap_conv, bn2) = primary, cheap
-        if (conv.bias is not None or cheap_conv.bias is not None or conv.groups != 1
-                or cheap_conv.groups != conv.out_channels or cheap_conv.in_channels != conv.out_channels
-                or cheap_conv.stride != (1, 1) or not (is_same_square_conv(conv) and is_same_square_conv(cheap_conv))
+        if (conv.bias is not None or cheap_conv.bias is not None or not is_ghost_conv_pair(conv, cheap_conv)
                 or not (ghost_train.uses_batch_statistics(bn1) and ghost_train.uses_batch_statistics(bn2))):
             return None
         batch, _, height, width = ops.output_shape(x, conv.weight, self.oup, conv.stride[0])
@@ -528,7 +537,7 @@ def merged_weights(merged, ghost, x):
     """The folded weights of `ghost` when `merged` (ghost merged with a neighbouring module into
     one op) can run that op on x, or None to run the two modules in turn (training mode, BN
     without running statistics, a CPU dtype the kernels lack, a hook inside `merged`)."""
-    folded = None if merged.training or hooks_inside(merged) else ghost.folded_weights()
+    folded = None if merged.training or hooks_inside(merged) else ghost._unhooked_folded_weights()
     if folded is None:
         return None
     check_input(merged, x, folded[0])
