@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .batch_norm import TrainingBatchNorm2d
+from .batch_norm import FoldedBatchNorm, TrainingBatchNorm2d
 from .direct_conv import DepthwiseConv2d, DirectConv2d
 from .ghost_depthwise import GhostDepthwise
 from .models.g_ghost_regnet import GGhostStage
@@ -208,48 +208,9 @@ def _folded_conv(conv, bn):
     return folded
 
 
-class FoldedBatchNorm(nn.Sequential):
-    """What takes a BatchNorm's place once accelerate() has folded it into the conv before it:
-    the modules that ran after its normalisation (timm's BatchNormAct2d: drop, act). In
-    training mode the original normalises with batch statistics, which the folded conv cannot,
-    so a forward there raises instead of giving another model's outputs; and a state dict that
-    holds the BN's values but not what OriginalStateDicts needs to fold them into the conv again
-    (the conv's weight) cannot be loaded, even with strict=False, which would drop them silently."""
-
-    _BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-
-    def __init__(self, tail, folded_into):
-        super().__init__(*tail)
-        self.folded_into = folded_into
-        self.eval()  # folds happen in eval mode only
-
-    def forward(self, x):
-        if self.training:
-            raise RuntimeError(
-                f"ghostkernels.accelerate() folded the BatchNorm after {self.folded_into} into it, the model being in "
-                "eval mode; in training mode the original normalises with batch statistics, which the folded model "
-                "cannot. For training, accelerate the model in training mode (it keeps every BatchNorm and "
-                "state-dict key); for inference, call eval() on this one")
-        return super().forward(x)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        if any(prefix + key in state_dict for key in self._BN_KEYS):
-            error_msgs.append(
-                f"{prefix}*: the state dict holds this BatchNorm's values, but ghostkernels.accelerate() folded it "
-                f"into {self.folded_into} (an eval-mode acceleration) and the state dict lacks that conv's weight "
-                "to fold them into: load the whole checkpoint, or load it into the original model and accelerate "
-                "that")
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-
-    def extra_repr(self):
-        return f"folded into {self.folded_into}"
-
-
-def _bn_replacement(tail, folded_into):
+def _bn_replacement(bn, folded_into):
     """The module that takes a folded BN's place: what ran after its normalisation."""
-    return FoldedBatchNorm([m for m in tail if type(m) is not nn.Identity], folded_into)
+    return FoldedBatchNorm(bn.num_features, [m for m in _bn_tail(bn) if type(m) is not nn.Identity], folded_into)
 
 
 class OriginalStateDicts:
@@ -637,7 +598,7 @@ def _fold(accelerator, owner_name, owner, conv_name, bn_name):
     conv, bn = getattr(owner, conv_name), getattr(owner, bn_name)
     label = f"{_child_name(owner_name, conv_name)}+{bn_name}"
     folded_conv, folded_bn = _child_name(owner_name, conv_name), _child_name(owner_name, bn_name)
-    assignments = [(conv_name, _folded_conv(conv, bn)), (bn_name, _bn_replacement(_bn_tail(bn), folded_conv))]
+    assignments = [(conv_name, _folded_conv(conv, bn)), (bn_name, _bn_replacement(bn, folded_conv))]
     if accelerator.rewire("folded", label, owner_name, owner, assignments):
         accelerator.original_state_dicts.fold(folded_conv, folded_bn, bn.eps)
 
@@ -667,7 +628,7 @@ def _merge_ghost_depthwise(accelerator):
     for owner_name, owner in _owners_outside_ghost_modules(accelerator.model):
         ghost, conv_dw = getattr(owner, "ghost1", None), getattr(owner, "conv_dw", None)
         bn_dw = getattr(owner, "bn_dw", None)
-        passes_through = type(bn_dw) is nn.Identity or (type(bn_dw) is FoldedBatchNorm and len(bn_dw) == 0)
+        passes_through = type(bn_dw) is nn.Identity or (type(bn_dw) is FoldedBatchNorm and bn_dw.passes_through)
         if passes_through and GhostDepthwise.eligible(ghost, conv_dw) and accelerator.rewire(
                 "merged", f"{_child_name(owner_name, 'ghost1')}+conv_dw", owner_name, owner,
                 [("ghost1", GhostDepthwise(ghost, conv_dw)), ("conv_dw", nn.Identity())]):

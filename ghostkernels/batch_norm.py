@@ -146,3 +146,69 @@ class TrainingBatchNorm2d(nn.BatchNorm2d):
         out, mean, var = ops.call(torch.ops.ghostkernels.batch_norm_train, x, self.weight, self.bias, self.eps)
         update_running_statistics(self, mean, var, x.numel() // x.shape[1])
         return out
+
+
+class FoldedBatchNorm(nn.BatchNorm2d):
+    """What takes a BatchNorm's place once an eval-mode accelerate() has folded it into the conv
+    before it: the modules that ran after its normalisation (timm's BatchNormAct2d: drop, act),
+    and no parameters or buffers (its values live in the conv). Still an nn.BatchNorm2d, so that
+    code looking for the model's BNs finds it: test-time adaptation puts each BN it finds in
+    training mode, where the original normalises with batch statistics, which the folded conv
+    cannot; a forward there raises instead of giving another model's outputs. A state dict that
+    holds the BN's values but not what OriginalStateDicts needs to fold them into the conv again
+    (the conv's weight) cannot be loaded, even with strict=False, which would drop them silently."""
+
+    _BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+    def __init__(self, num_features, tail, folded_into):
+        super().__init__(num_features, affine=False, track_running_stats=False)
+        for index, module in enumerate(tail):  # the keys of the nn.Sequential this class once was
+            self.add_module(str(index), module)
+        self.folded_into = folded_into
+        # Not None, which converters (convert_sync_batchnorm) would copy into a BN that normalises
+        # by batch statistics, silently: assigning this to a buffer raises a TypeError naming it
+        del self._buffers["running_mean"], self._buffers["running_var"]
+        self.running_mean = self.running_var = StatisticsFoldedIntoConv(folded_into)
+        self.eval()  # folds happen in eval mode only
+
+    @property
+    def passes_through(self):
+        """Whether its forward returns its input."""
+        return not self._modules and not self.training
+
+    def forward(self, x):
+        if self.training:
+            raise RuntimeError(
+                f"ghostkernels.accelerate() folded the BatchNorm after {self.folded_into} into it, the model being in "
+                "eval mode; in training mode (model.train(), or a BatchNorm put back in training mode for test-time "
+                "adaptation) the original normalises with batch statistics, which the folded model cannot. To train "
+                "the model, accelerate it in training mode; to adapt its BatchNorms, put them in training mode before "
+                "accelerate() (it keeps them); for inference, call eval() on this one")
+        for module in self._modules.values():
+            x = module(x)
+        return x
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        if any(prefix + key in state_dict for key in self._BN_KEYS):
+            error_msgs.append(
+                f"{prefix}*: the state dict holds this BatchNorm's values, but ghostkernels.accelerate() folded it "
+                f"into {self.folded_into} (an eval-mode acceleration) and the state dict lacks that conv's weight "
+                "to fold them into: load the whole checkpoint, or load it into the original model and accelerate "
+                "that")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def extra_repr(self):
+        return f"folded into {self.folded_into}"
+
+
+class StatisticsFoldedIntoConv:
+    """A FoldedBatchNorm's running_mean and running_var: they live in the weights of the conv
+    named here."""
+
+    def __init__(self, conv):
+        self.conv = conv
+
+    def __repr__(self):
+        return f"StatisticsFoldedIntoConv({self.conv!r})"

@@ -242,6 +242,36 @@ def test_zoo_models_with_batch_norms_in_training_mode(build):
         assert_close(fused(x), original(x))
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_batch_norms_put_in_training_mode_after_accelerate(family):
+    """The BNs an eval-mode accelerate() folded into their convs are still found as nn.BatchNorm2d
+    (they were a module of another type, which adaptation code looking for the model's BNs passed
+    over: they kept normalising by running statistics while the original's used the batch's,
+    silently); put in training mode, they raise."""
+    fast = accelerate(randomise_bn(FAMILIES[family](), spread=0.3).eval())
+    folded = [bn for bn in fast.modules() if type(bn) is acceleration.FoldedBatchNorm]
+    assert folded and all(isinstance(bn, nn.BatchNorm2d) for bn in folded)
+    _batch_norms_to_training(fast)
+    with pytest.raises(RuntimeError, match="folded the BatchNorm after .* test-time adaptation"):
+        fast(torch.randn(2, 3, 64, 64))
+
+
+def test_g_ghost_stage_with_its_folded_cheap_batch_norm_in_training_mode():
+    """The stage's fast path takes the folded BN's place as well: it must not skip it."""
+    fast = accelerate(models.g_ghost_regnetx("002", num_classes=10, fused=False).eval())
+    fast.layer3.cheap[1].train()
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"folded the BatchNorm after layer3\.cheap\.0"):
+        fast(torch.randn(2, 3, 64, 64))
+
+
+def test_sync_batch_norm_conversion_after_accelerate_raises():
+    """convert_sync_batchnorm would replace each folded BN by a SyncBatchNorm without running
+    statistics, which normalises by the batch's (the logits 0.18 off the original's in eval mode)."""
+    fast = accelerate(randomise_bn(ghostnet_050(num_classes=10, fused=False), spread=0.3).eval())
+    with pytest.raises(TypeError, match="StatisticsFoldedIntoConv"):
+        nn.SyncBatchNorm.convert_sync_batchnorm(fast)
+
+
 def test_freeze_refuses_batch_norms_in_training_mode():
     model = ghostnet_050(num_classes=10, fused=False).eval()
     model.blocks[3][0].ghost1.primary_conv[1].train()

@@ -18,6 +18,7 @@ of concatenating them for the mix.
 import torch
 from torch import nn
 
+from ..batch_norm import FoldedBatchNorm
 from ..cheap_mix import cheap_mix
 from ..ghost_train import uses_batch_statistics
 from ..modules import PointwiseConv2d, fold_conv_bn, hook_dicts, hooks_inside
@@ -152,7 +153,7 @@ class GGhostStage(Stage):
             return None
         if type(bn) is nn.BatchNorm2d:  # not one that normalises by batch statistics (test-time adaptation's)
             return None if uses_batch_statistics(bn) else (conv, bn)
-        return (conv, None) if isinstance(bn, nn.Sequential) and len(bn) == 0 else None
+        return (conv, None) if type(bn) is FoldedBatchNorm and bn.passes_through else None
 
     def forward(self, x):
         # autocast: its dtype and the folded float32 weights would meet in cheap_mix, which
