@@ -287,17 +287,23 @@ def check_input(module, x, weight):
 
 def fold_conv_bn(conv, bn):
     """(W * t, (b - mean) * t + beta) with t = gamma / sqrt(var + eps): the BN after a conv
-    folded into it (b: the conv's bias or 0). bn=None returns the conv's own weight and bias."""
+    folded into it (b: the conv's bias or 0), in the conv's dtype, as the conv's output and the
+    BN's are. Computed in float32 at least and rounded once: a float16/bfloat16 conv's BN may
+    keep float32 values (mixed-precision recipes do), and (b - mean) * t in 16 bits loses digits.
+    bn=None returns the conv's own weight and bias."""
     if bn is None:
         return conv.weight, conv.bias
-    scale = torch.rsqrt(bn.running_var + bn.eps)
+    dtype = conv.weight.dtype
+    compute = torch.promote_types(torch.promote_types(dtype, bn.running_var.dtype), torch.float32)
+    scale = torch.rsqrt(bn.running_var.to(compute) + bn.eps)
     if bn.weight is not None:
-        scale = scale * bn.weight
-    bias = -bn.running_mean if conv.bias is None else conv.bias - bn.running_mean
+        scale = scale * bn.weight.to(compute)
+    mean = bn.running_mean.to(compute)
+    bias = -mean if conv.bias is None else conv.bias.to(compute) - mean
     bias = bias * scale
     if bn.bias is not None:
-        bias = bias + bn.bias
-    return conv.weight * scale.reshape(-1, 1, 1, 1), bias
+        bias = bias + bn.bias.to(compute)
+    return (conv.weight.to(compute) * scale.reshape(-1, 1, 1, 1)).to(dtype), bias.to(dtype)
 
 
 def activation_name(module):
@@ -319,6 +325,12 @@ def _conv_bn_act(sequential, activation):
     if (activation_name(modules[2]) if len(modules) == 3 else "none") != activation:
         return None
     return modules[0], modules[1]
+
+
+def _of_dtype(bn, dtype):
+    """Whether a BN's values are of `dtype` (the op takes one dtype; nn.BatchNorm2d also takes
+    float32 values for 16-bit inputs, as mixed-precision recipes keep them)."""
+    return all(t.dtype == dtype for t in (bn.weight, bn.running_mean) if t is not None)
 
 
 def _gamma_beta(bn, x):
@@ -516,7 +528,8 @@ class GhostModule(nn.Module):
             return None
         (conv, bn1), (cheap_conv, bn2) = primary, cheap
         if (conv.bias is not None or cheap_conv.bias is not None or not is_ghost_conv_pair(conv, cheap_conv)
-                or not (ghost_train.uses_batch_statistics(bn1) and ghost_train.uses_batch_statistics(bn2))):
+                or not (ghost_train.uses_batch_statistics(bn1) and ghost_train.uses_batch_statistics(bn2))
+                or not (_of_dtype(bn1, x.dtype) and _of_dtype(bn2, x.dtype))):  # float32 BNs of a float16 model
             return None
         batch, _, height, width = ops.output_shape(x, conv.weight, self.oup, conv.stride[0])
         count = batch * height * width

@@ -286,6 +286,44 @@ def test_counting_keeps_each_modules_mode():
     assert not model.training and all(bn.training for bn in model.modules() if isinstance(bn, nn.BatchNorm2d))
 
 
+# -- 16-bit models with float32 BatchNorms (mixed-precision recipes keep them so) ---------------------
+
+
+def _with_float32_batch_norms(model):
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.float()
+    return model
+
+
+def _relative_error(actual, expected):
+    return ((actual.double() - expected).abs().max() / expected.abs().max()).item()
+
+
+def test_ghost_module_with_float32_batch_norms():
+    """The folded weights took the BNs' float32 (the module raised a TypeError on its own input)."""
+    m = _with_float32_batch_norms(randomise_bn(GhostModule(8, 16), spread=0.3).eval().bfloat16())
+    x = torch.randn(2, 8, 9, 9, dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = unfused(copy.deepcopy(m).double(), x.double())
+        out = m(x)
+    assert out.dtype == torch.bfloat16 and _relative_error(out, expected) <= 1e-2
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_accelerate_a_16_bit_model_with_float32_batch_norms(family):
+    """Folds gave the folded convs a float32 bias beside bfloat16 weights (accelerate() crashed in
+    its self-check); the fold is now computed in float32 and rounded once to the conv's dtype."""
+    model = _with_float32_batch_norms(randomise_bn(FAMILIES[family](), spread=0.3).eval().bfloat16())
+    x = torch.randn(2, 3, 64, 64, dtype=torch.bfloat16)
+    fast = accelerate(model)
+    assert fast.acceleration_summary.folded and not fast.acceleration_summary.skipped
+    with torch.no_grad():
+        expected = copy.deepcopy(model).double()(x.double())
+        out = fast(x)
+    assert out.dtype == torch.bfloat16 and _relative_error(out, expected) <= 1e-2
+
+
 # -- layers the fused ops do not compute ------------------------------------------------------------
 
 

@@ -346,6 +346,14 @@ def test_sync_batch_norm_runs_the_original_layers():
     assert module.batch_statistics_forward(make_input(2, 4, 5, 5)) is None
 
 
+def test_batch_norms_of_another_dtype_run_the_original_layers():
+    """Mixed-precision recipes keep a float16 model's BNs in float32, which nn.BatchNorm2d takes
+    and the op (one dtype; it raised a TypeError) does not."""
+    module = GhostModule(4, 8).double()
+    module.primary_conv[1].float()
+    assert module.batch_statistics_forward(make_input(2, 4, 5, 5)) is None
+
+
 # -- the Triton kernels (GPU; here in Triton's interpreter on CPU tensors) ----------------------
 
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
