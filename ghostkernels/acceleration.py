@@ -278,11 +278,14 @@ def _foldable(conv, bn):
 
 
 def _hooks_reason(module):
-    """Why `module` is left as it is when a hook is registered on it or inside it (a replacement
-    would not run the hook), else None."""
+    """Why `module` is left as it is when a hook is registered on it or inside it, or a forward set
+    on an instance (a replacement would not run them), else None."""
     hooks = [hook for m in module.modules() for hook_dict in hook_dicts(m) for hook in hook_dict.values()]
     if not hooks:
-        return None
+        patched = next((m for m in module.modules() if "forward" in m.__dict__), None)
+        return None if patched is None else (
+            f"has a {type(patched).__name__} whose forward is set on the instance (HF accelerate's "
+            "add_hook_to_module, a monkeypatch), which the replacement would not call")
     if any(type(hook).__module__ in ("torch.nn.utils.prune", "torch.nn.utils.weight_norm") for hook in hooks):
         return ("is pruned or weight-normalised (torch.nn.utils.prune / weight_norm recompute its weight in a hook): "
                 "prune.remove() / remove_weight_norm() make the weights plain for accelerate to fuse")

@@ -251,16 +251,24 @@ def hook_dicts(module):
     return (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
 
 
+def intercepted(module):
+    """Whether calling `module` may run code other than its class's forward: a hook, or a forward
+    set on the instance (HF accelerate's add_hook_to_module, a monkeypatch)."""
+    return any(hook_dicts(module)) or "forward" in module.__dict__
+
+
 def hooks_inside(module):
-    """Whether a module inside `module` (not `module` itself) has a hook, which a fused op that
-    computes those layers without calling them would skip: a fused module with one runs its layers
-    in turn, as the original does (accelerate() leaves hooked modules unfused; this covers hooks
-    registered after it). hook_dicts' four read directly: ~3 us a call for a Ghost module's eight
-    submodules, ~0.15 ms of an accelerated GhostNet 1.0x forward (Zen 3)."""
+    """Whether a module inside `module` (not `module` itself) is intercepted (a hook, or a forward
+    set on the instance), which a fused op that computes those layers without calling them would
+    skip: a fused module with one runs its layers in turn, as the original does (accelerate()
+    leaves such modules unfused; this covers what is registered after it). intercepted() inlined,
+    its dicts read directly: ~3 us a call for a Ghost module's eight submodules, ~0.15 ms of an
+    accelerated GhostNet 1.0x forward (Zen 3)."""
     inside = [*module._modules.values()]
     for inner in inside:  # breadth first: the loop reaches what it appends
         if inner is not None:
-            if inner._forward_hooks or inner._forward_pre_hooks or inner._backward_hooks or inner._backward_pre_hooks:
+            if (inner._forward_hooks or inner._forward_pre_hooks or inner._backward_hooks or inner._backward_pre_hooks
+                    or "forward" in inner.__dict__):
                 return True
             inside += inner._modules.values()
     return False

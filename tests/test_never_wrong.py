@@ -521,6 +521,29 @@ def test_hooked_modules_stay(where):
         assert_close(fast(x), net(x))
 
 
+def _forward_wrapped(module, wrap):
+    """module.forward set on the instance, as HF accelerate's add_hook_to_module sets it."""
+    class_forward = module.forward
+    module.forward = lambda *args: wrap(class_forward(*args))
+    return module
+
+
+def test_modules_with_a_forward_set_on_the_instance_stay():
+    """A wrapper that keeps the output (a call counter here; HF accelerate's device hooks) passes
+    the self-check: the module is left as it is because of the wrapper itself."""
+    net = randomise_bn(nn.Sequential(TimmStyleGhost(4, 8), TimmStyleGhost(8, 8)), spread=0.3).eval()
+    calls = []
+    _forward_wrapped(net[0].cheap_operation[1], lambda out: calls.append(1) or out)
+    fast = accelerate(net)
+    summary = fast.acceleration_summary
+    assert summary.fused == ["1"] and summary.skipped[0][0] == "0"
+    assert "BatchNorm2d whose forward is set on the instance" in summary.skipped[0][1]
+    calls.clear()
+    with torch.no_grad():
+        fast(torch.randn(2, 4, 6, 6))
+    assert calls == [1]
+
+
 def test_hooked_bn_is_not_folded():
     net = randomise_bn(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)), spread=0.3).eval()
     net[1].register_forward_pre_hook(lambda module, args: (args[0] + 1,))
@@ -571,8 +594,21 @@ def test_hooks_registered_after_accelerate_run(site, training):
     assert_close(captured[hooked], captured[model.get_submodule(original_site)])
 
 
+@pytest.mark.parametrize("site", _HOOK_SITES, ids=[fast for fast, _ in _HOOK_SITES])
+def test_forwards_set_on_the_instance_after_accelerate_run(site):
+    """As a hook: the fused op computed the layer without calling its instance's forward."""
+    model = randomise_bn(ghostnet_050(num_classes=10, fused=False), spread=0.3).double().eval()
+    fast = accelerate(copy.deepcopy(model))
+    for net, name in ((model, site[1]), (fast, site[0])):
+        _forward_wrapped(net.get_submodule(name), lambda out: out * 2)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        assert_close(fast(x), model(x))
+
+
+@pytest.mark.parametrize("intercept", ["hook", "instance forward"])
 @pytest.mark.parametrize("site", ["cheap", "merge", "merge.0", "cheap_relu", "layers.1", "layers.1.relu"])
-def test_hooks_registered_after_accelerate_run_in_g_ghost_stages(site):
+def test_hooks_registered_after_accelerate_run_in_g_ghost_stages(site, intercept):
     """The fast path of an accelerated G-GhostNet stage computes its last inner block, the merge,
     the cheap conv and its ReLU without calling those modules: a hook on one of them now sends the
     stage through the original ops. (A hook on the cheap conv itself sees its BN folded in.)"""
@@ -580,7 +616,10 @@ def test_hooks_registered_after_accelerate_run_in_g_ghost_stages(site):
     fast = accelerate(copy.deepcopy(model))
     assert type(fast.layer3).__name__ == "GGhostStage"
     for net in (model, fast):
-        net.get_submodule(f"layer3.{site}").register_forward_hook(lambda module, args, out: out * 2)
+        if intercept == "hook":
+            net.get_submodule(f"layer3.{site}").register_forward_hook(lambda module, args, out: out * 2)
+        else:
+            _forward_wrapped(net.get_submodule(f"layer3.{site}"), lambda out: out * 2)
     x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
     with torch.no_grad():
         assert_close(fast(x), model(x))

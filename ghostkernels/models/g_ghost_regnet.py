@@ -21,7 +21,7 @@ from torch import nn
 from ..batch_norm import FoldedBatchNorm
 from ..cheap_mix import cheap_mix
 from ..ghost_train import uses_batch_statistics
-from ..modules import PointwiseConv2d, fold_conv_bn, hook_dicts, hooks_inside
+from ..modules import PointwiseConv2d, fold_conv_bn, hooks_inside, intercepted
 from ..ops import onnx_exporting, refuse_torchscript
 
 
@@ -146,7 +146,7 @@ class GGhostStage(Stage):
         uncalled = (last, last.relu, self.merge, pool, self.cheap, self.cheap_relu)
         if (type(last.relu) is not nn.ReLU or type(self.cheap_relu) is not nn.ReLU
                 or type(pool) is not nn.AdaptiveAvgPool2d or pool.output_size not in (1, (1, 1))
-                or len(self.cheap) != 2 or any(any(hook_dicts(m)) for m in uncalled) or hooks_inside(self.cheap)):
+                or len(self.cheap) != 2 or any(map(intercepted, uncalled)) or hooks_inside(self.cheap)):
             return None
         conv, bn = self.cheap
         if type(conv) not in (nn.Conv2d, PointwiseConv2d) or conv.kernel_size != (1, 1) or conv.groups != 1:
