@@ -7,6 +7,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _global_hooks  # its _global_*_hooks dicts
 
 from . import dfc_attention, ghost_train, ops
 from .reference import check_activation, conv_output_format, dfc_gate, dfc_short_conv, output_memory_format
@@ -259,11 +260,15 @@ def intercepted(module):
 
 def hooks_inside(module):
     """Whether a module inside `module` (not `module` itself) is intercepted (a hook, or a forward
-    set on the instance), which a fused op that computes those layers without calling them would
-    skip: a fused module with one runs its layers in turn, as the original does (accelerate()
-    leaves such modules unfused; this covers what is registered after it). intercepted() inlined,
-    its dicts read directly: ~3 us a call for a Ghost module's eight submodules, ~0.15 ms of an
-    accelerated GhostNet 1.0x forward (Zen 3)."""
+    set on the instance), or a global module hook is registered (register_module_forward_hook:
+    torch.utils.module_tracker, say), which a fused op that computes those layers without calling
+    them would skip: a fused module with one runs its layers in turn, as the original does
+    (accelerate() leaves such modules unfused; this covers what is registered after it).
+    intercepted() inlined, its dicts read directly: ~4 us a call for a Ghost module's eight
+    submodules, ~0.15 ms of an accelerated GhostNet 1.0x forward (Zen 3)."""
+    if (_global_hooks._global_forward_hooks or _global_hooks._global_forward_pre_hooks
+            or _global_hooks._global_backward_hooks or _global_hooks._global_backward_pre_hooks):
+        return True
     inside = [*module._modules.values()]
     for inner in inside:  # breadth first: the loop reaches what it appends
         if inner is not None:

@@ -625,6 +625,21 @@ def test_hooks_registered_after_accelerate_run_in_g_ghost_stages(site, intercept
         assert_close(fast(x), model(x))
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_global_module_hooks(family):
+    """register_module_forward_hook fires for every module call: the fused ops' layers were never
+    called, so a global hook that edits the BNs' outputs left the accelerated logits unchanged."""
+    model = randomise_bn(FAMILIES[family](), spread=0.3).double().eval()
+    fast, x = accelerate(copy.deepcopy(model)), torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: out * 2 if isinstance(module, nn.BatchNorm2d) else None)
+    try:
+        with torch.no_grad():
+            assert_close(fast(x), model(x))
+    finally:
+        handle.remove()
+
+
 def _prune(model):
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
