@@ -236,16 +236,20 @@ class OriginalStateDicts:
         own = {prefix + key for key in model.state_dict()}  # never renamed: the accelerated model's keys
         for step in self.steps:
             if step[0] == "fold":
-                self._fold(state_dict, prefix + step[1] + ".", prefix + step[2] + ".", step[3])
+                self._fold(state_dict, prefix + step[1] + ".", prefix + step[2] + ".", step[3],
+                           local_metadata.get("assign_to_params_buffers", False))
             else:
                 self._rename(state_dict, [(prefix + old, prefix + new) for old, new in step[1]], own)
 
-    def _fold(self, state_dict, conv, bn, eps):
+    def _fold(self, state_dict, conv, bn, eps, assign):
         if (conv + "weight" not in state_dict or bn + "running_mean" not in state_dict
                 or bn + "running_var" not in state_dict):
             return
         values = {key: state_dict.pop(bn + key, None) for key in self._BN_KEYS}
-        dtype = state_dict[conv + "weight"].dtype  # the checkpoint's (load_state_dict(assign=True) keeps it)
+        # load_state_dict(assign=True) keeps the checkpoint's tensors, so its dtype; otherwise the
+        # float64 fold is copied into the parameter, rounded once to the model's dtype (a float32
+        # checkpoint loaded into a model converted to float64 folds exactly)
+        dtype = state_dict[conv + "weight"].dtype if assign else torch.float64
         with torch.no_grad():  # in float64, as fold_conv_bn reads a conv's and a BN's tensors by name
             conv_tensors = SimpleNamespace(weight=_double(state_dict[conv + "weight"]),
                                            bias=_double(state_dict.get(conv + "bias")))

@@ -96,6 +96,21 @@ def test_eval_acceleration_takes_the_originals_checkpoint(family):
         assert_close(fast(x), loaded(x))
 
 
+def test_checkpoint_loaded_after_a_dtype_conversion_folds_in_the_new_dtype():
+    """A float32 acceleration converted to float64 keeps float32's rounding of its folds (~1e-7
+    off the float64 original); the original's float32 checkpoint loaded again refolds them in
+    float64 (it was folded in float64, then rounded to the checkpoint's float32). With
+    assign=True the checkpoint's tensors, so its dtype, are kept."""
+    original = randomise_bn(ghostnet_050(num_classes=10, fused=False), spread=0.3).eval()
+    fast, x = accelerate(original).double(), torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    fast.load_state_dict(original.state_dict())
+    with torch.no_grad():
+        assert_close(fast(x), copy.deepcopy(original).double()(x), rtol=1e-12)
+    assigned = accelerate(original)
+    assigned.load_state_dict(copy.deepcopy(original).double().state_dict(), assign=True)
+    assert assigned.conv_stem.weight.dtype == assigned.conv_stem.bias.dtype == torch.float64
+
+
 def test_eval_acceleration_refuses_bn_values_it_cannot_fold():
     """A state dict with a folded BN's values but not its conv's weight: load_state_dict(strict=False)
     would drop them and keep the folded ones."""
