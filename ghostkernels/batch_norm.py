@@ -159,6 +159,7 @@ class FoldedBatchNorm(nn.BatchNorm2d):
     (the conv's weight) cannot be loaded, even with strict=False, which would drop them silently."""
 
     _BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    __prepare_scriptable__ = ops.refuse_torchscript
 
     def __init__(self, num_features, tail, folded_into):
         super().__init__(num_features, affine=False, track_running_stats=False)

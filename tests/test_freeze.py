@@ -123,7 +123,10 @@ def test_torch_jit_script_says_what_keeps_the_fused_kernels():
     model, frozen = frozen_pair("timm-v1", torch.randn(1, 3, 64, 64))
     trace_hint = r"torch.jit.trace\(model, example\), ghostkernels.freeze\(model, example\)"
     for scripted, name in ((model, r"\w+"), (ghostkernels.GhostModule(16, 32), "GhostModule"),
-                           (models.ghostnet_050(fused=False), "GhostNet"), (models.ghostnetv3_050(), "GhostNet")):
+                           (models.ghostnet_050(fused=False), "GhostNet"), (models.ghostnetv3_050(), "GhostNet"),
+                           # a 2x2 conv stays an nn.Conv2d when folded: the folded BN's place is what refuses
+                           (ghostkernels.accelerate(nn.Sequential(nn.Conv2d(3, 8, 2), nn.BatchNorm2d(8)).eval()),
+                            "FoldedBatchNorm")):
         with pytest.raises(RuntimeError, match=f"torch.jit.script cannot compile ghostkernels' {name}: .*{trace_hint}"):
             torch.jit.script(scripted)
     with pytest.raises(RuntimeError, match=r"compile ghostkernels' FrozenModel: it holds a TorchScript graph already: torch.save\(model"):
