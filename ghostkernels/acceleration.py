@@ -487,6 +487,11 @@ class _SelfCheck:
         try:
             # a copy: train-mode BN updates its stats
             self._run(deepcopy_module(self.original), example, {}, (self.device, None))
+        except Exception as exc:
+            if hasattr(exc, "add_note"):  # Python 3.11+: the error is the model's own, say where it came from
+                exc.add_note("accelerate(): raised by the original model run on example_inputs (the input of the "
+                             "model's forward, batch and all)")
+            raise
         finally:
             for handle in handles:
                 handle.remove()

@@ -4,6 +4,7 @@ accelerate(), clear errors, and the self-check that undoes a change it cannot ve
 
 import contextlib
 import copy
+import sys
 
 import pytest
 import torch
@@ -503,6 +504,11 @@ def test_accelerate_bad_arguments():
         accelerate(None)
     with pytest.raises(TypeError, match="example_inputs must be a tensor or a tuple"):
         accelerate(nn.Conv2d(3, 3, 1), example_inputs=[torch.randn(1, 3, 4, 4)])
+    # the model's own error, which says nothing of accelerate(), with a note of where it came from
+    with pytest.raises(RuntimeError, match="expected input.* to have 3 channels") as raised:
+        accelerate(ghostnet_050(num_classes=10, fused=False).eval(), example_inputs=torch.randn(1, 4, 32, 32))
+    if sys.version_info >= (3, 11):
+        assert "raised by the original model run on example_inputs" in raised.value.__notes__[0]
 
 
 # -- hooks and ties ------------------------------------------------------------------------------
