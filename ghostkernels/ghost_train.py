@@ -179,7 +179,9 @@ def _cuda(*args):
 @torch.library.impl(_lib, "ghost_module_train_backward", "CUDA")
 def _backward_cuda(*args):
     kernels = _backends.triton_kernels("triton_ghost_train")
-    if kernels is None:
+    # The kernels sum across programs by atomic adds, in no fixed order: under
+    # torch.use_deterministic_algorithms the composition, which PyTorch's own rules govern
+    if kernels is None or torch.are_deterministic_algorithms_enabled():
         return _backward_fallback(*args)
     ops.check_once(_check_backward, *args)
     return kernels.backward(*args)

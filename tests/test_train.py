@@ -398,6 +398,25 @@ def test_triton_kernels_match_the_reference(case, dtype):
         assert_close_relative(a.double(), b, tol, name=name)
 
 
+def test_cuda_backward_under_deterministic_algorithms(monkeypatch):
+    """The Triton backward adds per-program sums atomically (no fixed order): with
+    torch.use_deterministic_algorithms(True) the CUDA entry runs the composition instead."""
+    from ghostkernels import triton_ghost_train
+
+    args = [a.to(TRITON_DEVICE) if isinstance(a, torch.Tensor) else a for a in _op_arguments(requires_grad=False)]
+    outputs = ghost_module_train_reference(*args)
+    backward_args = (torch.randn_like(outputs[0]), *args[:7], *outputs[1:], *args[7:])
+    monkeypatch.setattr(triton_ghost_train, "backward", lambda *a: pytest.fail("the atomic kernels ran"))
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        grads = ghost_train._backward_cuda(*backward_args)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    for a, b in zip(grads, _backward_fallback(*backward_args)):
+        assert torch.equal(a, b)
+
+
 def test_training_steps_follow_eager(one_thread):
     """Three SGD steps with momentum of an accelerated GhostNet 0.5x (float64) leave every
     parameter and buffer where eager's steps leave them."""
