@@ -36,8 +36,9 @@ three loads a row of each input instead of the tap loop's one a tap. The primary
 (x, W1) are one library convolution backward on gz1.
 
 Accumulation is float32 (float64 for float64 inputs, whose products are FMA loops: tl.dot has
-no float64 on NVIDIA GPUs). Float32 dots run as TF32 by default (GHOSTKERNELS_TF32=0 asks for
-IEEE float32).
+no float64 on NVIDIA GPUs). Float32 dots run as TF32 where PyTorch's convolutions may
+(torch.backends.cudnn.allow_tf32 or, from torch 2.9, cudnn.conv.fp32_precision: on by default),
+IEEE float32 otherwise or with GHOSTKERNELS_TF32=0.
 """
 
 import contextlib
@@ -618,9 +619,22 @@ def _masked_grad_row(grad, out, mask, RELU: tl.constexpr, ACC: tl.constexpr):
 
 
 def _input_precision(dtype):
-    if dtype == torch.float32 and TF32:
-        return "tf32"
-    return "ieee"
+    """tl.dot's input precision: TF32 for float32 where PyTorch's convolutions (the layers the op
+    replaces) may use it, unless GHOSTKERNELS_TF32=0; IEEE otherwise."""
+    return "tf32" if dtype == torch.float32 and TF32 and _tf32_convolutions() else "ieee"
+
+
+def _tf32_convolutions():
+    """torch.backends.cudnn.allow_tf32 (default True); from torch 2.9 on, cuDNN convolutions'
+    fp32_precision, where "none" defers to cuDNN's, then the global one (all "none": IEEE), and
+    which the legacy flag sets (its getter raises once the two APIs disagree)."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is None:
+        return torch.backends.cudnn.allow_tf32
+    for precision in (conv.fp32_precision, torch.backends.cudnn.fp32_precision, torch.backends.fp32_precision):
+        if precision != "none":
+            return precision == "tf32"
+    return False
 
 
 def _accumulator(dtype):
@@ -892,7 +906,7 @@ def _launch(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out, acti
     key = (primary_dot, source.device, source.dtype, source.shape, source.stride(), out.shape, out.stride(),
            primary_weight.shape, cheap_weight.shape, primary_bias is None, cheap_bias is None, activation, stride,
            scale is None, None if gate is None else (gate.shape, gate.stride()), residual is None,
-           tuple(config.items()))
+           tuple(config.items()), _input_precision(x.dtype))  # the user's TF32 setting may change between calls
     plan = _plans.get(key)
     if plan is None:
         if rows3:

@@ -227,6 +227,42 @@ def test_launch_plans_are_reused_with_new_data():
         assert len(triton_ghost._plans) == plans  # no new plan after the first call of each route
 
 
+@pytest.fixture
+def tf32_setting():
+    """torch's TF32 setting of convolutions, restored after the test."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    saved = torch.backends.cudnn.allow_tf32 if conv is None else (conv.fp32_precision,
+                                                                   torch.backends.cudnn.fp32_precision,
+                                                                   torch.backends.fp32_precision)
+    yield conv
+    if conv is None:
+        torch.backends.cudnn.allow_tf32 = saved
+    else:
+        conv.fp32_precision, torch.backends.cudnn.fp32_precision, torch.backends.fp32_precision = saved
+
+
+def test_float32_dots_follow_torchs_tf32_setting_of_convolutions(tf32_setting, monkeypatch):
+    """The layers the op replaces are convolutions, whose float32 PyTorch runs in TF32 only where
+    its flag allows: the dots ran TF32 whatever the user set. A launch plan each way."""
+    x = torch.randn(1, 6, 5, 5, device=DEVICE)
+    weights = [w.to(DEVICE) for w in make_weights(6, 12, 2, 3, dtype=torch.float32)]
+    config = dict(triton_ghost.heuristic_config(6, 6, torch.float32, True), primary="kernel")
+    monkeypatch.setattr(triton_ghost, "_plans", {})
+    precisions = []
+    for allow in (True, False, True):
+        torch.backends.cudnn.allow_tf32 = allow  # the legacy flag, which sets the new API's too
+        precisions.append(triton_ghost._input_precision(torch.float32))
+        triton_ghost.forward(x, *weights, 12, 1, "relu", config=config)
+    assert precisions == ["tf32", "ieee", "tf32"]
+    assert triton_ghost._input_precision(torch.float16) == "ieee"
+    assert sorted(plan.constants["INPUT_PRECISION"] for plan in triton_ghost._plans.values()) == ["ieee", "tf32"]
+    if tf32_setting is not None:  # torch 2.9's API: an operator's "none" defers to cuDNN's, then the global one
+        tf32_setting.fp32_precision, torch.backends.cudnn.fp32_precision = "none", "tf32"
+        assert triton_ghost._input_precision(torch.float32) == "tf32"
+        tf32_setting.fp32_precision = "ieee"
+        assert triton_ghost._input_precision(torch.float32) == "ieee"
+
+
 def test_every_autotune_candidate_computes_the_same():
     """Whatever configuration the autotuner or the tuned table picks gives the reference's output."""
     dtype = DTYPES[1] if DEVICE == "cpu" else torch.float16  # float32 on the CPU: fast and exact enough
