@@ -631,7 +631,8 @@ def _tf32_convolutions():
     conv = getattr(torch.backends.cudnn, "conv", None)
     if conv is None:
         return torch.backends.cudnn.allow_tf32
-    for precision in (conv.fp32_precision, torch.backends.cudnn.fp32_precision, torch.backends.fp32_precision):
+    for precision in (conv.fp32_precision, getattr(torch.backends.cudnn, "fp32_precision", "none"),
+                      getattr(torch.backends, "fp32_precision", "none")):
         if precision != "none":
             return precision == "tf32"
     return False

@@ -231,14 +231,14 @@ def test_launch_plans_are_reused_with_new_data():
 def tf32_setting():
     """torch's TF32 setting of convolutions, restored after the test."""
     conv = getattr(torch.backends.cudnn, "conv", None)
-    saved = torch.backends.cudnn.allow_tf32 if conv is None else (conv.fp32_precision,
-                                                                   torch.backends.cudnn.fp32_precision,
-                                                                   torch.backends.fp32_precision)
-    yield conv
-    if conv is None:
+    if conv is None or not hasattr(torch.backends.cudnn, "fp32_precision"):  # the legacy flag alone
+        saved = torch.backends.cudnn.allow_tf32
+        yield None
         torch.backends.cudnn.allow_tf32 = saved
-    else:
-        conv.fp32_precision, torch.backends.cudnn.fp32_precision, torch.backends.fp32_precision = saved
+        return
+    saved = conv.fp32_precision, torch.backends.cudnn.fp32_precision
+    yield conv
+    conv.fp32_precision, torch.backends.cudnn.fp32_precision = saved
 
 
 def test_float32_dots_follow_torchs_tf32_setting_of_convolutions(tf32_setting, monkeypatch):
