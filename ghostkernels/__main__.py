@@ -42,6 +42,8 @@ def report():
         lines.append(f"{device}: {status['backend']}: {status['reason']}")
         if "bfloat16_matmul" in status:
             lines.append(f"  bfloat16 matmul: {status['bfloat16_matmul']}")
+        if "float32_dots" in status:
+            lines.append(f"  float32 dots: {status['float32_dots']}")
     return "\n".join(lines)
 
 

@@ -81,6 +81,37 @@ def triton_kernels(name="triton_ghost"):
     return _triton[1][name] if _triton[1] is not None else None
 
 
+# Read once, at import: a per-call environment read costs 1-3 us.
+_TF32_ALLOWED = os.environ.get("GHOSTKERNELS_TF32", "1") == "1"
+
+
+def tf32_float32_dots():
+    """Whether the Triton kernels' float32 dots run TF32: where PyTorch's convolutions (the layers
+    the Ghost op replaces) may, unless GHOSTKERNELS_TF32=0. That is torch.backends.cudnn.allow_tf32
+    (default True); from torch 2.9 on, cuDNN convolutions' fp32_precision, where "none" defers to
+    cuDNN's, then the global one (all "none": IEEE), and which the legacy flag sets (its getter
+    raises once the two APIs disagree)."""
+    if not _TF32_ALLOWED:
+        return False
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is None:
+        return torch.backends.cudnn.allow_tf32
+    for precision in (conv.fp32_precision, getattr(torch.backends.cudnn, "fp32_precision", "none"),
+                      getattr(torch.backends, "fp32_precision", "none")):
+        if precision != "none":
+            return precision == "tf32"
+    return False
+
+
+def _float32_dots_status():
+    if not _TF32_ALLOWED:
+        return "IEEE: GHOSTKERNELS_TF32=0"
+    if tf32_float32_dots():
+        return ("TF32, as PyTorch's float32 convolutions (torch.backends.cudnn.allow_tf32, or "
+                "cudnn.conv.fp32_precision); IEEE when that is off, or with GHOSTKERNELS_TF32=0")
+    return "IEEE, as PyTorch's float32 convolutions (TF32 off for cuDNN)"
+
+
 def _cuda_status():
     if _triton is not None:
         reason, modules = _triton
@@ -91,7 +122,7 @@ def _cuda_status():
         backend, reason = "triton", "Triton kernels (imported at the first CUDA call)"
     if not torch.cuda.is_available():
         reason += "; no CUDA device is visible"
-    return {"backend": backend, "reason": reason}
+    return {"backend": backend, "reason": reason, "float32_dots": _float32_dots_status()}
 
 
 def empty_cache():
@@ -153,7 +184,8 @@ def _bfloat16_matmul_status(cpu_backend):
 def backends():
     """{device type: {"backend": name, "reason": why}} for every device type ghostkernels knows;
     the CPU entry also gives "cached_bytes", the memory held for reuse as outputs, and
-    "bfloat16_matmul", whether its float32 GEMMs run bfloat16, on what, and why."""
+    "bfloat16_matmul", whether its float32 GEMMs run bfloat16, on what, and why; the CUDA entry
+    "float32_dots", whether the Triton kernels' float32 dots run TF32 and why."""
     cpu_backend, cpu_reason = load_cpu_extension()
     cached = torch.ops.ghostkernels.output_cache_bytes() if cpu_backend == "cpp" else 0
     return {"cpu": {"backend": cpu_backend, "reason": cpu_reason, "cached_bytes": cached,

@@ -52,11 +52,10 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _backends
 from .reference import output_memory_format
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# Read once, when the first CUDA call imports this module: a per-call environment read costs 1-3 us.
-TF32 = os.environ.get("GHOSTKERNELS_TF32", "1") == "1"
 
 
 @triton.jit
@@ -619,23 +618,8 @@ def _masked_grad_row(grad, out, mask, RELU: tl.constexpr, ACC: tl.constexpr):
 
 
 def _input_precision(dtype):
-    """tl.dot's input precision: TF32 for float32 where PyTorch's convolutions (the layers the op
-    replaces) may use it, unless GHOSTKERNELS_TF32=0; IEEE otherwise."""
-    return "tf32" if dtype == torch.float32 and TF32 and _tf32_convolutions() else "ieee"
-
-
-def _tf32_convolutions():
-    """torch.backends.cudnn.allow_tf32 (default True); from torch 2.9 on, cuDNN convolutions'
-    fp32_precision, where "none" defers to cuDNN's, then the global one (all "none": IEEE), and
-    which the legacy flag sets (its getter raises once the two APIs disagree)."""
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    if conv is None:
-        return torch.backends.cudnn.allow_tf32
-    for precision in (conv.fp32_precision, getattr(torch.backends.cudnn, "fp32_precision", "none"),
-                      getattr(torch.backends, "fp32_precision", "none")):
-        if precision != "none":
-            return precision == "tf32"
-    return False
+    """tl.dot's input precision: TF32 for float32 where _backends.tf32_float32_dots says so."""
+    return "tf32" if dtype == torch.float32 and _backends.tf32_float32_dots() else "ieee"
 
 
 def _accumulator(dtype):

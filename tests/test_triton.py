@@ -254,6 +254,10 @@ def test_float32_dots_follow_torchs_tf32_setting_of_convolutions(tf32_setting, m
         precisions.append(triton_ghost._input_precision(torch.float32))
         triton_ghost.forward(x, *weights, 12, 1, "relu", config=config)
     assert precisions == ["tf32", "ieee", "tf32"]
+    torch.backends.cudnn.allow_tf32 = False
+    assert ghostkernels.backends()["cuda"]["float32_dots"].startswith("IEEE, as PyTorch's float32 convolutions")
+    torch.backends.cudnn.allow_tf32 = True
+    assert ghostkernels.backends()["cuda"]["float32_dots"].startswith("TF32, as PyTorch's float32 convolutions")
     assert triton_ghost._input_precision(torch.float16) == "ieee"
     assert sorted(plan.constants["INPUT_PRECISION"] for plan in triton_ghost._plans.values()) == ["ieee", "tf32"]
     if tf32_setting is not None:  # torch 2.9's API: an operator's "none" defers to cuDNN's, then the global one
