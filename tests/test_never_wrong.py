@@ -329,15 +329,21 @@ def test_ghost_module_with_float32_batch_norms():
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_accelerate_a_16_bit_model_with_float32_batch_norms(family):
     """Folds gave the folded convs a float32 bias beside bfloat16 weights (accelerate() crashed in
-    its self-check); the fold is now computed in float32 and rounded once to the conv's dtype."""
+    its self-check); the fold is now computed in float32 and rounded once to the conv's dtype.
+    Against the float64 model, within 3x the eager bfloat16 model's own error: each folded weight
+    is rounded to bfloat16 once more than the conv's (1.2-2.3x over 12 seeds, norm-wise)."""
     model = _with_float32_batch_norms(randomise_bn(FAMILIES[family](), spread=0.3).eval().bfloat16())
     x = torch.randn(2, 3, 64, 64, dtype=torch.bfloat16)
     fast = accelerate(model)
     assert fast.acceleration_summary.folded and not fast.acceleration_summary.skipped
     with torch.no_grad():
         expected = copy.deepcopy(model).double()(x.double())
-        out = fast(x)
-    assert out.dtype == torch.bfloat16 and _relative_error(out, expected) <= 1e-2
+        out, eager = fast(x), model(x)
+
+    def error(found):
+        return ((found.double() - expected).norm() / expected.norm()).item()
+
+    assert out.dtype == torch.bfloat16 and error(out) <= 3 * error(eager), (error(out), error(eager))
 
 
 # -- layers the fused ops do not compute ------------------------------------------------------------
