@@ -37,6 +37,7 @@ from torch.utils import _pytree as pytree
 from .batch_norm import FoldedBatchNorm, TrainingBatchNorm2d
 from .direct_conv import DepthwiseConv2d, DirectConv2d
 from .ghost_depthwise import GhostDepthwise
+from .ghost_residual import GhostBottleneckResidual
 from .models.g_ghost_regnet import GGhostStage
 from .modules import (GhostModule, GhostModuleV2, PointwiseConv2d, PointwiseLinear, activation_name, hook_dicts,
                       conv_bn_sequence, deepcopy_module, fold_conv_bn, is_ghost_conv_pair)
@@ -52,6 +53,7 @@ class AccelerationSummary:
     folded: list = field(default_factory=list)
     matmul: list = field(default_factory=list)  # 1x1 convs and linear layers on ghostkernels::pointwise_conv2d
     merged: list = field(default_factory=list)  # ghost1 + folded conv_dw, se + ghost2: one op each
+    residual: list = field(default_factory=list)  # bottlenecks whose residual add ghost2's op makes
     depthwise: list = field(default_factory=list)  # training mode: depthwise convs on the direct conv kernels
     batch_norms: list = field(default_factory=list)  # training mode: BNs on the batch_norm_train kernels
     skipped: list = field(default_factory=list)  # (module name, reason)
@@ -64,6 +66,7 @@ class AccelerationSummary:
         lines = [f"ghostkernels.accelerate: {len(self.fused)} Ghost modules fused, "
                  f"{len(self.folded)} Conv+BN pairs folded, {len(self.matmul)} 1x1 convs / linear layers as matmuls, "
                  f"{len(self.merged)} depthwise convs / SE blocks merged into Ghost ops, "
+                 f"{len(self.residual)} residual adds made by ghost2's op, "
                  f"{len(self.depthwise)} depthwise convs on the direct conv kernels (training), "
                  f"{len(self.batch_norms)} BNs on the batch-statistics BN kernels (training), "
                  f"{len(self.skipped)} left as they were; {self.checked} changes self-checked "
@@ -74,6 +77,7 @@ class AccelerationSummary:
         lines += [f"  folded  {name}" for name in self.folded]
         lines += [f"  matmul  {name}" for name in self.matmul]
         lines += [f"  merged  {name}" for name in self.merged]
+        lines += [f"  residual {name}" for name in self.residual]
         lines += [f"  depthwise {name}" for name in self.depthwise]
         lines += [f"  batch_norm {name}" for name in self.batch_norms]
         lines += [f"  skipped {name}: {reason}" for name, reason in self.skipped]
@@ -662,6 +666,23 @@ def _merge_squeeze_excite(accelerator):
                                                     (se_keys, ghost2_keys + "se."))
 
 
+def _fuse_residual_adds(accelerator):
+    """Every GhostNet bottleneck (GhostBottleneckResidual.eligible) becomes a
+    GhostBottleneckResidual, whose ghost2 op adds the shortcut as it writes. Only where the
+    self-check runs: the replacement computes what such a block's forward computes in the
+    original code and timm, which a block of the same name and children in other code need not
+    (an activation after the add, say), and only a probe of the block shows that."""
+    blocks = [(name, m) for name, m in accelerator.model.named_modules() if GhostBottleneckResidual.eligible(m)]
+    if blocks and accelerator.checker is None:
+        accelerator.summary.skipped.append((f"{len(blocks)} GhostNet bottlenecks", "residual adds not fused into "
+                                            "ghost2's op: that needs the self-check (check=True), which verifies "
+                                            "each block's forward computes what the fused one does"))
+        return
+    for name, block in blocks:
+        accelerator.replace("residual", name or "(the model itself)", name, block,
+                            lambda: GhostBottleneckResidual.from_block(block))
+
+
 def _swap_children(accelerator, kind, eligible, swapped):
     """Every child of a module outside the Ghost modules that `eligible` accepts, replaced by
     `swapped(child)` and listed in the summary's `kind`. Checked on the owner: a fold may have
@@ -675,8 +696,9 @@ def _swap_children(accelerator, kind, eligible, swapped):
 
 def accelerate(model, example_inputs=None, check=True, inplace=False):
     """Swap every Ghost module of `model` for a fused one; in eval mode also fold Conv+BN pairs,
-    merge ghost1 with the depthwise conv it feeds and SE with the ghost2 it feeds, and run the
-    1x1 convs as matrix multiplies.
+    merge ghost1 with the depthwise conv it feeds and SE with the ghost2 it feeds, run the 1x1
+    convs as matrix multiplies and, where the self-check runs, make each GhostNet bottleneck's
+    residual add in its ghost2 op (GhostBottleneckResidual).
 
     check=True verifies every change on a probe before keeping it: the changed module's input
     in one forward of `example_inputs` (a tensor or a tuple of positional arguments) through
@@ -728,6 +750,7 @@ def _accelerate(model, example_inputs, check, inplace):
         _swap_children(accelerator, "matmul", PointwiseLinear.eligible, PointwiseLinear.from_linear)
         _merge_ghost_depthwise(accelerator)
         _merge_squeeze_excite(accelerator)
+        _fuse_residual_adds(accelerator)
     if checker is not None:
         summary.check_seconds = checker.seconds
     if example_inputs is not None and not accelerator.model.training:

@@ -9,11 +9,16 @@ residual, added in their stores). The op means exactly `out.add_(residual, alpha
 after the Ghost op: a residual that broadcasts, has another dtype or layout, or an alpha
 other than 1 takes that add_ after the kernel. Elsewhere (other dtypes on the CPU, CUDA without
 Triton) it is the Ghost op followed by the add_, and gradients recompute that composition.
+
+In eager mode accelerate() gets the same from GhostBottleneckResidual, which takes a bottleneck's
+place and runs ghost2 and the add as this op.
 """
 
 import torch
+from torch import nn
 
 from . import _backends, ops, squeeze_excite
+from .modules import GhostModule, hooks_inside, intercepted
 from .reference import output_memory_format
 
 _lib = torch.library.Library("ghostkernels", "FRAGMENT")
@@ -108,3 +113,72 @@ def fuse_residual_adds(graph):
         ops.replace_chain(graph, _OP, [x, scale, *rest, residual, alpha], [ghost, add])
         fused += 1
     return fused
+
+
+def _is_no_op(module):
+    return type(module) is nn.Identity or (type(module) in (nn.Sequential, nn.ModuleList) and not module._modules)
+
+
+class GhostBottleneckResidual(nn.Module):
+    """A GhostNet bottleneck (the original code's, timm's, the zoo's; V1-V3) whose residual add is
+    made as ghost2's op writes its output (ghost_module_residual), not in a pass of its own:
+    at batch 1 the adds read and write ~7 MB over a GhostNet 1.0x forward. accelerate() puts one
+    in such a block's place, holding the block's children under their names (same state-dict
+    keys) and its plain attributes, once the self-check has found its forward computing
+
+        out = ghost2(se(bn_dw(conv_dw(ghost1(x)))))   # conv_dw, bn_dw, se where present
+        out += shortcut(x)
+
+    which is this module's forward too. The fused op runs when ghost2 can run its own (eval,
+    running statistics, a kernel for x) and no hook is on ghost2 or the shortcut (the shortcut
+    runs before ghost2 here); otherwise the layers run in that order."""
+
+    __prepare_scriptable__ = ops.refuse_torchscript
+    _CHILDREN = ("ghost1", "conv_dw", "bn_dw", "se", "ghost2", "shortcut")
+
+    @staticmethod
+    def eligible(block):
+        """A GhostNet bottleneck by its class name and children, after accelerate()'s swaps and merges:
+        ghost1, ghost2 (a fused GhostModule or SqueezeExciteGhost) and the shortcut (a Sequential or
+        an Identity), conv_dw with bn_dw and se where present, any other child a no-op (GhostNetV3's
+        re-parameterised branches: Identity, empty ModuleList); no parameters of its own, no
+        forward set on the instance."""
+        children = {name: child for name, child in block._modules.items() if child is not None}
+        return (type(block).__name__ in ("GhostBottleneck", "GhostBottleneckV2", "GhostBottleneckV3")
+                and all(name in children for name in ("ghost1", "ghost2", "shortcut"))
+                and ("conv_dw" in children) == ("bn_dw" in children)
+                and all(_is_no_op(child) for name, child in children.items()
+                        if name not in GhostBottleneckResidual._CHILDREN)
+                and type(children["ghost2"]) in (GhostModule, squeeze_excite.SqueezeExciteGhost)
+                and type(children["shortcut"]) in (nn.Sequential, nn.Identity)
+                and not block._parameters and not block._buffers and "forward" not in vars(block))
+
+    @classmethod
+    def from_block(cls, block):
+        new = cls()
+        new.training = block.training
+        for name, value in vars(block).items():  # stride, has_se, ...: code that reads them still can
+            if not name.startswith("_") and name != "training":
+                setattr(new, name, value)
+        new._modules.update(block._modules)  # in their order (the state-dict keys'), None-valued ones too
+        return new
+
+    def forward(self, x):
+        modules = self._modules
+        ghost2, shortcut = modules["ghost2"], modules["shortcut"]
+        out = modules["ghost1"](x)
+        if modules.get("conv_dw") is not None:
+            out = modules["bn_dw"](modules["conv_dw"](out))
+        if modules.get("se") is not None:
+            out = modules["se"](out)
+        inputs = None  # ghost2's own mode decides, as where the block runs its layers
+        if type(ghost2) in (GhostModule, squeeze_excite.SqueezeExciteGhost) and not (
+                intercepted(ghost2) or intercepted(shortcut) or hooks_inside(shortcut)):
+            inputs = ghost2.ghost_op_inputs(out)
+        if inputs is None:
+            out = ghost2(out)
+            out += shortcut(x)
+            return out
+        scale, folded, ghost = inputs
+        return ops.call(torch.ops.ghostkernels.ghost_module_residual, out, scale, *folded[:4], ghost.oup,
+                        ghost.stride, ghost.activation, shortcut(x))

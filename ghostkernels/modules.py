@@ -527,6 +527,13 @@ class GhostModule(nn.Module):
             return torch.cat([x1, x2], dim=1)[:, : self.oup].contiguous(memory_format=output_memory_format(x))
         return ops.apply(x, *folded[:4], self.oup, self.stride, self.activation)
 
+    def ghost_op_inputs(self, x):
+        """(SE scale or None, folded weights, Ghost module) of the Ghost op this module runs on x,
+        or None where it runs its layers: what a caller that fuses a following add into the op
+        (ghost_residual.GhostBottleneckResidual) needs. Exact type only: a subclass's op differs."""
+        folded = merged_weights(self, self, x) if type(self) is GhostModule else None
+        return None if folded is None else (None, folded, self)
+
     def batch_statistics_forward(self, x):
         """The output when both BNs normalise by batch statistics (training mode, or no running
         statistics), through ghostkernels::ghost_module_train, running statistics updated; None

@@ -200,15 +200,24 @@ class SqueezeExciteGhost(nn.Module):
                 and (pool is None or (type(pool) is nn.AdaptiveAvgPool2d and pool.output_size in (1, (1, 1))))
                 and convs[1].out_channels == ghost.primary_conv[0].in_channels)
 
-    def forward(self, x):
+    def ghost_op_inputs(self, x):
+        """(SE scale, folded weights, Ghost module) of the merged op on x, or None where the two
+        modules run in turn (GhostModule.ghost_op_inputs)."""
         folded = merged_weights(self, self.ghost, x) if self._merge_is_exact() else None
         if folded is None:
-            return self.ghost(self.se(x))
+            return None
         se = self.se
         if self._standard_gate:
             scale = ops.call(torch.ops.ghostkernels.squeeze_excite_gate, x, se.conv_reduce.weight,
                              se.conv_reduce.bias, se.conv_expand.weight, se.conv_expand.bias)
         else:
             scale = _gate(se)(se.conv_expand(se.act1(se.conv_reduce(x.mean((2, 3), keepdim=True)))))
-        return ops.call(torch.ops.ghostkernels.ghost_module_scaled, x, scale, *folded[:4], self.ghost.oup,
-                        self.ghost.stride, self.ghost.activation)
+        return scale, folded, self.ghost
+
+    def forward(self, x):
+        inputs = self.ghost_op_inputs(x)
+        if inputs is None:
+            return self.ghost(self.se(x))
+        scale, folded, ghost = inputs
+        return ops.call(torch.ops.ghostkernels.ghost_module_scaled, x, scale, *folded[:4], ghost.oup, ghost.stride,
+                        ghost.activation)

@@ -2,6 +2,7 @@
 the reference, and freeze()'s rewrite that makes it."""
 
 import itertools
+import pickle
 
 import pytest
 import torch
@@ -9,9 +10,10 @@ from torch import nn
 
 import ghostkernels
 from ghostkernels import ghost_module_reference, models
-from ghostkernels.ghost_residual import fuse_residual_adds
+from ghostkernels.ghost_residual import GhostBottleneckResidual, fuse_residual_adds
+from ghostkernels.models.ghostnet import GhostBottleneck as ZooGhostBottleneck
 
-from conftest import frozen_node_kinds, make_input, make_weights
+from conftest import frozen_node_kinds, make_input, make_weights, randomise_bn
 
 op = torch.ops.ghostkernels.ghost_module_residual
 
@@ -127,3 +129,100 @@ def test_ghost_output_with_another_reader_is_left_alone():
     frozen = ghostkernels.freeze(model, x)
     with torch.no_grad():
         torch.testing.assert_close(frozen(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+# -- accelerate(): the residual adds of eager bottlenecks (GhostBottleneckResidual) --------------
+
+
+def _ops_run(model, x):
+    """The names of the ops a no-grad forward of model on x runs (the profiler's events)."""
+    with torch.no_grad(), torch.profiler.profile() as profile:
+        model(x)
+    return [event.name for event in profile.events()]
+
+
+def test_accelerated_ghostnet_adds_every_residual_in_ghost2s_op():
+    """Every bottleneck of GhostNet 0.5x (stride 1 and 2, with and without SE, identity and conv
+    shortcuts) keeps its children, keys and attributes and runs ghost2 and the add as one op:
+    the original's outputs and input gradients, NCHW and channels_last, and after pickling."""
+    model = randomise_bn(models.ghostnet_050(fused=False), spread=0.2).eval().double()
+    fast = ghostkernels.accelerate(model)
+    blocks = {name: m for name, m in fast.named_modules() if isinstance(m, GhostBottleneckResidual)}
+    assert len(blocks) == 16 and fast.acceleration_summary.residual == list(blocks)
+    assert list(fast.state_dict()) == list(ghostkernels.accelerate(model, check=False).state_dict())
+    assert {block.stride for block in blocks.values()} == {1, 2}  # the blocks' plain attributes
+    for channels_last in (False, True):
+        x = make_input(2, 3, 33, 47, channels_last=channels_last, requires_grad=True)
+        expected = model(x)
+        out = fast(x)
+        torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9 * expected.abs().max().item())
+        (expected_grad,), (grad,) = torch.autograd.grad(expected.sum(), x), torch.autograd.grad(out.sum(), x)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-9 * expected_grad.abs().max().item())
+    ran = _ops_run(fast, x)
+    assert ran.count("ghostkernels::ghost_module_residual") == 16 and "aten::add_" not in ran
+    with torch.no_grad():
+        torch.testing.assert_close(pickle.loads(pickle.dumps(fast))(x), fast(x), rtol=0, atol=0)
+
+
+class GhostBottleneck(ZooGhostBottleneck):
+    """The zoo's block's name and children with another forward: a ReLU after the add."""
+
+    def forward(self, x):
+        return torch.relu(super().forward(x))
+
+
+def test_block_of_the_same_name_computing_otherwise_is_left_to_its_forward():
+    """Only a probe of the block shows what its forward computes: the self-check keeps such a block,
+    and check=False fuses no block."""
+    model = randomise_bn(nn.Sequential(GhostBottleneck(8, 16, 8)), spread=0.2).eval().double()
+    x = make_input(2, 8, 9, 9)
+    with torch.no_grad():
+        expected = model(x)
+    for check in (True, False):
+        fast = ghostkernels.accelerate(model, check=check)
+        summary = fast.acceleration_summary
+        assert type(fast[0]) is GhostBottleneck and not summary.residual
+        assert ("self-check" in dict(summary.skipped)["0"]) if check else \
+            dict(summary.skipped)["1 GhostNet bottlenecks"].endswith("computes what the fused one does")
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), expected, rtol=1e-9, atol=1e-12)
+
+
+def _block(se_ratio):
+    return randomise_bn(ZooGhostBottleneck(8, 16, 8, se_ratio=se_ratio), spread=0.2).double()
+
+
+@pytest.mark.parametrize("se_ratio", [0.0, 0.25])
+@pytest.mark.parametrize("hooked", ["ghost2", "shortcut"])
+def test_hooks_on_ghost2_or_the_shortcut_run_in_the_original_order(hooked, se_ratio):
+    """Hooks registered after accelerate(): the fused op would skip ghost2's and run the shortcut's
+    before ghost2's layers; the block runs its layers in turn instead, hooks in the original order."""
+    model = _block(se_ratio).eval()
+    fast = ghostkernels.accelerate(model)
+    assert type(fast) is GhostBottleneckResidual
+    x = make_input(2, 8, 9, 9)
+    results = []
+    for net in (model, fast):
+        calls = []
+        handles = [getattr(net, name).register_forward_hook(lambda m, i, o, name=name: calls.append(name))
+                   for name in ("ghost2", "shortcut")]
+        getattr(net, hooked).register_forward_hook(lambda m, i, o: o * 2)
+        with torch.no_grad():
+            results.append((net(x), calls))
+        for handle in handles:
+            handle.remove()
+    (expected, expected_calls), (out, calls) = results
+    assert calls == expected_calls == ["ghost2", "shortcut"]
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_training_mode_runs_the_layers():
+    """A block without folded BNs trains after an eval-mode accelerate(): its layers in the
+    original order, batch statistics and running statistics as the original's."""
+    model = _block(0.0).eval()
+    fast = ghostkernels.accelerate(model)
+    assert type(fast) is GhostBottleneckResidual
+    model.train(), fast.train()
+    x = make_input(4, 8, 9, 9)
+    torch.testing.assert_close(fast(x), model(x), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(fast.state_dict(), model.state_dict(), rtol=1e-12, atol=1e-14)

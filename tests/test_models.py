@@ -301,7 +301,8 @@ def test_accelerated_ghostnet_compiles_and_exports():
         exported = torch.export.export(fast, (x,))
         assert_close32(exported.module()(x), expected)
     ops_seen = {str(node.target).split(".")[1] for node in exported.graph.nodes if "ghostkernels" in str(node.target)}
-    assert ops_seen == {"ghost_module", "ghost_module_depthwise", "ghost_module_scaled", "squeeze_excite_gate",
+    # every ghost2, with or without SE, adds its residual as it writes: no ghost_module_scaled left
+    assert ops_seen == {"ghost_module", "ghost_module_depthwise", "ghost_module_residual", "squeeze_excite_gate",
                         "direct_conv2d", "pointwise_conv2d"}
 
 
