@@ -5,7 +5,8 @@
 #                                      # the GPU tests with their slowest, the probe (backward by rows, both
 #                                      # routes at batch 1 and 32 by GPU time, host path, the Triton direct
 #                                      # conv against cuDNN); then `models` (frozen captured: residual adds in
-#                                      # ghost2's stores; the stem and depthwise convs on Triton), then `ops`
+#                                      # ghost2's stores, which the accelerated rows now make too: GhostBottleneck-
+#                                      # Residual; the stem and depthwise convs on Triton), then `ops`
 #                                      # (its first call, plain and precompiled: ghostkernels.precompile)
 #   bash bench/gpu_session.sh ops      # GPU tests, first call of accelerated GhostNet 1.0x, the op table
 #   bash bench/gpu_session.sh models   # whole models: GhostNet 1.0x float16 at batch 256 and 1 first
