@@ -590,9 +590,14 @@ def _child_name(owner_name, child):
     return f"{owner_name}.{child}" if owner_name else child
 
 
+def _label(name):
+    """A module's name in the summary (the root's is empty)."""
+    return name or "(the model itself)"
+
+
 def _swap_ghost_modules(accelerator):
     for name, module in list(accelerator.model.named_modules()):
-        label = name or "(the model itself)"
+        label = _label(name)
         if isinstance(module, (GhostModule, GGhostStage)):  # ours already: fused in eval
             accelerator.summary.fused.append(label)
         elif _is_g_ghost_stage(module):
@@ -679,7 +684,7 @@ def _fuse_residual_adds(accelerator):
                                             "each block's forward computes what the fused one does"))
         return
     for name, block in blocks:
-        accelerator.replace("residual", name or "(the model itself)", name, block,
+        accelerator.replace("residual", _label(name), name, block,
                             lambda: GhostBottleneckResidual.from_block(block))
 
 

@@ -115,6 +115,10 @@ def fuse_residual_adds(graph):
     return fused
 
 
+# the ghost2 modules whose op ghost_module_residual extends (their ghost_op_inputs)
+_FUSED_GHOST2 = (GhostModule, squeeze_excite.SqueezeExciteGhost)
+
+
 def _is_no_op(module):
     return type(module) is nn.Identity or (type(module) in (nn.Sequential, nn.ModuleList) and not module._modules)
 
@@ -150,7 +154,7 @@ class GhostBottleneckResidual(nn.Module):
                 and ("conv_dw" in children) == ("bn_dw" in children)
                 and all(_is_no_op(child) for name, child in children.items()
                         if name not in GhostBottleneckResidual._CHILDREN)
-                and type(children["ghost2"]) in (GhostModule, squeeze_excite.SqueezeExciteGhost)
+                and type(children["ghost2"]) in _FUSED_GHOST2
                 and type(children["shortcut"]) in (nn.Sequential, nn.Identity)
                 and not block._parameters and not block._buffers and "forward" not in vars(block))
 
@@ -173,7 +177,7 @@ class GhostBottleneckResidual(nn.Module):
         if modules.get("se") is not None:
             out = modules["se"](out)
         inputs = None  # ghost2's own mode decides, as where the block runs its layers
-        if type(ghost2) in (GhostModule, squeeze_excite.SqueezeExciteGhost) and not (
+        if type(ghost2) in _FUSED_GHOST2 and not (
                 intercepted(ghost2) or intercepted(shortcut) or hooks_inside(shortcut)):
             inputs = ghost2.ghost_op_inputs(out)
         if inputs is None:
