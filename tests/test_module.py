@@ -8,16 +8,16 @@ import warnings
 import pytest
 import torch
 
-from ghostkernels import GhostModule
-from ghostkernels.reference import ReferenceGhostModule  # the original code's structure and keys
+from ghostkernels import GhostModule, GhostModuleV2
+from ghostkernels.reference import ReferenceGhostModule, ReferenceGhostModuleV2  # the original code's structure and keys
 
 from conftest import make_input, randomise_bn
 
 
-def pair(dtype=torch.float64, **config):
-    original = ReferenceGhostModule(**config).to(dtype)
+def pair(dtype=torch.float64, v2=False, **config):
+    original = (ReferenceGhostModuleV2 if v2 else ReferenceGhostModule)(**config).to(dtype)
     randomise_bn(original)
-    ours = GhostModule(**config).to(dtype)
+    ours = (GhostModuleV2 if v2 else GhostModule)(**config).to(dtype)
     ours.load_state_dict(original.state_dict(), strict=True)
     return original, ours
 
@@ -67,17 +67,60 @@ def test_train_matches_original(config):
         torch.testing.assert_close(a, b)
 
 
-def test_eval_gradients_flow_through_the_fold():
-    """Fine-tuning with frozen BN statistics: grads of conv and BN affine params as the original."""
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_eval_gradients_flow_through_the_cached_fold(monkeypatch, v2):
+    """Eval mode outside no_grad (frozen-BN fine-tuning, saliency, or a forward simply run with
+    grad enabled) takes the cached fold, not a fold per call; the gradients of x, the convs and the
+    BN affine parameters (GhostModuleV2's DFC gate's too) stay the original's over SGD steps, each
+    of which refolds once."""
+    original, ours = pair(inp=8, oup=13, ratio=3, dw_size=5, v2=v2)
+    original.eval(), ours.eval()
+    folds = []
+    fold = GhostModule._fold
+    monkeypatch.setattr(GhostModule, "_fold", lambda self: folds.append(1) or fold(self))
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (original, ours)]
+    for step in range(3):
+        x = make_input(2, 8, 9, 7, requires_grad=True)
+        grads = []
+        for module, optimizer in zip((original, ours), optimizers):
+            for _ in range(2):  # the second call of a step hits the cache
+                out = module(x)
+            optimizer.zero_grad()
+            grads.append(torch.autograd.grad(out.square().sum(), [x, *module.parameters()]))
+            for p, g in zip(module.parameters(), grads[-1][1:]):
+                p.grad = g
+            optimizer.step()
+        for a, b in zip(*grads):
+            torch.testing.assert_close(b, a)
+        assert len(folds) == step + 1  # one fold a step: the update changed the parameters' versions
+
+
+def test_eval_gradients_through_the_cached_fold_differentiate_again():
+    """create_graph=True through the cached fold: second derivatives in the BN parameters as the original's."""
     original, ours = pair(inp=6, oup=12)
     original.eval(), ours.eval()
-    x = make_input(2, 6, 8, 8)
-    grads = []
+    x = make_input(2, 6, 7, 7)
+    results = []
     for module in (original, ours):
+        module(x)  # folded and cached
         out = module(x)
-        grads.append(torch.autograd.grad(out.square().sum(), list(module.parameters())))
-    for a, b in zip(*grads):
+        conv, bn = module.primary_conv[0], module.cheap_operation[1]
+        (g,) = torch.autograd.grad(out.square().sum(), conv.weight, create_graph=True)
+        results.append(torch.autograd.grad(g.square().sum(), [bn.weight, conv.weight]))
+    for a, b in zip(*results):
         torch.testing.assert_close(b, a)
+
+
+def test_eval_parameter_updated_before_the_backward_raises_as_the_original():
+    """A parameter changed in place between the forward and its backward: autograd's error, not
+    gradients of the old values (the cached fold saves its sources as the original's convs do)."""
+    for module in pair(inp=6, oup=12):
+        module.eval()
+        out = module(make_input(2, 6, 7, 7))
+        with torch.no_grad():
+            module.primary_conv[1].weight.mul_(2)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()
 
 
 def test_fold_cache_refreshes_when_weights_change():
