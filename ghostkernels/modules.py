@@ -540,15 +540,16 @@ class GhostModule(nn.Module):
                 self._folded = tuple(t.contiguous() if t is not None else None for t in self._fold())
             self._folded_key = key
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            sources = [_pair_sources(conv, bn) for conv, bn in pairs]
-            return _CachedFold.apply(self._folded, [e for _, e in sources], *(t for p, _ in sources for t in p))
+            per_pair = [_pair_sources(conv, bn) for conv, bn in pairs]
+            return _CachedFold.apply(self._folded, [e for _, e in per_pair], *(t for p, _ in per_pair for t in p))
         return self._folded
 
     def _fold_sources(self):
         """(the tensors the folded weights depend on, the BNs' eps, whether the fold can be
-        cached, the (conv, BN or None) pairs they come from), or None if a BN normalises by batch statistics (no running statistics, or in
-        training mode inside this eval-mode module: test-time adaptation's BNs) or a branch holds
-        other layers (_conv_bn). Direct dict reads: this runs on every eval call."""
+        cached, the (conv, BN or None) pairs they come from), or None if a BN normalises by batch
+        statistics (no running statistics, or in training mode inside this eval-mode module:
+        test-time adaptation's BNs) or a branch holds other layers (_conv_bn). Direct dict reads:
+        this runs on every eval call."""
         tensors, eps, cacheable = [], [], True
         pairs = self._conv_bn_pairs()
         if pairs is None:

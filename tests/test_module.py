@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ghostkernels import GhostModule, GhostModuleV2
-from ghostkernels.reference import ReferenceGhostModule, ReferenceGhostModuleV2  # the original code's structure and keys
+from ghostkernels.reference import ReferenceGhostModule, ReferenceGhostModuleV2  # the original code's structure, keys
 
 from conftest import make_input, randomise_bn
 
@@ -112,8 +112,9 @@ def test_eval_gradients_through_the_cached_fold_differentiate_again():
 
 
 def test_eval_parameter_updated_before_the_backward_raises_as_the_original():
-    """A parameter changed in place between the forward and its backward: autograd's error, not
-    gradients of the old values (the cached fold saves its sources as the original's convs do)."""
+    """A parameter changed in place between the forward and its backward: autograd's error, as the
+    original raises. The cached fold saves its sources: a backward folding again from the changed
+    values would give wrong gradients silently."""
     for module in pair(inp=6, oup=12):
         module.eval()
         out = module(make_input(2, 6, 7, 7))
