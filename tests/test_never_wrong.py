@@ -4,7 +4,10 @@ accelerate(), clear errors, and the self-check that undoes a change it cannot ve
 
 import contextlib
 import copy
+import functools
 import sys
+import warnings
+import zlib
 
 import pytest
 import torch
@@ -582,6 +585,31 @@ def test_hooked_bn_is_not_folded():
 # inside a GhostModule; inside ghost1 + conv_dw merged (GhostDepthwise: the folded conv_dw is
 # bn_dw's output, ghost1 is `ghost`); inside SE + ghost2 merged (SqueezeExciteGhost), and its Ghost
 # module. In training mode accelerate() merges nothing: the original's names.
+# float64 models with random BN statistics, by name, for the tests that hook into them after
+# accelerate(): built and accelerated once a process (the self-check is most of such a test's
+# time), each test given copies of both.
+_HOOKED_MODELS = {
+    "ghostnet_050": lambda: ghostnet_050(num_classes=10, fused=False).eval(),
+    "ghostnet_050 train": lambda: ghostnet_050(num_classes=10, fused=False).train(),
+    "g_ghost_regnetx_002": lambda: models.g_ghost_regnetx("002", fused=False).eval(),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _accelerated_once(name):
+    with torch.random.fork_rng():
+        torch.manual_seed(zlib.crc32(name.encode()))  # the same model whichever test builds it first
+        model = randomise_bn(_HOOKED_MODELS[name](), spread=0.3).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a training-mode model's "only its Ghost modules were swapped"
+        return model, accelerate(copy.deepcopy(model))
+
+
+def accelerated_copies(name):
+    """(model, accelerate(model)) of _HOOKED_MODELS[name], fresh copies of both."""
+    return copy.deepcopy(_accelerated_once(name))
+
+
 _HOOK_SITES = [("blocks.2.0.ghost1.primary_conv.0", "blocks.2.0.ghost1.primary_conv.0"),
                ("blocks.2.0.ghost1.cheap_operation.1", "blocks.2.0.ghost1.cheap_operation.1"),
                ("blocks.1.0.ghost1.ghost.primary_conv.2", "blocks.1.0.ghost1.primary_conv.2"),
@@ -596,8 +624,7 @@ def test_hooks_registered_after_accelerate_run(site, training):
     """A hook registered on a layer inside a fused module after accelerate() (feature capture,
     an edit of the output) ran never: the fused op computes that layer without calling it, and the
     logits came back as if there were no hook. The fused module now runs its layers in turn."""
-    model = randomise_bn(ghostnet_050(num_classes=10, fused=False), spread=0.3).double().train(training)
-    fast = accelerate(copy.deepcopy(model))
+    model, fast = accelerated_copies("ghostnet_050 train" if training else "ghostnet_050")
     fast_site, original_site = (site[1], site[1]) if training else site
     captured = {}
 
@@ -621,8 +648,7 @@ def test_hooks_registered_after_accelerate_run(site, training):
 @pytest.mark.parametrize("site", _HOOK_SITES, ids=[fast for fast, _ in _HOOK_SITES])
 def test_forwards_set_on_the_instance_after_accelerate_run(site):
     """As a hook: the fused op computed the layer without calling its instance's forward."""
-    model = randomise_bn(ghostnet_050(num_classes=10, fused=False), spread=0.3).double().eval()
-    fast = accelerate(copy.deepcopy(model))
+    model, fast = accelerated_copies("ghostnet_050")
     for net, name in ((model, site[1]), (fast, site[0])):
         _forward_wrapped(net.get_submodule(name), lambda out: out * 2)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
@@ -636,8 +662,7 @@ def test_hooks_registered_after_accelerate_run_in_g_ghost_stages(site, intercept
     """The fast path of an accelerated G-GhostNet stage computes its last inner block, the merge,
     the cheap conv and its ReLU without calling those modules: a hook on one of them now sends the
     stage through the original ops. (A hook on the cheap conv itself sees its BN folded in.)"""
-    model = randomise_bn(models.g_ghost_regnetx("002", fused=False), spread=0.3).double().eval()
-    fast = accelerate(copy.deepcopy(model))
+    model, fast = accelerated_copies("g_ghost_regnetx_002")
     assert type(fast.layer3).__name__ == "GGhostStage"
     for net in (model, fast):
         if intercept == "hook":
