@@ -48,13 +48,13 @@ def cuda_entries_on_cpu():
         yield
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def large_ghost_blocks(monkeypatch):
     """The Ghost forward's heuristic config with larger blocks (256 pixels, 64 channels, 128-wide
-    dot steps): the interpreter's cost is per program and per op, and these whole models took
-    28-60 s each with the GPU's blocks (v1-32-nchw: 28.9 s, 10.5 s with these). The route each
+    dot steps), for the whole models: the interpreter's cost is per program and per op, and they
+    took 28-60 s each with the GPU's blocks (v1-32-nchw: 28.9 s, 10.5 s with these). The route each
     shape takes (kernel or library primary) is the heuristic's; the kernels at the heuristic's own
-    blocks, GhostNet's shapes included, are tests/test_triton.py's."""
+    blocks, GhostNet's shapes included, are tests/test_triton.py's and the install check's below."""
     heuristic = triton_ghost.heuristic_config
 
     def larger(inp, ghosts, dtype, library_ok, large=True):
@@ -77,7 +77,7 @@ def half_precision_reaches_the_ops(monkeypatch):
 
 @pytest.mark.parametrize("version, size, channels_last", [("v1", 32, False), ("v1", 32, True), ("v2", 64, True)],
                          ids=["v1-32-nchw", "v1-32-cl", "v2-64-cl"])
-def test_accelerated_ghostnet_through_the_cuda_entries(version, size, channels_last):
+def test_accelerated_ghostnet_through_the_cuda_entries(large_ghost_blocks, version, size, channels_last):
     """timm's structure at width 0.5, eval, float32: the stem and depthwise convs (Triton for
     channels_last), the Ghost ops on both routes, ghost1 with the stride-2 conv, SE and ghost2 with
     the residual add, GhostNetV2's gated op. (A training step runs ~5 minutes in the interpreter;
@@ -99,7 +99,8 @@ def test_accelerated_ghostnet_through_the_cuda_entries(version, size, channels_l
 @pytest.mark.parametrize("version, size, batch, dtype",
                          [("v1", 32, 2, torch.float16), ("v2", 64, 1, torch.bfloat16)],
                          ids=["v1-32-float16", "v2-64-bfloat16"])
-def test_half_precision_through_the_cuda_entries(half_precision_reaches_the_ops, version, size, batch, dtype):
+def test_half_precision_through_the_cuda_entries(large_ghost_blocks, half_precision_reaches_the_ops, version, size,
+                                                 batch, dtype):
     """The GPU's dtypes through the same entries (2-byte elements: other channel alignments and
     vector widths than float32's), channels_last: the logits as far from float32 as eager's in
     that dtype (the original model cast to it), within a factor 2. Two images in one case (the SE
