@@ -25,6 +25,7 @@ and a change whose output differs is undone and listed as skipped with the measu
 """
 
 import itertools
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -398,6 +399,14 @@ def _without_hooks(module):
     return module
 
 
+def _eager(module):
+    """The module that a torch.compile wrapper (OptimizedModule) holds, else `module`: probes check
+    the eager function, which the wrapper compiles. Through the wrapper, each probe of a changed
+    model compiled it anew (accelerate(torch.compile(GhostNet 0.5x)): 18 s of checks, 0.8 without)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # not imported: no module is compiled
+    return module._orig_mod if eval_frame is not None and isinstance(module, eval_frame.OptimizedModule) else module
+
+
 def _first_parameter(module):
     return next(iter(module.parameters()), None)
 
@@ -472,6 +481,7 @@ class _SelfCheck:
         mode, the caller's random state untouched."""
         device, dtype = setting
         devices = [torch.cuda.current_device()] if device.type == "cuda" else []
+        module = _eager(module)
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             torch.manual_seed(0)
             if dtype is not None:
