@@ -25,7 +25,6 @@ and a change whose output differs is undone and listed as skipped with the measu
 """
 
 import itertools
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ from .ghost_depthwise import GhostDepthwise
 from .ghost_residual import GhostBottleneckResidual
 from .models.g_ghost_regnet import GGhostStage
 from .modules import (GhostModule, GhostModuleV2, PointwiseConv2d, PointwiseLinear, activation_name, hook_dicts,
-                      conv_bn_sequence, deepcopy_module, fold_conv_bn, is_ghost_conv_pair)
+                      conv_bn_sequence, deepcopy_module, eager_module, fold_conv_bn, is_ghost_conv_pair)
 from .precompile import precompile_quietly
 from .squeeze_excite import SqueezeExciteGhost
 
@@ -399,14 +398,6 @@ def _without_hooks(module):
     return module
 
 
-def _eager(module):
-    """The module that a torch.compile wrapper (OptimizedModule) holds, else `module`: probes check
-    the eager function, which the wrapper compiles. Through the wrapper, each probe of a changed
-    model compiled it anew (accelerate(torch.compile(GhostNet 0.5x)): 18 s of checks, 0.8 without)."""
-    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # not imported: no module is compiled
-    return module._orig_mod if eval_frame is not None and isinstance(module, eval_frame.OptimizedModule) else module
-
-
 def _first_parameter(module):
     return next(iter(module.parameters()), None)
 
@@ -481,7 +472,7 @@ class _SelfCheck:
         mode, the caller's random state untouched."""
         device, dtype = setting
         devices = [torch.cuda.current_device()] if device.type == "cuda" else []
-        module = _eager(module)
+        module = eager_module(module)
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             torch.manual_seed(0)
             if dtype is not None:

@@ -21,7 +21,7 @@ from ._backends import ieee_float32_matmuls, load_cpu_extension
 from .acceleration import _relative_error, _tolerance
 from .direct_conv import fuse_direct_conv_relus
 from .ghost_residual import fuse_residual_adds
-from .modules import deepcopy_module, fuse_pointwise_epilogues
+from .modules import deepcopy_module, eager_module, fuse_pointwise_epilogues
 from .ops import refuse_torchscript
 from .pointwise_pool import fuse_pointwise_pools
 from .precompile import precompile_quietly
@@ -155,6 +155,7 @@ def freeze(model, example_inputs):
       becomes one `ghost_module_residual` op in the graph, and a 1x1 conv followed by a ReLU and
       the global average pool (GhostNet's last block and pool) one `pointwise_conv2d_pool`; a
       direct conv followed by a ReLU (the stem) one `direct_conv2d` with the ReLU.
+    - A torch.compile wrapper is frozen as the eager model it holds.
     - The trace is checked before it is returned: on the example, on fresh random inputs of
       its shape and on ones with one more image, the frozen model must give the model's
       outputs within accelerate()'s self-check tolerance (1e-5 relative in float32). A forward
@@ -163,6 +164,7 @@ def freeze(model, example_inputs):
       silently keep one branch.
     """
     inputs = checked_example("freeze", "traces", model, example_inputs)
+    model = eager_module(model)
     devices = {t.device for t in inputs}
     if len(devices) != 1:
         raise ValueError(f"freeze: example_inputs must all be on one device, got {sorted(map(str, devices))}")

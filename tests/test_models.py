@@ -317,20 +317,23 @@ def test_accelerated_ghostnet_compiles_with_dynamic_shapes():
             assert_close32(compiled(x), model(x))
 
 
-def test_accelerate_a_compiled_model_checks_it_uncompiled():
+def test_accelerate_and_freeze_a_compiled_model():
     """accelerate(torch.compile(model)): the self-check probes the eager modules the wrapper holds
     (through the wrapper, each probe of the changed model compiled it anew: 18 s of checks for
     GhostNet 0.5x, 0.8 s without); the result is still the compiled wrapper, with the original's
-    outputs."""
+    outputs. freeze() of it traces the model inside (torch.jit.trace refused the wrapper)."""
     model = randomise_bn(ghostnet_050(num_classes=10, fused=False), spread=0.2).eval()
     compiled, x = torch.compile(model, backend="eager"), torch.randn(2, 3, 64, 64)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     fast = accelerate(compiled, example_inputs=x)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "the self-check compiled"
+    frozen = ghostkernels.freeze(fast, x)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "the self-check or freeze compiled"
     assert type(fast) is type(compiled) and not fast.acceleration_summary.skipped
     assert fast.acceleration_summary.folded
     with torch.no_grad():
-        assert_close32(fast(x), model(x))
+        expected = model(x)
+        assert_close32(frozen(x), expected)
+        assert_close32(fast(x), expected)
 
 
 @pytest.mark.parametrize("builder", ["ghostnet_050", "ghostnetv2_100", "g_ghost_regnetx_016"])
