@@ -732,6 +732,15 @@ def accelerate(model, example_inputs=None, check=True, inplace=False):
         return _accelerate(model, example_inputs, check, inplace)
 
 
+def _wrapper_hint(model):
+    """For the training-mode warning, where the model's BNs and Dropouts are all in eval mode: the likely cause."""
+    layers = [m for m in model.modules() if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.Dropout))]
+    if not layers or any(m.training for m in layers):
+        return ""
+    return (f" (its BatchNorms and Dropouts are in eval mode: a wrapper such as this {type(model).__name__}, made "
+            "around an eval-mode model, starts in training mode)")
+
+
 def _accelerate(model, example_inputs, check, inplace):
     checker = _SelfCheck(model, example_inputs) if check else None
     if not inplace:
@@ -747,7 +756,7 @@ def _accelerate(model, example_inputs, check, inplace):
         warnings.warn("ghostkernels.accelerate: the model is in training mode, so only its Ghost modules (batch-"
                       "statistics BN fused), depthwise convs and BNs were swapped; Conv+BN folds, merges and 1x1 matmuls "
                       "happen only when accelerate() is given an eval-mode model: call model.eval() first for "
-                      "inference speed", stacklevel=3)
+                      f"inference speed{_wrapper_hint(accelerator.model)}", stacklevel=3)
     else:
         # Merges last: they move modules under new names, which the self-check could not find
         # in the original model.

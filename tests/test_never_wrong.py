@@ -79,6 +79,17 @@ def test_eval_acceleration_refuses_training_mode():
         assert_close(fast(x), original(x))
 
 
+def test_training_mode_warning_names_a_wrapper_around_an_eval_mode_model():
+    """nn.Sequential(normalise, model.eval()) starts in training mode, and accelerate() takes the
+    root's mode: only the Ghost modules are swapped. The warning says so, and why when every BN and
+    Dropout inside is in eval mode (the outputs are the original's either way)."""
+    model = randomise_bn(ghostnet_050(num_classes=10, fused=False), spread=0.2)
+    for wrap, hint in ((lambda: nn.Sequential(nn.Identity(), model.eval()), True), (model.train, False)):
+        with pytest.warns(UserWarning, match="the model is in training mode") as caught:
+            accelerate(wrap())
+        assert any("a wrapper such as this Sequential" in str(w.message) for w in caught) == hint
+
+
 # The original code bases' models (small widths), as accelerate() takes them.
 FAMILIES = {"zoo v1": lambda: ghostnet_050(num_classes=10, fused=False),
             "timm v1": lambda: timm_ghostnet("v1", 0.5), "timm v2": lambda: timm_ghostnet("v2", 0.5),
