@@ -320,7 +320,7 @@ def test_accelerated_ghostnet_compiles_with_dynamic_shapes():
 def test_accelerate_and_freeze_a_compiled_model():
     """accelerate(torch.compile(model)): the self-check probes the eager modules the wrapper holds
     (through the wrapper, each probe of the changed model compiled it anew: 18 s of checks for
-    GhostNet 0.5x, 0.8 s without); the result is still the compiled wrapper, with the original's
+    GhostNet 0.5x, 1.1 s now); the result is still the compiled wrapper, with the original's
     outputs. freeze() of it traces the model inside (torch.jit.trace refused the wrapper)."""
     model = randomise_bn(ghostnet_050(num_classes=10, fused=False), spread=0.2).eval()
     compiled, x = torch.compile(model, backend="eager"), torch.randn(2, 3, 64, 64)
