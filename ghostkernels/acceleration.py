@@ -114,7 +114,8 @@ def ghost_module_activation(module):
     if primary is None or cheap is None:
         return None, "no primary_conv / cheap_operation"
     if getattr(module, "oup", None) is None and getattr(module, "out_chs", None) is None:
-        return None, "no oup / out_chs"
+        return None, ("no oup / out_chs attribute: the output channel count the original's forward cuts its concat to "
+                      "is unknown (torch.fx's traced copies of submodules drop it: accelerate before tracing)")
     act1, why = _branch(primary)
     if act1 is None:
         return None, f"primary_conv: {why}"

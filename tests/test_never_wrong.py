@@ -90,6 +90,17 @@ def test_training_mode_warning_names_a_wrapper_around_an_eval_mode_model():
         assert any("a wrapper such as this Sequential" in str(w.message) for w in caught) == hint
 
 
+def test_fx_traced_model_says_why_its_ghost_modules_stay():
+    """torch.fx.symbolic_trace inlines the Ghost modules' forwards into its graph and keeps copies
+    of them without `oup`: accelerate() leaves them, says why, and the outputs stay the original's."""
+    model = randomise_bn(ghostnet_050(num_classes=10, fused=False), spread=0.2).eval()
+    fast, x = accelerate(torch.fx.symbolic_trace(model)), torch.randn(2, 3, 64, 64)
+    reasons = dict(fast.acceleration_summary.skipped)
+    assert not fast.acceleration_summary.fused and "accelerate before tracing" in reasons["blocks.0.0.ghost1"]
+    with torch.no_grad():
+        assert_close(fast(x), model(x))
+
+
 # The original code bases' models (small widths), as accelerate() takes them.
 FAMILIES = {"zoo v1": lambda: ghostnet_050(num_classes=10, fused=False),
             "timm v1": lambda: timm_ghostnet("v1", 0.5), "timm v2": lambda: timm_ghostnet("v2", 0.5),
