@@ -603,10 +603,6 @@ def test_hooked_bn_is_not_folded():
         assert_close(fast(x), net(x))
 
 
-# (a module of the accelerated eval GhostNet 0.5x, the original's module with the same output):
-# inside a GhostModule; inside ghost1 + conv_dw merged (GhostDepthwise: the folded conv_dw is
-# bn_dw's output, ghost1 is `ghost`); inside SE + ghost2 merged (SqueezeExciteGhost), and its Ghost
-# module. In training mode accelerate() merges nothing: the original's names.
 # float64 models with random BN statistics, by name, for the tests that hook into them after
 # accelerate(): built and accelerated once a process (the self-check is most of such a test's
 # time), each test given copies of both.
@@ -632,6 +628,10 @@ def accelerated_copies(name):
     return copy.deepcopy(_accelerated_once(name))
 
 
+# (a module of the accelerated eval GhostNet 0.5x, the original's module with the same output):
+# inside a GhostModule; inside ghost1 + conv_dw merged (GhostDepthwise: the folded conv_dw is
+# bn_dw's output, ghost1 is `ghost`); inside SE + ghost2 merged (SqueezeExciteGhost), and its Ghost
+# module. In training mode accelerate() merges nothing: the original's names.
 _HOOK_SITES = [("blocks.2.0.ghost1.primary_conv.0", "blocks.2.0.ghost1.primary_conv.0"),
                ("blocks.2.0.ghost1.cheap_operation.1", "blocks.2.0.ghost1.cheap_operation.1"),
                ("blocks.1.0.ghost1.ghost.primary_conv.2", "blocks.1.0.ghost1.primary_conv.2"),
