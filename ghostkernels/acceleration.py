@@ -735,7 +735,8 @@ def accelerate(model, example_inputs=None, check=True, inplace=False):
 
 def _wrapper_hint(model):
     """For the training-mode warning, where the model's BNs and Dropouts are all in eval mode: the likely cause."""
-    layers = [m for m in model.modules() if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.Dropout))]
+    mode_dependent = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)  # Dropout2d, AlphaDropout too
+    layers = [m for m in model.modules() if isinstance(m, mode_dependent)]
     if not layers or any(m.training for m in layers):
         return ""
     return (f" (its BatchNorms and Dropouts are in eval mode: a wrapper such as this {type(model).__name__}, made "
