@@ -163,8 +163,8 @@ def freeze(model, example_inputs):
       own code) or that fails the check raises a RuntimeError instead: such a trace would
       silently keep one branch.
     """
+    model = eager_module(model)  # before the checks: its own mode and module names, not the wrapper's
     inputs = checked_example("freeze", "traces", model, example_inputs)
-    model = eager_module(model)
     devices = {t.device for t in inputs}
     if len(devices) != 1:
         raise ValueError(f"freeze: example_inputs must all be on one device, got {sorted(map(str, devices))}")
