@@ -17,7 +17,7 @@ from timm_ghostnet import timm_ghostnet
 from torch import nn
 from torch.nn.utils import prune
 
-from ghostkernels import GhostModule, accelerate, acceleration, count_params_flops, freeze, models
+from ghostkernels import GhostModule, accelerate, acceleration, count_params_flops, freeze, models, modules
 from ghostkernels.models import ghostnet_050
 
 
@@ -742,6 +742,29 @@ def test_pruned_and_weight_normed_models(reparameterise, training):
         assert_close(fast(x), expected)
         if not training:
             assert_close(freeze(fast, x)(x), expected)
+
+
+def test_a_models_copy_shares_no_container_with_it():
+    """accelerate()'s copies (of the model, and of each changed scope its self-check runs) give every
+    empty dict and set a fresh one up front: the copy must still be what copy.deepcopy makes, with
+    hooks, caches and buffers of its own."""
+    model = ghostnet_050(num_classes=10, fused=False).eval()
+    model.blocks[0].cache = {}  # a user's attribute, empty
+    model.blocks[1].seen = {"images": 0}
+    copied, expected = modules.deepcopy_module(model), copy.deepcopy(model)
+    for (name, original), mine, theirs in zip(model.named_modules(), copied.modules(), expected.modules()):
+        assert type(mine) is type(theirs) and vars(mine).keys() == vars(theirs).keys(), name
+        for key, value in vars(mine).items():
+            assert type(value) is type(vars(theirs)[key]), f"{name}.{key}"
+            if isinstance(value, (dict, set, list, torch.Tensor)):
+                assert value is not vars(original)[key], f"{name}.{key} is the original's"
+    calls = []
+    copied.blocks[0].register_forward_hook(lambda *_: calls.append("copy"))
+    copied.blocks[0].cache["x"] = 1
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), copied(x))
+    assert calls == ["copy"] and model.blocks[0].cache == {} and not model.blocks[0]._forward_hooks
 
 
 def test_shared_ghost_module_stays_shared():
