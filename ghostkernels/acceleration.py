@@ -376,6 +376,10 @@ _LOOSE_TOLERANCE = 1e-2  # half precision, and CUDA (TF32 dots)
 _PROBE_SIZES = (9, 17, 33, 65)  # small odd sizes; deeper scopes (a whole model) need the larger ones
 _PROBE_CHANNEL_GUESSES = 4
 _PROBE_IMAGES = 2  # of a captured probe (two: training-mode BN needs more than one value per channel)
+# Methods besides forward whose outputs a change must keep too, called on the probe like forward
+# where the scope's module has them and they run on it: timm's feature API returns conv_stem's
+# output before bn1 among its intermediates, which folding the stem's BN would change.
+_CHECKED_METHODS = ("forward_intermediates",)
 
 
 def _captured_probe(args, kwargs):
@@ -464,23 +468,26 @@ class _SelfCheck:
         self.settings = list(dict.fromkeys([(cpu, torch.float64), (self.device, torch.float64), (self.device, None)]))
         self.copies = {}  # setting -> the original model moved there, made at its first reference
         self.captured = {} if example_inputs is None else self._capture(example_inputs)
-        self.references = {}  # scope -> (probe args, probe kwargs, setting, reference output) or why none
+        self.references = {}  # scope -> _reference's tuple, or why there is none
         self.seconds = time.perf_counter() - start
 
-    def _run(self, module, args, kwargs, setting):
-        """module on a copy of the probe, both moved to setting's (device, dtype) (a module
-        in place: callers pass copies), deterministic: the same dropout masks in training
-        mode, the caller's random state untouched."""
+    def _run(self, module, args, kwargs, setting, methods=()):
+        """[the output of module, then of each of its `methods`] on copies of the probe, all
+        moved to setting's (device, dtype) (a module in place: callers pass copies),
+        deterministic: the same dropout masks in training mode, the caller's random state
+        untouched."""
         device, dtype = setting
         devices = [torch.cuda.current_device()] if device.type == "cuda" else []
         module = eager_module(module)
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            torch.manual_seed(0)
             if dtype is not None:
                 module = module.to(device=device, dtype=dtype)
-            args = pytree.tree_map(lambda v: _cast(v, dtype, device), args)
-            kwargs = pytree.tree_map(lambda v: _cast(v, dtype, device), kwargs)
-            return module(*args, **kwargs)
+            outputs = []
+            for call in [module, *(getattr(module, name) for name in methods)]:
+                torch.manual_seed(0)
+                outputs.append(call(*pytree.tree_map(lambda v: _cast(v, dtype, device), args),
+                                    **pytree.tree_map(lambda v: _cast(v, dtype, device), kwargs)))
+            return outputs
 
     def _capture(self, example_inputs):
         inputs, handles = {}, []
@@ -533,20 +540,24 @@ class _SelfCheck:
         return self.copies[setting]
 
     def _reference(self, scope):
-        """(args, kwargs, setting, output) of the original scope on the first probe and
-        setting it runs on, or why there is none."""
+        """(args, kwargs, setting, methods, outputs) of the original scope on the first probe and
+        setting it runs on, outputs the forward's and each of `methods`' (those of _CHECKED_METHODS
+        the scope has that run on the probe too), or why there is none."""
         if scope not in self.references:
             self.references[scope] = "no probe input runs the original module (pass example_inputs)"
-            for args, kwargs in self._probes(scope, self.original.get_submodule(scope)):
-                output = None
-                for setting in self.settings:
+            original = self.original.get_submodule(scope)
+            methods = tuple(name for name in _CHECKED_METHODS if callable(getattr(original, name, None)))
+            for args, kwargs in self._probes(scope, original):
+                outputs = None
+                for setting, checked in itertools.product(self.settings, dict.fromkeys([methods, ()])):
                     try:
-                        output = self._run(self._original(setting).get_submodule(scope), args, kwargs, setting)
+                        outputs = self._run(self._original(setting).get_submodule(scope), args, kwargs, setting,
+                                            checked)
                     except Exception:  # noqa: BLE001 - a probe the original cannot run is no probe
                         continue
-                    self.references[scope] = (args, kwargs, setting, output)
+                    self.references[scope] = (args, kwargs, setting, checked, outputs)
                     break
-                if output is not None:
+                if outputs is not None:
                     break
         return self.references[scope]
 
@@ -563,15 +574,17 @@ class _SelfCheck:
         reference = self._reference(scope)
         if isinstance(reference, str):
             return reference
-        args, kwargs, setting, expected = reference
+        args, kwargs, setting, methods, expected = reference
         try:
-            actual = self._run(_without_hooks(model.get_submodule(scope)), args, kwargs, setting)
+            actual = self._run(_without_hooks(model.get_submodule(scope)), args, kwargs, setting, methods)
         except Exception as exc:  # noqa: BLE001 - whatever it raises, the change is undone
             return f"the changed module raised {type(exc).__name__}: {exc}"
-        error = _relative_error(actual, expected)
         tolerance = _tolerance(self.dtype, setting[0])
-        if not error <= tolerance:
-            return f"output differs by {error:.2e} (relative; tolerance {tolerance:.0e})"
+        for name, a, e in zip(("forward", *methods), actual, expected):
+            error = _relative_error(a, e)
+            if not error <= tolerance:
+                what = "output" if name == "forward" else f"{name}() output (a method that returns inner maps)"
+                return f"{what} differs by {error:.2e} (relative; tolerance {tolerance:.0e})"
         return None
 
 
@@ -620,6 +633,12 @@ def _swap_ghost_modules(accelerator):
 def _fold(accelerator, owner_name, owner, conv_name, bn_name):
     conv, bn = getattr(owner, conv_name), getattr(owner, bn_name)
     label = f"{_child_name(owner_name, conv_name)}+{bn_name}"
+    method = next((name for name in _CHECKED_METHODS if callable(getattr(owner, name, None))), None)
+    if accelerator.checker is None and method is not None:
+        accelerator.summary.skipped.append((label, f"{_label(owner_name)} has {method}(), which may return the conv's "
+                                            "output before the BN: only the self-check (check=True) can tell "
+                                            "whether the fold changes it"))
+        return
     folded_conv, folded_bn = _child_name(owner_name, conv_name), _child_name(owner_name, bn_name)
     assignments = [(conv_name, _folded_conv(conv, bn)), (bn_name, _bn_replacement(bn, folded_conv))]
     if accelerator.rewire("folded", label, owner_name, owner, assignments):
@@ -710,9 +729,11 @@ def accelerate(model, example_inputs=None, check=True, inplace=False):
     check=True verifies every change on a probe before keeping it: the changed module's input
     in one forward of `example_inputs` (a tensor or a tuple of positional arguments) through
     the original model when given, else a random input of the right channel count and a
-    small odd size; float64 where the module allows. A change whose output differs is undone
-    and listed in `skipped` with the measured error. check=False skips this (it costs one
-    probe forward per change).
+    small odd size; float64 where the module allows. The module's forward is compared, and its
+    forward_intermediates (timm's feature API) where it has one the probe runs. A change whose
+    output differs is undone and listed in `skipped` with the measured error. check=False skips
+    this (it costs one probe forward per change) and keeps the BNs of modules that have
+    forward_intermediates.
 
     Returns the model (a deep copy unless inplace=True) with the summary of what was done in
     its `acceleration_summary` attribute. Training-mode models keep their keys and Parameter

@@ -108,13 +108,19 @@ FAMILIES = {"zoo v1": lambda: ghostnet_050(num_classes=10, fused=False),
             "g-ghost": lambda: models.g_ghost_regnetx("002", num_classes=10, fused=False)}
 
 
+def skipped_besides_timms_stem(summary):
+    """summary.skipped but timm's stem fold, which its forward_intermediates() rules out."""
+    return [(name, why) for name, why in summary.skipped
+            if not (name == "conv_stem+bn1" and "forward_intermediates()" in why)]
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_eval_acceleration_takes_the_originals_checkpoint(family):
     """Its folded BNs have no keys and its merged modules' keys moved: the original's state dict
     is folded and renamed as it loads (strict=True), and its own state dict still loads."""
     accelerated_from, loaded = (randomise_bn(FAMILIES[family](), spread=0.3).eval() for _ in range(2))
     fast, x = accelerate(accelerated_from), torch.randn(2, 3, 64, 64)
-    assert fast.acceleration_summary.folded and not fast.acceleration_summary.skipped
+    assert fast.acceleration_summary.folded and not skipped_besides_timms_stem(fast.acceleration_summary)
     fast.load_state_dict(loaded.state_dict())
     with torch.no_grad():
         assert_close(fast(x), loaded(x))
@@ -357,7 +363,7 @@ def test_accelerate_a_16_bit_model_with_float32_batch_norms(family):
     model = _with_float32_batch_norms(randomise_bn(FAMILIES[family](), spread=0.3).eval().bfloat16())
     x = torch.randn(2, 3, 64, 64, dtype=torch.bfloat16)
     fast = accelerate(model)
-    assert fast.acceleration_summary.folded and not fast.acceleration_summary.skipped
+    assert fast.acceleration_summary.folded and not skipped_besides_timms_stem(fast.acceleration_summary)
     with torch.no_grad():
         expected = copy.deepcopy(model).double()(x.double())
         out, eager = fast(x), model(x)
@@ -836,6 +842,42 @@ def test_self_check_undoes_a_fold_that_drops_an_activation(monkeypatch):
         assert_close(fast(x), net(x))
 
 
+class _StemWithFeatures(nn.Module):
+    """A stem with timm's feature API: forward_intermediates returns the conv's output before the BN,
+    or, where it takes a required `indices`, nothing a probe calls."""
+
+    def __init__(self, indices_required=False):
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU()
+        self.indices_required = indices_required
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+    def forward_intermediates(self, x, *indices):
+        if self.indices_required and not indices:
+            raise TypeError("forward_intermediates() missing 1 required positional argument: 'indices'")
+        z = self.conv(x)
+        return self.act(self.bn(z)), [z]
+
+
+@pytest.mark.parametrize("indices_required", [False, True], ids=["runs", "needs_arguments"])
+def test_self_check_compares_forward_intermediates(indices_required):
+    """A fold that keeps forward right but changes what forward_intermediates returns is undone,
+    with that method named; one the probe cannot call leaves the check to forward."""
+    net = randomise_bn(_StemWithFeatures(indices_required), spread=0.3).eval()
+    fast, x = accelerate(net), torch.randn(2, 3, 5, 5)
+    summary = fast.acceleration_summary
+    with torch.no_grad():
+        assert_close(fast(x), net(x))
+        if indices_required:
+            assert summary.folded == ["conv+bn"] and not summary.skipped
+            return
+        assert_close(fast.forward_intermediates(x)[1][0], net.forward_intermediates(x)[1][0])
+    assert not summary.folded
+    assert summary.skipped[0][0] == "conv+bn" and "forward_intermediates() output" in summary.skipped[0][1]
+
+
 DEVICES = ["cpu", pytest.param("cuda", marks=needs_gpu)]
 
 
@@ -847,8 +889,8 @@ def test_self_check_runs_in_float64_on_the_cpu(monkeypatch, device):
     settings = []
     run = acceleration._SelfCheck._run
     monkeypatch.setattr(acceleration._SelfCheck, "_run",
-                        lambda self, module, args, kwargs, setting: settings.append(setting) or run(
-                            self, module, args, kwargs, setting))
+                        lambda self, module, args, kwargs, setting, methods=(): settings.append(setting) or run(
+                            self, module, args, kwargs, setting, methods))
     fold = acceleration.fold_conv_bn
     monkeypatch.setattr(acceleration, "fold_conv_bn", lambda conv, bn: [t * (1 + 1e-3) for t in fold(conv, bn)])
     net = randomise_bn(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), TimmStyleGhost(4, 8)), 0.3)

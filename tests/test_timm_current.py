@@ -50,10 +50,31 @@ def test_accelerate_eval_logits(source, version, check):
     summary = fast.acceleration_summary
     assert err <= 1e-5, f"{source} {version}: relative error {err:.3g}\n{summary}"
     assert len(summary.fused) == 32, str(summary)
+    # timm's forward_intermediates returns conv_stem's output before bn1: the stem's BN stays
+    stem = ["conv_stem+bn1"] if source == "timm" else []
     if check:  # every bottleneck's residual add in its ghost2 op
-        assert len(summary.residual) == 16 and not summary.skipped, str(summary)
+        assert len(summary.residual) == 16 and [name for name, _ in summary.skipped] == stem, str(summary)
     else:  # left: only the self-check sees a block's forward
-        assert not summary.residual and [name for name, _ in summary.skipped] == ["16 GhostNet bottlenecks"]
+        assert not summary.residual and [name for name, _ in summary.skipped] == stem + ["16 GhostNet bottlenecks"]
+
+
+@pytest.mark.parametrize("check", [False, True], ids=["unchecked", "default"])
+@pytest.mark.parametrize("version", ["v1", "v2", "v3"])
+def test_forward_intermediates_unchanged(version, check):
+    """timm's feature API (forward_intermediates, and features_only models built on it) returns
+    conv_stem's output before bn1 as its first map. accelerate() folded bn1 into conv_stem, which
+    left forward's logits right and that map normalised (0.87-1.0 off). The self-check now runs
+    forward_intermediates too, and without the check a module that has it keeps its BNs."""
+    model = build("timm", version).eval()
+    fast = accelerate(model, check)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for kwargs in ({}, {"indices": 2}, {"indices": [0, -1], "stop_early": True}):
+            (final, maps), (fast_final, fast_maps) = model.forward_intermediates(x, **kwargs), \
+                fast.forward_intermediates(x, **kwargs)
+            assert rel_err(fast_final, final) <= 1e-5 and len(fast_maps) == len(maps)
+            assert all(rel_err(a, e) <= 1e-5 for a, e in zip(fast_maps, maps)), kwargs
+    assert "forward_intermediates()" in dict(fast.acceleration_summary.skipped)["conv_stem+bn1"]
 
 
 @pytest.mark.parametrize("source, version", MODELS, ids=IDS)

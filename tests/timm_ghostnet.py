@@ -328,6 +328,8 @@ class GhostNet(nn.Module):
         block = GhostBottleneckV3 if version == 'v3' else GhostBottleneck
         stem_chs = make_divisible(16 * width, 4)
         self.conv_stem = nn.Conv2d(in_chans, stem_chs, 3, 2, 1, bias=False)
+        # the stride-2 feature is conv_stem's output, before bn1 (forward_intermediates returns it)
+        self.feature_info = [dict(num_chs=stem_chs, reduction=2, module='conv_stem')]
         self.bn1 = nn.BatchNorm2d(stem_chs)
         self.act1 = nn.ReLU(inplace=True)
         prev_chs = stem_chs
@@ -335,6 +337,7 @@ class GhostNet(nn.Module):
         layer_idx = 0
         for cfg in cfgs:
             layers = []
+            s = 1
             for k, exp_size, c, se_ratio, s in cfg:
                 out_chs = make_divisible(c * width, 4)
                 mid_chs = make_divisible(exp_size * width, 4)
@@ -346,6 +349,9 @@ class GhostNet(nn.Module):
                 layers.append(block(prev_chs, mid_chs, out_chs, k, s, se_ratio=se_ratio, **kwargs))
                 prev_chs = out_chs
                 layer_idx += 1
+            if s > 1:  # a stage that ends at a new stride is a feature
+                self.feature_info.append(dict(num_chs=prev_chs, reduction=2 * 2 ** (len(self.feature_info)),
+                                              module=f'blocks.{len(stages)}'))
             stages.append(nn.Sequential(*layers))
         out_chs = make_divisible(exp_size * width, 4)
         stages.append(nn.Sequential(ConvBnAct(prev_chs, out_chs, 1)))  # blocks.9.0: bn1 is a BatchNormAct2d
@@ -361,6 +367,29 @@ class GhostNet(nn.Module):
 
     def forward_features(self, x):
         return self.blocks(self.act1(self.bn1(self.conv_stem(x))))
+
+    def forward_intermediates(self, x, indices=None, norm=False, stop_early=False, output_fmt='NCHW',
+                              intermediates_only=False):
+        """timm's feature API: the final features and the maps at the chosen feature_info entries
+        (all by default; an int n: the last n; a list: those), the first being conv_stem's output."""
+        assert output_fmt == 'NCHW'
+        stage_ends = [-1] + [int(info['module'].split('.')[-1]) for info in self.feature_info[1:]]
+        count = len(stage_ends)
+        if indices is None:
+            indices = count
+        wanted = range(count - indices, count) if isinstance(indices, int) else [i % count for i in indices]
+        take = [stage_ends[i] + 1 for i in wanted]
+        intermediates = []
+        x = self.conv_stem(x)
+        if 0 in take:
+            intermediates.append(x)
+        x = self.act1(self.bn1(x))
+        stages = self.blocks[:stage_ends[max(wanted)] + 1] if stop_early else self.blocks
+        for feature_index, stage in enumerate(stages, start=1):
+            x = stage(x)
+            if feature_index in take:
+                intermediates.append(x)
+        return intermediates if intermediates_only else (x, intermediates)
 
     def forward_head(self, x, pre_logits=False):
         x = self.flatten(self.act2(self.conv_head(self.global_pool(x))))
