@@ -61,7 +61,7 @@ def test_accelerate_eval_logits(source, version, check):
 @pytest.mark.parametrize("check", [False, True], ids=["unchecked", "default"])
 @pytest.mark.parametrize("version", ["v1", "v2", "v3"])
 def test_forward_intermediates_unchanged(version, check):
-    """timm's feature API (forward_intermediates, and features_only models built on it) returns
+    """timm's feature API (forward_intermediates, which its getter feature wrapper calls) returns
     conv_stem's output before bn1 as its first map. accelerate() folded bn1 into conv_stem, which
     left forward's logits right and that map normalised (0.87-1.0 off). The self-check now runs
     forward_intermediates too, and without the check a module that has it keeps its BNs."""
