@@ -382,6 +382,11 @@ _PROBE_IMAGES = 2  # of a captured probe (two: training-mode BN needs more than 
 _CHECKED_METHODS = ("forward_intermediates",)
 
 
+def _checked_methods(module):
+    """The names of _CHECKED_METHODS that `module` has."""
+    return tuple(name for name in _CHECKED_METHODS if callable(getattr(module, name, None)))
+
+
 def _captured_probe(args, kwargs):
     """A detached copy of a module's inputs in the example forward, cut to their first
     _PROBE_IMAGES along dim 0 where every tensor among them has the same size there (a batch):
@@ -546,7 +551,7 @@ class _SelfCheck:
         if scope not in self.references:
             self.references[scope] = "no probe input runs the original module (pass example_inputs)"
             original = self.original.get_submodule(scope)
-            methods = tuple(name for name in _CHECKED_METHODS if callable(getattr(original, name, None)))
+            methods = _checked_methods(original)
             for args, kwargs in self._probes(scope, original):
                 outputs = None
                 for setting, checked in itertools.product(self.settings, dict.fromkeys([methods, ()])):
@@ -633,10 +638,10 @@ def _swap_ghost_modules(accelerator):
 def _fold(accelerator, owner_name, owner, conv_name, bn_name):
     conv, bn = getattr(owner, conv_name), getattr(owner, bn_name)
     label = f"{_child_name(owner_name, conv_name)}+{bn_name}"
-    method = next((name for name in _CHECKED_METHODS if callable(getattr(owner, name, None))), None)
-    if accelerator.checker is None and method is not None:
-        accelerator.summary.skipped.append((label, f"{_label(owner_name)} has {method}(), which may return the conv's "
-                                            "output before the BN: only the self-check (check=True) can tell "
+    methods = _checked_methods(owner) if accelerator.checker is None else ()
+    if methods:
+        accelerator.summary.skipped.append((label, f"{_label(owner_name)} has {methods[0]}(), which may return the "
+                                            "conv's output before the BN: only the self-check (check=True) can tell "
                                             "whether the fold changes it"))
         return
     folded_conv, folded_bn = _child_name(owner_name, conv_name), _child_name(owner_name, bn_name)
