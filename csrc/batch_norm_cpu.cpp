@@ -87,11 +87,16 @@ void check_channels(const char* op, const char* name, const at::Tensor& t, const
 }
 
 // Returns (out, mean, biased var); out in x's memory format.
+// The running statistics given are updated in place, as native_batch_norm's.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_cpu(const at::Tensor& x_in, const at::Tensor& weight,
-                                                                    const at::Tensor& bias, double eps) {
+                                                                    const at::Tensor& bias, double eps,
+                                                                    const std::optional<at::Tensor>& running_mean,
+                                                                    const std::optional<at::Tensor>& running_var,
+                                                                    double momentum) {
   check_input("batch_norm_train", x_in);
   check_channels("batch_norm_train", "weight", weight, x_in);
   check_channels("batch_norm_train", "bias", bias, x_in);
+  check_running("batch_norm_train", "", running_mean, running_var, x_in.size(1), x_in);
   const at::Tensor x = x_in.contiguous();
   const int64_t batch = x.size(0), channels = x.size(1), plane = x.size(2) * x.size(3);
   at::Tensor out = empty_output(x.sizes(), x.options());
@@ -109,6 +114,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_cpu(const at::Te
       mean.data_ptr<T>()[c] = T(m[c]);
       var.data_ptr<T>()[c] = T(v[c]);
     }
+    update_running<T>(running_mean, running_var, m.data(), v.data(), channels, batch * plane, momentum);
     const at::Tensor beta = bias.contiguous();
     const Normalised<T> bn(m.data(), v.data(), weight.contiguous().data_ptr<T>(), beta.data_ptr<T>(), eps, channels);
     at::parallel_for(0, batch * channels, 1, [&](int64_t begin, int64_t end) {

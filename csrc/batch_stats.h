@@ -3,8 +3,12 @@
 // moments while it is in cache, combined exactly per channel in double, and BN's backward sums.
 #pragma once
 
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -34,6 +38,40 @@ inline void combine_moments(const std::vector<Moments>& planes, int64_t batch, i
     mean[c] = m;
     var[c] = m2 / double(batch * plane);
   }
+}
+
+// The running statistics a training op is given to update in place (native_batch_norm's
+// running_mean and running_var, each name after `prefix`): both absent, or vectors of the op's
+// channels in x's dtype and device.
+inline void check_running(const char* op, const char* prefix, const std::optional<at::Tensor>& mean,
+                          const std::optional<at::Tensor>& var, int64_t channels, const at::Tensor& x) {
+  TORCH_CHECK(mean.has_value() == var.has_value(), op, ": ", prefix, "running_mean and ", prefix,
+              "running_var must both be given or both be None");
+  for (const auto& [name, t] : {std::make_pair("running_mean", &mean), std::make_pair("running_var", &var)}) {
+    if (!t->has_value()) continue;
+    TORCH_CHECK((*t)->dim() == 1 && (*t)->size(0) == channels, op, ": ", prefix, name, " must have shape (",
+                channels, ",), got ", (*t)->sizes());
+    TORCH_CHECK((*t)->scalar_type() == x.scalar_type() && (*t)->device() == x.device(), op, ": ", prefix, name,
+                " is ", (*t)->scalar_type(), " on ", (*t)->device(), ", x is ", x.scalar_type(), " on ", x.device(),
+                "; they must match");
+  }
+}
+
+// What native_batch_norm does in training to the running statistics it is given: each moved by
+// `momentum` towards the batch mean and the unbiased variance of `count` values per channel,
+// in double as ATen's CPU kernel.
+template <typename T>
+void update_running(const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+                    const double* mean, const double* var, int64_t channels, int64_t count, double momentum) {
+  if (!running_mean.has_value()) return;  // check_running: then neither
+  const auto blend = [&](const at::Tensor& running, const double* batch, double scale) {
+    T* r = running.data_ptr<T>();
+    const int64_t stride = running.stride(0);
+    for (int64_t c = 0; c < channels; ++c)
+      r[c * stride] = T(momentum * batch[c] * scale + (1 - momentum) * double(r[c * stride]));
+  };
+  blend(*running_mean, mean, 1.0);
+  blend(*running_var, var, double(count) / double(count - 1));
 }
 
 // Elementwise plane loops written once for both widths: body(q, X{}) runs with X = the vector

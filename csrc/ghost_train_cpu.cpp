@@ -294,13 +294,15 @@ Geometry describe(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& g
 }
 
 // The BN of `channels` channels from their planes' moments; their batch mean and biased variance
-// also into `mean` and `var`.
+// also into `mean` and `var`, and the running statistics given moved by them.
 template <typename T>
 Normalised<T> batch_norm(const std::vector<Moments>& planes, const Geometry& g, int64_t channels,
                          const at::Tensor& gamma, const at::Tensor& beta, double eps, at::Tensor& mean,
-                         at::Tensor& var) {
+                         at::Tensor& var, const std::optional<at::Tensor>& running_mean,
+                         const std::optional<at::Tensor>& running_var, double momentum) {
   std::vector<double> m(channels), v(channels);
   combine_moments(planes, g.batch, channels, g.plane(), m.data(), v.data());
+  update_running<T>(running_mean, running_var, m.data(), v.data(), channels, g.batch * g.plane(), momentum);
   for (int64_t c = 0; c < channels; ++c) {
     mean.data_ptr<T>()[c] = T(m[c]);
     var.data_ptr<T>()[c] = T(v[c]);
@@ -353,8 +355,12 @@ at::Tensor primary_input(const at::Tensor& x, const Geometry& g) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_module_train_cpu(
     const at::Tensor& x_in, const at::Tensor& w1_in, const at::Tensor& g1_in, const at::Tensor& b1_in,
     const at::Tensor& w2_in, const at::Tensor& g2_in, const at::Tensor& b2_in, int64_t out_channels, int64_t stride,
-    c10::string_view activation, double eps1, double eps2) {
+    c10::string_view activation, double eps1, double eps2, const std::optional<at::Tensor>& running_mean1,
+    const std::optional<at::Tensor>& running_var1, const std::optional<at::Tensor>& running_mean2,
+    const std::optional<at::Tensor>& running_var2, double momentum1, double momentum2) {
   const Geometry g = describe(x_in, w1_in, g1_in, b1_in, w2_in, g2_in, b2_in, out_channels, stride, activation);
+  check_running("ghost_module_train", "primary_", running_mean1, running_var1, g.init, x_in);
+  check_running("ghost_module_train", "cheap_", running_mean2, running_var2, g.ghosts, x_in);
   const at::Tensor x = primary_input(x_in, g), w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
   const at::Tensor g1 = g1_in.contiguous(), b1 = b1_in.contiguous(), g2 = g2_in.contiguous(), b2 = b2_in.contiguous();
   const at::TensorOptions options = x.options();
@@ -375,11 +381,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     at::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
       primary_pass(a, z1p, moments1.data(), begin, end);
     });
-    const Normalised<scalar_t> bn1 = batch_norm<scalar_t>(moments1, g, g.init, g1, b1, eps1, mean1, var1);
+    const Normalised<scalar_t> bn1 = batch_norm<scalar_t>(moments1, g, g.init, g1, b1, eps1, mean1, var1,
+                                                                running_mean1, running_var1, momentum1);
     at::parallel_for(0, g.batch * g.init, 1, [&](int64_t begin, int64_t end) {
       cheap_pass(a, bn1, z1p, z2p, outp, moments2.data(), begin, end);
     });
-    const Normalised<scalar_t> bn2 = batch_norm<scalar_t>(moments2, g, g.ghosts, g2, b2, eps2, mean2, var2);
+    const Normalised<scalar_t> bn2 = batch_norm<scalar_t>(moments2, g, g.ghosts, g2, b2, eps2, mean2, var2,
+                                                                running_mean2, running_var2, momentum2);
     at::parallel_for(0, g.batch * g.keep, 1, [&](int64_t begin, int64_t end) {
       ghost_output_pass(g, bn2, z2p, outp, begin, end);
     });

@@ -3,20 +3,21 @@
 its Ghost modules (a Ghost-ResNet's bn1/bn2 after each Ghost module, GhostNet's shortcut and
 stride-2 BNs). The C++ CPU kernels (csrc/batch_norm_cpu.cpp) serve float32/float64; elsewhere
 the composition below runs. TrainingBatchNorm2d is the module: an nn.BatchNorm2d (same
-parameters, buffers and keys) that calls the op where the kernel applies and updates the
-running statistics as nn.BatchNorm2d does.
+parameters, buffers and keys) that calls the op where the kernel applies, with the running
+statistics nn.BatchNorm2d would give F.batch_norm, which the op updates in place.
 """
 
 import torch
 from torch import nn
 
 from . import _backends, ops
-from .ghost_train import update_running_statistics, uses_batch_statistics
+from .ghost_train import running_statistics, update_running_statistics_, uses_batch_statistics
 from .reference import batch_norm_backward, output_memory_format
 
 _lib = torch.library.Library("ghostkernels", "FRAGMENT")
-# (out, batch mean, biased batch variance)
-_lib.define("batch_norm_train(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor)")
+# (out, batch mean, biased batch variance); the running statistics given updated in place
+_lib.define("batch_norm_train(Tensor x, Tensor weight, Tensor bias, float eps, Tensor(a!)? running_mean=None, "
+            "Tensor(b!)? running_var=None, float momentum=0.1) -> (Tensor, Tensor, Tensor)")
 # (grad_x, grad_weight, grad_bias) given the forward's mean and biased variance
 _lib.define("batch_norm_train_backward(Tensor grad, Tensor x, Tensor weight, Tensor mean, Tensor var, float eps) "
             "-> (Tensor, Tensor, Tensor)")
@@ -45,17 +46,25 @@ def _check(x, **channel_vectors):
                            f"{tuple(x.shape)}")
 
 
+def _running(running_mean, running_var):
+    """The running statistics given (both or neither), by name, for _check."""
+    if (running_mean is None) != (running_var is None):
+        raise RuntimeError("batch_norm_train: running_mean and running_var must both be given or both be None")
+    return {} if running_mean is None else {"running_mean": running_mean, "running_var": running_var}
+
+
 @torch.library.register_fake("ghostkernels::batch_norm_train")
-def _fake(x, weight, bias, eps):
-    _check(x, weight=weight, bias=bias)
+def _fake(x, weight, bias, eps, running_mean=None, running_var=None, momentum=0.1):
+    _check(x, weight=weight, bias=bias, **_running(running_mean, running_var))
     channels = x.shape[1]
     return torch.empty_like(x, memory_format=output_memory_format(x)), x.new_empty(channels), x.new_empty(channels)
 
 
 @torch.library.impl(_lib, "batch_norm_train", "CompositeExplicitAutograd")
-def _fallback(x, weight, bias, eps):
-    _check(x, weight=weight, bias=bias)
+def _fallback(x, weight, bias, eps, running_mean=None, running_var=None, momentum=0.1):
+    _check(x, weight=weight, bias=bias, **_running(running_mean, running_var))
     var, mean = torch.var_mean(x, dim=_DIMS, correction=0)
+    update_running_statistics_(running_mean, running_var, mean, var, momentum, x.numel() // x.shape[1])
     scale = weight * torch.rsqrt(var + eps)
     # (x - mean) * scale + bias, as the C++ kernel: a folded shift loses digits where |mean| >> std
     out = (x - mean.view(_SHAPE)) * scale.view(_SHAPE) + bias.view(_SHAPE)
@@ -83,7 +92,7 @@ def _backward_fallback(grad, x, weight, mean, var, eps):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, _, eps = inputs
+    x, weight, _, eps = inputs[:4]
     _, mean, var = output
     ctx.save_for_backward(x, weight, mean, var)
     ctx.eps = eps
@@ -96,20 +105,22 @@ def _output_of_fallback(x, weight, bias, eps):
 
 
 def _backward(ctx, grad, *_):
+    """Grads of x, weight and bias (ops.register_autograd_updating_statistics gives the other
+    arguments None)."""
     if grad is None:  # only mean or var were used
-        return None, None, None, None
+        return None, None, None
     x, weight, mean, var = ctx.saved_tensors
     if torch.is_grad_enabled():  # create_graph=True: grads differentiable again, through the composition
         # bias is not saved: it shifts the output, so any value (zeros) gives its grad
         grads = ops.gradients_with_graph(ctx, grad, _output_of_fallback, (x, weight, torch.zeros_like(weight), ctx.eps))
-        return grads[0], grads[1], grads[2], None
+        return grads[0], grads[1], grads[2]
     grad_x, grad_weight, grad_bias = torch.ops.ghostkernels.batch_norm_train_backward(grad, x, weight, mean, var,
                                                                                       ctx.eps)
     needs = ctx.needs_input_grad
-    return (grad_x if needs[0] else None, grad_weight if needs[1] else None, grad_bias if needs[2] else None, None)
+    return grad_x if needs[0] else None, grad_weight if needs[1] else None, grad_bias if needs[2] else None
 
 
-torch.library.register_autograd("ghostkernels::batch_norm_train", _backward, setup_context=_setup_context)
+ops.register_autograd_updating_statistics("batch_norm_train", _backward, _setup_context)
 
 
 class TrainingBatchNorm2d(nn.BatchNorm2d):
@@ -143,9 +154,8 @@ class TrainingBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x):
         if not self._kernel_applies(x):
             return super().forward(x)
-        out, mean, var = ops.call(torch.ops.ghostkernels.batch_norm_train, x, self.weight, self.bias, self.eps)
-        update_running_statistics(self, mean, var, x.numel() // x.shape[1])
-        return out
+        return ops.call(torch.ops.ghostkernels.batch_norm_train, x, self.weight, self.bias, self.eps,
+                        *running_statistics(self))[0]
 
 
 class FoldedBatchNorm(nn.BatchNorm2d):

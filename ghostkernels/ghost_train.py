@@ -2,12 +2,13 @@
 op, `ghostkernels::ghost_module_train`, with a backward op of its own (docs/math.md section 8).
 
 The op returns the output and what its backward needs: the pre-BN maps z1 and z2 and the batch
-mean and biased variance of each BN. The C++ CPU kernels (csrc/ghost_train_cpu.cpp) serve
+mean and biased variance of each BN; the running statistics it is given it updates in place, as
+native_batch_norm does. The C++ CPU kernels (csrc/ghost_train_cpu.cpp) serve
 float32/float64, the Triton kernels (triton_ghost_train.py) CUDA tensors; elsewhere the
 composition below runs (conv, batch statistics, activation, depthwise conv, batch statistics,
 activation, concat). GhostModule uses the op only where a kernel exists
-(GhostModule.batch_statistics_forward) and updates the running statistics as nn.BatchNorm2d
-does (update_running_statistics).
+(GhostModule.batch_statistics_forward), with the arguments nn.BatchNorm2d would give
+F.batch_norm (running_statistics).
 """
 
 import functools
@@ -22,8 +23,13 @@ _lib = torch.library.Library("ghostkernels", "FRAGMENT")
 _lib.define(
     "ghost_module_train(Tensor x, Tensor primary_weight, Tensor primary_gamma, Tensor primary_beta, "
     "Tensor cheap_weight, Tensor cheap_gamma, Tensor cheap_beta, int out_channels, int stride, str activation, "
-    "float primary_eps, float cheap_eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "float primary_eps, float cheap_eps, Tensor(a!)? primary_running_mean=None, Tensor(b!)? primary_running_var=None, "
+    "Tensor(c!)? cheap_running_mean=None, Tensor(d!)? cheap_running_var=None, float primary_momentum=0.1, "
+    "float cheap_momentum=0.1) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
+# The schema's defaults of the running-statistics arguments, which the dispatcher leaves out of a
+# Python kernel's arguments where a call does not change them.
+RUNNING_DEFAULTS = (None, None, None, None, 0.1, 0.1)
 _lib.define(
     "ghost_module_train_backward(Tensor grad, Tensor x, Tensor primary_weight, Tensor primary_gamma, "
     "Tensor primary_beta, Tensor cheap_weight, Tensor cheap_gamma, Tensor cheap_beta, Tensor primary_z, "
@@ -72,13 +78,24 @@ def ghost_module_train_reference(x, primary_weight, primary_gamma, primary_beta,
 
 
 def _check(x, primary_weight, primary_gamma, primary_beta, cheap_weight, cheap_gamma, cheap_beta, out_channels,
-           stride, activation):
-    """The folded op's argument checks, plus the BN parameters' shapes and batch size."""
+           stride, activation, primary_running_mean=None, primary_running_var=None, cheap_running_mean=None,
+           cheap_running_var=None):
+    """The folded op's argument checks, plus the BN parameters' and running statistics' shapes and
+    the batch size."""
     ops.check_args(x, primary_weight, None, cheap_weight, None, out_channels, stride, activation)
     init, ghosts = primary_weight.shape[0], cheap_weight.shape[0]
     named = (("primary_gamma", primary_gamma, init), ("primary_beta", primary_beta, init),
-             ("cheap_gamma", cheap_gamma, ghosts), ("cheap_beta", cheap_beta, ghosts))
+             ("cheap_gamma", cheap_gamma, ghosts), ("cheap_beta", cheap_beta, ghosts),
+             ("primary_running_mean", primary_running_mean, init), ("primary_running_var", primary_running_var, init),
+             ("cheap_running_mean", cheap_running_mean, ghosts), ("cheap_running_var", cheap_running_var, ghosts))
+    for prefix, mean, var in (("primary_", primary_running_mean, primary_running_var),
+                              ("cheap_", cheap_running_mean, cheap_running_var)):
+        if (mean is None) != (var is None):
+            raise ValueError(f"ghost_module_train: {prefix}running_mean and {prefix}running_var must both be given "
+                             "or both be None")
     for name, t, n in named:
+        if t is None:  # only the running statistics are optional
+            continue
         if tuple(t.shape) != (n,):
             raise ValueError(f"ghost_module_train: {name} must have shape ({n},), got {tuple(t.shape)}")
         if t.dtype != x.dtype or t.device != x.device:
@@ -89,6 +106,29 @@ def _check(x, primary_weight, primary_gamma, primary_beta, cheap_weight, cheap_g
         raise ValueError(f"ghost_module_train: expected more than 1 value per channel when training, got input "
                          f"size {tuple(x.shape)}")
     return shape
+
+
+def _split(args):
+    """(the op's first 12 arguments, its 6 running-statistics arguments with their defaults)."""
+    running = tuple(args[12:])
+    return args[:12], running + RUNNING_DEFAULTS[len(running):]
+
+
+def update_running_statistics_(running_mean, running_var, mean, var, momentum, count):
+    """What native_batch_norm does in training to the running statistics it is given (both or
+    neither): each moved by `momentum` towards the batch mean, and the unbiased batch variance of
+    `count` values per channel."""
+    if running_mean is not None:
+        running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
+        running_var.mul_(1 - momentum).add_(var * (count / (count - 1)), alpha=momentum)
+
+
+def _update_running(outputs, running):
+    """The op's running statistics moved by its outputs' batch statistics."""
+    out, _, _, primary_mean, primary_var, cheap_mean, cheap_var = outputs
+    count = out.shape[0] * out.shape[2] * out.shape[3]
+    update_running_statistics_(*running[0:2], primary_mean, primary_var, running[4], count)
+    update_running_statistics_(*running[2:4], cheap_mean, cheap_var, running[5], count)
 
 
 def _check_backward(grad, x, primary_weight, primary_gamma, primary_beta, cheap_weight, cheap_gamma, cheap_beta,
@@ -112,12 +152,12 @@ def _check_backward(grad, x, primary_weight, primary_gamma, primary_beta, cheap_
 
 
 @torch.library.register_fake("ghostkernels::ghost_module_train")
-def _fake(x, primary_weight, primary_gamma, primary_beta, cheap_weight, cheap_gamma, cheap_beta, out_channels,
-          stride, activation, primary_eps, cheap_eps):
-    n, _, height, width = _check(x, primary_weight, primary_gamma, primary_beta, cheap_weight, cheap_gamma,
-                                 cheap_beta, out_channels, stride, activation)
+def _fake(*args):
+    args, running = _split(args)
+    n, _, height, width = _check(*args[:10], *running[:4])
+    x, primary_weight, cheap_weight = args[0], args[1], args[4]
     init, ghosts = primary_weight.shape[0], cheap_weight.shape[0]
-    out = x.new_empty((n, out_channels, height, width)).contiguous(memory_format=output_memory_format(x))
+    out = x.new_empty((n, args[7], height, width)).contiguous(memory_format=output_memory_format(x))
     return (out, x.new_empty((n, init, height, width)), x.new_empty((n, ghosts, height, width)),
             x.new_empty(init), x.new_empty(init), x.new_empty(ghosts), x.new_empty(ghosts))
 
@@ -133,8 +173,11 @@ def _backward_fake(grad, x, primary_weight, primary_gamma, primary_beta, cheap_w
 
 @torch.library.impl(_lib, "ghost_module_train", "CompositeExplicitAutograd")
 def _fallback(*args):
-    _check(*args[:10])
-    return ghost_module_train_reference(*args)
+    args, running = _split(args)
+    _check(*args[:10], *running[:4])
+    outputs = ghost_module_train_reference(*args)
+    _update_running(outputs, running)
+    return outputs
 
 
 @torch.library.impl(_lib, "ghost_module_train_backward", "CompositeExplicitAutograd")
@@ -172,8 +215,11 @@ def _cuda(*args):
     kernels = _backends.triton_kernels("triton_ghost_train")
     if kernels is None:
         return _fallback(*args)
-    ops.check_once(_check, *args[:10])
-    return kernels.forward(*args)
+    args, running = _split(args)
+    ops.check_once(_check, *args[:10], *running[:4])
+    outputs = kernels.forward(*args)
+    _update_running(outputs, running)
+    return outputs
 
 
 @torch.library.impl(_lib, "ghost_module_train_backward", "CUDA")
@@ -194,7 +240,7 @@ def _setup_context(ctx, inputs, output):
     # caller may add into the output in place (GhostNet's bottlenecks add their shortcut).
     ctx.save_for_backward(x, primary_weight, primary_gamma, primary_beta, cheap_weight, cheap_gamma, cheap_beta,
                           primary_z, cheap_z, primary_mean, primary_var, cheap_mean, cheap_var)
-    ctx.config = inputs[7:]
+    ctx.config = inputs[7:12]
     ctx.mark_non_differentiable(primary_z, cheap_z, primary_mean, primary_var, cheap_mean, cheap_var)
     # No zero-filled grads for the six outputs that carry none (two of them as large as the
     # output: 19 ms of fills in a GhostNet 1.0x training step at batch 16).
@@ -202,21 +248,23 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad, *_):
+    """Grads of the seven tensors before out_channels (ops.register_autograd_updating_statistics
+    gives the other arguments None)."""
     if grad is None:  # the output itself was not used
-        return (None,) * 12
+        return (None,) * 7
     saved = ctx.saved_tensors
     if torch.is_grad_enabled():  # create_graph=True: grads differentiable again, through the reference
         composed = functools.partial(_output_of_reference, config=ctx.config)
-        return tuple(ops.gradients_with_graph(ctx, grad, composed, saved[:7])) + (None,) * 5
+        return tuple(ops.gradients_with_graph(ctx, grad, composed, saved[:7]))
     grads = torch.ops.ghostkernels.ghost_module_train_backward(grad, *saved, *ctx.config)
-    return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad)) + (None,) * 5
+    return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad))
 
 
 def _output_of_reference(*tensors, config):
     return ghost_module_train_reference(*tensors, *config)[0]
 
 
-torch.library.register_autograd("ghostkernels::ghost_module_train", _backward, setup_context=_setup_context)
+ops.register_autograd_updating_statistics("ghost_module_train", _backward, _setup_context)
 
 
 # -- the module side ------------------------------------------------------------------------
@@ -227,17 +275,15 @@ def uses_batch_statistics(bn):
     return bn.training or (bn.running_mean is None and bn.running_var is None)
 
 
-def update_running_statistics(bn, mean, var, count):
-    """What nn.BatchNorm2d's forward does to its buffers, given the batch mean and biased variance."""
+def running_statistics(bn):
+    """(running_mean, running_var, momentum) as nn.BatchNorm2d's forward passes them to
+    F.batch_norm, for an op that updates the two in place (None where the BN keeps none or is in
+    eval mode), its num_batches_tracked counted as that forward counts it."""
     if not (bn.training and bn.track_running_stats):
-        return
+        return None, None, 0.0
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
         if bn.momentum is None:  # cumulative moving average
             factor = 1.0 / float(bn.num_batches_tracked)
-    if bn.running_mean is None:
-        return
-    with torch.no_grad():
-        bn.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
-        bn.running_var.mul_(1 - factor).add_(var * (count / (count - 1)), alpha=factor)
+    return bn.running_mean, bn.running_var, factor

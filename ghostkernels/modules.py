@@ -413,7 +413,7 @@ def _conv_bn_act(sequential, activation):
 def _of_dtype(bn, dtype):
     """Whether a BN's values are of `dtype` (the op takes one dtype; nn.BatchNorm2d also takes
     float32 values for 16-bit inputs, as mixed-precision recipes keep them)."""
-    return all(t.dtype == dtype for t in (bn.weight, bn.running_mean) if t is not None)
+    return all(t.dtype == dtype for t in (bn.weight, bn.running_mean, bn.running_var) if t is not None)
 
 
 def _gamma_beta(bn, x):
@@ -612,7 +612,7 @@ class GhostModule(nn.Module):
 
     def batch_statistics_forward(self, x):
         """The output when both BNs normalise by batch statistics (training mode, or no running
-        statistics), through ghostkernels::ghost_module_train, running statistics updated; None
+        statistics), through ghostkernels::ghost_module_train, which updates the running statistics; None
         where that op has no kernel (ghost_train.has_kernel: C++ on the CPU, Triton on CUDA, no
         autocast), where the branches are not Conv2d (no bias), BatchNorm2d and the module's
         activation, exact types, where a layer inside has a hook, and for one value per channel."""
@@ -628,15 +628,13 @@ class GhostModule(nn.Module):
                 or not (_of_dtype(bn1, x.dtype) and _of_dtype(bn2, x.dtype))):  # float32 BNs of a float16 model
             return None
         batch, _, height, width = ops.output_shape(x, conv.weight, self.oup, conv.stride[0])
-        count = batch * height * width
-        if count <= 1:  # the original layers raise BatchNorm's own error
+        if batch * height * width <= 1:  # the original layers raise BatchNorm's own error
             return None
-        out, _, _, mean1, var1, mean2, var2 = torch.ops.ghostkernels.ghost_module_train(
+        primary_running, cheap_running = ghost_train.running_statistics(bn1), ghost_train.running_statistics(bn2)
+        return torch.ops.ghostkernels.ghost_module_train(
             x, conv.weight, *_gamma_beta(bn1, x), cheap_conv.weight, *_gamma_beta(bn2, x), self.oup, conv.stride[0],
-            self.activation, bn1.eps, bn2.eps)
-        ghost_train.update_running_statistics(bn1, mean1, var1, count)
-        ghost_train.update_running_statistics(bn2, mean2, var2, count)
-        return out
+            self.activation, bn1.eps, bn2.eps, *primary_running[:2], *cheap_running[:2], primary_running[2],
+            cheap_running[2])[0]
 
     def extra_repr(self):
         return f"oup={self.oup}, init={self.init_channels}, new={self.new_channels}, activation={self.activation}"

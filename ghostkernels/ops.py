@@ -530,6 +530,43 @@ def register_recompute_autograd(name, composed):
     torch.library.register_autograd(f"ghostkernels::{name}", backward, setup_context=setup_context)
 
 
+def register_autograd_updating_statistics(name, backward, setup_context):
+    """torch.library.register_autograd for op `name` (of this library) whose schema also updates
+    BN running statistics in place, as native_batch_norm's does; register_autograd takes
+    functional schemas only. The op's Autograd kernel: an autograd.Function that runs the op
+    below autograd. The update happens inside the op, before its tensors are saved: non-reentrant
+    activation checkpointing, whose recomputation stops at the last saved tensor, repeats it as it
+    repeats eager BatchNorm's. `backward` returns grads for the leading arguments; the rest (the
+    statistics, momenta, and the defaults the dispatcher leaves out) get None."""
+    op = getattr(torch.ops.ghostkernels, name).default
+
+    def run_below_autograd(*args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+
+    # forward(ctx, ...) with the context set up inside, not a setup_context staticmethod: with one,
+    # Function.apply binds the arguments through inspect.signature, ~30 us a call.
+    def forward(ctx, *args):
+        output = run_below_autograd(*args)
+        ctx.argument_count = len(args)
+        setup_context(ctx, args, output)
+        return output
+
+    def backward_of_all(ctx, *grads):
+        result = tuple(backward(ctx, *grads))
+        return result + (None,) * (ctx.argument_count - len(result))
+
+    function = type(f"{name}_autograd", (torch.autograd.Function,),
+                    {"forward": staticmethod(forward), "backward": staticmethod(backward_of_all)})
+
+    def autograd_kernel(*args):
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+            return function.apply(*args)
+        return run_below_autograd(*args)
+
+    _lib.impl(name, autograd_kernel, "Autograd")
+
+
 # The TorchScript node kinds of the activations the ops' `activation` argument names, for
 # freeze()'s graph passes that fuse an activation into the op before it.
 GRAPH_ACTIVATIONS = {"aten::relu": "relu", "aten::relu_": "relu"}

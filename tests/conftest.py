@@ -5,6 +5,7 @@ import zlib
 
 import pytest
 import torch
+import torch.utils.checkpoint
 
 # Without a GPU the Triton kernels run in Triton's interpreter, on CPU tensors. Triton reads
 # this when a kernel is decorated, so it must be set before ghostkernels.triton_ghost loads.
@@ -101,6 +102,18 @@ def randomise_bn(model, spread=1.0):
                 bn.weight.uniform_(0.5, 1.5)
                 bn.bias.uniform_(-spread / 2, spread / 2)
     return model
+
+
+def assert_checkpointed_statistics_as_eager(original, ours, x, reentrant):
+    """One training step of each under torch.utils.checkpoint leaves ours the original's buffers.
+    The recomputation runs a segment's BNs again and eager updates their running statistics a
+    second time; non-reentrant checkpointing stops recomputing at the segment's last saved tensor,
+    so an op of ours must update them before it saves its tensors."""
+    for module in (original, ours):
+        out = torch.utils.checkpoint.checkpoint(module, x.clone().requires_grad_(), use_reentrant=reentrant)
+        out.square().sum().backward()
+    for (name, expected), actual in zip(original.named_buffers(), ours.buffers()):
+        torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10, msg=name)
 
 
 def training_results(model, x, dropout_seed=1, check=True):

@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import ghostkernels
@@ -14,7 +15,7 @@ from ghostkernels.models.plain import ResNetCIFAR
 from ghostkernels import batch_norm
 from ghostkernels.batch_norm import TrainingBatchNorm2d, _backward_fake, _backward_fallback, _fallback, _fake
 
-from conftest import intra_op_threads, make_input, needs_cpp_library
+from conftest import assert_checkpointed_statistics_as_eager, intra_op_threads, make_input, needs_cpp_library
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 
@@ -151,9 +152,10 @@ def test_gradcheck(one_thread):
     assert torch.autograd.gradgradcheck(output, args[:3])
 
 
-@pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced", "channels_last 1x1"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced", "channels_last 1x1", "running_statistics"])
 def test_opcheck(layout):
-    """The kernels' output strides are the fake kernels' for every layout of x."""
+    """The kernels' output strides are the fake kernels' for every layout of x; with running
+    statistics, their mutation is what the schema declares."""
     args = _op_arguments(shape=(3, 4, 1, 1) if layout.endswith("1x1") else (3, 4, 5, 6))
     x = args[0].detach()
     if layout.startswith("channels_last"):
@@ -161,7 +163,9 @@ def test_opcheck(layout):
     if layout == "sliced":
         x = x[:, :, :, 1:]
     args[0] = x.requires_grad_()
-    torch.library.opcheck(torch.ops.ghostkernels.batch_norm_train.default, args)
+    running = [torch.randn(4, dtype=x.dtype), torch.rand(4, dtype=x.dtype) + 0.5, 0.2]
+    torch.library.opcheck(torch.ops.ghostkernels.batch_norm_train.default,
+                          args + running if layout == "running_statistics" else args)
     x, weight, _, eps = args
     _, mean, var = torch.ops.ghostkernels.batch_norm_train(*args)
     backward_args = [torch.randn_like(x), x.detach(), weight.detach(), mean.detach(), var.detach(), eps]
@@ -180,15 +184,39 @@ def test_kernels_match_their_compositions(dtype):
         assert_close(a, b, TOLERANCE[dtype], "backward")
 
 
+@pytest.mark.parametrize("entry", ["op", "fallback"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_op_updates_the_running_statistics_as_batch_norm(entry, dtype):
+    """The running statistics given to the op move in place as F.batch_norm moves them."""
+    args = _op_arguments(dtype, requires_grad=False, shape=(5, 7, 9, 4))
+    running = [torch.randn(7, dtype=dtype), torch.rand(7, dtype=dtype) + 0.5]
+    expected = [t.clone() for t in running]
+    kernel = torch.ops.ghostkernels.batch_norm_train if entry == "op" else _fallback
+    kernel(*args, *running, 0.3)
+    F.batch_norm(args[0], *expected, training=True, momentum=0.3)
+    for name, got, want in zip(("running_mean", "running_var"), running, expected):
+        assert_close(got, want, TOLERANCE[dtype], name)
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
+def test_activation_checkpointing_updates_the_statistics_as_eager(reentrant):
+    """A checkpointed segment ending in the BN: its statistics updated twice, as eager's."""
+    original, ours = pair(6)
+    assert_checkpointed_statistics_as_eager(original, ours, make_input(3, 6, 5, 5), reentrant)
+
+
 @pytest.mark.parametrize("index, change, match", [
     (1, lambda t: t[:-1], "weight must have shape"),
     (2, lambda t: t.float(), "bias is (torch.float32|Float) on cpu, x is"),
     (0, lambda t: t[0], "4-D"),
     (0, lambda t: t[:1, :, :1, :1], "more than 1 value per channel"),
+    (4, lambda t: t[:-1], r"running_mean must have shape \(4,\)"),
+    (5, lambda t: None, "running_mean and running_var must both be given or both be None"),
 ])
 def test_bad_arguments_are_named(index, change, match):
     """The fake kernel (what torch.compile runs) and the C++ kernel name the argument."""
-    args = _op_arguments(requires_grad=False)
+    args = _op_arguments(requires_grad=False) + [torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64),
+                                                 0.1]
     args[index] = change(args[index])
     for op in (_fake, torch.ops.ghostkernels.batch_norm_train):
         with pytest.raises(RuntimeError, match=match):

@@ -33,6 +33,7 @@ def good_calls():
     statistics = OPS.batch_norm_train(x, _r(4).abs() + 0.5, _r(4), 1e-5)
     train = [x, _r(3, 4, 1, 1), _r(3).abs() + 0.5, _r(3), _r(6, 1, 3, 3), _r(6).abs() + 0.5, _r(6), 8, 1, "relu", 1e-5,
              1e-3]
+    running = [_r(3), _r(3).abs(), _r(6), _r(6).abs(), 0.1, 0.2]  # ghost_module_train's running statistics
     train_out = OPS.ghost_module_train(*train)
     return {
         "ghost_module": (OPS.ghost_module, ghost),
@@ -51,9 +52,9 @@ def good_calls():
         "cheap_mix": (OPS.cheap_mix, [x, _r(6, 3, 1, 1), _r(6), _r(2, 6), 1]),
         "dfc_logits": (OPS.dfc_logits, [x, _r(6, 4, 1, 1), _r(6), _r(6, 1, 1, 5), _r(6), _r(6, 1, 5, 1), _r(6), 1]),
         "cheap_mix_into": (OPS.cheap_mix_into, [x, _r(6, 3, 1, 1), _r(6), _r(2, 6), 1, _r(2, 6, 6, 5)]),
-        "batch_norm_train": (OPS.batch_norm_train, [x, _r(4), _r(4), 1e-5]),
+        "batch_norm_train": (OPS.batch_norm_train, [x, _r(4), _r(4), 1e-5, _r(4), _r(4).abs(), 0.1]),
         "batch_norm_train_backward": (OPS.batch_norm_train_backward, [_r(2, 4, 6, 5), x, _r(4), *statistics[1:], 1e-5]),
-        "ghost_module_train": (OPS.ghost_module_train, train),
+        "ghost_module_train": (OPS.ghost_module_train, train + running),
         "ghost_module_train_backward": (OPS.ghost_module_train_backward,
                                         [torch.randn_like(train_out[0]), *train[:7], *train_out[1:], *train[7:]]),
     }

@@ -2,6 +2,8 @@
 (test-local copies: tests/timm_ghostnet.py, tests/huawei_ghostnet.py). timm's blocks.9.0 is a ConvBnAct
 whose bn1 is a BatchNormAct2d (BatchNorm2d subclass applying drop + ReLU in its forward)."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -88,6 +90,31 @@ def test_accelerate_train_outputs_and_gradients(source, version):
     results, fast_exact = training_results(model, torch.randn(2, 3, 64, 64), check=False)
     assert len(fast_exact.acceleration_summary.fused) == 32, str(fast_exact.acceleration_summary)
     assert_training_like_eager(results)
+
+
+@pytest.mark.filterwarnings("ignore:ghostkernels.accelerate. the model is in training mode")
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_gradient_checkpointing_trains_as_eager(version):
+    """timm's set_grad_checkpointing (each bottleneck under non-reentrant checkpointing): the
+    recomputation updates the BNs' running statistics a second time, ours as eager's; a bottleneck
+    with an identity shortcut ends in its ghost2 op. float64: outputs, grads, every buffer."""
+    model = randomise_bn(timm_ghostnet(version, width=0.5), spread=0.2).double().train()
+    model.set_grad_checkpointing()
+    fast = ghostkernels.accelerate(copy.deepcopy(model), check=False)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    results = []
+    for m in (model, fast):
+        torch.manual_seed(1)  # the head's dropout
+        out = m(x)
+        out.square().sum().backward()
+        results.append((out, m.state_dict(), {name: p.grad for name, p in m.named_parameters()}))
+    (expected, expected_state, expected_grads), (out, state, grads) = results
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    assert state.keys() == expected_state.keys()
+    for name, value in expected_state.items():
+        torch.testing.assert_close(state[name], value, rtol=1e-10, atol=1e-10, msg=name)
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-8, atol=1e-10, msg=name)
 
 
 def test_timm_v1_structure_keys():

@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import nn
 
 from ghostkernels import GhostModule, GhostModuleV2, ghost_train
@@ -16,7 +15,8 @@ from ghostkernels.ghost_train import _backward_fake, _backward_fallback, _fake, 
 from ghostkernels.reference import ReferenceGhostModule, ReferenceGhostModuleV2, output_memory_format
 
 import distributed_training
-from conftest import BAD_ARGUMENT, CPP_LIBRARY, intra_op_threads, make_input, randomise_bn
+from conftest import (BAD_ARGUMENT, CPP_LIBRARY, assert_checkpointed_statistics_as_eager, intra_op_threads,
+                      make_input, randomise_bn)
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 
@@ -175,22 +175,11 @@ def test_eval_after_training_uses_the_updated_statistics():
         torch.testing.assert_close(ours(x), original(x), rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("reentrant", [
-    True, pytest.param(False, marks=pytest.mark.xfail(strict=True, reason=(
-        "non-reentrant checkpointing stops its recomputation at the last saved tensor, the op's, before "
-        "the module updates the running statistics after it; BatchNorm2d updates them inside its op, so "
-        "eager updates them twice: needs the update inside ghost_module_train (mutable running statistics)")))],
-    ids=["reentrant", "non_reentrant"])
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
 def test_activation_checkpointing_updates_the_statistics_as_eager(reentrant):
-    """Under torch.utils.checkpoint the recomputation runs the BNs of a checkpointed segment again
-    in training mode: eager updates their running statistics twice, and so must the fused op."""
+    """A checkpointed Ghost module: its two BNs updated twice, as eager's."""
     original, ours = pair(inp=8, oup=16)
-    x = make_input(4, 8, 6, 6)
-    for module in (original, ours):
-        out = torch.utils.checkpoint.checkpoint(module, x.clone().requires_grad_(), use_reentrant=reentrant)
-        out.square().sum().backward()
-    for (name, expected), actual in zip(original.named_buffers(), ours.buffers()):
-        torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10, msg=name)
+    assert_checkpointed_statistics_as_eager(original, ours, make_input(4, 8, 6, 6), reentrant)
 
 
 def test_ghost_module_v2_trains_like_the_original():
@@ -238,6 +227,12 @@ def _op_arguments(dtype=torch.float64, inp=4, oup=7, ratio=3, kernel=1, dw=3, st
     return [t.requires_grad_(requires_grad) for t in tensors] + [oup, stride, activation, 1e-5, 1e-3]
 
 
+def _running_statistics(dtype, init, ghosts):
+    """Running statistics for the op's four slots."""
+    return [torch.randn(init, dtype=dtype), torch.rand(init, dtype=dtype) + 0.5, torch.randn(ghosts, dtype=dtype),
+            torch.rand(ghosts, dtype=dtype) + 0.5]
+
+
 @pytest.mark.parametrize("config", [dict(), dict(activation="none", dw=5, stride=2), dict(kernel=3, ratio=2)])
 def test_gradcheck(config, one_thread):
     args = _op_arguments(**config)
@@ -249,14 +244,18 @@ def test_gradcheck(config, one_thread):
     assert torch.autograd.gradgradcheck(output, args[:7])
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_opcheck(channels_last):
+@pytest.mark.parametrize("channels_last, running", [(False, False), (True, False), (False, True)],
+                         ids=["nchw", "channels_last", "running_statistics"])
+def test_opcheck(channels_last, running):
+    """Also with running statistics: their mutation is what the schema declares."""
     args = _op_arguments(channels_last=channels_last)
+    if running:
+        args += _running_statistics(torch.float64, args[1].shape[0], args[4].shape[0]) + [0.1, 0.2]
     torch.library.opcheck(torch.ops.ghostkernels.ghost_module_train.default, args)
     outputs = torch.ops.ghostkernels.ghost_module_train(*[a.detach() if isinstance(a, torch.Tensor) else a
                                                             for a in args])
     grad = torch.randn_like(outputs[0])
-    backward_args = [grad] + [a.detach() for a in args[:7]] + list(outputs[1:]) + args[7:]
+    backward_args = [grad] + [a.detach() for a in args[:7]] + list(outputs[1:]) + args[7:12]
     torch.library.opcheck(torch.ops.ghostkernels.ghost_module_train_backward.default, backward_args)
 
 
@@ -289,10 +288,16 @@ def test_backward_fallback_is_the_references_gradient(config):
     (6, lambda t: t.float(), TypeError, "cheap_beta is torch.float32", "must match x's dtype"),
     (0, lambda t: t[0], ValueError, "4-D", "4-D"),
     (4, lambda t: t[:, :, :2, :2], ValueError, "odd d", "odd d"),
+    (12, lambda t: t[:-1], ValueError, r"primary_running_mean must have shape \(3,\)",
+     r"primary_running_mean must have shape \(3,\)"),
+    (14, lambda t: t.float(), TypeError, "cheap_running_mean is torch.float32", "cheap_running_mean is Float"),
+    (15, lambda t: None, ValueError, "cheap_running_mean and cheap_running_var must both be given or both be None",
+     "cheap_running_mean and cheap_running_var must both be given or both be None"),
 ])
 def test_bad_arguments_are_named(index, change, error, match, kernel_match):
     """The fake kernel (what torch.compile runs) and the C++ kernel (or the fallback) name the argument."""
     args = _op_arguments(requires_grad=False)
+    args += _running_statistics(torch.float64, args[1].shape[0], args[4].shape[0]) + [0.1, 0.1]
     args[index] = change(args[index])
     with pytest.raises(error, match=match):
         _fake(*args)

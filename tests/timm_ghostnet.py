@@ -10,6 +10,8 @@ snapshot HEAD aa4b5850c1543fa488abf260f18390eda46cf85d (2026-08-08, timm 1.0.29.
   timm/layers/padding.py, conv2d_same.py, create_conv2d.py (pad_type '' -> symmetric padding, bias=False)
   timm/layers/adaptive_avgmax_pool.py (SelectAdaptivePool2d), timm/layers/linear.py (Linear)
   timm/utils/model.py                 (reparameterize_model; 8d81fdf3, 2025-01-19)
+  timm/models/_manipulate.py          (checkpoint_seq; read 2026-12-07 at 17452b8a: use_reentrant None means
+                                       timm.layers.config's _USE_REENTRANT_CKPT, False unless TIMM_REENTRANT_CKPT)
 
 Same class names, attribute names, module registration order (hence state-dict keys) and forward
 semantics as timm. GhostNetV3 is built directly in the form `timm.utils.reparameterize_model` leaves it:
@@ -22,9 +24,11 @@ re-parameterised module, i.e. sets requires_grad=False; `timm_ghostnet('v3')` co
 """
 import math
 from functools import partial
+from itertools import chain
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -318,6 +322,24 @@ class Linear(nn.Linear):
         return F.linear(input, self.weight, self.bias)
 
 
+def checkpoint_seq(functions, x, every=1, flatten=False, use_reentrant=False):
+    """timm's helper (GhostNet.set_grad_checkpointing): the modules of a Sequential (with flatten,
+    of its Sequentials) in segments of `every`, each under torch.utils.checkpoint, non-reentrant as
+    timm's default."""
+    functions = list(chain.from_iterable(functions) if flatten else functions)
+
+    def segment(start):
+        def forward(y):
+            for function in functions[start:start + every]:
+                y = function(y)
+            return y
+        return forward
+
+    for start in range(0, len(functions), every):
+        x = torch.utils.checkpoint.checkpoint(segment(start), x, use_reentrant=use_reentrant)
+    return x
+
+
 class GhostNet(nn.Module):
     def __init__(self, cfgs, num_classes=1000, width=1.0, in_chans=3, global_pool='avg', drop_rate=0.2,
                  version='v1'):
@@ -325,6 +347,7 @@ class GhostNet(nn.Module):
         self.cfgs = cfgs
         self.num_classes = num_classes
         self.drop_rate = drop_rate
+        self.grad_checkpointing = False
         block = GhostBottleneckV3 if version == 'v3' else GhostBottleneck
         stem_chs = make_divisible(16 * width, 4)
         self.conv_stem = nn.Conv2d(in_chans, stem_chs, 3, 2, 1, bias=False)
@@ -365,8 +388,14 @@ class GhostNet(nn.Module):
         self.flatten = nn.Flatten(1) if global_pool else nn.Identity()
         self.classifier = Linear(out_chs, num_classes) if num_classes > 0 else nn.Identity()
 
+    def set_grad_checkpointing(self, enable=True):
+        self.grad_checkpointing = enable
+
     def forward_features(self, x):
-        return self.blocks(self.act1(self.bn1(self.conv_stem(x))))
+        x = self.act1(self.bn1(self.conv_stem(x)))
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.blocks, x, flatten=True)
+        return self.blocks(x)
 
     def forward_intermediates(self, x, indices=None, norm=False, stop_early=False, output_fmt='NCHW',
                               intermediates_only=False):
