@@ -7,6 +7,7 @@ Install without build isolation so that the build sees the torch you run with:
 """
 
 import glob
+import importlib.util
 import os
 import platform
 import subprocess
@@ -16,12 +17,27 @@ from setuptools.errors import CompileError
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# ghostkernels/_sources.py by path: importing the package needs the build.
+_spec = importlib.util.spec_from_file_location("ghostkernels_sources", os.path.join(ROOT, "ghostkernels", "_sources.py"))
+SOURCES_DIGEST = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(SOURCES_DIGEST)
 
 
 class IncrementalBuildExt(BuildExtension.with_options(use_ninja=True)):
     """Compiles into build/temp of the source tree, whatever temporary directory pip's editable
     install gives: ninja then recompiles only what changed, so the README's second command does
     not rebuild what the first one built (about 3 minutes on 2 cores)."""
+
+    def run(self):
+        super().run()
+        # Beside each library where it ends up (copied into the package by --inplace and editable
+        # installs), what the loader checks in a source checkout (ghostkernels/_sources.py).
+        digest = SOURCES_DIGEST.digest(os.path.join(ROOT, "csrc"))
+        for ext in self.extensions:
+            library = self.get_ext_fullpath(ext.name)
+            if os.path.exists(library):
+                with open(library + SOURCES_DIGEST.DIGEST_SUFFIX, "w") as f:
+                    f.write(digest)
 
     def build_extensions(self):
         try:
@@ -42,7 +58,8 @@ class IncrementalBuildExt(BuildExtension.with_options(use_ninja=True)):
 
 
 def remove_earlier_build(ext):
-    """An editable install's library from an earlier build would load as if this one had succeeded."""
+    """An editable install's library (and its sources digest) from an earlier build would load as
+    if this one had succeeded."""
     for path in glob.glob(os.path.join(ROOT, *ext.name.split(".")) + ".*"):
         os.remove(path)
 

@@ -155,9 +155,9 @@ def _check_backward(grad, x, primary_weight, primary_gamma, primary_beta, cheap_
 def _fake(*args):
     args, running = _split(args)
     n, _, height, width = _check(*args[:10], *running[:4])
-    x, primary_weight, cheap_weight = args[0], args[1], args[4]
+    x, primary_weight, _, _, cheap_weight, _, _, out_channels = args[:8]
     init, ghosts = primary_weight.shape[0], cheap_weight.shape[0]
-    out = x.new_empty((n, args[7], height, width)).contiguous(memory_format=output_memory_format(x))
+    out = x.new_empty((n, out_channels, height, width)).contiguous(memory_format=output_memory_format(x))
     return (out, x.new_empty((n, init, height, width)), x.new_empty((n, ghosts, height, width)),
             x.new_empty(init), x.new_empty(init), x.new_empty(ghosts), x.new_empty(ghosts))
 

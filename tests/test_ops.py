@@ -292,6 +292,32 @@ def test_cpu_build_follows_the_instruction_set(monkeypatch, machine, capability,
         assert "AVX2 or AVX-512" in why_not and capability in why_not
 
 
+def test_library_older_than_its_sources_is_not_loaded(tmp_path, monkeypatch):
+    """In a source checkout, a library built from other sources than csrc/ holds now (a `git pull`
+    without a rebuild) is not loaded: one whose registrations do not match the ops' schemas aborts
+    the process as it loads. The reference runs and backends() says why. One built from csrc/ as
+    it is, or one without a checkout around it (an installed wheel), loads."""
+    from ghostkernels import _sources
+
+    (tmp_path / "csrc").mkdir()
+    (tmp_path / "csrc" / "op.cpp").write_text("int f();\n")
+    (tmp_path / "ghostkernels").mkdir()
+    library = tmp_path / "ghostkernels" / "_C.so"
+    library.write_bytes(b"")
+    assert _sources.stale_reason(str(library)) is None  # no setup.py beside csrc/: not a checkout
+    (tmp_path / "setup.py").write_text("")
+    assert "predates the sources digest" in _sources.stale_reason(str(library))
+    (tmp_path / "ghostkernels" / f"_C.so{_sources.DIGEST_SUFFIX}").write_text(_sources.digest(tmp_path / "csrc"))
+    assert _sources.stale_reason(str(library)) is None
+    (tmp_path / "csrc" / "op.cpp").write_text("int f(int);\n")
+    reason = _sources.stale_reason(str(library))
+    assert "csrc/ changed since it was built" in reason and "pip install --no-build-isolation -e ." in reason
+    monkeypatch.setattr(ghostkernels._backends, "_cpu_status", None)
+    monkeypatch.setattr(ghostkernels._backends, "cpu_library", lambda: ("_C", str(library)))
+    backend, why = ghostkernels._backends.load_cpu_extension()
+    assert backend == "reference" and reason in why
+
+
 @pytest.mark.parametrize("compiler", ["fails to compile", "does not run"])
 def test_install_without_a_working_compiler_skips_the_cpp_build(tmp_path, compiler):
     """setup.py on a machine that cannot build the kernels (a compiler without OpenMP, none that
