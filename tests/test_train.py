@@ -182,6 +182,33 @@ def test_activation_checkpointing_updates_the_statistics_as_eager(reentrant):
     assert_checkpointed_statistics_as_eager(original, ours, make_input(4, 8, 6, 6), reentrant)
 
 
+# The CUDA entry (Triton: interpreted on CPU tensors without a GPU) in float64 only: on a GPU its
+# float32 convolutions may run TF32.
+@pytest.mark.parametrize("entry, dtype", [("op", torch.float64), ("op", torch.float32), ("fallback", torch.float64),
+                                          ("fallback", torch.float32), ("cuda", torch.float64)], ids=str)
+def test_op_updates_the_running_statistics_as_batch_norm(entry, dtype):
+    """The running statistics given to the op (C++ kernel, composition, CUDA entry) move in place as
+    F.batch_norm moves them on the same pre-BN maps, each BN's at its momentum; the outputs are
+    those of a call without them."""
+    device = TRITON_DEVICE if entry == "cuda" else "cpu"
+    args = [a.to(device) if isinstance(a, torch.Tensor) else a
+            for a in _op_arguments(dtype=dtype, requires_grad=False, stride=2)]
+    running = [t.to(device) for t in _running_statistics(dtype, args[1].shape[0], args[4].shape[0])]
+    expected = [t.clone() for t in running]
+    kernel = {"op": torch.ops.ghostkernels.ghost_module_train, "fallback": ghost_train._fallback,
+              "cuda": ghost_train._cuda}[entry]
+    with torch._C._AutoDispatchBelowAutograd():  # where the dispatcher calls the entries
+        outputs = kernel(*args, *running, 0.3, 0.05)
+    reference = ghost_module_train_reference(*args)
+    F.batch_norm(reference[1], expected[0], expected[1], training=True, momentum=0.3)
+    F.batch_norm(reference[2], expected[2], expected[3], training=True, momentum=0.05)
+    names = ("primary_running_mean", "primary_running_var", "cheap_running_mean", "cheap_running_var")
+    for name, got, want in zip(names, running, expected):
+        assert_close_relative(got, want, TOLERANCE[dtype], name=name)
+    for got, want in zip(outputs, reference):
+        assert_close_relative(got, want, TOLERANCE[dtype])
+
+
 def test_ghost_module_v2_trains_like_the_original():
     original, ours = pair(original_class=ReferenceGhostModuleV2, ours_class=GhostModuleV2, inp=8, oup=16)
     assert_same_steps(original, ours, make_input(2, 8, 10, 10), steps=2)
