@@ -67,7 +67,7 @@ def remove_earlier_build(ext):
 SOURCES = ["csrc/ghost_cpu.cpp", "csrc/ghost_backward_cpu.cpp", "csrc/ghost_train_cpu.cpp", "csrc/direct_conv_cpu.cpp",
            "csrc/cheap_mix_cpu.cpp", "csrc/squeeze_excite_cpu.cpp", "csrc/pointwise_conv_cpu.cpp",
            "csrc/batch_norm_cpu.cpp", "csrc/dfc_attention_cpu.cpp", "csrc/output_pool.cpp", "csrc/bf16_gemm.cpp",
-           "csrc/frozen_weights.cpp"]
+           "csrc/frozen_weights.cpp", "csrc/registration.cpp"]
 # The instruction sets of -march=x86-64-v3 and -v4, spelled out: GCC 12 builds the same objects from
 # either, and GCC < 11 and clang < 12 (RHEL 8's GCC 8, say), which lack those names, build too.
 X86_64_V3 = ["-mcx16", "-msahf", "-mpopcnt", "-msse3", "-msse4.1", "-msse4.2", "-mssse3", "-mavx", "-mavx2", "-mbmi",

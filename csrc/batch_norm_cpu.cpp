@@ -14,13 +14,13 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
-#include <torch/library.h>
 
 #include <tuple>
 #include <vector>
 
 #include "batch_stats.h"
 #include "isa.h"
+#include "ops.h"
 #include "output_pool.h"
 
 namespace ghostkernels {
@@ -85,6 +85,8 @@ void check_channels(const char* op, const char* name, const at::Tensor& t, const
   TORCH_CHECK(t.scalar_type() == x.scalar_type() && t.device() == x.device(), op, ": ", name, " is ",
               t.scalar_type(), " on ", t.device(), ", x is ", x.scalar_type(), " on ", x.device(), "; they must match");
 }
+
+}  // namespace
 
 // Returns (out, mean, biased var); out in x's memory format.
 // The running statistics given are updated in place, as native_batch_norm's.
@@ -159,13 +161,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_backward_cpu(con
     });
   });
   return {grad_x.contiguous(output_format(x_in)), grad_weight, grad_bias};
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(ghostkernels, CPU, m) {
-  m.impl("batch_norm_train", &batch_norm_train_cpu);
-  m.impl("batch_norm_train_backward", &batch_norm_train_backward_cpu);
 }
 
 }  // namespace ghostkernels

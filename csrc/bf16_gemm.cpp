@@ -11,7 +11,6 @@
 #include "bf16_gemm.h"
 
 #include <ATen/Context.h>
-#include <torch/library.h>
 #include <torch/version.h>
 
 #include <algorithm>
@@ -317,11 +316,6 @@ bool bf16_gemm_enabled(at::ScalarType dtype, int64_t depth) {
   if (probed().engine == Engine::amx) return depth >= 32;
 #endif
   return depth > 0;
-}
-
-TORCH_LIBRARY_FRAGMENT(ghostkernels, m) {
-  m.def("bf16_gemm_status() -> (bool, str)",
-        [] { return std::make_tuple(bf16_gemm_available(), bf16_gemm_status()); });
 }
 
 }  // namespace ghostkernels

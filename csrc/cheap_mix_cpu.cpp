@@ -7,13 +7,13 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/conv2d.h>
-#include <torch/library.h>
 
 #include <algorithm>
 
 #include "gemm.h"
 #include "ghost_common.h"
 #include "isa.h"
+#include "ops.h"
 #include "output_pool.h"
 #include "scratch.h"
 
@@ -64,6 +64,8 @@ bool is_planar(const at::Tensor& t) { return t.stride(3) == 1 && t.stride(2) == 
 bool is_pixel_major(const at::Tensor& t) {
   return t.stride(1) == 1 && t.stride(2) == t.size(3) * t.stride(3);
 }
+
+}  // namespace
 
 void cheap_mix_into_cpu(const at::Tensor& x_full, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                         const at::Tensor& mix, int64_t offset, const at::Tensor& out) {
@@ -122,13 +124,6 @@ at::Tensor cheap_mix_cpu(const at::Tensor& x, const at::Tensor& weight, const c1
                                 channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   cheap_mix_into_cpu(x, weight, bias, mix, offset, out);
   return out;
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(ghostkernels, CPU, m) {
-  m.impl("cheap_mix", &cheap_mix_cpu);
-  m.impl("cheap_mix_into", &cheap_mix_into_cpu);
 }
 
 }  // namespace ghostkernels

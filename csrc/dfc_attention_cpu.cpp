@@ -11,12 +11,12 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <torch/library.h>
 
 #include <algorithm>
 
 #include "gemm.h"
 #include "ghost_common.h"
+#include "ops.h"
 #include "scratch.h"
 
 namespace ghostkernels {
@@ -183,6 +183,8 @@ void check_bias(const c10::optional<at::Tensor>& bias, const char* name, int64_t
   check_like_x(*bias, name, x);
 }
 
+}  // namespace
+
 at::Tensor dfc_logits_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                           const at::Tensor& horizontal_weight, const c10::optional<at::Tensor>& horizontal_bias,
                           const at::Tensor& vertical_weight, const c10::optional<at::Tensor>& vertical_bias,
@@ -226,9 +228,5 @@ at::Tensor dfc_logits_cpu(const at::Tensor& x, const at::Tensor& weight, const c
   });
   return out;
 }
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(ghostkernels, CPU, m) { m.impl("dfc_logits", &dfc_logits_cpu); }
 
 }  // namespace ghostkernels

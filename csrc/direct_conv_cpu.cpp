@@ -24,7 +24,6 @@
 #include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstring>
@@ -36,6 +35,7 @@
 #include "direct_conv.h"
 #include "ghost_common.h"
 #include "isa.h"
+#include "ops.h"
 #include "output_pool.h"
 #include "scratch.h"
 #include "shifted_conv.h"
@@ -181,6 +181,8 @@ void check_conv_arguments(const at::Tensor& x, const at::Tensor& weight, const c
   TORCH_CHECK(stride == 1 || stride == 2, "direct_conv2d: stride must be 1 or 2, got ", stride);
 }
 
+}  // namespace
+
 // expected_groups: the library's modules pass their conv's groups, so that x's channel count is
 // checked; c10::nullopt infers them from it.
 at::Tensor direct_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
@@ -256,6 +258,8 @@ at::Tensor direct_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   });
   return out;
 }
+
+namespace {
 
 // Stride 1, work items [begin, end) of (image, channel); g describes the plane (out_height x
 // out_width = H x W) and the taps (dw = k, pad = k / 2). Weight and bias grads go to this
@@ -381,6 +385,8 @@ void depthwise_backward_items_stride2(const T* grad, const T* x, const T* w, T* 
   }
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_conv2d_backward_cpu(const at::Tensor& grad_in,
                                                                           const at::Tensor& x_in,
                                                                           const at::Tensor& weight, int64_t stride) {
@@ -442,13 +448,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_conv2d_backward_cpu(const 
     sum_thread_partials(bias_partials, channels, grad_b.data_ptr<T>());
   });
   return {grad_x, grad_w, grad_b};
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(ghostkernels, CPU, m) {
-  m.impl("direct_conv2d", &direct_conv2d_cpu);
-  m.impl("direct_conv2d_backward", &direct_conv2d_backward_cpu);
 }
 
 }  // namespace ghostkernels

@@ -2,12 +2,13 @@
 #include "frozen_weights.h"
 
 #include <ATen/ops/zeros.h>
-#include <torch/library.h>
 
 #include <iterator>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
+
+#include "ops.h"
 
 namespace ghostkernels {
 namespace {
@@ -21,6 +22,8 @@ struct Entry {
 
 std::mutex registry_mutex;
 std::unordered_map<const c10::TensorImpl*, Entry> registry;
+
+}  // namespace
 
 void mark_frozen_weights(const std::vector<at::Tensor>& weights) {
   std::lock_guard<std::mutex> lock(registry_mutex);
@@ -44,8 +47,6 @@ std::tuple<int64_t, int64_t> frozen_weights_status() {
   return {alive, bytes};
 }
 
-}  // namespace
-
 Bf16Rows frozen_bf16_rows(const at::Tensor& weight) {
   std::lock_guard<std::mutex> lock(registry_mutex);
   const auto it = registry.find(weight.unsafeGetTensorImpl());
@@ -58,11 +59,6 @@ Bf16Rows frozen_bf16_rows(const at::Tensor& weight) {
     copy.narrow(0, 0, rows).narrow(1, 0, k).copy_(weight.reshape({rows, k}));
   }
   return {reinterpret_cast<const uint16_t*>(copy.data_ptr<at::BFloat16>()), ld};
-}
-
-TORCH_LIBRARY_FRAGMENT(ghostkernels, m) {
-  m.def("mark_frozen_weights(Tensor[] weights) -> ()", &mark_frozen_weights);
-  m.def("frozen_weights_status() -> (int, int)", &frozen_weights_status);
 }
 
 }  // namespace ghostkernels

@@ -10,7 +10,6 @@
 #include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstring>
@@ -20,6 +19,7 @@
 #include "ghost_common.h"
 #include "ghost_cpu.h"
 #include "isa.h"
+#include "ops.h"
 #include "output_pool.h"
 #include "scratch.h"
 
@@ -232,6 +232,8 @@ void backward_nhwc(const BackwardArgs<T>& a, int64_t begin, int64_t end) {
   }
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_module_backward_cpu(
     const at::Tensor& grad_in, const at::Tensor& out_in, const at::Tensor& x_in, const at::Tensor& w1_in,
     const c10::optional<at::Tensor>& b1, const at::Tensor& w2_in, const c10::optional<at::Tensor>& b2,
@@ -294,8 +296,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_mod
   }
   return {grad_x, gw1, gb1, gw2, gb2};
 }
-}  // namespace
-
-TORCH_LIBRARY_IMPL(ghostkernels, CPU, m) { m.impl("ghost_module_backward", &ghost_module_backward_cpu); }
 
 }  // namespace ghostkernels

@@ -16,7 +16,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/conv2d.h>
 #include <ATen/ops/empty_like.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <array>
@@ -33,6 +32,7 @@
 #include "ghost_common.h"
 #include "ghost_cpu.h"
 #include "isa.h"
+#include "ops.h"
 #include "output_pool.h"
 #include "scratch.h"
 
@@ -733,6 +733,8 @@ at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& w1_in, const c1
   return out;
 }
 
+}  // namespace
+
 // ghost_module followed by a depthwise conv (+bias) of its output, stride 1 or 2: what
 // accelerate() makes of a GhostBottleneck's ghost1 -> conv_dw -> bn_dw in eval. NCHW runs
 // forward_nchw_depthwise, with the channels in lanes or, where that is slower
@@ -848,16 +850,6 @@ at::Tensor ghost_module_residual_cpu(const at::Tensor& x, const c10::optional<at
     return out.add_(residual, alpha);
   }
   return forward_cpu(x, w1, b1, w2, b2, c10::nullopt, scale, out_channels, stride, activation, residual);
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(ghostkernels, CPU, m) {
-  m.impl("ghost_module", &ghost_module_cpu);
-  m.impl("ghost_module_gated", &ghost_module_gated_cpu);
-  m.impl("ghost_module_depthwise", &ghost_module_depthwise_cpu);
-  m.impl("ghost_module_scaled", &ghost_module_scaled_cpu);
-  m.impl("ghost_module_residual", &ghost_module_residual_cpu);
 }
 
 }  // namespace ghostkernels

@@ -27,7 +27,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
-#include <torch/library.h>
 
 #include <cmath>
 #include <tuple>
@@ -38,6 +37,7 @@
 #include "gemm.h"
 #include "ghost_common.h"
 #include "isa.h"
+#include "ops.h"
 #include "output_pool.h"
 #include "shifted_conv.h"
 
@@ -310,7 +310,6 @@ Normalised<T> batch_norm(const std::vector<Moments>& planes, const Geometry& g, 
   return Normalised<T>(m.data(), v.data(), gamma.data_ptr<T>(), beta.data_ptr<T>(), eps, channels);
 }
 
-
 // Images [begin, end) of x's (C x HW) matrices transposed (to_channels_last) or back; C and HW
 // are multiples of the lanes.
 template <typename T>
@@ -351,6 +350,8 @@ at::Tensor primary_input(const at::Tensor& x, const Geometry& g) {
   const bool channels_last = primary_kind(g) == Primary::Library && g.inp <= 16;
   return with_format(x, channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
 }
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ghost_module_train_cpu(
     const at::Tensor& x_in, const at::Tensor& w1_in, const at::Tensor& g1_in, const at::Tensor& b1_in,
@@ -496,13 +497,6 @@ ghost_module_train_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_i
     grad_w1 = std::get<1>(grads);
   }
   return {with_format(grad_x, output_format(x_in)), grad_w1, grad_g1, grad_b1, grad_w2, grad_g2, grad_b2};
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(ghostkernels, CPU, m) {
-  m.impl("ghost_module_train", &ghost_module_train_cpu);
-  m.impl("ghost_module_train_backward", &ghost_module_train_backward_cpu);
 }
 
 }  // namespace ghostkernels

@@ -2,7 +2,6 @@
 
 #include <ATen/EmptyTensor.h>
 #include <c10/core/impl/alloc_cpu.h>
-#include <torch/library.h>
 
 #include <cerrno>
 #include <cstdint>
@@ -11,6 +10,8 @@
 #include <mutex>
 #include <unordered_map>
 #include <vector>
+
+#include "ops.h"
 
 namespace ghostkernels {
 namespace {
@@ -131,9 +132,8 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options,
                                    options.dtype().toScalarType(), memory_format);
 }
 
-TORCH_LIBRARY_FRAGMENT(ghostkernels, m) {
-  m.def("output_cache_bytes() -> int", [] { return pool().cached_bytes(); });
-  m.def("empty_output_cache() -> int", [] { return pool().clear(); });
-}
+int64_t output_cache_bytes() { return pool().cached_bytes(); }
+
+int64_t empty_output_cache() { return pool().clear(); }
 
 }  // namespace ghostkernels

@@ -16,7 +16,6 @@
 #include <ATen/ops/conv2d.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/linear.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <type_traits>
@@ -26,6 +25,7 @@
 #include "gemm.h"
 #include "ghost_common.h"
 #include "isa.h"
+#include "ops.h"
 #include "output_pool.h"
 #include "scratch.h"
 
@@ -155,6 +155,8 @@ at::Tensor finish_with_aten(at::Tensor out, const c10::optional<at::Tensor>& res
   return act == Activation::ReLU ? out.relu_() : out;
 }
 
+}  // namespace
+
 at::Tensor pointwise_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                                 int64_t stride, c10::string_view activation, const c10::optional<at::Tensor>& residual) {
   const bool fast = check_pointwise("pointwise_conv2d", x, weight, bias);
@@ -211,6 +213,8 @@ at::Tensor pointwise_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, c
   return late ? finish_with_aten(out, residual, act) : out;
 }
 
+namespace {
+
 // ghostkernels::pointwise_conv2d_pool: mean over each plane of act(W x[n] + b), (N, C_out, 1, 1):
 // a network's last 1x1 conv, its activation and the global average pool that follows (freeze()
 // makes one op of the three). Per work item (image, block of output channels) the GEMM's rows
@@ -238,6 +242,8 @@ void pooled_items(const PointwiseArgs& a, Activation act, const T* x, const T* w
     for (int64_t c = 0; c < channels; ++c) out[n * a.outputs + c0 + c] = sum(rows + c * a.pixels, a.pixels) / T(a.pixels);
   }
 }
+
+}  // namespace
 
 at::Tensor pointwise_conv2d_pool_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                                      c10::string_view activation) {
@@ -269,13 +275,6 @@ at::Tensor pointwise_conv2d_pool_cpu(const at::Tensor& x, const at::Tensor& weig
     });
   });
   return out;
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(ghostkernels, CPU, m) {
-  m.impl("pointwise_conv2d", &pointwise_conv2d_cpu);
-  m.impl("pointwise_conv2d_pool", &pointwise_conv2d_pool_cpu);
 }
 
 }  // namespace ghostkernels

@@ -10,7 +10,6 @@
 #include <ATen/ops/conv2d.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/relu.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <type_traits>
@@ -18,6 +17,7 @@
 #include "bf16_gemm.h"
 #include "gemm.h"
 #include "isa.h"
+#include "ops.h"
 
 namespace ghostkernels {
 namespace {
@@ -61,6 +61,8 @@ void dense(const T* x, int64_t batch, int64_t inputs, const at::Tensor& weight, 
     });
   });
 }
+
+}  // namespace
 
 at::Tensor squeeze_excite_gate_cpu(const at::Tensor& x, const at::Tensor& w_reduce,
                                    const c10::optional<at::Tensor>& b_reduce, const at::Tensor& w_expand,
@@ -111,9 +113,5 @@ at::Tensor squeeze_excite_gate_cpu(const at::Tensor& x, const at::Tensor& w_redu
   });
   return gate;
 }
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(ghostkernels, CPU, m) { m.impl("squeeze_excite_gate", &squeeze_excite_gate_cpu); }
 
 }  // namespace ghostkernels
