@@ -78,16 +78,7 @@ void check_input(const char* op, const at::Tensor& x) {
               ": expected more than 1 value per channel when training, got input size ", x.sizes());
 }
 
-// A per-channel vector argument (weight, bias, mean, var) of x.
-void check_channels(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(1), op, ": ", name, " must have shape (", x.size(1), ",), got ",
-              t.sizes());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type() && t.device() == x.device(), op, ": ", name, " is ",
-              t.scalar_type(), " on ", t.device(), ", x is ", x.scalar_type(), " on ", x.device(), "; they must match");
-}
-
 }  // namespace
-
 // Returns (out, mean, biased var); out in x's memory format.
 // The running statistics given are updated in place, as native_batch_norm's.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_cpu(const at::Tensor& x_in, const at::Tensor& weight,
@@ -96,8 +87,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_cpu(const at::Te
                                                                     const std::optional<at::Tensor>& running_var,
                                                                     double momentum) {
   check_input("batch_norm_train", x_in);
-  check_channels("batch_norm_train", "weight", weight, x_in);
-  check_channels("batch_norm_train", "bias", bias, x_in);
+  check_channels("batch_norm_train", "weight", weight, x_in.size(1), x_in);
+  check_channels("batch_norm_train", "bias", bias, x_in.size(1), x_in);
   check_running("batch_norm_train", "", running_mean, running_var, x_in.size(1), x_in);
   const at::Tensor x = x_in.contiguous();
   const int64_t batch = x.size(0), channels = x.size(1), plane = x.size(2) * x.size(3);
@@ -135,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_backward_cpu(con
   const char* op = "batch_norm_train_backward";
   check_input(op, x_in);
   for (const auto& [name, t] : {std::make_pair("weight", &weight), std::make_pair("mean", &mean), std::make_pair("var", &var)})
-    check_channels(op, name, *t, x_in);
+    check_channels(op, name, *t, x_in.size(1), x_in);
   TORCH_CHECK(grad_in.sizes() == x_in.sizes(), op, ": grad must have x's shape ", x_in.sizes(),
               ", got ", grad_in.sizes());
   const at::Tensor x = x_in.contiguous(), grad = grad_in.contiguous();

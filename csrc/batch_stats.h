@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -40,20 +41,25 @@ inline void combine_moments(const std::vector<Moments>& planes, int64_t batch, i
   }
 }
 
+// A per-channel vector argument of x (a BN's weight, bias or statistics): `channels` long, in x's
+// dtype and on its device.
+inline void check_channels(const char* op, const std::string& name, const at::Tensor& t, int64_t channels,
+                           const at::Tensor& x) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == channels, op, ": ", name, " must have shape (", channels, ",), got ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type() && t.device() == x.device(), op, ": ", name, " is ",
+              t.scalar_type(), " on ", t.device(), ", x is ", x.scalar_type(), " on ", x.device(), "; they must match");
+}
+
 // The running statistics a training op is given to update in place (native_batch_norm's
-// running_mean and running_var, each name after `prefix`): both absent, or vectors of the op's
-// channels in x's dtype and device.
+// running_mean and running_var, each name after `prefix`): both absent, or per-channel vectors.
 inline void check_running(const char* op, const char* prefix, const std::optional<at::Tensor>& mean,
                           const std::optional<at::Tensor>& var, int64_t channels, const at::Tensor& x) {
   TORCH_CHECK(mean.has_value() == var.has_value(), op, ": ", prefix, "running_mean and ", prefix,
               "running_var must both be given or both be None");
-  for (const auto& [name, t] : {std::make_pair("running_mean", &mean), std::make_pair("running_var", &var)}) {
-    if (!t->has_value()) continue;
-    TORCH_CHECK((*t)->dim() == 1 && (*t)->size(0) == channels, op, ": ", prefix, name, " must have shape (",
-                channels, ",), got ", (*t)->sizes());
-    TORCH_CHECK((*t)->scalar_type() == x.scalar_type() && (*t)->device() == x.device(), op, ": ", prefix, name,
-                " is ", (*t)->scalar_type(), " on ", (*t)->device(), ", x is ", x.scalar_type(), " on ", x.device(),
-                "; they must match");
+  if (mean.has_value()) {
+    check_channels(op, std::string(prefix) + "running_mean", *mean, channels, x);
+    check_channels(op, std::string(prefix) + "running_var", *var, channels, x);
   }
 }
 

@@ -54,10 +54,9 @@ def load_cpu_extension():
         _cpu_status = ("reference", "the C++ extension is disabled by GHOSTKERNELS_DISABLE_CPP=1")
         return _cpu_status
     name, library = cpu_library()
-    stale = None if name is None else _sources.stale_reason(library)
     if name is None:
         _cpu_status = ("reference", library)
-    elif stale is not None:
+    elif (stale := _sources.stale_reason(library)) is not None:
         _cpu_status = ("reference", f"the C++ extension is not loaded: {stale}")
     else:
         try:

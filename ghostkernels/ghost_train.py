@@ -27,9 +27,9 @@ _lib.define(
     "Tensor(c!)? cheap_running_mean=None, Tensor(d!)? cheap_running_var=None, float primary_momentum=0.1, "
     "float cheap_momentum=0.1) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
-# The schema's defaults of the running-statistics arguments, which the dispatcher leaves out of a
-# Python kernel's arguments where a call does not change them.
-RUNNING_DEFAULTS = (None, None, None, None, 0.1, 0.1)
+# The schema's defaults of the running-statistics arguments (after the first 12), which the
+# dispatcher leaves out of a Python kernel's arguments where a call does not change them.
+RUNNING_DEFAULTS = tuple(a.default_value for a in torch.ops.ghostkernels.ghost_module_train.default._schema.arguments[12:])
 _lib.define(
     "ghost_module_train_backward(Tensor grad, Tensor x, Tensor primary_weight, Tensor primary_gamma, "
     "Tensor primary_beta, Tensor cheap_weight, Tensor cheap_gamma, Tensor cheap_beta, Tensor primary_z, "

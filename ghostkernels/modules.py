@@ -630,11 +630,11 @@ class GhostModule(nn.Module):
         batch, _, height, width = ops.output_shape(x, conv.weight, self.oup, conv.stride[0])
         if batch * height * width <= 1:  # the original layers raise BatchNorm's own error
             return None
-        primary_running, cheap_running = ghost_train.running_statistics(bn1), ghost_train.running_statistics(bn2)
+        mean1, var1, momentum1 = ghost_train.running_statistics(bn1)
+        mean2, var2, momentum2 = ghost_train.running_statistics(bn2)
         return torch.ops.ghostkernels.ghost_module_train(
             x, conv.weight, *_gamma_beta(bn1, x), cheap_conv.weight, *_gamma_beta(bn2, x), self.oup, conv.stride[0],
-            self.activation, bn1.eps, bn2.eps, *primary_running[:2], *cheap_running[:2], primary_running[2],
-            cheap_running[2])[0]
+            self.activation, bn1.eps, bn2.eps, mean1, var1, mean2, var2, momentum1, momentum2)[0]
 
     def extra_repr(self):
         return f"oup={self.oup}, init={self.init_channels}, new={self.new_channels}, activation={self.activation}"
