@@ -2,13 +2,16 @@
 
     OPENBLAS_NUM_THREADS=1 python bench/layers_vs_openvino.py --model g-ghost-regnetx-032 [--batch 1] [--size 224]
                                                               [--iters 20] [--threads 2] [--depth 2] [--no-openvino]
+                                                              [--bfloat16]
 
 Ours: ghostkernels.freeze(accelerate(model)) profiled by torch.profiler over --iters forwards;
 each op node of the frozen graph (in graph order: the events line up with the nodes forward after
 forward) is charged to its module scope, cut to its first --depth names ("layer3.layers.4.conv2"
 -> "layer3.layers" at depth 2). OpenVINO (when installed): the original model's ONNX export
 (dynamo), its nodes named by module scope (profile_batch1.name_nodes_by_module), compiled with the
-f32 precision hint and PERF_COUNT; each executed layer charged the same way, per inference. Printed:
+f32 precision hint and PERF_COUNT (with --bfloat16: ours in the bfloat16 mode,
+torch.set_float32_matmul_precision("medium"), against OpenVINO's default precision, bf16 where the
+CPU has it); each executed layer charged the same way, per inference. Printed:
 per module, the medians over the forwards of ours and OpenVINO's sums and their ratio, then the
 totals. A module where the two differ most is where to look; the whole-model latencies are
 bench/e2e.py's (the two sides here are profiled one after the other, not interleaved). Names can
@@ -62,9 +65,9 @@ def frozen_ops_by_module(frozen, x, iters, depth):
     return {module: statistics.median(us) for module, us in per_forward.items()}
 
 
-def openvino_layers_by_module(eager, x, iters, depth, threads):
-    """{module: us per inference} of OpenVINO's executed layers (f32 hint), medians over `iters`
-    inferences, or None without openvino."""
+def openvino_layers_by_module(eager, x, iters, depth, threads, bfloat16):
+    """{module: us per inference} of OpenVINO's executed layers (f32 hint, or its default precision
+    with `bfloat16`), medians over `iters` inferences, or None without openvino."""
     try:
         import openvino as ov
     except ImportError:
@@ -73,7 +76,9 @@ def openvino_layers_by_module(eager, x, iters, depth, threads):
     torch.onnx.export(eager, (x,), path, dynamo=True)
     name_nodes_by_module(path)
     core = ov.Core()
-    config = {"PERF_COUNT": "YES", "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads}
+    config = {"PERF_COUNT": "YES", "INFERENCE_NUM_THREADS": threads}
+    if not bfloat16:
+        config["INFERENCE_PRECISION_HINT"] = "f32"
     request = core.compile_model(core.read_model(path), "CPU", config).create_infer_request()
     os.remove(path)
     feed = x.numpy()
@@ -100,15 +105,20 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--depth", type=int, default=2)
     parser.add_argument("--no-openvino", action="store_true")
+    parser.add_argument("--bfloat16", action="store_true", help="both sides' bfloat16 modes")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     eager = MODELS[args.model]().eval()
     x = torch.randn(args.batch, 3, args.size, args.size)
+    if args.bfloat16:
+        torch.set_float32_matmul_precision("medium")
     frozen = ghostkernels.freeze(ghostkernels.accelerate(eager), x)
     ours = frozen_ops_by_module(frozen, x, args.iters, args.depth)
-    theirs = None if args.no_openvino else openvino_layers_by_module(eager, x, args.iters, args.depth, args.threads)
-    print(f"{args.model}, batch {args.batch}, {args.size}x{args.size}, float32, {args.threads} threads, medians "
+    theirs = None if args.no_openvino else openvino_layers_by_module(eager, x, args.iters, args.depth, args.threads,
+                                                                        args.bfloat16)
+    print(f"{args.model}, batch {args.batch}, {args.size}x{args.size}, "
+          f"{'bfloat16 modes' if args.bfloat16 else 'float32'}, {args.threads} threads, medians "
           f"over {args.iters} forwards, us" + ("" if theirs is not None else "; OpenVINO: not run"))
     print(f"{'module':<24}{'frozen':>10}{'OpenVINO':>10}{'ratio':>8}")
     for module, mine, other in table(ours, theirs):
