@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from . import _backends, ops
-from .ghost_train import running_statistics, update_running_statistics_, uses_batch_statistics
+from .ghost_train import check_both_or_neither, running_statistics, update_running_statistics_, uses_batch_statistics
 from .reference import batch_norm_backward, output_memory_format
 
 _lib = torch.library.Library("ghostkernels", "FRAGMENT")
@@ -48,8 +48,7 @@ def _check(x, **channel_vectors):
 
 def _running(running_mean, running_var):
     """The running statistics given (both or neither), by name, for _check."""
-    if (running_mean is None) != (running_var is None):
-        raise RuntimeError("batch_norm_train: running_mean and running_var must both be given or both be None")
+    check_both_or_neither("batch_norm_train", "", running_mean, running_var, RuntimeError)
     return {} if running_mean is None else {"running_mean": running_mean, "running_var": running_var}
 
 

@@ -77,6 +77,12 @@ def ghost_module_train_reference(x, primary_weight, primary_gamma, primary_beta,
     return out, z1.contiguous(), z2.contiguous(), mean1, var1, mean2, var2
 
 
+def check_both_or_neither(op, prefix, running_mean, running_var, error):
+    """The running statistics an op updates are both given or both None (C++: check_running)."""
+    if (running_mean is None) != (running_var is None):
+        raise error(f"{op}: {prefix}running_mean and {prefix}running_var must both be given or both be None")
+
+
 def _check(x, primary_weight, primary_gamma, primary_beta, cheap_weight, cheap_gamma, cheap_beta, out_channels,
            stride, activation, primary_running_mean=None, primary_running_var=None, cheap_running_mean=None,
            cheap_running_var=None):
@@ -88,11 +94,8 @@ def _check(x, primary_weight, primary_gamma, primary_beta, cheap_weight, cheap_g
              ("cheap_gamma", cheap_gamma, ghosts), ("cheap_beta", cheap_beta, ghosts),
              ("primary_running_mean", primary_running_mean, init), ("primary_running_var", primary_running_var, init),
              ("cheap_running_mean", cheap_running_mean, ghosts), ("cheap_running_var", cheap_running_var, ghosts))
-    for prefix, mean, var in (("primary_", primary_running_mean, primary_running_var),
-                              ("cheap_", cheap_running_mean, cheap_running_var)):
-        if (mean is None) != (var is None):
-            raise ValueError(f"ghost_module_train: {prefix}running_mean and {prefix}running_var must both be given "
-                             "or both be None")
+    check_both_or_neither("ghost_module_train", "primary_", primary_running_mean, primary_running_var, ValueError)
+    check_both_or_neither("ghost_module_train", "cheap_", cheap_running_mean, cheap_running_var, ValueError)
     for name, t, n in named:
         if t is None:  # only the running statistics are optional
             continue
