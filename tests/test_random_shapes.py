@@ -2,7 +2,8 @@
 own fallbacks, some of which call the fused Ghost op): widths, heights and channel counts that
 end anywhere in a vector (1-40 wide, up to 50 channels: AVX-512 holds 16 float32 or 8 float64),
 empty batches, both layouts, both strides, ratio 2-4, every cheap kernel size, with and without
-biases and ReLU; the training-mode op with batch-statistics BNs too. float64 must match to
+biases and ReLU; the training-mode op with batch-statistics BNs, GhostNetV2's gated op and gate
+logits, the pooled head conv and G-GhostNet's cheap mix too. float64 must match to
 rounding; float32 within 4x the float32 composition's own error against float64 (the kernels sum
 in other orders, not less exactly); float64 gradients of every tensor argument to rounding. The
 shapes are drawn from a seed fixed by the test's name, as the inputs are (conftest's fresh_seed).
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ghostkernels.models.ghostnet import hard_sigmoid
-from ghostkernels.reference import ACTIVATIONS, ghost_module_reference
+from ghostkernels.reference import ACTIVATIONS, ghost_module_gated_reference, ghost_module_reference
 
 from conftest import needs_cpp_library
 
@@ -138,6 +139,55 @@ def case_squeeze_excite_gate(rng, draw):
         hidden = F.relu(F.conv2d(x.mean((2, 3), keepdim=True), reduce_weight, reduce_bias))
         return hard_sigmoid(F.conv2d(hidden, expand_weight, expand_bias))
     return torch.ops.ghostkernels.squeeze_excite_gate, args, reference
+
+
+def case_ghost_module_gated(rng, draw):
+    """GhostNetV2's gate logits at any size up to the output's, nearest-upsampled."""
+    args, (h, w) = ghost_case(rng, draw)
+    gate = draw.tensor(args[0].shape[0], args[5], rng.randint(1, h), rng.randint(1, w))
+
+    def reference(x, w1, b1, w2, b2, gate, oup, stride, act):
+        return ghost_module_gated_reference(x, w1, b1, w2, b2, gate, out_channels=oup, stride=stride, activation=act)
+    return torch.ops.ghostkernels.ghost_module_gated, args[:5] + [gate] + args[5:], reference
+
+
+def case_dfc_logits(rng, draw):
+    """GhostNetV2's gate logits: 2x2 average pool, 1x1 conv (stride 1 or 2), depthwise 1 x k and k x 1."""
+    n, inp, out = rng.choice([0, 1, 2, 3]), rng.randint(1, 40), rng.randint(1, 50)
+    k = rng.choice([1, 3, 5, 7])
+    args = [draw.input(n, inp, rng.randint(2, 40), rng.randint(2, 40)), draw.tensor(out, inp, 1, 1) / inp ** 0.5,
+            draw.maybe(out), draw.tensor(out, 1, 1, k) / k ** 0.5, draw.maybe(out),
+            draw.tensor(out, 1, k, 1) / k ** 0.5, draw.maybe(out), rng.choice([1, 2])]
+
+    def reference(x, weight, bias, horizontal, horizontal_bias, vertical, vertical_bias, stride):
+        logits = F.conv2d(F.avg_pool2d(x, 2), weight, bias, stride)
+        logits = F.conv2d(logits, horizontal, horizontal_bias, 1, (0, k // 2), groups=out)
+        return F.conv2d(logits, vertical, vertical_bias, 1, (k // 2, 0), groups=out)
+    return torch.ops.ghostkernels.dfc_logits, args, reference
+
+
+def case_pointwise_conv2d_pool(rng, draw):
+    """A 1x1 conv, its activation and the global average pool (GhostNet's conv_head)."""
+    n, inp, out = rng.choice([0, 1, 2, 3]), rng.randint(1, 40), rng.randint(1, 60)
+    args = [draw.input(n, inp, rng.randint(1, 40), rng.randint(1, 40)), draw.tensor(out, inp, 1, 1) / inp ** 0.5,
+            draw.maybe(out), rng.choice(["relu", "none"])]
+
+    def reference(x, weight, bias, act):
+        return ACTIVATIONS[act](F.conv2d(x, weight, bias)).mean((2, 3), keepdim=True)
+    return torch.ops.ghostkernels.pointwise_conv2d_pool, args, reference
+
+
+def case_cheap_mix(rng, draw):
+    """G-GhostNet's cheap 1x1 conv of a channel range of x, plus the per-image mix, then ReLU."""
+    n, channels, out = rng.choice([0, 1, 2, 3]), rng.randint(1, 40), rng.randint(1, 60)
+    cin = rng.randint(1, channels)
+    offset = rng.randint(0, channels - cin)
+    args = [draw.input(n, channels, rng.randint(1, 40), rng.randint(1, 40)), draw.tensor(out, cin, 1, 1) / cin ** 0.5,
+            draw.maybe(out), draw.tensor(n, out), offset]
+
+    def reference(x, weight, bias, mix, offset):
+        return F.relu(F.conv2d(x.narrow(1, offset, weight.shape[1]), weight, bias) + mix[:, :, None, None])
+    return torch.ops.ghostkernels.cheap_mix, args, reference
 
 
 def case_ghost_module_train(rng, draw):
