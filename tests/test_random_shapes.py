@@ -35,8 +35,8 @@ def depthwise(x, weight, bias, stride):
 
 def ghost_case(rng, draw):
     """(the Ghost op's first 8 arguments, the output's spatial size) for a random Ghost module."""
-    n, h, w = rng.choice([0, 1, 1, 2, 3]), rng.randint(1, 40), rng.randint(1, 40)
-    inp, oup, ratio = rng.randint(1, 40), rng.randint(1, 50), rng.randint(2, 4)
+    n, h, w = rng.choice([0, 1, 1, 2, 3]), draw.size(1, 40), draw.size(1, 40)
+    inp, oup, ratio = draw.size(1, 40), draw.size(1, 50), rng.randint(2, 4)
     init = -(-oup // ratio)
     k, dw, stride = rng.choice([1, 1, 3]), rng.choice([1, 3, 5, 7]), rng.choice([1, 2])
     x = draw.input(n, inp, h, w)
@@ -47,10 +47,15 @@ def ghost_case(rng, draw):
 
 
 class Draw:
-    """Random float64 tensors (normal, never all zeros), NCHW or channels_last, biases or None."""
+    """Random float64 tensors (normal, never all zeros), NCHW or channels_last, biases or None, and
+    sizes: `reach` > 1 stretches every side and channel count (an ad hoc run's larger planes, where
+    the kernels split rows into bands and channels into groups)."""
 
-    def __init__(self, rng):
-        self.rng = rng
+    def __init__(self, rng, reach=1):
+        self.rng, self.reach = rng, reach
+
+    def size(self, low, high):
+        return self.rng.randint(low, high * self.reach)
 
     def tensor(self, *shape):
         return torch.randn(*shape, dtype=torch.float64)
@@ -104,8 +109,8 @@ def case_ghost_module_residual(rng, draw):
 
 
 def case_pointwise_conv2d(rng, draw):
-    n, h, w, inp, out = rng.choice([0, 1, 2, 3]), rng.randint(1, 40), rng.randint(1, 40), rng.randint(1, 40), \
-        rng.randint(1, 60)
+    n, h, w, inp, out = rng.choice([0, 1, 2, 3]), draw.size(1, 40), draw.size(1, 40), draw.size(1, 40), \
+        draw.size(1, 60)
     stride = rng.choice([1, 2])
     residual = draw.input(n, out, (h - 1) // stride + 1, (w - 1) // stride + 1) if rng.random() < 0.3 else None
     args = [draw.input(n, inp, h, w), draw.tensor(out, inp, 1, 1) / inp ** 0.5, draw.maybe(out), stride,
@@ -118,7 +123,7 @@ def case_pointwise_conv2d(rng, draw):
 
 
 def case_direct_conv2d(rng, draw):
-    n, h, w, inp = rng.choice([0, 1, 2, 3]), rng.randint(1, 40), rng.randint(1, 40), rng.randint(1, 40)
+    n, h, w, inp = rng.choice([0, 1, 2, 3]), draw.size(1, 40), draw.size(1, 40), draw.size(1, 40)
     groups = rng.choice([1, inp] + [g for g in range(1, inp + 1) if inp % g == 0])
     out, k = groups * rng.randint(1, 3), rng.choice([1, 3, 5, 7])
     args = [draw.input(n, inp, h, w), draw.tensor(out, inp // groups, k, k) / k, draw.maybe(out),
@@ -130,8 +135,8 @@ def case_direct_conv2d(rng, draw):
 
 
 def case_squeeze_excite_gate(rng, draw):
-    n, channels, reduced = rng.choice([1, 2, 3]), rng.randint(1, 64), rng.randint(1, 16)
-    args = [draw.input(n, channels, rng.randint(1, 40), rng.randint(1, 40)),
+    n, channels, reduced = rng.choice([1, 2, 3]), draw.size(1, 64), draw.size(1, 16)
+    args = [draw.input(n, channels, draw.size(1, 40), draw.size(1, 40)),
             draw.tensor(reduced, channels, 1, 1) / channels ** 0.5, draw.maybe(reduced),
             draw.tensor(channels, reduced, 1, 1) / reduced ** 0.5, draw.maybe(channels)]
 
@@ -153,9 +158,9 @@ def case_ghost_module_gated(rng, draw):
 
 def case_dfc_logits(rng, draw):
     """GhostNetV2's gate logits: 2x2 average pool, 1x1 conv (stride 1 or 2), depthwise 1 x k and k x 1."""
-    n, inp, out = rng.choice([0, 1, 2, 3]), rng.randint(1, 40), rng.randint(1, 50)
+    n, inp, out = rng.choice([0, 1, 2, 3]), draw.size(1, 40), draw.size(1, 50)
     k = rng.choice([1, 3, 5, 7])
-    args = [draw.input(n, inp, rng.randint(2, 40), rng.randint(2, 40)), draw.tensor(out, inp, 1, 1) / inp ** 0.5,
+    args = [draw.input(n, inp, draw.size(2, 40), draw.size(2, 40)), draw.tensor(out, inp, 1, 1) / inp ** 0.5,
             draw.maybe(out), draw.tensor(out, 1, 1, k) / k ** 0.5, draw.maybe(out),
             draw.tensor(out, 1, k, 1) / k ** 0.5, draw.maybe(out), rng.choice([1, 2])]
 
@@ -168,8 +173,8 @@ def case_dfc_logits(rng, draw):
 
 def case_pointwise_conv2d_pool(rng, draw):
     """A 1x1 conv, its activation and the global average pool (GhostNet's conv_head)."""
-    n, inp, out = rng.choice([0, 1, 2, 3]), rng.randint(1, 40), rng.randint(1, 60)
-    args = [draw.input(n, inp, rng.randint(1, 40), rng.randint(1, 40)), draw.tensor(out, inp, 1, 1) / inp ** 0.5,
+    n, inp, out = rng.choice([0, 1, 2, 3]), draw.size(1, 40), draw.size(1, 60)
+    args = [draw.input(n, inp, draw.size(1, 40), draw.size(1, 40)), draw.tensor(out, inp, 1, 1) / inp ** 0.5,
             draw.maybe(out), rng.choice(["relu", "none"])]
 
     def reference(x, weight, bias, act):
@@ -179,10 +184,10 @@ def case_pointwise_conv2d_pool(rng, draw):
 
 def case_cheap_mix(rng, draw):
     """G-GhostNet's cheap 1x1 conv of a channel range of x, plus the per-image mix, then ReLU."""
-    n, channels, out = rng.choice([0, 1, 2, 3]), rng.randint(1, 40), rng.randint(1, 60)
+    n, channels, out = rng.choice([0, 1, 2, 3]), draw.size(1, 40), draw.size(1, 60)
     cin = rng.randint(1, channels)
     offset = rng.randint(0, channels - cin)
-    args = [draw.input(n, channels, rng.randint(1, 40), rng.randint(1, 40)), draw.tensor(out, cin, 1, 1) / cin ** 0.5,
+    args = [draw.input(n, channels, draw.size(1, 40), draw.size(1, 40)), draw.tensor(out, cin, 1, 1) / cin ** 0.5,
             draw.maybe(out), draw.tensor(n, out), offset]
 
     def reference(x, weight, bias, mix, offset):
