@@ -26,7 +26,7 @@ import torch
 
 from . import cheap_mix as _cheap_mix
 from . import dfc_attention, direct_conv, modules, pointwise_pool, squeeze_excite
-from .reference import conv_output_format, ghost_module_gated_reference, ghost_module_reference, output_memory_format
+from .reference import conv_output_format, ghost_module_reference, output_memory_format, upsampled_gate
 
 __all__ = ["COMPOSITIONS", "composed", "decompositions"]
 
@@ -38,8 +38,9 @@ def _ghost_module(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out
 
 def _ghost_module_gated(x, primary_weight, primary_bias, cheap_weight, cheap_bias, gate, out_channels, stride,
                         activation):
-    return ghost_module_gated_reference(x, primary_weight, primary_bias, cheap_weight, cheap_bias, gate,
-                                        out_channels=out_channels, stride=stride, activation=activation)
+    # upsampled_gate: an ONNX Resize, as GhostNetV2's own export has, not the reference's gather
+    ungated = _ghost_module(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride, activation)
+    return ungated * upsampled_gate(gate, ungated.shape[-2:])
 
 
 def _ghost_module_depthwise(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channels, stride,

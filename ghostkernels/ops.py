@@ -15,7 +15,7 @@ import torch
 
 from . import _backends
 from .reference import (check_activation, ghost_module_gated_reference, ghost_module_gradients, ghost_module_reference,
-                        output_memory_format)
+                        output_memory_format, upsample_nearest)
 
 _lib = torch.library.Library("ghostkernels", "DEF")
 _lib.define(
@@ -385,7 +385,7 @@ def _gated_backward(ctx, grad):
     sigmoid = torch.sigmoid(gate)
     grad_sigmoid = torch.ops.aten.upsample_nearest2d_backward(grad * ungated, size, list(gate.shape), None, None)
     grad_gate = grad_sigmoid * sigmoid * (1 - sigmoid)
-    grad_ungated = grad * torch.nn.functional.interpolate(sigmoid, size=size, mode="nearest")
+    grad_ungated = grad * upsample_nearest(sigmoid, size)  # the forward's sources, not F.interpolate's
     grads = _weight_grads(grad_ungated, ungated, x, primary_weight, primary_bias, cheap_weight, cheap_bias,
                           ctx.config)
     return grads + (grad_gate, None, None, None)

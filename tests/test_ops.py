@@ -9,10 +9,11 @@ import sysconfig
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import ghostkernels
 from ghostkernels import ghost_module, ghost_module_reference
-from ghostkernels.reference import ghost_module_gated_reference, ghost_module_gradients
+from ghostkernels.reference import ghost_module_gated_reference, ghost_module_gradients, upsample_nearest
 
 from conftest import BAD_ARGUMENT, CPP_LIBRARY, intra_op_threads, make_input, make_weights, needs_cpp_library
 
@@ -570,6 +571,34 @@ def test_gated_float32_logits_of_any_size(config, size, gate_size):
     expected = ghost_module_gated_reference(x.double(), *[w.double() for w in weights], gate.double(), **kwargs)
     assert torch.equal(out.isnan(), expected.isnan())
     assert_matches(out.nan_to_num(), expected.nan_to_num(), 1e-5)
+
+
+def test_nearest_sources_are_f_interpolates_float32_rule():
+    """upsample_nearest (the fused op's gate upsampling) against F.interpolate wherever PyTorch's
+    CPU kernels use the float32 rule: float32 tensors, and float64 outputs of at most 128 rows plus
+    columns; (4 -> 82) is where a float64 product would round up to the next source."""
+    for source, size in [(4, 82), (3, 7), (5, 40), (50, 90), (7, 7), (4, 8), (1, 9)]:
+        t = torch.randn(1, 2, source, source)
+        assert torch.equal(upsample_nearest(t, (size, size)), F.interpolate(t, size=(size, size), mode="nearest"))
+        t = torch.randn(1, 2, 2, source, dtype=torch.float64)
+        assert torch.equal(upsample_nearest(t, (2, size)), F.interpolate(t, size=(2, size), mode="nearest"))
+
+
+def test_gated_where_f_interpolates_float64_rule_differs():
+    """A float64 NCHW gate of 50 x 4 onto a 90 x 82 output: F.interpolate takes column 2 for output
+    column 41 (41 * 4 / 82, a float64 product rounded to float32: 2.0), the op and its reference
+    column 1 (float32 throughout), in the forward and in the backward alike (the backward had taken
+    F.interpolate's, so the weights' gradients were not the forward's)."""
+    x = make_input(1, 3, 90, 82, requires_grad=True)
+    weights = make_weights(3, 6, 2, 3, requires_grad=True)
+    gate = torch.randn(1, 6, 50, 4, dtype=torch.float64, requires_grad=True)
+    out = ghost_module(x, *weights, out_channels=6, gate=gate)
+    expected = ghost_module_gated_reference(x, *weights, gate, out_channels=6)
+    assert_matches(out, expected, 1e-12)
+    grad = torch.randn_like(out)
+    for found, want in zip(torch.autograd.grad(out, (x, *weights, gate), grad),
+                           torch.autograd.grad(expected, (x, *weights, gate), grad)):
+        assert_matches(found, want, 1e-10)
 
 
 @pytest.mark.parametrize("batch", [0, 1])
