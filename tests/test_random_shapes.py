@@ -236,12 +236,16 @@ def as_float32(args):
 
 
 @needs_cpp_library
+@pytest.mark.parametrize("reach, cases", [(1, CASES), (4, 5)], ids=["small", "large"])
 @pytest.mark.parametrize("op_name", sorted(CASE_MAKERS))
-def test_random_shapes_match_the_composition(op_name, request):
+def test_random_shapes_match_the_composition(op_name, reach, cases, request):
+    """Small shapes by the hundred; a few up to 160 wide with up to 256 channels (row bands,
+    channel groups; where an ad hoc run of 400 found the gated op's float64 upsampling and the
+    float32 batch statistics off)."""
     rng = random.Random(zlib.crc32(request.node.nodeid.encode()))
-    draw = Draw(rng)
+    draw = Draw(rng, reach)
     with torch.inference_mode():
-        for case in range(CASES):
+        for case in range(cases):
             op, args, reference = CASE_MAKERS[op_name](rng, draw)
             shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args]
             expected = reference(*args)
