@@ -5,6 +5,7 @@ Folded form of docs/math.md section 2: the primary conv and the cheap depthwise 
 """
 
 import math
+import struct
 
 import torch
 import torch.nn.functional as F
@@ -119,15 +120,21 @@ def upsampled_gate(gate, size):
 
 def nearest_sources(source, size, device=None):
     """The source index of each of `size` positions nearest-upsampled from `source` positions:
-    min(floor(i * s), source - 1), in float32, s the float32 quotient source / size (the float64
-    quotient of two integers below 2**24 rounds to the same float32). This is F.interpolate's
+    min(floor(i * s), source - 1), in float32, s = nearest_scale(source, size). This is F.interpolate's
     nearest mode in PyTorch's CUDA kernels, its channels-last CPU kernel and its CPU kernels for
     16- and 32-bit floats; its float64 CPU kernel for NCHW outputs of more than 128 rows plus columns
     rounds a float64 product instead, one source off at ~1.6% of the (source, size) pairs below
     200 (at none of GhostNetV2's: checked up to 3000 rows, strides 1 and 2). The fused kernels
     (C++ `nearest_sources`, Triton `_gate`) take this one in every dtype and layout."""
-    scale = torch.tensor(source / size, dtype=torch.float32, device=device)
-    return (torch.arange(size, dtype=torch.float32, device=device) * scale).floor_().long().clamp_(max=source - 1)
+    positions = torch.arange(size, dtype=torch.float32, device=device)  # no host tensor: CUDA-graph safe
+    return positions.mul_(nearest_scale(source, size)).floor_().long().clamp_(max=source - 1)
+
+
+def nearest_scale(source, size):
+    """source / size rounded once to float32 (as a Python float: a float32 tensor times it
+    multiplies in float32), the scale of nearest_sources (the float64 quotient of two integers
+    below 2**24 rounds to the same float32)."""
+    return struct.unpack("f", struct.pack("f", source / size))[0]
 
 
 def upsample_nearest(t, size):

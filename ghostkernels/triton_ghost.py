@@ -46,14 +46,13 @@ import contextvars
 import functools
 import json
 import os
-import struct
 
 import torch
 import triton
 import triton.language as tl
 
 from . import _backends
-from .reference import output_memory_format
+from .reference import nearest_scale, output_memory_format
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -772,14 +771,8 @@ def shape_key(inp, init, ghosts, out_channels, height, width, kernel, dw, stride
 def _gate_arguments(gate, height, width):
     """The kernels' gate arguments for an output of height x width: the gate's size, F.interpolate's
     scales, its strides."""
-    return (*gate.shape[2:], _nearest_scale(gate.shape[2], height), _nearest_scale(gate.shape[3], width),
+    return (*gate.shape[2:], nearest_scale(gate.shape[2], height), nearest_scale(gate.shape[3], width),
             *gate.stride())
-
-
-def _nearest_scale(source, size):
-    """float32(source) / size rounded once to float32, the scale F.interpolate's nearest mode
-    uses (the float64 quotient of two integers < 2**24 rounds to the same float32)."""
-    return struct.unpack("f", struct.pack("f", source / size))[0]
 
 
 def library_primary(x, primary_weight, scale=None):
