@@ -225,6 +225,16 @@ def case_ghost_module_train(rng, draw):
 CASE_MAKERS = {name.removeprefix("case_"): maker for name, maker in globals().items() if name.startswith("case_")}
 
 
+def described(args):
+    """The arguments with each tensor as its shape, for a failure's message."""
+    return [tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args]
+
+
+def magnitude(t):
+    """The tolerances' scale: t's largest magnitude, at least 1."""
+    return max(t.abs().max().item(), 1.0) if t.numel() else 1.0
+
+
 def as_float32(args):
     """The float64 arguments rounded to float32, each tensor in its memory format."""
     def convert(a):
@@ -247,11 +257,11 @@ def test_random_shapes_match_the_composition(op_name, reach, cases, request):
     with torch.inference_mode():
         for case in range(cases):
             op, args, reference = CASE_MAKERS[op_name](rng, draw)
-            shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args]
+            shapes = described(args)
             expected = reference(*args)
             out = op(*args)
             assert out.shape == expected.shape, (case, shapes)
-            scale = max(expected.abs().max().item(), 1.0) if expected.numel() else 1.0
+            scale = magnitude(expected)
             torch.testing.assert_close(out, expected, rtol=0, atol=1e-12 * scale, msg=lambda m: f"{shapes}: {m}")
             args32 = as_float32(args)
             out32 = op(*args32)
@@ -271,7 +281,7 @@ def test_random_shapes_gradients_match_the_composition(op_name, request):
     draw = Draw(rng)
     for case in range(CASES // 4):
         op, args, reference = CASE_MAKERS[op_name](rng, draw)
-        shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args]
+        shapes = described(args)
         leaves = [a.detach().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
         tensors = [a for a in leaves if isinstance(a, torch.Tensor)]
         expected = reference(*leaves)
@@ -281,6 +291,6 @@ def test_random_shapes_gradients_match_the_composition(op_name, request):
         for i, (found, want) in enumerate(zip(grads, expected_grads)):
             want = torch.zeros_like(tensors[i]) if want is None else want
             found = torch.zeros_like(tensors[i]) if found is None else found
-            scale = max(want.abs().max().item(), 1.0) if want.numel() else 1.0
+            scale = magnitude(want)
             torch.testing.assert_close(found, want, rtol=0, atol=1e-10 * scale,
                                        msg=lambda m: f"{shapes}, gradient of argument {i}: {m}")
