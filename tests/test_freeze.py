@@ -3,6 +3,7 @@ model's outputs on other batch sizes, resolutions and memory formats, keeps its 
 were, and refuses what it cannot trace faithfully."""
 
 import copy
+import gc
 import subprocess
 import sys
 
@@ -58,6 +59,21 @@ def test_frozen_model_keeps_the_weights_it_was_frozen_with():
         assert not torch.allclose(after, before)
         assert_same(frozen(x), before)
         assert_same(ghostkernels.freeze(model, x)(x), after)  # freezing again takes the new weights
+
+
+@pytest.mark.skipif(ghostkernels.backends()["cpu"]["backend"] != "cpp", reason="counts through the C++ registry")
+def test_a_dropped_frozen_model_releases_its_weights():
+    """TorchScript keeps every module that torch.jit.freeze makes, with its constants, for the
+    life of the process (pytorch/pytorch#96726): each freeze() kept a copy of the weights for
+    good. Counted through the registry of frozen weights, which holds them weakly."""
+    status = torch.ops.ghostkernels.frozen_weights_status
+    gc.collect()
+    before = status()[0]
+    _, frozen = frozen_pair("zoo-v1-0.5x", torch.randn(1, 3, 64, 64))
+    assert status()[0] > before
+    del frozen
+    gc.collect()
+    assert status()[0] == before
 
 
 def test_frozen_model_runs_without_autograd():
