@@ -53,6 +53,7 @@ GPU_TESTS = ["tests/test_triton.py", "tests/test_cheap_mix.py", "tests/test_sque
              "tests/test_cuda_graph.py", "tests/test_timm_current.py::test_accelerated_eval_under_cuda_autocast",
              "tests/test_never_wrong.py::test_self_check_runs_in_float64_on_the_cpu", "tests/test_precompile.py",
              "tests/test_main.py::test_cuda_half_precision_agrees",
+             "tests/test_freeze.py::test_a_dropped_frozen_model_releases_its_gpu_memory",
              *(f"tests/test_direct_conv.py::{name}" for name in (
                  "test_triton_kernel_matches_conv2d", "test_triton_kernel_keeps_nan_through_the_relu",
                  "test_cuda_op_takes_triton_and_checks", "test_cuda_ghost_depthwise_5x5_runs_its_conv_on_triton"))]

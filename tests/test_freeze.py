@@ -76,6 +76,22 @@ def test_a_dropped_frozen_model_releases_its_weights():
     assert status()[0] == before
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_dropped_frozen_model_releases_its_gpu_memory():
+    """The same on CUDA, by the caching allocator's live bytes: a second freeze leaves nothing
+    behind (the first may leave the libraries' workspaces)."""
+    model = ghostkernels.accelerate(models.ghostnet_050(fused=False).eval().cuda())
+    x = torch.randn(1, 3, 64, 64, device="cuda")
+    ghostkernels.freeze(model, x)
+    gc.collect()
+    before = torch.cuda.memory_allocated()
+    frozen = ghostkernels.freeze(model, x)
+    assert torch.cuda.memory_allocated() > before
+    del frozen
+    gc.collect()
+    assert torch.cuda.memory_allocated() == before
+
+
 def test_frozen_model_runs_without_autograd():
     _, frozen = frozen_pair("zoo-v1-0.5x", torch.randn(1, 3, 64, 64))
     assert not frozen(torch.randn(1, 3, 64, 64, requires_grad=True)).requires_grad
