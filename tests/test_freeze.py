@@ -76,6 +76,31 @@ def test_a_dropped_frozen_model_releases_its_weights():
     assert status()[0] == before
 
 
+class _Square(torch.autograd.Function):  # forward only: the frozen graph runs without autograd
+    @staticmethod
+    def forward(ctx, x):
+        return x * x
+
+
+def test_a_graph_that_calls_python_still_freezes():
+    """A traced autograd.Function is a Python call in the graph, which TorchScript cannot save:
+    freeze() keeps such a graph as it was built (and cannot release it) instead of failing."""
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+
+        def forward(self, x):
+            return _Square.apply(self.conv(x))
+
+    model, x = Model().eval(), torch.randn(1, 3, 16, 16)
+    frozen = ghostkernels.freeze(model, x)
+    assert "prim::PythonOp" in {node.kind() for node in frozen.graph.graph.nodes()}
+    with torch.no_grad():
+        y = torch.randn(2, 3, 20, 16)
+        assert_same(frozen(y), model(y))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_a_dropped_frozen_model_releases_its_gpu_memory():
     """The same on CUDA, by the caching allocator's live bytes: a second freeze leaves nothing
