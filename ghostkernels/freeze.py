@@ -93,20 +93,19 @@ def _releasable(built, device):
     constants (the frozen weights) for the rest of the process (pytorch/pytorch#96726): each
     freeze() of GhostNet 1.0x held on to 49 MB. A loaded copy is released with the FrozenModel;
     what stays of `built` is a graph of empty tensors (and, as after any torch.jit.trace, the
-    traced modules' types: 18 MB for GhostNet 1.0x). A graph that calls Python (a traced
-    autograd.Function) cannot be saved: it is returned as it is, and kept as before."""
-    nodes, blocks = [], [built.graph]
+    traced modules' types: 18 MB for GhostNet 1.0x). A graph that does not save (one that calls
+    Python: a traced autograd.Function) is returned as it is, and kept as before."""
+    try:
+        copy = _loaded(_archive(built), device)
+    except RuntimeError:  # "Could not export Python function call"
+        return built
+    empty = torch.empty(0)
+    blocks = [built.graph]
     for block in blocks:  # the loop reaches the blocks it appends
         for node in block.nodes():
-            nodes.append(node)
+            if node.kind() == "prim::Constant" and node.hasAttribute("value") and node.kindOf("value") == "t":
+                node.t_("value", empty)
             blocks += node.blocks()
-    if any(node.kind() == "prim::PythonOp" for node in nodes):
-        return built
-    copy = _loaded(_archive(built), device)
-    empty = torch.empty(0)
-    for node in nodes:
-        if node.kind() == "prim::Constant" and node.hasAttribute("value") and node.kindOf("value") == "t":
-            node.t_("value", empty)
     return copy
 
 
