@@ -179,7 +179,8 @@ def freeze(model, example_inputs):
     frozen TorchScript graph, run in one native call with no Python between the ops.
 
     - The weights are snapshotted: later changes to `model` are not seen; freeze again after
-      loading new ones.
+      loading new ones. A deleted FrozenModel releases them (not one whose graph calls Python,
+      which TorchScript cannot save: _releasable).
     - Inference only: the frozen model runs without autograd (its outputs never require grad).
     - It takes the example's dtypes and device (other ones raise a TypeError); other batch
       sizes, resolutions and memory formats run the same graph.
