@@ -48,8 +48,7 @@ def module_of(scope, depth):
 def frozen_ops_by_module(frozen, x, iters, depth):
     """{module: us per forward} of the frozen graph's op nodes, medians over `iters` forwards."""
     from torch.profiler import ProfilerActivity, profile
-    nodes = [(n.kind(), n.scopeName().split("/")[-1].removeprefix("__module."))
-             for n in frozen.graph.graph.nodes() if not n.kind().startswith("prim::")]
+    nodes = frozen.op_scopes
     with torch.inference_mode():
         for _ in range(3):
             frozen(x)

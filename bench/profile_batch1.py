@@ -230,12 +230,9 @@ def frozen_op_blocks(frozen):
     them. A node without a module scope (one the trace made outside any module) belongs to the
     block of the node before; ghostkernels' fusions keep their first node's (ops.replace_chain)."""
     ops, block = [], "stem"
-    for node in frozen.graph.graph.nodes():
-        if node.kind().startswith("prim::"):
-            continue
-        scope = node.scopeName().split("/")[-1].removeprefix("__module.")
+    for kind, scope in frozen.op_scopes:
         block = block_of(scope) if scope else block
-        ops.append((node.kind(), block))
+        ops.append((kind, block))
     return ops
 
 

@@ -34,17 +34,20 @@ _TORCH_JIT_DIR = os.path.dirname(os.path.abspath(torch.jit.__file__)) + os.sep
 
 class FrozenModel(nn.Module):
     """What freeze() returns: the frozen graph, run without autograd, with the checks that name a
-    wrong input's dtype or device (the graph's constants are the example's)."""
+    wrong input's dtype or device (the graph's constants are the example's). `op_scopes`: (op, the
+    module it came from) for each op node of the graph, in order, as the trace named them (the
+    graph is a saved and loaded copy, which keeps no module scopes): what profiles by module read."""
 
     def __prepare_scriptable__(self):
         refuse_torchscript(self, "it holds a TorchScript graph already: torch.save(model, path) keeps it with its "
                                  "input checks, torch.jit.save(model.graph, path) saves the graph alone.")
 
-    def __init__(self, graph, dtypes, device):
+    def __init__(self, graph, dtypes, device, op_scopes):
         super().__init__()
         self.graph = graph
         self.dtypes = dtypes
         self.device = device
+        self.op_scopes = op_scopes
 
     def forward(self, *args):
         check_tensor_arguments("FrozenModel", args, len(self.dtypes))
@@ -63,11 +66,18 @@ class FrozenModel(nn.Module):
     def __reduce__(self):
         """torch.save / pickle: the graph as TorchScript's archive (a ScriptModule inside a
         Module does not pickle), loaded back by this module, whose import registers the ops."""
-        return _unpickle_frozen, (_archive(self.graph), self.dtypes, self.device)
+        return _unpickle_frozen, (_archive(self.graph), self.dtypes, self.device, self.op_scopes)
 
 
-def _unpickle_frozen(archive, dtypes, device):
-    return FrozenModel(_loaded(archive, device), dtypes, device)
+def _unpickle_frozen(archive, dtypes, device, op_scopes=()):  # () for files saved before op_scopes
+    return FrozenModel(_loaded(archive, device), dtypes, device, op_scopes)
+
+
+def _op_scopes(graph):
+    """(op, module name) of each op node of a traced graph (not prim:: nodes), in order; "" for a
+    node the trace made outside any module."""
+    return tuple((node.kind(), node.scopeName().split("/")[-1].removeprefix("__module."))
+                 for node in graph.nodes() if not node.kind().startswith("prim::"))
 
 
 def _archive(graph):
@@ -215,6 +225,7 @@ def freeze(model, example_inputs):
         fuse_pointwise_pools(built.graph)
         fuse_pointwise_epilogues(built.graph)
         fuse_direct_conv_relus(built.graph)
+        op_scopes = _op_scopes(built.graph)
         graph = _releasable(built, device)
     _mark_frozen_weights(graph)
     for warning in caught:
@@ -243,4 +254,4 @@ def freeze(model, example_inputs):
                     f"freeze: the traced graph gives outputs that differ by {error:.2e} (relative; tolerance "
                     f"{tolerance:.0e}) on {label}; the model's forward does not trace (Python control flow or "
                     "state that a trace keeps fixed): use the model itself")
-    return FrozenModel(graph, tuple(t.dtype for t in inputs), device)
+    return FrozenModel(graph, tuple(t.dtype for t in inputs), device, op_scopes)

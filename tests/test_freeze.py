@@ -117,6 +117,14 @@ def test_a_dropped_frozen_model_releases_its_gpu_memory():
     assert torch.cuda.memory_allocated() == before
 
 
+def test_op_scopes_name_the_graphs_ops_in_order():
+    """The loaded graph keeps no module scopes; op_scopes has the trace's, op for op."""
+    _, frozen = frozen_pair("zoo-v1-0.5x", torch.randn(1, 3, 64, 64))
+    kinds = [node.kind() for node in frozen.graph.graph.nodes() if not node.kind().startswith("prim::")]
+    assert [kind for kind, _ in frozen.op_scopes] == kinds
+    assert frozen.op_scopes[0][1] == "conv_stem" and frozen.op_scopes[-1][1] == "classifier"
+
+
 def test_frozen_model_runs_without_autograd():
     _, frozen = frozen_pair("zoo-v1-0.5x", torch.randn(1, 3, 64, 64))
     assert not frozen(torch.randn(1, 3, 64, 64, requires_grad=True)).requires_grad
