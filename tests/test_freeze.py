@@ -6,6 +6,7 @@ import copy
 import gc
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -123,6 +124,33 @@ def test_op_scopes_name_the_graphs_ops_in_order():
     kinds = [node.kind() for node in frozen.graph.graph.nodes() if not node.kind().startswith("prim::")]
     assert [kind for kind, _ in frozen.op_scopes] == kinds
     assert frozen.op_scopes[0][1] == "conv_stem" and frozen.op_scopes[-1][1] == "classifier"
+
+
+def test_models_serve_several_python_threads_at_once():
+    """A server's worker threads call one accelerated and one frozen model concurrently (the ops
+    release the GIL; their scratch buffers are per thread, the output cache locked): every output
+    as a single thread's."""
+    model, frozen = frozen_pair("zoo-v2-0.5x", torch.randn(1, 3, 64, 64))
+    inputs = [torch.randn(batch, 3, side, side) for batch, side in ((1, 64), (2, 80), (3, 64))]
+    with torch.no_grad():
+        expected = [model(x) for x in inputs]
+    outputs = {}
+
+    def serve(worker):
+        with torch.no_grad():
+            for call in range(24):
+                i = (worker + call) % len(inputs)
+                outputs[worker, call] = i, (model, frozen)[call % 2](inputs[i])
+
+    with intra_op_threads(2):
+        workers = [threading.Thread(target=serve, args=(worker,)) for worker in range(4)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+    assert len(outputs) == 4 * 24
+    for i, out in outputs.values():
+        assert_same(out, expected[i])
 
 
 def test_frozen_model_runs_without_autograd():
