@@ -398,3 +398,20 @@ def test_ab_libraries_mirrors_schemas_and_compares_builds(capsys):
         assert line.startswith(name) and old_us > 0 and new_us > 0 and ratio > 0
 
 
+
+
+def test_timm_parity_checks_pass_on_the_stand_in():
+    """bench/timm_parity.py's checks (run where timm imports), here on the stand-in in timm's place."""
+    import timm_ghostnet
+    import timm_parity
+    import torch
+    from conftest import randomise_bn
+    torch.manual_seed(0)
+    make = lambda: timm_ghostnet.GhostNet(timm_ghostnet.CFGS, width=0.5, version="v2", drop_rate=0.0)  # noqa: E731
+    model = randomise_bn(make(), spread=0.2).eval()
+    x = torch.randn(2, 3, 64, 72)
+    checks = (timm_parity.eval_checks(model, x) + timm_parity.training_checks(model, x[:, :, :40, :40])
+              + timm_parity.stand_in_checks(model, make(), x))
+    assert len(checks) == 12 and all(error <= limit for _, error, limit in checks), checks
+    other = timm_ghostnet.GhostNet(timm_ghostnet.CFGS, width=0.5, version="v1")
+    assert [error for _, error, _ in timm_parity.stand_in_checks(model, other, x)] == [1.0, 1.0]
