@@ -398,8 +398,6 @@ def test_ab_libraries_mirrors_schemas_and_compares_builds(capsys):
         assert line.startswith(name) and old_us > 0 and new_us > 0 and ratio > 0
 
 
-
-
 def test_timm_parity_checks_pass_on_the_stand_in():
     """bench/timm_parity.py's checks (run where timm imports), here on the stand-in in timm's place."""
     import timm_ghostnet
