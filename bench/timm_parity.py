@@ -35,31 +35,25 @@ import timm_ghostnet  # noqa: E402
 from conftest import randomise_bn  # noqa: E402
 
 from ghostkernels import accelerate, freeze  # noqa: E402
-
-
-def relative(actual, expected):
-    """Largest absolute difference over the largest magnitude of `expected` (tensors or lists of them)."""
-    if isinstance(expected, (list, tuple)):
-        return max(relative(a, e) for a, e in zip(actual, expected))
-    return ((actual - expected).abs().max() / expected.abs().max()).item()
+from ghostkernels.acceleration import _relative_error  # noqa: E402
 
 
 def eval_checks(model, x):
     """(what, error, limit) of accelerate() and freeze() of an eval-mode `model` on x."""
     with torch.no_grad():
         expected = model(x)
-        own = relative(expected, copy.deepcopy(model).double()(x.double()).float())  # eager float32's own error
+        own = _relative_error(expected, copy.deepcopy(model).double()(x.double()).float())  # eager float32's own error
         limit = max(1e-5, 4 * own)
         fast = accelerate(model, example_inputs=x)  # its self-check on x
         odd = x[:1, :, :x.shape[2] - 31, :x.shape[3] - 5]
-        checks = [("accelerated float32", relative(fast(x), expected), limit),
+        checks = [("accelerated float32", _relative_error(fast(x), expected), limit),
                   ("accelerated float32, channels_last input",
-                   relative(fast(x.contiguous(memory_format=torch.channels_last)), expected), limit),
-                  (f"accelerated float32, {tuple(odd.shape)}", relative(fast(odd), model(odd)), limit),
-                  ("frozen float32", relative(freeze(fast, x)(x), expected), limit)]
+                   _relative_error(fast(x.contiguous(memory_format=torch.channels_last)), expected), limit),
+                  (f"accelerated float32, {tuple(odd.shape)}", _relative_error(fast(odd), model(odd)), limit),
+                  ("frozen float32", _relative_error(freeze(fast, x)(x), expected), limit)]
         model64, x64 = copy.deepcopy(model).double(), x.double()
         fast64 = accelerate(model64, example_inputs=x64)
-        checks.append(("accelerated float64", relative(fast64(x64), model64(x64)), 1e-10))
+        checks.append(("accelerated float64", _relative_error(fast64(x64), model64(x64)), 1e-10))
     return checks
 
 
@@ -82,8 +76,8 @@ def _step_differences(step, reference):
     scale = max(g.abs().max().item() for g in params0.values())
     params_error = (max((params[n] - g).abs().max().item() for n, g in params0.items()) / scale
                     if params.keys() == params0.keys() else float("inf"))
-    return [relative(out, out0), relative(grad, grad0), params_error,
-            max(relative(buffers[n], b) for n, b in buffers0.items())]
+    return [_relative_error(out, out0), _relative_error(grad, grad0), params_error,
+            max(_relative_error(buffers[n], b) for n, b in buffers0.items())]
 
 
 def training_checks(model, x):
@@ -112,7 +106,8 @@ def stand_in_checks(real, stand_in, x):
     if same_keys:
         stand_in.load_state_dict(real_state)
         with torch.no_grad():
-            checks.append(("stand-in forward on the real weights", relative(stand_in.eval()(x), real.eval()(x)), 1e-6))
+            error = _relative_error(stand_in.eval()(x), real.eval()(x))
+            checks.append(("stand-in forward on the real weights", error, 1e-6))
     return checks
 
 
@@ -138,7 +133,7 @@ def model_checks(timm, name, x):
     torch.manual_seed(0)
     features = randomise_bn(timm.create_model(name, pretrained=False, features_only=True), spread=0.2).eval()
     with torch.no_grad():
-        error = relative(accelerate(features, example_inputs=x)(x), features(x))
+        error = _relative_error(accelerate(features, example_inputs=x)(x), features(x))
     report.append((f"{name} features_only", [("accelerated float32", error, 1e-5)]))
     return report
 
