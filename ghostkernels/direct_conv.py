@@ -21,7 +21,7 @@ from torch import nn
 
 from . import _backends, ops
 from .modules import is_same_square_conv, same_conv_output_shape
-from .reference import ACTIVATIONS, check_activation, conv_backward, conv_output_format
+from .reference import ACTIVATIONS, check_activation, conv_backward, conv_output_format, same_padding
 
 _lib = torch.library.Library("ghostkernels", "FRAGMENT")
 _lib.define("direct_conv2d(Tensor x, Tensor weight, Tensor? bias, int stride, str activation=\"none\", "
@@ -81,7 +81,7 @@ def _fake(x, weight, bias, stride, activation="none", groups=None):
 
 def _library(x, weight, bias, stride, activation):
     """The library conv, then the activation, in the op's layout; the arguments checked."""
-    return ACTIVATIONS[activation](F.conv2d(x, weight, bias, stride, weight.shape[-1] // 2,
+    return ACTIVATIONS[activation](F.conv2d(x, weight, bias, stride, same_padding(weight),
                                             groups=_groups(x, weight)).contiguous(
                                                 memory_format=conv_output_format(x)))
 

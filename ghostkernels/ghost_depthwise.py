@@ -17,7 +17,7 @@ from torch import nn
 from . import _backends, ops
 from .direct_conv import DirectConv2d
 from .modules import GhostModule, merged_weights
-from .reference import output_memory_format
+from .reference import output_memory_format, same_padding
 
 _lib = torch.library.Library("ghostkernels", "FRAGMENT")
 _lib.define(
@@ -28,7 +28,7 @@ _lib.define(
 
 
 def _library_conv(ghost, depthwise_weight, depthwise_bias, depthwise_stride):
-    return F.conv2d(ghost, depthwise_weight, depthwise_bias, depthwise_stride, depthwise_weight.shape[-1] // 2,
+    return F.conv2d(ghost, depthwise_weight, depthwise_bias, depthwise_stride, same_padding(depthwise_weight),
                     groups=depthwise_weight.shape[0])
 
 

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from . import _backends, ops
-from .reference import ACTIVATIONS, batch_norm_backward, conv_backward, output_memory_format, split_output_grad
+from .reference import (ACTIVATIONS, batch_norm_backward, conv_backward, output_memory_format, same_padding,
+                        split_output_grad)
 
 _lib = torch.library.Library("ghostkernels", "FRAGMENT")
 _lib.define(
@@ -68,10 +69,10 @@ def ghost_module_train_reference(x, primary_weight, primary_gamma, primary_beta,
                                  cheap_beta, out_channels, stride, activation, primary_eps, cheap_eps):
     """(out, z1, z2, mean1, var1, mean2, var2) of the training-mode Ghost module in plain PyTorch."""
     act = ACTIVATIONS[activation]
-    z1 = F.conv2d(x, primary_weight, None, stride, primary_weight.shape[-1] // 2)
+    z1 = F.conv2d(x, primary_weight, None, stride, same_padding(primary_weight))
     y1, mean1, var1 = _batch_norm(z1, primary_gamma, primary_beta, primary_eps)
     x1 = act(y1)
-    z2 = F.conv2d(x1, cheap_weight, None, 1, cheap_weight.shape[-1] // 2, groups=primary_weight.shape[0])
+    z2 = F.conv2d(x1, cheap_weight, None, 1, same_padding(cheap_weight), groups=primary_weight.shape[0])
     y2, mean2, var2 = _batch_norm(z2, cheap_gamma, cheap_beta, cheap_eps)
     out = torch.cat([x1, act(y2)], dim=1)[:, :out_channels].contiguous(memory_format=output_memory_format(x))
     return out, z1.contiguous(), z2.contiguous(), mean1, var1, mean2, var2

@@ -493,7 +493,9 @@ class GhostModule(nn.Module):
         if type(conv) is not nn.Conv2d and not (type(conv).__bases__ == (nn.Conv2d,)
                                                  and "parametrizations" in conv._modules):
             return None
-        bn = rest.pop(0) if rest and type(rest[0]) is nn.BatchNorm2d else None
+        bn = None
+        if rest and type(rest[0]) is nn.BatchNorm2d:
+            bn, rest = rest[0], rest[1:]  # not rest.pop(0): torch 2.6's dynamo takes rest for a tuple
         if len(rest) > 1 or (activation_name(rest[0]) if rest else "none") != self.activation:
             return None
         return conv, bn

@@ -429,11 +429,16 @@ def apply(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out_channel
     return call(op, *args)
 
 
+def _never():
+    return False
+
+
 def _onnx_export_flags():
     """Readers of torch.onnx.export's flags: (either exporter's, for eager code; the dynamo=True
-    exporter's alone, for code that torch.export traces). Both read where this torch keeps the
-    flags: torch.onnx.is_in_onnx_export costs two imports a call (1.3 us, as much as a small
-    op's kernel), and torch.compile refuses to trace either it or the TorchScript exporter's flag."""
+    exporter's alone, for code that torch.export traces: _never where this torch's dynamo=True
+    exporter sets no flag, torch 2.6, before pytorch/pytorch#149678). Both read where this torch
+    keeps the flags: torch.onnx.is_in_onnx_export costs two imports a call (1.3 us, as much as a
+    small op's kernel), and torch.compile refuses to trace either it or the TorchScript exporter's flag."""
     try:
         from torch.onnx._internal.exporter import _flags
         try:
@@ -441,13 +446,16 @@ def _onnx_export_flags():
         except ImportError:  # torch < 2.9
             from torch.onnx._globals import GLOBALS
     except ImportError:
-        return torch.onnx.is_in_onnx_export, lambda: False
+        return torch.onnx.is_in_onnx_export, _never
     if not hasattr(_flags, "_is_onnx_exporting") or not hasattr(GLOBALS, "in_onnx_export"):
-        return torch.onnx.is_in_onnx_export, lambda: False
+        return torch.onnx.is_in_onnx_export, _never
     return (lambda: GLOBALS.in_onnx_export or _flags._is_onnx_exporting), (lambda: _flags._is_onnx_exporting)
 
 
 _onnx_export_flag_reader, _dynamo_onnx_export_flag_reader = _onnx_export_flags()
+# Whether torch.onnx.export(dynamo=True) of a model runs the library's compositions by itself;
+# where not, a program decomposed first (onnx_export.decompositions()) exports.
+DYNAMO_ONNX_EXPORT_IS_FLAGGED = _dynamo_onnx_export_flag_reader is not _never
 
 
 def onnx_exporting():
@@ -530,6 +538,14 @@ def register_recompute_autograd(name, composed):
     torch.library.register_autograd(f"ghostkernels::{name}", backward, setup_context=setup_context)
 
 
+def _any_tensor_requires_grad(*args):
+    return any(isinstance(arg, torch.Tensor) and arg.requires_grad for arg in args)
+
+
+# torch's own check, in C++ where torch has it (torch 2.6 has not; the ops take tensors and scalars, no lists)
+_any_requires_grad = getattr(torch._C, "_any_requires_grad", _any_tensor_requires_grad)
+
+
 def register_autograd_updating_statistics(name, backward, setup_context):
     """torch.library.register_autograd for op `name` (of this library) whose schema also updates
     BN running statistics in place, as native_batch_norm's does; register_autograd takes
@@ -560,7 +576,7 @@ def register_autograd_updating_statistics(name, backward, setup_context):
                     {"forward": staticmethod(forward), "backward": staticmethod(backward_of_all)})
 
     def autograd_kernel(*args):
-        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+        if torch.is_grad_enabled() and _any_requires_grad(*args):
             return function.apply(*args)
         return run_below_autograd(*args)
 

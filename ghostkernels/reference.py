@@ -35,13 +35,19 @@ def conv_output_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format if x.device.type == "cpu" else output_memory_format(x)
 
 
+def same_padding(weight):
+    """(kh // 2, kw // 2): the padding of the ops' convs (odd kernels keep a stride-1 plane's size).
+    A pair, not one int: torch 2.6's tracer (the ONNX TorchScript export) turns one traced int
+    into an empty padding list."""
+    return weight.shape[-2] // 2, weight.shape[-1] // 2
+
+
 def ghost_module_reference(
     x, primary_weight, primary_bias, cheap_weight, cheap_bias, *, out_channels, stride=1, activation="relu"
 ):
     act = ACTIVATIONS[activation]
-    kernel, dw = primary_weight.shape[-1], cheap_weight.shape[-1]
-    x1 = act(F.conv2d(x, primary_weight, primary_bias, stride, kernel // 2))
-    x2 = act(F.conv2d(x1, cheap_weight, cheap_bias, 1, dw // 2, groups=primary_weight.shape[0]))
+    x1 = act(F.conv2d(x, primary_weight, primary_bias, stride, same_padding(primary_weight)))
+    x2 = act(F.conv2d(x1, cheap_weight, cheap_bias, 1, same_padding(cheap_weight), groups=primary_weight.shape[0]))
     return torch.cat([x1, x2], dim=1)[:, :out_channels]
 
 
@@ -105,10 +111,10 @@ def ghost_module_masked_reference(
     backward must differentiate to match the forward that wrote that output. A float16, bfloat16
     or TF32 pre-activation within rounding of zero can land on the other side of the float64 one,
     and each such flip changes a gradient by a whole gradient value."""
-    init, kernel, dw = primary_weight.shape[0], primary_weight.shape[-1], cheap_weight.shape[-1]
+    init = primary_weight.shape[0]
     passes = ~(relu_masks_of.to(x.dtype) <= 0)
-    x1 = F.conv2d(x, primary_weight, primary_bias, stride, kernel // 2) * passes[:, :init]
-    x2 = F.conv2d(x1, cheap_weight, cheap_bias, 1, dw // 2, groups=init)[:, : out_channels - init]
+    x1 = F.conv2d(x, primary_weight, primary_bias, stride, same_padding(primary_weight)) * passes[:, :init]
+    x2 = F.conv2d(x1, cheap_weight, cheap_bias, 1, same_padding(cheap_weight), groups=init)[:, : out_channels - init]
     return torch.cat([x1, x2 * passes[:, init:]], dim=1)
 
 

@@ -180,7 +180,7 @@ class SqueezeExciteGhost(nn.Module):
         (standard_gate): checked anew when a module of either is replaced after accelerate() (a
         SiLU for act1 kept running as a ReLU), by identity, as the gate's probe costs ~20 us."""
         se, ghost = self._modules["se"], self._modules["ghost"]
-        attributes = vars(se)  # the original code's gate_fn is a plain attribute, not a module
+        attributes = se.__dict__  # the original code's gate_fn is a plain attribute; not vars(): torch 2.6's dynamo
         parts = (se, ghost, *se._modules.values(), attributes.get("gate_fn"), attributes.get("gate"))
         if parts != self._checked_parts:  # modules and functions compare by identity
             self._eligible = SqueezeExciteGhost.eligible(se, ghost)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .reference import output_memory_format
+from .reference import output_memory_format, same_padding
 from .triton_ghost import _accumulator, _alignment, _block, _cdiv, launch
 
 BLOCK = 256  # pixels of one plane a program takes
@@ -193,8 +193,8 @@ def _statistics(z, accumulate):
 def forward(x, primary_weight, primary_gamma, primary_beta, cheap_weight, cheap_gamma, cheap_beta, out_channels,
             stride, activation, primary_eps, cheap_eps):
     """ghost_module_train's outputs (arguments checked by the caller)."""
-    kernel, d = primary_weight.shape[-1], cheap_weight.shape[-1]
-    z1 = F.conv2d(x, primary_weight, None, stride, kernel // 2).contiguous()
+    d = cheap_weight.shape[-1]
+    z1 = F.conv2d(x, primary_weight, None, stride, same_padding(primary_weight)).contiguous()
     batch, init, height, width = z1.shape
     ghosts, plane = cheap_weight.shape[0], height * width
     copies, keep = ghosts // init, out_channels - init

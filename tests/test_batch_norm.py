@@ -152,6 +152,21 @@ def test_gradcheck(one_thread):
     assert torch.autograd.gradgradcheck(output, args[:3])
 
 
+def test_autograd_kernel_where_torch_has_no_any_requires_grad(monkeypatch):
+    """torch 2.6 has no torch._C._any_requires_grad (every op with running statistics raised
+    AttributeError there): the Python check decides the same, input by input."""
+    from ghostkernels import ops
+    monkeypatch.setattr(ops, "_any_requires_grad", ops._any_tensor_requires_grad)
+    x, weight, bias, eps = _op_arguments()
+    for wants_grad in ([x], [weight], [bias], []):
+        args = [t.detach().requires_grad_(any(t is w for w in wants_grad)) for t in (x, weight, bias)]
+        out = torch.ops.ghostkernels.batch_norm_train(*args, eps)[0]
+        assert out.requires_grad == bool(wants_grad)
+        if wants_grad:
+            out.backward(torch.ones_like(out))
+            assert [a.grad is not None for a in args] == [a.requires_grad for a in args]
+
+
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced", "channels_last 1x1", "running_statistics"])
 def test_opcheck(layout):
     """The kernels' output strides are the fake kernels' for every layout of x; with running

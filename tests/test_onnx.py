@@ -12,7 +12,7 @@ import torch
 from conftest import randomise_bn
 
 import ghostkernels
-from ghostkernels import accelerate, models
+from ghostkernels import accelerate, models, ops
 from ghostkernels.models import ghostnet_050
 from ghostkernels.onnx_export import decompositions
 
@@ -21,7 +21,12 @@ EXPORTERS = [pytest.param(False, id="torchscript"), pytest.param(True, id="dynam
 
 def export_and_run(model, inputs, path, dynamo, grad=True, **export_options):
     """Export model to path (with autograd enabled or not: the inference fast paths of G-Ghost
-    stages run without), run it in ONNX Runtime (CPU), return (onnx outputs, torch outputs)."""
+    stages run without), run it in ONNX Runtime (CPU), return (onnx outputs, torch outputs). With
+    dynamo=True on a torch whose exporter does not flag its capture (torch 2.6), a model is
+    decomposed first, as the README says to there."""
+    if dynamo and not ops.DYNAMO_ONNX_EXPORT_IS_FLAGGED and not isinstance(model, torch.export.ExportedProgram):
+        with torch.set_grad_enabled(grad):
+            model = decomposed(model, inputs)
     with torch.no_grad():
         expected = model.module()(*inputs) if isinstance(model, torch.export.ExportedProgram) else model(*inputs)
     with warnings.catch_warnings(), torch.set_grad_enabled(grad):
