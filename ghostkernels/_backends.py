@@ -2,9 +2,11 @@
 
 import contextlib
 import importlib
+import importlib.metadata
 import importlib.util
 import os
 import platform
+import re
 
 import torch
 
@@ -69,17 +71,39 @@ def load_cpu_extension():
 
 _triton = None  # (reason, {module name: module}) or (reason, None) once an import failed
 
+# The oldest Triton the kernels are written and tested for (torch 2.6 to 2.9 pin Triton 3.2 to 3.5;
+# torch 2.10 and 2.11 pin 3.6).
+MIN_TRITON = (3, 6)
+
+
+def _triton_too_old(version):
+    """Why Triton `version` (a version string) cannot run the kernels, or None if it can."""
+    if tuple(int(part) for part in re.findall(r"\d+", version)[:2]) >= MIN_TRITON:
+        return None
+    return f"Triton {version} is older than 3.6, which the kernels need; install triton>=3.6"
+
+
+def _installed_triton_version():
+    for distribution in ("triton", "pytorch-triton"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            return importlib.metadata.version(distribution)
+    return None
+
 
 def triton_kernels(name="triton_ghost"):
     """A Triton kernels module of this package (triton_ghost, triton_cheap_mix), imported on
-    first use; None (and the reason kept) if Triton cannot be imported."""
+    first use; None (and the reason kept) if Triton cannot be imported or is too old."""
     global _triton
     if _triton is None or (_triton[1] is not None and name not in _triton[1]):
         try:
-            module = importlib.import_module(f".{name}", __package__)
-            modules = dict(_triton[1]) if _triton is not None else {}
-            modules[name] = module
-            _triton = (f"Triton {module.triton.__version__} kernels", modules)
+            import triton
+            too_old = _triton_too_old(triton.__version__)
+            if too_old:
+                _triton = (too_old, None)
+            else:
+                modules = dict(_triton[1]) if _triton is not None else {}
+                modules[name] = importlib.import_module(f".{name}", __package__)
+                _triton = (f"Triton {triton.__version__} kernels", modules)
         except ImportError as error:
             _triton = (f"Triton cannot be imported ({error}); install triton>=3.6", None)
     return _triton[1][name] if _triton[1] is not None else None
@@ -123,7 +147,10 @@ def _cuda_status():
     elif importlib.util.find_spec("triton") is None:
         backend, reason = "reference", "Triton is not installed; install triton>=3.6"
     else:
-        backend, reason = "triton", "Triton kernels (imported at the first CUDA call)"
+        version = _installed_triton_version()  # its package's metadata: `import triton` takes ~0.2 s
+        too_old = version and _triton_too_old(version)
+        backend, reason = (("reference", too_old) if too_old
+                           else ("triton", "Triton kernels (imported at the first CUDA call)"))
     if not torch.cuda.is_available():
         reason += "; no CUDA device is visible"
     return {"backend": backend, "reason": reason, "float32_dots": _float32_dots_status()}

@@ -37,9 +37,10 @@ def precompile(model, example_inputs, workers=None):
 
 def compile_forward(model, example, workers=None):
     """precompile's work on any device whose ops launch ghostkernels' Triton kernels."""
-    from . import triton_ghost  # Triton only where there is something to compile
+    from . import _backends
 
-    if triton_ghost.INTERPRET:
+    triton_ghost = _backends.triton_kernels()  # Triton only where there is something to compile
+    if triton_ghost is None or triton_ghost.INTERPRET:  # none (or too old): the ops run the reference
         return 0, 0.0
     start = time.perf_counter()
     try:
