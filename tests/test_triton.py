@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -360,7 +361,7 @@ def test_a_triton_older_than_3_6_is_not_used(monkeypatch):
     Triton tests): the CUDA ops then run the reference, and backends() says why, before and after
     a first call."""
     import triton
-    from ghostkernels import _backends
+    from ghostkernels import _backends, ops
     monkeypatch.setattr(_backends, "_installed_triton_version", lambda: "3.2.0")
     monkeypatch.setattr(triton, "__version__", "3.2.0")
     monkeypatch.setattr(_backends, "_triton", None)
@@ -371,6 +372,12 @@ def test_a_triton_older_than_3_6_is_not_used(monkeypatch):
         assert status["backend"] == "reference", status
         assert status["reason"].startswith("Triton 3.2.0 is older than 3.6, which the kernels need; "
                                            "install triton>=3.6"), status
+    x = make_input(2, 6, 5, 5, dtype=torch.float64)
+    weights = make_weights(6, 10, 2, 3, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's one warning (keyed by x's device: cpu here)
+        out = ops._ghost_module_cuda(x, *weights, 10, 1, "relu")  # the op's CUDA kernel
+    torch.testing.assert_close(out, ghost_module_reference(x, *weights, out_channels=10), rtol=1e-12, atol=1e-12)
     monkeypatch.setattr(triton, "__version__", "3.10.0")
     monkeypatch.setattr(_backends, "_triton", None)
     assert _backends.triton_kernels() is triton_ghost
