@@ -56,9 +56,9 @@ def conv_backward(grad, x, weight, stride, groups, bias=True):
     groups=groups), by aten's convolution_backward rather than autograd: the fallback backward
     kernels run below autograd's dispatch key, where a TorchDispatchMode (opcheck, FlopCounterMode)
     calls them and autograd records nothing."""
-    k = weight.shape[-1]
-    return torch.ops.aten.convolution_backward(grad, x, weight, [weight.shape[0]], [stride] * 2, [k // 2] * 2,
-                                               [1, 1], False, [0, 0], groups, [True, True, bias])
+    return torch.ops.aten.convolution_backward(grad, x, weight, [weight.shape[0]], [stride] * 2,
+                                               same_padding(weight), [1, 1], False, [0, 0], groups,
+                                               [True, True, bias])
 
 
 def batch_norm_backward(grad, x, weight, mean, var, eps):

@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 
 from . import _backends
-from .reference import nearest_scale, output_memory_format
+from .reference import nearest_scale, output_memory_format, same_padding
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -868,13 +868,12 @@ def _choose_config(device, shape, library_ok, large, run):
 
 def _launch(x, primary_weight, primary_bias, cheap_weight, cheap_bias, out, activation, stride, gate, scale, residual,
             config):
-    kernel = primary_weight.shape[-1]
     source, primary_dot = x, True
     # z1 from the library, without the bias (the kernel adds it as it loads z1: cuDNN adds a bias
     # in a pass of its own); the kernel activates, stores and uses it
-    if kernel > 1:
+    if primary_weight.shape[-1] > 1:
         source = torch.nn.functional.conv2d(x if scale is None else x * scale, primary_weight, None, stride,
-                                            kernel // 2)
+                                            same_padding(primary_weight))
         primary_dot, scale = False, None
     elif config["primary"] == "library":
         source, primary_dot, scale = library_primary(x, primary_weight, scale), False, None
@@ -1238,7 +1237,7 @@ def backward(grad, out, x, primary_weight, primary_bias, cheap_weight, cheap_bia
     loop's tiles (see BACKWARD_BLOCK_C)."""
     batch = x.shape[0]
     init, ghosts = primary_weight.shape[0], cheap_weight.shape[0]
-    kernel, dw = primary_weight.shape[-1], cheap_weight.shape[-1]
+    dw = cheap_weight.shape[-1]
     height, width = out.shape[2:]
     grad = grad.contiguous(memory_format=output_memory_format(out))
     grad_z1 = torch.empty((batch, init, height, width), dtype=x.dtype, device=x.device,
@@ -1254,7 +1253,7 @@ def backward(grad, out, x, primary_weight, primary_bias, cheap_weight, cheap_bia
             plan = _plans[key] = backward_plan(tensors, activation, rows3, tile_pixels)
         _run(plan, tensors)
     grad_x, grad_w1, _ = torch.ops.aten.convolution_backward(
-        grad_z1, x, primary_weight, None, [stride, stride], [kernel // 2, kernel // 2], [1, 1], False, [0, 0], 1,
+        grad_z1, x, primary_weight, None, [stride, stride], same_padding(primary_weight), [1, 1], False, [0, 0], 1,
         [True, True, False],
     )
     # one reduction for the three grads; each is copied out of it, so that no two results share storage

@@ -224,7 +224,7 @@ def forward(x, primary_weight, primary_gamma, primary_beta, cheap_weight, cheap_
 def backward(grad, x, primary_weight, primary_gamma, primary_beta, cheap_weight, cheap_gamma, cheap_beta, z1, z2,
              mean1, var1, mean2, var2, out_channels, stride, activation, primary_eps, cheap_eps):
     """ghost_module_train_backward's grads (x, W1, gamma1, beta1, W2, gamma2, beta2)."""
-    kernel, d = primary_weight.shape[-1], cheap_weight.shape[-1]
+    d = cheap_weight.shape[-1]
     batch, init, height, width = z1.shape
     ghosts, plane = cheap_weight.shape[0], height * width
     copies, keep = ghosts // init, out_channels - init
@@ -261,7 +261,7 @@ def backward(grad, x, primary_weight, primary_gamma, primary_beta, cheap_weight,
     launch(_batch_norm_backward_kernel, (batch * init, blocks), dy1, z1, scale1, mean1, grad_beta1 / count,
            grad_gamma1 * rstd1 / count, plane // pixel_align, init, BLOCK=BLOCK, PIXEL_ALIGN=pixel_align, ACC=acc)
     grad_x, grad_w1, _ = torch.ops.aten.convolution_backward(
-        dy1, x, primary_weight, None, [stride] * 2, [kernel // 2] * 2, [1, 1], False, [0, 0], 1, [True, True, False])
+        dy1, x, primary_weight, None, [stride] * 2, same_padding(primary_weight), [1, 1], False, [0, 0], 1, [True, True, False])
     grads = (grad_gamma1, grad_beta1, grad_w2.view(cheap_weight.shape), grad_gamma2, grad_beta2)
     return (grad_x.contiguous(memory_format=output_memory_format(x)), grad_w1.contiguous(),
             *(g.to(x.dtype) for g in grads))
