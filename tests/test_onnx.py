@@ -206,6 +206,14 @@ def test_model(name, dynamo, tmp_path):
     assert_close(*export_and_run(model, inputs, tmp_path / "model.onnx", dynamo, grad=False))
 
 
+def test_dynamo_export_flag_is_read_where_torch_sets_it():
+    """From torch 2.8 on the dynamo=True exporter flags its capture (torch 2.6 does not): there the
+    library must read the flag, or export_and_run would quietly decompose first and hide that a
+    plain torch.onnx.export(model, dynamo=True) no longer works (a torch that moved the flag)."""
+    release = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    assert ops.DYNAMO_ONNX_EXPORT_IS_FLAGGED == (release >= (2, 8)) or release == (2, 7), torch.__version__
+
+
 @pytest.mark.parametrize("dynamo", [None, *EXPORTERS])
 def test_default_options(dynamo, tmp_path):
     """torch.onnx.export(model, args, f) with the exporter's own defaults (opset included), on a
