@@ -182,7 +182,9 @@ class SqueezeExciteGhost(nn.Module):
         se, ghost = self._modules["se"], self._modules["ghost"]
         attributes = se.__dict__  # the original code's gate_fn is a plain attribute; not vars(): torch 2.6's dynamo
         parts = (se, ghost, *se._modules.values(), attributes.get("gate_fn"), attributes.get("gate"))
-        if parts != self._checked_parts:  # modules and functions compare by identity
+        checked = self._checked_parts
+        # By identity, spelled out: torch 2.7's dynamo cannot trace a module's __eq__ (a tuple's != calls it).
+        if checked is None or len(parts) != len(checked) or any(a is not b for a, b in zip(parts, checked)):
             self._eligible = SqueezeExciteGhost.eligible(se, ghost)
             self._standard_gate = self._eligible and type(se.act1) is nn.ReLU and _is_hard_sigmoid(_gate(se))
             self._checked_parts = parts
