@@ -201,7 +201,7 @@ def backward_parity(case):
 
 def stage_bytes(case, name):
     """Bytes a stage must move at least (each input read once, each output written once)."""
-    x, out = case["sets"][0]["x"], case["sets"][0]["out"]
+    x = case["sets"][0]["x"]
     e = x.element_size()
     pixels = x.shape[0] * x.shape[2] * x.shape[3]
     inp, init, oup = x.shape[1], case["init"], case["oup"]

@@ -436,7 +436,7 @@ def _never():
 def _onnx_export_flags():
     """Readers of torch.onnx.export's flags: (either exporter's, for eager code; the dynamo=True
     exporter's alone, for code that torch.export traces: _never where this torch's dynamo=True
-    exporter sets no flag, torch 2.6, before pytorch/pytorch#149678). Both read where this torch
+    exporter sets no flag, torch 2.6 and 2.7, before pytorch/pytorch#149678). Both read where this torch
     keeps the flags: torch.onnx.is_in_onnx_export costs two imports a call (1.3 us, as much as a
     small op's kernel), and torch.compile refuses to trace either it or the TorchScript exporter's flag."""
     try:

@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import cases  # noqa: E402
 import machine  # noqa: E402
 import report  # noqa: E402
+from conftest import needs_triton_kernels  # noqa: E402
 
 
 # ---- --floor-rates ---------------------------------------------------------------------------
@@ -205,6 +206,7 @@ def test_host_path_runs(tmp_path, monkeypatch):
     assert lines[-2].startswith("sum of 21") and "dispatcher hop" in lines[-1]
 
 
+@needs_triton_kernels
 def test_gpu_probe_runs_its_stages_on_the_cpu(capsys, monkeypatch):
     """bench/gpu_probe.py's stages and parity checks on CPU tensors (Triton in the interpreter);
     the timing, the variants and the host path need a GPU."""
@@ -223,6 +225,7 @@ def test_cold_op_runs(capsys, monkeypatch):
     assert "160->480@7" in out and "squeeze_excite_gate" in out and "512 MB" in out
 
 
+@needs_triton_kernels
 def test_gpu_report_rows_check_parity(monkeypatch):
     """bench/gpu_report.py's rows on CPU tensors (the Triton columns in the interpreter), with
     do_bench stubbed: the parity checks, including the backward's against float32 autograd with

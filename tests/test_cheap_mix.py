@@ -9,7 +9,7 @@ import torch
 from ghostkernels import triton_cheap_mix
 from ghostkernels.cheap_mix import cheap_mix, cheap_mix_reference
 
-from conftest import BAD_ARGUMENT, intra_op_threads
+from conftest import BAD_ARGUMENT, intra_op_threads, needs_triton_kernels
 
 # the module (ghostkernels.cheap_mix is the function of the same name)
 cheap_mix_module = importlib.import_module("ghostkernels.cheap_mix")
@@ -68,6 +68,7 @@ def test_cpu_gradcheck_and_opcheck():
                           (x.detach(), weight.detach(), b.detach(), mix.detach(), 3, out))
 
 
+@needs_triton_kernels
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16]
                          if DEVICE == "cpu" else [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
@@ -142,6 +143,7 @@ def test_cpu_nan_stays_where_the_reference_puts_it(dtype, channels_last):
                                equal_nan=True)
 
 
+@needs_triton_kernels
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 def test_triton_nan_stays_where_the_reference_puts_it(channels_last):
     """tl.maximum's default (maxnum) returns 0 for NaN; the kernel asks for NaN propagation."""

@@ -9,7 +9,7 @@ import onnx  # the test extra installs onnx, onnxscript (dynamo=True) and onnxru
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import randomise_bn
+from conftest import TORCH_RELEASE, randomise_bn
 
 import ghostkernels
 from ghostkernels import accelerate, models, ops
@@ -22,7 +22,7 @@ EXPORTERS = [pytest.param(False, id="torchscript"), pytest.param(True, id="dynam
 def export_and_run(model, inputs, path, dynamo, grad=True, **export_options):
     """Export model to path (with autograd enabled or not: the inference fast paths of G-Ghost
     stages run without), run it in ONNX Runtime (CPU), return (onnx outputs, torch outputs). With
-    dynamo=True on a torch whose exporter does not flag its capture (torch 2.6), a model is
+    dynamo=True on a torch whose exporter does not flag its capture (torch 2.6, 2.7), a model is
     decomposed first, as the README says to there."""
     if dynamo and not ops.DYNAMO_ONNX_EXPORT_IS_FLAGGED and not isinstance(model, torch.export.ExportedProgram):
         with torch.set_grad_enabled(grad):
@@ -207,11 +207,10 @@ def test_model(name, dynamo, tmp_path):
 
 
 def test_dynamo_export_flag_is_read_where_torch_sets_it():
-    """From torch 2.8 on the dynamo=True exporter flags its capture (torch 2.6 does not): there the
+    """From torch 2.8 on the dynamo=True exporter flags its capture (torch 2.6 and 2.7 do not): there the
     library must read the flag, or export_and_run would quietly decompose first and hide that a
     plain torch.onnx.export(model, dynamo=True) no longer works (a torch that moved the flag)."""
-    release = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
-    assert ops.DYNAMO_ONNX_EXPORT_IS_FLAGGED == (release >= (2, 8)) or release == (2, 7), torch.__version__
+    assert ops.DYNAMO_ONNX_EXPORT_IS_FLAGGED == (TORCH_RELEASE >= (2, 8)), torch.__version__
 
 
 @pytest.mark.parametrize("dynamo", [None, *EXPORTERS])

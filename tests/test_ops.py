@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import warnings
 
 import pytest
 import torch
@@ -639,3 +640,30 @@ def test_bad_gate(gate, error, match):
     if error is ValueError and gate.dim() == 4:  # the C++ kernel says the same to direct op calls
         with pytest.raises(BAD_ARGUMENT, match="gate must be"):
             torch.ops.ghostkernels.ghost_module_gated(*args, gate, 8, 1, "relu")
+
+
+def test_a_triton_older_than_3_6_is_not_used(monkeypatch):
+    """torch 2.6 to 2.9 pin Triton 3.2 to 3.5 (on Triton 3.2 the interpreter failed 156 of the suite's
+    Triton tests, which skip there now): the CUDA ops then run the reference, and backends() says
+    why, before and after a first call."""
+    import triton
+    from ghostkernels import _backends, ops, triton_ghost
+    monkeypatch.setattr(_backends, "_installed_triton_version", lambda: "3.2.0")
+    monkeypatch.setattr(triton, "__version__", "3.2.0")
+    monkeypatch.setattr(_backends, "_triton", None)
+    for first_call_made in (False, True):
+        if first_call_made:
+            assert _backends.triton_kernels() is None and _backends.triton_kernels("triton_cheap_mix") is None
+        status = ghostkernels.backends()["cuda"]
+        assert status["backend"] == "reference", status
+        assert status["reason"].startswith("Triton 3.2.0 is older than 3.6, which the kernels need; "
+                                           "install triton>=3.6"), status
+    x = make_input(2, 6, 5, 5, dtype=torch.float64)
+    weights = make_weights(6, 10, 2, 3, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's one warning (keyed by x's device: cpu here)
+        out = ops._ghost_module_cuda(x, *weights, 10, 1, "relu")  # the op's CUDA kernel
+    torch.testing.assert_close(out, ghost_module_reference(x, *weights, out_channels=10), rtol=1e-12, atol=1e-12)
+    monkeypatch.setattr(triton, "__version__", "3.10.0")
+    monkeypatch.setattr(_backends, "_triton", None)
+    assert _backends.triton_kernels() is triton_ghost

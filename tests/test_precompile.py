@@ -15,7 +15,7 @@ import torch
 import ghostkernels
 from ghostkernels import models, triton_ghost
 
-from conftest import needs_gpu, randomise_bn
+from conftest import needs_gpu, needs_triton_kernels, randomise_bn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 precompile_module = sys.modules["ghostkernels.precompile"]  # the package's `precompile` is the function
@@ -74,6 +74,7 @@ def test_a_failed_precompile_warns_and_accelerates(monkeypatch):
         assert torch.allclose(fast(x), model(x), rtol=1e-4, atol=1e-5)
 
 
+@needs_triton_kernels
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU compiles for itself (the test below)")
 def test_first_forward_compiled_for_sm90_without_a_gpu():
     """The compile-only forward of a small accelerated GhostNet: every launch's variant compiled

@@ -11,7 +11,7 @@ from torch import nn
 from ghostkernels import accelerate, ghost_module_reference, squeeze_excite
 from ghostkernels.squeeze_excite import SqueezeExciteGhost
 
-from conftest import BAD_ARGUMENT, intra_op_threads, make_input, make_weights, randomise_bn
+from conftest import BAD_ARGUMENT, intra_op_threads, make_input, make_weights, needs_triton_kernels, randomise_bn
 from test_models import TimmGhostModule
 
 op = torch.ops.ghostkernels.ghost_module_scaled
@@ -246,6 +246,7 @@ def test_gate_nan_propagates_like_the_reference(channels_last):
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@needs_triton_kernels
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("batch, channels, reduced, size, channels_last, bias", [
     (3, 24, 6, (7, 7), False, True), (1, 40, 12, (1, 1), True, False), (2, 7, 5, (37, 70), True, True),
@@ -262,6 +263,7 @@ def test_triton_gate_matches_reference(batch, channels, reduced, size, channels_
     torch.testing.assert_close(gate.double(), expected, rtol=tol, atol=tol)
 
 
+@needs_triton_kernels
 def test_triton_gate_keeps_nan_and_checks_its_arguments():
     from ghostkernels import triton_squeeze_excite
     x = make_input(2, 24, 5, 5).to(TRITON_DEVICE)
