@@ -120,6 +120,26 @@ def test_accelerate_merges_se_into_ghost2(se_class):
         torch.testing.assert_close(fast(x.to(memory_format=torch.channels_last)), out, rtol=1e-5, atol=1e-5)
 
 
+def test_replaced_parts_are_compared_by_identity():
+    """SqueezeExciteGhost notices a replaced SE part by identity, never by the parts' __eq__: a
+    tuple's != calls it, which torch 2.7's dynamo cannot trace for a module (compile and export of
+    every accelerated GhostNet with SE failed there)."""
+    class ReLUWithoutEquality(nn.ReLU):
+        __hash__ = nn.ReLU.__hash__
+
+        def __eq__(self, other):
+            raise AssertionError("a part compared with ==")
+
+    net = randomise_bn(Bottleneck(TimmSqueezeExcite), spread=0.2).eval()
+    fast = accelerate(net)
+    x = torch.randn(2, 8, 9, 7)
+    with torch.no_grad():
+        fast(x)
+        fast.ghost2.se.act1 = ReLUWithoutEquality()  # not nn.ReLU itself: the SE now runs as written
+        assert not fast.ghost2.standard_gate
+        torch.testing.assert_close(fast(x), net(x), rtol=1e-5, atol=1e-5)
+
+
 def test_other_squeeze_excites_stay():
     class SEModule(TimmSqueezeExcite):  # another name: its forward may differ (timm's SEModule has fc1/fc2)
         pass
