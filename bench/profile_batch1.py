@@ -44,7 +44,7 @@ import ghostkernels  # noqa: E402
 from ghostkernels import models  # noqa: E402
 from ghostkernels.direct_conv import DirectConv2d  # noqa: E402
 from ghostkernels.ghost_depthwise import GhostDepthwise  # noqa: E402
-from ghostkernels.modules import GhostModule, PointwiseConv2d  # noqa: E402
+from ghostkernels.modules import GhostModule, MergedAway, PointwiseConv2d  # noqa: E402
 from ghostkernels.squeeze_excite import SqueezeExciteGhost  # noqa: E402
 from machine import machine_line  # noqa: E402
 
@@ -89,7 +89,9 @@ def leaf_modules(model):
     """(name, module) of the outermost LEAF_TYPES modules (a Sequential only when empty)."""
     found = []
     for name, module in model.named_modules():
-        if not isinstance(module, LEAF_TYPES) or (isinstance(module, nn.Sequential) and len(module)):
+        # not a merged module's placeholder: a hook there splits the merge (MergedAway)
+        if (not isinstance(module, LEAF_TYPES) or (isinstance(module, nn.Sequential) and len(module))
+                or isinstance(module, MergedAway)):
             continue
         if any(name.startswith(prefix + ".") for prefix, _ in found):
             continue

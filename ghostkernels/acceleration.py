@@ -39,8 +39,8 @@ from .direct_conv import DepthwiseConv2d, DirectConv2d
 from .ghost_depthwise import GhostDepthwise
 from .ghost_residual import GhostBottleneckResidual
 from .models.g_ghost_regnet import GGhostStage
-from .modules import (GhostModule, GhostModuleV2, PointwiseConv2d, PointwiseLinear, activation_name, hook_dicts,
-                      conv_bn_sequence, deepcopy_module, eager_module, fold_conv_bn, is_ghost_conv_pair)
+from .modules import (GhostModule, GhostModuleV2, MergedAway, PointwiseConv2d, PointwiseLinear, activation_name,
+                      hook_dicts, conv_bn_sequence, deepcopy_module, eager_module, fold_conv_bn, is_ghost_conv_pair)
 from .precompile import precompile_quietly
 from .squeeze_excite import SqueezeExciteGhost
 
@@ -671,14 +671,16 @@ def _fold_conv_bn_pairs(accelerator):
 def _merge_ghost_depthwise(accelerator):
     """A bottleneck's ghost1 and the folded conv_dw it feeds (GhostNet's stride-2 blocks, in the
     original code, timm and the zoo: ghost1 -> conv_dw -> bn_dw) become one GhostDepthwise op
-    in ghost1's place; conv_dw becomes Identity."""
+    in ghost1's place; conv_dw becomes its MergedAway placeholder."""
     for owner_name, owner in _owners_outside_ghost_modules(accelerator.model):
         ghost, conv_dw = getattr(owner, "ghost1", None), getattr(owner, "conv_dw", None)
         bn_dw = getattr(owner, "bn_dw", None)
         passes_through = type(bn_dw) is nn.Identity or (type(bn_dw) is FoldedBatchNorm and bn_dw.passes_through)
-        if passes_through and GhostDepthwise.eligible(ghost, conv_dw) and accelerator.rewire(
-                "merged", f"{_child_name(owner_name, 'ghost1')}+conv_dw", owner_name, owner,
-                [("ghost1", GhostDepthwise(ghost, conv_dw)), ("conv_dw", nn.Identity())]):
+        if not (passes_through and GhostDepthwise.eligible(ghost, conv_dw)):
+            continue
+        merged = GhostDepthwise(ghost, conv_dw)
+        if accelerator.rewire("merged", f"{_child_name(owner_name, 'ghost1')}+conv_dw", owner_name, owner,
+                              [("ghost1", merged), ("conv_dw", MergedAway(merged, "depthwise"))]):
             ghost1_keys, conv_dw_keys = _child_name(owner_name, "ghost1."), _child_name(owner_name, "conv_dw.")
             accelerator.original_state_dicts.rename((ghost1_keys, ghost1_keys + "ghost."),
                                                     (conv_dw_keys, ghost1_keys + "depthwise."))
@@ -686,12 +688,14 @@ def _merge_ghost_depthwise(accelerator):
 
 def _merge_squeeze_excite(accelerator):
     """A bottleneck's SE and the ghost2 it feeds become one SqueezeExciteGhost in ghost2's place
-    (the SE product folded into ghost2's weights); se becomes Identity."""
+    (the SE product folded into ghost2's weights); se becomes its MergedAway placeholder."""
     for owner_name, owner in _owners_outside_ghost_modules(accelerator.model):
         se, ghost = getattr(owner, "se", None), getattr(owner, "ghost2", None)
-        if se is not None and SqueezeExciteGhost.eligible(se, ghost) and accelerator.rewire(
-                "merged", f"{_child_name(owner_name, 'se')}+ghost2", owner_name, owner,
-                [("ghost2", SqueezeExciteGhost(se, ghost)), ("se", nn.Identity())]):
+        if se is None or not SqueezeExciteGhost.eligible(se, ghost):
+            continue
+        merged = SqueezeExciteGhost(se, ghost)
+        if accelerator.rewire("merged", f"{_child_name(owner_name, 'se')}+ghost2", owner_name, owner,
+                              [("ghost2", merged), ("se", MergedAway(merged, "se"))]):
             ghost2_keys, se_keys = _child_name(owner_name, "ghost2."), _child_name(owner_name, "se.")
             accelerator.original_state_dicts.rename((ghost2_keys, ghost2_keys + "ghost."),
                                                     (se_keys, ghost2_keys + "se."))

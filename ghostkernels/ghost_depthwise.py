@@ -16,7 +16,7 @@ from torch import nn
 
 from . import _backends, ops
 from .direct_conv import DirectConv2d
-from .modules import GhostModule, merged_weights
+from .modules import GhostModule, merged_weights, split_off
 from .reference import output_memory_format, same_padding
 
 _lib = torch.library.Library("ghostkernels", "FRAGMENT")
@@ -99,8 +99,8 @@ ops.register_recompute_autograd("ghost_module_depthwise", _composed)
 class GhostDepthwise(nn.Module):
     """`ghost` (a GhostModule) then `depthwise` (a depthwise DirectConv2d) in one op: a
     GhostBottleneck's ghost1 and its folded conv_dw + bn_dw, which accelerate() then replaces
-    by Identity. Training mode, and a Ghost module without running statistics, run the two in
-    turn."""
+    by a placeholder (modules.MergedAway). Training mode, and a Ghost module without running
+    statistics, run the two in turn."""
 
     __prepare_scriptable__ = ops.refuse_torchscript
 
@@ -117,6 +117,8 @@ class GhostDepthwise(nn.Module):
     def forward(self, x):
         # eligible again: a ghost or depthwise replaced after accelerate() runs as it is
         ghost, depthwise = self._modules["ghost"], self._modules["depthwise"]
+        if split_off(self):  # the depthwise conv runs at conv_dw's place, for a hook
+            return ghost(x)
         folded = merged_weights(self, ghost, x) if GhostDepthwise.eligible(ghost, depthwise) else None
         if folded is None:
             return depthwise(ghost(x))

@@ -281,6 +281,12 @@ def intercepted(module):
     return any(hook_dicts(module)) or "forward" in module.__dict__
 
 
+def global_module_hooks():
+    """Whether a global module hook is registered (register_module_forward_hook and the like)."""
+    return bool(_global_hooks._global_forward_hooks or _global_hooks._global_forward_pre_hooks
+                or _global_hooks._global_backward_hooks or _global_hooks._global_backward_pre_hooks)
+
+
 def hooks_inside(module):
     """Whether a module inside `module` (not `module` itself) is intercepted (a hook, or a forward
     set on the instance), or a global module hook is registered (register_module_forward_hook:
@@ -289,8 +295,7 @@ def hooks_inside(module):
     (accelerate() leaves such modules unfused; this covers what is registered after it).
     intercepted() inlined, its dicts read directly: ~4 us a call for a Ghost module's eight
     submodules, ~0.15 ms of an accelerated GhostNet 1.0x forward (Zen 3)."""
-    if (_global_hooks._global_forward_hooks or _global_hooks._global_forward_pre_hooks
-            or _global_hooks._global_backward_hooks or _global_hooks._global_backward_pre_hooks):
+    if global_module_hooks():
         return True
     inside = [*module._modules.values()]
     for inner in inside:  # breadth first: the loop reaches what it appends
@@ -300,6 +305,35 @@ def hooks_inside(module):
                 return True
             inside += inner._modules.values()
     return False
+
+
+class MergedAway(nn.Identity):
+    """What accelerate() leaves in the place of a module it merged into a sibling: a bottleneck's
+    conv_dw (now ghost1.depthwise, a GhostDepthwise's) and se (now ghost2.se, a
+    SqueezeExciteGhost's). The merged op applies the module, so this passes its input through.
+    A hook on this placeholder or on the merged sibling (a feature extractor, a summary tool that
+    hooks every module) would then see tensors the original model never had: while there is one,
+    the two split (split_off) and each runs its own module, as in the original."""
+
+    def __init__(self, merged, name):
+        super().__init__()
+        self.name = name  # the module's attribute in `merged`
+        # plain attributes, not children: the module tree and the state-dict keys stay as they are
+        self.__dict__["merged"] = merged
+        merged.__dict__["placeholder"] = self
+
+    def forward(self, x):
+        return getattr(self.merged, self.name)(x) if split_off(self.merged) else x
+
+    def extra_repr(self):
+        return f"merged into its sibling {type(self.merged).__name__} as its {self.name}"
+
+
+def split_off(merged):
+    """Whether `merged` leaves out the module merged into it, which its placeholder (MergedAway)
+    then runs: while a hook is on either of them, or a global module hook is registered."""
+    placeholder = merged.__dict__.get("placeholder")
+    return placeholder is not None and (intercepted(merged) or intercepted(placeholder) or global_module_hooks())
 
 
 def check_input(module, x, weight):

@@ -18,7 +18,7 @@ from torch import nn
 
 from . import _backends, ops
 from .models.ghostnet import hard_sigmoid
-from .modules import GhostModule, PointwiseConv2d, merged_weights
+from .modules import GhostModule, PointwiseConv2d, merged_weights, split_off
 from .reference import output_memory_format
 
 _lib = torch.library.Library("ghostkernels", "FRAGMENT")
@@ -156,8 +156,8 @@ def _gate(se):
 
 class SqueezeExciteGhost(nn.Module):
     """`se` then `ghost` with the SE product folded into the Ghost op: a GhostBottleneck's se
-    and ghost2, which accelerate() then replaces by Identity. `se` is a SqueezeExcite of the
-    original code, timm or the zoo: x * gate(conv_expand(act1(conv_reduce(mean(x))))).
+    and ghost2, which accelerate() then replaces by a placeholder (modules.MergedAway). `se` is a
+    SqueezeExcite of the original code, timm or the zoo: x * gate(conv_expand(act1(conv_reduce(mean(x))))).
     Training mode, and a Ghost module without running statistics, run the two in turn."""
 
     __prepare_scriptable__ = ops.refuse_torchscript
@@ -205,7 +205,7 @@ class SqueezeExciteGhost(nn.Module):
     def ghost_op_inputs(self, x):
         """(SE scale, folded weights, Ghost module) of the merged op on x, or None where the two
         modules run in turn (GhostModule.ghost_op_inputs)."""
-        folded = merged_weights(self, self.ghost, x) if self._merge_is_exact() else None
+        folded = merged_weights(self, self.ghost, x) if self._merge_is_exact() and not split_off(self) else None
         if folded is None:
             return None
         se = self.se
@@ -217,6 +217,8 @@ class SqueezeExciteGhost(nn.Module):
         return scale, folded, self.ghost
 
     def forward(self, x):
+        if split_off(self):  # the SE runs at se's place, for a hook
+            return self.ghost(x)
         inputs = self.ghost_op_inputs(x)
         if inputs is None:
             return self.ghost(self.se(x))

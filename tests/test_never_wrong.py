@@ -684,6 +684,76 @@ def test_forwards_set_on_the_instance_after_accelerate_run(site):
         assert_close(fast(x), model(x))
 
 
+# Modules of the eval GhostNet 0.5x that accelerate() merges (ghost1 with conv_dw, se with ghost2)
+# or leaves a placeholder in (conv_dw, se), under the original's names.
+_MERGE_SITES = ["blocks.1.0.ghost1", "blocks.1.0.conv_dw", "blocks.3.0.se", "blocks.3.0.ghost2"]
+
+
+@pytest.mark.parametrize("site", _MERGE_SITES)
+def test_hooks_on_merged_modules_and_their_placeholders_see_the_original_tensors(site):
+    """A hook registered after accelerate() on a merged module or the placeholder left in its
+    sibling's place saw the merged op's tensors: on se the SE's input passed through (not x *
+    gate), on ghost1 the stride-2 depthwise conv's output, on ghost2 the SE's input. While a hook is
+    there, the two run their own modules (modules.MergedAway): each hook sees the original's input
+    and output (conv_dw's output with bn_dw folded in, as every folded conv's), and an edit of the
+    output reaches the logits as in the original."""
+    model, fast = accelerated_copies("ghostnet_050")
+    assert type(fast.get_submodule(site)).__name__ in ("GhostDepthwise", "MergedAway", "SqueezeExciteGhost")
+    folded = site.endswith("conv_dw")  # its output is bn_dw's: no edit there, which bn_dw's shift would not commute with
+    captured = []
+
+    def capture_and_edit(module, args, out):
+        captured.append((args[0], out))
+        return None if folded else out * 2
+
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        logits = []
+        for net in (model, fast):
+            net.get_submodule(site).register_forward_hook(capture_and_edit)
+            logits.append(net(x))
+        (original_input, original_output), (fast_input, fast_output) = captured
+        if folded:
+            original_output = model.blocks[1][0].bn_dw(original_output)
+    assert_close(fast_input, original_input)
+    assert_close(fast_output, original_output)
+    assert_close(logits[1], logits[0])
+
+
+def _output_shapes(net, x):
+    """{name: output shape} of every module of `net` on x, by forward hooks on all of them."""
+    shapes = {}
+
+    def record(module, args, out, name):
+        shapes.setdefault(name, out.shape)
+
+    handles = [m.register_forward_hook(functools.partial(record, name=name)) for name, m in net.named_modules()]
+    try:
+        return net(x), shapes
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def test_hooks_on_every_module_split_the_merges_only_while_registered():
+    """A summary tool hooks every module (torchinfo, thop): the placeholders then run their modules,
+    the merged modules leave them out, so ghost1, conv_dw and se report the original's shapes and
+    the logits stay the original's; the hooks removed, the placeholders pass their input through
+    again and the merged ops run."""
+    model, fast = accelerated_copies("ghostnet_050")
+    placeholders = [m for m in fast.modules() if type(m) is modules.MergedAway]
+    assert len(placeholders) >= 2
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        (expected, original_shapes), (logits, shapes) = _output_shapes(model, x), _output_shapes(fast, x)
+        assert_close(logits, expected)
+        names = ("blocks.1.0.ghost1", "blocks.1.0.conv_dw", "blocks.3.0.se")
+        assert [shapes[name] for name in names] == [original_shapes[name] for name in names]
+        y = torch.randn(1, 8, 4, 4, dtype=torch.float64)
+        assert all(placeholder(y) is y for placeholder in placeholders)
+        assert_close(fast(x), expected)
+
+
 @pytest.mark.parametrize("intercept", ["hook", "instance forward"])
 @pytest.mark.parametrize("site", ["cheap", "merge", "merge.0", "cheap_relu", "layers.1", "layers.1.relu"])
 def test_hooks_registered_after_accelerate_run_in_g_ghost_stages(site, intercept):
