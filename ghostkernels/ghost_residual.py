@@ -131,7 +131,7 @@ class GhostBottleneckResidual(nn.Module):
     in such a block's place, holding the block's children under their names (same state-dict
     keys) and its plain attributes, once the self-check has found its forward computing
 
-        out = ghost2(se(bn_dw(conv_dw(ghost1(x)))))   # conv_dw, bn_dw, se where present
+        out = ghost2(se(bn_dw(conv_dw(ghost1(x)))))   # conv_dw, bn_dw, se where present (not no-ops)
         out += shortcut(x)
 
     which is this module's forward too. The fused op runs when ghost2 can run its own (eval,
@@ -172,8 +172,10 @@ class GhostBottleneckResidual(nn.Module):
         modules = self._modules
         ghost2, shortcut = modules["ghost2"], modules["shortcut"]
         out = modules["ghost1"](x)
-        if modules.get("conv_dw") is not None:
-            out = modules["bn_dw"](modules["conv_dw"](out))
+        conv_dw = modules.get("conv_dw")
+        # not a pair of no-ops: timm's V3 keeps Identity ones at stride 1 and never calls them (their hooks)
+        if conv_dw is not None and not (_is_no_op(conv_dw) and _is_no_op(modules["bn_dw"])):
+            out = modules["bn_dw"](conv_dw(out))
         if modules.get("se") is not None:
             out = modules["se"](out)
         inputs = None  # ghost2's own mode decides, as where the block runs its layers

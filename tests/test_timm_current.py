@@ -60,6 +60,34 @@ def test_accelerate_eval_logits(source, version, check):
         assert not summary.residual and [name for name, _ in summary.skipped] == stem + ["16 GhostNet bottlenecks"]
 
 
+def _called_modules(model, x, names):
+    """The names of `names` whose module `model`'s forward on x calls, by hooks on all of them."""
+    called, handles = set(), []
+    for name in names:
+        hook = (lambda name: lambda module, args: called.add(name))(name)
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            return model(x), called
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("source, version", [("timm", "v3"), ("huawei", "v1")], ids=["timm-v3", "huawei-v1"])
+def test_hooks_on_every_module_fire_where_the_original_calls(source, version):
+    """A tool that hooks every module (a summary, a tracer) sees the modules the original calls:
+    timm's V3 keeps Identity conv_dw and bn_dw at stride 1 and never calls them, which the fused
+    bottleneck did; the merged modules and their placeholders call their own layers while hooked."""
+    model = build(source, version).eval()
+    fast = accelerate(copy.deepcopy(model), check=True)
+    common = [name for name, _ in fast.named_modules() if name and name in dict(model.named_modules())]
+    x = torch.randn(1, 3, 64, 64)
+    (expected, original_calls), (out, calls) = _called_modules(model, x, common), _called_modules(fast, x, common)
+    assert calls == original_calls, sorted(calls ^ original_calls)[:8]
+    assert rel_err(out, expected) <= 1e-5
+
+
 @pytest.mark.parametrize("check", [False, True], ids=["unchecked", "default"])
 @pytest.mark.parametrize("version", ["v1", "v2", "v3"])
 def test_forward_intermediates_unchanged(version, check):
