@@ -111,6 +111,19 @@ def test_eval_gradients_through_the_cached_fold_differentiate_again():
         torch.testing.assert_close(b, a)
 
 
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_input_jacobian_through_torch_autograd(vectorize):
+    """The README's statement: torch.autograd.functional.jacobian (vmap over the backward with
+    vectorize=True) works, where torch.func's transforms raise PyTorch's setup_context error."""
+    original, ours = pair(inp=6, oup=11, ratio=3)
+    original.eval(), ours.eval()
+    x = make_input(1, 6, 5, 5)
+    jacobians = [torch.autograd.functional.jacobian(module, x, vectorize=vectorize) for module in (original, ours)]
+    torch.testing.assert_close(jacobians[1], jacobians[0])
+    with pytest.raises(RuntimeError, match="setup_context"):
+        torch.func.jacrev(ours)(x)
+
+
 def test_eval_parameter_updated_before_the_backward_raises_as_the_original():
     """A parameter changed in place between the forward and its backward: autograd's error, as the
     original raises. The cached fold saves its sources: a backward folding again from the changed
