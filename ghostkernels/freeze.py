@@ -22,7 +22,7 @@ from ._backends import ieee_float32_matmuls, load_cpu_extension
 from .acceleration import _relative_error, _tolerance
 from .direct_conv import fuse_direct_conv_relus
 from .ghost_residual import fuse_residual_adds
-from .modules import deepcopy_module, eager_module, fuse_pointwise_epilogues
+from .modules import deepcopy_module, eager_module, fuse_pointwise_epilogues, global_module_hooks, hook_dicts
 from .ops import refuse_torchscript
 from .pointwise_pool import fuse_pointwise_pools
 from .precompile import precompile_quietly
@@ -159,7 +159,8 @@ def _fresh(inputs, extra_batch):
 
 def checked_example(caller, verb, model, example_inputs):
     """The positional arguments of an eval-mode `model` that freeze() or capture() records:
-    `example_inputs` as a tuple of tensors, or a TypeError/ValueError naming what is wrong."""
+    `example_inputs` as a tuple of tensors, or a TypeError/ValueError naming what is wrong; a
+    warning where hooks would run during the recording only."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{caller}: model must be a torch.nn.Module, got {type(model).__name__}")
     if model.training:
@@ -177,6 +178,13 @@ def checked_example(caller, verb, model, example_inputs):
     if not isinstance(inputs, tuple) or not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
         raise TypeError(f"{caller}: example_inputs must be a tensor or a non-empty tuple of tensors (the model's "
                         f"positional arguments), got {type(example_inputs).__name__}")
+    hooked = [name or "the model" for name, module in model.named_modules() if any(hook_dicts(module))]
+    if hooked or global_module_hooks():
+        where = (f"on {len(hooked)} module(s) ({', '.join(hooked[:3])}{', ...' if len(hooked) > 3 else ''})" if hooked
+                 else "registered globally (register_module_forward_hook)")
+        warnings.warn(f"{caller}: hooks {where} run while it {verb} the forward only: what they did to the outputs "
+                      "then is kept, and they are never called again (a hook that records tensors records nothing)",
+                      stacklevel=3)
     return inputs
 
 
@@ -208,6 +216,8 @@ def freeze(model, example_inputs):
       the global average pool (GhostNet's last block and pool) one `pointwise_conv2d_pool`; a
       direct conv followed by a ReLU (the stem) one `direct_conv2d` with the ReLU.
     - A torch.compile wrapper is frozen as the eager model it holds.
+    - Hooks run while it traces only (a warning says so): their effect on the outputs is kept,
+      the hooks themselves are never called again.
     - The trace is checked before it is returned: on the example, on fresh random inputs of
       its shape and on ones with one more image, the frozen model must give the model's
       outputs within accelerate()'s self-check tolerance (1e-5 relative in float32). A forward

@@ -26,6 +26,16 @@ def test_refusals(call, error, message, accelerated):
         call(copy.deepcopy(accelerated))
 
 
+def test_hooks_are_said_to_run_while_recording_only(accelerated):
+    """As freeze(): a replay never calls the model's hooks (checked on the CPU: the warning comes
+    before the device check)."""
+    model = copy.deepcopy(accelerated)
+    model.blocks[3][0].se.register_forward_hook(lambda module, args, out: None)
+    with pytest.warns(UserWarning, match=r"capture: hooks on 1 module\(s\) \(blocks.3.0.se\) run while it records"):
+        with pytest.raises(ValueError, match="one CUDA device"):
+            ghostkernels.capture(model, torch.randn(1, 3, 32, 32))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_replay_matches_the_model_and_refuses_other_shapes(dtype):

@@ -227,6 +227,21 @@ def test_freeze_rejects_what_it_cannot_trace_faithfully():
         ghostkernels.freeze(Counter().eval(), torch.ones(1, 2))
 
 
+def test_freeze_warns_that_hooks_run_during_the_trace_only():
+    """A hook that records tensors (feature capture) records nothing from the frozen graph: said once,
+    naming where; an editing hook's effect is in the graph, as the trace saw it."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU()).eval()
+    x = torch.randn(1, 3, 4, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ghostkernels.freeze(model, x)
+    model[0].register_forward_hook(lambda module, args, out: out * 2)
+    with pytest.warns(UserWarning, match=r"freeze: hooks on 1 module\(s\) \(0\) run while it traces the forward only"):
+        frozen = ghostkernels.freeze(model, x)
+    with torch.no_grad():
+        assert_same(frozen(x), model(x))
+
+
 def test_torch_jit_script_says_what_keeps_the_fused_kernels():
     """torch.jit.script stopped on some line of the library ("Expected a single top-level
     function: .../ops.py:436", or a zoo block's attribute that only stride-2 blocks have); the
