@@ -40,7 +40,8 @@ from .ghost_depthwise import GhostDepthwise
 from .ghost_residual import GhostBottleneckResidual
 from .models.g_ghost_regnet import GGhostStage
 from .modules import (GhostModule, GhostModuleV2, MergedAway, PointwiseConv2d, PointwiseLinear, activation_name,
-                      hook_dicts, conv_bn_sequence, deepcopy_module, eager_module, fold_conv_bn, is_ghost_conv_pair)
+                      hook_dicts, conv_bn_sequence, deepcopy_module, eager_module, fold_conv_bn, is_ghost_conv_pair,
+                      recomputes_a_weight)
 from .precompile import precompile_quietly
 from .squeeze_excite import SqueezeExciteGhost
 
@@ -295,7 +296,7 @@ def _hooks_reason(module):
         return None if patched is None else (
             f"has a {type(patched).__name__} whose forward is set on the instance (HF accelerate's "
             "add_hook_to_module, a monkeypatch), which the replacement would not call")
-    if any(type(hook).__module__ in ("torch.nn.utils.prune", "torch.nn.utils.weight_norm") for hook in hooks):
+    if any(map(recomputes_a_weight, hooks)):
         return ("is pruned or weight-normalised (torch.nn.utils.prune / weight_norm recompute its weight in a hook): "
                 "prune.remove() / remove_weight_norm() make the weights plain for accelerate to fuse")
     return "has forward or backward hooks, which the replacement would drop"

@@ -22,7 +22,8 @@ from ._backends import ieee_float32_matmuls, load_cpu_extension
 from .acceleration import _relative_error, _tolerance
 from .direct_conv import fuse_direct_conv_relus
 from .ghost_residual import fuse_residual_adds
-from .modules import deepcopy_module, eager_module, fuse_pointwise_epilogues, global_module_hooks, hook_dicts
+from .modules import (deepcopy_module, eager_module, fuse_pointwise_epilogues, global_module_hooks, hook_dicts,
+                      recomputes_a_weight)
 from .ops import refuse_torchscript
 from .pointwise_pool import fuse_pointwise_pools
 from .precompile import precompile_quietly
@@ -178,7 +179,9 @@ def checked_example(caller, verb, model, example_inputs):
     if not isinstance(inputs, tuple) or not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
         raise TypeError(f"{caller}: example_inputs must be a tensor or a non-empty tuple of tensors (the model's "
                         f"positional arguments), got {type(example_inputs).__name__}")
-    hooked = [name or "the model" for name, module in model.named_modules() if any(hook_dicts(module))]
+    # not prune's and weight_norm's: the weight they compute is recorded, as every weight is
+    hooked = [name or "the model" for name, module in model.named_modules()
+              if any(not recomputes_a_weight(hook) for hooks in hook_dicts(module) for hook in hooks.values())]
     if hooked or global_module_hooks():
         where = (f"on {len(hooked)} module(s) ({', '.join(hooked[:3])}{', ...' if len(hooked) > 3 else ''})" if hooked
                  else "registered globally (register_module_forward_hook)")

@@ -275,6 +275,12 @@ def hook_dicts(module):
     return (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
 
 
+def recomputes_a_weight(hook):
+    """Whether `hook` is torch.nn.utils.prune's or the old weight_norm's forward pre-hook, which
+    recomputes a weight from the module's parameters before each call."""
+    return type(hook).__module__ in ("torch.nn.utils.prune", "torch.nn.utils.weight_norm")
+
+
 def intercepted(module):
     """Whether calling `module` may run code other than its class's forward: a hook, or a forward
     set on the instance (HF accelerate's add_hook_to_module, a monkeypatch)."""
