@@ -82,3 +82,53 @@ def test_accelerate_in_training_mode_keeps_outputs_and_gradients(seed):
     with intra_op_threads(THREADS[seed % len(THREADS)]):
         results = training_results(net, torch.randn(2, 3, 33, 33), dropout_seed=seed)[0]
     assert_training_like_eager(results)
+
+
+def _hooked_run(net, x, sites):
+    """net's output on x, x's gradient of its first logits' sum, and {name: tensors recorded} with a
+    hook of each (name, kind) of `sites` on the module of that name: "edit" scales its output,
+    "pre" its input, "record" keeps its output. (No full backward hooks: eager PyTorch refuses them
+    on the many outputs these networks change in place, a ReLU's or the residual add's.)"""
+    recorded, handles = {}, []
+    for name, kind in sites:
+        module = net.get_submodule(name)
+        if kind == "edit":
+            handles.append(module.register_forward_hook(lambda m, args, out: out * 1.5))
+        elif kind == "pre":
+            handles.append(module.register_forward_pre_hook(lambda m, args: (args[0] * 0.5, *args[1:])))
+        else:
+            handles.append(module.register_forward_hook(
+                lambda m, args, out, name=name: recorded.setdefault(name, []).append(out.detach().clone())))
+    x = x.clone().requires_grad_()
+    try:
+        out = net(x)
+        out[:, :3].sum().backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out.detach(), x.grad, recorded
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_hooks_registered_after_accelerate_see_what_they_see_in_the_original(seed):
+    """Hooks put after accelerate() on modules both networks name (not a folded BN or its conv, which
+    see the BN's output as the README says), a merged module or its placeholder among them where
+    there is one: outputs, recorded tensors and x's gradient as in the original (float64). A hook on
+    se saw ghost1's output before, one on ghost1 merged with conv_dw the depthwise conv's."""
+    rng = random.Random(seed)
+    net = randomise_bn(random_network(200 + seed), spread=0.3).double().eval()
+    fast = accelerate(net)
+    folded = {name for m in fast.modules() if type(m).__name__ == "FoldedBatchNorm" for name in (m.folded_into,)}
+    folded |= {name for name, m in fast.named_modules() if type(m).__name__ == "FoldedBatchNorm"}
+    names = [name for name, _ in fast.named_modules() if name and name in dict(net.named_modules()) and name not in folded]
+    merged = [name for name in names if type(fast.get_submodule(name)).__name__ in
+              ("MergedAway", "GhostDepthwise", "SqueezeExciteGhost")]
+    picks = set(rng.sample(names, 3)) | set(rng.sample(merged, min(2, len(merged))))
+    sites = [(name, rng.choice(["edit", "pre", "record"])) for name in sorted(picks)]
+    x = torch.randn(1, 3, 25, 25, dtype=torch.float64)
+    (expected, expected_grad, expected_recorded), (out, grad, recorded) = (_hooked_run(m, x, sites) for m in (net, fast))
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-12)
+    assert recorded.keys() == expected_recorded.keys()
+    for name, tensors in expected_recorded.items():
+        torch.testing.assert_close(recorded[name], tensors, rtol=1e-9, atol=1e-12)
