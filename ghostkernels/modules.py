@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx import _symbolic_trace as _fx_trace  # its _is_fx_tracing_flag
 from torch.nn.modules import module as _global_hooks  # its _global_*_hooks dicts
 
 from . import dfc_attention, ghost_train, ops
@@ -119,6 +120,7 @@ class PointwiseConv2d(nn.Conv2d):
         return pointwise.train(conv.training)
 
     def forward(self, x):
+        refuse_fx_proxy(self, x)
         # channels_last takes the conv, which keeps it; a channel slice of a batch (G-GhostNet's
         # inner blocks) the op, whose kernel reads each image in place
         if x.dim() != 4 or not x.is_cpu or (x.is_contiguous(memory_format=torch.channels_last)
@@ -342,6 +344,17 @@ def split_off(merged):
     return placeholder is not None and (intercepted(merged) or intercepted(placeholder) or global_module_hooks())
 
 
+def refuse_fx_proxy(module, x):
+    """A TypeError that says how to trace with torch.fx when x is its proxy: the fused modules pick
+    their kernels by the tensors' dtype, device and layout, which a symbolic trace does not have."""
+    if isinstance(x, torch.fx.Proxy):
+        raise TypeError(
+            f"{type(module).__name__}: torch.fx's symbolic trace cannot go through the fused modules (each picks its "
+            "kernel by the tensors' dtype, device and layout): trace them as leaves (a Tracer whose is_leaf_module "
+            "is true for modules from ghostkernels; torchvision's create_feature_extractor takes them as "
+            "tracer_kwargs={'leaf_modules': [...]}), or trace the original model")
+
+
 def check_input(module, x, weight):
     """x must be what a module whose first conv has `weight` takes: a ValueError or TypeError
     naming x otherwise (the fused ops skip the argument checks of ghostkernels.ghost_module).
@@ -350,6 +363,7 @@ def check_input(module, x, weight):
             and x.dtype is weight.dtype and x.device == weight.device):
         return
     name = type(module).__name__
+    refuse_fx_proxy(module, x)
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"{name}: x must be a 4-D tensor (N, C, H, W), got {shape}")
@@ -585,7 +599,8 @@ class GhostModule(nn.Module):
         if sources is None:
             return None
         tensors, eps, cacheable, pairs = sources
-        if not cacheable or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        # no cache under a trace: torch.fx's would leave its proxies in it (check_input then refuses the proxy x)
+        if not cacheable or torch.compiler.is_compiling() or torch.jit.is_tracing() or _fx_trace._is_fx_tracing_flag:
             return self._fold()
         try:
             key = [(t.data_ptr(), t._version) for t in tensors]

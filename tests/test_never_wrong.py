@@ -720,6 +720,30 @@ def test_hooks_on_merged_modules_and_their_placeholders_see_the_original_tensors
     assert_close(logits[1], logits[0])
 
 
+class _LeafTracer(torch.fx.Tracer):
+    """torch.fx tracing with ghostkernels' modules as leaves (the README's advice)."""
+
+    def is_leaf_module(self, module, qualified_name):
+        return type(module).__module__.startswith("ghostkernels") or super().is_leaf_module(module, qualified_name)
+
+
+def test_torch_fx_symbolic_trace_says_how_and_leaves_the_model_as_it_was():
+    """torch.fx.symbolic_trace (torchvision's feature extraction, FX quantization) of an accelerated
+    model raised "x must be a 4-D tensor, got Proxy", and the trace left its proxies in the Ghost
+    modules' fold caches: every later forward of the model raised a TraceError. Now a TypeError
+    says how (leaves), the model runs on as before, and traced with its modules as leaves it gives
+    its outputs."""
+    model, fast = accelerated_copies("ghostnet_050")
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(x)
+        with pytest.raises(TypeError, match="symbolic trace cannot go through the fused modules.*as leaves"):
+            torch.fx.symbolic_trace(fast)
+        assert_close(fast(x), expected)
+        traced = torch.fx.GraphModule(fast, _LeafTracer().trace(fast))
+        assert_close(traced(x), expected)
+
+
 def _output_shapes(net, x):
     """{name: output shape} of every module of `net` on x, by forward hooks on all of them."""
     shapes = {}
