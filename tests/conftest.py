@@ -1,5 +1,6 @@
 import contextlib
 import copy
+import functools
 import os
 import zlib
 
@@ -97,6 +98,22 @@ def make_input(n, c, h, w, channels_last=False, dtype=torch.float64, requires_gr
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     return x.requires_grad_(requires_grad)
+
+
+def module_output_shapes(net, x):
+    """(net(x), {name: output shape} of every module of `net` that the forward calls), by forward
+    hooks on all of them (what a summary tool does), removed afterwards."""
+    shapes = {}
+
+    def record(module, args, out, name):
+        shapes.setdefault(name, out.shape)
+
+    handles = [m.register_forward_hook(functools.partial(record, name=name)) for name, m in net.named_modules()]
+    try:
+        return net(x), shapes
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def randomise_bn(model, spread=1.0):

@@ -11,7 +11,7 @@ import zlib
 
 import pytest
 import torch
-from conftest import needs_gpu, randomise_bn
+from conftest import module_output_shapes, needs_gpu, randomise_bn
 from huawei_ghostnet import huawei_ghostnet
 from timm_ghostnet import timm_ghostnet
 from torch import nn
@@ -744,21 +744,6 @@ def test_torch_fx_symbolic_trace_says_how_and_leaves_the_model_as_it_was():
         assert_close(traced(x), expected)
 
 
-def _output_shapes(net, x):
-    """{name: output shape} of every module of `net` on x, by forward hooks on all of them."""
-    shapes = {}
-
-    def record(module, args, out, name):
-        shapes.setdefault(name, out.shape)
-
-    handles = [m.register_forward_hook(functools.partial(record, name=name)) for name, m in net.named_modules()]
-    try:
-        return net(x), shapes
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def test_hooks_on_every_module_split_the_merges_only_while_registered():
     """A summary tool hooks every module (torchinfo, thop): the placeholders then run their modules,
     the merged modules leave them out, so ghost1, conv_dw and se report the original's shapes and
@@ -769,7 +754,7 @@ def test_hooks_on_every_module_split_the_merges_only_while_registered():
     assert len(placeholders) >= 2
     x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad():
-        (expected, original_shapes), (logits, shapes) = _output_shapes(model, x), _output_shapes(fast, x)
+        (expected, original_shapes), (logits, shapes) = module_output_shapes(model, x), module_output_shapes(fast, x)
         assert_close(logits, expected)
         names = ("blocks.1.0.ghost1", "blocks.1.0.conv_dw", "blocks.3.0.se")
         assert [shapes[name] for name in names] == [original_shapes[name] for name in names]

@@ -118,9 +118,10 @@ def test_hooks_registered_after_accelerate_see_what_they_see_in_the_original(see
     rng = random.Random(seed)
     net = randomise_bn(random_network(200 + seed), spread=0.3).double().eval()
     fast = accelerate(net)
-    folded = {name for m in fast.modules() if type(m).__name__ == "FoldedBatchNorm" for name in (m.folded_into,)}
-    folded |= {name for name, m in fast.named_modules() if type(m).__name__ == "FoldedBatchNorm"}
-    names = [name for name, _ in fast.named_modules() if name and name in dict(net.named_modules()) and name not in folded]
+    folded = {folded_name for name, m in fast.named_modules() if type(m).__name__ == "FoldedBatchNorm"
+              for folded_name in (name, m.folded_into)}
+    original = dict(net.named_modules())
+    names = [name for name, _ in fast.named_modules() if name and name in original and name not in folded]
     merged = [name for name in names if type(fast.get_submodule(name)).__name__ in
               ("MergedAway", "GhostDepthwise", "SqueezeExciteGhost")]
     picks = set(rng.sample(names, 3)) | set(rng.sample(merged, min(2, len(merged))))
