@@ -24,7 +24,9 @@ probe before and after it, in float64 on the CPU where it allows (whatever the m
 and a change whose output differs is undone and listed as skipped with the measured error.
 """
 
+import contextlib
 import itertools
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -214,9 +216,50 @@ def _folded_conv(conv, bn):
     return folded
 
 
-def _bn_replacement(bn, folded_into):
+def _bn_replacement(bn, folded_into, conv_attribute):
     """The module that takes a folded BN's place: what ran after its normalisation."""
-    return FoldedBatchNorm(bn.num_features, [m for m in _bn_tail(bn) if type(m) is not nn.Identity], folded_into)
+    return FoldedBatchNorm(bn.num_features, [m for m in _bn_tail(bn) if type(m) is not nn.Identity], folded_into,
+                           conv_attribute)
+
+
+_accelerating = threading.local()  # .rewiring: accelerate() itself is assigning modules
+
+
+@contextlib.contextmanager
+def _rewiring():
+    _accelerating.rewiring = True
+    try:
+        yield
+    finally:
+        _accelerating.rewiring = False
+
+
+def check_reassignment(owner, name, module):
+    """A global module registration hook (torch.nn.modules.module, registered once at import): an
+    accelerated model given another module where accelerate() tied two (model surgery, a
+    converter that swaps modules) computes what the original so edited would, or says why not:
+    a merge's two parts split for good, each running its own module (MergedAway); a folded BN
+    replaced while its conv (which holds its values) is still in place is refused; a folded
+    conv replaced takes the BN's values with it, so its FoldedBatchNorm raises if it runs."""
+    old = owner._modules.get(name)
+    if old is None or old is module or getattr(_accelerating, "rewiring", False):
+        return
+    if type(old) is FoldedBatchNorm and old.conv_attribute is not None and not old.orphaned:
+        raise RuntimeError(
+            f"ghostkernels.accelerate() folded the BatchNorm at {name!r} into {old.folded_into}, whose weights now "
+            f"hold its values: another module there would apply a second BN. Replace {old.conv_attribute!r} first "
+            "(the BN's values go with it), or edit the original model and accelerate it again")
+    if type(old) is MergedAway:
+        old.separated = True
+    placeholder = old.__dict__.get("placeholder")
+    if placeholder is not None:
+        placeholder.separated = True
+    for sibling in owner._modules.values():
+        if type(sibling) is FoldedBatchNorm and sibling.conv_attribute == name:
+            sibling.orphaned = True
+
+
+torch.nn.modules.module.register_module_module_registration_hook(check_reassignment)
 
 
 class OriginalStateDicts:
@@ -349,15 +392,17 @@ class _Accelerator:
         """Make the assignments (replace and rewire have checked hooks and ties), then keep them
         if the self-check agrees, else undo them."""
         undo = [(parent, attr, getattr(parent, attr)) for parent, attr, _ in assignments]
-        for parent, attr, new in assignments:
-            setattr(parent, attr, new)
+        with _rewiring():
+            for parent, attr, new in assignments:
+                setattr(parent, attr, new)
         if root is not None:
             self.model = root
         if self.checker is not None:
             error = self.checker.error(self.model, scope)
             if error is not None:
-                for parent, attr, old in undo:
-                    setattr(parent, attr, old)
+                with _rewiring():
+                    for parent, attr, old in undo:
+                        setattr(parent, attr, old)
                 if root is not None:
                     self.model = old_modules[0]
                 self.summary.skipped.append((label, f"self-check: {error}; left as it was"))
@@ -646,7 +691,7 @@ def _fold(accelerator, owner_name, owner, conv_name, bn_name):
                                             "whether the fold changes it"))
         return
     folded_conv, folded_bn = _child_name(owner_name, conv_name), _child_name(owner_name, bn_name)
-    assignments = [(conv_name, _folded_conv(conv, bn)), (bn_name, _bn_replacement(bn, folded_conv))]
+    assignments = [(conv_name, _folded_conv(conv, bn)), (bn_name, _bn_replacement(bn, folded_conv, conv_name))]
     if accelerator.rewire("folded", label, owner_name, owner, assignments):
         accelerator.original_state_dicts.fold(folded_conv, folded_bn, bn.eps)
 

@@ -169,12 +169,16 @@ class FoldedBatchNorm(nn.BatchNorm2d):
 
     _BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
     __prepare_scriptable__ = ops.refuse_torchscript
+    # Class-level defaults: instances pickled before these attributes existed load with them.
+    conv_attribute = None  # the folded conv's attribute in the module that holds both
+    orphaned = False  # that conv has since been replaced, and the BN's values with it
 
-    def __init__(self, num_features, tail, folded_into):
+    def __init__(self, num_features, tail, folded_into, conv_attribute=None):
         super().__init__(num_features, affine=False, track_running_stats=False)
         for index, module in enumerate(tail):  # the keys of the nn.Sequential this class once was
             self.add_module(str(index), module)
         self.folded_into = folded_into
+        self.conv_attribute = conv_attribute
         # Not None, which converters (convert_sync_batchnorm) would copy into a BN that normalises
         # by batch statistics, silently: assigning this to a buffer raises a TypeError naming it
         del self._buffers["running_mean"], self._buffers["running_var"]
@@ -194,6 +198,11 @@ class FoldedBatchNorm(nn.BatchNorm2d):
                 "adaptation) the original normalises with batch statistics, which the folded model cannot. To train "
                 "the model, accelerate it in training mode; to adapt its BatchNorms, put them in training mode before "
                 "accelerate() (it keeps them); for inference, call eval() on this one")
+        if self.orphaned:
+            raise RuntimeError(
+                f"ghostkernels.accelerate() folded this BatchNorm into {self.folded_into}, which has since been "
+                "replaced, and the BN's values went with it: put a module of its own in this BN's place too (the "
+                "original BatchNorm, say), or edit the original model and accelerate it again")
         for module in self._modules.values():
             x = module(x)
         return x

@@ -321,7 +321,10 @@ class MergedAway(nn.Identity):
     SqueezeExciteGhost's). The merged op applies the module, so this passes its input through.
     A hook on this placeholder or on the merged sibling (a feature extractor, a summary tool that
     hooks every module) would then see tensors the original model never had: while there is one,
-    the two split (split_off) and each runs its own module, as in the original."""
+    the two split (split_off) and each runs its own module, as in the original. So they do for
+    good once either place is given another module (acceleration.check_reassignment)."""
+
+    separated = False  # a class-level default: placeholders pickled before it existed load with it
 
     def __init__(self, merged, name):
         super().__init__()
@@ -339,9 +342,11 @@ class MergedAway(nn.Identity):
 
 def split_off(merged):
     """Whether `merged` leaves out the module merged into it, which its placeholder (MergedAway)
-    then runs: while a hook is on either of them, or a global module hook is registered."""
+    then runs: once either has been replaced in the model, while a hook is on either of them, or
+    while a global module hook is registered."""
     placeholder = merged.__dict__.get("placeholder")
-    return placeholder is not None and (intercepted(merged) or intercepted(placeholder) or global_module_hooks())
+    return placeholder is not None and (placeholder.separated or intercepted(merged) or intercepted(placeholder)
+                                        or global_module_hooks())
 
 
 def refuse_fx_proxy(module, x):

@@ -116,6 +116,16 @@ def module_output_shapes(net, x):
             handle.remove()
 
 
+def perturbed(module, seed=0):
+    """A copy of `module` with other weights and BN statistics: a replacement whose effect shows."""
+    generator, copied = torch.Generator().manual_seed(seed), copy.deepcopy(module)
+    with torch.no_grad():
+        for tensor in [*copied.parameters(), *copied.buffers()]:
+            if tensor.is_floating_point():
+                tensor.copy_(torch.rand(tensor.shape, generator=generator, dtype=tensor.dtype) + 0.5)
+    return copied
+
+
 def randomise_bn(model, spread=1.0):
     """Non-trivial BN statistics and affine parameters, so that folding is really exercised.
     Deep networks want a small spread, or activations grow layer after layer."""

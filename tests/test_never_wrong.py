@@ -11,7 +11,7 @@ import zlib
 
 import pytest
 import torch
-from conftest import module_output_shapes, needs_gpu, randomise_bn
+from conftest import module_output_shapes, needs_gpu, perturbed, randomise_bn
 from huawei_ghostnet import huawei_ghostnet
 from timm_ghostnet import timm_ghostnet
 from torch import nn
@@ -763,6 +763,43 @@ def test_hooks_on_every_module_split_the_merges_only_while_registered():
         assert_close(fast(x), expected)
 
 
+@pytest.mark.parametrize("site", ["blocks.1.0.ghost1", "blocks.3.0.se", "blocks.3.0.ghost2"])
+def test_merged_modules_and_placeholders_replaced_after_accelerate(site):
+    """Model surgery after accelerate(): a module put in the place of a merged module or of the
+    placeholder beside it was left out or broke the model (a new se: the merged SE ran instead;
+    a new ghost2: the SE was lost). Now the two split for good, each place runs its module, and
+    the model computes what the original so edited does."""
+    model, fast = accelerated_copies("ghostnet_050")
+    replacement = perturbed(model.get_submodule(site))
+    for net in (model, fast):
+        net.set_submodule(site, copy.deepcopy(replacement))
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        assert_close(fast(x), model(x))
+
+
+@pytest.mark.parametrize("conv, bn", [("conv_stem", "bn1"), ("blocks.1.0.conv_dw", "blocks.1.0.bn_dw"),
+                                      ("blocks.1.0.shortcut.0", "blocks.1.0.shortcut.1")])
+def test_folded_pairs_replaced_after_accelerate(conv, bn):
+    """A folded BN's values live in its conv: another module in the BN's place alone would apply a
+    second BN (it was accepted silently), so it is refused; the conv replaced takes the values with
+    it, so the BN's place raises until it too holds a module; both replaced, conv first, the model
+    computes what the original so edited does (conv_dw: its placeholder, ghost1 then runs alone)."""
+    model, fast = accelerated_copies("ghostnet_050")
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=f"folded the BatchNorm at .* Replace '{conv.rpartition('.')[2]}' first"):
+        fast.set_submodule(bn, copy.deepcopy(model.get_submodule(bn)))
+    new_conv, new_bn = perturbed(model.get_submodule(conv)), perturbed(model.get_submodule(bn))
+    model.set_submodule(conv, new_conv)
+    model.set_submodule(bn, new_bn)
+    fast.set_submodule(conv, copy.deepcopy(new_conv))
+    with torch.no_grad(), pytest.raises(RuntimeError, match="has since been replaced, and the BN's values went with it"):
+        fast(x)
+    fast.set_submodule(bn, copy.deepcopy(new_bn))
+    with torch.no_grad():
+        assert_close(fast(x), model(x))
+
+
 @pytest.mark.parametrize("intercept", ["hook", "instance forward"])
 @pytest.mark.parametrize("site", ["cheap", "merge", "merge.0", "cheap_relu", "layers.1", "layers.1.relu"])
 def test_hooks_registered_after_accelerate_run_in_g_ghost_stages(site, intercept):
@@ -914,7 +951,7 @@ def test_self_check_undoes_a_fold_that_drops_an_activation(monkeypatch):
         def forward(self, x):
             return self.act(self.drop(super().forward(x)))
 
-    monkeypatch.setattr(acceleration, "_bn_replacement", lambda tail, folded_into: nn.Identity())
+    monkeypatch.setattr(acceleration, "_bn_replacement", lambda bn, folded_into, conv_attribute: nn.Identity())
     net = randomise_bn(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), BatchNormAct2d(4)), spread=0.3).eval()
     fast = accelerate(net)
     assert not fast.acceleration_summary.folded and "self-check" in fast.acceleration_summary.skipped[0][1]

@@ -1,13 +1,14 @@
 """accelerate() never changes outputs: small networks built at random from the blocks of current
 timm's and Huawei's GhostNet code (test-local copies), in random order."""
 
+import copy
 import random
 
 import huawei_ghostnet as huawei
 import pytest
 import timm_ghostnet as timm
 import torch
-from conftest import assert_training_like_eager, intra_op_threads, randomise_bn, training_results
+from conftest import assert_training_like_eager, intra_op_threads, perturbed, randomise_bn, training_results
 from torch import nn
 
 from ghostkernels import accelerate
@@ -133,3 +134,28 @@ def test_hooks_registered_after_accelerate_see_what_they_see_in_the_original(see
     assert recorded.keys() == expected_recorded.keys()
     for name, tensors in expected_recorded.items():
         torch.testing.assert_close(recorded[name], tensors, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_modules_replaced_after_accelerate(seed):
+    """Model surgery after accelerate(): a module both networks name, replaced in both by the same
+    new one (other weights). The accelerated network computes what the original so edited does,
+    or refuses with an error naming accelerate() (a folded BN whose conv holds its values); before,
+    a replaced BN, conv, SE, ghost1 or ghost2 of a merge or fold was left out or broke the model."""
+    rng = random.Random(seed)
+    net = randomise_bn(random_network(300 + seed), spread=0.3).double().eval()
+    fast = accelerate(net)
+    original = dict(net.named_modules())
+    names = [name for name, _ in fast.named_modules() if name and name in original]
+    x = torch.randn(1, 3, 25, 25, dtype=torch.float64)
+    for name in rng.sample(names, 6):
+        edited, edited_fast, replacement = copy.deepcopy(net), copy.deepcopy(fast), perturbed(original[name], seed)
+        edited.set_submodule(name, replacement)
+        with torch.no_grad():
+            try:
+                edited_fast.set_submodule(name, copy.deepcopy(replacement))
+                out = edited_fast(x)
+            except RuntimeError as error:
+                assert "ghostkernels.accelerate() folded" in str(error), name
+                continue
+            torch.testing.assert_close(out, edited(x), rtol=1e-9, atol=1e-12, msg=name)
