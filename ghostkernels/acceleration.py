@@ -249,9 +249,7 @@ def check_reassignment(owner, name, module):
             f"ghostkernels.accelerate() folded the BatchNorm at {name!r} into {old.folded_into}, whose weights now "
             f"hold its values: another module there would apply a second BN. Replace {old.conv_attribute!r} first "
             "(the BN's values go with it), or edit the original model and accelerate it again")
-    if type(old) is MergedAway:
-        old.separated = True
-    placeholder = old.__dict__.get("placeholder")
+    placeholder = old if type(old) is MergedAway else old.__dict__.get("placeholder")  # of a merged module
     if placeholder is not None:
         placeholder.separated = True
     for sibling in owner._modules.values():
