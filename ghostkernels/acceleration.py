@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .batch_norm import FoldedBatchNorm, TrainingBatchNorm2d
+from .batch_norm import FoldedBatchNorm, FoldedSequential, TrainingBatchNorm2d
 from .direct_conv import DepthwiseConv2d, DirectConv2d
 from .ghost_depthwise import GhostDepthwise
 from .ghost_residual import GhostBottleneckResidual
@@ -692,11 +692,13 @@ def _fold(accelerator, owner_name, owner, conv_name, bn_name):
     assignments = [(conv_name, _folded_conv(conv, bn)), (bn_name, _bn_replacement(bn, folded_conv, conv_name))]
     if accelerator.rewire("folded", label, owner_name, owner, assignments):
         accelerator.original_state_dicts.fold(folded_conv, folded_bn, bn.eps)
+        if type(owner) is nn.Sequential:
+            owner.__class__ = FoldedSequential  # its inserts and deletions keep the pair right
 
 
 def _fold_conv_bn_pairs(accelerator):
     for owner_name, owner in _owners_outside_ghost_modules(accelerator.model):
-        if type(owner) is nn.Sequential:
+        if type(owner) in (nn.Sequential, FoldedSequential):
             names = list(owner._modules)
             for conv_name, bn_name in zip(names, names[1:]):
                 if _foldable(owner._modules[conv_name], owner._modules[bn_name]):

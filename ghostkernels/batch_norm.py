@@ -201,8 +201,8 @@ class FoldedBatchNorm(nn.BatchNorm2d):
         if self.orphaned:
             raise RuntimeError(
                 f"ghostkernels.accelerate() folded this BatchNorm into {self.folded_into}, which has since been "
-                "replaced, and the BN's values went with it: put a module of its own in this BN's place too (the "
-                "original BatchNorm, say), or edit the original model and accelerate it again")
+                "replaced or removed, and the BN's values went with it: put a module of its own in this BN's place too "
+                "(the original BatchNorm, say), or edit the original model and accelerate it again")
         for module in self._modules.values():
             x = module(x)
         return x
@@ -220,6 +220,77 @@ class FoldedBatchNorm(nn.BatchNorm2d):
 
     def extra_repr(self):
         return f"folded into {self.folded_into}"
+
+    def conv_renamed(self, conv_attribute):
+        """Its conv now has this attribute in the module that holds both (a FoldedSequential renumbered)."""
+        self.conv_attribute = conv_attribute
+        owner, dot, _ = self.folded_into.rpartition(".")
+        self.folded_into = owner + dot + conv_attribute
+        self.running_mean.conv = self.folded_into
+
+
+class FoldedSequential(nn.Sequential):
+    """What an nn.Sequential becomes once accelerate() has folded a BN in it into the conv before
+    it: the same modules, keys, repr and forward. Its edits that move modules (insert, del, pop)
+    write its module dict directly, where no module registration hook sees them
+    (acceleration.check_reassignment), so here they keep each folded pair right or say why not: a
+    module inserted between a folded conv and its BN, or the BN removed while the conv stays, would
+    leave the BN's values in the conv, and is refused; the conv removed takes the values with it,
+    so the BN raises if it runs; the pairs' names follow the renumbering."""
+
+    def _get_name(self):
+        return "Sequential"
+
+    def _folded_pairs(self):
+        """[(conv, FoldedBatchNorm)] of the pairs that still hold the BN's values, the BN right after its conv."""
+        items = list(self._modules.items())
+        return [(conv, bn) for (conv_key, conv), (_, bn) in zip(items, items[1:])
+                if type(bn) is FoldedBatchNorm and bn.conv_attribute == conv_key and not bn.orphaned]
+
+    def _check_removal(self, pairs, removed):
+        for conv, bn in pairs:
+            if any(m is bn for m in removed) and not any(m is conv for m in removed):
+                raise RuntimeError(
+                    f"ghostkernels.accelerate() folded this BatchNorm into {bn.folded_into}, whose weights now hold "
+                    "its values: removing the BN alone would leave them there. Remove or replace the conv first, or "
+                    "edit the original model and accelerate it again")
+        for conv, bn in pairs:
+            if any(m is conv for m in removed):
+                bn.orphaned = True
+
+    def _renumber(self, pairs):
+        keys = {id(module): key for key, module in self._modules.items()}
+        for conv, bn in pairs:
+            if not bn.orphaned and id(conv) in keys:
+                bn.conv_renamed(keys[id(conv)])
+
+    def insert(self, index, module):
+        pairs, modules = self._folded_pairs(), list(self._modules.values())
+        position = index + len(modules) if index < 0 else index
+        if 0 <= position < len(modules) and any(modules[position] is bn for _, bn in pairs):
+            raise RuntimeError(
+                f"ghostkernels.accelerate() folded the BatchNorm at index {position} of this Sequential into the conv "
+                "before it: a module inserted between them would run after the BN, which the conv applies. Edit the "
+                "original model and accelerate it again")
+        super().insert(index, module)
+        self._renumber(pairs)
+        return self
+
+    def __delitem__(self, idx):
+        pairs = self._folded_pairs()
+        modules = list(self._modules.values())
+        try:
+            removed = modules[idx] if isinstance(idx, slice) else [modules[idx]]
+        except (IndexError, TypeError):
+            removed = []  # nn.Sequential raises its error
+        self._check_removal(pairs, removed)
+        super().__delitem__(idx)
+        self._renumber(pairs)
+
+    def __delattr__(self, name):
+        if name in self._modules:
+            self._check_removal(self._folded_pairs(), [self._modules[name]])
+        super().__delattr__(name)
 
 
 class StatisticsFoldedIntoConv:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import _backends, ops, squeeze_excite
+from .batch_norm import FoldedSequential
 from .modules import GhostModule, hooks_inside, intercepted
 from .reference import output_memory_format
 
@@ -155,7 +156,7 @@ class GhostBottleneckResidual(nn.Module):
                 and all(_is_no_op(child) for name, child in children.items()
                         if name not in GhostBottleneckResidual._CHILDREN)
                 and type(children["ghost2"]) in _FUSED_GHOST2
-                and type(children["shortcut"]) in (nn.Sequential, nn.Identity)
+                and type(children["shortcut"]) in (nn.Sequential, FoldedSequential, nn.Identity)
                 and not block._parameters and not block._buffers and "forward" not in vars(block))
 
     @classmethod

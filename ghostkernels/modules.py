@@ -654,7 +654,10 @@ class GhostModule(nn.Module):
 
     def forward(self, x):
         folded = None if self.training else self.folded_weights()
-        check_input(self, x, self.primary_conv[0].weight if folded is None else folded[0])
+        if folded is not None:
+            check_input(self, x, folded[0])
+        elif isinstance(first := next(iter(self.primary_conv._modules.values()), None), nn.Conv2d):
+            check_input(self, x, first.weight)  # a branch edited otherwise runs its layers, with their errors
         if folded is None:
             out = self.batch_statistics_forward(x)
             if out is not None:

@@ -793,11 +793,83 @@ def test_folded_pairs_replaced_after_accelerate(conv, bn):
     model.set_submodule(conv, new_conv)
     model.set_submodule(bn, new_bn)
     fast.set_submodule(conv, copy.deepcopy(new_conv))
-    with torch.no_grad(), pytest.raises(RuntimeError, match="has since been replaced, and the BN's values went with it"):
+    with torch.no_grad(), pytest.raises(RuntimeError, match="has since been replaced or removed, and the BN's values went with it"):
         fast(x)
     fast.set_submodule(bn, copy.deepcopy(new_bn))
     with torch.no_grad():
         assert_close(fast(x), model(x))
+
+
+# A stride-2 bottleneck's shortcut: conv_dw (0), its BN (1), the 1x1 conv (2), its BN (3), both BNs folded
+_SHORTCUT = "blocks.1.0.shortcut"
+
+
+@pytest.mark.parametrize("edit", [lambda s: s.insert(1, nn.Hardswish()), lambda s: s.insert(-1, nn.Hardswish()),
+                                  lambda s: s.__delitem__(1), lambda s: s.pop(3), lambda s: s.__delitem__(slice(1, 3)),
+                                  lambda s: delattr(s, "3")],
+                         ids=["insert between", "insert before the last", "del BN", "pop BN", "del BN and next conv",
+                              "delattr BN"])
+def test_sequential_edits_that_would_split_a_folded_pair_are_refused(edit):
+    """nn.Sequential's insert, del and pop write its module dict directly, where no registration
+    hook sees them: a module inserted between a folded conv and its BN, or the BN removed alone,
+    gave other outputs silently (1e-4 to 2e-3 relative). Now refused, the Sequential unchanged."""
+    model, fast = accelerated_copies("ghostnet_050")
+    with pytest.raises(RuntimeError, match="accelerate\\(\\) folded"):
+        edit(fast.get_submodule(_SHORTCUT))
+    assert len(fast.get_submodule(_SHORTCUT)) == 4
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        assert_close(fast(x), model(x))
+
+
+@pytest.mark.parametrize("edits", [[lambda s: s.insert(0, nn.Hardswish())], [lambda s: s.insert(2, nn.Hardswish())],
+                                   [lambda s: s.append(nn.Hardswish())],
+                                   [lambda s: s.insert(0, nn.Hardswish()), lambda s: s.insert(0, nn.Hardswish())],
+                                   [lambda s: s.insert(0, nn.Hardswish()), lambda s: s.__delitem__(0)]],
+                         ids=["insert first", "insert between pairs", "append", "insert first twice",
+                              "insert then delete"])
+def test_sequential_edits_around_folded_pairs_after_accelerate(edits):
+    """Edits that keep each folded conv right before its BN give the original's outputs so edited,
+    and the pairs' names follow the renumbering (a BN alone replaced is still refused)."""
+    model, fast = accelerated_copies("ghostnet_050")
+    for net in (model, fast):
+        for edit in edits:
+            edit(net.get_submodule(_SHORTCUT))
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        assert_close(fast(x), model(x))
+    shortcut = fast.get_submodule(_SHORTCUT)
+    assert repr(shortcut).startswith("Sequential(")
+    for key, module in shortcut.named_children():
+        if type(module).__name__ == "FoldedBatchNorm":
+            conv = str(int(key) - 1)
+            assert module.folded_into == f"{_SHORTCUT}.{conv}"
+            with pytest.raises(RuntimeError, match=f"Replace '{conv}' first"):
+                shortcut[int(key)] = nn.BatchNorm2d(module.num_features)
+
+
+def test_sequential_conv_removed_after_accelerate():
+    """A folded conv removed from its Sequential takes the BN's values with it: the BN raises."""
+    model, fast = accelerated_copies("ghostnet_050")
+    del fast.get_submodule(_SHORTCUT)[2]
+    with torch.no_grad(), pytest.raises(RuntimeError, match="replaced or removed, and the BN's values went with it"):
+        fast(torch.randn(2, 3, 32, 32, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", ["ghostnet_050", "ghostnet_050 train"])
+@pytest.mark.parametrize("layer", [nn.ReLU, nn.Hardswish])
+def test_ghost_module_branch_starting_with_another_layer(name, layer):
+    """A fused Ghost module's branch given another first layer runs its layers, as the original
+    does; the input check read that layer's weight (an AttributeError)."""
+    model, fast = accelerated_copies(name)
+    for net in (model, fast):
+        net.get_submodule("blocks.2.0.ghost1.primary_conv").insert(0, layer())
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.random.fork_rng():  # the classifier's dropout in training mode
+        torch.manual_seed(0)
+        expected = model(x)
+        torch.manual_seed(0)
+        assert_close(fast(x), expected)
 
 
 @pytest.mark.parametrize("intercept", ["hook", "instance forward"])
