@@ -656,17 +656,17 @@ class GhostModule(nn.Module):
         folded = None if self.training else self.folded_weights()
         if folded is not None:
             check_input(self, x, folded[0])
-        elif isinstance(first := next(iter(self.primary_conv._modules.values()), None), nn.Conv2d):
-            check_input(self, x, first.weight)  # a branch edited otherwise runs its layers, with their errors
-        if folded is None:
-            out = self.batch_statistics_forward(x)
-            if out is not None:
-                return out
-            x1 = self.primary_conv(x)
-            x2 = self.cheap_operation(x1)
-            # in x's layout, as the ops return it: out_channels below init + new cut a view
-            return torch.cat([x1, x2], dim=1)[:, : self.oup].contiguous(memory_format=output_memory_format(x))
-        return ops.apply(x, *folded[:4], self.oup, self.stride, self.activation)
+            return ops.apply(x, *folded[:4], self.oup, self.stride, self.activation)
+        first = next(iter(self.primary_conv._modules.values()), None)
+        if isinstance(first, nn.Conv2d):  # a branch edited to start otherwise runs its layers, with their errors
+            check_input(self, x, first.weight)
+        out = self.batch_statistics_forward(x)
+        if out is not None:
+            return out
+        x1 = self.primary_conv(x)
+        x2 = self.cheap_operation(x1)
+        # in x's layout, as the ops return it: out_channels below init + new cut a view
+        return torch.cat([x1, x2], dim=1)[:, : self.oup].contiguous(memory_format=output_memory_format(x))
 
     def ghost_op_inputs(self, x):
         """(SE scale or None, folded weights, Ghost module) of the Ghost op this module runs on x,
